@@ -1,0 +1,220 @@
+"""The Coffer error hierarchy: one root type, stable codes, typed across the network.
+
+Every error a user can meet is a `CofferError` subclass. Each class carries:
+
+- `code`: a stable string (Azure-backup style, e.g. `UserErrorFsFreezeFailed`) that goes over
+  gRPC in the trailing metadata key `coffer-error-code` and into job records, and maps back to
+  the same class on the other side (`from_code`);
+- `retryable`: whether trying the same thing again may succeed;
+- `exit_code`: what the `coffer` CLI exits with;
+- `grpc_status`: the gRPC status name it travels as;
+- its docstring's first line: the message template, formatted with the keyword arguments.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+ERROR_CODE_METADATA_KEY = "coffer-error-code"
+
+
+class CofferError(Exception):
+    """{detail}"""
+
+    code: ClassVar[str] = "InternalError"
+    retryable: ClassVar[bool] = False
+    exit_code: ClassVar[int] = 1
+    grpc_status: ClassVar[str] = "INTERNAL"
+    _registry: ClassVar[dict[str, type[CofferError]]] = {}
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "code" in cls.__dict__:
+            if cls.code in CofferError._registry:
+                raise TypeError(f"duplicate error code {cls.code}")
+            CofferError._registry[cls.code] = cls
+
+    def __init__(self, message: str | None = None, **fields: Any) -> None:
+        if message is None:
+            template = (self.__doc__ or "{detail}").strip().splitlines()[0]
+            try:
+                message = template.format(**fields)
+            except KeyError:
+                message = template
+        super().__init__(message)
+        self.message = message
+        self.fields = fields
+
+    @staticmethod
+    def from_code(code: str, message: str) -> CofferError:
+        """The error `code` names, carrying `message` (an unknown code gives the root type)."""
+        cls = CofferError._registry.get(code, CofferError)
+        return cls(message)
+
+    def __str__(self) -> str:
+        return self.message
+
+
+CofferError._registry[CofferError.code] = CofferError
+
+
+# --- caller mistakes -----------------------------------------------------------------------
+
+
+class InvalidArgument(CofferError):
+    """Invalid argument: {detail}"""
+
+    code = "InvalidArgument"
+    exit_code = 2
+    grpc_status = "INVALID_ARGUMENT"
+
+
+class NotFound(CofferError):
+    """{kind} {name!r} was not found."""
+
+    code = "NotFound"
+    exit_code = 4
+    grpc_status = "NOT_FOUND"
+
+
+class Conflict(CofferError):
+    """{detail}"""
+
+    code = "Conflict"
+    exit_code = 5
+    grpc_status = "FAILED_PRECONDITION"
+
+
+class OperationInProgress(Conflict):
+    """VM {vm_id!r} already has job {job_id} in progress; wait for it or cancel it."""
+
+    code = "OperationInProgress"
+    retryable = True
+
+
+class PermissionDenied(CofferError):
+    """Permission denied: {detail}"""
+
+    code = "PermissionDenied"
+    exit_code = 6
+    grpc_status = "PERMISSION_DENIED"
+
+
+class Unauthenticated(CofferError):
+    """Not authenticated: {detail}"""
+
+    code = "Unauthenticated"
+    exit_code = 6
+    grpc_status = "UNAUTHENTICATED"
+
+
+class PathNotAllowed(PermissionDenied):
+    """Restore target {path!r} is outside the directories this agent may restore into ({allowed}); pick a path under one of them or add it to `restore_dirs` in the agent config."""
+
+    code = "UserErrorRestorePathNotAllowed"
+
+
+# --- data integrity ------------------------------------------------------------------------
+
+
+class ChunkDigestMismatch(CofferError):
+    """Chunk refused: its bytes hash to {actual}, not to the digest {claimed} it was sent with. Nothing was stored."""
+
+    code = "ChunkDigestMismatch"
+    exit_code = 7
+    grpc_status = "DATA_LOSS"
+
+
+class ChunkMissing(CofferError):
+    """Chunk {digest} is referenced but not in the datastore."""
+
+    code = "ChunkMissing"
+    exit_code = 7
+    grpc_status = "DATA_LOSS"
+
+
+class CorruptData(CofferError):
+    """Corrupt data in {what}: {detail}"""
+
+    code = "CorruptData"
+    exit_code = 7
+    grpc_status = "DATA_LOSS"
+
+
+class UnsupportedFormat(CofferError):
+    """{what} has format version {version}; this Coffer reads up to version {supported}. Upgrade Coffer to read it."""
+
+    code = "UnsupportedFormat"
+    exit_code = 7
+    grpc_status = "FAILED_PRECONDITION"
+
+
+# --- the agent and its VM ------------------------------------------------------------------
+
+
+class AgentUnreachable(CofferError):
+    """The agent of VM {vm_id!r} is not connected to the controller. Check that coffer-agent runs in the VM and can reach the controller (`coffer-agent doctor`)."""
+
+    code = "AgentUnreachable"
+    retryable = True
+    exit_code = 8
+    grpc_status = "UNAVAILABLE"
+
+
+class AgentDisconnected(CofferError):
+    """The agent of VM {vm_id!r} disconnected while job {job_id} was running; the job did not complete and left no recovery point. Run it again once the agent is back."""
+
+    code = "AgentDisconnected"
+    retryable = True
+    exit_code = 8
+    grpc_status = "UNAVAILABLE"
+
+
+class DiskNotFound(CofferError):
+    """VM {vm_id!r} has no disk named {disk!r}; its disks are: {known}."""
+
+    code = "UserErrorDiskNotFound"
+    exit_code = 4
+    grpc_status = "NOT_FOUND"
+
+
+class DiskReadFailed(CofferError):
+    """Could not read disk {disk!r} at {path}: {detail}"""
+
+    code = "UserErrorDiskReadFailed"
+    grpc_status = "FAILED_PRECONDITION"
+
+
+class RestoreTargetFailed(CofferError):
+    """Could not write the restore target {path}: {detail}"""
+
+    code = "UserErrorRestoreTargetFailed"
+    grpc_status = "FAILED_PRECONDITION"
+
+
+class JobCancelled(CofferError):
+    """Job {job_id} was cancelled; no recovery point was created."""
+
+    code = "JobCancelled"
+    exit_code = 3
+    grpc_status = "CANCELLED"
+
+
+# --- the controller and its services -------------------------------------------------------
+
+
+class Unavailable(CofferError):
+    """{detail}"""
+
+    code = "ServiceUnavailable"
+    retryable = True
+    exit_code = 8
+    grpc_status = "UNAVAILABLE"
+
+
+class DatastoreError(CofferError):
+    """Datastore error: {detail}"""
+
+    code = "DatastoreError"
+    retryable = True
+    grpc_status = "UNAVAILABLE"
