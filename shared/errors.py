@@ -153,7 +153,7 @@ class UnsupportedFormat(CofferError):
 
 
 class AgentUnreachable(CofferError):
-    """The agent of VM {vm_id!r} is not connected to the controller. Check that coffer-agent runs in the VM and can reach the controller (`coffer-agent doctor`)."""
+    """The agent of VM {vm_id!r} is not connected to the controller. Check that coffer-agent runs in the VM and can reach the controller."""
 
     code = "AgentUnreachable"
     retryable = True

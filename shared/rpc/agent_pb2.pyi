@@ -139,20 +139,24 @@ class DiskBackupResult(_message.Message):
     def __init__(self, disk: _Optional[str] = ..., size_bytes: _Optional[int] = ..., bytes_read: _Optional[int] = ..., bytes_sent: _Optional[int] = ..., chunk_count: _Optional[int] = ..., zero_chunks: _Optional[int] = ...) -> None: ...
 
 class CommandResult(_message.Message):
-    __slots__ = ("command_id", "job_id", "ok", "error", "disks", "bytes_written")
+    __slots__ = ("command_id", "job_id", "ok", "error", "disks", "bytes_written", "consistency", "warnings")
     COMMAND_ID_FIELD_NUMBER: _ClassVar[int]
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     OK_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
     DISKS_FIELD_NUMBER: _ClassVar[int]
     BYTES_WRITTEN_FIELD_NUMBER: _ClassVar[int]
+    CONSISTENCY_FIELD_NUMBER: _ClassVar[int]
+    WARNINGS_FIELD_NUMBER: _ClassVar[int]
     command_id: str
     job_id: str
     ok: bool
     error: _common_pb2.Error
     disks: _containers.RepeatedCompositeFieldContainer[DiskBackupResult]
     bytes_written: int
-    def __init__(self, command_id: _Optional[str] = ..., job_id: _Optional[str] = ..., ok: _Optional[bool] = ..., error: _Optional[_Union[_common_pb2.Error, _Mapping]] = ..., disks: _Optional[_Iterable[_Union[DiskBackupResult, _Mapping]]] = ..., bytes_written: _Optional[int] = ...) -> None: ...
+    consistency: str
+    warnings: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, command_id: _Optional[str] = ..., job_id: _Optional[str] = ..., ok: _Optional[bool] = ..., error: _Optional[_Union[_common_pb2.Error, _Mapping]] = ..., disks: _Optional[_Iterable[_Union[DiskBackupResult, _Mapping]]] = ..., bytes_written: _Optional[int] = ..., consistency: _Optional[str] = ..., warnings: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class FetchIndexRequest(_message.Message):
     __slots__ = ("job_id", "recovery_point_id", "disk")

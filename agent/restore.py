@@ -1,0 +1,194 @@
+"""Restore: a recovery point's disk written to a target path inside the VM, verified.
+
+The target must lie under one of the agent's configured `restore_dirs` (after resolving
+symbolic links and `..`): the controller cannot make an agent write anywhere else. An image
+file is written to a temporary file beside the target, made sparse where the disk is zero,
+fsynced, and renamed over the target only when every chunk has been verified: a failed restore
+leaves the old target untouched. A block device target is written in place (zeros included,
+as a device keeps its old contents).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import stat
+from collections import defaultdict
+from collections.abc import Callable
+from concurrent.futures import Executor
+from pathlib import Path
+from typing import TypeVar
+
+import grpc
+
+from agent.config import AgentConfig
+from agent.status import StatusPublisher
+from shared.blob import Compression, decompress
+from shared.digest import DIGEST_SIZE, ZERO_DIGEST, sha256
+from shared.errors import (
+    ChunkDigestMismatch,
+    CorruptData,
+    PathNotAllowed,
+    RestoreTargetFailed,
+)
+from shared.rpc import agent_pb2, agent_pb2_grpc
+from shared.rpc_errors import from_rpc_error
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+DOWNLOAD_BATCH = 4096  # digests per DownloadChunks call
+WRITE_WINDOW = 8  # chunks verified and written at once
+
+
+def allowed_target(config: AgentConfig, target: str) -> Path:
+    """`target` resolved, if it lies under a restore directory; PathNotAllowed otherwise."""
+    path = Path(target)
+    allowed = ", ".join(str(d) for d in config.restore_dirs) or "none configured"
+    if not path.is_absolute():
+        raise PathNotAllowed(path=target, allowed=allowed)
+    resolved = path.resolve()
+    for directory in config.restore_dirs:
+        if resolved.is_relative_to(directory.resolve()) and resolved != directory.resolve():
+            return resolved
+    raise PathNotAllowed(path=target, allowed=allowed)
+
+
+class RestoreRun:
+    def __init__(
+        self,
+        config: AgentConfig,
+        stub: agent_pb2_grpc.AgentServiceStub,
+        pool: Executor,
+        status: StatusPublisher | None,
+        command: agent_pb2.RestoreCommand,
+    ) -> None:
+        self._config = config
+        self._stub = stub
+        self._pool = pool
+        self._status = status
+        self._command = command
+
+    async def _in_pool(self, fn: Callable[..., T], *args: object) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+
+    async def run(self) -> int:
+        """Restore the disk; the number of bytes written."""
+        target = allowed_target(self._config, self._command.target_path)
+        digests = await self._index()
+        size = self._command.size_bytes
+        if len(digests) != -(-size // self._command.chunk_size) * DIGEST_SIZE:
+            raise CorruptData(what="the recovery point's index", detail="wrong number of chunks")
+        is_device = target.exists() and stat.S_ISBLK(target.stat().st_mode)
+        partial = target if is_device else target.with_name(f".{target.name}.coffer-partial")
+        try:
+            fd = os.open(
+                partial,
+                os.O_WRONLY | os.O_CLOEXEC | (0 if is_device else os.O_CREAT | os.O_TRUNC),
+                0o600,
+            )
+        except OSError as exc:
+            raise RestoreTargetFailed(path=str(target), detail=exc.strerror) from exc
+        try:
+            if not is_device:
+                os.ftruncate(fd, size)  # a sparse file: zero chunks cost nothing
+            written = await self._write(fd, digests, size, is_device)
+            await self._in_pool(os.fsync, fd)
+        except OSError as exc:
+            os.close(fd)
+            if not is_device:
+                partial.unlink(missing_ok=True)
+            raise RestoreTargetFailed(path=str(target), detail=exc.strerror) from exc
+        except BaseException:
+            os.close(fd)
+            if not is_device:
+                partial.unlink(missing_ok=True)
+            raise
+        os.close(fd)
+        if not is_device:
+            os.replace(partial, target)
+            directory = os.open(target.parent, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(directory)
+            finally:
+                os.close(directory)
+        return written
+
+    async def _index(self) -> bytes:
+        request = agent_pb2.FetchIndexRequest(
+            job_id=self._command.job_id,
+            recovery_point_id=self._command.recovery_point_id,
+            disk=self._command.disk,
+        )
+        try:
+            return b"".join([part.digests async for part in self._stub.FetchIndex(request)])
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc) from exc
+
+    async def _write(self, fd: int, digests: bytes, size: int, is_device: bool) -> int:
+        chunk_size = self._command.chunk_size
+        places: dict[bytes, list[int]] = defaultdict(list)
+        zero_chunks: list[int] = []
+        for number in range(len(digests) // DIGEST_SIZE):
+            digest = digests[number * DIGEST_SIZE : (number + 1) * DIGEST_SIZE]
+            if digest == ZERO_DIGEST:
+                zero_chunks.append(number)
+            else:
+                places[digest].append(number)
+        written = 0
+        done = 0
+
+        def store(chunk: agent_pb2.ChunkData) -> int:
+            raw = decompress(Compression(chunk.compression), chunk.data, chunk.raw_size)
+            actual = sha256(raw)
+            if actual != chunk.digest:
+                raise ChunkDigestMismatch(actual=actual.hex(), claimed=chunk.digest.hex())
+            for number in places[chunk.digest]:
+                offset = number * chunk_size
+                if len(raw) != min(chunk_size, size - offset):
+                    raise CorruptData(what=f"chunk {chunk.digest.hex()}", detail="wrong size")
+                os.pwrite(fd, raw, offset)
+            return len(raw) * len(places[chunk.digest])
+
+        wanted = list(places)
+        for start in range(0, len(wanted), DOWNLOAD_BATCH):
+            batch = wanted[start : start + DOWNLOAD_BATCH]
+            request = agent_pb2.DownloadRequest(job_id=self._command.job_id, digests=batch)
+            pending: set[asyncio.Future[int]] = set()
+            received = 0
+            try:
+                async for chunk in self._stub.DownloadChunks(request):
+                    if chunk.digest != batch[received]:
+                        raise CorruptData(what="the download stream", detail="chunk out of order")
+                    received += 1
+                    pending.add(asyncio.ensure_future(self._in_pool(store, chunk)))
+                    if len(pending) >= WRITE_WINDOW:
+                        finished, pending = await asyncio.wait(
+                            pending, return_when=asyncio.FIRST_COMPLETED
+                        )
+                        for future in finished:
+                            written += future.result()
+                            done += 1
+                    self._report(written, size)
+            except grpc.RpcError as exc:
+                raise from_rpc_error(exc) from exc
+            finally:
+                if pending:
+                    finished, _ = await asyncio.wait(pending)
+                    for future in finished:
+                        written += future.result()
+            if received != len(batch):
+                raise CorruptData(what="the download stream", detail="chunks are missing")
+        if is_device:
+            for number in zero_chunks:
+                offset = number * chunk_size
+                length = min(chunk_size, size - offset)
+                await self._in_pool(os.pwrite, fd, bytes(length), offset)
+                written += length
+        self._report(size, size)
+        return written
+
+    def _report(self, done: int, total: int) -> None:
+        if self._status is not None:
+            self._status.publish_progress(self._command.job_id, "restore", done, total, 0.0)

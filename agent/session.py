@@ -1,0 +1,195 @@
+"""The agent's session with the controller: dial out, say hello, run commands, keep at it.
+
+The agent never listens. It opens one `Session` stream, sends its hello (VM identity and
+disks), then heartbeats, and runs each command it receives as its own task, sending back one
+result per command. When the stream breaks, every running command is cancelled (the controller
+has already failed its job) and the agent dials again after a jittered exponential backoff, so
+a fleet of agents does not reconnect in lock step after a controller restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import socket
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from importlib.metadata import PackageNotFoundError, version
+
+import grpc
+
+from agent.backup import BackupRun
+from agent.config import AgentConfig
+from agent.disk import disk_size
+from agent.restore import RestoreRun
+from agent.status import StatusPublisher
+from shared.errors import CofferError
+from shared.rpc import agent_pb2, agent_pb2_grpc
+from shared.rpc_errors import from_rpc_error, to_proto
+from shared.tls import channel_credentials, channel_options
+
+log = logging.getLogger(__name__)
+
+BACKOFF_FIRST = 0.5
+BACKOFF_MAX = 30.0
+
+
+def agent_version() -> str:
+    try:
+        return version("coffer")
+    except PackageNotFoundError:
+        return "0+unknown"
+
+
+def backoff_delays(first: float = BACKOFF_FIRST, cap: float = BACKOFF_MAX) -> Iterator[float]:
+    """Full-jitter exponential backoff: uniform in [0, min(cap, first * 2**n)]."""
+    attempt = 0
+    while True:
+        yield random.uniform(0, min(cap, first * 2**attempt))
+        attempt += 1
+
+
+class Agent:
+    def __init__(self, config: AgentConfig) -> None:
+        self.config = config
+        self.connected = asyncio.Event()
+
+    def hello(self) -> agent_pb2.Hello:
+        disks = []
+        for disk in self.config.disks:
+            try:
+                with open(disk.path, "rb") as f:
+                    size = disk_size(f.fileno())
+            except OSError as exc:
+                log.warning("disk %s at %s cannot be opened: %s", disk.name, disk.path, exc)
+                size = 0
+            disks.append(agent_pb2.DiskInfo(name=disk.name, path=str(disk.path), size_bytes=size))
+        return agent_pb2.Hello(
+            vm_id=self.config.vm_id,
+            name=self.config.name,
+            service=self.config.service,
+            region=self.config.region,
+            hostname=socket.gethostname(),
+            agent_version=agent_version(),
+            disks=disks,
+        )
+
+    async def run(self) -> None:
+        """Keep a session with the controller until cancelled."""
+        with ThreadPoolExecutor(thread_name_prefix="agent-io") as pool:
+            async with StatusPublisher(
+                self.config.vm_id,
+                self.config.tls,
+                hostname=socket.gethostname(),
+                agent_version=agent_version(),
+            ) as status:
+                delays = backoff_delays()
+                while True:
+                    try:
+                        await self._session(pool, status)
+                        delays = backoff_delays()  # a session that ended cleanly: start over
+                    except grpc.RpcError as exc:
+                        error = from_rpc_error(exc)
+                        log.warning("session with the controller ended: %s", error)
+                    except CofferError as exc:
+                        log.warning("session with the controller ended: %s", exc)
+                    self.connected.clear()
+                    delay = next(delays)
+                    log.info("reconnecting in %.1f s", delay)
+                    await asyncio.sleep(delay)
+
+    async def _session(self, pool: ThreadPoolExecutor, status: StatusPublisher) -> None:
+        credentials = channel_credentials(self.config.tls)
+        async with grpc.aio.secure_channel(
+            self.config.controller,
+            credentials,
+            options=channel_options(self.config.controller_name),
+        ) as channel:
+            stub = agent_pb2_grpc.AgentServiceStub(channel)
+            call = stub.Session()
+            await call.write(agent_pb2.AgentMessage(hello=self.hello()))
+            first = await call.read()
+            if first is grpc.aio.EOF or not first.HasField("accepted"):
+                raise CofferError("the controller did not accept the session")
+            accepted = first.accepted
+            status.set_broker(accepted.mqtt_host, accepted.mqtt_port)
+            log.info(
+                "connected to controller %s (version %s)",
+                self.config.controller,
+                accepted.controller_version,
+            )
+            self.connected.set()
+            outbox: asyncio.Queue[agent_pb2.AgentMessage] = asyncio.Queue()
+            interval = max(accepted.heartbeat_interval_ms, 500) / 1000
+            async with asyncio.TaskGroup() as tasks:
+                tasks.create_task(self._send(call, outbox), name="session-writer")
+                tasks.create_task(self._heartbeat(outbox, interval), name="heartbeat")
+                running: dict[str, asyncio.Task[None]] = {}
+                while True:
+                    message = await call.read()
+                    if message is grpc.aio.EOF:
+                        raise CofferError("the controller closed the session")
+                    kind = message.WhichOneof("kind")
+                    if kind == "cancel":
+                        task = running.get(message.cancel.job_id)
+                        if task is not None:
+                            task.cancel()
+                        continue
+                    job_id = getattr(message, kind).job_id
+                    running[job_id] = tasks.create_task(
+                        self._command(message, stub, pool, status, outbox),
+                        name=f"{kind}-{job_id}",
+                    )
+                    running[job_id].add_done_callback(lambda _, j=job_id: running.pop(j, None))
+
+    @staticmethod
+    async def _send(
+        call: grpc.aio.StreamStreamCall,  # type: ignore[type-arg]
+        outbox: asyncio.Queue[agent_pb2.AgentMessage],
+    ) -> None:
+        while True:
+            await call.write(await outbox.get())
+
+    @staticmethod
+    async def _heartbeat(outbox: asyncio.Queue[agent_pb2.AgentMessage], interval: float) -> None:
+        sequence = 0
+        while True:
+            await asyncio.sleep(interval)
+            sequence += 1
+            outbox.put_nowait(
+                agent_pb2.AgentMessage(heartbeat=agent_pb2.Heartbeat(sequence=sequence))
+            )
+
+    async def _command(
+        self,
+        message: agent_pb2.ControllerMessage,
+        stub: agent_pb2_grpc.AgentServiceStub,
+        pool: ThreadPoolExecutor,
+        status: StatusPublisher,
+        outbox: asyncio.Queue[agent_pb2.AgentMessage],
+    ) -> None:
+        kind = message.WhichOneof("kind")
+        result = agent_pb2.CommandResult(command_id=message.command_id)
+        try:
+            if kind == "backup":
+                result.job_id = message.backup.job_id
+                log.info("backup %s started", result.job_id)
+                disks = await BackupRun(self.config, stub, pool, status, message.backup).run()
+                result.disks.extend(d.to_proto() for d in disks)
+                # No freeze yet: what is read is what a power cut would leave.
+                result.consistency = "crash"
+            elif kind == "restore":
+                result.job_id = message.restore.job_id
+                log.info("restore %s started", result.job_id)
+                result.bytes_written = await RestoreRun(
+                    self.config, stub, pool, status, message.restore
+                ).run()
+            else:
+                raise CofferError(f"this agent does not know the command {kind!r}")
+            result.ok = True
+            log.info("%s %s completed", kind, result.job_id)
+        except CofferError as exc:
+            log.warning("%s %s failed: %s", kind, result.job_id, exc)
+            result.error.CopyFrom(to_proto(exc))
+        outbox.put_nowait(agent_pb2.AgentMessage(result=result))

@@ -1,0 +1,318 @@
+"""The gRPC service agents call: their session, and the chunk data path of their jobs.
+
+Who calls is taken from the client certificate (`peer_identity`), never from a message: an
+agent's session must name the VM its certificate names, and every data-path call must name a
+job that is running for that VM.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from collections.abc import AsyncIterator
+
+import grpc
+
+from controller.catalog import Catalog, DiskRecord
+from controller.datastore import Datastore
+from controller.jobs import JobManager, RunningBackup
+from controller.registry import AgentRegistry, AgentSession
+from shared.blob import Compression
+from shared.clock import Clock
+from shared.errors import CofferError, InvalidArgument, PermissionDenied
+from shared.index import DiskIndex
+from shared.rpc import agent_pb2, agent_pb2_grpc
+from shared.rpc_errors import abort
+from shared.tls import peer_identity
+
+log = logging.getLogger(__name__)
+
+DIGEST_SIZE = 32
+HEARTBEAT_INTERVAL_MS = 5000
+# Chunks verified and written at once per upload stream: enough to keep both the hashing and
+# the disk busy, few enough to bound memory (each holds one chunk).
+UPLOAD_CONCURRENCY = 4
+DOWNLOAD_PREFETCH = 4
+MAX_DIGESTS_PER_CALL = 1 << 16
+
+
+def _agent_vm(context: grpc.aio.ServicerContext) -> str:  # type: ignore[type-arg]
+    identity = peer_identity(context)
+    if identity.role != "agent":
+        raise PermissionDenied(detail=f"{identity.role} {identity.name!r} is not an agent")
+    return identity.name
+
+
+def _check_digests(digests: list[bytes]) -> None:
+    if len(digests) > MAX_DIGESTS_PER_CALL:
+        raise InvalidArgument(detail=f"at most {MAX_DIGESTS_PER_CALL} digests per call")
+    for digest in digests:
+        if len(digest) != DIGEST_SIZE:
+            raise InvalidArgument(detail=f"a digest is {DIGEST_SIZE} bytes, not {len(digest)}")
+
+
+class AgentService(agent_pb2_grpc.AgentServiceServicer):
+    def __init__(
+        self,
+        catalog: Catalog,
+        registry: AgentRegistry,
+        jobs: JobManager,
+        clock: Clock,
+        mqtt_address: tuple[str, int] | None,
+        controller_version: str,
+    ) -> None:
+        self._catalog = catalog
+        self._registry = registry
+        self._jobs = jobs
+        self._clock = clock
+        self._mqtt = mqtt_address
+        self._version = controller_version
+
+    async def Session(self, request_iterator: object, context: grpc.aio.ServicerContext) -> None:  # type: ignore[type-arg]
+        try:
+            vm_id = _agent_vm(context)
+            first = await context.read()
+            if first is grpc.aio.EOF or not first.HasField("hello"):
+                raise InvalidArgument(detail="a session starts with a hello")
+            hello = first.hello
+            if hello.vm_id != vm_id:
+                raise PermissionDenied(
+                    detail=f"the certificate is for VM {vm_id!r}, not {hello.vm_id!r}"
+                )
+        except CofferError as exc:
+            log.warning("session refused: %s", exc)
+            await abort(context, exc)
+        now = self._clock.now()
+        await self._catalog.upsert_agent(
+            vm_id=vm_id,
+            name=hello.name or vm_id,
+            service=hello.service,
+            region=hello.region,
+            hostname=hello.hostname,
+            agent_version=hello.agent_version,
+            disks=[DiskRecord(d.name, d.path, d.size_bytes) for d in hello.disks],
+            now=now,
+        )
+        session = AgentSession(hello=hello, connected_at=now)
+        self._registry.connect(session)
+        log.info("agent %s connected (%d disks)", vm_id, len(hello.disks))
+        host, port = self._mqtt or ("", 0)
+        await context.write(
+            agent_pb2.ControllerMessage(
+                accepted=agent_pb2.SessionAccepted(
+                    controller_version=self._version,
+                    heartbeat_interval_ms=HEARTBEAT_INTERVAL_MS,
+                    mqtt_host=host,
+                    mqtt_port=port,
+                )
+            )
+        )
+        writer = asyncio.create_task(self._write_commands(session, context), name=f"to-{vm_id}")
+        try:
+            while True:
+                message = await context.read()
+                if message is grpc.aio.EOF:
+                    break
+                kind = message.WhichOneof("kind")
+                if kind == "heartbeat":
+                    self._catalog.touch_agent(vm_id, self._clock.now())
+                elif kind == "result":
+                    session.resolve(message.result)
+                else:
+                    log.warning("%s sent an unexpected %s; ignored", vm_id, kind)
+        finally:
+            writer.cancel()
+            await asyncio.gather(writer, return_exceptions=True)
+            self._registry.disconnect(session)
+            self._catalog.touch_agent(vm_id, self._clock.now())
+            log.info("agent %s disconnected", vm_id)
+
+    async def _write_commands(
+        self,
+        session: AgentSession,
+        context: grpc.aio.ServicerContext,  # type: ignore[type-arg]
+    ) -> None:
+        while True:
+            await context.write(await session.outbox.get())
+
+    async def FetchIndex(
+        self,
+        request: agent_pb2.FetchIndexRequest,
+        context: grpc.aio.ServicerContext,  # type: ignore[type-arg]
+    ) -> AsyncIterator[agent_pb2.IndexPart]:
+        try:
+            index = await self._jobs.index_for(
+                _agent_vm(context), request.job_id, request.recovery_point_id, request.disk
+            )
+        except CofferError as exc:
+            await abort(context, exc)
+        step = MAX_DIGESTS_PER_CALL * DIGEST_SIZE
+        for start in range(0, max(len(index.digests), 1), step):
+            yield agent_pb2.IndexPart(
+                job_id=request.job_id,
+                disk=index.disk,
+                size_bytes=index.size_bytes,
+                chunk_size=index.chunk_size,
+                digests=index.digests[start : start + step],
+            )
+
+    async def MissingChunks(
+        self,
+        request: agent_pb2.MissingChunksRequest,
+        context: grpc.aio.ServicerContext,  # type: ignore[type-arg]
+    ) -> agent_pb2.MissingChunksReply:
+        try:
+            running = self._jobs.running_backup(_agent_vm(context), request.job_id)
+            digests = list(request.digests)
+            _check_digests(digests)
+            missing = await self._jobs.missing_chunks(running, digests)
+        except CofferError as exc:
+            await abort(context, exc)
+        return agent_pb2.MissingChunksReply(missing=missing)
+
+    async def UploadChunks(
+        self,
+        request_iterator: AsyncIterator[agent_pb2.ChunkUpload],
+        context: grpc.aio.ServicerContext,  # type: ignore[type-arg]
+    ) -> agent_pb2.UploadSummary:
+        summary = agent_pb2.UploadSummary()
+        try:
+            vm_id = _agent_vm(context)
+            running = None
+            inflight: set[asyncio.Future[None]] = set()
+            async for chunk in request_iterator:
+                if running is None:
+                    running = self._jobs.running_backup(vm_id, chunk.job_id)
+                    datastore = await self._jobs.datastore(running)
+                elif chunk.job_id != running.record.id:
+                    raise InvalidArgument(detail="one upload stream carries one job's chunks")
+                _check_digests([chunk.digest])
+                if chunk.raw_size > running.chunk_size or len(chunk.data) > running.chunk_size:
+                    raise InvalidArgument(
+                        detail=f"a chunk is at most {running.chunk_size} bytes, "
+                        f"got {max(chunk.raw_size, len(chunk.data))}"
+                    )
+                try:
+                    compression = Compression(chunk.compression)
+                except ValueError as exc:
+                    raise InvalidArgument(
+                        detail=f"unknown compression {chunk.compression}"
+                    ) from exc
+                if len(inflight) >= UPLOAD_CONCURRENCY:
+                    done, inflight = await asyncio.wait(
+                        inflight, return_when=asyncio.FIRST_COMPLETED
+                    )
+                    for future in done:
+                        future.result()  # a refused chunk ends the stream now
+                inflight.add(
+                    asyncio.ensure_future(
+                        self._store(running, datastore, chunk, compression, summary)
+                    )
+                )
+            if inflight:
+                done, _ = await asyncio.wait(inflight)
+                for future in done:
+                    future.result()
+        except CofferError as exc:
+            for future in inflight:
+                future.cancel()
+            if running is not None:
+                log.warning("job %s: upload refused: %s", running.record.id, exc)
+            await abort(context, exc)
+        return summary
+
+    async def _store(
+        self,
+        running: RunningBackup,
+        datastore: Datastore,
+        chunk: agent_pb2.ChunkUpload,
+        compression: Compression,
+        summary: agent_pb2.UploadSummary,
+    ) -> None:
+        stored = await self._jobs.in_pool(
+            datastore.put_chunk,
+            chunk.digest,
+            chunk.data,
+            compression,
+            chunk.raw_size,
+        )
+        self._jobs.chunk_stored(running, chunk.digest, stored, len(chunk.data))
+        summary.chunks_received += 1
+        summary.chunks_stored += 1 if stored else 0
+        summary.bytes_stored += stored
+
+    async def PutIndex(
+        self,
+        request_iterator: AsyncIterator[agent_pb2.IndexPart],
+        context: grpc.aio.ServicerContext,  # type: ignore[type-arg]
+    ) -> agent_pb2.PutIndexReply:
+        try:
+            vm_id = _agent_vm(context)
+            header: agent_pb2.IndexPart | None = None
+            parts: list[bytes] = []
+            async for part in request_iterator:
+                if header is None:
+                    header = part
+                    running = self._jobs.running_backup(vm_id, part.job_id)
+                    expected = -(-part.size_bytes // max(part.chunk_size, 1)) * DIGEST_SIZE
+                elif part.job_id not in ("", header.job_id):
+                    raise InvalidArgument(detail="one index stream carries one job's index")
+                parts.append(part.digests)
+                if sum(map(len, parts)) > expected:
+                    raise InvalidArgument(detail="the index has more digests than the disk chunks")
+            if header is None:
+                raise InvalidArgument(detail="empty index stream")
+            index = DiskIndex(
+                disk=header.disk,
+                size_bytes=header.size_bytes,
+                chunk_size=header.chunk_size,
+                digests=b"".join(parts),
+            )
+            await self._jobs.accept_index(running, index)
+        except CofferError as exc:
+            await abort(context, exc)
+        except ValueError as exc:
+            await abort(context, InvalidArgument(detail=f"malformed index: {exc}"))
+        return agent_pb2.PutIndexReply(chunk_count=len(index))
+
+    async def DownloadChunks(
+        self,
+        request: agent_pb2.DownloadRequest,
+        context: grpc.aio.ServicerContext,  # type: ignore[type-arg]
+    ) -> AsyncIterator[agent_pb2.ChunkData]:
+        try:
+            running = self._jobs.running_restore(_agent_vm(context), request.job_id)
+            digests = list(request.digests)
+            _check_digests(digests)
+            for digest in digests:
+                if digest not in running.allowed:
+                    raise PermissionDenied(
+                        detail=f"chunk {digest.hex()} is not part of the restored disk"
+                    )
+            datastore = await self._jobs.datastore(running)
+        except CofferError as exc:
+            await abort(context, exc)
+        # Read a few chunks ahead so the disk and the network overlap.
+        ahead: deque[tuple[bytes, asyncio.Future[tuple[Compression, int, bytes]]]] = deque()
+
+        async def sent() -> agent_pb2.ChunkData:
+            digest, future = ahead.popleft()
+            compression, raw_size, data = await future
+            return agent_pb2.ChunkData(
+                digest=digest, compression=compression, raw_size=raw_size, data=data
+            )
+
+        try:
+            for digest in digests:
+                read = self._jobs.in_pool(datastore.get_chunk_blob, digest)
+                ahead.append((digest, asyncio.ensure_future(read)))
+                if len(ahead) >= DOWNLOAD_PREFETCH:
+                    yield await sent()
+            while ahead:
+                yield await sent()
+        except CofferError as exc:
+            await abort(context, exc)
+        finally:
+            for _, future in ahead:
+                future.cancel()

@@ -1,0 +1,447 @@
+"""The catalog: the controller's SQLite record of vaults, agents, jobs and recovery points.
+
+SQLite in WAL mode through aiosqlite (one connection, its own thread). The schema is versioned
+with `PRAGMA user_version` and migrated forward at open; a catalog newer than this code is
+refused. Heartbeats are not written one by one: `touch_agent` records them in memory and
+`flush` writes them in one transaction (the server calls it every few seconds).
+
+The catalog is a cache of what the datastores hold: recovery point manifests are the source
+of truth, so `synchronous=NORMAL` (durable on application crash, may lose the last
+transactions on power loss) is enough.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Self
+
+import aiosqlite
+
+from shared.errors import NotFound, UnsupportedFormat
+from shared.model import JobStatus
+
+MIGRATIONS: list[str] = [
+    # 1: the foundation
+    """
+    CREATE TABLE vaults (
+        name TEXT PRIMARY KEY,
+        region TEXT NOT NULL,
+        chunk_size INTEGER NOT NULL,
+        created_at REAL NOT NULL
+    );
+    CREATE TABLE agents (
+        vm_id TEXT PRIMARY KEY,
+        name TEXT NOT NULL,
+        service TEXT NOT NULL,
+        region TEXT NOT NULL,
+        hostname TEXT NOT NULL,
+        agent_version TEXT NOT NULL,
+        first_seen REAL NOT NULL,
+        last_seen REAL NOT NULL
+    );
+    CREATE TABLE disks (
+        vm_id TEXT NOT NULL REFERENCES agents(vm_id) ON DELETE CASCADE,
+        name TEXT NOT NULL,
+        path TEXT NOT NULL,
+        size_bytes INTEGER NOT NULL,
+        PRIMARY KEY (vm_id, name)
+    );
+    CREATE TABLE jobs (
+        id TEXT PRIMARY KEY,
+        operation TEXT NOT NULL,
+        status TEXT NOT NULL,
+        vault TEXT NOT NULL,
+        vm_id TEXT NOT NULL,
+        started_at REAL NOT NULL,
+        ended_at REAL,
+        bytes_read INTEGER NOT NULL DEFAULT 0,
+        bytes_sent INTEGER NOT NULL DEFAULT 0,
+        bytes_stored INTEGER NOT NULL DEFAULT 0,
+        error_code TEXT NOT NULL DEFAULT '',
+        error_message TEXT NOT NULL DEFAULT '',
+        recovery_point_id TEXT NOT NULL DEFAULT '',
+        details TEXT NOT NULL DEFAULT '{}'
+    );
+    CREATE INDEX jobs_by_start ON jobs (started_at);
+    CREATE INDEX jobs_by_vm ON jobs (vm_id, started_at);
+    CREATE INDEX jobs_by_status ON jobs (status);
+    CREATE TABLE recovery_points (
+        id TEXT PRIMARY KEY,
+        vault TEXT NOT NULL REFERENCES vaults(name),
+        vm_id TEXT NOT NULL,
+        job_id TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        consistency TEXT NOT NULL,
+        bytes_stored INTEGER NOT NULL
+    );
+    CREATE INDEX recovery_points_by_vm ON recovery_points (vm_id, created_at);
+    CREATE TABLE recovery_point_disks (
+        recovery_point_id TEXT NOT NULL REFERENCES recovery_points(id) ON DELETE CASCADE,
+        name TEXT NOT NULL,
+        size_bytes INTEGER NOT NULL,
+        chunk_size INTEGER NOT NULL,
+        chunk_count INTEGER NOT NULL,
+        PRIMARY KEY (recovery_point_id, name)
+    );
+    """,
+]
+
+
+@dataclass(frozen=True)
+class DiskRecord:
+    name: str
+    path: str
+    size_bytes: int
+
+
+@dataclass(frozen=True)
+class AgentRecord:
+    vm_id: str
+    name: str
+    service: str
+    region: str
+    hostname: str
+    agent_version: str
+    first_seen: float
+    last_seen: float
+    disks: tuple[DiskRecord, ...]
+
+
+@dataclass(frozen=True)
+class VaultRecord:
+    name: str
+    region: str
+    chunk_size: int
+    created_at: float
+
+
+@dataclass
+class JobRecord:
+    id: str
+    operation: str
+    status: str
+    vault: str
+    vm_id: str
+    started_at: float
+    ended_at: float | None = None
+    bytes_read: int = 0
+    bytes_sent: int = 0
+    bytes_stored: int = 0
+    error_code: str = ""
+    error_message: str = ""
+    recovery_point_id: str = ""
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RecoveryPointDiskRecord:
+    name: str
+    size_bytes: int
+    chunk_size: int
+    chunk_count: int
+
+
+@dataclass(frozen=True)
+class RecoveryPointRecord:
+    id: str
+    vault: str
+    vm_id: str
+    job_id: str
+    created_at: float
+    consistency: str
+    bytes_stored: int
+    disks: tuple[RecoveryPointDiskRecord, ...]
+
+
+@dataclass(frozen=True)
+class JobFilter:
+    statuses: Sequence[str] = ()
+    operations: Sequence[str] = ()
+    vm_id: str = ""
+    started_from: float | None = None
+    started_to: float | None = None
+    limit: int = 100
+
+
+_JOB_COLUMNS = (
+    "id, operation, status, vault, vm_id, started_at, ended_at, bytes_read, bytes_sent, "
+    "bytes_stored, error_code, error_message, recovery_point_id, details"
+)
+
+
+def _job(row: aiosqlite.Row) -> JobRecord:
+    values = list(row)
+    values[-1] = json.loads(values[-1])
+    return JobRecord(*values)
+
+
+class Catalog:
+    """Async access to the catalog file; an async context manager."""
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+        self._db: aiosqlite.Connection | None = None
+        self._heartbeats: dict[str, float] = {}
+
+    async def __aenter__(self) -> Self:
+        self._path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = await aiosqlite.connect(self._path)
+        await self._db.execute("PRAGMA journal_mode=WAL")
+        await self._db.execute("PRAGMA synchronous=NORMAL")
+        await self._db.execute("PRAGMA foreign_keys=ON")
+        await self._migrate()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._db is not None:
+            await self.flush()
+            await self._db.close()
+            self._db = None
+
+    @property
+    def db(self) -> aiosqlite.Connection:
+        assert self._db is not None, "catalog is not open"
+        return self._db
+
+    async def _migrate(self) -> None:
+        async with self.db.execute("PRAGMA user_version") as cursor:
+            row = await cursor.fetchone()
+        version = int(row[0]) if row else 0
+        if version > len(MIGRATIONS):
+            raise UnsupportedFormat(
+                what=str(self._path), version=version, supported=len(MIGRATIONS)
+            )
+        for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
+            # executescript commits first; the migration and its version bump are one transaction.
+            await self.db.executescript(f"BEGIN; {script}; PRAGMA user_version = {number}; COMMIT;")
+
+    async def schema_version(self) -> int:
+        async with self.db.execute("PRAGMA user_version") as cursor:
+            row = await cursor.fetchone()
+        return int(row[0]) if row else 0
+
+    # --- vaults ----------------------------------------------------------------------------
+
+    async def ensure_vault(self, name: str, region: str, chunk_size: int) -> VaultRecord:
+        await self.db.execute(
+            "INSERT OR IGNORE INTO vaults (name, region, chunk_size, created_at) VALUES (?,?,?,?)",
+            (name, region, chunk_size, time.time()),
+        )
+        await self.db.commit()
+        return await self.vault(name)
+
+    async def vault(self, name: str) -> VaultRecord:
+        async with self.db.execute(
+            "SELECT name, region, chunk_size, created_at FROM vaults WHERE name = ?", (name,)
+        ) as cursor:
+            row = await cursor.fetchone()
+        if row is None:
+            raise NotFound(kind="vault", name=name)
+        return VaultRecord(*row)
+
+    async def vaults(self) -> list[VaultRecord]:
+        async with self.db.execute(
+            "SELECT name, region, chunk_size, created_at FROM vaults ORDER BY name"
+        ) as cursor:
+            return [VaultRecord(*row) for row in await cursor.fetchall()]
+
+    # --- agents ----------------------------------------------------------------------------
+
+    async def upsert_agent(
+        self,
+        *,
+        vm_id: str,
+        name: str,
+        service: str,
+        region: str,
+        hostname: str,
+        agent_version: str,
+        disks: Sequence[DiskRecord],
+        now: float,
+    ) -> None:
+        """Record an agent's hello: who it is and the disks it has now."""
+        await self.db.execute(
+            """INSERT INTO agents
+               (vm_id, name, service, region, hostname, agent_version, first_seen, last_seen)
+               VALUES (?,?,?,?,?,?,?,?)
+               ON CONFLICT (vm_id) DO UPDATE SET name=excluded.name, service=excluded.service,
+                 region=excluded.region, hostname=excluded.hostname,
+                 agent_version=excluded.agent_version, last_seen=excluded.last_seen""",
+            (vm_id, name, service, region, hostname, agent_version, now, now),
+        )
+        await self.db.execute("DELETE FROM disks WHERE vm_id = ?", (vm_id,))
+        await self.db.executemany(
+            "INSERT INTO disks (vm_id, name, path, size_bytes) VALUES (?,?,?,?)",
+            [(vm_id, d.name, d.path, d.size_bytes) for d in disks],
+        )
+        await self.db.commit()
+
+    def touch_agent(self, vm_id: str, now: float) -> None:
+        """Note a heartbeat; written by the next `flush`."""
+        self._heartbeats[vm_id] = now
+
+    async def flush(self) -> None:
+        if not self._heartbeats:
+            return
+        beats, self._heartbeats = self._heartbeats, {}
+        await self.db.executemany(
+            "UPDATE agents SET last_seen = ? WHERE vm_id = ?",
+            [(now, vm_id) for vm_id, now in beats.items()],
+        )
+        await self.db.commit()
+
+    async def agents(self) -> list[AgentRecord]:
+        disks: dict[str, list[DiskRecord]] = {}
+        async with self.db.execute(
+            "SELECT vm_id, name, path, size_bytes FROM disks ORDER BY vm_id, name"
+        ) as cursor:
+            async for vm_id, *disk in cursor:
+                disks.setdefault(vm_id, []).append(DiskRecord(*disk))
+        async with self.db.execute(
+            "SELECT vm_id, name, service, region, hostname, agent_version, first_seen, last_seen"
+            " FROM agents ORDER BY service, name"
+        ) as cursor:
+            rows = await cursor.fetchall()
+        return [
+            AgentRecord(
+                *row[:7],
+                last_seen=max(row[7], self._heartbeats.get(row[0], 0.0)),
+                disks=tuple(disks.get(row[0], ())),
+            )
+            for row in rows
+        ]
+
+    # --- jobs ------------------------------------------------------------------------------
+
+    async def insert_job(self, job: JobRecord) -> None:
+        await self.db.execute(
+            f"INSERT INTO jobs ({_JOB_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            (
+                job.id, job.operation, job.status, job.vault, job.vm_id, job.started_at,
+                job.ended_at, job.bytes_read, job.bytes_sent, job.bytes_stored, job.error_code,
+                job.error_message, job.recovery_point_id, json.dumps(job.details),
+            ),
+        )  # fmt: skip
+        await self.db.commit()
+
+    async def update_job(self, job: JobRecord) -> None:
+        await self.db.execute(
+            """UPDATE jobs SET status=?, ended_at=?, bytes_read=?, bytes_sent=?, bytes_stored=?,
+               error_code=?, error_message=?, recovery_point_id=?, details=? WHERE id=?""",
+            (
+                job.status, job.ended_at, job.bytes_read, job.bytes_sent, job.bytes_stored,
+                job.error_code, job.error_message, job.recovery_point_id,
+                json.dumps(job.details), job.id,
+            ),
+        )  # fmt: skip
+        await self.db.commit()
+
+    async def job(self, job_id: str) -> JobRecord:
+        async with self.db.execute(
+            f"SELECT {_JOB_COLUMNS} FROM jobs WHERE id = ?", (job_id,)
+        ) as cursor:
+            row = await cursor.fetchone()
+        if row is None:
+            raise NotFound(kind="job", name=job_id)
+        return _job(row)
+
+    async def jobs(self, where: JobFilter) -> list[JobRecord]:
+        clauses: list[str] = []
+        params: list[Any] = []
+        if where.statuses:
+            clauses.append(f"status IN ({','.join('?' * len(where.statuses))})")
+            params += where.statuses
+        if where.operations:
+            clauses.append(f"operation IN ({','.join('?' * len(where.operations))})")
+            params += where.operations
+        if where.vm_id:
+            clauses.append("vm_id = ?")
+            params.append(where.vm_id)
+        if where.started_from is not None:
+            clauses.append("started_at >= ?")
+            params.append(where.started_from)
+        if where.started_to is not None:
+            clauses.append("started_at < ?")
+            params.append(where.started_to)
+        sql = f"SELECT {_JOB_COLUMNS} FROM jobs"
+        if clauses:
+            sql += " WHERE " + " AND ".join(clauses)
+        sql += " ORDER BY started_at DESC LIMIT ?"
+        params.append(where.limit)
+        async with self.db.execute(sql, params) as cursor:
+            return [_job(row) for row in await cursor.fetchall()]
+
+    async def fail_interrupted_jobs(self, now: float, code: str, message: str) -> int:
+        """Jobs left running by a controller that stopped: they cannot finish any more."""
+        cursor = await self.db.execute(
+            "UPDATE jobs SET status=?, ended_at=?, error_code=?, error_message=?"
+            " WHERE status IN (?,?)",
+            (JobStatus.FAILED, now, code, message, JobStatus.IN_PROGRESS, JobStatus.CANCELLING),
+        )
+        await self.db.commit()
+        return cursor.rowcount
+
+    # --- recovery points -------------------------------------------------------------------
+
+    async def insert_recovery_point(self, rp: RecoveryPointRecord) -> None:
+        await self.db.execute(
+            """INSERT OR IGNORE INTO recovery_points
+               (id, vault, vm_id, job_id, created_at, consistency, bytes_stored)
+               VALUES (?,?,?,?,?,?,?)""",
+            (rp.id, rp.vault, rp.vm_id, rp.job_id, rp.created_at, rp.consistency, rp.bytes_stored),
+        )
+        await self.db.executemany(
+            """INSERT OR IGNORE INTO recovery_point_disks
+               (recovery_point_id, name, size_bytes, chunk_size, chunk_count) VALUES (?,?,?,?,?)""",
+            [(rp.id, d.name, d.size_bytes, d.chunk_size, d.chunk_count) for d in rp.disks],
+        )
+        await self.db.commit()
+
+    async def recovery_points(self, vm_id: str = "") -> list[RecoveryPointRecord]:
+        """Recovery points, oldest first; of one VM when `vm_id` is given."""
+        return await self._recovery_points("vm_id = ?" if vm_id else "1", (vm_id,) if vm_id else ())
+
+    async def recovery_point(self, rp_id: str) -> RecoveryPointRecord:
+        found = await self._recovery_points("id = ?", (rp_id,))
+        if not found:
+            raise NotFound(kind="recovery point", name=rp_id)
+        return found[0]
+
+    async def latest_recovery_point(self, vm_id: str) -> RecoveryPointRecord | None:
+        found = await self._recovery_points("vm_id = ? ORDER BY created_at DESC LIMIT 1", (vm_id,))
+        return found[0] if found else None
+
+    async def _recovery_points(
+        self, where: str, params: tuple[str, ...]
+    ) -> list[RecoveryPointRecord]:
+        if "ORDER BY" not in where:
+            where += " ORDER BY created_at"
+        async with self.db.execute(
+            "SELECT id, vault, vm_id, job_id, created_at, consistency, bytes_stored"
+            f" FROM recovery_points WHERE {where}",
+            params,
+        ) as cursor:
+            rows = await cursor.fetchall()
+        if not rows:
+            return []
+        ids = [row[0] for row in rows]
+        disks: dict[str, list[RecoveryPointDiskRecord]] = {}
+        async with self.db.execute(
+            "SELECT recovery_point_id, name, size_bytes, chunk_size, chunk_count"
+            " FROM recovery_point_disks"
+            f" WHERE recovery_point_id IN ({','.join('?' * len(ids))}) ORDER BY name",
+            ids,
+        ) as cursor:
+            async for rp_id, *disk in cursor:
+                disks.setdefault(rp_id, []).append(RecoveryPointDiskRecord(*disk))
+        return [RecoveryPointRecord(*row, disks=tuple(disks.get(row[0], ()))) for row in rows]
