@@ -89,11 +89,14 @@ class Agent:
                     try:
                         await self._session(pool, status)
                         delays = backoff_delays()  # a session that ended cleanly: start over
-                    except grpc.RpcError as exc:
-                        error = from_rpc_error(exc)
-                        log.warning("session with the controller ended: %s", error)
-                    except CofferError as exc:
-                        log.warning("session with the controller ended: %s", exc)
+                    # The session's task group raises its tasks' failures as a group.
+                    except* grpc.RpcError as group:
+                        for exc in group.exceptions:
+                            error = from_rpc_error(exc)  # type: ignore[arg-type]
+                            log.warning("session with the controller ended: %s", error)
+                    except* CofferError as group:
+                        for exc in group.exceptions:
+                            log.warning("session with the controller ended: %s", exc)
                     self.connected.clear()
                     delay = next(delays)
                     log.info("reconnecting in %.1f s", delay)

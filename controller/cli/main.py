@@ -255,13 +255,13 @@ def _time(value: str | None) -> Timestamp | None:
 
 @job.command(name="list")
 @click.option(
-    "--status", "statuses", multiple=True, type=click.Choice(list(JobStatus)), help="Repeatable."
+    "--status", "statuses", multiple=True, type=click.Choice([s.value for s in JobStatus]), help="Repeatable."
 )
 @click.option(
     "--operation",
     "operations",
     multiple=True,
-    type=click.Choice(list(Operation)),
+    type=click.Choice([o.value for o in Operation]),
     help="Repeatable.",
 )
 @click.option("--vm", "vm_id", default="", help="Jobs of this VM only.")

@@ -1,0 +1,1 @@
+"""The `coffer` operator command line."""

@@ -1,0 +1,238 @@
+"""A real Coffer installation in a temporary directory, for integration tests and the demo.
+
+`Cluster` creates a PKI, starts a real `coffer-controller` process (which starts its private
+Mosquitto unless told of a broker), real `coffer-agent` processes, and runs the real `coffer`
+CLI against them. Every process it starts is stopped by its PID when the cluster closes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Self
+
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _toml(value: Any) -> str:
+    return json.dumps(value)  # TOML strings, numbers and arrays of them read the same as JSON
+
+
+@dataclass
+class Process:
+    name: str
+    argv: list[str]
+    log: Path
+    popen: subprocess.Popen[bytes] | None = None
+
+    def start(self, env: dict[str, str] | None = None) -> None:
+        with self.log.open("ab") as log:
+            self.popen = subprocess.Popen(
+                self.argv, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+            )
+
+    @property
+    def pid(self) -> int:
+        assert self.popen is not None
+        return self.popen.pid
+
+    def alive(self) -> bool:
+        return self.popen is not None and self.popen.poll() is None
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> int | None:
+        """Stop the process (and its own children, e.g. a private broker) and reap it."""
+        if self.popen is None:
+            return None
+        if self.popen.poll() is None:
+            self.popen.send_signal(sig)
+            try:
+                self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait(timeout)
+        code = self.popen.returncode
+        self.popen = None
+        return code
+
+    def wait_for_line(self, text: str, timeout: float = 20.0) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for line in self.log.read_text(errors="replace").splitlines():
+                if text in line:
+                    return line
+            if not self.alive():
+                raise RuntimeError(f"{self.name} exited:\n{self.log.read_text()[-3000:]}")
+            time.sleep(0.05)
+        raise TimeoutError(f"{self.name} did not print {text!r}:\n{self.log.read_text()[-3000:]}")
+
+
+@dataclass
+class Agent:
+    vm_id: str
+    config: Path
+    process: Process
+    restore_dir: Path
+    disks: dict[str, Path] = field(default_factory=dict)
+
+
+class CliError(Exception):
+    def __init__(self, result: subprocess.CompletedProcess[str]) -> None:
+        super().__init__(f"coffer exited {result.returncode}: {result.stderr.strip()}")
+        self.result = result
+
+
+class Cluster:
+    """A controller, its private broker, and agents, all real processes under `root`."""
+
+    def __init__(self, root: Path, *, chunk_size: int = 1 << 20, mqtt: str | None = None):
+        self.root = root
+        self.pki = root / "pki"
+        self.port = free_port()
+        self.chunk_size = chunk_size
+        self.mqtt = mqtt
+        self.agents: dict[str, Agent] = {}
+        self.controller = Process(
+            "controller",
+            [str(BIN / "coffer-controller"), "--config", str(root / "controller.toml")],
+            root / "controller.log",
+        )
+
+    def __enter__(self) -> Self:
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.coffer("pki", "init", "--dir", str(self.pki), json_out=False)
+        lines = [
+            f"listen = {_toml(f'127.0.0.1:{self.port}')}",
+            f"state_dir = {_toml(str(self.root / 'state'))}",
+            f"pki_dir = {_toml(str(self.pki))}",
+            f"chunk_size = {self.chunk_size}",
+        ]
+        if self.mqtt:
+            host, port = self.mqtt.rsplit(":", 1)
+            lines += ["[mqtt]", f"host = {_toml(host)}", f"port = {port}"]
+        (self.root / "controller.toml").write_text("\n".join(lines) + "\n")
+        self.start_controller()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        for agent in self.agents.values():
+            agent.process.stop()
+        self.controller.stop()
+
+    @property
+    def datastore(self) -> Path:
+        return self.root / "state" / "datastores" / "default"
+
+    def start_controller(self) -> None:
+        self.controller.log.write_text("")
+        self.controller.start()
+        self.controller.wait_for_line("coffer-controller ready")
+
+    def stop_controller(self) -> None:
+        assert self.controller.stop() == 0, self.controller.log.read_text()[-3000:]
+
+    def add_agent(
+        self,
+        vm_id: str,
+        disks: dict[str, Path],
+        *,
+        service: str = "default",
+        region: str = "local",
+        cert_vm: str | None = None,
+        start: bool = True,
+    ) -> Agent:
+        """An agent for `vm_id`; `cert_vm` issues its certificate for another VM instead."""
+        tls = self.root / f"tls-{vm_id}"
+        self.coffer(
+            "pki", "issue-agent", cert_vm or vm_id, "--dir", str(self.pki), "--out", str(tls),
+            json_out=False,
+        )  # fmt: skip
+        restore_dir = self.root / f"restore-{vm_id}"
+        restore_dir.mkdir(exist_ok=True)
+        config = self.root / f"agent-{vm_id}.toml"
+        lines = [
+            f"vm_id = {_toml(vm_id)}",
+            f"service = {_toml(service)}",
+            f"region = {_toml(region)}",
+            f"controller = {_toml(f'127.0.0.1:{self.port}')}",
+            f"tls_dir = {_toml(str(tls))}",
+            f"state_dir = {_toml(str(self.root / f'state-{vm_id}'))}",
+            f"restore_dirs = {_toml([str(restore_dir)])}",
+        ]
+        for name, path in disks.items():
+            lines += ["[[disks]]", f"name = {_toml(name)}", f"path = {_toml(str(path))}"]
+        config.write_text("\n".join(lines) + "\n")
+        process = Process(
+            f"agent {vm_id}",
+            [str(BIN / "coffer-agent"), "--config", str(config)],
+            self.root / f"agent-{vm_id}.log",
+        )
+        agent = Agent(vm_id, config, process, restore_dir, dict(disks))
+        self.agents[vm_id] = agent
+        if start:
+            self.start_agent(vm_id)
+        return agent
+
+    def start_agent(self, vm_id: str, timeout: float = 20.0) -> None:
+        agent = self.agents[vm_id]
+        agent.process.start()
+        self.wait_online(vm_id, timeout)
+
+    def wait_online(self, vm_id: str, timeout: float = 20.0, online: bool = True) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            listed = {a["vm_id"]: a for a in self.coffer("agents")}
+            if listed.get(vm_id, {}).get("online", False) == online:
+                return
+            time.sleep(0.1)
+        raise TimeoutError(f"agent {vm_id} not {'online' if online else 'offline'}")
+
+    def coffer(self, *args: str, json_out: bool = True, check: bool = True) -> Any:
+        """Run the real CLI; its JSON output parsed (or the CompletedProcess)."""
+        argv = [str(BIN / "coffer")]
+        if args[0] != "pki":
+            argv += ["--controller", f"127.0.0.1:{self.port}", "--tls-dir", str(self.pki)]
+        argv += list(args) + (["--json"] if json_out else [])
+        result = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+        if check and result.returncode != 0:
+            raise CliError(result)
+        if not json_out:
+            return result
+        return json.loads(result.stdout) if result.stdout.strip() else None
+
+    def backup(self, vm_id: str, check: bool = True) -> dict[str, Any]:
+        job: dict[str, Any] = self.coffer("backup-now", vm_id, check=check)
+        return job
+
+    def restore(self, vm_id: str, rp: str, disk: str, target: Path) -> dict[str, Any]:
+        job: dict[str, Any] = self.coffer(
+            "restore", vm_id, "--rp", rp, "--disk", disk, "--target", str(target)
+        )
+        return job
+

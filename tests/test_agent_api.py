@@ -1,0 +1,206 @@
+"""The agent API against a hostile agent: a real controller, and a test playing the agent.
+
+The controller must trust nothing an agent says beyond what its certificate proves: not the VM
+it claims, not a job of another VM, not a digest.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from controller.datastore import Datastore, LocalDirectoryStore
+from shared.blob import Compression
+from shared.errors import ERROR_CODE_METADATA_KEY
+from shared.rpc import agent_pb2, agent_pb2_grpc, common_pb2
+from shared.tls import TlsFiles, channel_credentials, channel_options
+from tests.cluster import Cluster
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    with Cluster(tmp_path_factory.mktemp("api")) as running:
+        yield running
+
+
+def agent_tls(cluster: Cluster, vm_id: str) -> TlsFiles:
+    out = cluster.root / f"tls-{vm_id}"
+    if not out.exists():
+        cluster.coffer(
+            "pki", "issue-agent", vm_id, "--dir", str(cluster.pki), "--out", str(out),
+            json_out=False,
+        )  # fmt: skip
+    return TlsFiles(ca=out / "ca.crt", cert=out / "agent.crt", key=out / "agent.key")
+
+
+def error_code(exc: grpc.aio.AioRpcError) -> str:
+    for key, value in exc.trailing_metadata() or ():
+        if key == ERROR_CODE_METADATA_KEY:
+            return str(value)
+    return ""
+
+
+class FakeAgent:
+    """The agent's side of the protocol, spoken by the test."""
+
+    def __init__(self, cluster: Cluster, cert_vm: str, vm_id: str | None = None) -> None:
+        self.cluster = cluster
+        self.vm_id = vm_id or cert_vm
+        self.tls = agent_tls(cluster, cert_vm)
+
+    async def __aenter__(self) -> FakeAgent:
+        self.channel = grpc.aio.secure_channel(
+            f"127.0.0.1:{self.cluster.port}",
+            channel_credentials(self.tls),
+            options=channel_options(),
+        )
+        self.stub = agent_pb2_grpc.AgentServiceStub(self.channel)
+        self.session = self.stub.Session()
+        hello = agent_pb2.Hello(
+            vm_id=self.vm_id,
+            name=self.vm_id,
+            service="test",
+            disks=[agent_pb2.DiskInfo(name="root", path="/dev/null", size_bytes=1 << 20)],
+        )
+        await self.session.write(agent_pb2.AgentMessage(hello=hello))
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.session.cancel()
+        await self.channel.close()
+
+    async def accepted(self) -> agent_pb2.SessionAccepted:
+        first = await self.session.read()
+        assert first.HasField("accepted")
+        return first.accepted
+
+
+async def test_agent_claiming_another_vm_is_refused(cluster: Cluster) -> None:
+    async with FakeAgent(cluster, cert_vm="honest-1", vm_id="victim-1") as agent:
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await agent.session.read()
+    assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert "certificate is for VM 'honest-1'" in (refused.value.details() or "")
+    listed = {a["vm_id"] for a in await asyncio.to_thread(cluster.coffer, "agents")}
+    assert "victim-1" not in listed
+
+
+def test_real_agent_with_a_certificate_for_another_vm_never_connects(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    disk = tmp_path / "disk.img"
+    disk.write_bytes(b"\1" * (1 << 20))
+    agent = cluster.add_agent("impostor-1", {"root": disk}, cert_vm="someone-else", start=False)
+    agent.process.start()
+    try:
+        agent.process.wait_for_line("the certificate is for VM 'someone-else'", timeout=20)
+        time.sleep(0.5)
+        listed = {a["vm_id"] for a in cluster.coffer("agents")}
+        assert "impostor-1" not in listed
+    finally:
+        agent.process.stop()
+
+
+async def test_agent_certificate_cannot_use_the_operator_api(cluster: Cluster) -> None:
+    from shared.rpc import operator_pb2, operator_pb2_grpc
+
+    tls = agent_tls(cluster, "curious-1")
+    async with grpc.aio.secure_channel(
+        f"127.0.0.1:{cluster.port}", channel_credentials(tls), options=channel_options()
+    ) as channel:
+        stub = operator_pb2_grpc.OperatorServiceStub(channel)
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await stub.ListAgents(operator_pb2.ListAgentsRequest())
+    assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+
+async def _backup_command(cluster: Cluster, agent: FakeAgent) -> agent_pb2.ControllerMessage:
+    await agent.accepted()
+    job = await asyncio.to_thread(cluster.coffer, "backup-now", agent.vm_id, "--no-wait")
+    command = await asyncio.wait_for(agent.session.read(), 10)
+    assert command.backup.job_id == job["id"]
+    return command
+
+
+async def _uploads(*chunks: agent_pb2.ChunkUpload) -> AsyncIterator[agent_pb2.ChunkUpload]:
+    for chunk in chunks:
+        yield chunk
+
+
+async def test_chunk_not_matching_its_digest_is_refused_and_nothing_stored(
+    cluster: Cluster,
+) -> None:
+    async with FakeAgent(cluster, "rogue-1") as agent:
+        command = await _backup_command(cluster, agent)
+        job_id = command.backup.job_id
+        data = b"the real bytes" * 1000
+        claimed = hashlib.sha256(b"something else entirely").digest()
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await agent.stub.UploadChunks(
+                _uploads(
+                    agent_pb2.ChunkUpload(
+                        job_id=job_id,
+                        digest=claimed,
+                        compression=Compression.NONE,
+                        raw_size=len(data),
+                        data=data,
+                    )
+                )
+            )
+        assert refused.value.code() == grpc.StatusCode.DATA_LOSS
+        assert error_code(refused.value) == "ChunkDigestMismatch"
+        store = Datastore.open(LocalDirectoryStore(cluster.datastore))
+        assert not store.has_chunk(claimed)
+        assert not store.has_chunk(hashlib.sha256(data).digest())
+
+        # An index naming a chunk that was never stored is refused as well.
+        index = agent_pb2.IndexPart(
+            job_id=job_id, disk="root", size_bytes=1 << 20, chunk_size=1 << 20, digests=claimed
+        )
+
+        async def parts() -> AsyncIterator[agent_pb2.IndexPart]:
+            yield index
+
+        with pytest.raises(grpc.aio.AioRpcError) as missing:
+            await agent.stub.PutIndex(parts())
+        assert error_code(missing.value) == "ChunkMissing"
+
+        # The agent gives up: the job fails with its reason, and no recovery point appears.
+        await agent.session.write(
+            agent_pb2.AgentMessage(
+                result=agent_pb2.CommandResult(
+                    command_id=command.command_id,
+                    job_id=job_id,
+                    ok=False,
+                    error=common_pb2.Error(
+                        code="ChunkDigestMismatch", message="refused by the controller"
+                    ),
+                )
+            )
+        )
+        job = await asyncio.to_thread(cluster.coffer, "job", "watch", job_id, check=False)
+    assert job["status"] == "Failed" and job["error_code"] == "ChunkDigestMismatch"
+    assert await asyncio.to_thread(cluster.coffer, "rp", "list", "rogue-1") == []
+
+
+async def test_agent_cannot_touch_another_vms_job(cluster: Cluster) -> None:
+    async with FakeAgent(cluster, "owner-1") as owner, FakeAgent(cluster, "thief-1") as thief:
+        command = await _backup_command(cluster, owner)
+        await thief.accepted()
+        request = agent_pb2.MissingChunksRequest(
+            job_id=command.backup.job_id, digests=[bytes(range(32))]
+        )
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await thief.stub.MissingChunks(request)
+        assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        # The owner itself may ask.
+        reply = await owner.stub.MissingChunks(request)
+        assert list(reply.missing) == [bytes(range(32))]
