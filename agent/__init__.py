@@ -1,0 +1,1 @@
+"""The Coffer agent: the in-guest backup extension that dials out to the controller."""

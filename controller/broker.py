@@ -1,0 +1,372 @@
+"""The private broker: a Mosquitto child process the controller runs when none is configured.
+
+A one-machine install needs no MQTT setup: the controller writes a `mosquitto.conf` and an
+ACL into its work directory, starts Mosquitto in its own process group, waits until it
+completes a real TLS handshake, and restarts it (with backoff) whenever it exits on its own.
+
+The configuration is the security model of `docs/mqtt.md`, the same as the production example
+in `deploy/mosquitto/`:
+
+- one TLS listener; a client certificate from the Coffer CA is required, and its CN becomes
+  the MQTT user name and client id (`use_identity_as_username`, `use_username_as_clientid`),
+  so a client cannot claim another identity nor kick another client off by reusing its id;
+- the ACL lets `coffer-controller` read and write `coffer/#`, and every other user (an agent,
+  named by its VM id) publish under `coffer/v1/agents/<its vm id>/` only;
+- no persistence: after a restart the retained presences are rebuilt by the agents
+  reconnecting, instead of showing agents "online" that died while the broker was down.
+
+The child's stdout and stderr go to `mosquitto.log` in the work directory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import logging
+import os
+import pwd
+import signal
+import socket
+import ssl
+from collections.abc import Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import Final, Self
+
+from shared.errors import InvalidArgument, Unavailable
+from shared.status import CONTROLLER_USERNAME, MAX_PAYLOAD_BYTES, TOPIC_ROOT, reconnect_delay
+from shared.tls import TlsFiles, mqtt_ssl_context, validate_operator_name
+
+log = logging.getLogger(__name__)
+
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+CONFIG_NAME: Final = "mosquitto.conf"
+ACL_NAME: Final = "acl"
+LOG_NAME: Final = "mosquitto.log"
+
+# A broker that ran this long before exiting was healthy: restart it without delay growth.
+_STABLE_SECONDS: Final = 30.0
+_RESTART_BASE: Final = 0.5
+_RESTART_CAP: Final = 10.0
+_PROBE_INTERVAL: Final = 0.05
+_LOG_TAIL_BYTES: Final = 2048
+
+
+class PrivateBroker:
+    """A supervised Mosquitto serving Coffer's status topics on one TLS listener.
+
+    `tls` is the broker's server certificate, key and the CA that issued the clients'
+    certificates: the controller's own files (its certificate has serverAuth and SANs for
+    localhost and 127.0.0.1). `port=0` picks a free port once; restarts keep it. `readers`
+    are operator certificate names given read-only access to all of `coffer/` (a dashboard
+    or alerting consumer).
+    """
+
+    def __init__(
+        self,
+        work_dir: Path,
+        tls: TlsFiles,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        executable: str = "mosquitto",
+        readers: Sequence[str] = (),
+        ready_timeout: float = 10.0,
+        stop_timeout: float = 5.0,
+    ) -> None:
+        self._work_dir = work_dir.absolute()
+        self._tls = TlsFiles(ca=tls.ca.absolute(), cert=tls.cert.absolute(), key=tls.key.absolute())
+        for path in (self._work_dir, self._tls.ca, self._tls.cert, self._tls.key):
+            # mosquitto.conf values end at the first blank; such a path cannot be written there.
+            if any(c.isspace() for c in str(path)):
+                raise InvalidArgument(detail=f"the private broker cannot use the path {path!r}")
+        if not 0 <= port <= 65535:
+            raise InvalidArgument(detail=f"port {port} is not a TCP port")
+        self._host = host
+        self._port = port
+        self._executable = executable
+        self._readers = tuple(validate_operator_name(name) for name in readers)
+        self._ready_timeout = ready_timeout
+        self._stop_timeout = stop_timeout
+        self._process: asyncio.subprocess.Process | None = None
+        self._supervisor: asyncio.Task[None] | None = None
+        self._probe_context: ssl.SSLContext | None = None
+        self._restarts = 0
+
+    @property
+    def host(self) -> str:
+        return self._host
+
+    @property
+    def port(self) -> int:
+        """The listener's port (the one picked, once started with `port=0`)."""
+        return self._port
+
+    @property
+    def pid(self) -> int | None:
+        """The running Mosquitto's PID; None while it is stopped or being restarted."""
+        process = self._process
+        if process is None or process.returncode is not None:
+            return None
+        return process.pid
+
+    @property
+    def restarts(self) -> int:
+        """How many times Mosquitto was restarted after exiting on its own."""
+        return self._restarts
+
+    @property
+    def config_path(self) -> Path:
+        return self._work_dir / CONFIG_NAME
+
+    @property
+    def log_path(self) -> Path:
+        return self._work_dir / LOG_NAME
+
+    async def __aenter__(self) -> Self:
+        if self._port == 0:
+            self._port = _free_port(self._host)
+        self._probe_context = await asyncio.to_thread(mqtt_ssl_context, self._tls)
+        await asyncio.to_thread(self._write_config)
+        try:
+            self._process = await self._spawn()
+            await self._wait_ready(self._process)
+        except BaseException:
+            await self._stop_child()
+            raise
+        self._supervisor = asyncio.create_task(
+            self._supervise(), name=f"coffer-private-broker-supervisor:{self._port}"
+        )
+        log.info("private MQTT broker on %s:%d (pid %s)", self._host, self._port, self.pid)
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        # The supervisor goes first, so it cannot restart the child we are about to stop.
+        if self._supervisor is not None:
+            self._supervisor.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._supervisor
+            self._supervisor = None
+        await self._stop_child()
+
+    # --- configuration -------------------------------------------------------------------
+
+    def _write_config(self) -> None:
+        self._work_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        acl_path = self._work_dir / ACL_NAME
+        _write_text(acl_path, acl_text(self._readers))
+        _write_text(
+            self.config_path,
+            config_text(
+                host=self._host,
+                port=self._port,
+                tls=self._tls,
+                acl_path=acl_path,
+                # Mosquitto started as root drops to user `mosquitto`, which could not read
+                # the key in our private work directory; stay whoever we are.
+                user=pwd.getpwuid(os.geteuid()).pw_name,
+            ),
+        )
+
+    # --- the child process ---------------------------------------------------------------
+
+    async def _spawn(self) -> asyncio.subprocess.Process:
+        with self.log_path.open("ab") as log_file:
+            process = await asyncio.create_subprocess_exec(
+                self._executable,
+                "-c",
+                str(self.config_path),
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=log_file,
+                stderr=log_file,
+                # Its own process group: a Ctrl-C at the controller's terminal is the
+                # controller's to handle, and the broker is stopped by PID in order.
+                start_new_session=True,
+                # If the controller dies without stopping it (SIGKILL), the broker goes too
+                # rather than holding the port as an orphan.
+                preexec_fn=_die_with_parent,
+            )
+        log.debug("started mosquitto (pid %d)", process.pid)
+        return process
+
+    async def _wait_ready(self, process: asyncio.subprocess.Process) -> None:
+        """Return once the broker completes a TLS handshake; Unavailable if it does not in time."""
+        assert self._probe_context is not None
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._ready_timeout
+        probe_host = _probe_host(self._host)
+        last_error: OSError | None = None
+        while loop.time() < deadline:
+            if process.returncode is not None:
+                raise Unavailable(
+                    detail=f"mosquitto exited with status {process.returncode} while starting; "
+                    f"its log ({self.log_path}) ends with:\n{self._log_tail()}"
+                )
+            try:
+                async with asyncio.timeout(max(0.1, deadline - loop.time())):
+                    _, writer = await asyncio.open_connection(
+                        probe_host, self._port, ssl=self._probe_context, server_hostname=probe_host
+                    )
+                writer.close()
+                with contextlib.suppress(OSError):
+                    await writer.wait_closed()
+                # Whoever answered, our child must still be alive to be the one listening.
+                if process.returncode is None:
+                    return
+                continue
+            except OSError as e:  # refused while starting; TimeoutError and SSLError are OSErrors
+                last_error = e
+            await asyncio.sleep(_PROBE_INTERVAL)
+        raise Unavailable(
+            detail=f"mosquitto (pid {process.pid}) did not accept TLS connections on "
+            f"{self._host}:{self._port} within {self._ready_timeout:g}s "
+            f"(last error: {last_error}); "
+            f"its log ({self.log_path}) ends with:\n{self._log_tail()}"
+        )
+
+    async def _supervise(self) -> None:
+        loop = asyncio.get_running_loop()
+        attempt = 0
+        while True:
+            process = self._process
+            assert process is not None
+            started = loop.time()
+            returncode = await process.wait()
+            log.warning(
+                "private MQTT broker (pid %d) exited with status %d; restarting it. Log tail:\n%s",
+                process.pid,
+                returncode,
+                self._log_tail(),
+            )
+            if loop.time() - started > _STABLE_SECONDS:
+                attempt = 0
+            await asyncio.sleep(reconnect_delay(attempt, base=_RESTART_BASE, cap=_RESTART_CAP))
+            attempt += 1
+            try:
+                self._process = await self._spawn()
+                await self._wait_ready(self._process)
+            except (OSError, Unavailable) as e:
+                # The next turn waits for this child (if any) to exit, then tries again.
+                log.error("could not restart the private MQTT broker: %s", e)
+                continue
+            self._restarts += 1
+            log.info("private MQTT broker restarted (pid %d)", self._process.pid)
+
+    async def _stop_child(self) -> None:
+        process, self._process = self._process, None
+        if process is None or process.returncode is not None:
+            return
+        try:
+            process.send_signal(signal.SIGTERM)
+        except ProcessLookupError:
+            return
+        try:
+            async with asyncio.timeout(self._stop_timeout):
+                await process.wait()
+        except TimeoutError:
+            log.warning("mosquitto (pid %d) ignored SIGTERM; killing it", process.pid)
+            with contextlib.suppress(ProcessLookupError):
+                process.kill()
+            await process.wait()
+
+    def _log_tail(self) -> str:
+        try:
+            with self.log_path.open("rb") as f:
+                f.seek(0, os.SEEK_END)
+                f.seek(max(0, f.tell() - _LOG_TAIL_BYTES))
+                return f.read().decode(errors="replace").strip()
+        except OSError as e:
+            return f"(log unreadable: {e})"
+
+
+# --- pure pieces ---------------------------------------------------------------------------
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: ask the kernel for SIGTERM when the parent dies."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def acl_text(readers: Sequence[str] = ()) -> str:
+    """The ACL of the Coffer status model (see docs/mqtt.md), with read-only `readers`."""
+    reader_lines = "".join(
+        f"\n# Read-only status consumer (operator certificate).\nuser {name}\ntopic read coffer/#\n"
+        for name in readers
+    )
+    return f"""\
+# Coffer status ACL, written by the controller's private broker (see docs/mqtt.md).
+# User names are client certificate CNs (use_identity_as_username).
+
+# The controller subscribes to agents' presence and progress and publishes job states.
+user {CONTROLLER_USERNAME}
+topic readwrite coffer/#
+{reader_lines}
+# Every agent (user name = its VM id) may publish under its own prefix only, its last will
+# included. Agents subscribe to nothing, so they are given no read access at all: job
+# states name other VMs. (Pattern lines apply to every user, whatever line precedes them.)
+pattern write {TOPIC_ROOT}/agents/%u/#
+"""
+
+
+def config_text(*, host: str, port: int, tls: TlsFiles, acl_path: Path, user: str) -> str:
+    """The mosquitto.conf of a private broker (see deploy/mosquitto/mosquitto.conf)."""
+    return f"""\
+# Written by the Coffer controller (private broker); rewritten at every start.
+per_listener_settings false
+allow_anonymous false
+acl_file {acl_path}
+persistence false
+user {user}
+# A status payload is a few hundred bytes; anything much bigger is not ours.
+max_packet_size {MAX_PAYLOAD_BYTES + 1024}
+log_dest stderr
+log_type error
+log_type warning
+log_type notice
+log_type information
+connection_messages true
+log_timestamp true
+log_timestamp_format %Y-%m-%dT%H:%M:%S
+
+listener {port} {host}
+cafile {tls.ca}
+certfile {tls.cert}
+keyfile {tls.key}
+tls_version tlsv1.2
+require_certificate true
+use_identity_as_username true
+use_username_as_clientid true
+"""
+
+
+def _write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.chmod(0o600)
+    tmp.replace(path)
+
+
+def _free_port(host: str) -> int:
+    """A port free on `host` now (the broker binds it moments later; a race we accept)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def _probe_host(host: str) -> str:
+    """Where to reach a listener bound to `host` from this machine."""
+    if host in ("", "0.0.0.0"):
+        return "127.0.0.1"
+    if host == "::":
+        return "::1"
+    return host

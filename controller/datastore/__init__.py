@@ -1,0 +1,114 @@
+"""The datastore: where a vault keeps its recovery points, and how they stay whole.
+
+This note is the map of the package: key layout, formats, the write order that makes a
+recovery point appear atomically, and how garbage collection will reclaim chunks.
+
+Backends
+--------
+A datastore lives in one `ObjectStore` (backend.py): put/get/has/delete/list of whole objects
+under '/'-separated keys; put is atomic, durable on return and idempotent. `LocalDirectoryStore`
+(local.py) is the embedded default; an S3-compatible store implements the same five methods and
+passes the same test suite. `FaultyStore` (faulty.py) wraps any of them for fault injection.
+Nothing here renames, appends, locks files or walks directories: those do not exist on an
+object store, and a design that needs them would not survive the move to one.
+
+Key layout
+----------
+    datastore.json                     settings: format, chunk size, hash, compression
+    chunks/ab/cd/abcd<60 more hex>     one chunk blob per distinct chunk, named by its digest
+    indexes/<rp id>/<disk>.didx        one disk index per disk of a recovery point
+    manifests/<rp id>.json             one manifest per committed recovery point
+
+Chunks are sharded by the first two bytes of their digest (65 536 directories on a file system),
+so even 10^8 chunks leave ~1 500 files per directory. The store is self-describing: from the
+manifests (and the indexes they pin) the controller rebuilds its catalog without SQLite.
+
+Formats and versions
+--------------------
+- `datastore.json` (format 1): JSON {"format", "chunk_size", "hash": "sha256",
+  "compression": "zstd"}. Every writer reads it first; a datastore is never reopened with other
+  settings, because chunk boundaries (and so dedup) depend on the chunk size.
+- chunk blob (shared/blob.py, version 1): 16-byte header (magic "CFBL", version, compression,
+  raw size, reserved encryption key id) + the payload exactly as the agent sent it: zstd frame,
+  or raw bytes when zstd did not help. The name is the SHA-256 of the raw bytes; the controller
+  re-hashes every chunk it receives before storing it, and readers that decompress re-hash too.
+- disk index (shared/index.py, version 1): binary, magic "CFIX", geometry, disk name, 32-byte
+  digests in disk order (32 zero bytes for an all-zero chunk, which is never stored), SHA-256
+  trailer.
+- manifest (shared/manifest.py, format 1): JSON; identity, origin, consistency, and each
+  disk's geometry and the SHA-256 of its index, which pins the exact index.
+A reader refuses a version it does not know with `UnsupportedFormat`, and anything that does
+not parse with `CorruptData`; it never guesses.
+
+Atomicity, idempotency, commit point
+------------------------------------
+Every object is written whole or not at all (temp file + fsync + rename + directory fsync, or a
+single PUT) and is durable before `put` returns. A backup writes, in this order:
+
+1. its chunks: content-addressed, so writing one twice (two jobs, a retry, two threads at
+   once) stores the same bytes under the same name; `put_chunk` checks `has` first and so
+   writes each chunk once in the normal case;
+2. one index per disk (`put_index`), refused once the recovery point is committed;
+3. the manifest (`put_manifest`): **the commit point**. It is written only after every index
+   is stored with the SHA-256 the manifest records and every referenced chunk is present.
+
+A recovery point exists exactly when its manifest does. A backup that fails or crashes before
+step 3 leaves chunks and indexes nobody references: invisible, and reclaimed by garbage
+collection. Deletion runs the other way: manifest first (the recovery point is gone at once),
+then its indexes; its chunks wait for garbage collection.
+
+Durability rule: a chunk that `has_chunk` reports present is durable, so an agent may skip
+sending it and a manifest may reference it. The local store makes this true also for files a
+crashed controller renamed but did not fsync the directory of: the first `has` that finds an
+object in a directory fsyncs that directory once per process.
+
+Concurrency
+-----------
+Every method is synchronous and thread-safe; the controller calls them from executor threads.
+There are no locks across processes: each vault's datastore has one controller writing it.
+
+Garbage collection (not implemented yet)
+----------------------------------------
+Mark and sweep, able to run beside backups (as in Proxmox Backup Server):
+
+1. Note the start time T0. Mark: read every manifest and the indexes it pins; every non-zero
+   digest is live. Indexes without a manifest younger than a grace period (longer than the
+   longest backup) are roots too: they belong to backups still running.
+2. Sweep: `list("chunks/")`; delete a chunk that is not marked and whose object is older than
+   T0 minus the grace period. A backup running during GC that reuses an existing chunk
+   refreshes the chunk's timestamp (mtime / a re-put) when it confirms the chunk present, so a
+   chunk that a not-yet-committed recovery point relies on is never swept.
+3. Delete indexes of recovery points without a manifest older than the grace period, and
+   leftover `.tmp-*` files of the local store.
+The refresh in step 2 is the one hook the backup path will need; GC is otherwise read-only
+towards running backups.
+"""
+
+from controller.datastore.backend import ObjectStore, check_key, check_prefix
+from controller.datastore.faulty import Fault, FaultyStore
+from controller.datastore.local import LocalDirectoryStore
+from controller.datastore.store import (
+    CONFIG_KEY,
+    Datastore,
+    DatastoreConfig,
+    check_recovery_point_id,
+    chunk_key,
+    index_key,
+    manifest_key,
+)
+
+__all__ = [
+    "CONFIG_KEY",
+    "Datastore",
+    "DatastoreConfig",
+    "Fault",
+    "FaultyStore",
+    "LocalDirectoryStore",
+    "ObjectStore",
+    "check_key",
+    "check_prefix",
+    "check_recovery_point_id",
+    "chunk_key",
+    "index_key",
+    "manifest_key",
+]

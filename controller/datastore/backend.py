@@ -1,0 +1,84 @@
+"""The object store interface every datastore backend implements, and the key rules.
+
+Five operations on whole objects named by keys, small enough that a local directory and an
+S3-compatible bucket implement it the same way (restic's `Backend`, PBS's chunk store). No
+rename, no directories, no appends, no partial reads: whatever the datastore needs beyond that
+is built above, so every backend passes the same test suite. Retry, metrics and fault
+injection wrap an `ObjectStore`; they are not branches inside one.
+
+Keys are '/'-separated ASCII components of letters, digits, '.', '_' and '-'. A component may
+not start with '.', which keeps '..' out, and leaves names beginning with '.' to a backend's
+own use (the local store's temporary files). A key has at most 1024 characters (S3's limit).
+A key cannot also be a prefix directory of another key ("a" and "a/b"), which a file system
+could not hold; the datastore's layout never needs it.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from typing import Protocol
+
+from shared.errors import InvalidArgument
+
+MAX_KEY_LENGTH = 1024
+_COMPONENT = r"[A-Za-z0-9_-][A-Za-z0-9._-]*"
+_KEY = re.compile(rf"{_COMPONENT}(?:/{_COMPONENT})*")
+KEY_COMPONENT = re.compile(_COMPONENT)
+"""One '/'-free part of a key."""
+
+
+def check_key(key: str) -> str:
+    """`key` if it is a valid object key; InvalidArgument otherwise."""
+    if not isinstance(key, str) or len(key) > MAX_KEY_LENGTH or _KEY.fullmatch(key) is None:
+        raise InvalidArgument(
+            detail=f"object key {key!r} must be '/'-separated names of letters, digits, '.', "
+            f"'_' or '-', none empty or starting with '.', at most {MAX_KEY_LENGTH} characters"
+        )
+    return key
+
+
+def check_prefix(prefix: str) -> str:
+    """`prefix` if some valid key could start with it ('' and 'a/' included)."""
+    if prefix == "":
+        return prefix
+    check_key(prefix.removesuffix("/") if isinstance(prefix, str) else prefix)
+    return prefix
+
+
+class ObjectStore(Protocol):
+    """Whole objects under keys; every method is synchronous and safe to call from any thread."""
+
+    @property
+    def location(self) -> str:
+        """Where the objects live, for messages (a directory, a bucket URL)."""
+        ...
+
+    def put(self, key: str, data: bytes) -> None:
+        """Store `data` under `key`, replacing what was there.
+
+        Atomic: readers see the old object or the whole new one, never a part, and a failed
+        put leaves no part visible. Durable when it returns. Idempotent: putting the same
+        bytes again is harmless, also concurrently.
+        """
+        ...
+
+    def get(self, key: str) -> bytes:
+        """The object's bytes; shared.errors.NotFound if there is none."""
+        ...
+
+    def has(self, key: str) -> bool:
+        """Whether an object exists under `key`."""
+        ...
+
+    def delete(self, key: str) -> None:
+        """Remove the object; deleting a missing key is not an error."""
+        ...
+
+    def list(self, prefix: str) -> Iterator[str]:
+        """Keys starting with `prefix`, in no particular order.
+
+        Slow on big stores: only catalog rebuild, garbage collection and cleanup of a deleted
+        recovery point call it, never the backup or restore data path.
+        """
+        ...

@@ -1,0 +1,444 @@
+"""The datastore: one vault's chunks, disk indexes and manifests, kept in an ObjectStore.
+
+The layout, formats and commit rules are described in the package docstring
+(`controller.datastore`). This class names the keys, checks every input, and keeps the order
+of writes that makes a recovery point appear only once it is complete. It holds no mutable
+state beyond its backend, so one instance serves every executor thread of the controller.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from controller.datastore.backend import ObjectStore
+from shared.blob import Compression, decode_blob, decompress, encode_blob
+from shared.digest import ZERO_DIGEST, check_digest, sha256
+from shared.errors import (
+    ChunkDigestMismatch,
+    ChunkMissing,
+    Conflict,
+    CorruptData,
+    InvalidArgument,
+    NotFound,
+    UnsupportedFormat,
+)
+from shared.index import DiskIndex, check_disk_name
+from shared.manifest import RecoveryPointManifest
+
+CONFIG_KEY = "datastore.json"
+CONFIG_FORMAT = 1
+CHUNKS = "chunks/"
+INDEXES = "indexes/"
+MANIFESTS = "manifests/"
+INDEX_SUFFIX = ".didx"
+MANIFEST_SUFFIX = ".json"
+
+MIN_CHUNK_SIZE = 4 << 10
+MAX_CHUNK_SIZE = 16 << 20
+
+_RP_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,127}")
+
+
+def check_recovery_point_id(rp_id: str) -> str:
+    """`rp_id` if it can name a recovery point in keys; InvalidArgument otherwise."""
+    if not isinstance(rp_id, str) or _RP_ID.fullmatch(rp_id) is None:
+        raise InvalidArgument(
+            detail=f"recovery point id {rp_id!r} must be 1-128 letters, digits, '_' or '-', "
+            "starting with a letter or digit"
+        )
+    return rp_id
+
+
+def chunk_key(digest: bytes) -> str:
+    """`chunks/ab/cd/abcd…`: two levels of 256 directories spread chunks evenly."""
+    hex_digest = check_digest(digest).hex()
+    return f"{CHUNKS}{hex_digest[:2]}/{hex_digest[2:4]}/{hex_digest}"
+
+
+def index_key(rp_id: str, disk: str) -> str:
+    return f"{INDEXES}{check_recovery_point_id(rp_id)}/{check_disk_name(disk)}{INDEX_SUFFIX}"
+
+
+def manifest_key(rp_id: str) -> str:
+    return f"{MANIFESTS}{check_recovery_point_id(rp_id)}{MANIFEST_SUFFIX}"
+
+
+@dataclass(frozen=True)
+class DatastoreConfig:
+    """The settings every writer of a datastore must agree on (`datastore.json`)."""
+
+    chunk_size: int
+    hash: str = "sha256"
+    compression: str = "zstd"
+
+    def __post_init__(self) -> None:
+        size = self.chunk_size
+        if (
+            not isinstance(size, int)
+            or not MIN_CHUNK_SIZE <= size <= MAX_CHUNK_SIZE
+            or size & (size - 1)
+        ):
+            raise InvalidArgument(
+                detail=f"chunk size {size} must be a power of two from 4 KiB to 16 MiB"
+            )
+
+    def encode(self) -> bytes:
+        document = {
+            "format": CONFIG_FORMAT,
+            "chunk_size": self.chunk_size,
+            "hash": self.hash,
+            "compression": self.compression,
+        }
+        return (json.dumps(document, sort_keys=True, indent=2) + "\n").encode("utf-8")
+
+    @classmethod
+    def decode(cls, data: bytes) -> DatastoreConfig:
+        what = f"datastore configuration ({CONFIG_KEY})"
+        try:
+            document: Any = json.loads(data.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise CorruptData(what=what, detail=f"not UTF-8 JSON: {error}") from None
+        if not isinstance(document, dict):
+            raise CorruptData(what=what, detail="not a JSON object")
+        version = document.get("format")
+        if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+            raise CorruptData(what=what, detail=f"bad format {version!r}")
+        if version > CONFIG_FORMAT:
+            raise UnsupportedFormat(what="datastore", version=version, supported=CONFIG_FORMAT)
+        hash_name, compression = document.get("hash"), document.get("compression")
+        if hash_name != "sha256" or compression != "zstd":
+            raise UnsupportedFormat(
+                f"Datastore uses hash {hash_name!r} and compression {compression!r}; this "
+                "Coffer knows only sha256 and zstd. Upgrade Coffer to read it.",
+                what="datastore",
+            )
+        chunk_size = document.get("chunk_size")
+        if not isinstance(chunk_size, int) or isinstance(chunk_size, bool):
+            raise CorruptData(what=what, detail=f"bad chunk size {chunk_size!r}")
+        try:
+            return cls(chunk_size)
+        except InvalidArgument as error:
+            raise CorruptData(what=what, detail=error.fields.get("detail")) from None
+
+
+class Datastore:
+    """One vault's recovery points: content-addressed chunks, per-disk indexes, manifests."""
+
+    def __init__(self, backend: ObjectStore, config: DatastoreConfig) -> None:
+        """Use `create`, `open` or `open_or_create`; this trusts `config` as given."""
+        self.backend = backend
+        self.config = config
+
+    def __repr__(self) -> str:
+        return f"Datastore({self.backend.location!r}, chunk_size={self.chunk_size})"
+
+    @property
+    def chunk_size(self) -> int:
+        return self.config.chunk_size
+
+    # --- opening -----------------------------------------------------------------------------
+
+    @classmethod
+    def create(cls, backend: ObjectStore, chunk_size: int) -> Datastore:
+        """A new datastore in `backend`, or the one already there if its settings are these.
+
+        A datastore with other settings is never overwritten: Conflict.
+        """
+        wanted = DatastoreConfig(chunk_size)
+        if backend.has(CONFIG_KEY):
+            return cls._matching(backend, wanted)
+        backend.put(CONFIG_KEY, wanted.encode())
+        # Two creators may race; the object store keeps one of the two configs. Reading it back
+        # tells the loser, which must not then write chunks of the wrong size.
+        return cls._matching(backend, wanted)
+
+    @classmethod
+    def open_or_create(cls, backend: ObjectStore, chunk_size: int) -> Datastore:
+        """Same as `create`, named for callers that usually find the datastore there."""
+        return cls.create(backend, chunk_size)
+
+    @classmethod
+    def open(cls, backend: ObjectStore) -> Datastore:
+        """The datastore in `backend`; NotFound if none was created there."""
+        return cls(backend, cls._read_config(backend))
+
+    @classmethod
+    def _read_config(cls, backend: ObjectStore) -> DatastoreConfig:
+        try:
+            data = backend.get(CONFIG_KEY)
+        except NotFound:
+            raise NotFound(kind="datastore", name=backend.location) from None
+        return DatastoreConfig.decode(data)
+
+    @classmethod
+    def _matching(cls, backend: ObjectStore, wanted: DatastoreConfig) -> Datastore:
+        found = cls._read_config(backend)
+        if found != wanted:
+            raise Conflict(
+                detail=f"the datastore at {backend.location} already exists with chunk size "
+                f"{found.chunk_size}, hash {found.hash} and compression {found.compression}; "
+                f"it cannot be used with chunk size {wanted.chunk_size}"
+            )
+        return cls(backend, found)
+
+    # --- chunks ------------------------------------------------------------------------------
+
+    def has_chunk(self, digest: bytes) -> bool:
+        """Whether the chunk is durable here; the zero digest is always "present"."""
+        if check_digest(digest) == ZERO_DIGEST:
+            return True
+        return self.backend.has(chunk_key(digest))
+
+    def missing_chunks(self, digests: Iterable[bytes]) -> list[bytes]:
+        """Those of `digests` not stored here, each once, in the order first given."""
+        missing: list[bytes] = []
+        seen: set[bytes] = set()
+        for digest in digests:
+            if digest in seen:
+                continue
+            seen.add(digest)
+            if not self.has_chunk(digest):
+                missing.append(digest)
+        return missing
+
+    def put_chunk(
+        self, digest: bytes, payload: bytes, compression: Compression | int, raw_size: int
+    ) -> int:
+        """Verify and store a chunk as received; the bytes written (0 if it was already here).
+
+        The payload is decompressed and hashed first: a chunk whose raw bytes do not hash to
+        `digest` raises ChunkDigestMismatch, one that does not decompress to `raw_size` bytes
+        raises CorruptData, and nothing is stored in either case. This holds also when the
+        digest is already stored, so a sender's error is reported the same way every time.
+        """
+        check_digest(digest)
+        if digest == ZERO_DIGEST:
+            raise InvalidArgument(
+                detail="the zero digest stands for an all-zero chunk, which is never stored"
+            )
+        if not 0 < raw_size <= self.chunk_size:
+            raise InvalidArgument(
+                detail=f"chunk raw size {raw_size} is not within 1..{self.chunk_size} bytes"
+            )
+        try:
+            kind = Compression(compression)
+        except ValueError:
+            raise InvalidArgument(detail=f"unknown chunk compression {compression!r}") from None
+        raw = decompress(kind, payload, raw_size)
+        actual = sha256(raw)
+        if actual != digest:
+            raise ChunkDigestMismatch(actual=actual.hex(), claimed=digest.hex())
+        key = chunk_key(digest)
+        if self.backend.has(key):
+            return 0
+        blob = encode_blob(kind, raw_size, payload)
+        self.backend.put(key, blob)
+        return len(blob)
+
+    def get_chunk_blob(self, digest: bytes) -> tuple[Compression, int, bytes]:
+        """(compression, raw size, payload) as stored, to send on without recompressing.
+
+        Not re-hashed here: whoever decompresses it (the agent, `read_chunk`) verifies it.
+        """
+        key = chunk_key(digest)
+        if digest == ZERO_DIGEST:
+            raise InvalidArgument(
+                detail="the zero digest stands for an all-zero chunk, which is never stored"
+            )
+        try:
+            data = self.backend.get(key)
+        except NotFound:
+            raise ChunkMissing(digest=digest.hex()) from None
+        try:
+            compression, raw_size, payload = decode_blob(data)
+        except CorruptData as error:
+            raise CorruptData(
+                what=f"chunk {digest.hex()}", detail=error.fields.get("detail")
+            ) from None
+        if raw_size > self.chunk_size:
+            raise CorruptData(
+                what=f"chunk {digest.hex()}",
+                detail=f"raw size {raw_size} exceeds the chunk size {self.chunk_size}",
+            )
+        return compression, raw_size, payload
+
+    def read_chunk(self, digest: bytes) -> bytes:
+        """The chunk's raw bytes, verified against its digest."""
+        compression, raw_size, payload = self.get_chunk_blob(digest)
+        try:
+            raw = decompress(compression, payload, raw_size)
+        except CorruptData as error:
+            raise CorruptData(
+                what=f"chunk {digest.hex()}", detail=error.fields.get("detail")
+            ) from None
+        actual = sha256(raw)
+        if actual != digest:
+            raise CorruptData(
+                what=f"chunk {digest.hex()}", detail=f"its bytes hash to {actual.hex()}"
+            )
+        return raw
+
+    # --- indexes -----------------------------------------------------------------------------
+
+    def put_index(self, rp_id: str, index: DiskIndex) -> str:
+        """Store the index of one disk of a recovery point not yet committed; its SHA-256 hex.
+
+        The caller makes sure the chunks it references are stored first; `put_manifest`
+        checks again before the recovery point becomes visible.
+        """
+        key = index_key(rp_id, index.disk)
+        if index.chunk_size != self.chunk_size:
+            raise InvalidArgument(
+                detail=f"index of disk {index.disk!r} has chunk size {index.chunk_size}, "
+                f"the datastore {self.chunk_size}"
+            )
+        if self.backend.has(manifest_key(rp_id)):
+            raise Conflict(detail=f"recovery point {rp_id} is committed; its indexes cannot change")
+        data = index.encode()
+        self.backend.put(key, data)
+        return sha256(data).hex()
+
+    def get_index(self, rp_id: str, disk: str, *, verify: bool = True) -> DiskIndex:
+        """The index of `disk` in recovery point `rp_id`.
+
+        With `verify` (the default) the recovery point must be committed, and the index must be
+        the one its manifest records (same SHA-256). `verify=False` reads an index alone, as
+        the commit itself does.
+        """
+        expected: str | None = None
+        if verify:
+            expected = self.get_manifest(rp_id).disk(disk).index_sha256
+        data = self._get_index_bytes(rp_id, disk)
+        if expected is not None and sha256(data).hex() != expected:
+            raise CorruptData(
+                what=f"index of disk {disk!r} of recovery point {rp_id}",
+                detail="it is not the index its manifest records (SHA-256 differs)",
+            )
+        return self._decode_index(rp_id, disk, data)
+
+    def _get_index_bytes(self, rp_id: str, disk: str) -> bytes:
+        try:
+            return self.backend.get(index_key(rp_id, disk))
+        except NotFound:
+            raise NotFound(kind="disk index", name=f"{rp_id}/{disk}") from None
+
+    def _decode_index(self, rp_id: str, disk: str, data: bytes) -> DiskIndex:
+        what = f"index of disk {disk!r} of recovery point {rp_id}"
+        try:
+            index = DiskIndex.decode(data)
+        except CorruptData as error:
+            raise CorruptData(what=what, detail=error.fields.get("detail")) from None
+        if index.disk != disk:
+            raise CorruptData(what=what, detail=f"it describes disk {index.disk!r}")
+        return index
+
+    # --- manifests (the commit point) --------------------------------------------------------
+
+    def put_manifest(self, manifest: RecoveryPointManifest, *, verify_chunks: bool = True) -> None:
+        """Commit a recovery point: from now on it exists, and `list_manifests` shows it.
+
+        Refused, with nothing written, unless every disk's index is stored with the SHA-256
+        and geometry the manifest records, and (with `verify_chunks`) every chunk the indexes
+        reference is stored. A caller that already knows each referenced chunk is durable may
+        skip that check, which costs one `has` per distinct chunk. Committing the same
+        manifest twice is harmless; committing a different one under a used id is a Conflict.
+        """
+        key = manifest_key(manifest.id)
+        encoded = manifest.encode()
+        referenced: set[bytes] = set()
+        for entry in manifest.disks:
+            data = self._get_index_bytes(manifest.id, entry.name)
+            if sha256(data).hex() != entry.index_sha256:
+                raise Conflict(
+                    detail=f"the stored index of disk {entry.name!r} is not the one manifest "
+                    f"{manifest.id} records; the recovery point was not committed"
+                )
+            index = self._decode_index(manifest.id, entry.name, data)
+            if (index.size_bytes, index.chunk_size, len(index)) != (
+                entry.size_bytes,
+                entry.chunk_size,
+                entry.chunk_count,
+            ):
+                raise InvalidArgument(
+                    detail=f"manifest {manifest.id} gives disk {entry.name!r} a geometry its "
+                    "index does not have"
+                )
+            if verify_chunks:
+                referenced |= index.referenced()
+        missing = [digest for digest in referenced if not self.backend.has(chunk_key(digest))]
+        if missing:
+            raise ChunkMissing(
+                f"{len(missing)} chunk(s) referenced by recovery point {manifest.id} are not in "
+                f"the datastore (e.g. {missing[0].hex()}); the recovery point was not committed.",
+                digest=missing[0].hex(),
+            )
+        try:
+            existing = self.backend.get(key)
+        except NotFound:
+            self.backend.put(key, encoded)
+            return
+        if existing != encoded:
+            raise Conflict(detail=f"recovery point {manifest.id} is already committed, differently")
+
+    def get_manifest(self, rp_id: str) -> RecoveryPointManifest:
+        """The manifest of a committed recovery point; NotFound if there is none."""
+        try:
+            data = self.backend.get(manifest_key(rp_id))
+        except NotFound:
+            raise NotFound(kind="recovery point", name=rp_id) from None
+        what = f"manifest of recovery point {rp_id}"
+        try:
+            manifest = RecoveryPointManifest.decode(data)
+        except CorruptData as error:
+            raise CorruptData(what=what, detail=error.fields.get("detail")) from None
+        if manifest.id != rp_id:
+            raise CorruptData(what=what, detail=f"it describes recovery point {manifest.id!r}")
+        return manifest
+
+    def list_recovery_point_ids(self) -> Iterator[str]:
+        """Ids of every committed recovery point, in no particular order (lists the store)."""
+        for key in self.backend.list(MANIFESTS):
+            name = key.removeprefix(MANIFESTS)
+            if "/" in name or not name.endswith(MANIFEST_SUFFIX):
+                continue
+            rp_id = name.removesuffix(MANIFEST_SUFFIX)
+            if _RP_ID.fullmatch(rp_id):
+                yield rp_id
+
+    def list_manifests(self) -> Iterator[RecoveryPointManifest]:
+        """Every committed recovery point's manifest, to rebuild the catalog (lists the store).
+
+        A manifest that cannot be read raises (CorruptData, UnsupportedFormat); a caller that
+        wants to skip such a recovery point iterates `list_recovery_point_ids` and calls
+        `get_manifest` itself.
+        """
+        for rp_id in self.list_recovery_point_ids():
+            try:
+                yield self.get_manifest(rp_id)
+            except NotFound:
+                continue  # deleted since it was listed
+
+    def delete_recovery_point(self, rp_id: str) -> None:
+        """Remove a recovery point: its manifest first (it is gone from then on), then its indexes.
+
+        Its chunks stay until garbage collection finds no recovery point references them.
+        Deleting a recovery point that does not exist (or half does) is not an error.
+        """
+        self.backend.delete(manifest_key(rp_id))
+        for key in self.backend.list(f"{INDEXES}{rp_id}/"):
+            self.backend.delete(key)
+
+
+__all__ = [
+    "CONFIG_KEY",
+    "Datastore",
+    "DatastoreConfig",
+    "check_recovery_point_id",
+    "chunk_key",
+    "index_key",
+    "manifest_key",
+]

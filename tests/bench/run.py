@@ -1,0 +1,403 @@
+"""The benchmark run: Coffer, restic and borg on the same disk image, in the same run.
+
+    python -m tests.bench.run [--size 2G] [--tools coffer,restic,borg] [--chunk-size 1M 4M]
+                              [--workdir /var/tmp] [--keep] [--sparse-memory] ...
+
+Run as root (loop mounts, dropping the page cache). Steps, for every tool in turn:
+
+1. ``full``: the base image (ext4 about 60% full, see `tests.bench.image`);
+2. ``incr-scatter``, ``incr-clustered``, ``incr-file-edits``: each churn variant *made from
+   the base*, then placed at the same path as the next state of the disk and backed up as the
+   next snapshot. Each incremental therefore measures exactly one kind of change of the stated
+   size against a repository that already holds the base; changes do not pile up (with
+   variants in sequence the last one would also carry the earlier ones), and the raw churns,
+   which hit file-system metadata at random, never leave the file-edits variant unmountable.
+   Going back from one variant to another is free for every tool: the base's chunks are in
+   every repository;
+3. ``restore``: the latest snapshot (the file-edits state) to a new file, checked
+   byte-identical to the source by SHA-256, for every tool.
+
+Before every step of every tool the page cache is dropped (`sync; echo 3 >
+/proc/sys/vm/drop_caches`), so every tool reads the image, and its repository, from disk
+(`--no-drop-caches` keeps everything cached instead, for all tools alike).
+
+Coffer runs once per `--chunk-size` (each its own controller, datastore and agent).
+`--sparse-memory` instead backs up mostly-empty sparse images of several sizes (2 GiB and 8 GiB
+by default) with fresh installs and reports peak memory, to show the agent's does not grow with
+the disk.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from tests.bench.coffer import Coffer, size_label
+from tests.bench.image import (
+    build_image,
+    build_sparse_image,
+    churn_clustered,
+    churn_scatter,
+    copy_image,
+    edit_files,
+    have_root_tools,
+    loop_devices_for,
+)
+from tests.bench.measure import StepFailed, StepResult, Tool, drop_caches, sha256_file
+from tests.bench.peers import Borg, Restic
+from tests.bench.report import console, notes, steps_table
+
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def parse_size(text: str) -> int:
+    """'2G', '256M', '1M', '64K', '4096' (binary units; a trailing 'iB' or 'B' is allowed)."""
+    t = text.strip().upper().removesuffix("IB").removesuffix("B")
+    unit = t[-1:] if t[-1:] in _UNITS else ""
+    try:
+        return int(float(t[: len(t) - len(unit)]) * _UNITS[unit])
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r}") from None
+
+
+def parse_sizes(values: Sequence[str]) -> list[int]:
+    return [parse_size(v) for value in values for v in value.split(",") if v.strip()]
+
+
+def arguments(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m tests.bench.run",
+        description="Compare Coffer with restic and borg on the same disk image.",
+    )
+    p.add_argument("--size", type=parse_size, default=parse_size("2G"), help="image size (2G)")
+    p.add_argument(
+        "--workdir",
+        type=Path,
+        default=Path("/var/tmp"),
+        help="parent of the run's own temporary directory (/var/tmp)",
+    )
+    p.add_argument(
+        "--tools", default="coffer,restic,borg", help="comma-separated: coffer,restic,borg"
+    )
+    p.add_argument(
+        "--chunk-size",
+        nargs="+",
+        default=["1M"],
+        help="Coffer chunk size(s), one Coffer run per size (1M; e.g. --chunk-size 256K 1M 4M)",
+    )
+    p.add_argument("--keep", action="store_true", help="keep images, repositories and logs")
+    p.add_argument("--fill", type=float, default=0.6, help="file-system fill of the base (0.6)")
+    p.add_argument("--fraction", type=float, default=0.02, help="churn fraction (0.02)")
+    p.add_argument("--run-bytes", type=parse_size, default=256 << 10, help="clustered run (256K)")
+    p.add_argument("--seed", type=int, default=1, help="seed of the image and the churn (1)")
+    p.add_argument(
+        "--peer-compression",
+        choices=("default", "zstd"),
+        default="default",
+        help="default: each peer's default (restic auto=zstd, borg lz4); zstd: borg zstd,3 too",
+    )
+    p.add_argument(
+        "--no-drop-caches",
+        action="store_true",
+        help="keep the page cache warm for every step instead of dropping it before each",
+    )
+    p.add_argument("--timeout", type=float, default=3600.0, help="seconds per step (3600)")
+    p.add_argument("--json", type=Path, help="also write all figures to this JSON file")
+    p.add_argument(
+        "--sparse-memory",
+        action="store_true",
+        help="instead: full backups of mostly-empty sparse images, to compare peak memory",
+    )
+    p.add_argument(
+        "--sparse-sizes", default="2G,8G", help="sparse image sizes for --sparse-memory (2G,8G)"
+    )
+    p.add_argument(
+        "--sparse-data",
+        type=parse_size,
+        default=64 << 20,
+        help="data in each sparse image, the same for every size (64M)",
+    )
+    args = p.parse_args(argv)
+    args.tools = [t.strip() for t in args.tools.split(",") if t.strip()]
+    unknown = set(args.tools) - {"coffer", "restic", "borg"}
+    if unknown:
+        p.error(f"unknown tools: {', '.join(sorted(unknown))}")
+    args.chunk_size = parse_sizes(args.chunk_size)
+    args.sparse_sizes = parse_sizes([args.sparse_sizes])
+    if args.size % 4096:
+        p.error("--size must be a multiple of 4 KiB")
+    return args
+
+
+class Bench:
+    """One run: its directory, its tools, and what they measured."""
+
+    def __init__(self, args: argparse.Namespace, work: Path) -> None:
+        self.args = args
+        self.work = work
+        self.results: list[StepResult] = []
+        self.notes: list[str] = []
+        self.versions: dict[str, str] = {}
+        self.settings: dict[str, str] = {}
+        self.open_tools: list[Tool] = []
+
+    def before_step(self) -> Callable[[], None]:
+        return (lambda: os.sync()) if self.args.no_drop_caches else drop_caches
+
+    def make_tools(self, where: Path, source: Path) -> list[Tool]:
+        tools: list[Tool] = []
+        a = self.args
+        hook, timeout = self.before_step(), a.timeout
+        if "coffer" in a.tools:
+            for size in a.chunk_size:
+                where_c = where / f"coffer-{size_label(size)}"
+                tools.append(
+                    Coffer(where_c, source, chunk_size=size, before_step=hook, timeout_s=timeout)
+                )
+        for name, peer in (("restic", Restic), ("borg", Borg)):
+            if name in a.tools:
+                tools.append(
+                    peer(
+                        where / name,
+                        source,
+                        compression=a.peer_compression,
+                        before_step=hook,
+                        timeout_s=timeout,
+                    )
+                )
+        return tools
+
+    def start(self, tools: list[Tool], steps: Sequence[str]) -> list[Tool]:
+        """Set every tool up; a tool that cannot start fails all its steps and is dropped."""
+        ready = []
+        for tool in tools:
+            try:
+                self.open_tools.append(tool)
+                tool.setup()
+                self.versions.setdefault(tool.name.split("-")[0], tool.version())
+                self.settings[tool.name] = tool.settings()
+                ready.append(tool)
+            except (StepFailed, OSError) as exc:
+                self.fail(tool, steps, f"setup: {exc}")
+                tool.close()
+        return ready
+
+    def fail(self, tool: Tool, steps: Sequence[str], error: str) -> None:
+        for step in steps:
+            self.results.append(StepResult(tool.name, step, 0, 0.0, 0.0, 0, 0, 0, False, error))
+        self.notes.append(f"{tool.name}: {error.strip()}")
+
+    def close(self) -> None:
+        for tool in self.open_tools:
+            tool.close()
+        self.open_tools.clear()
+
+    # -- the churn benchmark ---------------------------------------------------------------
+
+    def churn(self) -> None:
+        a = self.args
+        images = self.work / "images"
+        images.mkdir()
+        base = images / "base.img"
+        disk = self.work / "disk" / "disk.img"
+        disk.parent.mkdir()
+
+        started = time.monotonic()
+        info = build_image(base, a.size, fill=a.fill, seed=a.seed)
+        kinds = ", ".join(f"{k} {n / (1 << 20):.0f}" for k, n in info.bytes_by_kind.items())
+        self.notes.append(
+            f"image: {size_label(a.size)} raw, ext4 {info.used_bytes / info.fs_bytes:.0%} used "
+            f"({info.used_bytes / (1 << 20):.0f} MiB), {info.files} files, seed {a.seed}; "
+            f"MiB by kind: {kinds}; built in {time.monotonic() - started:.0f} s"
+        )
+        variants: list[tuple[str, Callable[[Path], str] | None]] = [
+            ("full", None),
+            (
+                "incr-scatter",
+                lambda p: (
+                    f"{churn_scatter(p, a.fraction, a.seed + 1) / (1 << 20):.1f} MiB "
+                    "in scattered 4 KiB blocks"
+                ),
+            ),
+            (
+                "incr-clustered",
+                lambda p: (
+                    f"{churn_clustered(p, a.fraction, a.run_bytes, a.seed + 2) / (1 << 20):.1f}"
+                    f" MiB in {size_label(a.run_bytes)} runs"
+                ),
+            ),
+            ("incr-file-edits", lambda p: _edits(p, a.fraction, a.seed + 3)),
+        ]
+        steps = [name for name, _ in variants] + ["restore"]
+        tools = self.start(self.make_tools(self.work, disk), steps)
+
+        for step, churn in variants:
+            staging = images / "next.img"
+            copy_image(base, staging)
+            if churn is not None:
+                self.notes.append(f"{step}: {churn(staging)} (from the base)")
+            os.replace(staging, disk)  # a new file at the same path: the disk's next state
+            os.sync()
+            for tool in list(tools):
+                try:
+                    self.results.append(tool.backup(step))
+                except StepFailed as exc:
+                    self.fail(tool, steps[steps.index(step) :], str(exc))
+                    tools.remove(tool)
+            self._progress(step)
+
+        want = sha256_file(disk)
+        for tool in tools:
+            try:
+                result, restored = tool.restore("restore")
+            except StepFailed as exc:
+                self.fail(tool, ["restore"], str(exc))
+                continue
+            got = sha256_file(restored) if restored.exists() else "missing"
+            result.detail["sha256"] = got
+            result.ok = got == want
+            verdict = "identical" if result.ok else f"DIFFERS (sha256 {got[:16]}…)"
+            self.notes.append(f"restore {tool.name}: {verdict}")
+            if not result.ok:
+                result.error = f"restored image differs from the source: {got}"
+            self.results.append(result)
+            if not a.keep:
+                restored.unlink(missing_ok=True)
+        self.notes.append(f"source sha256 (file-edits state): {want}")
+        self.close()
+        if not a.keep:
+            base.unlink()
+            disk.unlink()
+
+    # -- the memory benchmark ----------------------------------------------------------------
+
+    def sparse_memory(self) -> None:
+        a = self.args
+        for size in a.sparse_sizes:
+            label = size_label(size)
+            where = self.work / f"sparse-{label}"
+            where.mkdir()
+            image = where / "disk.img"
+            data = build_sparse_image(image, size, a.sparse_data, seed=a.seed)
+            self.notes.append(f"sparse {label}: {data >> 20} MiB of data in 1 MiB extents")
+            step = f"full {label} sparse"
+            tools = self.start(self.make_tools(where, image), [step])
+            for tool in tools:
+                try:
+                    result = tool.backup(step)
+                    self.results.append(result)
+                    d = result.detail
+                    if "rss_agent_before" in d:
+                        self.notes.append(
+                            f"{step} {tool.name}: agent RSS {d['rss_agent_before'] >> 20} MiB "
+                            f"idle before, {d['peak_rss_agent'] >> 20} MiB peak"
+                        )
+                except StepFailed as exc:
+                    self.fail(tool, [step], str(exc))
+            self.close()
+            self._progress(step)
+            if not a.keep:
+                image.unlink()
+
+    def _progress(self, step: str) -> None:
+        done = [r for r in self.results if r.step == step]
+        line = ", ".join(f"{r.tool} {r.wall_s:.1f}s" if r.ok else f"{r.tool} FAILED" for r in done)
+        print(f"[bench] {step}: {line}", file=sys.stderr, flush=True)
+
+    # -- output ------------------------------------------------------------------------------
+
+    def report(self, title: str) -> None:
+        out = console()
+        a = self.args
+        cache = "warm (never dropped)" if a.no_drop_caches else "dropped before every step"
+        out.print(
+            f"machine: {os.cpu_count()} cores, {_mem_gib():.0f} GiB, Linux {platform.release()}; "
+            f"workdir {self.work}; page cache {cache}"
+        )
+        for tool, version in sorted(self.versions.items()):
+            out.print(f"version {tool}: {version}")
+        for tool, setting in self.settings.items():
+            out.print(f"settings {tool}: {setting}")
+        out.print(notes(self.notes))
+        out.print(steps_table(self.results, title))
+        out.print(
+            "MB/s = image bytes (10^6) / wall s. CPU s: user+sys of the tool's process "
+            "(Coffer: controller + agent + CLI). Peak RSS: max resident "
+            "(Coffer: agent/controller). repo/added: allocated bytes of the repository "
+            "(Coffer: its datastore)."
+        )
+        if a.json:
+            a.json.write_text(self.to_json())
+        if a.keep:
+            (self.work / "results.json").write_text(self.to_json())
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {
+                "args": {k: str(v) for k, v in vars(self.args).items()},
+                "versions": self.versions,
+                "settings": self.settings,
+                "notes": self.notes,
+                "results": [r.as_dict() for r in self.results],
+            },
+            indent=2,
+        )
+
+
+def _edits(path: Path, fraction: float, seed: int) -> str:
+    s = edit_files(path, fraction, seed)
+    parts = ", ".join(f"{k} {s.bytes[k] / (1 << 20):.1f} MiB/{s.files[k]}f" for k in s.bytes)
+    return f"{s.total_bytes / (1 << 20):.1f} MiB of file edits: {parts}"
+
+
+def _mem_gib() -> float:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / (1 << 30)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = arguments(argv)
+    if not have_root_tools() and not args.sparse_memory:
+        print("run as root: building the image needs losetup, mount and mkfs.ext4", file=sys.stderr)
+        return 2
+    if os.geteuid() != 0 and not args.no_drop_caches:
+        print("dropping the page cache needs root (or pass --no-drop-caches)", file=sys.stderr)
+        return 2
+    missing = [t for t in ("restic", "borg") if t in args.tools and not shutil.which(t)]
+    if missing:
+        print(f"not installed: {', '.join(missing)}", file=sys.stderr)
+        return 2
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="coffer-bench-", dir=args.workdir))
+    bench = Bench(args, work)
+    try:
+        if args.sparse_memory:
+            bench.sparse_memory()
+            bench.report("Peak memory on sparse images (full backup)")
+        else:
+            bench.churn()
+            bench.report(
+                f"Coffer vs restic vs borg: {size_label(args.size)} image, "
+                f"churn {args.fraction:.0%} of it per incremental"
+            )
+    finally:
+        bench.close()
+        for image in work.glob("**/*.img"):
+            if loop_devices_for(image):
+                print(f"warning: a loop device is left on {image}", file=sys.stderr)
+        if args.keep:
+            print(f"kept: {work}", file=sys.stderr)
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+    return 0 if all(r.ok for r in bench.results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

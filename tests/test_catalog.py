@@ -1,0 +1,101 @@
+"""The catalog: migrations, persistence across reopen, job filters, recovery points."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from controller.catalog import (
+    MIGRATIONS,
+    Catalog,
+    DiskRecord,
+    JobFilter,
+    JobRecord,
+    RecoveryPointDiskRecord,
+    RecoveryPointRecord,
+)
+from shared.errors import NotFound, UnsupportedFormat
+
+
+def job(job_id: str, *, status: str = "Completed", operation: str = "Backup", at: float = 0.0,
+        vm: str = "vm-1") -> JobRecord:  # fmt: skip
+    return JobRecord(
+        id=job_id, operation=operation, status=status, vault="default", vm_id=vm, started_at=at
+    )
+
+
+async def test_a_new_catalog_is_at_the_latest_schema_and_survives_reopen(tmp_path: Path) -> None:
+    path = tmp_path / "catalog.sqlite"
+    async with Catalog(path) as catalog:
+        assert await catalog.schema_version() == len(MIGRATIONS)
+        await catalog.ensure_vault("default", "", 1 << 20)
+        await catalog.upsert_agent(
+            vm_id="vm-1", name="vm-1", service="shop", region="eu", hostname="h",
+            agent_version="1", disks=[DiskRecord("root", "/dev/vda", 10)], now=100.0,
+        )  # fmt: skip
+        catalog.touch_agent("vm-1", 200.0)  # buffered, written on close
+        await catalog.insert_job(job("j1", status="InProgress", at=100.0))
+    async with Catalog(path) as catalog:
+        assert await catalog.schema_version() == len(MIGRATIONS)
+        [agent] = await catalog.agents()
+        assert agent.last_seen == 200.0 and agent.disks == (DiskRecord("root", "/dev/vda", 10),)
+        assert (await catalog.job("j1")).status == "InProgress"
+        # A restart fails what the last run left running, with a reason.
+        assert await catalog.fail_interrupted_jobs(300.0, "ControllerRestarted", "stopped") == 1
+        failed = await catalog.job("j1")
+        assert (failed.status, failed.ended_at, failed.error_code) == (
+            "Failed",
+            300.0,
+            "ControllerRestarted",
+        )
+
+
+async def test_a_catalog_from_a_newer_coffer_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "catalog.sqlite"
+    with sqlite3.connect(path) as db:
+        db.execute(f"PRAGMA user_version = {len(MIGRATIONS) + 1}")
+    with pytest.raises(UnsupportedFormat):
+        async with Catalog(path):
+            pass
+
+
+async def test_job_filters(tmp_path: Path) -> None:
+    async with Catalog(tmp_path / "c.sqlite") as catalog:
+        await catalog.insert_job(job("a", status="Completed", at=10.0))
+        await catalog.insert_job(job("b", status="Failed", at=20.0))
+        await catalog.insert_job(job("c", status="Completed", operation="Restore", at=30.0))
+        await catalog.insert_job(job("d", status="Completed", at=40.0, vm="vm-2"))
+
+        async def ids(**where: object) -> list[str]:
+            return [j.id for j in await catalog.jobs(JobFilter(**where))]  # type: ignore[arg-type]
+
+        assert await ids() == ["d", "c", "b", "a"]  # newest first
+        assert await ids(statuses=["Failed"]) == ["b"]
+        assert await ids(operations=["Restore"]) == ["c"]
+        assert await ids(vm_id="vm-2") == ["d"]
+        assert await ids(started_from=20.0, started_to=40.0) == ["c", "b"]
+        assert await ids(limit=1) == ["d"]
+        with pytest.raises(NotFound):
+            await catalog.job("nope")
+
+
+async def test_recovery_points_in_order(tmp_path: Path) -> None:
+    async with Catalog(tmp_path / "c.sqlite") as catalog:
+        await catalog.ensure_vault("default", "", 1 << 20)
+        for n, created in enumerate((5.0, 1.0, 3.0)):
+            await catalog.insert_recovery_point(
+                RecoveryPointRecord(
+                    id=f"rp{n}", vault="default", vm_id="vm-1", job_id=f"j{n}",
+                    created_at=created, consistency="crash", bytes_stored=n,
+                    disks=(RecoveryPointDiskRecord("root", 10, 4096, 1),),
+                )
+            )  # fmt: skip
+        assert [rp.id for rp in await catalog.recovery_points("vm-1")] == ["rp1", "rp2", "rp0"]
+        latest = await catalog.latest_recovery_point("vm-1")
+        assert latest is not None and latest.id == "rp0"
+        assert (await catalog.recovery_point("rp2")).disks[0].chunk_size == 4096
+        assert await catalog.latest_recovery_point("vm-9") is None
+        with pytest.raises(NotFound):
+            await catalog.recovery_point("nope")

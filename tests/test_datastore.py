@@ -1,0 +1,679 @@
+"""The datastore and its backends: one suite run over every ObjectStore, plus fault injection."""
+
+from __future__ import annotations
+
+import os
+import resource
+import signal
+import stat
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from controller.datastore import (
+    CONFIG_KEY,
+    Datastore,
+    Fault,
+    FaultyStore,
+    LocalDirectoryStore,
+    ObjectStore,
+    chunk_key,
+    index_key,
+    manifest_key,
+)
+from shared.blob import Compression, compress, encode_blob
+from shared.digest import ZERO_DIGEST, sha256
+from shared.errors import (
+    ChunkDigestMismatch,
+    ChunkMissing,
+    Conflict,
+    CorruptData,
+    DatastoreError,
+    DiskNotFound,
+    InvalidArgument,
+    NotFound,
+    UnsupportedFormat,
+)
+from shared.index import DiskIndex
+from shared.manifest import ManifestDisk, RecoveryPointManifest
+
+CHUNK = 4096
+
+# Every backend the datastore supports. Each entry makes a client on the test's storage; called
+# twice in one test, it must give two clients of the same storage (a restarted controller).
+# Adding a backend is one line here, e.g.
+#   "s3": lambda request, tmp_path: S3Store(request.getfixturevalue("seaweedfs"), tmp_path.name),
+BACKENDS: dict[str, Callable[[pytest.FixtureRequest, Path], ObjectStore]] = {
+    "local": lambda request, tmp_path: LocalDirectoryStore(tmp_path / "store", fsync=True),
+}
+
+MakeBackend = Callable[[], ObjectStore]
+
+
+@pytest.fixture(params=sorted(BACKENDS))
+def make_backend(request: pytest.FixtureRequest, tmp_path: Path) -> MakeBackend:
+    factory = BACKENDS[request.param]
+    return lambda: factory(request, tmp_path)
+
+
+@pytest.fixture
+def backend(make_backend: MakeBackend) -> ObjectStore:
+    return make_backend()
+
+
+@pytest.fixture
+def faulty(backend: ObjectStore) -> FaultyStore:
+    return FaultyStore(backend)
+
+
+@pytest.fixture
+def store(backend: ObjectStore) -> Datastore:
+    return Datastore.create(backend, CHUNK)
+
+
+# --- helpers: what a backup does ------------------------------------------------------------
+
+
+def chunk_of(seed: int, size: int = CHUNK) -> bytes:
+    """Distinct, compressible chunk contents."""
+    return (f"chunk {seed} ".encode() * size)[:size]
+
+
+def upload(store: Datastore, raw: bytes) -> bytes:
+    digest = sha256(raw)
+    compression, payload = compress(raw)
+    store.put_chunk(digest, payload, compression, len(raw))
+    return digest
+
+
+def back_up(
+    store: Datastore, rp_id: str, disks: dict[str, bytes], *, upload_chunks: bool = True
+) -> RecoveryPointManifest:
+    """Store every disk's chunks and index as an agent and the controller would; no commit."""
+    entries = []
+    for name, image in disks.items():
+        digests = bytearray()
+        for offset in range(0, len(image), store.chunk_size):
+            raw = image[offset : offset + store.chunk_size]
+            if raw.count(0) == len(raw):
+                digests += ZERO_DIGEST
+            elif upload_chunks:
+                digests += upload(store, raw)
+            else:
+                digests += sha256(raw)
+        index = DiskIndex(name, len(image), store.chunk_size, bytes(digests))
+        entries.append(ManifestDisk.of(index, store.put_index(rp_id, index)))
+    return RecoveryPointManifest(
+        id=rp_id,
+        vm_id="vm-1",
+        vault="default",
+        job_id=f"job-{rp_id}",
+        created_at=datetime(2025, 3, 1, 2, 0, tzinfo=UTC),
+        consistency="file-system",
+        disks=tuple(entries),
+        vm={"name": "web-1", "service": "shop", "region": "lab", "hostname": "web-1"},
+    )
+
+
+def restore(store: Datastore, rp_id: str, disk: str) -> bytes:
+    index = store.get_index(rp_id, disk)
+    parts = []
+    for i, digest in enumerate(index.iter_digests()):
+        _, length = index.extent(i)
+        parts.append(bytes(length) if digest == ZERO_DIGEST else store.read_chunk(digest))
+    return b"".join(parts)
+
+
+ROOT_IMAGE = chunk_of(1) + bytes(CHUNK) + chunk_of(2) + chunk_of(1) + chunk_of(3)[:1000]
+DATA_IMAGE = os.urandom(3 * CHUNK)
+
+
+# --- the ObjectStore contract, for every backend -------------------------------------------
+
+
+def test_put_get_has_delete(backend: ObjectStore) -> None:
+    assert not backend.has("a/b")
+    backend.put("a/b", b"hello")
+    assert backend.has("a/b")
+    assert backend.get("a/b") == b"hello"
+    backend.put("a/b", b"replaced")
+    assert backend.get("a/b") == b"replaced"
+    backend.delete("a/b")
+    assert not backend.has("a/b")
+    backend.delete("a/b")  # deleting twice is fine
+
+
+def test_empty_and_large_objects_round_trip(backend: ObjectStore) -> None:
+    big = os.urandom(5 << 20)
+    backend.put("empty", b"")
+    backend.put("big", big)
+    assert backend.get("empty") == b""
+    assert backend.get("big") == big
+
+
+def test_get_of_a_missing_key_is_not_found(backend: ObjectStore) -> None:
+    with pytest.raises(NotFound, match="'nothing/here' was not found"):
+        backend.get("nothing/here")
+
+
+def test_objects_survive_a_new_client(make_backend: MakeBackend) -> None:
+    make_backend().put("x/y", b"kept")
+    assert make_backend().get("x/y") == b"kept"
+
+
+def test_list_returns_exactly_the_keys_under_a_prefix(backend: ObjectStore) -> None:
+    keys = ["chunks/ab/cd/abcd", "chunks/ab/ce/abce", "chunks/ac/00/ac00", "manifests/r.json"]
+    for key in keys:
+        backend.put(key, b"x")
+    assert sorted(backend.list("")) == keys
+    assert sorted(backend.list("chunks/")) == keys[:3]
+    assert sorted(backend.list("chunks/ab/")) == keys[:2]
+    assert sorted(backend.list("chunks/a")) == keys[:3]
+    assert sorted(backend.list("chunks/ab/cd/abcd")) == keys[:1]
+    assert list(backend.list("indexes/")) == []
+
+
+BAD_KEYS = ["", "/a", "a/", "a//b", "..", "../a", "a/../b", ".hidden", "a/.tmp-1", "a b", "ä"]
+
+
+@pytest.mark.parametrize("key", [*BAD_KEYS, "a\\b", "x" * 1025], ids=repr)
+def test_invalid_keys_are_refused_and_change_nothing(backend: ObjectStore, key: str) -> None:
+    for call in (
+        lambda: backend.put(key, b"x"),
+        lambda: backend.get(key),
+        lambda: backend.has(key),
+        lambda: backend.delete(key),
+    ):
+        with pytest.raises(InvalidArgument, match="object key"):
+            call()
+    assert list(backend.list("")) == []
+
+
+@pytest.mark.parametrize("prefix", ["/", "../", "a//", ".tmp", "a/../"])
+def test_invalid_prefixes_are_refused(backend: ObjectStore, prefix: str) -> None:
+    with pytest.raises(InvalidArgument):
+        list(backend.list(prefix))
+
+
+def test_concurrent_puts_of_one_key_leave_one_whole_object(backend: ObjectStore) -> None:
+    data = os.urandom(256 << 10)
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda _: backend.put("same/key", data), range(32)))
+    assert backend.get("same/key") == data
+    assert list(backend.list("")) == ["same/key"]
+
+
+def test_concurrent_puts_of_many_keys_all_land(backend: ObjectStore) -> None:
+    keys = [f"k/{i % 7}/{i}" for i in range(200)]
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda key: backend.put(key, key.encode()), keys))
+    assert sorted(backend.list("k/")) == sorted(keys)
+    assert all(backend.get(key) == key.encode() for key in keys)
+
+
+# --- the local directory store in particular -----------------------------------------------
+
+
+def test_local_store_files_are_private_and_temp_files_are_not_objects(tmp_path: Path) -> None:
+    backend = LocalDirectoryStore(tmp_path / "s")
+    backend.put("chunks/ab/cd/abcd", b"secret disk bytes")
+    path = tmp_path / "s" / "chunks" / "ab" / "cd" / "abcd"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
+    # What a crash in the middle of a put leaves behind is not an object.
+    (path.parent / ".tmp-0123456789abcdef").write_bytes(b"half")
+    assert list(backend.list("")) == ["chunks/ab/cd/abcd"]
+
+
+def test_local_store_failed_put_leaves_no_temp_file(tmp_path: Path) -> None:
+    backend = LocalDirectoryStore(tmp_path / "s")
+    backend.put("a/b", b"x")
+    with pytest.raises(Conflict, match="both an object and the prefix"):
+        backend.put("a", b"y")  # "a" is a directory on disk
+    assert sorted(p.name for p in (tmp_path / "s").iterdir()) == ["a"]
+    assert [p.name for p in (tmp_path / "s" / "a").iterdir()] == ["b"]
+
+
+def test_local_store_without_fsync_still_stores(tmp_path: Path) -> None:
+    backend = LocalDirectoryStore(tmp_path / "s", fsync=False)
+    backend.put("a/b", b"x")
+    assert backend.get("a/b") == b"x"
+
+
+def test_local_store_write_error_is_typed_and_leaves_nothing(tmp_path: Path) -> None:
+    backend = LocalDirectoryStore(tmp_path / "s")
+    backend.put("a/b", b"x")
+    # A real I/O error in the middle of a write: the file size limit makes write() fail EFBIG.
+    previous_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    previous_limit = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, previous_limit[1]))
+    try:
+        with pytest.raises(DatastoreError, match="cannot write object 'a/c'"):
+            backend.put("a/c", os.urandom(2 << 20))
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, previous_limit)
+        signal.signal(signal.SIGXFSZ, previous_handler)
+    assert not backend.has("a/c")
+    assert sorted(p.name for p in (tmp_path / "s" / "a").iterdir()) == ["b"]
+
+
+# --- the datastore: creating and opening -----------------------------------------------------
+
+
+def test_create_then_open_gives_the_same_settings(make_backend: MakeBackend) -> None:
+    created = Datastore.create(make_backend(), 1 << 20)
+    opened = Datastore.open(make_backend())
+    assert opened.chunk_size == created.chunk_size == 1 << 20
+    assert opened.config.hash == "sha256"
+    assert opened.config.compression == "zstd"
+    assert Datastore.create(make_backend(), 1 << 20).config == created.config
+
+
+def test_create_refuses_to_change_the_chunk_size(backend: ObjectStore) -> None:
+    Datastore.create(backend, 1 << 20)
+    with pytest.raises(Conflict, match="already exists with chunk size 1048576"):
+        Datastore.open_or_create(backend, 4 << 20)
+    assert Datastore.open(backend).chunk_size == 1 << 20
+
+
+def test_open_of_an_empty_store_is_not_found(backend: ObjectStore) -> None:
+    with pytest.raises(NotFound, match="datastore"):
+        Datastore.open(backend)
+
+
+@pytest.mark.parametrize("size", [0, 1000, 3 << 20, 32 << 20])
+def test_create_refuses_unusable_chunk_sizes(backend: ObjectStore, size: int) -> None:
+    with pytest.raises(InvalidArgument, match="power of two"):
+        Datastore.create(backend, size)
+    assert not backend.has(CONFIG_KEY)
+
+
+def test_open_refuses_a_newer_or_foreign_datastore(backend: ObjectStore) -> None:
+    backend.put(CONFIG_KEY, b'{"format": 2, "chunk_size": 4096}')
+    with pytest.raises(UnsupportedFormat, match="version 2"):
+        Datastore.open(backend)
+    backend.put(CONFIG_KEY, b'{"format": 1, "chunk_size": 4096, "hash": "blake3"}')
+    with pytest.raises(UnsupportedFormat, match="blake3"):
+        Datastore.open(backend)
+    backend.put(CONFIG_KEY, b"\x00garbage")
+    with pytest.raises(CorruptData, match="datastore configuration"):
+        Datastore.open(backend)
+
+
+# --- chunks --------------------------------------------------------------------------------
+
+
+def test_put_chunk_stores_once_and_reads_back(store: Datastore) -> None:
+    raw = chunk_of(7)
+    digest = sha256(raw)
+    compression, payload = compress(raw)
+    assert compression is Compression.ZSTD
+    assert not store.has_chunk(digest)
+    written = store.put_chunk(digest, payload, compression, len(raw))
+    assert written == len(encode_blob(compression, len(raw), payload))
+    assert store.has_chunk(digest)
+    assert store.read_chunk(digest) == raw
+    # Stored as sent, so a restore can forward it without recompressing.
+    assert store.get_chunk_blob(digest) == (Compression.ZSTD, len(raw), payload)
+    assert store.put_chunk(digest, payload, compression, len(raw)) == 0
+
+
+def test_uncompressed_and_short_chunks_are_stored(store: Datastore) -> None:
+    raw = os.urandom(1000)  # the short last chunk of a disk, incompressible
+    digest = sha256(raw)
+    assert store.put_chunk(digest, raw, 1, len(raw)) > 0  # the proto's COMPRESSION_NONE
+    assert store.get_chunk_blob(digest) == (Compression.NONE, 1000, raw)
+    assert store.read_chunk(digest) == raw
+
+
+def test_digest_mismatch_stores_nothing(store: Datastore, backend: ObjectStore) -> None:
+    raw = chunk_of(1)
+    compression, payload = compress(raw)
+    claimed = sha256(b"something else")
+    with pytest.raises(ChunkDigestMismatch, match=f"not to the digest {claimed.hex()}"):
+        store.put_chunk(claimed, payload, compression, len(raw))
+    assert not store.has_chunk(claimed)
+    assert list(backend.list("chunks/")) == []
+
+
+def test_bad_chunk_is_refused_even_when_its_digest_is_stored(store: Datastore) -> None:
+    digest = upload(store, chunk_of(1))
+    with pytest.raises(ChunkDigestMismatch):
+        store.put_chunk(digest, chunk_of(2), Compression.NONE, CHUNK)
+    assert store.read_chunk(digest) == chunk_of(1)
+
+
+@pytest.mark.parametrize(
+    ("raw_size", "error", "message"),
+    [
+        (CHUNK - 1, CorruptData, "expected 4095"),
+        (0, InvalidArgument, "raw size 0"),
+        (CHUNK + 1, InvalidArgument, "raw size 4097"),
+    ],
+)
+def test_wrong_raw_size_stores_nothing(
+    store: Datastore, backend: ObjectStore, raw_size: int, error: type[Exception], message: str
+) -> None:
+    raw = chunk_of(1)
+    compression, payload = compress(raw)
+    with pytest.raises(error, match=message):
+        store.put_chunk(sha256(raw), payload, compression, raw_size)
+    assert list(backend.list("chunks/")) == []
+
+
+def test_undecompressable_payload_stores_nothing(store: Datastore, backend: ObjectStore) -> None:
+    raw = chunk_of(1)
+    with pytest.raises(CorruptData, match="zstd"):
+        store.put_chunk(sha256(raw), b"not zstd at all", Compression.ZSTD, len(raw))
+    with pytest.raises(InvalidArgument, match="compression"):
+        store.put_chunk(sha256(raw), raw, 0, len(raw))
+    assert list(backend.list("chunks/")) == []
+
+
+def test_zero_digest_is_present_and_never_stored(store: Datastore) -> None:
+    assert store.has_chunk(ZERO_DIGEST)
+    with pytest.raises(InvalidArgument, match="never stored"):
+        store.put_chunk(ZERO_DIGEST, bytes(CHUNK), Compression.NONE, CHUNK)
+    with pytest.raises(InvalidArgument, match="never stored"):
+        store.read_chunk(ZERO_DIGEST)
+
+
+def test_malformed_digest_is_refused(store: Datastore) -> None:
+    with pytest.raises(InvalidArgument, match="32 bytes"):
+        store.has_chunk(b"short")
+    with pytest.raises(InvalidArgument, match="32 bytes"):
+        store.put_chunk(b"short", b"x", Compression.NONE, 1)
+
+
+def test_missing_chunks_lists_each_absent_digest_once_in_order(store: Datastore) -> None:
+    present = upload(store, chunk_of(1))
+    absent_a, absent_b = sha256(b"a"), sha256(b"b")
+    asked = [absent_b, present, ZERO_DIGEST, absent_a, absent_b]
+    assert store.missing_chunks(asked) == [absent_b, absent_a]
+
+
+def test_missing_chunk_is_reported_typed(store: Datastore) -> None:
+    digest = sha256(b"never stored")
+    with pytest.raises(ChunkMissing, match=digest.hex()):
+        store.get_chunk_blob(digest)
+    with pytest.raises(ChunkMissing):
+        store.read_chunk(digest)
+
+
+def test_chunks_are_sharded_two_levels_deep(store: Datastore, backend: ObjectStore) -> None:
+    digest = upload(store, chunk_of(5))
+    hex_digest = digest.hex()
+    assert list(backend.list("chunks/")) == [
+        f"chunks/{hex_digest[:2]}/{hex_digest[2:4]}/{hex_digest}"
+    ]
+    assert chunk_key(digest) == f"chunks/{hex_digest[:2]}/{hex_digest[2:4]}/{hex_digest}"
+
+
+def test_concurrent_puts_of_the_same_chunk_are_safe(store: Datastore, backend: ObjectStore) -> None:
+    raw = chunk_of(9)
+    digest = sha256(raw)
+    compression, payload = compress(raw)
+    start = threading.Barrier(8)
+
+    def put(_: int) -> int:
+        start.wait()
+        return store.put_chunk(digest, payload, compression, len(raw))
+
+    with ThreadPoolExecutor(8) as pool:
+        written = list(pool.map(put, range(8)))
+    assert any(written)
+    assert store.read_chunk(digest) == raw
+    assert list(backend.list("chunks/")) == [chunk_key(digest)]
+
+
+def test_concurrent_puts_of_different_chunks_all_land(store: Datastore) -> None:
+    chunks = [chunk_of(i) for i in range(100)]
+    with ThreadPoolExecutor(8) as pool:
+        digests = list(pool.map(lambda raw: upload(store, raw), chunks))
+    assert store.missing_chunks(digests) == []
+    assert [store.read_chunk(d) for d in digests] == chunks
+
+
+# --- recovery points -----------------------------------------------------------------------
+
+
+def test_backup_commit_restore_round_trip(store: Datastore, make_backend: MakeBackend) -> None:
+    manifest = back_up(store, "rp1", {"root": ROOT_IMAGE, "data": DATA_IMAGE})
+    store.put_manifest(manifest)
+    assert store.get_manifest("rp1") == manifest
+    assert list(store.list_manifests()) == [manifest]
+    # A restarted controller finds everything from the store alone.
+    reopened = Datastore.open(make_backend())
+    assert list(reopened.list_manifests()) == [manifest]
+    assert restore(reopened, "rp1", "root") == ROOT_IMAGE
+    assert restore(reopened, "rp1", "data") == DATA_IMAGE
+
+
+def test_zero_chunks_and_repeats_are_not_stored(store: Datastore, backend: ObjectStore) -> None:
+    store.put_manifest(back_up(store, "rp1", {"root": ROOT_IMAGE}))
+    # ROOT_IMAGE: chunk 1, zeros, chunk 2, chunk 1 again, a short chunk 3.
+    assert len(list(backend.list("chunks/"))) == 3
+    assert store.get_index("rp1", "root").digest_at(1) == ZERO_DIGEST
+
+
+def test_second_backup_shares_unchanged_chunks(store: Datastore, backend: ObjectStore) -> None:
+    store.put_manifest(back_up(store, "rp1", {"root": ROOT_IMAGE}))
+    before = set(backend.list("chunks/"))
+    changed = ROOT_IMAGE[:CHUNK] + chunk_of(42) + ROOT_IMAGE[2 * CHUNK :]
+    needed = store.missing_chunks(
+        sha256(changed[i : i + CHUNK]) for i in range(0, len(changed), CHUNK)
+    )
+    assert needed == [sha256(chunk_of(42))]
+    store.put_manifest(back_up(store, "rp2", {"root": changed}))
+    assert set(backend.list("chunks/")) - before == {chunk_key(sha256(chunk_of(42)))}
+    assert restore(store, "rp2", "root") == changed
+    assert restore(store, "rp1", "root") == ROOT_IMAGE
+
+
+def test_recovery_point_is_invisible_until_its_manifest_is_written(store: Datastore) -> None:
+    manifest = back_up(store, "rp1", {"root": ROOT_IMAGE})
+    assert list(store.list_manifests()) == []
+    with pytest.raises(NotFound, match="recovery point 'rp1'"):
+        store.get_manifest("rp1")
+    with pytest.raises(NotFound, match="recovery point 'rp1'"):
+        store.get_index("rp1", "root")  # verified reads need a committed recovery point
+    assert store.get_index("rp1", "root", verify=False).size_bytes == len(ROOT_IMAGE)
+    store.put_manifest(manifest)
+    assert [m.id for m in store.list_manifests()] == ["rp1"]
+
+
+def test_commit_refuses_a_missing_chunk(store: Datastore) -> None:
+    manifest = back_up(store, "rp1", {"root": ROOT_IMAGE}, upload_chunks=False)
+    with pytest.raises(ChunkMissing, match="3 chunk"):
+        store.put_manifest(manifest)
+    assert list(store.list_manifests()) == []
+
+
+def test_commit_can_skip_the_chunk_check_for_a_caller_that_tracked_it(store: Datastore) -> None:
+    manifest = back_up(store, "rp1", {"root": ROOT_IMAGE})
+    store.put_manifest(manifest, verify_chunks=False)
+    assert store.get_manifest("rp1") == manifest
+
+
+def test_commit_refuses_a_missing_index(store: Datastore) -> None:
+    manifest = back_up(store, "rp1", {"root": ROOT_IMAGE})
+    other = replace(manifest, id="rp2")  # no index was stored under rp2
+    with pytest.raises(NotFound, match="disk index 'rp2/root'"):
+        store.put_manifest(other)
+    assert list(store.list_recovery_point_ids()) == []
+
+
+def test_commit_refuses_an_index_the_manifest_does_not_record(store: Datastore) -> None:
+    manifest = back_up(store, "rp1", {"root": ROOT_IMAGE})
+    back_up(store, "rp1", {"root": ROOT_IMAGE[: 2 * CHUNK]})  # index rewritten before commit
+    with pytest.raises(Conflict, match="not the one manifest rp1 records"):
+        store.put_manifest(manifest)
+    assert list(store.list_manifests()) == []
+
+
+def test_commit_is_idempotent_but_not_rewritable(store: Datastore) -> None:
+    manifest = back_up(store, "rp1", {"root": ROOT_IMAGE})
+    store.put_manifest(manifest)
+    store.put_manifest(manifest)
+    relabelled = replace(manifest, consistency="crash")
+    with pytest.raises(Conflict, match="already committed"):
+        store.put_manifest(relabelled)
+    assert store.get_manifest("rp1").consistency == "file-system"
+    with pytest.raises(Conflict, match="indexes cannot change"):
+        store.put_index("rp1", store.get_index("rp1", "root"))
+
+
+def test_index_must_use_the_datastore_chunk_size(store: Datastore) -> None:
+    index = DiskIndex("root", 8192, 8192, sha256(b"x"))
+    with pytest.raises(InvalidArgument, match="chunk size 8192"):
+        store.put_index("rp1", index)
+
+
+@pytest.mark.parametrize("rp_id", ["", "../x", "a/b", ".x", "a.json", "x" * 129])
+def test_recovery_point_ids_are_checked(store: Datastore, rp_id: str) -> None:
+    with pytest.raises(InvalidArgument, match="recovery point id"):
+        store.get_manifest(rp_id)
+    with pytest.raises(InvalidArgument, match="recovery point id"):
+        store.put_index(rp_id, DiskIndex("root", 0, CHUNK, b""))
+
+
+def test_get_index_of_an_unknown_disk_names_the_known_ones(store: Datastore) -> None:
+    store.put_manifest(back_up(store, "rp1", {"root": ROOT_IMAGE, "data": DATA_IMAGE}))
+    with pytest.raises(DiskNotFound, match="no disk named 'swap'; its disks are: root, data"):
+        store.get_index("rp1", "swap")
+
+
+def test_index_replaced_after_commit_is_detected(store: Datastore, backend: ObjectStore) -> None:
+    store.put_manifest(back_up(store, "rp1", {"root": ROOT_IMAGE}))
+    forged = DiskIndex("root", CHUNK, CHUNK, sha256(chunk_of(1)))
+    backend.put(index_key("rp1", "root"), forged.encode())
+    with pytest.raises(CorruptData, match="not the index its manifest records"):
+        store.get_index("rp1", "root")
+
+
+def test_delete_recovery_point_removes_it_and_keeps_chunks(
+    store: Datastore, backend: ObjectStore
+) -> None:
+    store.put_manifest(back_up(store, "rp1", {"root": ROOT_IMAGE, "data": DATA_IMAGE}))
+    store.put_manifest(back_up(store, "rp2", {"root": ROOT_IMAGE}))
+    chunks = set(backend.list("chunks/"))
+    store.delete_recovery_point("rp1")
+    assert [m.id for m in store.list_manifests()] == ["rp2"]
+    with pytest.raises(NotFound):
+        store.get_manifest("rp1")
+    assert list(backend.list("indexes/rp1/")) == []
+    assert set(backend.list("chunks/")) == chunks  # garbage collection's job
+    assert restore(store, "rp2", "root") == ROOT_IMAGE
+    store.delete_recovery_point("rp1")  # again: nothing left to do, no error
+
+
+def test_catalog_rebuild_reports_a_damaged_manifest(store: Datastore, backend: ObjectStore) -> None:
+    store.put_manifest(back_up(store, "rp1", {"root": ROOT_IMAGE}))
+    store.put_manifest(back_up(store, "rp2", {"root": ROOT_IMAGE}))
+    backend.put(manifest_key("rp2"), b'{"format": 1')
+    assert sorted(store.list_recovery_point_ids()) == ["rp1", "rp2"]
+    with pytest.raises(CorruptData, match="manifest of recovery point rp2"):
+        list(store.list_manifests())
+    assert store.get_manifest("rp1").id == "rp1"
+
+
+def test_manifest_under_the_wrong_name_is_corrupt(store: Datastore, backend: ObjectStore) -> None:
+    manifest = back_up(store, "rp1", {"root": ROOT_IMAGE})
+    backend.put(manifest_key("rp9"), manifest.encode())
+    with pytest.raises(CorruptData, match="describes recovery point 'rp1'"):
+        store.get_manifest("rp9")
+
+
+# --- fault injection -----------------------------------------------------------------------
+
+
+def test_failed_chunk_put_leaves_nothing_and_a_retry_stores_it(faulty: FaultyStore) -> None:
+    store = Datastore.create(faulty, CHUNK)
+    fault = faulty.fail_put(prefix="chunks/")
+    raw = chunk_of(1)
+    with pytest.raises(DatastoreError, match="injected fault"):
+        upload(store, raw)
+    assert fault.fired == 1
+    assert not store.has_chunk(sha256(raw))
+    assert list(faulty.list("chunks/")) == []
+    upload(store, raw)
+    assert store.read_chunk(sha256(raw)) == raw
+
+
+def test_chunk_written_but_reported_failed_is_stored_once_on_retry(faulty: FaultyStore) -> None:
+    store = Datastore.create(faulty, CHUNK)
+    faulty.fail_put(prefix="chunks/", after_write=True)  # the reply was lost
+    raw = chunk_of(1)
+    digest = sha256(raw)
+    compression, payload = compress(raw)
+    with pytest.raises(DatastoreError):
+        store.put_chunk(digest, payload, compression, len(raw))
+    assert store.put_chunk(digest, payload, compression, len(raw)) == 0
+    assert store.read_chunk(digest) == raw
+
+
+def test_backup_with_a_failed_chunk_cannot_commit(faulty: FaultyStore) -> None:
+    store = Datastore.create(faulty, CHUNK)
+    faulty.fail_put(2, prefix="chunks/")
+    with pytest.raises(DatastoreError):
+        back_up(store, "rp1", {"root": ROOT_IMAGE})
+    # The agent gives up on this disk; a buggy controller commits anyway.
+    faulty.clear()
+    manifest = back_up(store, "rp1", {"root": ROOT_IMAGE}, upload_chunks=False)
+    with pytest.raises(ChunkMissing):
+        store.put_manifest(manifest)
+    assert list(store.list_manifests()) == []
+
+
+def test_failed_manifest_put_leaves_no_recovery_point(faulty: FaultyStore) -> None:
+    store = Datastore.create(faulty, CHUNK)
+    manifest = back_up(store, "rp1", {"root": ROOT_IMAGE})
+    faulty.fail_put(prefix="manifests/")
+    with pytest.raises(DatastoreError):
+        store.put_manifest(manifest)
+    assert list(store.list_manifests()) == []
+    assert list(faulty.list("manifests/")) == []
+    store.put_manifest(manifest)  # the retry commits
+    assert restore(store, "rp1", "root") == ROOT_IMAGE
+
+
+def test_torn_index_write_prevents_the_commit(faulty: FaultyStore) -> None:
+    store = Datastore.create(faulty, CHUNK)
+    faulty.truncate_puts("indexes/", keep=50)
+    manifest = back_up(store, "rp1", {"root": ROOT_IMAGE})
+    with pytest.raises(Conflict, match="not the one manifest rp1 records"):
+        store.put_manifest(manifest)
+    assert list(store.list_manifests()) == []
+    with pytest.raises(CorruptData, match="index of disk 'root'"):
+        store.get_index("rp1", "root", verify=False)
+
+
+def test_rotten_chunk_is_detected_on_read(faulty: FaultyStore) -> None:
+    store = Datastore.create(faulty, CHUNK)
+    faulty.corrupt_puts("chunks/")
+    raw = os.urandom(CHUNK)  # stored uncompressed: only the digest check can notice
+    digest = upload(store, raw)
+    with pytest.raises(CorruptData, match=f"chunk {digest.hex()}"):
+        store.read_chunk(digest)
+
+
+def test_truncated_chunk_is_detected_on_read(faulty: FaultyStore) -> None:
+    store = Datastore.create(faulty, CHUNK)
+    faulty.truncate_puts("chunks/", keep=30)
+    digest = upload(store, chunk_of(3))
+    with pytest.raises(CorruptData, match=f"chunk {digest.hex()}"):
+        store.read_chunk(digest)
+
+
+def test_failed_delete_keeps_the_recovery_point_whole(faulty: FaultyStore) -> None:
+    store = Datastore.create(faulty, CHUNK)
+    store.put_manifest(back_up(store, "rp1", {"root": ROOT_IMAGE}))
+    faulty.inject(Fault("delete", "manifests/"))
+    with pytest.raises(DatastoreError):
+        store.delete_recovery_point("rp1")
+    assert restore(store, "rp1", "root") == ROOT_IMAGE
