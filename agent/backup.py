@@ -31,7 +31,7 @@ import grpc
 from agent.config import AgentConfig, DiskConfig
 from agent.disk import data_chunks, disk_size, read_chunk
 from agent.status import StatusPublisher
-from shared.blob import compress
+from shared.blob import Compression, compress
 from shared.digest import DIGEST_SIZE, ZERO_DIGEST
 from shared.errors import DiskNotFound, DiskReadFailed, NotFound
 from shared.rpc import agent_pb2, agent_pb2_grpc
@@ -40,10 +40,14 @@ from shared.rpc_errors import from_rpc_error
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-READ_WINDOW = 8  # chunks read and hashed ahead
+READ_WINDOW = 4  # chunks being read and hashed in the pool at once
+READ_AHEAD = 16  # hashed chunks waiting for deduplication
 MISSING_BATCH = 16  # chunks held while the controller is asked which it lacks
-UPLOAD_QUEUE = 8  # compressed chunks waiting for the upload stream
+UPLOAD_QUEUE = 8  # chunks being compressed or waiting for the upload stream
 INDEX_PART = 1 << 16  # digests per PutIndex message
+
+
+Compressing = tuple[bytes, int, "asyncio.Future[tuple[Compression, bytes]]"]
 
 
 @dataclass
@@ -163,11 +167,28 @@ class BackupRun:
         digests = bytearray(count * DIGEST_SIZE)  # zero-filled: holes are ZERO_DIGEST already
         result = DiskResult(disk.name, size, chunk_count=count)
         seen: set[bytes] = set()
-        queue: asyncio.Queue[agent_pb2.ChunkUpload | None] = asyncio.Queue(UPLOAD_QUEUE)
+        # Stage queues. Reads run ahead of deduplication (which waits on the controller),
+        # compression runs ahead of the upload stream; each queue is bounded.
+        hashed: asyncio.Queue[tuple[int, bytes, bytes] | None] = asyncio.Queue(READ_AHEAD)
+        compressed: asyncio.Queue[Compressing | None] = asyncio.Queue(UPLOAD_QUEUE)
+
+        async def read() -> None:
+            async for item in self._read(disk, fd, size):
+                await hashed.put(item)
+            await hashed.put(None)
 
         async def uploads() -> AsyncIterator[agent_pb2.ChunkUpload]:
-            while (chunk := await queue.get()) is not None:
-                yield chunk
+            while (item := await compressed.get()) is not None:
+                digest, raw_size, future = item
+                compression, payload = await future
+                result.bytes_sent += len(payload)
+                yield agent_pb2.ChunkUpload(
+                    job_id=job_id,
+                    digest=digest,
+                    compression=compression,
+                    raw_size=raw_size,
+                    data=payload,
+                )
 
         async def upload() -> None:
             try:
@@ -175,8 +196,9 @@ class BackupRun:
             except grpc.RpcError as exc:
                 raise from_rpc_error(exc) from exc
 
-        async def send(batch: list[tuple[int, bytes, bytes]]) -> None:
-            wanted = list(dict.fromkeys(d for _, d, _ in batch))
+        async def send(batch: list[tuple[bytes, bytes]]) -> None:
+            """Ask which of the batch the datastore lacks; compress and queue those."""
+            wanted = list(dict.fromkeys(digest for digest, _ in batch))
             try:
                 reply = await self._stub.MissingChunks(
                     agent_pb2.MissingChunksRequest(job_id=job_id, digests=wanted)
@@ -184,61 +206,46 @@ class BackupRun:
             except grpc.RpcError as exc:
                 raise from_rpc_error(exc) from exc
             missing = set(reply.missing)
-            to_send: dict[bytes, bytes] = {}
-            for _, digest, data in batch:
+            for digest, data in batch:
                 if digest in missing and digest not in seen:
-                    to_send.setdefault(digest, data)
-            seen.update(digest for _, digest, _ in batch)
-            compressing = [
-                (digest, len(data), asyncio.ensure_future(self._in_pool(compress, data)))
-                for digest, data in to_send.items()
-            ]
-            for digest, raw_size, future in compressing:
-                compression, payload = await future
-                result.bytes_sent += len(payload)
-                await queue.put(
-                    agent_pb2.ChunkUpload(
-                        job_id=job_id,
-                        digest=digest,
-                        compression=compression,
-                        raw_size=raw_size,
-                        data=payload,
-                    )
-                )
+                    future = asyncio.ensure_future(self._in_pool(compress, data))
+                    await compressed.put((digest, len(data), future))
+                seen.add(digest)
 
         position = 0  # bytes of the disk dealt with, for progress
 
-        def reach(phase: str, offset: int) -> None:
+        def reach(offset: int) -> None:
             nonlocal position
-            progress.advance(phase, offset - position)
+            progress.advance("backup", offset - position)
             position = offset
 
+        with_data = 0
         async with asyncio.TaskGroup() as tasks:
-            uploader = tasks.create_task(upload(), name=f"upload-{job_id}-{disk.name}")
-            batch: list[tuple[int, bytes, bytes]] = []
-            for_data = 0
-            async for number, digest, data in self._read(disk, fd, size):
-                reach("backup", min((number + 1) * chunk_size, size))
+            tasks.create_task(read(), name=f"read-{job_id}-{disk.name}")
+            tasks.create_task(upload(), name=f"upload-{job_id}-{disk.name}")
+            batch: list[tuple[bytes, bytes]] = []
+            while (item := await hashed.get()) is not None:
+                number, digest, data = item
+                reach(min((number + 1) * chunk_size, size))
                 if digest == ZERO_DIGEST:
                     continue
-                for_data += 1
+                with_data += 1
                 result.bytes_read += len(data)
-                digests[number * DIGEST_SIZE : (number + 1) * DIGEST_SIZE] = digest
                 at = number * DIGEST_SIZE
+                digests[at : at + DIGEST_SIZE] = digest
                 if digest in seen or (previous and previous[at : at + DIGEST_SIZE] == digest):
                     seen.add(digest)
                     continue
-                batch.append((number, digest, data))
+                batch.append((digest, data))
                 if len(batch) >= MISSING_BATCH:
                     await send(batch)
                     batch = []
             if batch:
                 await send(batch)
-            await queue.put(None)
-            await uploader
-        result.zero_chunks = count - for_data
+            await compressed.put(None)
+        result.zero_chunks = count - with_data
         await self._put_index(disk.name, size, bytes(digests))
-        reach("backup", size)
+        reach(size)
         return result
 
     async def _read(

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
+from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.json_format import MessageToDict
 from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -20,11 +21,40 @@ console = Console(width=None if sys.stdout.isatty() else 160)
 errors = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
 
 
+_INT64 = {
+    FieldDescriptor.TYPE_INT64,
+    FieldDescriptor.TYPE_UINT64,
+    FieldDescriptor.TYPE_SINT64,
+    FieldDescriptor.TYPE_FIXED64,
+    FieldDescriptor.TYPE_SFIXED64,
+}
+
+
 def as_dict(message: Message) -> dict[str, Any]:
-    """A message as JSON-ready data: every field present, names as in the proto."""
-    return MessageToDict(
+    """A message as JSON-ready data: every field present, names as in the proto.
+
+    Unlike protobuf's JSON mapping, 64-bit integers stay numbers (byte counts read as numbers
+    in scripts; Python and jq hold them exactly).
+    """
+    data = MessageToDict(
         message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
     )
+    return _numbers(message.DESCRIPTOR, data)
+
+
+def _numbers(descriptor: Descriptor, data: dict[str, Any]) -> dict[str, Any]:
+    for field in descriptor.fields:
+        if field.name not in data:
+            continue
+        value = data[field.name]
+        if field.type in _INT64:
+            data[field.name] = [int(v) for v in value] if isinstance(value, list) else int(value)
+        elif field.message_type is not None and field.message_type.fields:
+            items = value if isinstance(value, list) else [value]
+            for item in items:
+                if isinstance(item, dict):
+                    _numbers(field.message_type, item)
+    return data
 
 
 def print_json(data: Any) -> None:

@@ -58,9 +58,10 @@ collection. Deletion runs the other way: manifest first (the recovery point is g
 then its indexes; its chunks wait for garbage collection.
 
 Durability rule: a chunk that `has_chunk` reports present is durable, so an agent may skip
-sending it and a manifest may reference it. The local store makes this true also for files a
-crashed controller renamed but did not fsync the directory of: the first `has` that finds an
-object in a directory fsyncs that directory once per process.
+sending it and a manifest may reference it. The local store keeps this true for an object
+another thread has just renamed into place (its `has` fsyncs the directory first) and for
+files a crashed controller renamed without the directory fsync (the first `has` that finds an
+object in a directory fsyncs that directory, once per directory per process).
 
 Concurrency
 -----------

@@ -5,9 +5,10 @@ fsyncs the directory, so a crash leaves either the old object or the whole new o
 that returned survives a power cut. Temporary files are named `.tmp-*`; keys never start with
 '.', so listing skips them and garbage collection can remove any left by a crash.
 
-An object found by `has` is reported present only once its directory has been fsynced by this
-process (once per directory), because the datastore promises that "present" means durable:
-a previous controller may have died between a rename and its directory fsync.
+`has` reports an object present only once it is durable, because a manifest will rely on it:
+an object another thread renamed but whose directory fsync is still running, or one a previous
+controller renamed before dying, gets its directory fsynced by `has` first (the latter once per
+directory per process).
 
 Directories are created on first use. A new directory is only durable once its parent is
 fsynced, so the first put into each directory (per process) fsyncs the parent as well; the
@@ -45,6 +46,10 @@ class LocalDirectoryStore:
         # Directories whose entries this process has fsynced at least once: every object in
         # them is durable, including those a previous, crashed process renamed into place.
         self._flushed_dirs: set[Path] = set()
+        # Objects renamed into place whose directory fsync has not finished (path -> puts in
+        # flight): `has` must not call them present before they are durable.
+        self._unsynced: dict[Path, int] = {}
+        self._unsynced_lock = threading.Lock()
         # Held only while creating a directory (and fsyncing its parent), so that a put never
         # returns before the directory holding its object is durable, even when another thread
         # created that directory a moment earlier.
@@ -74,14 +79,18 @@ class LocalDirectoryStore:
                     file.flush()
                     if self._fsync:
                         os.fsync(file.fileno())
-                os.replace(temp, path)
+                self._track_unsynced(path, +1)
+                try:
+                    os.replace(temp, path)
+                    if self._fsync:
+                        _fsync_dir(directory)
+                        self._flushed_dirs.add(directory)
+                finally:
+                    self._track_unsynced(path, -1)
             except BaseException:
                 # Whatever stopped the put, no temporary file stays behind to be cleaned later.
                 temp.unlink(missing_ok=True)
                 raise
-            if self._fsync:
-                _fsync_dir(directory)
-                self._flushed_dirs.add(directory)
         except OSError as error:
             raise self._error("write", key, error) from error
 
@@ -101,13 +110,18 @@ class LocalDirectoryStore:
             if not stat.S_ISREG(os.stat(path).st_mode):
                 return False
             directory = path.parent
-            if self._fsync and directory not in self._flushed_dirs:
+            if not self._fsync:
+                return True
+            if directory not in self._flushed_dirs:
                 # The object may come from a process that died between its rename and the
                 # directory fsync. "Present" must mean durable (a manifest will rely on it),
                 # so flush the directory once; a clean directory fsyncs in tens of µs.
                 self._ensure_dir(directory)
                 _fsync_dir(directory)
                 self._flushed_dirs.add(directory)
+            elif path in self._unsynced:
+                # Another thread's put renamed it and is still fsyncing the directory.
+                _fsync_dir(directory)
             return True
         except (FileNotFoundError, NotADirectoryError):
             return False
@@ -188,6 +202,14 @@ class LocalDirectoryStore:
         if self._fsync:
             _fsync_dir(directory.parent)
         self._durable_dirs.add(directory)
+
+    def _track_unsynced(self, path: Path, change: int) -> None:
+        with self._unsynced_lock:
+            count = self._unsynced.get(path, 0) + change
+            if count:
+                self._unsynced[path] = count
+            else:
+                del self._unsynced[path]
 
     def _error(self, action: str, key: str, error: OSError) -> Exception:
         if isinstance(error, IsADirectoryError | NotADirectoryError | FileExistsError):

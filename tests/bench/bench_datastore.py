@@ -1,6 +1,7 @@
 """Benchmark: how fast the datastore stores chunks with a durable put (fsync) per chunk.
 
-Run by hand, never as a test: `python tests/bench/bench_datastore.py [--dir /tmp] [--mib 512]`.
+Run by hand, never as a test:
+`python tests/bench/bench_datastore.py [--dir /tmp] [--mib 512] [--repeat 3] [--compressible]`.
 
 For each chunk size it stores `--mib` MiB of distinct chunks through `Datastore.put_chunk`
 (verification included: decompress, SHA-256, then the blob written with temp + fsync + rename
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import statistics
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -64,20 +66,29 @@ def run(
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dir", default="/tmp", help="where to create the scratch datastore")
-    parser.add_argument("--mib", type=int, default=512, help="MiB stored per configuration")
+    parser.add_argument("--mib", type=int, default=512, help="MiB stored per run")
+    parser.add_argument("--repeat", type=int, default=3, help="runs per configuration")
     parser.add_argument("--compressible", action="store_true")
     args = parser.parse_args()
+    # Shared virtual disks vary a lot from run to run: report the median and the range.
     with tempfile.TemporaryDirectory(prefix="coffer-bench-", dir=args.dir) as scratch:
         root = Path(scratch) / "store"
-        print(f"{'chunk':>7} {'threads':>7} {'fsync':>5} {'chunks/s':>9} {'MB/s':>7} {'has/s':>9}")
+        print(
+            f"{'chunk':>7} {'threads':>7} {'fsync':>5} {'chunks/s':>9} {'MB/s':>7} "
+            f"{'MB/s range':>11} {'has/s':>9}"
+        )
         for size in (256 << 10, 1 << 20, 4 << 20):
             for threads, fsync in ((1, True), (4, True), (1, False), (4, False)):
-                rate, mbps, has_rate = run(
-                    root, size, args.mib << 20, threads, fsync, args.compressible
+                runs = sorted(
+                    run(root, size, args.mib << 20, threads, fsync, args.compressible)
+                    for _ in range(args.repeat)
                 )
+                rate, mbps, _ = runs[len(runs) // 2]
+                has_rate = statistics.median(r[2] for r in runs)
                 print(
                     f"{size >> 10:>5}Ki {threads:>7} {'on' if fsync else 'off':>5} "
-                    f"{rate:>9.0f} {mbps:>7.0f} {has_rate:>9.0f}"
+                    f"{rate:>9.0f} {mbps:>7.0f} {runs[0][1]:>5.0f}-{runs[-1][1]:<5.0f} "
+                    f"{has_rate:>9.0f}"
                 )
 
 

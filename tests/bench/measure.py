@@ -3,7 +3,8 @@
 Two ways to count a step's resources, one per shape of tool:
 
 - a tool that runs as one child process per step (restic, borg, the `coffer` CLI): wall time
-  around the child, and its CPU time and peak RSS from `os.wait4`'s rusage of that child;
+  around the child, its CPU time from `os.wait4`'s rusage of that child, and its peak RSS
+  (see `run_child` for why not simply rusage's `ru_maxrss`);
 - a long-lived process (the Coffer controller and agent): CPU from `/proc/PID/stat`
   (utime + stime, and cutime + cstime of children it reaped) before and after the step, peak
   RSS as `VmHWM` from `/proc/PID/status` after resetting it with `clear_refs` (5) first.
@@ -91,11 +92,19 @@ def run_child(
     With `stdout`, standard output goes to that file instead (to be parsed) and only standard
     error to `log`. The child is reaped with `os.wait4`, whose rusage is that child's alone.
     Past `timeout_s` it is killed (and the run returns its non-zero status).
+
+    Peak RSS: Linux carries the RSS a child had before `exec` into its `ru_maxrss`, and a child
+    forked (or vforked) from this process starts with this process's resident set (hundreds
+    of MiB after building an image). So `ru_maxrss` counts only when it is above this
+    process's own peak at spawn time (then it can only be the tool's own peak); otherwise the
+    peak is `VmHWM` of the exec'd program, read every 50 ms while it runs (the high-water mark
+    only rises, so at most the last 50 ms of growth can be missed).
     """
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("ab") as err, (stdout or log).open("wb" if stdout else "ab") as out:
         err.write(f"$ {' '.join(argv)}\n".encode())
         err.flush()
+        own_peak = proc_hwm_bytes(os.getpid())
         start = time.perf_counter()
         proc = subprocess.Popen(
             argv,
@@ -107,20 +116,52 @@ def run_child(
         )
         timer = threading.Timer(timeout_s, _kill, (proc.pid,))
         timer.start()
+        watcher = _HwmWatcher(proc.pid)
+        watcher.start()
         try:
             _, status, usage = os.wait4(proc.pid, 0)
         finally:
+            watcher.stop()
             timer.cancel()
         wall = time.perf_counter() - start
     proc.returncode = os.waitstatus_to_exitcode(status)
+    max_rss = usage.ru_maxrss * 1024
     return ChildRun(
         argv=list(argv),
         returncode=proc.returncode,
         wall_s=wall,
         cpu_s=usage.ru_utime + usage.ru_stime,
-        max_rss=usage.ru_maxrss * 1024,
+        max_rss=max_rss if max_rss > own_peak else watcher.peak,
         log=log,
     )
+
+
+class _HwmWatcher(threading.Thread):
+    """Polls a child's VmHWM (Popen returns only once the child has exec'd its program)."""
+
+    def __init__(self, pid: int) -> None:
+        super().__init__(name=f"hwm-{pid}", daemon=True)
+        self.pid = pid
+        self.peak = 0
+        self._done = threading.Event()
+        self._lock = threading.Lock()
+
+    def run(self) -> None:
+        while not self._done.is_set():
+            try:
+                hwm = proc_hwm_bytes(self.pid)
+            except OSError:
+                hwm = 0
+            with self._lock:
+                # Once wait4 has reaped the child its pid may be someone else's: keep nothing.
+                if not self._done.is_set():
+                    self.peak = max(self.peak, hwm)
+            self._done.wait(0.05)
+
+    def stop(self) -> None:
+        with self._lock:
+            self._done.set()
+        self.join()
 
 
 def _kill(pid: int) -> None:

@@ -148,6 +148,8 @@ class Bench:
         self.versions: dict[str, str] = {}
         self.settings: dict[str, str] = {}
         self.open_tools: list[Tool] = []
+        # Other work on the machine skews wall times: the report shows how busy it was.
+        self.load_start = ", ".join(f"{x:.2f}" for x in os.getloadavg())
 
     def before_step(self) -> Callable[[], None]:
         return (lambda: os.sync()) if self.args.no_drop_caches else drop_caches
@@ -318,9 +320,11 @@ class Bench:
         out = console()
         a = self.args
         cache = "warm (never dropped)" if a.no_drop_caches else "dropped before every step"
+        load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
         out.print(
             f"machine: {os.cpu_count()} cores, {_mem_gib():.0f} GiB, Linux {platform.release()}; "
-            f"workdir {self.work}; page cache {cache}"
+            f"workdir {self.work}; page cache {cache}; load average at start {self.load_start}, "
+            f"at end {load}"
         )
         for tool, version in sorted(self.versions.items()):
             out.print(f"version {tool}: {version}")
