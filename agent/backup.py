@@ -16,7 +16,6 @@ Per disk, in bounded stages (so memory does not grow with the disk):
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import time
@@ -24,7 +23,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import TypeVar, cast
 
 import grpc
 
@@ -106,8 +105,8 @@ class BackupRun:
         self._status = status
         self._command = command
 
-    async def _in_pool(self, fn: Callable[..., T], *args: object) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+    def _in_pool(self, fn: Callable[..., T], *args: object) -> asyncio.Future[T]:
+        return asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
 
     def disks(self) -> list[DiskConfig]:
         names = list(self._command.disks) or [d.name for d in self._config.disks]
@@ -185,7 +184,7 @@ class BackupRun:
                 yield agent_pb2.ChunkUpload(
                     job_id=job_id,
                     digest=digest,
-                    compression=compression,
+                    compression=cast(agent_pb2.Compression, compression),  # same values
                     raw_size=raw_size,
                     data=payload,
                 )
@@ -208,8 +207,7 @@ class BackupRun:
             missing = set(reply.missing)
             for digest, data in batch:
                 if digest in missing and digest not in seen:
-                    future = asyncio.ensure_future(self._in_pool(compress, data))
-                    await compressed.put((digest, len(data), future))
+                    await compressed.put((digest, len(data), self._in_pool(compress, data)))
                 seen.add(digest)
 
         position = 0  # bytes of the disk dealt with, for progress
@@ -256,8 +254,7 @@ class BackupRun:
         window: deque[tuple[int, asyncio.Future[tuple[bytes, bytes]]]] = deque()
         try:
             for number in data_chunks(fd, size, chunk_size):
-                future = self._in_pool(read_chunk, fd, number, chunk_size, size)
-                window.append((number, asyncio.ensure_future(future)))
+                window.append((number, self._in_pool(read_chunk, fd, number, chunk_size, size)))
                 if len(window) >= READ_WINDOW:
                     number, future = window.popleft()
                     yield (number, *await future)
@@ -267,11 +264,10 @@ class BackupRun:
         except OSError as exc:
             raise DiskReadFailed(disk=disk.name, path=disk.path, detail=exc.strerror) from exc
         finally:
-            for _, future in window:
-                future.cancel()
-            # A cancelled read may still be running in the pool; let it finish before fd closes.
-            with contextlib.suppress(asyncio.CancelledError, OSError):
-                await asyncio.gather(*(f for _, f in window), return_exceptions=True)
+            # Reads still running in the pool use the descriptor: let them end before the
+            # caller closes it (a closed number could be reused by another file meanwhile).
+            if window:
+                await asyncio.wait([future for _, future in window])
 
     async def _put_index(self, disk: str, size: int, digests: bytes) -> None:
         job_id, chunk_size = self._command.job_id, self._command.chunk_size

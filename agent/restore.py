@@ -70,8 +70,8 @@ class RestoreRun:
         self._status = status
         self._command = command
 
-    async def _in_pool(self, fn: Callable[..., T], *args: object) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+    def _in_pool(self, fn: Callable[..., T], *args: object) -> asyncio.Future[T]:
+        return asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
 
     async def run(self) -> int:
         """Restore the disk; the number of bytes written."""
@@ -162,7 +162,7 @@ class RestoreRun:
                     if chunk.digest != batch[received]:
                         raise CorruptData(what="the download stream", detail="chunk out of order")
                     received += 1
-                    pending.add(asyncio.ensure_future(self._in_pool(store, chunk)))
+                    pending.add(self._in_pool(store, chunk))
                     if len(pending) >= WRITE_WINDOW:
                         finished, pending = await asyncio.wait(
                             pending, return_when=asyncio.FIRST_COMPLETED

@@ -15,6 +15,7 @@ import random
 import socket
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from importlib.metadata import PackageNotFoundError, version
 
 import grpc
@@ -48,6 +49,10 @@ def backoff_delays(first: float = BACKOFF_FIRST, cap: float = BACKOFF_MAX) -> It
     while True:
         yield random.uniform(0, min(cap, first * 2**attempt))
         attempt += 1
+
+
+def _forget(running: dict[str, asyncio.Task[None]], job_id: str, _: object) -> None:
+    running.pop(job_id, None)
 
 
 class Agent:
@@ -92,7 +97,7 @@ class Agent:
                     # The session's task group raises its tasks' failures as a group.
                     except* grpc.RpcError as group:
                         for exc in group.exceptions:
-                            error = from_rpc_error(exc)  # type: ignore[arg-type]
+                            error = from_rpc_error(exc)
                             log.warning("session with the controller ended: %s", error)
                     except* CofferError as group:
                         for exc in group.exceptions:
@@ -144,11 +149,11 @@ class Agent:
                         self._command(message, stub, pool, status, outbox),
                         name=f"{kind}-{job_id}",
                     )
-                    running[job_id].add_done_callback(lambda _, j=job_id: running.pop(j, None))
+                    running[job_id].add_done_callback(partial(_forget, running, job_id))
 
     @staticmethod
     async def _send(
-        call: grpc.aio.StreamStreamCall,  # type: ignore[type-arg]
+        call: grpc.aio.StreamStreamCall,
         outbox: asyncio.Queue[agent_pb2.AgentMessage],
     ) -> None:
         while True:

@@ -11,6 +11,7 @@ import asyncio
 import logging
 from collections import deque
 from collections.abc import AsyncIterator
+from typing import cast
 
 import grpc
 
@@ -37,7 +38,7 @@ DOWNLOAD_PREFETCH = 4
 MAX_DIGESTS_PER_CALL = 1 << 16
 
 
-def _agent_vm(context: grpc.aio.ServicerContext) -> str:  # type: ignore[type-arg]
+def _agent_vm(context: grpc.aio.ServicerContext) -> str:
     identity = peer_identity(context)
     if identity.role != "agent":
         raise PermissionDenied(detail=f"{identity.role} {identity.name!r} is not an agent")
@@ -69,7 +70,7 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
         self._mqtt = mqtt_address
         self._version = controller_version
 
-    async def Session(self, request_iterator: object, context: grpc.aio.ServicerContext) -> None:  # type: ignore[type-arg]
+    async def Session(self, request_iterator: object, context: grpc.aio.ServicerContext) -> None:
         try:
             vm_id = _agent_vm(context)
             first = await context.read()
@@ -131,7 +132,7 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
     async def _write_commands(
         self,
         session: AgentSession,
-        context: grpc.aio.ServicerContext,  # type: ignore[type-arg]
+        context: grpc.aio.ServicerContext,
     ) -> None:
         while True:
             await context.write(await session.outbox.get())
@@ -139,7 +140,7 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
     async def FetchIndex(
         self,
         request: agent_pb2.FetchIndexRequest,
-        context: grpc.aio.ServicerContext,  # type: ignore[type-arg]
+        context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[agent_pb2.IndexPart]:
         try:
             index = await self._jobs.index_for(
@@ -160,7 +161,7 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
     async def MissingChunks(
         self,
         request: agent_pb2.MissingChunksRequest,
-        context: grpc.aio.ServicerContext,  # type: ignore[type-arg]
+        context: grpc.aio.ServicerContext,
     ) -> agent_pb2.MissingChunksReply:
         try:
             running = self._jobs.running_backup(_agent_vm(context), request.job_id)
@@ -174,7 +175,7 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
     async def UploadChunks(
         self,
         request_iterator: AsyncIterator[agent_pb2.ChunkUpload],
-        context: grpc.aio.ServicerContext,  # type: ignore[type-arg]
+        context: grpc.aio.ServicerContext,
     ) -> agent_pb2.UploadSummary:
         summary = agent_pb2.UploadSummary()
         try:
@@ -245,7 +246,7 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
     async def PutIndex(
         self,
         request_iterator: AsyncIterator[agent_pb2.IndexPart],
-        context: grpc.aio.ServicerContext,  # type: ignore[type-arg]
+        context: grpc.aio.ServicerContext,
     ) -> agent_pb2.PutIndexReply:
         try:
             vm_id = _agent_vm(context)
@@ -279,7 +280,7 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
     async def DownloadChunks(
         self,
         request: agent_pb2.DownloadRequest,
-        context: grpc.aio.ServicerContext,  # type: ignore[type-arg]
+        context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[agent_pb2.ChunkData]:
         try:
             running = self._jobs.running_restore(_agent_vm(context), request.job_id)
@@ -300,13 +301,15 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
             digest, future = ahead.popleft()
             compression, raw_size, data = await future
             return agent_pb2.ChunkData(
-                digest=digest, compression=compression, raw_size=raw_size, data=data
+                digest=digest,
+                compression=cast(agent_pb2.Compression, compression),  # same values
+                raw_size=raw_size,
+                data=data,
             )
 
         try:
             for digest in digests:
-                read = self._jobs.in_pool(datastore.get_chunk_blob, digest)
-                ahead.append((digest, asyncio.ensure_future(read)))
+                ahead.append((digest, self._jobs.in_pool(datastore.get_chunk_blob, digest)))
                 if len(ahead) >= DOWNLOAD_PREFETCH:
                     yield await sent()
             while ahead:

@@ -319,11 +319,17 @@ class Catalog:
             rows = await cursor.fetchall()
         return [
             AgentRecord(
-                *row[:7],
-                last_seen=max(row[7], self._heartbeats.get(row[0], 0.0)),
-                disks=tuple(disks.get(row[0], ())),
+                vm_id=vm_id,
+                name=name,
+                service=service,
+                region=region,
+                hostname=hostname,
+                agent_version=version,
+                first_seen=first_seen,
+                last_seen=max(last_seen, self._heartbeats.get(vm_id, 0.0)),
+                disks=tuple(disks.get(vm_id, ())),
             )
-            for row in rows
+            for vm_id, name, service, region, hostname, version, first_seen, last_seen in rows
         ]
 
     # --- jobs ------------------------------------------------------------------------------
@@ -449,4 +455,16 @@ class Catalog:
         ) as cursor:
             async for rp_id, *disk in cursor:
                 disks.setdefault(rp_id, []).append(RecoveryPointDiskRecord(*disk))
-        return [RecoveryPointRecord(*row, disks=tuple(disks.get(row[0], ()))) for row in rows]
+        return [
+            RecoveryPointRecord(
+                id=rp_id,
+                vault=vault,
+                vm_id=vm_id,
+                job_id=job_id,
+                created_at=created_at,
+                consistency=consistency,
+                bytes_stored=bytes_stored,
+                disks=tuple(disks.get(rp_id, ())),
+            )
+            for rp_id, vault, vm_id, job_id, created_at, consistency, bytes_stored in rows
+        ]

@@ -137,8 +137,8 @@ class JobManager:
     async def datastore(self, running: RunningJob) -> Datastore:
         return await self._datastores.get(running.record.vault)
 
-    async def in_pool(self, fn: Callable[..., T], *args: object) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+    def in_pool(self, fn: Callable[..., T], *args: object) -> asyncio.Future[T]:
+        return asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
 
     # --- operator requests ------------------------------------------------------------------
 

@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from functools import wraps
-from typing import Any, TypeVar
+from typing import Any, TypeAlias, TypeVar
 
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -21,7 +21,7 @@ from shared.rpc import operator_pb2, operator_pb2_grpc
 from shared.rpc_errors import abort
 from shared.tls import peer_identity
 
-Context = grpc.aio.ServicerContext  # type: ignore[type-arg]
+Context: TypeAlias = grpc.aio.ServicerContext
 R = TypeVar("R")
 WATCH_INTERVAL = 0.5
 

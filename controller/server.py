@@ -61,7 +61,7 @@ class Controller:
             datastores = Datastores(catalog, config.state_dir / "datastores")
 
             if config.mqtt is not None:
-                mqtt: tuple[str, int] | None = (config.mqtt.host, config.mqtt.port)
+                mqtt = (config.mqtt.host, config.mqtt.port)
             else:
                 broker = await stack.enter_async_context(
                     PrivateBroker(config.state_dir / "broker", config.tls, host=config.listen_host)

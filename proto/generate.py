@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import re
-import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -62,7 +61,8 @@ def main() -> int:
         committed = {p.name for p in PACKAGE_DIR.glob("*_pb2*.py*")}
         stale = sorted(names ^ committed)
         stale += sorted(
-            n for n in names & committed
+            n
+            for n in names & committed
             if Path(fresh, n).read_bytes() != (PACKAGE_DIR / n).read_bytes()
         )
         if stale:

@@ -35,8 +35,10 @@ from shared.errors import CorruptData, InvalidArgument, UnsupportedFormat
 
 BLOB_MAGIC = b"CFBL"
 BLOB_VERSION = 1
-DEFAULT_LEVEL = 3
-"""zstd level for chunks: fast enough to keep up with a disk, most of the gain of higher levels."""
+DEFAULT_LEVEL = 1
+"""zstd level for chunks. Measured on the benchmark's 2 GiB ext4 image (tests/bench): level 1
+compresses the data to 513 MiB against level 3's 478 MiB (7% more) but at twice the speed; the
+full backup took 6.7 s instead of 14 s with agent and controller on one 2-core machine."""
 
 _HEADER = struct.Struct("<4sBBHII")
 HEADER_SIZE = _HEADER.size

@@ -15,7 +15,7 @@ from shared.errors import ERROR_CODE_METADATA_KEY, CofferError, Unauthenticated,
 from shared.rpc import common_pb2
 
 
-async def abort(context: grpc.aio.ServicerContext, error: CofferError) -> NoReturn:  # type: ignore[type-arg]
+async def abort(context: grpc.aio.ServicerContext, error: CofferError) -> NoReturn:
     """End the RPC with `error`, typed for the client."""
     context.set_trailing_metadata(((ERROR_CODE_METADATA_KEY, error.code),))
     await context.abort(grpc.StatusCode[error.grpc_status], error.message)

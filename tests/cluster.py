@@ -235,4 +235,3 @@ class Cluster:
             "restore", vm_id, "--rp", rp, "--disk", disk, "--target", str(target)
         )
         return job
-

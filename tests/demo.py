@@ -40,7 +40,9 @@ def mib(value: str | int) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workdir", type=Path, help="where to put everything (default: a temp dir)")
+    parser.add_argument(
+        "--workdir", type=Path, help="where to put everything (default: a temp dir)"
+    )
     parser.add_argument("--keep", action="store_true", help="leave the work directory behind")
     parser.add_argument("--disk-mib", type=int, default=256, help="size of each VM's disk")
     args = parser.parse_args()
@@ -111,7 +113,9 @@ def run(workdir: Path, disk_size: int) -> None:
         same = sha256_file(target) == sha256_file(images["web-1"])
         print(f"  sha256 of the restored disk equals the source disk: {'yes' if same else 'NO'}")
         check = subprocess.run(["e2fsck", "-fn", str(target)], capture_output=True, text=True)
-        print(f"  e2fsck -fn on the restored disk: {'clean' if check.returncode == 0 else 'ERRORS'}")
+        print(
+            f"  e2fsck -fn on the restored disk: {'clean' if check.returncode == 0 else 'ERRORS'}"
+        )
         with mounted(target, readonly=True, options="noload") as root:
             size = (root / "uploads" / "photo.bin").stat().st_size
         print(f"  the new upload is in the restored file system: {mib(size)}")

@@ -187,7 +187,8 @@ async def test_chunk_not_matching_its_digest_is_refused_and_nothing_stored(
             )
         )
         job = await asyncio.to_thread(cluster.coffer, "job", "watch", job_id, check=False)
-    assert job["status"] == "Failed" and job["error_code"] == "ChunkDigestMismatch"
+    assert job["status"] == "Failed"
+    assert job["error_code"] == "ChunkDigestMismatch"
     assert await asyncio.to_thread(cluster.coffer, "rp", "list", "rogue-1") == []
 
 

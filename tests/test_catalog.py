@@ -40,7 +40,8 @@ async def test_a_new_catalog_is_at_the_latest_schema_and_survives_reopen(tmp_pat
     async with Catalog(path) as catalog:
         assert await catalog.schema_version() == len(MIGRATIONS)
         [agent] = await catalog.agents()
-        assert agent.last_seen == 200.0 and agent.disks == (DiskRecord("root", "/dev/vda", 10),)
+        assert agent.last_seen == 200.0
+        assert agent.disks == (DiskRecord("root", "/dev/vda", 10),)
         assert (await catalog.job("j1")).status == "InProgress"
         # A restart fails what the last run left running, with a reason.
         assert await catalog.fail_interrupted_jobs(300.0, "ControllerRestarted", "stopped") == 1
@@ -94,7 +95,8 @@ async def test_recovery_points_in_order(tmp_path: Path) -> None:
             )  # fmt: skip
         assert [rp.id for rp in await catalog.recovery_points("vm-1")] == ["rp1", "rp2", "rp0"]
         latest = await catalog.latest_recovery_point("vm-1")
-        assert latest is not None and latest.id == "rp0"
+        assert latest is not None
+        assert latest.id == "rp0"
         assert (await catalog.recovery_point("rp2")).disks[0].chunk_size == 4096
         assert await catalog.latest_recovery_point("vm-9") is None
         with pytest.raises(NotFound):

@@ -48,8 +48,10 @@ def cluster(tmp_path_factory: pytest.TempPathFactory, images: dict[str, Path]) -
 
 def test_agents_report_their_disks(cluster: Cluster) -> None:
     agents = {a["vm_id"]: a for a in cluster.coffer("agents")}
-    assert agents["web-1"]["online"] and agents["db-1"]["online"]
-    assert agents["web-1"]["service"] == "shop" and agents["web-1"]["region"] == "eu"
+    assert agents["web-1"]["online"]
+    assert agents["db-1"]["online"]
+    assert agents["web-1"]["service"] == "shop"
+    assert agents["web-1"]["region"] == "eu"
     assert [(d["name"], int(d["size_bytes"])) for d in agents["web-1"]["disks"]] == [
         ("root", DISK_SIZE)
     ]
@@ -102,11 +104,13 @@ def test_two_agents_back_up_side_by_side(cluster: Cluster, images: dict[str, Pat
 def test_job_list_filters(cluster: Cluster) -> None:
     cluster.backup("db-1")
     backups = cluster.coffer("job", "list", "--operation", "Backup", "--vm", "db-1")
-    assert backups and {j["operation"] for j in backups} == {"Backup"}
+    assert backups
+    assert {j["operation"] for j in backups} == {"Backup"}
     assert {j["vm_id"] for j in backups} == {"db-1"}
     assert cluster.coffer("job", "list", "--status", "Cancelled") == []
     shown = cluster.coffer("job", "show", backups[0]["id"])
-    assert shown["id"] == backups[0]["id"] and shown["status"] == "Completed"
+    assert shown["id"] == backups[0]["id"]
+    assert shown["status"] == "Completed"
 
 
 def test_restore_outside_restore_dirs_is_refused(cluster: Cluster) -> None:

@@ -120,7 +120,8 @@ def _watch(connection: Connection, job: operator_pb2.Job, as_json: bool) -> oper
     """Follow the job until it ends, with a progress bar on a terminal."""
     request = operator_pb2.GetJobRequest(id=job.id)
     if as_json or not console.is_terminal:
-        return call(connection, lambda stub: [*stub.WatchJob(request)][-1])
+        updates: list[operator_pb2.Job] = call(connection, lambda stub: [*stub.WatchJob(request)])
+        return updates[-1]
     columns = (
         TextColumn("{task.description}"),
         BarColumn(),
@@ -255,7 +256,11 @@ def _time(value: str | None) -> Timestamp | None:
 
 @job.command(name="list")
 @click.option(
-    "--status", "statuses", multiple=True, type=click.Choice([s.value for s in JobStatus]), help="Repeatable."
+    "--status",
+    "statuses",
+    multiple=True,
+    type=click.Choice([s.value for s in JobStatus]),
+    help="Repeatable.",
 )
 @click.option(
     "--operation",

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-from google.protobuf.descriptor import Descriptor, FieldDescriptor
+from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.json_format import MessageToDict
 from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -42,7 +42,7 @@ def as_dict(message: Message) -> dict[str, Any]:
     return _numbers(message.DESCRIPTOR, data)
 
 
-def _numbers(descriptor: Descriptor, data: dict[str, Any]) -> dict[str, Any]:
+def _numbers(descriptor: Any, data: dict[str, Any]) -> dict[str, Any]:
     for field in descriptor.fields:
         if field.name not in data:
             continue

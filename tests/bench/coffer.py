@@ -252,7 +252,11 @@ class Coffer:
             run = run_child(self._cli(["agents", "--json"]), self.logs / "cli.txt", stdout=out)
             if run.returncode == 0:
                 last = out.read_text()
-                if _agent_online(json.loads(last or "null"), VM_ID):
+                try:
+                    listing = json.loads(last or "null")
+                except json.JSONDecodeError:
+                    listing = None
+                if _agent_online(listing, VM_ID):
                     return
             time.sleep(0.5)
         raise StepFailed(f"agent {VM_ID} never showed up in `coffer agents`: {last[-500:]}")

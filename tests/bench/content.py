@@ -5,13 +5,14 @@ Every generator draws from one `random.Random`, so a seed gives the same bytes o
 
 What each kind is meant to look like to a backup tool:
 
-- ``prose``, ``code``, ``log``: text that zstd -3 shrinks about 3-4x and lz4 about 2x. Lines are
+- ``prose``, ``code``, ``log``: text that zstd -3 shrinks about 3-4x (lz4 about 1.7x). Lines are
   drawn from pools of generated lines (words with a Zipf law over a made-up vocabulary), so
   repetition is at the scale of a line, as in real text, and never at the scale of a chunk:
   no two files share a run of bytes a deduplicating chunker (>= 4 KiB) could find.
-- ``binary``: real shared libraries from /usr/lib (semi-compressible, about 2-3x), each used
-  once; when they run out, or two are identical, a copy gets 16 new bytes in every 4 KiB page
-  (like a rebuilt version of the same library) so it never deduplicates against the original.
+- ``binary``: real shared libraries from /usr/lib (semi-compressible: zstd -3 about 2.7x),
+  each used once; when they run out, or two are identical, a copy gets 16 new bytes in every
+  4 KiB page (like a rebuilt version of the same library) so it never deduplicates against
+  the original.
 - ``random``: incompressible (media, archives, encrypted files).
 - ``zeros``: written zeros (preallocated database and VM files): allocated, not holes.
 """

@@ -46,7 +46,7 @@ class _Peer:
     """What restic and borg share: a repository directory, a log, measured child runs."""
 
     name = "peer"
-    executable = "true"
+    version_argv: tuple[str, ...] = ()
 
     def __init__(
         self,
@@ -74,12 +74,7 @@ class _Peer:
         return dict(os.environ)
 
     def version(self) -> str:
-        done = subprocess.run(
-            [self.executable, "version" if self.name == "restic" else "--version"],
-            capture_output=True,
-            text=True,
-            check=True,
-        )
+        done = subprocess.run(self.version_argv, capture_output=True, text=True, check=True)
         return done.stdout.strip()
 
     def _check(self, run: ChildRun, what: str) -> None:
@@ -121,7 +116,7 @@ class Restic(_Peer):
     """restic: encrypted, zstd-compressed, content-defined chunks."""
 
     name = "restic"
-    executable = "restic"
+    version_argv = ("restic", "version")
 
     @property
     def env(self) -> dict[str, str]:
@@ -167,7 +162,7 @@ class Borg(_Peer):
     """borg 1.2: unencrypted here, lz4 (default) or zstd,3, buzhash chunks."""
 
     name = "borg"
-    executable = "borg"
+    version_argv = ("borg", "--version")
 
     @property
     def env(self) -> dict[str, str]:

@@ -94,4 +94,5 @@ def steps_table(results: Sequence[StepResult], title: str) -> Table:
 
 
 def notes(lines: Iterable[str]) -> str:
-    return "\n".join(f"  {line}" for line in lines)
+    """Indented lines (a multi-line note's continuation lines indented further)."""
+    return "\n".join("  " + "\n    ".join(line.splitlines() or [""]) for line in lines)

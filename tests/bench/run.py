@@ -187,7 +187,7 @@ class Bench:
                 self.versions.setdefault(tool.name.split("-")[0], tool.version())
                 self.settings[tool.name] = tool.settings()
                 ready.append(tool)
-            except (StepFailed, OSError) as exc:
+            except (StepFailed, OSError, ValueError) as exc:
                 self.fail(tool, steps, f"setup: {exc}")
                 tool.close()
         return ready
@@ -388,7 +388,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             bench.churn()
             bench.report(
-                f"Coffer vs restic vs borg: {size_label(args.size)} image, "
+                f"{' vs '.join(args.tools)}: {size_label(args.size)} image, "
                 f"churn {args.fraction:.0%} of it per incremental"
             )
     finally:
