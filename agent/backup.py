@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Executor
@@ -29,6 +28,7 @@ import grpc
 
 from agent.config import AgentConfig, DiskConfig
 from agent.disk import data_chunks, disk_size, read_chunk
+from agent.progress import Progress
 from agent.status import StatusPublisher
 from shared.blob import Compression, compress
 from shared.digest import DIGEST_SIZE, ZERO_DIGEST
@@ -67,25 +67,6 @@ class DiskResult:
             chunk_count=self.chunk_count,
             zero_chunks=self.zero_chunks,
         )
-
-
-class Progress:
-    """Bytes done of a job's total, reported to MQTT as it moves."""
-
-    def __init__(self, status: StatusPublisher | None, job_id: str, total: int) -> None:
-        self._status = status
-        self._job_id = job_id
-        self.total = total
-        self.done = 0
-        self._started = time.monotonic()
-
-    def advance(self, phase: str, nbytes: int) -> None:
-        self.done += nbytes
-        if self._status is not None:
-            elapsed = max(time.monotonic() - self._started, 1e-6)
-            self._status.publish_progress(
-                self._job_id, phase, self.done, self.total, self.done / elapsed
-            )
 
 
 class BackupRun:

@@ -23,6 +23,7 @@ from typing import TypeVar
 import grpc
 
 from agent.config import AgentConfig
+from agent.progress import Progress
 from agent.status import StatusPublisher
 from shared.blob import Compression, decompress
 from shared.digest import DIGEST_SIZE, ZERO_DIGEST, sha256
@@ -128,6 +129,7 @@ class RestoreRun:
 
     async def _write(self, fd: int, digests: bytes, size: int, is_device: bool) -> int:
         chunk_size = self._command.chunk_size
+        # Where each chunk goes: a chunk repeated on the disk is downloaded once.
         places: dict[bytes, list[int]] = defaultdict(list)
         zero_chunks: list[int] = []
         for number in range(len(digests) // DIGEST_SIZE):
@@ -136,10 +138,10 @@ class RestoreRun:
                 zero_chunks.append(number)
             else:
                 places[digest].append(number)
-        written = 0
-        done = 0
+        progress = Progress(self._status, self._command.job_id, size)
 
         def store(chunk: agent_pb2.ChunkData) -> int:
+            """Verify one chunk and write it everywhere it goes; blocking."""
             raw = decompress(Compression(chunk.compression), chunk.data, chunk.raw_size)
             actual = sha256(raw)
             if actual != chunk.digest:
@@ -152,43 +154,52 @@ class RestoreRun:
             return len(raw) * len(places[chunk.digest])
 
         wanted = list(places)
+        written = 0
         for start in range(0, len(wanted), DOWNLOAD_BATCH):
-            batch = wanted[start : start + DOWNLOAD_BATCH]
-            request = agent_pb2.DownloadRequest(job_id=self._command.job_id, digests=batch)
-            pending: set[asyncio.Future[int]] = set()
-            received = 0
-            try:
-                async for chunk in self._stub.DownloadChunks(request):
-                    if chunk.digest != batch[received]:
-                        raise CorruptData(what="the download stream", detail="chunk out of order")
-                    received += 1
-                    pending.add(self._in_pool(store, chunk))
-                    if len(pending) >= WRITE_WINDOW:
-                        finished, pending = await asyncio.wait(
-                            pending, return_when=asyncio.FIRST_COMPLETED
-                        )
-                        for future in finished:
-                            written += future.result()
-                            done += 1
-                    self._report(written, size)
-            except grpc.RpcError as exc:
-                raise from_rpc_error(exc) from exc
-            finally:
-                if pending:
-                    finished, _ = await asyncio.wait(pending)
-                    for future in finished:
-                        written += future.result()
-            if received != len(batch):
-                raise CorruptData(what="the download stream", detail="chunks are missing")
+            written += await self._download(wanted[start : start + DOWNLOAD_BATCH], store, progress)
         if is_device:
+            # A device keeps what it held: zero chunks must be written, not skipped.
             for number in zero_chunks:
                 offset = number * chunk_size
                 length = min(chunk_size, size - offset)
-                await self._in_pool(os.pwrite, fd, bytes(length), offset)
-                written += length
-        self._report(size, size)
+                written += await self._in_pool(os.pwrite, fd, bytes(length), offset)
+        progress.advance("restore", size - progress.done)
         return written
 
-    def _report(self, done: int, total: int) -> None:
-        if self._status is not None:
-            self._status.publish_progress(self._command.job_id, "restore", done, total, 0.0)
+    async def _download(
+        self,
+        batch: list[bytes],
+        store: Callable[[agent_pb2.ChunkData], int],
+        progress: Progress,
+    ) -> int:
+        """Download `batch`, each chunk verified and written in the pool; bytes written."""
+        request = agent_pb2.DownloadRequest(job_id=self._command.job_id, digests=batch)
+        pending: set[asyncio.Future[int]] = set()
+        written = received = 0
+
+        async def settle(at_most: int) -> None:
+            nonlocal pending, written
+            while len(pending) > at_most:
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                for future in done:
+                    nbytes = future.result()
+                    written += nbytes
+                    progress.advance("restore", nbytes)
+
+        try:
+            async for chunk in self._stub.DownloadChunks(request):
+                if received >= len(batch) or chunk.digest != batch[received]:
+                    raise CorruptData(what="the download stream", detail="a chunk out of order")
+                received += 1
+                pending.add(self._in_pool(store, chunk))
+                await settle(WRITE_WINDOW - 1)
+            await settle(0)
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc) from exc
+        finally:
+            # Writes still running in the pool use the descriptor: let them end first.
+            if pending:
+                await asyncio.wait(pending)
+        if received != len(batch):
+            raise CorruptData(what="the download stream", detail="chunks are missing")
+        return written

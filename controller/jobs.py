@@ -18,6 +18,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import partial
 from types import TracebackType
 from typing import Self, TypeVar
 
@@ -341,7 +342,8 @@ class JobManager:
             vm=running.vm,
         )
         datastore = await self._datastores.get(job.vault)
-        await self.in_pool(datastore.put_manifest, manifest)
+        # accept_index already made sure every chunk the indexes name is durable.
+        await self.in_pool(partial(datastore.put_manifest, manifest, verify_chunks=False))
         await self._catalog.insert_recovery_point(
             RecoveryPointRecord(
                 id=running.rp_id,
@@ -409,11 +411,7 @@ class JobManager:
     async def missing_chunks(self, running: RunningBackup, digests: list[bytes]) -> list[bytes]:
         datastore = await self._datastores.get(running.record.vault)
         unknown = [d for d in digests if d not in running.known]
-
-        def check() -> list[bytes]:
-            return [d for d in unknown if not datastore.has_chunk(d)]
-
-        missing = await self.in_pool(check)
+        missing = await self.in_pool(datastore.missing_chunks, unknown)
         running.known.update(set(unknown) - set(missing))
         return missing
 
@@ -430,11 +428,7 @@ class JobManager:
             )
         datastore = await self._datastores.get(running.record.vault)
         unknown = index.referenced() - running.known
-
-        def check() -> list[bytes]:
-            return [d for d in unknown if not datastore.has_chunk(d)]
-
-        absent = await self.in_pool(check)
+        absent = await self.in_pool(datastore.missing_chunks, unknown)
         if absent:
             raise ChunkMissing(digest=absent[0].hex())
         running.known.update(unknown)
