@@ -14,6 +14,7 @@ import asyncio
 import logging
 import os
 import stat
+import threading
 from collections import defaultdict
 from collections.abc import Callable
 from concurrent.futures import Executor
@@ -40,6 +41,8 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 DOWNLOAD_BATCH = 4096  # digests per DownloadChunks call
+DOWNLOAD_STREAMS = 4  # DownloadChunks calls at once
+FLUSH_EVERY = 64 << 20  # bytes written between starts of writeback
 WRITE_WINDOW = 8  # chunks verified and written at once
 
 
@@ -139,6 +142,8 @@ class RestoreRun:
             else:
                 places[digest].append(number)
         progress = Progress(self._status, self._command.job_id, size)
+        unflushed = 0
+        flush_lock = threading.Lock()
 
         def store(chunk: agent_pb2.ChunkData) -> int:
             """Verify one chunk and write it everywhere it goes; blocking."""
@@ -151,12 +156,32 @@ class RestoreRun:
                 if len(raw) != min(chunk_size, size - offset):
                     raise CorruptData(what=f"chunk {chunk.digest.hex()}", detail="wrong size")
                 os.pwrite(fd, raw, offset)
-            return len(raw) * len(places[chunk.digest])
+            nbytes = len(raw) * len(places[chunk.digest])
+            nonlocal unflushed
+            with flush_lock:
+                unflushed += nbytes
+                start_flush = unflushed >= FLUSH_EVERY
+                if start_flush:
+                    unflushed = 0
+            if start_flush:
+                # Start writing back what is written so far (Linux: fadvise DONTNEED starts
+                # asynchronous writeback and frees clean pages), so the final fsync does not
+                # wait for the whole disk, and a restore does not flood the page cache.
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            return nbytes
 
         wanted = list(places)
         written = 0
-        for start in range(0, len(wanted), DOWNLOAD_BATCH):
-            written += await self._download(wanted[start : start + DOWNLOAD_BATCH], store, progress)
+        for start in range(0, len(wanted), DOWNLOAD_BATCH * DOWNLOAD_STREAMS):
+            batch = wanted[start : start + DOWNLOAD_BATCH * DOWNLOAD_STREAMS]
+            # A few streams at once: one controller stream alternates between reading a chunk
+            # file and sending it; several keep the disk, the network and this pool busy.
+            async with asyncio.TaskGroup() as streams:
+                parts = [
+                    streams.create_task(self._download(batch[n::DOWNLOAD_STREAMS], store, progress))
+                    for n in range(DOWNLOAD_STREAMS)
+                ]
+            written += sum(part.result() for part in parts)
         if is_device:
             # A device keeps what it held: zero chunks must be written, not skipped.
             for number in zero_chunks:

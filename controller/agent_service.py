@@ -34,7 +34,7 @@ HEARTBEAT_INTERVAL_MS = 5000
 # Chunks verified and written at once per upload stream: enough to keep both the hashing and
 # the disk busy, few enough to bound memory (each holds one chunk).
 UPLOAD_CONCURRENCY = 4
-DOWNLOAD_PREFETCH = 4
+DOWNLOAD_PREFETCH = 8
 MAX_DIGESTS_PER_CALL = 1 << 16
 
 
