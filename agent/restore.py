@@ -27,7 +27,7 @@ from agent.config import AgentConfig
 from agent.progress import Progress
 from agent.status import StatusPublisher
 from shared.blob import Compression, decompress
-from shared.digest import DIGEST_SIZE, ZERO_DIGEST, sha256
+from shared.digest import DIGEST_SIZE, ZERO_DIGEST, chunk_digest
 from shared.errors import (
     ChunkDigestMismatch,
     CorruptData,
@@ -145,18 +145,19 @@ class RestoreRun:
         unflushed = 0
         flush_lock = threading.Lock()
 
-        def store(chunk: agent_pb2.ChunkData) -> int:
+        def store(chunk: agent_pb2.Chunk) -> int:
             """Verify one chunk and write it everywhere it goes; blocking."""
+            digest = chunk.digest  # each read of a bytes field copies it: read once
             raw = decompress(Compression(chunk.compression), chunk.data, chunk.raw_size)
-            actual = sha256(raw)
-            if actual != chunk.digest:
-                raise ChunkDigestMismatch(actual=actual.hex(), claimed=chunk.digest.hex())
-            for number in places[chunk.digest]:
+            actual = chunk_digest(raw)
+            if actual != digest:
+                raise ChunkDigestMismatch(actual=actual.hex(), claimed=digest.hex())
+            for number in places[digest]:
                 offset = number * chunk_size
                 if len(raw) != min(chunk_size, size - offset):
-                    raise CorruptData(what=f"chunk {chunk.digest.hex()}", detail="wrong size")
+                    raise CorruptData(what=f"chunk {digest.hex()}", detail="wrong size")
                 os.pwrite(fd, raw, offset)
-            nbytes = len(raw) * len(places[chunk.digest])
+            nbytes = len(raw) * len(places[digest])
             nonlocal unflushed
             with flush_lock:
                 unflushed += nbytes
@@ -194,7 +195,7 @@ class RestoreRun:
     async def _download(
         self,
         batch: list[bytes],
-        store: Callable[[agent_pb2.ChunkData], int],
+        store: Callable[[agent_pb2.Chunk], int],
         progress: Progress,
     ) -> int:
         """Download `batch`, each chunk verified and written in the pool; bytes written."""
@@ -212,12 +213,13 @@ class RestoreRun:
                     progress.advance("restore", nbytes)
 
         try:
-            async for chunk in self._stub.DownloadChunks(request):
-                if received >= len(batch) or chunk.digest != batch[received]:
-                    raise CorruptData(what="the download stream", detail="a chunk out of order")
-                received += 1
-                pending.add(self._in_pool(store, chunk))
-                await settle(WRITE_WINDOW - 1)
+            async for message in self._stub.DownloadChunks(request):
+                for chunk in message.chunks:
+                    if received >= len(batch) or chunk.digest != batch[received]:
+                        raise CorruptData(what="the download stream", detail="a chunk out of order")
+                    received += 1
+                    pending.add(self._in_pool(store, chunk))
+                    await settle(WRITE_WINDOW - 1)
             await settle(0)
         except grpc.RpcError as exc:
             raise from_rpc_error(exc) from exc

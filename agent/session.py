@@ -34,6 +34,9 @@ log = logging.getLogger(__name__)
 
 BACKOFF_FIRST = 0.5
 BACKOFF_MAX = 30.0
+# Threads that read, hash, compress and write chunks: reads wait on the disk, so more than
+# cores; the pipelines bound how many chunks are in flight.
+POOL_THREADS = 12
 
 
 def agent_version() -> str:
@@ -82,7 +85,7 @@ class Agent:
 
     async def run(self) -> None:
         """Keep a session with the controller until cancelled."""
-        with ThreadPoolExecutor(thread_name_prefix="agent-io") as pool:
+        with ThreadPoolExecutor(POOL_THREADS, thread_name_prefix="agent-io") as pool:
             async with StatusPublisher(
                 self.config.vm_id,
                 self.config.tls,

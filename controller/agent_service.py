@@ -21,6 +21,7 @@ from controller.jobs import JobManager, RunningBackup
 from controller.registry import AgentRegistry, AgentSession
 from shared.blob import Compression
 from shared.clock import Clock
+from shared.digest import DIGEST_SIZE, check_digest
 from shared.errors import CofferError, InvalidArgument, PermissionDenied
 from shared.index import DiskIndex
 from shared.rpc import agent_pb2, agent_pb2_grpc
@@ -29,12 +30,13 @@ from shared.tls import peer_identity
 
 log = logging.getLogger(__name__)
 
-DIGEST_SIZE = 32
 HEARTBEAT_INTERVAL_MS = 5000
-# Chunks verified and written at once per upload stream: enough to keep both the hashing and
-# the disk busy, few enough to bound memory (each holds one chunk).
-UPLOAD_CONCURRENCY = 4
+# Chunks verified and written at once per upload stream: enough to keep the hashing busy and
+# to share each file-system sync among many chunks, few enough to bound memory (each holds
+# one chunk).
+UPLOAD_CONCURRENCY = 16
 DOWNLOAD_PREFETCH = 8
+BATCH_BYTES = 4 << 20  # chunk bytes per download message
 MAX_DIGESTS_PER_CALL = 1 << 16
 
 
@@ -46,11 +48,11 @@ def _agent_vm(context: grpc.aio.ServicerContext) -> str:
 
 
 def _check_digests(digests: list[bytes]) -> None:
+    """A request's list of digests: bounded, each of the right size."""
     if len(digests) > MAX_DIGESTS_PER_CALL:
         raise InvalidArgument(detail=f"at most {MAX_DIGESTS_PER_CALL} digests per call")
     for digest in digests:
-        if len(digest) != DIGEST_SIZE:
-            raise InvalidArgument(detail=f"a digest is {DIGEST_SIZE} bytes, not {len(digest)}")
+        check_digest(digest)
 
 
 class AgentService(agent_pb2_grpc.AgentServiceServicer):
@@ -178,43 +180,34 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
         context: grpc.aio.ServicerContext,
     ) -> agent_pb2.UploadSummary:
         summary = agent_pb2.UploadSummary()
+        running: RunningBackup | None = None
+        # Each chunk is verified and stored in the pool on its own, a bounded number at once.
+        inflight: set[asyncio.Future[None]] = set()
+
+        async def settle(at_most: int) -> None:
+            nonlocal inflight
+            while len(inflight) > at_most:
+                done, inflight = await asyncio.wait(inflight, return_when=asyncio.FIRST_COMPLETED)
+                for future in done:
+                    future.result()  # a refused chunk ends the stream now
+
         try:
             vm_id = _agent_vm(context)
-            running = None
-            inflight: set[asyncio.Future[None]] = set()
-            async for chunk in request_iterator:
+            async for message in request_iterator:
                 if running is None:
-                    running = self._jobs.running_backup(vm_id, chunk.job_id)
+                    running = self._jobs.running_backup(vm_id, message.job_id)
                     datastore = await self._jobs.datastore(running)
-                elif chunk.job_id != running.record.id:
+                elif message.job_id != running.record.id:
                     raise InvalidArgument(detail="one upload stream carries one job's chunks")
-                _check_digests([chunk.digest])
-                if chunk.raw_size > running.chunk_size or len(chunk.data) > running.chunk_size:
-                    raise InvalidArgument(
-                        detail=f"a chunk is at most {running.chunk_size} bytes, "
-                        f"got {max(chunk.raw_size, len(chunk.data))}"
+                for chunk in message.chunks:
+                    compression = self._check_chunk(chunk, running.chunk_size)
+                    await settle(UPLOAD_CONCURRENCY - 1)
+                    inflight.add(
+                        asyncio.ensure_future(
+                            self._store(running, datastore, chunk, compression, summary)
+                        )
                     )
-                try:
-                    compression = Compression(chunk.compression)
-                except ValueError as exc:
-                    raise InvalidArgument(
-                        detail=f"unknown compression {chunk.compression}"
-                    ) from exc
-                if len(inflight) >= UPLOAD_CONCURRENCY:
-                    done, inflight = await asyncio.wait(
-                        inflight, return_when=asyncio.FIRST_COMPLETED
-                    )
-                    for future in done:
-                        future.result()  # a refused chunk ends the stream now
-                inflight.add(
-                    asyncio.ensure_future(
-                        self._store(running, datastore, chunk, compression, summary)
-                    )
-                )
-            if inflight:
-                done, _ = await asyncio.wait(inflight)
-                for future in done:
-                    future.result()
+            await settle(0)
         except CofferError as exc:
             for future in inflight:
                 future.cancel()
@@ -223,22 +216,36 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
             await abort(context, exc)
         return summary
 
+    @staticmethod
+    def _check_chunk(chunk: agent_pb2.Chunk, chunk_size: int) -> Compression:
+        check_digest(chunk.digest)
+        if chunk.raw_size > chunk_size:
+            raise InvalidArgument(
+                detail=f"a chunk is at most {chunk_size} bytes, got {chunk.raw_size}"
+            )
+        try:
+            return Compression(chunk.compression)
+        except ValueError as exc:
+            raise InvalidArgument(detail=f"unknown compression {chunk.compression}") from exc
+
     async def _store(
         self,
         running: RunningBackup,
         datastore: Datastore,
-        chunk: agent_pb2.ChunkUpload,
+        chunk: agent_pb2.Chunk,
         compression: Compression,
         summary: agent_pb2.UploadSummary,
     ) -> None:
+        # Each read of a bytes field copies it out of the message: read each once.
+        digest, data = chunk.digest, chunk.data
+        if len(data) > running.chunk_size:  # compression never needs more room than raw
+            raise InvalidArgument(
+                detail=f"a chunk's payload is at most {running.chunk_size} bytes, got {len(data)}"
+            )
         stored = await self._jobs.in_pool(
-            datastore.put_chunk,
-            chunk.digest,
-            chunk.data,
-            compression,
-            chunk.raw_size,
+            datastore.put_chunk, digest, data, compression, chunk.raw_size
         )
-        self._jobs.chunk_stored(running, chunk.digest, stored, len(chunk.data))
+        self._jobs.chunk_stored(running, digest, stored, len(data))
         summary.chunks_received += 1
         summary.chunks_stored += 1 if stored else 0
         summary.bytes_stored += stored
@@ -281,7 +288,7 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
         self,
         request: agent_pb2.DownloadRequest,
         context: grpc.aio.ServicerContext,
-    ) -> AsyncIterator[agent_pb2.ChunkData]:
+    ) -> AsyncIterator[agent_pb2.ChunkBatch]:
         try:
             running = self._jobs.running_restore(_agent_vm(context), request.job_id)
             digests = list(request.digests)
@@ -294,26 +301,37 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
             datastore = await self._jobs.datastore(running)
         except CofferError as exc:
             await abort(context, exc)
-        # Read a few chunks ahead so the disk and the network overlap.
+        # Read a few chunks ahead so the disk and the network overlap; send them a few MiB to
+        # a message.
         ahead: deque[tuple[bytes, asyncio.Future[tuple[Compression, int, bytes]]]] = deque()
+        batch = agent_pb2.ChunkBatch()
+        batch_bytes = 0
 
-        async def sent() -> agent_pb2.ChunkData:
+        async def add_next() -> None:
+            nonlocal batch_bytes
             digest, future = ahead.popleft()
             compression, raw_size, data = await future
-            return agent_pb2.ChunkData(
+            batch.chunks.add(  # built in place: the payload is copied once
                 digest=digest,
                 compression=cast(agent_pb2.Compression, compression),  # same values
                 raw_size=raw_size,
                 data=data,
             )
+            batch_bytes += len(data)
 
         try:
-            for digest in digests:
-                ahead.append((digest, self._jobs.in_pool(datastore.get_chunk_blob, digest)))
-                if len(ahead) >= DOWNLOAD_PREFETCH:
-                    yield await sent()
-            while ahead:
-                yield await sent()
+            pending = iter(digests)
+            while True:
+                for digest in pending:
+                    ahead.append((digest, self._jobs.in_pool(datastore.get_chunk_blob, digest)))
+                    if len(ahead) >= DOWNLOAD_PREFETCH:
+                        break
+                if not ahead:
+                    break
+                await add_next()
+                if batch_bytes >= BATCH_BYTES or not ahead:
+                    yield batch
+                    batch, batch_bytes = agent_pb2.ChunkBatch(), 0
         except CofferError as exc:
             await abort(context, exc)
         finally:

@@ -55,7 +55,9 @@ class Controller:
         config = self.config
         config.state_dir.mkdir(parents=True, exist_ok=True)
         async with contextlib.AsyncExitStack() as stack:
-            pool = stack.enter_context(ThreadPoolExecutor(4, thread_name_prefix="datastore"))
+            # Datastore work: verifying chunks (hashing, decompressing: both free the GIL) and
+            # file I/O that mostly waits on the disk, so more threads than cores.
+            pool = stack.enter_context(ThreadPoolExecutor(16, thread_name_prefix="datastore"))
             catalog = await stack.enter_async_context(Catalog(config.catalog_path))
             await catalog.ensure_vault(DEFAULT_VAULT, region="", chunk_size=config.chunk_size)
             datastores = Datastores(catalog, config.state_dir / "datastores")

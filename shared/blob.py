@@ -13,7 +13,7 @@ Layout (little-endian), 16 header bytes then the payload:
 
 The payload is kept exactly as the agent compressed it, so a restore streams the stored form
 back without recompressing. The header carries no digest or checksum: the chunk's name in the
-datastore is the SHA-256 of its raw bytes, and every reader that decompresses re-hashes.
+datastore is the BLAKE3 digest of its raw bytes, and every reader that decompresses re-hashes.
 
 Version rules: a reader refuses a version it does not know (`UnsupportedFormat`); a new
 compression algorithm or an encryption key is refused the same way, so an old Coffer never

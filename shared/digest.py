@@ -1,30 +1,51 @@
-"""Chunk digests: the SHA-256 of a chunk's uncompressed bytes is its identity.
+"""Chunk digests: the BLAKE3 hash of a chunk's uncompressed bytes is its identity.
 
 The same digest names a chunk in an agent's index, on the wire and in the datastore's keys, so
 two disks (or two recovery points) holding the same bytes share one stored chunk. A digest is
 always computed over the raw bytes, never over a compressed form: compression settings can
 change without changing any chunk's identity.
 
+Why BLAKE3 and not SHA-256: every byte backed up is hashed twice (by the agent, and again by
+the controller, which never trusts an agent's digest) and every byte restored once more. On
+this project's machines BLAKE3 hashes 4.4 GB/s on one core against SHA-256's 0.9 GB/s with
+SHA-NI (1 MiB buffers, `python -c` timing in the closing note of the foundation issue); the
+benchmark's full backup spent a fifth of its CPU in SHA-256. BLAKE3 is a cryptographic hash
+with 128-bit collision resistance, as SHA-256, and kopia offers it for the same purpose. The
+datastore records the hash it uses (`datastore.json`), so another can come later.
+
 `ZERO_DIGEST` (32 zero bytes) is not the hash of anything; it is the index entry for an
 all-zero chunk or a hole. Such chunks are never hashed twice, stored or sent: a reader of an
 index writes zeros (or leaves a hole) where it meets one.
+
+`sha256` stays for what is not a chunk: the integrity trailers of indexes and the index
+checksums in manifests, small and read rarely.
 """
 
 from __future__ import annotations
 
 import hashlib
 
+from blake3 import blake3
+
 from shared.errors import InvalidArgument
 
+CHUNK_HASH = "blake3"
+"""The chunk hash's name, as a datastore records it."""
+
 DIGEST_SIZE = 32
-"""Bytes in one digest (SHA-256)."""
+"""Bytes in one digest."""
 
 ZERO_DIGEST = bytes(DIGEST_SIZE)
 """Index entry of an all-zero chunk or a hole; never stored."""
 
 
+def chunk_digest(data: bytes | bytearray | memoryview) -> bytes:
+    """The 32-byte BLAKE3 digest naming a chunk (the GIL is released while hashing)."""
+    return blake3(data).digest()
+
+
 def sha256(data: bytes | bytearray | memoryview) -> bytes:
-    """The 32-byte SHA-256 digest of `data` (hashlib releases the GIL on large inputs)."""
+    """The 32-byte SHA-256 digest of `data`, for metadata checksums."""
     return hashlib.sha256(data).digest()
 
 
@@ -33,6 +54,6 @@ def check_digest(digest: bytes) -> bytes:
     if not isinstance(digest, bytes) or len(digest) != DIGEST_SIZE:
         size = len(digest) if isinstance(digest, bytes | bytearray | memoryview) else "no"
         raise InvalidArgument(
-            detail=f"a chunk digest is {DIGEST_SIZE} bytes of SHA-256, got {size} bytes"
+            detail=f"a chunk digest is {DIGEST_SIZE} bytes of BLAKE3, got {size} bytes"
         )
     return digest

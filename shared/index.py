@@ -1,7 +1,7 @@
 """The disk index: the ordered chunk digests that make up one disk of a recovery point.
 
 Chunk `i` covers bytes `[i * chunk_size, min((i + 1) * chunk_size, size_bytes))` of the disk;
-its entry is the SHA-256 of those bytes, or `ZERO_DIGEST` when they are all zero (a hole). An
+its entry is the BLAKE3 digest of those bytes, or `ZERO_DIGEST` when they are all zero (a hole). An
 agent keeps the previous recovery point's index to send only changed chunks; a restore walks it.
 
 Encoded form (little-endian), version 1:

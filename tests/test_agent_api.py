@@ -17,6 +17,7 @@ import pytest
 
 from controller.datastore import Datastore, LocalDirectoryStore
 from shared.blob import Compression
+from shared.digest import chunk_digest
 from shared.errors import ERROR_CODE_METADATA_KEY
 from shared.rpc import agent_pb2, agent_pb2_grpc, common_pb2
 from shared.tls import TlsFiles, channel_credentials, channel_options
@@ -148,10 +149,14 @@ async def test_chunk_not_matching_its_digest_is_refused_and_nothing_stored(
                 _uploads(
                     agent_pb2.ChunkUpload(
                         job_id=job_id,
-                        digest=claimed,
-                        compression=Compression.NONE,
-                        raw_size=len(data),
-                        data=data,
+                        chunks=[
+                            agent_pb2.Chunk(
+                                digest=claimed,
+                                compression=Compression.NONE,
+                                raw_size=len(data),
+                                data=data,
+                            )
+                        ],
                     )
                 )
             )
@@ -159,7 +164,7 @@ async def test_chunk_not_matching_its_digest_is_refused_and_nothing_stored(
         assert error_code(refused.value) == "ChunkDigestMismatch"
         store = Datastore.open(LocalDirectoryStore(cluster.datastore))
         assert not store.has_chunk(claimed)
-        assert not store.has_chunk(hashlib.sha256(data).digest())
+        assert not store.has_chunk(chunk_digest(data))
 
         # An index naming a chunk that was never stored is refused as well.
         index = agent_pb2.IndexPart(

@@ -27,7 +27,7 @@ from controller.datastore import (
     manifest_key,
 )
 from shared.blob import Compression, compress, encode_blob
-from shared.digest import ZERO_DIGEST, sha256
+from shared.digest import ZERO_DIGEST, chunk_digest
 from shared.errors import (
     ChunkDigestMismatch,
     ChunkMissing,
@@ -85,7 +85,7 @@ def chunk_of(seed: int, size: int = CHUNK) -> bytes:
 
 
 def upload(store: Datastore, raw: bytes) -> bytes:
-    digest = sha256(raw)
+    digest = chunk_digest(raw)
     compression, payload = compress(raw)
     store.put_chunk(digest, payload, compression, len(raw))
     return digest
@@ -105,7 +105,7 @@ def back_up(
             elif upload_chunks:
                 digests += upload(store, raw)
             else:
-                digests += sha256(raw)
+                digests += chunk_digest(raw)
         index = DiskIndex(name, len(image), store.chunk_size, bytes(digests))
         entries.append(ManifestDisk.of(index, store.put_index(rp_id, index)))
     return RecoveryPointManifest(
@@ -269,7 +269,7 @@ def test_create_then_open_gives_the_same_settings(make_backend: MakeBackend) -> 
     created = Datastore.create(make_backend(), 1 << 20)
     opened = Datastore.open(make_backend())
     assert opened.chunk_size == created.chunk_size == 1 << 20
-    assert opened.config.hash == "sha256"
+    assert opened.config.hash == "blake3"
     assert opened.config.compression == "zstd"
     assert Datastore.create(make_backend(), 1 << 20).config == created.config
 
@@ -310,7 +310,7 @@ def test_open_refuses_a_newer_or_foreign_datastore(backend: ObjectStore) -> None
 
 def test_put_chunk_stores_once_and_reads_back(store: Datastore) -> None:
     raw = chunk_of(7)
-    digest = sha256(raw)
+    digest = chunk_digest(raw)
     compression, payload = compress(raw)
     assert compression is Compression.ZSTD
     assert not store.has_chunk(digest)
@@ -325,7 +325,7 @@ def test_put_chunk_stores_once_and_reads_back(store: Datastore) -> None:
 
 def test_uncompressed_and_short_chunks_are_stored(store: Datastore) -> None:
     raw = os.urandom(1000)  # the short last chunk of a disk, incompressible
-    digest = sha256(raw)
+    digest = chunk_digest(raw)
     assert store.put_chunk(digest, raw, 1, len(raw)) > 0  # the proto's COMPRESSION_NONE
     assert store.get_chunk_blob(digest) == (Compression.NONE, 1000, raw)
     assert store.read_chunk(digest) == raw
@@ -334,7 +334,7 @@ def test_uncompressed_and_short_chunks_are_stored(store: Datastore) -> None:
 def test_digest_mismatch_stores_nothing(store: Datastore, backend: ObjectStore) -> None:
     raw = chunk_of(1)
     compression, payload = compress(raw)
-    claimed = sha256(b"something else")
+    claimed = chunk_digest(b"something else")
     with pytest.raises(ChunkDigestMismatch, match=f"not to the digest {claimed.hex()}"):
         store.put_chunk(claimed, payload, compression, len(raw))
     assert not store.has_chunk(claimed)
@@ -362,16 +362,16 @@ def test_wrong_raw_size_stores_nothing(
     raw = chunk_of(1)
     compression, payload = compress(raw)
     with pytest.raises(error, match=message):
-        store.put_chunk(sha256(raw), payload, compression, raw_size)
+        store.put_chunk(chunk_digest(raw), payload, compression, raw_size)
     assert list(backend.list("chunks/")) == []
 
 
 def test_undecompressable_payload_stores_nothing(store: Datastore, backend: ObjectStore) -> None:
     raw = chunk_of(1)
     with pytest.raises(CorruptData, match="zstd"):
-        store.put_chunk(sha256(raw), b"not zstd at all", Compression.ZSTD, len(raw))
+        store.put_chunk(chunk_digest(raw), b"not zstd at all", Compression.ZSTD, len(raw))
     with pytest.raises(InvalidArgument, match="compression"):
-        store.put_chunk(sha256(raw), raw, 0, len(raw))
+        store.put_chunk(chunk_digest(raw), raw, 0, len(raw))
     assert list(backend.list("chunks/")) == []
 
 
@@ -392,13 +392,13 @@ def test_malformed_digest_is_refused(store: Datastore) -> None:
 
 def test_missing_chunks_lists_each_absent_digest_once_in_order(store: Datastore) -> None:
     present = upload(store, chunk_of(1))
-    absent_a, absent_b = sha256(b"a"), sha256(b"b")
+    absent_a, absent_b = chunk_digest(b"a"), chunk_digest(b"b")
     asked = [absent_b, present, ZERO_DIGEST, absent_a, absent_b]
     assert store.missing_chunks(asked) == [absent_b, absent_a]
 
 
 def test_missing_chunk_is_reported_typed(store: Datastore) -> None:
-    digest = sha256(b"never stored")
+    digest = chunk_digest(b"never stored")
     with pytest.raises(ChunkMissing, match=digest.hex()):
         store.get_chunk_blob(digest)
     with pytest.raises(ChunkMissing):
@@ -416,7 +416,7 @@ def test_chunks_are_sharded_two_levels_deep(store: Datastore, backend: ObjectSto
 
 def test_concurrent_puts_of_the_same_chunk_are_safe(store: Datastore, backend: ObjectStore) -> None:
     raw = chunk_of(9)
-    digest = sha256(raw)
+    digest = chunk_digest(raw)
     compression, payload = compress(raw)
     start = threading.Barrier(8)
 
@@ -466,11 +466,11 @@ def test_second_backup_shares_unchanged_chunks(store: Datastore, backend: Object
     before = set(backend.list("chunks/"))
     changed = ROOT_IMAGE[:CHUNK] + chunk_of(42) + ROOT_IMAGE[2 * CHUNK :]
     needed = store.missing_chunks(
-        sha256(changed[i : i + CHUNK]) for i in range(0, len(changed), CHUNK)
+        chunk_digest(changed[i : i + CHUNK]) for i in range(0, len(changed), CHUNK)
     )
-    assert needed == [sha256(chunk_of(42))]
+    assert needed == [chunk_digest(chunk_of(42))]
     store.put_manifest(back_up(store, "rp2", {"root": changed}))
-    assert set(backend.list("chunks/")) - before == {chunk_key(sha256(chunk_of(42)))}
+    assert set(backend.list("chunks/")) - before == {chunk_key(chunk_digest(chunk_of(42)))}
     assert restore(store, "rp2", "root") == changed
     assert restore(store, "rp1", "root") == ROOT_IMAGE
 
@@ -529,7 +529,7 @@ def test_commit_is_idempotent_but_not_rewritable(store: Datastore) -> None:
 
 
 def test_index_must_use_the_datastore_chunk_size(store: Datastore) -> None:
-    index = DiskIndex("root", 8192, 8192, sha256(b"x"))
+    index = DiskIndex("root", 8192, 8192, chunk_digest(b"x"))
     with pytest.raises(InvalidArgument, match="chunk size 8192"):
         store.put_index("rp1", index)
 
@@ -550,7 +550,7 @@ def test_get_index_of_an_unknown_disk_names_the_known_ones(store: Datastore) -> 
 
 def test_index_replaced_after_commit_is_detected(store: Datastore, backend: ObjectStore) -> None:
     store.put_manifest(back_up(store, "rp1", {"root": ROOT_IMAGE}))
-    forged = DiskIndex("root", CHUNK, CHUNK, sha256(chunk_of(1)))
+    forged = DiskIndex("root", CHUNK, CHUNK, chunk_digest(chunk_of(1)))
     backend.put(index_key("rp1", "root"), forged.encode())
     with pytest.raises(CorruptData, match="not the index its manifest records"):
         store.get_index("rp1", "root")
@@ -599,17 +599,17 @@ def test_failed_chunk_put_leaves_nothing_and_a_retry_stores_it(faulty: FaultySto
     with pytest.raises(DatastoreError, match="injected fault"):
         upload(store, raw)
     assert fault.fired == 1
-    assert not store.has_chunk(sha256(raw))
+    assert not store.has_chunk(chunk_digest(raw))
     assert list(faulty.list("chunks/")) == []
     upload(store, raw)
-    assert store.read_chunk(sha256(raw)) == raw
+    assert store.read_chunk(chunk_digest(raw)) == raw
 
 
 def test_chunk_written_but_reported_failed_is_stored_once_on_retry(faulty: FaultyStore) -> None:
     store = Datastore.create(faulty, CHUNK)
     faulty.fail_put(prefix="chunks/", after_write=True)  # the reply was lost
     raw = chunk_of(1)
-    digest = sha256(raw)
+    digest = chunk_digest(raw)
     compression, payload = compress(raw)
     with pytest.raises(DatastoreError):
         store.put_chunk(digest, payload, compression, len(raw))

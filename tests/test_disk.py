@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 
-import pytest
+from blake3 import blake3
 
-from agent.disk import data_chunks, disk_size, is_zero, read_chunk
+from agent.disk import DiskReader, data_chunks
 from shared.digest import ZERO_DIGEST
 
 CHUNK = 64 * 1024
@@ -46,16 +45,15 @@ def test_holes_are_skipped_and_data_chunks_found(tmp_path: Path) -> None:
 def test_a_file_without_holes_is_all_data(tmp_path: Path) -> None:
     path = tmp_path / "dense.img"
     path.write_bytes(os.urandom(5 * CHUNK + 123))
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        size = disk_size(fd)
-        assert size == 5 * CHUNK + 123
-        assert list(data_chunks(fd, size, CHUNK)) == list(range(6))
-        digest, data = read_chunk(fd, 5, CHUNK, size)
+    with DiskReader(path, CHUNK) as disk:
+        assert disk.size == 5 * CHUNK + 123
+        assert list(disk.data_chunks()) == list(range(6))
+        digest, data = disk.read(5)
         assert len(data) == 123  # the last chunk is short
-        assert digest == hashlib.sha256(path.read_bytes()[5 * CHUNK :]).digest()
-    finally:
-        os.close(fd)
+        assert digest == blake3(path.read_bytes()[5 * CHUNK :]).digest()
+        first, data = disk.read(0)
+        assert data == path.read_bytes()[:CHUNK]
+        assert first == blake3(data).digest()
 
 
 def test_an_empty_sparse_disk_has_no_data_chunks(tmp_path: Path) -> None:
@@ -67,15 +65,21 @@ def test_an_empty_sparse_disk_has_no_data_chunks(tmp_path: Path) -> None:
 
 
 def test_written_zeros_are_a_zero_chunk(tmp_path: Path) -> None:
-    fd = sparse_file(tmp_path / "zeros.img", 4 * CHUNK, [(CHUNK, bytes(CHUNK))])
-    try:
-        assert 1 in list(data_chunks(fd, 4 * CHUNK, CHUNK))  # allocated, so it is read...
-        assert read_chunk(fd, 1, CHUNK, 4 * CHUNK) == (ZERO_DIGEST, b"")  # ...and found zero
-    finally:
-        os.close(fd)
+    os.close(sparse_file(tmp_path / "zeros.img", 4 * CHUNK, [(CHUNK, bytes(CHUNK))]))
+    with DiskReader(tmp_path / "zeros.img", CHUNK) as disk:
+        assert 1 in list(disk.data_chunks())  # allocated, so it is read...
+        assert disk.read(1) == (ZERO_DIGEST, b"")  # ...and found zero
 
 
-@pytest.mark.parametrize("length", [1, 4096, CHUNK, CHUNK + 1])
-def test_is_zero(length: int) -> None:
-    assert is_zero(bytes(length))
-    assert not is_zero(bytes(length - 1) + b"\1")
+def test_direct_reads_see_what_was_just_written(tmp_path: Path) -> None:
+    """O_DIRECT bypasses the page cache; the kernel flushes dirty pages before such a read."""
+    path = tmp_path / "busy.img"
+    path.write_bytes(bytes(2 * CHUNK))
+    with DiskReader(path, CHUNK) as disk:
+        assert disk.read(1) == (ZERO_DIGEST, b"")
+        with path.open("r+b") as f:  # buffered write, not yet on disk
+            f.seek(CHUNK + 5)
+            f.write(b"fresh")
+        digest, data = disk.read(1)
+        assert data[5:10] == b"fresh"
+        assert digest == blake3(data).digest()

@@ -25,13 +25,14 @@ manifests (and the indexes they pin) the controller rebuilds its catalog without
 
 Formats and versions
 --------------------
-- `datastore.json` (format 1): JSON {"format", "chunk_size", "hash": "sha256",
+- `datastore.json` (format 1): JSON {"format", "chunk_size", "hash": "blake3",
   "compression": "zstd"}. Every writer reads it first; a datastore is never reopened with other
   settings, because chunk boundaries (and so dedup) depend on the chunk size.
 - chunk blob (shared/blob.py, version 1): 16-byte header (magic "CFBL", version, compression,
   raw size, reserved encryption key id) + the payload exactly as the agent sent it: zstd frame,
-  or raw bytes when zstd did not help. The name is the SHA-256 of the raw bytes; the controller
-  re-hashes every chunk it receives before storing it, and readers that decompress re-hash too.
+  or raw bytes when zstd did not help. The name is the BLAKE3 digest of the raw bytes; the
+  controller re-hashes every chunk it receives before storing it, and readers that decompress
+  re-hash too.
 - disk index (shared/index.py, version 1): binary, magic "CFIX", geometry, disk name, 32-byte
   digests in disk order (32 zero bytes for an all-zero chunk, which is never stored), SHA-256
   trailer.

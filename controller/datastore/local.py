@@ -1,38 +1,76 @@
 """The local directory backend: each object is one file under a root directory.
 
-A put writes a temporary file beside its target, fsyncs it, renames it over the target and
-fsyncs the directory, so a crash leaves either the old object or the whole new one, and a put
-that returned survives a power cut. Temporary files are named `.tmp-*`; keys never start with
-'.', so listing skips them and garbage collection can remove any left by a crash.
+Durability is a group commit around `syncfs(2)`. A put writes a temporary file beside its
+target (no fsync of its own), waits for a file-system sync that started after the write, then
+renames the file into place and waits for one more sync before it returns. So:
 
-`has` reports an object present only once it is durable, because a manifest will rely on it:
-an object another thread renamed but whose directory fsync is still running, or one a previous
-controller renamed before dying, gets its directory fsynced by `has` first (the latter once per
-directory per process).
+- an object that can be seen has durable contents (its data was synced before the rename): a
+  crash never leaves a visible object with missing or partial bytes;
+- a put that returned survives a power cut (its directory entry was synced too);
+- puts running at once share their syncs: sixteen chunk uploads in flight cost a few syncs,
+  not sixteen file fsyncs and sixteen directory fsyncs (measured in tests/bench: the per-file
+  fsyncs capped 256 KiB chunks at a third of the disk's speed).
 
-Directories are created on first use. A new directory is only durable once its parent is
-fsynced, so the first put into each directory (per process) fsyncs the parent as well; the
-set of directories known to be durable is kept in memory so later puts skip `mkdir` and that
-extra fsync. The datastore shards chunk keys two levels deep, so no directory grows past a
-few thousand files even for hundreds of millions of chunks.
-
-Files are created 0600 and directories 0700: they hold the contents of the VMs' disks.
+Temporary files are named `.tmp-*`; keys never start with '.', so listing skips them and
+garbage collection can remove any left by a crash. Files are created 0600 and directories 0700:
+they hold the contents of the VMs' disks. The datastore shards chunk keys two levels deep, so
+no directory grows past a few thousand files even for hundreds of millions of chunks.
 """
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import os
 import secrets
 import stat
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from controller.datastore.backend import KEY_COMPONENT, check_key, check_prefix
 from shared.errors import Conflict, DatastoreError, NotFound
 
 _TEMP_PREFIX = ".tmp-"
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+class GroupSync:
+    """Syncs shared by the threads that need one: `wait` returns after a sync that began
+    after it was called. The first waiter runs the sync; those arriving meanwhile wait for
+    the next one, which one of them runs for all."""
+
+    def __init__(self, sync: Callable[[], None]) -> None:
+        self._sync = sync
+        self._cond = threading.Condition()
+        self._done = 0  # syncs completed
+        self._running = False
+        self._failed: tuple[int, OSError] | None = None  # the last sync that failed
+
+    def wait(self) -> None:
+        with self._cond:
+            # A sync already running may have begun before our write: we need the next one.
+            target = self._done + (2 if self._running else 1)
+            while self._done < target:
+                if self._running:
+                    self._cond.wait()
+                    continue
+                self._running = True
+                self._cond.release()
+                error: OSError | None = None
+                try:
+                    self._sync()
+                except OSError as exc:
+                    error = exc
+                finally:
+                    self._cond.acquire()
+                    self._running = False
+                    self._done += 1
+                    if error is not None:
+                        self._failed = (self._done, error)
+                    self._cond.notify_all()
+            if self._failed is not None and self._failed[0] == target:
+                raise self._failed[1]
 
 
 class LocalDirectoryStore:
@@ -41,19 +79,8 @@ class LocalDirectoryStore:
     def __init__(self, root: Path, *, fsync: bool = True) -> None:
         self._root = Path(root)
         self._fsync = fsync
-        # Directories whose own entry (and their parents') this process made durable.
-        self._durable_dirs: set[Path] = set()
-        # Directories whose entries this process has fsynced at least once: every object in
-        # them is durable, including those a previous, crashed process renamed into place.
-        self._flushed_dirs: set[Path] = set()
-        # Objects renamed into place whose directory fsync has not finished (path -> puts in
-        # flight): `has` must not call them present before they are durable.
-        self._unsynced: dict[Path, int] = {}
-        self._unsynced_lock = threading.Lock()
-        # Held only while creating a directory (and fsyncing its parent), so that a put never
-        # returns before the directory holding its object is durable, even when another thread
-        # created that directory a moment earlier.
-        self._mkdir_lock = threading.Lock()
+        self._made_dirs: set[Path] = set()  # directories known to exist: mkdir skipped
+        self._sync = GroupSync(self._syncfs)
 
     def __repr__(self) -> str:
         return f"LocalDirectoryStore({str(self._root)!r}, fsync={self._fsync})"
@@ -66,6 +93,19 @@ class LocalDirectoryStore:
     def root(self) -> Path:
         return self._root
 
+    def _syncfs(self) -> None:
+        fd = os.open(self._root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            if _libc.syncfs(fd) != 0:
+                code = ctypes.get_errno()
+                raise OSError(code, os.strerror(code), str(self._root))
+        finally:
+            os.close(fd)
+
+    def _durable(self) -> None:
+        if self._fsync:
+            self._sync.wait()
+
     def put(self, key: str, data: bytes) -> None:
         path = self._path(key)
         directory = path.parent
@@ -76,21 +116,13 @@ class LocalDirectoryStore:
                 fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
                 with os.fdopen(fd, "wb") as file:
                     file.write(data)
-                    file.flush()
-                    if self._fsync:
-                        os.fsync(file.fileno())
-                self._track_unsynced(path, +1)
-                try:
-                    os.replace(temp, path)
-                    if self._fsync:
-                        _fsync_dir(directory)
-                        self._flushed_dirs.add(directory)
-                finally:
-                    self._track_unsynced(path, -1)
+                self._durable()  # the contents, before the name makes them visible
+                os.replace(temp, path)
             except BaseException:
                 # Whatever stopped the put, no temporary file stays behind to be cleaned later.
                 temp.unlink(missing_ok=True)
                 raise
+            self._durable()  # the name
         except OSError as error:
             raise self._error("write", key, error) from error
 
@@ -105,24 +137,10 @@ class LocalDirectoryStore:
             raise self._error("read", key, error) from error
 
     def has(self, key: str) -> bool:
-        path = self._path(key)
+        # What can be seen has durable contents (see the module note). Its name may not be
+        # durable yet; whoever relies on it commits with a put, whose sync covers it.
         try:
-            if not stat.S_ISREG(os.stat(path).st_mode):
-                return False
-            directory = path.parent
-            if not self._fsync:
-                return True
-            if directory not in self._flushed_dirs:
-                # The object may come from a process that died between its rename and the
-                # directory fsync. "Present" must mean durable (a manifest will rely on it),
-                # so flush the directory once; a clean directory fsyncs in tens of µs.
-                self._ensure_dir(directory)
-                _fsync_dir(directory)
-                self._flushed_dirs.add(directory)
-            elif path in self._unsynced:
-                # Another thread's put renamed it and is still fsyncing the directory.
-                _fsync_dir(directory)
-            return True
+            return stat.S_ISREG(os.stat(self._path(key)).st_mode)
         except (FileNotFoundError, NotADirectoryError):
             return False
         except OSError as error:
@@ -136,12 +154,11 @@ class LocalDirectoryStore:
             return
         except OSError as error:
             raise self._error("delete", key, error) from error
-        if self._fsync:
-            # A deleted manifest must stay deleted after a crash, or its recovery point returns.
-            try:
-                _fsync_dir(path.parent)
-            except OSError as error:
-                raise self._error("delete", key, error) from error
+        # A deleted manifest must stay deleted after a crash, or its recovery point returns.
+        try:
+            self._durable()
+        except OSError as error:
+            raise self._error("delete", key, error) from error
 
     def list(self, prefix: str) -> Iterator[str]:
         check_prefix(prefix)
@@ -177,39 +194,16 @@ class LocalDirectoryStore:
         return self._root.joinpath(*check_key(key).split("/"))
 
     def _ensure_dir(self, directory: Path) -> None:
-        if directory in self._durable_dirs:
+        """Create `directory` and its parents; their entries become durable with the put."""
+        if directory in self._made_dirs:
             return
-        with self._mkdir_lock:
-            self._make_durable_dir(directory)
-
-    def _make_durable_dir(self, directory: Path) -> None:
-        """Create `directory` (and missing parents) and make its entry durable; lock held."""
-        if directory in self._durable_dirs:
-            return
-        if directory == self._root:
-            directory.parent.mkdir(parents=True, exist_ok=True)
-        else:
-            self._make_durable_dir(directory.parent)
         try:
-            directory.mkdir(mode=0o700)
+            directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         except FileExistsError:
-            if not directory.is_dir():
-                raise NotADirectoryError(
-                    errno.ENOTDIR, "an object holds this name", str(directory)
-                ) from None
-        # Also when it already existed: a directory made by a process that then crashed may
-        # not be durable yet. This runs once per directory per process.
-        if self._fsync:
-            _fsync_dir(directory.parent)
-        self._durable_dirs.add(directory)
-
-    def _track_unsynced(self, path: Path, change: int) -> None:
-        with self._unsynced_lock:
-            count = self._unsynced.get(path, 0) + change
-            if count:
-                self._unsynced[path] = count
-            else:
-                del self._unsynced[path]
+            raise NotADirectoryError(
+                errno.ENOTDIR, "an object holds this name", str(directory)
+            ) from None
+        self._made_dirs.add(directory)
 
     def _error(self, action: str, key: str, error: OSError) -> Exception:
         if isinstance(error, IsADirectoryError | NotADirectoryError | FileExistsError):
@@ -220,11 +214,3 @@ class LocalDirectoryStore:
         return DatastoreError(
             detail=f"cannot {action} object {key!r} in {self._root}: {error.strerror or error}"
         )
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

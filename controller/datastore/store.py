@@ -16,7 +16,7 @@ from typing import Any
 
 from controller.datastore.backend import ObjectStore
 from shared.blob import Compression, decode_blob, decompress, encode_blob
-from shared.digest import ZERO_DIGEST, check_digest, sha256
+from shared.digest import CHUNK_HASH, ZERO_DIGEST, check_digest, chunk_digest, sha256
 from shared.errors import (
     ChunkDigestMismatch,
     ChunkMissing,
@@ -72,7 +72,7 @@ class DatastoreConfig:
     """The settings every writer of a datastore must agree on (`datastore.json`)."""
 
     chunk_size: int
-    hash: str = "sha256"
+    hash: str = CHUNK_HASH
     compression: str = "zstd"
 
     def __post_init__(self) -> None:
@@ -110,10 +110,10 @@ class DatastoreConfig:
         if version > CONFIG_FORMAT:
             raise UnsupportedFormat(what="datastore", version=version, supported=CONFIG_FORMAT)
         hash_name, compression = document.get("hash"), document.get("compression")
-        if hash_name != "sha256" or compression != "zstd":
+        if hash_name != CHUNK_HASH or compression != "zstd":
             raise UnsupportedFormat(
                 f"Datastore uses hash {hash_name!r} and compression {compression!r}; this "
-                "Coffer knows only sha256 and zstd. Upgrade Coffer to read it.",
+                f"Coffer knows only {CHUNK_HASH} and zstd. Upgrade Coffer to read it.",
                 what="datastore",
             )
         chunk_size = document.get("chunk_size")
@@ -229,7 +229,7 @@ class Datastore:
         except ValueError:
             raise InvalidArgument(detail=f"unknown chunk compression {compression!r}") from None
         raw = decompress(kind, payload, raw_size)
-        actual = sha256(raw)
+        actual = chunk_digest(raw)
         if actual != digest:
             raise ChunkDigestMismatch(actual=actual.hex(), claimed=digest.hex())
         key = chunk_key(digest)
@@ -275,7 +275,7 @@ class Datastore:
             raise CorruptData(
                 what=f"chunk {digest.hex()}", detail=error.fields.get("detail")
             ) from None
-        actual = sha256(raw)
+        actual = chunk_digest(raw)
         if actual != digest:
             raise CorruptData(
                 what=f"chunk {digest.hex()}", detail=f"its bytes hash to {actual.hex()}"

@@ -196,19 +196,25 @@ class MissingChunksReply(_message.Message):
     missing: _containers.RepeatedScalarFieldContainer[bytes]
     def __init__(self, missing: _Optional[_Iterable[bytes]] = ...) -> None: ...
 
-class ChunkUpload(_message.Message):
-    __slots__ = ("job_id", "digest", "compression", "raw_size", "data")
-    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+class Chunk(_message.Message):
+    __slots__ = ("digest", "compression", "raw_size", "data")
     DIGEST_FIELD_NUMBER: _ClassVar[int]
     COMPRESSION_FIELD_NUMBER: _ClassVar[int]
     RAW_SIZE_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
-    job_id: str
     digest: bytes
     compression: Compression
     raw_size: int
     data: bytes
-    def __init__(self, job_id: _Optional[str] = ..., digest: _Optional[bytes] = ..., compression: _Optional[_Union[Compression, str]] = ..., raw_size: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
+    def __init__(self, digest: _Optional[bytes] = ..., compression: _Optional[_Union[Compression, str]] = ..., raw_size: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class ChunkUpload(_message.Message):
+    __slots__ = ("job_id", "chunks")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    CHUNKS_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    chunks: _containers.RepeatedCompositeFieldContainer[Chunk]
+    def __init__(self, job_id: _Optional[str] = ..., chunks: _Optional[_Iterable[_Union[Chunk, _Mapping]]] = ...) -> None: ...
 
 class UploadSummary(_message.Message):
     __slots__ = ("chunks_received", "chunks_stored", "bytes_stored")
@@ -234,14 +240,8 @@ class DownloadRequest(_message.Message):
     digests: _containers.RepeatedScalarFieldContainer[bytes]
     def __init__(self, job_id: _Optional[str] = ..., digests: _Optional[_Iterable[bytes]] = ...) -> None: ...
 
-class ChunkData(_message.Message):
-    __slots__ = ("digest", "compression", "raw_size", "data")
-    DIGEST_FIELD_NUMBER: _ClassVar[int]
-    COMPRESSION_FIELD_NUMBER: _ClassVar[int]
-    RAW_SIZE_FIELD_NUMBER: _ClassVar[int]
-    DATA_FIELD_NUMBER: _ClassVar[int]
-    digest: bytes
-    compression: Compression
-    raw_size: int
-    data: bytes
-    def __init__(self, digest: _Optional[bytes] = ..., compression: _Optional[_Union[Compression, str]] = ..., raw_size: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
+class ChunkBatch(_message.Message):
+    __slots__ = ("chunks",)
+    CHUNKS_FIELD_NUMBER: _ClassVar[int]
+    chunks: _containers.RepeatedCompositeFieldContainer[Chunk]
+    def __init__(self, chunks: _Optional[_Iterable[_Union[Chunk, _Mapping]]] = ...) -> None: ...

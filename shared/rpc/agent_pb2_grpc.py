@@ -63,7 +63,7 @@ class AgentServiceStub:
         self.DownloadChunks = channel.unary_stream(
                 '/coffer.v1.AgentService/DownloadChunks',
                 request_serializer=coffer_dot_v1_dot_agent__pb2.DownloadRequest.SerializeToString,
-                response_deserializer=coffer_dot_v1_dot_agent__pb2.ChunkData.FromString,
+                response_deserializer=coffer_dot_v1_dot_agent__pb2.ChunkBatch.FromString,
                 _registered_method=True)
 
 
@@ -94,8 +94,8 @@ class AgentServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def UploadChunks(self, request_iterator, context):
-        """Chunks of a running backup job. The controller re-hashes every chunk and refuses one whose
-        bytes do not match its digest, storing nothing of it.
+        """Chunks of a running backup job, a few per message. The controller re-hashes every chunk
+        and refuses one whose bytes do not match its digest, storing nothing of it.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -109,7 +109,7 @@ class AgentServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def DownloadChunks(self, request, context):
-        """Chunks of a running restore job, in the order asked.
+        """Chunks of a running restore job, in the order asked, a few per message.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -146,7 +146,7 @@ def add_AgentServiceServicer_to_server(servicer, server):
             'DownloadChunks': grpc.unary_stream_rpc_method_handler(
                     servicer.DownloadChunks,
                     request_deserializer=coffer_dot_v1_dot_agent__pb2.DownloadRequest.FromString,
-                    response_serializer=coffer_dot_v1_dot_agent__pb2.ChunkData.SerializeToString,
+                    response_serializer=coffer_dot_v1_dot_agent__pb2.ChunkBatch.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -310,7 +310,7 @@ class AgentService:
             target,
             '/coffer.v1.AgentService/DownloadChunks',
             coffer_dot_v1_dot_agent__pb2.DownloadRequest.SerializeToString,
-            coffer_dot_v1_dot_agent__pb2.ChunkData.FromString,
+            coffer_dot_v1_dot_agent__pb2.ChunkBatch.FromString,
             options,
             channel_credentials,
             insecure,

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from controller.datastore import Datastore, LocalDirectoryStore
 from shared.blob import Compression, compress
-from shared.digest import sha256
+from shared.digest import chunk_digest
 
 
 def chunks(size: int, count: int, compressible: bool) -> list[tuple[bytes, Compression, bytes]]:
@@ -38,7 +38,7 @@ def chunks(size: int, count: int, compressible: bool) -> list[tuple[bytes, Compr
     for i in range(count):
         raw = i.to_bytes(8, "little") + base[8:]
         compression, payload = compress(raw)
-        out.append((sha256(raw), compression, payload))
+        out.append((chunk_digest(raw), compression, payload))
     return out
 
 
