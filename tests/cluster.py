@@ -19,6 +19,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
+from controller.config import DEFAULT_CHUNK_SIZE
+
 BIN = Path(sys.executable).parent
 
 
@@ -106,7 +108,9 @@ class CliError(Exception):
 class Cluster:
     """A controller, its private broker, and agents, all real processes under `root`."""
 
-    def __init__(self, root: Path, *, chunk_size: int = 1 << 20, mqtt: str | None = None):
+    def __init__(
+        self, root: Path, *, chunk_size: int = DEFAULT_CHUNK_SIZE, mqtt: str | None = None
+    ) -> None:
         self.root = root
         self.pki = root / "pki"
         self.port = free_port()

@@ -81,7 +81,7 @@ class Coffer:
         workdir: Path,
         source: Path,
         *,
-        chunk_size: int = 1 << 20,
+        chunk_size: int = 512 << 10,
         before_step: Callable[[], None] = _nothing,
         timeout_s: float = 3600.0,
         start_timeout_s: float = 60.0,

@@ -1,6 +1,6 @@
 """The benchmark run: Coffer, restic and borg on the same disk image, in the same run.
 
-    python -m tests.bench.run [--size 2G] [--tools coffer,restic,borg] [--chunk-size 1M 4M]
+    python -m tests.bench.run [--size 2G] [--tools coffer,restic,borg] [--chunk-size 512K 1M]
                               [--workdir /var/tmp] [--keep] [--sparse-memory] ...
 
 Run as root (loop mounts, dropping the page cache). Steps, for every tool in turn:
@@ -90,8 +90,9 @@ def arguments(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--chunk-size",
         nargs="+",
-        default=["1M"],
-        help="Coffer chunk size(s), one Coffer run per size (1M; e.g. --chunk-size 256K 1M 4M)",
+        default=["512K"],
+        help="Coffer chunk size(s), one Coffer run per size (512K, the default of new "
+        "datastores; e.g. --chunk-size 256K 512K 1M)",
     )
     p.add_argument("--keep", action="store_true", help="keep images, repositories and logs")
     p.add_argument("--fill", type=float, default=0.6, help="file-system fill of the base (0.6)")
