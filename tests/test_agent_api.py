@@ -167,8 +167,13 @@ async def test_chunk_not_matching_its_digest_is_refused_and_nothing_stored(
         assert not store.has_chunk(chunk_digest(data))
 
         # An index naming a chunk that was never stored is refused as well.
+        chunk_size = command.backup.chunk_size
         index = agent_pb2.IndexPart(
-            job_id=job_id, disk="root", size_bytes=1 << 20, chunk_size=1 << 20, digests=claimed
+            job_id=job_id,
+            disk="root",
+            size_bytes=chunk_size,
+            chunk_size=chunk_size,
+            digests=claimed,
         )
 
         async def parts() -> AsyncIterator[agent_pb2.IndexPart]:
