@@ -20,25 +20,23 @@ import asyncio
 import contextlib
 import logging
 from collections import deque
-from collections.abc import AsyncIterator, Callable
-from concurrent.futures import Executor
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import TypeVar, cast
+from typing import cast
 
 import grpc
 
-from agent.config import AgentConfig, DiskConfig
+from agent.config import DiskConfig
 from agent.disk import DiskReader
 from agent.progress import Progress
-from agent.status import StatusPublisher
+from agent.runtime import Runtime
 from shared.blob import Compression, compress
 from shared.digest import DIGEST_SIZE, ZERO_DIGEST
 from shared.errors import DiskNotFound, DiskReadFailed, NotFound
-from shared.rpc import agent_pb2, agent_pb2_grpc
+from shared.rpc import agent_pb2
 from shared.rpc_errors import from_rpc_error
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 
 READ_WINDOW = 16  # chunks being read, hashed and compressed in the pool at once
 MISSING_BATCH = 16  # compressed chunks held while the controller is asked which it lacks
@@ -74,22 +72,12 @@ class DiskResult:
 class BackupRun:
     """One backup command: every requested disk, one after the other."""
 
-    def __init__(
-        self,
-        config: AgentConfig,
-        stub: agent_pb2_grpc.AgentServiceStub,
-        pool: Executor,
-        status: StatusPublisher | None,
-        command: agent_pb2.BackupCommand,
-    ) -> None:
-        self._config = config
-        self._stub = stub
-        self._pool = pool
-        self._status = status
+    def __init__(self, runtime: Runtime, command: agent_pb2.BackupCommand) -> None:
+        self._config = runtime.config
+        self._stub = runtime.stub
+        self._status = runtime.status
+        self._in_pool = runtime.in_pool
         self._command = command
-
-    def _in_pool(self, fn: Callable[..., T], *args: object) -> asyncio.Future[T]:
-        return asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
 
     def disks(self) -> list[DiskConfig]:
         names = list(self._command.disks) or [d.name for d in self._config.disks]

@@ -17,15 +17,13 @@ import stat
 import threading
 from collections import defaultdict
 from collections.abc import Callable
-from concurrent.futures import Executor
 from pathlib import Path
-from typing import TypeVar
 
 import grpc
 
 from agent.config import AgentConfig
 from agent.progress import Progress
-from agent.status import StatusPublisher
+from agent.runtime import Runtime
 from shared.blob import Compression, decompress
 from shared.digest import DIGEST_SIZE, ZERO_DIGEST, chunk_digest
 from shared.errors import (
@@ -34,11 +32,10 @@ from shared.errors import (
     PathNotAllowed,
     RestoreTargetFailed,
 )
-from shared.rpc import agent_pb2, agent_pb2_grpc
+from shared.rpc import agent_pb2
 from shared.rpc_errors import from_rpc_error
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 
 DOWNLOAD_BATCH = 4096  # digests per DownloadChunks call
 DOWNLOAD_STREAMS = 4  # DownloadChunks calls at once
@@ -60,22 +57,12 @@ def allowed_target(config: AgentConfig, target: str) -> Path:
 
 
 class RestoreRun:
-    def __init__(
-        self,
-        config: AgentConfig,
-        stub: agent_pb2_grpc.AgentServiceStub,
-        pool: Executor,
-        status: StatusPublisher | None,
-        command: agent_pb2.RestoreCommand,
-    ) -> None:
-        self._config = config
-        self._stub = stub
-        self._pool = pool
-        self._status = status
+    def __init__(self, runtime: Runtime, command: agent_pb2.RestoreCommand) -> None:
+        self._config = runtime.config
+        self._stub = runtime.stub
+        self._status = runtime.status
+        self._in_pool = runtime.in_pool
         self._command = command
-
-    def _in_pool(self, fn: Callable[..., T], *args: object) -> asyncio.Future[T]:
-        return asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
 
     async def run(self) -> int:
         """Restore the disk; the number of bytes written."""

@@ -24,6 +24,7 @@ from agent.backup import BackupRun
 from agent.config import AgentConfig
 from agent.disk import disk_size
 from agent.restore import RestoreRun
+from agent.runtime import Runtime
 from agent.status import StatusPublisher
 from shared.errors import CofferError
 from shared.rpc import agent_pb2, agent_pb2_grpc
@@ -118,6 +119,7 @@ class Agent:
             options=channel_options(self.config.controller_name),
         ) as channel:
             stub = agent_pb2_grpc.AgentServiceStub(channel)
+            runtime = Runtime(self.config, stub, pool, status)
             call = stub.Session()
             await call.write(agent_pb2.AgentMessage(hello=self.hello()))
             first = await call.read()
@@ -149,7 +151,7 @@ class Agent:
                         continue
                     job_id = getattr(message, kind).job_id
                     running[job_id] = tasks.create_task(
-                        self._command(message, stub, pool, status, outbox),
+                        self._command(message, runtime, outbox),
                         name=f"{kind}-{job_id}",
                     )
                     running[job_id].add_done_callback(partial(_forget, running, job_id))
@@ -175,9 +177,7 @@ class Agent:
     async def _command(
         self,
         message: agent_pb2.ControllerMessage,
-        stub: agent_pb2_grpc.AgentServiceStub,
-        pool: ThreadPoolExecutor,
-        status: StatusPublisher,
+        runtime: Runtime,
         outbox: asyncio.Queue[agent_pb2.AgentMessage],
     ) -> None:
         kind = message.WhichOneof("kind")
@@ -186,16 +186,14 @@ class Agent:
             if kind == "backup":
                 result.job_id = message.backup.job_id
                 log.info("backup %s started", result.job_id)
-                disks = await BackupRun(self.config, stub, pool, status, message.backup).run()
+                disks = await BackupRun(runtime, message.backup).run()
                 result.disks.extend(d.to_proto() for d in disks)
                 # No freeze yet: what is read is what a power cut would leave.
                 result.consistency = "crash"
             elif kind == "restore":
                 result.job_id = message.restore.job_id
                 log.info("restore %s started", result.job_id)
-                result.bytes_written = await RestoreRun(
-                    self.config, stub, pool, status, message.restore
-                ).run()
+                result.bytes_written = await RestoreRun(runtime, message.restore).run()
             else:
                 raise CofferError(f"this agent does not know the command {kind!r}")
             result.ok = True
