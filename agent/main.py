@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
-import logging
 import signal
 import sys
-from pathlib import Path
 
 from agent.config import AgentConfig
 from agent.session import Agent
-from shared.errors import CofferError
+from shared.daemon import run_daemon
 
 
 async def serve(config: AgentConfig) -> None:
@@ -26,20 +23,7 @@ async def serve(config: AgentConfig) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="coffer-agent", description=__doc__)
-    parser.add_argument("--config", type=Path, required=True, help="agent TOML file")
-    parser.add_argument("--log-level", default="INFO")
-    args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    try:
-        asyncio.run(serve(AgentConfig.load(args.config)))
-    except CofferError as exc:
-        print(f"coffer-agent: {exc}", file=sys.stderr)
-        return exc.exit_code
-    return 0
+    return run_daemon("coffer-agent", __doc__, AgentConfig.load, serve, argv)
 
 
 if __name__ == "__main__":

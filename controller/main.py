@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import logging
 import signal
 import sys
-from pathlib import Path
 
 from controller.config import ControllerConfig
 from controller.server import Controller
-from shared.errors import CofferError
+from shared.daemon import run_daemon
 
 
 async def serve(config: ControllerConfig) -> None:
@@ -27,20 +25,7 @@ async def serve(config: ControllerConfig) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="coffer-controller", description=__doc__)
-    parser.add_argument("--config", type=Path, required=True, help="controller TOML file")
-    parser.add_argument("--log-level", default="INFO")
-    args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    try:
-        asyncio.run(serve(ControllerConfig.load(args.config)))
-    except CofferError as exc:
-        print(f"coffer-controller: {exc}", file=sys.stderr)
-        return exc.exit_code
-    return 0
+    return run_daemon("coffer-controller", __doc__, ControllerConfig.load, serve, argv)
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ from controller.operator_service import OperatorService
 from controller.registry import AgentRegistry
 from controller.status import StatusMonitor
 from shared.clock import Clock, SystemClock
+from shared.errors import Unavailable
 from shared.model import DEFAULT_VAULT
 from shared.rpc import agent_pb2_grpc, operator_pb2_grpc
 from shared.tls import server_credentials, server_options
@@ -88,7 +89,14 @@ class Controller:
             operator_pb2_grpc.add_OperatorServiceServicer_to_server(
                 OperatorService(catalog, registry, jobs, status), server
             )
-            self.port = server.add_secure_port(config.listen, server_credentials(config.tls))
+            try:
+                self.port = server.add_secure_port(config.listen, server_credentials(config.tls))
+            except RuntimeError as exc:  # grpc's only word for "could not bind"
+                raise Unavailable(
+                    f"cannot listen on {config.listen}: {str(exc).split(';')[0]}. Is another "
+                    "controller running, "
+                    "or is the address wrong (`listen` in the controller config)?"
+                ) from exc
             await server.start()
             stack.push_async_callback(server.stop, SHUTDOWN_GRACE_SECONDS)
             log.info("controller listening on %s (port %d)", config.listen, self.port)

@@ -1,0 +1,57 @@
+"""How Coffer's long-running processes start: options, logging, a config, typed failure."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Any, TypeVar
+
+from shared.errors import CofferError
+
+C = TypeVar("C")
+
+
+def run_daemon(
+    prog: str,
+    description: str | None,
+    load: Callable[[Path], C],
+    serve: Callable[[C], Coroutine[Any, Any, None]],
+    argv: list[str] | None = None,
+) -> int:
+    """Parse `--config` and `--log-level`, load the config, serve; the process's exit code.
+
+    A CofferError (a bad config, a port in use...) is one line on stderr and its exit code,
+    not a traceback.
+    """
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("--config", type=Path, required=True, help="TOML configuration file")
+    parser.add_argument("--log-level", default="INFO")
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        asyncio.run(serve(load(args.config)))
+    except (CofferError, BaseExceptionGroup) as exc:
+        error = _coffer_error(exc)
+        if error is None:
+            raise
+        print(f"{prog}: {error}", file=sys.stderr)
+        return error.exit_code
+    return 0
+
+
+def _coffer_error(exc: BaseException) -> CofferError | None:
+    """The CofferError `exc` is or (from a task group) holds, if any."""
+    if isinstance(exc, CofferError):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            if (found := _coffer_error(inner)) is not None:
+                return found
+    return None
