@@ -1,10 +1,10 @@
 """The controller's status monitor: agents' presence and job progress in, job states out, over MQTT.
 
-One background task owns the MQTT connection and loops: connect with the controller's client
-certificate, subscribe to every agent's presence and progress, keep the latest of each in
-memory for the API and the dashboard, and send job states from a coalescing outbox. On any
-MQTT or network error it waits a jittered, capped backoff and connects again (aiomqtt has no
-reconnect of its own); after a reconnect the retained presences arrive again by themselves.
+The connection is a `shared.mqtt.MqttConnection`, which reconnects with a jittered, capped
+backoff; on each connection the monitor (controller's client certificate) subscribes to every
+agent's presence and progress, keeps the latest of each in memory for the API and the
+dashboard, and sends job states from a coalescing outbox. After a reconnect the retained
+presences arrive again by themselves.
 
 MQTT is the live view only: job outcomes come over gRPC into the catalog, so nothing here is
 ever the record of a result, and nothing a caller does blocks or raises because the broker is
@@ -15,37 +15,30 @@ its topic does, is logged and ignored. Topics and payloads: `shared.status`, `do
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-from types import TracebackType
-from typing import Final, Generic, Self, TypeVar
+from typing import ClassVar, Final, Generic, TypeVar
 
 import aiomqtt
 from paho.mqtt.reasoncodes import ReasonCode
 
-from shared.errors import CofferError, InvalidArgument
+from shared.errors import InvalidArgument
+from shared.mqtt import KEEPALIVE_SECONDS, MqttConnection
 from shared.status import (
     CONTROLLER_USERNAME,
     PRESENCE_FILTER,
     PROGRESS_FILTER,
     JobState,
-    Outbox,
     OutgoingMessage,
     Presence,
     Progress,
     TopicKind,
     TopicRef,
     parse_topic,
-    reconnect_delay,
 )
-from shared.tls import TlsFiles, mqtt_ssl_context
+from shared.tls import TlsFiles
 
 log = logging.getLogger(__name__)
 
-KEEPALIVE_SECONDS: Final = 15
-# Bound on every wait for the broker: CONNACK, SUBACK, PUBACK, DISCONNECT.
-OPERATION_TIMEOUT: Final = 5.0
-CLOSE_TIMEOUT: Final = 3.0
 # Bounds on what agents can make the controller remember (a job id is any topic level an
 # agent chooses); the least recently updated entries go first.
 MAX_JOBS: Final = 10_000
@@ -95,14 +88,17 @@ class _Latest(Generic[_V]):
                 del self._waiters[key]
 
 
-class StatusMonitor:
+class StatusMonitor(MqttConnection):
     """What the agents report over MQTT, as the controller sees it; and job states out.
 
     `tls` is the controller's certificate (CN `coffer-controller`), key and the Coffer CA.
     Use as an async context manager and tell it where the broker is with `set_broker` (a
     configured broker, or `PrivateBroker.host/port`). Every method but the `wait_*` ones
-    returns at once; `publish_job_state` may be called from any thread.
+    returns at once; `publish_job_state` may be called from any thread. While not `connected`,
+    what it holds may be stale.
     """
+
+    WHAT: ClassVar[str] = "status monitor"
 
     def __init__(
         self,
@@ -112,32 +108,18 @@ class StatusMonitor:
         max_pending: int = 1024,
         keepalive: int = KEEPALIVE_SECONDS,
     ) -> None:
-        self._tls = tls
-        self._keepalive = keepalive
+        super().__init__(
+            tls,
+            identifier=CONTROLLER_USERNAME,
+            task_name="coffer-status-monitor",
+            max_pending=max_pending,
+            keepalive=keepalive,
+        )
         # Bounded too: presence topics are only as many as certificates, but cheap to cap.
         self._presences: _Latest[Presence] = _Latest(max_size=max_jobs)
         self._progress: _Latest[Progress] = _Latest(max_size=max_jobs)
         # Progress still in flight when the controller forgot the job must not bring it back.
         self._forgotten: dict[str, None] = {}
-        self._outbox = Outbox(max_pending)
-        self._broker: tuple[str, int] | None = None
-        self._closing = False
-        self._connected = False
-        self._connections = 0  # successful connects so far
-        # _wake: something to do (job state, new broker, closing); _control: only the latter.
-        self._wake = asyncio.Event()
-        self._control = asyncio.Event()
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._task: asyncio.Task[None] | None = None
-
-    @property
-    def connected(self) -> bool:
-        """Whether the monitor is connected to a broker (else what it holds may be stale)."""
-        return self._connected
-
-    @property
-    def broker(self) -> tuple[str, int] | None:
-        return self._broker
 
     # --- what the agents report --------------------------------------------------------------
 
@@ -174,137 +156,11 @@ class StatusMonitor:
 
     def publish_job_state(self, state: JobState) -> None:
         """Queue `state` for publishing; returns at once. A job's states coalesce to the latest."""
-        self._outbox.put(OutgoingMessage.of(state))
-        self._signal()
+        self._enqueue(OutgoingMessage.of(state))
 
-    def set_broker(self, host: str, port: int) -> None:
-        """Use the broker at `host:port` from now on; an empty `host` disconnects.
+    # --- the connection's hooks --------------------------------------------------------------
 
-        A different address than before closes the current connection and connects to the new
-        one; the same address changes nothing.
-        """
-        broker = (host, port) if host else None
-        if broker is not None and not 0 < port < 65536:
-            log.error("status broker %s:%d has no valid port; not connecting", host, port)
-            broker = None
-        if broker == self._broker:
-            return
-        self._broker = broker
-        self._signal(control=True)
-
-    # --- lifecycle ---------------------------------------------------------------------------
-
-    async def __aenter__(self) -> Self:
-        self._loop = asyncio.get_running_loop()
-        self._closing = False
-        self._task = asyncio.create_task(self._run(), name="coffer-status-monitor")
-        self._task.add_done_callback(_log_crash)
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        task, self._task = self._task, None
-        if task is None:
-            return
-        # Let the task send what is queued and disconnect cleanly; cancel it if it cannot
-        # within CLOSE_TIMEOUT.
-        self._closing = True
-        self._signal(control=True)
-        try:
-            await asyncio.wait({task}, timeout=CLOSE_TIMEOUT)
-        finally:
-            # Also when our caller is cancelled while waiting: the task never outlives us.
-            if not task.done():
-                task.cancel()
-                await asyncio.wait({task})
-        if not task.cancelled() and (error := task.exception()) is not None:
-            raise error
-
-    # --- the connection task -----------------------------------------------------------------
-
-    def _signal(self, *, control: bool = False) -> None:
-        """Wake the task; safe from any thread, and a no-op before start or after the loop ends."""
-        loop = self._loop
-        if loop is None:
-            return
-        events = (self._wake, self._control) if control else (self._wake,)
-        try:
-            running = asyncio.get_running_loop()
-        except RuntimeError:
-            running = None
-        if running is loop:
-            for event in events:
-                event.set()
-            return
-        for event in events:
-            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody to wake
-                loop.call_soon_threadsafe(event.set)
-
-    async def _run(self) -> None:
-        attempt = 0
-        while not self._closing:
-            self._control.clear()
-            broker = self._broker
-            if broker is None:
-                await self._control.wait()
-                continue
-            error: str | None = None
-            connected_before = self._connections
-            try:
-                await self._session(*broker)
-            except* (aiomqtt.MqttError, OSError, CofferError) as group:
-                # CofferError: the TLS files could not be loaded (e.g. mid-renewal).
-                error = _describe(group.exceptions[0])
-            if error is None:
-                attempt = 0
-                continue
-            if self._connections != connected_before:
-                attempt = 0  # it was up: retry soon, and say so once
-                log.warning("status broker %s:%d lost: %s", *broker, error)
-            elif attempt == 0:
-                log.warning("cannot reach status broker %s:%d: %s", *broker, error)
-            else:
-                log.debug("status broker %s:%d still unreachable: %s", *broker, error)
-            delay = reconnect_delay(attempt)
-            attempt += 1
-            # A new address or closing ends the wait early.
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(delay):
-                    await self._control.wait()
-
-    async def _session(self, host: str, port: int) -> None:
-        """One connection: subscribe, then receive and send until closing or a new broker."""
-        context = await asyncio.to_thread(mqtt_ssl_context, self._tls)
-        client = aiomqtt.Client(
-            host,
-            port,
-            identifier=CONTROLLER_USERNAME,
-            tls_context=context,
-            keepalive=self._keepalive,
-            timeout=OPERATION_TIMEOUT,
-        )
-        async with client:
-            self._connected = True
-            self._connections += 1
-            log.info("status: connected to broker %s:%d", host, port)
-            try:
-                await self._subscribe(client)
-                async with asyncio.TaskGroup() as tasks:
-                    receiver = tasks.create_task(
-                        self._receive(client), name="coffer-status-monitor-receive"
-                    )
-                    tasks.create_task(
-                        self._drain(client, (host, port), receiver),
-                        name="coffer-status-monitor-send",
-                    )
-            finally:
-                self._connected = False
-
-    async def _subscribe(self, client: aiomqtt.Client) -> None:
+    async def _on_connect(self, client: aiomqtt.Client) -> None:
         filters = [(PRESENCE_FILTER, Presence.QOS), (PROGRESS_FILTER, Progress.QOS)]
         granted = await client.subscribe(filters)
         # MQTT 3.1.1 answers with granted QoS values (0x80: refused), paho 2 as reason codes.
@@ -319,38 +175,7 @@ class StatusMonitor:
                     CONTROLLER_USERNAME,
                 )
 
-    async def _receive(self, client: aiomqtt.Client) -> None:
-        async for message in client.messages:
-            self._handle(message.topic.value, message.payload)
-        raise aiomqtt.MqttError("the broker closed the connection")
-
-    async def _drain(
-        self, client: aiomqtt.Client, broker: tuple[str, int], receiver: asyncio.Task[None]
-    ) -> None:
-        while True:
-            self._wake.clear()
-            # Decided before taking the batch, so job states queued before closing go out.
-            stopping = self._closing or self._broker != broker
-            batch = self._outbox.take_all()
-            sent = 0
-            try:
-                for message in batch:
-                    await client.publish(
-                        message.topic, message.payload, qos=message.qos, retain=message.retain
-                    )
-                    sent += 1
-            finally:
-                # Failed or cancelled: what was not sent waits for the next connection.
-                self._outbox.requeue(batch[sent:])
-            if stopping:
-                receiver.cancel()
-                return
-            if not batch:
-                await self._wake.wait()
-
-    # --- incoming messages -------------------------------------------------------------------
-
-    def _handle(self, topic: str, payload: object) -> None:
+    def _on_message(self, topic: str, payload: object) -> None:
         try:
             if not isinstance(payload, bytes | bytearray):
                 raise InvalidArgument(detail=f"payload of type {type(payload).__name__}")
@@ -387,14 +212,3 @@ class StatusMonitor:
             log.debug("ignored progress of forgotten job %r", job_id)
             return
         self._progress.set(job_id, progress)
-
-
-def _describe(error: BaseException) -> str:
-    """`error` with its cause: aiomqtt reports a lost connection as an MqttError from the cause."""
-    cause = error.__cause__
-    return f"{error} ({cause})" if cause is not None else str(error) or type(error).__name__
-
-
-def _log_crash(task: asyncio.Task[None]) -> None:
-    if not task.cancelled() and (error := task.exception()) is not None:
-        log.error("status monitor stopped by a bug", exc_info=error)
