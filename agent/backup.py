@@ -20,7 +20,7 @@ import asyncio
 import contextlib
 import logging
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
 from typing import cast
 
@@ -154,22 +154,25 @@ class BackupRun:
             candidates: list[Compressed] = []
             candidate_bytes = 0
             position = 0  # bytes of the disk dealt with, for progress
-            async for number, digest, chunk, nbytes in self._chunks(disk, reader, previous):
-                end = min((number + 1) * chunk_size, size)
-                progress.advance("backup", end - position)
-                position = end
-                if digest == ZERO_DIGEST:
-                    continue
-                result.bytes_read += nbytes
-                digests[number * DIGEST_SIZE : (number + 1) * DIGEST_SIZE] = digest
-                if chunk is None or digest in seen:  # as in the previous recovery point
-                    continue
-                seen.add(digest)
-                candidates.append(chunk)
-                candidate_bytes += len(chunk[3])
-                if len(candidates) >= MISSING_BATCH or candidate_bytes >= UPLOAD_BATCH_BYTES:
-                    await self._send_missing(candidates, uploads, result)
-                    candidates, candidate_bytes = [], 0
+            chunks = self._chunks(disk, reader, previous)
+            # aclosing: on failure the generator's cleanup (waiting for reads) runs now.
+            async with contextlib.aclosing(chunks):
+                async for number, digest, chunk, nbytes in chunks:
+                    end = min((number + 1) * chunk_size, size)
+                    progress.advance("backup", end - position)
+                    position = end
+                    if digest == ZERO_DIGEST:
+                        continue
+                    result.bytes_read += nbytes
+                    digests[number * DIGEST_SIZE : (number + 1) * DIGEST_SIZE] = digest
+                    if chunk is None or digest in seen:  # as in the previous recovery point
+                        continue
+                    seen.add(digest)
+                    candidates.append(chunk)
+                    candidate_bytes += len(chunk[3])
+                    if len(candidates) >= MISSING_BATCH or candidate_bytes >= UPLOAD_BATCH_BYTES:
+                        await self._send_missing(candidates, uploads, result)
+                        candidates, candidate_bytes = [], 0
             if candidates:
                 await self._send_missing(candidates, uploads, result)
             await uploads.put(None)
@@ -213,7 +216,7 @@ class BackupRun:
 
     async def _chunks(
         self, disk: DiskConfig, reader: DiskReader, previous: bytes
-    ) -> AsyncIterator[tuple[int, bytes, Compressed | None, int]]:
+    ) -> AsyncGenerator[tuple[int, bytes, Compressed | None, int], None]:
         """(number, digest, compressed chunk or None, bytes read) of every chunk with data, in
         disk order. The chunk is None when it is all zero or the same as in `previous`."""
 

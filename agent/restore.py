@@ -11,8 +11,10 @@ as a device keeps its old contents).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
+import secrets
 import stat
 import threading
 from collections import defaultdict
@@ -22,6 +24,7 @@ from pathlib import Path
 import grpc
 
 from agent.config import AgentConfig
+from agent.disk import disk_size
 from agent.progress import Progress
 from agent.runtime import Runtime
 from shared.blob import Compression, decompress
@@ -43,17 +46,37 @@ FLUSH_EVERY = 64 << 20  # bytes written between starts of writeback
 WRITE_WINDOW = 8  # chunks verified and written at once
 
 
-def allowed_target(config: AgentConfig, target: str) -> Path:
-    """`target` resolved, if it lies under a restore directory; PathNotAllowed otherwise."""
+def allowed_target(config: AgentConfig, target: str) -> tuple[Path, tuple[str, ...]]:
+    """The restore directory `target` lies in and its path below it; PathNotAllowed otherwise.
+
+    Judged on the path as written (no `..`, no symbolic links followed): the restore then
+    walks it component by component without following links, so nothing a user of the VM
+    plants in a restore directory can send the write elsewhere.
+    """
     path = Path(target)
     allowed = ", ".join(str(d) for d in config.restore_dirs) or "none configured"
-    if not path.is_absolute():
+    if not path.is_absolute() or ".." in path.parts:
         raise PathNotAllowed(path=target, allowed=allowed)
-    resolved = path.resolve()
     for directory in config.restore_dirs:
-        if resolved.is_relative_to(directory.resolve()) and resolved != directory.resolve():
-            return resolved
+        if path.is_relative_to(directory) and path != directory:
+            return directory, path.relative_to(directory).parts
     raise PathNotAllowed(path=target, allowed=allowed)
+
+
+def _open_parent(root: Path, parts: tuple[str, ...]) -> int:
+    """A descriptor of the directory holding the target, reached without following links."""
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        for part in parts[:-1]:
+            child = os.open(
+                part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd
+            )
+            os.close(fd)
+            fd = child
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 class RestoreRun:
@@ -66,44 +89,65 @@ class RestoreRun:
 
     async def run(self) -> int:
         """Restore the disk; the number of bytes written."""
-        target = allowed_target(self._config, self._command.target_path)
+        root, parts = allowed_target(self._config, self._command.target_path)
+        target = self._command.target_path
         digests = await self._index()
         size = self._command.size_bytes
         if len(digests) != -(-size // self._command.chunk_size) * DIGEST_SIZE:
             raise CorruptData(what="the recovery point's index", detail="wrong number of chunks")
-        is_device = target.exists() and stat.S_ISBLK(target.stat().st_mode)
-        partial = target if is_device else target.with_name(f".{target.name}.coffer-partial")
         try:
-            fd = os.open(
-                partial,
-                os.O_WRONLY | os.O_CLOEXEC | (0 if is_device else os.O_CREAT | os.O_TRUNC),
-                0o600,
-            )
+            parent = _open_parent(root, parts)
         except OSError as exc:
-            raise RestoreTargetFailed(path=str(target), detail=exc.strerror) from exc
+            raise RestoreTargetFailed(path=target, detail=exc.strerror) from exc
         try:
-            if not is_device:
-                os.ftruncate(fd, size)  # a sparse file: zero chunks cost nothing
-            written = await self._write(fd, digests, size, is_device)
-            await self._in_pool(os.fsync, fd)
+            return await self._restore_in(parent, parts[-1], digests, size)
         except OSError as exc:
-            os.close(fd)
-            if not is_device:
-                partial.unlink(missing_ok=True)
-            raise RestoreTargetFailed(path=str(target), detail=exc.strerror) from exc
-        except BaseException:
-            os.close(fd)
-            if not is_device:
-                partial.unlink(missing_ok=True)
-            raise
-        os.close(fd)
-        if not is_device:
-            os.replace(partial, target)
-            directory = os.open(target.parent, os.O_RDONLY | os.O_DIRECTORY)
+            raise RestoreTargetFailed(path=target, detail=exc.strerror) from exc
+        finally:
+            os.close(parent)
+
+    async def _restore_in(self, parent: int, name: str, digests: bytes, size: int) -> int:
+        try:
+            existing = os.stat(name, dir_fd=parent, follow_symlinks=False)
+        except FileNotFoundError:
+            existing = None
+        if existing is not None and stat.S_ISBLK(existing.st_mode):
+            # A device is written in place. O_EXCL: Linux refuses (EBUSY) a device that is
+            # mounted or otherwise in use, rather than overwrite a live file system.
+            fd = os.open(name, os.O_WRONLY | os.O_EXCL | os.O_CLOEXEC, dir_fd=parent)
             try:
-                os.fsync(directory)
+                if disk_size(fd) < size:
+                    raise RestoreTargetFailed(
+                        path=self._command.target_path,
+                        detail=f"the device holds {disk_size(fd)} bytes, the disk {size}",
+                    )
+                written = await self._write(fd, digests, size, is_device=True)
+                await self._in_pool(os.fsync, fd)
+                return written
             finally:
-                os.close(directory)
+                os.close(fd)
+        # An image file: written beside the target under a name nobody can have planted
+        # (O_EXCL, O_NOFOLLOW), renamed over the target only once complete and durable.
+        partial = f".{name}.coffer-{secrets.token_hex(6)}"
+        fd = os.open(
+            partial,
+            os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+            0o600,
+            dir_fd=parent,
+        )
+        try:
+            try:
+                os.ftruncate(fd, size)  # a sparse file: zero chunks cost nothing
+                written = await self._write(fd, digests, size, is_device=False)
+                await self._in_pool(os.fsync, fd)
+            finally:
+                os.close(fd)
+            os.replace(partial, name, src_dir_fd=parent, dst_dir_fd=parent)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(partial, dir_fd=parent)
+            raise
+        os.fsync(parent)
         return written
 
     async def _index(self) -> bytes:

@@ -26,7 +26,7 @@ from agent.disk import disk_size
 from agent.restore import RestoreRun
 from agent.runtime import Runtime
 from agent.status import StatusPublisher
-from shared.errors import CofferError
+from shared.errors import CofferError, find_coffer_error
 from shared.rpc import agent_pb2, agent_pb2_grpc
 from shared.rpc_errors import from_rpc_error, to_proto
 from shared.tls import channel_credentials, channel_options
@@ -198,7 +198,13 @@ class Agent:
                 raise CofferError(f"this agent does not know the command {kind!r}")
             result.ok = True
             log.info("%s %s completed", kind, result.job_id)
-        except CofferError as exc:
-            log.warning("%s %s failed: %s", kind, result.job_id, exc)
-            result.error.CopyFrom(to_proto(exc))
+        # The command's boundary: whatever went wrong, the controller gets a result that
+        # says what (task groups wrap failures in groups; a bug is reported, not swallowed).
+        except Exception as exc:
+            error = find_coffer_error(exc)
+            if error is None:
+                log.exception("%s %s failed unexpectedly", kind, result.job_id)
+                error = CofferError(f"internal error in the agent: {exc!r}")
+            log.warning("%s %s failed: %s", kind, result.job_id, error)
+            result.error.CopyFrom(to_proto(error))
         outbox.put_nowait(agent_pb2.AgentMessage(result=result))

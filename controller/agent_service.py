@@ -23,7 +23,7 @@ from shared.blob import Compression
 from shared.clock import Clock
 from shared.digest import DIGEST_SIZE, check_digest
 from shared.errors import CofferError, InvalidArgument, PermissionDenied
-from shared.index import DiskIndex
+from shared.index import DiskIndex, check_disk_name
 from shared.rpc import agent_pb2, agent_pb2_grpc
 from shared.rpc_errors import abort
 from shared.tls import peer_identity
@@ -83,6 +83,9 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
                 raise PermissionDenied(
                     detail=f"the certificate is for VM {vm_id!r}, not {hello.vm_id!r}"
                 )
+            names = [check_disk_name(disk.name) for disk in hello.disks]
+            if len(set(names)) != len(names):
+                raise InvalidArgument(detail=f"disk names repeat: {names}")
         except CofferError as exc:
             log.warning("session refused: %s", exc)
             await abort(context, exc)
@@ -98,21 +101,22 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
             now=now,
         )
         session = AgentSession(hello=hello, connected_at=now)
-        self._registry.connect(session)
-        log.info("agent %s connected (%d disks)", vm_id, len(hello.disks))
         host, port = self._mqtt or ("", 0)
-        await context.write(
-            agent_pb2.ControllerMessage(
-                accepted=agent_pb2.SessionAccepted(
-                    controller_version=self._version,
-                    heartbeat_interval_ms=HEARTBEAT_INTERVAL_MS,
-                    mqtt_host=host,
-                    mqtt_port=port,
+        writer: asyncio.Task[None] | None = None
+        try:
+            await context.write(
+                agent_pb2.ControllerMessage(
+                    accepted=agent_pb2.SessionAccepted(
+                        controller_version=self._version,
+                        heartbeat_interval_ms=HEARTBEAT_INTERVAL_MS,
+                        mqtt_host=host,
+                        mqtt_port=port,
+                    )
                 )
             )
-        )
-        writer = asyncio.create_task(self._write_commands(session, context), name=f"to-{vm_id}")
-        try:
+            self._registry.connect(session)
+            log.info("agent %s connected (%d disks)", vm_id, len(hello.disks))
+            writer = asyncio.create_task(self._write_commands(session, context), name=f"to-{vm_id}")
             while True:
                 message = await context.read()
                 if message is grpc.aio.EOF:
@@ -125,8 +129,9 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
                 else:
                     log.warning("%s sent an unexpected %s; ignored", vm_id, kind)
         finally:
-            writer.cancel()
-            await asyncio.gather(writer, return_exceptions=True)
+            if writer is not None:
+                writer.cancel()
+                await asyncio.gather(writer, return_exceptions=True)
             self._registry.disconnect(session)
             self._catalog.touch_agent(vm_id, self._clock.now())
             log.info("agent %s disconnected", vm_id)
@@ -209,11 +214,17 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
                     )
             await settle(0)
         except CofferError as exc:
-            for future in inflight:
-                future.cancel()
             if running is not None:
                 log.warning("job %s: upload refused: %s", running.record.id, exc)
             await abort(context, exc)
+        finally:
+            # Refused, or the agent went away: chunks being stored finish (a put is atomic),
+            # and nothing they raise is left unretrieved.
+            if inflight:
+                await asyncio.wait(inflight)
+                for future in inflight:
+                    if not future.cancelled():
+                        future.exception()
         return summary
 
     @staticmethod
@@ -263,7 +274,8 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
                 if header is None:
                     header = part
                     running = self._jobs.running_backup(vm_id, part.job_id)
-                    expected = -(-part.size_bytes // max(part.chunk_size, 1)) * DIGEST_SIZE
+                    self._check_index_header(vm_id, part, running.chunk_size)
+                    expected = -(-part.size_bytes // part.chunk_size) * DIGEST_SIZE
                 elif part.job_id not in ("", header.job_id):
                     raise InvalidArgument(detail="one index stream carries one job's index")
                 parts.append(part.digests)
@@ -283,6 +295,19 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
         except ValueError as exc:
             await abort(context, InvalidArgument(detail=f"malformed index: {exc}"))
         return agent_pb2.PutIndexReply(chunk_count=len(index))
+
+    def _check_index_header(self, vm_id: str, part: agent_pb2.IndexPart, chunk_size: int) -> None:
+        """An index's geometry must be the job's and the disk's: it bounds what is buffered."""
+        if part.chunk_size != chunk_size:
+            raise InvalidArgument(
+                detail=f"index chunk size {part.chunk_size} is not the job's {chunk_size}"
+            )
+        disks = {d.name: d.size_bytes for d in self._registry.get(vm_id).hello.disks}
+        if part.disk not in disks or part.size_bytes > disks[part.disk]:
+            raise InvalidArgument(
+                detail=f"disk {part.disk!r} of {part.size_bytes} bytes is not one this VM "
+                "reported when it connected"
+            )
 
     async def DownloadChunks(
         self,

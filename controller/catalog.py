@@ -12,9 +12,11 @@ transactions on power loss) is enough.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -187,6 +189,9 @@ class Catalog:
         self._path = path
         self._db: aiosqlite.Connection | None = None
         self._heartbeats: dict[str, float] = {}
+        # One connection serves every coroutine: writers take turns, so one's commit never
+        # lands another's half-done statements, and a failed write is rolled back whole.
+        self._write_lock = asyncio.Lock()
 
     async def __aenter__(self) -> Self:
         self._path.parent.mkdir(parents=True, exist_ok=True)
@@ -213,6 +218,16 @@ class Catalog:
             await self._db.close()
             self._db = None
 
+    @contextlib.asynccontextmanager
+    async def _transaction(self) -> AsyncIterator[aiosqlite.Connection]:
+        async with self._write_lock:
+            try:
+                yield self.db
+            except BaseException:
+                await self.db.rollback()
+                raise
+            await self.db.commit()
+
     @property
     def db(self) -> aiosqlite.Connection:
         assert self._db is not None, "catalog is not open"
@@ -238,11 +253,12 @@ class Catalog:
     # --- vaults ----------------------------------------------------------------------------
 
     async def ensure_vault(self, name: str, region: str, chunk_size: int) -> VaultRecord:
-        await self.db.execute(
-            "INSERT OR IGNORE INTO vaults (name, region, chunk_size, created_at) VALUES (?,?,?,?)",
-            (name, region, chunk_size, time.time()),
-        )
-        await self.db.commit()
+        async with self._transaction() as db:
+            await db.execute(
+                "INSERT OR IGNORE INTO vaults (name, region, chunk_size, created_at)"
+                " VALUES (?,?,?,?)",
+                (name, region, chunk_size, time.time()),
+            )
         return await self.vault(name)
 
     async def vault(self, name: str) -> VaultRecord:
@@ -275,21 +291,21 @@ class Catalog:
         now: float,
     ) -> None:
         """Record an agent's hello: who it is and the disks it has now."""
-        await self.db.execute(
-            """INSERT INTO agents
-               (vm_id, name, service, region, hostname, agent_version, first_seen, last_seen)
-               VALUES (?,?,?,?,?,?,?,?)
-               ON CONFLICT (vm_id) DO UPDATE SET name=excluded.name, service=excluded.service,
-                 region=excluded.region, hostname=excluded.hostname,
-                 agent_version=excluded.agent_version, last_seen=excluded.last_seen""",
-            (vm_id, name, service, region, hostname, agent_version, now, now),
-        )
-        await self.db.execute("DELETE FROM disks WHERE vm_id = ?", (vm_id,))
-        await self.db.executemany(
-            "INSERT INTO disks (vm_id, name, path, size_bytes) VALUES (?,?,?,?)",
-            [(vm_id, d.name, d.path, d.size_bytes) for d in disks],
-        )
-        await self.db.commit()
+        async with self._transaction() as db:
+            await db.execute(
+                """INSERT INTO agents
+                   (vm_id, name, service, region, hostname, agent_version, first_seen, last_seen)
+                   VALUES (?,?,?,?,?,?,?,?)
+                   ON CONFLICT (vm_id) DO UPDATE SET name=excluded.name, service=excluded.service,
+                     region=excluded.region, hostname=excluded.hostname,
+                     agent_version=excluded.agent_version, last_seen=excluded.last_seen""",
+                (vm_id, name, service, region, hostname, agent_version, now, now),
+            )
+            await db.execute("DELETE FROM disks WHERE vm_id = ?", (vm_id,))
+            await db.executemany(
+                "INSERT INTO disks (vm_id, name, path, size_bytes) VALUES (?,?,?,?)",
+                [(vm_id, d.name, d.path, d.size_bytes) for d in disks],
+            )
 
     def touch_agent(self, vm_id: str, now: float) -> None:
         """Note a heartbeat; written by the next `flush`."""
@@ -299,11 +315,11 @@ class Catalog:
         if not self._heartbeats:
             return
         beats, self._heartbeats = self._heartbeats, {}
-        await self.db.executemany(
-            "UPDATE agents SET last_seen = ? WHERE vm_id = ?",
-            [(now, vm_id) for vm_id, now in beats.items()],
-        )
-        await self.db.commit()
+        async with self._transaction() as db:
+            await db.executemany(
+                "UPDATE agents SET last_seen = ? WHERE vm_id = ?",
+                [(now, vm_id) for vm_id, now in beats.items()],
+            )
 
     async def agents(self) -> list[AgentRecord]:
         disks: dict[str, list[DiskRecord]] = {}
@@ -335,27 +351,27 @@ class Catalog:
     # --- jobs ------------------------------------------------------------------------------
 
     async def insert_job(self, job: JobRecord) -> None:
-        await self.db.execute(
-            f"INSERT INTO jobs ({_JOB_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-            (
-                job.id, job.operation, job.status, job.vault, job.vm_id, job.started_at,
-                job.ended_at, job.bytes_read, job.bytes_sent, job.bytes_stored, job.error_code,
-                job.error_message, job.recovery_point_id, json.dumps(job.details),
-            ),
-        )  # fmt: skip
-        await self.db.commit()
+        async with self._transaction() as db:
+            await db.execute(
+                f"INSERT INTO jobs ({_JOB_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                (
+                    job.id, job.operation, job.status, job.vault, job.vm_id, job.started_at,
+                    job.ended_at, job.bytes_read, job.bytes_sent, job.bytes_stored, job.error_code,
+                    job.error_message, job.recovery_point_id, json.dumps(job.details),
+                ),
+            )  # fmt: skip
 
     async def update_job(self, job: JobRecord) -> None:
-        await self.db.execute(
-            """UPDATE jobs SET status=?, ended_at=?, bytes_read=?, bytes_sent=?, bytes_stored=?,
-               error_code=?, error_message=?, recovery_point_id=?, details=? WHERE id=?""",
-            (
-                job.status, job.ended_at, job.bytes_read, job.bytes_sent, job.bytes_stored,
-                job.error_code, job.error_message, job.recovery_point_id,
-                json.dumps(job.details), job.id,
-            ),
-        )  # fmt: skip
-        await self.db.commit()
+        async with self._transaction() as db:
+            await db.execute(
+                """UPDATE jobs SET status=?, ended_at=?, bytes_read=?, bytes_sent=?, bytes_stored=?,
+                   error_code=?, error_message=?, recovery_point_id=?, details=? WHERE id=?""",
+                (
+                    job.status, job.ended_at, job.bytes_read, job.bytes_sent, job.bytes_stored,
+                    job.error_code, job.error_message, job.recovery_point_id,
+                    json.dumps(job.details), job.id,
+                ),
+            )  # fmt: skip
 
     async def job(self, job_id: str) -> JobRecord:
         async with self.db.execute(
@@ -394,29 +410,38 @@ class Catalog:
 
     async def fail_interrupted_jobs(self, now: float, code: str, message: str) -> int:
         """Jobs left running by a controller that stopped: they cannot finish any more."""
-        cursor = await self.db.execute(
-            "UPDATE jobs SET status=?, ended_at=?, error_code=?, error_message=?"
-            " WHERE status IN (?,?)",
-            (JobStatus.FAILED, now, code, message, JobStatus.IN_PROGRESS, JobStatus.CANCELLING),
-        )
-        await self.db.commit()
+        async with self._transaction() as db:
+            cursor = await db.execute(
+                "UPDATE jobs SET status=?, ended_at=?, error_code=?, error_message=?"
+                " WHERE status IN (?,?)",
+                (JobStatus.FAILED, now, code, message, JobStatus.IN_PROGRESS, JobStatus.CANCELLING),
+            )
         return cursor.rowcount
 
     # --- recovery points -------------------------------------------------------------------
 
     async def insert_recovery_point(self, rp: RecoveryPointRecord) -> None:
-        await self.db.execute(
-            """INSERT OR IGNORE INTO recovery_points
-               (id, vault, vm_id, job_id, created_at, consistency, bytes_stored)
-               VALUES (?,?,?,?,?,?,?)""",
-            (rp.id, rp.vault, rp.vm_id, rp.job_id, rp.created_at, rp.consistency, rp.bytes_stored),
-        )
-        await self.db.executemany(
-            """INSERT OR IGNORE INTO recovery_point_disks
-               (recovery_point_id, name, size_bytes, chunk_size, chunk_count) VALUES (?,?,?,?,?)""",
-            [(rp.id, d.name, d.size_bytes, d.chunk_size, d.chunk_count) for d in rp.disks],
-        )
-        await self.db.commit()
+        async with self._transaction() as db:
+            await db.execute(
+                """INSERT OR IGNORE INTO recovery_points
+                   (id, vault, vm_id, job_id, created_at, consistency, bytes_stored)
+                   VALUES (?,?,?,?,?,?,?)""",
+                (
+                    rp.id,
+                    rp.vault,
+                    rp.vm_id,
+                    rp.job_id,
+                    rp.created_at,
+                    rp.consistency,
+                    rp.bytes_stored,
+                ),
+            )
+            await db.executemany(
+                """INSERT OR IGNORE INTO recovery_point_disks
+                   (recovery_point_id, name, size_bytes, chunk_size, chunk_count)
+                   VALUES (?,?,?,?,?)""",
+                [(rp.id, d.name, d.size_bytes, d.chunk_size, d.chunk_count) for d in rp.disks],
+            )
 
     async def recovery_points(self, vm_id: str = "") -> list[RecoveryPointRecord]:
         """Recovery points, oldest first; of one VM when `vm_id` is given."""

@@ -24,6 +24,7 @@ from typing import Self, TypeVar
 
 from controller.catalog import (
     Catalog,
+    JobFilter,
     JobRecord,
     RecoveryPointDiskRecord,
     RecoveryPointRecord,
@@ -111,6 +112,7 @@ class JobManager:
         self._tasks: asyncio.TaskGroup | None = None
 
     async def __aenter__(self) -> Self:
+        await self._recover_committed_backups()
         interrupted = await self._catalog.fail_interrupted_jobs(
             self._clock.now(),
             "ControllerRestarted",
@@ -134,6 +136,41 @@ class JobManager:
         # failed with AgentDisconnected and its task is finishing its record.
         await self._tasks.__aexit__(exc_type, exc, tb)
         self._tasks = None
+
+    async def _recover_committed_backups(self) -> None:
+        """Backups that committed their manifest before the controller stopped, but not yet
+        their catalog row: the recovery point is complete, so it is recorded, not lost."""
+        for job in await self._catalog.jobs(JobFilter(statuses=[JobStatus.IN_PROGRESS])):
+            rp_id = job.details.get("recovery_point_id")
+            if job.operation != Operation.BACKUP or not rp_id:
+                continue
+            datastore = await self._datastores.get(job.vault)
+            try:
+                manifest = await self.in_pool(datastore.get_manifest, rp_id)
+            except NotFound:
+                continue  # never committed: failed below with the other interrupted jobs
+            await self._catalog.insert_recovery_point(
+                RecoveryPointRecord(
+                    id=manifest.id,
+                    vault=manifest.vault,
+                    vm_id=manifest.vm_id,
+                    job_id=job.id,
+                    created_at=manifest.created_at.timestamp(),
+                    consistency=manifest.consistency,
+                    bytes_stored=job.bytes_stored,
+                    disks=tuple(
+                        RecoveryPointDiskRecord(d.name, d.size_bytes, d.chunk_size, d.chunk_count)
+                        for d in manifest.disks
+                    ),
+                )
+            )
+            job.status, job.ended_at, job.recovery_point_id = (
+                JobStatus.COMPLETED,
+                self._clock.now(),
+                manifest.id,
+            )
+            await self._catalog.update_job(job)
+            log.warning("job %s: recorded recovery point %s committed before a stop", job.id, rp_id)
 
     async def datastore(self, running: RunningJob) -> Datastore:
         return await self._datastores.get(running.record.vault)
@@ -283,6 +320,8 @@ class JobManager:
             job.ended_at = self._clock.now()
             try:
                 await self._catalog.update_job(job)
+            except Exception:
+                log.exception("job %s: its outcome could not be recorded", job.id)
             finally:
                 self._forget(running)
                 self._publish(job)
@@ -327,8 +366,12 @@ class JobManager:
                     index_sha256=index_sha,
                 )
             )
-        if not disks:
-            raise Conflict(detail="the agent finished the backup without any disk")
+        wanted = set(job.details.get("disks", ()))
+        if {d.name for d in disks} != wanted:
+            raise Conflict(
+                detail=f"the agent backed up disks {sorted(d.name for d in disks)}, "
+                f"not the {sorted(wanted)} this backup was for"
+            )
         created = self._clock.now()
         consistency = result.consistency or Consistency.CRASH
         manifest = RecoveryPointManifest(

@@ -10,7 +10,7 @@ from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
 
-from shared.errors import CofferError
+from shared.errors import CofferError, find_coffer_error
 
 C = TypeVar("C")
 
@@ -38,20 +38,9 @@ def run_daemon(
     try:
         asyncio.run(serve(load(args.config)))
     except (CofferError, BaseExceptionGroup) as exc:
-        error = _coffer_error(exc)
+        error = find_coffer_error(exc)
         if error is None:
             raise
         print(f"{prog}: {error}", file=sys.stderr)
         return error.exit_code
     return 0
-
-
-def _coffer_error(exc: BaseException) -> CofferError | None:
-    """The CofferError `exc` is or (from a task group) holds, if any."""
-    if isinstance(exc, CofferError):
-        return exc
-    if isinstance(exc, BaseExceptionGroup):
-        for inner in exc.exceptions:
-            if (found := _coffer_error(inner)) is not None:
-                return found
-    return None

@@ -58,6 +58,17 @@ class CofferError(Exception):
 CofferError._registry[CofferError.code] = CofferError
 
 
+def find_coffer_error(exc: BaseException) -> CofferError | None:
+    """The CofferError `exc` is or, raised out of a task group, holds; None if there is none."""
+    if isinstance(exc, CofferError):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            if (found := find_coffer_error(inner)) is not None:
+                return found
+    return None
+
+
 # --- caller mistakes -----------------------------------------------------------------------
 
 

@@ -677,3 +677,23 @@ def test_failed_delete_keeps_the_recovery_point_whole(faulty: FaultyStore) -> No
     with pytest.raises(DatastoreError):
         store.delete_recovery_point("rp1")
     assert restore(store, "rp1", "root") == ROOT_IMAGE
+
+
+def test_after_a_failed_sync_the_local_store_refuses_every_write() -> None:
+    """Linux reports a writeback error once: no later sync can vouch for earlier data."""
+    from controller.datastore.local import GroupSync
+
+    calls = []
+
+    def sync() -> None:
+        calls.append(1)
+        if len(calls) == 2:
+            raise OSError(5, "Input/output error")
+
+    group = GroupSync(sync)
+    group.wait()  # fine
+    with pytest.raises(OSError, match="earlier sync of the datastore failed"):
+        group.wait()
+    with pytest.raises(OSError, match="refused until the controller restarts"):
+        group.wait()  # and stays refused, without syncing again
+    assert len(calls) == 2

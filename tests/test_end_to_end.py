@@ -125,6 +125,29 @@ def test_restore_outside_restore_dirs_is_refused(cluster: Cluster) -> None:
     assert not Path("/etc/coffer-evil.img").exists()
 
 
+def test_restore_does_not_follow_links_planted_in_a_restore_dir(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    """A user of the VM links a name in the restore directory elsewhere: nothing lands there."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    restore_dir = cluster.agents["web-1"].restore_dir
+    (restore_dir / "linked-dir").symlink_to(outside)
+    rp = cluster.coffer("rp", "list", "web-1")[-1]["id"]
+    for target in (restore_dir / "linked-dir" / "x.img", restore_dir / "x" / ".." / "y.img"):
+        job = cluster.coffer(
+            "restore", "web-1", "--rp", rp, "--disk", "root", "--target", str(target),
+            check=False,
+        )  # fmt: skip
+        assert job["status"] == "Failed"
+        assert job["error_code"] in (
+            "UserErrorRestoreTargetFailed",
+            "UserErrorRestorePathNotAllowed",
+        )
+    assert list(outside.iterdir()) == []
+    assert not any(p.name.startswith(".") for p in restore_dir.iterdir())  # no partial file left
+
+
 def test_unknown_vm_and_disk_are_clear_errors(cluster: Cluster) -> None:
     missing = cluster.coffer("backup-now", "no-such-vm", json_out=False, check=False)
     assert missing.returncode == 8

@@ -43,7 +43,7 @@ not parse with `CorruptData`; it never guesses.
 
 Atomicity, idempotency, commit point
 ------------------------------------
-Every object is written whole or not at all (temp file + fsync + rename + directory fsync, or a
+Every object is written whole or not at all (temp file, file-system sync, rename, sync; or a
 single PUT) and is durable before `put` returns. A backup writes, in this order:
 
 1. its chunks: content-addressed, so writing one twice (two jobs, a retry, two threads at
@@ -58,11 +58,11 @@ step 3 leaves chunks and indexes nobody references: invisible, and reclaimed by 
 collection. Deletion runs the other way: manifest first (the recovery point is gone at once),
 then its indexes; its chunks wait for garbage collection.
 
-Durability rule: a chunk that `has_chunk` reports present is durable, so an agent may skip
-sending it and a manifest may reference it. The local store keeps this true for an object
-another thread has just renamed into place (its `has` fsyncs the directory first) and for
-files a crashed controller renamed without the directory fsync (the first `has` that finds an
-object in a directory fsyncs that directory, once per directory per process).
+Durability rule: a chunk that `has_chunk` reports present has durable contents, so an agent may
+skip sending it and a manifest may reference it. The local store syncs a file's contents
+before its rename makes it visible; the rename itself becomes durable with the next sync,
+which at the latest is the one of the manifest's own put. A failed sync makes the store refuse
+every later write (see `GroupSync` in local.py).
 
 Concurrency
 -----------

@@ -38,39 +38,47 @@ _libc = ctypes.CDLL(None, use_errno=True)
 class GroupSync:
     """Syncs shared by the threads that need one: `wait` returns after a sync that began
     after it was called. The first waiter runs the sync; those arriving meanwhile wait for
-    the next one, which one of them runs for all."""
+    the next one, which one of them runs for all.
+
+    A failed sync is final. Linux reports a writeback error to one syncfs and then forgets
+    it, and any sync may have written any waiter's pages, so after one failure no later sync
+    can vouch for data written before it. Every wait from then on raises (PostgreSQL treats a
+    failed fsync the same way): the datastore refuses writes until the controller restarts
+    and an operator has looked at the disk.
+    """
 
     def __init__(self, sync: Callable[[], None]) -> None:
         self._sync = sync
         self._cond = threading.Condition()
         self._done = 0  # syncs completed
         self._running = False
-        self._failed: tuple[int, OSError] | None = None  # the last sync that failed
+        self._failed: OSError | None = None
 
     def wait(self) -> None:
         with self._cond:
             # A sync already running may have begun before our write: we need the next one.
             target = self._done + (2 if self._running else 1)
-            while self._done < target:
+            while self._done < target and self._failed is None:
                 if self._running:
                     self._cond.wait()
                     continue
                 self._running = True
                 self._cond.release()
-                error: OSError | None = None
                 try:
                     self._sync()
                 except OSError as exc:
-                    error = exc
+                    self._failed = exc
                 finally:
                     self._cond.acquire()
                     self._running = False
                     self._done += 1
-                    if error is not None:
-                        self._failed = (self._done, error)
                     self._cond.notify_all()
-            if self._failed is not None and self._failed[0] == target:
-                raise self._failed[1]
+            if self._failed is not None:
+                raise OSError(
+                    self._failed.errno,
+                    f"an earlier sync of the datastore failed ({self._failed.strerror}); "
+                    "writes are refused until the controller restarts",
+                )
 
 
 class LocalDirectoryStore:
