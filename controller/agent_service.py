@@ -38,6 +38,8 @@ UPLOAD_CONCURRENCY = 16
 DOWNLOAD_PREFETCH = 8
 BATCH_BYTES = 4 << 20  # chunk bytes per download message
 MAX_DIGESTS_PER_CALL = 1 << 16
+# Bounds a disk index held in memory: 32 bytes per chunk, 1 GiB at 512 KiB chunks.
+MAX_DISK_BYTES = 16 << 40
 
 
 def _agent_vm(context: grpc.aio.ServicerContext) -> str:
@@ -274,7 +276,7 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
                 if header is None:
                     header = part
                     running = self._jobs.running_backup(vm_id, part.job_id)
-                    self._check_index_header(vm_id, part, running.chunk_size)
+                    self._check_index_header(part, running.chunk_size)
                     expected = -(-part.size_bytes // part.chunk_size) * DIGEST_SIZE
                 elif part.job_id not in ("", header.job_id):
                     raise InvalidArgument(detail="one index stream carries one job's index")
@@ -296,17 +298,17 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
             await abort(context, InvalidArgument(detail=f"malformed index: {exc}"))
         return agent_pb2.PutIndexReply(chunk_count=len(index))
 
-    def _check_index_header(self, vm_id: str, part: agent_pb2.IndexPart, chunk_size: int) -> None:
-        """An index's geometry must be the job's and the disk's: it bounds what is buffered."""
+    @staticmethod
+    def _check_index_header(part: agent_pb2.IndexPart, chunk_size: int) -> None:
+        """An index's geometry must be the job's and a disk's: it bounds what is buffered."""
         if part.chunk_size != chunk_size:
             raise InvalidArgument(
                 detail=f"index chunk size {part.chunk_size} is not the job's {chunk_size}"
             )
-        disks = {d.name: d.size_bytes for d in self._registry.get(vm_id).hello.disks}
-        if part.disk not in disks or part.size_bytes > disks[part.disk]:
+        if part.size_bytes > MAX_DISK_BYTES:
             raise InvalidArgument(
-                detail=f"disk {part.disk!r} of {part.size_bytes} bytes is not one this VM "
-                "reported when it connected"
+                detail=f"a disk of {part.size_bytes} bytes is larger than Coffer backs up "
+                f"({MAX_DISK_BYTES >> 40} TiB)"
             )
 
     async def DownloadChunks(

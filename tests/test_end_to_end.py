@@ -148,6 +148,19 @@ def test_restore_does_not_follow_links_planted_in_a_restore_dir(
     assert not any(p.name.startswith(".") for p in restore_dir.iterdir())  # no partial file left
 
 
+def test_a_disk_attached_after_the_agent_started_is_backed_up(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    late = tmp_path / "late.img"
+    cluster.add_agent("late-1", {"root": late})  # the disk is not there yet
+    build_image(late, 64 * MiB, fill=0.3, seed=11)
+    job = cluster.backup("late-1")
+    assert job["status"] == "Completed", job
+    target = cluster.agents["late-1"].restore_dir / "late.img"
+    cluster.restore("late-1", job["recovery_point_id"], "root", target)
+    assert sha256_file(target) == sha256_file(late)
+
+
 def test_unknown_vm_and_disk_are_clear_errors(cluster: Cluster) -> None:
     missing = cluster.coffer("backup-now", "no-such-vm", json_out=False, check=False)
     assert missing.returncode == 8
