@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -252,12 +251,14 @@ class Catalog:
 
     # --- vaults ----------------------------------------------------------------------------
 
-    async def ensure_vault(self, name: str, region: str, chunk_size: int) -> VaultRecord:
+    async def ensure_vault(
+        self, name: str, region: str, chunk_size: int, now: float
+    ) -> VaultRecord:
         async with self._transaction() as db:
             await db.execute(
                 "INSERT OR IGNORE INTO vaults (name, region, chunk_size, created_at)"
                 " VALUES (?,?,?,?)",
-                (name, region, chunk_size, time.time()),
+                (name, region, chunk_size, now),
             )
         return await self.vault(name)
 

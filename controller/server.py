@@ -60,7 +60,9 @@ class Controller:
             # file I/O that mostly waits on the disk, so more threads than cores.
             pool = stack.enter_context(ThreadPoolExecutor(16, thread_name_prefix="datastore"))
             catalog = await stack.enter_async_context(Catalog(config.catalog_path))
-            await catalog.ensure_vault(DEFAULT_VAULT, region="", chunk_size=config.chunk_size)
+            await catalog.ensure_vault(
+                DEFAULT_VAULT, region="", chunk_size=config.chunk_size, now=self.clock.now()
+            )
             datastores = Datastores(catalog, config.state_dir / "datastores")
 
             if config.mqtt is not None:

@@ -23,7 +23,7 @@ async def test_a_backup_committed_just_before_a_stop_is_recorded_and_others_fail
 ) -> None:
     clock = ManualClock(1_000.0)
     async with Catalog(tmp_path / "catalog.sqlite") as catalog:
-        await catalog.ensure_vault("default", "", CHUNK)
+        await catalog.ensure_vault("default", "", CHUNK, now=0.0)
         datastores = Datastores(catalog, tmp_path / "datastores")
         store = await datastores.get("default")
         # A backup whose manifest reached the datastore, the controller stopping before the
