@@ -10,9 +10,22 @@ import sys
 from agent.config import AgentConfig
 from agent.session import Agent
 from shared.daemon import run_daemon
+from shared.errors import InvalidArgument
+from shared.tls import Identity, identity_of_certificate
+
+
+def check_identity(config: AgentConfig) -> None:
+    """Refuse to start with TLS files that cannot work: better now than at every reconnect."""
+    identity = identity_of_certificate(config.tls.read().cert)
+    if identity != Identity("agent", config.vm_id):
+        raise InvalidArgument(
+            detail=f"{config.tls.cert} is the certificate of {identity}, but this agent is "
+            f"VM {config.vm_id!r}: issue one with `coffer pki issue-agent {config.vm_id}`"
+        )
 
 
 async def serve(config: AgentConfig) -> None:
+    check_identity(config)
     loop = asyncio.get_running_loop()
     task = asyncio.current_task()
     assert task is not None
