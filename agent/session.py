@@ -26,7 +26,7 @@ from agent.disk import disk_size
 from agent.restore import RestoreRun
 from agent.runtime import Runtime
 from agent.status import StatusPublisher
-from shared.errors import CofferError, find_coffer_error
+from shared.errors import CofferError, JobCancelled, find_coffer_error
 from shared.rpc import agent_pb2, agent_pb2_grpc
 from shared.rpc_errors import from_rpc_error, to_proto
 from shared.tls import channel_credentials, channel_options
@@ -63,6 +63,7 @@ class Agent:
     def __init__(self, config: AgentConfig) -> None:
         self.config = config
         self.connected = asyncio.Event()
+        self._cancelled: set[str] = set()  # jobs the controller asked to cancel
 
     def hello(self) -> agent_pb2.Hello:
         disks = []
@@ -147,6 +148,7 @@ class Agent:
                     if kind == "cancel":
                         task = running.get(message.cancel.job_id)
                         if task is not None:
+                            self._cancelled.add(message.cancel.job_id)
                             task.cancel()
                         continue
                     job_id = getattr(message, kind).job_id
@@ -198,6 +200,12 @@ class Agent:
                 raise CofferError(f"this agent does not know the command {kind!r}")
             result.ok = True
             log.info("%s %s completed", kind, result.job_id)
+        except asyncio.CancelledError:
+            if result.job_id not in self._cancelled:
+                raise  # the session is ending: the controller has failed the job already
+            self._cancelled.discard(result.job_id)
+            log.info("%s %s cancelled", kind, result.job_id)
+            result.error.CopyFrom(to_proto(JobCancelled(job_id=result.job_id)))
         # The command's boundary: whatever went wrong, the controller gets a result that
         # says what (task groups wrap failures in groups; a bug is reported, not swallowed).
         except Exception as exc:
