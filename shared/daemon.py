@@ -57,7 +57,7 @@ def _limit_malloc_arenas() -> None:
     """Two malloc arenas instead of glibc's eight per core.
 
     Chunks are allocated and freed by a dozen threads; with an arena each, every arena keeps
-    its own freed MiB-sized blocks. Measured on the benchmark's restore: peak RSS 183 MiB
+    its own freed MiB-sized blocks. Measured on the benchmark's restore: peak RSS 136-183 MiB
     (agent) and 161 MiB (controller) instead of 254 and 213, at no cost in speed. Only glibc
     has mallopt; elsewhere this does nothing.
     """
