@@ -154,6 +154,7 @@ class BackupRun:
             candidates: list[Compressed] = []
             candidate_bytes = 0
             position = 0  # bytes of the disk dealt with, for progress
+            with_data = 0  # chunks that are not all zero
             chunks = self._chunks(disk, reader, previous)
             # aclosing: on failure the generator's cleanup (waiting for reads) runs now.
             async with contextlib.aclosing(chunks):
@@ -163,6 +164,7 @@ class BackupRun:
                     position = end
                     if digest == ZERO_DIGEST:
                         continue
+                    with_data += 1
                     result.bytes_read += nbytes
                     digests[number * DIGEST_SIZE : (number + 1) * DIGEST_SIZE] = digest
                     if chunk is None or digest in seen:  # as in the previous recovery point
@@ -176,11 +178,7 @@ class BackupRun:
             if candidates:
                 await self._send_missing(candidates, uploads, result)
             await uploads.put(None)
-        result.zero_chunks = count - sum(
-            1
-            for at in range(0, len(digests), DIGEST_SIZE)
-            if digests[at : at + DIGEST_SIZE] != ZERO_DIGEST
-        )
+        result.zero_chunks = count - with_data
         await self._put_index(disk.name, size, bytes(digests))
         progress.advance("backup", size - position)
         return result
