@@ -16,7 +16,6 @@ import socket
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
-from importlib.metadata import PackageNotFoundError, version
 
 import grpc
 
@@ -30,6 +29,7 @@ from shared.errors import CofferError, JobCancelled, find_coffer_error
 from shared.rpc import agent_pb2, agent_pb2_grpc
 from shared.rpc_errors import from_rpc_error, to_proto
 from shared.tls import channel_credentials, channel_options
+from shared.version import coffer_version
 
 log = logging.getLogger(__name__)
 
@@ -38,13 +38,6 @@ BACKOFF_MAX = 30.0
 # Threads that read, hash, compress and write chunks: reads wait on the disk, so more than
 # cores; the pipelines bound how many chunks are in flight.
 POOL_THREADS = 12
-
-
-def agent_version() -> str:
-    try:
-        return version("coffer")
-    except PackageNotFoundError:
-        return "0+unknown"
 
 
 def backoff_delays(first: float = BACKOFF_FIRST, cap: float = BACKOFF_MAX) -> Iterator[float]:
@@ -81,7 +74,7 @@ class Agent:
             service=self.config.service,
             region=self.config.region,
             hostname=socket.gethostname(),
-            agent_version=agent_version(),
+            agent_version=coffer_version(),
             disks=disks,
         )
 
@@ -92,7 +85,7 @@ class Agent:
                 self.config.vm_id,
                 self.config.tls,
                 hostname=socket.gethostname(),
-                agent_version=agent_version(),
+                agent_version=coffer_version(),
             ) as status:
                 delays = backoff_delays()
                 while True:

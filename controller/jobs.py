@@ -85,6 +85,23 @@ class RunningRestore(RunningJob):
     allowed: frozenset[bytes] = frozenset()
 
 
+def _record(manifest: RecoveryPointManifest, bytes_stored: int) -> RecoveryPointRecord:
+    """The catalog's row for a committed recovery point: what its manifest says."""
+    return RecoveryPointRecord(
+        id=manifest.id,
+        vault=manifest.vault,
+        vm_id=manifest.vm_id,
+        job_id=manifest.job_id,
+        created_at=manifest.created_at.timestamp(),
+        consistency=manifest.consistency,
+        bytes_stored=bytes_stored,
+        disks=tuple(
+            RecoveryPointDiskRecord(d.name, d.size_bytes, d.chunk_size, d.chunk_count)
+            for d in manifest.disks
+        ),
+    )
+
+
 def new_id() -> str:
     return secrets.token_hex(6)
 
@@ -149,21 +166,7 @@ class JobManager:
                 manifest = await self.in_pool(datastore.get_manifest, rp_id)
             except NotFound:
                 continue  # never committed: failed below with the other interrupted jobs
-            await self._catalog.insert_recovery_point(
-                RecoveryPointRecord(
-                    id=manifest.id,
-                    vault=manifest.vault,
-                    vm_id=manifest.vm_id,
-                    job_id=job.id,
-                    created_at=manifest.created_at.timestamp(),
-                    consistency=manifest.consistency,
-                    bytes_stored=job.bytes_stored,
-                    disks=tuple(
-                        RecoveryPointDiskRecord(d.name, d.size_bytes, d.chunk_size, d.chunk_count)
-                        for d in manifest.disks
-                    ),
-                )
-            )
+            await self._catalog.insert_recovery_point(_record(manifest, job.bytes_stored))
             job.status, job.ended_at, job.recovery_point_id = (
                 JobStatus.COMPLETED,
                 self._clock.now(),
@@ -372,36 +375,20 @@ class JobManager:
                 detail=f"the agent backed up disks {sorted(d.name for d in disks)}, "
                 f"not the {sorted(wanted)} this backup was for"
             )
-        created = self._clock.now()
-        consistency = result.consistency or Consistency.CRASH
         manifest = RecoveryPointManifest(
             id=running.rp_id,
             vm_id=job.vm_id,
             vault=job.vault,
             job_id=job.id,
-            created_at=datetime.fromtimestamp(created, UTC),
-            consistency=consistency,
+            created_at=datetime.fromtimestamp(self._clock.now(), UTC),
+            consistency=result.consistency or Consistency.CRASH,
             disks=tuple(disks),
             vm=running.vm,
         )
         datastore = await self._datastores.get(job.vault)
         # accept_index already made sure every chunk the indexes name is durable.
         await self.in_pool(partial(datastore.put_manifest, manifest, verify_chunks=False))
-        await self._catalog.insert_recovery_point(
-            RecoveryPointRecord(
-                id=running.rp_id,
-                vault=job.vault,
-                vm_id=job.vm_id,
-                job_id=job.id,
-                created_at=created,
-                consistency=consistency,
-                bytes_stored=job.bytes_stored,
-                disks=tuple(
-                    RecoveryPointDiskRecord(d.name, d.size_bytes, d.chunk_size, d.chunk_count)
-                    for d in disks
-                ),
-            )
-        )
+        await self._catalog.insert_recovery_point(_record(manifest, job.bytes_stored))
         job.recovery_point_id = running.rp_id
 
     def _finish_restore(self, running: RunningJob, result: agent_pb2.CommandResult) -> None:

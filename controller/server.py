@@ -13,7 +13,6 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
-from importlib.metadata import PackageNotFoundError, version
 
 import grpc
 
@@ -31,18 +30,12 @@ from shared.errors import Unavailable
 from shared.model import DEFAULT_VAULT
 from shared.rpc import agent_pb2_grpc, operator_pb2_grpc
 from shared.tls import server_credentials, server_options
+from shared.version import coffer_version
 
 log = logging.getLogger(__name__)
 
 HEARTBEAT_FLUSH_SECONDS = 5.0
 SHUTDOWN_GRACE_SECONDS = 5.0
-
-
-def coffer_version() -> str:
-    try:
-        return version("coffer")
-    except PackageNotFoundError:
-        return "0+unknown"
 
 
 class Controller:
