@@ -7,6 +7,7 @@ import resource
 import signal
 import stat
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
@@ -21,6 +22,7 @@ from controller.datastore import (
     Fault,
     FaultyStore,
     LocalDirectoryStore,
+    ObjectInfo,
     ObjectStore,
     chunk_key,
     index_key,
@@ -50,6 +52,10 @@ CHUNK = 4096
 #   "s3": lambda request, tmp_path: S3Store(request.getfixturevalue("seaweedfs"), tmp_path.name),
 BACKENDS: dict[str, Callable[[pytest.FixtureRequest, Path], ObjectStore]] = {
     "local": lambda request, tmp_path: LocalDirectoryStore(tmp_path / "store", fsync=True),
+    # The fault-injection wrapper, unarmed, must be indistinguishable from what it wraps.
+    "faulty-local": lambda request, tmp_path: FaultyStore(
+        LocalDirectoryStore(tmp_path / "store", fsync=True)
+    ),
 }
 
 MakeBackend = Callable[[], ObjectStore]
@@ -161,6 +167,41 @@ def test_get_of_a_missing_key_is_not_found(backend: ObjectStore) -> None:
         backend.get("nothing/here")
 
 
+def test_stat_gives_size_and_last_write_time(backend: ObjectStore) -> None:
+    before = time.time()
+    backend.put("a/b", b"hello")
+    first = backend.stat("a/b")
+    assert isinstance(first, ObjectInfo)
+    assert first.size == 5
+    # POSIX seconds (not ms, not a naive local time); the slack allows a remote store's clock.
+    assert before - 60 < first.modified < time.time() + 60
+    assert backend.stat("a/b") == first  # reading changes nothing
+    # An overwrite, even with the same length, moves the time forward (once the store's clock
+    # ticks: S3 stamps whole seconds).
+    deadline = time.monotonic() + 5
+    while True:
+        time.sleep(0.02)
+        backend.put("a/b", b"HELLO")
+        second = backend.stat("a/b")
+        if second.modified > first.modified or time.monotonic() > deadline:
+            break
+    assert second.modified > first.modified
+    backend.put("a/b", b"a longer object")
+    assert backend.stat("a/b").size == 15
+    backend.put("empty", b"")
+    assert backend.stat("empty").size == 0
+
+
+def test_stat_of_a_missing_object_is_not_found(backend: ObjectStore) -> None:
+    backend.put("a/b", b"x")
+    for key in ("nothing/here", "a/c", "a"):  # "a" is only the prefix of another key
+        with pytest.raises(NotFound, match=f"{key!r} was not found"):
+            backend.stat(key)
+    backend.delete("a/b")
+    with pytest.raises(NotFound):
+        backend.stat("a/b")
+
+
 def test_objects_survive_a_new_client(make_backend: MakeBackend) -> None:
     make_backend().put("x/y", b"kept")
     assert make_backend().get("x/y") == b"kept"
@@ -187,6 +228,7 @@ def test_invalid_keys_are_refused_and_change_nothing(backend: ObjectStore, key: 
         lambda: backend.put(key, b"x"),
         lambda: backend.get(key),
         lambda: backend.has(key),
+        lambda: backend.stat(key),
         lambda: backend.delete(key),
     ):
         with pytest.raises(InvalidArgument, match="object key"):
@@ -572,6 +614,97 @@ def test_delete_recovery_point_removes_it_and_keeps_chunks(
     store.delete_recovery_point("rp1")  # again: nothing left to do, no error
 
 
+def test_delete_recovery_point_removes_the_manifest_first(faulty: FaultyStore) -> None:
+    store = Datastore.create(faulty, CHUNK)
+    store.put_manifest(back_up(store, "rp1", {"root": ROOT_IMAGE, "data": DATA_IMAGE}))
+    chunks = set(faulty.list("chunks/"))
+    fault = faulty.fail_deletes("indexes/", skip=1, times=1)
+    with pytest.raises(DatastoreError, match="injected fault"):
+        store.delete_recovery_point("rp1")
+    assert fault.fired == 1
+    # The commit point went first: the recovery point is gone although an index is left.
+    assert list(store.list_recovery_point_ids()) == []
+    with pytest.raises(NotFound, match="recovery point 'rp1'"):
+        store.get_index("rp1", "data")
+    assert list(faulty.list("indexes/rp1/")) != []
+    store.delete_recovery_point("rp1")  # the retry finishes
+    assert list(faulty.list("indexes/")) == []
+    assert set(faulty.list("chunks/")) == chunks
+
+
+def test_get_indexes_reads_each_disk_as_the_manifest_records_it(
+    store: Datastore, backend: ObjectStore
+) -> None:
+    manifest = back_up(store, "rp1", {"root": ROOT_IMAGE, "data": DATA_IMAGE})
+    store.put_manifest(manifest)
+    indexes = list(store.get_indexes(manifest))
+    assert [i.disk for i in indexes] == ["root", "data"]
+    assert indexes == [store.get_index("rp1", "root"), store.get_index("rp1", "data")]
+    forged = DiskIndex("data", CHUNK, CHUNK, chunk_digest(chunk_of(1)))
+    backend.put(index_key("rp1", "data"), forged.encode())
+    with pytest.raises(CorruptData, match="index of disk 'data' of recovery point rp1"):
+        list(store.get_indexes(manifest))
+
+
+def test_chunks_are_listed_by_digest_and_foreign_keys_are_skipped(
+    store: Datastore, backend: ObjectStore
+) -> None:
+    digests = {upload(store, chunk_of(i)) for i in range(5)}
+    hex_digest = next(iter(digests)).hex()
+    foreign = [
+        "chunks/README",
+        f"chunks/{hex_digest[:2]}/{hex_digest[2:4]}/{hex_digest}.old",
+        f"chunks/00/00/{hex_digest}",  # in the wrong shard
+        f"chunks/{hex_digest[:2]}/{hex_digest[2:4]}/{hex_digest.upper()}",
+        f"chunks/00/00/{ZERO_DIGEST.hex()}",  # the zero chunk is never stored
+        f"chunks/{hex_digest[:2]}/{hex_digest[2:4]}/x/{hex_digest}",
+    ]
+    for key in foreign:
+        backend.put(key, b"not a chunk")
+    assert sorted(store.list_chunk_digests()) == sorted(digests)
+
+
+def test_chunk_info_and_delete_chunk(store: Datastore) -> None:
+    raw = chunk_of(1)
+    digest = upload(store, raw)
+    info = store.chunk_info(digest)
+    assert info.size == len(store.backend.get(chunk_key(digest)))
+    store.delete_chunk(digest)
+    assert not store.has_chunk(digest)
+    with pytest.raises(NotFound, match=f"chunk '{digest.hex()}' was not found"):
+        store.chunk_info(digest)
+    store.delete_chunk(digest)  # already gone: fine
+    for call in (store.chunk_info, store.delete_chunk):
+        with pytest.raises(InvalidArgument, match="never stored"):
+            call(ZERO_DIGEST)
+
+
+def test_indexes_are_listed_by_recovery_point_committed_or_not(
+    store: Datastore, backend: ObjectStore
+) -> None:
+    store.put_manifest(back_up(store, "rp1", {"root": ROOT_IMAGE, "data": DATA_IMAGE}))
+    back_up(store, "rp2", {"root": ROOT_IMAGE})  # never committed
+    backend.put("indexes/rp3/notes.txt", b"foreign")
+    backend.put("indexes/stray.didx", b"foreign")
+    backend.put("indexes/-bad/root.didx", b"foreign")
+    listed = {rp: sorted(disks) for rp, disks in store.list_indexes().items()}
+    assert listed == {"rp1": ["data", "root"], "rp2": ["root"]}
+    info = store.index_info("rp2", "root")
+    assert info.size == len(store.get_index("rp2", "root", verify=False).encode())
+    with pytest.raises(NotFound, match="disk index 'rp2/data'"):
+        store.index_info("rp2", "data")
+
+
+def test_only_uncommitted_indexes_can_be_deleted_alone(store: Datastore) -> None:
+    store.put_manifest(back_up(store, "rp1", {"root": ROOT_IMAGE}))
+    back_up(store, "rp2", {"root": ROOT_IMAGE, "data": DATA_IMAGE})
+    with pytest.raises(Conflict, match="rp1 is committed"):
+        store.delete_uncommitted_indexes("rp1", ["root"])
+    assert restore(store, "rp1", "root") == ROOT_IMAGE
+    assert store.delete_uncommitted_indexes("rp2", ["root", "data"]) == 2
+    assert set(store.list_indexes()) == {"rp1"}
+
+
 def test_catalog_rebuild_reports_a_damaged_manifest(store: Datastore, backend: ObjectStore) -> None:
     store.put_manifest(back_up(store, "rp1", {"root": ROOT_IMAGE}))
     store.put_manifest(back_up(store, "rp2", {"root": ROOT_IMAGE}))
@@ -677,6 +810,15 @@ def test_failed_delete_keeps_the_recovery_point_whole(faulty: FaultyStore) -> No
     with pytest.raises(DatastoreError):
         store.delete_recovery_point("rp1")
     assert restore(store, "rp1", "root") == ROOT_IMAGE
+
+
+def test_stat_faults_are_injected_like_the_others(faulty: FaultyStore) -> None:
+    faulty.put("chunks/a", b"x")
+    fault = faulty.inject(Fault("stat", "chunks/"))
+    with pytest.raises(DatastoreError, match="injected fault: stat 'chunks/a'"):
+        faulty.stat("chunks/a")
+    assert faulty.stat("chunks/a").size == 1  # it fired once
+    assert fault.fired == 1
 
 
 def test_after_a_failed_sync_the_local_store_refuses_every_write() -> None:

@@ -1,14 +1,15 @@
 """The datastore: where a vault keeps its recovery points, and how they stay whole.
 
 This note is the map of the package: key layout, formats, the write order that makes a
-recovery point appear atomically, and how garbage collection will reclaim chunks.
+recovery point appear atomically, and how garbage collection reclaims chunks.
 
 Backends
 --------
-A datastore lives in one `ObjectStore` (backend.py): put/get/has/delete/list of whole objects
-under '/'-separated keys; put is atomic, durable on return and idempotent. `LocalDirectoryStore`
-(local.py) is the embedded default; an S3-compatible store implements the same five methods and
-passes the same test suite. `FaultyStore` (faulty.py) wraps any of them for fault injection.
+A datastore lives in one `ObjectStore` (backend.py): put/get/has/stat/delete/list of whole
+objects under '/'-separated keys; put is atomic, durable on return and idempotent; stat gives
+an object's size and last write time (S3: HeadObject). `LocalDirectoryStore` (local.py) is the
+embedded default; an S3-compatible store implements the same six methods and passes the same
+test suite. `FaultyStore` (faulty.py) wraps any of them for fault injection.
 Nothing here renames, appends, locks files or walks directories: those do not exist on an
 object store, and a design that needs them would not survive the move to one.
 
@@ -69,25 +70,31 @@ Concurrency
 Every method is synchronous and thread-safe; the controller calls them from executor threads.
 There are no locks across processes: each vault's datastore has one controller writing it.
 
-Garbage collection (not implemented yet)
-----------------------------------------
-Mark and sweep, able to run beside backups (as in Proxmox Backup Server):
+Garbage collection (gc.py)
+--------------------------
+Mark and sweep, beside running jobs (as in Proxmox Backup Server); gc.py's note has the
+reasoning.
 
-1. Note the start time T0. Mark: read every manifest and the indexes it pins; every non-zero
-   digest is live. Indexes without a manifest younger than a grace period (longer than the
-   longest backup) are roots too: they belong to backups still running.
-2. Sweep: `list("chunks/")`; delete a chunk that is not marked and whose object is older than
-   T0 minus the grace period. A backup running during GC that reuses an existing chunk
-   refreshes the chunk's timestamp (mtime / a re-put) when it confirms the chunk present, so a
-   chunk that a not-yet-committed recovery point relies on is never swept.
-3. Delete indexes of recovery points without a manifest older than the grace period, and
-   leftover `.tmp-*` files of the local store.
-The refresh in step 2 is the one hook the backup path will need; GC is otherwise read-only
-towards running backups.
+1. Mark: read every manifest and the indexes it pins; every non-zero digest is referenced.
+   Indexes without a manifest are a backup's that has not committed (yet): older than the
+   cutoff (the collection's start minus a grace period longer than any backup) they are
+   deleted, younger their chunks count as referenced. Anything unreadable stops the collection
+   before it deletes a chunk.
+2. Sweep: list `chunks/`; delete a chunk that is not referenced, was written before the
+   cutoff, and is not held in the vault's `ChunkGuard`.
+
+Running jobs hold the digests they rely on before committing (dedup hits, uploads, the previous
+recovery point's chunks, a restore's chunks) in the `ChunkGuard`, *before* they check that the
+chunks are stored; a release during a collection is deferred until it ends. That is the one hook
+the job path needs; the collection is otherwise read-only towards running jobs. Deleting a
+recovery point removes its manifest and indexes only; chunks are garbage collection's alone.
+The local store's leftover `.tmp-*` files (a crash during a put) are not objects: listing skips
+them, and they are not collected yet.
 """
 
-from controller.datastore.backend import ObjectStore, check_key, check_prefix
+from controller.datastore.backend import ObjectInfo, ObjectStore, check_key, check_prefix
 from controller.datastore.faulty import Fault, FaultyStore
+from controller.datastore.gc import ChunkGuard, GcReport, collect_garbage
 from controller.datastore.local import LocalDirectoryStore
 from controller.datastore.store import (
     CONFIG_KEY,
@@ -101,16 +108,20 @@ from controller.datastore.store import (
 
 __all__ = [
     "CONFIG_KEY",
+    "ChunkGuard",
     "Datastore",
     "DatastoreConfig",
     "Fault",
     "FaultyStore",
+    "GcReport",
     "LocalDirectoryStore",
+    "ObjectInfo",
     "ObjectStore",
     "check_key",
     "check_prefix",
     "check_recovery_point_id",
     "chunk_key",
+    "collect_garbage",
     "index_key",
     "manifest_key",
 ]

@@ -1,6 +1,6 @@
 """The object store interface every datastore backend implements, and the key rules.
 
-Five operations on whole objects named by keys, small enough that a local directory and an
+Six operations on whole objects named by keys, small enough that a local directory and an
 S3-compatible bucket implement it the same way (restic's `Backend`, PBS's chunk store). No
 rename, no directories, no appends, no partial reads: whatever the datastore needs beyond that
 is built above, so every backend passes the same test suite. Retry, metrics and fault
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Protocol
 
 from shared.errors import InvalidArgument
@@ -46,6 +47,17 @@ def check_prefix(prefix: str) -> str:
     return prefix
 
 
+@dataclass(frozen=True)
+class ObjectInfo:
+    """What a store knows about one object without reading it."""
+
+    size: int
+    """Bytes in the object."""
+    modified: float
+    """When the object was last written, in POSIX seconds (the store's clock and resolution:
+    nanoseconds for a local file system, whole seconds for S3's LastModified)."""
+
+
 class ObjectStore(Protocol):
     """Whole objects under keys; every method is synchronous and safe to call from any thread."""
 
@@ -69,6 +81,15 @@ class ObjectStore(Protocol):
 
     def has(self, key: str) -> bool:
         """Whether an object exists under `key`."""
+        ...
+
+    def stat(self, key: str) -> ObjectInfo:
+        """The object's size and last write time; shared.errors.NotFound, as `get`, if none.
+
+        A put, also of the same bytes, sets the time to when it happened: garbage collection
+        reads it as the object's age. S3 maps this to HeadObject (Content-Length,
+        LastModified).
+        """
         ...
 
     def delete(self, key: str) -> None:

@@ -13,10 +13,10 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Literal
 
-from controller.datastore.backend import ObjectStore
+from controller.datastore.backend import ObjectInfo, ObjectStore
 from shared.errors import DatastoreError
 
-Operation = Literal["put", "get", "has", "delete", "list"]
+Operation = Literal["put", "get", "has", "stat", "delete", "list"]
 
 
 @dataclass
@@ -92,6 +92,10 @@ class FaultyStore:
         """Fail every get of a key under `prefix`."""
         return self.inject(Fault("get", prefix, times=None))
 
+    def fail_deletes(self, prefix: str = "", *, skip: int = 0, times: int | None = None) -> Fault:
+        """Fail deletes of keys under `prefix`: `times` of them (None: all) after `skip`."""
+        return self.inject(Fault("delete", prefix, skip=skip, times=times))
+
     def clear(self) -> None:
         """Disarm every fault."""
         with self._lock:
@@ -120,6 +124,11 @@ class FaultyStore:
         if self._take("has", key) is not None:
             raise DatastoreError(detail=f"injected fault: has {key!r}")
         return self.inner.has(key)
+
+    def stat(self, key: str) -> ObjectInfo:
+        if self._take("stat", key) is not None:
+            raise DatastoreError(detail=f"injected fault: stat {key!r}")
+        return self.inner.stat(key)
 
     def delete(self, key: str) -> None:
         if self._take("delete", key) is not None:

@@ -28,7 +28,7 @@ import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from controller.datastore.backend import KEY_COMPONENT, check_key, check_prefix
+from controller.datastore.backend import KEY_COMPONENT, ObjectInfo, check_key, check_prefix
 from shared.errors import Conflict, DatastoreError, NotFound
 
 _TEMP_PREFIX = ".tmp-"
@@ -153,6 +153,18 @@ class LocalDirectoryStore:
             return False
         except OSError as error:
             raise self._error("check", key, error) from error
+
+    def stat(self, key: str) -> ObjectInfo:
+        try:
+            status = os.stat(self._path(key))
+        except (FileNotFoundError, NotADirectoryError):
+            raise NotFound(kind="object", name=key) from None
+        except OSError as error:
+            raise self._error("stat", key, error) from error
+        if not stat.S_ISREG(status.st_mode):
+            raise NotFound(kind="object", name=key)  # a directory: the prefix of other keys
+        # A put renames a new file into place, so st_mtime is the time of the latest put.
+        return ObjectInfo(size=status.st_size, modified=status.st_mtime)
 
     def delete(self, key: str) -> None:
         path = self._path(key)

@@ -14,7 +14,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from controller.datastore.backend import ObjectStore
+from controller.datastore.backend import ObjectInfo, ObjectStore
 from shared.blob import Compression, decode_blob, decompress, encode_blob
 from shared.digest import CHUNK_HASH, ZERO_DIGEST, check_digest, chunk_digest, sha256
 from shared.errors import (
@@ -41,6 +41,8 @@ MIN_CHUNK_SIZE = 4 << 10
 MAX_CHUNK_SIZE = 16 << 20
 
 _RP_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,127}")
+_CHUNK_KEY = re.compile(r"chunks/([0-9a-f]{2})/([0-9a-f]{2})/(\1\2[0-9a-f]{60})")
+_INDEX_KEY = re.compile(r"indexes/([^/]+)/([^/]+)\.didx")
 
 
 def check_recovery_point_id(rp_id: str) -> str:
@@ -123,6 +125,16 @@ class DatastoreConfig:
             return cls(chunk_size)
         except InvalidArgument as error:
             raise CorruptData(what=what, detail=error.fields.get("detail")) from None
+
+
+def _naming(error: UnsupportedFormat, what: str) -> UnsupportedFormat:
+    """`error` naming the object it is about (which recovery point, which disk)."""
+    fields = error.fields
+    if "version" in fields and "supported" in fields:
+        return UnsupportedFormat(
+            what=what, version=fields["version"], supported=fields["supported"]
+        )
+    return error
 
 
 class Datastore:
@@ -282,6 +294,43 @@ class Datastore:
             )
         return raw
 
+    def list_chunk_digests(self) -> Iterator[bytes]:
+        """The digest of every chunk stored, in no particular order (lists the store).
+
+        Keys under `chunks/` that `put_chunk` cannot have written (another name, a shard that
+        does not match the digest, the zero digest) are skipped: nothing here names them, so
+        garbage collection leaves them alone.
+        """
+        for key in self.backend.list(CHUNKS):
+            match = _CHUNK_KEY.fullmatch(key)
+            if match is None:
+                continue
+            digest = bytes.fromhex(match[3])
+            if digest != ZERO_DIGEST:
+                yield digest
+
+    def chunk_info(self, digest: bytes) -> ObjectInfo:
+        """Size and last write time of a stored chunk; NotFound if it is not stored."""
+        key = self._stored_chunk_key(digest)
+        try:
+            return self.backend.stat(key)
+        except NotFound:
+            raise NotFound(kind="chunk", name=digest.hex()) from None
+
+    def delete_chunk(self, digest: bytes) -> None:
+        """Remove a chunk, whoever references it; deleting a missing chunk is not an error.
+
+        Only garbage collection calls this, under its `ChunkGuard` (gc.py).
+        """
+        self.backend.delete(self._stored_chunk_key(digest))
+
+    def _stored_chunk_key(self, digest: bytes) -> str:
+        if check_digest(digest) == ZERO_DIGEST:
+            raise InvalidArgument(
+                detail="the zero digest stands for an all-zero chunk, which is never stored"
+            )
+        return chunk_key(digest)
+
     # --- indexes -----------------------------------------------------------------------------
 
     def put_index(self, rp_id: str, index: DiskIndex) -> str:
@@ -309,16 +358,73 @@ class Datastore:
         the one its manifest records (same SHA-256). `verify=False` reads an index alone, as
         the commit itself does.
         """
-        expected: str | None = None
         if verify:
-            expected = self.get_manifest(rp_id).disk(disk).index_sha256
+            entry = self.get_manifest(rp_id).disk(disk)
+            return self._recorded_index(rp_id, entry.name, entry.index_sha256)
+        return self._decode_index(rp_id, disk, self._get_index_bytes(rp_id, disk))
+
+    def get_indexes(self, manifest: RecoveryPointManifest) -> Iterator[DiskIndex]:
+        """Each disk's index as `manifest` records it (same SHA-256), in the manifest's order.
+
+        As `get_index`, without reading the manifest again for every disk. NotFound for an
+        index that is not stored: the recovery point was deleted since `manifest` was read,
+        or it is damaged.
+        """
+        for entry in manifest.disks:
+            yield self._recorded_index(manifest.id, entry.name, entry.index_sha256)
+
+    def _recorded_index(self, rp_id: str, disk: str, index_sha256: str) -> DiskIndex:
         data = self._get_index_bytes(rp_id, disk)
-        if expected is not None and sha256(data).hex() != expected:
+        if sha256(data).hex() != index_sha256:
             raise CorruptData(
                 what=f"index of disk {disk!r} of recovery point {rp_id}",
                 detail="it is not the index its manifest records (SHA-256 differs)",
             )
         return self._decode_index(rp_id, disk, data)
+
+    def list_indexes(self) -> dict[str, list[str]]:
+        """Every recovery point id with indexes stored, committed or not, and their disks.
+
+        Lists the store. Keys under `indexes/` that do not name a recovery point's disk index
+        are skipped. Those of a recovery point without a manifest belong to a backup that is
+        running, failed or crashed: garbage collection tells them apart by age.
+        """
+        found: dict[str, list[str]] = {}
+        for key in self.backend.list(INDEXES):
+            match = _INDEX_KEY.fullmatch(key)
+            if match is None:
+                continue
+            rp_id, disk = match[1], match[2]
+            try:
+                index_key(rp_id, disk)
+            except InvalidArgument:
+                continue  # not a name a recovery point or disk can have
+            found.setdefault(rp_id, []).append(disk)
+        return found
+
+    def index_info(self, rp_id: str, disk: str) -> ObjectInfo:
+        """Size and last write time of a stored index; NotFound if there is none."""
+        try:
+            return self.backend.stat(index_key(rp_id, disk))
+        except NotFound:
+            raise NotFound(kind="disk index", name=f"{rp_id}/{disk}") from None
+
+    def delete_uncommitted_indexes(self, rp_id: str, disks: Iterable[str]) -> int:
+        """Remove indexes a backup stored for a recovery point it never committed; how many.
+
+        Conflict, with nothing deleted, if the recovery point is committed: its indexes go
+        only with `delete_recovery_point`. The check and the deletes are not one atomic step,
+        so the caller makes sure no backup can still commit it (garbage collection deletes
+        only indexes older than its grace period, which outlasts any backup).
+        """
+        if self.backend.has(manifest_key(rp_id)):
+            raise Conflict(
+                detail=f"recovery point {rp_id} is committed; its indexes are not leftovers"
+            )
+        keys = [index_key(rp_id, disk) for disk in disks]
+        for key in keys:
+            self.backend.delete(key)
+        return len(keys)
 
     def _get_index_bytes(self, rp_id: str, disk: str) -> bytes:
         try:
@@ -332,6 +438,8 @@ class Datastore:
             index = DiskIndex.decode(data)
         except CorruptData as error:
             raise CorruptData(what=what, detail=error.fields.get("detail")) from None
+        except UnsupportedFormat as error:
+            raise _naming(error, what) from None
         if index.disk != disk:
             raise CorruptData(what=what, detail=f"it describes disk {index.disk!r}")
         return index
@@ -395,6 +503,8 @@ class Datastore:
             manifest = RecoveryPointManifest.decode(data)
         except CorruptData as error:
             raise CorruptData(what=what, detail=error.fields.get("detail")) from None
+        except UnsupportedFormat as error:
+            raise _naming(error, what) from None
         if manifest.id != rp_id:
             raise CorruptData(what=what, detail=f"it describes recovery point {manifest.id!r}")
         return manifest
@@ -425,11 +535,14 @@ class Datastore:
     def delete_recovery_point(self, rp_id: str) -> None:
         """Remove a recovery point: its manifest first (it is gone from then on), then its indexes.
 
-        Its chunks stay until garbage collection finds no recovery point references them.
+        The manifest is the commit point, so the recovery point disappears in one step; a
+        failure after it leaves indexes without a manifest, which a retry or garbage collection
+        removes. Its chunks stay until garbage collection finds nothing references them.
         Deleting a recovery point that does not exist (or half does) is not an error.
         """
         self.backend.delete(manifest_key(rp_id))
-        for key in self.backend.list(f"{INDEXES}{rp_id}/"):
+        # Listed in full before deleting: a paged listing (S3) need not survive deletes.
+        for key in list(self.backend.list(f"{INDEXES}{check_recovery_point_id(rp_id)}/")):
             self.backend.delete(key)
 
 
