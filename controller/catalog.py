@@ -1,4 +1,4 @@
-"""The catalog: the controller's SQLite record of vaults, agents, jobs and recovery points.
+"""The catalog: the controller's SQLite record of vaults, agents, items, jobs and recovery points.
 
 SQLite in WAL mode through aiosqlite (one connection, its own thread). The schema is versioned
 with `PRAGMA user_version` and migrated forward at open; a catalog newer than this code is
@@ -15,15 +15,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import sqlite3
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import astuple, dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
 import aiosqlite
 
-from shared.errors import NotFound, UnsupportedFormat
+from shared.errors import Conflict, NotFound, UnsupportedFormat
 from shared.model import JobStatus
 
 MIGRATIONS: list[str] = [
@@ -90,6 +91,38 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (recovery_point_id, name)
     );
     """,
+    # 2: the vault workflow: policies, registered items, retention labels, storage accounting
+    """
+    ALTER TABLE vaults ADD COLUMN max_concurrent_backups INTEGER NOT NULL DEFAULT 4;
+    ALTER TABLE vaults ADD COLUMN stored_bytes INTEGER NOT NULL DEFAULT 0;
+    CREATE TABLE policies (
+        vault TEXT NOT NULL REFERENCES vaults(name) ON DELETE CASCADE,
+        name TEXT NOT NULL,
+        spec TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        updated_at REAL NOT NULL,
+        PRIMARY KEY (vault, name)
+    );
+    CREATE TABLE items (
+        vm_id TEXT PRIMARY KEY,
+        vault TEXT NOT NULL REFERENCES vaults(name),
+        state TEXT NOT NULL,
+        policy TEXT,
+        registered_at REAL NOT NULL,
+        protected_at REAL,
+        last_slot REAL,
+        last_backup_at REAL,
+        last_backup_status TEXT NOT NULL DEFAULT '',
+        error_code TEXT NOT NULL DEFAULT '',
+        error_message TEXT NOT NULL DEFAULT '',
+        FOREIGN KEY (vault, policy) REFERENCES policies(vault, name)
+    );
+    CREATE INDEX items_by_vault ON items (vault, state);
+    ALTER TABLE recovery_points ADD COLUMN kept_by TEXT NOT NULL DEFAULT '';
+    ALTER TABLE recovery_points ADD COLUMN data_bytes INTEGER NOT NULL DEFAULT 0;
+    CREATE INDEX recovery_points_by_vault ON recovery_points (vault, vm_id, created_at);
+    CREATE INDEX jobs_by_vault ON jobs (vault, started_at);
+    """,
 ]
 
 
@@ -119,6 +152,36 @@ class VaultRecord:
     region: str
     chunk_size: int
     created_at: float
+    max_concurrent_backups: int = 4
+    stored_bytes: int = 0
+
+
+@dataclass(frozen=True)
+class PolicyRecord:
+    vault: str
+    name: str
+    spec: dict[str, Any]
+    created_at: float
+    updated_at: float
+
+
+@dataclass
+class ItemRecord:
+    """A VM registered to a vault, and where its protection stands."""
+
+    vm_id: str
+    vault: str
+    state: str
+    policy: str | None
+    registered_at: float
+    protected_at: float | None = None
+    # The schedule slot the scheduler last started (or gave up) a backup for: a restarted
+    # controller plans from here, so a missed slot runs once, not once per missed slot.
+    last_slot: float | None = None
+    last_backup_at: float | None = None
+    last_backup_status: str = ""
+    error_code: str = ""
+    error_message: str = ""
 
 
 @dataclass
@@ -157,6 +220,10 @@ class RecoveryPointRecord:
     consistency: str
     bytes_stored: int
     disks: tuple[RecoveryPointDiskRecord, ...]
+    # Bytes of the disks that hold data (not holes, not zeros): what a restore gives back.
+    data_bytes: int = 0
+    # The retention rules keeping it, as of the last prune: daily, weekly, monthly, yearly.
+    kept_by: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -164,6 +231,7 @@ class JobFilter:
     statuses: Sequence[str] = ()
     operations: Sequence[str] = ()
     vm_id: str = ""
+    vault: str = ""
     started_from: float | None = None
     started_to: float | None = None
     limit: int = 100
@@ -251,20 +319,38 @@ class Catalog:
 
     # --- vaults ----------------------------------------------------------------------------
 
-    async def ensure_vault(
-        self, name: str, region: str, chunk_size: int, now: float
-    ) -> VaultRecord:
+    _VAULT_COLUMNS = "name, region, chunk_size, created_at, max_concurrent_backups, stored_bytes"
+
+    async def create_vault(self, vault: VaultRecord, default_policy: PolicyRecord) -> VaultRecord:
+        """A new vault with its default policy, in one transaction; Conflict if it exists."""
         async with self._transaction() as db:
-            await db.execute(
-                "INSERT OR IGNORE INTO vaults (name, region, chunk_size, created_at)"
-                " VALUES (?,?,?,?)",
-                (name, region, chunk_size, now),
-            )
-        return await self.vault(name)
+            try:
+                await db.execute(
+                    f"INSERT INTO vaults ({self._VAULT_COLUMNS}) VALUES (?,?,?,?,?,?)",
+                    (
+                        vault.name,
+                        vault.region,
+                        vault.chunk_size,
+                        vault.created_at,
+                        vault.max_concurrent_backups,
+                        0,
+                    ),
+                )
+            except sqlite3.IntegrityError:
+                raise Conflict(detail=f"vault {vault.name!r} already exists") from None
+            await self._insert_policy(db, default_policy)
+        return await self.vault(vault.name)
+
+    async def delete_vault(self, name: str) -> None:
+        async with self._transaction() as db:
+            await db.execute("DELETE FROM policies WHERE vault = ?", (name,))
+            cursor = await db.execute("DELETE FROM vaults WHERE name = ?", (name,))
+            if cursor.rowcount == 0:
+                raise NotFound(kind="vault", name=name)
 
     async def vault(self, name: str) -> VaultRecord:
         async with self.db.execute(
-            "SELECT name, region, chunk_size, created_at FROM vaults WHERE name = ?", (name,)
+            f"SELECT {self._VAULT_COLUMNS} FROM vaults WHERE name = ?", (name,)
         ) as cursor:
             row = await cursor.fetchone()
         if row is None:
@@ -273,9 +359,133 @@ class Catalog:
 
     async def vaults(self) -> list[VaultRecord]:
         async with self.db.execute(
-            "SELECT name, region, chunk_size, created_at FROM vaults ORDER BY name"
+            f"SELECT {self._VAULT_COLUMNS} FROM vaults ORDER BY name"
         ) as cursor:
             return [VaultRecord(*row) for row in await cursor.fetchall()]
+
+    async def add_stored_bytes(self, vault: str, delta: int) -> None:
+        """Account chunk bytes written to (positive) or freed from (negative) a vault's store."""
+        if delta:
+            async with self._transaction() as db:
+                await db.execute(
+                    "UPDATE vaults SET stored_bytes = max(0, stored_bytes + ?) WHERE name = ?",
+                    (delta, vault),
+                )
+
+    # --- policies --------------------------------------------------------------------------
+
+    @staticmethod
+    async def _insert_policy(db: aiosqlite.Connection, policy: PolicyRecord) -> None:
+        try:
+            await db.execute(
+                "INSERT INTO policies (vault, name, spec, created_at, updated_at)"
+                " VALUES (?,?,?,?,?)",
+                (
+                    policy.vault,
+                    policy.name,
+                    json.dumps(policy.spec),
+                    policy.created_at,
+                    policy.updated_at,
+                ),
+            )
+        except sqlite3.IntegrityError:
+            raise Conflict(
+                detail=f"vault {policy.vault!r} already has a policy named {policy.name!r}"
+            ) from None
+
+    async def create_policy(self, policy: PolicyRecord) -> None:
+        async with self._transaction() as db:
+            await self._insert_policy(db, policy)
+
+    async def update_policy(self, vault: str, name: str, spec: dict[str, Any], now: float) -> None:
+        async with self._transaction() as db:
+            cursor = await db.execute(
+                "UPDATE policies SET spec = ?, updated_at = ? WHERE vault = ? AND name = ?",
+                (json.dumps(spec), now, vault, name),
+            )
+            if cursor.rowcount == 0:
+                raise NotFound(kind=f"policy of vault {vault!r}", name=name)
+
+    async def delete_policy(self, vault: str, name: str) -> None:
+        async with self._transaction() as db:
+            cursor = await db.execute(
+                "DELETE FROM policies WHERE vault = ? AND name = ?", (vault, name)
+            )
+            if cursor.rowcount == 0:
+                raise NotFound(kind=f"policy of vault {vault!r}", name=name)
+
+    async def policy(self, vault: str, name: str) -> PolicyRecord:
+        found = await self._policies("vault = ? AND name = ?", (vault, name))
+        if not found:
+            raise NotFound(kind=f"policy of vault {vault!r}", name=name)
+        return found[0]
+
+    async def policies(self, vault: str = "") -> list[PolicyRecord]:
+        if vault:
+            return await self._policies("vault = ?", (vault,))
+        return await self._policies("1", ())
+
+    async def _policies(self, where: str, params: tuple[str, ...]) -> list[PolicyRecord]:
+        async with self.db.execute(
+            "SELECT vault, name, spec, created_at, updated_at FROM policies"
+            f" WHERE {where} ORDER BY vault, name",
+            params,
+        ) as cursor:
+            return [
+                PolicyRecord(vault, name, json.loads(spec), created, updated)
+                for vault, name, spec, created, updated in await cursor.fetchall()
+            ]
+
+    # --- items -----------------------------------------------------------------------------
+
+    _ITEM_COLUMNS = (
+        "vm_id, vault, state, policy, registered_at, protected_at, last_slot, last_backup_at,"
+        " last_backup_status, error_code, error_message"
+    )
+
+    async def insert_item(self, item: ItemRecord) -> None:
+        """Register a VM to a vault; Conflict if it is registered already (to any vault)."""
+        async with self._transaction() as db:
+            try:
+                await db.execute(
+                    f"INSERT INTO items ({self._ITEM_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                    astuple(item),
+                )
+            except sqlite3.IntegrityError:
+                raise Conflict(detail=f"VM {item.vm_id!r} is already registered") from None
+
+    async def update_item(self, item: ItemRecord) -> None:
+        async with self._transaction() as db:
+            await db.execute(
+                """UPDATE items SET vault=?, state=?, policy=?, registered_at=?, protected_at=?,
+                   last_slot=?, last_backup_at=?, last_backup_status=?, error_code=?,
+                   error_message=? WHERE vm_id=?""",
+                (*astuple(item)[1:], item.vm_id),
+            )
+
+    async def delete_item(self, vm_id: str) -> None:
+        async with self._transaction() as db:
+            await db.execute("DELETE FROM items WHERE vm_id = ?", (vm_id,))
+
+    async def item(self, vm_id: str) -> ItemRecord | None:
+        found = await self._items("vm_id = ?", (vm_id,))
+        return found[0] if found else None
+
+    async def items(self, vault: str = "", *, policy: str = "") -> list[ItemRecord]:
+        clauses, params = ["1"], []
+        if vault:
+            clauses.append("vault = ?")
+            params.append(vault)
+        if policy:
+            clauses.append("policy = ?")
+            params.append(policy)
+        return await self._items(" AND ".join(clauses), tuple(params))
+
+    async def _items(self, where: str, params: tuple[str, ...]) -> list[ItemRecord]:
+        async with self.db.execute(
+            f"SELECT {self._ITEM_COLUMNS} FROM items WHERE {where} ORDER BY vault, vm_id", params
+        ) as cursor:
+            return [ItemRecord(*row) for row in await cursor.fetchall()]
 
     # --- agents ----------------------------------------------------------------------------
 
@@ -395,6 +605,9 @@ class Catalog:
         if where.vm_id:
             clauses.append("vm_id = ?")
             params.append(where.vm_id)
+        if where.vault:
+            clauses.append("vault = ?")
+            params.append(where.vault)
         if where.started_from is not None:
             clauses.append("started_at >= ?")
             params.append(where.started_from)
@@ -419,24 +632,30 @@ class Catalog:
             )
         return cursor.rowcount
 
+    async def job_counts(self, vault: str, since: float) -> dict[str, int]:
+        """Jobs of a vault started at or after `since`, counted by status."""
+        async with self.db.execute(
+            "SELECT status, count(*) FROM jobs WHERE vault = ? AND started_at >= ? GROUP BY status",
+            (vault, since),
+        ) as cursor:
+            return {status: count for status, count in await cursor.fetchall()}
+
     # --- recovery points -------------------------------------------------------------------
+
+    _RP_COLUMNS = (
+        "id, vault, vm_id, job_id, created_at, consistency, bytes_stored, data_bytes, kept_by"
+    )
 
     async def insert_recovery_point(self, rp: RecoveryPointRecord) -> None:
         async with self._transaction() as db:
             await db.execute(
-                """INSERT OR IGNORE INTO recovery_points
-                   (id, vault, vm_id, job_id, created_at, consistency, bytes_stored)
-                   VALUES (?,?,?,?,?,?,?)""",
+                f"INSERT OR IGNORE INTO recovery_points ({self._RP_COLUMNS})"
+                " VALUES (?,?,?,?,?,?,?,?,?)",
                 (
-                    rp.id,
-                    rp.vault,
-                    rp.vm_id,
-                    rp.job_id,
-                    rp.created_at,
-                    rp.consistency,
-                    rp.bytes_stored,
+                    rp.id, rp.vault, rp.vm_id, rp.job_id, rp.created_at, rp.consistency,
+                    rp.bytes_stored, rp.data_bytes, ",".join(rp.kept_by),
                 ),
-            )
+            )  # fmt: skip
             await db.executemany(
                 """INSERT OR IGNORE INTO recovery_point_disks
                    (recovery_point_id, name, size_bytes, chunk_size, chunk_count)
@@ -444,9 +663,28 @@ class Catalog:
                 [(rp.id, d.name, d.size_bytes, d.chunk_size, d.chunk_count) for d in rp.disks],
             )
 
-    async def recovery_points(self, vm_id: str = "") -> list[RecoveryPointRecord]:
-        """Recovery points, oldest first; of one VM when `vm_id` is given."""
-        return await self._recovery_points("vm_id = ?" if vm_id else "1", (vm_id,) if vm_id else ())
+    async def set_kept_by(self, kept: dict[str, tuple[str, ...]]) -> None:
+        """Record which retention rules keep each recovery point (after a prune)."""
+        async with self._transaction() as db:
+            await db.executemany(
+                "UPDATE recovery_points SET kept_by = ? WHERE id = ?",
+                [(",".join(rules), rp_id) for rp_id, rules in kept.items()],
+            )
+
+    async def delete_recovery_point(self, rp_id: str) -> None:
+        async with self._transaction() as db:
+            await db.execute("DELETE FROM recovery_points WHERE id = ?", (rp_id,))
+
+    async def recovery_points(self, vm_id: str = "", vault: str = "") -> list[RecoveryPointRecord]:
+        """Recovery points, oldest first; of one VM and/or one vault when given."""
+        clauses, params = ["1"], []
+        if vm_id:
+            clauses.append("vm_id = ?")
+            params.append(vm_id)
+        if vault:
+            clauses.append("vault = ?")
+            params.append(vault)
+        return await self._recovery_points(" AND ".join(clauses), tuple(params))
 
     async def recovery_point(self, rp_id: str) -> RecoveryPointRecord:
         found = await self._recovery_points("id = ?", (rp_id,))
@@ -458,15 +696,23 @@ class Catalog:
         found = await self._recovery_points("vm_id = ? ORDER BY created_at DESC LIMIT 1", (vm_id,))
         return found[0] if found else None
 
+    async def recovery_point_totals(self, vault: str) -> tuple[int, int]:
+        """How many recovery points a vault holds, and the data bytes they would restore."""
+        async with self.db.execute(
+            "SELECT count(*), coalesce(sum(data_bytes), 0) FROM recovery_points WHERE vault = ?",
+            (vault,),
+        ) as cursor:
+            row = await cursor.fetchone()
+        assert row is not None
+        return int(row[0]), int(row[1])
+
     async def _recovery_points(
         self, where: str, params: tuple[str, ...]
     ) -> list[RecoveryPointRecord]:
         if "ORDER BY" not in where:
             where += " ORDER BY created_at"
         async with self.db.execute(
-            "SELECT id, vault, vm_id, job_id, created_at, consistency, bytes_stored"
-            f" FROM recovery_points WHERE {where}",
-            params,
+            f"SELECT {self._RP_COLUMNS} FROM recovery_points WHERE {where}", params
         ) as cursor:
             rows = await cursor.fetchall()
         if not rows:
@@ -491,6 +737,18 @@ class Catalog:
                 consistency=consistency,
                 bytes_stored=bytes_stored,
                 disks=tuple(disks.get(rp_id, ())),
+                data_bytes=data_bytes,
+                kept_by=tuple(kept_by.split(",")) if kept_by else (),
             )
-            for rp_id, vault, vm_id, job_id, created_at, consistency, bytes_stored in rows
+            for (
+                rp_id,
+                vault,
+                vm_id,
+                job_id,
+                created_at,
+                consistency,
+                bytes_stored,
+                data_bytes,
+                kept_by,
+            ) in rows
         ]

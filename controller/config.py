@@ -14,6 +14,8 @@ from shared.tls import TlsFiles
 # (72.5 against 97.7 MiB, restic 76.6) and still back up and restore faster than borg and
 # restic; 256 KiB adds less again but cost 60% more time per full backup.
 DEFAULT_CHUNK_SIZE = 512 << 10
+# Longer than any backup takes between uploading a chunk and committing its recovery point.
+DEFAULT_GC_GRACE_SECONDS = 6 * 3600.0
 
 
 @dataclass(frozen=True)
@@ -32,6 +34,8 @@ class ControllerConfig:
     mqtt: MqttBroker | None = None
     # Address agents are told to reach the private broker on (defaults to the listen host).
     advertise_host: str | None = None
+    # Garbage collection never deletes chunks written less than this long ago.
+    gc_grace_seconds: float = DEFAULT_GC_GRACE_SECONDS
 
     @property
     def tls(self) -> TlsFiles:
@@ -71,6 +75,7 @@ class ControllerConfig:
                 if mqtt and mqtt.get("host")
                 else None,
                 advertise_host=raw.get("advertise_host"),
+                gc_grace_seconds=float(raw.get("gc_grace_seconds", DEFAULT_GC_GRACE_SECONDS)),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise InvalidArgument(detail=f"controller config {path}: bad or missing {exc}") from exc

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import shutil
 from pathlib import Path
 
 from controller.catalog import Catalog
-from controller.datastore import Datastore, LocalDirectoryStore
+from controller.datastore import ChunkGuard, Datastore, LocalDirectoryStore
 
 
 class Datastores:
@@ -14,6 +15,7 @@ class Datastores:
         self._catalog = catalog
         self._root = root
         self._open: dict[str, Datastore] = {}
+        self._guards: dict[str, ChunkGuard] = {}
         self._lock = asyncio.Lock()
 
     def path(self, vault: str) -> Path:
@@ -32,3 +34,14 @@ class Datastores:
                     Datastore.open_or_create, backend, record.chunk_size
                 )
             return self._open[vault]
+
+    def guard(self, vault: str) -> ChunkGuard:
+        """The digests running jobs of the vault rely on; garbage collection spares them."""
+        return self._guards.setdefault(vault, ChunkGuard())
+
+    async def destroy(self, vault: str) -> None:
+        """Remove an emptied vault's datastore (it holds no recovery point any more)."""
+        async with self._lock:
+            self._open.pop(vault, None)
+            self._guards.pop(vault, None)
+            await asyncio.to_thread(shutil.rmtree, self.path(vault), True)

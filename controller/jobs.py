@@ -1,26 +1,38 @@
-"""Jobs: every backup and restore, from the operator's request to its recorded outcome.
+"""Jobs: every operation, from the request that starts it to its recorded outcome.
 
-The job manager is the controller's authority on what runs. It creates the job record, sends
-the command down the agent's session, serves the agent's data-path calls only for jobs that
-are running for that agent (`running_backup`, `running_restore`), and records the outcome.
+The job manager is the controller's authority on what runs. It creates the job record, runs
+the job's body, and records the outcome; for backups and restores it sends the command down
+the agent's session and serves the agent's data-path calls only for jobs running for that
+agent (`running_backup`, `running_restore`).
+
+Backups queue. A backup job is recorded `InProgress` at once and waits in its vault's queue
+until the agent is online and the vault has a free slot (`max_concurrent_backups`); a VM never
+has two jobs at once. A queued backup whose window closes first (its agent stayed offline)
+fails with `BackupWindowMissed`. The dispatcher is woken by the events that can change its
+answer (a backup ends, an agent connects, a backup is queued, the nearest deadline) and never
+walks the items of a vault on a timer.
 
 A backup's recovery point is committed in this order, so that it is visible only when
 complete: every chunk is durable (checked as each index arrives), the indexes are written, then
-the manifest (the datastore's commit point), then the catalog row, then the job's status.
+the manifest (the datastore's commit point), then the catalog row, then the job's status. A
+cancelled backup is stopped before its manifest is written, so it leaves no recovery point.
+Digests a backup relies on without a manifest referencing them yet are held in the vault's
+`ChunkGuard`, so garbage collection can run beside it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import secrets
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import partial
 from types import TracebackType
-from typing import Self, TypeVar
+from typing import Any, Self, TypeVar
 
 from controller.catalog import (
     Catalog,
@@ -34,19 +46,23 @@ from controller.datastores import Datastores
 from controller.registry import AgentRegistry, AgentSession
 from controller.status import StatusMonitor
 from shared.clock import Clock
+from shared.digest import ZERO_DIGEST
 from shared.errors import (
+    AgentUnreachable,
+    BackupWindowMissed,
     ChunkMissing,
     CofferError,
     Conflict,
     DiskNotFound,
     InvalidArgument,
+    JobCancelled,
     NotFound,
     OperationInProgress,
     PermissionDenied,
 )
 from shared.index import DiskIndex
 from shared.manifest import ManifestDisk, RecoveryPointManifest
-from shared.model import DEFAULT_VAULT, Consistency, JobStatus, Operation
+from shared.model import Consistency, JobStatus, Operation
 from shared.rpc import agent_pb2
 from shared.rpc_errors import from_proto
 from shared.status import JobState
@@ -54,11 +70,20 @@ from shared.status import JobState
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
+# How long a cancelled job may take to stop on its agent before the controller stops waiting.
+CANCEL_GRACE_SECONDS = 30.0
+# A manual backup waits this long in the queue for its agent before it fails.
+MANUAL_BACKUP_WINDOW_SECONDS = 2 * 3600.0
+QUEUED = "Queued"
+
 
 @dataclass
 class RunningJob:
     record: JobRecord
     changed: asyncio.Event = field(default_factory=asyncio.Event)
+    cancel_requested: bool = False
+    # The agent's answer to the job's command, while one is awaited.
+    reply: asyncio.Future[agent_pb2.CommandResult] | None = None
 
     def touch(self) -> None:
         self.changed.set()
@@ -70,10 +95,13 @@ class RunningBackup(RunningJob):
     rp_id: str = ""
     chunk_size: int = 0
     vm: dict[str, str] = field(default_factory=dict)
+    disks: list[str] = field(default_factory=list)
+    deadline: float = 0.0
+    started: bool = False
     # Digests this job has seen durable in the datastore: checked, uploaded or in the previous
     # recovery point. An index may reference only these (or what a datastore check finds).
     known: set[bytes] = field(default_factory=set)
-    indexes: dict[str, tuple[DiskIndex, str]] = field(default_factory=dict)
+    indexes: dict[str, tuple[DiskIndex, str, int]] = field(default_factory=dict)
 
 
 @dataclass
@@ -85,7 +113,9 @@ class RunningRestore(RunningJob):
     allowed: frozenset[bytes] = frozenset()
 
 
-def _record(manifest: RecoveryPointManifest, bytes_stored: int) -> RecoveryPointRecord:
+def _record(
+    manifest: RecoveryPointManifest, bytes_stored: int, data_bytes: int
+) -> RecoveryPointRecord:
     """The catalog's row for a committed recovery point: what its manifest says."""
     return RecoveryPointRecord(
         id=manifest.id,
@@ -99,11 +129,20 @@ def _record(manifest: RecoveryPointManifest, bytes_stored: int) -> RecoveryPoint
             RecoveryPointDiskRecord(d.name, d.size_bytes, d.chunk_size, d.chunk_count)
             for d in manifest.disks
         ),
+        data_bytes=data_bytes,
     )
+
+
+def data_bytes(index: DiskIndex) -> int:
+    """Bytes of the disk that hold data: every chunk but the all-zero ones."""
+    return sum(index.extent(i)[1] for i in range(len(index)) if index.digest_at(i) != ZERO_DIGEST)
 
 
 def new_id() -> str:
     return secrets.token_hex(6)
+
+
+BackupEnded = Callable[[JobRecord], Awaitable[None]]
 
 
 class JobManager:
@@ -126,7 +165,14 @@ class JobManager:
         self._pool = pool
         self._running: dict[str, RunningJob] = {}
         self._by_vm: dict[str, str] = {}
+        self._queues: dict[str, list[RunningBackup]] = {}
+        self._started: dict[str, int] = {}
+        self._limits: dict[str, int] = {}
+        self._kick = asyncio.Event()
         self._tasks: asyncio.TaskGroup | None = None
+        # Called with a backup's final record (the protection manager updates its item).
+        self.on_backup_ended: BackupEnded | None = None
+        registry.on_connect.append(lambda vm_id: self.kick())
 
     async def __aenter__(self) -> Self:
         await self._recover_committed_backups()
@@ -140,6 +186,7 @@ class JobManager:
             log.warning("marked %d jobs interrupted by the last shutdown as failed", interrupted)
         self._tasks = asyncio.TaskGroup()
         await self._tasks.__aenter__()
+        self._dispatcher = self._tasks.create_task(self._dispatch_loop(), name="dispatcher")
         return self
 
     async def __aexit__(
@@ -149,6 +196,15 @@ class JobManager:
         tb: TracebackType | None,
     ) -> None:
         assert self._tasks is not None
+        self._dispatcher.cancel()
+        for queue in self._queues.values():
+            for running in list(queue):
+                await self._end_queued(
+                    running,
+                    JobStatus.FAILED,
+                    "ControllerRestarted",
+                    "The controller stopped while this backup waited in the queue. Run it again.",
+                )
         # Shutting down: the agents' sessions are closed by now, so every job's command has
         # failed with AgentDisconnected and its task is finishing its record.
         await self._tasks.__aexit__(exc_type, exc, tb)
@@ -166,13 +222,20 @@ class JobManager:
                 manifest = await self.in_pool(datastore.get_manifest, rp_id)
             except NotFound:
                 continue  # never committed: failed below with the other interrupted jobs
-            await self._catalog.insert_recovery_point(_record(manifest, job.bytes_stored))
+            sizes = [
+                data_bytes(await self.in_pool(datastore.get_index, rp_id, disk.name))
+                for disk in manifest.disks
+            ]
+            await self._catalog.insert_recovery_point(
+                _record(manifest, job.bytes_stored, sum(sizes))
+            )
             job.status, job.ended_at, job.recovery_point_id = (
                 JobStatus.COMPLETED,
                 self._clock.now(),
                 manifest.id,
             )
             await self._catalog.update_job(job)
+            await self._catalog.add_stored_bytes(job.vault, job.bytes_stored)
             log.warning("job %s: recorded recovery point %s committed before a stop", job.id, rp_id)
 
     async def datastore(self, running: RunningJob) -> Datastore:
@@ -181,41 +244,257 @@ class JobManager:
     def in_pool(self, fn: Callable[..., T], *args: object) -> asyncio.Future[T]:
         return asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
 
-    # --- operator requests ------------------------------------------------------------------
+    def kick(self) -> None:
+        """Wake the dispatcher: something that can start or expire a queued backup changed."""
+        self._kick.set()
 
-    async def backup_now(self, vm_id: str, disks: list[str]) -> JobRecord:
-        session = self._registry.get(vm_id)
-        known = [d.name for d in session.hello.disks]
-        for disk in disks:
-            if disk not in known:
-                raise DiskNotFound(vm_id=vm_id, disk=disk, known=", ".join(known))
-        vault = DEFAULT_VAULT
-        datastore = await self._datastores.get(vault)
+    # --- jobs without an agent command ------------------------------------------------------
+
+    async def run(
+        self,
+        operation: Operation,
+        vault: str,
+        vm_id: str,
+        body: Callable[[JobRecord], Awaitable[None]],
+        *,
+        wait: bool = True,
+        details: dict[str, Any] | None = None,
+    ) -> JobRecord:
+        """Record a job and run `body` as it; with `wait`, return once it has ended."""
+        job = self._new_job(operation, vm_id, vault)
+        job.details = dict(details or {})
+        running = RunningJob(job)
+        self._running[job.id] = running
+        await self._catalog.insert_job(job)
+        self._publish(job)
+        if wait:
+            await self._conclude(running, body(job))
+        else:
+            assert self._tasks is not None, "job manager is not running"
+            self._tasks.create_task(self._conclude(running, body(job)), name=f"job-{job.id}")
+        return job
+
+    async def _conclude(self, running: RunningJob, work: Awaitable[None]) -> None:
+        job = running.record
+        try:
+            await work
+            job.status = (
+                JobStatus.COMPLETED_WITH_WARNINGS
+                if job.details.get("warnings")
+                else JobStatus.COMPLETED
+            )
+        except CofferError as exc:
+            job.status, job.error_code, job.error_message = JobStatus.FAILED, exc.code, exc.message
+        except Exception as exc:
+            log.exception("job %s failed unexpectedly", job.id)
+            job.status, job.error_code = JobStatus.FAILED, "InternalError"
+            job.error_message = f"internal error in the controller: {exc!r}"
+        finally:
+            await self._record_end(running)
+
+    async def _record_end(self, running: RunningJob) -> None:
+        job = running.record
+        job.ended_at = self._clock.now()
+        try:
+            await self._catalog.update_job(job)
+        except Exception:
+            log.exception("job %s: its outcome could not be recorded", job.id)
+        finally:
+            self._forget(running)
+            self._publish(job)
+            running.touch()
+
+    # --- backups ----------------------------------------------------------------------------
+
+    async def backup(
+        self,
+        vault: str,
+        vm_id: str,
+        *,
+        disks: list[str] | None = None,
+        trigger: str = "manual",
+        slot: float | None = None,
+        window: float = MANUAL_BACKUP_WINDOW_SECONDS,
+    ) -> JobRecord:
+        """Queue a backup of `vm_id` into `vault`; it starts when its agent and a slot are free.
+
+        A manual backup of an offline VM is refused at once; a scheduled one waits for the
+        agent until `slot + window`."""
+        disks = list(disks or ())
+        session = self._registry.session(vm_id)
+        if session is None and trigger == "manual":
+            raise AgentUnreachable(vm_id=vm_id)
+        if session is not None:
+            known = [d.name for d in session.hello.disks]
+            for disk in disks:
+                if disk not in known:
+                    raise DiskNotFound(vm_id=vm_id, disk=disk, known=", ".join(known))
+        vault_record = await self._catalog.vault(vault)
+        self._limits[vault] = vault_record.max_concurrent_backups
+        now = self._clock.now()
         job = self._new_job(Operation.BACKUP, vm_id, vault)
         running = RunningBackup(
             job,
-            previous=await self._catalog.latest_recovery_point(vm_id),
             rp_id=secrets.token_hex(8),
-            chunk_size=datastore.chunk_size,
-            vm={
+            disks=disks,
+            deadline=max(slot if slot is not None else now, now) + window,
+        )
+        job.details = {
+            "trigger": trigger,
+            "disks": disks,
+            "recovery_point_id": running.rp_id,
+            "phase": QUEUED,
+        }
+        if slot is not None:
+            job.details["slot"] = slot
+        await self._admit(running)
+        self._queues.setdefault(vault, []).append(running)
+        self.kick()
+        return job
+
+    async def _dispatch_loop(self) -> None:
+        while True:
+            self._kick.clear()
+            timeout = await self._dispatch()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._kick.wait(), timeout)
+
+    async def _dispatch(self) -> float | None:
+        """Start what can start, fail what waited too long; seconds until the next deadline."""
+        now = self._clock.now()
+        nearest: float | None = None
+        for vault, queue in self._queues.items():
+            for running in list(queue):
+                vm_id = running.record.vm_id
+                if now >= running.deadline:
+                    queue.remove(running)
+                    online = self._registry.online(vm_id)
+                    await self._end_queued(
+                        running,
+                        JobStatus.FAILED,
+                        BackupWindowMissed.code,
+                        BackupWindowMissed(
+                            vm=vm_id,
+                            slot=_iso(
+                                running.record.details.get("slot", running.record.started_at)
+                            ),
+                            deadline=_iso(running.deadline),
+                            reason="the vault's other backups used every slot"
+                            if online
+                            else "its agent was not connected",
+                        ).message,
+                    )
+                elif self._started.get(vault, 0) < self._limits.get(vault, 1) and (
+                    self._registry.online(vm_id)
+                ):
+                    queue.remove(running)
+                    self._started[vault] = self._started.get(vault, 0) + 1
+                    running.started = True
+                    assert self._tasks is not None
+                    self._tasks.create_task(self._start_backup(running), name=f"job-{vm_id}")
+                else:
+                    left = running.deadline - now
+                    nearest = left if nearest is None else min(nearest, left)
+        return nearest
+
+    async def _end_queued(
+        self, running: RunningBackup, status: str, code: str, message: str
+    ) -> None:
+        job = running.record
+        job.status, job.error_code, job.error_message = status, code, message
+        job.details.pop("phase", None)
+        await self._record_end(running)
+        if self.on_backup_ended is not None:
+            await self.on_backup_ended(job)
+
+    async def _start_backup(self, running: RunningBackup) -> None:
+        job = running.record
+        try:
+            session = self._registry.get(job.vm_id)
+            datastore = await self._datastores.get(job.vault)
+            running.chunk_size = datastore.chunk_size
+            running.previous = await self._catalog.latest_recovery_point(job.vm_id)
+            if running.previous is not None and running.previous.vault != job.vault:
+                running.previous = None  # registered anew to another vault: a full backup
+            running.vm = {
                 "name": session.hello.name,
                 "service": session.hello.service,
                 "region": session.hello.region,
                 "hostname": session.hello.hostname,
-            },
-        )
-        job.details = {"disks": disks or known, "recovery_point_id": running.rp_id}
-        await self._admit(running)
-        command = agent_pb2.ControllerMessage(
-            backup=agent_pb2.BackupCommand(
-                job_id=job.id,
-                chunk_size=datastore.chunk_size,
-                disks=disks,
-                previous_recovery_point_id=running.previous.id if running.previous else "",
+            }
+            known = [d.name for d in session.hello.disks]
+            job.details["disks"] = running.disks or known
+            job.details.pop("phase", None)
+            await self._catalog.update_job(job)
+            running.touch()
+            command = agent_pb2.ControllerMessage(
+                backup=agent_pb2.BackupCommand(
+                    job_id=job.id,
+                    chunk_size=datastore.chunk_size,
+                    disks=running.disks,
+                    previous_recovery_point_id=running.previous.id if running.previous else "",
+                )
             )
+        except CofferError as exc:  # the agent went away between dispatch and start
+            self._started[job.vault] -= 1
+            await self._end_queued(running, JobStatus.FAILED, exc.code, exc.message)
+            self.kick()
+            return
+        try:
+            await self._run(running, session, command, self._finish_backup)
+        finally:
+            self._started[job.vault] -= 1
+            self._datastores.guard(job.vault).release(job.id)
+            self.kick()
+            if self.on_backup_ended is not None:
+                await self.on_backup_ended(job)
+
+    async def _finish_backup(self, running: RunningJob, result: agent_pb2.CommandResult) -> None:
+        assert isinstance(running, RunningBackup)
+        job = running.record
+        disks: list[ManifestDisk] = []
+        total_data = 0
+        for disk in result.disks:
+            job.bytes_read += disk.bytes_read
+            job.bytes_sent += disk.bytes_sent
+            if disk.disk not in running.indexes:
+                raise Conflict(detail=f"the agent reported disk {disk.disk!r} without its index")
+            index, index_sha, size = running.indexes[disk.disk]
+            total_data += size
+            disks.append(
+                ManifestDisk(
+                    name=disk.disk,
+                    size_bytes=index.size_bytes,
+                    chunk_size=index.chunk_size,
+                    chunk_count=len(index),
+                    index_sha256=index_sha,
+                )
+            )
+        wanted = set(job.details.get("disks", ()))
+        if {d.name for d in disks} != wanted:
+            raise Conflict(
+                detail=f"the agent backed up disks {sorted(d.name for d in disks)}, "
+                f"not the {sorted(wanted)} this backup was for"
+            )
+        if running.cancel_requested:
+            raise JobCancelled(job_id=job.id)
+        manifest = RecoveryPointManifest(
+            id=running.rp_id,
+            vm_id=job.vm_id,
+            vault=job.vault,
+            job_id=job.id,
+            created_at=datetime.fromtimestamp(self._clock.now(), UTC),
+            consistency=result.consistency or Consistency.CRASH,
+            disks=tuple(disks),
+            vm=running.vm,
         )
-        self._spawn(running, session, command, self._finish_backup)
-        return job
+        datastore = await self._datastores.get(job.vault)
+        # accept_index already made sure every chunk the indexes name is durable.
+        await self.in_pool(partial(datastore.put_manifest, manifest, verify_chunks=False))
+        await self._catalog.insert_recovery_point(_record(manifest, job.bytes_stored, total_data))
+        job.recovery_point_id = running.rp_id
+
+    # --- restores ---------------------------------------------------------------------------
 
     async def restore(
         self, vm_id: str, rp_id: str, disk: str, target_path: str, target_vm: str
@@ -254,8 +533,58 @@ class JobManager:
                 chunk_size=rp_disk.chunk_size,
             )
         )
-        self._spawn(running, session, command, self._finish_restore)
+        assert self._tasks is not None, "job manager is not running"
+        self._tasks.create_task(
+            self._run(running, session, command, self._finish_restore), name=f"job-{job.id}"
+        )
         return job
+
+    def _finish_restore(self, running: RunningJob, result: agent_pb2.CommandResult) -> None:
+        running.record.bytes_read = result.bytes_written
+
+    # --- cancelling -------------------------------------------------------------------------
+
+    async def cancel(self, job_id: str) -> JobRecord:
+        """Cancel a queued or running backup or restore; other jobs run to their end."""
+        running = self._running.get(job_id)
+        if running is None:
+            job = await self._catalog.job(job_id)
+            raise Conflict(detail=f"job {job_id} has already ended ({job.status})")
+        job = running.record
+        if not isinstance(running, RunningBackup | RunningRestore):
+            raise Conflict(detail=f"a {job.operation} job cannot be cancelled; it ends by itself")
+        if running.cancel_requested:
+            return job
+        running.cancel_requested = True
+        if isinstance(running, RunningBackup) and not running.started:
+            self._queues[job.vault].remove(running)
+            await self._end_queued(
+                running,
+                JobStatus.CANCELLED,
+                JobCancelled.code,
+                JobCancelled(job_id=job.id).message,
+            )
+            return job
+        job.status = JobStatus.CANCELLING
+        await self._catalog.update_job(job)
+        self._publish(job)
+        running.touch()
+        session = self._registry.session(job.vm_id)
+        if session is not None:
+            session.outbox.put_nowait(
+                agent_pb2.ControllerMessage(cancel=agent_pb2.CancelCommand(job_id=job.id))
+            )
+        assert self._tasks is not None
+        self._tasks.create_task(self._cancel_deadline(running), name=f"cancel-{job.id}")
+        return job
+
+    async def _cancel_deadline(self, running: RunningJob) -> None:
+        """An agent that does not stop a cancelled job in time is not waited for any more."""
+        await asyncio.sleep(CANCEL_GRACE_SECONDS)
+        if running.reply is not None and not running.reply.done():
+            running.reply.set_exception(JobCancelled(job_id=running.record.id))
+
+    # --- the common path of agent jobs ------------------------------------------------------
 
     def _new_job(self, operation: Operation, vm_id: str, vault: str) -> JobRecord:
         return JobRecord(
@@ -281,18 +610,6 @@ class JobManager:
             raise
         self._publish(running.record)
 
-    def _spawn(
-        self,
-        running: RunningJob,
-        session: AgentSession,
-        command: agent_pb2.ControllerMessage,
-        finish: Callable[[RunningJob, agent_pb2.CommandResult], object],
-    ) -> None:
-        assert self._tasks is not None, "job manager is not running"
-        self._tasks.create_task(
-            self._run(running, session, command, finish), name=f"job-{running.record.id}"
-        )
-
     async def _run(
         self,
         running: RunningJob,
@@ -302,7 +619,8 @@ class JobManager:
     ) -> None:
         job = running.record
         try:
-            result = await session.send(command, job.id)
+            running.reply = session.send(command, job.id)
+            result = await running.reply
             if not result.ok:
                 raise from_proto(result.error)
             outcome = finish(running, result)
@@ -315,20 +633,21 @@ class JobManager:
                 job.details["warnings"] = list(result.warnings)
         except CofferError as exc:
             job.status, job.error_code, job.error_message = JobStatus.FAILED, exc.code, exc.message
+            if running.cancel_requested:
+                job.status = JobStatus.CANCELLED
+                job.error_code, job.error_message = (
+                    JobCancelled.code,
+                    JobCancelled(job_id=job.id).message,
+                )
         except Exception as exc:
             log.exception("job %s failed unexpectedly", job.id)
             job.status, job.error_code = JobStatus.FAILED, "InternalError"
             job.error_message = f"internal error in the controller: {exc!r}"
         finally:
-            job.ended_at = self._clock.now()
-            try:
-                await self._catalog.update_job(job)
-            except Exception:
-                log.exception("job %s: its outcome could not be recorded", job.id)
-            finally:
-                self._forget(running)
-                self._publish(job)
-                running.touch()
+            running.reply = None
+            await self._record_end(running)
+            if job.operation == Operation.BACKUP:
+                await self._catalog.add_stored_bytes(job.vault, job.bytes_stored)
 
     def _forget(self, running: RunningJob) -> None:
         self._running.pop(running.record.id, None)
@@ -350,56 +669,12 @@ class JobManager:
                 )
             )
 
-    async def _finish_backup(self, running: RunningJob, result: agent_pb2.CommandResult) -> None:
-        assert isinstance(running, RunningBackup)
-        job = running.record
-        disks: list[ManifestDisk] = []
-        for disk in result.disks:
-            job.bytes_read += disk.bytes_read
-            job.bytes_sent += disk.bytes_sent
-            if disk.disk not in running.indexes:
-                raise Conflict(detail=f"the agent reported disk {disk.disk!r} without its index")
-            index, index_sha = running.indexes[disk.disk]
-            disks.append(
-                ManifestDisk(
-                    name=disk.disk,
-                    size_bytes=index.size_bytes,
-                    chunk_size=index.chunk_size,
-                    chunk_count=len(index),
-                    index_sha256=index_sha,
-                )
-            )
-        wanted = set(job.details.get("disks", ()))
-        if {d.name for d in disks} != wanted:
-            raise Conflict(
-                detail=f"the agent backed up disks {sorted(d.name for d in disks)}, "
-                f"not the {sorted(wanted)} this backup was for"
-            )
-        manifest = RecoveryPointManifest(
-            id=running.rp_id,
-            vm_id=job.vm_id,
-            vault=job.vault,
-            job_id=job.id,
-            created_at=datetime.fromtimestamp(self._clock.now(), UTC),
-            consistency=result.consistency or Consistency.CRASH,
-            disks=tuple(disks),
-            vm=running.vm,
-        )
-        datastore = await self._datastores.get(job.vault)
-        # accept_index already made sure every chunk the indexes name is durable.
-        await self.in_pool(partial(datastore.put_manifest, manifest, verify_chunks=False))
-        await self._catalog.insert_recovery_point(_record(manifest, job.bytes_stored))
-        job.recovery_point_id = running.rp_id
-
-    def _finish_restore(self, running: RunningJob, result: agent_pb2.CommandResult) -> None:
-        running.record.bytes_read = result.bytes_written
-
     # --- the agents' data path --------------------------------------------------------------
 
     def running_backup(self, vm_id: str, job_id: str) -> RunningBackup:
         running = self._owned(vm_id, job_id)
-        if not isinstance(running, RunningBackup):
-            raise PermissionDenied(detail=f"job {job_id} is not a backup")
+        if not isinstance(running, RunningBackup) or not running.started:
+            raise PermissionDenied(detail=f"job {job_id} is not a running backup")
         return running
 
     def running_restore(self, vm_id: str, job_id: str) -> RunningRestore:
@@ -435,17 +710,25 @@ class JobManager:
             raise NotFound(kind="disk in the previous recovery point", name=disk)
         datastore = await self._datastores.get(running.record.vault)
         index = await self.in_pool(datastore.get_index, rp_id, disk)
-        running.known.update(index.referenced())
+        # The base recovery point is not pruned while this backup runs (`in_use`), so its
+        # manifest keeps its chunks; held as well, for a prune that came first.
+        referenced = index.referenced()
+        self._datastores.guard(running.record.vault).hold(running.record.id, referenced)
+        running.known.update(referenced)
         return index
 
     async def missing_chunks(self, running: RunningBackup, digests: list[bytes]) -> list[bytes]:
         datastore = await self._datastores.get(running.record.vault)
         unknown = [d for d in digests if d not in running.known]
+        # Held before asking: garbage collection either deleted a chunk already (it is then
+        # reported missing and uploaded again) or will leave it alone.
+        self._datastores.guard(running.record.vault).hold(running.record.id, unknown)
         missing = await self.in_pool(datastore.missing_chunks, unknown)
         running.known.update(set(unknown) - set(missing))
         return missing
 
     def chunk_stored(self, running: RunningBackup, digest: bytes, stored: int, sent: int) -> None:
+        self._datastores.guard(running.record.vault).hold(running.record.id, (digest,))
         running.known.add(digest)
         running.record.bytes_stored += stored
         running.touch()
@@ -458,12 +741,14 @@ class JobManager:
             )
         datastore = await self._datastores.get(running.record.vault)
         unknown = index.referenced() - running.known
+        self._datastores.guard(running.record.vault).hold(running.record.id, unknown)
         absent = await self.in_pool(datastore.missing_chunks, unknown)
         if absent:
             raise ChunkMissing(digest=absent[0].hex())
         running.known.update(unknown)
         index_sha = await self.in_pool(datastore.put_index, running.rp_id, index)
-        running.indexes[index.disk] = (index, index_sha)
+        size = await self.in_pool(data_bytes, index)
+        running.indexes[index.disk] = (index, index_sha, size)
 
     # --- watching ---------------------------------------------------------------------------
 
@@ -473,6 +758,23 @@ class JobManager:
     def running_job_of(self, vm_id: str) -> str:
         return self._by_vm.get(vm_id, "")
 
+    def running_count(self, vault: str) -> int:
+        return sum(1 for r in self._running.values() if r.record.vault == vault)
+
+    def in_use(self) -> set[str]:
+        """Recovery points running jobs read: an incremental's base, a restore's source."""
+        used: set[str] = set()
+        for running in self._running.values():
+            if isinstance(running, RunningBackup) and running.previous is not None:
+                used.add(running.previous.id)
+            elif isinstance(running, RunningRestore) and running.recovery_point is not None:
+                used.add(running.recovery_point.id)
+        return used
+
     async def job(self, job_id: str) -> JobRecord:
         running = self._running.get(job_id)
         return running.record if running else await self._catalog.job(job_id)
+
+
+def _iso(seconds: float) -> str:
+    return datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%d %H:%M UTC")

@@ -1,9 +1,15 @@
-"""The gRPC service operators call (through the `coffer` CLI): agents, jobs, recovery points."""
+"""The gRPC service operators call (through the `coffer` CLI): the whole vault workflow.
+
+Thin: each method checks the caller is an operator, converts the request into the domain's
+terms, calls the vaults, protection, pruning or job manager, and converts the answer back.
+Protobuf types stop here.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from functools import wraps
 from typing import Any, TypeAlias, TypeVar
@@ -11,12 +17,25 @@ from typing import Any, TypeAlias, TypeVar
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from controller.catalog import Catalog, JobFilter, JobRecord, RecoveryPointRecord
+from controller.catalog import (
+    AgentRecord,
+    Catalog,
+    ItemRecord,
+    JobFilter,
+    JobRecord,
+    PolicyRecord,
+    RecoveryPointRecord,
+    VaultRecord,
+)
 from controller.jobs import JobManager
+from controller.protection import Protection, display_name
+from controller.pruning import Pruner
 from controller.registry import AgentRegistry
 from controller.status import StatusMonitor
-from shared.errors import CofferError, InvalidArgument, PermissionDenied
-from shared.model import JobStatus, Operation
+from controller.vaults import Vaults
+from shared.errors import CofferError, InvalidArgument, InvalidPolicy, PermissionDenied
+from shared.model import ItemState, JobStatus, Operation
+from shared.policy import Policy
 from shared.rpc import operator_pb2, operator_pb2_grpc
 from shared.rpc_errors import abort
 from shared.tls import peer_identity
@@ -63,13 +82,26 @@ class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
         registry: AgentRegistry,
         jobs: JobManager,
         status: StatusMonitor | None,
+        vaults: Vaults,
+        protection: Protection,
+        pruner: Pruner,
     ) -> None:
         self._catalog = catalog
         self._registry = registry
         self._jobs = jobs
         self._status = status
+        self._vaults = vaults
+        self._protection = protection
+        self._pruner = pruner
 
-    def _job(self, job: JobRecord) -> operator_pb2.Job:
+    async def _names(self) -> dict[str, str]:
+        return {a.vm_id: display_name(a, a.vm_id) for a in await self._catalog.agents()}
+
+    async def _jobs_reply(self, jobs: list[JobRecord]) -> operator_pb2.JobsReply:
+        names = await self._names()
+        return operator_pb2.JobsReply(jobs=[self._job(job, names) for job in jobs])
+
+    def _job(self, job: JobRecord, names: dict[str, str] | None = None) -> operator_pb2.Job:
         message = operator_pb2.Job(
             id=job.id,
             operation=job.operation,
@@ -84,6 +116,8 @@ class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
             error_code=job.error_code,
             error_message=job.error_message,
             recovery_point_id=job.recovery_point_id,
+            item=(names or {}).get(job.vm_id, job.vm_id),
+            details_json=json.dumps(job.details, sort_keys=True),
         )
         progress = self._status.progress(job.id) if self._status else None
         if progress is not None and not JobStatus(job.status).ended:
@@ -113,6 +147,8 @@ class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
             ],
             job_id=rp.job_id,
             bytes_stored=rp.bytes_stored,
+            kept_by=rp.kept_by,
+            data_bytes=rp.data_bytes,
         )
 
     @operator_only
@@ -144,19 +180,26 @@ class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
     @operator_only
     async def BackupNow(
         self, request: operator_pb2.BackupNowRequest, context: Context
-    ) -> operator_pb2.Job:
-        return self._job(await self._jobs.backup_now(request.vm_id, list(request.disks)))
+    ) -> operator_pb2.JobsReply:
+        jobs = await self._protection.backup_now(
+            request.vault, list(request.vms), list(request.disks)
+        )
+        return await self._jobs_reply(jobs)
 
     @operator_only
     async def Restore(
         self, request: operator_pb2.RestoreRequest, context: Context
     ) -> operator_pb2.Job:
+        source = (await self._protection.resolve([request.vm_id]))[0].vm_id
+        target = request.target_vm_id
+        if target:
+            target = (await self._protection.resolve([target]))[0].vm_id
         job = await self._jobs.restore(
-            request.vm_id,
+            source,
             request.recovery_point_id,
             request.disk,
             request.target_path,
-            request.target_vm_id,
+            target,
         )
         return self._job(job)
 
@@ -179,21 +222,29 @@ class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
                 statuses=list(request.status),
                 operations=list(request.operation),
                 vm_id=request.vm_id,
+                vault=request.vault,
                 started_from=_seconds(request.started_from, request.HasField("started_from")),
                 started_to=_seconds(request.started_to, request.HasField("started_to")),
                 limit=request.limit or 100,
             )
         )
         # Running jobs: the in-memory record has the live byte counts.
+        names = await self._names()
         return operator_pb2.ListJobsReply(
-            jobs=[self._job(await self._jobs.job(job.id)) for job in jobs]
+            jobs=[self._job(await self._jobs.job(job.id), names) for job in jobs]
         )
 
     @operator_only
     async def GetJob(
         self, request: operator_pb2.GetJobRequest, context: Context
     ) -> operator_pb2.Job:
-        return self._job(await self._jobs.job(request.id))
+        return self._job(await self._jobs.job(request.id), await self._names())
+
+    @operator_only
+    async def CancelJob(
+        self, request: operator_pb2.GetJobRequest, context: Context
+    ) -> operator_pb2.Job:
+        return self._job(await self._jobs.cancel(request.id), await self._names())
 
     async def WatchJob(
         self, request: operator_pb2.GetJobRequest, context: Context
@@ -221,7 +272,270 @@ class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
     async def ListRecoveryPoints(
         self, request: operator_pb2.ListRecoveryPointsRequest, context: Context
     ) -> operator_pb2.ListRecoveryPointsReply:
-        points = await self._catalog.recovery_points(request.vm_id)
+        vm_id = request.vm_id
+        if vm_id:
+            vm_id = (await self._protection.resolve([vm_id]))[0].vm_id
+        points = await self._catalog.recovery_points(vm_id=vm_id, vault=request.vault)
         return operator_pb2.ListRecoveryPointsReply(
             recovery_points=[self._recovery_point(rp) for rp in points]
         )
+
+    # --- vaults -----------------------------------------------------------------------------
+
+    async def _vault(self, vault: VaultRecord) -> operator_pb2.Vault:
+        items = await self._catalog.items(vault.name)
+        points, _ = await self._catalog.recovery_point_totals(vault.name)
+        return operator_pb2.Vault(
+            name=vault.name,
+            region=vault.region,
+            chunk_size=vault.chunk_size,
+            created_at=_timestamp(vault.created_at),
+            max_concurrent_backups=vault.max_concurrent_backups,
+            registered_items=len(items),
+            protected_items=sum(1 for i in items if ItemState(i.state).protected),
+            recovery_points=points,
+            stored_bytes=vault.stored_bytes,
+        )
+
+    @operator_only
+    async def CreateVault(
+        self, request: operator_pb2.CreateVaultRequest, context: Context
+    ) -> operator_pb2.Vault:
+        vault = await self._vaults.create(
+            request.name, request.region, request.max_concurrent_backups, request.timezone
+        )
+        self._protection.vault_created(vault.name)
+        return await self._vault(vault)
+
+    @operator_only
+    async def ListVaults(
+        self, request: operator_pb2.ListVaultsRequest, context: Context
+    ) -> operator_pb2.ListVaultsReply:
+        return operator_pb2.ListVaultsReply(
+            vaults=[await self._vault(v) for v in await self._catalog.vaults()]
+        )
+
+    @operator_only
+    async def GetVault(
+        self, request: operator_pb2.VaultRef, context: Context
+    ) -> operator_pb2.Vault:
+        return await self._vault(await self._catalog.vault(request.name))
+
+    @operator_only
+    async def DeleteVault(
+        self, request: operator_pb2.VaultRef, context: Context
+    ) -> operator_pb2.Vault:
+        vault = await self._vaults.delete(request.name)
+        self._protection.vault_deleted(vault.name)
+        return operator_pb2.Vault(name=vault.name, region=vault.region)
+
+    @operator_only
+    async def Dashboard(
+        self, request: operator_pb2.VaultRef, context: Context
+    ) -> operator_pb2.DashboardReply:
+        board = await self._vaults.dashboard(request.name, self._jobs.running_count(request.name))
+        return operator_pb2.DashboardReply(
+            vault=board.vault,
+            protected_items=board.protected_items,
+            items_by_state=board.items_by_state,
+            jobs_completed_24h=board.jobs_completed,
+            jobs_failed_24h=board.jobs_failed,
+            jobs_in_progress=board.jobs_in_progress,
+            jobs_cancelled_24h=board.jobs_cancelled,
+            jobs_with_warnings_24h=board.jobs_with_warnings,
+            stored_bytes=board.stored_bytes,
+            protected_bytes=board.protected_bytes,
+            dedup_ratio=board.dedup_ratio,
+            recovery_points=board.recovery_points,
+        )
+
+    # --- discovery and items ----------------------------------------------------------------
+
+    @operator_only
+    async def Discover(
+        self, request: operator_pb2.VaultRef, context: Context
+    ) -> operator_pb2.DiscoverReply:
+        found = await self._protection.discover(request.name)
+        return operator_pb2.DiscoverReply(
+            job=self._job(found.job),
+            vms=[
+                operator_pb2.DiscoveredVm(
+                    vm_id=d.agent.vm_id,
+                    name=d.agent.name,
+                    service=d.agent.service,
+                    region=d.agent.region,
+                    disks=[
+                        operator_pb2.Disk(name=k.name, path=k.path, size_bytes=k.size_bytes)
+                        for k in d.agent.disks
+                    ],
+                    online=d.online,
+                )
+                for d in found.vms
+            ],
+            notes=found.notes,
+        )
+
+    @operator_only
+    async def Register(
+        self, request: operator_pb2.ItemsRequest, context: Context
+    ) -> operator_pb2.JobsReply:
+        return await self._jobs_reply(
+            await self._protection.register(request.vault, list(request.vms))
+        )
+
+    @operator_only
+    async def Unregister(
+        self, request: operator_pb2.ItemsRequest, context: Context
+    ) -> operator_pb2.JobsReply:
+        return await self._jobs_reply(
+            await self._protection.unregister(request.vault, list(request.vms))
+        )
+
+    def _item(
+        self, item: ItemRecord, agent: AgentRecord | None, points: list[RecoveryPointRecord]
+    ) -> operator_pb2.Item:
+        nxt = self._protection.next_backup(item)
+        return operator_pb2.Item(
+            vm_id=item.vm_id,
+            name=agent.name if agent else item.vm_id,
+            service=agent.service if agent else "",
+            vault=item.vault,
+            state=item.state,
+            policy=item.policy or "",
+            registered_at=_timestamp(item.registered_at),
+            last_backup_at=_timestamp(item.last_backup_at),
+            last_backup_status=item.last_backup_status,
+            error_code=item.error_code,
+            error_message=item.error_message,
+            next_backup_at=_timestamp(nxt),
+            recovery_points=len(points),
+            online=self._registry.online(item.vm_id),
+            latest_recovery_point_at=_timestamp(points[-1].created_at if points else None),
+        )
+
+    @operator_only
+    async def ListItems(
+        self, request: operator_pb2.ListItemsRequest, context: Context
+    ) -> operator_pb2.ListItemsReply:
+        for state in request.state:
+            if state not in ItemState.__members__.values():
+                raise InvalidArgument(
+                    detail=f"unknown item state {state!r}; one of {', '.join(ItemState)}"
+                )
+        if request.vault:
+            await self._catalog.vault(request.vault)
+        agents = {a.vm_id: a for a in await self._catalog.agents()}
+        points: dict[str, list[RecoveryPointRecord]] = {}
+        for rp in await self._catalog.recovery_points(vault=request.vault):
+            points.setdefault(rp.vm_id, []).append(rp)
+        return operator_pb2.ListItemsReply(
+            items=[
+                self._item(item, agents.get(item.vm_id), points.get(item.vm_id, []))
+                for item in await self._catalog.items(request.vault)
+                if not request.state or item.state in request.state
+            ]
+        )
+
+    # --- policies ---------------------------------------------------------------------------
+
+    @staticmethod
+    def _parse_policy(spec_json: str) -> Policy:
+        try:
+            return Policy.from_dict(json.loads(spec_json))
+        except json.JSONDecodeError as exc:
+            raise InvalidPolicy(detail=f"the policy is not valid JSON: {exc}") from None
+
+    async def _policy(self, record: PolicyRecord) -> operator_pb2.Policy:
+        policy = Policy.from_dict(record.spec)
+        schedule_text, retention_text = policy.describe()
+        users = await self._catalog.items(record.vault, policy=record.name)
+        return operator_pb2.Policy(
+            vault=record.vault,
+            name=record.name,
+            spec_json=json.dumps(record.spec),
+            schedule_text=schedule_text,
+            retention_text=retention_text,
+            vms=[i.vm_id for i in users],
+            created_at=_timestamp(record.created_at),
+            updated_at=_timestamp(record.updated_at),
+        )
+
+    @operator_only
+    async def CreatePolicy(
+        self, request: operator_pb2.PolicyRequest, context: Context
+    ) -> operator_pb2.Policy:
+        policy = self._parse_policy(request.spec_json)
+        return await self._policy(await self._vaults.create_policy(request.vault, policy))
+
+    @operator_only
+    async def UpdatePolicy(
+        self, request: operator_pb2.PolicyRequest, context: Context
+    ) -> operator_pb2.Policy:
+        policy = self._parse_policy(request.spec_json)
+        return await self._policy(await self._vaults.update_policy(request.vault, policy))
+
+    @operator_only
+    async def GetPolicy(
+        self, request: operator_pb2.PolicyRef, context: Context
+    ) -> operator_pb2.Policy:
+        return await self._policy(await self._catalog.policy(request.vault, request.name))
+
+    @operator_only
+    async def ListPolicies(
+        self, request: operator_pb2.VaultRef, context: Context
+    ) -> operator_pb2.ListPoliciesReply:
+        await self._catalog.vault(request.name)
+        return operator_pb2.ListPoliciesReply(
+            policies=[await self._policy(p) for p in await self._catalog.policies(request.name)]
+        )
+
+    @operator_only
+    async def DeletePolicy(
+        self, request: operator_pb2.PolicyRef, context: Context
+    ) -> operator_pb2.Policy:
+        record = await self._vaults.delete_policy(request.vault, request.name)
+        return operator_pb2.Policy(vault=record.vault, name=record.name)
+
+    # --- protection -------------------------------------------------------------------------
+
+    @operator_only
+    async def Protect(
+        self, request: operator_pb2.ProtectRequest, context: Context
+    ) -> operator_pb2.JobsReply:
+        new_policy = (
+            self._parse_policy(request.new_policy_json) if request.new_policy_json else None
+        )
+        if new_policy is not None and request.policy:
+            raise InvalidArgument(detail="choose an existing policy or define a new one, not both")
+        jobs = await self._protection.protect(
+            request.vault, list(request.vms), request.policy, new_policy
+        )
+        return await self._jobs_reply(jobs)
+
+    @operator_only
+    async def ResumeProtection(
+        self, request: operator_pb2.ProtectRequest, context: Context
+    ) -> operator_pb2.JobsReply:
+        jobs = await self._protection.protect(
+            request.vault, list(request.vms), request.policy, None, resume=True
+        )
+        return await self._jobs_reply(jobs)
+
+    @operator_only
+    async def StopProtection(
+        self, request: operator_pb2.StopProtectionRequest, context: Context
+    ) -> operator_pb2.JobsReply:
+        jobs = await self._protection.stop(request.vault, list(request.vms), request.delete_data)
+        return await self._jobs_reply(jobs)
+
+    # --- retention --------------------------------------------------------------------------
+
+    @operator_only
+    async def Prune(self, request: operator_pb2.VaultRef, context: Context) -> operator_pb2.Job:
+        return self._job(await self._pruner.prune_vault(request.name))
+
+    @operator_only
+    async def CollectGarbage(
+        self, request: operator_pb2.VaultRef, context: Context
+    ) -> operator_pb2.Job:
+        return self._job(await self._pruner.collect(request.name))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from shared.errors import AgentDisconnected, AgentUnreachable
@@ -65,6 +66,8 @@ class AgentSession:
 class AgentRegistry:
     def __init__(self) -> None:
         self._sessions: dict[str, AgentSession] = {}
+        # Called with the VM id of every agent that connects (the job dispatcher listens).
+        self.on_connect: list[Callable[[str], None]] = []
 
     def connect(self, session: AgentSession) -> None:
         """Make `session` the VM's live one; a stale session of the same VM is closed."""
@@ -73,6 +76,8 @@ class AgentRegistry:
             log.info("%s reconnected; closing its previous session", session.vm_id)
             old.close()
         self._sessions[session.vm_id] = session
+        for listener in self.on_connect:
+            listener(session.vm_id)
 
     def disconnect(self, session: AgentSession) -> None:
         session.close()
@@ -84,6 +89,9 @@ class AgentRegistry:
         if session is None:
             raise AgentUnreachable(vm_id=vm_id)
         return session
+
+    def session(self, vm_id: str) -> AgentSession | None:
+        return self._sessions.get(vm_id)
 
     def online(self, vm_id: str) -> bool:
         return vm_id in self._sessions

@@ -23,11 +23,13 @@ from controller.config import ControllerConfig
 from controller.datastores import Datastores
 from controller.jobs import JobManager
 from controller.operator_service import OperatorService
+from controller.protection import Protection
+from controller.pruning import Pruner
 from controller.registry import AgentRegistry
 from controller.status import StatusMonitor
+from controller.vaults import Vaults
 from shared.clock import Clock, SystemClock
 from shared.errors import Unavailable
-from shared.model import DEFAULT_VAULT
 from shared.rpc import agent_pb2_grpc, operator_pb2_grpc
 from shared.tls import server_credentials, server_options
 from shared.version import coffer_version
@@ -53,9 +55,6 @@ class Controller:
             # file I/O that mostly waits on the disk, so more threads than cores.
             pool = stack.enter_context(ThreadPoolExecutor(16, thread_name_prefix="datastore"))
             catalog = await stack.enter_async_context(Catalog(config.catalog_path))
-            await catalog.ensure_vault(
-                DEFAULT_VAULT, region="", chunk_size=config.chunk_size, now=self.clock.now()
-            )
             datastores = Datastores(catalog, config.state_dir / "datastores")
 
             if config.mqtt is not None:
@@ -75,6 +74,12 @@ class Controller:
             )
             # Exits run in reverse: sessions close before the job manager drains.
             stack.callback(registry.close_all)
+            vaults = Vaults(catalog, datastores, self.clock, config.chunk_size)
+            pruner = Pruner(catalog, datastores, jobs, self.clock, config.gc_grace_seconds)
+            self.protection = await stack.enter_async_context(
+                Protection(catalog, registry, jobs, vaults, pruner, self.clock)
+            )
+            self.jobs = jobs
 
             server = grpc.aio.server(options=server_options())
             agent_pb2_grpc.add_AgentServiceServicer_to_server(
@@ -82,7 +87,8 @@ class Controller:
                 server,
             )
             operator_pb2_grpc.add_OperatorServiceServicer_to_server(
-                OperatorService(catalog, registry, jobs, status), server
+                OperatorService(catalog, registry, jobs, status, vaults, self.protection, pruner),
+                server,
             )
             try:
                 self.port = server.add_secure_port(config.listen, server_credentials(config.tls))

@@ -125,6 +125,66 @@ class PathNotAllowed(PermissionDenied):
     code = "UserErrorRestorePathNotAllowed"
 
 
+# --- the vault workflow ------------------------------------------------------------------
+
+
+class VaultNotEmpty(Conflict):
+    """Vault {vault!r} still has {what}; {fix}"""
+
+    code = "VaultNotEmpty"
+
+
+class AmbiguousVmName(InvalidArgument):
+    """VM name {name!r} is ambiguous: services {services} each have a VM of that name. Give it as service/name."""
+
+    code = "AmbiguousVmName"
+
+
+class VmNotFound(NotFound):
+    """No enrolled VM is named {name!r}. `coffer agents` lists the VMs whose agents have connected."""
+
+    code = "VmNotFound"
+
+
+class RegionMismatch(Conflict):
+    """VM {vm!r} is in region {vm_region!r} but vault {vault!r} is in region {vault_region!r}; a VM can only be protected by a vault in its own region."""
+
+    code = "UserErrorRegionMismatch"
+
+
+class AlreadyRegistered(Conflict):
+    """VM {vm!r} is already registered to vault {vault!r}; a VM belongs to one vault at a time."""
+
+    code = "UserErrorVmAlreadyRegistered"
+
+
+class ItemNotRegistered(NotFound):
+    """VM {vm!r} is not registered to vault {vault!r}. Register it first (`coffer register --vault {vault} {vm}`)."""
+
+    code = "UserErrorVmNotRegistered"
+
+
+class ItemStateConflict(Conflict):
+    """VM {vm!r} is {state}: {fix}"""
+
+    code = "UserErrorInvalidProtectionState"
+
+
+class PolicyInUse(Conflict):
+    """Policy {policy!r} of vault {vault!r} protects {count} VMs ({vms}); move them to another policy or stop their protection first."""
+
+    code = "PolicyInUse"
+
+
+class BackupWindowMissed(CofferError):
+    """The scheduled backup of VM {vm!r} (slot {slot}) could not start before its window closed at {deadline}: {reason}. Check that the VM runs and its agent is connected (`coffer agents`); the next scheduled backup will try again."""
+
+    code = "BackupWindowMissed"
+    retryable = True
+    exit_code = 3
+    grpc_status = "DEADLINE_EXCEEDED"
+
+
 # --- data integrity ------------------------------------------------------------------------
 
 
@@ -229,3 +289,14 @@ class DatastoreError(CofferError):
     code = "DatastoreError"
     retryable = True
     grpc_status = "UNAVAILABLE"
+
+
+# --- backup policies -----------------------------------------------------------------------
+
+
+class InvalidPolicy(InvalidArgument):
+    """Invalid backup policy: {detail}"""
+
+    code = "InvalidPolicy"
+    exit_code = 2
+    grpc_status = "INVALID_ARGUMENT"

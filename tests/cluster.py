@@ -149,9 +149,8 @@ class Cluster:
             agent.process.stop()
         self.controller.stop()
 
-    @property
-    def datastore(self) -> Path:
-        return self.root / "state" / "datastores" / "default"
+    def datastore(self, vault: str) -> Path:
+        return self.root / "state" / "datastores" / vault
 
     def start_controller(self) -> None:
         self.controller.log.write_text("")
@@ -230,7 +229,30 @@ class Cluster:
             return result
         return json.loads(result.stdout) if result.stdout.strip() else None
 
+    def protect(self, vm_id: str, vault: str = "", policy: str = "DefaultPolicy") -> None:
+        """Walk `vm_id` through the vault flow: the vault (by default one named for the VM's
+        region, created if need be), register, protect."""
+        agent = {a["vm_id"]: a for a in self.coffer("agents")}[vm_id]
+        vault = vault or agent["region"]
+        if vault not in {v["name"] for v in self.coffer("vault", "list")}:
+            self.coffer("vault", "create", vault, "--region", agent["region"])
+        items = {i["vm_id"]: i for i in self.coffer("items", "--vault", vault)}
+        if vm_id not in items:
+            self.coffer("register", "--vault", vault, vm_id)
+            items[vm_id] = {"state": "Registered"}
+        if items[vm_id]["state"] == "Registered":
+            self.coffer("protect", "--vault", vault, "--policy", policy, vm_id)
+
     def backup(self, vm_id: str, check: bool = True) -> dict[str, Any]:
+        """Back `vm_id` up now, protecting it first (in its region's vault) if it is not yet."""
+        protected = {
+            i["vm_id"]
+            for v in self.coffer("vault", "list")
+            for i in self.coffer("items", "--vault", v["name"])
+            if i["state"] not in ("Registered", "Registering", "ProtectionStopped")
+        }
+        if vm_id not in protected:
+            self.protect(vm_id)
         job: dict[str, Any] = self.coffer("backup-now", vm_id, check=check)
         return job
 

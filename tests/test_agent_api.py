@@ -68,6 +68,7 @@ class FakeAgent:
             vm_id=self.vm_id,
             name=self.vm_id,
             service="test",
+            region="lab",
             disks=[agent_pb2.DiskInfo(name="root", path="/dev/null", size_bytes=1 << 20)],
         )
         await self.session.write(agent_pb2.AgentMessage(hello=hello))
@@ -123,7 +124,9 @@ async def test_agent_certificate_cannot_use_the_operator_api(cluster: Cluster) -
 
 async def _backup_command(cluster: Cluster, agent: FakeAgent) -> agent_pb2.ControllerMessage:
     await agent.accepted()
-    job = await asyncio.to_thread(cluster.coffer, "backup-now", agent.vm_id, "--no-wait")
+    await asyncio.to_thread(cluster.protect, agent.vm_id)
+    started = await asyncio.to_thread(cluster.coffer, "backup-now", agent.vm_id, "--no-wait")
+    job = started[0]
     command = await asyncio.wait_for(agent.session.read(), 10)
     assert command.backup.job_id == job["id"]
     return command
@@ -160,7 +163,7 @@ async def test_chunk_not_matching_its_digest_is_refused_and_nothing_stored(
             )
         assert refused.value.code() == grpc.StatusCode.DATA_LOSS
         assert error_code(refused.value) == "ChunkDigestMismatch"
-        store = Datastore.open(LocalDirectoryStore(cluster.datastore))
+        store = Datastore.open(LocalDirectoryStore(cluster.datastore("lab")))
         assert not store.has_chunk(claimed)
         assert not store.has_chunk(chunk_digest(data))
 

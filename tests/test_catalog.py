@@ -13,10 +13,15 @@ from controller.catalog import (
     DiskRecord,
     JobFilter,
     JobRecord,
+    PolicyRecord,
     RecoveryPointDiskRecord,
     RecoveryPointRecord,
+    VaultRecord,
 )
 from shared.errors import NotFound, UnsupportedFormat
+from shared.policy import default_policy
+
+DEFAULT_POLICY = PolicyRecord("default", "DefaultPolicy", default_policy().to_dict(), 0.0, 0.0)
 
 
 def job(job_id: str, *, status: str = "Completed", operation: str = "Backup", at: float = 0.0,
@@ -30,7 +35,7 @@ async def test_a_new_catalog_is_at_the_latest_schema_and_survives_reopen(tmp_pat
     path = tmp_path / "catalog.sqlite"
     async with Catalog(path) as catalog:
         assert await catalog.schema_version() == len(MIGRATIONS)
-        await catalog.ensure_vault("default", "", 1 << 20, now=0.0)
+        await catalog.create_vault(VaultRecord("default", "local", 1 << 20, 0.0), DEFAULT_POLICY)
         await catalog.upsert_agent(
             vm_id="vm-1", name="vm-1", service="shop", region="eu", hostname="h",
             agent_version="1", disks=[DiskRecord("root", "/dev/vda", 10)], now=100.0,
@@ -84,7 +89,7 @@ async def test_job_filters(tmp_path: Path) -> None:
 
 async def test_recovery_points_in_order(tmp_path: Path) -> None:
     async with Catalog(tmp_path / "c.sqlite") as catalog:
-        await catalog.ensure_vault("default", "", 1 << 20, now=0.0)
+        await catalog.create_vault(VaultRecord("default", "local", 1 << 20, 0.0), DEFAULT_POLICY)
         for n, created in enumerate((5.0, 1.0, 3.0)):
             await catalog.insert_recovery_point(
                 RecoveryPointRecord(

@@ -90,7 +90,9 @@ def test_full_backup_incremental_and_restore(cluster: Cluster, images: dict[str,
 
 
 def test_two_agents_back_up_side_by_side(cluster: Cluster, images: dict[str, Path]) -> None:
-    jobs = {vm: cluster.coffer("backup-now", vm, "--no-wait") for vm in ("web-1", "db-1")}
+    for vm in ("web-1", "db-1"):
+        cluster.protect(vm)
+    jobs = {vm: cluster.coffer("backup-now", vm, "--no-wait")[0] for vm in ("web-1", "db-1")}
     finished = {vm: cluster.coffer("job", "watch", job["id"]) for vm, job in jobs.items()}
     assert {vm: job["status"] for vm, job in finished.items()} == {
         "web-1": "Completed",
@@ -163,8 +165,9 @@ def test_a_disk_attached_after_the_agent_started_is_backed_up(
 
 def test_unknown_vm_and_disk_are_clear_errors(cluster: Cluster) -> None:
     missing = cluster.coffer("backup-now", "no-such-vm", json_out=False, check=False)
-    assert missing.returncode == 8
-    assert "AgentUnreachable" in missing.stderr
+    assert missing.returncode == 4
+    assert "VmNotFound" in missing.stderr
+    cluster.protect("web-1")
     disk = cluster.coffer("backup-now", "web-1", "--disk", "data", json_out=False, check=False)
     assert disk.returncode == 4
     assert "has no disk named 'data'" in disk.stderr

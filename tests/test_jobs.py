@@ -6,7 +6,7 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
 
-from controller.catalog import Catalog, JobRecord
+from controller.catalog import Catalog, JobRecord, PolicyRecord, VaultRecord
 from controller.datastores import Datastores
 from controller.jobs import JobManager
 from controller.registry import AgentRegistry
@@ -14,8 +14,11 @@ from shared.clock import ManualClock
 from shared.digest import chunk_digest
 from shared.index import DiskIndex
 from shared.manifest import ManifestDisk, RecoveryPointManifest
+from shared.policy import default_policy
 
 CHUNK = 4096
+
+DEFAULT_POLICY = PolicyRecord("default", "DefaultPolicy", default_policy().to_dict(), 0.0, 0.0)
 
 
 async def test_a_backup_committed_just_before_a_stop_is_recorded_and_others_fail(
@@ -23,7 +26,7 @@ async def test_a_backup_committed_just_before_a_stop_is_recorded_and_others_fail
 ) -> None:
     clock = ManualClock(1_000.0)
     async with Catalog(tmp_path / "catalog.sqlite") as catalog:
-        await catalog.ensure_vault("default", "", CHUNK, now=0.0)
+        await catalog.create_vault(VaultRecord("default", "local", CHUNK, 0.0), DEFAULT_POLICY)
         datastores = Datastores(catalog, tmp_path / "datastores")
         store = await datastores.get("default")
         # A backup whose manifest reached the datastore, the controller stopping before the

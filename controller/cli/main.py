@@ -7,6 +7,7 @@ usage or argument, 3 the job failed or was cancelled, 4 not found, 5 conflicting
 
 from __future__ import annotations
 
+import json
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
@@ -36,6 +37,18 @@ from controller.cli.output import (
     when,
 )
 from controller.cli.pki import pki
+from controller.cli.protection import (
+    discover,
+    items,
+    policy,
+    protect,
+    register,
+    resume_protection,
+    show_jobs,
+    stop_protection,
+    unregister,
+)
+from controller.cli.vaults import dashboard, vault
 from shared.errors import CofferError, InvalidArgument
 from shared.model import JobStatus, Operation
 from shared.rpc import operator_pb2
@@ -69,6 +82,19 @@ def cli(ctx: click.Context, controller: str, tls_dir: Path, server_name: str | N
 
 
 cli.add_command(pki)
+for command in (
+    vault,
+    dashboard,
+    discover,
+    register,
+    unregister,
+    items,
+    policy,
+    protect,
+    stop_protection,
+    resume_protection,
+):
+    cli.add_command(command)
 
 
 def _job_row(job: operator_pb2.Job) -> list[str]:
@@ -78,7 +104,8 @@ def _job_row(job: operator_pb2.Job) -> list[str]:
         job.id,
         job.operation,
         job.status,
-        job.vm_id,
+        job.vault,
+        job.item or "-",
         when(job.started_at),
         duration(job.started_at, job.ended_at if ended else None),
         size(job.bytes_read),
@@ -87,7 +114,18 @@ def _job_row(job: operator_pb2.Job) -> list[str]:
     ]
 
 
-JOB_COLUMNS = ("Job", "Operation", "Status", "VM", "Started", "Duration", "Read", "Stored", "Error")
+JOB_COLUMNS = (
+    "Job",
+    "Operation",
+    "Status",
+    "Vault",
+    "Item",
+    "Started",
+    "Duration",
+    "Read",
+    "Stored",
+    "Error",
+)
 
 
 def _show_job(job: operator_pb2.Job) -> None:
@@ -96,7 +134,8 @@ def _show_job(job: operator_pb2.Job) -> None:
         ("Operation", job.operation),
         ("Status", job.status),
         ("Vault", job.vault),
-        ("VM", job.vm_id),
+        ("Item", job.item or "-"),
+        ("VM id", job.vm_id or "-"),
         ("Started", when(job.started_at)),
         ("Ended", when(job.ended_at, job.HasField("ended_at"))),
         (
@@ -111,6 +150,14 @@ def _show_job(job: operator_pb2.Job) -> None:
         lines.append(("Recovery point", job.recovery_point_id))
     if job.error_code:
         lines.append(("Error", f"{job.error_code}: {job.error_message}"))
+    details = json.loads(job.details_json or "{}")
+    for key in sorted(details):
+        value = details[key]
+        if key == "report" and isinstance(value, dict):
+            value = ", ".join(f"{k} {v}" for k, v in value.items())
+        elif isinstance(value, list):
+            value = ", ".join(map(str, value)) or "-"
+        lines.append((key.replace("_", " ").capitalize(), str(value)))
     width = max(len(k) for k, _ in lines)
     for key, value in lines:
         console.print(f"[bold]{key.ljust(width)}[/bold]  {value}", highlight=False)
@@ -186,20 +233,36 @@ def agents(connection: Connection, as_json: bool) -> None:
 
 
 @cli.command(name="backup-now")
-@click.argument("vm_id")
+@click.argument("vms", nargs=-1, required=True)
+@click.option("--vault", "vault_name", default="", help="The vault (default: each VM's own).")
 @click.option("--disk", "disks", multiple=True, help="Back up only this disk (repeatable).")
-@click.option("--no-wait", is_flag=True, help="Start the job and return at once.")
+@click.option("--no-wait", is_flag=True, help="Start the jobs and return at once.")
 @json_option
 @click.pass_obj
 def backup_now(
-    connection: Connection, vm_id: str, disks: tuple[str, ...], no_wait: bool, as_json: bool
+    connection: Connection,
+    vms: tuple[str, ...],
+    vault_name: str,
+    disks: tuple[str, ...],
+    no_wait: bool,
+    as_json: bool,
 ) -> None:
-    """Back up VM_ID now; waits for the job and shows its progress."""
-    request = operator_pb2.BackupNowRequest(vm_id=vm_id, disks=disks)
-    job = call(connection, lambda s: s.BackupNow(request))
+    """Back up protected VMS now (one job each); waits for the jobs and shows their progress."""
+    request = operator_pb2.BackupNowRequest(vault=vault_name, vms=vms, disks=disks)
+    started = list(call(connection, lambda s: s.BackupNow(request)).jobs)
     if not as_json:
-        console.print(f"Started backup job [bold]{job.id}[/bold] of {vm_id}", highlight=False)
-    _finish(job if no_wait else _watch(connection, job, as_json), as_json)
+        for job in started:
+            console.print(
+                f"Started backup job [bold]{job.id}[/bold] of {job.item or job.vm_id}",
+                highlight=False,
+            )
+    if no_wait:
+        show_jobs(started, as_json)
+        return
+    if len(started) == 1:
+        _finish(_watch(connection, started[0], as_json), as_json)
+        return
+    show_jobs([_watch(connection, job, as_json) for job in started], as_json)
 
 
 @cli.command()
@@ -269,7 +332,8 @@ def _time(value: str | None) -> Timestamp | None:
     type=click.Choice([o.value for o in Operation]),
     help="Repeatable.",
 )
-@click.option("--vm", "vm_id", default="", help="Jobs of this VM only.")
+@click.option("--vm", "vm_id", default="", help="Jobs of this VM (id) only.")
+@click.option("--vault", "vault_name", default="", help="Jobs of this vault only.")
 @click.option("--from", "started_from", help="Started at or after (ISO date/time).")
 @click.option("--to", "started_to", help="Started before (ISO date/time).")
 @click.option("--limit", default=50, show_default=True)
@@ -280,16 +344,18 @@ def job_list(
     statuses: tuple[str, ...],
     operations: tuple[str, ...],
     vm_id: str,
+    vault_name: str,
     started_from: str | None,
     started_to: str | None,
     limit: int,
     as_json: bool,
 ) -> None:
-    """Jobs, newest first, filtered by status, operation, VM and start time."""
+    """Jobs, newest first, filtered by status, operation, vault, VM and start time."""
     request = operator_pb2.ListJobsRequest(
         status=statuses,
         operation=operations,
         vm_id=vm_id,
+        vault=vault_name,
         started_from=_time(started_from),
         started_to=_time(started_to),
         limit=limit,
@@ -324,6 +390,44 @@ def job_watch(connection: Connection, job_id: str, as_json: bool) -> None:
     _finish(_watch(connection, found, as_json), as_json)
 
 
+@job.command(name="cancel")
+@click.argument("job_id")
+@click.option("--no-wait", is_flag=True, help="Return once the cancel is asked for.")
+@json_option
+@click.pass_obj
+def job_cancel(connection: Connection, job_id: str, no_wait: bool, as_json: bool) -> None:
+    """Cancel a queued or running backup or restore; it leaves no recovery point."""
+    found = call(connection, lambda s: s.CancelJob(operator_pb2.GetJobRequest(id=job_id)))
+    if not no_wait:
+        found = _watch(connection, found, as_json)
+    if as_json:
+        print_json(as_dict(found))
+    else:
+        _show_job(found)
+
+
+@cli.command()
+@click.option("--vault", "vault_name", required=True)
+@click.option("--no-wait", is_flag=True, help="Start the job and return at once.")
+@json_option
+@click.pass_obj
+def prune(connection: Connection, vault_name: str, no_wait: bool, as_json: bool) -> None:
+    """Apply the vault's retention now: delete the recovery points no rule keeps."""
+    found = call(connection, lambda s: s.Prune(operator_pb2.VaultRef(name=vault_name)))
+    _finish(found if no_wait else _watch(connection, found, as_json), as_json)
+
+
+@cli.command()
+@click.option("--vault", "vault_name", required=True)
+@click.option("--no-wait", is_flag=True, help="Start the job and return at once.")
+@json_option
+@click.pass_obj
+def gc(connection: Connection, vault_name: str, no_wait: bool, as_json: bool) -> None:
+    """Reclaim the space of chunks no recovery point references (runs beside backups)."""
+    found = call(connection, lambda s: s.CollectGarbage(operator_pb2.VaultRef(name=vault_name)))
+    _finish(found if no_wait else _watch(connection, found, as_json), as_json)
+
+
 @cli.group()
 def rp() -> None:
     """Recovery points."""
@@ -331,18 +435,19 @@ def rp() -> None:
 
 @rp.command(name="list")
 @click.argument("vm_id", required=False, default="")
+@click.option("--vault", "vault_name", default="", help="Of this vault only.")
 @json_option
 @click.pass_obj
-def rp_list(connection: Connection, vm_id: str, as_json: bool) -> None:
+def rp_list(connection: Connection, vm_id: str, vault_name: str, as_json: bool) -> None:
     """Recovery points of VM_ID (or of every VM), oldest first."""
-    request = operator_pb2.ListRecoveryPointsRequest(vm_id=vm_id)
+    request = operator_pb2.ListRecoveryPointsRequest(vm_id=vm_id, vault=vault_name)
     reply = call(connection, lambda s: s.ListRecoveryPoints(request))
     if as_json:
         print_json([as_dict(p) for p in reply.recovery_points])
         return
     table(
         "Recovery points",
-        ("Recovery point", "VM", "Created", "Consistency", "Disks", "Stored", "Job"),
+        ("Recovery point", "VM", "Created", "Consistency", "Disks", "Stored", "Kept by", "Job"),
         [
             [
                 p.id,
@@ -351,6 +456,7 @@ def rp_list(connection: Connection, vm_id: str, as_json: bool) -> None:
                 p.consistency,
                 ", ".join(f"{d.name} ({size(d.size_bytes)})" for d in p.disks),
                 size(p.bytes_stored),
+                ", ".join(p.kept_by) or "-",
                 p.job_id,
             ]
             for p in reply.recovery_points

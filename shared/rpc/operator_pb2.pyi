@@ -10,6 +10,243 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class Vault(_message.Message):
+    __slots__ = ("name", "region", "chunk_size", "created_at", "max_concurrent_backups", "registered_items", "protected_items", "recovery_points", "stored_bytes")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    REGION_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_SIZE_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    MAX_CONCURRENT_BACKUPS_FIELD_NUMBER: _ClassVar[int]
+    REGISTERED_ITEMS_FIELD_NUMBER: _ClassVar[int]
+    PROTECTED_ITEMS_FIELD_NUMBER: _ClassVar[int]
+    RECOVERY_POINTS_FIELD_NUMBER: _ClassVar[int]
+    STORED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    region: str
+    chunk_size: int
+    created_at: _timestamp_pb2.Timestamp
+    max_concurrent_backups: int
+    registered_items: int
+    protected_items: int
+    recovery_points: int
+    stored_bytes: int
+    def __init__(self, name: _Optional[str] = ..., region: _Optional[str] = ..., chunk_size: _Optional[int] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., max_concurrent_backups: _Optional[int] = ..., registered_items: _Optional[int] = ..., protected_items: _Optional[int] = ..., recovery_points: _Optional[int] = ..., stored_bytes: _Optional[int] = ...) -> None: ...
+
+class CreateVaultRequest(_message.Message):
+    __slots__ = ("name", "region", "max_concurrent_backups", "timezone")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    REGION_FIELD_NUMBER: _ClassVar[int]
+    MAX_CONCURRENT_BACKUPS_FIELD_NUMBER: _ClassVar[int]
+    TIMEZONE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    region: str
+    max_concurrent_backups: int
+    timezone: str
+    def __init__(self, name: _Optional[str] = ..., region: _Optional[str] = ..., max_concurrent_backups: _Optional[int] = ..., timezone: _Optional[str] = ...) -> None: ...
+
+class ListVaultsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListVaultsReply(_message.Message):
+    __slots__ = ("vaults",)
+    VAULTS_FIELD_NUMBER: _ClassVar[int]
+    vaults: _containers.RepeatedCompositeFieldContainer[Vault]
+    def __init__(self, vaults: _Optional[_Iterable[_Union[Vault, _Mapping]]] = ...) -> None: ...
+
+class VaultRef(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class DiscoveredVm(_message.Message):
+    __slots__ = ("vm_id", "name", "service", "region", "disks", "online")
+    VM_ID_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    SERVICE_FIELD_NUMBER: _ClassVar[int]
+    REGION_FIELD_NUMBER: _ClassVar[int]
+    DISKS_FIELD_NUMBER: _ClassVar[int]
+    ONLINE_FIELD_NUMBER: _ClassVar[int]
+    vm_id: str
+    name: str
+    service: str
+    region: str
+    disks: _containers.RepeatedCompositeFieldContainer[Disk]
+    online: bool
+    def __init__(self, vm_id: _Optional[str] = ..., name: _Optional[str] = ..., service: _Optional[str] = ..., region: _Optional[str] = ..., disks: _Optional[_Iterable[_Union[Disk, _Mapping]]] = ..., online: _Optional[bool] = ...) -> None: ...
+
+class DiscoverReply(_message.Message):
+    __slots__ = ("job", "vms", "notes")
+    JOB_FIELD_NUMBER: _ClassVar[int]
+    VMS_FIELD_NUMBER: _ClassVar[int]
+    NOTES_FIELD_NUMBER: _ClassVar[int]
+    job: Job
+    vms: _containers.RepeatedCompositeFieldContainer[DiscoveredVm]
+    notes: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, job: _Optional[_Union[Job, _Mapping]] = ..., vms: _Optional[_Iterable[_Union[DiscoveredVm, _Mapping]]] = ..., notes: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class ItemsRequest(_message.Message):
+    __slots__ = ("vault", "vms")
+    VAULT_FIELD_NUMBER: _ClassVar[int]
+    VMS_FIELD_NUMBER: _ClassVar[int]
+    vault: str
+    vms: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, vault: _Optional[str] = ..., vms: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class JobsReply(_message.Message):
+    __slots__ = ("jobs",)
+    JOBS_FIELD_NUMBER: _ClassVar[int]
+    jobs: _containers.RepeatedCompositeFieldContainer[Job]
+    def __init__(self, jobs: _Optional[_Iterable[_Union[Job, _Mapping]]] = ...) -> None: ...
+
+class Item(_message.Message):
+    __slots__ = ("vm_id", "name", "service", "vault", "state", "policy", "registered_at", "last_backup_at", "last_backup_status", "error_code", "error_message", "next_backup_at", "recovery_points", "online", "latest_recovery_point_at")
+    VM_ID_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    SERVICE_FIELD_NUMBER: _ClassVar[int]
+    VAULT_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    POLICY_FIELD_NUMBER: _ClassVar[int]
+    REGISTERED_AT_FIELD_NUMBER: _ClassVar[int]
+    LAST_BACKUP_AT_FIELD_NUMBER: _ClassVar[int]
+    LAST_BACKUP_STATUS_FIELD_NUMBER: _ClassVar[int]
+    ERROR_CODE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    NEXT_BACKUP_AT_FIELD_NUMBER: _ClassVar[int]
+    RECOVERY_POINTS_FIELD_NUMBER: _ClassVar[int]
+    ONLINE_FIELD_NUMBER: _ClassVar[int]
+    LATEST_RECOVERY_POINT_AT_FIELD_NUMBER: _ClassVar[int]
+    vm_id: str
+    name: str
+    service: str
+    vault: str
+    state: str
+    policy: str
+    registered_at: _timestamp_pb2.Timestamp
+    last_backup_at: _timestamp_pb2.Timestamp
+    last_backup_status: str
+    error_code: str
+    error_message: str
+    next_backup_at: _timestamp_pb2.Timestamp
+    recovery_points: int
+    online: bool
+    latest_recovery_point_at: _timestamp_pb2.Timestamp
+    def __init__(self, vm_id: _Optional[str] = ..., name: _Optional[str] = ..., service: _Optional[str] = ..., vault: _Optional[str] = ..., state: _Optional[str] = ..., policy: _Optional[str] = ..., registered_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_backup_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_backup_status: _Optional[str] = ..., error_code: _Optional[str] = ..., error_message: _Optional[str] = ..., next_backup_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., recovery_points: _Optional[int] = ..., online: _Optional[bool] = ..., latest_recovery_point_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class ListItemsRequest(_message.Message):
+    __slots__ = ("vault", "state")
+    VAULT_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    vault: str
+    state: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, vault: _Optional[str] = ..., state: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class ListItemsReply(_message.Message):
+    __slots__ = ("items",)
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    items: _containers.RepeatedCompositeFieldContainer[Item]
+    def __init__(self, items: _Optional[_Iterable[_Union[Item, _Mapping]]] = ...) -> None: ...
+
+class Policy(_message.Message):
+    __slots__ = ("vault", "name", "spec_json", "schedule_text", "retention_text", "vms", "created_at", "updated_at")
+    VAULT_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    SPEC_JSON_FIELD_NUMBER: _ClassVar[int]
+    SCHEDULE_TEXT_FIELD_NUMBER: _ClassVar[int]
+    RETENTION_TEXT_FIELD_NUMBER: _ClassVar[int]
+    VMS_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    UPDATED_AT_FIELD_NUMBER: _ClassVar[int]
+    vault: str
+    name: str
+    spec_json: str
+    schedule_text: str
+    retention_text: str
+    vms: _containers.RepeatedScalarFieldContainer[str]
+    created_at: _timestamp_pb2.Timestamp
+    updated_at: _timestamp_pb2.Timestamp
+    def __init__(self, vault: _Optional[str] = ..., name: _Optional[str] = ..., spec_json: _Optional[str] = ..., schedule_text: _Optional[str] = ..., retention_text: _Optional[str] = ..., vms: _Optional[_Iterable[str]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class PolicyRequest(_message.Message):
+    __slots__ = ("vault", "spec_json")
+    VAULT_FIELD_NUMBER: _ClassVar[int]
+    SPEC_JSON_FIELD_NUMBER: _ClassVar[int]
+    vault: str
+    spec_json: str
+    def __init__(self, vault: _Optional[str] = ..., spec_json: _Optional[str] = ...) -> None: ...
+
+class PolicyRef(_message.Message):
+    __slots__ = ("vault", "name")
+    VAULT_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    vault: str
+    name: str
+    def __init__(self, vault: _Optional[str] = ..., name: _Optional[str] = ...) -> None: ...
+
+class ListPoliciesReply(_message.Message):
+    __slots__ = ("policies",)
+    POLICIES_FIELD_NUMBER: _ClassVar[int]
+    policies: _containers.RepeatedCompositeFieldContainer[Policy]
+    def __init__(self, policies: _Optional[_Iterable[_Union[Policy, _Mapping]]] = ...) -> None: ...
+
+class ProtectRequest(_message.Message):
+    __slots__ = ("vault", "vms", "policy", "new_policy_json")
+    VAULT_FIELD_NUMBER: _ClassVar[int]
+    VMS_FIELD_NUMBER: _ClassVar[int]
+    POLICY_FIELD_NUMBER: _ClassVar[int]
+    NEW_POLICY_JSON_FIELD_NUMBER: _ClassVar[int]
+    vault: str
+    vms: _containers.RepeatedScalarFieldContainer[str]
+    policy: str
+    new_policy_json: str
+    def __init__(self, vault: _Optional[str] = ..., vms: _Optional[_Iterable[str]] = ..., policy: _Optional[str] = ..., new_policy_json: _Optional[str] = ...) -> None: ...
+
+class StopProtectionRequest(_message.Message):
+    __slots__ = ("vault", "vms", "delete_data")
+    VAULT_FIELD_NUMBER: _ClassVar[int]
+    VMS_FIELD_NUMBER: _ClassVar[int]
+    DELETE_DATA_FIELD_NUMBER: _ClassVar[int]
+    vault: str
+    vms: _containers.RepeatedScalarFieldContainer[str]
+    delete_data: bool
+    def __init__(self, vault: _Optional[str] = ..., vms: _Optional[_Iterable[str]] = ..., delete_data: _Optional[bool] = ...) -> None: ...
+
+class DashboardReply(_message.Message):
+    __slots__ = ("vault", "protected_items", "items_by_state", "jobs_completed_24h", "jobs_failed_24h", "jobs_in_progress", "jobs_cancelled_24h", "jobs_with_warnings_24h", "stored_bytes", "protected_bytes", "dedup_ratio", "recovery_points")
+    class ItemsByStateEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    VAULT_FIELD_NUMBER: _ClassVar[int]
+    PROTECTED_ITEMS_FIELD_NUMBER: _ClassVar[int]
+    ITEMS_BY_STATE_FIELD_NUMBER: _ClassVar[int]
+    JOBS_COMPLETED_24H_FIELD_NUMBER: _ClassVar[int]
+    JOBS_FAILED_24H_FIELD_NUMBER: _ClassVar[int]
+    JOBS_IN_PROGRESS_FIELD_NUMBER: _ClassVar[int]
+    JOBS_CANCELLED_24H_FIELD_NUMBER: _ClassVar[int]
+    JOBS_WITH_WARNINGS_24H_FIELD_NUMBER: _ClassVar[int]
+    STORED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    PROTECTED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    DEDUP_RATIO_FIELD_NUMBER: _ClassVar[int]
+    RECOVERY_POINTS_FIELD_NUMBER: _ClassVar[int]
+    vault: str
+    protected_items: int
+    items_by_state: _containers.ScalarMap[str, int]
+    jobs_completed_24h: int
+    jobs_failed_24h: int
+    jobs_in_progress: int
+    jobs_cancelled_24h: int
+    jobs_with_warnings_24h: int
+    stored_bytes: int
+    protected_bytes: int
+    dedup_ratio: float
+    recovery_points: int
+    def __init__(self, vault: _Optional[str] = ..., protected_items: _Optional[int] = ..., items_by_state: _Optional[_Mapping[str, int]] = ..., jobs_completed_24h: _Optional[int] = ..., jobs_failed_24h: _Optional[int] = ..., jobs_in_progress: _Optional[int] = ..., jobs_cancelled_24h: _Optional[int] = ..., jobs_with_warnings_24h: _Optional[int] = ..., stored_bytes: _Optional[int] = ..., protected_bytes: _Optional[int] = ..., dedup_ratio: _Optional[float] = ..., recovery_points: _Optional[int] = ...) -> None: ...
+
 class Disk(_message.Message):
     __slots__ = ("name", "path", "size_bytes")
     NAME_FIELD_NUMBER: _ClassVar[int]
@@ -55,12 +292,14 @@ class ListAgentsReply(_message.Message):
     def __init__(self, agents: _Optional[_Iterable[_Union[Agent, _Mapping]]] = ...) -> None: ...
 
 class BackupNowRequest(_message.Message):
-    __slots__ = ("vm_id", "disks")
-    VM_ID_FIELD_NUMBER: _ClassVar[int]
+    __slots__ = ("vault", "vms", "disks")
+    VAULT_FIELD_NUMBER: _ClassVar[int]
+    VMS_FIELD_NUMBER: _ClassVar[int]
     DISKS_FIELD_NUMBER: _ClassVar[int]
-    vm_id: str
+    vault: str
+    vms: _containers.RepeatedScalarFieldContainer[str]
     disks: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, vm_id: _Optional[str] = ..., disks: _Optional[_Iterable[str]] = ...) -> None: ...
+    def __init__(self, vault: _Optional[str] = ..., vms: _Optional[_Iterable[str]] = ..., disks: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class RestoreRequest(_message.Message):
     __slots__ = ("vm_id", "recovery_point_id", "disk", "target_path", "target_vm_id")
@@ -89,7 +328,7 @@ class Progress(_message.Message):
     def __init__(self, phase: _Optional[str] = ..., bytes_done: _Optional[int] = ..., bytes_total: _Optional[int] = ..., rate_bytes_per_second: _Optional[float] = ...) -> None: ...
 
 class Job(_message.Message):
-    __slots__ = ("id", "operation", "status", "vault", "vm_id", "started_at", "ended_at", "bytes_read", "bytes_sent", "bytes_stored", "error_code", "error_message", "recovery_point_id", "progress")
+    __slots__ = ("id", "operation", "status", "vault", "vm_id", "started_at", "ended_at", "bytes_read", "bytes_sent", "bytes_stored", "error_code", "error_message", "recovery_point_id", "progress", "item", "details_json")
     ID_FIELD_NUMBER: _ClassVar[int]
     OPERATION_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
@@ -104,6 +343,8 @@ class Job(_message.Message):
     ERROR_MESSAGE_FIELD_NUMBER: _ClassVar[int]
     RECOVERY_POINT_ID_FIELD_NUMBER: _ClassVar[int]
     PROGRESS_FIELD_NUMBER: _ClassVar[int]
+    ITEM_FIELD_NUMBER: _ClassVar[int]
+    DETAILS_JSON_FIELD_NUMBER: _ClassVar[int]
     id: str
     operation: str
     status: str
@@ -118,23 +359,27 @@ class Job(_message.Message):
     error_message: str
     recovery_point_id: str
     progress: Progress
-    def __init__(self, id: _Optional[str] = ..., operation: _Optional[str] = ..., status: _Optional[str] = ..., vault: _Optional[str] = ..., vm_id: _Optional[str] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., ended_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., bytes_read: _Optional[int] = ..., bytes_sent: _Optional[int] = ..., bytes_stored: _Optional[int] = ..., error_code: _Optional[str] = ..., error_message: _Optional[str] = ..., recovery_point_id: _Optional[str] = ..., progress: _Optional[_Union[Progress, _Mapping]] = ...) -> None: ...
+    item: str
+    details_json: str
+    def __init__(self, id: _Optional[str] = ..., operation: _Optional[str] = ..., status: _Optional[str] = ..., vault: _Optional[str] = ..., vm_id: _Optional[str] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., ended_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., bytes_read: _Optional[int] = ..., bytes_sent: _Optional[int] = ..., bytes_stored: _Optional[int] = ..., error_code: _Optional[str] = ..., error_message: _Optional[str] = ..., recovery_point_id: _Optional[str] = ..., progress: _Optional[_Union[Progress, _Mapping]] = ..., item: _Optional[str] = ..., details_json: _Optional[str] = ...) -> None: ...
 
 class ListJobsRequest(_message.Message):
-    __slots__ = ("status", "operation", "vm_id", "started_from", "started_to", "limit")
+    __slots__ = ("status", "operation", "vm_id", "started_from", "started_to", "limit", "vault")
     STATUS_FIELD_NUMBER: _ClassVar[int]
     OPERATION_FIELD_NUMBER: _ClassVar[int]
     VM_ID_FIELD_NUMBER: _ClassVar[int]
     STARTED_FROM_FIELD_NUMBER: _ClassVar[int]
     STARTED_TO_FIELD_NUMBER: _ClassVar[int]
     LIMIT_FIELD_NUMBER: _ClassVar[int]
+    VAULT_FIELD_NUMBER: _ClassVar[int]
     status: _containers.RepeatedScalarFieldContainer[str]
     operation: _containers.RepeatedScalarFieldContainer[str]
     vm_id: str
     started_from: _timestamp_pb2.Timestamp
     started_to: _timestamp_pb2.Timestamp
     limit: int
-    def __init__(self, status: _Optional[_Iterable[str]] = ..., operation: _Optional[_Iterable[str]] = ..., vm_id: _Optional[str] = ..., started_from: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., started_to: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., limit: _Optional[int] = ...) -> None: ...
+    vault: str
+    def __init__(self, status: _Optional[_Iterable[str]] = ..., operation: _Optional[_Iterable[str]] = ..., vm_id: _Optional[str] = ..., started_from: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., started_to: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., limit: _Optional[int] = ..., vault: _Optional[str] = ...) -> None: ...
 
 class ListJobsReply(_message.Message):
     __slots__ = ("jobs",)
@@ -159,7 +404,7 @@ class RecoveryPointDisk(_message.Message):
     def __init__(self, name: _Optional[str] = ..., size_bytes: _Optional[int] = ..., chunk_count: _Optional[int] = ...) -> None: ...
 
 class RecoveryPoint(_message.Message):
-    __slots__ = ("id", "vm_id", "vault", "created_at", "consistency", "disks", "job_id", "bytes_stored")
+    __slots__ = ("id", "vm_id", "vault", "created_at", "consistency", "disks", "job_id", "bytes_stored", "kept_by", "data_bytes")
     ID_FIELD_NUMBER: _ClassVar[int]
     VM_ID_FIELD_NUMBER: _ClassVar[int]
     VAULT_FIELD_NUMBER: _ClassVar[int]
@@ -168,6 +413,8 @@ class RecoveryPoint(_message.Message):
     DISKS_FIELD_NUMBER: _ClassVar[int]
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     BYTES_STORED_FIELD_NUMBER: _ClassVar[int]
+    KEPT_BY_FIELD_NUMBER: _ClassVar[int]
+    DATA_BYTES_FIELD_NUMBER: _ClassVar[int]
     id: str
     vm_id: str
     vault: str
@@ -176,13 +423,17 @@ class RecoveryPoint(_message.Message):
     disks: _containers.RepeatedCompositeFieldContainer[RecoveryPointDisk]
     job_id: str
     bytes_stored: int
-    def __init__(self, id: _Optional[str] = ..., vm_id: _Optional[str] = ..., vault: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., consistency: _Optional[str] = ..., disks: _Optional[_Iterable[_Union[RecoveryPointDisk, _Mapping]]] = ..., job_id: _Optional[str] = ..., bytes_stored: _Optional[int] = ...) -> None: ...
+    kept_by: _containers.RepeatedScalarFieldContainer[str]
+    data_bytes: int
+    def __init__(self, id: _Optional[str] = ..., vm_id: _Optional[str] = ..., vault: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., consistency: _Optional[str] = ..., disks: _Optional[_Iterable[_Union[RecoveryPointDisk, _Mapping]]] = ..., job_id: _Optional[str] = ..., bytes_stored: _Optional[int] = ..., kept_by: _Optional[_Iterable[str]] = ..., data_bytes: _Optional[int] = ...) -> None: ...
 
 class ListRecoveryPointsRequest(_message.Message):
-    __slots__ = ("vm_id",)
+    __slots__ = ("vm_id", "vault")
     VM_ID_FIELD_NUMBER: _ClassVar[int]
+    VAULT_FIELD_NUMBER: _ClassVar[int]
     vm_id: str
-    def __init__(self, vm_id: _Optional[str] = ...) -> None: ...
+    vault: str
+    def __init__(self, vm_id: _Optional[str] = ..., vault: _Optional[str] = ...) -> None: ...
 
 class ListRecoveryPointsReply(_message.Message):
     __slots__ = ("recovery_points",)

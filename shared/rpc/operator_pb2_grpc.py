@@ -40,14 +40,104 @@ class OperatorServiceStub:
                 request_serializer=coffer_dot_v1_dot_operator__pb2.ListAgentsRequest.SerializeToString,
                 response_deserializer=coffer_dot_v1_dot_operator__pb2.ListAgentsReply.FromString,
                 _registered_method=True)
+        self.CreateVault = channel.unary_unary(
+                '/coffer.v1.OperatorService/CreateVault',
+                request_serializer=coffer_dot_v1_dot_operator__pb2.CreateVaultRequest.SerializeToString,
+                response_deserializer=coffer_dot_v1_dot_operator__pb2.Vault.FromString,
+                _registered_method=True)
+        self.ListVaults = channel.unary_unary(
+                '/coffer.v1.OperatorService/ListVaults',
+                request_serializer=coffer_dot_v1_dot_operator__pb2.ListVaultsRequest.SerializeToString,
+                response_deserializer=coffer_dot_v1_dot_operator__pb2.ListVaultsReply.FromString,
+                _registered_method=True)
+        self.GetVault = channel.unary_unary(
+                '/coffer.v1.OperatorService/GetVault',
+                request_serializer=coffer_dot_v1_dot_operator__pb2.VaultRef.SerializeToString,
+                response_deserializer=coffer_dot_v1_dot_operator__pb2.Vault.FromString,
+                _registered_method=True)
+        self.DeleteVault = channel.unary_unary(
+                '/coffer.v1.OperatorService/DeleteVault',
+                request_serializer=coffer_dot_v1_dot_operator__pb2.VaultRef.SerializeToString,
+                response_deserializer=coffer_dot_v1_dot_operator__pb2.Vault.FromString,
+                _registered_method=True)
+        self.Discover = channel.unary_unary(
+                '/coffer.v1.OperatorService/Discover',
+                request_serializer=coffer_dot_v1_dot_operator__pb2.VaultRef.SerializeToString,
+                response_deserializer=coffer_dot_v1_dot_operator__pb2.DiscoverReply.FromString,
+                _registered_method=True)
+        self.Register = channel.unary_unary(
+                '/coffer.v1.OperatorService/Register',
+                request_serializer=coffer_dot_v1_dot_operator__pb2.ItemsRequest.SerializeToString,
+                response_deserializer=coffer_dot_v1_dot_operator__pb2.JobsReply.FromString,
+                _registered_method=True)
+        self.Unregister = channel.unary_unary(
+                '/coffer.v1.OperatorService/Unregister',
+                request_serializer=coffer_dot_v1_dot_operator__pb2.ItemsRequest.SerializeToString,
+                response_deserializer=coffer_dot_v1_dot_operator__pb2.JobsReply.FromString,
+                _registered_method=True)
+        self.ListItems = channel.unary_unary(
+                '/coffer.v1.OperatorService/ListItems',
+                request_serializer=coffer_dot_v1_dot_operator__pb2.ListItemsRequest.SerializeToString,
+                response_deserializer=coffer_dot_v1_dot_operator__pb2.ListItemsReply.FromString,
+                _registered_method=True)
+        self.CreatePolicy = channel.unary_unary(
+                '/coffer.v1.OperatorService/CreatePolicy',
+                request_serializer=coffer_dot_v1_dot_operator__pb2.PolicyRequest.SerializeToString,
+                response_deserializer=coffer_dot_v1_dot_operator__pb2.Policy.FromString,
+                _registered_method=True)
+        self.UpdatePolicy = channel.unary_unary(
+                '/coffer.v1.OperatorService/UpdatePolicy',
+                request_serializer=coffer_dot_v1_dot_operator__pb2.PolicyRequest.SerializeToString,
+                response_deserializer=coffer_dot_v1_dot_operator__pb2.Policy.FromString,
+                _registered_method=True)
+        self.GetPolicy = channel.unary_unary(
+                '/coffer.v1.OperatorService/GetPolicy',
+                request_serializer=coffer_dot_v1_dot_operator__pb2.PolicyRef.SerializeToString,
+                response_deserializer=coffer_dot_v1_dot_operator__pb2.Policy.FromString,
+                _registered_method=True)
+        self.ListPolicies = channel.unary_unary(
+                '/coffer.v1.OperatorService/ListPolicies',
+                request_serializer=coffer_dot_v1_dot_operator__pb2.VaultRef.SerializeToString,
+                response_deserializer=coffer_dot_v1_dot_operator__pb2.ListPoliciesReply.FromString,
+                _registered_method=True)
+        self.DeletePolicy = channel.unary_unary(
+                '/coffer.v1.OperatorService/DeletePolicy',
+                request_serializer=coffer_dot_v1_dot_operator__pb2.PolicyRef.SerializeToString,
+                response_deserializer=coffer_dot_v1_dot_operator__pb2.Policy.FromString,
+                _registered_method=True)
+        self.Protect = channel.unary_unary(
+                '/coffer.v1.OperatorService/Protect',
+                request_serializer=coffer_dot_v1_dot_operator__pb2.ProtectRequest.SerializeToString,
+                response_deserializer=coffer_dot_v1_dot_operator__pb2.JobsReply.FromString,
+                _registered_method=True)
+        self.StopProtection = channel.unary_unary(
+                '/coffer.v1.OperatorService/StopProtection',
+                request_serializer=coffer_dot_v1_dot_operator__pb2.StopProtectionRequest.SerializeToString,
+                response_deserializer=coffer_dot_v1_dot_operator__pb2.JobsReply.FromString,
+                _registered_method=True)
+        self.ResumeProtection = channel.unary_unary(
+                '/coffer.v1.OperatorService/ResumeProtection',
+                request_serializer=coffer_dot_v1_dot_operator__pb2.ProtectRequest.SerializeToString,
+                response_deserializer=coffer_dot_v1_dot_operator__pb2.JobsReply.FromString,
+                _registered_method=True)
         self.BackupNow = channel.unary_unary(
                 '/coffer.v1.OperatorService/BackupNow',
                 request_serializer=coffer_dot_v1_dot_operator__pb2.BackupNowRequest.SerializeToString,
-                response_deserializer=coffer_dot_v1_dot_operator__pb2.Job.FromString,
+                response_deserializer=coffer_dot_v1_dot_operator__pb2.JobsReply.FromString,
                 _registered_method=True)
         self.Restore = channel.unary_unary(
                 '/coffer.v1.OperatorService/Restore',
                 request_serializer=coffer_dot_v1_dot_operator__pb2.RestoreRequest.SerializeToString,
+                response_deserializer=coffer_dot_v1_dot_operator__pb2.Job.FromString,
+                _registered_method=True)
+        self.Prune = channel.unary_unary(
+                '/coffer.v1.OperatorService/Prune',
+                request_serializer=coffer_dot_v1_dot_operator__pb2.VaultRef.SerializeToString,
+                response_deserializer=coffer_dot_v1_dot_operator__pb2.Job.FromString,
+                _registered_method=True)
+        self.CollectGarbage = channel.unary_unary(
+                '/coffer.v1.OperatorService/CollectGarbage',
+                request_serializer=coffer_dot_v1_dot_operator__pb2.VaultRef.SerializeToString,
                 response_deserializer=coffer_dot_v1_dot_operator__pb2.Job.FromString,
                 _registered_method=True)
         self.ListJobs = channel.unary_unary(
@@ -65,10 +155,20 @@ class OperatorServiceStub:
                 request_serializer=coffer_dot_v1_dot_operator__pb2.GetJobRequest.SerializeToString,
                 response_deserializer=coffer_dot_v1_dot_operator__pb2.Job.FromString,
                 _registered_method=True)
+        self.CancelJob = channel.unary_unary(
+                '/coffer.v1.OperatorService/CancelJob',
+                request_serializer=coffer_dot_v1_dot_operator__pb2.GetJobRequest.SerializeToString,
+                response_deserializer=coffer_dot_v1_dot_operator__pb2.Job.FromString,
+                _registered_method=True)
         self.ListRecoveryPoints = channel.unary_unary(
                 '/coffer.v1.OperatorService/ListRecoveryPoints',
                 request_serializer=coffer_dot_v1_dot_operator__pb2.ListRecoveryPointsRequest.SerializeToString,
                 response_deserializer=coffer_dot_v1_dot_operator__pb2.ListRecoveryPointsReply.FromString,
+                _registered_method=True)
+        self.Dashboard = channel.unary_unary(
+                '/coffer.v1.OperatorService/Dashboard',
+                request_serializer=coffer_dot_v1_dot_operator__pb2.VaultRef.SerializeToString,
+                response_deserializer=coffer_dot_v1_dot_operator__pb2.DashboardReply.FromString,
                 _registered_method=True)
 
 
@@ -81,13 +181,130 @@ class OperatorServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def BackupNow(self, request, context):
+    def CreateVault(self, request, context):
+        """Vaults: one datastore, its policies, registered items, recovery points and jobs each.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListVaults(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetVault(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteVault(self, request, context):
+        """Refused while the vault has registered items or recovery points.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Discover(self, request, context):
+        """Step 1: a Discovery job listing the VMs of the vault's region that no vault holds yet.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Register(self, request, context):
+        """Step 2: one Register (or Unregister) job per VM.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Unregister(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListItems(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CreatePolicy(self, request, context):
+        """Backup policies: a schedule and retention rules. Editing one applies to all its VMs.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UpdatePolicy(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetPolicy(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListPolicies(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeletePolicy(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Protect(self, request, context):
+        """Step 3: one ConfigureProtection job per VM (also to change a protected VM's policy).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StopProtection(self, request, context):
+        """StopProtection jobs, plus DeleteBackupData jobs when delete_data is set.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ResumeProtection(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def BackupNow(self, request, context):
+        """One Backup job per VM, started now (queued behind the vault's concurrency limit).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Restore(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Prune(self, request, context):
+        """A Prune job (retention now) or a GarbageCollection job for a vault.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CollectGarbage(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -112,7 +329,20 @@ class OperatorServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CancelJob(self, request, context):
+        """Cancel a queued or running backup: it ends Cancelled and leaves no recovery point.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ListRecoveryPoints(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Dashboard(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -126,14 +356,104 @@ def add_OperatorServiceServicer_to_server(servicer, server):
                     request_deserializer=coffer_dot_v1_dot_operator__pb2.ListAgentsRequest.FromString,
                     response_serializer=coffer_dot_v1_dot_operator__pb2.ListAgentsReply.SerializeToString,
             ),
+            'CreateVault': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateVault,
+                    request_deserializer=coffer_dot_v1_dot_operator__pb2.CreateVaultRequest.FromString,
+                    response_serializer=coffer_dot_v1_dot_operator__pb2.Vault.SerializeToString,
+            ),
+            'ListVaults': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListVaults,
+                    request_deserializer=coffer_dot_v1_dot_operator__pb2.ListVaultsRequest.FromString,
+                    response_serializer=coffer_dot_v1_dot_operator__pb2.ListVaultsReply.SerializeToString,
+            ),
+            'GetVault': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetVault,
+                    request_deserializer=coffer_dot_v1_dot_operator__pb2.VaultRef.FromString,
+                    response_serializer=coffer_dot_v1_dot_operator__pb2.Vault.SerializeToString,
+            ),
+            'DeleteVault': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteVault,
+                    request_deserializer=coffer_dot_v1_dot_operator__pb2.VaultRef.FromString,
+                    response_serializer=coffer_dot_v1_dot_operator__pb2.Vault.SerializeToString,
+            ),
+            'Discover': grpc.unary_unary_rpc_method_handler(
+                    servicer.Discover,
+                    request_deserializer=coffer_dot_v1_dot_operator__pb2.VaultRef.FromString,
+                    response_serializer=coffer_dot_v1_dot_operator__pb2.DiscoverReply.SerializeToString,
+            ),
+            'Register': grpc.unary_unary_rpc_method_handler(
+                    servicer.Register,
+                    request_deserializer=coffer_dot_v1_dot_operator__pb2.ItemsRequest.FromString,
+                    response_serializer=coffer_dot_v1_dot_operator__pb2.JobsReply.SerializeToString,
+            ),
+            'Unregister': grpc.unary_unary_rpc_method_handler(
+                    servicer.Unregister,
+                    request_deserializer=coffer_dot_v1_dot_operator__pb2.ItemsRequest.FromString,
+                    response_serializer=coffer_dot_v1_dot_operator__pb2.JobsReply.SerializeToString,
+            ),
+            'ListItems': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListItems,
+                    request_deserializer=coffer_dot_v1_dot_operator__pb2.ListItemsRequest.FromString,
+                    response_serializer=coffer_dot_v1_dot_operator__pb2.ListItemsReply.SerializeToString,
+            ),
+            'CreatePolicy': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreatePolicy,
+                    request_deserializer=coffer_dot_v1_dot_operator__pb2.PolicyRequest.FromString,
+                    response_serializer=coffer_dot_v1_dot_operator__pb2.Policy.SerializeToString,
+            ),
+            'UpdatePolicy': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdatePolicy,
+                    request_deserializer=coffer_dot_v1_dot_operator__pb2.PolicyRequest.FromString,
+                    response_serializer=coffer_dot_v1_dot_operator__pb2.Policy.SerializeToString,
+            ),
+            'GetPolicy': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetPolicy,
+                    request_deserializer=coffer_dot_v1_dot_operator__pb2.PolicyRef.FromString,
+                    response_serializer=coffer_dot_v1_dot_operator__pb2.Policy.SerializeToString,
+            ),
+            'ListPolicies': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListPolicies,
+                    request_deserializer=coffer_dot_v1_dot_operator__pb2.VaultRef.FromString,
+                    response_serializer=coffer_dot_v1_dot_operator__pb2.ListPoliciesReply.SerializeToString,
+            ),
+            'DeletePolicy': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeletePolicy,
+                    request_deserializer=coffer_dot_v1_dot_operator__pb2.PolicyRef.FromString,
+                    response_serializer=coffer_dot_v1_dot_operator__pb2.Policy.SerializeToString,
+            ),
+            'Protect': grpc.unary_unary_rpc_method_handler(
+                    servicer.Protect,
+                    request_deserializer=coffer_dot_v1_dot_operator__pb2.ProtectRequest.FromString,
+                    response_serializer=coffer_dot_v1_dot_operator__pb2.JobsReply.SerializeToString,
+            ),
+            'StopProtection': grpc.unary_unary_rpc_method_handler(
+                    servicer.StopProtection,
+                    request_deserializer=coffer_dot_v1_dot_operator__pb2.StopProtectionRequest.FromString,
+                    response_serializer=coffer_dot_v1_dot_operator__pb2.JobsReply.SerializeToString,
+            ),
+            'ResumeProtection': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResumeProtection,
+                    request_deserializer=coffer_dot_v1_dot_operator__pb2.ProtectRequest.FromString,
+                    response_serializer=coffer_dot_v1_dot_operator__pb2.JobsReply.SerializeToString,
+            ),
             'BackupNow': grpc.unary_unary_rpc_method_handler(
                     servicer.BackupNow,
                     request_deserializer=coffer_dot_v1_dot_operator__pb2.BackupNowRequest.FromString,
-                    response_serializer=coffer_dot_v1_dot_operator__pb2.Job.SerializeToString,
+                    response_serializer=coffer_dot_v1_dot_operator__pb2.JobsReply.SerializeToString,
             ),
             'Restore': grpc.unary_unary_rpc_method_handler(
                     servicer.Restore,
                     request_deserializer=coffer_dot_v1_dot_operator__pb2.RestoreRequest.FromString,
+                    response_serializer=coffer_dot_v1_dot_operator__pb2.Job.SerializeToString,
+            ),
+            'Prune': grpc.unary_unary_rpc_method_handler(
+                    servicer.Prune,
+                    request_deserializer=coffer_dot_v1_dot_operator__pb2.VaultRef.FromString,
+                    response_serializer=coffer_dot_v1_dot_operator__pb2.Job.SerializeToString,
+            ),
+            'CollectGarbage': grpc.unary_unary_rpc_method_handler(
+                    servicer.CollectGarbage,
+                    request_deserializer=coffer_dot_v1_dot_operator__pb2.VaultRef.FromString,
                     response_serializer=coffer_dot_v1_dot_operator__pb2.Job.SerializeToString,
             ),
             'ListJobs': grpc.unary_unary_rpc_method_handler(
@@ -151,10 +471,20 @@ def add_OperatorServiceServicer_to_server(servicer, server):
                     request_deserializer=coffer_dot_v1_dot_operator__pb2.GetJobRequest.FromString,
                     response_serializer=coffer_dot_v1_dot_operator__pb2.Job.SerializeToString,
             ),
+            'CancelJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.CancelJob,
+                    request_deserializer=coffer_dot_v1_dot_operator__pb2.GetJobRequest.FromString,
+                    response_serializer=coffer_dot_v1_dot_operator__pb2.Job.SerializeToString,
+            ),
             'ListRecoveryPoints': grpc.unary_unary_rpc_method_handler(
                     servicer.ListRecoveryPoints,
                     request_deserializer=coffer_dot_v1_dot_operator__pb2.ListRecoveryPointsRequest.FromString,
                     response_serializer=coffer_dot_v1_dot_operator__pb2.ListRecoveryPointsReply.SerializeToString,
+            ),
+            'Dashboard': grpc.unary_unary_rpc_method_handler(
+                    servicer.Dashboard,
+                    request_deserializer=coffer_dot_v1_dot_operator__pb2.VaultRef.FromString,
+                    response_serializer=coffer_dot_v1_dot_operator__pb2.DashboardReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -195,6 +525,438 @@ class OperatorService:
             _registered_method=True)
 
     @staticmethod
+    def CreateVault(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/coffer.v1.OperatorService/CreateVault',
+            coffer_dot_v1_dot_operator__pb2.CreateVaultRequest.SerializeToString,
+            coffer_dot_v1_dot_operator__pb2.Vault.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListVaults(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/coffer.v1.OperatorService/ListVaults',
+            coffer_dot_v1_dot_operator__pb2.ListVaultsRequest.SerializeToString,
+            coffer_dot_v1_dot_operator__pb2.ListVaultsReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetVault(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/coffer.v1.OperatorService/GetVault',
+            coffer_dot_v1_dot_operator__pb2.VaultRef.SerializeToString,
+            coffer_dot_v1_dot_operator__pb2.Vault.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteVault(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/coffer.v1.OperatorService/DeleteVault',
+            coffer_dot_v1_dot_operator__pb2.VaultRef.SerializeToString,
+            coffer_dot_v1_dot_operator__pb2.Vault.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Discover(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/coffer.v1.OperatorService/Discover',
+            coffer_dot_v1_dot_operator__pb2.VaultRef.SerializeToString,
+            coffer_dot_v1_dot_operator__pb2.DiscoverReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Register(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/coffer.v1.OperatorService/Register',
+            coffer_dot_v1_dot_operator__pb2.ItemsRequest.SerializeToString,
+            coffer_dot_v1_dot_operator__pb2.JobsReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Unregister(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/coffer.v1.OperatorService/Unregister',
+            coffer_dot_v1_dot_operator__pb2.ItemsRequest.SerializeToString,
+            coffer_dot_v1_dot_operator__pb2.JobsReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListItems(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/coffer.v1.OperatorService/ListItems',
+            coffer_dot_v1_dot_operator__pb2.ListItemsRequest.SerializeToString,
+            coffer_dot_v1_dot_operator__pb2.ListItemsReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreatePolicy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/coffer.v1.OperatorService/CreatePolicy',
+            coffer_dot_v1_dot_operator__pb2.PolicyRequest.SerializeToString,
+            coffer_dot_v1_dot_operator__pb2.Policy.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdatePolicy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/coffer.v1.OperatorService/UpdatePolicy',
+            coffer_dot_v1_dot_operator__pb2.PolicyRequest.SerializeToString,
+            coffer_dot_v1_dot_operator__pb2.Policy.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetPolicy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/coffer.v1.OperatorService/GetPolicy',
+            coffer_dot_v1_dot_operator__pb2.PolicyRef.SerializeToString,
+            coffer_dot_v1_dot_operator__pb2.Policy.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListPolicies(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/coffer.v1.OperatorService/ListPolicies',
+            coffer_dot_v1_dot_operator__pb2.VaultRef.SerializeToString,
+            coffer_dot_v1_dot_operator__pb2.ListPoliciesReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeletePolicy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/coffer.v1.OperatorService/DeletePolicy',
+            coffer_dot_v1_dot_operator__pb2.PolicyRef.SerializeToString,
+            coffer_dot_v1_dot_operator__pb2.Policy.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Protect(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/coffer.v1.OperatorService/Protect',
+            coffer_dot_v1_dot_operator__pb2.ProtectRequest.SerializeToString,
+            coffer_dot_v1_dot_operator__pb2.JobsReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StopProtection(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/coffer.v1.OperatorService/StopProtection',
+            coffer_dot_v1_dot_operator__pb2.StopProtectionRequest.SerializeToString,
+            coffer_dot_v1_dot_operator__pb2.JobsReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResumeProtection(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/coffer.v1.OperatorService/ResumeProtection',
+            coffer_dot_v1_dot_operator__pb2.ProtectRequest.SerializeToString,
+            coffer_dot_v1_dot_operator__pb2.JobsReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
     def BackupNow(request,
             target,
             options=(),
@@ -210,7 +972,7 @@ class OperatorService:
             target,
             '/coffer.v1.OperatorService/BackupNow',
             coffer_dot_v1_dot_operator__pb2.BackupNowRequest.SerializeToString,
-            coffer_dot_v1_dot_operator__pb2.Job.FromString,
+            coffer_dot_v1_dot_operator__pb2.JobsReply.FromString,
             options,
             channel_credentials,
             insecure,
@@ -237,6 +999,60 @@ class OperatorService:
             target,
             '/coffer.v1.OperatorService/Restore',
             coffer_dot_v1_dot_operator__pb2.RestoreRequest.SerializeToString,
+            coffer_dot_v1_dot_operator__pb2.Job.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Prune(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/coffer.v1.OperatorService/Prune',
+            coffer_dot_v1_dot_operator__pb2.VaultRef.SerializeToString,
+            coffer_dot_v1_dot_operator__pb2.Job.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CollectGarbage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/coffer.v1.OperatorService/CollectGarbage',
+            coffer_dot_v1_dot_operator__pb2.VaultRef.SerializeToString,
             coffer_dot_v1_dot_operator__pb2.Job.FromString,
             options,
             channel_credentials,
@@ -330,6 +1146,33 @@ class OperatorService:
             _registered_method=True)
 
     @staticmethod
+    def CancelJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/coffer.v1.OperatorService/CancelJob',
+            coffer_dot_v1_dot_operator__pb2.GetJobRequest.SerializeToString,
+            coffer_dot_v1_dot_operator__pb2.Job.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
     def ListRecoveryPoints(request,
             target,
             options=(),
@@ -346,6 +1189,33 @@ class OperatorService:
             '/coffer.v1.OperatorService/ListRecoveryPoints',
             coffer_dot_v1_dot_operator__pb2.ListRecoveryPointsRequest.SerializeToString,
             coffer_dot_v1_dot_operator__pb2.ListRecoveryPointsReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Dashboard(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/coffer.v1.OperatorService/Dashboard',
+            coffer_dot_v1_dot_operator__pb2.VaultRef.SerializeToString,
+            coffer_dot_v1_dot_operator__pb2.DashboardReply.FromString,
             options,
             channel_credentials,
             insecure,

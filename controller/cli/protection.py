@@ -1,0 +1,388 @@
+"""`coffer discover | register | items | protect | policy …`: bringing VMs under protection."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+from controller.cli.client import Connection, call
+from controller.cli.output import as_dict, console, print_json, size, table, when
+from shared.model import ItemState, JobStatus
+from shared.policy import Policy, parse_retention, parse_schedule
+from shared.rpc import operator_pb2
+
+json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+vault_option = click.option("--vault", "vault_name", required=True, help="The vault.")
+JOB_FAILED_EXIT = 3
+
+
+def show_jobs(jobs: list[operator_pb2.Job], as_json: bool) -> None:
+    """The jobs a step started, and exit 3 if any of them failed."""
+    if as_json:
+        print_json([as_dict(j) for j in jobs])
+    else:
+        table(
+            "Jobs",
+            ("Job", "Operation", "Item", "Status", "Error"),
+            [
+                [
+                    j.id,
+                    j.operation,
+                    j.item or j.vm_id,
+                    j.status,
+                    f"{j.error_code}: {j.error_message}" if j.error_code else "",
+                ]
+                for j in jobs
+            ],
+        )
+    if any(j.status in (JobStatus.FAILED, JobStatus.CANCELLED) for j in jobs):
+        sys.exit(JOB_FAILED_EXIT)
+
+
+@click.command()
+@vault_option
+@json_option
+@click.pass_obj
+def discover(connection: Connection, vault_name: str, as_json: bool) -> None:
+    """Step 1: the VMs of the vault's region that no vault holds yet."""
+    reply = call(connection, lambda s: s.Discover(operator_pb2.VaultRef(name=vault_name)))
+    if as_json:
+        print_json(as_dict(reply))
+        return
+    table(
+        f"VMs to register in vault {vault_name} (job {reply.job.id})",
+        ("VM", "Service", "Name", "Region", "Disks", "Agent"),
+        [
+            [
+                vm.vm_id,
+                vm.service,
+                vm.name,
+                vm.region,
+                ", ".join(f"{d.name} ({size(d.size_bytes)})" for d in vm.disks) or "-",
+                "online" if vm.online else "offline",
+            ]
+            for vm in reply.vms
+        ],
+    )
+    for note in reply.notes:
+        console.print(f"Nothing found: {note}", highlight=False)
+
+
+@click.command()
+@vault_option
+@click.argument("vms", nargs=-1, required=True)
+@json_option
+@click.pass_obj
+def register(connection: Connection, vault_name: str, vms: tuple[str, ...], as_json: bool) -> None:
+    """Step 2: register VMS (name, or service/name) with the vault; one job each."""
+    request = operator_pb2.ItemsRequest(vault=vault_name, vms=vms)
+    show_jobs(list(call(connection, lambda s: s.Register(request)).jobs), as_json)
+
+
+@click.command()
+@vault_option
+@click.argument("vms", nargs=-1, required=True)
+@json_option
+@click.pass_obj
+def unregister(
+    connection: Connection, vault_name: str, vms: tuple[str, ...], as_json: bool
+) -> None:
+    """Unregister VMS from the vault (refused while protected or holding data)."""
+    request = operator_pb2.ItemsRequest(vault=vault_name, vms=vms)
+    show_jobs(list(call(connection, lambda s: s.Unregister(request)).jobs), as_json)
+
+
+@click.command()
+@vault_option
+@click.option(
+    "--state",
+    "states",
+    multiple=True,
+    type=click.Choice([s.value for s in ItemState]),
+    help="Only items in this state (repeatable).",
+)
+@json_option
+@click.pass_obj
+def items(connection: Connection, vault_name: str, states: tuple[str, ...], as_json: bool) -> None:
+    """The vault's registered items and their protection state."""
+    request = operator_pb2.ListItemsRequest(vault=vault_name, state=states)
+    reply = call(connection, lambda s: s.ListItems(request))
+    if as_json:
+        print_json([as_dict(i) for i in reply.items])
+        return
+    table(
+        f"Items of vault {vault_name}",
+        ("VM", "Name", "State", "Policy", "Last backup", "Next backup", "Points", "Agent", "Error"),
+        [
+            [
+                i.vm_id,
+                f"{i.service}/{i.name}" if i.service else i.name,
+                i.state,
+                i.policy or "-",
+                f"{when(i.last_backup_at)} {i.last_backup_status}".strip(),
+                when(i.next_backup_at, i.HasField("next_backup_at")),
+                str(i.recovery_points),
+                "online" if i.online else "offline",
+                f"{i.error_code}: {i.error_message}" if i.error_code else "",
+            ]
+            for i in reply.items
+        ],
+    )
+
+
+# --- policies ------------------------------------------------------------------------------
+
+schedule_option = click.option(
+    "--schedule",
+    help='When to back up, e.g. "daily 02:00", "daily 02:00,14:00 tz=Europe/Berlin", '
+    '"weekly sun,wed 03:00 tz=UTC window=4h".',
+)
+retention_options = [
+    click.option("--daily", help="Keep every backup N days, e.g. 30."),
+    click.option("--weekly", help="Keep a weekday's backup N weeks, e.g. sun:104."),
+    click.option("--monthly", help="Keep a day's backup N months, e.g. last-sun:120, day-1:12."),
+    click.option("--yearly", help="Keep a day's backup N years, e.g. jan:first-sun:99."),
+]
+
+
+def with_retention(f: click.decorators.FC) -> click.decorators.FC:
+    for option in reversed(retention_options):
+        f = option(f)
+    return f
+
+
+def build_policy(
+    name: str,
+    schedule: str | None,
+    daily: str | None,
+    weekly: str | None,
+    monthly: str | None,
+    yearly: str | None,
+) -> Policy:
+    return Policy(
+        name=name,
+        schedule=parse_schedule(schedule or "daily 02:00"),
+        retention=parse_retention(daily=daily, weekly=weekly, monthly=monthly, yearly=yearly),
+    )
+
+
+@click.group()
+def policy() -> None:
+    """Backup policies: a schedule and retention rules, shared by many VMs."""
+
+
+def _policy_rows(policies: list[operator_pb2.Policy]) -> list[list[str]]:
+    return [[p.name, p.schedule_text, p.retention_text, ", ".join(p.vms) or "-"] for p in policies]
+
+
+POLICY_COLUMNS = ("Policy", "Schedule", "Retention", "VMs")
+
+
+@policy.command(name="create")
+@vault_option
+@click.argument("name")
+@schedule_option
+@with_retention
+@json_option
+@click.pass_obj
+def policy_create(
+    connection: Connection,
+    vault_name: str,
+    name: str,
+    schedule: str | None,
+    daily: str | None,
+    weekly: str | None,
+    monthly: str | None,
+    yearly: str | None,
+    as_json: bool,
+) -> None:
+    """Create policy NAME in the vault (default schedule: daily 02:00 UTC)."""
+    new = build_policy(name, schedule, daily, weekly, monthly, yearly)
+    request = operator_pb2.PolicyRequest(vault=vault_name, spec_json=json.dumps(new.to_dict()))
+    created = call(connection, lambda s: s.CreatePolicy(request))
+    if as_json:
+        print_json(as_dict(created))
+    else:
+        table("Created policy", POLICY_COLUMNS, _policy_rows([created]))
+
+
+@policy.command(name="edit")
+@vault_option
+@click.argument("name")
+@schedule_option
+@with_retention
+@click.option(
+    "--drop",
+    "drop",
+    multiple=True,
+    type=click.Choice(["daily", "weekly", "monthly", "yearly"]),
+    help="Remove a retention rule (repeatable).",
+)
+@json_option
+@click.pass_obj
+def policy_edit(
+    connection: Connection,
+    vault_name: str,
+    name: str,
+    schedule: str | None,
+    daily: str | None,
+    weekly: str | None,
+    monthly: str | None,
+    yearly: str | None,
+    drop: tuple[str, ...],
+    as_json: bool,
+) -> None:
+    """Change policy NAME; the change applies to every VM it protects."""
+    ref = operator_pb2.PolicyRef(vault=vault_name, name=name)
+    current = Policy.from_dict(json.loads(call(connection, lambda s: s.GetPolicy(ref)).spec_json))
+    options = current.retention.to_options()
+    for rule, value in (("daily", daily), ("weekly", weekly), ("monthly", monthly)):
+        if value is not None:
+            options[rule] = value
+    if yearly is not None:
+        options["yearly"] = yearly
+    for rule in drop:
+        options.pop(rule, None)
+    edited = build_policy(
+        name,
+        schedule or current.schedule.to_text(),
+        options.get("daily"),
+        options.get("weekly"),
+        options.get("monthly"),
+        options.get("yearly"),
+    )
+    request = operator_pb2.PolicyRequest(vault=vault_name, spec_json=json.dumps(edited.to_dict()))
+    updated = call(connection, lambda s: s.UpdatePolicy(request))
+    if as_json:
+        print_json(as_dict(updated))
+    else:
+        table("Updated policy", POLICY_COLUMNS, _policy_rows([updated]))
+
+
+@policy.command(name="list")
+@vault_option
+@json_option
+@click.pass_obj
+def policy_list(connection: Connection, vault_name: str, as_json: bool) -> None:
+    """The vault's policies."""
+    reply = call(connection, lambda s: s.ListPolicies(operator_pb2.VaultRef(name=vault_name)))
+    if as_json:
+        print_json([as_dict(p) for p in reply.policies])
+    else:
+        table(f"Policies of vault {vault_name}", POLICY_COLUMNS, _policy_rows(list(reply.policies)))
+
+
+@policy.command(name="show")
+@vault_option
+@click.argument("name")
+@json_option
+@click.pass_obj
+def policy_show(connection: Connection, vault_name: str, name: str, as_json: bool) -> None:
+    """One policy, with the VMs it protects."""
+    ref = operator_pb2.PolicyRef(vault=vault_name, name=name)
+    found = call(connection, lambda s: s.GetPolicy(ref))
+    if as_json:
+        data = as_dict(found)
+        data["spec"] = json.loads(found.spec_json)
+        print_json(data)
+    else:
+        table(f"Policy {name}", POLICY_COLUMNS, _policy_rows([found]))
+
+
+@policy.command(name="delete")
+@vault_option
+@click.argument("name")
+@click.pass_obj
+def policy_delete(connection: Connection, vault_name: str, name: str) -> None:
+    """Delete a policy no VM uses."""
+    ref = operator_pb2.PolicyRef(vault=vault_name, name=name)
+    call(connection, lambda s: s.DeletePolicy(ref))
+    console.print(f"Deleted policy [bold]{name}[/bold]", highlight=False)
+
+
+# --- protect, stop, resume -----------------------------------------------------------------
+
+
+@click.command()
+@vault_option
+@click.argument("vms", nargs=-1, required=True)
+@click.option("--policy", "policy_name", default="", help="An existing policy of the vault.")
+@click.option("--new-policy", default="", help="Or create this policy (with the options below).")
+@schedule_option
+@with_retention
+@json_option
+@click.pass_obj
+def protect(
+    connection: Connection,
+    vault_name: str,
+    vms: tuple[str, ...],
+    policy_name: str,
+    new_policy: str,
+    schedule: str | None,
+    daily: str | None,
+    weekly: str | None,
+    monthly: str | None,
+    yearly: str | None,
+    as_json: bool,
+) -> None:
+    """Step 3: protect VMS with a policy (or move them to another); one job each."""
+    inline = any(v is not None for v in (schedule, daily, weekly, monthly, yearly))
+    spec = ""
+    if new_policy:
+        spec = json.dumps(
+            build_policy(new_policy, schedule, daily, weekly, monthly, yearly).to_dict()
+        )
+    elif inline:
+        raise click.UsageError(
+            "schedule and retention options define a new policy: name it with --new-policy "
+            "(an existing policy's rules are changed with `coffer policy edit`)"
+        )
+    if not new_policy and not policy_name:
+        policy_name = "DefaultPolicy"
+    request = operator_pb2.ProtectRequest(
+        vault=vault_name, vms=vms, policy=policy_name, new_policy_json=spec
+    )
+    show_jobs(list(call(connection, lambda s: s.Protect(request)).jobs), as_json)
+
+
+@click.command(name="stop-protection")
+@vault_option
+@click.argument("vms", nargs=-1, required=True)
+@click.option("--retain-data", "mode", flag_value="retain", help="Keep the recovery points.")
+@click.option("--delete-data", "mode", flag_value="delete", help="Delete the recovery points.")
+@json_option
+@click.pass_obj
+def stop_protection(
+    connection: Connection,
+    vault_name: str,
+    vms: tuple[str, ...],
+    mode: str | None,
+    as_json: bool,
+) -> None:
+    """Stop protecting VMS: no more backups; keep or delete their recovery points."""
+    if mode is None:
+        raise click.UsageError("choose --retain-data or --delete-data")
+    request = operator_pb2.StopProtectionRequest(
+        vault=vault_name, vms=vms, delete_data=mode == "delete"
+    )
+    show_jobs(list(call(connection, lambda s: s.StopProtection(request)).jobs), as_json)
+
+
+@click.command(name="resume-protection")
+@vault_option
+@click.argument("vms", nargs=-1, required=True)
+@click.option("--policy", "policy_name", default="DefaultPolicy", show_default=True)
+@json_option
+@click.pass_obj
+def resume_protection(
+    connection: Connection,
+    vault_name: str,
+    vms: tuple[str, ...],
+    policy_name: str,
+    as_json: bool,
+) -> None:
+    """Protect VMS again after stop-protection --retain-data."""
+    request = operator_pb2.ProtectRequest(vault=vault_name, vms=vms, policy=policy_name)
+    show_jobs(list(call(connection, lambda s: s.ResumeProtection(request)).jobs), as_json)

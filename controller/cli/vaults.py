@@ -1,0 +1,169 @@
+"""`coffer vault …` and `coffer dashboard`: vaults and what they hold."""
+
+from __future__ import annotations
+
+import time
+
+import click
+
+from controller.cli.client import Connection, call
+from controller.cli.output import as_dict, console, print_json, size, table, when
+from shared.rpc import operator_pb2
+
+json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+
+
+@click.group()
+def vault() -> None:
+    """Vaults: one per region and purpose, each with its own datastore."""
+
+
+def _vault_row(v: operator_pb2.Vault) -> list[str]:
+    return [
+        v.name,
+        v.region,
+        str(v.registered_items),
+        str(v.protected_items),
+        str(v.recovery_points),
+        size(v.stored_bytes),
+        str(v.max_concurrent_backups),
+        when(v.created_at),
+    ]
+
+
+VAULT_COLUMNS = (
+    "Vault",
+    "Region",
+    "Registered",
+    "Protected",
+    "Recovery points",
+    "Stored",
+    "Concurrent backups",
+    "Created",
+)
+
+
+@vault.command(name="create")
+@click.argument("name")
+@click.option("--region", required=True, help="Region of the VMs it will protect.")
+@click.option("--max-concurrent-backups", default=0, type=int, help="Backups at once (default 4).")
+@click.option("--timezone", default="UTC", show_default=True, help="Of the default policy.")
+@json_option
+@click.pass_obj
+def vault_create(
+    connection: Connection,
+    name: str,
+    region: str,
+    max_concurrent_backups: int,
+    timezone: str,
+    as_json: bool,
+) -> None:
+    """Create vault NAME in a region, with its default policy (daily, 30 days)."""
+    request = operator_pb2.CreateVaultRequest(
+        name=name,
+        region=region,
+        max_concurrent_backups=max_concurrent_backups,
+        timezone=timezone,
+    )
+    created = call(connection, lambda s: s.CreateVault(request))
+    if as_json:
+        print_json(as_dict(created))
+        return
+    console.print(
+        f"Created vault [bold]{created.name}[/bold] in region {created.region} "
+        "with policy DefaultPolicy (daily at 02:00, kept 30 days)",
+        highlight=False,
+    )
+
+
+@vault.command(name="list")
+@json_option
+@click.pass_obj
+def vault_list(connection: Connection, as_json: bool) -> None:
+    """Every vault with its counts."""
+    reply = call(connection, lambda s: s.ListVaults(operator_pb2.ListVaultsRequest()))
+    if as_json:
+        print_json([as_dict(v) for v in reply.vaults])
+        return
+    table("Vaults", VAULT_COLUMNS, [_vault_row(v) for v in reply.vaults])
+
+
+@vault.command(name="show")
+@click.argument("name")
+@json_option
+@click.pass_obj
+def vault_show(connection: Connection, name: str, as_json: bool) -> None:
+    """One vault."""
+    found = call(connection, lambda s: s.GetVault(operator_pb2.VaultRef(name=name)))
+    if as_json:
+        print_json(as_dict(found))
+        return
+    table(f"Vault {name}", VAULT_COLUMNS, [_vault_row(found)])
+
+
+@vault.command(name="delete")
+@click.argument("name")
+@json_option
+@click.pass_obj
+def vault_delete(connection: Connection, name: str, as_json: bool) -> None:
+    """Delete an empty vault (no registered VM, no recovery point) and its datastore."""
+    deleted = call(connection, lambda s: s.DeleteVault(operator_pb2.VaultRef(name=name)))
+    if as_json:
+        print_json(as_dict(deleted))
+    else:
+        console.print(f"Deleted vault [bold]{deleted.name}[/bold]", highlight=False)
+
+
+def _show_dashboard(board: operator_pb2.DashboardReply) -> None:
+    table(
+        f"Vault {board.vault}",
+        ("Protected items", "Recovery points", "Stored", "Protected data", "Dedup ratio"),
+        [
+            [
+                str(board.protected_items),
+                str(board.recovery_points),
+                size(board.stored_bytes),
+                size(board.protected_bytes),
+                f"{board.dedup_ratio:.2f}x" if board.stored_bytes else "-",
+            ]
+        ],
+    )
+    table(
+        "Jobs (last 24 hours)",
+        ("Completed", "With warnings", "Failed", "Cancelled", "In progress"),
+        [
+            [
+                str(board.jobs_completed_24h),
+                str(board.jobs_with_warnings_24h),
+                str(board.jobs_failed_24h),
+                str(board.jobs_cancelled_24h),
+                str(board.jobs_in_progress),
+            ]
+        ],
+    )
+    table(
+        "Items by state",
+        ("State", "Items"),
+        [[state, str(n)] for state, n in sorted(board.items_by_state.items())],
+    )
+
+
+@click.command()
+@click.option("--vault", "vault_name", required=True)
+@click.option("--watch", "interval", type=float, default=0, help="Refresh every N seconds.")
+@json_option
+@click.pass_obj
+def dashboard(connection: Connection, vault_name: str, interval: float, as_json: bool) -> None:
+    """The vault at a glance: protected items, last 24 h of jobs, storage and dedup."""
+    request = operator_pb2.VaultRef(name=vault_name)
+    while True:
+        board = call(connection, lambda s: s.Dashboard(request))
+        if as_json:
+            print_json(as_dict(board))
+        else:
+            if interval:
+                console.clear()
+            _show_dashboard(board)
+        if not interval:
+            return
+        time.sleep(interval)

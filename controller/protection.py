@@ -1,0 +1,451 @@
+"""Protection: the life of a VM in a vault, from discovery to stopped protection.
+
+Every step is a job (`Discovery`, `Register`, `Unregister`, `ConfigureProtection`,
+`StopProtection`, `DeleteBackupData`) and moves the VM's item through its states:
+
+    (discovered) → Registering → Registered → Protected (pending initial backup) → Protected
+                                     ↑                         ↓ backup fails      ↑ succeeds
+                                     │                    ProtectionError ─────────┘
+                                     └── delete data ── ProtectionStopped (retain data) ──→ resume
+
+The rules operators rely on are checked here, each with its own error: a VM is registered to
+one vault at a time, only to a vault of its own region; only registered, unprotected VMs are
+protected; a protected VM is not unregistered; a VM has exactly one policy.
+
+Protected items are planned in the scheduler (`controller.scheduler.Plan`) with their policy's
+schedule; a backup's end updates the item and prunes the VM's recovery points.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from controller.catalog import AgentRecord, Catalog, ItemRecord, JobRecord
+from controller.jobs import JobManager
+from controller.pruning import Pruner
+from controller.registry import AgentRegistry
+from controller.scheduler import Due, Plan, Scheduler
+from controller.vaults import Vaults
+from shared.clock import Clock
+from shared.errors import (
+    AlreadyRegistered,
+    AmbiguousVmName,
+    CofferError,
+    InvalidArgument,
+    ItemNotRegistered,
+    ItemStateConflict,
+    RegionMismatch,
+    VmNotFound,
+)
+from shared.model import ItemState, JobStatus, Operation
+from shared.policy import Policy
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Discovered:
+    agent: AgentRecord
+    online: bool
+
+
+@dataclass(frozen=True)
+class Discovery:
+    job: JobRecord
+    vms: list[Discovered]
+    notes: list[str]
+
+
+def display_name(agent: AgentRecord | None, vm_id: str) -> str:
+    if agent is None:
+        return vm_id
+    return f"{agent.service}/{agent.name}" if agent.service else agent.name
+
+
+class Protection:
+    """Items, their states and their schedules; an async context manager (owns the loop)."""
+
+    def __init__(
+        self,
+        catalog: Catalog,
+        registry: AgentRegistry,
+        jobs: JobManager,
+        vaults: Vaults,
+        pruner: Pruner,
+        clock: Clock,
+    ) -> None:
+        self._catalog = catalog
+        self._registry = registry
+        self._jobs = jobs
+        self._vaults = vaults
+        self._pruner = pruner
+        self._clock = clock
+        self.plan = Plan()
+        self.scheduler = Scheduler(self.plan, clock, self._scheduled)
+        self._task: asyncio.Task[None] | None = None
+        jobs.on_backup_ended = self._backup_ended
+        vaults.on_policy_changed = self._policy_changed
+
+    async def __aenter__(self) -> Protection:
+        for item in await self._catalog.items():
+            if ItemState(item.state).protected and item.policy:
+                await self._plan(item)
+        for vault in await self._catalog.vaults():
+            self._pruner.plan_maintenance(self.plan, vault.name)
+        self._task = asyncio.create_task(self.scheduler.run(), name="scheduler")
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    def vault_created(self, vault: str) -> None:
+        self._pruner.plan_maintenance(self.plan, vault)
+        self.scheduler.changed()
+
+    def vault_deleted(self, vault: str) -> None:
+        self.plan.remove(self._pruner.maintenance_key(vault))
+
+    def next_backup(self, item: ItemRecord) -> float | None:
+        """When the item's next scheduled backup is due, if it is protected."""
+        return self.plan.next_of(item.vm_id) if ItemState(item.state).protected else None
+
+    # --- names ------------------------------------------------------------------------------
+
+    async def resolve(self, names: Sequence[str]) -> list[AgentRecord]:
+        """The enrolled VMs `names` give: each a VM id, a name, or service/name."""
+        if not names:
+            raise InvalidArgument(detail="name at least one VM (its name, or service/name)")
+        agents = await self._catalog.agents()
+        found: list[AgentRecord] = []
+        for name in names:
+            by_id = [a for a in agents if a.vm_id == name]
+            if "/" in name:
+                service, _, short = name.partition("/")
+                matches = [a for a in agents if (a.service, a.name) == (service, short)]
+            else:
+                matches = by_id or [a for a in agents if a.name == name]
+            if not matches:
+                raise VmNotFound(name=name)
+            if len(matches) > 1:
+                raise AmbiguousVmName(
+                    name=name, services=", ".join(sorted(a.service for a in matches))
+                )
+            if matches[0] not in found:
+                found.append(matches[0])
+        return found
+
+    async def _item_in(self, vault: str, agent: AgentRecord) -> ItemRecord:
+        item = await self._catalog.item(agent.vm_id)
+        if item is None or item.vault != vault:
+            raise ItemNotRegistered(vm=display_name(agent, agent.vm_id), vault=vault)
+        return item
+
+    # --- step 1: discover -------------------------------------------------------------------
+
+    async def discover(self, vault_name: str) -> Discovery:
+        vault = await self._catalog.vault(vault_name)
+        found: list[Discovered] = []
+        notes: list[str] = []
+
+        async def body(job: JobRecord) -> None:
+            agents = await self._catalog.agents()
+            registered = {item.vm_id for item in await self._catalog.items()}
+            here = [a for a in agents if a.region == vault.region]
+            for agent in here:
+                if agent.vm_id not in registered:
+                    found.append(Discovered(agent, self._registry.online(agent.vm_id)))
+            if not found:
+                if not agents:
+                    notes.append(
+                        "no VM has enrolled yet: install coffer-agent in the VMs and check "
+                        "`coffer agents`"
+                    )
+                elif not here:
+                    regions = sorted({a.region for a in agents})
+                    notes.append(
+                        f"no enrolled VM is in region {vault.region!r}; the enrolled VMs are "
+                        f"in {', '.join(map(repr, regions))} (a vault protects only VMs of "
+                        "its own region)"
+                    )
+                else:
+                    notes.append(
+                        f"every VM of region {vault.region!r} is already registered to a vault "
+                        f"({len(here)} VMs); see `coffer items`"
+                    )
+            job.details["discovered"] = [d.agent.vm_id for d in found]
+
+        job = await self._jobs.run(Operation.DISCOVERY, vault_name, "", body)
+        return Discovery(job, found, notes)
+
+    # --- step 2: register -------------------------------------------------------------------
+
+    async def register(self, vault_name: str, names: Sequence[str]) -> list[JobRecord]:
+        vault = await self._catalog.vault(vault_name)
+        agents = await self.resolve(names)
+        for agent in agents:  # every VM is checked before any job starts
+            item = await self._catalog.item(agent.vm_id)
+            if item is not None:
+                raise AlreadyRegistered(vm=display_name(agent, agent.vm_id), vault=item.vault)
+            if agent.region != vault.region:
+                raise RegionMismatch(
+                    vm=display_name(agent, agent.vm_id),
+                    vm_region=agent.region,
+                    vault=vault.name,
+                    vault_region=vault.region,
+                )
+        return [await self._register_one(vault.name, agent) for agent in agents]
+
+    async def _register_one(self, vault: str, agent: AgentRecord) -> JobRecord:
+        async def body(job: JobRecord) -> None:
+            item = ItemRecord(
+                vm_id=agent.vm_id,
+                vault=vault,
+                state=ItemState.REGISTERING,
+                policy=None,
+                registered_at=self._clock.now(),
+            )
+            await self._catalog.insert_item(item)
+            # Registering checks the VM's agent answers: a VM whose agent is gone cannot be
+            # backed up, and registering it would only defer the surprise.
+            if not self._registry.online(agent.vm_id):
+                await self._catalog.delete_item(agent.vm_id)
+                raise ItemStateConflict(
+                    vm=display_name(agent, agent.vm_id),
+                    state="offline",
+                    fix="its agent is not connected, so it cannot be registered; start "
+                    "coffer-agent in the VM and register it again",
+                )
+            item.state = ItemState.REGISTERED
+            job.details["disks"] = [d.name for d in agent.disks]
+            await self._catalog.update_item(item)
+
+        return await self._jobs.run(Operation.REGISTER, vault, agent.vm_id, body)
+
+    async def unregister(self, vault: str, names: Sequence[str]) -> list[JobRecord]:
+        await self._catalog.vault(vault)
+        agents = await self.resolve(names)
+        items = [await self._item_in(vault, agent) for agent in agents]
+        for agent, item in zip(agents, items, strict=True):
+            if item.state not in (ItemState.REGISTERED, ItemState.REGISTERING):
+                raise ItemStateConflict(
+                    vm=display_name(agent, item.vm_id),
+                    state=item.state,
+                    fix="stop its protection first (with --delete-data, or its recovery "
+                    "points would be left without a VM)",
+                )
+
+        async def body(job: JobRecord) -> None:
+            await self._catalog.delete_item(job.vm_id)
+
+        return [
+            await self._jobs.run(Operation.UNREGISTER, vault, item.vm_id, body) for item in items
+        ]
+
+    # --- step 3: protect --------------------------------------------------------------------
+
+    async def protect(
+        self,
+        vault: str,
+        names: Sequence[str],
+        policy_name: str,
+        new_policy: Policy | None = None,
+        *,
+        resume: bool = False,
+    ) -> list[JobRecord]:
+        """Attach a policy (an existing one, or `new_policy` created first).
+
+        `resume` protects ProtectionStopped VMs again; otherwise registered VMs are
+        protected and protected ones move to the policy (a policy change)."""
+        await self._catalog.vault(vault)
+        agents = await self.resolve(names)
+        items = [await self._item_in(vault, agent) for agent in agents]
+        for agent, item in zip(agents, items, strict=True):
+            state = ItemState(item.state)
+            name = display_name(agent, item.vm_id)
+            if resume and state != ItemState.PROTECTION_STOPPED:
+                raise ItemStateConflict(
+                    vm=name, state=state, fix="only VMs whose protection was stopped resume"
+                )
+            if not resume and state == ItemState.PROTECTION_STOPPED:
+                raise ItemStateConflict(
+                    vm=name, state=state, fix="use `coffer resume-protection` to protect it again"
+                )
+            if state == ItemState.REGISTERING:
+                raise ItemStateConflict(vm=name, state=state, fix="wait for its registration")
+        if new_policy is not None:
+            policy_name = new_policy.name
+            await self._vaults.create_policy(vault, new_policy)
+        elif not policy_name:
+            raise InvalidArgument(detail="name a policy (--policy) or define a new one")
+        policy = await self._vaults.policy(vault, policy_name)
+        return [await self._protect_one(item, policy) for item in items]
+
+    async def _protect_one(self, item: ItemRecord, policy: Policy) -> JobRecord:
+        async def body(job: JobRecord) -> None:
+            now = self._clock.now()
+            previous = item.policy
+            item.policy = policy.name
+            if not ItemState(item.state).protected:
+                # No recovery point yet: pending its initial backup (a resumed VM with points
+                # is protected at once).
+                latest = await self._catalog.latest_recovery_point(item.vm_id)
+                item.state = (
+                    ItemState.PROTECTED
+                    if latest is not None and latest.vault == item.vault
+                    else ItemState.PROTECTION_PENDING
+                )
+                item.protected_at = now
+                item.last_slot = now
+            item.error_code = item.error_message = ""
+            await self._catalog.update_item(item)
+            await self._plan(item)
+            job.details["policy"] = policy.name
+            if previous and previous != policy.name:
+                job.details["previous_policy"] = previous
+
+        return await self._jobs.run(Operation.CONFIGURE_PROTECTION, item.vault, item.vm_id, body)
+
+    async def _plan(self, item: ItemRecord) -> None:
+        assert item.policy is not None
+        policy = await self._vaults.policy(item.vault, item.policy)
+        last = item.last_slot if item.last_slot is not None else self._clock.now()
+        self.plan.set(item.vm_id, policy.schedule, last)
+        self.scheduler.changed()
+
+    async def _policy_changed(self, vault: str, policy: str) -> None:
+        for item in await self._catalog.items(vault, policy=policy):
+            if ItemState(item.state).protected:
+                await self._plan(item)
+
+    # --- stop and resume --------------------------------------------------------------------
+
+    async def stop(self, vault: str, names: Sequence[str], delete_data: bool) -> list[JobRecord]:
+        await self._catalog.vault(vault)
+        agents = await self.resolve(names)
+        items = [await self._item_in(vault, agent) for agent in agents]
+        for agent, item in zip(agents, items, strict=True):
+            state = ItemState(item.state)
+            if not state.protected and not (delete_data and state == ItemState.PROTECTION_STOPPED):
+                raise ItemStateConflict(
+                    vm=display_name(agent, item.vm_id),
+                    state=state,
+                    fix="it is not protected"
+                    + ("" if delete_data else " (--delete-data removes retained recovery points)"),
+                )
+            running = self._jobs.running_job_of(item.vm_id)
+            if running:
+                raise ItemStateConflict(
+                    vm=display_name(agent, item.vm_id),
+                    state=f"running job {running}",
+                    fix="wait for it or cancel it (`coffer job cancel`)",
+                )
+        jobs: list[JobRecord] = []
+        for item in items:
+            jobs.append(await self._stop_one(item))
+            if delete_data:
+                jobs.append(await self._delete_data(item))
+        return jobs
+
+    async def _stop_one(self, item: ItemRecord) -> JobRecord:
+        async def body(job: JobRecord) -> None:
+            self.plan.remove(item.vm_id)
+            self.scheduler.changed()
+            if ItemState(item.state).protected:
+                job.details["policy"] = item.policy
+                item.state, item.policy = ItemState.PROTECTION_STOPPED, None
+                item.error_code = item.error_message = ""
+                await self._catalog.update_item(item)
+
+        return await self._jobs.run(Operation.STOP_PROTECTION, item.vault, item.vm_id, body)
+
+    async def _delete_data(self, item: ItemRecord) -> JobRecord:
+        async def body(job: JobRecord) -> None:
+            deleted = await self._pruner.delete_all(item.vault, item.vm_id)
+            job.details["deleted_recovery_points"] = deleted
+            item.state = ItemState.REGISTERED
+            item.last_slot = item.last_backup_at = None
+            item.last_backup_status = ""
+            await self._catalog.update_item(item)
+
+        return await self._jobs.run(Operation.DELETE_BACKUP_DATA, item.vault, item.vm_id, body)
+
+    # --- backups ----------------------------------------------------------------------------
+
+    async def backup_now(
+        self, vault: str, names: Sequence[str], disks: Sequence[str]
+    ) -> list[JobRecord]:
+        agents = await self.resolve(names)
+        items: list[ItemRecord] = []
+        for agent in agents:
+            item = await self._catalog.item(agent.vm_id)
+            name = display_name(agent, agent.vm_id)
+            if item is None or (vault and item.vault != vault):
+                raise ItemNotRegistered(vm=name, vault=vault or "any vault")
+            if not ItemState(item.state).protected:
+                raise ItemStateConflict(
+                    vm=name,
+                    state=item.state,
+                    fix=f"protect it first (`coffer protect --vault {item.vault} {name}`)",
+                )
+            items.append(item)
+        return [
+            await self._jobs.backup(item.vault, item.vm_id, disks=list(disks)) for item in items
+        ]
+
+    async def _scheduled(self, due: Due) -> None:
+        if self._pruner.is_maintenance(due.key):
+            await self._pruner.maintain(due.key)
+            return
+        item = await self._catalog.item(due.key)
+        if item is None or not ItemState(item.state).protected:
+            self.plan.remove(due.key)
+            return
+        item.last_slot = due.slot
+        await self._catalog.update_item(item)
+        running = self._jobs.running_job_of(item.vm_id)
+        if running:
+            log.warning(
+                "%s: scheduled backup of %s skipped; job %s is still running",
+                item.vm_id,
+                datetime.fromtimestamp(due.slot, UTC).isoformat(),
+                running,
+            )
+            return
+        if due.missed:
+            log.info(
+                "%s: %d scheduled backups were missed; running one now", item.vm_id, due.missed
+            )
+        await self._jobs.backup(
+            item.vault,
+            item.vm_id,
+            trigger="scheduled",
+            slot=due.slot,
+            window=due.deadline - due.slot,
+        )
+
+    async def _backup_ended(self, job: JobRecord) -> None:
+        item = await self._catalog.item(job.vm_id)
+        if item is None or item.vault != job.vault:
+            return
+        item.last_backup_at = job.ended_at
+        item.last_backup_status = job.status
+        if JobStatus(job.status).succeeded:
+            item.error_code = item.error_message = ""
+            if ItemState(item.state).protected:
+                item.state = ItemState.PROTECTED
+        elif job.status == JobStatus.FAILED:
+            item.error_code, item.error_message = job.error_code, job.error_message
+            if ItemState(item.state).protected:
+                item.state = ItemState.PROTECTION_ERROR
+        await self._catalog.update_item(item)
+        if JobStatus(job.status).succeeded and item.policy:
+            try:
+                await self._pruner.prune_vm(item.vault, item.vm_id, after_job=job.id)
+            except CofferError:
+                log.exception("pruning %s after backup %s failed", item.vm_id, job.id)

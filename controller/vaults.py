@@ -1,0 +1,159 @@
+"""Vaults and their policies: create, list, edit and delete them, and read a vault's dashboard.
+
+A vault lives in one region and owns a datastore, its policies, the VMs registered to it and
+their recovery points. It is created with a default policy (daily at 02:00, 30 days), and
+deleted only when nothing is registered to it and it holds no recovery point. Policies are
+stored as their JSON form (`shared.policy.Policy.to_dict`) and validated on every write.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from controller.catalog import Catalog, PolicyRecord, VaultRecord
+from controller.datastores import Datastores
+from shared.clock import Clock
+from shared.errors import InvalidArgument, PolicyInUse, VaultNotEmpty
+from shared.model import ItemState, JobStatus
+from shared.policy import Policy, default_policy
+
+_VAULT_NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
+_REGION = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
+DEFAULT_MAX_CONCURRENT_BACKUPS = 4
+DAY = 86400.0
+
+
+@dataclass(frozen=True)
+class Dashboard:
+    vault: str
+    protected_items: int
+    items_by_state: dict[str, int]
+    jobs_completed: int
+    jobs_with_warnings: int
+    jobs_failed: int
+    jobs_cancelled: int
+    jobs_in_progress: int
+    stored_bytes: int
+    protected_bytes: int
+    recovery_points: int
+
+    @property
+    def dedup_ratio(self) -> float:
+        return self.protected_bytes / self.stored_bytes if self.stored_bytes else 0.0
+
+
+class Vaults:
+    def __init__(
+        self,
+        catalog: Catalog,
+        datastores: Datastores,
+        clock: Clock,
+        chunk_size: int,
+    ) -> None:
+        self._catalog = catalog
+        self._datastores = datastores
+        self._clock = clock
+        self._chunk_size = chunk_size
+        # Called with (vault, policy name) after a policy's schedule may have changed.
+        self.on_policy_changed: Callable[[str, str], Awaitable[None]] | None = None
+
+    async def create(
+        self, name: str, region: str, max_concurrent_backups: int = 0, timezone: str = "UTC"
+    ) -> VaultRecord:
+        if _VAULT_NAME.fullmatch(name) is None:
+            raise InvalidArgument(
+                detail=f"vault name {name!r} must be 1-63 lowercase letters, digits or '-'"
+            )
+        if _REGION.fullmatch(region) is None:
+            raise InvalidArgument(
+                detail=f"region {region!r} must be 1-63 lowercase letters, digits or '-' "
+                "(the region the VMs' agents report, e.g. eu-west)"
+            )
+        limit = max_concurrent_backups or DEFAULT_MAX_CONCURRENT_BACKUPS
+        if not 1 <= limit <= 64:
+            raise InvalidArgument(detail=f"max concurrent backups {limit} must be 1 to 64")
+        now = self._clock.now()
+        policy = default_policy(timezone or "UTC")
+        vault = await self._catalog.create_vault(
+            VaultRecord(name, region, self._chunk_size, now, limit),
+            PolicyRecord(name, policy.name, policy.to_dict(), now, now),
+        )
+        await self._datastores.get(name)  # the datastore exists from the start
+        return vault
+
+    async def delete(self, name: str) -> VaultRecord:
+        vault = await self._catalog.vault(name)
+        items = await self._catalog.items(name)
+        if items:
+            raise VaultNotEmpty(
+                vault=name,
+                what=f"{len(items)} registered VMs ({', '.join(i.vm_id for i in items[:5])})",
+                fix="stop their protection with --delete-data and unregister them first",
+            )
+        points, _ = await self._catalog.recovery_point_totals(name)
+        if points:
+            raise VaultNotEmpty(
+                vault=name,
+                what=f"{points} recovery points",
+                fix="delete them first (`coffer stop-protection --delete-data`)",
+            )
+        await self._catalog.delete_vault(name)
+        await self._datastores.destroy(name)
+        return vault
+
+    # --- policies ---------------------------------------------------------------------------
+
+    async def create_policy(self, vault: str, policy: Policy) -> PolicyRecord:
+        await self._catalog.vault(vault)
+        now = self._clock.now()
+        record = PolicyRecord(vault, policy.name, policy.to_dict(), now, now)
+        await self._catalog.create_policy(record)
+        return record
+
+    async def update_policy(self, vault: str, policy: Policy) -> PolicyRecord:
+        await self._catalog.update_policy(vault, policy.name, policy.to_dict(), self._clock.now())
+        if self.on_policy_changed is not None:
+            await self.on_policy_changed(vault, policy.name)
+        return await self._catalog.policy(vault, policy.name)
+
+    async def delete_policy(self, vault: str, name: str) -> PolicyRecord:
+        record = await self._catalog.policy(vault, name)
+        users = await self._catalog.items(vault, policy=name)
+        if users:
+            raise PolicyInUse(
+                policy=name,
+                vault=vault,
+                count=len(users),
+                vms=", ".join(i.vm_id for i in users[:5]),
+            )
+        await self._catalog.delete_policy(vault, name)
+        return record
+
+    async def policy(self, vault: str, name: str) -> Policy:
+        return Policy.from_dict((await self._catalog.policy(vault, name)).spec)
+
+    # --- dashboard --------------------------------------------------------------------------
+
+    async def dashboard(self, name: str, running_jobs: int) -> Dashboard:
+        vault = await self._catalog.vault(name)
+        by_state: dict[str, int] = {}
+        for item in await self._catalog.items(name):
+            by_state[item.state] = by_state.get(item.state, 0) + 1
+        counts = await self._catalog.job_counts(name, self._clock.now() - DAY)
+        points, protected_bytes = await self._catalog.recovery_point_totals(name)
+        return Dashboard(
+            vault=name,
+            protected_items=sum(n for s, n in by_state.items() if ItemState(s).protected),
+            items_by_state=by_state,
+            jobs_completed=counts.get(JobStatus.COMPLETED, 0)
+            + counts.get(JobStatus.COMPLETED_WITH_WARNINGS, 0),
+            jobs_with_warnings=counts.get(JobStatus.COMPLETED_WITH_WARNINGS, 0),
+            jobs_failed=counts.get(JobStatus.FAILED, 0),
+            jobs_cancelled=counts.get(JobStatus.CANCELLED, 0),
+            jobs_in_progress=running_jobs,
+            stored_bytes=vault.stored_bytes,
+            protected_bytes=protected_bytes,
+            recovery_points=points,
+        )
