@@ -663,7 +663,7 @@ class JobManager:
                     job_id=job.id,
                     operation=job.operation,
                     status=JobStatus(job.status),
-                    vm_id=job.vm_id,
+                    vm_id=job.vm_id or None,
                     error_code=job.error_code or None,
                     ts=datetime.fromtimestamp(self._clock.now(), UTC),
                 )

@@ -201,7 +201,7 @@ class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
             request.target_path,
             target,
         )
-        return self._job(job)
+        return self._job(job, await self._names())
 
     @operator_only
     async def ListJobs(
@@ -254,10 +254,11 @@ class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
             if identity.role != "operator":
                 raise PermissionDenied(detail=f"{identity} may not use the operator API")
             job = await self._jobs.job(request.id)
+            names = await self._names()
         except CofferError as exc:
             await abort(context, exc)
         while True:
-            yield self._job(job)
+            yield self._job(job, names)
             if JobStatus(job.status).ended:
                 return
             running = self._jobs.running(job.id)

@@ -167,6 +167,7 @@ class Cluster:
         *,
         service: str = "default",
         region: str = "local",
+        name: str | None = None,
         cert_vm: str | None = None,
         start: bool = True,
     ) -> Agent:
@@ -181,6 +182,7 @@ class Cluster:
         config = self.root / f"agent-{vm_id}.toml"
         lines = [
             f"vm_id = {_toml(vm_id)}",
+            f"name = {_toml(name or vm_id)}",
             f"service = {_toml(service)}",
             f"region = {_toml(region)}",
             f"controller = {_toml(f'127.0.0.1:{self.port}')}",

@@ -1,8 +1,11 @@
-"""The Coffer demo: one controller, two agents, real backups and a verified restore.
+"""The Coffer demo: the vault workflow from discovery to a verified restore.
 
 Run as root (it loop-mounts the disk images): `python -m tests.demo [--workdir DIR] [--keep]`.
-Everything runs on this machine, on loopback: the controller with its private Mosquitto, two
-agents, each with a disk image holding a real ext4 file system.
+Everything runs on this machine, on loopback: the controller with its private Mosquitto, three
+agents (two in region eu-west, one in us-east), each with a disk image holding a real ext4
+file system. The operator creates a vault, discovers, registers and protects the VMs, takes
+the initial backups, changes files, backs up again, reads the jobs and the dashboard, and
+restores.
 """
 
 from __future__ import annotations
@@ -62,9 +65,10 @@ def main() -> int:
 
 
 def run(workdir: Path, disk_size: int) -> None:
-    step(f"Building two VM disks ({mib(disk_size)} each, ext4, about 60% full of files)")
+    step(f"Building three VM disks ({mib(disk_size)} each, ext4, about 60% full of files)")
+    vms = {"web-1": "eu-west", "db-1": "eu-west", "report-1": "us-east"}
     images: dict[str, Path] = {}
-    for seed, vm in enumerate(("web-1", "db-1"), start=1):
+    for seed, vm in enumerate(vms, start=1):
         info = build_image(workdir / f"{vm}.img", disk_size, fill=0.6, seed=seed)
         images[vm] = info.path
         print(f"  {vm}: {info.files} files, {mib(info.used_bytes)} used in the file system")
@@ -74,20 +78,39 @@ def run(workdir: Path, disk_size: int) -> None:
         print(f"  controller on 127.0.0.1:{cluster.port}; CA and certificates in {cluster.pki}")
         step("Starting one agent per VM: they dial out to the controller over mutual TLS")
         for vm, image in images.items():
-            cluster.add_agent(vm, {"root": image}, service="shop", region="local")
+            cluster.add_agent(vm, {"root": image}, service="shop", region=vms[vm])
         show(cluster, "agents")
 
-        step("Backing up both VMs")
-        first = {}
-        for vm in images:
-            started = time.monotonic()
-            job = cluster.backup(vm)
-            first[vm] = job
+        step("Creating a vault for region eu-west (it starts with a default policy)")
+        show(cluster, "vault", "create", "eu-vault", "--region", "eu-west")
+        show(cluster, "policy", "list", "--vault", "eu-vault")
+
+        step("Step 1, discover: the VMs of eu-west that no vault protects yet")
+        show(cluster, "discover", "--vault", "eu-vault")
+
+        step("Step 2, register them with the vault")
+        show(cluster, "register", "--vault", "eu-vault", "web-1", "db-1")
+
+        step("Step 3, protect: web-1 with the default policy, db-1 with a new GFS policy")
+        show(cluster, "protect", "--vault", "eu-vault", "--policy", "DefaultPolicy", "web-1")
+        show(
+            cluster, "protect", "--vault", "eu-vault", "db-1", "--new-policy", "Gold",
+            "--schedule", "daily 01:00,13:00 tz=Europe/Berlin", "--daily", "30",
+            "--weekly", "sun:104", "--monthly", "last-sun:120", "--yearly", "jan:first-sun:99",
+        )  # fmt: skip
+        show(cluster, "items", "--vault", "eu-vault")
+
+        step("Initial backup of both VMs (backup now)")
+        started = time.monotonic()
+        first = cluster.coffer("backup-now", "--vault", "eu-vault", "web-1", "db-1")
+        for job in first:
             print(
-                f"  {vm}: {job['status']} in {time.monotonic() - started:.1f}s - read "
-                f"{mib(job['bytes_read'])} of a {mib(disk_size)} disk (holes are skipped), "
-                f"stored {mib(job['bytes_stored'])} after deduplication and compression"
+                f"  {job['item']}: {job['status']} - read {mib(job['bytes_read'])} of a "
+                f"{mib(disk_size)} disk (holes are skipped), stored {mib(job['bytes_stored'])} "
+                "after deduplication and compression"
             )
+        print(f"  both in {time.monotonic() - started:.1f}s")
+        show(cluster, "items", "--vault", "eu-vault")
 
         step("Changing files inside web-1's file system")
         with mounted(images["web-1"]) as root:
@@ -99,12 +122,12 @@ def run(workdir: Path, disk_size: int) -> None:
         print("  wrote a 6 MiB upload and appended to a log")
 
         step("Backing up web-1 again: only what changed is sent")
-        second = cluster.backup("web-1")
+        second = cluster.coffer("backup-now", "web-1")
         print(
             f"  web-1: {second['status']} - read {mib(second['bytes_read'])}, "
             f"sent {mib(second['bytes_sent'])}, stored {mib(second['bytes_stored'])}"
         )
-        show(cluster, "rp", "list", "web-1")
+        show(cluster, "rp", "list", "--vault", "eu-vault")
 
         step("Restoring web-1's latest recovery point to a new image file")
         target = cluster.agents["web-1"].restore_dir / "web-1-restored.img"
@@ -120,8 +143,10 @@ def run(workdir: Path, disk_size: int) -> None:
             size = (root / "uploads" / "photo.bin").stat().st_size
         print(f"  the new upload is in the restored file system: {mib(size)}")
 
-        step("Every operation is a job")
-        show(cluster, "job", "list")
+        step("Every operation is a job; the dashboard sums up the vault")
+        show(cluster, "job", "list", "--vault", "eu-vault")
+        show(cluster, "job", "list", "--vault", "eu-vault", "--operation", "Backup")
+        show(cluster, "dashboard", "--vault", "eu-vault")
         if not same or check.returncode != 0:
             raise SystemExit("the restore did not match the source")
     print("\nDemo complete.")

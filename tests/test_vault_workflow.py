@@ -1,0 +1,335 @@
+"""End to end: the vault workflow as an operator walks it, with real agents in two regions.
+
+Three VMs: `shop/web-1` and `blog/web-1` (one name in two services) in region eu-west, and
+`shop/db-1` in us-east. Two vaults, one per region. The walk: create the vaults, discover (what
+is and is not offered, and why), register, protect with the default policy and with a new one,
+back up now, read jobs and the dashboard, stop protection retaining and deleting data, and
+every restriction on the way refused with its own error. Then cancelling a queued and a
+running backup, and restoring from the vault.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from tests.bench.image import build_image
+from tests.cluster import Cluster, sha256_file
+
+MiB = 1 << 20
+
+pytestmark = [pytest.mark.integration, pytest.mark.root, pytest.mark.timeout(300)]
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    root = tmp_path_factory.mktemp("workflow")
+    shop = build_image(root / "shop-web-1.img", 64 * MiB, fill=0.4, seed=21).path
+    blog = build_image(root / "blog-web-1.img", 64 * MiB, fill=0.4, seed=22).path
+    db = build_image(root / "db-1.img", 64 * MiB, fill=0.4, seed=23).path
+    # A disk of incompressible data, slow enough to back up that a cancel lands mid-upload.
+    bulk = root / "bulk.img"
+    with bulk.open("wb") as f:
+        for _ in range(640):
+            f.write(os.urandom(MiB))
+    with Cluster(root / "cluster") as running:
+        running.add_agent("shop-web-1", {"root": shop}, name="web-1", service="shop",
+                          region="eu-west")  # fmt: skip
+        running.add_agent("blog-web-1", {"root": blog, "bulk": bulk}, name="web-1",
+                          service="blog", region="eu-west")  # fmt: skip
+        running.add_agent("db-1", {"root": db}, service="shop", region="us-east")
+        yield running
+
+
+def refused(cluster: Cluster, *args: str, code: int, says: tuple[str, ...]) -> None:
+    """Run a command that must be refused with exit `code` and an error saying `says`."""
+    result = cluster.coffer(*args, json_out=False, check=False)
+    assert result.returncode == code, (result.returncode, result.stdout, result.stderr)
+    for words in says:
+        assert words in result.stderr
+
+
+def items(cluster: Cluster, vault: str) -> dict[str, dict[str, Any]]:
+    return {i["vm_id"]: i for i in cluster.coffer("items", "--vault", vault)}
+
+
+def states(cluster: Cluster, vault: str) -> dict[str, str]:
+    return {vm: i["state"] for vm, i in items(cluster, vault).items()}
+
+
+def test_the_whole_flow_from_discovery_to_stopped_protection(cluster: Cluster) -> None:
+    # --- vaults -------------------------------------------------------------------------------
+    cluster.coffer("vault", "create", "eu-vault", "--region", "eu-west")
+    cluster.coffer("vault", "create", "us-vault", "--region", "us-east")
+    assert {v["name"]: v["region"] for v in cluster.coffer("vault", "list")} == {
+        "eu-vault": "eu-west",
+        "us-vault": "us-east",
+    }
+    refused(
+        cluster,
+        "vault",
+        "create",
+        "eu-vault",
+        "--region",
+        "eu-west",
+        code=5,
+        says=("already exists",),
+    )
+    # Every vault starts with the default policy: once daily, 30 days.
+    (default,) = cluster.coffer("policy", "list", "--vault", "eu-vault")
+    assert default["name"] == "DefaultPolicy"
+    assert "daily" in default["schedule_text"]
+    assert "02:00" in default["schedule_text"]
+    assert json.loads(default["spec_json"])["retention"] == {"daily": {"days": 30}}
+
+    # --- step 1: discover ---------------------------------------------------------------------
+    found = cluster.coffer("discover", "--vault", "eu-vault")
+    assert found["job"]["operation"] == "Discovery"
+    assert found["job"]["status"] == "Completed"
+    offered = {(vm["service"], vm["name"], vm["region"], vm["online"]) for vm in found["vms"]}
+    assert offered == {("shop", "web-1", "eu-west", True), ("blog", "web-1", "eu-west", True)}
+    assert [vm["vm_id"] for vm in cluster.coffer("discover", "--vault", "us-vault")["vms"]] == [
+        "db-1"
+    ]
+    assert {d["name"] for vm in found["vms"] for d in vm["disks"]} == {"root", "bulk"}
+
+    # --- step 2: register ---------------------------------------------------------------------
+    refused(
+        cluster,
+        "register",
+        "--vault",
+        "eu-vault",
+        "web-1",
+        code=2,
+        says=("AmbiguousVmName", "blog, shop"),
+    )
+    refused(
+        cluster,
+        "register",
+        "--vault",
+        "eu-vault",
+        "db-1",
+        code=5,
+        says=("UserErrorRegionMismatch", "us-east"),
+    )
+    refused(cluster, "register", "--vault", "eu-vault", "nobody", code=4, says=("VmNotFound",))
+    jobs = cluster.coffer("register", "--vault", "eu-vault", "shop/web-1", "blog/web-1")
+    assert [(j["operation"], j["status"], j["item"]) for j in jobs] == [
+        ("Register", "Completed", "shop/web-1"),
+        ("Register", "Completed", "blog/web-1"),
+    ]
+    assert states(cluster, "eu-vault") == {"shop-web-1": "Registered", "blog-web-1": "Registered"}
+    # Registered VMs are not offered again, by this vault or any other; and it says why.
+    again = cluster.coffer("discover", "--vault", "eu-vault")
+    assert again["vms"] == []
+    assert "already registered" in again["notes"][0]
+    refused(
+        cluster,
+        "register",
+        "--vault",
+        "us-vault",
+        "shop/web-1",
+        code=5,
+        says=("UserErrorVmAlreadyRegistered",),
+    )
+    cluster.coffer("register", "--vault", "us-vault", "db-1")
+    assert "us-east" in cluster.coffer("discover", "--vault", "us-vault")["notes"][0]
+
+    # --- step 3: protect ----------------------------------------------------------------------
+    refused(
+        cluster, "policy", "create", "--vault", "eu-vault", "Bad",
+        "--schedule", "weekly sun 03:00", "--weekly", "mon:4",
+        code=2, says=("InvalidPolicy", "Mon"),
+    )  # fmt: skip
+    protect = cluster.coffer(
+        "protect", "--vault", "eu-vault", "blog/web-1", "--new-policy", "Gold",
+        "--schedule", "daily 01:00,13:00 tz=Europe/Berlin", "--daily", "7",
+        "--weekly", "sun:4", "--monthly", "last-sun:12", "--yearly", "jan:first-sun:5",
+    )  # fmt: skip
+    assert [(j["operation"], j["status"]) for j in protect] == [
+        ("ConfigureProtection", "Completed")
+    ]
+    cluster.coffer("protect", "--vault", "eu-vault", "--policy", "DefaultPolicy", "shop/web-1")
+    # Choosing an existing policy does not let the caller change its retention.
+    refused(
+        cluster, "protect", "--vault", "us-vault", "--policy", "DefaultPolicy", "--daily", "3",
+        "db-1",
+        code=2, says=("coffer policy edit",),
+    )  # fmt: skip
+    refused(
+        cluster,
+        "protect",
+        "--vault",
+        "us-vault",
+        "shop/web-1",
+        code=4,
+        says=("UserErrorVmNotRegistered",),
+    )
+    cluster.coffer("protect", "--vault", "us-vault", "db-1")
+    listed = items(cluster, "eu-vault")
+    assert {vm: (i["state"], i["policy"]) for vm, i in listed.items()} == {
+        "shop-web-1": ("Protected (pending initial backup)", "DefaultPolicy"),
+        "blog-web-1": ("Protected (pending initial backup)", "Gold"),
+    }
+    assert all(i["next_backup_at"] for i in listed.values())
+    gold = cluster.coffer("policy", "show", "--vault", "eu-vault", "Gold")
+    assert gold["vms"] == ["blog-web-1"]
+    assert "Europe/Berlin" in gold["schedule_text"]
+    refused(
+        cluster, "policy", "delete", "--vault", "eu-vault", "Gold", code=5, says=("PolicyInUse",)
+    )
+    refused(
+        cluster,
+        "unregister",
+        "--vault",
+        "eu-vault",
+        "blog/web-1",
+        code=5,
+        says=("stop its protection first",),
+    )
+
+    # --- initial backup: backup now -----------------------------------------------------------
+    backups = cluster.coffer("backup-now", "--vault", "eu-vault", "shop/web-1", "blog/web-1")
+    assert [(j["item"], j["status"]) for j in backups] == [
+        ("shop/web-1", "Completed"),
+        ("blog/web-1", "Completed"),
+    ]
+    db_backup = cluster.coffer("backup-now", "db-1")
+    assert db_backup["status"] == "Completed", db_backup
+    assert states(cluster, "eu-vault") == {"shop-web-1": "Protected", "blog-web-1": "Protected"}
+    assert states(cluster, "us-vault") == {"db-1": "Protected"}
+    points = cluster.coffer("rp", "list", "--vault", "eu-vault")
+    assert {p["vm_id"] for p in points} == {"shop-web-1", "blog-web-1"}
+    # The rules keeping each point are recorded; a backup taken now is at least a daily one.
+    assert all("daily" in p["kept_by"] for p in points)
+    refused(cluster, "rp", "list", "web-1", code=2, says=("service/name",))
+
+    # --- jobs -----------------------------------------------------------------------------------
+    registered = cluster.coffer("job", "list", "--operation", "Register", "--vault", "eu-vault")
+    assert {j["item"] for j in registered} == {"shop/web-1", "blog/web-1"}
+    assert {j["vault"] for j in cluster.coffer("job", "list", "--vault", "us-vault")} == {
+        "us-vault"
+    }
+    operations = {j["operation"] for j in cluster.coffer("job", "list", "--vault", "eu-vault")}
+    assert {"Discovery", "Register", "ConfigureProtection", "Backup"} <= operations
+    assert cluster.coffer("job", "list", "--status", "Failed", "--vault", "eu-vault") == []
+    assert cluster.coffer("job", "list", "--from", "2999-01-01") == []
+    assert cluster.coffer("job", "list", "--to", "2000-01-01") == []
+    completed = cluster.coffer(
+        "job", "list", "--status", "Completed", "--operation", "Backup", "--vault", "eu-vault"
+    )
+    assert len(completed) == 2
+
+    # --- dashboard ------------------------------------------------------------------------------
+    board = cluster.coffer("dashboard", "--vault", "eu-vault")
+    assert board["protected_items"] == 2
+    assert board["recovery_points"] == 2
+    assert board["jobs_failed_24h"] == 0
+    assert board["jobs_in_progress"] == 0
+    # Discovery x2, Register x2, ConfigureProtection x2, Backup x2 (refused calls make no job).
+    assert board["jobs_completed_24h"] == 8
+    assert board["stored_bytes"] > 0
+    assert board["dedup_ratio"] > 1.0  # zstd-compressed text and binaries: more data than bytes
+
+    # --- manage: stop (retain), resume, stop (delete), unregister -------------------------------
+    refused(cluster, "vault", "delete", "eu-vault", code=5, says=("VaultNotEmpty",))
+    stop = cluster.coffer("stop-protection", "--vault", "eu-vault", "shop/web-1", "--retain-data")
+    assert [(j["operation"], j["status"]) for j in stop] == [("StopProtection", "Completed")]
+    shop = items(cluster, "eu-vault")["shop-web-1"]
+    assert (shop["state"], shop["policy"], shop["recovery_points"]) == ("ProtectionStopped", "", 1)
+    assert "next_backup_at" not in shop or not shop["next_backup_at"]
+    refused(cluster, "backup-now", "shop/web-1", code=5, says=("protect it first",))
+    refused(
+        cluster, "protect", "--vault", "eu-vault", "shop/web-1", code=5, says=("resume-protection",)
+    )
+    cluster.coffer("resume-protection", "--vault", "eu-vault", "shop/web-1", "--policy", "Gold")
+    assert items(cluster, "eu-vault")["shop-web-1"]["state"] == "Protected"
+
+    stopped = cluster.coffer(
+        "stop-protection", "--vault", "eu-vault", "blog/web-1", "--delete-data"
+    )
+    assert [(j["operation"], j["status"]) for j in stopped] == [
+        ("StopProtection", "Completed"),
+        ("DeleteBackupData", "Completed"),
+    ]
+    assert cluster.coffer("rp", "list", "blog-web-1") == []
+    assert items(cluster, "eu-vault")["blog-web-1"]["state"] == "Registered"
+    cluster.coffer("unregister", "--vault", "eu-vault", "blog/web-1")
+    assert "blog-web-1" not in items(cluster, "eu-vault")
+    # Unregistered, it is offered again.
+    assert [vm["vm_id"] for vm in cluster.coffer("discover", "--vault", "eu-vault")["vms"]] == [
+        "blog-web-1"
+    ]
+    # A policy with no VM left can go.
+    cluster.coffer("stop-protection", "--vault", "eu-vault", "shop/web-1", "--retain-data")
+    cluster.coffer("policy", "delete", "--vault", "eu-vault", "Gold", json_out=False)
+    assert [p["name"] for p in cluster.coffer("policy", "list", "--vault", "eu-vault")] == [
+        "DefaultPolicy"
+    ]
+
+
+def test_restore_from_the_vault_and_space_comes_back(cluster: Cluster) -> None:
+    agent = cluster.agents["db-1"]
+    rp = cluster.coffer("rp", "list", "db-1")[-1]
+    target = agent.restore_dir / "db-1.img"
+    restored = cluster.restore("db-1", rp["id"], "root", target)
+    assert restored["status"] == "Completed"
+    assert sha256_file(target) == sha256_file(agent.disks["root"])
+
+
+def test_cancel_a_queued_and_a_running_backup(cluster: Cluster) -> None:
+    """A vault running one backup at a time queues the next; a queued backup cancels at once,
+    a running one stops mid-upload. Neither leaves a recovery point; later backups complete."""
+    # Both eu-west VMs move to a vault with a single backup slot.
+    cluster.coffer("stop-protection", "--vault", "eu-vault", "shop/web-1", "--delete-data")
+    cluster.coffer("unregister", "--vault", "eu-vault", "shop/web-1")
+    cluster.coffer("vault", "create", "lab-vault", "--region", "eu-west",
+                   "--max-concurrent-backups", "1")  # fmt: skip
+    cluster.coffer("register", "--vault", "lab-vault", "shop/web-1", "blog/web-1")
+    cluster.coffer("protect", "--vault", "lab-vault", "shop/web-1", "blog/web-1")
+    before = {p["id"] for p in cluster.coffer("rp", "list")}
+
+    # blog/web-1 has 640 MiB of random data to send: it holds the slot for seconds.
+    slow = cluster.coffer("backup-now", "blog/web-1", "--no-wait")[0]
+    _wait(lambda: _phase(cluster, slow["id"]) != "Queued")
+    queued = cluster.coffer("backup-now", "shop/web-1", "--no-wait")[0]
+    assert _phase(cluster, queued["id"]) == "Queued"
+    refused(cluster, "backup-now", "shop/web-1", code=5, says=("OperationInProgress",))
+    cancelled = cluster.coffer("job", "cancel", queued["id"])
+    assert (cancelled["status"], cancelled["error_code"]) == ("Cancelled", "JobCancelled")
+    assert int(cancelled["bytes_read"]) == 0  # it never started
+
+    stopped = cluster.coffer("job", "cancel", slow["id"])
+    assert (stopped["status"], stopped["error_code"]) == ("Cancelled", "JobCancelled")
+    assert stopped["recovery_point_id"] == ""
+    refused(cluster, "job", "cancel", slow["id"], code=5, says=("already ended",))
+
+    # The queue drains one backup at a time, and both complete.
+    done = cluster.coffer("backup-now", "shop/web-1", "blog/web-1")
+    assert [j["status"] for j in done] == ["Completed", "Completed"]
+    _, second = sorted(done, key=lambda j: j["started_at"])
+    assert json.loads(second["details_json"]).get("phase") is None
+    new = {p["id"] for p in cluster.coffer("rp", "list")} - before
+    assert new == {j["recovery_point_id"] for j in done}
+    board = cluster.coffer("dashboard", "--vault", "lab-vault")
+    assert (board["jobs_cancelled_24h"], board["jobs_completed_24h"]) == (2, 6)
+
+
+def _phase(cluster: Cluster, job_id: str) -> str:
+    job = cluster.coffer("job", "show", job_id)
+    return str(json.loads(job["details_json"]).get("phase", "")) + (
+        "" if job["status"] == "InProgress" else job["status"]
+    )
+
+
+def _wait(condition: Any, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError("condition not met")
+        time.sleep(0.1)
