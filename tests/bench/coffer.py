@@ -38,6 +38,7 @@ from tests.bench.measure import (
 )
 
 VM_ID = "bench-vm"
+VAULT = "bench"
 DISK = "root"
 _OK = ("Completed", "CompletedWithWarnings")
 _JOB_FIELDS = ("id", "status", "bytes_read", "bytes_sent", "bytes_stored", "recovery_point_id")
@@ -158,6 +159,10 @@ class Coffer:
         self._wait_listening()
         self.agent = self._start("coffer-agent", agent_toml)
         self._wait_agent()
+        # The vault workflow: a vault in the agent's region, the VM registered and protected.
+        self._cli_plain(["vault", "create", VAULT, "--region", "local"])
+        self._cli_plain(["register", "--vault", VAULT, VM_ID])
+        self._cli_plain(["protect", "--vault", VAULT, "--policy", "DefaultPolicy", VM_ID])
 
     def backup(self, step: str) -> StepResult:
         job, result = self._measured(step, ["backup-now", VM_ID, "--json"])
