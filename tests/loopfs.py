@@ -64,7 +64,9 @@ class LoopFs:
 
 
 @contextlib.contextmanager
-def loop_fs(image: Path, fstype: str, size: int, mountpoint: Path | None = None) -> Iterator[LoopFs]:
+def loop_fs(
+    image: Path, fstype: str, size: int, mountpoint: Path | None = None
+) -> Iterator[LoopFs]:
     """A new sparse `image` of `size` bytes holding `fstype`, loop-mounted; torn down on exit."""
     with image.open("wb") as f:
         f.truncate(size)

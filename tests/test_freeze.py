@@ -184,7 +184,8 @@ def start_helper(fs: LoopFs, deadline: float, *extra: str) -> tuple[subprocess.P
     )
     assert helper.stdout is not None
     line = helper.stdout.readline().split()
-    assert line and line[0] in ("frozen", "thawed"), line
+    assert line, "the helper said nothing"
+    assert line[0] in ("frozen", "thawed"), line
     return helper, int(line[1])
 
 
@@ -203,9 +204,7 @@ def reap(process: subprocess.Popen[str], watchdog_pid: int) -> None:
     raise AssertionError(f"the thaw watchdog {watchdog_pid} outlived its agent")
 
 
-def test_watchdog_thaws_when_the_agent_is_killed_while_frozen(
-    fs: LoopFs, writers: Writers
-) -> None:
+def test_watchdog_thaws_when_the_agent_is_killed_while_frozen(fs: LoopFs, writers: Writers) -> None:
     helper, watchdog = start_helper(fs, deadline=60)
     writer = writers.start()
     assert not finishes_within(writer, 0.5)
@@ -216,9 +215,7 @@ def test_watchdog_thaws_when_the_agent_is_killed_while_frozen(
     reap(helper, watchdog)
 
 
-def test_watchdog_thaws_at_the_deadline_when_the_agent_hangs(
-    fs: LoopFs, writers: Writers
-) -> None:
+def test_watchdog_thaws_at_the_deadline_when_the_agent_hangs(fs: LoopFs, writers: Writers) -> None:
     deadline = 2.0
     started = time.monotonic()
     helper, watchdog = start_helper(fs, deadline=deadline)
