@@ -183,8 +183,8 @@ class _Run:
         expired = self._expired()  # before the early thaw: did the freeze hold through takes?
         await self._thaw([name for name in self.providers if name not in held])
         for name, _ in self.disks:
-            if name not in held:
-                self._rate(name, expired)
+            # A disk still frozen is rated as if the freeze holds; `finish` rates it again.
+            self._rate(name, expired)
         if not held:
             await self._post_script()
         self._summarise()

@@ -130,7 +130,7 @@ class ReflinkClone(SnapshotProvider):
         source = directory / f"{SNAPSHOT_MARK}probe-{os.getpid()}"
         clone = directory / f"{SNAPSHOT_MARK}probe-{os.getpid()}.clone"
         try:
-            with source.open("wb") as src_file:
+            with source.open("w+b") as src_file:
                 src_file.write(b"\0" * 4096)
                 src_file.flush()
                 with clone.open("wb") as dst_file:
