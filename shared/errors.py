@@ -300,3 +300,53 @@ class InvalidPolicy(InvalidArgument):
     code = "InvalidPolicy"
     exit_code = 2
     grpc_status = "INVALID_ARGUMENT"
+
+
+# --- consistency: scripts, freeze, snapshots -------------------------------------------------
+#
+# A backup that could not be made consistent failed as a job: the CLI exits 3 ("the job
+# failed"). They travel as FAILED_PRECONDITION: the VM, not the request, has to change.
+
+
+class UserErrorFsFreezeFailed(CofferError):
+    """Could not freeze the file system at {mountpoint} ({fstype}) of disk {disk!r}: {cause}. Stop whatever holds it busy (another fsfreeze, a stuck device), raise `freeze_timeout`, or allow crash-consistent backups (`require_freeze = false`)."""
+
+    code = "UserErrorFsFreezeFailed"
+    retryable = True
+    exit_code = 3
+    grpc_status = "FAILED_PRECONDITION"
+
+
+class ExtensionSnapshotFailed(CofferError):
+    """The snapshot of disk {disk!r} ({provider}) failed: {cause}. {fix}"""
+
+    code = "ExtensionSnapshotFailed"
+    retryable = True
+    exit_code = 3
+    grpc_status = "FAILED_PRECONDITION"
+
+
+class PreScriptFailed(CofferError):
+    """The pre-script {path} failed ({attempts} attempt(s)): {cause}. Run it by hand as root to see why, raise its `timeout`, or set `continue_on_failure = true` to take a file-system-consistent backup when it fails."""
+
+    code = "PreScriptFailed"
+    retryable = True
+    exit_code = 3
+    grpc_status = "FAILED_PRECONDITION"
+
+
+class PostScriptFailed(CofferError):
+    """The post-script {path} failed ({attempts} attempt(s)): {cause}. The snapshot was taken; check that the application resumed, then fix the script, raise its `timeout`, or set `continue_on_failure = true`."""
+
+    code = "PostScriptFailed"
+    retryable = True
+    exit_code = 3
+    grpc_status = "FAILED_PRECONDITION"
+
+
+class UserErrorSnapshotProviderUnsupported(CofferError):
+    """Disk {disk!r} cannot use the {provider} snapshot provider: {why}. Pick another provider for the disk (or none: the agent then picks the most capable one that works), or give the host what it lacks."""
+
+    code = "UserErrorSnapshotProviderUnsupported"
+    exit_code = 3
+    grpc_status = "FAILED_PRECONDITION"

@@ -1,0 +1,363 @@
+"""Consistency: the order of a consistent snapshot, and the consistency it reached per disk.
+
+    pre-script → sync → freeze every mounted file system on the disks → snapshot each disk
+    → thaw → post-script → (the caller reads the snapshots) → release the snapshots
+
+`consistent_snapshot(disks, policy)` is an async context manager that does all of it and
+yields a `SnapshotSet`: per disk, the path to read and the consistency reached, plus the time
+the file systems were frozen and the warnings for the job. Leaving it releases everything, in
+every case.
+
+- `sync` runs before the freeze: FIFREEZE writes back everything cached, and most of that is
+  done while writers may still write, so the frozen window is shorter.
+- The thaw watchdog (`agent.thaw_watchdog`) is started before the pre-script and holds every
+  file system before it is frozen: whatever happens to this process, nothing stays frozen past
+  `thaw_deadline` seconds.
+- With atomic snapshots (reflink clones) the file systems are thawed as soon as every disk is
+  snapshotted, and the post-script runs then, before the caller starts reading. A disk read
+  while frozen keeps its file systems frozen until the caller is done with it (the post-script
+  runs after that thaw); if the deadline passes first, the watchdog thaws them and the read is
+  not consistent: `ExtensionSnapshotFailed`.
+- Consistency per disk, strongest first: `application` (the pre-script succeeded and every file
+  system on the disk stayed frozen until its snapshot was complete), `file-system` (the same
+  without a successful pre-script), `crash` (some file system on the disk could not be frozen,
+  or the freeze was cut short). A disk on which no file system is mounted has nothing cached
+  to flush: its consistency is that of a frozen one. The recovery point's is the weakest.
+- A file system that cannot be frozen (EOPNOTSUPP, e.g. vfat; network file systems) is skipped
+  with a warning; one whose freeze fails or times out makes its disk crash-consistent with a
+  warning, or fails the backup with `UserErrorFsFreezeFailed` when `require_freeze` is set.
+- A failed pre-script fails the backup (`PreScriptFailed`) unless `continue_on_failure`; the
+  post-script runs whenever the pre-script ran, so what it quiesced is resumed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from agent.freeze import FreezeState, Mount, MountFreeze, mounts, mounts_on_disk
+from agent.scripts import Phase, Script, error_for, run_script
+from agent.snapshot import DEFAULT_ORDER, SnapshotProvider, choose
+from agent.thaw_watchdog import ThawWatchdog
+from shared.errors import (
+    ExtensionSnapshotFailed,
+    InvalidArgument,
+    PostScriptFailed,
+    UserErrorFsFreezeFailed,
+)
+from shared.model import Consistency
+
+log = logging.getLogger(__name__)
+
+_STRENGTH = {Consistency.APPLICATION: 2, Consistency.FILE_SYSTEM: 1, Consistency.CRASH: 0}
+
+
+def weakest(levels: Sequence[Consistency]) -> Consistency:
+    """The consistency of a set of disks: that of the weakest (crash for none)."""
+    return min(levels, key=_STRENGTH.__getitem__, default=Consistency.CRASH)
+
+
+@dataclass(frozen=True)
+class ConsistencyPolicy:
+    """How a VM's backups are made consistent (the `[consistency]` table of the agent config)."""
+
+    pre_script: Script | None = None
+    post_script: Script | None = None
+    freeze: bool = True
+    require_freeze: bool = False  # a failed freeze fails the backup instead of `crash`
+    freeze_timeout: float = 10.0  # seconds for one FIFREEZE to return
+    thaw_deadline: float = 30.0  # seconds from the first freeze to the watchdog's thaw
+    providers: tuple[str, ...] = DEFAULT_ORDER
+    disk_providers: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+
+    @staticmethod
+    def from_toml(raw: Mapping[str, Any]) -> ConsistencyPolicy:
+        where = "[consistency]"
+        try:
+            policy = ConsistencyPolicy(
+                pre_script=Script.from_toml(raw["pre_script"], f"{where} pre_script")
+                if "pre_script" in raw
+                else None,
+                post_script=Script.from_toml(raw["post_script"], f"{where} post_script")
+                if "post_script" in raw
+                else None,
+                freeze=bool(raw.get("freeze", True)),
+                require_freeze=bool(raw.get("require_freeze", False)),
+                freeze_timeout=float(raw.get("freeze_timeout", 10.0)),
+                thaw_deadline=float(raw.get("thaw_deadline", 30.0)),
+                providers=tuple(str(p) for p in raw.get("snapshot", DEFAULT_ORDER)),
+            )
+        except (TypeError, ValueError) as exc:
+            raise InvalidArgument(detail=f"{where}: {exc}") from exc
+        if policy.freeze_timeout <= 0 or policy.thaw_deadline <= policy.freeze_timeout:
+            raise InvalidArgument(detail=f"{where}: need 0 < freeze_timeout < thaw_deadline")
+        return policy
+
+    def order_for(self, disk: str) -> tuple[str, ...]:
+        return self.disk_providers.get(disk, self.providers)
+
+
+@dataclass(frozen=True)
+class MountOutcome:
+    mountpoint: Path
+    fstype: str
+    state: FreezeState
+    detail: str = ""
+
+
+@dataclass
+class DiskSnapshot:
+    name: str
+    source: Path  # the disk
+    read_path: Path  # what to read: the snapshot, or the disk itself when read while frozen
+    provider: str
+    consistency: Consistency = Consistency.CRASH
+    mounts: list[MountOutcome] = field(default_factory=list)
+    refused: dict[str, str] = field(default_factory=dict)  # providers tried first, and why not
+
+
+@dataclass
+class SnapshotSet:
+    disks: dict[str, DiskSnapshot]
+    consistency: Consistency = Consistency.CRASH
+    frozen_ms: float = 0.0  # first FIFREEZE to last thaw; final once the context is left
+    warnings: list[str] = field(default_factory=list)
+    pre_script_ok: bool | None = None  # None: no pre-script
+    post_script_ok: bool | None = None
+
+    def read_path(self, disk: str) -> Path:
+        return self.disks[disk].read_path
+
+
+class _Run:
+    """One consistent snapshot: the state between the steps, and their undoing."""
+
+    def __init__(
+        self,
+        disks: Sequence[tuple[str, Path]],
+        policy: ConsistencyPolicy,
+        env: Mapping[str, str],
+        stack: contextlib.AsyncExitStack,
+    ) -> None:
+        self.disks = disks
+        self.policy = policy
+        self.env = {**env, "COFFER_DISKS": ",".join(name for name, _ in disks)}
+        self.stack = stack
+        self.providers: dict[str, SnapshotProvider] = {}
+        self.freezes: dict[str, list[MountFreeze]] = {}  # per disk
+        self.watchdog: ThawWatchdog | None = None
+        self.freeze_started: float | None = None
+        self.last_thaw: float | None = None
+        self.post_script_done = False
+        self.result = SnapshotSet(disks={})
+
+    # -- steps ----------------------------------------------------------------------------
+
+    async def start(self) -> SnapshotSet:
+        refused: dict[str, dict[str, str]] = {}
+        for name, path in self.disks:
+            self.providers[name], refused[name] = choose(name, path, self.policy.order_for(name))
+        on_disk = self._mounts() if self.policy.freeze else {}
+        if any(on_disk.values()):
+            self.watchdog = await self.stack.enter_async_context(
+                ThawWatchdog(self.policy.thaw_deadline)
+            )
+        await self._pre_script()
+        await asyncio.to_thread(os.sync)
+        await self._freeze(on_disk)
+        for name, path in self.disks:
+            provider = self.providers[name]
+            self.stack.callback(provider.release)
+            read_path = await asyncio.to_thread(provider.take)
+            self.result.disks[name] = DiskSnapshot(
+                name, path, read_path, provider.name, refused=refused[name]
+            )
+        held = [name for name, p in self.providers.items() if not p.atomic]
+        expired = self._expired()  # before the early thaw: did the freeze hold through takes?
+        await self._thaw([name for name in self.providers if name not in held])
+        for name, _ in self.disks:
+            # A disk still frozen is rated as if the freeze holds; `finish` rates it again.
+            self._rate(name, expired)
+        if not held:
+            await self._post_script()
+        self._summarise()
+        return self.result
+
+    async def finish(self, body_failed: bool) -> None:
+        """After the caller has read: thaw what is still frozen, rate those disks."""
+        held = [name for name, p in self.providers.items() if not p.atomic]
+        if not held:
+            return
+        expired = self._expired()
+        await self._thaw(held)
+        for name in held:
+            if name in self.result.disks:
+                self._rate(name, expired)
+        self._summarise()
+        if expired and not body_failed and any(self.freezes.get(name) for name in held):
+            disk = next(name for name in held if self.freezes.get(name))
+            raise ExtensionSnapshotFailed(
+                disk=disk,
+                provider="read-while-frozen",
+                cause=f"reading the disk took longer than the thaw deadline of "
+                f"{self.policy.thaw_deadline:g} s, so the watchdog thawed its file systems "
+                f"while it was read; what was read is not consistent",
+                fix="Put the disk image on XFS (made with reflink=1) or btrfs so that it can "
+                "be cloned instantly, or raise `thaw_deadline`.",
+            )
+        if body_failed:
+            # The caller's failure is the one to report; the post-script's is a log line.
+            try:
+                await self._post_script()
+            except PostScriptFailed as exc:
+                log.warning("%s", exc)
+        else:
+            await self._post_script()
+
+    # -- helpers --------------------------------------------------------------------------
+
+    def _mounts(self) -> dict[str, list[Mount]]:
+        table = mounts()
+        found: dict[str, list[Mount]] = {}
+        seen: set[Path] = set()
+        for name, path in self.disks:
+            found[name] = [m for m in mounts_on_disk(path, table) if m.mountpoint not in seen]
+            seen.update(m.mountpoint for m in found[name])
+        return found
+
+    async def _pre_script(self) -> None:
+        script = self.policy.pre_script
+        if script is None:
+            return
+        # From here on the post-script runs whatever happens: it resumes what was quiesced.
+        self.stack.push_async_callback(self._post_script)
+        result = await run_script(script, Phase.PRE, self.env)
+        self.result.pre_script_ok = result.ok
+        if not result.ok:
+            error = error_for(script, Phase.PRE, result)
+            if not script.continue_on_failure:
+                raise error
+            self.result.warnings.append(f"{error.code}: {error} (the backup went on)")
+
+    async def _post_script(self) -> None:
+        script = self.policy.post_script
+        if script is None or self.post_script_done:
+            return
+        self.post_script_done = True
+        result = await run_script(script, Phase.POST, self.env)
+        self.result.post_script_ok = result.ok
+        if not result.ok:
+            error = error_for(script, Phase.POST, result)
+            if not script.continue_on_failure:
+                raise error
+            self.result.warnings.append(f"{error.code}: {error} (the backup went on)")
+
+    async def _freeze(self, on_disk: Mapping[str, list[Mount]]) -> None:
+        # Open and arm every file system first, so the frozen window holds only the freezes.
+        for name, found in on_disk.items():
+            self.freezes[name] = []
+            for mount in found:
+                freeze = MountFreeze(mount)
+                self.stack.callback(freeze.close)
+                self.freezes[name].append(freeze)
+                if freeze.state is FreezeState.OPEN:
+                    assert self.watchdog is not None
+                    await self.watchdog.arm(mount.mountpoint)
+        for name, freezes in self.freezes.items():
+            # The thaw of the whole set is pushed once: it runs before each freeze.close.
+            for freeze in freezes:
+                if freeze.state is not FreezeState.OPEN:
+                    continue
+                if self.freeze_started is None:
+                    self.freeze_started = time.monotonic()
+                    self.stack.push_async_callback(self._thaw_all)
+                state = await asyncio.to_thread(freeze.freeze, self.policy.freeze_timeout)
+                if state is FreezeState.FROZEN:
+                    continue
+                mount = freeze.mount
+                if state is not FreezeState.SKIPPED and self.policy.require_freeze:
+                    raise UserErrorFsFreezeFailed(
+                        mountpoint=str(mount.mountpoint),
+                        fstype=mount.fstype,
+                        disk=name,
+                        cause=freeze.detail,
+                    )
+        for name, freezes in self.freezes.items():
+            for freeze in freezes:
+                if freeze.state is not FreezeState.FROZEN:
+                    mount = freeze.mount
+                    self.result.warnings.append(
+                        f"disk {name!r}: the file system at {mount.mountpoint} ({mount.fstype}) "
+                        f"was not frozen ({freeze.state}: {freeze.detail}); the disk is only "
+                        "crash-consistent"
+                    )
+
+    async def _thaw(self, disks: Sequence[str]) -> None:
+        """Thaw the disks' file systems, innermost first, and disarm the watchdog for them."""
+        for name in disks:
+            for freeze in reversed(self.freezes.get(name, [])):
+                if freeze.state is FreezeState.FROZEN:
+                    await asyncio.to_thread(freeze.thaw)
+                    self.last_thaw = time.monotonic()
+                    if self.watchdog is not None:
+                        await self.watchdog.disarm(freeze.mount.mountpoint)
+
+    async def _thaw_all(self) -> None:
+        await self._thaw(list(self.freezes))
+
+    def _expired(self) -> bool:
+        return self.watchdog is not None and self.watchdog.expired
+
+    def _rate(self, name: str, expired: bool) -> None:
+        disk = self.result.disks[name]
+        freezes = self.freezes.get(name, [])
+        disk.mounts = [
+            MountOutcome(f.mount.mountpoint, f.mount.fstype, f.state, f.detail) for f in freezes
+        ]
+        unfrozen = any(f.state not in (FreezeState.FROZEN, FreezeState.THAWED) for f in freezes)
+        if not self.policy.freeze or unfrozen:
+            disk.consistency = Consistency.CRASH
+        elif expired and freezes:
+            disk.consistency = Consistency.CRASH
+            self.result.warnings.append(
+                f"disk {name!r}: the thaw deadline of {self.policy.thaw_deadline:g} s passed "
+                "before the snapshot was complete; the disk is only crash-consistent"
+            )
+        elif self.result.pre_script_ok:
+            disk.consistency = Consistency.APPLICATION
+        else:
+            disk.consistency = Consistency.FILE_SYSTEM
+
+    def _summarise(self) -> None:
+        self.result.consistency = weakest([d.consistency for d in self.result.disks.values()])
+        if self.freeze_started is not None:
+            end = self.last_thaw or time.monotonic()
+            if self.watchdog is not None and self.watchdog.expired_at is not None:
+                end = min(end, self.watchdog.expired_at)
+            self.result.frozen_ms = (end - self.freeze_started) * 1000
+
+
+@contextlib.asynccontextmanager
+async def consistent_snapshot(
+    disks: Sequence[tuple[str, Path]],
+    policy: ConsistencyPolicy,
+    env: Mapping[str, str] | None = None,
+) -> AsyncIterator[SnapshotSet]:
+    """Snapshot `disks` ((name, path) pairs) as consistently as `policy` allows; yields the
+    paths to read. `env` goes to the scripts (e.g. COFFER_JOB_ID)."""
+    async with contextlib.AsyncExitStack() as stack:
+        run = _Run(disks, policy, env or {}, stack)
+        snapshots = await run.start()
+        body_failed = True
+        try:
+            yield snapshots
+            body_failed = False
+        finally:
+            await run.finish(body_failed)

@@ -1,0 +1,334 @@
+"""Freezing file systems: which mounted file systems live on a disk, FIFREEZE and FITHAW.
+
+A disk is an image file or a block device. The file systems that live on it are found the way
+the kernel knows them, not by name:
+
+- an image file is attached to loop devices: each bound `/sys/block/loopN` names its backing
+  file, compared with the image by device and inode (a path can differ between mount
+  namespaces, an inode cannot);
+- a block device is its own device number; for both, the partitions of the device
+  (`/sys/dev/block/M:m/*/partition`) and what is stacked on them (`holders/`, e.g. a
+  device-mapper volume) are part of the disk too;
+- a mount lives on the disk when its device number (`/proc/self/mountinfo` field 3) is one of
+  those, or, for file systems with anonymous device numbers such as btrfs, when its source
+  is one of the disk's device nodes.
+
+FIFREEZE blocks new writes, writes back everything cached and makes the file system
+consistent on the device; FITHAW lets writers go again. A freeze can take long (it writes back
+everything cached): it runs in its own thread and the caller waits at most a timeout. A freeze
+that does not return in time is abandoned: when it returns after all, its own thread thaws
+the file system at once, and the thaw watchdog (`agent.thaw_watchdog`) is there should this
+process die first. FITHAW on a file system that is not frozen fails with EINVAL, which means
+"already thawed" here: a thaw is idempotent. FIFREEZE on a file system already frozen by
+someone else fails with EBUSY: that freeze is not ours, so it is never thawed by us.
+"""
+
+from __future__ import annotations
+
+import enum
+import errno
+import fcntl
+import os
+import stat
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+FIFREEZE = 0xC0045877  # _IOWR('X', 119, int)
+FITHAW = 0xC0045878  # _IOWR('X', 120, int)
+
+# File systems that live on no local device and cannot be frozen from here.
+NETWORK_FS = frozenset(
+    {"nfs", "nfs4", "cifs", "smb3", "smbfs", "ceph", "glusterfs", "9p", "afs", "lustre", "gfs2"}
+)
+
+Device = tuple[int, int]  # major, minor
+
+
+@dataclass(frozen=True)
+class Mount:
+    """One line of /proc/self/mountinfo."""
+
+    mount_id: int
+    device: Device
+    root: str  # the directory of the file system mounted here ("/" unless a bind mount)
+    mountpoint: Path
+    fstype: str
+    source: str
+
+    @property
+    def network(self) -> bool:
+        return self.fstype in NETWORK_FS or self.fstype.startswith("fuse.sshfs")
+
+
+def _unescape(field: str) -> str:
+    """mountinfo escapes space, tab, newline and backslash as octal (\\040...)."""
+    if "\\" not in field:
+        return field
+    out, i = [], 0
+    while i < len(field):
+        if field[i] == "\\" and field[i + 1 : i + 4].isdigit():
+            out.append(chr(int(field[i + 1 : i + 4], 8)))
+            i += 4
+        else:
+            out.append(field[i])
+            i += 1
+    return "".join(out)
+
+
+def parse_mountinfo(text: str) -> list[Mount]:
+    mounts = []
+    for line in text.splitlines():
+        fields = line.split()
+        if len(fields) < 10:
+            continue
+        sep = fields.index("-", 6)
+        major, minor = fields[2].split(":")
+        mounts.append(
+            Mount(
+                mount_id=int(fields[0]),
+                device=(int(major), int(minor)),
+                root=_unescape(fields[3]),
+                mountpoint=Path(_unescape(fields[4])),
+                fstype=fields[sep + 1],
+                source=_unescape(fields[sep + 2]),
+            )
+        )
+    return mounts
+
+
+def mounts(mountinfo: Path = Path("/proc/self/mountinfo")) -> list[Mount]:
+    """The mounts of this process's mount namespace."""
+    return parse_mountinfo(mountinfo.read_text())
+
+
+# -- the devices of a disk ------------------------------------------------------------------
+
+
+def _sys_device(device: Device) -> Path:
+    return Path(f"/sys/dev/block/{device[0]}:{device[1]}")
+
+
+def _read_device(dev_file: Path) -> Device:
+    major, minor = dev_file.read_text().strip().split(":")
+    return int(major), int(minor)
+
+
+def _with_partitions_and_holders(device: Device) -> set[Device]:
+    """The device, its partitions, and what is stacked on any of them, transitively."""
+    found: set[Device] = set()
+    todo = [device]
+    while todo:
+        current = todo.pop()
+        if current in found:
+            continue
+        found.add(current)
+        sysdir = _sys_device(current)
+        try:
+            for child in sysdir.iterdir():
+                if (child / "partition").exists() and (child / "dev").exists():
+                    todo.append(_read_device(child / "dev"))
+            holders = sysdir / "holders"
+            if holders.is_dir():
+                for holder in holders.iterdir():
+                    todo.append(_read_device(holder / "dev"))
+        except OSError:
+            continue  # a device that went away meanwhile
+    return found
+
+
+def loop_devices_of(image: Path) -> list[Device]:
+    """The loop devices backed by the image file `image`."""
+    info = os.stat(image)
+    found = []
+    for sysdir in sorted(Path("/sys/block").glob("loop*")):
+        backing = sysdir / "loop" / "backing_file"
+        try:
+            name = backing.read_text().rstrip("\n")
+        except OSError:
+            continue  # an unbound loop device
+        name = name.removesuffix(" (deleted)")
+        try:
+            other = os.stat(name)
+        except OSError:
+            continue  # not visible from here, or gone
+        if (other.st_dev, other.st_ino) == (info.st_dev, info.st_ino):
+            found.append(_read_device(sysdir / "dev"))
+    return found
+
+
+def disk_devices(disk: Path) -> set[Device]:
+    """Every block device whose contents are (part of) the disk: the image's loop devices or
+    the device itself, their partitions, and what is stacked on them."""
+    info = os.stat(disk)
+    if stat.S_ISBLK(info.st_mode):
+        roots = [(os.major(info.st_rdev), os.minor(info.st_rdev))]
+    elif stat.S_ISREG(info.st_mode):
+        roots = loop_devices_of(disk)
+    else:
+        return set()
+    found: set[Device] = set()
+    for root in roots:
+        found |= _with_partitions_and_holders(root)
+    return found
+
+
+def _source_device(source: str) -> Device | None:
+    if not source.startswith("/dev/"):
+        return None
+    try:
+        info = os.stat(source)
+    except OSError:
+        return None
+    if not stat.S_ISBLK(info.st_mode):
+        return None
+    return os.major(info.st_rdev), os.minor(info.st_rdev)
+
+
+def mounts_on_disk(disk: Path, within: list[Mount] | None = None) -> list[Mount]:
+    """The mounted file systems that live on `disk`, one mount per file system (the one closest
+    to the root of the namespace), parents before the file systems mounted below them."""
+    devices = disk_devices(disk)
+    if not devices:
+        return []
+    chosen: dict[Device, Mount] = {}
+    for mount in within if within is not None else mounts():
+        device = mount.device
+        if device not in devices:
+            # btrfs and a few others report an anonymous device number: go by the source.
+            source = _source_device(mount.source)
+            if source is None or source not in devices:
+                continue
+            device = source
+        best = chosen.get(device)
+        if best is None or len(mount.mountpoint.parts) < len(best.mountpoint.parts):
+            chosen[device] = mount
+    return sorted(chosen.values(), key=lambda m: (len(m.mountpoint.parts), str(m.mountpoint)))
+
+
+# -- freeze and thaw ------------------------------------------------------------------------
+
+
+def open_mount(mountpoint: Path) -> int:
+    """A descriptor on the file system at `mountpoint`, for FIFREEZE and FITHAW."""
+    return os.open(mountpoint, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+
+
+def freeze_fd(fd: int) -> None:
+    """FIFREEZE; OSError as the kernel says (EOPNOTSUPP: cannot freeze, EBUSY: frozen already)."""
+    fcntl.ioctl(fd, FIFREEZE, 0)
+
+
+def thaw_fd(fd: int) -> bool:
+    """FITHAW; True if it thawed, False if the file system was not frozen (EINVAL)."""
+    try:
+        fcntl.ioctl(fd, FITHAW, 0)
+    except OSError as exc:
+        if exc.errno == errno.EINVAL:
+            return False
+        raise
+    return True
+
+
+class FreezeState(enum.StrEnum):
+    OPEN = "open"  # not frozen yet
+    FROZEN = "frozen"
+    THAWED = "thawed"
+    SKIPPED = "skipped"  # this kind of file system cannot be frozen
+    FAILED = "failed"  # the freeze failed
+    ABANDONED = "abandoned"  # the freeze did not return in time
+
+
+class MountFreeze:
+    """One file system's freeze: freeze with a timeout, thaw idempotently; blocking calls.
+
+    The descriptor is opened at construction (before anything is frozen) and closed by
+    `close()`, or by the freezing thread of an abandoned freeze once it is done with it.
+    """
+
+    def __init__(self, mount: Mount) -> None:
+        self.mount = mount
+        self.state = FreezeState.OPEN
+        self.detail = ""  # why it was skipped, failed or abandoned
+        self.frozen_at: float | None = None  # time.monotonic() when FIFREEZE returned
+        self._lock = threading.Lock()
+        self._fd: int | None = None
+        if mount.network:
+            self.state = FreezeState.SKIPPED
+            self.detail = f"{mount.fstype} is a network file system: it cannot be frozen here"
+            return
+        self._fd = open_mount(mount.mountpoint)
+
+    def freeze(self, timeout: float) -> FreezeState:
+        """Freeze, waiting at most `timeout` seconds; the state reached."""
+        if self.state is not FreezeState.OPEN:
+            return self.state
+        done = threading.Event()
+        fd = self._fd
+        assert fd is not None
+
+        def work() -> None:
+            try:
+                freeze_fd(fd)
+            except OSError as exc:
+                with self._lock:
+                    if self.state is FreezeState.ABANDONED:
+                        os.close(fd)  # the descriptor is this thread's now
+                        return
+                    if exc.errno in (errno.EOPNOTSUPP, errno.ENOTTY):
+                        self.state = FreezeState.SKIPPED
+                        self.detail = f"{self.mount.fstype} does not support freezing"
+                    elif exc.errno == errno.EBUSY:
+                        self.state = FreezeState.FAILED
+                        self.detail = "it is frozen already, by someone else"
+                    else:
+                        self.state = FreezeState.FAILED
+                        self.detail = f"FIFREEZE: {exc.strerror}"
+                done.set()
+                return
+            with self._lock:
+                if self.state is FreezeState.ABANDONED:
+                    # Too late: the caller has given up on this freeze. Undo it now.
+                    try:
+                        thaw_fd(fd)
+                    finally:
+                        os.close(fd)
+                    return
+                self.state = FreezeState.FROZEN
+                self.frozen_at = time.monotonic()
+            done.set()
+
+        thread = threading.Thread(target=work, name=f"freeze {self.mount.mountpoint}", daemon=True)
+        thread.start()
+        if not done.wait(timeout):
+            with self._lock:
+                if self.state is FreezeState.OPEN:
+                    self.state = FreezeState.ABANDONED
+                    self.detail = f"FIFREEZE did not return within {timeout:g} s"
+                    # The thread owns the descriptor now and closes it when the ioctl returns.
+                    self._fd = None
+                    return self.state
+        return self.state
+
+    def thaw(self) -> bool:
+        """Thaw if frozen by us; True if this call thawed it (False: it was not frozen)."""
+        with self._lock:
+            if self.state is not FreezeState.FROZEN or self._fd is None:
+                return False
+            thawed = thaw_fd(self._fd)
+            self.state = FreezeState.THAWED
+            return thawed
+
+    def close(self) -> None:
+        """Thaw if frozen, and close the descriptor."""
+        try:
+            self.thaw()
+        finally:
+            with self._lock:
+                self._close_fd()
+
+    def _close_fd(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None

@@ -1,0 +1,1 @@
+"""How Coffer is installed and run: install scripts, broker config, and the lab of VMs."""
