@@ -1,6 +1,8 @@
 """The backup pipeline: a disk's chunks read, hashed, deduplicated and uploaded.
 
-Per disk, in bounded stages (so memory does not grow with the disk):
+First the disks are snapshotted consistently (`agent.consistency`: pre-script, sync, freeze,
+snapshot, thaw, post-script); the chunks are read from the snapshots, which are released at
+the end. Per disk, in bounded stages (so memory does not grow with the disk):
 
 1. read, hash, compress: each chunk that holds data is read, hashed and, unless it is all zero
    or the same as the previous recovery point's chunk at that position, compressed, in one
@@ -27,12 +29,14 @@ from typing import cast
 import grpc
 
 from agent.config import DiskConfig
+from agent.consistency import SnapshotSet, consistent_snapshot
 from agent.disk import DiskReader
 from agent.progress import Progress
 from agent.runtime import Runtime
 from shared.blob import Compression, compress
 from shared.digest import DIGEST_SIZE, ZERO_DIGEST
 from shared.errors import DiskNotFound, DiskReadFailed, NotFound
+from shared.model import Consistency
 from shared.rpc import agent_pb2
 from shared.rpc_errors import from_rpc_error
 
@@ -57,6 +61,8 @@ class DiskResult:
     bytes_sent: int = 0
     chunk_count: int = 0
     zero_chunks: int = 0
+    consistency: str = Consistency.CRASH
+    provider: str = ""
 
     def to_proto(self) -> agent_pb2.DiskBackupResult:
         return agent_pb2.DiskBackupResult(
@@ -66,6 +72,8 @@ class DiskResult:
             bytes_sent=self.bytes_sent,
             chunk_count=self.chunk_count,
             zero_chunks=self.zero_chunks,
+            consistency=self.consistency,
+            snapshot_provider=self.provider,
         )
 
 
@@ -78,6 +86,7 @@ class BackupRun:
         self._status = runtime.status
         self._in_pool = runtime.in_pool
         self._command = command
+        self.snapshots: SnapshotSet | None = None
 
     def disks(self) -> list[DiskConfig]:
         names = list(self._command.disks) or [d.name for d in self._config.disks]
@@ -91,24 +100,39 @@ class BackupRun:
         return chosen
 
     async def run(self) -> list[DiskResult]:
+        """Snapshot the disks consistently (`agent.consistency`), then stream the snapshots."""
         disks = self.disks()
-        with contextlib.ExitStack() as opened:
-            readers = []
-            for disk in disks:
-                try:
-                    readers.append(
-                        opened.enter_context(DiskReader(disk.path, self._command.chunk_size))
-                    )
-                except OSError as exc:
-                    raise DiskReadFailed(
-                        disk=disk.name, path=disk.path, detail=exc.strerror
-                    ) from exc
-            total = sum(reader.size for reader in readers)
-            progress = Progress(self._status, self._command.job_id, total)
-            return [
-                await self._disk(disk, reader, progress)
-                for disk, reader in zip(disks, readers, strict=True)
-            ]
+        for disk in disks:
+            if not disk.path.exists():
+                raise DiskReadFailed(disk=disk.name, path=disk.path, detail="it does not exist")
+        env = {"COFFER_JOB_ID": self._command.job_id, "COFFER_VM_ID": self._config.vm_id}
+        async with consistent_snapshot(
+            [(disk.name, disk.path) for disk in disks], self._config.consistency, env
+        ) as snapshots:
+            self.snapshots = snapshots
+            with contextlib.ExitStack() as opened:
+                readers = []
+                for disk in disks:
+                    path = snapshots.read_path(disk.name)
+                    try:
+                        readers.append(
+                            opened.enter_context(DiskReader(path, self._command.chunk_size))
+                        )
+                    except OSError as exc:
+                        raise DiskReadFailed(
+                            disk=disk.name, path=path, detail=exc.strerror
+                        ) from exc
+                total = sum(reader.size for reader in readers)
+                progress = Progress(self._status, self._command.job_id, total)
+                results = [
+                    await self._disk(disk, reader, progress)
+                    for disk, reader in zip(disks, readers, strict=True)
+                ]
+        # Leaving the snapshot thawed what a read-while-frozen disk held: the figures are final.
+        for result in results:
+            taken = snapshots.disks[result.disk]
+            result.consistency, result.provider = taken.consistency, taken.provider
+        return results
 
     async def _previous(self, disk: str) -> bytes | None:
         previous = self._command.previous_recovery_point_id

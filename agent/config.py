@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from agent.consistency import ConsistencyPolicy
 from shared.errors import InvalidArgument
 from shared.index import check_disk_name
 from shared.tls import TlsFiles, validate_vm_id
@@ -30,6 +32,8 @@ class AgentConfig:
     restore_dirs: tuple[Path, ...] = ()
     # TLS name the controller's certificate must carry, when it differs from the address.
     controller_name: str | None = None
+    # How backups are made consistent: scripts, freeze, snapshot providers ([consistency]).
+    consistency: ConsistencyPolicy = field(default_factory=ConsistencyPolicy)
 
     @property
     def tls(self) -> TlsFiles:
@@ -55,6 +59,15 @@ class AgentConfig:
                 DiskConfig(check_disk_name(str(d["name"])), base / str(d["path"]))
                 for d in raw.get("disks", [])
             )
+            consistency = ConsistencyPolicy.from_toml(raw.get("consistency", {}))
+            # A disk may name its own snapshot providers, e.g. snapshot = ["read-while-frozen"].
+            chosen = {
+                str(d["name"]): tuple(str(p) for p in d["snapshot"])
+                for d in raw.get("disks", [])
+                if "snapshot" in d
+            }
+            if chosen:
+                consistency = dataclasses.replace(consistency, disk_providers=chosen)
             config = AgentConfig(
                 vm_id=vm_id,
                 name=str(raw.get("name", vm_id)),
@@ -66,6 +79,7 @@ class AgentConfig:
                 disks=disks,
                 restore_dirs=tuple(base / str(p) for p in raw.get("restore_dirs", [])),
                 controller_name=raw.get("controller_name"),
+                consistency=consistency,
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise InvalidArgument(detail=f"agent config {path}: bad or missing {exc}") from exc

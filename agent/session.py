@@ -181,10 +181,19 @@ class Agent:
             if kind == "backup":
                 result.job_id = message.backup.job_id
                 log.info("backup %s started", result.job_id)
-                disks = await BackupRun(runtime, message.backup).run()
+                backup = BackupRun(runtime, message.backup)
+                disks = await backup.run()
                 result.disks.extend(d.to_proto() for d in disks)
-                # No freeze yet: what is read is what a power cut would leave.
-                result.consistency = "crash"
+                assert backup.snapshots is not None
+                result.consistency = backup.snapshots.consistency
+                result.frozen_ms = backup.snapshots.frozen_ms
+                result.warnings.extend(backup.snapshots.warnings)
+                log.info(
+                    "backup %s: %s consistent, file systems frozen %.0f ms",
+                    result.job_id,
+                    result.consistency,
+                    result.frozen_ms,
+                )
             elif kind == "restore":
                 result.job_id = message.restore.job_id
                 log.info("restore %s started", result.job_id)

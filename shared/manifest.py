@@ -50,9 +50,20 @@ class ManifestDisk:
     chunk_size: int
     chunk_count: int
     index_sha256: str
+    consistency: str = ""
+    """The consistency this disk reached (empty in manifests written before it was recorded)."""
+    snapshot: str = ""
+    """The snapshot provider it was read from (reflink, read-while-frozen, ...)."""
 
     def __post_init__(self) -> None:
         check_disk_name(self.name)
+        if self.consistency and self.consistency not in CONSISTENCY_LEVELS:
+            raise InvalidArgument(
+                detail=f"disk {self.name!r}: consistency {self.consistency!r} is not one of "
+                + ", ".join(CONSISTENCY_LEVELS)
+            )
+        if not isinstance(self.snapshot, str):
+            raise InvalidArgument(detail=f"disk {self.name!r}: snapshot must be a string")
         if self.size_bytes < 0 or self.chunk_size <= 0:
             raise InvalidArgument(
                 detail=f"disk {self.name!r}: size {self.size_bytes} / chunk size "
@@ -138,16 +149,7 @@ class RecoveryPointManifest:
             "job_id": self.job_id,
             "created_at": self.created_at.astimezone(UTC).isoformat(),
             "consistency": self.consistency,
-            "disks": [
-                {
-                    "name": d.name,
-                    "size_bytes": d.size_bytes,
-                    "chunk_size": d.chunk_size,
-                    "chunk_count": d.chunk_count,
-                    "index_sha256": d.index_sha256,
-                }
-                for d in self.disks
-            ],
+            "disks": [_encode_disk(d) for d in self.disks],
             "vm": dict(self.vm),
         }
         return (json.dumps(document, sort_keys=True, indent=2) + "\n").encode("utf-8")
@@ -185,6 +187,8 @@ class RecoveryPointManifest:
                     chunk_size=_field(entry, "chunk_size", int),
                     chunk_count=_field(entry, "chunk_count", int),
                     index_sha256=_field(entry, "index_sha256", str),
+                    consistency=_optional(entry, "consistency", str, ""),
+                    snapshot=_optional(entry, "snapshot", str, ""),
                 )
             )
         return _build(
@@ -198,6 +202,27 @@ class RecoveryPointManifest:
             disks=tuple(disks),
             vm=_field(document, "vm", dict),
         )
+
+
+def _encode_disk(disk: ManifestDisk) -> dict[str, Any]:
+    entry: dict[str, Any] = {
+        "name": disk.name,
+        "size_bytes": disk.size_bytes,
+        "chunk_size": disk.chunk_size,
+        "chunk_count": disk.chunk_count,
+        "index_sha256": disk.index_sha256,
+    }
+    # Optional keys (added without a format change): present only when known.
+    if disk.consistency:
+        entry["consistency"] = disk.consistency
+    if disk.snapshot:
+        entry["snapshot"] = disk.snapshot
+    return entry
+
+
+def _optional(document: dict[str, Any], key: str, kind: type[Any], default: Any) -> Any:
+    """`document[key]` if present (of JSON type `kind`), else `default`."""
+    return _field(document, key, kind) if key in document else default
 
 
 def _field(document: dict[str, Any], key: str, kind: type[Any]) -> Any:

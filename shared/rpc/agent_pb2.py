@@ -26,15 +26,15 @@ _sym_db = _symbol_database.Default()
 from shared.rpc import common_pb2 as coffer_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15\x63offer/v1/agent.proto\x12\tcoffer.v1\x1a\x16\x63offer/v1/common.proto\":\n\x08\x44iskInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x12\n\nsize_bytes\x18\x03 \x01(\x04\"\x92\x01\n\x05Hello\x12\r\n\x05vm_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0f\n\x07service\x18\x03 \x01(\t\x12\x0e\n\x06region\x18\x04 \x01(\t\x12\x10\n\x08hostname\x18\x05 \x01(\t\x12\x15\n\ragent_version\x18\x06 \x01(\t\x12\"\n\x05\x64isks\x18\x07 \x03(\x0b\x32\x13.coffer.v1.DiskInfo\"\x1d\n\tHeartbeat\x12\x10\n\x08sequence\x18\x01 \x01(\x04\"\x90\x01\n\x0c\x41gentMessage\x12!\n\x05hello\x18\x01 \x01(\x0b\x32\x10.coffer.v1.HelloH\x00\x12)\n\theartbeat\x18\x02 \x01(\x0b\x32\x14.coffer.v1.HeartbeatH\x00\x12*\n\x06result\x18\x03 \x01(\x0b\x32\x18.coffer.v1.CommandResultH\x00\x42\x06\n\x04kind\"r\n\x0fSessionAccepted\x12\x1a\n\x12\x63ontroller_version\x18\x01 \x01(\t\x12\x1d\n\x15heartbeat_interval_ms\x18\x02 \x01(\r\x12\x11\n\tmqtt_host\x18\x03 \x01(\t\x12\x11\n\tmqtt_port\x18\x04 \x01(\r\"f\n\rBackupCommand\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x12\n\nchunk_size\x18\x02 \x01(\r\x12\r\n\x05\x64isks\x18\x03 \x03(\t\x12\"\n\x1aprevious_recovery_point_id\x18\x04 \x01(\t\"\x86\x01\n\x0eRestoreCommand\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x19\n\x11recovery_point_id\x18\x02 \x01(\t\x12\x0c\n\x04\x64isk\x18\x03 \x01(\t\x12\x13\n\x0btarget_path\x18\x04 \x01(\t\x12\x12\n\nsize_bytes\x18\x05 \x01(\x04\x12\x12\n\nchunk_size\x18\x06 \x01(\r\"\x1f\n\rCancelCommand\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"\xe5\x01\n\x11\x43ontrollerMessage\x12\x12\n\ncommand_id\x18\x01 \x01(\t\x12.\n\x08\x61\x63\x63\x65pted\x18\x02 \x01(\x0b\x32\x1a.coffer.v1.SessionAcceptedH\x00\x12*\n\x06\x62\x61\x63kup\x18\x03 \x01(\x0b\x32\x18.coffer.v1.BackupCommandH\x00\x12,\n\x07restore\x18\x04 \x01(\x0b\x32\x19.coffer.v1.RestoreCommandH\x00\x12*\n\x06\x63\x61ncel\x18\x05 \x01(\x0b\x32\x18.coffer.v1.CancelCommandH\x00\x42\x06\n\x04kind\"\x86\x01\n\x10\x44iskBackupResult\x12\x0c\n\x04\x64isk\x18\x01 \x01(\t\x12\x12\n\nsize_bytes\x18\x02 \x01(\x04\x12\x12\n\nbytes_read\x18\x03 \x01(\x04\x12\x12\n\nbytes_sent\x18\x04 \x01(\x04\x12\x13\n\x0b\x63hunk_count\x18\x05 \x01(\r\x12\x13\n\x0bzero_chunks\x18\x06 \x01(\r\"\xca\x01\n\rCommandResult\x12\x12\n\ncommand_id\x18\x01 \x01(\t\x12\x0e\n\x06job_id\x18\x02 \x01(\t\x12\n\n\x02ok\x18\x03 \x01(\x08\x12\x1f\n\x05\x65rror\x18\x04 \x01(\x0b\x32\x10.coffer.v1.Error\x12*\n\x05\x64isks\x18\x05 \x03(\x0b\x32\x1b.coffer.v1.DiskBackupResult\x12\x15\n\rbytes_written\x18\x06 \x01(\x04\x12\x13\n\x0b\x63onsistency\x18\x07 \x01(\t\x12\x10\n\x08warnings\x18\x08 \x03(\t\"L\n\x11\x46\x65tchIndexRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x19\n\x11recovery_point_id\x18\x02 \x01(\t\x12\x0c\n\x04\x64isk\x18\x03 \x01(\t\"b\n\tIndexPart\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0c\n\x04\x64isk\x18\x02 \x01(\t\x12\x12\n\nsize_bytes\x18\x03 \x01(\x04\x12\x12\n\nchunk_size\x18\x04 \x01(\r\x12\x0f\n\x07\x64igests\x18\x05 \x01(\x0c\"7\n\x14MissingChunksRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07\x64igests\x18\x02 \x03(\x0c\"%\n\x12MissingChunksReply\x12\x0f\n\x07missing\x18\x01 \x03(\x0c\"d\n\x05\x43hunk\x12\x0e\n\x06\x64igest\x18\x01 \x01(\x0c\x12+\n\x0b\x63ompression\x18\x02 \x01(\x0e\x32\x16.coffer.v1.Compression\x12\x10\n\x08raw_size\x18\x03 \x01(\r\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\"?\n\x0b\x43hunkUpload\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12 \n\x06\x63hunks\x18\x02 \x03(\x0b\x32\x10.coffer.v1.Chunk\"U\n\rUploadSummary\x12\x17\n\x0f\x63hunks_received\x18\x01 \x01(\r\x12\x15\n\rchunks_stored\x18\x02 \x01(\r\x12\x14\n\x0c\x62ytes_stored\x18\x03 \x01(\x04\"$\n\rPutIndexReply\x12\x13\n\x0b\x63hunk_count\x18\x01 \x01(\r\"2\n\x0f\x44ownloadRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07\x64igests\x18\x02 \x03(\x0c\".\n\nChunkBatch\x12 \n\x06\x63hunks\x18\x01 \x03(\x0b\x32\x10.coffer.v1.Chunk*V\n\x0b\x43ompression\x12\x1b\n\x17\x43OMPRESSION_UNSPECIFIED\x10\x00\x12\x14\n\x10\x43OMPRESSION_NONE\x10\x01\x12\x14\n\x10\x43OMPRESSION_ZSTD\x10\x02\x32\xb2\x03\n\x0c\x41gentService\x12\x44\n\x07Session\x12\x17.coffer.v1.AgentMessage\x1a\x1c.coffer.v1.ControllerMessage(\x01\x30\x01\x12\x42\n\nFetchIndex\x12\x1c.coffer.v1.FetchIndexRequest\x1a\x14.coffer.v1.IndexPart0\x01\x12O\n\rMissingChunks\x12\x1f.coffer.v1.MissingChunksRequest\x1a\x1d.coffer.v1.MissingChunksReply\x12\x42\n\x0cUploadChunks\x12\x16.coffer.v1.ChunkUpload\x1a\x18.coffer.v1.UploadSummary(\x01\x12<\n\x08PutIndex\x12\x14.coffer.v1.IndexPart\x1a\x18.coffer.v1.PutIndexReply(\x01\x12\x45\n\x0e\x44ownloadChunks\x12\x1a.coffer.v1.DownloadRequest\x1a\x15.coffer.v1.ChunkBatch0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15\x63offer/v1/agent.proto\x12\tcoffer.v1\x1a\x16\x63offer/v1/common.proto\":\n\x08\x44iskInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x12\n\nsize_bytes\x18\x03 \x01(\x04\"\x92\x01\n\x05Hello\x12\r\n\x05vm_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0f\n\x07service\x18\x03 \x01(\t\x12\x0e\n\x06region\x18\x04 \x01(\t\x12\x10\n\x08hostname\x18\x05 \x01(\t\x12\x15\n\ragent_version\x18\x06 \x01(\t\x12\"\n\x05\x64isks\x18\x07 \x03(\x0b\x32\x13.coffer.v1.DiskInfo\"\x1d\n\tHeartbeat\x12\x10\n\x08sequence\x18\x01 \x01(\x04\"\x90\x01\n\x0c\x41gentMessage\x12!\n\x05hello\x18\x01 \x01(\x0b\x32\x10.coffer.v1.HelloH\x00\x12)\n\theartbeat\x18\x02 \x01(\x0b\x32\x14.coffer.v1.HeartbeatH\x00\x12*\n\x06result\x18\x03 \x01(\x0b\x32\x18.coffer.v1.CommandResultH\x00\x42\x06\n\x04kind\"r\n\x0fSessionAccepted\x12\x1a\n\x12\x63ontroller_version\x18\x01 \x01(\t\x12\x1d\n\x15heartbeat_interval_ms\x18\x02 \x01(\r\x12\x11\n\tmqtt_host\x18\x03 \x01(\t\x12\x11\n\tmqtt_port\x18\x04 \x01(\r\"f\n\rBackupCommand\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x12\n\nchunk_size\x18\x02 \x01(\r\x12\r\n\x05\x64isks\x18\x03 \x03(\t\x12\"\n\x1aprevious_recovery_point_id\x18\x04 \x01(\t\"\x86\x01\n\x0eRestoreCommand\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x19\n\x11recovery_point_id\x18\x02 \x01(\t\x12\x0c\n\x04\x64isk\x18\x03 \x01(\t\x12\x13\n\x0btarget_path\x18\x04 \x01(\t\x12\x12\n\nsize_bytes\x18\x05 \x01(\x04\x12\x12\n\nchunk_size\x18\x06 \x01(\r\"\x1f\n\rCancelCommand\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"\xe5\x01\n\x11\x43ontrollerMessage\x12\x12\n\ncommand_id\x18\x01 \x01(\t\x12.\n\x08\x61\x63\x63\x65pted\x18\x02 \x01(\x0b\x32\x1a.coffer.v1.SessionAcceptedH\x00\x12*\n\x06\x62\x61\x63kup\x18\x03 \x01(\x0b\x32\x18.coffer.v1.BackupCommandH\x00\x12,\n\x07restore\x18\x04 \x01(\x0b\x32\x19.coffer.v1.RestoreCommandH\x00\x12*\n\x06\x63\x61ncel\x18\x05 \x01(\x0b\x32\x18.coffer.v1.CancelCommandH\x00\x42\x06\n\x04kind\"\xb6\x01\n\x10\x44iskBackupResult\x12\x0c\n\x04\x64isk\x18\x01 \x01(\t\x12\x12\n\nsize_bytes\x18\x02 \x01(\x04\x12\x12\n\nbytes_read\x18\x03 \x01(\x04\x12\x12\n\nbytes_sent\x18\x04 \x01(\x04\x12\x13\n\x0b\x63hunk_count\x18\x05 \x01(\r\x12\x13\n\x0bzero_chunks\x18\x06 \x01(\r\x12\x13\n\x0b\x63onsistency\x18\x07 \x01(\t\x12\x19\n\x11snapshot_provider\x18\x08 \x01(\t\"\xdd\x01\n\rCommandResult\x12\x12\n\ncommand_id\x18\x01 \x01(\t\x12\x0e\n\x06job_id\x18\x02 \x01(\t\x12\n\n\x02ok\x18\x03 \x01(\x08\x12\x1f\n\x05\x65rror\x18\x04 \x01(\x0b\x32\x10.coffer.v1.Error\x12*\n\x05\x64isks\x18\x05 \x03(\x0b\x32\x1b.coffer.v1.DiskBackupResult\x12\x15\n\rbytes_written\x18\x06 \x01(\x04\x12\x13\n\x0b\x63onsistency\x18\x07 \x01(\t\x12\x10\n\x08warnings\x18\x08 \x03(\t\x12\x11\n\tfrozen_ms\x18\t \x01(\x01\"L\n\x11\x46\x65tchIndexRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x19\n\x11recovery_point_id\x18\x02 \x01(\t\x12\x0c\n\x04\x64isk\x18\x03 \x01(\t\"b\n\tIndexPart\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0c\n\x04\x64isk\x18\x02 \x01(\t\x12\x12\n\nsize_bytes\x18\x03 \x01(\x04\x12\x12\n\nchunk_size\x18\x04 \x01(\r\x12\x0f\n\x07\x64igests\x18\x05 \x01(\x0c\"7\n\x14MissingChunksRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07\x64igests\x18\x02 \x03(\x0c\"%\n\x12MissingChunksReply\x12\x0f\n\x07missing\x18\x01 \x03(\x0c\"d\n\x05\x43hunk\x12\x0e\n\x06\x64igest\x18\x01 \x01(\x0c\x12+\n\x0b\x63ompression\x18\x02 \x01(\x0e\x32\x16.coffer.v1.Compression\x12\x10\n\x08raw_size\x18\x03 \x01(\r\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\"?\n\x0b\x43hunkUpload\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12 \n\x06\x63hunks\x18\x02 \x03(\x0b\x32\x10.coffer.v1.Chunk\"U\n\rUploadSummary\x12\x17\n\x0f\x63hunks_received\x18\x01 \x01(\r\x12\x15\n\rchunks_stored\x18\x02 \x01(\r\x12\x14\n\x0c\x62ytes_stored\x18\x03 \x01(\x04\"$\n\rPutIndexReply\x12\x13\n\x0b\x63hunk_count\x18\x01 \x01(\r\"2\n\x0f\x44ownloadRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07\x64igests\x18\x02 \x03(\x0c\".\n\nChunkBatch\x12 \n\x06\x63hunks\x18\x01 \x03(\x0b\x32\x10.coffer.v1.Chunk*V\n\x0b\x43ompression\x12\x1b\n\x17\x43OMPRESSION_UNSPECIFIED\x10\x00\x12\x14\n\x10\x43OMPRESSION_NONE\x10\x01\x12\x14\n\x10\x43OMPRESSION_ZSTD\x10\x02\x32\xb2\x03\n\x0c\x41gentService\x12\x44\n\x07Session\x12\x17.coffer.v1.AgentMessage\x1a\x1c.coffer.v1.ControllerMessage(\x01\x30\x01\x12\x42\n\nFetchIndex\x12\x1c.coffer.v1.FetchIndexRequest\x1a\x14.coffer.v1.IndexPart0\x01\x12O\n\rMissingChunks\x12\x1f.coffer.v1.MissingChunksRequest\x1a\x1d.coffer.v1.MissingChunksReply\x12\x42\n\x0cUploadChunks\x12\x16.coffer.v1.ChunkUpload\x1a\x18.coffer.v1.UploadSummary(\x01\x12<\n\x08PutIndex\x12\x14.coffer.v1.IndexPart\x1a\x18.coffer.v1.PutIndexReply(\x01\x12\x45\n\x0e\x44ownloadChunks\x12\x1a.coffer.v1.DownloadRequest\x1a\x15.coffer.v1.ChunkBatch0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'coffer.v1.agent_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_COMPRESSION']._serialized_start=2077
-  _globals['_COMPRESSION']._serialized_end=2163
+  _globals['_COMPRESSION']._serialized_start=2144
+  _globals['_COMPRESSION']._serialized_end=2230
   _globals['_DISKINFO']._serialized_start=60
   _globals['_DISKINFO']._serialized_end=118
   _globals['_HELLO']._serialized_start=121
@@ -54,29 +54,29 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CONTROLLERMESSAGE']._serialized_start=838
   _globals['_CONTROLLERMESSAGE']._serialized_end=1067
   _globals['_DISKBACKUPRESULT']._serialized_start=1070
-  _globals['_DISKBACKUPRESULT']._serialized_end=1204
-  _globals['_COMMANDRESULT']._serialized_start=1207
-  _globals['_COMMANDRESULT']._serialized_end=1409
-  _globals['_FETCHINDEXREQUEST']._serialized_start=1411
-  _globals['_FETCHINDEXREQUEST']._serialized_end=1487
-  _globals['_INDEXPART']._serialized_start=1489
-  _globals['_INDEXPART']._serialized_end=1587
-  _globals['_MISSINGCHUNKSREQUEST']._serialized_start=1589
-  _globals['_MISSINGCHUNKSREQUEST']._serialized_end=1644
-  _globals['_MISSINGCHUNKSREPLY']._serialized_start=1646
-  _globals['_MISSINGCHUNKSREPLY']._serialized_end=1683
-  _globals['_CHUNK']._serialized_start=1685
-  _globals['_CHUNK']._serialized_end=1785
-  _globals['_CHUNKUPLOAD']._serialized_start=1787
-  _globals['_CHUNKUPLOAD']._serialized_end=1850
-  _globals['_UPLOADSUMMARY']._serialized_start=1852
-  _globals['_UPLOADSUMMARY']._serialized_end=1937
-  _globals['_PUTINDEXREPLY']._serialized_start=1939
-  _globals['_PUTINDEXREPLY']._serialized_end=1975
-  _globals['_DOWNLOADREQUEST']._serialized_start=1977
-  _globals['_DOWNLOADREQUEST']._serialized_end=2027
-  _globals['_CHUNKBATCH']._serialized_start=2029
-  _globals['_CHUNKBATCH']._serialized_end=2075
-  _globals['_AGENTSERVICE']._serialized_start=2166
-  _globals['_AGENTSERVICE']._serialized_end=2600
+  _globals['_DISKBACKUPRESULT']._serialized_end=1252
+  _globals['_COMMANDRESULT']._serialized_start=1255
+  _globals['_COMMANDRESULT']._serialized_end=1476
+  _globals['_FETCHINDEXREQUEST']._serialized_start=1478
+  _globals['_FETCHINDEXREQUEST']._serialized_end=1554
+  _globals['_INDEXPART']._serialized_start=1556
+  _globals['_INDEXPART']._serialized_end=1654
+  _globals['_MISSINGCHUNKSREQUEST']._serialized_start=1656
+  _globals['_MISSINGCHUNKSREQUEST']._serialized_end=1711
+  _globals['_MISSINGCHUNKSREPLY']._serialized_start=1713
+  _globals['_MISSINGCHUNKSREPLY']._serialized_end=1750
+  _globals['_CHUNK']._serialized_start=1752
+  _globals['_CHUNK']._serialized_end=1852
+  _globals['_CHUNKUPLOAD']._serialized_start=1854
+  _globals['_CHUNKUPLOAD']._serialized_end=1917
+  _globals['_UPLOADSUMMARY']._serialized_start=1919
+  _globals['_UPLOADSUMMARY']._serialized_end=2004
+  _globals['_PUTINDEXREPLY']._serialized_start=2006
+  _globals['_PUTINDEXREPLY']._serialized_end=2042
+  _globals['_DOWNLOADREQUEST']._serialized_start=2044
+  _globals['_DOWNLOADREQUEST']._serialized_end=2094
+  _globals['_CHUNKBATCH']._serialized_start=2096
+  _globals['_CHUNKBATCH']._serialized_end=2142
+  _globals['_AGENTSERVICE']._serialized_start=2233
+  _globals['_AGENTSERVICE']._serialized_end=2667
 # @@protoc_insertion_point(module_scope)

@@ -123,23 +123,27 @@ class ControllerMessage(_message.Message):
     def __init__(self, command_id: _Optional[str] = ..., accepted: _Optional[_Union[SessionAccepted, _Mapping]] = ..., backup: _Optional[_Union[BackupCommand, _Mapping]] = ..., restore: _Optional[_Union[RestoreCommand, _Mapping]] = ..., cancel: _Optional[_Union[CancelCommand, _Mapping]] = ...) -> None: ...
 
 class DiskBackupResult(_message.Message):
-    __slots__ = ("disk", "size_bytes", "bytes_read", "bytes_sent", "chunk_count", "zero_chunks")
+    __slots__ = ("disk", "size_bytes", "bytes_read", "bytes_sent", "chunk_count", "zero_chunks", "consistency", "snapshot_provider")
     DISK_FIELD_NUMBER: _ClassVar[int]
     SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
     BYTES_READ_FIELD_NUMBER: _ClassVar[int]
     BYTES_SENT_FIELD_NUMBER: _ClassVar[int]
     CHUNK_COUNT_FIELD_NUMBER: _ClassVar[int]
     ZERO_CHUNKS_FIELD_NUMBER: _ClassVar[int]
+    CONSISTENCY_FIELD_NUMBER: _ClassVar[int]
+    SNAPSHOT_PROVIDER_FIELD_NUMBER: _ClassVar[int]
     disk: str
     size_bytes: int
     bytes_read: int
     bytes_sent: int
     chunk_count: int
     zero_chunks: int
-    def __init__(self, disk: _Optional[str] = ..., size_bytes: _Optional[int] = ..., bytes_read: _Optional[int] = ..., bytes_sent: _Optional[int] = ..., chunk_count: _Optional[int] = ..., zero_chunks: _Optional[int] = ...) -> None: ...
+    consistency: str
+    snapshot_provider: str
+    def __init__(self, disk: _Optional[str] = ..., size_bytes: _Optional[int] = ..., bytes_read: _Optional[int] = ..., bytes_sent: _Optional[int] = ..., chunk_count: _Optional[int] = ..., zero_chunks: _Optional[int] = ..., consistency: _Optional[str] = ..., snapshot_provider: _Optional[str] = ...) -> None: ...
 
 class CommandResult(_message.Message):
-    __slots__ = ("command_id", "job_id", "ok", "error", "disks", "bytes_written", "consistency", "warnings")
+    __slots__ = ("command_id", "job_id", "ok", "error", "disks", "bytes_written", "consistency", "warnings", "frozen_ms")
     COMMAND_ID_FIELD_NUMBER: _ClassVar[int]
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     OK_FIELD_NUMBER: _ClassVar[int]
@@ -148,6 +152,7 @@ class CommandResult(_message.Message):
     BYTES_WRITTEN_FIELD_NUMBER: _ClassVar[int]
     CONSISTENCY_FIELD_NUMBER: _ClassVar[int]
     WARNINGS_FIELD_NUMBER: _ClassVar[int]
+    FROZEN_MS_FIELD_NUMBER: _ClassVar[int]
     command_id: str
     job_id: str
     ok: bool
@@ -156,7 +161,8 @@ class CommandResult(_message.Message):
     bytes_written: int
     consistency: str
     warnings: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, command_id: _Optional[str] = ..., job_id: _Optional[str] = ..., ok: _Optional[bool] = ..., error: _Optional[_Union[_common_pb2.Error, _Mapping]] = ..., disks: _Optional[_Iterable[_Union[DiskBackupResult, _Mapping]]] = ..., bytes_written: _Optional[int] = ..., consistency: _Optional[str] = ..., warnings: _Optional[_Iterable[str]] = ...) -> None: ...
+    frozen_ms: float
+    def __init__(self, command_id: _Optional[str] = ..., job_id: _Optional[str] = ..., ok: _Optional[bool] = ..., error: _Optional[_Union[_common_pb2.Error, _Mapping]] = ..., disks: _Optional[_Iterable[_Union[DiskBackupResult, _Mapping]]] = ..., bytes_written: _Optional[int] = ..., consistency: _Optional[str] = ..., warnings: _Optional[_Iterable[str]] = ..., frozen_ms: _Optional[float] = ...) -> None: ...
 
 class FetchIndexRequest(_message.Message):
     __slots__ = ("job_id", "recovery_point_id", "disk")

@@ -394,14 +394,16 @@ class GetJobRequest(_message.Message):
     def __init__(self, id: _Optional[str] = ...) -> None: ...
 
 class RecoveryPointDisk(_message.Message):
-    __slots__ = ("name", "size_bytes", "chunk_count")
+    __slots__ = ("name", "size_bytes", "chunk_count", "consistency")
     NAME_FIELD_NUMBER: _ClassVar[int]
     SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
     CHUNK_COUNT_FIELD_NUMBER: _ClassVar[int]
+    CONSISTENCY_FIELD_NUMBER: _ClassVar[int]
     name: str
     size_bytes: int
     chunk_count: int
-    def __init__(self, name: _Optional[str] = ..., size_bytes: _Optional[int] = ..., chunk_count: _Optional[int] = ...) -> None: ...
+    consistency: str
+    def __init__(self, name: _Optional[str] = ..., size_bytes: _Optional[int] = ..., chunk_count: _Optional[int] = ..., consistency: _Optional[str] = ...) -> None: ...
 
 class RecoveryPoint(_message.Message):
     __slots__ = ("id", "vm_id", "vault", "created_at", "consistency", "disks", "job_id", "bytes_stored", "kept_by", "data_bytes")
