@@ -146,6 +146,26 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
         while True:
             await context.write(await session.outbox.get())
 
+    async def Check(
+        self, request: agent_pb2.CheckRequest, context: grpc.aio.ServicerContext
+    ) -> agent_pb2.CheckReply:
+        try:
+            vm_id = _agent_vm(context)
+        except CofferError as exc:
+            await abort(context, exc)
+        host, port = self._mqtt or ("", 0)
+        item = await self._catalog.item(vm_id)
+        return agent_pb2.CheckReply(
+            controller_version=self._version,
+            mqtt_host=host,
+            mqtt_port=port,
+            server_time=self._clock.now(),
+            vault=item.vault if item else "",
+            item_state=item.state if item else "",
+            policy=(item.policy or "") if item else "",
+            session_open=self._registry.online(vm_id),
+        )
+
     async def FetchIndex(
         self,
         request: agent_pb2.FetchIndexRequest,

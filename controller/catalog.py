@@ -120,6 +120,7 @@ MIGRATIONS: list[str] = [
     CREATE INDEX items_by_vault ON items (vault, state);
     ALTER TABLE recovery_points ADD COLUMN kept_by TEXT NOT NULL DEFAULT '';
     ALTER TABLE recovery_points ADD COLUMN data_bytes INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE recovery_point_disks ADD COLUMN consistency TEXT NOT NULL DEFAULT '';
     CREATE INDEX recovery_points_by_vault ON recovery_points (vault, vm_id, created_at);
     CREATE INDEX jobs_by_vault ON jobs (vault, started_at);
     """,
@@ -208,6 +209,7 @@ class RecoveryPointDiskRecord:
     size_bytes: int
     chunk_size: int
     chunk_count: int
+    consistency: str = ""
 
 
 @dataclass(frozen=True)
@@ -658,9 +660,12 @@ class Catalog:
             )  # fmt: skip
             await db.executemany(
                 """INSERT OR IGNORE INTO recovery_point_disks
-                   (recovery_point_id, name, size_bytes, chunk_size, chunk_count)
-                   VALUES (?,?,?,?,?)""",
-                [(rp.id, d.name, d.size_bytes, d.chunk_size, d.chunk_count) for d in rp.disks],
+                   (recovery_point_id, name, size_bytes, chunk_size, chunk_count, consistency)
+                   VALUES (?,?,?,?,?,?)""",
+                [
+                    (rp.id, d.name, d.size_bytes, d.chunk_size, d.chunk_count, d.consistency)
+                    for d in rp.disks
+                ],
             )
 
     async def set_kept_by(self, kept: dict[str, tuple[str, ...]]) -> None:
@@ -720,7 +725,7 @@ class Catalog:
         ids = [row[0] for row in rows]
         disks: dict[str, list[RecoveryPointDiskRecord]] = {}
         async with self.db.execute(
-            "SELECT recovery_point_id, name, size_bytes, chunk_size, chunk_count"
+            "SELECT recovery_point_id, name, size_bytes, chunk_size, chunk_count, consistency"
             " FROM recovery_point_disks"
             f" WHERE recovery_point_id IN ({','.join('?' * len(ids))}) ORDER BY name",
             ids,

@@ -75,6 +75,7 @@ CANCEL_GRACE_SECONDS = 30.0
 # A manual backup waits this long in the queue for its agent before it fails.
 MANUAL_BACKUP_WINDOW_SECONDS = 2 * 3600.0
 QUEUED = "Queued"
+DISPATCH_RETRY_SECONDS = 5.0
 
 
 @dataclass
@@ -84,6 +85,8 @@ class RunningJob:
     cancel_requested: bool = False
     # The agent's answer to the job's command, while one is awaited.
     reply: asyncio.Future[agent_pb2.CommandResult] | None = None
+    # Set once the job's outcome is recorded.
+    ended: asyncio.Event = field(default_factory=asyncio.Event)
 
     def touch(self) -> None:
         self.changed.set()
@@ -126,7 +129,9 @@ def _record(
         consistency=manifest.consistency,
         bytes_stored=bytes_stored,
         disks=tuple(
-            RecoveryPointDiskRecord(d.name, d.size_bytes, d.chunk_size, d.chunk_count)
+            RecoveryPointDiskRecord(
+                d.name, d.size_bytes, d.chunk_size, d.chunk_count, d.consistency
+            )
             for d in manifest.disks
         ),
         data_bytes=data_bytes,
@@ -302,6 +307,7 @@ class JobManager:
         finally:
             self._forget(running)
             self._publish(job)
+            running.ended.set()
             running.touch()
 
     # --- backups ----------------------------------------------------------------------------
@@ -314,12 +320,12 @@ class JobManager:
         disks: list[str] | None = None,
         trigger: str = "manual",
         slot: float | None = None,
-        window: float = MANUAL_BACKUP_WINDOW_SECONDS,
+        deadline: float | None = None,
     ) -> JobRecord:
         """Queue a backup of `vm_id` into `vault`; it starts when its agent and a slot are free.
 
         A manual backup of an offline VM is refused at once; a scheduled one waits for the
-        agent until `slot + window`."""
+        agent until `deadline` (the scheduler's, which already allows for a late start)."""
         disks = list(disks or ())
         session = self._registry.session(vm_id)
         if session is None and trigger == "manual":
@@ -337,7 +343,7 @@ class JobManager:
             job,
             rp_id=secrets.token_hex(8),
             disks=disks,
-            deadline=max(slot if slot is not None else now, now) + window,
+            deadline=now + MANUAL_BACKUP_WINDOW_SECONDS if deadline is None else deadline,
         )
         job.details = {
             "trigger": trigger,
@@ -355,7 +361,13 @@ class JobManager:
     async def _dispatch_loop(self) -> None:
         while True:
             self._kick.clear()
-            timeout = await self._dispatch()
+            timeout: float | None = DISPATCH_RETRY_SECONDS
+            try:
+                timeout = await self._dispatch()
+            except Exception:
+                # The dispatcher must outlive any one job's trouble: every queued backup of
+                # every vault waits on it. Log, and look again shortly.
+                log.exception("the backup dispatcher failed; retrying")
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._kick.wait(), timeout)
 
@@ -363,7 +375,9 @@ class JobManager:
         """Start what can start, fail what waited too long; seconds until the next deadline."""
         now = self._clock.now()
         nearest: float | None = None
-        for vault, queue in self._queues.items():
+        # Ending a queued job awaits, and a new vault's queue may appear meanwhile: iterate
+        # over copies.
+        for vault, queue in list(self._queues.items()):
             for running in list(queue):
                 vm_id = running.record.vm_id
                 if now >= running.deadline:
@@ -404,8 +418,7 @@ class JobManager:
         job.status, job.error_code, job.error_message = status, code, message
         job.details.pop("phase", None)
         await self._record_end(running)
-        if self.on_backup_ended is not None:
-            await self.on_backup_ended(job)
+        await self._backup_ended(job)
 
     async def _start_backup(self, running: RunningBackup) -> None:
         job = running.record
@@ -446,8 +459,17 @@ class JobManager:
             self._started[job.vault] -= 1
             self._datastores.guard(job.vault).release(job.id)
             self.kick()
-            if self.on_backup_ended is not None:
-                await self.on_backup_ended(job)
+            await self._backup_ended(job)
+
+    async def _backup_ended(self, job: JobRecord) -> None:
+        if self.on_backup_ended is None:
+            return
+        try:
+            await self.on_backup_ended(job)
+        except Exception:
+            # The job's own record is written; what follows it (item state, pruning) must not
+            # take the job manager down with it.
+            log.exception("job %s: follow-up after the backup failed", job.id)
 
     async def _finish_backup(self, running: RunningJob, result: agent_pb2.CommandResult) -> None:
         assert isinstance(running, RunningBackup)
@@ -468,6 +490,8 @@ class JobManager:
                     chunk_size=index.chunk_size,
                     chunk_count=len(index),
                     index_sha256=index_sha,
+                    consistency=disk.consistency,
+                    snapshot=disk.snapshot_provider,
                 )
             )
         wanted = set(job.details.get("disks", ()))
@@ -478,6 +502,11 @@ class JobManager:
             )
         if running.cancel_requested:
             raise JobCancelled(job_id=job.id)
+        job.details["frozen_ms"] = round(result.frozen_ms, 1)
+        job.details["consistency"] = {
+            d.disk: f"{d.consistency or Consistency.CRASH} ({d.snapshot_provider or 'live'})"
+            for d in result.disks
+        }
         manifest = RecoveryPointManifest(
             id=running.rp_id,
             vm_id=job.vm_id,
@@ -551,6 +580,10 @@ class JobManager:
             job = await self._catalog.job(job_id)
             raise Conflict(detail=f"job {job_id} has already ended ({job.status})")
         job = running.record
+        if JobStatus(job.status).ended:
+            # Its outcome is decided and its record is being written: too late to cancel
+            # (and a Cancelling written now would overwrite that outcome).
+            raise Conflict(detail=f"job {job_id} has already ended ({job.status})")
         if not isinstance(running, RunningBackup | RunningRestore):
             raise Conflict(detail=f"a {job.operation} job cannot be cancelled; it ends by itself")
         if running.cancel_requested:
@@ -580,7 +613,9 @@ class JobManager:
 
     async def _cancel_deadline(self, running: RunningJob) -> None:
         """An agent that does not stop a cancelled job in time is not waited for any more."""
-        await asyncio.sleep(CANCEL_GRACE_SECONDS)
+        # Waits for the job's end, not a fixed time: a shutdown waits for this task.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(running.ended.wait(), CANCEL_GRACE_SECONDS)
         if running.reply is not None and not running.reply.done():
             running.reply.set_exception(JobCancelled(job_id=running.record.id))
 
@@ -619,6 +654,8 @@ class JobManager:
     ) -> None:
         job = running.record
         try:
+            if running.cancel_requested:  # cancelled while its command was being prepared
+                raise JobCancelled(job_id=job.id)
             running.reply = session.send(command, job.id)
             result = await running.reply
             if not result.ok:

@@ -141,7 +141,10 @@ class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
             consistency=rp.consistency,
             disks=[
                 operator_pb2.RecoveryPointDisk(
-                    name=d.name, size_bytes=d.size_bytes, chunk_count=d.chunk_count
+                    name=d.name,
+                    size_bytes=d.size_bytes,
+                    chunk_count=d.chunk_count,
+                    consistency=d.consistency,
                 )
                 for d in rp.disks
             ],

@@ -236,7 +236,10 @@ class Protection:
                 raise ItemStateConflict(
                     vm=display_name(agent, item.vm_id),
                     state=item.state,
-                    fix="stop its protection first (with --delete-data, or its recovery "
+                    fix="delete its retained recovery points first "
+                    "(`coffer stop-protection --delete-data`)"
+                    if item.state == ItemState.PROTECTION_STOPPED
+                    else "stop its protection first (with --delete-data, or its recovery "
                     "points would be left without a VM)",
                 )
 
@@ -302,7 +305,10 @@ class Protection:
                 )
                 item.protected_at = now
                 item.last_slot = now
-            item.error_code = item.error_message = ""
+                item.error_code = item.error_message = ""
+            else:
+                # A policy change: the last backup's outcome (and error) still stands.
+                self._schedule_changed(item)
             await self._catalog.update_item(item)
             await self._plan(item)
             job.details["policy"] = policy.name
@@ -321,7 +327,19 @@ class Protection:
     async def _policy_changed(self, vault: str, policy: str) -> None:
         for item in await self._catalog.items(vault, policy=policy):
             if ItemState(item.state).protected:
+                if self._schedule_changed(item):
+                    await self._catalog.update_item(item)
                 await self._plan(item)
+
+    def _schedule_changed(self, item: ItemRecord) -> bool:
+        """A protected VM gets another schedule: its slots before now were not missed, so
+        planning continues from now (a slot the current plan has due is still run)."""
+        now = self._clock.now()
+        planned = self.plan.next_of(item.vm_id)
+        if planned is None or planned <= now or (item.last_slot or 0.0) >= now:
+            return False
+        item.last_slot = now
+        return True
 
     # --- stop and resume --------------------------------------------------------------------
 
@@ -426,7 +444,7 @@ class Protection:
             item.vm_id,
             trigger="scheduled",
             slot=due.slot,
-            window=due.deadline - due.slot,
+            deadline=due.deadline,
         )
 
     async def _backup_ended(self, job: JobRecord) -> None:

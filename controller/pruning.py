@@ -67,7 +67,13 @@ class Pruner:
         )
         in_use = self._jobs.in_use()
         expired = [rp for rp in points if rp.id not in keep and rp.id not in in_use]
-        kept = {rp_id: tuple(sorted(rules, key=_RULE_ORDER.index)) for rp_id, rules in keep.items()}
+        # Every survivor's labels: one spared only because a running job reads it gets none,
+        # not the rules that kept it before.
+        kept = {
+            rp.id: tuple(sorted(keep.get(rp.id, ()), key=_RULE_ORDER.index))
+            for rp in points
+            if rp.id in keep or rp.id in in_use
+        }
         return expired, kept
 
     async def _delete(self, vault: str, points: list[RecoveryPointRecord]) -> list[str]:

@@ -115,8 +115,11 @@ class Plan:
                 if missed > 1000:  # a very long outage: the count is only for the log
                     break
             window = schedule.window.total_seconds()
-            # A slot missed while the controller was down gets a full window from now.
-            deadline = max(slot + window, now + window) if missed else slot + window
+            # A slot missed while the controller was down (earlier slots passed, or this one's
+            # window closed before it was looked at) gets a full window from now.
+            deadline = slot + window
+            if missed or now >= deadline:
+                deadline = max(deadline, now + window)
             ready.append(Due(entry.key, slot, deadline, missed))
             planned.last_slot = slot
             nxt = schedule.next_run_after(_at(max(slot, now))).timestamp()
