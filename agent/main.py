@@ -1,4 +1,7 @@
-"""`coffer-agent`: the in-guest backup extension; runs until SIGINT or SIGTERM."""
+"""`coffer-agent`: the in-guest backup extension; runs until SIGINT or SIGTERM.
+
+`coffer-agent doctor --config FILE` checks what a backup needs on this VM instead.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +10,7 @@ import contextlib
 import signal
 import sys
 
+from agent import doctor
 from agent.config import AgentConfig
 from agent.session import Agent
 from shared.daemon import run_daemon
@@ -36,7 +40,10 @@ async def serve(config: AgentConfig) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_daemon("coffer-agent", __doc__, AgentConfig.load, serve, argv)
+    args = sys.argv[1:] if argv is None else argv
+    if args[:1] == ["doctor"]:
+        return doctor.main(args[1:])
+    return run_daemon("coffer-agent", __doc__, AgentConfig.load, serve, args)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,30 @@ COMPRESSION_UNSPECIFIED: Compression
 COMPRESSION_NONE: Compression
 COMPRESSION_ZSTD: Compression
 
+class CheckRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class CheckReply(_message.Message):
+    __slots__ = ("controller_version", "mqtt_host", "mqtt_port", "server_time", "vault", "item_state", "policy", "session_open")
+    CONTROLLER_VERSION_FIELD_NUMBER: _ClassVar[int]
+    MQTT_HOST_FIELD_NUMBER: _ClassVar[int]
+    MQTT_PORT_FIELD_NUMBER: _ClassVar[int]
+    SERVER_TIME_FIELD_NUMBER: _ClassVar[int]
+    VAULT_FIELD_NUMBER: _ClassVar[int]
+    ITEM_STATE_FIELD_NUMBER: _ClassVar[int]
+    POLICY_FIELD_NUMBER: _ClassVar[int]
+    SESSION_OPEN_FIELD_NUMBER: _ClassVar[int]
+    controller_version: str
+    mqtt_host: str
+    mqtt_port: int
+    server_time: float
+    vault: str
+    item_state: str
+    policy: str
+    session_open: bool
+    def __init__(self, controller_version: _Optional[str] = ..., mqtt_host: _Optional[str] = ..., mqtt_port: _Optional[int] = ..., server_time: _Optional[float] = ..., vault: _Optional[str] = ..., item_state: _Optional[str] = ..., policy: _Optional[str] = ..., session_open: _Optional[bool] = ...) -> None: ...
+
 class DiskInfo(_message.Message):
     __slots__ = ("name", "path", "size_bytes")
     NAME_FIELD_NUMBER: _ClassVar[int]

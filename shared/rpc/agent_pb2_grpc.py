@@ -65,6 +65,11 @@ class AgentServiceStub:
                 request_serializer=coffer_dot_v1_dot_agent__pb2.DownloadRequest.SerializeToString,
                 response_deserializer=coffer_dot_v1_dot_agent__pb2.ChunkBatch.FromString,
                 _registered_method=True)
+        self.Check = channel.unary_unary(
+                '/coffer.v1.AgentService/Check',
+                request_serializer=coffer_dot_v1_dot_agent__pb2.CheckRequest.SerializeToString,
+                response_deserializer=coffer_dot_v1_dot_agent__pb2.CheckReply.FromString,
+                _registered_method=True)
 
 
 class AgentServiceServicer:
@@ -115,6 +120,14 @@ class AgentServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Check(self, request, context):
+        """What `coffer-agent doctor` asks: is the controller reachable with this identity, where is
+        the broker, what time is it there, and where does this VM stand. Opens no session.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AgentServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -147,6 +160,11 @@ def add_AgentServiceServicer_to_server(servicer, server):
                     servicer.DownloadChunks,
                     request_deserializer=coffer_dot_v1_dot_agent__pb2.DownloadRequest.FromString,
                     response_serializer=coffer_dot_v1_dot_agent__pb2.ChunkBatch.SerializeToString,
+            ),
+            'Check': grpc.unary_unary_rpc_method_handler(
+                    servicer.Check,
+                    request_deserializer=coffer_dot_v1_dot_agent__pb2.CheckRequest.FromString,
+                    response_serializer=coffer_dot_v1_dot_agent__pb2.CheckReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -311,6 +329,33 @@ class AgentService:
             '/coffer.v1.AgentService/DownloadChunks',
             coffer_dot_v1_dot_agent__pb2.DownloadRequest.SerializeToString,
             coffer_dot_v1_dot_agent__pb2.ChunkBatch.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Check(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/coffer.v1.AgentService/Check',
+            coffer_dot_v1_dot_agent__pb2.CheckRequest.SerializeToString,
+            coffer_dot_v1_dot_agent__pb2.CheckReply.FromString,
             options,
             channel_credentials,
             insecure,

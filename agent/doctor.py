@@ -1,0 +1,419 @@
+"""`coffer-agent doctor`: checks what a backup needs on this VM, and says what to fix.
+
+Each check gives a verdict (ok, warn, fail), what it found and, unless ok, what to do. The
+doctor changes nothing: it freezes no file system and takes no snapshot (it asks each
+provider whether it could), it opens no session with the controller (the `Check` call
+answers without one) and no MQTT session (a TLS handshake with the broker proves it is
+reachable and trusted; an MQTT connection would take over the running agent's, whose client
+id the broker forces to the VM id).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import enum
+import json
+import os
+import socket
+import ssl
+import sys
+import time
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import grpc
+from cryptography import x509
+
+from agent.config import AgentConfig
+from agent.freeze import Mount, mounts, mounts_on_disk
+from agent.scripts import check_script
+from agent.snapshot import choose
+from shared.errors import CofferError
+from shared.rpc import agent_pb2, agent_pb2_grpc
+from shared.tls import (
+    Identity,
+    channel_credentials,
+    channel_options,
+    identity_of_certificate,
+    mqtt_ssl_context,
+)
+
+TIMEOUT_SECONDS = 5.0
+SKEW_WARN_SECONDS = 5.0
+SKEW_FAIL_SECONDS = 60.0
+CERT_WARN_DAYS = 30
+# File systems FIFREEZE works on (those implementing freeze_fs / freeze_super in Linux).
+FREEZABLE = frozenset(
+    {"ext2", "ext3", "ext4", "xfs", "btrfs", "f2fs", "jfs", "reiserfs", "nilfs2", "gfs2", "ocfs2"}
+)
+
+
+class Verdict(enum.StrEnum):
+    OK = "ok"
+    WARN = "warn"
+    FAIL = "fail"
+
+
+@dataclass(frozen=True)
+class Finding:
+    check: str
+    verdict: Verdict
+    found: str
+    fix: str = ""
+
+
+class Doctor:
+    def __init__(self, config: AgentConfig) -> None:
+        self.config = config
+        self.findings: list[Finding] = []
+
+    def note(self, check: str, verdict: Verdict, found: str, fix: str = "") -> None:
+        self.findings.append(Finding(check, verdict, found, fix))
+
+    async def run(self) -> list[Finding]:
+        self.identity()
+        reply = await self.controller()
+        if reply is not None:
+            self.clock(reply)
+            self.broker(reply)
+            self.registration(reply)
+        self.disks()
+        self.scripts()
+        self.directories()
+        return self.findings
+
+    # --- identity and the controller ------------------------------------------------------
+
+    def identity(self) -> None:
+        tls = self.config.tls
+        try:
+            pem = tls.read()
+        except CofferError as exc:
+            self.note(
+                "identity",
+                Verdict.FAIL,
+                str(exc),
+                "put ca.crt, agent.crt, agent.key in "
+                f"{self.config.tls_dir} (`coffer pki issue-agent {self.config.vm_id}`)",
+            )
+            return
+        identity = identity_of_certificate(pem.cert)
+        if identity != Identity("agent", self.config.vm_id):
+            self.note(
+                "identity",
+                Verdict.FAIL,
+                f"{tls.cert} is the certificate of {identity}, not of VM {self.config.vm_id!r}",
+                f"issue one with `coffer pki issue-agent {self.config.vm_id}`",
+            )
+            return
+        expires = x509.load_pem_x509_certificate(pem.cert).not_valid_after_utc
+        days = (expires - datetime.now(UTC)).days
+        if days < 0:
+            self.note(
+                "identity",
+                Verdict.FAIL,
+                f"the certificate expired on {expires:%Y-%m-%d}",
+                f"issue a new one with `coffer pki issue-agent {self.config.vm_id}`",
+            )
+        elif days < CERT_WARN_DAYS:
+            self.note(
+                "identity",
+                Verdict.WARN,
+                f"the certificate expires in {days} days",
+                f"issue a new one with `coffer pki issue-agent {self.config.vm_id}`",
+            )
+        else:
+            self.note(
+                "identity",
+                Verdict.OK,
+                f"agent {self.config.vm_id}, certificate valid until {expires:%Y-%m-%d}",
+            )
+
+    async def controller(self) -> agent_pb2.CheckReply | None:
+        address = self.config.controller
+        try:
+            credentials = channel_credentials(self.config.tls)
+        except CofferError:
+            return None  # the identity check said why
+        options = channel_options(self.config.controller_name)
+        async with grpc.aio.secure_channel(address, credentials, options=options) as channel:
+            stub = agent_pb2_grpc.AgentServiceStub(channel)
+            sent = time.time()
+            try:
+                reply: agent_pb2.CheckReply = await stub.Check(
+                    agent_pb2.CheckRequest(), timeout=TIMEOUT_SECONDS
+                )
+            except grpc.RpcError as exc:
+                code = exc.code() if isinstance(exc, grpc.aio.AioRpcError) else None
+                self.note(
+                    "controller",
+                    Verdict.FAIL,
+                    f"no answer from {address} over mutual TLS: {code.name if code else ''} "
+                    f"{exc.details() if isinstance(exc, grpc.aio.AioRpcError) else exc}",
+                    "check `controller` in the config, that coffer-controller runs, that the "
+                    "network and firewall let this VM reach it, and that its certificate is "
+                    "from the same CA as this agent's",
+                )
+                return None
+        self._round_trip = (sent, time.time())
+        self.note(
+            "controller", Verdict.OK, f"{address} answers (controller {reply.controller_version})"
+        )
+        return reply
+
+    def clock(self, reply: agent_pb2.CheckReply) -> None:
+        sent, received = self._round_trip
+        skew = (sent + received) / 2 - reply.server_time
+        found = (
+            f"this VM's clock is {abs(skew):.1f} s {'ahead of' if skew > 0 else 'behind'} "
+            "the controller's"
+        )
+        if abs(skew) >= SKEW_FAIL_SECONDS:
+            self.note(
+                "clock",
+                Verdict.FAIL,
+                found,
+                "run NTP (chrony or systemd-timesyncd) on "
+                "the VM and the controller: certificates and schedules depend on time",
+            )
+        elif abs(skew) >= SKEW_WARN_SECONDS:
+            self.note("clock", Verdict.WARN, found, "run NTP on the VM and the controller")
+        else:
+            self.note("clock", Verdict.OK, found)
+
+    def broker(self, reply: agent_pb2.CheckReply) -> None:
+        if not reply.mqtt_host:
+            self.note(
+                "broker",
+                Verdict.WARN,
+                "the controller names no MQTT broker: no live status (backups still work)",
+                "configure [mqtt] on the controller, or let it run its private broker",
+            )
+            return
+        where = f"{reply.mqtt_host}:{reply.mqtt_port}"
+        try:
+            context = mqtt_ssl_context(self.config.tls)
+            with (
+                socket.create_connection(
+                    (reply.mqtt_host, reply.mqtt_port), timeout=TIMEOUT_SECONDS
+                ) as raw,
+                context.wrap_socket(raw, server_hostname=reply.mqtt_host),
+            ):
+                pass
+        except (OSError, ssl.SSLError, CofferError) as exc:
+            self.note(
+                "broker",
+                Verdict.WARN,
+                f"cannot reach the broker at {where} with TLS: {exc}",
+                "let this VM reach the broker's port (backups work without "
+                "it, but no presence or progress is published)",
+            )
+            return
+        self.note("broker", Verdict.OK, f"{where} accepts this agent's certificate")
+
+    def registration(self, reply: agent_pb2.CheckReply) -> None:
+        if not reply.vault:
+            self.note(
+                "protection",
+                Verdict.WARN,
+                "this VM is not registered to any vault",
+                "an operator registers and protects it: `coffer register --vault V "
+                f"{self.config.vm_id}`, then `coffer protect`",
+            )
+            return
+        found = f"vault {reply.vault}, {reply.item_state}"
+        if reply.policy:
+            found += f", policy {reply.policy}"
+        found += (
+            "; an agent of this VM is connected"
+            if reply.session_open
+            else "; no agent of this VM is connected now"
+        )
+        self.note(
+            "protection",
+            Verdict.OK if reply.session_open else Verdict.WARN,
+            found,
+            ""
+            if reply.session_open
+            else "start coffer-agent (systemd: `systemctl start coffer-agent`)",
+        )
+
+    # --- disks -----------------------------------------------------------------------------
+
+    def disks(self) -> None:
+        if not self.config.disks:
+            self.note(
+                "disks",
+                Verdict.FAIL,
+                "no [[disks]] in the config",
+                "add the VM's disks (name and path) to the agent config",
+            )
+            return
+        table = mounts()
+        for disk in self.config.disks:
+            check = f"disk {disk.name}"
+            try:
+                with disk.path.open("rb") as f:
+                    size = f.seek(0, os.SEEK_END)
+            except OSError as exc:
+                self.note(
+                    check,
+                    Verdict.FAIL,
+                    f"cannot read {disk.path}: {exc.strerror}",
+                    "fix `path` of the disk in the config, or run the agent as root",
+                )
+                continue
+            self.note(check, Verdict.OK, f"{disk.path}, {size / (1 << 30):.2f} GiB, readable")
+            self._mounts(disk.name, disk.path, table)
+            self._provider(disk.name, disk.path, size)
+
+    def _mounts(self, name: str, path: Path, table: list[Mount]) -> None:
+        check = f"disk {name}: freeze"
+        found = mounts_on_disk(path, table)
+        if not found:
+            self.note(
+                check,
+                Verdict.OK,
+                "no file system of this disk is mounted here: nothing to flush or freeze",
+            )
+            return
+        if not self.config.consistency.freeze:
+            self.note(
+                check,
+                Verdict.WARN,
+                "freezing is turned off: backups are crash-consistent",
+                "set `freeze = true` in [consistency]",
+            )
+            return
+        for mount in found:
+            where = f"{mount.mountpoint} ({mount.fstype})"
+            if mount.network:
+                self.note(
+                    check,
+                    Verdict.WARN,
+                    f"{where} is a network file system: skipped, the disk is crash-consistent",
+                    "nothing to do on this VM; back up the server's disks instead",
+                )
+            elif mount.fstype not in FREEZABLE:
+                self.note(
+                    check,
+                    Verdict.WARN,
+                    f"{where} cannot be frozen (FIFREEZE is not "
+                    "supported): the disk is crash-consistent",
+                    "use ext4, XFS or btrfs for data that must be consistent",
+                )
+            else:
+                self.note(check, Verdict.OK, f"{where} can be frozen")
+
+    def _provider(self, name: str, path: Path, size: int) -> None:
+        check = f"disk {name}: snapshot"
+        try:
+            provider, refused = choose(name, path, self.config.consistency.order_for(name))
+        except CofferError as exc:
+            self.note(check, Verdict.FAIL, str(exc), "see the message")
+            return
+        why_not = "; ".join(f"not {p}: {why}" for p, why in refused.items())
+        if provider.atomic:
+            found = f"{provider.name}" + (f" ({why_not})" if why_not else "")
+            self.note(check, Verdict.OK, found)
+            free = _free_bytes(path.parent)
+            if free is not None and free < size // 10:
+                self.note(
+                    f"disk {name}: space",
+                    Verdict.WARN,
+                    f"{free >> 20} MiB free beside "
+                    "the image: writes during a backup copy blocks of the clone",
+                    "keep at least a tenth of the disk's size free",
+                )
+        else:
+            self.note(
+                check,
+                Verdict.WARN,
+                f"{provider.name}: the file systems stay frozen "
+                f"while the disk is read, up to {self.config.consistency.thaw_deadline:g} s"
+                + (f" ({why_not})" if why_not else ""),
+                "put the disk image on XFS "
+                "(mkfs.xfs -m reflink=1) or btrfs so it can be cloned in an instant",
+            )
+
+    # --- scripts and directories -----------------------------------------------------------
+
+    def scripts(self) -> None:
+        policy = self.config.consistency
+        for phase, script in (
+            ("pre-script", policy.pre_script),
+            ("post-script", policy.post_script),
+        ):
+            if script is None:
+                continue
+            problem = check_script(script)
+            if problem:
+                self.note(
+                    phase,
+                    Verdict.FAIL,
+                    f"{script.path} {problem}",
+                    "make it owned by root, executable, and writable by root only",
+                )
+            else:
+                self.note(phase, Verdict.OK, f"{script.path}, timeout {script.timeout:g} s")
+
+    def directories(self) -> None:
+        state = self.config.state_dir
+        free = _free_bytes(state if state.exists() else state.parent)
+        if free is None:
+            self.note(
+                "state directory",
+                Verdict.FAIL,
+                f"{state} is not reachable",
+                "create it, or fix `state_dir`",
+            )
+        else:
+            self.note("state directory", Verdict.OK, f"{state}, {free >> 20} MiB free")
+        for directory in self.config.restore_dirs:
+            if not directory.is_dir():
+                self.note(
+                    "restore directory",
+                    Verdict.WARN,
+                    f"{directory} does not exist",
+                    "create it: restores can only write there",
+                )
+
+
+def _free_bytes(path: Path) -> int | None:
+    try:
+        stat = os.statvfs(path)
+    except OSError:
+        return None
+    return stat.f_bavail * stat.f_frsize
+
+
+def print_findings(findings: list[Finding]) -> None:
+    width = max(len(f.check) for f in findings)
+    marks = {Verdict.OK: "ok  ", Verdict.WARN: "WARN", Verdict.FAIL: "FAIL"}
+    for finding in findings:
+        print(f"{marks[finding.verdict]}  {finding.check.ljust(width)}  {finding.found}")
+        if finding.fix:
+            print(f"      {' ' * width}  fix: {finding.fix}")
+    failed = sum(f.verdict is Verdict.FAIL for f in findings)
+    warned = sum(f.verdict is Verdict.WARN for f in findings)
+    print(f"\n{failed} to fix, {warned} to look at." if failed or warned else "\nAll good.")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="coffer-agent doctor", description=__doc__)
+    parser.add_argument("--config", type=Path, required=True, help="the agent's TOML config")
+    parser.add_argument("--json", action="store_true", help="print JSON for scripts")
+    args = parser.parse_args(argv)
+    try:
+        config = AgentConfig.load(args.config)
+    except CofferError as exc:
+        print(f"coffer-agent doctor: {exc}", file=sys.stderr)
+        return exc.exit_code
+    findings = asyncio.run(Doctor(config).run())
+    if args.json:
+        print(json.dumps([asdict(f) for f in findings], indent=2))
+    else:
+        print_findings(findings)
+    return 1 if any(f.verdict is Verdict.FAIL for f in findings) else 0
