@@ -624,15 +624,25 @@ class Catalog:
         async with self.db.execute(sql, params) as cursor:
             return [_job(row) for row in await cursor.fetchall()]
 
-    async def fail_interrupted_jobs(self, now: float, code: str, message: str) -> int:
-        """Jobs left running by a controller that stopped: they cannot finish any more."""
+    async def fail_interrupted_jobs(self, now: float, code: str, message: str) -> list[JobRecord]:
+        """Jobs left running by a controller that stopped: they cannot finish any more.
+        Returns them as they are now recorded (failed)."""
         async with self._transaction() as db:
-            cursor = await db.execute(
+            async with db.execute(
+                f"SELECT {_JOB_COLUMNS} FROM jobs WHERE status IN (?,?)",
+                (JobStatus.IN_PROGRESS, JobStatus.CANCELLING),
+            ) as cursor:
+                jobs = [_job(row) for row in await cursor.fetchall()]
+            await db.execute(
                 "UPDATE jobs SET status=?, ended_at=?, error_code=?, error_message=?"
                 " WHERE status IN (?,?)",
                 (JobStatus.FAILED, now, code, message, JobStatus.IN_PROGRESS, JobStatus.CANCELLING),
             )
-        return cursor.rowcount
+        for job in jobs:
+            job.status, job.ended_at, job.error_code, job.error_message = (
+                JobStatus.FAILED, now, code, message,
+            )  # fmt: skip
+        return jobs
 
     async def job_counts(self, vault: str, since: float) -> dict[str, int]:
         """Jobs of a vault started at or after `since`, counted by status."""

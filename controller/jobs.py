@@ -177,18 +177,22 @@ class JobManager:
         self._tasks: asyncio.TaskGroup | None = None
         # Called with a backup's final record (the protection manager updates its item).
         self.on_backup_ended: BackupEnded | None = None
+        # Jobs the last shutdown interrupted, failed when the manager started.
+        self.interrupted: list[JobRecord] = []
         registry.on_connect.append(lambda vm_id: self.kick())
 
     async def __aenter__(self) -> Self:
         await self._recover_committed_backups()
-        interrupted = await self._catalog.fail_interrupted_jobs(
+        self.interrupted = await self._catalog.fail_interrupted_jobs(
             self._clock.now(),
             "ControllerRestarted",
             "The controller stopped while this job ran; it did not complete and left no "
             "recovery point. Run it again.",
         )
-        if interrupted:
-            log.warning("marked %d jobs interrupted by the last shutdown as failed", interrupted)
+        if self.interrupted:
+            log.warning(
+                "marked %d jobs interrupted by the last shutdown as failed", len(self.interrupted)
+            )
         self._tasks = asyncio.TaskGroup()
         await self._tasks.__aenter__()
         self._dispatcher = self._tasks.create_task(self._dispatch_loop(), name="dispatcher")

@@ -91,6 +91,10 @@ class Protection:
         vaults.on_policy_changed = self._policy_changed
 
     async def __aenter__(self) -> Protection:
+        # Backups the last shutdown cut short: their items show the failure.
+        for job in self._jobs.interrupted:
+            if job.operation == Operation.BACKUP:
+                await self._backup_ended(job)
         for item in await self._catalog.items():
             if ItemState(item.state).protected and item.policy:
                 await self._plan(item)

@@ -8,7 +8,9 @@ recovery point references (`controller.datastore.gc`, mark-and-sweep with a grac
 the vault's chunk guard, so it runs beside backups).
 
 A VM is pruned after each of its successful backups; once a day (`MAINTENANCE_AT`, UTC) every
-vault is pruned and garbage-collected. Recovery points a running job reads (an incremental's
+vault is pruned and garbage-collected. A maintenance missed while the controller was down is
+not caught up at start (unlike backups): the next backups prune their VMs anyway, and the next
+day's run collects what they freed. Recovery points a running job reads (an incremental's
 base, a restore's source) are left for the next prune. Points of VMs whose protection was
 stopped with retained data are never pruned: retaining is what the operator asked for.
 """

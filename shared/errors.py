@@ -177,7 +177,7 @@ class PolicyInUse(Conflict):
 
 
 class BackupWindowMissed(CofferError):
-    """The scheduled backup of VM {vm!r} (slot {slot}) could not start before its window closed at {deadline}: {reason}. Check that the VM runs and its agent is connected (`coffer agents`); the next scheduled backup will try again."""
+    """The backup of VM {vm!r} due at {slot} could not start before its window closed at {deadline}: {reason}. Check that the VM runs and its agent is connected (`coffer agents`); the next scheduled backup will try again, or run `coffer backup-now`."""
 
     code = "BackupWindowMissed"
     retryable = True

@@ -49,7 +49,8 @@ async def test_a_new_catalog_is_at_the_latest_schema_and_survives_reopen(tmp_pat
         assert agent.disks == (DiskRecord("root", "/dev/vda", 10),)
         assert (await catalog.job("j1")).status == "InProgress"
         # A restart fails what the last run left running, with a reason.
-        assert await catalog.fail_interrupted_jobs(300.0, "ControllerRestarted", "stopped") == 1
+        interrupted = await catalog.fail_interrupted_jobs(300.0, "ControllerRestarted", "stopped")
+        assert [(j.id, j.status) for j in interrupted] == [("j1", "Failed")]
         failed = await catalog.job("j1")
         assert (failed.status, failed.ended_at, failed.error_code) == (
             "Failed",

@@ -454,7 +454,11 @@ def rp_list(connection: Connection, vm_id: str, vault_name: str, as_json: bool) 
                 p.vm_id,
                 when(p.created_at),
                 p.consistency,
-                ", ".join(f"{d.name} ({size(d.size_bytes)})" for d in p.disks),
+                ", ".join(
+                    f"{d.name} ({size(d.size_bytes)}"
+                    + (f", {d.consistency})" if d.consistency else ")")
+                    for d in p.disks
+                ),
                 size(p.bytes_stored),
                 ", ".join(p.kept_by) or "-",
                 p.job_id,
