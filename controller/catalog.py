@@ -25,7 +25,10 @@ from typing import Any, Self
 import aiosqlite
 
 from shared.errors import Conflict, NotFound, UnsupportedFormat
-from shared.model import JobStatus
+from shared.model import ItemState, JobStatus
+from shared.policy import default_policy
+
+_DEFAULT_POLICY = default_policy("UTC")
 
 MIGRATIONS: list[str] = [
     # 1: the foundation
@@ -92,7 +95,7 @@ MIGRATIONS: list[str] = [
     );
     """,
     # 2: the vault workflow: policies, registered items, retention labels, storage accounting
-    """
+    f"""
     ALTER TABLE vaults ADD COLUMN max_concurrent_backups INTEGER NOT NULL DEFAULT 4;
     ALTER TABLE vaults ADD COLUMN stored_bytes INTEGER NOT NULL DEFAULT 0;
     CREATE TABLE policies (
@@ -123,6 +126,15 @@ MIGRATIONS: list[str] = [
     ALTER TABLE recovery_point_disks ADD COLUMN consistency TEXT NOT NULL DEFAULT '';
     CREATE INDEX recovery_points_by_vault ON recovery_points (vault, vm_id, created_at);
     CREATE INDEX jobs_by_vault ON jobs (vault, started_at);
+    -- A foundation catalog: its vault gets the default policy, and the VMs with recovery points
+    -- become items whose protection is stopped with data retained, so that an operator can
+    -- resume their protection or delete their data (and then the vault).
+    INSERT OR IGNORE INTO policies (vault, name, spec, created_at, updated_at)
+        SELECT name, '{_DEFAULT_POLICY.name}', '{json.dumps(_DEFAULT_POLICY.to_dict())}',
+               created_at, created_at FROM vaults;
+    INSERT OR IGNORE INTO items (vm_id, vault, state, policy, registered_at)
+        SELECT vm_id, vault, '{ItemState.PROTECTION_STOPPED}', NULL, min(created_at)
+        FROM recovery_points GROUP BY vm_id;
     """,
 ]
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from controller.catalog import Catalog
 from controller.datastore import ChunkGuard, Datastore, LocalDirectoryStore
+from shared.errors import DatastoreError
 
 
 class Datastores:
@@ -44,4 +45,12 @@ class Datastores:
         async with self._lock:
             self._open.pop(vault, None)
             self._guards.pop(vault, None)
-            await asyncio.to_thread(shutil.rmtree, self.path(vault), True)
+            try:
+                await asyncio.to_thread(shutil.rmtree, self.path(vault))
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                raise DatastoreError(
+                    detail=f"the vault is deleted, but its datastore {self.path(vault)} could "
+                    f"not be removed: {exc}; remove it by hand"
+                ) from exc

@@ -26,7 +26,7 @@ import asyncio
 import contextlib
 import logging
 import secrets
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -101,6 +101,7 @@ class RunningBackup(RunningJob):
     disks: list[str] = field(default_factory=list)
     deadline: float = 0.0
     started: bool = False
+    committing: bool = False
     # Digests this job has seen durable in the datastore: checked, uploaded or in the previous
     # recovery point. An index may reference only these (or what a datastore check finds).
     known: set[bytes] = field(default_factory=set)
@@ -174,6 +175,7 @@ class JobManager:
         self._started: dict[str, int] = {}
         self._limits: dict[str, int] = {}
         self._kick = asyncio.Event()
+        self._stopping = False
         self._tasks: asyncio.TaskGroup | None = None
         # Called with a backup's final record (the protection manager updates its item).
         self.on_backup_ended: BackupEnded | None = None
@@ -195,7 +197,7 @@ class JobManager:
             )
         self._tasks = asyncio.TaskGroup()
         await self._tasks.__aenter__()
-        self._dispatcher = self._tasks.create_task(self._dispatch_loop(), name="dispatcher")
+        self._dispatcher = self._spawn(self._dispatch_loop(), "dispatcher")
         return self
 
     async def __aexit__(
@@ -205,19 +207,18 @@ class JobManager:
         tb: TracebackType | None,
     ) -> None:
         assert self._tasks is not None
+        self.stopping()
         self._dispatcher.cancel()
-        for queue in self._queues.values():
-            for running in list(queue):
-                await self._end_queued(
-                    running,
-                    JobStatus.FAILED,
-                    "ControllerRestarted",
-                    "The controller stopped while this backup waited in the queue. Run it again.",
-                )
         # Shutting down: the agents' sessions are closed by now, so every job's command has
-        # failed with AgentDisconnected and its task is finishing its record.
+        # failed with AgentDisconnected and its task is finishing. Queued backups and jobs
+        # the stop cut short stay InProgress in the catalog: the next start fails them as
+        # ControllerRestarted (and runs a scheduled backup again), in one place.
         await self._tasks.__aexit__(exc_type, exc, tb)
         self._tasks = None
+
+    def stopping(self) -> None:
+        """The controller is stopping: failures from here on are the stop's, not the jobs'."""
+        self._stopping = True
 
     async def _recover_committed_backups(self) -> None:
         """Backups that committed their manifest before the controller stopped, but not yet
@@ -276,12 +277,28 @@ class JobManager:
         self._running[job.id] = running
         await self._catalog.insert_job(job)
         self._publish(job)
+        # The body runs as a task of the manager, never in the caller's: a caller that goes away
+        # (an operator's RPC cancelled) must not leave the job half done and recorded running.
+        self._spawn(self._conclude(running, body(job)), f"job-{job.id}")
         if wait:
-            await self._conclude(running, body(job))
-        else:
-            assert self._tasks is not None, "job manager is not running"
-            self._tasks.create_task(self._conclude(running, body(job)), name=f"job-{job.id}")
+            await asyncio.shield(running.ended.wait())
         return job
+
+    def _spawn(self, work: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
+        """Run `work` in the manager's task group; whatever it raises is logged, never let
+        through: an exception reaching the group would cancel every job and the controller."""
+        assert self._tasks is not None, "job manager is not running"
+
+        async def supervised() -> None:
+            try:
+                await work
+            except Exception:
+                log.exception("task %s failed", name)
+
+        task = self._tasks.create_task(supervised(), name=name)
+        # A task cancelled before its first step never awaits `work`: close it quietly.
+        task.add_done_callback(lambda _: work.close())
+        return task
 
     async def _conclude(self, running: RunningJob, work: Awaitable[None]) -> None:
         job = running.record
@@ -298,6 +315,10 @@ class JobManager:
             log.exception("job %s failed unexpectedly", job.id)
             job.status, job.error_code = JobStatus.FAILED, "InternalError"
             job.error_message = f"internal error in the controller: {exc!r}"
+        except asyncio.CancelledError:
+            job.status, job.error_code = JobStatus.FAILED, "ControllerRestarted"
+            job.error_message = "The controller stopped while this job ran. Run it again."
+            raise
         finally:
             await self._record_end(running)
 
@@ -305,6 +326,10 @@ class JobManager:
         job = running.record
         job.ended_at = self._clock.now()
         try:
+            if self._stopping and job.status == JobStatus.FAILED:
+                # Cut short by the stop: left InProgress for the next start to record.
+                log.info("job %s interrupted by the controller's stop", job.id)
+                return
             await self._catalog.update_job(job)
         except Exception:
             log.exception("job %s: its outcome could not be recorded", job.id)
@@ -400,6 +425,12 @@ class JobManager:
                             reason="the vault's other backups used every slot"
                             if online
                             else "its agent was not connected",
+                            fix="Raise the vault's concurrent backups or spread the policies' "
+                            "schedules; the next scheduled backup will try again."
+                            if online
+                            else "Check that the VM runs and its agent is connected (`coffer "
+                            "agents`); the next scheduled backup will try again, or run "
+                            "`coffer backup-now`.",
                         ).message,
                     )
                 elif self._started.get(vault, 0) < self._limits.get(vault, 1) and (
@@ -408,8 +439,7 @@ class JobManager:
                     queue.remove(running)
                     self._started[vault] = self._started.get(vault, 0) + 1
                     running.started = True
-                    assert self._tasks is not None
-                    self._tasks.create_task(self._start_backup(running), name=f"job-{vm_id}")
+                    self._spawn(self._start_backup(running), f"job-{running.record.id}")
                 else:
                     left = running.deadline - now
                     nearest = left if nearest is None else min(nearest, left)
@@ -452,9 +482,17 @@ class JobManager:
                     previous_recovery_point_id=running.previous.id if running.previous else "",
                 )
             )
-        except CofferError as exc:  # the agent went away between dispatch and start
+        except Exception as exc:  # e.g. the agent went away between dispatch and start
             self._started[job.vault] -= 1
-            await self._end_queued(running, JobStatus.FAILED, exc.code, exc.message)
+            error = exc if isinstance(exc, CofferError) else None
+            if error is None:
+                log.exception("job %s could not start", job.id)
+            await self._end_queued(
+                running,
+                JobStatus.FAILED,
+                error.code if error else "InternalError",
+                error.message if error else f"internal error in the controller: {exc!r}",
+            )
             self.kick()
             return
         try:
@@ -466,7 +504,7 @@ class JobManager:
             await self._backup_ended(job)
 
     async def _backup_ended(self, job: JobRecord) -> None:
-        if self.on_backup_ended is None:
+        if self.on_backup_ended is None or (self._stopping and job.status == JobStatus.FAILED):
             return
         try:
             await self.on_backup_ended(job)
@@ -506,6 +544,8 @@ class JobManager:
             )
         if running.cancel_requested:
             raise JobCancelled(job_id=job.id)
+        # From here the recovery point is being committed: a cancel is refused, not half done.
+        running.committing = True
         job.details["frozen_ms"] = round(result.frozen_ms, 1)
         job.details["consistency"] = {
             d.disk: f"{d.consistency or Consistency.CRASH} ({d.snapshot_provider or 'live'})"
@@ -545,6 +585,15 @@ class JobManager:
         datastore = await self._datastores.get(rp.vault)
         index = await self.in_pool(datastore.get_index, rp.id, disk)
         job = self._new_job(Operation.RESTORE, target_vm, rp.vault)
+        # Held, then the recovery point checked again: a prune and collection that came first
+        # are seen here, and any that come later leave these chunks alone.
+        guard = self._datastores.guard(rp.vault)
+        guard.hold(job.id, index.referenced())
+        try:
+            await self.in_pool(datastore.get_manifest, rp.id)
+        except NotFound:
+            guard.release(job.id)
+            raise NotFound(kind="recovery point", name=rp.id) from None
         job.recovery_point_id = rp.id
         job.details = {"source_vm": vm_id, "disk": disk, "target_path": target_path}
         running = RunningRestore(
@@ -555,7 +604,11 @@ class JobManager:
             index=index,
             allowed=frozenset(index.referenced()),
         )
-        await self._admit(running)
+        try:
+            await self._admit(running)
+        except BaseException:
+            guard.release(job.id)
+            raise
         command = agent_pb2.ControllerMessage(
             restore=agent_pb2.RestoreCommand(
                 job_id=job.id,
@@ -566,10 +619,7 @@ class JobManager:
                 chunk_size=rp_disk.chunk_size,
             )
         )
-        assert self._tasks is not None, "job manager is not running"
-        self._tasks.create_task(
-            self._run(running, session, command, self._finish_restore), name=f"job-{job.id}"
-        )
+        self._spawn(self._run(running, session, command, self._finish_restore), f"job-{job.id}")
         return job
 
     def _finish_restore(self, running: RunningJob, result: agent_pb2.CommandResult) -> None:
@@ -590,6 +640,11 @@ class JobManager:
             raise Conflict(detail=f"job {job_id} has already ended ({job.status})")
         if not isinstance(running, RunningBackup | RunningRestore):
             raise Conflict(detail=f"a {job.operation} job cannot be cancelled; it ends by itself")
+        if isinstance(running, RunningBackup) and running.committing:
+            raise Conflict(
+                detail=f"backup {job_id} is committing its recovery point and can no longer "
+                "be cancelled; delete the recovery point afterwards if it is not wanted"
+            )
         if running.cancel_requested:
             return job
         running.cancel_requested = True
@@ -611,8 +666,7 @@ class JobManager:
             session.outbox.put_nowait(
                 agent_pb2.ControllerMessage(cancel=agent_pb2.CancelCommand(job_id=job.id))
             )
-        assert self._tasks is not None
-        self._tasks.create_task(self._cancel_deadline(running), name=f"cancel-{job.id}")
+        self._spawn(self._cancel_deadline(running), f"cancel-{job.id}")
         return job
 
     async def _cancel_deadline(self, running: RunningJob) -> None:
@@ -687,8 +741,12 @@ class JobManager:
         finally:
             running.reply = None
             await self._record_end(running)
+            self._datastores.guard(job.vault).release(job.id)
             if job.operation == Operation.BACKUP:
-                await self._catalog.add_stored_bytes(job.vault, job.bytes_stored)
+                try:
+                    await self._catalog.add_stored_bytes(job.vault, job.bytes_stored)
+                except Exception:
+                    log.exception("job %s: the vault's stored bytes could not be updated", job.id)
 
     def _forget(self, running: RunningJob) -> None:
         self._running.pop(running.record.id, None)

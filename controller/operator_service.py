@@ -33,7 +33,13 @@ from controller.pruning import Pruner
 from controller.registry import AgentRegistry
 from controller.status import StatusMonitor
 from controller.vaults import Vaults
-from shared.errors import CofferError, InvalidArgument, InvalidPolicy, PermissionDenied
+from shared.errors import (
+    CofferError,
+    InvalidArgument,
+    InvalidPolicy,
+    PermissionDenied,
+    VmNotFound,
+)
 from shared.model import ItemState, JobStatus, Operation
 from shared.policy import Policy
 from shared.rpc import operator_pb2, operator_pb2_grpc
@@ -93,6 +99,16 @@ class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
         self._vaults = vaults
         self._protection = protection
         self._pruner = pruner
+
+    async def _vm_id(self, name: str) -> str:
+        """The VM id a name (id, name or service/name) gives; the name itself for a VM that is
+        no longer enrolled (its jobs remain)."""
+        if not name:
+            return ""
+        try:
+            return (await self._protection.resolve([name]))[0].vm_id
+        except VmNotFound:
+            return name
 
     async def _names(self) -> dict[str, str]:
         return {a.vm_id: display_name(a, a.vm_id) for a in await self._catalog.agents()}
@@ -224,7 +240,7 @@ class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
             JobFilter(
                 statuses=list(request.status),
                 operations=list(request.operation),
-                vm_id=request.vm_id,
+                vm_id=await self._vm_id(request.vm_id),
                 vault=request.vault,
                 started_from=_seconds(request.started_from, request.HasField("started_from")),
                 started_to=_seconds(request.started_to, request.HasField("started_to")),
@@ -270,6 +286,8 @@ class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
                 # Woken by the job's own changes; otherwise a steady tick for MQTT progress.
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(running.changed.wait(), WATCH_INTERVAL)
+            else:  # its record is being written: look again shortly
+                await asyncio.sleep(WATCH_INTERVAL)
             job = await self._jobs.job(request.id)
 
     @operator_only
@@ -329,7 +347,7 @@ class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
     async def DeleteVault(
         self, request: operator_pb2.VaultRef, context: Context
     ) -> operator_pb2.Vault:
-        vault = await self._vaults.delete(request.name)
+        vault = await self._vaults.delete(request.name, self._jobs.running_count(request.name))
         self._protection.vault_deleted(vault.name)
         return operator_pb2.Vault(name=vault.name, region=vault.region)
 

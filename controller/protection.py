@@ -38,6 +38,7 @@ from shared.errors import (
     InvalidArgument,
     ItemNotRegistered,
     ItemStateConflict,
+    OperationInProgress,
     RegionMismatch,
     VmNotFound,
 )
@@ -87,17 +88,26 @@ class Protection:
         self.plan = Plan()
         self.scheduler = Scheduler(self.plan, clock, self._scheduled)
         self._task: asyncio.Task[None] | None = None
+        # Changes to one item are made one at a time (read, decide, write): a backup ending
+        # and a stop-protection must not write over each other's state.
+        self._locks: dict[str, asyncio.Lock] = {}
         jobs.on_backup_ended = self._backup_ended
         vaults.on_policy_changed = self._policy_changed
 
     async def __aenter__(self) -> Protection:
-        # Backups the last shutdown cut short: their items show the failure.
+        # Backups the last shutdown cut short: their items show the failure, and a scheduled
+        # one runs again (its slot is not lost to the restart).
+        rerun: dict[str, JobRecord] = {}
         for job in self._jobs.interrupted:
             if job.operation == Operation.BACKUP:
                 await self._backup_ended(job)
+                if job.details.get("trigger") == "scheduled":
+                    rerun[job.vm_id] = job
         for item in await self._catalog.items():
             if ItemState(item.state).protected and item.policy:
                 await self._plan(item)
+                if item.vm_id in rerun:
+                    await self._rerun(item, rerun[item.vm_id])
         for vault in await self._catalog.vaults():
             self._pruner.plan_maintenance(self.plan, vault.name)
         self._task = asyncio.create_task(self.scheduler.run(), name="scheduler")
@@ -107,6 +117,24 @@ class Protection:
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
+
+    async def _rerun(self, item: ItemRecord, job: JobRecord) -> None:
+        assert item.policy is not None
+        policy = await self._vaults.policy(item.vault, item.policy)
+        slot = float(job.details.get("slot", job.started_at))
+        log.info(
+            "%s: running the scheduled backup a restart interrupted (job %s)", item.vm_id, job.id
+        )
+        await self._jobs.backup(
+            item.vault,
+            item.vm_id,
+            trigger="scheduled",
+            slot=slot,
+            deadline=self._clock.now() + policy.schedule.window.total_seconds(),
+        )
+
+    def _lock(self, vm_id: str) -> asyncio.Lock:
+        return self._locks.setdefault(vm_id, asyncio.Lock())
 
     def vault_created(self, vault: str) -> None:
         self._pruner.plan_maintenance(self.plan, vault)
@@ -248,7 +276,22 @@ class Protection:
                 )
 
         async def body(job: JobRecord) -> None:
-            await self._catalog.delete_item(job.vm_id)
+            async with self._lock(job.vm_id):
+                item = await self._catalog.item(job.vm_id)
+                if item is None:
+                    return
+                if item.state not in (ItemState.REGISTERED, ItemState.REGISTERING):
+                    raise ItemStateConflict(
+                        vm=job.vm_id, state=item.state, fix="stop its protection first"
+                    )
+                points = await self._catalog.recovery_points(vm_id=job.vm_id, vault=vault)
+                if points:
+                    raise ItemStateConflict(
+                        vm=job.vm_id,
+                        state=f"holding {len(points)} recovery points",
+                        fix="delete them first (`coffer stop-protection --delete-data`)",
+                    )
+                await self._catalog.delete_item(job.vm_id)
 
         return [
             await self._jobs.run(Operation.UNREGISTER, vault, item.vm_id, body) for item in items
@@ -293,8 +336,19 @@ class Protection:
         policy = await self._vaults.policy(vault, policy_name)
         return [await self._protect_one(item, policy) for item in items]
 
-    async def _protect_one(self, item: ItemRecord, policy: Policy) -> JobRecord:
+    async def _protect_one(self, stale: ItemRecord, policy: Policy) -> JobRecord:
         async def body(job: JobRecord) -> None:
+            async with self._lock(stale.vm_id):
+                await locked(job)
+
+        async def locked(job: JobRecord) -> None:
+            item = await self._catalog.item(stale.vm_id)
+            if item is None or item.vault != stale.vault or item.state != stale.state:
+                raise ItemStateConflict(
+                    vm=stale.vm_id,
+                    state="changed meanwhile",
+                    fix="look at `coffer items` and try again",
+                )
             now = self._clock.now()
             previous = item.policy
             item.policy = policy.name
@@ -319,7 +373,7 @@ class Protection:
             if previous and previous != policy.name:
                 job.details["previous_policy"] = previous
 
-        return await self._jobs.run(Operation.CONFIGURE_PROTECTION, item.vault, item.vm_id, body)
+        return await self._jobs.run(Operation.CONFIGURE_PROTECTION, stale.vault, stale.vm_id, body)
 
     async def _plan(self, item: ItemRecord) -> None:
         assert item.policy is not None
@@ -374,28 +428,52 @@ class Protection:
                 jobs.append(await self._delete_data(item))
         return jobs
 
-    async def _stop_one(self, item: ItemRecord) -> JobRecord:
+    def _idle(self, vm_id: str) -> None:
+        """Refuse while a job of the VM runs or waits (checked again under the item's lock)."""
+        running = self._jobs.running_job_of(vm_id)
+        if running:
+            raise ItemStateConflict(
+                vm=vm_id,
+                state=f"running job {running}",
+                fix="wait for it or cancel it (`coffer job cancel`)",
+            )
+
+    async def _stop_one(self, stale: ItemRecord) -> JobRecord:
         async def body(job: JobRecord) -> None:
-            self.plan.remove(item.vm_id)
-            self.scheduler.changed()
-            if ItemState(item.state).protected:
-                job.details["policy"] = item.policy
-                item.state, item.policy = ItemState.PROTECTION_STOPPED, None
-                item.error_code = item.error_message = ""
+            async with self._lock(stale.vm_id):
+                item = await self._catalog.item(stale.vm_id)
+                if item is None or item.vault != stale.vault:
+                    raise ItemNotRegistered(vm=stale.vm_id, vault=stale.vault)
+                self._idle(item.vm_id)
+                self.plan.remove(item.vm_id)
+                self.scheduler.changed()
+                if ItemState(item.state).protected:
+                    job.details["policy"] = item.policy
+                    item.state, item.policy = ItemState.PROTECTION_STOPPED, None
+                    item.error_code = item.error_message = ""
+                    await self._catalog.update_item(item)
+
+        return await self._jobs.run(Operation.STOP_PROTECTION, stale.vault, stale.vm_id, body)
+
+    async def _delete_data(self, stale: ItemRecord) -> JobRecord:
+        async def body(job: JobRecord) -> None:
+            async with self._lock(stale.vm_id):
+                item = await self._catalog.item(stale.vm_id)
+                if item is None or item.vault != stale.vault:
+                    raise ItemNotRegistered(vm=stale.vm_id, vault=stale.vault)
+                if item.state != ItemState.PROTECTION_STOPPED:
+                    raise ItemStateConflict(
+                        vm=item.vm_id, state=item.state, fix="stop its protection first"
+                    )
+                self._idle(item.vm_id)
+                deleted = await self._pruner.delete_all(item.vault, item.vm_id)
+                job.details["deleted_recovery_points"] = deleted
+                item.state = ItemState.REGISTERED
+                item.last_slot = item.last_backup_at = None
+                item.last_backup_status = ""
                 await self._catalog.update_item(item)
 
-        return await self._jobs.run(Operation.STOP_PROTECTION, item.vault, item.vm_id, body)
-
-    async def _delete_data(self, item: ItemRecord) -> JobRecord:
-        async def body(job: JobRecord) -> None:
-            deleted = await self._pruner.delete_all(item.vault, item.vm_id)
-            job.details["deleted_recovery_points"] = deleted
-            item.state = ItemState.REGISTERED
-            item.last_slot = item.last_backup_at = None
-            item.last_backup_status = ""
-            await self._catalog.update_item(item)
-
-        return await self._jobs.run(Operation.DELETE_BACKUP_DATA, item.vault, item.vm_id, body)
+        return await self._jobs.run(Operation.DELETE_BACKUP_DATA, stale.vault, stale.vm_id, body)
 
     # --- backups ----------------------------------------------------------------------------
 
@@ -403,58 +481,95 @@ class Protection:
         self, vault: str, names: Sequence[str], disks: Sequence[str]
     ) -> list[JobRecord]:
         agents = await self.resolve(names)
-        items: list[ItemRecord] = []
+        for agent in agents:  # every VM is checked before any job starts
+            await self._protected_item(vault, agent)
+        jobs: list[JobRecord] = []
         for agent in agents:
-            item = await self._catalog.item(agent.vm_id)
-            name = display_name(agent, agent.vm_id)
-            if item is None or (vault and item.vault != vault):
-                raise ItemNotRegistered(vm=name, vault=vault or "any vault")
-            if not ItemState(item.state).protected:
-                raise ItemStateConflict(
-                    vm=name,
-                    state=item.state,
-                    fix=f"protect it first (`coffer protect --vault {item.vault} {name}`)",
-                )
-            items.append(item)
-        return [
-            await self._jobs.backup(item.vault, item.vm_id, disks=list(disks)) for item in items
-        ]
+            async with self._lock(agent.vm_id):
+                # Checked again under the lock: a stop-protection may have come in between.
+                item = await self._protected_item(vault, agent)
+                jobs.append(await self._jobs.backup(item.vault, item.vm_id, disks=list(disks)))
+        return jobs
+
+    async def _protected_item(self, vault: str, agent: AgentRecord) -> ItemRecord:
+        item = await self._catalog.item(agent.vm_id)
+        name = display_name(agent, agent.vm_id)
+        if item is None or (vault and item.vault != vault):
+            raise ItemNotRegistered(vm=name, vault=vault or "any vault")
+        if not ItemState(item.state).protected:
+            raise ItemStateConflict(
+                vm=name,
+                state=item.state,
+                fix=f"protect it first (`coffer protect --vault {item.vault} {name}`)",
+            )
+        return item
 
     async def _scheduled(self, due: Due) -> None:
         if self._pruner.is_maintenance(due.key):
             await self._pruner.maintain(due.key)
             return
-        item = await self._catalog.item(due.key)
-        if item is None or not ItemState(item.state).protected:
-            self.plan.remove(due.key)
-            return
-        item.last_slot = due.slot
-        await self._catalog.update_item(item)
-        running = self._jobs.running_job_of(item.vm_id)
-        if running:
-            log.warning(
-                "%s: scheduled backup of %s skipped; job %s is still running",
-                item.vm_id,
-                datetime.fromtimestamp(due.slot, UTC).isoformat(),
-                running,
+        skipped: tuple[ItemRecord, str] | None = None
+        async with self._lock(due.key):
+            item = await self._catalog.item(due.key)
+            if item is None or not ItemState(item.state).protected:
+                self.plan.remove(due.key)
+                return
+            item.last_slot = due.slot
+            await self._catalog.update_item(item)
+            running = self._jobs.running_job_of(item.vm_id)
+            if running:
+                skipped = item, running
+            else:
+                if due.missed:
+                    log.info(
+                        "%s: %d scheduled backups were missed; running one now",
+                        item.vm_id,
+                        due.missed,
+                    )
+                await self._jobs.backup(
+                    item.vault,
+                    item.vm_id,
+                    trigger="scheduled",
+                    slot=due.slot,
+                    deadline=due.deadline,
+                )
+        if skipped is not None:
+            await self._skipped(*skipped, due.slot)
+
+    async def _skipped(self, item: ItemRecord, running: str, slot: float) -> None:
+        """A slot that came while the VM's previous job still ran: a failed backup job says so
+        (and the item shows it), rather than a silent gap in the VM's recovery points."""
+        at = datetime.fromtimestamp(slot, UTC).strftime("%Y-%m-%d %H:%M UTC")
+
+        async def body(job: JobRecord) -> None:
+            raise OperationInProgress(
+                f"The scheduled backup of {at} did not run: job {running} of this VM was still "
+                "running. If backups take longer than the gap between slots, schedule fewer "
+                "or raise the vault's concurrent backups; the next slot will try again."
             )
-            return
-        if due.missed:
-            log.info(
-                "%s: %d scheduled backups were missed; running one now", item.vm_id, due.missed
-            )
-        await self._jobs.backup(
+
+        job = await self._jobs.run(
+            Operation.BACKUP,
             item.vault,
             item.vm_id,
-            trigger="scheduled",
-            slot=due.slot,
-            deadline=due.deadline,
+            body,
+            details={"trigger": "scheduled", "slot": slot},
         )
+        await self._backup_ended(job)
 
     async def _backup_ended(self, job: JobRecord) -> None:
+        async with self._lock(job.vm_id):
+            item = await self._update_after_backup(job)
+        if item is not None and JobStatus(job.status).succeeded and item.policy:
+            try:
+                await self._pruner.prune_vm(item.vault, item.vm_id, after_job=job.id)
+            except CofferError:
+                log.exception("pruning %s after backup %s failed", item.vm_id, job.id)
+
+    async def _update_after_backup(self, job: JobRecord) -> ItemRecord | None:
         item = await self._catalog.item(job.vm_id)
         if item is None or item.vault != job.vault:
-            return
+            return None
         item.last_backup_at = job.ended_at
         item.last_backup_status = job.status
         if JobStatus(job.status).succeeded:
@@ -466,8 +581,4 @@ class Protection:
             if ItemState(item.state).protected:
                 item.state = ItemState.PROTECTION_ERROR
         await self._catalog.update_item(item)
-        if JobStatus(job.status).succeeded and item.policy:
-            try:
-                await self._pruner.prune_vm(item.vault, item.vm_id, after_job=job.id)
-            except CofferError:
-                log.exception("pruning %s after backup %s failed", item.vm_id, job.id)
+        return item

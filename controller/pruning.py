@@ -3,9 +3,11 @@
 Two steps, each a job. `Prune` applies the policies' retention rules (`shared.retention`) to a
 vault's recovery points: it records which rules keep each point and deletes the rest (the
 catalog row first, so the point disappears from listings at once, then its manifest — the
-datastore's commit point — and its indexes). `GarbageCollection` then reclaims the chunks no
-recovery point references (`controller.datastore.gc`, mark-and-sweep with a grace period and
-the vault's chunk guard, so it runs beside backups).
+datastore's commit point — and its indexes). A VM's newest recovery point is never pruned
+(labelled `latest` when no rule keeps it): a VM whose backups keep failing still has one.
+`GarbageCollection` then reclaims the chunks no recovery point references
+(`controller.datastore.gc`, mark-and-sweep with a grace period and the vault's chunk guard, so
+it runs beside backups).
 
 A VM is pruned after each of its successful backups; once a day (`MAINTENANCE_AT`, UTC) every
 vault is pruned and garbage-collected. A maintenance missed while the controller was down is
@@ -68,14 +70,18 @@ class Pruner:
             datetime.fromtimestamp(self._clock.now(), UTC),
         )
         in_use = self._jobs.in_use()
-        expired = [rp for rp in points if rp.id not in keep and rp.id not in in_use]
+        labels = {
+            rp_id: tuple(sorted(rules, key=_RULE_ORDER.index)) for rp_id, rules in keep.items()
+        }
+        # The newest point is never pruned, whatever the rules say: a VM whose backups have
+        # been failing for longer than its retention must not be left with nothing.
+        if points:
+            newest = max(points, key=lambda rp: rp.created_at)
+            labels.setdefault(newest.id, (LATEST,))
+        expired = [rp for rp in points if rp.id not in labels and rp.id not in in_use]
         # Every survivor's labels: one spared only because a running job reads it gets none,
         # not the rules that kept it before.
-        kept = {
-            rp.id: tuple(sorted(keep.get(rp.id, ()), key=_RULE_ORDER.index))
-            for rp in points
-            if rp.id in keep or rp.id in in_use
-        }
+        kept = {rp.id: labels.get(rp.id, ()) for rp in points if rp.id in labels or rp.id in in_use}
         return expired, kept
 
     async def _delete(self, vault: str, points: list[RecoveryPointRecord]) -> list[str]:
@@ -127,8 +133,8 @@ class Pruner:
         in_use = self._jobs.in_use() & {rp.id for rp in points}
         if in_use:
             raise Conflict(
-                detail=f"recovery points {', '.join(sorted(in_use))} are being restored; "
-                "wait for the restore to finish and delete the data again"
+                detail=f"recovery points {', '.join(sorted(in_use))} are being read by a running "
+                "job (a restore); wait for it to finish and delete the data again"
             )
         return await self._delete(vault, points)
 
@@ -192,3 +198,5 @@ class Pruner:
 
 
 _RULE_ORDER = ["daily", "weekly", "monthly", "yearly"]
+# The label of a point kept only because it is the VM's newest.
+LATEST = "latest"

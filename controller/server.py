@@ -104,6 +104,8 @@ class Controller:
 
             flusher = asyncio.create_task(self._flush_heartbeats(catalog), name="heartbeats")
             stack.push_async_callback(self._cancel, flusher)
+            # Runs first on the way out: what the stop interrupts is recorded at the next start.
+            stack.callback(jobs.stopping)
             yield self
 
     @staticmethod

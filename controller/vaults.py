@@ -83,8 +83,15 @@ class Vaults:
         await self._datastores.get(name)  # the datastore exists from the start
         return vault
 
-    async def delete(self, name: str) -> VaultRecord:
+    async def delete(self, name: str, running_jobs: int) -> VaultRecord:
+        """Delete an empty vault; `running_jobs` is how many of its jobs run now."""
         vault = await self._catalog.vault(name)
+        if running_jobs:
+            raise VaultNotEmpty(
+                vault=name,
+                what=f"{running_jobs} running jobs",
+                fix=f"wait for them (`coffer job list --vault {name} --status InProgress`)",
+            )
         items = await self._catalog.items(name)
         if items:
             raise VaultNotEmpty(

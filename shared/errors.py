@@ -177,7 +177,7 @@ class PolicyInUse(Conflict):
 
 
 class BackupWindowMissed(CofferError):
-    """The backup of VM {vm!r} due at {slot} could not start before its window closed at {deadline}: {reason}. Check that the VM runs and its agent is connected (`coffer agents`); the next scheduled backup will try again, or run `coffer backup-now`."""
+    """The backup of VM {vm!r} due at {slot} could not start before its window closed at {deadline}: {reason}. {fix}"""
 
     code = "BackupWindowMissed"
     retryable = True

@@ -704,6 +704,25 @@ class Policy:
                     f"add {day} to the schedule"
                 )
 
+        # Every backup the schedule takes is kept by some rule at first: otherwise a backup
+        # would complete and be pruned at once (Azure Backup has the same two rules).
+        if schedule.frequency is Frequency.DAILY and retention.daily is None:
+            raise InvalidPolicy(
+                detail="a daily schedule needs a daily retention rule (e.g. --daily 30): "
+                "without one, the backups of the days no other rule keeps would be deleted "
+                "as soon as they are taken"
+            )
+        if schedule.frequency is Frequency.WEEKLY:
+            kept = set(retention.weekly.weekdays) if retention.weekly else set()
+            left = [day for day in schedule.weekdays if day not in kept]
+            if left:
+                days = ", ".join(day.short for day in left)
+                raise InvalidPolicy(
+                    detail=f"a weekly schedule needs a weekly retention rule for each day it "
+                    f"runs; nothing would keep the {days} backups (e.g. --weekly "
+                    f"{','.join(day.short.lower() for day in schedule.weekdays)}:12)"
+                )
+
     def describe(self) -> tuple[str, str]:
         """The schedule and the retention, each in one line for people."""
         return self.schedule.describe(), self.retention.describe()

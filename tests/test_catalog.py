@@ -107,3 +107,27 @@ async def test_recovery_points_in_order(tmp_path: Path) -> None:
         assert await catalog.latest_recovery_point("vm-9") is None
         with pytest.raises(NotFound):
             await catalog.recovery_point("nope")
+
+
+async def test_a_foundation_catalog_upgrades_to_the_vault_workflow(tmp_path: Path) -> None:
+    """A catalog of the first release (one vault, recovery points, no items) is migrated so
+    that an operator can manage what it holds: its vault has the default policy, and each VM
+    with recovery points is an item whose protection is stopped with its data retained."""
+    path = tmp_path / "catalog.sqlite"
+    db = sqlite3.connect(path)
+    db.executescript(f"BEGIN; {MIGRATIONS[0]}; PRAGMA user_version = 1; COMMIT;")
+    db.execute("INSERT INTO vaults VALUES ('default', '', 524288, 10.0)")
+    db.execute(
+        "INSERT INTO recovery_points VALUES ('rp-1', 'default', 'vm-1', 'job-1', 20.0, 'crash', 5)"
+    )
+    db.commit()
+    db.close()
+    async with Catalog(path) as catalog:
+        assert await catalog.schema_version() == len(MIGRATIONS)
+        [policy] = await catalog.policies("default")
+        assert (policy.name, policy.spec["retention"]) == ("DefaultPolicy", {"daily": {"days": 30}})
+        item = await catalog.item("vm-1")
+        assert item is not None
+        assert (item.vault, item.state, item.policy) == ("default", "ProtectionStopped", None)
+        [rp] = await catalog.recovery_points("vm-1")
+        assert (rp.id, rp.kept_by, rp.data_bytes) == ("rp-1", (), 0)

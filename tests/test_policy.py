@@ -385,6 +385,34 @@ def test_rules_must_keep_backups_the_schedule_takes(
     assert str(raised.value).startswith("Invalid backup policy: ")
 
 
+@pytest.mark.parametrize(
+    ("schedule", "retention", "message"),
+    [
+        (
+            DAILY,
+            Retention(weekly=WeeklyRule((Weekday.SUNDAY,), 4)),
+            r"a daily schedule needs a daily retention rule \(e.g. --daily 30\)",
+        ),
+        (
+            parse_schedule("weekly sun,wed 03:00 tz=UTC"),
+            Retention(weekly=WeeklyRule((Weekday.SUNDAY,), 4)),
+            r"nothing would keep the Wed backups \(e.g. --weekly wed,sun:12\)",
+        ),
+        (
+            WEEKLY_SUN,
+            Retention(monthly=MonthlyRule(12, Weekday.SUNDAY, WeekOfMonth.LAST)),
+            "a weekly schedule needs a weekly retention rule for each day it runs",
+        ),
+    ],
+)
+def test_every_backup_the_schedule_takes_is_kept_at_first(
+    schedule: Schedule, retention: Retention, message: str
+) -> None:
+    """Otherwise a backup completes and the prune after it deletes it at once."""
+    with pytest.raises(InvalidPolicy, match=message):
+        Policy("p", schedule, retention)
+
+
 def test_a_daily_schedule_allows_every_rule() -> None:
     retention = parse_retention(
         daily="7", weekly="mon,fri:4", monthly="day-1,last:12", yearly="jul:second-wed:3"
@@ -458,7 +486,7 @@ def test_policy_json_is_the_documented_spec() -> None:
         Policy(
             "days",
             parse_schedule("daily 00:15,12:45 tz=UTC"),
-            parse_retention(monthly="day-1,15,last:24", yearly="feb,dec:day-last:10"),
+            parse_retention(daily="7", monthly="day-1,15,last:24", yearly="feb,dec:day-last:10"),
         ),
     ],
 )

@@ -172,6 +172,7 @@ async def controller(root: Path, clock: ManualClock) -> AsyncIterator[Controller
             JobManager(catalog, registry, datastores, None, clock, pool)
         )
         stack.callback(registry.close_all)
+        stack.callback(jobs.stopping)  # as controller.server stops
         vaults = Vaults(catalog, datastores, clock, CHUNK)
         pruner = Pruner(catalog, datastores, jobs, clock, gc_grace_seconds=HOUR)
         protection = await stack.enter_async_context(
@@ -451,10 +452,10 @@ async def test_a_vault_is_deleted_only_when_it_holds_no_vm_and_no_recovery_point
     await env.connect(SHOP_WEB)
     await env.protection.register(EU, ["shop/web-1"])
     with pytest.raises(VaultNotEmpty, match="1 registered VMs"):
-        await env.vaults.delete(EU)
+        await env.vaults.delete(EU, running_jobs=0)
 
     await env.protection.unregister(EU, ["shop/web-1"])
-    await env.vaults.delete(EU)
+    await env.vaults.delete(EU, running_jobs=0)
     env.protection.vault_deleted(EU)
     assert [v.name for v in await env.catalog.vaults()] == [US]
     assert not env.datastores.path(EU).exists()
@@ -464,7 +465,7 @@ async def test_a_vault_is_deleted_only_when_it_holds_no_vm_and_no_recovery_point
     # Recovery points outlive their VM's registration (e.g. a restored catalog): refused too.
     await store_recovery_point(env, US, DB, "rp-orphan", ts(2025, 3, 2, 2))
     with pytest.raises(VaultNotEmpty, match="1 recovery points"):
-        await env.vaults.delete(US)
+        await env.vaults.delete(US, running_jobs=0)
 
 
 async def test_policies_in_use_are_kept_and_an_edit_replans_their_vms(env: Controller) -> None:
@@ -938,3 +939,74 @@ async def test_prune_deletes_what_retention_no_longer_keeps_and_spares_points_in
             "rp-5",
             "rp-6",
         ]
+
+
+async def test_a_vms_newest_point_survives_when_every_rule_has_let_it_go(
+    tmp_path: Path,
+) -> None:
+    """Backups failing for longer than the retention: the last copy is still there."""
+    clock = ManualClock(ts(2025, 3, 2, 3))
+    async with controller(tmp_path, clock) as env:
+        await env.create_vault(EU, "eu-west")
+        await env.enrol_all()
+        await env.protected(EU, SHOP_WEB)  # daily, 30 days
+        for day in (1, 2):
+            await store_recovery_point(env, EU, SHOP_WEB, f"rp-{day}", ts(2025, 3, day, 2))
+        clock.set(ts(2025, 4, 15))  # 44 days later, no backup since
+        job = await env.pruner.prune_vault(EU)
+        assert job.details["deleted_recovery_points"] == ["rp-1"]
+        [last] = await env.catalog.recovery_points(SHOP_WEB)
+        assert (last.id, last.kept_by) == ("rp-2", ("latest",))
+        assert await manifest_exists(env, EU, "rp-2")
+
+
+async def test_a_slot_that_comes_while_the_vms_last_job_runs_is_a_failed_backup(
+    env: Controller,
+) -> None:
+    await env.enrol_all()
+    await env.protected(EU, SHOP_WEB)
+    [manual] = await env.protection.backup_now(EU, [SHOP_WEB], [])
+    await command(env.sessions[SHOP_WEB])  # started, and the agent keeps it running
+    env.clock.set(ts(2025, 3, 4, 2))  # Tuesday 02:00: the daily slot
+    env.protection.scheduler.changed()
+
+    async def skipped() -> bool:
+        return any(j.status == "Failed" for j in await env.backups(SHOP_WEB))
+
+    await until(skipped, "the skipped slot's job")
+    [failed_job] = [j for j in await env.backups(SHOP_WEB) if j.status == "Failed"]
+    assert failed_job.error_code == "OperationInProgress"
+    assert manual.id in failed_job.error_message
+    assert "did not run" in failed_job.error_message
+    item = await env.catalog.item(SHOP_WEB)
+    assert item is not None
+    assert (item.state, item.error_code) == ("ProtectionError", "OperationInProgress")
+
+
+async def test_a_scheduled_backup_a_restart_cut_short_runs_again(
+    tmp_path: Path, clock: ManualClock
+) -> None:
+    async with controller(tmp_path, clock) as env:
+        await env.create_vault(EU, "eu-west")
+        await env.enrol_all()
+        await env.protected(EU, SHOP_WEB)
+        clock.set(ts(2025, 3, 4, 2))  # the slot comes; the agent is offline
+        env.disconnect(SHOP_WEB)
+        env.protection.scheduler.changed()
+
+        async def queued() -> bool:
+            return len(await env.backups(SHOP_WEB)) == 1
+
+        await until(queued, "the scheduled backup")
+        [first] = await env.backups(SHOP_WEB)
+
+    clock.set(ts(2025, 3, 4, 2, 30))  # back within the window
+    async with controller(tmp_path, clock) as env:
+        interrupted = await env.catalog.job(first.id)
+        assert (interrupted.status, interrupted.error_code) == ("Failed", "ControllerRestarted")
+        jobs = await env.backups(SHOP_WEB)
+        [again] = [j for j in jobs if j.id != first.id]
+        assert (again.status, again.details["trigger"]) == ("InProgress", "scheduled")
+        assert again.details["slot"] == ts(2025, 3, 4, 2)
+        session = await env.connect(SHOP_WEB)
+        assert (await command(session)).backup.job_id == again.id

@@ -250,8 +250,14 @@ def test_the_whole_flow_from_discovery_to_stopped_protection(cluster: Cluster) -
     cluster.coffer("resume-protection", "--vault", "eu-vault", "shop/web-1", "--policy", "Gold")
     assert items(cluster, "eu-vault")["shop-web-1"]["state"] == "Protected"
 
+    # Deleting backup data is asked for explicitly, and only one of the two may be chosen.
+    refused(cluster, "stop-protection", "--vault", "eu-vault", "blog/web-1", "--delete-data",
+            code=2, says=("--yes",))  # fmt: skip
+    refused(cluster, "stop-protection", "--vault", "eu-vault", "blog/web-1", "--delete-data",
+            "--retain-data", "--yes", code=2, says=("choose one",))  # fmt: skip
+    assert items(cluster, "eu-vault")["blog-web-1"]["state"] == "Protected"
     stopped = cluster.coffer(
-        "stop-protection", "--vault", "eu-vault", "blog/web-1", "--delete-data"
+        "stop-protection", "--vault", "eu-vault", "blog/web-1", "--delete-data", "--yes"
     )
     assert [(j["operation"], j["status"]) for j in stopped] == [
         ("StopProtection", "Completed"),
@@ -286,7 +292,7 @@ def test_cancel_a_queued_and_a_running_backup(cluster: Cluster) -> None:
     """A vault running one backup at a time queues the next; a queued backup cancels at once,
     a running one stops mid-upload. Neither leaves a recovery point; later backups complete."""
     # Both eu-west VMs move to a vault with a single backup slot.
-    cluster.coffer("stop-protection", "--vault", "eu-vault", "shop/web-1", "--delete-data")
+    cluster.coffer("stop-protection", "--vault", "eu-vault", "shop/web-1", "--delete-data", "--yes")
     cluster.coffer("unregister", "--vault", "eu-vault", "shop/web-1")
     cluster.coffer("vault", "create", "lab-vault", "--region", "eu-west",
                    "--max-concurrent-backups", "1")  # fmt: skip

@@ -350,20 +350,32 @@ def protect(
 @click.command(name="stop-protection")
 @vault_option
 @click.argument("vms", nargs=-1, required=True)
-@click.option("--retain-data", "mode", flag_value="retain", help="Keep the recovery points.")
-@click.option("--delete-data", "mode", flag_value="delete", help="Delete the recovery points.")
+@click.option("--retain-data", is_flag=True, help="Keep the recovery points.")
+@click.option("--delete-data", is_flag=True, help="Delete the recovery points.")
+@click.option("--yes", is_flag=True, help="Do not ask before deleting recovery points.")
 @json_option
 @click.pass_obj
 def stop_protection(
     connection: Connection,
     vault_name: str,
     vms: tuple[str, ...],
-    mode: str | None,
+    retain_data: bool,
+    delete_data: bool,
+    yes: bool,
     as_json: bool,
 ) -> None:
     """Stop protecting VMS: no more backups; keep or delete their recovery points."""
-    if mode is None:
-        raise click.UsageError("choose --retain-data or --delete-data")
+    if retain_data == delete_data:
+        raise click.UsageError("choose one of --retain-data and --delete-data")
+    if delete_data and not yes:
+        if not sys.stdin.isatty():
+            raise click.UsageError("deleting recovery points asks first: add --yes to confirm")
+        click.confirm(
+            f"Delete every recovery point of {', '.join(vms)} in vault {vault_name}? "
+            "They cannot be restored afterwards",
+            abort=True,
+        )
+    mode = "delete" if delete_data else "retain"
     request = operator_pb2.StopProtectionRequest(
         vault=vault_name, vms=vms, delete_data=mode == "delete"
     )
