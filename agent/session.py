@@ -13,6 +13,7 @@ import asyncio
 import logging
 import random
 import socket
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
@@ -35,6 +36,8 @@ log = logging.getLogger(__name__)
 
 BACKOFF_FIRST = 0.5
 BACKOFF_MAX = 30.0
+# A session accepted at least this long before it broke resets the backoff.
+HEALTHY_SESSION = BACKOFF_MAX
 # Threads that read, hash, compress and write chunks: reads wait on the disk, so more than
 # cores; the pipelines bound how many chunks are in flight.
 POOL_THREADS = 12
@@ -57,6 +60,7 @@ class Agent:
         self.config = config
         self.connected = asyncio.Event()
         self._cancelled: set[str] = set()  # jobs the controller asked to cancel
+        self._connected_at: float | None = None  # when the current session was accepted
 
     def hello(self) -> agent_pb2.Hello:
         disks = []
@@ -91,7 +95,6 @@ class Agent:
                 while True:
                     try:
                         await self._session(pool, status)
-                        delays = backoff_delays()  # a session that ended cleanly: start over
                     # The session's task group raises its tasks' failures as a group.
                     except* grpc.RpcError as group:
                         for exc in group.exceptions:
@@ -100,6 +103,15 @@ class Agent:
                     except* CofferError as group:
                         for exc in group.exceptions:
                             log.warning("session with the controller ended: %s", exc)
+                    if self._connected_at is not None and (
+                        time.monotonic() - self._connected_at >= HEALTHY_SESSION
+                    ):
+                        # A session that held: this outage starts the backoff over, or a
+                        # long-lived agent would wait up to BACKOFF_MAX after every break once
+                        # it had seen a few. One that broke soon after it was accepted (a
+                        # controller in trouble) keeps backing off.
+                        delays = backoff_delays()
+                    self._connected_at = None
                     self.connected.clear()
                     delay = next(delays)
                     log.info("reconnecting in %.1f s", delay)
@@ -127,6 +139,7 @@ class Agent:
                 accepted.controller_version,
             )
             self.connected.set()
+            self._connected_at = time.monotonic()
             outbox: asyncio.Queue[agent_pb2.AgentMessage] = asyncio.Queue()
             interval = max(accepted.heartbeat_interval_ms, 500) / 1000
             async with asyncio.TaskGroup() as tasks:

@@ -8,6 +8,7 @@ job that is running for that VM.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections import deque
 from collections.abc import AsyncIterator
@@ -131,12 +132,16 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
                 else:
                     log.warning("%s sent an unexpected %s; ignored", vm_id, kind)
         finally:
-            if writer is not None:
-                writer.cancel()
-                await asyncio.gather(writer, return_exceptions=True)
+            # Before any await: when the peer is gone, gRPC cancels this handler at its next
+            # await, and a session left in the registry would keep the VM "online" and its
+            # job running until the agent reconnects.
             self._registry.disconnect(session)
             self._catalog.touch_agent(vm_id, self._clock.now())
             log.info("agent %s disconnected", vm_id)
+            if writer is not None:
+                writer.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await asyncio.gather(writer, return_exceptions=True)
 
     async def _write_commands(
         self,
