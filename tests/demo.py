@@ -1,16 +1,21 @@
-"""The Coffer demo: the vault workflow from discovery to a verified restore.
+"""The Coffer demo: the vault workflow from discovery to a verified restore, on the lab.
 
-Run as root (it loop-mounts the disk images): `python -m tests.demo [--workdir DIR] [--keep]`.
-Everything runs on this machine, on loopback: the controller with its private Mosquitto, three
-agents (two in region eu-west, one in us-east), each with a disk image holding a real ext4
-file system. The operator creates a vault, discovers, registers and protects the VMs, takes
-the initial backups, changes files, backs up again, reads the jobs and the dashboard, and
-restores.
+Run as root: `python -m tests.demo [--workdir DIR] [--keep]`. Everything runs on this machine:
+the lab (`deploy/lab`) makes three VMs, each in its own network, mount, UTS and PID namespaces
+on a private bridge, with an ext4 disk mounted inside the VM only (its image on a reflink XFS).
+A real agent runs inside each VM and dials the controller, which listens (with its private
+Mosquitto) on the bridge. Two VMs are in region eu-west, one in us-east.
+
+The operator creates a vault, discovers, registers and protects the VMs, takes the initial
+backups while an application inside one VM keeps writing (the agent freezes the file system
+only for the instant of a reflink clone), changes files, backs up again, reads the jobs and the
+dashboard, restores, and checks the restored disk with `e2fsck` and its files.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import subprocess
@@ -18,18 +23,32 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
-from tests.bench.image import build_image, mounted
-from tests.cluster import Cluster, sha256_file
+from tests.bench.image import mounted
+from tests.journal_writer import committed, content
+from tests.lab_cluster import REPO, LabCluster
 
 MiB = 1 << 20
+VMS = {"web-1": "eu-west", "db-1": "eu-west", "report-1": "us-east"}
+
+# Inside a VM: fill its disk with a mix of files (prose, code, logs, binaries, random data).
+FILL = """
+import sys
+from pathlib import Path
+from tests.bench.content import FileGen
+from tests.bench.image import Mix, write_files
+root, budget, seed = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+files, written = write_files(root / "data", FileGen(seed), Mix().budgets(budget))
+print(files, sum(written.values()))
+"""
 
 
 def step(text: str) -> None:
     print(f"\n\033[1m== {text}\033[0m", flush=True)
 
 
-def show(cluster: Cluster, *args: str) -> None:
+def show(cluster: LabCluster, *args: str) -> None:
     """Run the real CLI, its output as the operator sees it."""
     print(f"$ coffer {' '.join(args)}", flush=True)
     result = cluster.coffer(*args, json_out=False, check=True)
@@ -50,12 +69,12 @@ def main() -> int:
     parser.add_argument("--disk-mib", type=int, default=256, help="size of each VM's disk")
     args = parser.parse_args()
     if os.geteuid() != 0:
-        print("the demo loop-mounts disk images: run it as root", file=sys.stderr)
+        print("the demo builds namespaces and loop devices: run it as root", file=sys.stderr)
         return 2
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="coffer-demo-"))
     workdir.mkdir(parents=True, exist_ok=True)
     try:
-        run(workdir, args.disk_mib * MiB)
+        run(workdir, args.disk_mib)
     finally:
         if not args.keep:
             shutil.rmtree(workdir, ignore_errors=True)
@@ -64,21 +83,23 @@ def main() -> int:
     return 0
 
 
-def run(workdir: Path, disk_size: int) -> None:
-    step(f"Building three VM disks ({mib(disk_size)} each, ext4, about 60% full of files)")
-    vms = {"web-1": "eu-west", "db-1": "eu-west", "report-1": "us-east"}
-    images: dict[str, Path] = {}
-    for seed, vm in enumerate(vms, start=1):
-        info = build_image(workdir / f"{vm}.img", disk_size, fill=0.6, seed=seed)
-        images[vm] = info.path
-        print(f"  {vm}: {info.files} files, {mib(info.used_bytes)} used in the file system")
+def details(job: dict[str, Any]) -> dict[str, Any]:
+    found: dict[str, Any] = json.loads(job.get("details_json") or "{}")
+    return found
 
-    step("Starting the controller (with its private Mosquitto) and a certificate authority")
-    with Cluster(workdir / "coffer") as cluster:
-        print(f"  controller on 127.0.0.1:{cluster.port}; CA and certificates in {cluster.pki}")
-        step("Starting one agent per VM: they dial out to the controller over mutual TLS")
-        for vm, image in images.items():
-            cluster.add_agent(vm, {"root": image}, service="shop", region=vms[vm])
+
+def run(workdir: Path, disk_mib: int) -> None:
+    step("Bringing up the lab: three VMs in their own namespaces, a controller on the bridge")
+    with LabCluster(
+        workdir, list(VMS), disk_mib=disk_mib, regions=VMS, services=dict.fromkeys(VMS, "shop")
+    ) as cluster:
+        print(f"  bridge {cluster.host}; controller and Mosquitto on {cluster.address}")
+        for seed, vm in enumerate(VMS, start=1):
+            root = cluster.agents[vm].mountpoint
+            budget = disk_mib * MiB * 2 // 5
+            out = cluster.run(vm, [sys.executable, "-c", FILL, str(root), str(budget), str(seed)])
+            files, written = out.split()
+            print(f"  {vm} ({VMS[vm]}): {files} files, {mib(written)} written inside the VM")
         show(cluster, "agents")
 
         step("Creating a vault for region eu-west (it starts with a default policy)")
@@ -100,25 +121,39 @@ def run(workdir: Path, disk_size: int) -> None:
         )  # fmt: skip
         show(cluster, "items", "--vault", "eu-vault")
 
-        step("Initial backup of both VMs (backup now)")
-        started = time.monotonic()
+        step("An application inside db-1 keeps writing and fsync-ing during the backups")
+        db_root = cluster.agents["db-1"].mountpoint
+        journal = workdir / "db-1.journal"  # on the host's file system, outside the VM's disk
+        cluster.run("db-1", ["mkdir", "-p", str(db_root / "app")])
+        journal.touch()
+        cluster.spawn("db-1", [sys.executable, "-m", "tests.journal_writer",
+                               str(db_root / "app"), str(journal)], tag="writer")  # fmt: skip
+        deadline = time.monotonic() + 30
+        while len(committed(journal) if journal.exists() else {}) < 20:
+            if time.monotonic() > deadline:
+                raise SystemExit("the application inside db-1 did not start writing")
+            time.sleep(0.1)
+        print(f"  {len(committed(journal))} files being appended to, each append fsync-ed")
+
+        step("Initial backup of both VMs at once (backup now)")
+        before = journal.read_text().count("\n")
         first = cluster.coffer("backup-now", "--vault", "eu-vault", "web-1", "db-1")
         for job in first:
+            found = details(job)
             print(
-                f"  {job['item']}: {job['status']} - read {mib(job['bytes_read'])} of a "
-                f"{mib(disk_size)} disk (holes are skipped), stored {mib(job['bytes_stored'])} "
-                "after deduplication and compression"
+                f"  {job['item']}: {job['status']}, {found['consistency']['root']}, file "
+                f"system frozen {found['frozen_ms']:.0f} ms; read {mib(job['bytes_read'])}, "
+                f"stored {mib(job['bytes_stored'])} after deduplication and compression"
             )
-        print(f"  both in {time.monotonic() - started:.1f}s")
+        cluster.kill("db-1", "writer")
         show(cluster, "items", "--vault", "eu-vault")
 
         step("Changing files inside web-1's file system")
-        with mounted(images["web-1"]) as root:
-            (root / "uploads").mkdir(exist_ok=True)
-            (root / "uploads" / "photo.bin").write_bytes(os.urandom(6 * MiB))
-            with (root / "app.log").open("a") as log:
-                log.write("order 4711 shipped\n" * 20000)
-            os.sync()
+        web_root = cluster.agents["web-1"].mountpoint
+        cluster.run("web-1", ["sh", "-c", f"mkdir -p {web_root}/uploads && head -c {6 * MiB} "
+                              f"/dev/urandom > {web_root}/uploads/photo.bin && for i in "
+                              f"$(seq 2000); do echo order $i shipped; done >> "
+                              f"{web_root}/app.log && sync"])  # fmt: skip
         print("  wrote a 6 MiB upload and appended to a log")
 
         step("Backing up web-1 again: only what changed is sent")
@@ -129,26 +164,49 @@ def run(workdir: Path, disk_size: int) -> None:
         )
         show(cluster, "rp", "list", "--vault", "eu-vault")
 
-        step("Restoring web-1's latest recovery point to a new image file")
-        target = cluster.agents["web-1"].restore_dir / "web-1-restored.img"
-        restored = cluster.restore("web-1", second["recovery_point_id"], "root", target)
-        print(f"  restore job {restored['id']}: {restored['status']}")
-        same = sha256_file(target) == sha256_file(images["web-1"])
-        print(f"  sha256 of the restored disk equals the source disk: {'yes' if same else 'NO'}")
-        check = subprocess.run(["e2fsck", "-fn", str(target)], capture_output=True, text=True)
-        print(
-            f"  e2fsck -fn on the restored disk: {'clean' if check.returncode == 0 else 'ERRORS'}"
-        )
-        with mounted(target, readonly=True, options="noload") as root:
-            size = (root / "uploads" / "photo.bin").stat().st_size
-        print(f"  the new upload is in the restored file system: {mib(size)}")
+        step("Restoring both disks to new image files and checking them")
+        ok = True
+        db_job = next(job for job in first if job["vm_id"] == "db-1")
+        for vm, job in (("web-1", second), ("db-1", db_job)):
+            target = cluster.agents[vm].restore_dir / f"{vm}-restored.img"
+            restored = cluster.restore(vm, job["recovery_point_id"], target)
+            check = subprocess.run(["e2fsck", "-fn", str(target)], capture_output=True)
+            clean = restored["status"] == "Completed" and check.returncode == 0
+            ok &= clean
+            print(f"  {vm}: restore {restored['status']}, e2fsck -fn "
+                  f"{'clean' if check.returncode == 0 else 'ERRORS'}")  # fmt: skip
+            with mounted(target, readonly=True, options="noload") as root:
+                if vm == "web-1":
+                    size = (root / "uploads" / "photo.bin").stat().st_size
+                    print(f"    the new upload is in the restored file system: {mib(size)}")
+                    ok &= size == 6 * MiB
+                else:
+                    # Every append the application had fsync-ed before the backup was asked for.
+                    sizes = committed(journal, before)
+                    intact = all(
+                        (root / "app" / name).read_bytes()[:size] == content(name, size)
+                        for name, size in sizes.items()
+                    )
+                    ok &= intact
+                    print(f"    {len(sizes)} files, {before} appends fsync-ed before the backup "
+                          f"was asked for, all there: {'yes' if intact else 'NO'}")  # fmt: skip
+
+        step("Inside web-1, the agent's own check of what a backup needs")
+        print("$ coffer-agent doctor (in web-1)")
+        done = cluster.lab.run(
+            "web-1",
+            [sys.executable, "-m", "agent.main", "doctor", "--config",
+             str(cluster.agents["web-1"].config)],
+            timeout=60,
+            cwd=str(REPO),
+        )  # fmt: skip
+        sys.stdout.write(done.stdout)
 
         step("Every operation is a job; the dashboard sums up the vault")
         show(cluster, "job", "list", "--vault", "eu-vault")
-        show(cluster, "job", "list", "--vault", "eu-vault", "--operation", "Backup")
         show(cluster, "dashboard", "--vault", "eu-vault")
-        if not same or check.returncode != 0:
-            raise SystemExit("the restore did not match the source")
+        if not ok:
+            raise SystemExit("a restored disk did not match what was backed up")
     print("\nDemo complete.")
 
 

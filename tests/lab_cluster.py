@@ -87,9 +87,13 @@ class LabCluster:
     """The lab's VMs, each with an agent, and a controller on the bridge address."""
 
     def __init__(self, root: Path, vms: Sequence[str], *, disk_mib: int = 256,
-                 scratch_mib: int = 1536) -> None:  # fmt: skip
+                 scratch_mib: int = 1536, regions: Mapping[str, str] | None = None,
+                 services: Mapping[str, str] | None = None) -> None:  # fmt: skip
         self.root = root
         self.vms = list(vms)
+        # Each VM's region and service as its agent reports them (default: the lab's, "lab").
+        self.regions = dict(regions or {})
+        self.services = dict(services or {})
         name, subnet = unique_lab_name_and_subnet()
         self.lab = Lab(root / "lab", name=name, subnet=subnet, disk_mib=disk_mib,
                        scratch_mib=scratch_mib)  # fmt: skip
@@ -193,8 +197,8 @@ class LabCluster:
         lines = [
             f"vm_id = {_toml(agent.vm)}",
             f"name = {_toml(agent.vm)}",
-            f"service = {_toml('lab')}",
-            f"region = {_toml(REGION)}",
+            f"service = {_toml(self.services.get(agent.vm, 'lab'))}",
+            f"region = {_toml(self.regions.get(agent.vm, REGION))}",
             f"controller = {_toml(self.address)}",
             f"tls_dir = {_toml(str(agent.tls))}",
             f"state_dir = {_toml(str(agent.state))}",
