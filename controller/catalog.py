@@ -29,6 +29,7 @@ from shared.model import ItemState, JobStatus
 from shared.policy import default_policy
 
 _DEFAULT_POLICY = default_policy("UTC")
+_ID_BATCH = 500
 
 MIGRATIONS: list[str] = [
     # 1: the foundation
@@ -723,6 +724,15 @@ class Catalog:
         found = await self._recovery_points("vm_id = ? ORDER BY created_at DESC LIMIT 1", (vm_id,))
         return found[0] if found else None
 
+    async def recovery_point_summary(self, vault: str) -> dict[str, tuple[int, float]]:
+        """Per VM of a vault: how many recovery points, and when the newest was taken."""
+        async with self.db.execute(
+            "SELECT vm_id, count(*), max(created_at) FROM recovery_points WHERE vault = ?"
+            " GROUP BY vm_id",
+            (vault,),
+        ) as cursor:
+            return {vm_id: (count, newest) for vm_id, count, newest in await cursor.fetchall()}
+
     async def recovery_point_totals(self, vault: str) -> tuple[int, int]:
         """How many recovery points a vault holds, and the data bytes they would restore."""
         async with self.db.execute(
@@ -746,14 +756,17 @@ class Catalog:
             return []
         ids = [row[0] for row in rows]
         disks: dict[str, list[RecoveryPointDiskRecord]] = {}
-        async with self.db.execute(
-            "SELECT recovery_point_id, name, size_bytes, chunk_size, chunk_count, consistency"
-            " FROM recovery_point_disks"
-            f" WHERE recovery_point_id IN ({','.join('?' * len(ids))}) ORDER BY name",
-            ids,
-        ) as cursor:
-            async for rp_id, *disk in cursor:
-                disks.setdefault(rp_id, []).append(RecoveryPointDiskRecord(*disk))
+        # In batches: SQLite bounds the variables of one statement (32,766 by default).
+        for start in range(0, len(ids), _ID_BATCH):
+            batch = ids[start : start + _ID_BATCH]
+            async with self.db.execute(
+                "SELECT recovery_point_id, name, size_bytes, chunk_size, chunk_count, consistency"
+                " FROM recovery_point_disks"
+                f" WHERE recovery_point_id IN ({','.join('?' * len(batch))}) ORDER BY name",
+                batch,
+            ) as cursor:
+                async for rp_id, *disk in cursor:
+                    disks.setdefault(rp_id, []).append(RecoveryPointDiskRecord(*disk))
         return [
             RecoveryPointRecord(
                 id=rp_id,

@@ -414,9 +414,10 @@ class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
         )
 
     def _item(
-        self, item: ItemRecord, agent: AgentRecord | None, points: list[RecoveryPointRecord]
+        self, item: ItemRecord, agent: AgentRecord | None, points: tuple[int, float | None]
     ) -> operator_pb2.Item:
         nxt = self._protection.next_backup(item)
+        count, newest = points
         return operator_pb2.Item(
             vm_id=item.vm_id,
             name=agent.name if agent else item.vm_id,
@@ -430,9 +431,9 @@ class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
             error_code=item.error_code,
             error_message=item.error_message,
             next_backup_at=_timestamp(nxt),
-            recovery_points=len(points),
+            recovery_points=count,
             online=self._registry.online(item.vm_id),
-            latest_recovery_point_at=_timestamp(points[-1].created_at if points else None),
+            latest_recovery_point_at=_timestamp(newest),
         )
 
     @operator_only
@@ -447,13 +448,14 @@ class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
         if request.vault:
             await self._catalog.vault(request.vault)
         agents = {a.vm_id: a for a in await self._catalog.agents()}
-        points: dict[str, list[RecoveryPointRecord]] = {}
-        for rp in await self._catalog.recovery_points(vault=request.vault):
-            points.setdefault(rp.vm_id, []).append(rp)
+        items = await self._catalog.items(request.vault)
+        summaries: dict[str, tuple[int, float]] = {}
+        for vault in {item.vault for item in items}:
+            summaries.update(await self._catalog.recovery_point_summary(vault))
         return operator_pb2.ListItemsReply(
             items=[
-                self._item(item, agents.get(item.vm_id), points.get(item.vm_id, []))
-                for item in await self._catalog.items(request.vault)
+                self._item(item, agents.get(item.vm_id), summaries.get(item.vm_id, (0, None)))
+                for item in items
                 if not request.state or item.state in request.state
             ]
         )
