@@ -378,6 +378,14 @@ class Catalog:
         ) as cursor:
             return [VaultRecord(*row) for row in await cursor.fetchall()]
 
+    async def set_max_concurrent_backups(self, vault: str, limit: int) -> None:
+        async with self._transaction() as db:
+            cursor = await db.execute(
+                "UPDATE vaults SET max_concurrent_backups = ? WHERE name = ?", (limit, vault)
+            )
+            if cursor.rowcount == 0:
+                raise NotFound(kind="vault", name=vault)
+
     async def add_stored_bytes(self, vault: str, delta: int) -> None:
         """Account chunk bytes written to (positive) or freed from (negative) a vault's store."""
         if delta:

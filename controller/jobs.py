@@ -254,6 +254,11 @@ class JobManager:
     def in_pool(self, fn: Callable[..., T], *args: object) -> asyncio.Future[T]:
         return asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
 
+    def set_limit(self, vault: str, limit: int) -> None:
+        """A vault's concurrent backups changed: queued backups may start now."""
+        self._limits[vault] = limit
+        self.kick()
+
     def kick(self) -> None:
         """Wake the dispatcher: something that can start or expire a queued backup changed."""
         self._kick.set()

@@ -344,6 +344,14 @@ class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
         return await self._vault(await self._catalog.vault(request.name))
 
     @operator_only
+    async def UpdateVault(
+        self, request: operator_pb2.UpdateVaultRequest, context: Context
+    ) -> operator_pb2.Vault:
+        vault = await self._vaults.update(request.name, request.max_concurrent_backups)
+        self._jobs.set_limit(vault.name, vault.max_concurrent_backups)
+        return await self._vault(vault)
+
+    @operator_only
     async def DeleteVault(
         self, request: operator_pb2.VaultRef, context: Context
     ) -> operator_pb2.Vault:

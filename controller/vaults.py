@@ -44,6 +44,12 @@ class Dashboard:
         return self.protected_bytes / self.stored_bytes if self.stored_bytes else 0.0
 
 
+def _check_limit(limit: int) -> int:
+    if not 1 <= limit <= 64:
+        raise InvalidArgument(detail=f"max concurrent backups {limit} must be 1 to 64")
+    return limit
+
+
 class Vaults:
     def __init__(
         self,
@@ -71,9 +77,7 @@ class Vaults:
                 detail=f"region {region!r} must be 1-63 lowercase letters, digits or '-' "
                 "(the region the VMs' agents report, e.g. eu-west)"
             )
-        limit = max_concurrent_backups or DEFAULT_MAX_CONCURRENT_BACKUPS
-        if not 1 <= limit <= 64:
-            raise InvalidArgument(detail=f"max concurrent backups {limit} must be 1 to 64")
+        limit = _check_limit(max_concurrent_backups or DEFAULT_MAX_CONCURRENT_BACKUPS)
         now = self._clock.now()
         policy = default_policy(timezone or "UTC")
         vault = await self._catalog.create_vault(
@@ -82,6 +86,13 @@ class Vaults:
         )
         await self._datastores.get(name)  # the datastore exists from the start
         return vault
+
+    async def update(self, name: str, max_concurrent_backups: int) -> VaultRecord:
+        if max_concurrent_backups:
+            await self._catalog.set_max_concurrent_backups(
+                name, _check_limit(max_concurrent_backups)
+            )
+        return await self._catalog.vault(name)
 
     async def delete(self, name: str, running_jobs: int) -> VaultRecord:
         """Delete an empty vault; `running_jobs` is how many of its jobs run now."""

@@ -41,6 +41,7 @@ from shared.errors import (
     AlreadyRegistered,
     AmbiguousVmName,
     Conflict,
+    InvalidArgument,
     ItemNotRegistered,
     ItemStateConflict,
     NotFound,
@@ -1010,3 +1011,26 @@ async def test_a_scheduled_backup_a_restart_cut_short_runs_again(
         assert again.details["slot"] == ts(2025, 3, 4, 2)
         session = await env.connect(SHOP_WEB)
         assert (await command(session)).backup.job_id == again.id
+
+
+async def test_raising_a_vaults_limit_starts_queued_backups_at_once(
+    tmp_path: Path, clock: ManualClock
+) -> None:
+    two = {"vm-a": ("app-a", "shop", "eu-west"), "vm-b": ("app-b", "shop", "eu-west")}
+    async with controller(tmp_path, clock) as env:
+        await env.create_vault(EU, "eu-west", max_concurrent=1)
+        await env.enrol_all(two)
+        for vm in two:
+            await env.protected(EU, vm)
+        [job_a] = await env.protection.backup_now(EU, ["vm-a"], [])
+        [job_b] = await env.protection.backup_now(EU, ["vm-b"], [])
+        assert (await command(env.sessions["vm-a"])).backup.job_id == job_a.id
+        await settle()
+        assert env.sessions["vm-b"].outbox.empty()  # queued behind vm-a
+
+        vault = await env.vaults.update(EU, 2)
+        assert vault.max_concurrent_backups == 2
+        env.jobs.set_limit(EU, vault.max_concurrent_backups)
+        assert (await command(env.sessions["vm-b"])).backup.job_id == job_b.id
+        with pytest.raises(InvalidArgument, match="1 to 64"):
+            await env.vaults.update(EU, 65)

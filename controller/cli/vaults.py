@@ -101,6 +101,25 @@ def vault_show(connection: Connection, name: str, as_json: bool) -> None:
     table(f"Vault {name}", VAULT_COLUMNS, [_vault_row(found)])
 
 
+@vault.command(name="update")
+@click.argument("name")
+@click.option("--max-concurrent-backups", type=int, required=True, help="Backups at once.")
+@json_option
+@click.pass_obj
+def vault_update(
+    connection: Connection, name: str, max_concurrent_backups: int, as_json: bool
+) -> None:
+    """Change a vault's settings; queued backups start at once if the limit rose."""
+    request = operator_pb2.UpdateVaultRequest(
+        name=name, max_concurrent_backups=max_concurrent_backups
+    )
+    updated = call(connection, lambda s: s.UpdateVault(request))
+    if as_json:
+        print_json(as_dict(updated))
+    else:
+        table(f"Vault {name}", VAULT_COLUMNS, [_vault_row(updated)])
+
+
 @vault.command(name="delete")
 @click.argument("name")
 @json_option

@@ -44,6 +44,14 @@ class CreateVaultRequest(_message.Message):
     timezone: str
     def __init__(self, name: _Optional[str] = ..., region: _Optional[str] = ..., max_concurrent_backups: _Optional[int] = ..., timezone: _Optional[str] = ...) -> None: ...
 
+class UpdateVaultRequest(_message.Message):
+    __slots__ = ("name", "max_concurrent_backups")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    MAX_CONCURRENT_BACKUPS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    max_concurrent_backups: int
+    def __init__(self, name: _Optional[str] = ..., max_concurrent_backups: _Optional[int] = ...) -> None: ...
+
 class ListVaultsRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...

@@ -55,6 +55,11 @@ class OperatorServiceStub:
                 request_serializer=coffer_dot_v1_dot_operator__pb2.VaultRef.SerializeToString,
                 response_deserializer=coffer_dot_v1_dot_operator__pb2.Vault.FromString,
                 _registered_method=True)
+        self.UpdateVault = channel.unary_unary(
+                '/coffer.v1.OperatorService/UpdateVault',
+                request_serializer=coffer_dot_v1_dot_operator__pb2.UpdateVaultRequest.SerializeToString,
+                response_deserializer=coffer_dot_v1_dot_operator__pb2.Vault.FromString,
+                _registered_method=True)
         self.DeleteVault = channel.unary_unary(
                 '/coffer.v1.OperatorService/DeleteVault',
                 request_serializer=coffer_dot_v1_dot_operator__pb2.VaultRef.SerializeToString,
@@ -200,8 +205,15 @@ class OperatorServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def UpdateVault(self, request, context):
+        """Change a vault's settings (its concurrent backups); the queue follows at once.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def DeleteVault(self, request, context):
-        """Refused while the vault has registered items or recovery points.
+        """Refused while the vault has registered items, recovery points or running jobs.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -369,6 +381,11 @@ def add_OperatorServiceServicer_to_server(servicer, server):
             'GetVault': grpc.unary_unary_rpc_method_handler(
                     servicer.GetVault,
                     request_deserializer=coffer_dot_v1_dot_operator__pb2.VaultRef.FromString,
+                    response_serializer=coffer_dot_v1_dot_operator__pb2.Vault.SerializeToString,
+            ),
+            'UpdateVault': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateVault,
+                    request_deserializer=coffer_dot_v1_dot_operator__pb2.UpdateVaultRequest.FromString,
                     response_serializer=coffer_dot_v1_dot_operator__pb2.Vault.SerializeToString,
             ),
             'DeleteVault': grpc.unary_unary_rpc_method_handler(
@@ -594,6 +611,33 @@ class OperatorService:
             target,
             '/coffer.v1.OperatorService/GetVault',
             coffer_dot_v1_dot_operator__pb2.VaultRef.SerializeToString,
+            coffer_dot_v1_dot_operator__pb2.Vault.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateVault(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/coffer.v1.OperatorService/UpdateVault',
+            coffer_dot_v1_dot_operator__pb2.UpdateVaultRequest.SerializeToString,
             coffer_dot_v1_dot_operator__pb2.Vault.FromString,
             options,
             channel_credentials,
