@@ -180,6 +180,13 @@ def _policy_rows(policies: list[operator_pb2.Policy]) -> list[list[str]]:
 POLICY_COLUMNS = ("Policy", "Schedule", "Retention", "VMs")
 
 
+def _show_policy(title: str, found: operator_pb2.Policy, as_json: bool) -> None:
+    if as_json:
+        print_json(as_dict(found))
+    else:
+        table(title, POLICY_COLUMNS, _policy_rows([found]))
+
+
 @policy.command(name="create")
 @vault_option
 @click.argument("name")
@@ -201,11 +208,7 @@ def policy_create(
     """Create policy NAME in the vault (default schedule: daily 02:00 UTC)."""
     new = build_policy(name, schedule, daily, weekly, monthly, yearly)
     request = operator_pb2.PolicyRequest(vault=vault_name, spec_json=json.dumps(new.to_dict()))
-    created = call(connection, lambda s: s.CreatePolicy(request))
-    if as_json:
-        print_json(as_dict(created))
-    else:
-        table("Created policy", POLICY_COLUMNS, _policy_rows([created]))
+    _show_policy("Created policy", call(connection, lambda s: s.CreatePolicy(request)), as_json)
 
 
 @policy.command(name="edit")
@@ -254,11 +257,7 @@ def policy_edit(
         options.get("yearly"),
     )
     request = operator_pb2.PolicyRequest(vault=vault_name, spec_json=json.dumps(edited.to_dict()))
-    updated = call(connection, lambda s: s.UpdatePolicy(request))
-    if as_json:
-        print_json(as_dict(updated))
-    else:
-        table("Updated policy", POLICY_COLUMNS, _policy_rows([updated]))
+    _show_policy("Updated policy", call(connection, lambda s: s.UpdatePolicy(request)), as_json)
 
 
 @policy.command(name="list")
