@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Install everything, then run the demo: a controller with its private Mosquitto, two agents
-# with real ext4 disk images, backups, a change inside a file system, an incremental backup and
-# a restore compared byte for byte (as root: the demo loop-mounts the images).
+# Install everything, then run the demo on the lab (as root: it builds namespaces, a bridge and
+# loop devices): three VMs with an agent each, a controller with its private Mosquitto on the
+# bridge, and the vault workflow from discovery to restores checked with e2fsck.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 deploy/install.sh
