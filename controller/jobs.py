@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import secrets
 from collections.abc import Awaitable, Callable, Coroutine
@@ -195,6 +196,9 @@ class JobManager:
             log.warning(
                 "marked %d jobs interrupted by the last shutdown as failed", len(self.interrupted)
             )
+        for job in self.interrupted:
+            if job.operation == Operation.BACKUP:  # its uploads are in the datastore
+                await self._catalog.add_stored_bytes(job.vault, job.bytes_stored)
         self._tasks = asyncio.TaskGroup()
         await self._tasks.__aenter__()
         self._dispatcher = self._spawn(self._dispatch_loop(), "dispatcher")
@@ -331,9 +335,16 @@ class JobManager:
         job = running.record
         job.ended_at = self._clock.now()
         try:
-            if self._stopping and job.status == JobStatus.FAILED:
-                # Cut short by the stop: left InProgress for the next start to record.
+            if self._left_for_next_start(job):
+                # Cut short by the stop: left InProgress, with what it did so far (its bytes),
+                # for the next start to record.
                 log.info("job %s interrupted by the controller's stop", job.id)
+                await self._catalog.update_job(
+                    dataclasses.replace(
+                        job, status=JobStatus.IN_PROGRESS, ended_at=None, error_code="",
+                        error_message="",
+                    )
+                )  # fmt: skip
                 return
             await self._catalog.update_job(job)
         except Exception:
@@ -508,8 +519,12 @@ class JobManager:
             self.kick()
             await self._backup_ended(job)
 
+    def _left_for_next_start(self, job: JobRecord) -> bool:
+        """A job the stop cut short: the next start records its failure (and its bytes)."""
+        return self._stopping and job.status == JobStatus.FAILED
+
     async def _backup_ended(self, job: JobRecord) -> None:
-        if self.on_backup_ended is None or (self._stopping and job.status == JobStatus.FAILED):
+        if self.on_backup_ended is None or self._left_for_next_start(job):
             return
         try:
             await self.on_backup_ended(job)
@@ -747,7 +762,7 @@ class JobManager:
             running.reply = None
             await self._record_end(running)
             self._datastores.guard(job.vault).release(job.id)
-            if job.operation == Operation.BACKUP:
+            if job.operation == Operation.BACKUP and not self._left_for_next_start(job):
                 try:
                     await self._catalog.add_stored_bytes(job.vault, job.bytes_stored)
                 except Exception:

@@ -1,10 +1,10 @@
 """Pruning and garbage collection: giving back what retention no longer keeps.
 
 Two steps, each a job. `Prune` applies the policies' retention rules (`shared.retention`) to a
-vault's recovery points: it records which rules keep each point and deletes the rest (the
-catalog row first, so the point disappears from listings at once, then its manifest — the
-datastore's commit point — and its indexes). A VM's newest recovery point is never pruned
-(labelled `latest` when no rule keeps it): a VM whose backups keep failing still has one.
+vault's recovery points: it records which rules keep each point and deletes the rest (its
+manifest — the datastore's commit point — first, then its indexes, then the catalog row).
+A VM's newest recovery point is never pruned (labelled `latest` when no rule keeps it): a VM
+whose backups keep failing still has one.
 `GarbageCollection` then reclaims the chunks no recovery point references
 (`controller.datastore.gc`, mark-and-sweep with a grace period and the vault's chunk guard, so
 it runs beside backups).
@@ -88,8 +88,12 @@ class Pruner:
         datastore = await self._datastores.get(vault)
         deleted: list[str] = []
         for rp in points:
-            await self._catalog.delete_recovery_point(rp.id)
+            # The datastore first (its manifest, the commit point, goes first), then the row:
+            # a failure between the two leaves a row whose point is gone, which the next prune
+            # deletes again (both deletes are idempotent). The other order would leave a
+            # manifest no row names, which nothing would ever delete.
             await self._jobs.in_pool(datastore.delete_recovery_point, rp.id)
+            await self._catalog.delete_recovery_point(rp.id)
             deleted.append(rp.id)
         return deleted
 

@@ -1034,3 +1034,29 @@ async def test_raising_a_vaults_limit_starts_queued_backups_at_once(
         assert (await command(env.sessions["vm-b"])).backup.job_id == job_b.id
         with pytest.raises(InvalidArgument, match="1 to 64"):
             await env.vaults.update(EU, 65)
+
+
+async def test_a_backup_the_stop_cuts_short_is_failed_at_the_next_start_with_its_bytes(
+    tmp_path: Path, clock: ManualClock
+) -> None:
+    """What it uploaded stays in the datastore until collected: the vault counts it."""
+    async with controller(tmp_path, clock) as env:
+        await env.create_vault(EU, "eu-west")
+        await env.enrol_all()
+        await env.protected(EU, SHOP_WEB)
+        [job] = await env.protection.backup_now(EU, [SHOP_WEB], [])
+        await command(env.sessions[SHOP_WEB])
+        running = env.jobs.running_backup(SHOP_WEB, job.id)
+        env.jobs.chunk_stored(running, chunk_digest(b"x" * CHUNK), 1234, 1234)
+
+    async with controller(tmp_path, clock) as env:
+        record = await env.catalog.job(job.id)
+        assert (record.status, record.error_code, record.bytes_stored) == (
+            "Failed",
+            "ControllerRestarted",
+            1234,
+        )
+        assert (await env.catalog.vault(EU)).stored_bytes == 1234
+        item = await env.catalog.item(SHOP_WEB)
+        assert item is not None
+        assert (item.state, item.error_code) == ("ProtectionError", "ControllerRestarted")
