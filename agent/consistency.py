@@ -40,6 +40,7 @@ import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import TracebackType
 from typing import Any
 
 from agent.freeze import FreezeState, Mount, MountFreeze, mounts, mounts_on_disk
@@ -52,16 +53,9 @@ from shared.errors import (
     PostScriptFailed,
     UserErrorFsFreezeFailed,
 )
-from shared.model import Consistency
+from shared.model import Consistency, weakest
 
 log = logging.getLogger(__name__)
-
-_STRENGTH = {Consistency.APPLICATION: 2, Consistency.FILE_SYSTEM: 1, Consistency.CRASH: 0}
-
-
-def weakest(levels: Sequence[Consistency]) -> Consistency:
-    """The consistency of a set of disks: that of the weakest (crash for none)."""
-    return min(levels, key=_STRENGTH.__getitem__, default=Consistency.CRASH)
 
 
 @dataclass(frozen=True)
@@ -164,18 +158,23 @@ class _Run:
         refused: dict[str, dict[str, str]] = {}
         for name, path in self.disks:
             self.providers[name], refused[name] = choose(name, path, self.policy.order_for(name))
+        await self._pre_script()
+        # The mount table is read after the pre-script, which may have changed it.
         on_disk = self._mounts() if self.policy.freeze else {}
         if any(on_disk.values()):
             self.watchdog = await self.stack.enter_async_context(
                 ThawWatchdog(self.policy.thaw_deadline)
             )
-        await self._pre_script()
+            self.stack.callback(self._watch_what_may_still_freeze)
         await asyncio.to_thread(os.sync)
         await self._freeze(on_disk)
         for name, path in self.disks:
             provider = self.providers[name]
-            self.stack.callback(provider.release)
-            read_path = await asyncio.to_thread(provider.take)
+            # The clone is made in a thread that a cancellation does not stop: its release
+            # waits for it, or a clone finished after the release would be left behind.
+            take = asyncio.ensure_future(asyncio.to_thread(provider.take))
+            self.stack.push_async_callback(self._release_after, provider, take)
+            read_path = await asyncio.shield(take)
             self.result.disks[name] = DiskSnapshot(
                 name, path, read_path, provider.name, refused=refused[name]
             )
@@ -232,12 +231,45 @@ class _Run:
             seen.update(m.mountpoint for m in found[name])
         return found
 
+    @staticmethod
+    async def _release_after(provider: SnapshotProvider, take: asyncio.Future[Path]) -> None:
+        with contextlib.suppress(Exception):
+            await asyncio.shield(take)  # its failure is reported where it was awaited
+        await asyncio.to_thread(provider.release)
+
+    def _watch_what_may_still_freeze(self) -> None:
+        """Leaving: a FIFREEZE abandoned or still under way may land after we are gone, so
+        the watchdog is left to thaw it (closed without `done`)."""
+        if self.watchdog is not None and any(
+            f.state is FreezeState.ABANDONED or f.in_flight
+            for freezes in self.freezes.values()
+            for f in freezes
+        ):
+            self.watchdog.keep_watching = True
+
+    async def _post_script_on_exit(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool:
+        """The post-script runs whatever happens; when something failed already, that
+        failure is the one reported and the post-script's is a warning in the log."""
+        if exc_type is None:
+            await self._post_script()
+        else:
+            try:
+                await self._post_script()
+            except PostScriptFailed as error:
+                log.warning("%s", error)
+        return False
+
     async def _pre_script(self) -> None:
         script = self.policy.pre_script
         if script is None:
             return
         # From here on the post-script runs whatever happens: it resumes what was quiesced.
-        self.stack.push_async_callback(self._post_script)
+        self.stack.push_async_exit(self._post_script_on_exit)
         result = await run_script(script, Phase.PRE, self.env)
         self.result.pre_script_ok = result.ok
         if not result.ok:
@@ -269,7 +301,7 @@ class _Run:
                 self.freezes[name].append(freeze)
                 if freeze.state is FreezeState.OPEN:
                     assert self.watchdog is not None
-                    await self.watchdog.arm(mount.mountpoint)
+                    await self.watchdog.arm(mount.mountpoint, mount.device)
         for name, freezes in self.freezes.items():
             # The thaw of the whole set is pushed once: it runs before each freeze.close.
             for freeze in freezes:
@@ -321,7 +353,12 @@ class _Run:
         disk.mounts = [
             MountOutcome(f.mount.mountpoint, f.mount.fstype, f.state, f.detail) for f in freezes
         ]
-        unfrozen = any(f.state not in (FreezeState.FROZEN, FreezeState.THAWED) for f in freezes)
+        # Our own FITHAW finding it thawed already (EINVAL) means someone else thawed it
+        # while we relied on it: the watchdog at its deadline, or an administrator.
+        unfrozen = any(
+            f.state not in (FreezeState.FROZEN, FreezeState.THAWED) or f.thawed_ok is False
+            for f in freezes
+        )
         if not self.policy.freeze or unfrozen:
             disk.consistency = Consistency.CRASH
         elif expired and freezes:

@@ -30,6 +30,7 @@ from agent.config import AgentConfig
 from agent.freeze import Mount, mounts, mounts_on_disk
 from agent.scripts import check_script
 from agent.snapshot import choose
+from agent.thaw_watchdog import ThawWatchdog
 from shared.errors import CofferError
 from shared.rpc import agent_pb2, agent_pb2_grpc
 from shared.tls import (
@@ -79,10 +80,39 @@ class Doctor:
             self.clock(reply)
             self.broker(reply)
             self.registration(reply)
+        self.privileges()
+        await self.watchdog()
         self.disks()
         self.scripts()
         self.directories()
         return self.findings
+
+    def privileges(self) -> None:
+        if _has_cap_sys_admin():
+            self.note("privileges", Verdict.OK, "may freeze file systems (CAP_SYS_ADMIN)")
+        else:
+            self.note(
+                "privileges",
+                Verdict.FAIL,
+                "this user may not freeze file systems (no CAP_SYS_ADMIN): backups would "
+                "only be crash-consistent",
+                "run coffer-agent as root",
+            )
+
+    async def watchdog(self) -> None:
+        """The thaw watchdog starts and answers (it runs beside every freeze)."""
+        try:
+            async with ThawWatchdog(deadline=5.0) as watchdog:
+                await watchdog.disarm(Path("/"))  # a request it answers without acting
+        except (CofferError, OSError) as exc:
+            self.note(
+                "thaw watchdog",
+                Verdict.FAIL,
+                f"`{sys.executable} -m agent.thaw_watchdog` does not start or answer: {exc}",
+                "reinstall coffer-agent; backups cannot freeze file systems without it",
+            )
+            return
+        self.note("thaw watchdog", Verdict.OK, "starts and answers")
 
     # --- identity and the controller ------------------------------------------------------
 
@@ -235,9 +265,7 @@ class Doctor:
             "protection",
             Verdict.OK if reply.session_open else Verdict.WARN,
             found,
-            ""
-            if reply.session_open
-            else "start coffer-agent (systemd: `systemctl start coffer-agent`)",
+            "" if reply.session_open else "start coffer-agent (`coffer-agent --config FILE`)",
         )
 
     # --- disks -----------------------------------------------------------------------------
@@ -379,6 +407,20 @@ class Doctor:
                     f"{directory} does not exist",
                     "create it: restores can only write there",
                 )
+
+
+CAP_SYS_ADMIN = 21
+
+
+def _has_cap_sys_admin() -> bool:
+    """Whether this process's effective capabilities include CAP_SYS_ADMIN (FIFREEZE needs it)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("CapEff:"):
+                return bool(int(line.split()[1], 16) >> CAP_SYS_ADMIN & 1)
+    except (OSError, ValueError):
+        pass
+    return os.geteuid() == 0
 
 
 def _free_bytes(path: Path) -> int | None:

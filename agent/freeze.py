@@ -252,13 +252,28 @@ class MountFreeze:
         self.state = FreezeState.OPEN
         self.detail = ""  # why it was skipped, failed or abandoned
         self.frozen_at: float | None = None  # time.monotonic() when FIFREEZE returned
+        self.thawed_ok: bool | None = None  # our FITHAW thawed it (False: someone else had)
         self._lock = threading.Lock()
         self._fd: int | None = None
+        self._in_flight = False  # a FIFREEZE has been issued and has not returned
         if mount.network:
             self.state = FreezeState.SKIPPED
             self.detail = f"{mount.fstype} is a network file system: it cannot be frozen here"
             return
-        self._fd = open_mount(mount.mountpoint)
+        fd = open_mount(mount.mountpoint)
+        # The path may show another file system than the mount table's entry (something
+        # mounted over it since): freezing that one would freeze the wrong file system and
+        # rate this disk consistent. The descriptor must be on the very device.
+        found = os.fstat(fd).st_dev
+        if (os.major(found), os.minor(found)) != mount.device:
+            os.close(fd)
+            self.state = FreezeState.FAILED
+            self.detail = (
+                f"{mount.mountpoint} now shows device {os.major(found)}:{os.minor(found)}, not "
+                f"{mount.device[0]}:{mount.device[1]} (something is mounted over it)"
+            )
+            return
+        self._fd = fd
 
     def freeze(self, timeout: float) -> FreezeState:
         """Freeze, waiting at most `timeout` seconds; the state reached."""
@@ -273,8 +288,10 @@ class MountFreeze:
                 freeze_fd(fd)
             except OSError as exc:
                 with self._lock:
+                    self._in_flight = False
                     if self.state is FreezeState.ABANDONED:
                         os.close(fd)  # the descriptor is this thread's now
+                        done.set()
                         return
                     if exc.errno in (errno.EOPNOTSUPP, errno.ENOTTY):
                         self.state = FreezeState.SKIPPED
@@ -288,18 +305,21 @@ class MountFreeze:
                 done.set()
                 return
             with self._lock:
+                self._in_flight = False
                 if self.state is FreezeState.ABANDONED:
                     # Too late: the caller has given up on this freeze. Undo it now.
                     try:
                         thaw_fd(fd)
                     finally:
                         os.close(fd)
+                        done.set()
                     return
                 self.state = FreezeState.FROZEN
                 self.frozen_at = time.monotonic()
             done.set()
 
         thread = threading.Thread(target=work, name=f"freeze {self.mount.mountpoint}", daemon=True)
+        self._in_flight = True
         thread.start()
         if not done.wait(timeout):
             with self._lock:
@@ -312,21 +332,35 @@ class MountFreeze:
         return self.state
 
     def thaw(self) -> bool:
-        """Thaw if frozen by us; True if this call thawed it (False: it was not frozen)."""
+        """Thaw if frozen by us; True if this call thawed it (False: it was not frozen, so
+        someone else thawed it meanwhile: the watchdog at its deadline, or an administrator)."""
         with self._lock:
             if self.state is not FreezeState.FROZEN or self._fd is None:
                 return False
             thawed = thaw_fd(self._fd)
             self.state = FreezeState.THAWED
+            self.thawed_ok = thawed
             return thawed
 
+    @property
+    def in_flight(self) -> bool:
+        """A FIFREEZE was issued and has not returned (nor been abandoned)."""
+        return self._in_flight and self.state is FreezeState.OPEN
+
     def close(self) -> None:
-        """Thaw if frozen, and close the descriptor."""
+        """Thaw if frozen, and close the descriptor. A FIFREEZE still in flight (the caller
+        was cancelled) is abandoned instead: its thread owns the descriptor, and thaws as soon
+        as the ioctl returns."""
         try:
             self.thaw()
         finally:
             with self._lock:
-                self._close_fd()
+                if self._in_flight and self.state is FreezeState.OPEN:
+                    self.state = FreezeState.ABANDONED
+                    self.detail = "the backup ended while FIFREEZE was still running"
+                    self._fd = None  # the freezing thread closes it
+                else:
+                    self._close_fd()
 
     def _close_fd(self) -> None:
         if self._fd is not None:

@@ -48,7 +48,8 @@ def backoff_delays(first: float = BACKOFF_FIRST, cap: float = BACKOFF_MAX) -> It
     attempt = 0
     while True:
         yield random.uniform(0, min(cap, first * 2**attempt))
-        attempt += 1
+        # Bounded: past the cap the exponent only grows (and 2**1024 overflows a float).
+        attempt = min(attempt + 1, 32)
 
 
 def _forget(running: dict[str, asyncio.Task[None]], job_id: str, _: object) -> None:

@@ -8,7 +8,9 @@ freezing that file system. The watchdog thaws every armed file system:
 
 - when the deadline passes, counted from the first arm (the agent hung, or a read while
   frozen took too long); it then tells the agent `expired`;
-- when the pipe closes without a `done` (the agent died, even by SIGKILL);
+- when the pipe closes without a `done` (the agent died, even by SIGKILL); a file system
+  that is not frozen yet then (a FIFREEZE still under way when the agent died) is tried again
+  until the deadline, so a freeze that lands after the agent is gone is thawed too;
 - on SIGTERM, SIGINT or SIGHUP (someone stops the watchdog: leave nothing frozen).
 
 The agent disarms a file system once it has thawed it itself and says `done` at the end, so a
@@ -16,7 +18,8 @@ freeze someone else takes later is never thawed by the watchdog. A thaw of a fil
 is not frozen (EINVAL) counts as already thawed. The watchdog thaws first and talks after:
 its stderr may be a log file on a file system it is about to thaw.
 
-Protocol: one JSON object a line. Agent to watchdog: `{"op": "arm", "path": ...}`,
+Protocol: one JSON object a line. Agent to watchdog: `{"op": "arm", "path": ..., "device":
+[major, minor]}` (the watchdog refuses a path that shows another device),
 `{"op": "disarm", "path": ...}`, `{"op": "done"}`. Watchdog to agent: `{"ok": "armed"}` or
 `{"error": ...}` for each request, and `{"event": "expired", "thawed": [...]}` once.
 
@@ -48,6 +51,7 @@ FITHAW = 0xC0045878  # as in agent.freeze; not imported from there: this process
 PACKAGE_ROOT = str(Path(__file__).resolve().parent.parent)
 
 START_TIMEOUT = 10.0  # for the watchdog to answer a request
+RETRY_SECONDS = 0.05  # how often a file system not frozen yet is tried again after the agent died
 
 
 class _Watchdog:
@@ -60,7 +64,9 @@ class _Watchdog:
         self.expired = False
         self._buffer = b""
 
-    def thaw_all(self) -> list[dict[str, str]]:
+    def thaw_all(self, *, keep_unfrozen: bool = False) -> list[dict[str, str]]:
+        """FITHAW every armed file system; with `keep_unfrozen`, those that were not frozen
+        stay armed (a FIFREEZE may still land on them)."""
         outcomes = []
         for path, fd in list(self.armed.items()):
             try:
@@ -69,10 +75,20 @@ class _Watchdog:
             except OSError as exc:
                 outcome = "not-frozen" if exc.errno == errno.EINVAL else f"error: {exc.strerror}"
             outcomes.append({"path": path, "outcome": outcome})
-        for fd in self.armed.values():
-            os.close(fd)
-        self.armed.clear()
+            if not (keep_unfrozen and outcome == "not-frozen"):
+                os.close(fd)
+                del self.armed[path]
         return outcomes
+
+    def linger(self) -> list[dict[str, str]]:
+        """The agent is gone: keep thawing what is still armed until the deadline."""
+        expires_at = self.expires_at or time.monotonic()
+        thawed: list[dict[str, str]] = []
+        while self.armed and time.monotonic() < expires_at:
+            time.sleep(RETRY_SECONDS)
+            thawed += [o for o in self.thaw_all(keep_unfrozen=True) if o["outcome"] == "thawed"]
+        self.thaw_all()
+        return thawed
 
     def send(self, message: dict[str, Any]) -> None:
         with contextlib.suppress(OSError):  # the agent is gone: nobody to tell
@@ -100,6 +116,17 @@ class _Watchdog:
                 fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
             except OSError as exc:
                 self.send({"error": f"cannot open {path}: {exc.strerror}"})
+                return True
+            device = message.get("device")
+            found = os.fstat(fd).st_dev
+            if device is not None and [os.major(found), os.minor(found)] != list(device):
+                os.close(fd)
+                self.send(
+                    {
+                        "error": f"{path} shows device {os.major(found)}:{os.minor(found)}, "
+                        f"not {device[0]}:{device[1]}"
+                    }
+                )
                 return True
             if path in self.armed:
                 os.close(self.armed[path])
@@ -130,7 +157,8 @@ class _Watchdog:
                 continue
             data = os.read(0, 65536)
             if not data:  # the agent is gone without saying done
-                thawed = self.thaw_all()
+                thawed = self.thaw_all(keep_unfrozen=True)
+                thawed += self.linger()
                 if thawed:
                     print(f"thaw watchdog: agent gone, thawed {thawed}", file=sys.stderr)
                 return 0
@@ -175,6 +203,8 @@ class ThawWatchdog:
         self._process: asyncio.subprocess.Process | None = None
         self._replies: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
         self._reader: asyncio.Task[None] | None = None
+        # Set when a freeze may still land (abandoned, or in flight): close without `done`.
+        self.keep_watching = False
 
     @property
     def pid(self) -> int | None:
@@ -213,28 +243,37 @@ class ThawWatchdog:
         await self.close(clean=exc_type is None)
 
     async def close(self, *, clean: bool = True) -> None:
+        """`clean`: tell the watchdog `done` (nothing of ours is frozen). Otherwise it thaws
+        what is armed, and keeps trying until its deadline for a freeze still under way: it
+        is left running for that, never killed."""
         process, self._process = self._process, None
         if process is None:
             return
         assert process.stdin is not None
+        clean = clean and not self.keep_watching
         if clean:
             with contextlib.suppress(OSError):
                 process.stdin.write(b'{"op": "done"}\n')
                 await process.stdin.drain()
         process.stdin.close()
         try:
-            await asyncio.wait_for(process.wait(), START_TIMEOUT)
+            await asyncio.wait_for(process.wait(), START_TIMEOUT if clean else 1.0)
         except TimeoutError:
-            process.kill()
-            await process.wait()
+            if clean:
+                process.kill()
+                await process.wait()
         if self._reader is not None:
             self._reader.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._reader
 
-    async def arm(self, path: Path) -> None:
-        """The watchdog holds `path`'s file system from now on; raises if it cannot."""
-        await self._request({"op": "arm", "path": str(path)})
+    async def arm(self, path: Path, device: tuple[int, int] | None = None) -> None:
+        """The watchdog holds `path`'s file system (which must be `device`, if given) from now
+        on; raises if it cannot."""
+        message: dict[str, Any] = {"op": "arm", "path": str(path)}
+        if device is not None:
+            message["device"] = list(device)
+        await self._request(message)
 
     async def disarm(self, path: Path) -> None:
         await self._request({"op": "disarm", "path": str(path)})

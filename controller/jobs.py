@@ -63,7 +63,7 @@ from shared.errors import (
 )
 from shared.index import DiskIndex
 from shared.manifest import ManifestDisk, RecoveryPointManifest
-from shared.model import Consistency, JobStatus, Operation
+from shared.model import Consistency, JobStatus, Operation, weakest
 from shared.rpc import agent_pb2
 from shared.rpc_errors import from_proto
 from shared.status import JobState
@@ -577,7 +577,11 @@ class JobManager:
             vault=job.vault,
             job_id=job.id,
             created_at=datetime.fromtimestamp(self._clock.now(), UTC),
-            consistency=result.consistency or Consistency.CRASH,
+            # Never more than its weakest disk, whatever the agent says overall.
+            consistency=weakest(
+                [result.consistency or Consistency.CRASH]
+                + [d.consistency or Consistency.CRASH for d in result.disks]
+            ),
             disks=tuple(disks),
             vm=running.vm,
         )

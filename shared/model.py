@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import enum
+from collections.abc import Iterable
+
+from shared.errors import InvalidArgument
 
 
 class Operation(enum.StrEnum):
@@ -63,3 +66,18 @@ class Consistency(enum.StrEnum):
     APPLICATION = "application"  # pre/post scripts ran and the file systems were frozen
     FILE_SYSTEM = "file-system"  # the file systems were frozen
     CRASH = "crash"  # as if the power was cut: no freeze
+
+
+_STRENGTH = {Consistency.APPLICATION: 2, Consistency.FILE_SYSTEM: 1, Consistency.CRASH: 0}
+
+
+def weakest(levels: Iterable[Consistency | str]) -> Consistency:
+    """The consistency of a set of disks: that of the weakest (crash for none). A value that
+    is no consistency level is an error (InvalidArgument)."""
+    found = []
+    for level in levels:
+        try:
+            found.append(Consistency(level))
+        except ValueError:
+            raise InvalidArgument(detail=f"{level!r} is not a consistency level") from None
+    return min(found, key=_STRENGTH.__getitem__, default=Consistency.CRASH)

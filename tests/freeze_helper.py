@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 from pathlib import Path
 
@@ -16,10 +17,11 @@ from agent.thaw_watchdog import ThawWatchdog
 
 
 async def main(mountpoint: Path, deadline: float, thaw: bool) -> None:
-    mount = Mount(0, (0, 0), "/", mountpoint, "unknown", "")
+    dev = os.stat(mountpoint).st_dev
+    mount = Mount(0, (os.major(dev), os.minor(dev)), "/", mountpoint, "unknown", "")
     async with ThawWatchdog(deadline) as watchdog:
         freeze = MountFreeze(mount)
-        await watchdog.arm(mountpoint)
+        await watchdog.arm(mountpoint, mount.device)
         assert freeze.freeze(5.0) is FreezeState.FROZEN, freeze.detail
         if thaw:
             freeze.thaw()

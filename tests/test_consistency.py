@@ -18,10 +18,10 @@ from pathlib import Path
 
 import pytest
 
-from agent.consistency import ConsistencyPolicy, consistent_snapshot, weakest
+from agent.consistency import ConsistencyPolicy, consistent_snapshot
 from agent.scripts import Script
 from shared.errors import ExtensionSnapshotFailed, PreScriptFailed
-from shared.model import Consistency
+from shared.model import Consistency, weakest
 from tests.bench.image import mounted
 from tests.journal_writer import committed, content
 from tests.loopfs import XFS_MIN, LoopFs, loop_fs
@@ -219,3 +219,15 @@ def test_weakest() -> None:
     assert weakest([Consistency.APPLICATION, Consistency.FILE_SYSTEM]) is Consistency.FILE_SYSTEM
     assert weakest([Consistency.APPLICATION]) is Consistency.APPLICATION
     assert weakest([]) is Consistency.CRASH
+
+
+async def test_when_both_scripts_fail_the_pre_scripts_failure_is_the_one_reported(
+    xfs_vm: Vm, tmp_path: Path
+) -> None:
+    """The post-script's failure must not hide why nothing was taken."""
+    pre = script(tmp_path, "pre.sh", "echo 'database is down' >&2; exit 1\n")
+    post = script(tmp_path, "post.sh", "echo 'cannot resume' >&2; exit 1\n")
+    policy = ConsistencyPolicy(pre_script=Script(pre), post_script=Script(post))
+    with pytest.raises(PreScriptFailed, match="database is down"):
+        async with consistent_snapshot(xfs_vm.disks, policy):
+            pass

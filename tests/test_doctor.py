@@ -46,7 +46,10 @@ def verdicts(findings: dict[str, list[dict[str, Any]]], check: str) -> list[str]
 def test_a_healthy_vm_not_yet_protected(cluster: Cluster) -> None:
     code, findings = doctor(cluster, "doc-1")
     assert code == 0, findings
-    for check in ("identity", "controller", "clock", "broker", "disk root", "state directory"):
+    for check in (
+        "identity", "controller", "clock", "broker", "privileges", "thaw watchdog", "disk root",
+        "state directory",
+    ):  # fmt: skip
         assert verdicts(findings, check) == ["ok"], findings[check]
     # Nothing mounted from the image here: nothing to freeze.
     assert "nothing to flush or freeze" in findings["disk root: freeze"][0]["found"]

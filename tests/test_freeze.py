@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -252,3 +253,36 @@ def test_watchdog_thaws_on_sigterm(fs: LoopFs, writers: Writers) -> None:
     os.kill(watchdog, signal.SIGTERM)
     assert finishes_within(writer, 5)
     reap(helper, watchdog)
+
+
+@pytest.mark.timeout(120)
+def test_a_freeze_still_under_way_when_the_backup_ends_is_undone(tmp_path: Path) -> None:
+    """The backup is cancelled while FIFREEZE is still writing back: the freeze is abandoned
+    to its thread, which thaws the moment the ioctl returns; nothing stays frozen."""
+    with loop_fs(tmp_path / "busy.img", "ext4", 256 * MiB) as busy:
+        # Dirty data, not synced: FIFREEZE has to write it all back first.
+        block = b"\xa5" * MiB
+        with (busy.mountpoint / "dirty").open("wb") as f:
+            for _ in range(128):
+                f.write(block)
+        [mount] = mounts_on_disk(busy.image)
+        freeze = MountFreeze(mount)
+        started = time.monotonic()
+        result: list[FreezeState] = []
+        thread = threading.Thread(target=lambda: result.append(freeze.freeze(60)))
+        thread.start()
+        while not freeze.in_flight:
+            time.sleep(0.001)
+        freeze.close()  # what the cancelled backup's cleanup does
+        closed_after = time.monotonic() - started
+        thread.join(60)
+        assert freeze.state is FreezeState.ABANDONED, (
+            f"FIFREEZE returned within {closed_after:.3f} s, before the cleanup: nothing was "
+            "under way to abandon (more dirty data needed on this machine)"
+        )
+        writers = Writers(busy)
+        try:
+            assert finishes_within(writers.start(), 10), "the file system stayed frozen"
+        finally:
+            thaw_path(busy.mountpoint)
+            writers.close()
