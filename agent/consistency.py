@@ -43,7 +43,14 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from agent.freeze import FreezeState, Mount, MountFreeze, mounts, mounts_on_disk
+from agent.freeze import (
+    FreezeState,
+    Mount,
+    MountFreeze,
+    in_use_unseen,
+    mounts,
+    mounts_on_disk,
+)
 from agent.scripts import Phase, Script, error_for, run_script
 from agent.snapshot import DEFAULT_ORDER, SnapshotProvider, choose
 from agent.thaw_watchdog import ThawWatchdog
@@ -150,6 +157,7 @@ class _Run:
         self.freeze_started: float | None = None
         self.last_thaw: float | None = None
         self.post_script_done = False
+        self.unseen: set[str] = set()
         self.result = SnapshotSet(disks={})
 
     # -- steps ----------------------------------------------------------------------------
@@ -161,6 +169,11 @@ class _Run:
         await self._pre_script()
         # The mount table is read after the pre-script, which may have changed it.
         on_disk = self._mounts() if self.policy.freeze else {}
+        # A disk with no file system mounted here, yet held: mounted in another mount
+        # namespace, where it cannot be frozen from here. It is not rated as if frozen.
+        self.unseen = {
+            name for name, path in self.disks if not on_disk.get(name) and in_use_unseen(path)
+        }
         if any(on_disk.values()):
             self.watchdog = await self.stack.enter_async_context(
                 ThawWatchdog(self.policy.thaw_deadline)
@@ -359,7 +372,14 @@ class _Run:
             f.state not in (FreezeState.FROZEN, FreezeState.THAWED) or f.thawed_ok is False
             for f in freezes
         )
-        if not self.policy.freeze or unfrozen:
+        if name in self.unseen:
+            disk.consistency = Consistency.CRASH
+            self.result.warnings.append(
+                f"disk {name!r} is in use, but none of its file systems is mounted where the "
+                "agent runs (mounted in another mount namespace?), so none could be frozen; "
+                "the disk is only crash-consistent. Run the agent inside the VM."
+            )
+        elif not self.policy.freeze or unfrozen:
             disk.consistency = Consistency.CRASH
         elif expired and freezes:
             disk.consistency = Consistency.CRASH

@@ -27,7 +27,7 @@ import grpc
 from cryptography import x509
 
 from agent.config import AgentConfig
-from agent.freeze import Mount, mounts, mounts_on_disk
+from agent.freeze import Mount, in_use_unseen, mounts, mounts_on_disk
 from agent.scripts import check_script
 from agent.snapshot import choose
 from agent.thaw_watchdog import ThawWatchdog
@@ -300,6 +300,15 @@ class Doctor:
     def _mounts(self, name: str, path: Path, table: list[Mount]) -> None:
         check = f"disk {name}: freeze"
         found = mounts_on_disk(path, table)
+        if not found and in_use_unseen(path, table):
+            self.note(
+                check,
+                Verdict.WARN,
+                "the disk is in use but none of its file systems is mounted here (another "
+                "mount namespace?): backups of it are only crash-consistent",
+                "run coffer-agent inside the VM, where the disk is mounted",
+            )
+            return
         if not found:
             self.note(
                 check,

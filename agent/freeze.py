@@ -30,6 +30,7 @@ import errno
 import fcntl
 import os
 import stat
+import struct
 import threading
 import time
 from dataclasses import dataclass
@@ -138,24 +139,76 @@ def _with_partitions_and_holders(device: Device) -> set[Device]:
     return found
 
 
+LOOP_GET_STATUS64 = 0x4C05
+_LOOP_INFO64 = struct.Struct("=QQQQQIIII64s64s32s2Q")  # struct loop_info64
+
+
+def _device_node(device: Device) -> Path | None:
+    """The /dev node of a block device (by its sysfs DEVNAME: no udev needed)."""
+    try:
+        uevent = Path(f"/sys/dev/block/{device[0]}:{device[1]}/uevent").read_text()
+    except OSError:
+        return None
+    for line in uevent.splitlines():
+        if line.startswith("DEVNAME="):
+            return Path("/dev") / line.removeprefix("DEVNAME=")
+    return None
+
+
+def _loop_backing(device: Device) -> tuple[int, int, int] | None:
+    """(major, minor, inode) of the file behind a bound loop device, from the kernel itself
+    (LOOP_GET_STATUS64): right even where the file's path does not resolve (another mount
+    namespace, a file renamed since)."""
+    node = _device_node(device)
+    if node is None:
+        return None
+    try:
+        fd = os.open(node, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        raw = fcntl.ioctl(fd, LOOP_GET_STATUS64, bytes(_LOOP_INFO64.size))
+    except OSError:
+        return None  # unbound
+    finally:
+        os.close(fd)
+    dev, inode = _LOOP_INFO64.unpack(raw)[:2]
+    # The kernel's 32-bit "new" encoding of dev_t (huge_encode_dev).
+    return (dev & 0xFFF00) >> 8, (dev & 0xFF) | ((dev >> 12) & 0xFFF00), inode
+
+
 def loop_devices_of(image: Path) -> list[Device]:
     """The loop devices backed by the image file `image`."""
     info = os.stat(image)
+    wanted = (os.major(info.st_dev), os.minor(info.st_dev), info.st_ino)
     found = []
     for sysdir in sorted(Path("/sys/block").glob("loop*")):
-        backing = sysdir / "loop" / "backing_file"
-        try:
-            name = backing.read_text().rstrip("\n")
-        except OSError:
+        if not (sysdir / "loop" / "backing_file").exists():
             continue  # an unbound loop device
-        name = name.removesuffix(" (deleted)")
-        try:
-            other = os.stat(name)
-        except OSError:
-            continue  # not visible from here, or gone
-        if (other.st_dev, other.st_ino) == (info.st_dev, info.st_ino):
-            found.append(_read_device(sysdir / "dev"))
+        device = _read_device(sysdir / "dev")
+        if _loop_backing(device) == wanted:
+            found.append(device)
     return found
+
+
+def in_use_unseen(disk: Path, within: list[Mount] | None = None) -> bool:
+    """Whether some device of `disk` is held (mounted or claimed) although no file system of
+    it is mounted in this mount namespace: mounted in another one, then, where this agent
+    cannot freeze it."""
+    if mounts_on_disk(disk, within):
+        return False
+    for device in disk_devices(disk):
+        node = _device_node(device)
+        if node is None:
+            continue
+        try:
+            fd = os.open(node, os.O_RDONLY | os.O_EXCL | os.O_CLOEXEC)
+        except OSError as exc:
+            if exc.errno == errno.EBUSY:
+                return True
+            continue
+        os.close(fd)
+    return False
 
 
 def disk_devices(disk: Path) -> set[Device]:

@@ -24,7 +24,7 @@ from shared.errors import ExtensionSnapshotFailed, PreScriptFailed
 from shared.model import Consistency, weakest
 from tests.bench.image import mounted
 from tests.journal_writer import committed, content
-from tests.loopfs import XFS_MIN, LoopFs, loop_fs
+from tests.loopfs import XFS_MIN, LoopFs, loop_fs, mkfs
 
 MiB = 1 << 20
 
@@ -231,3 +231,43 @@ async def test_when_both_scripts_fail_the_pre_scripts_failure_is_the_one_reporte
     with pytest.raises(PreScriptFailed, match="database is down"):
         async with consistent_snapshot(xfs_vm.disks, policy):
             pass
+
+
+@pytest.fixture
+def mounted_elsewhere(tmp_path: Path) -> Iterator[Path]:
+    """An ext4 image mounted in another mount namespace only (a sleeping process holds it)."""
+    image = tmp_path / "elsewhere.img"
+    with image.open("wb") as f:
+        f.truncate(64 * MiB)
+    mkfs("ext4", image)
+    loop = subprocess.run(
+        ["losetup", "--find", "--show", str(image)], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    mountpoint = tmp_path / "mnt"
+    mountpoint.mkdir()
+    other = subprocess.Popen(
+        ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+         f"mount {loop} {mountpoint} && echo ready && exec sleep 60"],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert other.stdout is not None
+        assert other.stdout.readline().strip() == "ready"
+        yield image
+    finally:
+        other.kill()
+        other.wait(10)
+        subprocess.run(["losetup", "-d", loop], check=False)
+
+
+async def test_a_disk_mounted_in_another_mount_namespace_is_only_crash_consistent(
+    mounted_elsewhere: Path,
+) -> None:
+    """The agent cannot see (so cannot freeze) a file system another namespace mounted: the
+    recovery point must not claim it was frozen."""
+    disks = [("root", mounted_elsewhere)]
+    async with consistent_snapshot(disks, ConsistencyPolicy()) as snapshots:
+        assert snapshots.disks["root"].consistency is Consistency.CRASH
+        assert snapshots.consistency is Consistency.CRASH
+        [warning] = snapshots.warnings
+        assert "another mount namespace" in warning
