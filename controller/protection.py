@@ -343,7 +343,15 @@ class Protection:
 
         async def locked(job: JobRecord) -> None:
             item = await self._catalog.item(stale.vm_id)
-            if item is None or item.vault != stale.vault or item.state != stale.state:
+            # What the checks before the job looked at must still hold (a backup ending
+            # meanwhile, pending → protected, changes nothing that matters here).
+            if (
+                item is None
+                or item.vault != stale.vault
+                or ItemState(item.state).protected != ItemState(stale.state).protected
+                or (item.state == ItemState.PROTECTION_STOPPED)
+                != (stale.state == ItemState.PROTECTION_STOPPED)
+            ):
                 raise ItemStateConflict(
                     vm=stale.vm_id,
                     state="changed meanwhile",
