@@ -258,6 +258,13 @@ _JOB_COLUMNS = (
 )
 
 
+def _equal(**columns: str) -> tuple[str, tuple[str, ...]]:
+    """A WHERE clause (and its parameters) for the columns given a non-empty value."""
+    given = {column: value for column, value in columns.items() if value}
+    clause = " AND ".join(f"{column} = ?" for column in given) or "1"
+    return clause, tuple(given.values())
+
+
 def _job(row: aiosqlite.Row) -> JobRecord:
     values = list(row)
     values[-1] = json.loads(values[-1])
@@ -495,14 +502,7 @@ class Catalog:
         return found[0] if found else None
 
     async def items(self, vault: str = "", *, policy: str = "") -> list[ItemRecord]:
-        clauses, params = ["1"], []
-        if vault:
-            clauses.append("vault = ?")
-            params.append(vault)
-        if policy:
-            clauses.append("policy = ?")
-            params.append(policy)
-        return await self._items(" AND ".join(clauses), tuple(params))
+        return await self._items(*_equal(vault=vault, policy=policy))
 
     async def _items(self, where: str, params: tuple[str, ...]) -> list[ItemRecord]:
         async with self.db.execute(
@@ -713,14 +713,7 @@ class Catalog:
 
     async def recovery_points(self, vm_id: str = "", vault: str = "") -> list[RecoveryPointRecord]:
         """Recovery points, oldest first; of one VM and/or one vault when given."""
-        clauses, params = ["1"], []
-        if vm_id:
-            clauses.append("vm_id = ?")
-            params.append(vm_id)
-        if vault:
-            clauses.append("vault = ?")
-            params.append(vault)
-        return await self._recovery_points(" AND ".join(clauses), tuple(params))
+        return await self._recovery_points(*_equal(vm_id=vm_id, vault=vault))
 
     async def recovery_point(self, rp_id: str) -> RecoveryPointRecord:
         found = await self._recovery_points("id = ?", (rp_id,))

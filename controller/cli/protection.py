@@ -241,11 +241,8 @@ def policy_edit(
     ref = operator_pb2.PolicyRef(vault=vault_name, name=name)
     current = Policy.from_dict(json.loads(call(connection, lambda s: s.GetPolicy(ref)).spec_json))
     options = current.retention.to_options()
-    for rule, value in (("daily", daily), ("weekly", weekly), ("monthly", monthly)):
-        if value is not None:
-            options[rule] = value
-    if yearly is not None:
-        options["yearly"] = yearly
+    given = {"daily": daily, "weekly": weekly, "monthly": monthly, "yearly": yearly}
+    options.update({rule: value for rule, value in given.items() if value is not None})
     for rule in drop:
         options.pop(rule, None)
     edited = build_policy(
