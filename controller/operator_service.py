@@ -277,8 +277,11 @@ class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
         except CofferError as exc:
             await abort(context, exc)
         while True:
-            yield self._job(job, names)
-            if JobStatus(job.status).ended:
+            sent = self._job(job, names)
+            yield sent
+            # Judged on what was sent: a running job's record changes while the message is
+            # written, and the stream must not end before the client has seen the end.
+            if JobStatus(sent.status).ended:
                 return
             running = self._jobs.running(job.id)
             if running is not None:
