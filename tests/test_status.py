@@ -281,14 +281,24 @@ async def test_broker_outage_never_blocks_and_status_resumes(pki: Pki, tmp_path:
         assert time.monotonic() - started < 1.0  # 2021 calls, none waited for MQTT
         assert pub.pending == 8
 
-        # Let both clients fail a few reconnects so their backoff has grown.
+        # Let both clients fail a few reconnects while the broker is away.
         await asyncio.sleep(1.5)
         # Progress is not retained: only subscribers connected when it is published get it.
-        # A controller reconnects at once when told to, an agent only after its backoff.
+        # So the agent is held back until the controller has subscribed again (its own
+        # jittered backoff can be shorter than the controller's reconnect on a loaded machine);
+        # what it kept in its outbox meanwhile is what it sends then.
         monitor.set_broker("", 0)
+        pub.set_broker("", 0)
         async with PrivateBroker(broker_dir, pki.controller, port=port) as second:
             assert second.port == port
             monitor.set_broker(host, port)
+            # Subscribed again (presence and progress are one subscription): another agent's
+            # presence reaches the controller.
+            async with publisher(pki, "vm-probe") as probe:
+                probe.set_broker(host, port)
+                await eventually(presence_is(monitor, "vm-probe", PresenceState.ONLINE))
+            assert pub.pending == 8
+            pub.set_broker(host, port)
             progress = await eventually(lambda: monitor.progress("job-o"), within=15)
             assert progress.bytes_done == 2000
             await eventually(presence_is(monitor, "vm-o", PresenceState.ONLINE))
