@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import socket
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 
@@ -26,6 +24,7 @@ from agent.disk import disk_size
 from agent.restore import RestoreRun
 from agent.runtime import Runtime
 from agent.status import StatusPublisher
+from shared.backoff import Backoff
 from shared.errors import CofferError, JobCancelled, find_coffer_error
 from shared.rpc import agent_pb2, agent_pb2_grpc
 from shared.rpc_errors import from_rpc_error, to_proto
@@ -34,22 +33,13 @@ from shared.version import coffer_version
 
 log = logging.getLogger(__name__)
 
-BACKOFF_FIRST = 0.5
-BACKOFF_MAX = 30.0
+# Full jitter: a fleet that lost the controller at once comes back spread over the window.
+RECONNECT = Backoff(first=0.5, cap=30.0, jitter="full")
 # A session accepted at least this long before it broke resets the backoff.
-HEALTHY_SESSION = BACKOFF_MAX
+HEALTHY_SESSION = RECONNECT.cap
 # Threads that read, hash, compress and write chunks: reads wait on the disk, so more than
 # cores; the pipelines bound how many chunks are in flight.
 POOL_THREADS = 12
-
-
-def backoff_delays(first: float = BACKOFF_FIRST, cap: float = BACKOFF_MAX) -> Iterator[float]:
-    """Full-jitter exponential backoff: uniform in [0, min(cap, first * 2**n)]."""
-    attempt = 0
-    while True:
-        yield random.uniform(0, min(cap, first * 2**attempt))
-        # Bounded: past the cap the exponent only grows (and 2**1024 overflows a float).
-        attempt = min(attempt + 1, 32)
 
 
 def _forget(running: dict[str, asyncio.Task[None]], job_id: str, _: object) -> None:
@@ -92,7 +82,7 @@ class Agent:
                 hostname=socket.gethostname(),
                 agent_version=coffer_version(),
             ) as status:
-                delays = backoff_delays()
+                delays = RECONNECT.delays()
                 while True:
                     try:
                         await self._session(pool, status)
@@ -108,10 +98,10 @@ class Agent:
                         time.monotonic() - self._connected_at >= HEALTHY_SESSION
                     ):
                         # A session that held: this outage starts the backoff over, or a
-                        # long-lived agent would wait up to BACKOFF_MAX after every break once
+                        # long-lived agent would wait up to the cap after every break once
                         # it had seen a few. One that broke soon after it was accepted (a
                         # controller in trouble) keeps backing off.
-                        delays = backoff_delays()
+                        delays = RECONNECT.delays()
                     self._connected_at = None
                     self.connected.clear()
                     delay = next(delays)

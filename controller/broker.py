@@ -34,8 +34,9 @@ from pathlib import Path
 from types import TracebackType
 from typing import Final, Self
 
+from shared.backoff import Backoff
 from shared.errors import InvalidArgument, Unavailable
-from shared.status import CONTROLLER_USERNAME, MAX_PAYLOAD_BYTES, TOPIC_ROOT, reconnect_delay
+from shared.status import CONTROLLER_USERNAME, MAX_PAYLOAD_BYTES, TOPIC_ROOT
 from shared.tls import TlsFiles, mqtt_ssl_context, validate_operator_name
 
 log = logging.getLogger(__name__)
@@ -48,8 +49,7 @@ LOG_NAME: Final = "mosquitto.log"
 
 # A broker that ran this long before exiting was healthy: restart it without delay growth.
 _STABLE_SECONDS: Final = 30.0
-_RESTART_BASE: Final = 0.5
-_RESTART_CAP: Final = 10.0
+_RESTART: Final = Backoff(first=0.5, cap=10.0, jitter="equal")
 _PROBE_INTERVAL: Final = 0.05
 _LOG_TAIL_BYTES: Final = 2048
 
@@ -247,7 +247,7 @@ class PrivateBroker:
             )
             if loop.time() - started > _STABLE_SECONDS:
                 attempt = 0
-            await asyncio.sleep(reconnect_delay(attempt, base=_RESTART_BASE, cap=_RESTART_CAP))
+            await asyncio.sleep(_RESTART.delay(attempt))
             attempt += 1
             try:
                 self._process = await self._spawn()

@@ -3,7 +3,7 @@
 aiomqtt has no reconnect of its own, so `MqttConnection` owns one background task that loops:
 connect to the current broker (TLS client certificate, a fixed client id, the subclass's last
 will), run a session, and on any MQTT or network error wait a jittered, capped backoff
-(`shared.status.reconnect_delay`) and connect again. A session is two tasks in a TaskGroup:
+(`shared.status.RECONNECT`) and connect again. A session is two tasks in a TaskGroup:
 one receives (and is how a dropped connection is noticed, even by a client that subscribes to
 nothing), the other sends what waits in a coalescing `Outbox`. A session ends cleanly when its
 owner closes it or `set_broker` names another address: what was queued before goes out, the
@@ -29,7 +29,7 @@ from typing import ClassVar, Final, Self
 import aiomqtt
 
 from shared.errors import CofferError
-from shared.status import Outbox, OutgoingMessage, reconnect_delay
+from shared.status import RECONNECT, Outbox, OutgoingMessage
 from shared.tls import TlsFiles, mqtt_ssl_context
 
 # A dead connection (VM paused, network cut) is noticed after 1.5 keepalives; a killed agent
@@ -212,7 +212,7 @@ class MqttConnection(abc.ABC):
                 self._log.warning("cannot reach status broker %s:%d: %s", *broker, error)
             else:
                 self._log.debug("status broker %s:%d still unreachable: %s", *broker, error)
-            delay = reconnect_delay(attempt)
+            delay = RECONNECT.delay(attempt)
             attempt += 1
             # A new address or closing ends the wait early.
             with contextlib.suppress(TimeoutError):

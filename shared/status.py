@@ -16,7 +16,7 @@ field, or ids that do not match its topic is refused with `InvalidArgument`. Tim
 ISO-8601 in UTC with a `Z` suffix.
 
 The module also holds the delivery rules both publishers share, as pure code: `Outbox`
-(latest message per topic, bounded) and `reconnect_delay` (jittered exponential backoff).
+(latest message per topic, bounded) and `RECONNECT` (its backoff).
 """
 
 from __future__ import annotations
@@ -24,14 +24,14 @@ from __future__ import annotations
 import enum
 import json
 import math
-import random
 import re
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, ClassVar, Final, Self
 
+from shared.backoff import Backoff
 from shared.errors import InvalidArgument
 from shared.model import JobStatus
 from shared.tls import CONTROLLER_NAME, validate_vm_id
@@ -482,22 +482,5 @@ class Outbox:
 
 
 # Reconnection: the first retry comes quickly (a broker restart takes well under a second);
-# later ones back off to RECONNECT_CAP so a long outage costs one attempt every few seconds.
-RECONNECT_BASE: Final = 0.25
-RECONNECT_CAP: Final = 4.0
-
-
-def reconnect_delay(
-    attempt: int,
-    *,
-    base: float = RECONNECT_BASE,
-    cap: float = RECONNECT_CAP,
-    rng: Callable[[], float] = random.random,
-) -> float:
-    """Seconds to wait before reconnection attempt `attempt` (0 for the first retry).
-
-    Exponential with "equal jitter": between half and all of min(cap, base * 2**attempt), so
-    agents that lost the same broker do not all come back in the same instant.
-    """
-    ceiling: float = min(cap, base * 2.0 ** min(attempt, 32))
-    return ceiling / 2 + rng() * ceiling / 2
+# later ones back off to 4 s so a long outage costs one attempt every few seconds.
+RECONNECT: Final = Backoff(first=0.25, cap=4.0, jitter="equal")

@@ -31,6 +31,7 @@ from shared.errors import InvalidArgument, Unavailable
 from shared.model import JobStatus
 from shared.status import (
     JOB_STATE_FILTER,
+    RECONNECT,
     JobState,
     OfflineReason,
     Outbox,
@@ -44,7 +45,6 @@ from shared.status import (
     parse_topic,
     presence_topic,
     progress_topic,
-    reconnect_delay,
 )
 from shared.tls import TlsFiles, mqtt_ssl_context
 
@@ -487,11 +487,11 @@ def test_outbox_keeps_the_latest_per_topic_and_stays_bounded() -> None:
 
 
 def test_reconnect_delay_grows_with_jitter_up_to_the_cap() -> None:
-    assert reconnect_delay(0, rng=lambda: 0.0) == pytest.approx(0.125)
-    assert reconnect_delay(0, rng=lambda: 1.0) == pytest.approx(0.25)
-    assert reconnect_delay(3, rng=lambda: 1.0) == pytest.approx(2.0)
-    assert reconnect_delay(50, rng=lambda: 1.0) == pytest.approx(4.0)
-    assert reconnect_delay(50, rng=lambda: 0.0) == pytest.approx(2.0)
+    assert RECONNECT.delay(0, rng=lambda: 0.0) == pytest.approx(0.125)
+    assert RECONNECT.delay(0, rng=lambda: 1.0) == pytest.approx(0.25)
+    assert RECONNECT.delay(3, rng=lambda: 1.0) == pytest.approx(2.0)
+    assert RECONNECT.delay(50, rng=lambda: 1.0) == pytest.approx(4.0)
+    assert RECONNECT.delay(50, rng=lambda: 0.0) == pytest.approx(2.0)
 
 
 async def test_publisher_without_a_broker_never_blocks(pki: Pki) -> None:
