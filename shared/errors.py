@@ -13,6 +13,7 @@ Every error a user can meet is a `CofferError` subclass. Each class carries:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, ClassVar
 
 ERROR_CODE_METADATA_KEY = "coffer-error-code"
@@ -78,6 +79,28 @@ class InvalidArgument(CofferError):
     code = "InvalidArgument"
     exit_code = 2
     grpc_status = "INVALID_ARGUMENT"
+
+
+class ConfigInvalid(InvalidArgument):
+    """Invalid {source}: {listing}"""
+
+    code = "ConfigInvalid"
+    exit_code = 2
+
+    def __init__(
+        self, message: str | None = None, *, source: str = "", problems: Sequence[str] = ()
+    ) -> None:
+        # Every problem found in the file, each a sentence naming its key; kept apart for
+        # `coffer-agent doctor`, which reports each as a failed check.
+        self.source = source
+        self.problems = tuple(problems)
+        if len(self.problems) == 1:
+            listing = self.problems[0]
+        else:
+            listing = f"{len(self.problems)} problems:" + "".join(
+                f"\n  - {problem}" for problem in self.problems
+            )
+        super().__init__(message, source=source, listing=listing)
 
 
 class NotFound(CofferError):
