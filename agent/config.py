@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Annotated, Self
 
-from agent.consistency import ConsistencyPolicy
-from shared.errors import InvalidArgument
+from pydantic import model_validator
+
+from agent.consistency import ConsistencyPolicy, ConsistencySection, ProviderName
+from shared.config import Host, HostPort, NonEmpty, Section, checked, load
 from shared.index import check_disk_name
 from shared.tls import TlsFiles, validate_vm_id
 
@@ -48,42 +50,57 @@ class AgentConfig:
 
     @staticmethod
     def load(path: Path) -> AgentConfig:
-        try:
-            raw = tomllib.loads(path.read_text())
-        except (OSError, tomllib.TOMLDecodeError) as exc:
-            raise InvalidArgument(detail=f"cannot read agent config {path}: {exc}") from exc
-        base = path.parent.absolute()
-        try:
-            vm_id = validate_vm_id(str(raw["vm_id"]))
-            disks = tuple(
-                DiskConfig(check_disk_name(str(d["name"])), base / str(d["path"]))
-                for d in raw.get("disks", [])
-            )
-            consistency = ConsistencyPolicy.from_toml(raw.get("consistency", {}))
-            # A disk may name its own snapshot providers, e.g. snapshot = ["read-while-frozen"].
-            chosen = {
-                str(d["name"]): tuple(str(p) for p in d["snapshot"])
-                for d in raw.get("disks", [])
-                if "snapshot" in d
-            }
-            if chosen:
-                consistency = dataclasses.replace(consistency, disk_providers=chosen)
-            config = AgentConfig(
-                vm_id=vm_id,
-                name=str(raw.get("name", vm_id)),
-                service=str(raw.get("service", "default")),
-                region=str(raw.get("region", "")),
-                controller=str(raw["controller"]),
-                tls_dir=base / str(raw["tls_dir"]),
-                state_dir=base / str(raw.get("state_dir", "/var/lib/coffer-agent")),
-                disks=disks,
-                restore_dirs=tuple(base / str(p) for p in raw.get("restore_dirs", [])),
-                controller_name=raw.get("controller_name"),
-                consistency=consistency,
-            )
-        except (KeyError, TypeError, ValueError) as exc:
-            raise InvalidArgument(detail=f"agent config {path}: bad or missing {exc}") from exc
-        names = [d.name for d in disks]
-        if len(set(names)) != len(names):
-            raise InvalidArgument(detail=f"agent config {path}: disk names repeat: {names}")
-        return config
+        """The config file at `path`; ConfigInvalid naming every problem in it."""
+        return load(path, AgentFile, "agent config").config(path.parent.absolute())
+
+
+class DiskSection(Section):
+    """A `[[disks]]` table: a disk of the VM, and the snapshot providers it may use."""
+
+    name: Annotated[str, checked(check_disk_name)]
+    path: NonEmpty
+    # This disk's providers, e.g. ["read-while-frozen"]; default: [consistency] snapshot.
+    snapshot: list[ProviderName] | None = None
+
+
+class AgentFile(Section):
+    """What `agent.toml` may hold (README "Running it for real")."""
+
+    vm_id: Annotated[str, checked(validate_vm_id)]
+    name: NonEmpty | None = None  # default: vm_id
+    service: NonEmpty = "default"
+    region: str = ""
+    controller: HostPort
+    tls_dir: NonEmpty
+    state_dir: NonEmpty = "/var/lib/coffer-agent"
+    restore_dirs: list[NonEmpty] = []
+    controller_name: Host | None = None
+    disks: list[DiskSection] = []
+    consistency: ConsistencySection = ConsistencySection()
+
+    @model_validator(mode="after")
+    def _disk_names_differ(self) -> Self:
+        names = [d.name for d in self.disks]
+        if repeated := sorted({n for n in names if names.count(n) > 1}):
+            raise ValueError(f"disk names repeat in [[disks]]: {', '.join(repeated)}")
+        return self
+
+    def config(self, base: Path) -> AgentConfig:
+        """The agent's config, paths relative to `base` (the file's directory)."""
+        consistency = self.consistency.policy()
+        chosen = {d.name: tuple(d.snapshot) for d in self.disks if d.snapshot is not None}
+        if chosen:
+            consistency = dataclasses.replace(consistency, disk_providers=chosen)
+        return AgentConfig(
+            vm_id=self.vm_id,
+            name=self.name if self.name is not None else self.vm_id,
+            service=self.service,
+            region=self.region,
+            controller=self.controller,
+            tls_dir=base / self.tls_dir,
+            state_dir=base / self.state_dir,
+            disks=tuple(DiskConfig(d.name, base / d.path) for d in self.disks),
+            restore_dirs=tuple(base / p for p in self.restore_dirs),
+            controller_name=self.controller_name,
+            consistency=consistency,
+        )

@@ -41,7 +41,9 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Annotated, Any, Self
+
+from pydantic import model_validator
 
 from agent.freeze import (
     FreezeState,
@@ -51,12 +53,12 @@ from agent.freeze import (
     mounts,
     mounts_on_disk,
 )
-from agent.scripts import Phase, Script, error_for, run_script
-from agent.snapshot import DEFAULT_ORDER, SnapshotProvider, choose
+from agent.scripts import Phase, Script, ScriptSection, error_for, run_script
+from agent.snapshot import DEFAULT_ORDER, PROVIDERS, SnapshotProvider, choose
 from agent.thaw_watchdog import ThawWatchdog
+from shared.config import Seconds, Section, one_of, validate
 from shared.errors import (
     ExtensionSnapshotFailed,
-    InvalidArgument,
     PostScriptFailed,
     UserErrorFsFreezeFailed,
 )
@@ -80,29 +82,48 @@ class ConsistencyPolicy:
 
     @staticmethod
     def from_toml(raw: Mapping[str, Any]) -> ConsistencyPolicy:
-        where = "[consistency]"
-        try:
-            policy = ConsistencyPolicy(
-                pre_script=Script.from_toml(raw["pre_script"], f"{where} pre_script")
-                if "pre_script" in raw
-                else None,
-                post_script=Script.from_toml(raw["post_script"], f"{where} post_script")
-                if "post_script" in raw
-                else None,
-                freeze=bool(raw.get("freeze", True)),
-                require_freeze=bool(raw.get("require_freeze", False)),
-                freeze_timeout=float(raw.get("freeze_timeout", 10.0)),
-                thaw_deadline=float(raw.get("thaw_deadline", 30.0)),
-                providers=tuple(str(p) for p in raw.get("snapshot", DEFAULT_ORDER)),
-            )
-        except (TypeError, ValueError) as exc:
-            raise InvalidArgument(detail=f"{where}: {exc}") from exc
-        if policy.freeze_timeout <= 0 or policy.thaw_deadline <= policy.freeze_timeout:
-            raise InvalidArgument(detail=f"{where}: need 0 < freeze_timeout < thaw_deadline")
-        return policy
+        """The policy of a `[consistency]` table."""
+        return validate(ConsistencySection, raw, "[consistency]", at=("consistency",)).policy()
 
     def order_for(self, disk: str) -> tuple[str, ...]:
         return self.disk_providers.get(disk, self.providers)
+
+
+# A snapshot provider's name, as `snapshot` lists them in the agent config.
+ProviderName = Annotated[str, one_of(PROVIDERS, "snapshot provider")]
+
+
+class ConsistencySection(Section):
+    """The `[consistency]` table of the agent config."""
+
+    pre_script: ScriptSection | None = None
+    post_script: ScriptSection | None = None
+    freeze: bool = True
+    require_freeze: bool = False
+    freeze_timeout: Seconds = 10.0
+    thaw_deadline: Seconds = 30.0
+    snapshot: list[ProviderName] = list(DEFAULT_ORDER)
+
+    @model_validator(mode="after")
+    def _deadline_after_timeout(self) -> Self:
+        if self.thaw_deadline <= self.freeze_timeout:
+            raise ValueError(
+                f"thaw_deadline ({self.thaw_deadline:g} s) must be longer than freeze_timeout "
+                f"({self.freeze_timeout:g} s): the watchdog would thaw a file system while "
+                "its freeze may still be under way"
+            )
+        return self
+
+    def policy(self) -> ConsistencyPolicy:
+        return ConsistencyPolicy(
+            pre_script=self.pre_script.script() if self.pre_script is not None else None,
+            post_script=self.post_script.script() if self.post_script is not None else None,
+            freeze=self.freeze,
+            require_freeze=self.require_freeze,
+            freeze_timeout=self.freeze_timeout,
+            thaw_deadline=self.thaw_deadline,
+            providers=tuple(self.snapshot),
+        )
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,8 @@ doctor changes nothing: it freezes no file system and takes no snapshot (it asks
 provider whether it could), it opens no session with the controller (the `Check` call
 answers without one) and no MQTT session (a TLS handshake with the broker proves it is
 reachable and trusted; an MQTT connection would take over the running agent's, whose client
-id the broker forces to the VM id).
+id the broker forces to the VM id). A config the agent would refuse to start with is reported
+as failed `config` checks, one per problem in it, and nothing else is checked.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from agent.freeze import Mount, in_use_unseen, mounts, mounts_on_disk
 from agent.scripts import check_script
 from agent.snapshot import choose
 from agent.thaw_watchdog import ThawWatchdog
-from shared.errors import CofferError
+from shared.errors import CofferError, ConfigInvalid
 from shared.rpc import agent_pb2, agent_pb2_grpc
 from shared.tls import (
     Identity,
@@ -459,10 +460,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         config = AgentConfig.load(args.config)
-    except CofferError as exc:
-        print(f"coffer-agent doctor: {exc}", file=sys.stderr)
-        return exc.exit_code
-    findings = asyncio.run(Doctor(config).run())
+    except ConfigInvalid as exc:
+        # The agent would refuse to start: each problem is a failed check, and nothing else
+        # can be checked without a config.
+        findings = [
+            Finding("config", Verdict.FAIL, problem, f"edit {args.config}")
+            for problem in exc.problems
+        ]
+    else:
+        findings = [Finding("config", Verdict.OK, f"{args.config} is valid")]
+        findings += asyncio.run(Doctor(config).run())
     if args.json:
         print(json.dumps([asdict(f) for f in findings], indent=2))
     else:

@@ -23,9 +23,12 @@ import stat
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-from shared.errors import InvalidArgument, PostScriptFailed, PreScriptFailed
+from pydantic import Field
+
+from shared.config import NonEmpty, Seconds, Section, validate
+from shared.errors import PostScriptFailed, PreScriptFailed
 
 log = logging.getLogger(__name__)
 
@@ -49,21 +52,29 @@ class Script:
 
     @staticmethod
     def from_toml(raw: Mapping[str, Any], where: str) -> Script:
-        """A script from its TOML table, e.g. `[consistency.pre_script]`."""
-        try:
-            script = Script(
-                path=Path(str(raw["path"])),
-                args=tuple(str(a) for a in raw.get("args", ())),
-                timeout=float(raw.get("timeout", 60.0)),
-                retries=int(raw.get("retries", 0)),
-                continue_on_failure=bool(raw.get("continue_on_failure", False)),
-                retry_delay=float(raw.get("retry_delay", 1.0)),
-            )
-        except (KeyError, TypeError, ValueError) as exc:
-            raise InvalidArgument(detail=f"{where}: bad or missing {exc}") from exc
-        if script.timeout <= 0 or script.retries < 0:
-            raise InvalidArgument(detail=f"{where}: timeout must be > 0 and retries >= 0")
-        return script
+        """A script from its TOML table, e.g. `[consistency.pre_script]` (`where`)."""
+        return validate(ScriptSection, raw, where).script()
+
+
+class ScriptSection(Section):
+    """A script's table in the agent config (`[consistency.pre_script]`, `.post_script`)."""
+
+    path: NonEmpty
+    args: list[str] = []
+    timeout: Seconds = 60.0
+    retries: Annotated[int, Field(ge=0)] = 0
+    continue_on_failure: bool = False
+    retry_delay: Annotated[float, Field(ge=0)] = 1.0
+
+    def script(self) -> Script:
+        return Script(
+            path=Path(self.path),
+            args=tuple(self.args),
+            timeout=self.timeout,
+            retries=self.retries,
+            continue_on_failure=self.continue_on_failure,
+            retry_delay=self.retry_delay,
+        )
 
 
 @dataclass

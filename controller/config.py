@@ -1,12 +1,14 @@
-"""The controller's configuration file (TOML) and its defaults."""
+"""The controller's configuration file (TOML): its schema, its defaults, what it becomes."""
 
 from __future__ import annotations
 
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated
 
-from shared.errors import InvalidArgument
+from pydantic import AfterValidator, Field
+
+from shared.config import Host, ListenAddress, NonEmpty, Port, Section, load
 from shared.tls import TlsFiles
 
 # Chosen with the benchmark (tests/bench, table in the foundation issue's closing note): on a
@@ -14,6 +16,8 @@ from shared.tls import TlsFiles
 # (72.5 against 97.7 MiB, restic 76.6) and still back up and restore faster than borg and
 # restic; 256 KiB adds less again but cost 60% more time per full backup.
 DEFAULT_CHUNK_SIZE = 512 << 10
+MIN_CHUNK_SIZE = 4 << 10
+MAX_CHUNK_SIZE = 16 << 20
 # Longer than any backup takes between uploading a chunk and committing its recovery point.
 DEFAULT_GC_GRACE_SECONDS = 6 * 3600.0
 
@@ -58,29 +62,45 @@ class ControllerConfig:
 
     @staticmethod
     def load(path: Path) -> ControllerConfig:
-        try:
-            raw = tomllib.loads(path.read_text())
-        except (OSError, tomllib.TOMLDecodeError) as exc:
-            raise InvalidArgument(detail=f"cannot read controller config {path}: {exc}") from exc
-        base = path.parent.absolute()
-        try:
-            mqtt = raw.get("mqtt")
-            chunk_size = int(raw.get("chunk_size", DEFAULT_CHUNK_SIZE))
-            config = ControllerConfig(
-                listen=str(raw.get("listen", "127.0.0.1:7443")),
-                state_dir=base / str(raw["state_dir"]),
-                pki_dir=base / str(raw["pki_dir"]),
-                chunk_size=chunk_size,
-                mqtt=MqttBroker(str(mqtt["host"]), int(mqtt["port"]))
-                if mqtt and mqtt.get("host")
-                else None,
-                advertise_host=raw.get("advertise_host"),
-                gc_grace_seconds=float(raw.get("gc_grace_seconds", DEFAULT_GC_GRACE_SECONDS)),
-            )
-        except (KeyError, TypeError, ValueError) as exc:
-            raise InvalidArgument(detail=f"controller config {path}: bad or missing {exc}") from exc
-        if chunk_size < 4096 or chunk_size > 16 << 20 or chunk_size & (chunk_size - 1):
-            raise InvalidArgument(
-                detail=f"chunk_size {chunk_size} must be a power of two from 4 KiB to 16 MiB"
-            )
-        return config
+        """The config file at `path`; ConfigInvalid naming every problem in it."""
+        return load(path, ControllerFile, "controller config").config(path.parent.absolute())
+
+
+class MqttSection(Section):
+    """`[mqtt]`: an existing broker instead of the private one."""
+
+    host: Host
+    port: Port
+
+
+def _chunk_size(size: int) -> int:
+    if not MIN_CHUNK_SIZE <= size <= MAX_CHUNK_SIZE or size & (size - 1):
+        raise ValueError(
+            f"{size} is not a power of two from {MIN_CHUNK_SIZE} (4 KiB) to "
+            f"{MAX_CHUNK_SIZE} (16 MiB)"
+        )
+    return size
+
+
+class ControllerFile(Section):
+    """What `controller.toml` may hold (README "Running it for real")."""
+
+    listen: ListenAddress = "127.0.0.1:7443"
+    state_dir: NonEmpty
+    pki_dir: NonEmpty
+    chunk_size: Annotated[int, AfterValidator(_chunk_size)] = DEFAULT_CHUNK_SIZE
+    mqtt: MqttSection | None = None
+    advertise_host: Host | None = None
+    gc_grace_seconds: Annotated[float, Field(ge=0)] = DEFAULT_GC_GRACE_SECONDS
+
+    def config(self, base: Path) -> ControllerConfig:
+        """The controller's config, paths relative to `base` (the file's directory)."""
+        return ControllerConfig(
+            listen=self.listen,
+            state_dir=base / self.state_dir,
+            pki_dir=base / self.pki_dir,
+            chunk_size=self.chunk_size,
+            mqtt=MqttBroker(self.mqtt.host, self.mqtt.port) if self.mqtt is not None else None,
+            advertise_host=self.advertise_host,
+            gc_grace_seconds=self.gc_grace_seconds,
+        )

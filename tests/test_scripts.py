@@ -105,9 +105,11 @@ async def test_a_missing_script_is_a_clear_failure(tmp_path: Path) -> None:
 
 def test_script_config_from_toml(tmp_path: Path) -> None:
     parsed = Script.from_toml(
-        {"path": "/x.sh", "args": ["a", 1], "timeout": 5, "continue_on_failure": True}, "t"
+        {"path": "/x.sh", "args": ["a", "1"], "timeout": 5, "continue_on_failure": True}, "t"
     )
     assert parsed == Script(Path("/x.sh"), ("a", "1"), 5.0, 0, True)
+    with pytest.raises(InvalidArgument, match="item 2 of 'args' must be a string"):
+        Script.from_toml({"path": "/x.sh", "args": ["a", 1]}, "t")  # no str() of a number
     with pytest.raises(InvalidArgument):
         Script.from_toml({"args": []}, "t")
     with pytest.raises(InvalidArgument):
