@@ -47,8 +47,8 @@ def test_a_healthy_vm_not_yet_protected(cluster: Cluster) -> None:
     code, findings = doctor(cluster, "doc-1")
     assert code == 0, findings
     for check in (
-        "identity", "controller", "clock", "broker", "privileges", "thaw watchdog", "disk root",
-        "state directory",
+        "config", "identity", "controller", "clock", "broker", "privileges", "thaw watchdog",
+        "disk root", "state directory",
     ):  # fmt: skip
         assert verdicts(findings, check) == ["ok"], findings[check]
     # Nothing mounted from the image here: nothing to freeze.
