@@ -50,7 +50,7 @@ async def test_a_backup_committed_just_before_a_stop_is_recorded_and_others_fail
             await catalog.insert_job(
                 JobRecord(
                     id=job_id, operation="Backup", status="InProgress", vault="default",
-                    vm_id="vm-1", started_at=980.0, details={"recovery_point_id": rp_id},
+                    vm_id="vm-1", started_at=980.0, pending_recovery_point_id=rp_id,
                 )
             )  # fmt: skip
 

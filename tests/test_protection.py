@@ -528,12 +528,12 @@ async def test_a_restarted_controller_runs_missed_backups_once(
         await until(one_backup, "the missed backup")
         await settle()
         [job] = await env.backups()
-        assert (job.vm_id, job.status, job.details["trigger"]) == (
+        assert (job.vm_id, job.status, job.trigger) == (
             SHOP_WEB,
             "InProgress",
             "scheduled",
         )
-        assert job.details["slot"] == ts(2025, 3, 6, 2)
+        assert job.slot == ts(2025, 3, 6, 2)
         item = await env.catalog.item(SHOP_WEB)
         assert item is not None
         assert item.last_slot == ts(2025, 3, 6, 2)
@@ -567,7 +567,7 @@ async def test_an_offline_vms_scheduled_backup_fails_when_its_window_closes(
 
     await until(queued, "the scheduled backup")
     [job] = await env.backups(SHOP_WEB)
-    assert (job.status, job.details["trigger"], job.details["phase"]) == (
+    assert (job.status, job.trigger, job.details["phase"]) == (
         "InProgress",
         "scheduled",
         "Queued",
@@ -641,7 +641,7 @@ async def test_a_new_schedule_starts_from_the_change_not_from_the_last_backup(
     env.protection.scheduler.changed()
     sent = await command(env.sessions[SHOP_WEB])
     [latest, *_] = await env.backups(SHOP_WEB)
-    assert (latest.id, latest.details["slot"]) == (sent.backup.job_id, ts(2025, 3, 5, 20))
+    assert (latest.id, latest.slot) == (sent.backup.job_id, ts(2025, 3, 5, 20))
 
 
 async def test_a_manual_backup_of_an_offline_vm_is_refused_at_once(env: Controller) -> None:
@@ -928,8 +928,11 @@ async def test_prune_deletes_what_retention_no_longer_keeps_and_spares_points_in
         again = await env.pruner.prune_vm(EU, SHOP_WEB)
         assert again is not None
         assert again.details["deleted_recovery_points"] == ["rp-1"]
-        assert await env.pruner.prune_vm(EU, SHOP_WEB) is None  # nothing left to delete
-        assert len(await env.catalog.jobs(JobFilter(operations=[Operation.PRUNE]))) == 2
+        # Nothing left to delete: the prune is recorded all the same, and says so.
+        idle = await env.pruner.prune_vm(EU, SHOP_WEB)
+        assert idle is not None
+        assert (idle.status, idle.details["deleted_recovery_points"]) == ("Completed", [])
+        assert len(await env.catalog.jobs(JobFilter(operations=[Operation.PRUNE]))) == 3
 
         # Retained data of a stopped VM is never pruned, however old it gets.
         await env.protection.stop(EU, [SHOP_WEB], delete_data=False)
@@ -1007,8 +1010,8 @@ async def test_a_scheduled_backup_a_restart_cut_short_runs_again(
         assert (interrupted.status, interrupted.error_code) == ("Failed", "ControllerRestarted")
         jobs = await env.backups(SHOP_WEB)
         [again] = [j for j in jobs if j.id != first.id]
-        assert (again.status, again.details["trigger"]) == ("InProgress", "scheduled")
-        assert again.details["slot"] == ts(2025, 3, 4, 2)
+        assert (again.status, again.trigger) == ("InProgress", "scheduled")
+        assert again.slot == ts(2025, 3, 4, 2)
         session = await env.connect(SHOP_WEB)
         assert (await command(session)).backup.job_id == again.id
 
