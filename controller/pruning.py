@@ -27,7 +27,6 @@ deleted stays deleted; the rest waits for the next run.
 from __future__ import annotations
 
 import logging
-import time as monotonic_time
 from dataclasses import asdict
 from datetime import UTC, datetime, time
 from functools import partial
@@ -36,7 +35,7 @@ from controller.catalog import Catalog, JobRecord, RecoveryPointRecord
 from controller.datastore import ChunkGuard, Datastore, GcReport, collect_garbage
 from controller.datastores import Datastores
 from controller.jobs import JobManager
-from controller.jobs.cancel import CheckAbort, finishing
+from controller.jobs.cancel import ShouldStop, Stopped, finishing
 from controller.scheduler import Plan
 from shared.clock import Clock
 from shared.errors import CofferError, Conflict
@@ -99,16 +98,18 @@ class Pruner:
         between two points, never inside one."""
         datastore = await self._datastores.get(vault)
         for rp in points:
-            await finishing(self._delete_one(datastore, rp))
-            deleted.append(rp.id)
+            await finishing(self._delete_one(datastore, rp, deleted))
 
-    async def _delete_one(self, datastore: Datastore, rp: RecoveryPointRecord) -> None:
+    async def _delete_one(
+        self, datastore: Datastore, rp: RecoveryPointRecord, deleted: list[str]
+    ) -> None:
         # The datastore first (its manifest, the commit point, goes first), then the row: a
         # failure between the two leaves a row whose point is gone, which the next prune
         # deletes again (both deletes are idempotent). The other order would leave a manifest
         # no row names, which nothing would ever delete.
         await self._jobs.in_pool(datastore.delete_recovery_point, rp.id)
         await self._catalog.delete_recovery_point(rp.id)
+        deleted.append(rp.id)
 
     async def prune_vm(
         self,
@@ -188,37 +189,44 @@ class Pruner:
 
         async def body(job: JobRecord) -> None:
             datastore = await self._datastores.get(vault)
-            started = monotonic_time.monotonic()
-            report = await self._jobs.abortable(
-                partial(
-                    self._collect_garbage,
-                    datastore,
-                    cutoff=self._clock.now() - self._grace,
-                    guard=self._datastores.guard(vault),
+            try:
+                report = await self._jobs.abortable(
+                    partial(
+                        self._collect_garbage,
+                        datastore,
+                        cutoff=self._clock.now() - self._grace,
+                        guard=self._datastores.guard(vault),
+                    )
                 )
-            )
-            await self._catalog.add_stored_bytes(vault, -report.bytes_freed)
-            job.details["report"] = asdict(report)
-            job.details["grace_seconds"] = self._grace
-            job.bytes_stored = report.bytes_freed
-            log.info(
-                "vault %s: GC freed %d chunks (%d bytes) in %.1f s",
-                vault,
-                report.chunks_deleted,
-                report.bytes_freed,
-                monotonic_time.monotonic() - started,
-            )
+            except Stopped as stopped:  # cancelled: what it freed is freed all the same
+                await self._collected(vault, job, stopped.result)
+                raise
+            await self._collected(vault, job, report)
 
         return await self._jobs.run(
             Operation.GARBAGE_COLLECTION, vault, "", body, wait=wait, trigger=trigger,
             cancellable=True,
         )  # fmt: skip
 
+    async def _collected(self, vault: str, job: JobRecord, report: GcReport) -> None:
+        await self._catalog.add_stored_bytes(vault, -report.bytes_freed)
+        job.details["report"] = asdict(report)
+        job.details["grace_seconds"] = self._grace
+        job.bytes_stored = report.bytes_freed
+        log.info(
+            "vault %s: GC %s %d chunks (%d bytes) in %.1f s",
+            vault,
+            "stopped after freeing" if report.stopped else "freed",
+            report.chunks_deleted,
+            report.bytes_freed,
+            report.seconds,
+        )
+
     @staticmethod
     def _collect_garbage(
-        datastore: Datastore, check_abort: CheckAbort, *, cutoff: float, guard: ChunkGuard
+        datastore: Datastore, should_stop: ShouldStop, *, cutoff: float, guard: ChunkGuard
     ) -> GcReport:
-        return collect_garbage(datastore, cutoff=cutoff, guard=guard, check_abort=check_abort)
+        return collect_garbage(datastore, cutoff=cutoff, guard=guard, should_stop=should_stop)
 
     # --- the daily maintenance --------------------------------------------------------------
 

@@ -6,12 +6,12 @@ of an item: one recovery point's deletion (its manifest and indexes, then its ca
 a collection running in a thread that the cancel would leave running unseen. So:
 
 - `finishing(work)` lets one item complete before the cancel takes effect;
-- `abortable(pool, work)` runs blocking work in a thread and gives it a `check_abort` to call
-  before every item (as Proxmox Backup Server's tasks do); a cancel makes the next check raise
-  and waits for the thread to stop, so that when the job is recorded `Cancelled` its work has
-  really stopped.
+- `abortable(pool, work)` runs blocking work in a thread and gives it a `should_stop` to ask
+  before every item (as Proxmox Backup Server's tasks check for abort); a cancel makes it say
+  yes and waits for the thread to return what it did, which the cancel carries (`Stopped`),
+  so a cancelled job can still record its partial work (a collection's freed bytes).
 
-Either way the caller sees the cancel (`CancelledError`) once the work has stopped.
+Either way the caller sees the cancel (`CancelledError`) only once the work has stopped.
 """
 
 from __future__ import annotations
@@ -20,14 +20,19 @@ import asyncio
 import threading
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor
-from typing import TypeVar
+from typing import Generic, TypeVar
 
 T = TypeVar("T")
-CheckAbort = Callable[[], None]
+ShouldStop = Callable[[], bool]
 
 
-class Aborted(Exception):
-    """Raised by `check_abort` in an `abortable` thread: its job was cancelled."""
+class Stopped(asyncio.CancelledError, Generic[T]):
+    """The cancel of an `abortable` call, once its work has stopped: `result` is what the work
+    returned (what it did until it was asked to stop)."""
+
+    def __init__(self, result: T) -> None:
+        super().__init__()
+        self.result = result
 
 
 async def finishing(work: Awaitable[T], *, on_cancel: Callable[[], None] | None = None) -> T:
@@ -43,20 +48,15 @@ async def finishing(work: Awaitable[T], *, on_cancel: Callable[[], None] | None 
                 on_cancel()
             cancelled = True
     if cancelled:
-        if not inner.cancelled():
-            inner.exception()  # retrieved: the cancel is what the caller is told
-        raise asyncio.CancelledError
+        if not inner.cancelled() and inner.exception() is None:
+            raise Stopped(inner.result())
+        raise asyncio.CancelledError  # what the work raised while stopping is not the news
     return inner.result()
 
 
-async def abortable(pool: Executor, work: Callable[[CheckAbort], T]) -> T:
-    """Run `work(check_abort)` in `pool`; a cancel makes `check_abort` raise `Aborted` in the
-    thread and waits for `work` to stop before it goes through."""
+async def abortable(pool: Executor, work: Callable[[ShouldStop], T]) -> T:
+    """Run `work(should_stop)` in `pool`; a cancel makes `should_stop()` true and, once `work`
+    has returned, goes through as `Stopped` carrying its result."""
     stop = threading.Event()
-
-    def check_abort() -> None:
-        if stop.is_set():
-            raise Aborted
-
-    future = asyncio.get_running_loop().run_in_executor(pool, work, check_abort)
+    future = asyncio.get_running_loop().run_in_executor(pool, work, stop.is_set)
     return await finishing(future, on_cancel=stop.set)

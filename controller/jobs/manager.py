@@ -19,7 +19,7 @@ from controller.datastores import Datastores
 from controller.jobs.agent_command import AgentJob
 from controller.jobs.agent_command import cancel as cancel_agent_job
 from controller.jobs.backup import BackupEnded, Backups, RunningBackup
-from controller.jobs.cancel import CheckAbort, abortable
+from controller.jobs.cancel import ShouldStop, abortable
 from controller.jobs.interrupted import record_interrupted
 from controller.jobs.restore import Restores, RunningRestore
 from controller.jobs.runner import JobRunner, RunningJob
@@ -169,7 +169,7 @@ class JobManager:
         """Wake the dispatcher: something that can start or expire a queued backup changed."""
         self._backups.dispatcher.kick()
 
-    async def abortable(self, work: Callable[[CheckAbort], T]) -> T:
+    async def abortable(self, work: Callable[[ShouldStop], T]) -> T:
         """Blocking work of a cancellable job, in the pool; see controller.jobs.cancel."""
         return await abortable(self._pool, work)
 
