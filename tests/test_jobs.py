@@ -18,7 +18,7 @@ import pytest
 from controller.catalog import Catalog, JobRecord, PolicyRecord, VaultRecord
 from controller.datastore import ChunkGuard, Datastore, LocalDirectoryStore
 from controller.datastores import Datastores
-from controller.jobs import JobManager
+from controller.jobs import DISPATCHER_TASK, JobManager
 from controller.jobs.dispatcher import Dispatcher
 from controller.jobs.outcome import Outcome, outcome_of
 from controller.jobs.queue import Decision, Expired, VaultQueue
@@ -503,3 +503,40 @@ async def test_a_backup_committed_just_before_a_stop_is_recorded_and_others_fail
         assert lost.recovery_point_id == ""  # never committed: it names none
         assert [rp.id for rp in await catalog.recovery_points("vm-1")] == ["rp-done"]
         assert (await catalog.vault("default")).stored_bytes == 14  # both uploaded their bytes
+
+
+async def test_a_job_cancelled_before_its_work_began_is_still_recorded(catalog: Catalog) -> None:
+    ran = False
+
+    async def work() -> None:
+        nonlocal ran
+        ran = True
+
+    async with JobRunner(catalog, None, ManualClock(1_000.0)) as runner:
+        running = RunningJob(runner.new_record(Operation.PRUNE, "default", ""), cancellable=True)
+        await runner.admit(running)
+        runner.start(running, work)
+        running.cancel_requested = True
+        assert running.task is not None
+        running.task.cancel()  # before the task's first step
+        await asyncio.wait_for(running.ended.wait(), 5)
+    assert not ran
+    ended = await catalog.job(running.id)
+    assert (ended.status, ended.error_code) == (JobStatus.CANCELLED, "JobCancelled")
+
+
+async def test_the_dispatcher_runs_under_the_controllers_supervisor_when_given_one(
+    tmp_path: Path, catalog: Catalog
+) -> None:
+    datastores = Datastores(catalog, tmp_path / "datastores")
+    with ThreadPoolExecutor(1) as pool:
+        async with Supervisor("controller") as supervisor:
+            jobs = JobManager(
+                catalog, AgentRegistry(), datastores, None, ManualClock(0.0), pool,
+                supervisor=supervisor,
+            )  # fmt: skip
+            async with jobs:
+                task = supervisor._tasks[DISPATCHER_TASK]
+                assert not task.done()
+            assert task.done()  # the job manager stops it on its way out
+            assert not supervisor.failed.is_set()

@@ -160,6 +160,20 @@ class JobRunner:
     def start(self, running: RunningJob, work: Callable[[], Awaitable[None]]) -> None:
         """Run `work` as the job's task; its outcome is recorded when it ends."""
         running.task = self.spawn(self._run(running, work), f"job-{running.id}")
+        running.task.add_done_callback(lambda task: self._never_ran(running, task))
+
+    def _never_ran(self, running: RunningJob, task: asyncio.Task[None]) -> None:
+        # A task cancelled before its first step runs none of its code: its end is recorded
+        # here instead. (`_run` catches a cancel that comes later.)
+        if not task.cancelled() or running.ended.is_set():
+            return
+        outcome = outcome_of(
+            running.record, asyncio.CancelledError(), cancel_requested=running.cancel_requested
+        )
+        try:
+            self.end_soon(running, outcome)
+        except RuntimeError:  # the task group has finished: the next start records it
+            log.info("job %s was stopped before it began", running.id)
 
     async def _run(self, running: RunningJob, work: Callable[[], Awaitable[None]]) -> None:
         error: BaseException | None = None
