@@ -8,6 +8,13 @@ refused. Heartbeats are not written one by one: `touch_agent` records them in me
 The catalog is a cache of what the datastores hold: recovery point manifests are the source
 of truth, so `synchronous=NORMAL` (durable on application crash, may lose the last
 transactions on power loss) is enough.
+
+Rows become records by column name (`sqlite3.Row`), never by position, so adding a column
+cannot shift a field; values with a domain type (operations, statuses, item states,
+consistency levels, triggers) are enums in the records and their `.value` in the rows. What
+drives decisions about a job (its trigger, schedule slot, disks, pending recovery point) has
+columns of its own; a job's `details` JSON holds only what operators read (warnings, frozen
+time, per-disk consistency, prune and collection reports).
 """
 
 from __future__ import annotations
@@ -17,7 +24,7 @@ import contextlib
 import json
 import sqlite3
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import astuple, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
@@ -25,7 +32,7 @@ from typing import Any, Self
 import aiosqlite
 
 from shared.errors import Conflict, NotFound, UnsupportedFormat
-from shared.model import ItemState, JobStatus
+from shared.model import Consistency, ItemState, JobStatus, Operation, Trigger
 from shared.policy import default_policy
 
 _DEFAULT_POLICY = default_policy("UTC")
@@ -137,6 +144,24 @@ MIGRATIONS: list[str] = [
         SELECT vm_id, vault, '{ItemState.PROTECTION_STOPPED}', NULL, min(created_at)
         FROM recovery_points GROUP BY vm_id;
     """,
+    # 3: what drives decisions about a job gets typed columns, out of its display `details`:
+    # a backup's trigger and schedule slot (a restart reruns an interrupted scheduled backup
+    # for its slot), its disks, and the recovery point it is to create (`recovery_point_id`
+    # names one only once it is committed). Existing backups move theirs over.
+    """
+    ALTER TABLE jobs ADD COLUMN trigger TEXT NOT NULL DEFAULT 'manual';
+    ALTER TABLE jobs ADD COLUMN slot REAL;
+    ALTER TABLE jobs ADD COLUMN disks TEXT NOT NULL DEFAULT '[]';
+    ALTER TABLE jobs ADD COLUMN pending_recovery_point_id TEXT NOT NULL DEFAULT '';
+    UPDATE jobs SET
+        trigger = coalesce(json_extract(details, '$.trigger'), 'manual'),
+        slot = json_extract(details, '$.slot'),
+        disks = CASE json_type(details, '$.disks')
+                    WHEN 'array' THEN json_extract(details, '$.disks') ELSE '[]' END,
+        pending_recovery_point_id = coalesce(json_extract(details, '$.recovery_point_id'), ''),
+        details = json_remove(details, '$.trigger', '$.slot', '$.disks', '$.recovery_point_id')
+    WHERE operation = 'Backup' AND json_valid(details);
+    """,
 ]
 
 
@@ -185,7 +210,7 @@ class ItemRecord:
 
     vm_id: str
     vault: str
-    state: str
+    state: ItemState
     policy: str | None
     registered_at: float
     protected_at: float | None = None
@@ -193,16 +218,21 @@ class ItemRecord:
     # controller plans from here, so a missed slot runs once, not once per missed slot.
     last_slot: float | None = None
     last_backup_at: float | None = None
-    last_backup_status: str = ""
+    last_backup_status: JobStatus | None = None
     error_code: str = ""
     error_message: str = ""
+
+    def __post_init__(self) -> None:
+        self.state = ItemState(self.state)
+        if self.last_backup_status is not None:
+            self.last_backup_status = JobStatus(self.last_backup_status)
 
 
 @dataclass
 class JobRecord:
     id: str
-    operation: str
-    status: str
+    operation: Operation
+    status: JobStatus
     vault: str
     vm_id: str
     started_at: float
@@ -213,7 +243,24 @@ class JobRecord:
     error_code: str = ""
     error_message: str = ""
     recovery_point_id: str = ""
+    """The recovery point the job made (a backup, once it is committed) or read (a restore)."""
+    trigger: Trigger = Trigger.MANUAL
+    slot: float | None = None
+    """The schedule slot a scheduled backup (or a skipped slot's failure) is for."""
+    disks: tuple[str, ...] = ()
+    """A backup's disks (those asked for, then once it starts every disk it backs up), or the
+    disk a restore writes."""
+    pending_recovery_point_id: str = ""
+    """The id a backup's recovery point gets if it commits; a restart looks for its manifest."""
     details: dict[str, Any] = field(default_factory=dict)
+    """For operators only (warnings, frozen time, consistency per disk, reports): nothing
+    decides on it."""
+
+    def __post_init__(self) -> None:
+        self.operation = Operation(self.operation)
+        self.status = JobStatus(self.status)
+        self.trigger = Trigger(self.trigger)
+        self.disks = tuple(self.disks)
 
 
 @dataclass(frozen=True)
@@ -222,7 +269,12 @@ class RecoveryPointDiskRecord:
     size_bytes: int
     chunk_size: int
     chunk_count: int
-    consistency: str = ""
+    consistency: Consistency | None = None
+    """None for points taken before it was recorded per disk."""
+
+    def __post_init__(self) -> None:
+        if self.consistency is not None:
+            object.__setattr__(self, "consistency", Consistency(self.consistency))
 
 
 @dataclass(frozen=True)
@@ -232,13 +284,16 @@ class RecoveryPointRecord:
     vm_id: str
     job_id: str
     created_at: float
-    consistency: str
+    consistency: Consistency
     bytes_stored: int
     disks: tuple[RecoveryPointDiskRecord, ...]
     # Bytes of the disks that hold data (not holes, not zeros): what a restore gives back.
     data_bytes: int = 0
     # The retention rules keeping it, as of the last prune: daily, weekly, monthly, yearly.
     kept_by: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "consistency", Consistency(self.consistency))
 
 
 @dataclass(frozen=True)
@@ -252,12 +307,6 @@ class JobFilter:
     limit: int = 100
 
 
-_JOB_COLUMNS = (
-    "id, operation, status, vault, vm_id, started_at, ended_at, bytes_read, bytes_sent, "
-    "bytes_stored, error_code, error_message, recovery_point_id, details"
-)
-
-
 def _equal(**columns: str) -> tuple[str, tuple[str, ...]]:
     """A WHERE clause (and its parameters) for the columns given a non-empty value."""
     given = {column: value for column, value in columns.items() if value}
@@ -265,10 +314,187 @@ def _equal(**columns: str) -> tuple[str, tuple[str, ...]]:
     return clause, tuple(given.values())
 
 
-def _job(row: aiosqlite.Row) -> JobRecord:
-    values = list(row)
-    values[-1] = json.loads(values[-1])
-    return JobRecord(*values)
+def _columns(names: Sequence[str]) -> str:
+    return ", ".join(names)
+
+
+def _placeholders(names: Sequence[str]) -> str:
+    """Named parameters for `names`: rows are written from dicts, by name."""
+    return ", ".join(f":{name}" for name in names)
+
+
+def _assignments(names: Sequence[str]) -> str:
+    return ", ".join(f"{name} = :{name}" for name in names)
+
+
+# --- rows and records, by column name ------------------------------------------------------
+
+_VAULT_COLUMNS = (
+    "name", "region", "chunk_size", "created_at", "max_concurrent_backups", "stored_bytes"
+)  # fmt: skip
+
+
+def _vault(row: sqlite3.Row) -> VaultRecord:
+    return VaultRecord(
+        name=row["name"],
+        region=row["region"],
+        chunk_size=row["chunk_size"],
+        created_at=row["created_at"],
+        max_concurrent_backups=row["max_concurrent_backups"],
+        stored_bytes=row["stored_bytes"],
+    )
+
+
+_POLICY_COLUMNS = ("vault", "name", "spec", "created_at", "updated_at")
+
+
+def _policy(row: sqlite3.Row) -> PolicyRecord:
+    return PolicyRecord(
+        vault=row["vault"],
+        name=row["name"],
+        spec=json.loads(row["spec"]),
+        created_at=row["created_at"],
+        updated_at=row["updated_at"],
+    )
+
+
+_ITEM_COLUMNS = (
+    "vm_id", "vault", "state", "policy", "registered_at", "protected_at", "last_slot",
+    "last_backup_at", "last_backup_status", "error_code", "error_message",
+)  # fmt: skip
+
+
+def _item(row: sqlite3.Row) -> ItemRecord:
+    return ItemRecord(
+        vm_id=row["vm_id"],
+        vault=row["vault"],
+        state=ItemState(row["state"]),
+        policy=row["policy"],
+        registered_at=row["registered_at"],
+        protected_at=row["protected_at"],
+        last_slot=row["last_slot"],
+        last_backup_at=row["last_backup_at"],
+        last_backup_status=JobStatus(row["last_backup_status"])
+        if row["last_backup_status"]
+        else None,
+        error_code=row["error_code"],
+        error_message=row["error_message"],
+    )
+
+
+def _item_row(item: ItemRecord) -> dict[str, Any]:
+    return {
+        "vm_id": item.vm_id,
+        "vault": item.vault,
+        "state": item.state.value,
+        "policy": item.policy,
+        "registered_at": item.registered_at,
+        "protected_at": item.protected_at,
+        "last_slot": item.last_slot,
+        "last_backup_at": item.last_backup_at,
+        "last_backup_status": item.last_backup_status.value if item.last_backup_status else "",
+        "error_code": item.error_code,
+        "error_message": item.error_message,
+    }
+
+
+_AGENT_COLUMNS = (
+    "vm_id", "name", "service", "region", "hostname", "agent_version", "first_seen", "last_seen"
+)  # fmt: skip
+_DISK_COLUMNS = ("vm_id", "name", "path", "size_bytes")
+
+
+def _disk(row: sqlite3.Row) -> DiskRecord:
+    return DiskRecord(name=row["name"], path=row["path"], size_bytes=row["size_bytes"])
+
+
+_JOB_COLUMNS = (
+    "id", "operation", "status", "vault", "vm_id", "started_at", "ended_at", "bytes_read",
+    "bytes_sent", "bytes_stored", "error_code", "error_message", "recovery_point_id", "trigger",
+    "slot", "disks", "pending_recovery_point_id", "details",
+)  # fmt: skip
+
+
+def _job(row: sqlite3.Row) -> JobRecord:
+    return JobRecord(
+        id=row["id"],
+        operation=Operation(row["operation"]),
+        status=JobStatus(row["status"]),
+        vault=row["vault"],
+        vm_id=row["vm_id"],
+        started_at=row["started_at"],
+        ended_at=row["ended_at"],
+        bytes_read=row["bytes_read"],
+        bytes_sent=row["bytes_sent"],
+        bytes_stored=row["bytes_stored"],
+        error_code=row["error_code"],
+        error_message=row["error_message"],
+        recovery_point_id=row["recovery_point_id"],
+        trigger=Trigger(row["trigger"]),
+        slot=row["slot"],
+        disks=tuple(json.loads(row["disks"])),
+        pending_recovery_point_id=row["pending_recovery_point_id"],
+        details=json.loads(row["details"]),
+    )
+
+
+def _job_row(job: JobRecord) -> dict[str, Any]:
+    return {
+        "id": job.id,
+        "operation": job.operation.value,
+        "status": job.status.value,
+        "vault": job.vault,
+        "vm_id": job.vm_id,
+        "started_at": job.started_at,
+        "ended_at": job.ended_at,
+        "bytes_read": job.bytes_read,
+        "bytes_sent": job.bytes_sent,
+        "bytes_stored": job.bytes_stored,
+        "error_code": job.error_code,
+        "error_message": job.error_message,
+        "recovery_point_id": job.recovery_point_id,
+        "trigger": job.trigger.value,
+        "slot": job.slot,
+        "disks": json.dumps(list(job.disks)),
+        "pending_recovery_point_id": job.pending_recovery_point_id,
+        "details": json.dumps(job.details),
+    }
+
+
+_RP_COLUMNS = (
+    "id", "vault", "vm_id", "job_id", "created_at", "consistency", "bytes_stored", "data_bytes",
+    "kept_by",
+)  # fmt: skip
+_RP_DISK_COLUMNS = (
+    "recovery_point_id", "name", "size_bytes", "chunk_size", "chunk_count", "consistency"
+)  # fmt: skip
+
+
+def _rp_disk(row: sqlite3.Row) -> RecoveryPointDiskRecord:
+    return RecoveryPointDiskRecord(
+        name=row["name"],
+        size_bytes=row["size_bytes"],
+        chunk_size=row["chunk_size"],
+        chunk_count=row["chunk_count"],
+        consistency=Consistency(row["consistency"]) if row["consistency"] else None,
+    )
+
+
+def _recovery_point(
+    row: sqlite3.Row, disks: Sequence[RecoveryPointDiskRecord]
+) -> RecoveryPointRecord:
+    return RecoveryPointRecord(
+        id=row["id"],
+        vault=row["vault"],
+        vm_id=row["vm_id"],
+        job_id=row["job_id"],
+        created_at=row["created_at"],
+        consistency=Consistency(row["consistency"]),
+        bytes_stored=row["bytes_stored"],
+        disks=tuple(disks),
+        data_bytes=row["data_bytes"],
+        kept_by=tuple(row["kept_by"].split(",")) if row["kept_by"] else (),
+    )
 
 
 class Catalog:
@@ -285,6 +511,7 @@ class Catalog:
     async def __aenter__(self) -> Self:
         self._path.parent.mkdir(parents=True, exist_ok=True)
         self._db = await aiosqlite.connect(self._path)
+        self._db.row_factory = sqlite3.Row
         try:
             await self._db.execute("PRAGMA journal_mode=WAL")
             await self._db.execute("PRAGMA synchronous=NORMAL")
@@ -323,9 +550,7 @@ class Catalog:
         return self._db
 
     async def _migrate(self) -> None:
-        async with self.db.execute("PRAGMA user_version") as cursor:
-            row = await cursor.fetchone()
-        version = int(row[0]) if row else 0
+        version = await self.schema_version()
         if version > len(MIGRATIONS):
             raise UnsupportedFormat(
                 what=str(self._path), version=version, supported=len(MIGRATIONS)
@@ -337,26 +562,25 @@ class Catalog:
     async def schema_version(self) -> int:
         async with self.db.execute("PRAGMA user_version") as cursor:
             row = await cursor.fetchone()
-        return int(row[0]) if row else 0
+        return int(row["user_version"]) if row else 0
 
     # --- vaults ----------------------------------------------------------------------------
-
-    _VAULT_COLUMNS = "name, region, chunk_size, created_at, max_concurrent_backups, stored_bytes"
 
     async def create_vault(self, vault: VaultRecord, default_policy: PolicyRecord) -> VaultRecord:
         """A new vault with its default policy, in one transaction; Conflict if it exists."""
         async with self._transaction() as db:
             try:
                 await db.execute(
-                    f"INSERT INTO vaults ({self._VAULT_COLUMNS}) VALUES (?,?,?,?,?,?)",
-                    (
-                        vault.name,
-                        vault.region,
-                        vault.chunk_size,
-                        vault.created_at,
-                        vault.max_concurrent_backups,
-                        0,
-                    ),
+                    f"INSERT INTO vaults ({_columns(_VAULT_COLUMNS)})"
+                    f" VALUES ({_placeholders(_VAULT_COLUMNS)})",
+                    {
+                        "name": vault.name,
+                        "region": vault.region,
+                        "chunk_size": vault.chunk_size,
+                        "created_at": vault.created_at,
+                        "max_concurrent_backups": vault.max_concurrent_backups,
+                        "stored_bytes": 0,
+                    },
                 )
             except sqlite3.IntegrityError:
                 raise Conflict(detail=f"vault {vault.name!r} already exists") from None
@@ -372,18 +596,18 @@ class Catalog:
 
     async def vault(self, name: str) -> VaultRecord:
         async with self.db.execute(
-            f"SELECT {self._VAULT_COLUMNS} FROM vaults WHERE name = ?", (name,)
+            f"SELECT {_columns(_VAULT_COLUMNS)} FROM vaults WHERE name = ?", (name,)
         ) as cursor:
             row = await cursor.fetchone()
         if row is None:
             raise NotFound(kind="vault", name=name)
-        return VaultRecord(*row)
+        return _vault(row)
 
     async def vaults(self) -> list[VaultRecord]:
         async with self.db.execute(
-            f"SELECT {self._VAULT_COLUMNS} FROM vaults ORDER BY name"
+            f"SELECT {_columns(_VAULT_COLUMNS)} FROM vaults ORDER BY name"
         ) as cursor:
-            return [VaultRecord(*row) for row in await cursor.fetchall()]
+            return [_vault(row) for row in await cursor.fetchall()]
 
     async def set_max_concurrent_backups(self, vault: str, limit: int) -> None:
         async with self._transaction() as db:
@@ -408,15 +632,15 @@ class Catalog:
     async def _insert_policy(db: aiosqlite.Connection, policy: PolicyRecord) -> None:
         try:
             await db.execute(
-                "INSERT INTO policies (vault, name, spec, created_at, updated_at)"
-                " VALUES (?,?,?,?,?)",
-                (
-                    policy.vault,
-                    policy.name,
-                    json.dumps(policy.spec),
-                    policy.created_at,
-                    policy.updated_at,
-                ),
+                f"INSERT INTO policies ({_columns(_POLICY_COLUMNS)})"
+                f" VALUES ({_placeholders(_POLICY_COLUMNS)})",
+                {
+                    "vault": policy.vault,
+                    "name": policy.name,
+                    "spec": json.dumps(policy.spec),
+                    "created_at": policy.created_at,
+                    "updated_at": policy.updated_at,
+                },
             )
         except sqlite3.IntegrityError:
             raise Conflict(
@@ -457,29 +681,21 @@ class Catalog:
 
     async def _policies(self, where: str, params: tuple[str, ...]) -> list[PolicyRecord]:
         async with self.db.execute(
-            "SELECT vault, name, spec, created_at, updated_at FROM policies"
-            f" WHERE {where} ORDER BY vault, name",
+            f"SELECT {_columns(_POLICY_COLUMNS)} FROM policies WHERE {where} ORDER BY vault, name",
             params,
         ) as cursor:
-            return [
-                PolicyRecord(vault, name, json.loads(spec), created, updated)
-                for vault, name, spec, created, updated in await cursor.fetchall()
-            ]
+            return [_policy(row) for row in await cursor.fetchall()]
 
     # --- items -----------------------------------------------------------------------------
-
-    _ITEM_COLUMNS = (
-        "vm_id, vault, state, policy, registered_at, protected_at, last_slot, last_backup_at,"
-        " last_backup_status, error_code, error_message"
-    )
 
     async def insert_item(self, item: ItemRecord) -> None:
         """Register a VM to a vault; Conflict if it is registered already (to any vault)."""
         async with self._transaction() as db:
             try:
                 await db.execute(
-                    f"INSERT INTO items ({self._ITEM_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
-                    astuple(item),
+                    f"INSERT INTO items ({_columns(_ITEM_COLUMNS)})"
+                    f" VALUES ({_placeholders(_ITEM_COLUMNS)})",
+                    _item_row(item),
                 )
             except sqlite3.IntegrityError:
                 raise Conflict(detail=f"VM {item.vm_id!r} is already registered") from None
@@ -487,10 +703,8 @@ class Catalog:
     async def update_item(self, item: ItemRecord) -> None:
         async with self._transaction() as db:
             await db.execute(
-                """UPDATE items SET vault=?, state=?, policy=?, registered_at=?, protected_at=?,
-                   last_slot=?, last_backup_at=?, last_backup_status=?, error_code=?,
-                   error_message=? WHERE vm_id=?""",
-                (*astuple(item)[1:], item.vm_id),
+                f"UPDATE items SET {_assignments(_ITEM_COLUMNS[1:])} WHERE vm_id = :vm_id",
+                _item_row(item),
             )
 
     async def delete_item(self, vm_id: str) -> None:
@@ -506,9 +720,10 @@ class Catalog:
 
     async def _items(self, where: str, params: tuple[str, ...]) -> list[ItemRecord]:
         async with self.db.execute(
-            f"SELECT {self._ITEM_COLUMNS} FROM items WHERE {where} ORDER BY vault, vm_id", params
+            f"SELECT {_columns(_ITEM_COLUMNS)} FROM items WHERE {where} ORDER BY vault, vm_id",
+            params,
         ) as cursor:
-            return [ItemRecord(*row) for row in await cursor.fetchall()]
+            return [_item(row) for row in await cursor.fetchall()]
 
     # --- agents ----------------------------------------------------------------------------
 
@@ -527,18 +742,30 @@ class Catalog:
         """Record an agent's hello: who it is and the disks it has now."""
         async with self._transaction() as db:
             await db.execute(
-                """INSERT INTO agents
-                   (vm_id, name, service, region, hostname, agent_version, first_seen, last_seen)
-                   VALUES (?,?,?,?,?,?,?,?)
+                f"""INSERT INTO agents ({_columns(_AGENT_COLUMNS)})
+                   VALUES ({_placeholders(_AGENT_COLUMNS)})
                    ON CONFLICT (vm_id) DO UPDATE SET name=excluded.name, service=excluded.service,
                      region=excluded.region, hostname=excluded.hostname,
                      agent_version=excluded.agent_version, last_seen=excluded.last_seen""",
-                (vm_id, name, service, region, hostname, agent_version, now, now),
+                {
+                    "vm_id": vm_id,
+                    "name": name,
+                    "service": service,
+                    "region": region,
+                    "hostname": hostname,
+                    "agent_version": agent_version,
+                    "first_seen": now,
+                    "last_seen": now,
+                },
             )
             await db.execute("DELETE FROM disks WHERE vm_id = ?", (vm_id,))
             await db.executemany(
-                "INSERT INTO disks (vm_id, name, path, size_bytes) VALUES (?,?,?,?)",
-                [(vm_id, d.name, d.path, d.size_bytes) for d in disks],
+                f"INSERT INTO disks ({_columns(_DISK_COLUMNS)})"
+                f" VALUES ({_placeholders(_DISK_COLUMNS)})",
+                [
+                    {"vm_id": vm_id, "name": d.name, "path": d.path, "size_bytes": d.size_bytes}
+                    for d in disks
+                ],
             )
 
     def touch_agent(self, vm_id: str, now: float) -> None:
@@ -558,28 +785,27 @@ class Catalog:
     async def agents(self) -> list[AgentRecord]:
         disks: dict[str, list[DiskRecord]] = {}
         async with self.db.execute(
-            "SELECT vm_id, name, path, size_bytes FROM disks ORDER BY vm_id, name"
+            f"SELECT {_columns(_DISK_COLUMNS)} FROM disks ORDER BY vm_id, name"
         ) as cursor:
-            async for vm_id, *disk in cursor:
-                disks.setdefault(vm_id, []).append(DiskRecord(*disk))
+            async for row in cursor:
+                disks.setdefault(row["vm_id"], []).append(_disk(row))
         async with self.db.execute(
-            "SELECT vm_id, name, service, region, hostname, agent_version, first_seen, last_seen"
-            " FROM agents ORDER BY service, name"
+            f"SELECT {_columns(_AGENT_COLUMNS)} FROM agents ORDER BY service, name"
         ) as cursor:
             rows = await cursor.fetchall()
         return [
             AgentRecord(
-                vm_id=vm_id,
-                name=name,
-                service=service,
-                region=region,
-                hostname=hostname,
-                agent_version=version,
-                first_seen=first_seen,
-                last_seen=max(last_seen, self._heartbeats.get(vm_id, 0.0)),
-                disks=tuple(disks.get(vm_id, ())),
+                vm_id=row["vm_id"],
+                name=row["name"],
+                service=row["service"],
+                region=row["region"],
+                hostname=row["hostname"],
+                agent_version=row["agent_version"],
+                first_seen=row["first_seen"],
+                last_seen=max(row["last_seen"], self._heartbeats.get(row["vm_id"], 0.0)),
+                disks=tuple(disks.get(row["vm_id"], ())),
             )
-            for vm_id, name, service, region, hostname, version, first_seen, last_seen in rows
+            for row in rows
         ]
 
     # --- jobs ------------------------------------------------------------------------------
@@ -587,29 +813,24 @@ class Catalog:
     async def insert_job(self, job: JobRecord) -> None:
         async with self._transaction() as db:
             await db.execute(
-                f"INSERT INTO jobs ({_JOB_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                (
-                    job.id, job.operation, job.status, job.vault, job.vm_id, job.started_at,
-                    job.ended_at, job.bytes_read, job.bytes_sent, job.bytes_stored, job.error_code,
-                    job.error_message, job.recovery_point_id, json.dumps(job.details),
-                ),
-            )  # fmt: skip
+                f"INSERT INTO jobs ({_columns(_JOB_COLUMNS)})"
+                f" VALUES ({_placeholders(_JOB_COLUMNS)})",
+                _job_row(job),
+            )
 
     async def update_job(self, job: JobRecord) -> None:
+        """Write the job's record; what it is (operation, vault, VM, start) never changes."""
+        changing = [
+            c for c in _JOB_COLUMNS if c not in ("id", "operation", "vault", "vm_id", "started_at")
+        ]
         async with self._transaction() as db:
             await db.execute(
-                """UPDATE jobs SET status=?, ended_at=?, bytes_read=?, bytes_sent=?, bytes_stored=?,
-                   error_code=?, error_message=?, recovery_point_id=?, details=? WHERE id=?""",
-                (
-                    job.status, job.ended_at, job.bytes_read, job.bytes_sent, job.bytes_stored,
-                    job.error_code, job.error_message, job.recovery_point_id,
-                    json.dumps(job.details), job.id,
-                ),
-            )  # fmt: skip
+                f"UPDATE jobs SET {_assignments(changing)} WHERE id = :id", _job_row(job)
+            )
 
     async def job(self, job_id: str) -> JobRecord:
         async with self.db.execute(
-            f"SELECT {_JOB_COLUMNS} FROM jobs WHERE id = ?", (job_id,)
+            f"SELECT {_columns(_JOB_COLUMNS)} FROM jobs WHERE id = ?", (job_id,)
         ) as cursor:
             row = await cursor.fetchone()
         if row is None:
@@ -637,7 +858,7 @@ class Catalog:
         if where.started_to is not None:
             clauses.append("started_at < ?")
             params.append(where.started_to)
-        sql = f"SELECT {_JOB_COLUMNS} FROM jobs"
+        sql = f"SELECT {_columns(_JOB_COLUMNS)} FROM jobs"
         if clauses:
             sql += " WHERE " + " AND ".join(clauses)
         sql += " ORDER BY started_at DESC LIMIT ?"
@@ -648,16 +869,16 @@ class Catalog:
     async def fail_interrupted_jobs(self, now: float, code: str, message: str) -> list[JobRecord]:
         """Jobs left running by a controller that stopped: they cannot finish any more.
         Returns them as they are now recorded (failed)."""
+        unfinished = (JobStatus.IN_PROGRESS.value, JobStatus.CANCELLING.value)
         async with self._transaction() as db:
             async with db.execute(
-                f"SELECT {_JOB_COLUMNS} FROM jobs WHERE status IN (?,?)",
-                (JobStatus.IN_PROGRESS, JobStatus.CANCELLING),
+                f"SELECT {_columns(_JOB_COLUMNS)} FROM jobs WHERE status IN (?,?)", unfinished
             ) as cursor:
                 jobs = [_job(row) for row in await cursor.fetchall()]
             await db.execute(
                 "UPDATE jobs SET status=?, ended_at=?, error_code=?, error_message=?"
                 " WHERE status IN (?,?)",
-                (JobStatus.FAILED, now, code, message, JobStatus.IN_PROGRESS, JobStatus.CANCELLING),
+                (JobStatus.FAILED.value, now, code, message, *unfinished),
             )
         for job in jobs:
             job.status, job.ended_at, job.error_code, job.error_message = (
@@ -665,36 +886,46 @@ class Catalog:
             )  # fmt: skip
         return jobs
 
-    async def job_counts(self, vault: str, since: float) -> dict[str, int]:
+    async def job_counts(self, vault: str, since: float) -> dict[JobStatus, int]:
         """Jobs of a vault started at or after `since`, counted by status."""
         async with self.db.execute(
-            "SELECT status, count(*) FROM jobs WHERE vault = ? AND started_at >= ? GROUP BY status",
+            "SELECT status, count(*) AS jobs FROM jobs WHERE vault = ? AND started_at >= ?"
+            " GROUP BY status",
             (vault, since),
         ) as cursor:
-            return {status: count for status, count in await cursor.fetchall()}
+            return {JobStatus(row["status"]): row["jobs"] for row in await cursor.fetchall()}
 
     # --- recovery points -------------------------------------------------------------------
-
-    _RP_COLUMNS = (
-        "id, vault, vm_id, job_id, created_at, consistency, bytes_stored, data_bytes, kept_by"
-    )
 
     async def insert_recovery_point(self, rp: RecoveryPointRecord) -> None:
         async with self._transaction() as db:
             await db.execute(
-                f"INSERT OR IGNORE INTO recovery_points ({self._RP_COLUMNS})"
-                " VALUES (?,?,?,?,?,?,?,?,?)",
-                (
-                    rp.id, rp.vault, rp.vm_id, rp.job_id, rp.created_at, rp.consistency,
-                    rp.bytes_stored, rp.data_bytes, ",".join(rp.kept_by),
-                ),
-            )  # fmt: skip
+                f"INSERT OR IGNORE INTO recovery_points ({_columns(_RP_COLUMNS)})"
+                f" VALUES ({_placeholders(_RP_COLUMNS)})",
+                {
+                    "id": rp.id,
+                    "vault": rp.vault,
+                    "vm_id": rp.vm_id,
+                    "job_id": rp.job_id,
+                    "created_at": rp.created_at,
+                    "consistency": rp.consistency.value,
+                    "bytes_stored": rp.bytes_stored,
+                    "data_bytes": rp.data_bytes,
+                    "kept_by": ",".join(rp.kept_by),
+                },
+            )
             await db.executemany(
-                """INSERT OR IGNORE INTO recovery_point_disks
-                   (recovery_point_id, name, size_bytes, chunk_size, chunk_count, consistency)
-                   VALUES (?,?,?,?,?,?)""",
+                f"INSERT OR IGNORE INTO recovery_point_disks ({_columns(_RP_DISK_COLUMNS)})"
+                f" VALUES ({_placeholders(_RP_DISK_COLUMNS)})",
                 [
-                    (rp.id, d.name, d.size_bytes, d.chunk_size, d.chunk_count, d.consistency)
+                    {
+                        "recovery_point_id": rp.id,
+                        "name": d.name,
+                        "size_bytes": d.size_bytes,
+                        "chunk_size": d.chunk_size,
+                        "chunk_count": d.chunk_count,
+                        "consistency": d.consistency.value if d.consistency else "",
+                    }
                     for d in rp.disks
                 ],
             )
@@ -728,21 +959,22 @@ class Catalog:
     async def recovery_point_summary(self, vault: str) -> dict[str, tuple[int, float]]:
         """Per VM of a vault: how many recovery points, and when the newest was taken."""
         async with self.db.execute(
-            "SELECT vm_id, count(*), max(created_at) FROM recovery_points WHERE vault = ?"
-            " GROUP BY vm_id",
+            "SELECT vm_id, count(*) AS points, max(created_at) AS newest FROM recovery_points"
+            " WHERE vault = ? GROUP BY vm_id",
             (vault,),
         ) as cursor:
-            return {vm_id: (count, newest) for vm_id, count, newest in await cursor.fetchall()}
+            return {row["vm_id"]: (row["points"], row["newest"]) for row in await cursor.fetchall()}
 
     async def recovery_point_totals(self, vault: str) -> tuple[int, int]:
         """How many recovery points a vault holds, and the data bytes they would restore."""
         async with self.db.execute(
-            "SELECT count(*), coalesce(sum(data_bytes), 0) FROM recovery_points WHERE vault = ?",
+            "SELECT count(*) AS points, coalesce(sum(data_bytes), 0) AS data_bytes"
+            " FROM recovery_points WHERE vault = ?",
             (vault,),
         ) as cursor:
             row = await cursor.fetchone()
         assert row is not None
-        return int(row[0]), int(row[1])
+        return int(row["points"]), int(row["data_bytes"])
 
     async def _recovery_points(
         self, where: str, params: tuple[str, ...]
@@ -750,46 +982,21 @@ class Catalog:
         if "ORDER BY" not in where:
             where += " ORDER BY created_at"
         async with self.db.execute(
-            f"SELECT {self._RP_COLUMNS} FROM recovery_points WHERE {where}", params
+            f"SELECT {_columns(_RP_COLUMNS)} FROM recovery_points WHERE {where}", params
         ) as cursor:
             rows = await cursor.fetchall()
         if not rows:
             return []
-        ids = [row[0] for row in rows]
+        ids = [row["id"] for row in rows]
         disks: dict[str, list[RecoveryPointDiskRecord]] = {}
         # In batches: SQLite bounds the variables of one statement (32,766 by default).
         for start in range(0, len(ids), _ID_BATCH):
             batch = ids[start : start + _ID_BATCH]
             async with self.db.execute(
-                "SELECT recovery_point_id, name, size_bytes, chunk_size, chunk_count, consistency"
-                " FROM recovery_point_disks"
+                f"SELECT {_columns(_RP_DISK_COLUMNS)} FROM recovery_point_disks"
                 f" WHERE recovery_point_id IN ({','.join('?' * len(batch))}) ORDER BY name",
                 batch,
             ) as cursor:
-                async for rp_id, *disk in cursor:
-                    disks.setdefault(rp_id, []).append(RecoveryPointDiskRecord(*disk))
-        return [
-            RecoveryPointRecord(
-                id=rp_id,
-                vault=vault,
-                vm_id=vm_id,
-                job_id=job_id,
-                created_at=created_at,
-                consistency=consistency,
-                bytes_stored=bytes_stored,
-                disks=tuple(disks.get(rp_id, ())),
-                data_bytes=data_bytes,
-                kept_by=tuple(kept_by.split(",")) if kept_by else (),
-            )
-            for (
-                rp_id,
-                vault,
-                vm_id,
-                job_id,
-                created_at,
-                consistency,
-                bytes_stored,
-                data_bytes,
-                kept_by,
-            ) in rows
-        ]
+                async for row in cursor:
+                    disks.setdefault(row["recovery_point_id"], []).append(_rp_disk(row))
+        return [_recovery_point(row, disks.get(row["id"], ())) for row in rows]

@@ -4,17 +4,26 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 from controller.catalog import Catalog
-from controller.datastore import ChunkGuard, Datastore, LocalDirectoryStore
+from controller.datastore import ChunkGuard, Datastore, LocalDirectoryStore, ObjectStore
 from shared.errors import DatastoreError
 
 
 class Datastores:
-    def __init__(self, catalog: Catalog, root: Path) -> None:
+    def __init__(
+        self,
+        catalog: Catalog,
+        root: Path,
+        *,
+        backend: Callable[[Path], ObjectStore] = LocalDirectoryStore,
+    ) -> None:
+        """`backend` opens a vault's object store in its directory (tests wrap the local one)."""
         self._catalog = catalog
         self._root = root
+        self._backend = backend
         self._open: dict[str, Datastore] = {}
         self._guards: dict[str, ChunkGuard] = {}
         self._lock = asyncio.Lock()
@@ -30,7 +39,7 @@ class Datastores:
         async with self._lock:
             if vault not in self._open:
                 record = await self._catalog.vault(vault)
-                backend = LocalDirectoryStore(self.path(vault))
+                backend = self._backend(self.path(vault))
                 self._open[vault] = await asyncio.to_thread(
                     Datastore.open_or_create, backend, record.chunk_size
                 )

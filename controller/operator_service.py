@@ -134,6 +134,9 @@ class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
             recovery_point_id=job.recovery_point_id,
             item=(names or {}).get(job.vm_id, job.vm_id),
             details_json=json.dumps(job.details, sort_keys=True),
+            trigger=job.trigger,
+            slot=_timestamp(job.slot),
+            disks=job.disks,
         )
         progress = self._status.progress(job.id) if self._status else None
         if progress is not None and not JobStatus(job.status).ended:
@@ -567,7 +570,7 @@ class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
 
     @operator_only
     async def Prune(self, request: operator_pb2.VaultRef, context: Context) -> operator_pb2.Job:
-        return self._job(await self._pruner.prune_vault(request.name))
+        return self._job(await self._pruner.prune_vault(request.name, wait=False))
 
     @operator_only
     async def CollectGarbage(

@@ -13,7 +13,9 @@ one vault at a time, only to a vault of its own region; only registered, unprote
 protected; a protected VM is not unregistered; a VM has exactly one policy.
 
 Protected items are planned in the scheduler (`controller.scheduler.Plan`) with their policy's
-schedule; a backup's end updates the item and prunes the VM's recovery points.
+schedule. A backup's end updates the item; after every successful backup a `Prune` job of the
+VM applies its policy's retention (recorded even when it deletes nothing, so the operator sees
+that retention ran).
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ from shared.errors import (
     RegionMismatch,
     VmNotFound,
 )
-from shared.model import ItemState, JobStatus, Operation
+from shared.model import ItemState, JobStatus, Operation, Trigger
 from shared.policy import Policy
 
 log = logging.getLogger(__name__)
@@ -99,9 +101,9 @@ class Protection:
         # one runs again (its slot is not lost to the restart).
         rerun: dict[str, JobRecord] = {}
         for job in self._jobs.interrupted:
-            if job.operation == Operation.BACKUP:
+            if job.operation is Operation.BACKUP:
                 await self._backup_ended(job)
-                if job.details.get("trigger") == "scheduled":
+                if job.trigger is Trigger.SCHEDULED:
                     rerun[job.vm_id] = job
         for item in await self._catalog.items():
             if ItemState(item.state).protected and item.policy:
@@ -121,14 +123,14 @@ class Protection:
     async def _rerun(self, item: ItemRecord, job: JobRecord) -> None:
         assert item.policy is not None
         policy = await self._vaults.policy(item.vault, item.policy)
-        slot = float(job.details.get("slot", job.started_at))
+        slot = job.slot if job.slot is not None else job.started_at
         log.info(
             "%s: running the scheduled backup a restart interrupted (job %s)", item.vm_id, job.id
         )
         await self._jobs.backup(
             item.vault,
             item.vm_id,
-            trigger="scheduled",
+            trigger=Trigger.SCHEDULED,
             slot=slot,
             deadline=self._clock.now() + policy.schedule.window.total_seconds(),
         )
@@ -478,7 +480,7 @@ class Protection:
                 job.details["deleted_recovery_points"] = deleted
                 item.state = ItemState.REGISTERED
                 item.last_slot = item.last_backup_at = None
-                item.last_backup_status = ""
+                item.last_backup_status = None
                 await self._catalog.update_item(item)
 
         return await self._jobs.run(Operation.DELETE_BACKUP_DATA, stale.vault, stale.vm_id, body)
@@ -537,7 +539,7 @@ class Protection:
                 await self._jobs.backup(
                     item.vault,
                     item.vm_id,
-                    trigger="scheduled",
+                    trigger=Trigger.SCHEDULED,
                     slot=due.slot,
                     deadline=due.deadline,
                 )
@@ -557,22 +559,20 @@ class Protection:
             )
 
         job = await self._jobs.run(
-            Operation.BACKUP,
-            item.vault,
-            item.vm_id,
-            body,
-            details={"trigger": "scheduled", "slot": slot},
+            Operation.BACKUP, item.vault, item.vm_id, body, trigger=Trigger.SCHEDULED, slot=slot
         )
         await self._backup_ended(job)
 
     async def _backup_ended(self, job: JobRecord) -> None:
         async with self._lock(job.vm_id):
             item = await self._update_after_backup(job)
-        if item is not None and JobStatus(job.status).succeeded and item.policy:
+        if item is not None and job.status.succeeded and item.policy:
             try:
-                await self._pruner.prune_vm(item.vault, item.vm_id, after_job=job.id)
-            except CofferError:
-                log.exception("pruning %s after backup %s failed", item.vm_id, job.id)
+                await self._pruner.prune_vm(
+                    item.vault, item.vm_id, after_job=job.id, trigger=job.trigger
+                )
+            except CofferError as exc:
+                log.warning("pruning %s after backup %s failed: %s", item.vm_id, job.id, exc)
 
     async def _update_after_backup(self, job: JobRecord) -> ItemRecord | None:
         item = await self._catalog.item(job.vm_id)
@@ -580,7 +580,7 @@ class Protection:
             return None
         item.last_backup_at = job.ended_at
         item.last_backup_status = job.status
-        if JobStatus(job.status).succeeded:
+        if job.status.succeeded:
             item.error_code = item.error_message = ""
             if ItemState(item.state).protected:
                 item.state = ItemState.PROTECTED

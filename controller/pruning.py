@@ -9,29 +9,37 @@ whose backups keep failing still has one.
 (`controller.datastore.gc`, mark-and-sweep with a grace period and the vault's chunk guard, so
 it runs beside backups).
 
-A VM is pruned after each of its successful backups; once a day (`MAINTENANCE_AT`, UTC) every
-vault is pruned and garbage-collected. A maintenance missed while the controller was down is
-not caught up at start (unlike backups): the next backups prune their VMs anyway, and the next
-day's run collects what they freed. Recovery points a running job reads (an incremental's
-base, a restore's source) are left for the next prune. Points of VMs whose protection was
-stopped with retained data are never pruned: retaining is what the operator asked for.
+A VM is pruned after each of its successful backups, by a Prune job that is recorded even when
+it deletes nothing (so the operator sees that retention ran, and which rules keep what); once a
+day (`MAINTENANCE_AT`, UTC) every vault is pruned and garbage-collected. A maintenance missed
+while the controller was down is not caught up at start (unlike backups): the next backups
+prune their VMs anyway, and the next day's run collects what they freed. Recovery points a
+running job reads (an incremental's base, a restore's source) are left for the next prune.
+Points of VMs whose protection was stopped with retained data are never pruned: retaining is
+what the operator asked for.
+
+Both jobs can be cancelled (`coffer job cancel`) and stop when the controller does: a prune
+between two recovery points (each deleted whole: manifest, indexes, catalog row), a collection
+between two items (it checks for abort on every one, `controller.datastore.gc`). What they
+deleted stays deleted; the rest waits for the next run.
 """
 
 from __future__ import annotations
 
 import logging
-import time as monotonic_time
 from dataclasses import asdict
 from datetime import UTC, datetime, time
+from functools import partial
 
 from controller.catalog import Catalog, JobRecord, RecoveryPointRecord
-from controller.datastore import collect_garbage
+from controller.datastore import ChunkGuard, Datastore, GcReport, collect_garbage
 from controller.datastores import Datastores
 from controller.jobs import JobManager
+from controller.jobs.cancel import ShouldStop, Stopped, finishing
 from controller.scheduler import Plan
 from shared.clock import Clock
 from shared.errors import CofferError, Conflict
-from shared.model import ItemState, Operation
+from shared.model import Operation, Trigger
 from shared.policy import Frequency, Policy, Schedule
 from shared.retention import retained
 
@@ -55,7 +63,6 @@ class Pruner:
         self._jobs = jobs
         self._clock = clock
         self._grace = gc_grace_seconds
-        self._collecting: set[str] = set()
 
     # --- retention --------------------------------------------------------------------------
 
@@ -84,52 +91,74 @@ class Pruner:
         kept = {rp.id: labels.get(rp.id, ()) for rp in points if rp.id in labels or rp.id in in_use}
         return expired, kept
 
-    async def _delete(self, vault: str, points: list[RecoveryPointRecord]) -> list[str]:
+    async def _delete(
+        self, vault: str, points: list[RecoveryPointRecord], deleted: list[str]
+    ) -> None:
+        """Delete `points`, adding each to `deleted` once it is gone; a cancel takes effect
+        between two points, never inside one."""
         datastore = await self._datastores.get(vault)
-        deleted: list[str] = []
         for rp in points:
-            # The datastore first (its manifest, the commit point, goes first), then the row:
-            # a failure between the two leaves a row whose point is gone, which the next prune
-            # deletes again (both deletes are idempotent). The other order would leave a
-            # manifest no row names, which nothing would ever delete.
-            await self._jobs.in_pool(datastore.delete_recovery_point, rp.id)
-            await self._catalog.delete_recovery_point(rp.id)
-            deleted.append(rp.id)
-        return deleted
+            await finishing(self._delete_one(datastore, rp, deleted))
 
-    async def prune_vm(self, vault: str, vm_id: str, *, after_job: str = "") -> JobRecord | None:
-        """Apply the VM's policy; a Prune job is recorded only when it deletes something."""
+    async def _delete_one(
+        self, datastore: Datastore, rp: RecoveryPointRecord, deleted: list[str]
+    ) -> None:
+        # The datastore first (its manifest, the commit point, goes first), then the row: a
+        # failure between the two leaves a row whose point is gone, which the next prune
+        # deletes again (both deletes are idempotent). The other order would leave a manifest
+        # no row names, which nothing would ever delete.
+        await self._jobs.in_pool(datastore.delete_recovery_point, rp.id)
+        await self._catalog.delete_recovery_point(rp.id)
+        deleted.append(rp.id)
+
+    async def prune_vm(
+        self,
+        vault: str,
+        vm_id: str,
+        *,
+        after_job: str = "",
+        trigger: Trigger = Trigger.MANUAL,
+    ) -> JobRecord | None:
+        """A Prune job applying the VM's policy (None when it has none: not protected, or its
+        protection stopped with the data retained). Recorded even when nothing expired."""
         item = await self._catalog.item(vm_id)
         if item is None or item.vault != vault or item.policy is None:
             return None
         policy = Policy.from_dict((await self._catalog.policy(vault, item.policy)).spec)
-        expired, kept = await self._expired(vault, vm_id, policy)
-        await self._catalog.set_kept_by(kept)
-        if not expired:
-            return None
 
         async def body(job: JobRecord) -> None:
-            job.details["deleted_recovery_points"] = await self._delete(vault, expired)
+            deleted: list[str] = []
+            job.details["deleted_recovery_points"] = deleted
+            expired, kept = await self._expired(vault, vm_id, policy)
+            await self._catalog.set_kept_by(kept)
+            await self._delete(vault, expired, deleted)
 
-        details = {"after_job": after_job, "policy": policy.name} if after_job else {}
-        return await self._jobs.run(Operation.PRUNE, vault, vm_id, body, details=details)
+        details = {"policy": policy.name} | ({"after_job": after_job} if after_job else {})
+        return await self._jobs.run(
+            Operation.PRUNE, vault, vm_id, body, details=details, trigger=trigger,
+            cancellable=True,
+        )  # fmt: skip
 
-    async def prune_vault(self, vault: str) -> JobRecord:
+    async def prune_vault(
+        self, vault: str, *, wait: bool = True, trigger: Trigger = Trigger.MANUAL
+    ) -> JobRecord:
         """A Prune job over every protected VM of the vault."""
         await self._catalog.vault(vault)
 
         async def body(job: JobRecord) -> None:
             deleted: list[str] = []
+            job.details["deleted_recovery_points"] = deleted
             for item in await self._catalog.items(vault):
-                if not ItemState(item.state).protected or item.policy is None:
+                if not item.state.protected or item.policy is None:
                     continue
                 policy = Policy.from_dict((await self._catalog.policy(vault, item.policy)).spec)
                 expired, kept = await self._expired(vault, item.vm_id, policy)
                 await self._catalog.set_kept_by(kept)
-                deleted += await self._delete(vault, expired)
-            job.details["deleted_recovery_points"] = deleted
+                await self._delete(vault, expired, deleted)
 
-        return await self._jobs.run(Operation.PRUNE, vault, "", body)
+        return await self._jobs.run(
+            Operation.PRUNE, vault, "", body, wait=wait, trigger=trigger, cancellable=True
+        )
 
     async def delete_all(self, vault: str, vm_id: str) -> list[str]:
         """Delete every recovery point of a VM in the vault (DeleteBackupData)."""
@@ -140,43 +169,64 @@ class Pruner:
                 detail=f"recovery points {', '.join(sorted(in_use))} are being read by a running "
                 "job (a restore); wait for it to finish and delete the data again"
             )
-        return await self._delete(vault, points)
+        deleted: list[str] = []
+        await self._delete(vault, points, deleted)
+        return deleted
 
     # --- garbage collection -----------------------------------------------------------------
 
-    async def collect(self, vault: str, *, wait: bool = False) -> JobRecord:
+    async def collect(
+        self, vault: str, *, wait: bool = False, trigger: Trigger = Trigger.MANUAL
+    ) -> JobRecord:
         """A GarbageCollection job for the vault (one at a time per vault)."""
         await self._catalog.vault(vault)
-        if vault in self._collecting:
+        # No await between this check and the new job's admission: two calls cannot both pass.
+        if any(
+            job.operation is Operation.GARBAGE_COLLECTION and job.vault == vault
+            for job in self._jobs.running_jobs()
+        ):
             raise Conflict(detail=f"garbage collection of vault {vault!r} is already running")
-        self._collecting.add(vault)
 
         async def body(job: JobRecord) -> None:
+            datastore = await self._datastores.get(vault)
             try:
-                datastore = await self._datastores.get(vault)
-                started = monotonic_time.monotonic()
-                report = await self._jobs.in_pool(
-                    lambda: collect_garbage(
+                report = await self._jobs.abortable(
+                    partial(
+                        self._collect_garbage,
                         datastore,
                         cutoff=self._clock.now() - self._grace,
                         guard=self._datastores.guard(vault),
                     )
                 )
-                await self._catalog.add_stored_bytes(vault, -report.bytes_freed)
-                job.details["report"] = asdict(report)
-                job.details["grace_seconds"] = self._grace
-                job.bytes_stored = report.bytes_freed
-                log.info(
-                    "vault %s: GC freed %d chunks (%d bytes) in %.1f s",
-                    vault,
-                    report.chunks_deleted,
-                    report.bytes_freed,
-                    monotonic_time.monotonic() - started,
-                )
-            finally:
-                self._collecting.discard(vault)
+            except Stopped as stopped:  # cancelled: what it freed is freed all the same
+                await self._collected(vault, job, stopped.result)
+                raise
+            await self._collected(vault, job, report)
 
-        return await self._jobs.run(Operation.GARBAGE_COLLECTION, vault, "", body, wait=wait)
+        return await self._jobs.run(
+            Operation.GARBAGE_COLLECTION, vault, "", body, wait=wait, trigger=trigger,
+            cancellable=True,
+        )  # fmt: skip
+
+    async def _collected(self, vault: str, job: JobRecord, report: GcReport) -> None:
+        await self._catalog.add_stored_bytes(vault, -report.bytes_freed)
+        job.details["report"] = asdict(report)
+        job.details["grace_seconds"] = self._grace
+        job.bytes_stored = report.bytes_freed
+        log.info(
+            "vault %s: GC %s %d chunks (%d bytes) in %.1f s",
+            vault,
+            "stopped after freeing" if report.stopped else "freed",
+            report.chunks_deleted,
+            report.bytes_freed,
+            report.seconds,
+        )
+
+    @staticmethod
+    def _collect_garbage(
+        datastore: Datastore, should_stop: ShouldStop, *, cutoff: float, guard: ChunkGuard
+    ) -> GcReport:
+        return collect_garbage(datastore, cutoff=cutoff, guard=guard, should_stop=should_stop)
 
     # --- the daily maintenance --------------------------------------------------------------
 
@@ -195,8 +245,8 @@ class Pruner:
     async def maintain(self, key: str) -> None:
         vault = key.removeprefix(MAINTENANCE_PREFIX)
         try:
-            await self.prune_vault(vault)
-            await self.collect(vault)
+            await self.prune_vault(vault, trigger=Trigger.SCHEDULED)
+            await self.collect(vault, trigger=Trigger.SCHEDULED)
         except CofferError as exc:
             log.warning("maintenance of vault %s: %s", vault, exc)
 

@@ -23,6 +23,13 @@ class Operation(enum.StrEnum):
     GARBAGE_COLLECTION = "GarbageCollection"
 
 
+class Trigger(enum.StrEnum):
+    """Who started a job: an operator (or an API call), or the controller's schedule."""
+
+    MANUAL = "manual"
+    SCHEDULED = "scheduled"
+
+
 class JobStatus(enum.StrEnum):
     IN_PROGRESS = "InProgress"
     COMPLETED = "Completed"

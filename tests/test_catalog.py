@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sqlite3
 from pathlib import Path
 
@@ -11,6 +12,7 @@ from controller.catalog import (
     MIGRATIONS,
     Catalog,
     DiskRecord,
+    ItemRecord,
     JobFilter,
     JobRecord,
     PolicyRecord,
@@ -19,6 +21,7 @@ from controller.catalog import (
     VaultRecord,
 )
 from shared.errors import NotFound, UnsupportedFormat
+from shared.model import Consistency, ItemState, JobStatus, Operation, Trigger
 from shared.policy import default_policy
 
 DEFAULT_POLICY = PolicyRecord("default", "DefaultPolicy", default_policy().to_dict(), 0.0, 0.0)
@@ -131,3 +134,95 @@ async def test_a_foundation_catalog_upgrades_to_the_vault_workflow(tmp_path: Pat
         assert (item.vault, item.state, item.policy) == ("default", "ProtectionStopped", None)
         [rp] = await catalog.recovery_points("vm-1")
         assert (rp.id, rp.kept_by, rp.data_bytes) == ("rp-1", (), 0)
+
+
+async def test_jobs_of_an_older_catalog_get_typed_columns_from_their_details(
+    tmp_path: Path,
+) -> None:
+    """A vault-workflow catalog (schema 2) kept a backup's trigger, slot, disks and pending
+    recovery point in its display details; the migration moves them to their own columns and
+    leaves the display information where it was."""
+    path = tmp_path / "catalog.sqlite"
+    db = sqlite3.connect(path)
+    for number, script in enumerate(MIGRATIONS[:2], start=1):
+        db.executescript(f"BEGIN; {script}; PRAGMA user_version = {number}; COMMIT;")
+    rows = [
+        # id, operation, status, details
+        ("queued", "Backup", "InProgress", {"trigger": "scheduled", "slot": 1_700_000_000.0,
+         "disks": [], "recovery_point_id": "rp-q", "phase": "Queued"}),
+        ("done", "Backup", "Completed", {"trigger": "manual", "disks": ["root", "data"],
+         "recovery_point_id": "rp-d", "frozen_ms": 31.5}),
+        ("skipped", "Backup", "Failed", {"trigger": "scheduled", "slot": 1_700_086_400.0}),
+        ("register", "Register", "Completed", {"disks": ["root"]}),
+    ]  # fmt: skip
+    for job_id, operation, status, details in rows:
+        db.execute(
+            "INSERT INTO jobs (id, operation, status, vault, vm_id, started_at, recovery_point_id,"
+            " details) VALUES (?, ?, ?, 'default', 'vm-1', 10.0, ?, ?)",
+            (job_id, operation, status, "rp-d" if job_id == "done" else "", json.dumps(details)),
+        )
+    db.commit()
+    db.close()
+
+    async with Catalog(path) as catalog:
+        assert await catalog.schema_version() == len(MIGRATIONS)
+        queued, done, skipped, register = [
+            await catalog.job(job_id) for job_id in ("queued", "done", "skipped", "register")
+        ]
+    assert (queued.trigger, queued.slot, queued.disks) == ("scheduled", 1_700_000_000.0, ())
+    assert (queued.pending_recovery_point_id, queued.recovery_point_id) == ("rp-q", "")
+    assert queued.details == {"phase": "Queued"}
+    assert (done.trigger, done.slot, done.disks) == (Trigger.MANUAL, None, ("root", "data"))
+    assert (done.pending_recovery_point_id, done.recovery_point_id) == ("rp-d", "rp-d")
+    assert done.details == {"frozen_ms": 31.5}
+    assert (skipped.trigger, skipped.slot, skipped.details) == (
+        Trigger.SCHEDULED,
+        1_700_086_400.0,
+        {},
+    )
+    # Not a backup: its disks are what an operator read at registration, and stay so.
+    assert (register.disks, register.details) == ((), {"disks": ["root"]})
+
+
+async def test_records_carry_enums_read_by_column_name(tmp_path: Path) -> None:
+    async with Catalog(tmp_path / "c.sqlite") as catalog:
+        await catalog.create_vault(VaultRecord("default", "local", 1 << 20, 0.0), DEFAULT_POLICY)
+        # Columns in a new order (as a later migration could leave them) change nothing.
+        await catalog.db.executescript(
+            "BEGIN; ALTER TABLE jobs RENAME TO old_jobs;"
+            " CREATE TABLE jobs AS SELECT details, pending_recovery_point_id, disks, slot,"
+            " trigger, recovery_point_id, error_message, error_code, bytes_stored, bytes_sent,"
+            " bytes_read, ended_at, started_at, vm_id, vault, status, operation, id"
+            " FROM old_jobs; DROP TABLE old_jobs; COMMIT;"
+        )
+        await catalog.insert_job(
+            JobRecord(
+                id="j1", operation=Operation.BACKUP, status=JobStatus.FAILED, vault="default",
+                vm_id="vm-1", started_at=5.0, trigger=Trigger.SCHEDULED, slot=4.0,
+                disks=("root",), pending_recovery_point_id="rp-1", details={"warnings": ["w"]},
+            )
+        )  # fmt: skip
+        await catalog.insert_item(
+            ItemRecord("vm-1", "default", ItemState.PROTECTED, "DefaultPolicy", 1.0)
+        )
+        await catalog.insert_recovery_point(
+            RecoveryPointRecord(
+                id="rp-1", vault="default", vm_id="vm-1", job_id="j1", created_at=6.0,
+                consistency=Consistency.FILE_SYSTEM, bytes_stored=1,
+                disks=(RecoveryPointDiskRecord("root", 10, 4096, 1),),
+            )
+        )  # fmt: skip
+        job = await catalog.job("j1")
+        item = await catalog.item("vm-1")
+        rp = await catalog.recovery_point("rp-1")
+    assert type(job.operation) is Operation
+    assert job.operation is Operation.BACKUP
+    assert type(job.status) is JobStatus
+    assert job.status is JobStatus.FAILED
+    assert (job.trigger, job.slot, job.disks) == (Trigger.SCHEDULED, 4.0, ("root",))
+    assert (job.pending_recovery_point_id, job.details) == ("rp-1", {"warnings": ["w"]})
+    assert item is not None
+    assert item.state is ItemState.PROTECTED
+    assert item.last_backup_status is None
+    assert rp.consistency is Consistency.FILE_SYSTEM
+    assert rp.disks[0].consistency is None  # not recorded for this disk

@@ -1,5 +1,7 @@
-"""Garbage collection of a datastore: what it deletes, what it keeps, and that it is safe beside
-running backups. Real datastores in a temporary directory; faults by the FaultyStore wrapper."""
+"""Garbage collection of a datastore: what it deletes, what it keeps, that it is safe beside
+running backups, that it syncs once per batch, and that it (and pruning) stops when cancelled
+or when the controller stops. Real datastores in a temporary directory; faults and slow disks
+by wrappers around the real local store."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -25,10 +28,22 @@ from controller.datastore import (
     index_key,
     manifest_key,
 )
+from shared.clock import ManualClock
 from shared.digest import ZERO_DIGEST, chunk_digest
-from shared.errors import CorruptData, DatastoreError, UnsupportedFormat
+from shared.errors import CorruptData, DatastoreError, Unavailable, UnsupportedFormat
 from shared.index import DiskIndex
 from tests.test_datastore import CHUNK, back_up, chunk_of, restore, upload
+from tests.test_protection import (
+    DAY,
+    EU,
+    HOUR,
+    SHOP_WEB,
+    Controller,
+    controller,
+    store_recovery_point,
+    ts,
+    until,
+)
 
 NO_GRACE = 3600.0
 """Added to now: a cutoff in the future, so every unreferenced chunk is old enough."""
@@ -453,3 +468,226 @@ def test_chunks_deleted_by_someone_else_meanwhile_are_not_errors(tmp_path: Path)
     assert (report.chunks_seen, report.chunks_deleted, report.bytes_freed) == (2, 0, 0)
     assert stored(store) == digests(1)
     assert restore(store, "rp1", "root") == image(1)
+
+
+# --- durability without a sync per chunk ---------------------------------------------------------
+
+
+class CountingStore(LocalDirectoryStore):
+    """The real local store, counting the file-system syncs it runs, and those it runs while
+    the chunk guard's lock is held (which the controller's event loop takes to hold digests)."""
+
+    def __init__(self, root: Path, guard: ChunkGuard) -> None:
+        super().__init__(root)
+        self.guard = guard
+        self.syncs = 0
+        self.syncs_under_the_guard = 0
+
+    def _syncfs(self) -> None:
+        self.syncs += 1
+        if self.guard._lock.locked():  # only the collection takes it in this test
+            self.syncs_under_the_guard += 1
+        super()._syncfs()
+
+
+@pytest.mark.timeout(60)
+def test_a_collection_syncs_once_per_batch_of_deletes_never_under_the_guard(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Regression: each deleted chunk waited for its own syncfs, under the guard's lock."""
+    guard = ChunkGuard()
+    backend = CountingStore(tmp_path / "store", guard)
+    store = Datastore.create(backend, CHUNK)
+    store.put_manifest(back_up(store, "rp1", {"root": image(1)}))
+    for seed in range(2, 302):
+        upload(store, chunk_of(seed))  # 300 chunks of failed backups: garbage
+    monkeypatch.setattr("controller.datastore.gc.SYNC_EVERY", 128)
+    backend.syncs = 0
+
+    report = gc(store, guard)
+
+    assert report.chunks_deleted == 300
+    assert stored(store) == digests(1)
+    assert backend.syncs == 3  # after 128, after 256, and the last 44 at the end
+    assert backend.syncs_under_the_guard == 0
+    assert restore(store, "rp1", "root") == image(1)
+
+
+def test_a_collection_asked_to_stop_reports_what_it_did_and_leaves_the_rest(
+    tmp_path: Path,
+) -> None:
+    guard = ChunkGuard()
+    backend = CountingStore(tmp_path / "store", guard)
+    store = Datastore.create(backend, CHUNK)
+    store.put_manifest(back_up(store, "rp1", {"root": image(1)}))
+    for seed in range(2, 42):
+        upload(store, chunk_of(seed))
+    asked = 0
+
+    def stop_after_ten_chunks() -> bool:
+        nonlocal asked
+        asked += 1
+        return asked > 1 + 10  # once for the manifest, then once per chunk listed
+
+    backend.syncs = 0
+    report = collect_garbage(
+        store, cutoff=time.time() + NO_GRACE, guard=guard, should_stop=stop_after_ten_chunks
+    )
+
+    assert report.stopped
+    assert report.chunks_seen == 10
+    assert len(stored(store)) == 41 - report.chunks_deleted  # the rest is still there
+    assert report.chunks_deleted >= 9  # of the ten it saw, one may be the referenced chunk
+    assert backend.syncs == 1  # its deletes are durable all the same
+    # The collection is over: a release takes effect at once again.
+    guard.hold("job-1", [ZERO_DIGEST])
+    guard.release("job-1")
+    assert not guard.is_held(ZERO_DIGEST)
+    # Asked to stop while it marks, it deletes nothing at all.
+    early = collect_garbage(
+        store, cutoff=time.time() + NO_GRACE, guard=guard, should_stop=lambda: True
+    )
+    assert (early.stopped, early.recovery_points, early.chunks_deleted) == (True, 0, 0)
+    assert restore(store, "rp1", "root") == image(1)
+    assert gc(store, guard).chunks_deleted == 41 - 1 - report.chunks_deleted
+
+
+# --- collections and prunes as jobs: cancel and stop --------------------------------------------
+
+
+class SlowDeletes(LocalDirectoryStore):
+    """The real local store on a slow disk: every delete takes a while; chunk deletes counted."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self.chunks_deleted = 0
+
+    def delete(self, key: str, *, durable: bool = True) -> None:
+        time.sleep(0.02)
+        super().delete(key, durable=durable)
+        if key.startswith("chunks/"):
+            self.chunks_deleted += 1
+
+
+@dataclass
+class SlowStores:
+    opened: list[SlowDeletes] = field(default_factory=list)
+
+    def __call__(self, root: Path) -> ObjectStore:
+        backend = SlowDeletes(root)
+        self.opened.append(backend)
+        return backend
+
+    @property
+    def chunks_deleted(self) -> int:
+        return sum(backend.chunks_deleted for backend in self.opened)
+
+
+async def garbage(env: Controller, count: int) -> Datastore:
+    """`count` chunks no recovery point references, counted in the vault's stored bytes, and
+    old enough to collect."""
+    store = await env.datastores.get(EU)
+    for seed in range(1, count + 1):
+        upload(store, chunk_of(seed))
+    total = sum(store.chunk_info(d).size for d in store.list_chunk_digests())
+    await env.catalog.add_stored_bytes(EU, total)
+    env.clock.set(time.time() + 2 * HOUR)  # the grace period (an hour) has passed
+    return store
+
+
+async def until_true(check: Callable[[], bool], what: str) -> None:
+    async def holds() -> bool:
+        return check()
+
+    await until(holds, what)
+
+
+@pytest.mark.timeout(60)
+async def test_a_running_collection_is_cancelled_promptly_and_a_later_one_finishes(
+    tmp_path: Path,
+) -> None:
+    slow = SlowStores()
+    async with controller(tmp_path, ManualClock(time.time()), slow) as env:
+        await env.create_vault(EU, "eu-west")
+        store = await garbage(env, 200)  # 4 s of deletes at least
+        before = (await env.catalog.vault(EU)).stored_bytes
+
+        job = await env.pruner.collect(EU)
+        await until_true(lambda: slow.chunks_deleted >= 5, "the sweep to delete")
+        assert (await env.jobs.cancel(job.id)).status == "Cancelling"
+        asked = time.monotonic()
+        ended = await env.ended(job.id)
+
+        assert time.monotonic() - asked < 1.0
+        assert (ended.status, ended.error_code) == ("Cancelled", "JobCancelled")
+        assert "the others are left for the next collection" in ended.error_message
+        left = stored(store)
+        report = ended.details["report"]
+        assert report["stopped"]
+        assert 0 < len(left) == 200 - report["chunks_deleted"]
+        # What it freed is accounted, however it ended.
+        assert ended.bytes_stored == report["bytes_freed"] > 0
+        assert (await env.catalog.vault(EU)).stored_bytes == before - report["bytes_freed"]
+
+        again = await env.pruner.collect(EU, wait=True)
+        assert again.status == "Completed"
+        assert stored(store) == set()
+        assert (await env.catalog.vault(EU)).stored_bytes == 0
+
+
+@pytest.mark.timeout(60)
+async def test_the_controllers_stop_ends_a_collection_promptly_and_the_next_start_records_it(
+    tmp_path: Path,
+) -> None:
+    slow = SlowStores()
+    clock = ManualClock(time.time())
+    async with controller(tmp_path, clock, slow) as env:
+        await env.create_vault(EU, "eu-west")
+        store = await garbage(env, 200)
+        job = await env.pruner.collect(EU)
+        await until_true(lambda: slow.chunks_deleted >= 5, "the sweep to delete")
+        stopping = time.monotonic()
+    assert time.monotonic() - stopping < 2.0
+    left = stored(store)
+    assert 0 < len(left) < 200
+
+    async with controller(tmp_path, clock) as env:
+        record = await env.catalog.job(job.id)
+        assert (record.status, record.error_code) == ("Failed", "ControllerRestarted")
+        assert record.details["report"]["chunks_deleted"] == 200 - len(left)
+        # No new maintenance job starts once a stop has begun.
+        env.jobs.stopping()
+        with pytest.raises(Unavailable, match="stopping"):
+            await env.pruner.collect(EU)
+
+
+@pytest.mark.timeout(60)
+async def test_a_cancelled_prune_stops_between_recovery_points(tmp_path: Path) -> None:
+    slow = SlowStores()
+    clock = ManualClock(ts(2025, 6, 1))
+    async with controller(tmp_path, clock, slow) as env:
+        await env.create_vault(EU, "eu-west")
+        await env.enrol_all()
+        await env.protected(EU, SHOP_WEB)
+        # Sixty old points, far past the 30 days of the default policy, and a recent one.
+        for day in range(60):
+            created = ts(2025, 1, 1) + day * DAY
+            await store_recovery_point(env, EU, SHOP_WEB, f"rp-{day:02}", created)
+        await store_recovery_point(env, EU, SHOP_WEB, "rp-new", ts(2025, 5, 31))
+
+        job = await env.pruner.prune_vault(EU, wait=False)
+
+        async def some_deleted() -> bool:
+            return len(await env.catalog.recovery_points(SHOP_WEB)) <= 58
+
+        await until(some_deleted, "the prune to delete")
+        assert (await env.jobs.cancel(job.id)).status == "Cancelling"
+        ended = await env.ended(job.id)
+        assert (ended.status, ended.error_code) == ("Cancelled", "JobCancelled")
+        deleted = ended.details["deleted_recovery_points"]
+        left = await env.catalog.recovery_points(SHOP_WEB)
+        assert 0 < len(deleted) < 60
+        assert len(left) == 61 - len(deleted)
+        # Each point went whole or not at all: its row and its manifest agree.
+        manifests = set((await env.datastores.get(EU)).list_recovery_point_ids())
+        assert manifests == {rp.id for rp in left}

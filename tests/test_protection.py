@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -27,6 +28,7 @@ from controller.catalog import (
     RecoveryPointDiskRecord,
     RecoveryPointRecord,
 )
+from controller.datastore import LocalDirectoryStore, ObjectStore
 from controller.datastores import Datastores
 from controller.jobs import JobManager, RunningBackup
 from controller.protection import Protection
@@ -53,7 +55,7 @@ from shared.errors import (
 )
 from shared.index import DiskIndex
 from shared.manifest import ManifestDisk, RecoveryPointManifest
-from shared.model import ItemState, JobStatus, Operation
+from shared.model import ItemState, JobStatus, Operation, Trigger
 from shared.policy import DailyRule, Frequency, Policy, Retention, Schedule
 from shared.rpc import agent_pb2, common_pb2
 
@@ -118,6 +120,18 @@ class Controller:
             await self.enrol(vm_id, name, service, region)
 
     async def connect(self, vm_id: str) -> AgentSession:
+        [session] = await self.connect_together(vm_id)
+        return session
+
+    async def connect_together(self, *vm_ids: str) -> list[AgentSession]:
+        """Connect the VMs' agents at one moment (no await between them)."""
+        sessions = [await self._session(vm_id) for vm_id in vm_ids]
+        for session in sessions:
+            self.registry.connect(session)
+            self.sessions[session.vm_id] = session
+        return sessions
+
+    async def _session(self, vm_id: str) -> AgentSession:
         [agent] = [a for a in await self.catalog.agents() if a.vm_id == vm_id]
         hello = agent_pb2.Hello(
             vm_id=vm_id,
@@ -128,10 +142,7 @@ class Controller:
             agent_version="test",
             disks=[agent_pb2.DiskInfo(name="root", path="/dev/vda", size_bytes=CHUNK)],
         )
-        session = AgentSession(hello=hello, connected_at=self.clock.now())
-        self.registry.connect(session)
-        self.sessions[vm_id] = session
-        return session
+        return AgentSession(hello=hello, connected_at=self.clock.now())
 
     def disconnect(self, vm_id: str) -> None:
         self.registry.disconnect(self.sessions.pop(vm_id))
@@ -163,11 +174,15 @@ class Controller:
 
 
 @contextlib.asynccontextmanager
-async def controller(root: Path, clock: ManualClock) -> AsyncIterator[Controller]:
+async def controller(
+    root: Path,
+    clock: ManualClock,
+    backend: Callable[[Path], ObjectStore] = LocalDirectoryStore,
+) -> AsyncIterator[Controller]:
     async with contextlib.AsyncExitStack() as stack:
         pool = stack.enter_context(ThreadPoolExecutor(4))
         catalog = await stack.enter_async_context(Catalog(root / "catalog.sqlite"))
-        datastores = Datastores(catalog, root / "datastores")
+        datastores = Datastores(catalog, root / "datastores", backend=backend)
         registry = AgentRegistry()
         jobs = await stack.enter_async_context(
             JobManager(catalog, registry, datastores, None, clock, pool)
@@ -528,12 +543,12 @@ async def test_a_restarted_controller_runs_missed_backups_once(
         await until(one_backup, "the missed backup")
         await settle()
         [job] = await env.backups()
-        assert (job.vm_id, job.status, job.details["trigger"]) == (
+        assert (job.vm_id, job.status, job.trigger) == (
             SHOP_WEB,
             "InProgress",
             "scheduled",
         )
-        assert job.details["slot"] == ts(2025, 3, 6, 2)
+        assert job.slot == ts(2025, 3, 6, 2)
         item = await env.catalog.item(SHOP_WEB)
         assert item is not None
         assert item.last_slot == ts(2025, 3, 6, 2)
@@ -567,7 +582,7 @@ async def test_an_offline_vms_scheduled_backup_fails_when_its_window_closes(
 
     await until(queued, "the scheduled backup")
     [job] = await env.backups(SHOP_WEB)
-    assert (job.status, job.details["trigger"], job.details["phase"]) == (
+    assert (job.status, job.trigger, job.details["phase"]) == (
         "InProgress",
         "scheduled",
         "Queued",
@@ -641,7 +656,7 @@ async def test_a_new_schedule_starts_from_the_change_not_from_the_last_backup(
     env.protection.scheduler.changed()
     sent = await command(env.sessions[SHOP_WEB])
     [latest, *_] = await env.backups(SHOP_WEB)
-    assert (latest.id, latest.details["slot"]) == (sent.backup.job_id, ts(2025, 3, 5, 20))
+    assert (latest.id, latest.slot) == (sent.backup.job_id, ts(2025, 3, 5, 20))
 
 
 async def test_a_manual_backup_of_an_offline_vm_is_refused_at_once(env: Controller) -> None:
@@ -745,6 +760,11 @@ async def test_cancelling_a_running_backup_sends_cancel_and_leaves_no_recovery_p
     session.resolve(failed(sent, "JobCancelled", f"Job {job.id} was cancelled"))
     ended = await env.ended(job.id)
     assert (ended.status, ended.error_code) == ("Cancelled", "JobCancelled")
+    # "No recovery point was created", and none is shown: the id it would have had is kept
+    # apart, for a restart to look for.
+    assert ended.recovery_point_id == ""
+    assert "recovery_point_id" not in ended.details
+    assert ended.pending_recovery_point_id
     assert await env.catalog.recovery_points(SHOP_WEB) == []
     store = await env.datastores.get(EU)
     assert list(store.list_recovery_point_ids()) == []
@@ -875,6 +895,59 @@ async def test_the_dispatcher_survives_a_backup_queued_in_another_vault_meanwhil
     assert message.backup.job_id == db_backup.id
 
 
+async def test_a_cancel_while_the_dispatcher_acts_neither_fails_nor_stalls_it(
+    env: Controller, clock: ManualClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Regression: the dispatcher used to walk a copy of a vault's queue and await each
+    expired backup's end; a cancel meanwhile removed a backup it had yet to reach, so it failed
+    ("the backup dispatcher failed; retrying") and left the backups behind waiting 5 s."""
+    vms = {
+        "vm-late": ("late", "shop", "eu-west"),
+        "vm-cancelled": ("cancelled", "shop", "eu-west"),
+        "vm-next": ("next", "shop", "eu-west"),
+    }
+    await env.enrol_all(vms)
+    now = clock.now()
+    # All three agents are offline: scheduled backups wait for them. The first one's window
+    # closes long before the others'.
+    late = await env.jobs.backup(EU, "vm-late", trigger=Trigger.SCHEDULED, deadline=now + 60)
+    cancelled = await env.jobs.backup(
+        EU, "vm-cancelled", trigger=Trigger.SCHEDULED, deadline=now + WINDOW
+    )
+    following = await env.jobs.backup(
+        EU, "vm-next", trigger=Trigger.SCHEDULED, deadline=now + WINDOW
+    )
+    item_ended = env.jobs.on_backup_ended
+    assert item_ended is not None
+
+    async def cancel_the_next_one(job: JobRecord) -> None:
+        await item_ended(job)
+        if job.id == late.id:  # as an operator's `coffer job cancel` could, at this moment
+            await env.jobs.cancel(cancelled.id)
+
+    env.jobs.on_backup_ended = cancel_the_next_one
+    caplog.set_level(logging.INFO)
+    await settle()  # the dispatcher has seen all three waiting, and sleeps until a change
+    # One wakeup finds the first backup expired and the other two startable.
+    clock.advance(120)
+    session, following_session = await env.connect_together("vm-cancelled", "vm-next")
+
+    sent = await asyncio.wait_for(following_session.outbox.get(), 2.0)  # not 5 s later
+    assert sent.backup.job_id == following.id
+    expired = await env.ended(late.id)
+    assert (expired.status, expired.error_code) == ("Failed", "BackupWindowMissed")
+    # The cancelled backup may have had its command sent first; it ends Cancelled either way.
+    while not session.outbox.empty():
+        message = session.outbox.get_nowait()
+        if message.WhichOneof("kind") == "backup":
+            session.resolve(failed(message, "JobCancelled", "cancelled"))
+    ended = await env.ended(cancelled.id)
+    assert (ended.status, ended.error_code) == ("Cancelled", "JobCancelled")
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+    following_session.resolve(failed(sent, "UserErrorDiskReadFailed", "disk gone"))
+    assert (await env.ended(following.id)).status == "Failed"
+
+
 # --- retention --------------------------------------------------------------------------------
 
 
@@ -928,8 +1001,11 @@ async def test_prune_deletes_what_retention_no_longer_keeps_and_spares_points_in
         again = await env.pruner.prune_vm(EU, SHOP_WEB)
         assert again is not None
         assert again.details["deleted_recovery_points"] == ["rp-1"]
-        assert await env.pruner.prune_vm(EU, SHOP_WEB) is None  # nothing left to delete
-        assert len(await env.catalog.jobs(JobFilter(operations=[Operation.PRUNE]))) == 2
+        # Nothing left to delete: the prune is recorded all the same, and says so.
+        idle = await env.pruner.prune_vm(EU, SHOP_WEB)
+        assert idle is not None
+        assert (idle.status, idle.details["deleted_recovery_points"]) == ("Completed", [])
+        assert len(await env.catalog.jobs(JobFilter(operations=[Operation.PRUNE]))) == 3
 
         # Retained data of a stopped VM is never pruned, however old it gets.
         await env.protection.stop(EU, [SHOP_WEB], delete_data=False)
@@ -940,6 +1016,79 @@ async def test_prune_deletes_what_retention_no_longer_keeps_and_spares_points_in
             "rp-5",
             "rp-6",
         ]
+
+
+async def back_up(env: Controller, vm_id: str) -> JobRecord:
+    """A backup that succeeds: the test plays the agent's side of the data path (one chunk,
+    its index) against the real datastore, then reports success."""
+    session = env.sessions[vm_id]
+    [job] = await env.protection.backup_now(EU, [vm_id], [])
+    sent = await command(session)
+    running = env.jobs.running_backup(vm_id, job.id)
+    data = job.id.encode().ljust(CHUNK, b"-")
+    digest = chunk_digest(data)
+    if await env.jobs.missing_chunks(running, [digest]):
+        store = await env.jobs.datastore(running)
+        stored = store.put_chunk(digest, data, Compression.NONE, CHUNK)
+        env.jobs.chunk_stored(running, digest, stored, len(data))
+    await env.jobs.accept_index(running, DiskIndex("root", CHUNK, CHUNK, digest))
+    session.resolve(
+        agent_pb2.CommandResult(
+            command_id=sent.command_id,
+            job_id=job.id,
+            ok=True,
+            consistency="file-system",
+            frozen_ms=12.0,
+            disks=[
+                agent_pb2.DiskBackupResult(
+                    disk="root", size_bytes=CHUNK, bytes_read=CHUNK, bytes_sent=CHUNK,
+                    chunk_count=1, consistency="file-system", snapshot_provider="reflink",
+                )
+            ],
+        )
+    )  # fmt: skip
+    return await env.ended(job.id)
+
+
+async def test_a_prune_job_follows_every_successful_backup_even_when_it_deletes_nothing(
+    env: Controller, clock: ManualClock
+) -> None:
+    """Regression: the README says a Prune job follows each backup, yet after seven backups
+    none had run: the prune after a backup was recorded only when it deleted something."""
+    await env.enrol_all()
+    await env.protected(EU, SHOP_WEB)  # daily, kept 30 days: seven backups delete nothing
+    backups = []
+    for _ in range(7):
+        backup = await back_up(env, SHOP_WEB)
+        assert backup.status == "Completed", backup.error_message
+        # Named only now that it is committed.
+        assert backup.recovery_point_id == backup.pending_recovery_point_id
+        backups.append(backup)
+
+        async def pruned(after: str = backup.id) -> bool:
+            jobs = await env.catalog.jobs(JobFilter(operations=[Operation.PRUNE]))
+            return any(j.details.get("after_job") == after and j.status.ended for j in jobs)
+
+        await until(pruned, f"the prune after backup {backup.id}")
+        clock.advance(HOUR)
+
+    prunes = await env.catalog.jobs(JobFilter(operations=[Operation.PRUNE], vm_id=SHOP_WEB))
+    assert sorted(p.details["after_job"] for p in prunes) == sorted(b.id for b in backups)
+    for prune in prunes:
+        assert (prune.status, prune.trigger) == ("Completed", Trigger.MANUAL)
+        assert prune.details["deleted_recovery_points"] == []
+        assert prune.details["policy"] == "DefaultPolicy"
+    points = await env.catalog.recovery_points(SHOP_WEB)
+    assert [rp.id for rp in points] == [b.recovery_point_id for b in backups]
+    assert {rp.kept_by for rp in points} == {("daily",)}
+    assert {rp.consistency for rp in points} == {"file-system"}
+    # A failed backup is not followed by a prune.
+    [job] = await env.protection.backup_now(EU, [SHOP_WEB], [])
+    sent = await command(env.sessions[SHOP_WEB])
+    env.sessions[SHOP_WEB].resolve(failed(sent, "UserErrorDiskReadFailed", "disk gone"))
+    await env.ended(job.id)
+    await settle()
+    assert len(await env.catalog.jobs(JobFilter(operations=[Operation.PRUNE]))) == 7
 
 
 async def test_a_vms_newest_point_survives_when_every_rule_has_let_it_go(
@@ -1007,8 +1156,8 @@ async def test_a_scheduled_backup_a_restart_cut_short_runs_again(
         assert (interrupted.status, interrupted.error_code) == ("Failed", "ControllerRestarted")
         jobs = await env.backups(SHOP_WEB)
         [again] = [j for j in jobs if j.id != first.id]
-        assert (again.status, again.details["trigger"]) == ("InProgress", "scheduled")
-        assert again.details["slot"] == ts(2025, 3, 4, 2)
+        assert (again.status, again.trigger) == ("InProgress", "scheduled")
+        assert again.slot == ts(2025, 3, 4, 2)
         session = await env.connect(SHOP_WEB)
         assert (await command(session)).backup.job_id == again.id
 

@@ -224,6 +224,14 @@ def test_the_whole_flow_from_discovery_to_stopped_protection(cluster: Cluster) -
         "job", "list", "--status", "Completed", "--operation", "Backup", "--vault", "eu-vault"
     )
     assert len(completed) == 2
+    # A Prune job follows each backup, as the README says, though it had nothing to delete.
+    prunes = cluster.coffer("job", "list", "--operation", "Prune", "--vault", "eu-vault")
+    assert sorted(json.loads(p["details_json"])["after_job"] for p in prunes) == sorted(
+        j["id"] for j in backups
+    )
+    assert [
+        (p["status"], json.loads(p["details_json"])["deleted_recovery_points"]) for p in prunes
+    ] == [("Completed", [])] * 2
 
     # --- dashboard ------------------------------------------------------------------------------
     board = cluster.coffer("dashboard", "--vault", "eu-vault")
@@ -231,8 +239,9 @@ def test_the_whole_flow_from_discovery_to_stopped_protection(cluster: Cluster) -
     assert board["recovery_points"] == 2
     assert board["jobs_failed_24h"] == 0
     assert board["jobs_in_progress"] == 0
-    # Discovery x2, Register x2, ConfigureProtection x2, Backup x2 (refused calls make no job).
-    assert board["jobs_completed_24h"] == 8
+    # Discovery x2, Register x2, ConfigureProtection x2, Backup x2 and the Prune that follows
+    # each backup (refused calls make no job).
+    assert board["jobs_completed_24h"] == 10
     assert board["stored_bytes"] > 0
     assert board["dedup_ratio"] > 1.0  # zstd-compressed text and binaries: more data than bytes
 
@@ -323,7 +332,8 @@ def test_cancel_a_queued_and_a_running_backup(cluster: Cluster) -> None:
     new = {p["id"] for p in cluster.coffer("rp", "list")} - before
     assert new == {j["recovery_point_id"] for j in done}
     board = cluster.coffer("dashboard", "--vault", "lab-vault")
-    assert (board["jobs_cancelled_24h"], board["jobs_completed_24h"]) == (2, 6)
+    # Register x2, ConfigureProtection x2, Backup x2, and a Prune after each backup.
+    assert (board["jobs_cancelled_24h"], board["jobs_completed_24h"]) == (2, 8)
 
 
 def _phase(cluster: Cluster, job_id: str) -> str:

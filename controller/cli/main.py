@@ -136,6 +136,7 @@ def _show_job(job: operator_pb2.Job) -> None:
         ("Vault", job.vault),
         ("Item", job.item or "-"),
         ("VM id", job.vm_id or "-"),
+        ("Trigger", job.trigger or "-"),
         ("Started", when(job.started_at)),
         ("Ended", when(job.ended_at, job.HasField("ended_at"))),
         (
@@ -146,6 +147,10 @@ def _show_job(job: operator_pb2.Job) -> None:
         ("Bytes sent", size(job.bytes_sent)),
         ("Bytes stored", size(job.bytes_stored)),
     ]
+    if job.HasField("slot"):
+        lines.append(("Schedule slot", when(job.slot)))
+    if job.disks:
+        lines.append(("Disks", ", ".join(job.disks)))
     if job.recovery_point_id:
         lines.append(("Recovery point", job.recovery_point_id))
     if job.error_code:
@@ -396,7 +401,8 @@ def job_watch(connection: Connection, job_id: str, as_json: bool) -> None:
 @json_option
 @click.pass_obj
 def job_cancel(connection: Connection, job_id: str, no_wait: bool, as_json: bool) -> None:
-    """Cancel a queued or running backup or restore; it leaves no recovery point."""
+    """Cancel a queued or running backup or restore (it leaves no recovery point), or a
+    running prune or garbage collection (it stops between items)."""
     found = call(connection, lambda s: s.CancelJob(operator_pb2.GetJobRequest(id=job_id)))
     if not no_wait:
         found = _watch(connection, found, as_json)

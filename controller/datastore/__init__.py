@@ -6,9 +6,10 @@ recovery point appear atomically, and how garbage collection reclaims chunks.
 Backends
 --------
 A datastore lives in one `ObjectStore` (backend.py): put/get/has/stat/delete/list of whole
-objects under '/'-separated keys; put is atomic, durable on return and idempotent; stat gives
+objects under '/'-separated keys, and sync; put is atomic, durable on return and idempotent;
+delete is durable on return unless asked for a batch, which one sync makes durable; stat gives
 an object's size and last write time (S3: HeadObject). `LocalDirectoryStore` (local.py) is the
-embedded default; an S3-compatible store implements the same six methods and passes the same
+embedded default; an S3-compatible store implements the same methods and passes the same
 test suite. `FaultyStore` (faulty.py) wraps any of them for fault injection.
 Nothing here renames, appends, locks files or walks directories: those do not exist on an
 object store, and a design that needs them would not survive the move to one.
@@ -81,7 +82,9 @@ reasoning.
    deleted, younger their chunks count as referenced. Anything unreadable stops the collection
    before it deletes a chunk.
 2. Sweep: list `chunks/`; delete a chunk that is not referenced, was written before the
-   cutoff, and is not held in the vault's `ChunkGuard`.
+   cutoff, and is not held in the vault's `ChunkGuard`. Deletes are not synced one by one:
+   one sync per batch, outside the guard's lock (which the controller's event loop takes to
+   hold digests). A collection checks for abort on every item, so a cancel stops it at once.
 
 Running jobs hold the digests they rely on before committing (dedup hits, uploads, the previous
 recovery point's chunks, a restore's chunks) in the `ChunkGuard`, *before* they check that the

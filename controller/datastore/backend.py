@@ -1,7 +1,8 @@
 """The object store interface every datastore backend implements, and the key rules.
 
-Six operations on whole objects named by keys, small enough that a local directory and an
-S3-compatible bucket implement it the same way (restic's `Backend`, PBS's chunk store). No
+Six operations on whole objects named by keys, and a `sync` for deletes made in a batch, small
+enough that a local directory and an S3-compatible bucket implement it the same way (restic's
+`Backend`, PBS's chunk store). No
 rename, no directories, no appends, no partial reads: whatever the datastore needs beyond that
 is built above, so every backend passes the same test suite. Retry, metrics and fault
 injection wrap an `ObjectStore`; they are not branches inside one.
@@ -92,8 +93,17 @@ class ObjectStore(Protocol):
         """
         ...
 
-    def delete(self, key: str) -> None:
-        """Remove the object; deleting a missing key is not an error."""
+    def delete(self, key: str, *, durable: bool = True) -> None:
+        """Remove the object; deleting a missing key is not an error.
+
+        Durable when it returns, unless `durable` is False: then a crash may bring the object
+        back until the next `sync`. Garbage collection deletes chunks that way, one after the
+        other, and syncs once per batch (a chunk that comes back is only garbage again).
+        """
+        ...
+
+    def sync(self) -> None:
+        """Make every delete made so far durable (a store whose deletes always are: nothing)."""
         ...
 
     def list(self, prefix: str) -> Iterator[str]:

@@ -16,7 +16,7 @@ from typing import Literal
 from controller.datastore.backend import ObjectInfo, ObjectStore
 from shared.errors import DatastoreError
 
-Operation = Literal["put", "get", "has", "stat", "delete", "list"]
+Operation = Literal["put", "get", "has", "stat", "delete", "list", "sync"]
 
 
 @dataclass
@@ -130,10 +130,15 @@ class FaultyStore:
             raise DatastoreError(detail=f"injected fault: stat {key!r}")
         return self.inner.stat(key)
 
-    def delete(self, key: str) -> None:
+    def delete(self, key: str, *, durable: bool = True) -> None:
         if self._take("delete", key) is not None:
             raise DatastoreError(detail=f"injected fault: delete {key!r}")
-        self.inner.delete(key)
+        self.inner.delete(key, durable=durable)
+
+    def sync(self) -> None:
+        if self._take("sync", "") is not None:
+            raise DatastoreError(detail="injected fault: sync")
+        self.inner.sync()
 
     def list(self, prefix: str) -> Iterator[str]:
         if self._take("list", prefix) is not None:

@@ -50,6 +50,21 @@ They declare them in a `ChunkGuard`, shared by every job and collection of one d
 
 A hold waits at most for one chunk deletion; holding costs a set entry per digest, and the
 digest objects are usually the ones the job keeps anyway.
+
+Durability and stopping
+-----------------------
+The controller's event loop takes the guard's lock whenever a job holds digests, so nothing
+slow happens under it: the sweep unlinks a chunk there without waiting for the file system to
+sync (`delete_chunk(durable=False)`) and syncs once per batch of deletes, outside the lock. A
+delete a crash undoes only brings garbage back, which the next collection deletes again; and a
+job that checks for a chunk after the unlink already finds it missing, synced or not.
+
+A collection checks for abort before every item it works on (a manifest, an uncommitted
+recovery point, a listed chunk), as Proxmox Backup Server's does, so a cancelled job or a
+stopping controller does not wait for a sweep of millions of chunks. Stopped during the mark,
+it deletes nothing (a partial mark would sweep what it missed); during the sweep, what it
+deleted stays deleted (and is synced) and the rest waits for the next collection. Either way
+it returns what it did, marked `stopped`, so its freed bytes are still accounted.
 """
 
 from __future__ import annotations
@@ -66,8 +81,12 @@ from shared.errors import Conflict, CorruptData, NotFound, UnsupportedFormat
 
 Progress = Callable[[str, int, int], None]
 """`progress(phase, done, total)`; see `collect_garbage`."""
+ShouldStop = Callable[[], bool]
+"""True when the collection must stop; asked before every item."""
 
 _SWEEP_PROGRESS_EVERY = 1024
+SYNC_EVERY = 1024
+"""Chunk deletes made durable by one sync."""
 
 
 class ChunkGuard:
@@ -171,6 +190,12 @@ class GcReport:
     orphan_indexes_deleted: int
     """Index objects of recovery points never committed, older than the cutoff, deleted."""
     seconds: float
+    stopped: bool = False
+    """Stopped before it finished (`should_stop`): the counts are what it did until then."""
+
+
+class _Stopped(Exception):
+    """`should_stop` said so: unwinds to `collect_garbage`, which reports what was done."""
 
 
 def collect_garbage(
@@ -179,6 +204,7 @@ def collect_garbage(
     cutoff: float,
     guard: ChunkGuard,
     progress: Progress | None = None,
+    should_stop: ShouldStop | None = None,
 ) -> GcReport:
     """Delete the chunks (and leftover indexes) nothing needs, written before `cutoff`.
 
@@ -187,6 +213,8 @@ def collect_garbage(
     done, committed recovery points listed), ("orphans", done, uncommitted recovery points
     with indexes), then ("sweep", chunks seen, 0) once when the mark is complete and before
     the first chunk is listed, every 1024 chunks, and at the end with `total` = chunks seen.
+    `should_stop()` is asked before every manifest, uncommitted recovery point and chunk; once
+    it says True the collection returns what it did so far (`stopped`), its deletes synced.
 
     Raises CorruptData or UnsupportedFormat, having deleted no chunk, when a manifest or index
     cannot be read; the store's errors (DatastoreError) as they come, after which running it
@@ -194,18 +222,28 @@ def collect_garbage(
     """
     started = time.monotonic()
     report = progress if progress is not None else _no_progress
+    asked = should_stop if should_stop is not None else _never
+
+    def check() -> None:
+        if asked():
+            raise _Stopped
+
+    mark, swept, orphans_deleted, stopped = _Mark(), _Swept(), 0, False
     with guard.sweeping() as sweep:
         try:
-            mark = _mark(datastore, cutoff, report)
-            orphans_deleted = _delete_leftover_indexes(datastore, mark)
-        except (CorruptData, UnsupportedFormat) as error:
-            raise type(error)(
-                f"{error.message.rstrip('.')}. Garbage collection of "
-                f"{datastore.backend.location} stopped before deleting any chunk: it cannot "
-                "tell which chunks that recovery point needs.",
-                **error.fields,
-            ) from error
-        swept = _sweep(datastore, mark.referenced, cutoff, sweep, report)
+            try:
+                _mark(datastore, cutoff, report, check, mark)
+                orphans_deleted = _delete_leftover_indexes(datastore, mark)
+            except (CorruptData, UnsupportedFormat) as error:
+                raise type(error)(
+                    f"{error.message.rstrip('.')}. Garbage collection of "
+                    f"{datastore.backend.location} stopped before deleting any chunk: it "
+                    "cannot tell which chunks that recovery point needs.",
+                    **error.fields,
+                ) from error
+            _sweep(datastore, mark.referenced, cutoff, sweep, report, check, swept)
+        except _Stopped:
+            stopped = True
     return GcReport(
         recovery_points=mark.recovery_points,
         referenced_chunks=len(mark.referenced),
@@ -216,11 +254,16 @@ def collect_garbage(
         kept_held=swept.held,
         orphan_indexes_deleted=orphans_deleted,
         seconds=time.monotonic() - started,
+        stopped=stopped,
     )
 
 
 def _no_progress(phase: str, done: int, total: int) -> None:
     pass
+
+
+def _never() -> bool:
+    return False
 
 
 @dataclass
@@ -231,10 +274,16 @@ class _Mark:
     """Uncommitted recovery point id -> disks whose indexes are all older than the cutoff."""
 
 
-def _mark(datastore: Datastore, cutoff: float, progress: Progress) -> _Mark:
-    mark = _Mark()
+def _mark(
+    datastore: Datastore,
+    cutoff: float,
+    progress: Progress,
+    check: Callable[[], None],
+    mark: _Mark,
+) -> None:
     committed = list(datastore.list_recovery_point_ids())
     for done, rp_id in enumerate(committed, 1):
+        check()
         _mark_committed(datastore, rp_id, mark)
         progress("mark", done, len(committed))
     # Listed after the manifests: a backup committing in between shows up as uncommitted here,
@@ -244,11 +293,11 @@ def _mark(datastore: Datastore, cutoff: float, progress: Progress) -> _Mark:
         (rp_id, disks) for rp_id, disks in datastore.list_indexes().items() if rp_id not in listed
     )
     for done, (rp_id, disks) in enumerate(uncommitted, 1):
+        check()
         if not _mark_committed(datastore, rp_id, mark):
             _mark_uncommitted(datastore, rp_id, disks, cutoff, mark)
         progress("orphans", done, len(uncommitted))
     mark.referenced.discard(ZERO_DIGEST)  # an all-zero chunk: never stored, never listed
-    return mark
 
 
 def _mark_committed(datastore: Datastore, rp_id: str, mark: _Mark) -> bool:
@@ -319,29 +368,55 @@ class _Swept:
 
 
 def _sweep(
-    datastore: Datastore, referenced: set[bytes], cutoff: float, sweep: Sweep, progress: Progress
-) -> _Swept:
-    swept = _Swept()
+    datastore: Datastore,
+    referenced: set[bytes],
+    cutoff: float,
+    sweep: Sweep,
+    progress: Progress,
+    check: Callable[[], None],
+    swept: _Swept,
+) -> None:
+    unsynced = 0
+
+    def delete(digest: bytes) -> None:
+        datastore.delete_chunk(digest, durable=False)  # under the guard's lock: no sync here
+
     progress("sweep", 0, 0)
-    for digest in datastore.list_chunk_digests():
-        swept.seen += 1
-        if swept.seen % _SWEEP_PROGRESS_EVERY == 0:
-            progress("sweep", swept.seen, 0)
-        if digest in referenced:
-            continue
-        try:
-            info = datastore.chunk_info(digest)
-        except NotFound:
-            continue  # deleted by someone else since it was listed
-        if info.modified >= cutoff:
-            swept.in_grace += 1
-        elif sweep.delete_unless_held(digest, datastore.delete_chunk):
-            swept.deleted += 1
-            swept.freed += info.size
-        else:
-            swept.held += 1
+    try:
+        for digest in datastore.list_chunk_digests():
+            check()
+            swept.seen += 1
+            if swept.seen % _SWEEP_PROGRESS_EVERY == 0:
+                progress("sweep", swept.seen, 0)
+            if digest in referenced:
+                continue
+            try:
+                info = datastore.chunk_info(digest)
+            except NotFound:
+                continue  # deleted by someone else since it was listed
+            if info.modified >= cutoff:
+                swept.in_grace += 1
+            elif sweep.delete_unless_held(digest, delete):
+                swept.deleted += 1
+                swept.freed += info.size
+                unsynced += 1
+                if unsynced >= SYNC_EVERY:
+                    datastore.sync()  # outside the guard's lock
+                    unsynced = 0
+            else:
+                swept.held += 1
+    finally:
+        if unsynced:
+            datastore.sync()
     progress("sweep", swept.seen, swept.seen)
-    return swept
 
 
-__all__ = ["ChunkGuard", "GcReport", "Progress", "Sweep", "collect_garbage"]
+__all__ = [
+    "SYNC_EVERY",
+    "ChunkGuard",
+    "GcReport",
+    "Progress",
+    "ShouldStop",
+    "Sweep",
+    "collect_garbage",
+]

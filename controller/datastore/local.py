@@ -11,6 +11,11 @@ renames the file into place and waits for one more sync before it returns. So:
   not sixteen file fsyncs and sixteen directory fsyncs (measured in tests/bench: the per-file
   fsyncs capped 256 KiB chunks at a third of the disk's speed).
 
+A delete waits for a sync too (a deleted manifest must stay deleted), unless the caller asks
+for a batch (`durable=False`) and calls `sync` once at its end: garbage collection deletes
+thousands of chunks, and a sync per chunk made it as slow as the disk's flushes, while it
+held the chunk guard's lock.
+
 Temporary files are named `.tmp-*`; keys never start with '.', so listing skips them and
 garbage collection can remove any left by a crash. Files are created 0600 and directories 0700:
 they hold the contents of the VMs' disks. The datastore shards chunk keys two levels deep, so
@@ -166,7 +171,7 @@ class LocalDirectoryStore:
         # A put renames a new file into place, so st_mtime is the time of the latest put.
         return ObjectInfo(size=status.st_size, modified=status.st_mtime)
 
-    def delete(self, key: str) -> None:
+    def delete(self, key: str, *, durable: bool = True) -> None:
         path = self._path(key)
         try:
             path.unlink()
@@ -175,10 +180,16 @@ class LocalDirectoryStore:
         except OSError as error:
             raise self._error("delete", key, error) from error
         # A deleted manifest must stay deleted after a crash, or its recovery point returns.
+        if durable:
+            self.sync()
+
+    def sync(self) -> None:
         try:
             self._durable()
         except OSError as error:
-            raise self._error("delete", key, error) from error
+            raise DatastoreError(
+                detail=f"cannot sync {self._root}: {error.strerror or error}"
+            ) from error
 
     def list(self, prefix: str) -> Iterator[str]:
         check_prefix(prefix)

@@ -317,12 +317,17 @@ class Datastore:
         except NotFound:
             raise NotFound(kind="chunk", name=digest.hex()) from None
 
-    def delete_chunk(self, digest: bytes) -> None:
+    def delete_chunk(self, digest: bytes, *, durable: bool = True) -> None:
         """Remove a chunk, whoever references it; deleting a missing chunk is not an error.
 
-        Only garbage collection calls this, under its `ChunkGuard` (gc.py).
+        Only garbage collection calls this, under its `ChunkGuard` (gc.py), with `durable`
+        False: it syncs once per batch (`sync`), outside the guard's lock.
         """
-        self.backend.delete(self._stored_chunk_key(digest))
+        self.backend.delete(self._stored_chunk_key(digest), durable=durable)
+
+    def sync(self) -> None:
+        """Make the deletes made so far durable (see `ObjectStore.sync`)."""
+        self.backend.sync()
 
     def _stored_chunk_key(self, digest: bytes) -> str:
         if check_digest(digest) == ZERO_DIGEST:

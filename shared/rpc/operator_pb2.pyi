@@ -336,7 +336,7 @@ class Progress(_message.Message):
     def __init__(self, phase: _Optional[str] = ..., bytes_done: _Optional[int] = ..., bytes_total: _Optional[int] = ..., rate_bytes_per_second: _Optional[float] = ...) -> None: ...
 
 class Job(_message.Message):
-    __slots__ = ("id", "operation", "status", "vault", "vm_id", "started_at", "ended_at", "bytes_read", "bytes_sent", "bytes_stored", "error_code", "error_message", "recovery_point_id", "progress", "item", "details_json")
+    __slots__ = ("id", "operation", "status", "vault", "vm_id", "started_at", "ended_at", "bytes_read", "bytes_sent", "bytes_stored", "error_code", "error_message", "recovery_point_id", "progress", "item", "details_json", "trigger", "slot", "disks")
     ID_FIELD_NUMBER: _ClassVar[int]
     OPERATION_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
@@ -353,6 +353,9 @@ class Job(_message.Message):
     PROGRESS_FIELD_NUMBER: _ClassVar[int]
     ITEM_FIELD_NUMBER: _ClassVar[int]
     DETAILS_JSON_FIELD_NUMBER: _ClassVar[int]
+    TRIGGER_FIELD_NUMBER: _ClassVar[int]
+    SLOT_FIELD_NUMBER: _ClassVar[int]
+    DISKS_FIELD_NUMBER: _ClassVar[int]
     id: str
     operation: str
     status: str
@@ -369,7 +372,10 @@ class Job(_message.Message):
     progress: Progress
     item: str
     details_json: str
-    def __init__(self, id: _Optional[str] = ..., operation: _Optional[str] = ..., status: _Optional[str] = ..., vault: _Optional[str] = ..., vm_id: _Optional[str] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., ended_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., bytes_read: _Optional[int] = ..., bytes_sent: _Optional[int] = ..., bytes_stored: _Optional[int] = ..., error_code: _Optional[str] = ..., error_message: _Optional[str] = ..., recovery_point_id: _Optional[str] = ..., progress: _Optional[_Union[Progress, _Mapping]] = ..., item: _Optional[str] = ..., details_json: _Optional[str] = ...) -> None: ...
+    trigger: str
+    slot: _timestamp_pb2.Timestamp
+    disks: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, id: _Optional[str] = ..., operation: _Optional[str] = ..., status: _Optional[str] = ..., vault: _Optional[str] = ..., vm_id: _Optional[str] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., ended_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., bytes_read: _Optional[int] = ..., bytes_sent: _Optional[int] = ..., bytes_stored: _Optional[int] = ..., error_code: _Optional[str] = ..., error_message: _Optional[str] = ..., recovery_point_id: _Optional[str] = ..., progress: _Optional[_Union[Progress, _Mapping]] = ..., item: _Optional[str] = ..., details_json: _Optional[str] = ..., trigger: _Optional[str] = ..., slot: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., disks: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ListJobsRequest(_message.Message):
     __slots__ = ("status", "operation", "vm_id", "started_from", "started_to", "limit", "vault")

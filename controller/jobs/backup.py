@@ -1,0 +1,308 @@
+"""Backup jobs: from the request to the committed recovery point, and what follows it.
+
+Queued. A backup job is recorded `InProgress` (phase `Queued`) the moment it is asked for and
+waits in its vault's queue (queue.py, dispatcher.py) until its agent is online and the vault
+has a free slot; a VM never has two jobs at once (runner.py). A manual backup of an offline VM
+is refused at once; a scheduled one waits until its window closes (the scheduler's deadline,
+which already allows for a late start) and then fails with `BackupWindowMissed`. A cancel of a
+queued backup ends it at once; it never reaches the agent.
+
+Started. The job opens its transaction (transaction.py: known digests, chunk holds, indexes)
+against the recovery point it builds on, and sends the agent its command (agent_command.py).
+The recovery point is committed in this order, so that it is visible only when complete: every
+chunk is durable (checked as each index arrives), the indexes are written, then the manifest
+(the datastore's commit point), then the catalog row, then the job's status, which only then
+names it (`recovery_point_id`; until then it is the job's `pending_recovery_point_id`, which a
+restart uses to find a manifest committed just before a stop). A cancel is refused once the
+commit has begun; before, it stops the backup before its manifest is written, so a cancelled
+backup leaves no recovery point.
+
+Ended, whatever the outcome: its chunk holds are released, its vault slot is freed, the bytes
+it stored are counted to the vault (they are in the datastore until collected), and the
+`on_ended` listener runs (the protection manager updates the item and, after a success, runs
+a Prune job of the VM).
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from collections.abc import Awaitable, Callable, Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from functools import partial
+
+from controller.catalog import Catalog, JobRecord, RecoveryPointRecord
+from controller.datastores import Datastores
+from controller.jobs.agent_command import AgentJob, run_command
+from controller.jobs.agent_command import cancel as cancel_agent_job
+from controller.jobs.dispatcher import Dispatcher
+from controller.jobs.outcome import Outcome, cancelled
+from controller.jobs.runner import JobRunner
+from controller.jobs.transaction import BackedUpDisk, BackupTransaction
+from controller.registry import AgentRegistry
+from shared.clock import Clock
+from shared.errors import AgentUnreachable, BackupWindowMissed, Conflict, DiskNotFound, JobCancelled
+from shared.model import JobStatus, Operation, Trigger, weakest
+from shared.rpc import agent_pb2
+
+log = logging.getLogger(__name__)
+
+# A manual backup waits this long in the queue for its agent before it fails.
+MANUAL_BACKUP_WINDOW_SECONDS = 2 * 3600.0
+QUEUED = "Queued"
+
+BackupEnded = Callable[[JobRecord], Awaitable[None]]
+
+
+@dataclass(eq=False)
+class RunningBackup(AgentJob):
+    requested_disks: tuple[str, ...] = ()
+    """The disks asked for (none: every disk the agent has)."""
+    deadline: float = 0.0
+    """When its window closes, if it has not started by then."""
+    started: bool = False
+    committing: bool = False
+    transaction: BackupTransaction | None = None
+    """Open from its start until its end."""
+    vm: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def previous(self) -> RecoveryPointRecord | None:
+        return self.transaction.previous if self.transaction else None
+
+    @property
+    def chunk_size(self) -> int:
+        assert self.transaction is not None, "the backup has not started"
+        return self.transaction.chunk_size
+
+
+def _iso(seconds: float) -> str:
+    return datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%d %H:%M UTC")
+
+
+class Backups:
+    """Queues, starts and ends the backup jobs; owns the backup dispatcher."""
+
+    def __init__(
+        self,
+        catalog: Catalog,
+        registry: AgentRegistry,
+        datastores: Datastores,
+        runner: JobRunner,
+        clock: Clock,
+        pool: Executor,
+    ) -> None:
+        self._catalog = catalog
+        self._registry = registry
+        self._datastores = datastores
+        self._runner = runner
+        self._clock = clock
+        self._pool = pool
+        self.dispatcher: Dispatcher[RunningBackup] = Dispatcher(
+            clock, registry.online, self._start, self._expire
+        )
+        self.on_ended: BackupEnded | None = None
+
+    # --- queued --------------------------------------------------------------------------------
+
+    async def queue(
+        self,
+        vault: str,
+        vm_id: str,
+        *,
+        disks: Sequence[str] = (),
+        trigger: Trigger = Trigger.MANUAL,
+        slot: float | None = None,
+        deadline: float | None = None,
+    ) -> JobRecord:
+        """Queue a backup of `vm_id` into `vault`; it starts when its agent and a slot are free."""
+        session = self._registry.session(vm_id)
+        if session is None and trigger is Trigger.MANUAL:
+            raise AgentUnreachable(vm_id=vm_id)
+        if session is not None:
+            known = [d.name for d in session.hello.disks]
+            for disk in disks:
+                if disk not in known:
+                    raise DiskNotFound(vm_id=vm_id, disk=disk, known=", ".join(known))
+        limit = (await self._catalog.vault(vault)).max_concurrent_backups
+        job = self._runner.new_record(
+            Operation.BACKUP,
+            vault,
+            vm_id,
+            trigger=trigger,
+            slot=slot,
+            disks=tuple(disks),
+            pending_recovery_point_id=secrets.token_hex(8),
+            details={"phase": QUEUED},
+        )
+        running = RunningBackup(
+            job,
+            exclusive=True,
+            requested_disks=tuple(disks),
+            deadline=(
+                job.started_at + MANUAL_BACKUP_WINDOW_SECONDS if deadline is None else deadline
+            ),
+        )
+        running.after_end += [
+            partial(self._release, running),
+            partial(self._count_stored, running),
+            partial(self._tell, running),
+        ]
+        await self._runner.admit(running)
+        self.dispatcher.enqueue(vault, running, limit)
+        return job
+
+    def _expire(self, running: RunningBackup, agent_online: bool) -> None:
+        job = running.record
+        job.details.pop("phase", None)
+        self._runner.end_soon(
+            running,
+            Outcome(
+                JobStatus.FAILED,
+                BackupWindowMissed.code,
+                BackupWindowMissed(
+                    vm=job.vm_id,
+                    slot=_iso(job.slot if job.slot is not None else job.started_at),
+                    deadline=_iso(running.deadline),
+                    reason="the vault's other backups used every slot"
+                    if agent_online
+                    else "its agent was not connected",
+                    fix="Raise the vault's concurrent backups or spread the policies' "
+                    "schedules; the next scheduled backup will try again."
+                    if agent_online
+                    else "Check that the VM runs and its agent is connected (`coffer "
+                    "agents`); the next scheduled backup will try again, or run "
+                    "`coffer backup-now`.",
+                ).message,
+            ),
+        )
+
+    # --- running -------------------------------------------------------------------------------
+
+    def _start(self, running: RunningBackup) -> None:
+        running.started = True
+        self._runner.start(running, partial(self._run, running))
+
+    async def _run(self, running: RunningBackup) -> None:
+        job = running.record
+        job.details.pop("phase", None)
+        session = self._registry.get(job.vm_id)
+        datastore = await self._datastores.get(job.vault)
+        previous = await self._catalog.latest_recovery_point(job.vm_id)
+        if previous is not None and previous.vault != job.vault:
+            previous = None  # registered anew to another vault: a full backup
+        running.transaction = BackupTransaction(
+            job_id=job.id,
+            rp_id=job.pending_recovery_point_id,
+            datastore=datastore,
+            guard=self._datastores.guard(job.vault),
+            catalog=self._catalog,
+            pool=self._pool,
+            previous=previous,
+            on_stored=partial(self._stored, running),
+        )
+        running.vm = {
+            "name": session.hello.name,
+            "service": session.hello.service,
+            "region": session.hello.region,
+            "hostname": session.hello.hostname,
+        }
+        job.disks = running.requested_disks or tuple(d.name for d in session.hello.disks)
+        await self._runner.save(running)
+        result = await run_command(
+            running,
+            session,
+            agent_pb2.ControllerMessage(
+                backup=agent_pb2.BackupCommand(
+                    job_id=job.id,
+                    chunk_size=datastore.chunk_size,
+                    disks=list(running.requested_disks),
+                    previous_recovery_point_id=previous.id if previous else "",
+                )
+            ),
+        )
+        await self._commit(running, result)
+
+    @staticmethod
+    def _stored(running: RunningBackup, stored: int) -> None:
+        running.record.bytes_stored += stored
+        running.touch()
+
+    async def _commit(self, running: RunningBackup, result: agent_pb2.CommandResult) -> None:
+        job, transaction = running.record, running.transaction
+        assert transaction is not None
+        for disk in result.disks:
+            job.bytes_read += disk.bytes_read
+            job.bytes_sent += disk.bytes_sent
+        manifest = transaction.manifest(
+            vm_id=job.vm_id,
+            vault=job.vault,
+            created_at=datetime.fromtimestamp(self._clock.now(), UTC),
+            consistency=weakest([result.consistency or "crash"]),
+            disks=[
+                BackedUpDisk(d.disk, weakest([d.consistency or "crash"]), d.snapshot_provider)
+                for d in result.disks
+            ],
+            expected=job.disks,
+            vm=running.vm,
+        )
+        if running.cancel_requested:
+            raise JobCancelled(job_id=job.id)
+        # From here the recovery point is being committed: a cancel is refused, not half done.
+        running.committing = True
+        job.details["frozen_ms"] = round(result.frozen_ms, 1)
+        job.details["consistency"] = {
+            d.disk: f"{d.consistency or 'crash'} ({d.snapshot_provider or 'live'})"
+            for d in result.disks
+        }
+        rp = await transaction.commit(manifest)
+        job.recovery_point_id = rp.id
+
+    # --- cancelled -----------------------------------------------------------------------------
+
+    async def cancel(self, running: RunningBackup) -> JobRecord:
+        job = running.record
+        if running.committing:
+            raise Conflict(
+                detail=f"backup {job.id} is committing its recovery point and can no longer "
+                "be cancelled; delete the recovery point afterwards if it is not wanted"
+            )
+        if running.cancel_requested:
+            return job
+        if self.dispatcher.withdraw(job.vault, running):
+            running.cancel_requested = True
+            job.details.pop("phase", None)
+            await self._runner.end(running, cancelled(job))
+            return job
+        await cancel_agent_job(running, self._runner, self._registry)
+        return job
+
+    # --- ended ---------------------------------------------------------------------------------
+
+    async def _release(self, running: RunningBackup) -> None:
+        if running.transaction is not None:
+            running.transaction.release()
+        if running.started:
+            self.dispatcher.ended(running.record.vault)
+
+    async def _count_stored(self, running: RunningBackup) -> None:
+        job = running.record
+        # What it uploaded is in the datastore until collected, also when it failed. A backup
+        # the stop cut short is counted by the next start, with its failure.
+        if not self._runner.left_for_next_start(job):
+            await self._catalog.add_stored_bytes(job.vault, job.bytes_stored)
+
+    async def _tell(self, running: RunningBackup) -> None:
+        job = running.record
+        if self.on_ended is not None and not self._runner.left_for_next_start(job):
+            await self.on_ended(job)
+
+    def in_use(self) -> set[str]:
+        """Recovery points running backups build on."""
+        return {
+            running.previous.id
+            for running in self._runner
+            if isinstance(running, RunningBackup) and running.previous is not None
+        }

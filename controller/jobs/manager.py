@@ -1,0 +1,275 @@
+"""The job manager: the one door to the job layer for the rest of the controller.
+
+Thin. The operator service, the protection manager, the pruner and the agent service start,
+cancel and watch jobs here, and the agents' data-path calls find their job's transaction or
+restore session here; the work is done by the parts of this package (see its `__init__`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from types import TracebackType
+from typing import Any, Self, TypeVar
+
+from controller.catalog import Catalog, JobRecord
+from controller.datastore import Datastore
+from controller.datastores import Datastores
+from controller.jobs.agent_command import AgentJob
+from controller.jobs.agent_command import cancel as cancel_agent_job
+from controller.jobs.backup import BackupEnded, Backups, RunningBackup
+from controller.jobs.cancel import ShouldStop, abortable
+from controller.jobs.interrupted import record_interrupted
+from controller.jobs.restore import Restores, RunningRestore
+from controller.jobs.runner import JobRunner, RunningJob
+from controller.registry import AgentRegistry
+from controller.status import StatusMonitor
+from shared.clock import Clock
+from shared.errors import Conflict, PermissionDenied
+from shared.index import DiskIndex
+from shared.model import JobStatus, Operation, Trigger
+from shared.supervision import Policy, Supervisor
+
+T = TypeVar("T")
+
+DISPATCHER_TASK = "backup-dispatcher"
+
+
+class JobManager:
+    """Starts jobs, serves their data path, records their outcome; an async context manager.
+
+    The backup dispatcher runs under `supervisor` with the RESTART policy: the controller's
+    own Supervisor when it passes one, else one the job manager owns.
+    """
+
+    def __init__(
+        self,
+        catalog: Catalog,
+        registry: AgentRegistry,
+        datastores: Datastores,
+        status: StatusMonitor | None,
+        clock: Clock,
+        pool: ThreadPoolExecutor,
+        *,
+        supervisor: Supervisor | None = None,
+    ) -> None:
+        self._catalog = catalog
+        self._registry = registry
+        self._datastores = datastores
+        self._clock = clock
+        self._pool = pool
+        self._runner = JobRunner(catalog, status, clock)
+        self._backups = Backups(catalog, registry, datastores, self._runner, clock, pool)
+        self._restores = Restores(catalog, registry, datastores, self._runner, pool)
+        self._supervisor = supervisor
+        self._own_supervisor = supervisor is None
+        # Jobs the last shutdown interrupted, failed when the manager started.
+        self.interrupted: list[JobRecord] = []
+        registry.on_connect.append(lambda vm_id: self.kick())
+
+    async def __aenter__(self) -> Self:
+        self.interrupted = await record_interrupted(
+            self._catalog, self._datastores, self._clock, self._pool
+        )
+        await self._runner.__aenter__()
+        if self._supervisor is None:
+            self._supervisor = Supervisor("jobs")
+            await self._supervisor.__aenter__()
+        self._supervisor.start(DISPATCHER_TASK, self._backups.dispatcher.run, policy=Policy.RESTART)
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        assert self._supervisor is not None
+        self._runner.stopping()
+        # Queued backups stay InProgress in the catalog: the next start fails them as
+        # ControllerRestarted (and runs a scheduled one again), in one place.
+        await self._supervisor.stop(DISPATCHER_TASK)
+        # Whatever ends the block is the caller's to see, not wrapped in our task groups' errors.
+        if self._own_supervisor:
+            await self._supervisor.__aexit__(None, None, None)
+            self._supervisor = None
+        await self._runner.__aexit__(None, None, None)
+
+    def stopping(self) -> None:
+        """The controller is stopping: failures from here on are the stop's, not the jobs'."""
+        self._runner.stopping()
+
+    @property
+    def on_backup_ended(self) -> BackupEnded | None:
+        """Called with a backup's final record (the protection manager updates its item)."""
+        return self._backups.on_ended
+
+    @on_backup_ended.setter
+    def on_backup_ended(self, listener: BackupEnded | None) -> None:
+        self._backups.on_ended = listener
+
+    # --- starting jobs -------------------------------------------------------------------------
+
+    async def run(
+        self,
+        operation: Operation,
+        vault: str,
+        vm_id: str,
+        body: Callable[[JobRecord], Awaitable[None]],
+        *,
+        wait: bool = True,
+        details: dict[str, Any] | None = None,
+        trigger: Trigger = Trigger.MANUAL,
+        slot: float | None = None,
+        cancellable: bool = False,
+    ) -> JobRecord:
+        """Record a job and run `body` as it; with `wait`, return once it has ended.
+
+        A `cancellable` job (maintenance) is cancelled as a task: by `cancel`, and when the
+        controller stops; its body should stop between items (controller.jobs.cancel)."""
+        job = self._runner.new_record(
+            operation, vault, vm_id, trigger=trigger, slot=slot, details=dict(details or {})
+        )
+        running = RunningJob(job, cancellable=cancellable)
+        await self._runner.admit(running)
+        self._runner.start(running, lambda: body(job))
+        if wait:
+            await asyncio.shield(running.ended.wait())
+        return job
+
+    async def backup(
+        self,
+        vault: str,
+        vm_id: str,
+        *,
+        disks: Sequence[str] = (),
+        trigger: Trigger = Trigger.MANUAL,
+        slot: float | None = None,
+        deadline: float | None = None,
+    ) -> JobRecord:
+        """Queue a backup of `vm_id` into `vault`; it starts when its agent and a slot are free.
+
+        A manual backup of an offline VM is refused at once; a scheduled one waits for the
+        agent until `deadline` (the scheduler's, which already allows for a late start)."""
+        return await self._backups.queue(
+            vault, vm_id, disks=disks, trigger=trigger, slot=slot, deadline=deadline
+        )
+
+    async def restore(
+        self, vm_id: str, rp_id: str, disk: str, target_path: str, target_vm: str
+    ) -> JobRecord:
+        return await self._restores.start(vm_id, rp_id, disk, target_path, target_vm)
+
+    def set_limit(self, vault: str, limit: int) -> None:
+        """A vault's concurrent backups changed: queued backups may start now."""
+        self._backups.dispatcher.set_limit(vault, limit)
+
+    def kick(self) -> None:
+        """Wake the dispatcher: something that can start or expire a queued backup changed."""
+        self._backups.dispatcher.kick()
+
+    async def abortable(self, work: Callable[[ShouldStop], T]) -> T:
+        """Blocking work of a cancellable job, in the pool; see controller.jobs.cancel."""
+        return await abortable(self._pool, work)
+
+    def in_pool(self, fn: Callable[..., T], *args: object) -> asyncio.Future[T]:
+        return asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+
+    # --- cancelling ----------------------------------------------------------------------------
+
+    async def cancel(self, job_id: str) -> JobRecord:
+        """Cancel a queued or running backup or restore, or a running prune or collection;
+        other jobs run to their end."""
+        running = self._runner.get(job_id)
+        if running is None:
+            job = await self._catalog.job(job_id)
+            raise Conflict(detail=f"job {job_id} has already ended ({job.status})")
+        job = running.record
+        if job.status.ended:
+            # Its outcome is decided and its record is being written: too late to cancel
+            # (and a Cancelling written now would overwrite that outcome).
+            raise Conflict(detail=f"job {job_id} has already ended ({job.status})")
+        if isinstance(running, RunningBackup):
+            return await self._backups.cancel(running)
+        if isinstance(running, AgentJob):
+            await cancel_agent_job(running, self._runner, self._registry)
+            return job
+        if running.cancellable and running.task is not None:
+            if not running.cancel_requested:
+                running.cancel_requested = True
+                running.task.cancel()
+                job.status = JobStatus.CANCELLING
+                await self._runner.save(running)
+            return job
+        raise Conflict(detail=f"a {job.operation} job cannot be cancelled; it ends by itself")
+
+    # --- the agents' data path -----------------------------------------------------------------
+
+    def running_backup(self, vm_id: str, job_id: str) -> RunningBackup:
+        running = self._owned(vm_id, job_id)
+        if not isinstance(running, RunningBackup) or running.transaction is None:
+            raise PermissionDenied(detail=f"job {job_id} is not a running backup")
+        return running
+
+    def running_restore(self, vm_id: str, job_id: str) -> RunningRestore:
+        running = self._owned(vm_id, job_id)
+        if not isinstance(running, RunningRestore):
+            raise PermissionDenied(detail=f"job {job_id} is not a restore")
+        return running
+
+    def _owned(self, vm_id: str, job_id: str) -> RunningJob:
+        running = self._runner.get(job_id)
+        # The same answer for "no such job" and "not yours": an agent learns nothing of others.
+        if running is None or running.vm_id != vm_id:
+            raise PermissionDenied(detail=f"job {job_id} is not a running job of VM {vm_id!r}")
+        return running
+
+    async def index_for(self, vm_id: str, job_id: str, rp_id: str, disk: str) -> DiskIndex:
+        """A disk index a running job of `vm_id` may read: its restore's, or its backup's base."""
+        running = self._owned(vm_id, job_id)
+        if isinstance(running, RunningRestore) and running.session is not None:
+            return running.session.index_for(rp_id, disk)
+        if isinstance(running, RunningBackup) and running.transaction is not None:
+            return await running.transaction.base_index(rp_id, disk)
+        raise PermissionDenied(detail=f"job {job_id} reads no disk index")
+
+    async def datastore(self, running: RunningJob) -> Datastore:
+        return await self._datastores.get(running.record.vault)
+
+    async def missing_chunks(self, running: RunningBackup, digests: list[bytes]) -> list[bytes]:
+        assert running.transaction is not None
+        return await running.transaction.missing_chunks(digests)
+
+    def chunk_stored(self, running: RunningBackup, digest: bytes, stored: int, sent: int) -> None:
+        assert running.transaction is not None
+        running.transaction.chunk_stored(digest, stored)
+
+    async def accept_index(self, running: RunningBackup, index: DiskIndex) -> None:
+        """Take a disk's index once every chunk it references is known to be durable."""
+        assert running.transaction is not None
+        await running.transaction.accept_index(index)
+
+    # --- watching ------------------------------------------------------------------------------
+
+    def running(self, job_id: str) -> RunningJob | None:
+        return self._runner.get(job_id)
+
+    def running_job_of(self, vm_id: str) -> str:
+        """The job that has the VM to itself now (a backup, queued or running, or a restore)."""
+        return self._runner.of_vm(vm_id)
+
+    def running_jobs(self) -> list[JobRecord]:
+        """The records of every job running (or queued) now."""
+        return [running.record for running in self._runner]
+
+    def running_count(self, vault: str) -> int:
+        return sum(1 for running in self._runner if running.record.vault == vault)
+
+    def in_use(self) -> set[str]:
+        """Recovery points running jobs read: an incremental's base, a restore's source."""
+        return self._backups.in_use() | self._restores.in_use()
+
+    async def job(self, job_id: str) -> JobRecord:
+        running = self._runner.get(job_id)
+        return running.record if running is not None else await self._catalog.job(job_id)

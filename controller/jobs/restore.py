@@ -1,0 +1,196 @@
+"""Restore jobs: one disk of a recovery point written by an agent, and what it may read.
+
+A restore's session fixes what the agent may read while the job runs: one recovery point, one
+of its disks, that disk's index, and exactly the chunks the index names (`allowed`); every
+data-path call of the agent (FetchIndex, DownloadChunks) is checked against it. The chunks are
+held in the vault's `ChunkGuard` first and the recovery point's manifest is read again after,
+so a prune and collection that came first are seen (the restore is refused: NotFound) and any
+that come later leave the chunks alone; the recovery point itself is not pruned while the
+restore reads it (the job manager's `in_use`). The holds are released when the job ends.
+
+The command goes to the target VM's agent (the source VM's by default), which writes the disk
+to a path under its `restore_dirs`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+from functools import partial
+
+from controller.catalog import Catalog, JobRecord, RecoveryPointRecord
+from controller.datastore import ChunkGuard, Datastore
+from controller.datastores import Datastores
+from controller.jobs.agent_command import AgentJob, run_command
+from controller.jobs.runner import JobRunner
+from controller.registry import AgentRegistry
+from shared.blob import Compression
+from shared.errors import DiskNotFound, InvalidArgument, NotFound, PermissionDenied
+from shared.index import DiskIndex
+from shared.model import Operation
+from shared.rpc import agent_pb2
+
+
+@dataclass
+class RestoreSession:
+    """What one restore job reads: a disk of a recovery point, and only its chunks."""
+
+    job_id: str
+    recovery_point: RecoveryPointRecord
+    disk: str
+    index: DiskIndex
+    datastore: Datastore
+    guard: ChunkGuard
+    pool: Executor
+    allowed: frozenset[bytes] = field(default_factory=frozenset)
+
+    @classmethod
+    async def open(
+        cls,
+        job_id: str,
+        recovery_point: RecoveryPointRecord,
+        disk: str,
+        datastore: Datastore,
+        guard: ChunkGuard,
+        pool: Executor,
+    ) -> RestoreSession:
+        """Read the disk's index and hold its chunks; NotFound if the recovery point is gone."""
+        loop = asyncio.get_running_loop()
+        index = await loop.run_in_executor(pool, datastore.get_index, recovery_point.id, disk)
+        # Held, then the recovery point checked again: a prune and collection that came first
+        # are seen here, and any that come later leave these chunks alone.
+        referenced = index.referenced()
+        guard.hold(job_id, referenced)
+        try:
+            await loop.run_in_executor(pool, datastore.get_manifest, recovery_point.id)
+        except NotFound:
+            guard.release(job_id)
+            raise NotFound(kind="recovery point", name=recovery_point.id) from None
+        except BaseException:
+            guard.release(job_id)
+            raise
+        return cls(
+            job_id, recovery_point, disk, index, datastore, guard, pool, frozenset(referenced)
+        )
+
+    def index_for(self, rp_id: str, disk: str) -> DiskIndex:
+        """The index the agent asks for, if it is the one being restored."""
+        if (rp_id, disk) != (self.recovery_point.id, self.disk):
+            raise PermissionDenied(detail=f"restore {self.job_id} restores another disk")
+        return self.index
+
+    def check_allowed(self, digests: list[bytes]) -> None:
+        for digest in digests:
+            if digest not in self.allowed:
+                raise PermissionDenied(
+                    detail=f"chunk {digest.hex()} is not part of the restored disk"
+                )
+
+    def read_chunk(self, digest: bytes) -> asyncio.Future[tuple[Compression, int, bytes]]:
+        """A chunk's stored blob, read in the pool (not checked: see `check_allowed`)."""
+        return asyncio.get_running_loop().run_in_executor(
+            self.pool, self.datastore.get_chunk_blob, digest
+        )
+
+    def release(self) -> None:
+        self.guard.release(self.job_id)
+
+
+@dataclass(eq=False)
+class RunningRestore(AgentJob):
+    session: RestoreSession | None = None
+
+    @property
+    def recovery_point(self) -> RecoveryPointRecord | None:
+        return self.session.recovery_point if self.session else None
+
+    @property
+    def allowed(self) -> frozenset[bytes]:
+        return self.session.allowed if self.session else frozenset()
+
+
+class Restores:
+    """Starts restore jobs."""
+
+    def __init__(
+        self,
+        catalog: Catalog,
+        registry: AgentRegistry,
+        datastores: Datastores,
+        runner: JobRunner,
+        pool: Executor,
+    ) -> None:
+        self._catalog = catalog
+        self._registry = registry
+        self._datastores = datastores
+        self._runner = runner
+        self._pool = pool
+
+    async def start(
+        self, vm_id: str, rp_id: str, disk: str, target_path: str, target_vm: str
+    ) -> JobRecord:
+        """Restore `disk` of recovery point `rp_id` of `vm_id` to `target_path` on `target_vm`
+        (`vm_id` itself when empty)."""
+        rp = await self._catalog.recovery_point(rp_id)
+        if rp.vm_id != vm_id:
+            raise NotFound(kind=f"recovery point of VM {vm_id!r}", name=rp_id)
+        rp_disk = next((d for d in rp.disks if d.name == disk), None)
+        if rp_disk is None:
+            raise DiskNotFound(vm_id=vm_id, disk=disk, known=", ".join(d.name for d in rp.disks))
+        if not target_path:
+            raise InvalidArgument(detail="a restore needs a target path on the target VM")
+        target_vm = target_vm or vm_id
+        agent = self._registry.get(target_vm)
+        job = self._runner.new_record(
+            Operation.RESTORE,
+            rp.vault,
+            target_vm,
+            recovery_point_id=rp.id,
+            disks=(disk,),
+            details={"source_vm": vm_id, "disk": disk, "target_path": target_path},
+        )
+        session = await RestoreSession.open(
+            job.id,
+            rp,
+            disk,
+            await self._datastores.get(rp.vault),
+            self._datastores.guard(rp.vault),
+            self._pool,
+        )
+        running = RunningRestore(job, exclusive=True, session=session)
+        running.after_end.append(partial(self._release, session))
+        try:
+            await self._runner.admit(running)
+        except BaseException:
+            session.release()
+            raise
+        command = agent_pb2.ControllerMessage(
+            restore=agent_pb2.RestoreCommand(
+                job_id=job.id,
+                recovery_point_id=rp.id,
+                disk=disk,
+                target_path=target_path,
+                size_bytes=rp_disk.size_bytes,
+                chunk_size=rp_disk.chunk_size,
+            )
+        )
+
+        async def work() -> None:
+            result = await run_command(running, agent, command)
+            job.bytes_read = result.bytes_written
+
+        self._runner.start(running, work)
+        return job
+
+    @staticmethod
+    async def _release(session: RestoreSession) -> None:
+        session.release()
+
+    def in_use(self) -> set[str]:
+        """Recovery points running restores read."""
+        return {
+            running.recovery_point.id
+            for running in self._runner
+            if isinstance(running, RunningRestore) and running.recovery_point is not None
+        }

@@ -1,0 +1,239 @@
+"""A backup's transaction: what it relies on in the datastore, and its commit.
+
+A running backup (backup.py) opens one transaction when it starts; the agent's data-path calls
+(agent_service.py: MissingChunks, UploadChunks, PutIndex, FetchIndex of the base) go to it.
+
+- Known digests: chunks this backup has seen durable in the datastore (found there, uploaded
+  by it, or in the previous recovery point it builds on). An index may reference only these,
+  or what a datastore check finds when the index arrives.
+- Chunk holds: every digest the backup relies on is held in the vault's `ChunkGuard` before
+  the backup asks the datastore whether it is there (the guard protocol of
+  `controller.datastore.gc`), so garbage collection can run beside it: either the hold came
+  first and the chunk stays, or the deletion came first and the check finds it missing. The
+  holds are released when the job ends (`release`), whatever its outcome.
+- Accepted indexes: a disk's index is taken only once every chunk it references is known to
+  be durable; it is then written to the datastore (before the manifest, which pins its
+  SHA-256).
+- Commit: `manifest` checks the agent's report against the accepted indexes and the disks the
+  backup is for, and builds the recovery point's manifest; `commit` writes it (the datastore's
+  commit point: the recovery point exists from here) and then the catalog row. The controller
+  never trusts an agent's word: the chunks were re-hashed on upload, and their presence
+  checked here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+from datetime import datetime
+from functools import partial
+from typing import TypeVar
+
+from controller.catalog import Catalog, RecoveryPointDiskRecord, RecoveryPointRecord
+from controller.datastore import ChunkGuard, Datastore
+from shared.blob import Compression
+from shared.digest import ZERO_DIGEST
+from shared.errors import ChunkMissing, Conflict, InvalidArgument, NotFound, PermissionDenied
+from shared.index import DiskIndex
+from shared.manifest import ManifestDisk, RecoveryPointManifest
+from shared.model import Consistency, weakest
+
+T = TypeVar("T")
+
+
+def data_bytes(index: DiskIndex) -> int:
+    """Bytes of the disk that hold data: every chunk but the all-zero ones."""
+    return sum(index.extent(i)[1] for i in range(len(index)) if index.digest_at(i) != ZERO_DIGEST)
+
+
+def recovery_point_record(
+    manifest: RecoveryPointManifest, bytes_stored: int, data_bytes: int
+) -> RecoveryPointRecord:
+    """The catalog's row for a committed recovery point: what its manifest says."""
+    return RecoveryPointRecord(
+        id=manifest.id,
+        vault=manifest.vault,
+        vm_id=manifest.vm_id,
+        job_id=manifest.job_id,
+        created_at=manifest.created_at.timestamp(),
+        consistency=Consistency(manifest.consistency),
+        bytes_stored=bytes_stored,
+        disks=tuple(
+            RecoveryPointDiskRecord(
+                d.name,
+                d.size_bytes,
+                d.chunk_size,
+                d.chunk_count,
+                Consistency(d.consistency) if d.consistency else None,
+            )
+            for d in manifest.disks
+        ),
+        data_bytes=data_bytes,
+    )
+
+
+@dataclass(frozen=True)
+class AcceptedIndex:
+    index: DiskIndex
+    sha256: str
+    data_bytes: int
+
+
+@dataclass(frozen=True)
+class BackedUpDisk:
+    """What the agent reports of one disk it backed up."""
+
+    name: str
+    consistency: Consistency = Consistency.CRASH
+    snapshot: str = ""
+    """The snapshot provider it was read from ('' when it was read live)."""
+
+
+@dataclass
+class BackupTransaction:
+    """One backup's chunks, holds and indexes until its recovery point is committed."""
+
+    job_id: str
+    rp_id: str
+    datastore: Datastore
+    guard: ChunkGuard
+    catalog: Catalog
+    pool: Executor
+    previous: RecoveryPointRecord | None = None
+    """The recovery point this backup builds on (an incremental's base), if any."""
+    on_stored: Callable[[int], None] = lambda stored: None
+    """Called with the bytes each uploaded chunk added to the datastore."""
+    known: set[bytes] = field(default_factory=set)
+    indexes: dict[str, AcceptedIndex] = field(default_factory=dict)
+    bytes_stored: int = 0
+
+    @property
+    def chunk_size(self) -> int:
+        return self.datastore.chunk_size
+
+    def _in_pool(self, fn: Callable[..., T], *args: object) -> asyncio.Future[T]:
+        return asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
+
+    def _hold(self, digests: Iterable[bytes]) -> None:
+        self.guard.hold(self.job_id, digests)
+
+    async def base_index(self, rp_id: str, disk: str) -> DiskIndex:
+        """A disk's index in the recovery point this backup builds on (sent to the agent)."""
+        if self.previous is None or self.previous.id != rp_id:
+            raise PermissionDenied(
+                detail=f"recovery point {rp_id} is not the base of backup {self.job_id}"
+            )
+        if disk not in {d.name for d in self.previous.disks}:
+            raise NotFound(kind="disk in the previous recovery point", name=disk)
+        index = await self._in_pool(self.datastore.get_index, rp_id, disk)
+        # The base recovery point is not pruned while this backup runs (the job manager's
+        # `in_use`), so its manifest keeps its chunks; held as well, for a prune that came
+        # first.
+        referenced = index.referenced()
+        self._hold(referenced)
+        self.known.update(referenced)
+        return index
+
+    async def missing_chunks(self, digests: Sequence[bytes]) -> list[bytes]:
+        """Which of `digests` the agent must upload."""
+        unknown = [d for d in digests if d not in self.known]
+        # Held before asking: garbage collection either deleted a chunk already (it is then
+        # reported missing and uploaded again) or will leave it alone.
+        self._hold(unknown)
+        missing = await self._in_pool(self.datastore.missing_chunks, unknown)
+        self.known.update(set(unknown) - set(missing))
+        return missing
+
+    async def store_chunk(
+        self, digest: bytes, data: bytes, compression: Compression, raw_size: int
+    ) -> int:
+        """Verify and store one uploaded chunk; the bytes it added to the datastore."""
+        stored = await self._in_pool(self.datastore.put_chunk, digest, data, compression, raw_size)
+        self.chunk_stored(digest, stored)
+        return stored
+
+    def chunk_stored(self, digest: bytes, stored: int) -> None:
+        """An uploaded chunk is durable in the datastore (`stored` bytes were new)."""
+        self._hold((digest,))
+        self.known.add(digest)
+        self.bytes_stored += stored
+        self.on_stored(stored)
+
+    async def accept_index(self, index: DiskIndex) -> None:
+        """Take a disk's index once every chunk it references is known to be durable."""
+        if index.chunk_size != self.chunk_size:
+            raise InvalidArgument(
+                detail=f"index chunk size {index.chunk_size} is not the job's {self.chunk_size}"
+            )
+        unknown = index.referenced() - self.known
+        self._hold(unknown)
+        absent = await self._in_pool(self.datastore.missing_chunks, unknown)
+        if absent:
+            raise ChunkMissing(digest=absent[0].hex())
+        self.known.update(unknown)
+        sha = await self._in_pool(self.datastore.put_index, self.rp_id, index)
+        size = await self._in_pool(data_bytes, index)
+        self.indexes[index.disk] = AcceptedIndex(index, sha, size)
+
+    def manifest(
+        self,
+        *,
+        vm_id: str,
+        vault: str,
+        created_at: datetime,
+        consistency: Consistency,
+        disks: Sequence[BackedUpDisk],
+        expected: Iterable[str],
+        vm: dict[str, str],
+    ) -> RecoveryPointManifest:
+        """The manifest of the recovery point the agent reports, once it is checked: every
+        disk it reports has an accepted index, and they are the disks the backup is for."""
+        entries: list[ManifestDisk] = []
+        for disk in disks:
+            accepted = self.indexes.get(disk.name)
+            if accepted is None:
+                raise Conflict(detail=f"the agent reported disk {disk.name!r} without its index")
+            entries.append(
+                ManifestDisk(
+                    name=disk.name,
+                    size_bytes=accepted.index.size_bytes,
+                    chunk_size=accepted.index.chunk_size,
+                    chunk_count=len(accepted.index),
+                    index_sha256=accepted.sha256,
+                    consistency=disk.consistency,
+                    snapshot=disk.snapshot,
+                )
+            )
+        wanted = set(expected)
+        if {d.name for d in disks} != wanted:
+            raise Conflict(
+                detail=f"the agent backed up disks {sorted(d.name for d in disks)}, "
+                f"not the {sorted(wanted)} this backup was for"
+            )
+        return RecoveryPointManifest(
+            id=self.rp_id,
+            vm_id=vm_id,
+            vault=vault,
+            job_id=self.job_id,
+            created_at=created_at,
+            # Never more than its weakest disk, whatever the agent says overall.
+            consistency=weakest([consistency, *(d.consistency for d in disks)]),
+            disks=tuple(entries),
+            vm=vm,
+        )
+
+    async def commit(self, manifest: RecoveryPointManifest) -> RecoveryPointRecord:
+        """Write the manifest (the commit point), then the catalog row."""
+        # accept_index already made sure every chunk the indexes name is durable.
+        await self._in_pool(partial(self.datastore.put_manifest, manifest, verify_chunks=False))
+        record = recovery_point_record(
+            manifest, self.bytes_stored, sum(i.data_bytes for i in self.indexes.values())
+        )
+        await self.catalog.insert_recovery_point(record)
+        return record
+
+    def release(self) -> None:
+        """Drop the backup's chunk holds (deferred while a collection runs; gc.py)."""
+        self.guard.release(self.job_id)
