@@ -33,13 +33,8 @@ from agent.snapshot import choose
 from agent.thaw_watchdog import ThawWatchdog
 from shared.errors import CofferError
 from shared.rpc import agent_pb2, agent_pb2_grpc
-from shared.tls import (
-    Identity,
-    channel_credentials,
-    channel_options,
-    identity_of_certificate,
-    mqtt_ssl_context,
-)
+from shared.rpc_channel import secure_channel
+from shared.tls import Identity, identity_of_certificate, mqtt_ssl_context
 
 TIMEOUT_SECONDS = 5.0
 SKEW_WARN_SECONDS = 5.0
@@ -164,11 +159,10 @@ class Doctor:
     async def controller(self) -> agent_pb2.CheckReply | None:
         address = self.config.controller
         try:
-            credentials = channel_credentials(self.config.tls)
+            channel = secure_channel(address, self.config.tls, self.config.controller_name)
         except CofferError:
             return None  # the identity check said why
-        options = channel_options(self.config.controller_name)
-        async with grpc.aio.secure_channel(address, credentials, options=options) as channel:
+        async with channel:
             stub = agent_pb2_grpc.AgentServiceStub(channel)
             sent = time.time()
             try:

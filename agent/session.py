@@ -27,8 +27,8 @@ from agent.status import StatusPublisher
 from shared.backoff import Backoff
 from shared.errors import CofferError, JobCancelled, find_coffer_error
 from shared.rpc import agent_pb2, agent_pb2_grpc
+from shared.rpc_channel import secure_channel
 from shared.rpc_errors import from_rpc_error, to_proto
-from shared.tls import channel_credentials, channel_options
 from shared.version import coffer_version
 
 log = logging.getLogger(__name__)
@@ -109,11 +109,8 @@ class Agent:
                     await asyncio.sleep(delay)
 
     async def _session(self, pool: ThreadPoolExecutor, status: StatusPublisher) -> None:
-        credentials = channel_credentials(self.config.tls)
-        async with grpc.aio.secure_channel(
-            self.config.controller,
-            credentials,
-            options=channel_options(self.config.controller_name),
+        async with secure_channel(
+            self.config.controller, self.config.tls, self.config.controller_name
         ) as channel:
             stub = agent_pb2_grpc.AgentServiceStub(channel)
             runtime = Runtime(self.config, stub, pool, status)

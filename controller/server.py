@@ -31,7 +31,8 @@ from controller.vaults import Vaults
 from shared.clock import Clock, SystemClock
 from shared.errors import Unavailable
 from shared.rpc import agent_pb2_grpc, operator_pb2_grpc
-from shared.tls import server_credentials, server_options
+from shared.rpc_channel import server_options
+from shared.tls import server_credentials
 from shared.version import coffer_version
 
 log = logging.getLogger(__name__)
