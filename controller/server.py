@@ -111,6 +111,8 @@ class Controller:
             advertised = (config.advertise_host or mqtt[0], mqtt[1])
 
             registry = AgentRegistry(self.clock)
+            # Seam: the job manager's dispatcher and job tasks are to run under `supervisor`
+            # too (passed here), each with its policy stated where it is started.
             jobs = await stack.enter_async_context(
                 JobManager(catalog, registry, datastores, status, self.clock, pool)
             )
