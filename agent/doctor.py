@@ -28,24 +28,22 @@ import grpc
 from cryptography import x509
 
 from agent.config import AgentConfig
+from agent.displacement import Displacement
 from agent.freeze import Mount, in_use_unseen, mounts, mounts_on_disk
 from agent.scripts import check_script
 from agent.snapshot import choose
 from agent.thaw_watchdog import ThawWatchdog
-from shared.errors import CofferError, ConfigInvalid
+from shared.errors import CofferError, ConfigInvalid, DuplicateAgent
 from shared.rpc import agent_pb2, agent_pb2_grpc
-from shared.tls import (
-    Identity,
-    channel_credentials,
-    channel_options,
-    identity_of_certificate,
-    mqtt_ssl_context,
-)
+from shared.rpc_channel import secure_channel
+from shared.tls import Identity, identity_of_certificate, mqtt_ssl_context
 
 TIMEOUT_SECONDS = 5.0
 SKEW_WARN_SECONDS = 5.0
 SKEW_FAIL_SECONDS = 60.0
 CERT_WARN_DAYS = 30
+# How long after this agent had its session back a displacement is still worth a warning.
+DISPLACED_WARN_SECONDS = 24 * 3600
 # File systems FIFREEZE works on (those implementing freeze_fs / freeze_super in Linux).
 FREEZABLE = frozenset(
     {"ext2", "ext3", "ext4", "xfs", "btrfs", "f2fs", "jfs", "reiserfs", "nilfs2", "gfs2", "ocfs2"}
@@ -76,6 +74,7 @@ class Doctor:
 
     async def run(self) -> list[Finding]:
         self.identity()
+        self.displaced()
         reply = await self.controller()
         if reply is not None:
             self.clock(reply)
@@ -162,14 +161,51 @@ class Doctor:
                 f"agent {self.config.vm_id}, certificate valid until {expires:%Y-%m-%d}",
             )
 
+    def displaced(self) -> None:
+        """Whether another agent process with this VM's certificate took its session over."""
+        check = "one agent per VM"
+        record = Displacement.load(self.config.state_dir)
+        fix = (
+            "two agent processes use this VM's certificate (a cloned VM, or a second "
+            "coffer-agent?): stop one of them, or give the other VM its own identity "
+            "(`coffer pki issue-agent NEW-VM`)"
+        )
+        if record is None:
+            self.note(check, Verdict.OK, "no other agent process took this VM's session over")
+            return
+        at = _iso(record.at)
+        if record.resumed_at is None:
+            self.note(
+                check,
+                Verdict.FAIL,
+                f"{DuplicateAgent.code}: since {at} another agent process with this VM's "
+                f"certificate ({record.other()}) has the session; this agent waits for it "
+                "to end",
+                fix,
+            )
+        elif time.time() - record.resumed_at < DISPLACED_WARN_SECONDS:
+            self.note(
+                check,
+                Verdict.WARN,
+                f"{DuplicateAgent.code}: at {at} another agent process with this VM's "
+                f"certificate ({record.other()}) took the session over; this agent had it "
+                f"again at {_iso(record.resumed_at)}",
+                fix,
+            )
+        else:
+            self.note(
+                check,
+                Verdict.OK,
+                f"the last time another agent process took this VM's session over was {at}",
+            )
+
     async def controller(self) -> agent_pb2.CheckReply | None:
         address = self.config.controller
         try:
-            credentials = channel_credentials(self.config.tls)
+            channel = secure_channel(address, self.config.tls, self.config.controller_name)
         except CofferError:
             return None  # the identity check said why
-        options = channel_options(self.config.controller_name)
-        async with grpc.aio.secure_channel(address, credentials, options=options) as channel:
+        async with channel:
             stub = agent_pb2_grpc.AgentServiceStub(channel)
             sent = time.time()
             try:
@@ -431,6 +467,10 @@ def _has_cap_sys_admin() -> bool:
     except (OSError, ValueError):
         pass
     return os.geteuid() == 0
+
+
+def _iso(seconds: float) -> str:
+    return datetime.fromtimestamp(seconds, UTC).isoformat(timespec="seconds")
 
 
 def _free_bytes(path: Path) -> int | None:

@@ -5,6 +5,10 @@ disks), then heartbeats, and runs each command it receives as its own task, send
 result per command. When the stream breaks, every running command is cancelled (the controller
 has already failed its job) and the agent dials again after a jittered exponential backoff, so
 a fleet of agents does not reconnect in lock step after a controller restart.
+
+When another agent process with this VM's certificate takes the session over, the controller
+says so (`SessionDisplaced`): this agent logs it as an error, leaves the status broker, and
+dials again as a standby that waits for the other's session to end (`agent.displacement`).
 """
 
 from __future__ import annotations
@@ -21,14 +25,15 @@ import grpc
 from agent.backup import BackupRun
 from agent.config import AgentConfig
 from agent.disk import disk_size
+from agent.displacement import Displacement
 from agent.restore import RestoreRun
 from agent.runtime import Runtime
 from agent.status import StatusPublisher
 from shared.backoff import Backoff
-from shared.errors import CofferError, JobCancelled, find_coffer_error
+from shared.errors import CofferError, DuplicateAgent, JobCancelled, find_coffer_error
 from shared.rpc import agent_pb2, agent_pb2_grpc
+from shared.rpc_channel import secure_channel
 from shared.rpc_errors import from_rpc_error, to_proto
-from shared.tls import channel_credentials, channel_options
 from shared.version import coffer_version
 
 log = logging.getLogger(__name__)
@@ -52,6 +57,9 @@ class Agent:
         self.connected = asyncio.Event()
         self._cancelled: set[str] = set()  # jobs the controller asked to cancel
         self._connected_at: float | None = None  # when the current session was accepted
+        # Set while another agent process of this VM has the session: this one waits as a
+        # standby until it ends.
+        self._standby: Displacement | None = None
 
     def hello(self) -> agent_pb2.Hello:
         disks = []
@@ -71,6 +79,7 @@ class Agent:
             hostname=socket.gethostname(),
             agent_version=coffer_version(),
             disks=disks,
+            standby=self._standby is not None,
         )
 
     async def run(self) -> None:
@@ -87,10 +96,15 @@ class Agent:
                     try:
                         await self._session(pool, status)
                     # The session's task group raises its tasks' failures as a group.
+                    except* DuplicateAgent as group:
+                        self._displaced(group.exceptions[0], status)
                     except* grpc.RpcError as group:
                         for exc in group.exceptions:
                             error = from_rpc_error(exc)
-                            log.warning("session with the controller ended: %s", error)
+                            if isinstance(error, DuplicateAgent):
+                                self._displaced(error, status)
+                            else:
+                                log.warning("session with the controller ended: %s", error)
                     except* CofferError as group:
                         for exc in group.exceptions:
                             log.warning("session with the controller ended: %s", exc)
@@ -108,17 +122,28 @@ class Agent:
                     log.info("reconnecting in %.1f s", delay)
                     await asyncio.sleep(delay)
 
+    def _displaced(self, error: BaseException, status: StatusPublisher) -> None:
+        """Another agent process of this VM has the session: say so, step aside, wait."""
+        if self._standby is None:  # told by the call's status alone: who is not known
+            self._standby = Displacement(at=time.time(), hostname="", peer="", agent_version="")
+        log.error("%s (%s)", error, DuplicateAgent.code)
+        log.warning(
+            "leaving the status broker to the other agent process; this one waits for its "
+            "session to end and then takes the session again"
+        )
+        status.leave()
+        self._standby.save(self.config.state_dir)
+
     async def _session(self, pool: ThreadPoolExecutor, status: StatusPublisher) -> None:
-        credentials = channel_credentials(self.config.tls)
-        async with grpc.aio.secure_channel(
-            self.config.controller,
-            credentials,
-            options=channel_options(self.config.controller_name),
+        async with secure_channel(
+            self.config.controller, self.config.tls, self.config.controller_name
         ) as channel:
             stub = agent_pb2_grpc.AgentServiceStub(channel)
             runtime = Runtime(self.config, stub, pool, status)
             call = stub.Session()
             await call.write(agent_pb2.AgentMessage(hello=self.hello()))
+            if self._standby is not None:
+                log.info("waiting as a standby until the other agent's session ends")
             first = await call.read()
             if first is grpc.aio.EOF or not first.HasField("accepted"):
                 raise CofferError("the controller did not accept the session")
@@ -129,6 +154,18 @@ class Agent:
                 self.config.controller,
                 accepted.controller_version,
             )
+            if self._standby is not None:
+                log.warning(
+                    "the other agent process of VM %s (%s) is gone: this agent has the "
+                    "session again",
+                    self.config.vm_id,
+                    self._standby.other(),
+                )
+                self._standby.resumed(time.time()).save(self.config.state_dir)
+                self._standby = None
+            else:
+                # A record a stopped standby left open (this process started fresh) is over.
+                Displacement.settle(self.config.state_dir, time.time())
             self.connected.set()
             self._connected_at = time.monotonic()
             outbox: asyncio.Queue[agent_pb2.AgentMessage] = asyncio.Queue()
@@ -142,6 +179,9 @@ class Agent:
                     if message is grpc.aio.EOF:
                         raise CofferError("the controller closed the session")
                     kind = message.WhichOneof("kind")
+                    if kind == "displaced":
+                        self._standby = Displacement.from_proto(message.displaced)
+                        raise self._standby.error(self.config.vm_id)
                     if kind == "cancel":
                         task = running.get(message.cancel.job_id)
                         if task is not None:

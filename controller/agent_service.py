@@ -1,14 +1,18 @@
 """The gRPC service agents call: their session, and the chunk data path of their jobs.
 
-Who calls is taken from the client certificate (`peer_identity`), never from a message: an
-agent's session must name the VM its certificate names, and every data-path call must name a
-job that is running for that VM.
+Who calls is taken from the client certificate (`controller.interceptors.caller_vm`), never
+from a message: an agent's session must name the VM its certificate names, and every data-path
+call must name a job that is running for that VM. Errors leave typed through the interceptors:
+handlers raise.
+
+A VM has one session (`controller.registry`): a new one takes over from the open one, which is
+told why (`SessionDisplaced`) and ends with `DuplicateAgent`; a standby session (an agent that
+was displaced and is still alive) waits until the VM has none.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections import deque
 from collections.abc import AsyncIterator
@@ -18,6 +22,7 @@ import grpc
 
 from controller.catalog import Catalog, DiskRecord
 from controller.datastore import Datastore
+from controller.interceptors import caller_vm
 from controller.jobs import JobManager, RunningBackup
 from controller.registry import AgentRegistry, AgentSession
 from shared.blob import Compression
@@ -26,8 +31,6 @@ from shared.digest import DIGEST_SIZE, check_digest
 from shared.errors import CofferError, InvalidArgument, PermissionDenied
 from shared.index import DiskIndex, check_disk_name
 from shared.rpc import agent_pb2, agent_pb2_grpc
-from shared.rpc_errors import abort
-from shared.tls import peer_identity
 
 log = logging.getLogger(__name__)
 
@@ -41,13 +44,8 @@ BATCH_BYTES = 4 << 20  # chunk bytes per download message
 MAX_DIGESTS_PER_CALL = 1 << 16
 # Bounds a disk index held in memory: 32 bytes per chunk, 1 GiB at 512 KiB chunks.
 MAX_DISK_BYTES = 16 << 40
-
-
-def _agent_vm(context: grpc.aio.ServicerContext) -> str:
-    identity = peer_identity(context)
-    if identity.role != "agent":
-        raise PermissionDenied(detail=f"{identity.role} {identity.name!r} is not an agent")
-    return identity.name
+# A displaced session's last message must not hold it open if its peer reads nothing.
+DISPLACED_WRITE_SECONDS = 5.0
 
 
 def _check_digests(digests: list[bytes]) -> None:
@@ -76,37 +74,27 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
         self._version = controller_version
 
     async def Session(self, request_iterator: object, context: grpc.aio.ServicerContext) -> None:
-        try:
-            vm_id = _agent_vm(context)
-            first = await context.read()
-            if first is grpc.aio.EOF or not first.HasField("hello"):
-                raise InvalidArgument(detail="a session starts with a hello")
-            hello = first.hello
-            if hello.vm_id != vm_id:
-                raise PermissionDenied(
-                    detail=f"the certificate is for VM {vm_id!r}, not {hello.vm_id!r}"
-                )
-            names = [check_disk_name(disk.name) for disk in hello.disks]
-            if len(set(names)) != len(names):
-                raise InvalidArgument(detail=f"disk names repeat: {names}")
-        except CofferError as exc:
-            log.warning("session refused: %s", exc)
-            await abort(context, exc)
-        now = self._clock.now()
-        await self._catalog.upsert_agent(
-            vm_id=vm_id,
-            name=hello.name or vm_id,
-            service=hello.service,
-            region=hello.region,
-            hostname=hello.hostname,
-            agent_version=hello.agent_version,
-            disks=[DiskRecord(d.name, d.path, d.size_bytes) for d in hello.disks],
-            now=now,
-        )
-        session = AgentSession(hello=hello, connected_at=now)
+        vm_id = caller_vm()
+        hello = await self._hello(context, vm_id)
+        session = AgentSession(hello=hello, connected_at=self._clock.now(), peer=context.peer())
         host, port = self._mqtt or ("", 0)
-        writer: asyncio.Task[None] | None = None
+        accepted = False
         try:
+            if hello.standby:
+                # Before its hello is recorded: a standby's must not overwrite the record of
+                # the agent that has the session.
+                await self._registry.connect_when_free(session)
+                session.connected_at = self._clock.now()
+            await self._catalog.upsert_agent(
+                vm_id=vm_id,
+                name=hello.name or vm_id,
+                service=hello.service,
+                region=hello.region,
+                hostname=hello.hostname,
+                agent_version=hello.agent_version,
+                disks=[DiskRecord(d.name, d.path, d.size_bytes) for d in hello.disks],
+                now=session.connected_at,
+            )
             await context.write(
                 agent_pb2.ControllerMessage(
                     accepted=agent_pb2.SessionAccepted(
@@ -117,47 +105,94 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
                     )
                 )
             )
-            self._registry.connect(session)
-            log.info("agent %s connected (%d disks)", vm_id, len(hello.disks))
-            writer = asyncio.create_task(self._write_commands(session, context), name=f"to-{vm_id}")
-            while True:
-                message = await context.read()
-                if message is grpc.aio.EOF:
-                    break
-                kind = message.WhichOneof("kind")
-                if kind == "heartbeat":
-                    self._catalog.touch_agent(vm_id, self._clock.now())
-                elif kind == "result":
-                    session.resolve(message.result)
-                else:
-                    log.warning("%s sent an unexpected %s; ignored", vm_id, kind)
+            if not hello.standby:
+                self._registry.connect(session)
+            accepted = True
+            log.info(
+                "agent %s connected from %s (%d disks)",
+                vm_id,
+                session.describe(),
+                len(hello.disks),
+            )
+            # The session's two halves belong to this call: should writing a command fail, the
+            # group ends the session (the edge logs the error with its traceback) and the
+            # agent reconnects, rather than the session living on without a writer.
+            async with asyncio.TaskGroup() as halves:
+                halves.create_task(self._send(session, context), name=f"session-send:{vm_id}")
+                receiving = halves.create_task(
+                    self._receive(session, context), name=f"session-receive:{vm_id}"
+                )
+                await session.closed.wait()
+                receiving.cancel()
         finally:
             # Before any await: when the peer is gone, gRPC cancels this handler at its next
             # await, and a session left in the registry would keep the VM "online" and its
             # job running until the agent reconnects.
             self._registry.disconnect(session)
-            self._catalog.touch_agent(vm_id, self._clock.now())
-            log.info("agent %s disconnected", vm_id)
-            if writer is not None:
-                writer.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await asyncio.gather(writer, return_exceptions=True)
+            if accepted:
+                self._catalog.touch_agent(vm_id, self._clock.now())
+                log.info("agent %s disconnected (%s)", vm_id, session.describe())
+            else:
+                log.info("agent %s went away before its session began", vm_id)
+        displaced = session.displacement()
+        if displaced is not None:
+            raise displaced
 
-    async def _write_commands(
-        self,
-        session: AgentSession,
-        context: grpc.aio.ServicerContext,
-    ) -> None:
+    @staticmethod
+    async def _hello(context: grpc.aio.ServicerContext, vm_id: str) -> agent_pb2.Hello:
+        first = await context.read()
+        if first is grpc.aio.EOF or not first.HasField("hello"):
+            raise InvalidArgument(detail="a session starts with a hello")
+        hello: agent_pb2.Hello = first.hello
+        if hello.vm_id != vm_id:
+            raise PermissionDenied(
+                detail=f"the certificate is for VM {vm_id!r}, not {hello.vm_id!r}"
+            )
+        names = [check_disk_name(disk.name) for disk in hello.disks]
+        if len(set(names)) != len(names):
+            raise InvalidArgument(detail=f"disk names repeat: {names}")
+        return hello
+
+    async def _receive(self, session: AgentSession, context: grpc.aio.ServicerContext) -> None:
+        """What the agent sends, until it closes its side (which closes the session)."""
         while True:
-            await context.write(await session.outbox.get())
+            message = await context.read()
+            if message is grpc.aio.EOF:
+                session.close()
+                return
+            kind = message.WhichOneof("kind")
+            if kind == "heartbeat":
+                self._catalog.touch_agent(session.vm_id, self._clock.now())
+            elif kind == "result":
+                session.resolve(message.result)
+            else:
+                log.warning("%s sent an unexpected %s; ignored", session.vm_id, kind)
+
+    @staticmethod
+    async def _send(session: AgentSession, context: grpc.aio.ServicerContext) -> None:
+        """Commands down the stream until the session closes; then, if displaced, why."""
+        while (message := await session.next_message()) is not None:
+            await context.write(message)
+        other = session.displaced_by
+        if other is None:
+            return
+        # The agent must learn why, or it would come back and take over in turn.
+        displaced = agent_pb2.SessionDisplaced(
+            peer=other.address,
+            hostname=other.hello.hostname,
+            agent_version=other.hello.agent_version,
+            at=other.connected_at,
+        )
+        try:
+            async with asyncio.timeout(DISPLACED_WRITE_SECONDS):
+                await context.write(agent_pb2.ControllerMessage(displaced=displaced))
+        except TimeoutError:
+            log.info("%s: the displaced session does not read; closed untold", session.vm_id)
 
     async def Check(
         self, request: agent_pb2.CheckRequest, context: grpc.aio.ServicerContext
     ) -> agent_pb2.CheckReply:
-        try:
-            vm_id = _agent_vm(context)
-        except CofferError as exc:
-            await abort(context, exc)
+        vm_id = caller_vm()
         host, port = self._mqtt or ("", 0)
         item = await self._catalog.item(vm_id)
         return agent_pb2.CheckReply(
@@ -176,12 +211,9 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
         request: agent_pb2.FetchIndexRequest,
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[agent_pb2.IndexPart]:
-        try:
-            index = await self._jobs.index_for(
-                _agent_vm(context), request.job_id, request.recovery_point_id, request.disk
-            )
-        except CofferError as exc:
-            await abort(context, exc)
+        index = await self._jobs.index_for(
+            caller_vm(), request.job_id, request.recovery_point_id, request.disk
+        )
         step = MAX_DIGESTS_PER_CALL * DIGEST_SIZE
         for start in range(0, max(len(index.digests), 1), step):
             yield agent_pb2.IndexPart(
@@ -197,13 +229,10 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
         request: agent_pb2.MissingChunksRequest,
         context: grpc.aio.ServicerContext,
     ) -> agent_pb2.MissingChunksReply:
-        try:
-            running = self._jobs.running_backup(_agent_vm(context), request.job_id)
-            digests = list(request.digests)
-            _check_digests(digests)
-            missing = await self._jobs.missing_chunks(running, digests)
-        except CofferError as exc:
-            await abort(context, exc)
+        running = self._jobs.running_backup(caller_vm(), request.job_id)
+        digests = list(request.digests)
+        _check_digests(digests)
+        missing = await self._jobs.missing_chunks(running, digests)
         return agent_pb2.MissingChunksReply(missing=missing)
 
     async def UploadChunks(
@@ -223,8 +252,8 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
                 for future in done:
                     future.result()  # a refused chunk ends the stream now
 
+        vm_id = caller_vm()
         try:
-            vm_id = _agent_vm(context)
             async for message in request_iterator:
                 if running is None:
                     running = self._jobs.running_backup(vm_id, message.job_id)
@@ -243,7 +272,7 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
         except CofferError as exc:
             if running is not None:
                 log.warning("job %s: upload refused: %s", running.record.id, exc)
-            await abort(context, exc)
+            raise
         finally:
             # Refused, or the agent went away: chunks being stored finish (a put is atomic),
             # and nothing they raise is left unretrieved.
@@ -293,8 +322,8 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
         request_iterator: AsyncIterator[agent_pb2.IndexPart],
         context: grpc.aio.ServicerContext,
     ) -> agent_pb2.PutIndexReply:
+        vm_id = caller_vm()
         try:
-            vm_id = _agent_vm(context)
             header: agent_pb2.IndexPart | None = None
             parts: list[bytes] = []
             async for part in request_iterator:
@@ -317,10 +346,8 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
                 digests=b"".join(parts),
             )
             await self._jobs.accept_index(running, index)
-        except CofferError as exc:
-            await abort(context, exc)
         except ValueError as exc:
-            await abort(context, InvalidArgument(detail=f"malformed index: {exc}"))
+            raise InvalidArgument(detail=f"malformed index: {exc}") from exc
         return agent_pb2.PutIndexReply(chunk_count=len(index))
 
     @staticmethod
@@ -341,18 +368,15 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
         request: agent_pb2.DownloadRequest,
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[agent_pb2.ChunkBatch]:
-        try:
-            running = self._jobs.running_restore(_agent_vm(context), request.job_id)
-            digests = list(request.digests)
-            _check_digests(digests)
-            for digest in digests:
-                if digest not in running.allowed:
-                    raise PermissionDenied(
-                        detail=f"chunk {digest.hex()} is not part of the restored disk"
-                    )
-            datastore = await self._jobs.datastore(running)
-        except CofferError as exc:
-            await abort(context, exc)
+        running = self._jobs.running_restore(caller_vm(), request.job_id)
+        digests = list(request.digests)
+        _check_digests(digests)
+        for digest in digests:
+            if digest not in running.allowed:
+                raise PermissionDenied(
+                    detail=f"chunk {digest.hex()} is not part of the restored disk"
+                )
+        datastore = await self._jobs.datastore(running)
         # Read a few chunks ahead so the disk and the network overlap; send them a few MiB to
         # a message.
         ahead: deque[tuple[bytes, asyncio.Future[tuple[Compression, int, bytes]]]] = deque()
@@ -384,8 +408,6 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
                 if batch_bytes >= BATCH_BYTES or not ahead:
                     yield batch
                     batch, batch_bytes = agent_pb2.ChunkBatch(), 0
-        except CofferError as exc:
-            await abort(context, exc)
         finally:
             for _, future in ahead:
                 future.cancel()

@@ -3,6 +3,9 @@
 A one-machine install needs no MQTT setup: the controller writes a `mosquitto.conf` and an
 ACL into its work directory, starts Mosquitto in its own process group, waits until it
 completes a real TLS handshake, and restarts it (with backoff) whenever it exits on its own.
+The loop that watches the child runs under a `Supervisor` (RESTART): should the loop itself
+fail, a bug, it is logged with its traceback and watches again, rather than leave the broker
+unwatched in silence.
 
 The configuration is the security model of `docs/mqtt.md`, the same as the production example
 in `deploy/mosquitto/`:
@@ -37,6 +40,7 @@ from typing import Final, Self
 from shared.backoff import Backoff
 from shared.errors import InvalidArgument, Unavailable
 from shared.status import CONTROLLER_USERNAME, MAX_PAYLOAD_BYTES, TOPIC_ROOT
+from shared.supervision import Policy, Supervisor
 from shared.tls import TlsFiles, mqtt_ssl_context, validate_operator_name
 
 log = logging.getLogger(__name__)
@@ -91,7 +95,7 @@ class PrivateBroker:
         self._ready_timeout = ready_timeout
         self._stop_timeout = stop_timeout
         self._process: asyncio.subprocess.Process | None = None
-        self._supervisor: asyncio.Task[None] | None = None
+        self._tasks: Supervisor | None = None
         self._probe_context: ssl.SSLContext | None = None
         self._restarts = 0
 
@@ -136,9 +140,12 @@ class PrivateBroker:
         except BaseException:
             await self._stop_child()
             raise
-        self._supervisor = asyncio.create_task(
-            self._supervise(), name=f"coffer-private-broker-supervisor:{self._port}"
-        )
+        tasks = Supervisor(f"private broker :{self._port}")
+        await tasks.__aenter__()
+        self._tasks = tasks
+        # RESTART: what the loop watches is the child (`self._process`); a loop that failed
+        # starts watching it again (or starts a new one).
+        tasks.start("watch", self._watch, policy=Policy.RESTART)
         log.info("private MQTT broker on %s:%d (pid %s)", self._host, self._port, self.pid)
         return self
 
@@ -148,12 +155,10 @@ class PrivateBroker:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        # The supervisor goes first, so it cannot restart the child we are about to stop.
-        if self._supervisor is not None:
-            self._supervisor.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._supervisor
-            self._supervisor = None
+        # The watch goes first, so it cannot restart the child we are about to stop.
+        tasks, self._tasks = self._tasks, None
+        if tasks is not None:
+            await tasks.__aexit__(None, None, None)
         await self._stop_child()
 
     # --- configuration -------------------------------------------------------------------
@@ -231,25 +236,28 @@ class PrivateBroker:
             f"its log ({self.log_path}) ends with:\n{self._log_tail()}"
         )
 
-    async def _supervise(self) -> None:
+    async def _watch(self) -> None:
         loop = asyncio.get_running_loop()
         attempt = 0
         while True:
             process = self._process
-            assert process is not None
-            started = loop.time()
-            returncode = await process.wait()
-            log.warning(
-                "private MQTT broker (pid %d) exited with status %d; restarting it. Log tail:\n%s",
-                process.pid,
-                returncode,
-                self._log_tail(),
-            )
-            if loop.time() - started > _STABLE_SECONDS:
-                attempt = 0
+            # None: a restart failed to spawn, or the watch itself failed while it restarted.
+            if process is not None:
+                started = loop.time()
+                returncode = await process.wait()
+                log.warning(
+                    "private MQTT broker (pid %d) exited with status %d; restarting it. "
+                    "Log tail:\n%s",
+                    process.pid,
+                    returncode,
+                    self._log_tail(),
+                )
+                if loop.time() - started > _STABLE_SECONDS:
+                    attempt = 0
             await asyncio.sleep(_RESTART.delay(attempt))
             attempt += 1
             try:
+                self._process = None
                 self._process = await self._spawn()
                 await self._wait_ready(self._process)
             except (OSError, Unavailable) as e:

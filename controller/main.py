@@ -1,4 +1,8 @@
-"""`coffer-controller`: run the controller until SIGINT or SIGTERM."""
+"""`coffer-controller`: run the controller until SIGINT or SIGTERM, or until a FATAL task fails.
+
+A clean stop exits 0; a controller that cannot start (its state directory or port taken, a bad
+config) or whose FATAL task failed prints the error and exits with its code (non-zero).
+"""
 
 from __future__ import annotations
 
@@ -20,8 +24,10 @@ async def serve(config: ControllerConfig) -> None:
     async with Controller(config).running() as controller:
         # One line a supervisor or test can wait for.
         print(f"coffer-controller ready on port {controller.port}", flush=True)
-        await stop.wait()
-        logging.getLogger(__name__).info("shutting down")
+        try:
+            await controller.wait(stop)
+        finally:
+            logging.getLogger(__name__).info("shutting down")
 
 
 def main(argv: list[str] | None = None) -> int:

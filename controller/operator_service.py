@@ -1,8 +1,9 @@
 """The gRPC service operators call (through the `coffer` CLI): the whole vault workflow.
 
-Thin: each method checks the caller is an operator, converts the request into the domain's
-terms, calls the vaults, protection, pruning or job manager, and converts the answer back.
-Protobuf types stop here.
+Thin: each method converts the request into the domain's terms, calls the vaults, protection,
+pruning or job manager, and converts the answer back. Protobuf types stop here. That the caller
+is an operator, and that errors leave typed, is checked for every method at the edge
+(`controller.interceptors`): handlers raise.
 """
 
 from __future__ import annotations
@@ -10,9 +11,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable
-from functools import wraps
-from typing import Any, TypeAlias, TypeVar
+from collections.abc import AsyncIterator
+from typing import TypeAlias
 
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -33,21 +33,12 @@ from controller.pruning import Pruner
 from controller.registry import AgentRegistry
 from controller.status import StatusMonitor
 from controller.vaults import Vaults
-from shared.errors import (
-    CofferError,
-    InvalidArgument,
-    InvalidPolicy,
-    PermissionDenied,
-    VmNotFound,
-)
+from shared.errors import InvalidArgument, InvalidPolicy, VmNotFound
 from shared.model import ItemState, JobStatus, Operation
 from shared.policy import Policy
 from shared.rpc import operator_pb2, operator_pb2_grpc
-from shared.rpc_errors import abort
-from shared.tls import peer_identity
 
 Context: TypeAlias = grpc.aio.ServicerContext
-R = TypeVar("R")
 WATCH_INTERVAL = 0.5
 
 
@@ -61,24 +52,6 @@ def _timestamp(seconds: float | None) -> Timestamp | None:
 
 def _seconds(stamp: Timestamp, present: bool) -> float | None:
     return stamp.ToNanoseconds() / 1e9 if present else None
-
-
-def operator_only(
-    method: Callable[[Any, Any, Context], Awaitable[R]],
-) -> Callable[[Any, Any, Context], Awaitable[R]]:
-    """Check the caller is an operator, and send CofferErrors back typed."""
-
-    @wraps(method)
-    async def checked(self: Any, request: Any, context: Context) -> R:
-        try:
-            identity = peer_identity(context)
-            if identity.role != "operator":
-                raise PermissionDenied(detail=f"{identity} may not use the operator API")
-            return await method(self, request, context)
-        except CofferError as exc:
-            await abort(context, exc)
-
-    return checked
 
 
 class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
@@ -173,7 +146,6 @@ class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
             data_bytes=rp.data_bytes,
         )
 
-    @operator_only
     async def ListAgents(
         self, request: operator_pb2.ListAgentsRequest, context: Context
     ) -> operator_pb2.ListAgentsReply:
@@ -194,12 +166,15 @@ class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
                         for d in a.disks
                     ],
                     running_job_id=self._jobs.running_job_of(a.vm_id),
+                    warnings=[
+                        operator_pb2.AgentWarning(code=w.code, message=w.message)
+                        for w in self._registry.warnings(a.vm_id)
+                    ],
                 )
                 for a in agents
             ]
         )
 
-    @operator_only
     async def BackupNow(
         self, request: operator_pb2.BackupNowRequest, context: Context
     ) -> operator_pb2.JobsReply:
@@ -208,7 +183,6 @@ class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
         )
         return await self._jobs_reply(jobs)
 
-    @operator_only
     async def Restore(
         self, request: operator_pb2.RestoreRequest, context: Context
     ) -> operator_pb2.Job:
@@ -225,7 +199,6 @@ class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
         )
         return self._job(job, await self._names())
 
-    @operator_only
     async def ListJobs(
         self, request: operator_pb2.ListJobsRequest, context: Context
     ) -> operator_pb2.ListJobsReply:
@@ -256,13 +229,11 @@ class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
             jobs=[self._job(await self._jobs.job(job.id), names) for job in jobs]
         )
 
-    @operator_only
     async def GetJob(
         self, request: operator_pb2.GetJobRequest, context: Context
     ) -> operator_pb2.Job:
         return self._job(await self._jobs.job(request.id), await self._names())
 
-    @operator_only
     async def CancelJob(
         self, request: operator_pb2.GetJobRequest, context: Context
     ) -> operator_pb2.Job:
@@ -271,14 +242,8 @@ class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
     async def WatchJob(
         self, request: operator_pb2.GetJobRequest, context: Context
     ) -> AsyncIterator[operator_pb2.Job]:
-        try:
-            identity = peer_identity(context)
-            if identity.role != "operator":
-                raise PermissionDenied(detail=f"{identity} may not use the operator API")
-            job = await self._jobs.job(request.id)
-            names = await self._names()
-        except CofferError as exc:
-            await abort(context, exc)
+        job = await self._jobs.job(request.id)
+        names = await self._names()
         while True:
             sent = self._job(job, names)
             yield sent
@@ -296,7 +261,6 @@ class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
                 await asyncio.sleep(WATCH_INTERVAL)
             job = await self._jobs.job(request.id)
 
-    @operator_only
     async def ListRecoveryPoints(
         self, request: operator_pb2.ListRecoveryPointsRequest, context: Context
     ) -> operator_pb2.ListRecoveryPointsReply:
@@ -325,7 +289,6 @@ class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
             stored_bytes=vault.stored_bytes,
         )
 
-    @operator_only
     async def CreateVault(
         self, request: operator_pb2.CreateVaultRequest, context: Context
     ) -> operator_pb2.Vault:
@@ -335,7 +298,6 @@ class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
         self._protection.vault_created(vault.name)
         return await self._vault(vault)
 
-    @operator_only
     async def ListVaults(
         self, request: operator_pb2.ListVaultsRequest, context: Context
     ) -> operator_pb2.ListVaultsReply:
@@ -343,13 +305,11 @@ class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
             vaults=[await self._vault(v) for v in await self._catalog.vaults()]
         )
 
-    @operator_only
     async def GetVault(
         self, request: operator_pb2.VaultRef, context: Context
     ) -> operator_pb2.Vault:
         return await self._vault(await self._catalog.vault(request.name))
 
-    @operator_only
     async def UpdateVault(
         self, request: operator_pb2.UpdateVaultRequest, context: Context
     ) -> operator_pb2.Vault:
@@ -357,7 +317,6 @@ class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
         self._jobs.set_limit(vault.name, vault.max_concurrent_backups)
         return await self._vault(vault)
 
-    @operator_only
     async def DeleteVault(
         self, request: operator_pb2.VaultRef, context: Context
     ) -> operator_pb2.Vault:
@@ -365,7 +324,6 @@ class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
         self._protection.vault_deleted(vault.name)
         return operator_pb2.Vault(name=vault.name, region=vault.region)
 
-    @operator_only
     async def Dashboard(
         self, request: operator_pb2.VaultRef, context: Context
     ) -> operator_pb2.DashboardReply:
@@ -387,7 +345,6 @@ class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
 
     # --- discovery and items ----------------------------------------------------------------
 
-    @operator_only
     async def Discover(
         self, request: operator_pb2.VaultRef, context: Context
     ) -> operator_pb2.DiscoverReply:
@@ -411,7 +368,6 @@ class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
             notes=found.notes,
         )
 
-    @operator_only
     async def Register(
         self, request: operator_pb2.ItemsRequest, context: Context
     ) -> operator_pb2.JobsReply:
@@ -419,7 +375,6 @@ class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
             await self._protection.register(request.vault, list(request.vms))
         )
 
-    @operator_only
     async def Unregister(
         self, request: operator_pb2.ItemsRequest, context: Context
     ) -> operator_pb2.JobsReply:
@@ -450,7 +405,6 @@ class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
             latest_recovery_point_at=_timestamp(newest),
         )
 
-    @operator_only
     async def ListItems(
         self, request: operator_pb2.ListItemsRequest, context: Context
     ) -> operator_pb2.ListItemsReply:
@@ -498,27 +452,23 @@ class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
             updated_at=_timestamp(record.updated_at),
         )
 
-    @operator_only
     async def CreatePolicy(
         self, request: operator_pb2.PolicyRequest, context: Context
     ) -> operator_pb2.Policy:
         policy = self._parse_policy(request.spec_json)
         return await self._policy(await self._vaults.create_policy(request.vault, policy))
 
-    @operator_only
     async def UpdatePolicy(
         self, request: operator_pb2.PolicyRequest, context: Context
     ) -> operator_pb2.Policy:
         policy = self._parse_policy(request.spec_json)
         return await self._policy(await self._vaults.update_policy(request.vault, policy))
 
-    @operator_only
     async def GetPolicy(
         self, request: operator_pb2.PolicyRef, context: Context
     ) -> operator_pb2.Policy:
         return await self._policy(await self._catalog.policy(request.vault, request.name))
 
-    @operator_only
     async def ListPolicies(
         self, request: operator_pb2.VaultRef, context: Context
     ) -> operator_pb2.ListPoliciesReply:
@@ -527,7 +477,6 @@ class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
             policies=[await self._policy(p) for p in await self._catalog.policies(request.name)]
         )
 
-    @operator_only
     async def DeletePolicy(
         self, request: operator_pb2.PolicyRef, context: Context
     ) -> operator_pb2.Policy:
@@ -536,7 +485,6 @@ class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
 
     # --- protection -------------------------------------------------------------------------
 
-    @operator_only
     async def Protect(
         self, request: operator_pb2.ProtectRequest, context: Context
     ) -> operator_pb2.JobsReply:
@@ -550,7 +498,6 @@ class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
         )
         return await self._jobs_reply(jobs)
 
-    @operator_only
     async def ResumeProtection(
         self, request: operator_pb2.ProtectRequest, context: Context
     ) -> operator_pb2.JobsReply:
@@ -559,7 +506,6 @@ class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
         )
         return await self._jobs_reply(jobs)
 
-    @operator_only
     async def StopProtection(
         self, request: operator_pb2.StopProtectionRequest, context: Context
     ) -> operator_pb2.JobsReply:
@@ -568,11 +514,9 @@ class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
 
     # --- retention --------------------------------------------------------------------------
 
-    @operator_only
     async def Prune(self, request: operator_pb2.VaultRef, context: Context) -> operator_pb2.Job:
         return self._job(await self._pruner.prune_vault(request.name, wait=False))
 
-    @operator_only
     async def CollectGarbage(
         self, request: operator_pb2.VaultRef, context: Context
     ) -> operator_pb2.Job:

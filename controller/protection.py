@@ -46,8 +46,12 @@ from shared.errors import (
 )
 from shared.model import ItemState, JobStatus, Operation, Trigger
 from shared.policy import Policy
+from shared.supervision import Policy as SupervisionPolicy
+from shared.supervision import Supervisor
 
 log = logging.getLogger(__name__)
+
+SCHEDULER_TASK = "scheduler"
 
 
 @dataclass(frozen=True)
@@ -70,7 +74,10 @@ def display_name(agent: AgentRecord | None, vm_id: str) -> str:
 
 
 class Protection:
-    """Items, their states and their schedules; an async context manager (owns the loop)."""
+    """Items, their states and their schedules; an async context manager.
+
+    Its scheduler loop runs under `supervisor` (the controller's) from enter to exit.
+    """
 
     def __init__(
         self,
@@ -80,6 +87,7 @@ class Protection:
         vaults: Vaults,
         pruner: Pruner,
         clock: Clock,
+        supervisor: Supervisor,
     ) -> None:
         self._catalog = catalog
         self._registry = registry
@@ -89,7 +97,7 @@ class Protection:
         self._clock = clock
         self.plan = Plan()
         self.scheduler = Scheduler(self.plan, clock, self._scheduled)
-        self._task: asyncio.Task[None] | None = None
+        self._supervisor = supervisor
         # Changes to one item are made one at a time (read, decide, write): a backup ending
         # and a stop-protection must not write over each other's state.
         self._locks: dict[str, asyncio.Lock] = {}
@@ -112,13 +120,13 @@ class Protection:
                     await self._rerun(item, rerun[item.vm_id])
         for vault in await self._catalog.vaults():
             self._pruner.plan_maintenance(self.plan, vault.name)
-        self._task = asyncio.create_task(self.scheduler.run(), name="scheduler")
+        # RESTART: what is due when lives in the plan, not in the loop; a loop that failed
+        # starts again from the plan, and a slot that passed meanwhile is due at once.
+        self._supervisor.start(SCHEDULER_TASK, self.scheduler.run, policy=SupervisionPolicy.RESTART)
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        await self._supervisor.stop(SCHEDULER_TASK)
 
     async def _rerun(self, item: ItemRecord, job: JobRecord) -> None:
         assert item.policy is not None

@@ -4,6 +4,14 @@ A session is the controller's end of one agent's `Session` stream. Commands go d
 its outbox; each result comes back through `resolve`, matched by command id. When a session
 ends, every command still waiting on it fails with `AgentDisconnected`, so no job waits for an
 agent that is gone.
+
+One VM, one session. A new session of a VM takes over from the one open (an agent that
+restarted while its old connection is not yet noticed dead must not wait for it); the old one is
+closed as *displaced* and its agent is told so (`DuplicateAgent`). If that agent is alive, two
+agent processes hold one identity (a cloned VM): it comes back as a *standby* session, which
+waits here until the VM has no session and never displaces the open one, so the two do not
+take turns knocking each other off. The operator sees a `DuplicateAgent` warning on the VM
+while a standby waits and for a day after (`warnings`).
 """
 
 from __future__ import annotations
@@ -13,27 +21,45 @@ import itertools
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 
-from shared.errors import AgentDisconnected, AgentUnreachable
+from shared.clock import Clock, SystemClock
+from shared.errors import AgentDisconnected, AgentUnreachable, DuplicateAgent
 from shared.rpc import agent_pb2
 
 log = logging.getLogger(__name__)
+
+# How long after two agents of one VM were last seen together `coffer agents` still says so.
+DUPLICATE_WARNING_SECONDS = 24 * 3600.0
 
 
 @dataclass
 class AgentSession:
     hello: agent_pb2.Hello
     connected_at: float
+    # Where the session comes from, as gRPC names the peer (e.g. "ipv4:10.0.0.5:41234").
+    peer: str = ""
     outbox: asyncio.Queue[agent_pb2.ControllerMessage] = field(default_factory=asyncio.Queue)
     pending: dict[str, tuple[str, asyncio.Future[agent_pb2.CommandResult]]] = field(
         default_factory=dict
     )
     closed: asyncio.Event = field(default_factory=asyncio.Event)
+    # The session that took over from this one, when that is why it closed.
+    displaced_by: AgentSession | None = None
     _ids: itertools.count[int] = field(default_factory=itertools.count)
 
     @property
     def vm_id(self) -> str:
         return self.hello.vm_id
+
+    @property
+    def address(self) -> str:
+        """Where the session comes from: the agent's address and port."""
+        return _address(self.peer)
+
+    def describe(self) -> str:
+        """Which agent process this is, for people: its host name and address."""
+        return f"host {self.hello.hostname or '?'!r} at {self.address}"
 
     def send(
         self, message: agent_pb2.ControllerMessage, job_id: str
@@ -47,6 +73,23 @@ class AgentSession:
         self.outbox.put_nowait(message)
         return future
 
+    async def next_message(self) -> agent_pb2.ControllerMessage | None:
+        """The next message to write down the stream; None once the session is closed."""
+        if self.closed.is_set():
+            return None
+        if not self.outbox.empty():
+            return self.outbox.get_nowait()
+        message = asyncio.ensure_future(self.outbox.get())
+        closed = asyncio.ensure_future(self.closed.wait())
+        try:
+            await asyncio.wait({message, closed}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            closed.cancel()
+            message.cancel()
+        if self.closed.is_set() or message.cancelled():
+            return None  # closing: a command taken meanwhile has already failed
+        return message.result()
+
     def resolve(self, result: agent_pb2.CommandResult) -> None:
         entry = self.pending.pop(result.command_id, None)
         if entry is None:
@@ -55,34 +98,103 @@ class AgentSession:
         if not entry[1].done():
             entry[1].set_result(result)
 
-    def close(self) -> None:
+    def close(self, displaced_by: AgentSession | None = None) -> None:
+        if not self.closed.is_set():
+            self.displaced_by = displaced_by
         self.closed.set()
         for job_id, future in self.pending.values():
             if not future.done():
                 future.set_exception(AgentDisconnected(vm_id=self.vm_id, job_id=job_id))
         self.pending.clear()
 
+    def displacement(self) -> DuplicateAgent | None:
+        """Why the agent must hear this session ended, if another took over from it."""
+        if self.displaced_by is None:
+            return None
+        return DuplicateAgent(vm_id=self.vm_id, other=self.displaced_by.describe())
+
+
+@dataclass(frozen=True)
+class AgentWarning:
+    """Something an operator should know about a VM's agent: a stable code and what happened."""
+
+    code: str
+    message: str
+
+
+@dataclass(frozen=True)
+class _Duplicate:
+    """Two agent processes of one VM, as last seen together."""
+
+    at: float
+    holder: str  # the one that had the session
+    other: str  # the one that waited for it
+
 
 class AgentRegistry:
-    def __init__(self) -> None:
+    def __init__(self, clock: Clock | None = None) -> None:
+        self._clock = clock or SystemClock()
         self._sessions: dict[str, AgentSession] = {}
+        # Standby sessions by VM, waiting for its open session to end.
+        self._standby: dict[str, list[AgentSession]] = {}
+        # Set (and dropped) when a VM's open session ends: wakes its standby sessions.
+        self._vacated: dict[str, asyncio.Event] = {}
+        self._duplicates: dict[str, _Duplicate] = {}
         # Called with the VM id of every agent that connects (the job dispatcher listens).
         self.on_connect: list[Callable[[str], None]] = []
 
     def connect(self, session: AgentSession) -> None:
-        """Make `session` the VM's live one; a stale session of the same VM is closed."""
+        """Make `session` the VM's live one; the session open before is closed as displaced."""
         old = self._sessions.get(session.vm_id)
         if old is not None:
-            log.info("%s reconnected; closing its previous session", session.vm_id)
-            old.close()
+            log.info(
+                "%s reconnected from %s; closing its previous session (from %s)",
+                session.vm_id,
+                session.describe(),
+                old.describe(),
+            )
+            old.close(displaced_by=session)
         self._sessions[session.vm_id] = session
         for listener in self.on_connect:
             listener(session.vm_id)
+
+    async def connect_when_free(self, session: AgentSession) -> None:
+        """Connect standby `session` once its VM has no open session; it displaces none.
+
+        Its agent was displaced by another agent process of the same VM and came back: both
+        are alive, which is what the operator must hear about (a `DuplicateAgent` warning).
+        """
+        vm_id = session.vm_id
+        waiting = self._standby.setdefault(vm_id, [])
+        waiting.append(session)
+        try:
+            while (holder := self._sessions.get(vm_id)) is not None:
+                self._duplicates[vm_id] = _Duplicate(
+                    self._clock.now(), holder.describe(), session.describe()
+                )
+                log.warning(
+                    "%s: two agent processes use this VM's certificate (DuplicateAgent): %s has "
+                    "the session, %s waits for it to end",
+                    vm_id,
+                    holder.describe(),
+                    session.describe(),
+                )
+                await self._vacated.setdefault(vm_id, asyncio.Event()).wait()
+        finally:
+            waiting.remove(session)
+            if not waiting:
+                del self._standby[vm_id]
+        # No await between the check above and here: no other session can slip in between.
+        log.info("%s: the standby agent (%s) takes the session", vm_id, session.describe())
+        self.connect(session)
 
     def disconnect(self, session: AgentSession) -> None:
         session.close()
         if self._sessions.get(session.vm_id) is session:
             del self._sessions[session.vm_id]
+            vacated = self._vacated.pop(session.vm_id, None)
+            if vacated is not None:
+                vacated.set()
 
     def get(self, vm_id: str) -> AgentSession:
         session = self._sessions.get(vm_id)
@@ -96,6 +208,38 @@ class AgentRegistry:
     def online(self, vm_id: str) -> bool:
         return vm_id in self._sessions
 
+    def warnings(self, vm_id: str) -> list[AgentWarning]:
+        """What the operator should know about VM `vm_id`'s agent now."""
+        holder = self._sessions.get(vm_id)
+        waiting = self._standby.get(vm_id, [])
+        if holder is not None and waiting:
+            others = "; ".join(s.describe() for s in waiting)
+            message = (
+                f"{len(waiting) + 1} agent processes use this VM's certificate: "
+                f"{holder.describe()} has the session, and waiting: {others}"
+            )
+        elif (seen := self._duplicates.get(vm_id)) is not None and (
+            self._clock.now() - seen.at < DUPLICATE_WARNING_SECONDS
+        ):
+            at = datetime.fromtimestamp(seen.at, UTC).isoformat(timespec="seconds")
+            message = (
+                f"two agent processes used this VM's certificate, last at {at}: "
+                f"{seen.holder} had the session, {seen.other} waited for it"
+            )
+        else:
+            return []
+        fix = (
+            "stop one of them, or give the other VM its own identity "
+            "(`coffer pki issue-agent NEW-VM`)"
+        )
+        return [AgentWarning(DuplicateAgent.code, f"{message}; {fix}")]
+
     def close_all(self) -> None:
         for session in list(self._sessions.values()):
             self.disconnect(session)
+
+
+def _address(peer: str) -> str:
+    """A gRPC peer name ("ipv4:10.0.0.5:41234", "ipv6:[::1]:41234") as an address."""
+    kind, _, address = peer.partition(":")
+    return address if kind in ("ipv4", "ipv6") and address else peer or "an unknown address"

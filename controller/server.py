@@ -1,9 +1,18 @@
 """The controller process: catalog, datastores, status, jobs and the gRPC server, wired up.
 
 `Controller` is one async context manager that starts everything in dependency order and
-stops it in reverse: the gRPC server stops taking calls (with a grace period for calls in
-flight), agent sessions close (their jobs fail with AgentDisconnected and are recorded), the
-job manager drains, the status monitor and the private broker stop, the catalog flushes.
+stops it in reverse. First it takes its state directory (`StateLock`), so a second controller
+given the same `state_dir` refuses to start before it has touched anything there; one given
+the same `listen` fails to bind (port reuse is off) and refuses too. On the way out the gRPC
+server stops taking calls (with a grace period for calls in flight), agent sessions close
+(their jobs fail with AgentDisconnected and are recorded), the job manager drains, the status
+monitor and the private broker stop, the catalog flushes.
+
+The controller's long-lived tasks run under one `Supervisor`, each with its policy stated where
+it is started: RESTART (logged with its traceback, started again after a backoff) or FATAL
+(logged, and the controller stops with a non-zero exit: `Controller.wait` raises the error).
+Components that own tasks take the supervisor (the protection's scheduler here; the job
+manager's dispatcher is the next to move onto it).
 """
 
 from __future__ import annotations
@@ -13,6 +22,7 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 
 import grpc
 
@@ -21,17 +31,21 @@ from controller.broker import PrivateBroker
 from controller.catalog import Catalog
 from controller.config import ControllerConfig
 from controller.datastores import Datastores
+from controller.interceptors import CallerIdentity, ErrorMapping
 from controller.jobs import JobManager
 from controller.operator_service import OperatorService
 from controller.protection import Protection
 from controller.pruning import Pruner
 from controller.registry import AgentRegistry
+from controller.state_lock import StateLock
 from controller.status import StatusMonitor
 from controller.vaults import Vaults
 from shared.clock import Clock, SystemClock
-from shared.errors import Unavailable
+from shared.errors import CofferError, Unavailable
 from shared.rpc import agent_pb2_grpc, operator_pb2_grpc
-from shared.tls import server_credentials, server_options
+from shared.rpc_channel import server_options
+from shared.supervision import Policy, Supervisor, TaskFailed
+from shared.tls import server_credentials
 from shared.version import coffer_version
 
 log = logging.getLogger(__name__)
@@ -45,12 +59,40 @@ class Controller:
         self.config = config
         self.clock = clock or SystemClock()
         self.port = 0
+        self._supervisor: Supervisor | None = None
+
+    @property
+    def supervisor(self) -> Supervisor:
+        """The supervisor of the controller's long-lived tasks (while running)."""
+        assert self._supervisor is not None, "the controller is not running"
+        return self._supervisor
+
+    async def wait(self, stop: asyncio.Event) -> None:
+        """Until `stop` is set, or a FATAL task fails: then raise what it failed with."""
+        supervisor = self.supervisor
+        stopped = asyncio.ensure_future(stop.wait())
+        failed = asyncio.ensure_future(supervisor.failed.wait())
+        try:
+            await asyncio.wait({stopped, failed}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopped.cancel()
+            failed.cancel()
+        if supervisor.failure is not None:
+            raise _fatal(supervisor.failure)
 
     @contextlib.asynccontextmanager
     async def running(self) -> AsyncIterator[Controller]:
         config = self.config
         config.state_dir.mkdir(parents=True, exist_ok=True)
         async with contextlib.AsyncExitStack() as stack:
+            # Before anything in the state directory is touched, and held to the end.
+            state_lock = stack.enter_context(StateLock(config.state_dir))
+            supervisor = await stack.enter_async_context(Supervisor("controller"))
+            self._supervisor = supervisor
+            # FATAL: a controller whose lock file is gone may soon have a second controller
+            # writing beside it; stopping is the only safe answer.
+            supervisor.start("state-lock", state_lock.watch, policy=Policy.FATAL)
+
             # Datastore work: verifying chunks (hashing, decompressing: both free the GIL) and
             # file I/O that mostly waits on the disk, so more threads than cores.
             pool = stack.enter_context(ThreadPoolExecutor(16, thread_name_prefix="datastore"))
@@ -68,20 +110,29 @@ class Controller:
             status.set_broker(*mqtt)
             advertised = (config.advertise_host or mqtt[0], mqtt[1])
 
-            registry = AgentRegistry()
+            registry = AgentRegistry(self.clock)
+            # The backup dispatcher runs under `supervisor` (RESTART, started by the job
+            # manager); job bodies run in the job runner's own task group, which records
+            # whatever they raise as the job's outcome.
             jobs = await stack.enter_async_context(
-                JobManager(catalog, registry, datastores, status, self.clock, pool)
+                JobManager(
+                    catalog, registry, datastores, status, self.clock, pool, supervisor=supervisor
+                )
             )
             # Exits run in reverse: sessions close before the job manager drains.
             stack.callback(registry.close_all)
             vaults = Vaults(catalog, datastores, self.clock, config.chunk_size)
             pruner = Pruner(catalog, datastores, jobs, self.clock, config.gc_grace_seconds)
             self.protection = await stack.enter_async_context(
-                Protection(catalog, registry, jobs, vaults, pruner, self.clock)
+                Protection(catalog, registry, jobs, vaults, pruner, self.clock, supervisor)
             )
             self.jobs = jobs
 
-            server = grpc.aio.server(options=server_options())
+            server = grpc.aio.server(
+                options=server_options(),
+                # The error mapping first: it also maps the identity check's refusals.
+                interceptors=(ErrorMapping(), CallerIdentity()),
+            )
             agent_pb2_grpc.add_AgentServiceServicer_to_server(
                 AgentService(catalog, registry, jobs, self.clock, advertised, coffer_version()),
                 server,
@@ -90,20 +141,18 @@ class Controller:
                 OperatorService(catalog, registry, jobs, status, vaults, self.protection, pruner),
                 server,
             )
-            try:
-                self.port = server.add_secure_port(config.listen, server_credentials(config.tls))
-            except RuntimeError as exc:  # grpc's only word for "could not bind"
-                raise Unavailable(
-                    f"cannot listen on {config.listen}: {str(exc).split(';')[0]}. Is another "
-                    "controller running, "
-                    "or is the address wrong (`listen` in the controller config)?"
-                ) from exc
+            self.port = _bind(server, config)
             await server.start()
             stack.push_async_callback(server.stop, SHUTDOWN_GRACE_SECONDS)
             log.info("controller listening on %s (port %d)", config.listen, self.port)
 
-            flusher = asyncio.create_task(self._flush_heartbeats(catalog), name="heartbeats")
-            stack.push_async_callback(self._cancel, flusher)
+            # RESTART: heartbeats wait in the catalog's memory until a flush writes them, so a
+            # flush that failed (a busy or full disk) loses none; the next one writes them all.
+            supervisor.start(
+                "heartbeats", partial(self._flush_heartbeats, catalog), policy=Policy.RESTART
+            )
+            # Stopped while the catalog is still open.
+            stack.push_async_callback(supervisor.stop, "heartbeats")
             # Runs first on the way out: what the stop interrupts is recorded at the next start.
             stack.callback(jobs.stopping)
             yield self
@@ -114,8 +163,27 @@ class Controller:
             await asyncio.sleep(HEARTBEAT_FLUSH_SECONDS)
             await catalog.flush()
 
-    @staticmethod
-    async def _cancel(task: asyncio.Task[None]) -> None:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+
+def _bind(server: grpc.aio.Server, config: ControllerConfig) -> int:
+    """Bind `config.listen`; Unavailable when another process has the port."""
+    try:
+        port: int = server.add_secure_port(config.listen, server_credentials(config.tls))
+    except RuntimeError as exc:  # grpc's only word for "could not bind"
+        raise Unavailable(
+            f"cannot listen on {config.listen}: {str(exc).split(';')[0]}. Is another "
+            "controller running, "
+            "or is the address wrong (`listen` in the controller config)?"
+        ) from exc
+    return port
+
+
+def _fatal(failure: TaskFailed) -> CofferError:
+    """The error the controller stops with when the FATAL task `failure` names failed."""
+    if isinstance(failure.error, CofferError):
+        return failure.error
+    error = CofferError(
+        f"the controller stopped: its task {failure.name!r} failed with "
+        f"{failure.error!r} (the traceback is in the log)"
+    )
+    error.__cause__ = failure.error
+    return error

@@ -255,6 +255,14 @@ class AgentUnreachable(CofferError):
     grpc_status = "UNAVAILABLE"
 
 
+class DuplicateAgent(Conflict):
+    """Another agent process with the certificate of VM {vm_id!r} ({other}) took over its session: two agents run with one identity (a cloned VM, or a second coffer-agent started by hand?). Stop one of them, or give the other VM its own identity (`coffer pki issue-agent NEW-VM`)."""
+
+    code = "DuplicateAgent"
+    retryable = True
+    grpc_status = "ABORTED"
+
+
 class AgentDisconnected(CofferError):
     """The agent of VM {vm_id!r} disconnected while job {job_id} was running; the job did not complete and left no recovery point. Run it again once the agent is back."""
 
@@ -304,6 +312,18 @@ class Unavailable(CofferError):
     retryable = True
     exit_code = 8
     grpc_status = "UNAVAILABLE"
+
+
+class StateDirInUse(Conflict):
+    """The state directory {path} is in use by another coffer-controller ({holder}); stop that one first, or give this controller its own `state_dir`."""
+
+    code = "StateDirInUse"
+
+
+class StateDirLost(CofferError):
+    """The controller's lock on its state directory {path} is gone ({why}); it stops so that a second controller cannot write beside it. Find what removed or replaced the lock file, then start the controller again."""
+
+    code = "StateDirLost"
 
 
 class DatastoreError(CofferError):

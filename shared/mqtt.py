@@ -1,13 +1,15 @@
 """A reconnecting MQTT connection: the loop of the agent's publisher and the controller's monitor.
 
-aiomqtt has no reconnect of its own, so `MqttConnection` owns one background task that loops:
+aiomqtt has no reconnect of its own, so `MqttConnection` owns one background task that loops
+(under a `Supervisor`, RESTART: should the loop itself fail, a bug, it is logged with its
+traceback and started again rather than leave the connection dead in silence):
 connect to the current broker (TLS client certificate, a fixed client id, the subclass's last
 will), run a session, and on any MQTT or network error wait a jittered, capped backoff
 (`shared.status.RECONNECT`) and connect again. A session is two tasks in a TaskGroup:
 one receives (and is how a dropped connection is noticed, even by a client that subscribes to
 nothing), the other sends what waits in a coalescing `Outbox`. A session ends cleanly when its
 owner closes it or `set_broker` names another address: what was queued before goes out, the
-subclass says goodbye, then the client disconnects.
+subclass says goodbye, then the client disconnects. `leave` disconnects without the goodbye.
 
 Callers never block and never see an MQTT error: they fill the outbox and `_signal` the task,
 from any thread. Closing (leaving the `async with`) gives the session CLOSE_TIMEOUT to finish,
@@ -30,6 +32,7 @@ import aiomqtt
 
 from shared.errors import CofferError
 from shared.status import RECONNECT, Outbox, OutgoingMessage
+from shared.supervision import Policy, Supervisor
 from shared.tls import TlsFiles, mqtt_ssl_context
 
 # A dead connection (VM paused, network cut) is noticed after 1.5 keepalives; a killed agent
@@ -49,7 +52,7 @@ class MqttConnection(abc.ABC):
     called at any time, from any thread, connected or not.
     """
 
-    # What the connection is to its owner, for the one log line about a bug in the loop.
+    # What the connection is to its owner: names its supervisor in the log.
     WHAT: ClassVar[str] = "status connection"
 
     def __init__(
@@ -70,12 +73,14 @@ class MqttConnection(abc.ABC):
         self._outbox = Outbox(max_pending)
         self._broker: tuple[str, int] | None = None
         self._closing = False
+        self._quiet = False  # leaving without last words (`leave`)
         self._connected = False
         self._connections = 0  # successful connects so far
         # _wake: something to do (new message, new broker, closing); _control: only the latter.
         self._wake = asyncio.Event()
         self._control = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._tasks: Supervisor | None = None
         self._task: asyncio.Task[None] | None = None
 
     @property
@@ -102,10 +107,21 @@ class MqttConnection(abc.ABC):
         if broker is not None and not 0 < port < 65536:
             self._log.error("status broker %s:%d has no valid port; not connecting", host, port)
             broker = None
+        if broker is not None:
+            self._quiet = False
         if broker == self._broker:
             return
         self._broker = broker
         self._signal(control=True)
+
+    def leave(self) -> None:
+        """Disconnect from the broker without last words, until `set_broker` names one again.
+
+        No goodbye, and no will either (a clean disconnect drops it): for a client whose
+        identity another process now speaks for, whose presence must not be overwritten.
+        """
+        self._quiet = True
+        self.set_broker("", 0)
 
     def _enqueue(self, message: OutgoingMessage) -> None:
         """Queue `message` for the broker and wake the task; returns at once, from any thread."""
@@ -134,8 +150,12 @@ class MqttConnection(abc.ABC):
     async def __aenter__(self) -> Self:
         self._loop = asyncio.get_running_loop()
         self._closing = False
-        self._task = asyncio.create_task(self._run(), name=self._task_name)
-        self._task.add_done_callback(self._log_crash)
+        tasks = Supervisor(self.WHAT)
+        await tasks.__aenter__()
+        self._tasks = tasks
+        # RESTART: the loop's state (outbox, broker, backoff) lives in this object; a loop that
+        # failed picks it up again.
+        self._task = tasks.start(self._task_name, self._run, policy=Policy.RESTART)
         return self
 
     async def __aexit__(
@@ -145,7 +165,8 @@ class MqttConnection(abc.ABC):
         tb: TracebackType | None,
     ) -> None:
         task, self._task = self._task, None
-        if task is None:
+        tasks, self._tasks = self._tasks, None
+        if task is None or tasks is None:
             return
         # Let the task send what is queued, say goodbye and disconnect; cancel it if it cannot
         # within CLOSE_TIMEOUT (e.g. stuck in a connect to an unreachable address). A connect
@@ -156,16 +177,9 @@ class MqttConnection(abc.ABC):
         try:
             await asyncio.wait({task}, timeout=CLOSE_TIMEOUT)
         finally:
-            # Also when our caller is cancelled while waiting: the task never outlives us.
-            if not task.done():
-                task.cancel()
-                await asyncio.wait({task})
-        if not task.cancelled() and (error := task.exception()) is not None:
-            raise error
-
-    def _log_crash(self, task: asyncio.Task[None]) -> None:
-        if not task.cancelled() and (error := task.exception()) is not None:
-            self._log.error("%s stopped by a bug", self.WHAT, exc_info=error)
+            # Also when our caller is cancelled while waiting: leaving the supervisor cancels
+            # and awaits the task, which never outlives us.
+            await tasks.__aexit__(None, None, None)
 
     # --- the connection task -----------------------------------------------------------------
 
@@ -266,7 +280,8 @@ class MqttConnection(abc.ABC):
             batch = self._outbox.take_all()
             await _send(client, batch, self._outbox)
             if stopping:
-                await self._goodbye(client)
+                if not self._quiet:
+                    await self._goodbye(client)
                 receiver.cancel()
                 return
             if not batch:

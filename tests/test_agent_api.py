@@ -19,7 +19,8 @@ from shared.blob import Compression
 from shared.digest import chunk_digest
 from shared.errors import ERROR_CODE_METADATA_KEY
 from shared.rpc import agent_pb2, agent_pb2_grpc, common_pb2
-from shared.tls import TlsFiles, channel_credentials, channel_options
+from shared.rpc_channel import channel_options
+from shared.tls import TlsFiles, channel_credentials
 from tests.cluster import Cluster
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]

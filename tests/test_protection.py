@@ -58,6 +58,7 @@ from shared.manifest import ManifestDisk, RecoveryPointManifest
 from shared.model import ItemState, JobStatus, Operation, Trigger
 from shared.policy import DailyRule, Frequency, Policy, Retention, Schedule
 from shared.rpc import agent_pb2, common_pb2
+from shared.supervision import Supervisor
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -191,8 +192,9 @@ async def controller(
         stack.callback(jobs.stopping)  # as controller.server stops
         vaults = Vaults(catalog, datastores, clock, CHUNK)
         pruner = Pruner(catalog, datastores, jobs, clock, gc_grace_seconds=HOUR)
+        supervisor = await stack.enter_async_context(Supervisor("controller"))
         protection = await stack.enter_async_context(
-            Protection(catalog, registry, jobs, vaults, pruner, clock)
+            Protection(catalog, registry, jobs, vaults, pruner, clock, supervisor)
         )
         yield Controller(clock, catalog, datastores, registry, jobs, vaults, pruner, protection)
 

@@ -29,17 +29,15 @@ from cryptography.x509.oid import NameOID
 from controller.cli.pki import pki as pki_command
 from controller.pki import init_pki, issue_agent, issue_operator
 from shared.errors import Conflict, InvalidArgument, NotFound, Unauthenticated
+from shared.rpc_channel import KEEPALIVE_TIME_MS, channel_options, server_options
 from shared.tls import (
-    KEEPALIVE_TIME_MS,
     Identity,
     TlsFiles,
     channel_credentials,
-    channel_options,
     identity_of_certificate,
     mqtt_ssl_context,
     peer_identity,
     server_credentials,
-    server_options,
 )
 
 SERVICE = "coffer.test.Probe"
@@ -235,7 +233,8 @@ HOLDING_CLIENT = """
 import asyncio, sys
 from pathlib import Path
 import grpc
-from shared.tls import TlsFiles, channel_credentials, channel_options
+from shared.rpc_channel import channel_options
+from shared.tls import TlsFiles, channel_credentials
 
 async def main() -> None:
     ca, cert, key, target = sys.argv[1:5]
@@ -320,7 +319,8 @@ ECHO_SERVER = """
 import asyncio, sys
 from pathlib import Path
 import grpc
-from shared.tls import TlsFiles, server_credentials, server_options
+from shared.rpc_channel import server_options
+from shared.tls import TlsFiles, server_credentials
 
 async def hold(requests, context):
     async for request in requests:

@@ -11,8 +11,9 @@ import grpc
 
 from shared.errors import InvalidArgument
 from shared.rpc import operator_pb2_grpc
+from shared.rpc_channel import channel_options
 from shared.rpc_errors import from_rpc_error
-from shared.tls import TlsFiles, channel_credentials, channel_options
+from shared.tls import TlsFiles, channel_credentials
 
 R = TypeVar("R")
 

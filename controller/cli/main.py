@@ -235,6 +235,9 @@ def agents(connection: Connection, as_json: bool) -> None:
             for a in reply.agents
         ],
     )
+    for a in reply.agents:
+        for warning in a.warnings:
+            click.echo(f"WARNING {a.vm_id}: {warning.code}: {warning.message}")
 
 
 @cli.command(name="backup-now")

@@ -53,7 +53,7 @@ class DiskInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., path: _Optional[str] = ..., size_bytes: _Optional[int] = ...) -> None: ...
 
 class Hello(_message.Message):
-    __slots__ = ("vm_id", "name", "service", "region", "hostname", "agent_version", "disks")
+    __slots__ = ("vm_id", "name", "service", "region", "hostname", "agent_version", "disks", "standby")
     VM_ID_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     SERVICE_FIELD_NUMBER: _ClassVar[int]
@@ -61,6 +61,7 @@ class Hello(_message.Message):
     HOSTNAME_FIELD_NUMBER: _ClassVar[int]
     AGENT_VERSION_FIELD_NUMBER: _ClassVar[int]
     DISKS_FIELD_NUMBER: _ClassVar[int]
+    STANDBY_FIELD_NUMBER: _ClassVar[int]
     vm_id: str
     name: str
     service: str
@@ -68,7 +69,8 @@ class Hello(_message.Message):
     hostname: str
     agent_version: str
     disks: _containers.RepeatedCompositeFieldContainer[DiskInfo]
-    def __init__(self, vm_id: _Optional[str] = ..., name: _Optional[str] = ..., service: _Optional[str] = ..., region: _Optional[str] = ..., hostname: _Optional[str] = ..., agent_version: _Optional[str] = ..., disks: _Optional[_Iterable[_Union[DiskInfo, _Mapping]]] = ...) -> None: ...
+    standby: bool
+    def __init__(self, vm_id: _Optional[str] = ..., name: _Optional[str] = ..., service: _Optional[str] = ..., region: _Optional[str] = ..., hostname: _Optional[str] = ..., agent_version: _Optional[str] = ..., disks: _Optional[_Iterable[_Union[DiskInfo, _Mapping]]] = ..., standby: _Optional[bool] = ...) -> None: ...
 
 class Heartbeat(_message.Message):
     __slots__ = ("sequence",)
@@ -132,19 +134,33 @@ class CancelCommand(_message.Message):
     job_id: str
     def __init__(self, job_id: _Optional[str] = ...) -> None: ...
 
+class SessionDisplaced(_message.Message):
+    __slots__ = ("peer", "hostname", "agent_version", "at")
+    PEER_FIELD_NUMBER: _ClassVar[int]
+    HOSTNAME_FIELD_NUMBER: _ClassVar[int]
+    AGENT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    AT_FIELD_NUMBER: _ClassVar[int]
+    peer: str
+    hostname: str
+    agent_version: str
+    at: float
+    def __init__(self, peer: _Optional[str] = ..., hostname: _Optional[str] = ..., agent_version: _Optional[str] = ..., at: _Optional[float] = ...) -> None: ...
+
 class ControllerMessage(_message.Message):
-    __slots__ = ("command_id", "accepted", "backup", "restore", "cancel")
+    __slots__ = ("command_id", "accepted", "backup", "restore", "cancel", "displaced")
     COMMAND_ID_FIELD_NUMBER: _ClassVar[int]
     ACCEPTED_FIELD_NUMBER: _ClassVar[int]
     BACKUP_FIELD_NUMBER: _ClassVar[int]
     RESTORE_FIELD_NUMBER: _ClassVar[int]
     CANCEL_FIELD_NUMBER: _ClassVar[int]
+    DISPLACED_FIELD_NUMBER: _ClassVar[int]
     command_id: str
     accepted: SessionAccepted
     backup: BackupCommand
     restore: RestoreCommand
     cancel: CancelCommand
-    def __init__(self, command_id: _Optional[str] = ..., accepted: _Optional[_Union[SessionAccepted, _Mapping]] = ..., backup: _Optional[_Union[BackupCommand, _Mapping]] = ..., restore: _Optional[_Union[RestoreCommand, _Mapping]] = ..., cancel: _Optional[_Union[CancelCommand, _Mapping]] = ...) -> None: ...
+    displaced: SessionDisplaced
+    def __init__(self, command_id: _Optional[str] = ..., accepted: _Optional[_Union[SessionAccepted, _Mapping]] = ..., backup: _Optional[_Union[BackupCommand, _Mapping]] = ..., restore: _Optional[_Union[RestoreCommand, _Mapping]] = ..., cancel: _Optional[_Union[CancelCommand, _Mapping]] = ..., displaced: _Optional[_Union[SessionDisplaced, _Mapping]] = ...) -> None: ...
 
 class DiskBackupResult(_message.Message):
     __slots__ = ("disk", "size_bytes", "bytes_read", "bytes_sent", "chunk_count", "zero_chunks", "consistency", "snapshot_provider")

@@ -78,7 +78,8 @@ class AgentServiceServicer:
     def Session(self, request_iterator, context):
         """The agent's long-lived session: the first message up must be a Hello. The controller
         answers with SessionAccepted, then sends commands; the agent sends heartbeats and one
-        CommandResult per command, echoing its command_id.
+        CommandResult per command, echoing its command_id. A VM has one session: a new one takes
+        over from the open one, which gets SessionDisplaced and ends with DuplicateAgent.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -266,7 +266,7 @@ class Disk(_message.Message):
     def __init__(self, name: _Optional[str] = ..., path: _Optional[str] = ..., size_bytes: _Optional[int] = ...) -> None: ...
 
 class Agent(_message.Message):
-    __slots__ = ("vm_id", "name", "service", "region", "hostname", "agent_version", "online", "last_seen", "disks", "running_job_id")
+    __slots__ = ("vm_id", "name", "service", "region", "hostname", "agent_version", "online", "last_seen", "disks", "running_job_id", "warnings")
     VM_ID_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     SERVICE_FIELD_NUMBER: _ClassVar[int]
@@ -277,6 +277,7 @@ class Agent(_message.Message):
     LAST_SEEN_FIELD_NUMBER: _ClassVar[int]
     DISKS_FIELD_NUMBER: _ClassVar[int]
     RUNNING_JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    WARNINGS_FIELD_NUMBER: _ClassVar[int]
     vm_id: str
     name: str
     service: str
@@ -287,7 +288,16 @@ class Agent(_message.Message):
     last_seen: _timestamp_pb2.Timestamp
     disks: _containers.RepeatedCompositeFieldContainer[Disk]
     running_job_id: str
-    def __init__(self, vm_id: _Optional[str] = ..., name: _Optional[str] = ..., service: _Optional[str] = ..., region: _Optional[str] = ..., hostname: _Optional[str] = ..., agent_version: _Optional[str] = ..., online: _Optional[bool] = ..., last_seen: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., disks: _Optional[_Iterable[_Union[Disk, _Mapping]]] = ..., running_job_id: _Optional[str] = ...) -> None: ...
+    warnings: _containers.RepeatedCompositeFieldContainer[AgentWarning]
+    def __init__(self, vm_id: _Optional[str] = ..., name: _Optional[str] = ..., service: _Optional[str] = ..., region: _Optional[str] = ..., hostname: _Optional[str] = ..., agent_version: _Optional[str] = ..., online: _Optional[bool] = ..., last_seen: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., disks: _Optional[_Iterable[_Union[Disk, _Mapping]]] = ..., running_job_id: _Optional[str] = ..., warnings: _Optional[_Iterable[_Union[AgentWarning, _Mapping]]] = ...) -> None: ...
+
+class AgentWarning(_message.Message):
+    __slots__ = ("code", "message")
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    code: str
+    message: str
+    def __init__(self, code: _Optional[str] = ..., message: _Optional[str] = ...) -> None: ...
 
 class ListAgentsRequest(_message.Message):
     __slots__ = ()

@@ -1,0 +1,105 @@
+"""gRPC connections between Coffer processes: limits, keepalive, and the options of both ends.
+
+Every client channel to the controller (the agent's session and data path, `coffer-agent
+doctor`, the `coffer` CLI) and the controller's server are configured here and nowhere else,
+so the two ends always agree: the largest message either may send, how a dead peer is noticed,
+and that a listening port belongs to one process. Clients open their channel with
+`secure_channel` (asyncio) or pass `channel_options` to a synchronous one.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Final
+
+import grpc
+
+from shared.tls import TlsFiles, channel_credentials
+
+# The largest message either end accepts: a batch of chunks (a few MiB) with room to spare.
+MAX_MESSAGE_BYTES: Final = 32 * 1024 * 1024
+
+# --- keepalive ---------------------------------------------------------------------------
+# Both ends ping the other every KEEPALIVE_TIME_MS and drop the connection when an answer
+# takes longer than KEEPALIVE_TIMEOUT_MS, so a peer that died without closing its socket (VM
+# paused or powered off, process frozen, network cut) is noticed within
+# KEEPALIVE_TIME_MS + KEEPALIVE_TIMEOUT_MS (8 s). A process that is killed is noticed at once:
+# its kernel closes the socket. Why each knob is set (gRPC core's doc/keepalive.md and
+# chttp2_transport.cc):
+# - grpc.keepalive_time_ms: pings are off by default on clients (INT_MAX) and every 2 hours
+#   on servers.
+# - grpc.keepalive_timeout_ms AND grpc.http2.ping_timeout_ms: current gRPC core arms the
+#   keepalive watchdog only when keepalive_timeout < ping_timeout, and every ping also gets
+#   a ping timeout that defaults to 1 minute once keepalive is on; setting both makes the
+#   wait for an answer really KEEPALIVE_TIMEOUT_MS. Measured with grpcio 1.85 (the frozen
+#   peer tests in tests/test_tls.py): 8 s with both, 64 s without ping_timeout_ms.
+# - grpc.http2.max_pings_without_data = 0: by default a side stops pinging after 2 pings
+#   without sending data or headers, so an idle session (or a server only receiving) would
+#   stop being watched.
+# - grpc.keepalive_permit_without_calls = 1: keep watching a connection with no RPC in flight
+#   (on the server it also accepts the client's pings then instead of counting strikes).
+# - server grpc.http2.min_ping_interval_without_data_ms: the server counts a client ping
+#   that comes sooner than this (default 5 minutes) as a "ping strike" and sends GOAWAY
+#   ENHANCE_YOUR_CALM "too_many_pings" past 2 strikes (strikes reset whenever the server
+#   sends data or headers, so an idle stream is what trips it); it must be below the
+#   client's KEEPALIVE_TIME_MS, with margin for timer jitter.
+# Pings stop while data arrives (the timer restarts on every read), so a busy upload is not
+# slowed; only a connection quiet for KEEPALIVE_TIME_MS is probed.
+KEEPALIVE_TIME_MS: Final = 4_000
+KEEPALIVE_TIMEOUT_MS: Final = 4_000
+MIN_CLIENT_PING_INTERVAL_MS: Final = KEEPALIVE_TIME_MS // 2
+
+
+def _keepalive_options() -> list[tuple[str, Any]]:
+    return [
+        ("grpc.keepalive_time_ms", KEEPALIVE_TIME_MS),
+        ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
+        ("grpc.http2.ping_timeout_ms", KEEPALIVE_TIMEOUT_MS),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_pings_without_data", 0),
+    ]
+
+
+def _message_size_options() -> list[tuple[str, Any]]:
+    return [
+        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ]
+
+
+def channel_options(server_name: str | None = None) -> list[tuple[str, Any]]:
+    """Options for every client channel to the controller (agent, CLI).
+
+    `server_name` is the name the controller's certificate must carry when it differs from
+    the host in the target address (e.g. dialling an IP the certificate does not list).
+    """
+    options = [*_keepalive_options(), *_message_size_options()]
+    if server_name is not None:
+        options.append(("grpc.ssl_target_name_override", server_name))
+    return options
+
+
+def server_options() -> list[tuple[str, Any]]:
+    """Options for the controller's gRPC server, matching `channel_options`.
+
+    `grpc.so_reuseport` is off: gRPC sets SO_REUSEPORT by default, so a second controller
+    given the same `listen` would bind the port beside the first and the kernel would share
+    the connections between them (operators' calls answered by one or the other). Without it
+    the second one's bind fails and it refuses to start.
+    """
+    return [
+        *_keepalive_options(),
+        ("grpc.http2.min_ping_interval_without_data_ms", MIN_CLIENT_PING_INTERVAL_MS),
+        ("grpc.http2.max_ping_strikes", 2),
+        *_message_size_options(),
+        ("grpc.so_reuseport", 0),
+    ]
+
+
+def secure_channel(address: str, tls: TlsFiles, server_name: str | None = None) -> grpc.aio.Channel:
+    """An asyncio channel to the controller at `address`: mutual TLS with `tls`, our options.
+
+    Use as `async with secure_channel(...) as channel`.
+    """
+    return grpc.aio.secure_channel(
+        address, channel_credentials(tls), options=channel_options(server_name)
+    )
