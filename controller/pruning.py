@@ -100,7 +100,13 @@ class Pruner:
     async def prune_vm(self, vault: str, vm_id: str, *, after_job: str = "") -> JobRecord | None:
         """Apply the VM's policy; a Prune job is recorded only when it deletes something."""
         item = await self._catalog.item(vm_id)
-        if item is None or item.vault != vault or item.policy is None:
+        # A stopped item keeps its policy's name for resuming, but its points are retained.
+        if (
+            item is None
+            or item.vault != vault
+            or item.policy is None
+            or not ItemState(item.state).protected
+        ):
             return None
         policy = Policy.from_dict((await self._catalog.policy(vault, item.policy)).spec)
         expired, kept = await self._expired(vault, vm_id, policy)
