@@ -10,7 +10,10 @@ Every step is a job (`Discovery`, `Register`, `Unregister`, `ConfigureProtection
 
 The rules operators rely on are checked here, each with its own error: a VM is registered to
 one vault at a time, only to a vault of its own region; only registered, unprotected VMs are
-protected; a protected VM is not unregistered; a VM has exactly one policy.
+protected; a protected VM is not unregistered; a VM has exactly one policy. A VM whose
+protection is stopped keeps its policy's name (its points are not pruned meanwhile), and
+resuming without naming a policy brings that one back: another policy's rules would prune
+what its own keep.
 
 Protected items are planned in the scheduler (`controller.scheduler.Plan`) with their policy's
 schedule; a backup's end updates the item and prunes the VM's recovery points.
