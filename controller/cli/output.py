@@ -1,9 +1,10 @@
 """How the CLI shows things: readable tables by default, JSON for scripts.
 
-Times are ISO 8601 with their UTC offset, in tables and JSON alike: in the local time zone, or
-in UTC with `coffer --utc` (`use_utc`). In JSON every field a message has is present (an unset
-time is null), 64-bit numbers stay numbers, and a `*_json` field of the API (a job's details,
-a policy's spec) is given as the object it holds, under its name without the suffix.
+Times are ISO 8601 with their UTC offset, in tables (to the second) and JSON (to the
+microsecond) alike: in the local time zone, or in UTC with `coffer --utc` (`use_utc`). In JSON
+every field a message has is present (an unset time is null), 64-bit numbers stay numbers,
+and a `*_json` field of the API (a job's details, a policy's spec) is given as the object it
+holds, under its name without the suffix.
 """
 
 from __future__ import annotations
@@ -53,9 +54,11 @@ def use_utc(utc: bool) -> None:
     _Zone.zone = UTC if utc else None
 
 
-def iso(moment: datetime) -> str:
-    """`moment` in ISO 8601 with its offset, in the zone times are shown in."""
-    return moment.astimezone(_Zone.zone).isoformat(timespec="seconds")
+def iso(moment: datetime, *, precise: bool = False) -> str:
+    """`moment` in ISO 8601 with its offset, in the zone times are shown in: to the second
+    for people, to the microsecond (always all six digits, so they sort as text) for JSON."""
+    timespec = "microseconds" if precise else "seconds"
+    return moment.astimezone(_Zone.zone).isoformat(timespec=timespec)
 
 
 def parse_time(value: str) -> datetime:
@@ -90,11 +93,9 @@ def _convert(message: Message, data: dict[str, Any]) -> dict[str, Any]:
             data[field.name] = [int(v) for v in value] if repeated else int(value)
         elif field.message_type is not None and field.message_type.full_name == _TIMESTAMP:
             if repeated:
-                data[field.name] = [when(v) for v in value]
+                data[field.name] = [_json_time(v, True) for v in value]
             else:
-                data[field.name] = when(value) if message.HasField(field.name) else None
-                if data[field.name] == "-":
-                    data[field.name] = None
+                data[field.name] = _json_time(value, message.HasField(field.name))
         elif field.name.endswith(_JSON_SUFFIX) and field.type == FieldDescriptor.TYPE_STRING:
             data.pop(field.name, None)
             data[field.name.removesuffix(_JSON_SUFFIX)] = json.loads(value) if value else None
@@ -121,6 +122,12 @@ def size(nbytes: float) -> str:
             return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.1f} {unit}"
         nbytes /= 1024
     raise AssertionError("unreachable")
+
+
+def _json_time(stamp: Timestamp, present: bool) -> str | None:
+    if not present or (stamp.seconds == 0 and stamp.nanos == 0):
+        return None
+    return iso(stamp.ToDatetime(tzinfo=UTC), precise=True)
 
 
 def when(stamp: Timestamp, present: bool = True) -> str:
