@@ -286,8 +286,9 @@ class Doctor:
                 "protection",
                 Verdict.WARN,
                 "this VM is not registered to any vault",
-                "an operator registers and protects it: `coffer register --vault V "
-                f"{self.config.vm_id}`, then `coffer protect`",
+                "an operator registers it with a vault of its region "
+                f"{self.config.region!r} (`coffer vault list` shows them): `coffer register "
+                f"--vault VAULT {self.config.vm_id}`, then `coffer protect`",
             )
             return
         found = f"vault {reply.vault}, {reply.item_state}"

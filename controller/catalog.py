@@ -660,13 +660,26 @@ class Catalog:
             if cursor.rowcount == 0:
                 raise NotFound(kind=f"policy of vault {vault!r}", name=name)
 
-    async def delete_policy(self, vault: str, name: str) -> None:
+    async def delete_policy(self, vault: str, name: str) -> list[str]:
+        """Delete a policy. Items whose protection is stopped forget it in the same
+        transaction (they kept its name to resume with); their VM ids are returned."""
         async with self._transaction() as db:
+            async with db.execute(
+                "SELECT vm_id FROM items WHERE vault = ? AND policy = ? AND state = ?"
+                " ORDER BY vm_id",
+                (vault, name, ItemState.PROTECTION_STOPPED),
+            ) as cursor:
+                forgotten = [vm_id for (vm_id,) in await cursor.fetchall()]
+            await db.execute(
+                "UPDATE items SET policy = NULL WHERE vault = ? AND policy = ? AND state = ?",
+                (vault, name, ItemState.PROTECTION_STOPPED),
+            )
             cursor = await db.execute(
                 "DELETE FROM policies WHERE vault = ? AND name = ?", (vault, name)
             )
             if cursor.rowcount == 0:
                 raise NotFound(kind=f"policy of vault {vault!r}", name=name)
+        return forgotten
 
     async def policy(self, vault: str, name: str) -> PolicyRecord:
         found = await self._policies("vault = ? AND name = ?", (vault, name))
@@ -827,6 +840,14 @@ class Catalog:
             await db.execute(
                 f"UPDATE jobs SET {_assignments(changing)} WHERE id = :id", _job_row(job)
             )
+
+    async def job_ids(self, prefix: str, limit: int) -> list[tuple[str, str, str]]:
+        """(id, operation, vm id) of up to `limit` jobs whose id begins with `prefix`."""
+        async with self.db.execute(
+            "SELECT id, operation, vm_id FROM jobs WHERE id >= ? AND id < ? ORDER BY id LIMIT ?",
+            (prefix, prefix + "\U0010ffff", limit),
+        ) as cursor:
+            return [(job_id, op, vm_id) for job_id, op, vm_id in await cursor.fetchall()]
 
     async def job(self, job_id: str) -> JobRecord:
         async with self.db.execute(

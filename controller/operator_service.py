@@ -33,13 +33,21 @@ from controller.pruning import Pruner
 from controller.registry import AgentRegistry
 from controller.status import StatusMonitor
 from controller.vaults import Vaults
-from shared.errors import InvalidArgument, InvalidPolicy, VmNotFound
+from shared.errors import AmbiguousJobId, InvalidArgument, InvalidPolicy, NotFound, VmNotFound
 from shared.model import ItemState, JobStatus, Operation
 from shared.policy import Policy
 from shared.rpc import operator_pb2, operator_pb2_grpc
 
 Context: TypeAlias = grpc.aio.ServicerContext
+# WatchJob sends the job at least this often, changed or not: a client can tell a live stream
+# from a stuck one by its silence.
 WATCH_INTERVAL = 0.5
+# Job ids may be shortened to a unique prefix this long or longer.
+MIN_JOB_ID_PREFIX = 4
+# How many candidates an ambiguous job id prefix lists.
+AMBIGUOUS_CANDIDATES = 5
+DEFAULT_JOB_LIMIT = 100
+MAX_JOB_LIMIT = 10000
 
 
 def _timestamp(seconds: float | None) -> Timestamp | None:
@@ -82,6 +90,33 @@ class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
             return (await self._protection.resolve([name]))[0].vm_id
         except VmNotFound:
             return name
+
+    async def _job_id(self, given: str) -> str:
+        """The job id `given` names: a whole id, or a prefix of one job's id only."""
+        if not given:
+            raise InvalidArgument(detail="name a job by its id (`coffer job list` shows them)")
+        found = await self._catalog.job_ids(given, AMBIGUOUS_CANDIDATES + 1)
+        if found and found[0][0] == given:
+            return given
+        if len(given) < MIN_JOB_ID_PREFIX:
+            raise InvalidArgument(
+                detail=f"job id {given!r} is too short: give at least {MIN_JOB_ID_PREFIX} "
+                "characters of it"
+            )
+        if not found:
+            raise NotFound(kind="job", name=given)
+        if len(found) > 1:
+            shown = [
+                f"{job_id} ({operation} of {vm_id})" if vm_id else f"{job_id} ({operation})"
+                for job_id, operation, vm_id in found[:AMBIGUOUS_CANDIDATES]
+            ]
+            more = len(found) > AMBIGUOUS_CANDIDATES
+            raise AmbiguousJobId(
+                prefix=given,
+                count=f"more than {AMBIGUOUS_CANDIDATES}" if more else str(len(found)),
+                candidates=", ".join(shown) + (", ..." if more else ""),
+            )
+        return found[0][0]
 
     async def _names(self) -> dict[str, str]:
         return {a.vm_id: display_name(a, a.vm_id) for a in await self._catalog.agents()}
@@ -212,6 +247,12 @@ class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
                 raise InvalidArgument(
                     detail=f"unknown operation {operation!r}; one of {', '.join(Operation)}"
                 )
+        if request.limit > MAX_JOB_LIMIT:
+            raise InvalidArgument(
+                detail=f"a limit of {request.limit} jobs is too many: at most {MAX_JOB_LIMIT}"
+            )
+        if request.vault:
+            await self._catalog.vault(request.vault)
         jobs = await self._catalog.jobs(
             JobFilter(
                 statuses=list(request.status),
@@ -220,7 +261,7 @@ class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
                 vault=request.vault,
                 started_from=_seconds(request.started_from, request.HasField("started_from")),
                 started_to=_seconds(request.started_to, request.HasField("started_to")),
-                limit=request.limit or 100,
+                limit=request.limit or DEFAULT_JOB_LIMIT,
             )
         )
         # Running jobs: the in-memory record has the live byte counts.
@@ -232,17 +273,20 @@ class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
     async def GetJob(
         self, request: operator_pb2.GetJobRequest, context: Context
     ) -> operator_pb2.Job:
-        return self._job(await self._jobs.job(request.id), await self._names())
+        job_id = await self._job_id(request.id)
+        return self._job(await self._jobs.job(job_id), await self._names())
 
     async def CancelJob(
         self, request: operator_pb2.GetJobRequest, context: Context
     ) -> operator_pb2.Job:
-        return self._job(await self._jobs.cancel(request.id), await self._names())
+        job_id = await self._job_id(request.id)
+        return self._job(await self._jobs.cancel(job_id), await self._names())
 
     async def WatchJob(
         self, request: operator_pb2.GetJobRequest, context: Context
     ) -> AsyncIterator[operator_pb2.Job]:
-        job = await self._jobs.job(request.id)
+        job_id = await self._job_id(request.id)
+        job = await self._jobs.job(job_id)
         names = await self._names()
         while True:
             sent = self._job(job, names)
@@ -259,7 +303,7 @@ class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
                     await asyncio.wait_for(running.changed.wait(), WATCH_INTERVAL)
             else:  # its record is being written: look again shortly
                 await asyncio.sleep(WATCH_INTERVAL)
-            job = await self._jobs.job(request.id)
+            job = await self._jobs.job(job_id)
 
     async def ListRecoveryPoints(
         self, request: operator_pb2.ListRecoveryPointsRequest, context: Context
@@ -267,6 +311,8 @@ class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
         vm_id = request.vm_id
         if vm_id:
             vm_id = (await self._protection.resolve([vm_id]))[0].vm_id
+        if request.vault:
+            await self._catalog.vault(request.vault)
         points = await self._catalog.recovery_points(vm_id=vm_id, vault=request.vault)
         return operator_pb2.ListRecoveryPointsReply(
             recovery_points=[self._recovery_point(rp) for rp in points]
@@ -313,6 +359,10 @@ class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
     async def UpdateVault(
         self, request: operator_pb2.UpdateVaultRequest, context: Context
     ) -> operator_pb2.Vault:
+        if not request.max_concurrent_backups:
+            # The only setting there is: a request without it would change nothing, and
+            # saying nothing about that is how `--max-concurrent-backups 0` went unnoticed.
+            raise InvalidArgument(detail="nothing to change: give max_concurrent_backups (1 to 64)")
         vault = await self._vaults.update(request.name, request.max_concurrent_backups)
         self._jobs.set_limit(vault.name, vault.max_concurrent_backups)
         return await self._vault(vault)
@@ -461,12 +511,14 @@ class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
     async def UpdatePolicy(
         self, request: operator_pb2.PolicyRequest, context: Context
     ) -> operator_pb2.Policy:
+        await self._catalog.vault(request.vault)
         policy = self._parse_policy(request.spec_json)
         return await self._policy(await self._vaults.update_policy(request.vault, policy))
 
     async def GetPolicy(
         self, request: operator_pb2.PolicyRef, context: Context
     ) -> operator_pb2.Policy:
+        await self._catalog.vault(request.vault)
         return await self._policy(await self._catalog.policy(request.vault, request.name))
 
     async def ListPolicies(
@@ -480,8 +532,9 @@ class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
     async def DeletePolicy(
         self, request: operator_pb2.PolicyRef, context: Context
     ) -> operator_pb2.Policy:
-        record = await self._vaults.delete_policy(request.vault, request.name)
-        return operator_pb2.Policy(vault=record.vault, name=record.name)
+        record, forgotten = await self._vaults.delete_policy(request.vault, request.name)
+        # `vms`: the VMs whose protection was stopped with it, which forgot it.
+        return operator_pb2.Policy(vault=record.vault, name=record.name, vms=forgotten)
 
     # --- protection -------------------------------------------------------------------------
 

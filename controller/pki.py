@@ -8,9 +8,10 @@ Only the controller host holds the CA key. Layout of a pki directory (`init_pki`
     operator.crt, operator.key      operator `admin`: clientAuth
 
 `issue_agent` and `issue_operator` write a bundle (`ca.crt` plus the holder's certificate and
-key) to hand to one agent or operator. Leaf certificates are valid 2 years. Subjects follow
-the identity model of `shared.tls`. Keys are written with mode 0600, every file atomically
-(temporary file, fsync, rename, fsync of the directory).
+key) to hand to one agent or operator; they refuse to replace a bundle already there unless
+forced, since the agent or operator using it would lose its key. Leaf certificates are valid
+2 years. Subjects follow the identity model of `shared.tls`. Keys are written with mode 0600,
+every file atomically (temporary file, fsync, rename, fsync of the directory).
 """
 
 from __future__ import annotations
@@ -85,18 +86,22 @@ def init_pki(pki_dir: Path, *, hosts: Sequence[str] = ()) -> None:
     _issue(ca_cert, ca_key, Identity(ROLE_OPERATOR, ADMIN_OPERATOR), pki_dir, "operator")
 
 
-def issue_agent(pki_dir: Path, vm_id: str, out_dir: Path) -> None:
-    """Write `ca.crt`, `agent.crt` and `agent.key` for the agent of VM `vm_id` to `out_dir`."""
+def issue_agent(pki_dir: Path, vm_id: str, out_dir: Path, *, force: bool = False) -> None:
+    """Write `ca.crt`, `agent.crt` and `agent.key` for the agent of VM `vm_id` to `out_dir`.
+
+    Refuses (Conflict) to replace a bundle `out_dir` holds unless `force`."""
     identity = Identity(ROLE_AGENT, validate_vm_id(vm_id))
     ca_cert, ca_key = _load_ca(pki_dir)
-    _write_bundle(ca_cert, ca_key, identity, out_dir, "agent")
+    _write_bundle(ca_cert, ca_key, identity, out_dir, "agent", force=force)
 
 
-def issue_operator(pki_dir: Path, name: str, out_dir: Path) -> None:
-    """Write `ca.crt`, `operator.crt` and `operator.key` for operator `name` to `out_dir`."""
+def issue_operator(pki_dir: Path, name: str, out_dir: Path, *, force: bool = False) -> None:
+    """Write `ca.crt`, `operator.crt` and `operator.key` for operator `name` to `out_dir`.
+
+    Refuses (Conflict) to replace a bundle `out_dir` holds unless `force`."""
     identity = Identity(ROLE_OPERATOR, validate_operator_name(name))
     ca_cert, ca_key = _load_ca(pki_dir)
-    _write_bundle(ca_cert, ca_key, identity, out_dir, "operator")
+    _write_bundle(ca_cert, ca_key, identity, out_dir, "operator", force=force)
 
 
 # --- certificates --------------------------------------------------------------------------
@@ -228,20 +233,54 @@ def _issue(
     out_dir: Path,
     stem: str,
     server_names: Sequence[x509.GeneralName] = (),
+    *,
+    replace: bool = True,
 ) -> None:
     key = _new_key()
     cert = _leaf_certificate(ca_cert, ca_key, identity, key.public_key(), server_names)
     # The key first: a certificate without its key is useless, a key without a certificate harmless.
-    _write(out_dir / f"{stem}.key", _key_pem(key), mode=_KEY_MODE)
-    _write(out_dir / f"{stem}.crt", _cert_pem(cert), mode=_CERT_MODE)
+    _write(out_dir / f"{stem}.key", _key_pem(key), mode=_KEY_MODE, replace=replace)
+    _write(out_dir / f"{stem}.crt", _cert_pem(cert), mode=_CERT_MODE, replace=replace)
 
 
 def _write_bundle(
-    ca_cert: x509.Certificate, ca_key: _PrivateKey, identity: Identity, out_dir: Path, stem: str
+    ca_cert: x509.Certificate,
+    ca_key: _PrivateKey,
+    identity: Identity,
+    out_dir: Path,
+    stem: str,
+    *,
+    force: bool,
 ) -> None:
+    ca_pem = _cert_pem(ca_cert)
+    if not force:
+        _refuse_to_replace(out_dir, stem, ca_pem, identity)
     out_dir.mkdir(mode=_DIR_MODE, parents=True, exist_ok=True)
-    _write(out_dir / CA_CERT, _cert_pem(ca_cert), mode=_CERT_MODE)
-    _issue(ca_cert, ca_key, identity, out_dir, stem)
+    _write(out_dir / CA_CERT, ca_pem, mode=_CERT_MODE)
+    try:
+        # Not forced: linked into place, never renamed over, so a bundle that appeared since
+        # the check above is not replaced either.
+        _issue(ca_cert, ca_key, identity, out_dir, stem, replace=force)
+    except FileExistsError as e:
+        raise _bundle_exists(out_dir, [Path(e.filename2 or stem).name], identity) from e
+
+
+def _refuse_to_replace(out_dir: Path, stem: str, ca_pem: bytes, identity: Identity) -> None:
+    """A bundle in `out_dir` is someone's identity in use: replacing it must be asked for."""
+    existing = [name for name in (f"{stem}.crt", f"{stem}.key") if (out_dir / name).exists()]
+    ca = out_dir / CA_CERT
+    if ca.exists() and ca.read_bytes() != ca_pem:
+        existing.append(f"{CA_CERT} of another CA")
+    if existing:
+        raise _bundle_exists(out_dir, existing, identity)
+
+
+def _bundle_exists(out_dir: Path, names: Sequence[str], identity: Identity) -> Conflict:
+    return Conflict(
+        detail=f"{out_dir} already holds a certificate bundle ({', '.join(names)}); issuing "
+        f"the {identity.role} {identity.name!r} there would replace the key whoever uses it "
+        "now holds. Replace it with --force, or choose another --out directory."
+    )
 
 
 def _load_ca(pki_dir: Path) -> tuple[x509.Certificate, _PrivateKey]:

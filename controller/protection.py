@@ -10,7 +10,10 @@ Every step is a job (`Discovery`, `Register`, `Unregister`, `ConfigureProtection
 
 The rules operators rely on are checked here, each with its own error: a VM is registered to
 one vault at a time, only to a vault of its own region; only registered, unprotected VMs are
-protected; a protected VM is not unregistered; a VM has exactly one policy.
+protected; a protected VM is not unregistered; a VM has exactly one policy. A VM whose
+protection is stopped keeps its policy's name (its points are not pruned meanwhile), and
+resuming without naming a policy brings that one back: another policy's rules would prune
+what its own keep.
 
 Protected items are planned in the scheduler (`controller.scheduler.Plan`) with their policy's
 schedule. A backup's end updates the item; after every successful backup a `Prune` job of the
@@ -45,7 +48,7 @@ from shared.errors import (
     VmNotFound,
 )
 from shared.model import ItemState, JobStatus, Operation, Trigger
-from shared.policy import Policy
+from shared.policy import DEFAULT_POLICY_NAME, Policy
 from shared.supervision import Policy as SupervisionPolicy
 from shared.supervision import Supervisor
 
@@ -185,8 +188,40 @@ class Protection:
     async def _item_in(self, vault: str, agent: AgentRecord) -> ItemRecord:
         item = await self._catalog.item(agent.vm_id)
         if item is None or item.vault != vault:
-            raise ItemNotRegistered(vm=display_name(agent, agent.vm_id), vault=vault)
+            raise await self._not_registered(agent, vault, item)
         return item
+
+    async def _not_registered(
+        self, agent: AgentRecord, vault: str, item: ItemRecord | None
+    ) -> ItemNotRegistered:
+        """The error for a VM not registered to `vault` (or, with no vault named, to any),
+        with a fix that names real vaults: where it is registered, or where it could be."""
+        name = display_name(agent, agent.vm_id)
+        where = f"vault {vault!r}" if vault else "any vault"
+        if item is not None:
+            return ItemNotRegistered(
+                vm=name,
+                where=where,
+                fix=f"It is registered to vault {item.vault!r}: name that vault "
+                f"(`--vault {item.vault}`).",
+            )
+        if vault:
+            fix = f"Register it first (`coffer register --vault {vault} {name}`)."
+        else:
+            here = [v.name for v in await self._catalog.vaults() if v.region == agent.region]
+            if len(here) == 1:
+                fix = f"Register it first (`coffer register --vault {here[0]} {name}`)."
+            elif here:
+                fix = (
+                    f"Register it first to one of the vaults of region {agent.region!r} "
+                    f"({', '.join(here)}): `coffer register --vault {here[0]} {name}`."
+                )
+            else:
+                fix = (
+                    f"No vault is in its region {agent.region!r} yet: create one "
+                    f"(`coffer vault create NAME --region {agent.region}`), then register it."
+                )
+        return ItemNotRegistered(vm=name, where=where, fix=fix)
 
     # --- step 1: discover -------------------------------------------------------------------
 
@@ -320,8 +355,11 @@ class Protection:
     ) -> list[JobRecord]:
         """Attach a policy (an existing one, or `new_policy` created first).
 
-        `resume` protects ProtectionStopped VMs again; otherwise registered VMs are
-        protected and protected ones move to the policy (a policy change)."""
+        Without `resume`, registered VMs are protected and protected ones move to the policy
+        (a policy change); with no policy named, registered VMs get `DefaultPolicy` and a
+        protected VM is refused (moving it silently would prune what its own rules keep).
+        `resume` protects ProtectionStopped VMs again, each with the policy it had unless one
+        is named."""
         await self._catalog.vault(vault)
         agents = await self.resolve(names)
         items = [await self._item_in(vault, agent) for agent in agents]
@@ -339,12 +377,36 @@ class Protection:
             if state == ItemState.REGISTERING:
                 raise ItemStateConflict(vm=name, state=state, fix="wait for its registration")
         if new_policy is not None:
-            policy_name = new_policy.name
+            chosen = {item.vm_id: new_policy.name for item in items}
             await self._vaults.create_policy(vault, new_policy)
-        elif not policy_name:
-            raise InvalidArgument(detail="name a policy (--policy) or define a new one")
-        policy = await self._vaults.policy(vault, policy_name)
-        return [await self._protect_one(item, policy) for item in items]
+        else:
+            chosen = {
+                item.vm_id: policy_name
+                or self._unnamed_policy(vault, display_name(agent, item.vm_id), item)
+                for agent, item in zip(agents, items, strict=True)
+            }
+        policies = {name: await self._vaults.policy(vault, name) for name in set(chosen.values())}
+        return [await self._protect_one(item, policies[chosen[item.vm_id]]) for item in items]
+
+    @staticmethod
+    def _unnamed_policy(vault: str, name: str, item: ItemRecord) -> str:
+        """The policy a VM gets when the caller names none: its own when protection resumes,
+        DefaultPolicy when it is first protected; a protected VM is not moved."""
+        state = ItemState(item.state)
+        if state == ItemState.PROTECTION_STOPPED:
+            if item.policy is None:
+                raise InvalidArgument(
+                    detail=f"VM {name!r} has no policy to resume with (its policy was deleted, "
+                    "or its protection was stopped by an older Coffer): name one with --policy "
+                    f"(`coffer policy list --vault {vault}`)"
+                )
+            return item.policy
+        if state.protected:
+            raise InvalidArgument(
+                detail=f"VM {name!r} is already protected by policy {item.policy!r}; name the "
+                "policy to move it to with --policy"
+            )
+        return DEFAULT_POLICY_NAME
 
     async def _protect_one(self, stale: ItemRecord, policy: Policy) -> JobRecord:
         async def body(job: JobRecord) -> None:
@@ -461,13 +523,19 @@ class Protection:
             async with self._lock(stale.vm_id):
                 item = await self._catalog.item(stale.vm_id)
                 if item is None or item.vault != stale.vault:
-                    raise ItemNotRegistered(vm=stale.vm_id, vault=stale.vault)
+                    raise ItemNotRegistered(
+                        vm=stale.vm_id,
+                        where=f"vault {stale.vault!r} any more",
+                        fix="It was unregistered meanwhile; see `coffer items`.",
+                    )
                 self._idle(item.vm_id)
                 self.plan.remove(item.vm_id)
                 self.scheduler.changed()
                 if ItemState(item.state).protected:
                     job.details["policy"] = item.policy
-                    item.state, item.policy = ItemState.PROTECTION_STOPPED, None
+                    # The item keeps its policy's name: resuming protection without naming
+                    # one brings its own back, with the rules that keep its older points.
+                    item.state = ItemState.PROTECTION_STOPPED
                     item.error_code = item.error_message = ""
                     await self._catalog.update_item(item)
 
@@ -478,7 +546,11 @@ class Protection:
             async with self._lock(stale.vm_id):
                 item = await self._catalog.item(stale.vm_id)
                 if item is None or item.vault != stale.vault:
-                    raise ItemNotRegistered(vm=stale.vm_id, vault=stale.vault)
+                    raise ItemNotRegistered(
+                        vm=stale.vm_id,
+                        where=f"vault {stale.vault!r} any more",
+                        fix="It was unregistered meanwhile; see `coffer items`.",
+                    )
                 if item.state != ItemState.PROTECTION_STOPPED:
                     raise ItemStateConflict(
                         vm=item.vm_id, state=item.state, fix="stop its protection first"
@@ -486,7 +558,7 @@ class Protection:
                 self._idle(item.vm_id)
                 deleted = await self._pruner.delete_all(item.vault, item.vm_id)
                 job.details["deleted_recovery_points"] = deleted
-                item.state = ItemState.REGISTERED
+                item.state, item.policy = ItemState.REGISTERED, None
                 item.last_slot = item.last_backup_at = None
                 item.last_backup_status = None
                 await self._catalog.update_item(item)
@@ -498,6 +570,8 @@ class Protection:
     async def backup_now(
         self, vault: str, names: Sequence[str], disks: Sequence[str]
     ) -> list[JobRecord]:
+        if vault:
+            await self._catalog.vault(vault)
         agents = await self.resolve(names)
         for agent in agents:  # every VM is checked before any job starts
             await self._protected_item(vault, agent)
@@ -513,7 +587,14 @@ class Protection:
         item = await self._catalog.item(agent.vm_id)
         name = display_name(agent, agent.vm_id)
         if item is None or (vault and item.vault != vault):
-            raise ItemNotRegistered(vm=name, vault=vault or "any vault")
+            raise await self._not_registered(agent, vault, item)
+        if item.state == ItemState.PROTECTION_STOPPED:
+            raise ItemStateConflict(
+                vm=name,
+                state=item.state,
+                fix="resume its protection first "
+                f"(`coffer resume-protection --vault {item.vault} {name}`)",
+            )
         if not ItemState(item.state).protected:
             raise ItemStateConflict(
                 vm=name,

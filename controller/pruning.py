@@ -122,7 +122,13 @@ class Pruner:
         """A Prune job applying the VM's policy (None when it has none: not protected, or its
         protection stopped with the data retained). Recorded even when nothing expired."""
         item = await self._catalog.item(vm_id)
-        if item is None or item.vault != vault or item.policy is None:
+        # A stopped item keeps its policy's name for resuming, but its points are retained.
+        if (
+            item is None
+            or item.vault != vault
+            or item.policy is None
+            or not item.state.protected
+        ):
             return None
         policy = Policy.from_dict((await self._catalog.policy(vault, item.policy)).spec)
 

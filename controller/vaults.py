@@ -136,9 +136,14 @@ class Vaults:
             await self.on_policy_changed(vault, policy.name)
         return await self._catalog.policy(vault, policy.name)
 
-    async def delete_policy(self, vault: str, name: str) -> PolicyRecord:
+    async def delete_policy(self, vault: str, name: str) -> tuple[PolicyRecord, list[str]]:
+        """Delete a policy no protected VM uses; returns it and the VMs whose protection was
+        stopped with it (they forget it: resuming them then needs a policy named)."""
+        await self._catalog.vault(vault)
         record = await self._catalog.policy(vault, name)
-        users = await self._catalog.items(vault, policy=name)
+        users = [
+            i for i in await self._catalog.items(vault, policy=name) if ItemState(i.state).protected
+        ]
         if users:
             raise PolicyInUse(
                 policy=name,
@@ -146,8 +151,7 @@ class Vaults:
                 count=len(users),
                 vms=", ".join(i.vm_id for i in users[:5]),
             )
-        await self._catalog.delete_policy(vault, name)
-        return record
+        return record, await self._catalog.delete_policy(vault, name)
 
     async def policy(self, vault: str, name: str) -> Policy:
         return Policy.from_dict((await self._catalog.policy(vault, name)).spec)

@@ -6,7 +6,9 @@ Every error a user can meet is a `CofferError` subclass. Each class carries:
   gRPC in the trailing metadata key `coffer-error-code` and into job records, and maps back to
   the same class on the other side (`from_code`);
 - `retryable`: whether trying the same thing again may succeed;
-- `exit_code`: what the `coffer` CLI exits with;
+- `exit_code`: what the `coffer` CLI exits with, for a refused call and for a job that failed
+  with the error alike (README.md's exit code table lists every code under its exit code;
+  `tests/test_cli.py` keeps the two in step);
 - `grpc_status`: the gRPC status name it travels as;
 - its docstring's first line: the message template, formatted with the keyword arguments.
 """
@@ -51,6 +53,16 @@ class CofferError(Exception):
         """The error `code` names, carrying `message` (an unknown code gives the root type)."""
         cls = CofferError._registry.get(code, CofferError)
         return cls(message)
+
+    @staticmethod
+    def class_of(code: str) -> type[CofferError] | None:
+        """The class whose stable code is `code`; None for a code no class has."""
+        return CofferError._registry.get(code)
+
+    @staticmethod
+    def registered() -> dict[str, type[CofferError]]:
+        """Every stable code and its class."""
+        return dict(CofferError._registry)
 
     def __str__(self) -> str:
         return self.message
@@ -163,6 +175,12 @@ class AmbiguousVmName(InvalidArgument):
     code = "AmbiguousVmName"
 
 
+class AmbiguousJobId(InvalidArgument):
+    """Job id {prefix!r} is ambiguous: it begins the ids of {count} jobs ({candidates}). Give more of it."""
+
+    code = "AmbiguousJobId"
+
+
 class VmNotFound(NotFound):
     """No enrolled VM is named {name!r}. `coffer agents` lists the VMs whose agents have connected."""
 
@@ -182,7 +200,7 @@ class AlreadyRegistered(Conflict):
 
 
 class ItemNotRegistered(NotFound):
-    """VM {vm!r} is not registered to vault {vault!r}. Register it first (`coffer register --vault {vault} {vm}`)."""
+    """VM {vm!r} is not registered to {where}. {fix}"""
 
     code = "UserErrorVmNotRegistered"
 
@@ -284,6 +302,7 @@ class DiskReadFailed(CofferError):
     """Could not read disk {disk!r} at {path}: {detail}"""
 
     code = "UserErrorDiskReadFailed"
+    exit_code = 3
     grpc_status = "FAILED_PRECONDITION"
 
 
@@ -291,6 +310,7 @@ class RestoreTargetFailed(CofferError):
     """Could not write the restore target {path}: {detail}"""
 
     code = "UserErrorRestoreTargetFailed"
+    exit_code = 3
     grpc_status = "FAILED_PRECONDITION"
 
 
@@ -300,6 +320,15 @@ class JobCancelled(CofferError):
     code = "JobCancelled"
     exit_code = 3
     grpc_status = "CANCELLED"
+
+
+class ControllerRestarted(CofferError):
+    """The controller stopped while job {job_id} ran; it did not complete. Run it again."""
+
+    code = "ControllerRestarted"
+    retryable = True
+    exit_code = 3
+    grpc_status = "ABORTED"
 
 
 # --- the controller and its services -------------------------------------------------------

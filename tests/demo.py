@@ -15,7 +15,6 @@ dashboard, restores, and checks the restored disk with `e2fsck` and its files.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import subprocess
@@ -84,7 +83,7 @@ def main() -> int:
 
 
 def details(job: dict[str, Any]) -> dict[str, Any]:
-    found: dict[str, Any] = json.loads(job.get("details_json") or "{}")
+    found: dict[str, Any] = job.get("details") or {}
     return found
 
 

@@ -22,7 +22,6 @@ The freeze times are printed per backup (`pytest -s`), with a summary at the end
 from __future__ import annotations
 
 import contextlib
-import json
 import subprocess
 import sys
 import time
@@ -80,7 +79,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabCluster]:
 
 
 def details(job: dict[str, Any]) -> dict[str, Any]:
-    parsed: dict[str, Any] = json.loads(job["details_json"])
+    parsed: dict[str, Any] = job["details"]
     return parsed
 
 

@@ -148,6 +148,11 @@ class Controller:
     def disconnect(self, vm_id: str) -> None:
         self.registry.disconnect(self.sessions.pop(vm_id))
 
+    async def item_policy(self, vm_id: str) -> str | None:
+        item = await self.catalog.item(vm_id)
+        assert item is not None
+        return item.policy
+
     async def protected(self, vault: str, vm_id: str, policy: str = "DefaultPolicy") -> None:
         """Registered (its agent online for that) and protected; the agent stays online."""
         if vm_id not in self.sessions:
@@ -411,7 +416,7 @@ async def test_protection_lifecycle_protect_stop_resume_delete_unregister(
     assert (stop.operation, stop.status) == ("StopProtection", "Completed")
     item = await env.catalog.item(SHOP_WEB)
     assert item is not None
-    assert (item.state, item.policy) == ("ProtectionStopped", None)
+    assert (item.state, item.policy) == ("ProtectionStopped", "DefaultPolicy")
     assert protection.plan.next_of(SHOP_WEB) is None
     assert protection.next_backup(item) is None
     assert [rp.id for rp in await env.catalog.recovery_points(SHOP_WEB)] == ["rp-old"]
@@ -449,6 +454,56 @@ async def test_protection_lifecycle_protect_stop_resume_delete_unregister(
     assert (unregistered.operation, unregistered.status) == ("Unregister", "Completed")
     assert await env.catalog.item(SHOP_WEB) is None
     assert SHOP_WEB in [d.agent.vm_id for d in (await protection.discover(EU)).vms]
+
+
+async def test_a_resumed_vm_keeps_its_own_policy_unless_another_is_named(env: Controller) -> None:
+    """Resuming without a policy used to move a VM to DefaultPolicy, whose 30 daily points
+    would prune what the VM's own weekly rule keeps."""
+    await env.enrol_all()
+    gold = Policy(
+        "Gold",
+        Schedule(Frequency.DAILY, (time(20, 0),)),
+        Retention(daily=DailyRule(7)),
+    )
+    await env.vaults.create_policy(EU, gold)
+    await env.protected(EU, SHOP_WEB, "Gold")
+    protection = env.protection
+    await protection.stop(EU, [SHOP_WEB], delete_data=False)
+    # Stopped, it keeps the name to resume with; its points are retained, not pruned.
+    await store_recovery_point(env, EU, SHOP_WEB, "rp-old", ts(2024, 1, 1, 20))
+    await store_recovery_point(env, EU, SHOP_WEB, "rp-new", ts(2025, 3, 1, 20))
+    assert await env.pruner.prune_vm(EU, SHOP_WEB) is None
+    assert len(await env.catalog.recovery_points(SHOP_WEB)) == 2
+
+    [resumed] = await protection.protect(EU, [SHOP_WEB], "", resume=True)
+    assert resumed.details == {"policy": "Gold"}
+    item = await env.catalog.item(SHOP_WEB)
+    assert item is not None
+    assert (item.state, item.policy) == (ItemState.PROTECTED, "Gold")
+    assert protection.plan.next_of(SHOP_WEB) == ts(2025, 3, 3, 20)
+    # Protecting it again without naming a policy does not move it either.
+    with pytest.raises(InvalidArgument, match="already protected by policy 'Gold'"):
+        await protection.protect(EU, [SHOP_WEB], "")
+    # A VM not yet protected gets DefaultPolicy when none is named.
+    await env.connect(BLOG_WEB)
+    await protection.register(EU, [BLOG_WEB])
+    await protection.protect(EU, [BLOG_WEB], "")
+    assert await env.item_policy(BLOG_WEB) == "DefaultPolicy"
+
+    # Named, another policy is taken, and the job says what it replaced.
+    await protection.stop(EU, [SHOP_WEB], delete_data=False)
+    [moved] = await protection.protect(EU, [SHOP_WEB], "DefaultPolicy", resume=True)
+    assert moved.details == {"policy": "DefaultPolicy", "previous_policy": "Gold"}
+
+    # A deleted policy is forgotten by the stopped VMs that kept it: they need one named.
+    await protection.protect(EU, [SHOP_WEB], "Gold")
+    await protection.stop(EU, [SHOP_WEB], delete_data=False)
+    _, forgotten = await env.vaults.delete_policy(EU, "Gold")
+    assert forgotten == [SHOP_WEB]
+    assert await env.item_policy(SHOP_WEB) is None
+    with pytest.raises(InvalidArgument, match="no policy to resume with"):
+        await protection.protect(EU, [SHOP_WEB], "", resume=True)
+    assert await env.item_state(SHOP_WEB) == ItemState.PROTECTION_STOPPED
 
 
 async def test_a_retained_stopped_vm_can_have_its_data_deleted_later(env: Controller) -> None:

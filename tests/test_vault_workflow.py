@@ -10,7 +10,6 @@ running backup, and restoring from the vault.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from collections.abc import Iterator
@@ -85,7 +84,7 @@ def test_the_whole_flow_from_discovery_to_stopped_protection(cluster: Cluster) -
     assert default["name"] == "DefaultPolicy"
     assert "daily" in default["schedule_text"]
     assert "02:00" in default["schedule_text"]
-    assert json.loads(default["spec_json"])["retention"] == {"daily": {"days": 30}}
+    assert default["spec"]["retention"] == {"daily": {"days": 30}}
 
     # --- step 1: discover ---------------------------------------------------------------------
     found = cluster.coffer("discover", "--vault", "eu-vault")
@@ -226,11 +225,11 @@ def test_the_whole_flow_from_discovery_to_stopped_protection(cluster: Cluster) -
     assert len(completed) == 2
     # A Prune job follows each backup, as the README says, though it had nothing to delete.
     prunes = cluster.coffer("job", "list", "--operation", "Prune", "--vault", "eu-vault")
-    assert sorted(json.loads(p["details_json"])["after_job"] for p in prunes) == sorted(
+    assert sorted(p["details"]["after_job"] for p in prunes) == sorted(
         j["id"] for j in backups
     )
     assert [
-        (p["status"], json.loads(p["details_json"])["deleted_recovery_points"]) for p in prunes
+        (p["status"], p["details"]["deleted_recovery_points"]) for p in prunes
     ] == [("Completed", [])] * 2
 
     # --- dashboard ------------------------------------------------------------------------------
@@ -250,14 +249,44 @@ def test_the_whole_flow_from_discovery_to_stopped_protection(cluster: Cluster) -
     stop = cluster.coffer("stop-protection", "--vault", "eu-vault", "shop/web-1", "--retain-data")
     assert [(j["operation"], j["status"]) for j in stop] == [("StopProtection", "Completed")]
     shop = items(cluster, "eu-vault")["shop-web-1"]
-    assert (shop["state"], shop["policy"], shop["recovery_points"]) == ("ProtectionStopped", "", 1)
-    assert "next_backup_at" not in shop or not shop["next_backup_at"]
-    refused(cluster, "backup-now", "shop/web-1", code=5, says=("protect it first",))
+    # A stopped VM keeps its policy's name (to resume with), but is not backed up or pruned.
+    assert (shop["state"], shop["policy"], shop["recovery_points"]) == (
+        "ProtectionStopped",
+        "DefaultPolicy",
+        1,
+    )
+    assert not shop["next_backup_at"]
+    refused(
+        cluster,
+        "backup-now",
+        "shop/web-1",
+        code=5,
+        says=("resume its protection", "coffer resume-protection --vault eu-vault shop/web-1"),
+    )
     refused(
         cluster, "protect", "--vault", "eu-vault", "shop/web-1", code=5, says=("resume-protection",)
     )
     cluster.coffer("resume-protection", "--vault", "eu-vault", "shop/web-1", "--policy", "Gold")
     assert items(cluster, "eu-vault")["shop-web-1"]["state"] == "Protected"
+    # Resuming without naming a policy brings the VM's own back: moving it to DefaultPolicy
+    # would prune what Gold's weekly, monthly and yearly rules keep.
+    cluster.coffer("stop-protection", "--vault", "eu-vault", "shop/web-1", "--retain-data")
+    assert items(cluster, "eu-vault")["shop-web-1"]["policy"] == "Gold"
+    (resumed,) = cluster.coffer("resume-protection", "--vault", "eu-vault", "shop/web-1")
+    assert resumed["details"] == {"policy": "Gold"}
+    shop = items(cluster, "eu-vault")["shop-web-1"]
+    assert (shop["state"], shop["policy"]) == ("Protected", "Gold")
+    # Nor does protecting a protected VM without naming a policy move it anywhere.
+    refused(
+        cluster,
+        "protect",
+        "--vault",
+        "eu-vault",
+        "shop/web-1",
+        code=2,
+        says=("already protected by policy 'Gold'", "--policy"),
+    )
+    assert items(cluster, "eu-vault")["shop-web-1"]["policy"] == "Gold"
 
     # Deleting backup data is asked for explicitly, and only one of the two may be chosen.
     refused(cluster, "stop-protection", "--vault", "eu-vault", "blog/web-1", "--delete-data",
@@ -280,12 +309,24 @@ def test_the_whole_flow_from_discovery_to_stopped_protection(cluster: Cluster) -
     assert [vm["vm_id"] for vm in cluster.coffer("discover", "--vault", "eu-vault")["vms"]] == [
         "blog-web-1"
     ]
-    # A policy with no VM left can go.
+    # A policy no protected VM uses can go; a stopped VM that kept it forgets it, and then
+    # resumes only with a policy named.
     cluster.coffer("stop-protection", "--vault", "eu-vault", "shop/web-1", "--retain-data")
-    cluster.coffer("policy", "delete", "--vault", "eu-vault", "Gold", json_out=False)
+    deleted = cluster.coffer("policy", "delete", "--vault", "eu-vault", "Gold")
+    assert deleted["vms"] == ["shop-web-1"]
     assert [p["name"] for p in cluster.coffer("policy", "list", "--vault", "eu-vault")] == [
         "DefaultPolicy"
     ]
+    assert items(cluster, "eu-vault")["shop-web-1"]["policy"] == ""
+    refused(
+        cluster,
+        "resume-protection",
+        "--vault",
+        "eu-vault",
+        "shop/web-1",
+        code=2,
+        says=("no policy to resume with", "--policy"),
+    )
 
 
 def test_restore_from_the_vault_and_space_comes_back(cluster: Cluster) -> None:
@@ -322,13 +363,20 @@ def test_cancel_a_queued_and_a_running_backup(cluster: Cluster) -> None:
     stopped = cluster.coffer("job", "cancel", slow["id"])
     assert (stopped["status"], stopped["error_code"]) == ("Cancelled", "JobCancelled")
     assert stopped["recovery_point_id"] == ""
+    # Shown as it is: no recovery point, and what it uploaded labelled as not kept.
+    shown = cluster.coffer("job", "show", slow["id"], json_out=False).stdout
+    assert "no recovery point was created" in shown
+    assert "Recovery point" not in shown
+    assert "Bytes stored" not in shown
+    if stopped["bytes_stored"]:
+        assert "Uploaded, not kept" in shown
     refused(cluster, "job", "cancel", slow["id"], code=5, says=("already ended",))
 
     # The queue drains one backup at a time, and both complete.
     done = cluster.coffer("backup-now", "shop/web-1", "blog/web-1")
     assert [j["status"] for j in done] == ["Completed", "Completed"]
     _, second = sorted(done, key=lambda j: j["started_at"])
-    assert json.loads(second["details_json"]).get("phase") is None
+    assert second["details"].get("phase") is None
     new = {p["id"] for p in cluster.coffer("rp", "list")} - before
     assert new == {j["recovery_point_id"] for j in done}
     board = cluster.coffer("dashboard", "--vault", "lab-vault")
@@ -338,7 +386,7 @@ def test_cancel_a_queued_and_a_running_backup(cluster: Cluster) -> None:
 
 def _phase(cluster: Cluster, job_id: str) -> str:
     job = cluster.coffer("job", "show", job_id)
-    return str(json.loads(job["details_json"]).get("phase", "")) + (
+    return str(job["details"].get("phase", "")) + (
         "" if job["status"] == "InProgress" else job["status"]
     )
 

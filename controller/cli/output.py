@@ -1,11 +1,18 @@
-"""How the CLI shows things: readable tables by default, JSON for scripts."""
+"""How the CLI shows things: readable tables by default, JSON for scripts.
+
+Times are ISO 8601 with their UTC offset, in tables (to the second) and JSON (to the
+microsecond) alike: in the local time zone, or in UTC with `coffer --utc` (`use_utc`). In JSON
+every field a message has is present (an unset time is null), 64-bit numbers stay numbers,
+and a `*_json` field of the API (a job's details, a policy's spec) is given as the object it
+holds, under its name without the suffix.
+"""
 
 from __future__ import annotations
 
 import json
 import sys
 from collections.abc import Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, tzinfo
 from typing import Any
 
 from google.protobuf.descriptor import FieldDescriptor
@@ -14,6 +21,9 @@ from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
+
+from shared.errors import InvalidArgument
 
 # Piped output keeps whole rows on one line (wrapped columns are unreadable in a log);
 # scripts should use --json anyway.
@@ -30,30 +40,75 @@ _INT64 = {
 }
 
 
+_TIMESTAMP = Timestamp.DESCRIPTOR.full_name
+_JSON_SUFFIX = "_json"
+
+
+class _Zone:
+    """The zone times are shown in: the local one, or UTC (`coffer --utc`)."""
+
+    zone: tzinfo | None = None
+
+
+def use_utc(utc: bool) -> None:
+    _Zone.zone = UTC if utc else None
+
+
+def iso(moment: datetime, *, precise: bool = False) -> str:
+    """`moment` in ISO 8601 with its offset, in the zone times are shown in: to the second
+    for people, to the microsecond (always all six digits, so they sort as text) for JSON."""
+    timespec = "microseconds" if precise else "seconds"
+    return moment.astimezone(_Zone.zone).isoformat(timespec=timespec)
+
+
+def parse_time(value: str) -> datetime:
+    """An ISO 8601 date or time as typed; without an offset, in the zone times are shown in."""
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError as exc:
+        raise InvalidArgument(detail=f"{value!r} is not an ISO 8601 date or time") from exc
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=_Zone.zone) if _Zone.zone else parsed.astimezone()
+    return parsed
+
+
 def as_dict(message: Message) -> dict[str, Any]:
     """A message as JSON-ready data: every field present, names as in the proto.
 
     Unlike protobuf's JSON mapping, 64-bit integers stay numbers (byte counts read as numbers
-    in scripts; Python and jq hold them exactly).
+    in scripts; Python and jq hold them exactly), times carry the offset of the zone shown
+    (null when unset), and `*_json` strings become the objects they hold.
     """
     data = MessageToDict(
         message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
     )
-    return _numbers(message.DESCRIPTOR, data)
+    return _convert(message, data)
 
 
-def _numbers(descriptor: Any, data: dict[str, Any]) -> dict[str, Any]:
-    for field in descriptor.fields:
-        if field.name not in data:
-            continue
-        value = data[field.name]
-        if field.type in _INT64:
-            data[field.name] = [int(v) for v in value] if isinstance(value, list) else int(value)
-        elif field.message_type is not None and field.message_type.fields:
-            items = value if isinstance(value, list) else [value]
-            for item in items:
-                if isinstance(item, dict):
-                    _numbers(field.message_type, item)
+def _convert(message: Message, data: dict[str, Any]) -> dict[str, Any]:
+    for field in message.DESCRIPTOR.fields:
+        value = getattr(message, field.name)
+        repeated = field.is_repeated
+        if field.type in _INT64 and field.name in data:
+            data[field.name] = [int(v) for v in value] if repeated else int(value)
+        elif field.message_type is not None and field.message_type.full_name == _TIMESTAMP:
+            if repeated:
+                data[field.name] = [_json_time(v, True) for v in value]
+            else:
+                data[field.name] = _json_time(value, message.HasField(field.name))
+        elif field.name.endswith(_JSON_SUFFIX) and field.type == FieldDescriptor.TYPE_STRING:
+            data.pop(field.name, None)
+            data[field.name.removesuffix(_JSON_SUFFIX)] = json.loads(value) if value else None
+        elif (
+            field.message_type is not None
+            and not field.message_type.GetOptions().map_entry
+            and field.name in data
+        ):
+            if repeated:
+                pairs = zip(value, data[field.name], strict=True)
+                data[field.name] = [_convert(v, d) for v, d in pairs]
+            else:
+                data[field.name] = _convert(value, data[field.name])
     return data
 
 
@@ -69,16 +124,27 @@ def size(nbytes: float) -> str:
     raise AssertionError("unreachable")
 
 
+def _json_time(stamp: Timestamp, present: bool) -> str | None:
+    if not present or (stamp.seconds == 0 and stamp.nanos == 0):
+        return None
+    return iso(stamp.ToDatetime(tzinfo=UTC), precise=True)
+
+
 def when(stamp: Timestamp, present: bool = True) -> str:
+    """A time for people and scripts alike: ISO 8601 with its offset; "-" when unset."""
     if not present or (stamp.seconds == 0 and stamp.nanos == 0):
         return "-"
-    return stamp.ToDatetime(tzinfo=UTC).astimezone().strftime("%Y-%m-%d %H:%M:%S")
+    return iso(stamp.ToDatetime(tzinfo=UTC))
 
 
 def duration(start: Timestamp, end: Timestamp | None) -> str:
     began = start.ToDatetime(tzinfo=UTC)
     ended = end.ToDatetime(tzinfo=UTC) if end is not None else datetime.now(UTC)
-    seconds = max((ended - began).total_seconds(), 0.0)
+    return span(max((ended - began).total_seconds(), 0.0))
+
+
+def span(seconds: float) -> str:
+    """A length of time: 4.2s, 3m07s, 2h05m00s."""
     if seconds < 60:
         return f"{seconds:.1f}s"
     minutes, seconds = divmod(int(seconds), 60)
@@ -88,11 +154,11 @@ def duration(start: Timestamp, end: Timestamp | None) -> str:
 
 def table(title: str, columns: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
     if not rows:
-        console.print(f"[dim]{title}: none[/dim]")
+        console.print(Text(f"{title}: none", style="dim"))
         return
-    grid = Table(title=title, title_justify="left", header_style="bold")
+    grid = Table(title=Text(title), title_justify="left", header_style="bold")
     for column in columns:
         grid.add_column(column, overflow="fold")
     for row in rows:
-        grid.add_row(*row)
+        grid.add_row(*(Text(cell) for cell in row))  # cells are data, never markup
     console.print(grid)

@@ -15,11 +15,19 @@ from controller import pki as issuing
 from shared.tls import CONTROLLER_NAME
 
 _DIR = click.Path(file_okay=False, dir_okay=True, writable=True, path_type=Path)
+force_option = click.option(
+    "--force",
+    is_flag=True,
+    help="Replace a bundle already in --out (whoever uses it loses its key).",
+)
 
 
 @click.group(name="pki")
 def pki() -> None:
-    """Create the controller CA and issue certificates for agents and operators."""
+    """The CA: create it, issue certificates.
+
+    Create the controller CA and issue certificates for agents and operators.
+    """
 
 
 @pki.command(name="init")
@@ -58,9 +66,13 @@ def init(pki_dir: Path, hosts: tuple[str, ...]) -> None:
 @click.option(
     "--out", "out_dir", type=_DIR, required=True, help="Directory to write the bundle to."
 )
-def issue_agent(vm_id: str, pki_dir: Path, out_dir: Path) -> None:
-    """Issue the certificate of the agent of VM VM_ID."""
-    issuing.issue_agent(pki_dir, vm_id, out_dir)
+@force_option
+def issue_agent(vm_id: str, pki_dir: Path, out_dir: Path, force: bool) -> None:
+    """Issue the certificate of the agent of VM VM_ID.
+
+    Refuses to replace a bundle already in --out (a running agent's key) without --force.
+    """
+    issuing.issue_agent(pki_dir, vm_id, out_dir, force=force)
     click.echo(
         f"Wrote the certificate of the agent of VM {vm_id!r} to {out_dir}: "
         "ca.crt, agent.crt and agent.key (keep agent.key secret). Copy them into the VM."
@@ -73,9 +85,13 @@ def issue_agent(vm_id: str, pki_dir: Path, out_dir: Path) -> None:
 @click.option(
     "--out", "out_dir", type=_DIR, required=True, help="Directory to write the bundle to."
 )
-def issue_operator(name: str, pki_dir: Path, out_dir: Path) -> None:
-    """Issue the certificate of operator NAME."""
-    issuing.issue_operator(pki_dir, name, out_dir)
+@force_option
+def issue_operator(name: str, pki_dir: Path, out_dir: Path, force: bool) -> None:
+    """Issue the certificate of operator NAME.
+
+    Refuses to replace a bundle already in --out (an operator's key) without --force.
+    """
+    issuing.issue_operator(pki_dir, name, out_dir, force=force)
     click.echo(
         f"Wrote the certificate of operator {name!r} to {out_dir}: "
         "ca.crt, operator.crt and operator.key (keep operator.key secret)."

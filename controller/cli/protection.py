@@ -6,39 +6,17 @@ import json
 import sys
 
 import click
+from rich.markup import escape
 
 from controller.cli.client import Connection, call
+from controller.cli.jobs import show_jobs
 from controller.cli.output import as_dict, console, print_json, size, table, when
-from shared.model import ItemState, JobStatus
+from shared.model import ItemState
 from shared.policy import Policy, parse_retention, parse_schedule
 from shared.rpc import operator_pb2
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
 vault_option = click.option("--vault", "vault_name", required=True, help="The vault.")
-JOB_FAILED_EXIT = 3
-
-
-def show_jobs(jobs: list[operator_pb2.Job], as_json: bool) -> None:
-    """The jobs a step started, and exit 3 if any of them failed."""
-    if as_json:
-        print_json([as_dict(j) for j in jobs])
-    else:
-        table(
-            "Jobs",
-            ("Job", "Operation", "Item", "Status", "Error"),
-            [
-                [
-                    j.id,
-                    j.operation,
-                    j.item or j.vm_id,
-                    j.status,
-                    f"{j.error_code}: {j.error_message}" if j.error_code else "",
-                ]
-                for j in jobs
-            ],
-        )
-    if any(j.status in (JobStatus.FAILED, JobStatus.CANCELLED) for j in jobs):
-        sys.exit(JOB_FAILED_EXIT)
 
 
 @click.command()
@@ -46,7 +24,10 @@ def show_jobs(jobs: list[operator_pb2.Job], as_json: bool) -> None:
 @json_option
 @click.pass_obj
 def discover(connection: Connection, vault_name: str, as_json: bool) -> None:
-    """Step 1: the VMs of the vault's region that no vault holds yet."""
+    """Step 1: find VMs to register.
+
+    The VMs of the vault's region that no vault holds yet.
+    """
     reply = call(connection, lambda s: s.Discover(operator_pb2.VaultRef(name=vault_name)))
     if as_json:
         print_json(as_dict(reply))
@@ -67,7 +48,7 @@ def discover(connection: Connection, vault_name: str, as_json: bool) -> None:
         ],
     )
     for note in reply.notes:
-        console.print(f"Nothing found: {note}", highlight=False)
+        console.print(f"Nothing found: {escape(note)}", highlight=False, soft_wrap=True)
 
 
 @click.command()
@@ -76,7 +57,10 @@ def discover(connection: Connection, vault_name: str, as_json: bool) -> None:
 @json_option
 @click.pass_obj
 def register(connection: Connection, vault_name: str, vms: tuple[str, ...], as_json: bool) -> None:
-    """Step 2: register VMS (name, or service/name) with the vault; one job each."""
+    """Step 2: register VMs with a vault.
+
+    VMS by name, or service/name; one job each.
+    """
     request = operator_pb2.ItemsRequest(vault=vault_name, vms=vms)
     show_jobs(list(call(connection, lambda s: s.Register(request)).jobs), as_json)
 
@@ -89,7 +73,10 @@ def register(connection: Connection, vault_name: str, vms: tuple[str, ...], as_j
 def unregister(
     connection: Connection, vault_name: str, vms: tuple[str, ...], as_json: bool
 ) -> None:
-    """Unregister VMS from the vault (refused while protected or holding data)."""
+    """Unregister VMs from a vault.
+
+    Refused while a VM is protected or has recovery points.
+    """
     request = operator_pb2.ItemsRequest(vault=vault_name, vms=vms)
     show_jobs(list(call(connection, lambda s: s.Unregister(request)).jobs), as_json)
 
@@ -106,7 +93,10 @@ def unregister(
 @json_option
 @click.pass_obj
 def items(connection: Connection, vault_name: str, states: tuple[str, ...], as_json: bool) -> None:
-    """The vault's registered items and their protection state."""
+    """A vault's items and their state.
+
+    The VMs registered to the vault and where their protection stands.
+    """
     request = operator_pb2.ListItemsRequest(vault=vault_name, state=states)
     reply = call(connection, lambda s: s.ListItems(request))
     if as_json:
@@ -170,7 +160,10 @@ def build_policy(
 
 @click.group()
 def policy() -> None:
-    """Backup policies: a schedule and retention rules, shared by many VMs."""
+    """Backup policies.
+
+    A schedule and retention rules, shared by many VMs.
+    """
 
 
 def _policy_rows(policies: list[operator_pb2.Policy]) -> list[list[str]]:
@@ -280,9 +273,7 @@ def policy_show(connection: Connection, vault_name: str, name: str, as_json: boo
     ref = operator_pb2.PolicyRef(vault=vault_name, name=name)
     found = call(connection, lambda s: s.GetPolicy(ref))
     if as_json:
-        data = as_dict(found)
-        data["spec"] = json.loads(found.spec_json)
-        print_json(data)
+        print_json(as_dict(found))
     else:
         table(f"Policy {name}", POLICY_COLUMNS, _policy_rows([found]))
 
@@ -290,12 +281,26 @@ def policy_show(connection: Connection, vault_name: str, name: str, as_json: boo
 @policy.command(name="delete")
 @vault_option
 @click.argument("name")
+@json_option
 @click.pass_obj
-def policy_delete(connection: Connection, vault_name: str, name: str) -> None:
-    """Delete a policy no VM uses."""
+def policy_delete(connection: Connection, vault_name: str, name: str, as_json: bool) -> None:
+    """Delete a policy no protected VM uses.
+
+    VMs whose protection was stopped with it forget it: resuming them needs --policy.
+    """
     ref = operator_pb2.PolicyRef(vault=vault_name, name=name)
-    call(connection, lambda s: s.DeletePolicy(ref))
-    console.print(f"Deleted policy [bold]{name}[/bold]", highlight=False)
+    deleted = call(connection, lambda s: s.DeletePolicy(ref))
+    if as_json:
+        print_json(as_dict(deleted))
+        return
+    console.print(f"Deleted policy [bold]{escape(name)}[/bold]", highlight=False, soft_wrap=True)
+    if deleted.vms:
+        console.print(
+            f"VMs whose protection was stopped with it: {escape(', '.join(deleted.vms))}; "
+            "resuming them needs --policy",
+            highlight=False,
+            soft_wrap=True,
+        )
 
 
 # --- protect, stop, resume -----------------------------------------------------------------
@@ -304,7 +309,12 @@ def policy_delete(connection: Connection, vault_name: str, name: str) -> None:
 @click.command()
 @vault_option
 @click.argument("vms", nargs=-1, required=True)
-@click.option("--policy", "policy_name", default="", help="An existing policy of the vault.")
+@click.option(
+    "--policy",
+    "policy_name",
+    default="",
+    help="An existing policy of the vault (default for VMs not yet protected: DefaultPolicy).",
+)
 @click.option("--new-policy", default="", help="Or create this policy (with the options below).")
 @schedule_option
 @with_retention
@@ -323,7 +333,10 @@ def protect(
     yearly: str | None,
     as_json: bool,
 ) -> None:
-    """Step 3: protect VMS with a policy (or move them to another); one job each."""
+    """Step 3: protect VMs with a policy.
+
+    Or move protected VMs to another policy (named with --policy); one job each.
+    """
     inline = any(v is not None for v in (schedule, daily, weekly, monthly, yearly))
     spec = ""
     if new_policy:
@@ -335,8 +348,6 @@ def protect(
             "schedule and retention options define a new policy: name it with --new-policy "
             "(an existing policy's rules are changed with `coffer policy edit`)"
         )
-    if not new_policy and not policy_name:
-        policy_name = "DefaultPolicy"
     request = operator_pb2.ProtectRequest(
         vault=vault_name, vms=vms, policy=policy_name, new_policy_json=spec
     )
@@ -360,7 +371,10 @@ def stop_protection(
     yes: bool,
     as_json: bool,
 ) -> None:
-    """Stop protecting VMS: no more backups; keep or delete their recovery points."""
+    """Stop protecting VMs.
+
+    No more backups; keep (--retain-data) or delete (--delete-data) their recovery points.
+    """
     if retain_data == delete_data:
         raise click.UsageError("choose one of --retain-data and --delete-data")
     if delete_data and not yes:
@@ -381,7 +395,12 @@ def stop_protection(
 @click.command(name="resume-protection")
 @vault_option
 @click.argument("vms", nargs=-1, required=True)
-@click.option("--policy", "policy_name", default="DefaultPolicy", show_default=True)
+@click.option(
+    "--policy",
+    "policy_name",
+    default="",
+    help="Protect them with this policy instead of the one each had.",
+)
 @json_option
 @click.pass_obj
 def resume_protection(
@@ -391,6 +410,9 @@ def resume_protection(
     policy_name: str,
     as_json: bool,
 ) -> None:
-    """Protect VMS again after stop-protection --retain-data."""
+    """Protect stopped VMs again.
+
+    After stop-protection --retain-data: each VM with the policy it had, or --policy.
+    """
     request = operator_pb2.ProtectRequest(vault=vault_name, vms=vms, policy=policy_name)
     show_jobs(list(call(connection, lambda s: s.ResumeProtection(request)).jobs), as_json)

@@ -5,17 +5,23 @@ from __future__ import annotations
 import time
 
 import click
+from rich.markup import escape
 
 from controller.cli.client import Connection, call
 from controller.cli.output import as_dict, console, print_json, size, table, when
 from shared.rpc import operator_pb2
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+# What the controller accepts (controller.vaults): at least one backup at a time, at most 64.
+CONCURRENT_BACKUPS = click.IntRange(1, 64)
 
 
 @click.group()
 def vault() -> None:
-    """Vaults: one per region and purpose, each with its own datastore."""
+    """Vaults.
+
+    One per region and purpose, each with its own datastore.
+    """
 
 
 def _vault_row(v: operator_pb2.Vault) -> list[str]:
@@ -46,7 +52,13 @@ VAULT_COLUMNS = (
 @vault.command(name="create")
 @click.argument("name")
 @click.option("--region", required=True, help="Region of the VMs it will protect.")
-@click.option("--max-concurrent-backups", default=0, type=int, help="Backups at once (default 4).")
+@click.option(
+    "--max-concurrent-backups",
+    default=4,
+    show_default=True,
+    type=CONCURRENT_BACKUPS,
+    help="Backups at once (1 to 64).",
+)
 @click.option("--timezone", default="UTC", show_default=True, help="Of the default policy.")
 @json_option
 @click.pass_obj
@@ -70,9 +82,11 @@ def vault_create(
         print_json(as_dict(created))
         return
     console.print(
-        f"Created vault [bold]{created.name}[/bold] in region {created.region} "
-        "with policy DefaultPolicy (daily at 02:00, kept 30 days)",
+        f"Created vault [bold]{escape(created.name)}[/bold] in region "
+        f"{escape(created.region)} with policy DefaultPolicy (daily at 02:00 "
+        f"{escape(timezone)}, kept 30 days)",
         highlight=False,
+        soft_wrap=True,
     )
 
 
@@ -103,13 +117,21 @@ def vault_show(connection: Connection, name: str, as_json: bool) -> None:
 
 @vault.command(name="update")
 @click.argument("name")
-@click.option("--max-concurrent-backups", type=int, required=True, help="Backups at once.")
+@click.option(
+    "--max-concurrent-backups",
+    type=CONCURRENT_BACKUPS,
+    required=True,
+    help="Backups at once (1 to 64).",
+)
 @json_option
 @click.pass_obj
 def vault_update(
     connection: Connection, name: str, max_concurrent_backups: int, as_json: bool
 ) -> None:
-    """Change a vault's settings; queued backups start at once if the limit rose."""
+    """Change a vault's settings.
+
+    Queued backups start at once if the limit rose.
+    """
     request = operator_pb2.UpdateVaultRequest(
         name=name, max_concurrent_backups=max_concurrent_backups
     )
@@ -125,12 +147,17 @@ def vault_update(
 @json_option
 @click.pass_obj
 def vault_delete(connection: Connection, name: str, as_json: bool) -> None:
-    """Delete an empty vault (no registered VM, no recovery point) and its datastore."""
+    """Delete an empty vault.
+
+    With no registered VM and no recovery point; its datastore goes with it.
+    """
     deleted = call(connection, lambda s: s.DeleteVault(operator_pb2.VaultRef(name=name)))
     if as_json:
         print_json(as_dict(deleted))
     else:
-        console.print(f"Deleted vault [bold]{deleted.name}[/bold]", highlight=False)
+        console.print(
+            f"Deleted vault [bold]{escape(deleted.name)}[/bold]", highlight=False, soft_wrap=True
+        )
 
 
 def _show_dashboard(board: operator_pb2.DashboardReply) -> None:
@@ -169,11 +196,22 @@ def _show_dashboard(board: operator_pb2.DashboardReply) -> None:
 
 @click.command()
 @click.option("--vault", "vault_name", required=True)
-@click.option("--watch", "interval", type=float, default=0, help="Refresh every N seconds.")
+@click.option(
+    "--watch",
+    "interval",
+    type=click.FloatRange(min=1),
+    default=None,
+    help="Refresh every N seconds (1 or more).",
+)
 @json_option
 @click.pass_obj
-def dashboard(connection: Connection, vault_name: str, interval: float, as_json: bool) -> None:
-    """The vault at a glance: protected items, last 24 h of jobs, storage and dedup."""
+def dashboard(
+    connection: Connection, vault_name: str, interval: float | None, as_json: bool
+) -> None:
+    """A vault at a glance.
+
+    Protected items, the last 24 h of jobs, storage and deduplication.
+    """
     request = operator_pb2.VaultRef(name=vault_name)
     while True:
         board = call(connection, lambda s: s.Dashboard(request))

@@ -19,10 +19,10 @@ import asyncio
 from dataclasses import dataclass
 
 from controller.catalog import JobRecord
-from shared.errors import CofferError, JobCancelled
+from shared.errors import CofferError, ControllerRestarted, JobCancelled
 from shared.model import JobStatus, Operation
 
-CONTROLLER_RESTARTED = "ControllerRestarted"
+CONTROLLER_RESTARTED = ControllerRestarted.code
 """The code of a job the controller's stop (or crash) cut short."""
 INTERNAL_ERROR = CofferError.code
 

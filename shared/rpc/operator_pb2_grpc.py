@@ -271,7 +271,9 @@ class OperatorServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def DeletePolicy(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Refused while a protected VM uses it. VMs whose protection was stopped with it forget it
+        (resuming them then needs a policy named); the reply lists them in `vms`.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -291,7 +293,8 @@ class OperatorServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ResumeProtection(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Protect ProtectionStopped VMs again: with `policy`, or each with the policy it had.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -335,7 +338,8 @@ class OperatorServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def WatchJob(self, request, context):
-        """The job's state now and on every change, until it ends.
+        """The job's state now, on every change and at least every half second, until it ends: a
+        stream silent for longer is stuck.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

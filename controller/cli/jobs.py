@@ -1,0 +1,555 @@
+"""`coffer job …`, `backup-now`, `restore`, `prune`, `gc`: jobs, and how they read.
+
+A job is shown as labelled fields, its details included (a garbage collection's report as
+its own fields), and only what is true of it: a backup names a recovery point only when it
+made one, and the bytes a failed or cancelled backup uploaded are labelled as not kept
+(nothing references them; garbage collection reclaims them). `--json` gives the job as the
+API has it, its details as an object. A command that waits for jobs exits with the exit code
+of the first that failed (`controller.cli.exits`).
+
+Job ids may be shortened to a unique prefix of at least 4 characters; the controller resolves
+it (and lists the candidates when it is ambiguous).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from datetime import UTC, datetime
+from typing import Any
+
+import click
+from google.protobuf.timestamp_pb2 import Timestamp
+from rich.markup import escape
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TaskProgressColumn,
+    TextColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
+
+from controller.cli import exits
+from controller.cli.client import Connection, call, watch
+from controller.cli.output import (
+    as_dict,
+    console,
+    duration,
+    iso,
+    parse_time,
+    print_json,
+    size,
+    span,
+    table,
+    when,
+)
+from shared.model import JobStatus, Operation
+from shared.rpc import operator_pb2
+
+json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+job_id_argument = click.argument("job_id", metavar="JOB")
+MAX_JOB_LIMIT = 10000
+
+# --- how a job reads -------------------------------------------------------------------------
+
+Field = tuple[str, str]
+
+
+def _kept(job: operator_pb2.Job) -> bool:
+    """Whether what a backup stored is kept: only a completed backup's recovery point is."""
+    return JobStatus(job.status).succeeded or not JobStatus(job.status).ended
+
+
+def _stored_cell(job: operator_pb2.Job) -> str:
+    if job.operation == Operation.GARBAGE_COLLECTION:
+        return f"{size(job.bytes_stored)} freed" if job.bytes_stored else "-"
+    if job.operation != Operation.BACKUP:
+        return "-"
+    if not _kept(job) and job.bytes_stored:
+        return f"{size(job.bytes_stored)} not kept"
+    return size(job.bytes_stored)
+
+
+def _read_cell(job: operator_pb2.Job) -> str:
+    return size(job.bytes_read) if job.operation in (Operation.BACKUP, Operation.RESTORE) else "-"
+
+
+JOB_COLUMNS = (
+    "Job",
+    "Operation",
+    "Status",
+    "Vault",
+    "Item",
+    "Started",
+    "Duration",
+    "Read",
+    "Stored",
+    "Error",
+)
+
+
+def job_row(job: operator_pb2.Job) -> list[str]:
+    return [
+        job.id,
+        job.operation,
+        job.status,
+        job.vault,
+        job.item or "-",
+        when(job.started_at),
+        duration(job.started_at, job.ended_at if job.HasField("ended_at") else None),
+        _read_cell(job),
+        _stored_cell(job),
+        job.error_code,  # the message is in `coffer job show`
+    ]
+
+
+def _bytes(job: operator_pb2.Job) -> list[Field]:
+    if job.operation == Operation.BACKUP:
+        lines = [("Bytes read", size(job.bytes_read)), ("Bytes sent", size(job.bytes_sent))]
+        if _kept(job):
+            lines.append(("Bytes stored", size(job.bytes_stored)))
+        elif job.bytes_stored:
+            lines.append(
+                (
+                    "Uploaded, not kept",
+                    f"{size(job.bytes_stored)} (no recovery point references it; garbage "
+                    "collection reclaims it)",
+                )
+            )
+        return lines
+    if job.operation == Operation.RESTORE:
+        return [("Bytes written", size(job.bytes_read))]
+    return []  # a garbage collection's space freed is in its report
+
+
+def _recovery_point(job: operator_pb2.Job) -> list[Field]:
+    if not job.recovery_point_id:
+        return []
+    if job.operation == Operation.RESTORE:
+        return [("Restored from", f"recovery point {job.recovery_point_id}")]
+    if job.operation == Operation.BACKUP and not JobStatus(job.status).succeeded:
+        return []  # only a completed backup made one
+    return [("Recovery point", job.recovery_point_id)]
+
+
+def _seconds(value: Any) -> str:
+    return span(float(value))
+
+
+def _hours(value: Any) -> str:
+    seconds = float(value)
+    return f"{seconds / 3600:g} h" if seconds >= 3600 and seconds % 3600 == 0 else span(seconds)
+
+
+def _moment(value: Any) -> str:
+    return iso(datetime.fromtimestamp(float(value), UTC))
+
+
+def _listed(value: Any) -> str:
+    return ", ".join(map(str, value)) if value else "none"
+
+
+# A garbage collection's report (controller.datastore.gc.GcReport), field by field.
+_GC_REPORT: dict[str, tuple[str, Callable[[Any], str]]] = {
+    "recovery_points": ("Recovery points marked", str),
+    "referenced_chunks": ("Chunks referenced", str),
+    "chunks_seen": ("Chunks in the datastore", str),
+    "chunks_deleted": ("Chunks deleted", str),
+    "bytes_freed": ("Space freed", size),
+    "kept_in_grace": ("Kept: younger than the grace period", str),
+    "kept_held": ("Kept: held by running jobs", str),
+    "orphan_indexes_deleted": ("Indexes of unfinished backups deleted", str),
+    "seconds": ("Took", _seconds),
+}
+
+# The details jobs record, by key: a label and how the value reads. `None` hides a key: a
+# backup's pending recovery point id is not a recovery point until the backup completes.
+_DETAILS: dict[str, tuple[str, Callable[[Any], str]] | None] = {
+    "trigger": ("Trigger", str),
+    "slot": ("Scheduled for", _moment),
+    "phase": ("Phase", str),
+    "disks": ("Disks", _listed),
+    "frozen_ms": ("File systems frozen", lambda v: f"{float(v):g} ms"),
+    "warnings": ("Warnings", lambda v: "; ".join(map(str, v)) if v else "none"),
+    "discovered": ("VMs discovered", _listed),
+    "policy": ("Policy", str),
+    "previous_policy": ("Previous policy", str),
+    "deleted_recovery_points": ("Recovery points deleted", _listed),
+    "after_job": ("After backup", str),
+    "grace_seconds": ("Grace period", _hours),
+    "source_vm": ("Source VM", str),
+    "disk": ("Disk", str),
+    "target_path": ("Target path", str),
+    "recovery_point_id": None,
+}
+
+
+def _value(value: Any) -> str:
+    if isinstance(value, list):
+        return _listed(value)
+    if value is None:
+        return "-"
+    return str(value)
+
+
+def _label(key: str) -> str:
+    return key.replace("_", " ").capitalize()
+
+
+def _ordered(data: dict[str, Any], known: Iterable[str]) -> list[tuple[str, Any]]:
+    """The known keys in their order, then the others as they come."""
+    order = {key: n for n, key in enumerate(known)}
+    return sorted(data.items(), key=lambda item: order.get(item[0], len(order)))
+
+
+def detail_fields(details: dict[str, Any]) -> list[Field]:
+    """A job's details as labelled fields; nested objects as indented fields of their own."""
+    fields: list[Field] = []
+    for key, value in _ordered(details, [*_DETAILS, "report"]):
+        if key == "report" and isinstance(value, dict):
+            fields.append(("Garbage collection", ""))
+            for name, item in _ordered(value, _GC_REPORT):
+                label, show = _GC_REPORT.get(name, (_label(name), _value))
+                fields.append((f"  {label}", show(item)))
+            continue
+        if key in _DETAILS and _DETAILS[key] is None:
+            continue
+        known = _DETAILS.get(key)
+        if isinstance(value, dict):
+            fields.append((known[0] if known else _label(key), ""))
+            fields += [(f"  {name}", _value(item)) for name, item in value.items()]
+            continue
+        label, show = known if known else (_label(key), _value)
+        fields.append((label, show(value)))
+    return fields
+
+
+def show_job(job: operator_pb2.Job) -> None:
+    ended = job.HasField("ended_at")
+    fields: list[Field] = [
+        ("Job", job.id),
+        ("Operation", job.operation),
+        ("Status", job.status),
+        ("Vault", job.vault),
+        ("Item", job.item or "-"),
+        ("VM id", job.vm_id or "-"),
+        ("Started", when(job.started_at)),
+        ("Ended", when(job.ended_at, ended)),
+        ("Duration", duration(job.started_at, job.ended_at if ended else None)),
+        *_bytes(job),
+        *_recovery_point(job),
+    ]
+    if job.error_code:
+        fields.append(("Error", f"{job.error_code}: {job.error_message}"))
+    fields += detail_fields(json.loads(job.details_json or "{}"))
+    width = max(len(label) for label, _ in fields)
+    for label, value in fields:
+        line = f"[bold]{escape(label.ljust(width))}[/bold]  {escape(value)}"
+        console.print(line.rstrip(), highlight=False, soft_wrap=True)
+
+
+def show_jobs(jobs: list[operator_pb2.Job], as_json: bool) -> None:
+    """The jobs a step started; exits with the first failed one's exit code."""
+    if as_json:
+        print_json([as_dict(j) for j in jobs])
+    else:
+        table(
+            "Jobs",
+            ("Job", "Operation", "Item", "Status", "Error"),
+            [
+                [
+                    j.id,
+                    j.operation,
+                    j.item or j.vm_id or "-",
+                    j.status,
+                    f"{j.error_code}: {j.error_message}" if j.error_code else "",
+                ]
+                for j in jobs
+            ],
+        )
+    _exit_for(jobs)
+
+
+def finish(job: operator_pb2.Job, as_json: bool) -> None:
+    """Show a job that ended (or was left running); exits with its error's exit code."""
+    if as_json:
+        print_json(as_dict(job))
+    else:
+        show_job(job)
+    _exit_for([job])
+
+
+def _exit_for(jobs: list[operator_pb2.Job]) -> None:
+    code = exits.of_jobs(jobs)
+    if code != exits.SUCCESS:
+        sys.exit(code)
+
+
+def follow(connection: Connection, job_id: str, as_json: bool) -> operator_pb2.Job:
+    """Follow a job until it ends, with a progress bar on a terminal; the job as it ended."""
+    updates = watch(connection, job_id)
+    if as_json or not console.is_terminal:
+        return _last(updates)
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TaskProgressColumn(),
+        DownloadColumn(binary_units=True),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=console, transient=True) as bar:
+        task = bar.add_task(f"job {job_id}", total=None)
+        last: operator_pb2.Job | None = None
+        for last in updates:
+            progress = last.progress
+            described = f"{last.operation} {last.item or last.vm_id} ({last.id})"
+            if progress.bytes_total:
+                bar.update(
+                    task,
+                    total=progress.bytes_total,
+                    completed=progress.bytes_done,
+                    description=f"{described}: {progress.phase}",
+                )
+            else:
+                bar.update(task, description=described)
+    assert last is not None, "a watch sends the job at least once"
+    return last
+
+
+def _last(updates: Iterator[operator_pb2.Job]) -> operator_pb2.Job:
+    (last,) = deque(updates, maxlen=1)  # a watch sends the job at least once
+    return last
+
+
+# --- commands --------------------------------------------------------------------------------
+
+
+@click.command(name="backup-now")
+@click.argument("vms", nargs=-1, required=True)
+@click.option("--vault", "vault_name", default="", help="The vault (default: each VM's own).")
+@click.option("--disk", "disks", multiple=True, help="Back up only this disk (repeatable).")
+@click.option("--no-wait", is_flag=True, help="Start the jobs and return at once.")
+@json_option
+@click.pass_obj
+def backup_now(
+    connection: Connection,
+    vms: tuple[str, ...],
+    vault_name: str,
+    disks: tuple[str, ...],
+    no_wait: bool,
+    as_json: bool,
+) -> None:
+    """Back up protected VMs now.
+
+    One job each; waits for the jobs and shows their progress.
+    """
+    request = operator_pb2.BackupNowRequest(vault=vault_name, vms=vms, disks=disks)
+    started = list(call(connection, lambda s: s.BackupNow(request)).jobs)
+    if not as_json:
+        for job in started:
+            console.print(
+                f"Started backup job [bold]{job.id}[/bold] of {job.item or job.vm_id}",
+                highlight=False,
+                soft_wrap=True,
+            )
+    if no_wait:
+        show_jobs(started, as_json)
+        return
+    if len(started) == 1:
+        finish(follow(connection, started[0].id, as_json), as_json)
+        return
+    show_jobs([follow(connection, job.id, as_json) for job in started], as_json)
+
+
+@click.command()
+@click.argument("vm_id")
+@click.option("--rp", "rp_id", required=True, help="Recovery point id (`coffer rp list VM`).")
+@click.option("--disk", required=True, help="Disk of the recovery point to restore.")
+@click.option("--target", required=True, help="Path to write, on the target VM.")
+@click.option("--target-vm", default="", help="VM to restore to (default: VM_ID itself).")
+@click.option("--no-wait", is_flag=True, help="Start the job and return at once.")
+@json_option
+@click.pass_obj
+def restore(
+    connection: Connection,
+    vm_id: str,
+    rp_id: str,
+    disk: str,
+    target: str,
+    target_vm: str,
+    no_wait: bool,
+    as_json: bool,
+) -> None:
+    """Restore a disk of a recovery point.
+
+    Restores a disk of one of VM_ID's recovery points to a path on a VM.
+    """
+    request = operator_pb2.RestoreRequest(
+        vm_id=vm_id,
+        recovery_point_id=rp_id,
+        disk=disk,
+        target_path=target,
+        target_vm_id=target_vm,
+    )
+    job = call(connection, lambda s: s.Restore(request))
+    if not as_json:
+        console.print(f"Started restore job [bold]{job.id}[/bold]", highlight=False, soft_wrap=True)
+    finish(job if no_wait else follow(connection, job.id, as_json), as_json)
+
+
+@click.group()
+def job() -> None:
+    """Jobs: list, show, watch, cancel.
+
+    Every operation is a job. A job id may be shortened to a unique prefix of 4 or more
+    characters.
+    """
+
+
+def _time(value: str | None) -> Timestamp | None:
+    if value is None:
+        return None
+    stamp = Timestamp()
+    stamp.FromDatetime(parse_time(value).astimezone(UTC))
+    return stamp
+
+
+@job.command(name="list")
+@click.option(
+    "--status",
+    "statuses",
+    multiple=True,
+    type=click.Choice([s.value for s in JobStatus]),
+    help="Repeatable.",
+)
+@click.option(
+    "--operation",
+    "operations",
+    multiple=True,
+    type=click.Choice([o.value for o in Operation]),
+    help="Repeatable.",
+)
+@click.option("--vm", "vm_id", default="", help="Jobs of this VM (id) only.")
+@click.option("--vault", "vault_name", default="", help="Jobs of this vault only.")
+@click.option(
+    "--from", "started_from", help="Started at or after (ISO date/time; local unless --utc)."
+)
+@click.option("--to", "started_to", help="Started before (ISO date/time; local unless --utc).")
+@click.option(
+    "--limit",
+    default=50,
+    show_default=True,
+    type=click.IntRange(1, MAX_JOB_LIMIT),
+    help="Show the newest N.",
+)
+@json_option
+@click.pass_obj
+def job_list(
+    connection: Connection,
+    statuses: tuple[str, ...],
+    operations: tuple[str, ...],
+    vm_id: str,
+    vault_name: str,
+    started_from: str | None,
+    started_to: str | None,
+    limit: int,
+    as_json: bool,
+) -> None:
+    """Jobs, newest first.
+
+    Filtered by status, operation, vault, VM and start time.
+    """
+    request = operator_pb2.ListJobsRequest(
+        status=statuses,
+        operation=operations,
+        vm_id=vm_id,
+        vault=vault_name,
+        started_from=_time(started_from),
+        started_to=_time(started_to),
+        limit=limit,
+    )
+    reply = call(connection, lambda s: s.ListJobs(request))
+    if as_json:
+        print_json([as_dict(j) for j in reply.jobs])
+        return
+    table("Jobs", JOB_COLUMNS, [job_row(j) for j in reply.jobs])
+
+
+@job.command(name="show")
+@job_id_argument
+@json_option
+@click.pass_obj
+def job_show(connection: Connection, job_id: str, as_json: bool) -> None:
+    """One job in full.
+
+    JOB is its id, or a unique prefix of it (4 or more characters).
+    """
+    found = call(connection, lambda s: s.GetJob(operator_pb2.GetJobRequest(id=job_id)))
+    if as_json:
+        print_json(as_dict(found))
+    else:
+        show_job(found)
+
+
+@job.command(name="watch")
+@job_id_argument
+@json_option
+@click.pass_obj
+def job_watch(connection: Connection, job_id: str, as_json: bool) -> None:
+    """Follow a job until it ends.
+
+    Exits with its error's exit code if it fails.
+    """
+    finish(follow(connection, job_id, as_json), as_json)
+
+
+@job.command(name="cancel")
+@job_id_argument
+@click.option("--no-wait", is_flag=True, help="Return once the cancel is asked for.")
+@json_option
+@click.pass_obj
+def job_cancel(connection: Connection, job_id: str, no_wait: bool, as_json: bool) -> None:
+    """Cancel a queued or running backup or restore.
+
+    A cancelled backup leaves no recovery point.
+    """
+    found = call(connection, lambda s: s.CancelJob(operator_pb2.GetJobRequest(id=job_id)))
+    if not no_wait:
+        found = follow(connection, found.id, as_json)
+    if as_json:
+        print_json(as_dict(found))
+    else:
+        show_job(found)
+
+
+@click.command()
+@click.option("--vault", "vault_name", required=True)
+@click.option("--no-wait", is_flag=True, help="Start the job and return at once.")
+@json_option
+@click.pass_obj
+def prune(connection: Connection, vault_name: str, no_wait: bool, as_json: bool) -> None:
+    """Apply the vault's retention now.
+
+    Deletes the recovery points no rule of their VM's policy keeps.
+    """
+    found = call(connection, lambda s: s.Prune(operator_pb2.VaultRef(name=vault_name)))
+    finish(found if no_wait else follow(connection, found.id, as_json), as_json)
+
+
+@click.command()
+@click.option("--vault", "vault_name", required=True)
+@click.option("--no-wait", is_flag=True, help="Start the job and return at once.")
+@json_option
+@click.pass_obj
+def gc(connection: Connection, vault_name: str, no_wait: bool, as_json: bool) -> None:
+    """Reclaim unreferenced space now.
+
+    Deletes the chunks no recovery point references (safe beside running backups).
+    """
+    found = call(connection, lambda s: s.CollectGarbage(operator_pb2.VaultRef(name=vault_name)))
+    finish(found if no_wait else follow(connection, found.id, as_json), as_json)
