@@ -197,7 +197,7 @@ def _verify_point(
             detail = index
             continue
         _read_chunks(datastore, index, readers, state, check, tell)
-        damage += _damage_in(index, state.bad)
+        damage += damage_in(index, state.bad)
     if not datastore.backend.has(manifest_key(rp_id)):
         return None  # pruned meanwhile: what is missing may have been collected
     return PointOutcome(rp_id, tuple(damage), detail)
@@ -266,7 +266,7 @@ def _read(datastore: Datastore, digest: bytes) -> int:
     return len(datastore.read_chunk(digest))
 
 
-def _damage_in(index: DiskIndex, bad: Mapping[bytes, str]) -> list[DamagedChunk]:
+def damage_in(index: DiskIndex, bad: Mapping[bytes, str]) -> list[DamagedChunk]:
     """The chunks of `index` found bad, each once, at its first position."""
     if not bad:
         return []
@@ -299,7 +299,7 @@ def find_damage(
             damage = [
                 chunk
                 for index in datastore.get_indexes(manifest)
-                for chunk in _damage_in(index, bad)
+                for chunk in damage_in(index, bad)
             ]
         except (NotFound, CorruptData, UnsupportedFormat):
             continue
@@ -314,6 +314,7 @@ __all__ = [
     "PointOutcome",
     "VerifyProgress",
     "VerifyReport",
+    "damage_in",
     "find_damage",
     "verify_recovery_points",
 ]
