@@ -58,7 +58,7 @@ class ChunkHealth:
         """Mark `digests` bad, read at generation `since`; those marked (a chunk repaired
         after `since` is left alone: what was read was the copy it replaced)."""
         with self._lock:
-            marked = {digest for digest in digests if self._repaired.get(digest, -1) < since}
+            marked = {digest for digest in digests if self._repaired.get(digest, -1) <= since}
             self._bad |= marked
             return marked
 
