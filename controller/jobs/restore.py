@@ -124,8 +124,7 @@ class RestoreSession:
             disk=self.disk,
             chunk=self.position_of(digest),
             digest=digest.hex(),
-            detail=f"{detail}. `coffer verify --vault {self.recovery_point.vault}` finds every "
-            "recovery point that needs it",
+            detail=f"{detail} (`coffer verify --vault {self.recovery_point.vault}`)",
         )
 
 
