@@ -133,7 +133,7 @@ class Verifier:
                 damaged=len(damaged),
                 checked=len(report.outcomes),
                 points=_named([o.rp_id for o in damaged]),
-                chunks=len(report.bad),
+                chunks=_chunks(len(report.bad)),
             )
 
     @staticmethod
@@ -221,6 +221,10 @@ def _named(rp_ids: list[str]) -> str:
     )
 
 
+def _chunks(count: int) -> str:
+    return f"{count} chunk" if count == 1 else f"{count} chunks"
+
+
 def _damage_text(detail: str, chunks: int) -> str:
-    parts = [f"{chunks} chunks missing or corrupt"] if chunks else []
+    parts = [f"{_chunks(chunks)} missing or corrupt"] if chunks else []
     return "; ".join([*parts, *([detail] if detail else [])])

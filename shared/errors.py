@@ -262,7 +262,7 @@ class DataCorrupted(CofferError):
 
 
 class RecoveryPointsDamaged(CofferError):
-    """Verify job {job_id} found {damaged} of {checked} recovery points damaged ({points}): {chunks} chunks missing or corrupt. `coffer rp list` shows which; the next backup of each VM that still holds the data stores those chunks again, and they heal."""
+    """Verify job {job_id} found {damaged} of {checked} recovery points damaged ({points}): {chunks} missing or corrupt. `coffer rp list` shows which; the next backup of each VM that still holds the data stores those chunks again, and they heal."""
 
     code = "RecoveryPointsDamaged"
     exit_code = 7

@@ -414,7 +414,7 @@ async def test_a_verify_job_records_each_point_and_fails_with_exit_7_on_damage(
     assert (job.status, job.error_code) == (JobStatus.FAILED, "RecoveryPointsDamaged")
     assert "1 of 1 recovery points damaged (rp-2)" in job.error_message
     assert job.recovery_point_id == "rp-2"
-    assert job.details["damaged"] == {"rp-2": "1 chunks missing or corrupt"}
+    assert job.details["damaged"] == {"rp-2": "1 chunk missing or corrupt"}
     recorded = await setup.catalog.job(job.id)
     assert recorded.error_code == "RecoveryPointsDamaged"
     with pytest.raises(NotFound):

@@ -30,7 +30,8 @@ def verification_cell(point: operator_pb2.RecoveryPoint) -> str:
         return "healed, verify pending"
     parts = []
     if point.damaged_chunks:
-        parts.append(f"{point.damaged_chunks} chunks missing or corrupt")
+        noun = "chunk" if point.damaged_chunks == 1 else "chunks"
+        parts.append(f"{point.damaged_chunks} {noun} missing or corrupt")
     if point.verification_detail:
         parts.append(point.verification_detail)
     return "damaged: " + ("; ".join(parts) or "see `coffer rp list --json`")
