@@ -30,8 +30,8 @@ from agent.runtime import Runtime
 from shared.blob import Compression, decompress
 from shared.digest import DIGEST_SIZE, ZERO_DIGEST, chunk_digest
 from shared.errors import (
-    ChunkDigestMismatch,
     CorruptData,
+    DataCorrupted,
     PathNotAllowed,
     RestoreTargetFailed,
 )
@@ -179,10 +179,23 @@ class RestoreRun:
         def store(chunk: agent_pb2.Chunk) -> int:
             """Verify one chunk and write it everywhere it goes; blocking."""
             digest = chunk.digest  # each read of a bytes field copies it: read once
-            raw = decompress(Compression(chunk.compression), chunk.data, chunk.raw_size)
-            actual = chunk_digest(raw)
-            if actual != digest:
-                raise ChunkDigestMismatch(actual=actual.hex(), claimed=digest.hex())
+            try:
+                raw = decompress(Compression(chunk.compression), chunk.data, chunk.raw_size)
+                actual = chunk_digest(raw)
+                if actual != digest:
+                    raise CorruptData(
+                        what=f"chunk {digest.hex()}", detail=f"its bytes hash to {actual.hex()}"
+                    )
+            except CorruptData as exc:
+                # Damage in the datastore, not a refused upload: named so the operator can
+                # find it, and reported to the controller (which checks it itself).
+                raise DataCorrupted(
+                    recovery_point=self._command.recovery_point_id,
+                    disk=self._command.disk,
+                    chunk=places[digest][0],
+                    digest=digest.hex(),
+                    detail=exc.fields.get("detail", exc.message),
+                ) from exc
             for number in places[digest]:
                 offset = number * chunk_size
                 if len(raw) != min(chunk_size, size - offset):

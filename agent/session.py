@@ -30,7 +30,13 @@ from agent.restore import RestoreRun
 from agent.runtime import Runtime
 from agent.status import StatusPublisher
 from shared.backoff import Backoff
-from shared.errors import CofferError, DuplicateAgent, JobCancelled, find_coffer_error
+from shared.errors import (
+    CofferError,
+    DataCorrupted,
+    DuplicateAgent,
+    JobCancelled,
+    find_coffer_error,
+)
 from shared.rpc import agent_pb2, agent_pb2_grpc
 from shared.rpc_channel import secure_channel
 from shared.rpc_errors import from_rpc_error, to_proto
@@ -45,6 +51,17 @@ HEALTHY_SESSION = RECONNECT.cap
 # Threads that read, hash, compress and write chunks: reads wait on the disk, so more than
 # cores; the pipelines bound how many chunks are in flight.
 POOL_THREADS = 12
+
+
+def damaged_chunks(exc: BaseException) -> list[bytes]:
+    """The digests of the chunks `exc` (or, raised out of task groups, what it holds) says
+    are damaged: the controller is told which, and checks them itself."""
+    if isinstance(exc, DataCorrupted):
+        digest = exc.fields.get("digest")
+        return [bytes.fromhex(digest)] if isinstance(digest, str) else []
+    if isinstance(exc, BaseExceptionGroup):
+        return [digest for inner in exc.exceptions for digest in damaged_chunks(inner)]
+    return []
 
 
 def _forget(running: dict[str, asyncio.Task[None]], job_id: str, _: object) -> None:
@@ -261,4 +278,5 @@ class Agent:
                 error = CofferError(f"internal error in the agent: {exc!r}")
             log.warning("%s %s failed: %s", kind, result.job_id, error)
             result.error.CopyFrom(to_proto(error))
+            result.damaged_chunks.extend(damaged_chunks(exc))
         outbox.put_nowait(agent_pb2.AgentMessage(result=result))

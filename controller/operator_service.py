@@ -26,6 +26,7 @@ from controller.catalog import (
     PolicyRecord,
     RecoveryPointRecord,
     VaultRecord,
+    VerificationRecord,
 )
 from controller.jobs import JobManager
 from controller.protection import Protection, display_name
@@ -33,7 +34,15 @@ from controller.pruning import Pruner
 from controller.registry import AgentRegistry
 from controller.status import StatusMonitor
 from controller.vaults import Vaults
-from shared.errors import AmbiguousJobId, InvalidArgument, InvalidPolicy, NotFound, VmNotFound
+from controller.verification import Verifier
+from shared.errors import (
+    AmbiguousJobId,
+    InvalidArgument,
+    InvalidPolicy,
+    NotFound,
+    Unavailable,
+    VmNotFound,
+)
 from shared.model import ItemState, JobStatus, Operation
 from shared.policy import Policy
 from shared.rpc import operator_pb2, operator_pb2_grpc
@@ -72,6 +81,8 @@ class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
         vaults: Vaults,
         protection: Protection,
         pruner: Pruner,
+        *,
+        verifier: Verifier | None = None,
     ) -> None:
         self._catalog = catalog
         self._registry = registry
@@ -80,6 +91,7 @@ class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
         self._vaults = vaults
         self._protection = protection
         self._pruner = pruner
+        self._verifier = verifier
 
     async def _vm_id(self, name: str) -> str:
         """The VM id a name (id, name or service/name) gives; the name itself for a VM that is
@@ -159,7 +171,28 @@ class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
         return message
 
     @staticmethod
-    def _recovery_point(rp: RecoveryPointRecord) -> operator_pb2.RecoveryPoint:
+    def _recovery_point(
+        rp: RecoveryPointRecord, verification: VerificationRecord | None = None
+    ) -> operator_pb2.RecoveryPoint:
+        message = OperatorService._recovery_point_only(rp)
+        if verification is not None:
+            message.verification = verification.state
+            verified_at = _timestamp(verification.verified_at)
+            if verified_at is not None:
+                message.verified_at.CopyFrom(verified_at)
+            message.verify_job_id = verification.job_id
+            message.damaged_chunks = verification.damaged_chunks
+            message.verification_detail = verification.detail
+            message.damage.extend(
+                operator_pb2.DamagedChunk(
+                    disk=d.disk, chunk=d.chunk, digest=d.digest.hex(), reason=d.reason
+                )
+                for d in verification.damage
+            )
+        return message
+
+    @staticmethod
+    def _recovery_point_only(rp: RecoveryPointRecord) -> operator_pb2.RecoveryPoint:
         return operator_pb2.RecoveryPoint(
             id=rp.id,
             vm_id=rp.vm_id,
@@ -314,8 +347,9 @@ class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
         if request.vault:
             await self._catalog.vault(request.vault)
         points = await self._catalog.recovery_points(vm_id=vm_id, vault=request.vault)
+        verifications = await self._catalog.verifications([rp.id for rp in points])
         return operator_pb2.ListRecoveryPointsReply(
-            recovery_points=[self._recovery_point(rp) for rp in points]
+            recovery_points=[self._recovery_point(rp, verifications.get(rp.id)) for rp in points]
         )
 
     # --- vaults -----------------------------------------------------------------------------
@@ -333,6 +367,8 @@ class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
             protected_items=sum(1 for i in items if ItemState(i.state).protected),
             recovery_points=points,
             stored_bytes=vault.stored_bytes,
+            verify_new=vault.verify_new,
+            reverify_days=vault.reverify_days,
         )
 
     async def CreateVault(
@@ -359,11 +395,21 @@ class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
     async def UpdateVault(
         self, request: operator_pb2.UpdateVaultRequest, context: Context
     ) -> operator_pb2.Vault:
-        if not request.max_concurrent_backups:
-            # The only setting there is: a request without it would change nothing, and
-            # saying nothing about that is how `--max-concurrent-backups 0` went unnoticed.
-            raise InvalidArgument(detail="nothing to change: give max_concurrent_backups (1 to 64)")
-        vault = await self._vaults.update(request.name, request.max_concurrent_backups)
+        verify_new = request.verify_new if request.HasField("verify_new") else None
+        reverify_days = request.reverify_days if request.HasField("reverify_days") else None
+        if not request.max_concurrent_backups and verify_new is None and reverify_days is None:
+            # A request that would change nothing is refused: saying nothing about that is how
+            # `--max-concurrent-backups 0` went unnoticed.
+            raise InvalidArgument(
+                detail="nothing to change: give max_concurrent_backups (1 to 64), verify_new "
+                "or reverify_days"
+            )
+        vault = await self._vaults.update(
+            request.name,
+            request.max_concurrent_backups,
+            verify_new=verify_new,
+            reverify_days=reverify_days,
+        )
         self._jobs.set_limit(vault.name, vault.max_concurrent_backups)
         return await self._vault(vault)
 
@@ -391,6 +437,12 @@ class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
             protected_bytes=board.protected_bytes,
             dedup_ratio=board.dedup_ratio,
             recovery_points=board.recovery_points,
+            recovery_points_verified=board.integrity.verified,
+            recovery_points_damaged=board.integrity.damaged,
+            recovery_points_healed=board.integrity.healed,
+            recovery_points_never_verified=board.integrity.never_verified,
+            bad_chunks=board.integrity.bad_chunks,
+            last_verified_at=_timestamp(board.integrity.last_verified_at),
         )
 
     # --- discovery and items ----------------------------------------------------------------
@@ -574,3 +626,18 @@ class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
         self, request: operator_pb2.VaultRef, context: Context
     ) -> operator_pb2.Job:
         return self._job(await self._pruner.collect(request.name))
+
+    # --- integrity --------------------------------------------------------------------------
+
+    async def Verify(
+        self, request: operator_pb2.VerifyRequest, context: Context
+    ) -> operator_pb2.Job:
+        if self._verifier is None:
+            raise Unavailable(detail="this controller runs no verify jobs")
+        if not request.vault:
+            raise InvalidArgument(detail="name the vault to verify (`--vault`)")
+        vm_id = (await self._protection.resolve([request.vm]))[0].vm_id if request.vm else ""
+        job = await self._verifier.verify(
+            request.vault, vm_id=vm_id, rp_id=request.recovery_point_id
+        )
+        return self._job(job, await self._names())

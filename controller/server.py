@@ -40,6 +40,7 @@ from controller.registry import AgentRegistry
 from controller.state_lock import StateLock
 from controller.status import StatusMonitor
 from controller.vaults import Vaults
+from controller.verification import Verifier
 from shared.clock import Clock, SystemClock
 from shared.errors import CofferError, Unavailable
 from shared.rpc import agent_pb2_grpc, operator_pb2_grpc
@@ -123,9 +124,13 @@ class Controller:
             stack.callback(registry.close_all)
             vaults = Vaults(catalog, datastores, self.clock, config.chunk_size)
             pruner = Pruner(catalog, datastores, jobs, self.clock, config.gc_grace_seconds)
-            self.protection = await stack.enter_async_context(
-                Protection(catalog, registry, jobs, vaults, pruner, self.clock, supervisor)
-            )
+            # Verify jobs: by hand, after backups and on the daily maintenance, as each
+            # vault's settings say (controller.verification).
+            verifier = Verifier(catalog, datastores, jobs, jobs.integrity, self.clock)
+            pruner.after_maintenance.append(verifier.reverify)
+            protection = Protection(catalog, registry, jobs, vaults, pruner, self.clock, supervisor)
+            protection.after_backup.append(verifier.after_backup)
+            self.protection = await stack.enter_async_context(protection)
             self.jobs = jobs
 
             server = grpc.aio.server(
@@ -138,7 +143,16 @@ class Controller:
                 server,
             )
             operator_pb2_grpc.add_OperatorServiceServicer_to_server(
-                OperatorService(catalog, registry, jobs, status, vaults, self.protection, pruner),
+                OperatorService(
+                    catalog,
+                    registry,
+                    jobs,
+                    status,
+                    vaults,
+                    self.protection,
+                    pruner,
+                    verifier=verifier,
+                ),
                 server,
             )
             self.port = _bind(server, config)

@@ -10,19 +10,34 @@ from __future__ import annotations
 
 import re
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from controller.catalog import Catalog, PolicyRecord, VaultRecord
 from controller.datastores import Datastores
 from shared.clock import Clock
 from shared.errors import InvalidArgument, PolicyInUse, VaultNotEmpty
-from shared.model import ItemState, JobStatus
+from shared.model import ItemState, JobStatus, Verification
 from shared.policy import Policy, default_policy
 
 _VAULT_NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
 _REGION = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
 DEFAULT_MAX_CONCURRENT_BACKUPS = 4
+MAX_REVERIFY_DAYS = 3650
 DAY = 86400.0
+
+
+@dataclass(frozen=True)
+class IntegritySummary:
+    """A vault's recovery points by what the last verify (or a failed read since) found."""
+
+    verified: int = 0
+    damaged: int = 0
+    healed: int = 0
+    """Their damaged chunks were stored again; a verify is pending."""
+    never_verified: int = 0
+    bad_chunks: int = 0
+    """Chunks known missing or corrupt, not yet stored again."""
+    last_verified_at: float | None = None
 
 
 @dataclass(frozen=True)
@@ -38,6 +53,7 @@ class Dashboard:
     stored_bytes: int
     protected_bytes: int
     recovery_points: int
+    integrity: IntegritySummary = field(default_factory=IntegritySummary)
 
     @property
     def dedup_ratio(self) -> float:
@@ -87,10 +103,29 @@ class Vaults:
         await self._datastores.get(name)  # the datastore exists from the start
         return vault
 
-    async def update(self, name: str, max_concurrent_backups: int) -> VaultRecord:
+    async def update(
+        self,
+        name: str,
+        max_concurrent_backups: int,
+        *,
+        verify_new: bool | None = None,
+        reverify_days: int | None = None,
+    ) -> VaultRecord:
+        """Change a vault's settings: 0 or None leaves one unchanged. Every value is checked
+        before any is written."""
         if max_concurrent_backups:
-            await self._catalog.set_max_concurrent_backups(
-                name, _check_limit(max_concurrent_backups)
+            _check_limit(max_concurrent_backups)
+        if reverify_days is not None and not 0 <= reverify_days <= MAX_REVERIFY_DAYS:
+            raise InvalidArgument(
+                detail=f"re-verify after {reverify_days} days: give 0 (off) to "
+                f"{MAX_REVERIFY_DAYS} days"
+            )
+        await self._catalog.vault(name)
+        if max_concurrent_backups:
+            await self._catalog.set_max_concurrent_backups(name, max_concurrent_backups)
+        if verify_new is not None or reverify_days is not None:
+            await self._catalog.set_verify_settings(
+                name, verify_new=verify_new, reverify_days=reverify_days
             )
         return await self._catalog.vault(name)
 
@@ -165,6 +200,15 @@ class Vaults:
             by_state[item.state] = by_state.get(item.state, 0) + 1
         counts = await self._catalog.job_counts(name, self._clock.now() - DAY)
         points, protected_bytes = await self._catalog.recovery_point_totals(name)
+        states = await self._catalog.verification_counts(name)
+        integrity = IntegritySummary(
+            verified=states.get(Verification.VERIFIED, 0),
+            damaged=states.get(Verification.DAMAGED, 0),
+            healed=states.get(Verification.HEALED, 0),
+            never_verified=states.get(None, 0),
+            bad_chunks=len(await self._datastores.health(name)),
+            last_verified_at=await self._catalog.last_verified_at(name),
+        )
         return Dashboard(
             vault=name,
             protected_items=sum(n for s, n in by_state.items() if ItemState(s).protected),
@@ -178,4 +222,5 @@ class Vaults:
             stored_bytes=vault.stored_bytes,
             protected_bytes=protected_bytes,
             recovery_points=points,
+            integrity=integrity,
         )

@@ -17,6 +17,12 @@ datastore records the hash it uses (`datastore.json`), so another can come later
 all-zero chunk or a hole. Such chunks are never hashed twice, stored or sent: a reader of an
 index writes zeros (or leaves a hole) where it meets one.
 
+`MASKED_DIGEST` (32 bytes of 0xff) is not the hash of anything either: the controller puts it
+in an incremental's base index, where the agent compares its chunks with the previous recovery
+point's, in place of a chunk the datastore lacks or holds damaged. No chunk hashes to it, so the
+agent reads, hashes and offers that chunk again as if it had changed (`agent.backup` needs no
+rule for it) and the controller, which reports the chunk missing, gets it uploaded again.
+
 `sha256` stays for what is not a chunk: the integrity trailers of indexes and the index
 checksums in manifests, small and read rarely.
 """
@@ -37,6 +43,10 @@ DIGEST_SIZE = 32
 
 ZERO_DIGEST = bytes(DIGEST_SIZE)
 """Index entry of an all-zero chunk or a hole; never stored."""
+
+MASKED_DIGEST = b"\xff" * DIGEST_SIZE
+"""Base index entry of a chunk the agent must send again (missing or damaged in the datastore);
+never stored, never equal to a chunk's digest."""
 
 
 def chunk_digest(data: bytes | bytearray | memoryview) -> bytes:

@@ -253,6 +253,22 @@ class CorruptData(CofferError):
     grpc_status = "DATA_LOSS"
 
 
+class DataCorrupted(CofferError):
+    """Recovery point {recovery_point} disk {disk!r}: chunk {chunk} ({digest}) is damaged in the datastore: {detail}. Run a verify of its vault to find every recovery point that needs it; the next backup that holds the same data stores it again."""
+
+    code = "DataCorrupted"
+    exit_code = 7
+    grpc_status = "DATA_LOSS"
+
+
+class RecoveryPointsDamaged(CofferError):
+    """Verify job {job_id} found {damaged} of {checked} recovery points damaged ({points}): {chunks} missing or corrupt. `coffer rp list` shows which; the next backup of each VM that still holds the data stores those chunks again, and they heal."""
+
+    code = "RecoveryPointsDamaged"
+    exit_code = 7
+    grpc_status = "DATA_LOSS"
+
+
 class UnsupportedFormat(CofferError):
     """{what} has format version {version}; this Coffer reads up to version {supported}. Upgrade Coffer to read it."""
 

@@ -166,6 +166,22 @@ _GC_REPORT: dict[str, tuple[str, Callable[[Any], str]]] = {
     "seconds": ("Took", _seconds),
 }
 
+# A verify's findings (controller.verification), field by field.
+_VERIFY_REPORT: dict[str, tuple[str, Callable[[Any], str]]] = {
+    "recovery_points_verified": ("Recovery points whole", str),
+    "recovery_points_damaged": ("Recovery points damaged", str),
+    "recovery_points_deleted_meanwhile": ("Deleted while it ran (skipped)", str),
+    "chunks_checked": ("Chunks read", str),
+    "chunks_missing_or_corrupt": ("Chunks missing or corrupt", str),
+    "seconds": ("Took", _seconds),
+}
+
+# Reports jobs record as one object each: a title and their fields.
+_REPORTS = {
+    "report": ("Garbage collection", _GC_REPORT),
+    "verification": ("Verification", _VERIFY_REPORT),
+}
+
 # The details jobs record, by key: a label and how the value reads. `None` hides a key: a
 # backup's pending recovery point id is not a recovery point until the backup completes.
 _DETAILS: dict[str, tuple[str, Callable[[Any], str]] | None] = {
@@ -184,6 +200,8 @@ _DETAILS: dict[str, tuple[str, Callable[[Any], str]] | None] = {
     "source_vm": ("Source VM", str),
     "disk": ("Disk", str),
     "target_path": ("Target path", str),
+    "recovery_points": ("Recovery points to verify", str),
+    "damaged": ("Damaged", str),
     "recovery_point_id": None,
 }
 
@@ -209,11 +227,12 @@ def _ordered(data: dict[str, Any], known: Iterable[str]) -> list[tuple[str, Any]
 def detail_fields(details: dict[str, Any]) -> list[Field]:
     """A job's details as labelled fields; nested objects as indented fields of their own."""
     fields: list[Field] = []
-    for key, value in _ordered(details, [*_DETAILS, "report"]):
-        if key == "report" and isinstance(value, dict):
-            fields.append(("Garbage collection", ""))
-            for name, item in _ordered(value, _GC_REPORT):
-                label, show = _GC_REPORT.get(name, (_label(name), _value))
+    for key, value in _ordered(details, [*_DETAILS, *_REPORTS]):
+        if key in _REPORTS and isinstance(value, dict):
+            title, labels = _REPORTS[key]
+            fields.append((title, ""))
+            for name, item in _ordered(value, labels):
+                label, show = labels.get(name, (_label(name), _value))
                 fields.append((f"  {label}", show(item)))
             continue
         if key in _DETAILS and _DETAILS[key] is None:

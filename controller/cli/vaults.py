@@ -14,6 +14,8 @@ from shared.rpc import operator_pb2
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
 # What the controller accepts (controller.vaults): at least one backup at a time, at most 64.
 CONCURRENT_BACKUPS = click.IntRange(1, 64)
+# What the controller accepts (controller.vaults): 0 (off) to ten years.
+REVERIFY_DAYS = click.IntRange(0, 3650)
 
 
 @click.group()
@@ -33,8 +35,16 @@ def _vault_row(v: operator_pb2.Vault) -> list[str]:
         str(v.recovery_points),
         size(v.stored_bytes),
         str(v.max_concurrent_backups),
+        _verify_schedule(v),
         when(v.created_at),
     ]
+
+
+def _verify_schedule(v: operator_pb2.Vault) -> str:
+    parts = ["new points"] if v.verify_new else []
+    if v.reverify_days:
+        parts.append(f"every {v.reverify_days} days")
+    return ", ".join(parts) or "off"
 
 
 VAULT_COLUMNS = (
@@ -45,6 +55,7 @@ VAULT_COLUMNS = (
     "Recovery points",
     "Stored",
     "Concurrent backups",
+    "Verify",
     "Created",
 )
 
@@ -120,21 +131,48 @@ def vault_show(connection: Connection, name: str, as_json: bool) -> None:
 @click.option(
     "--max-concurrent-backups",
     type=CONCURRENT_BACKUPS,
-    required=True,
+    default=None,
     help="Backups at once (1 to 64).",
+)
+@click.option(
+    "--verify-new",
+    type=click.Choice(["on", "off"]),
+    default=None,
+    help="Verify every new recovery point after its backup.",
+)
+@click.option(
+    "--reverify-days",
+    type=REVERIFY_DAYS,
+    default=None,
+    help="Daily, verify the points not verified for N days (0: off).",
 )
 @json_option
 @click.pass_obj
 def vault_update(
-    connection: Connection, name: str, max_concurrent_backups: int, as_json: bool
+    connection: Connection,
+    name: str,
+    max_concurrent_backups: int | None,
+    verify_new: str | None,
+    reverify_days: int | None,
+    as_json: bool,
 ) -> None:
     """Change a vault's settings.
 
-    Queued backups start at once if the limit rose.
+    Queued backups start at once if the limit rose. Verify settings schedule Verify jobs:
+    of each new recovery point after its backup, and daily (with the vault's maintenance, at
+    03:30 UTC) of the points never verified or not verified for N days.
     """
+    if max_concurrent_backups is None and verify_new is None and reverify_days is None:
+        raise click.UsageError(
+            "nothing to change: give --max-concurrent-backups, --verify-new or --reverify-days"
+        )
     request = operator_pb2.UpdateVaultRequest(
-        name=name, max_concurrent_backups=max_concurrent_backups
+        name=name, max_concurrent_backups=max_concurrent_backups or 0
     )
+    if verify_new is not None:
+        request.verify_new = verify_new == "on"
+    if reverify_days is not None:
+        request.reverify_days = reverify_days
     updated = call(connection, lambda s: s.UpdateVault(request))
     if as_json:
         print_json(as_dict(updated))
@@ -188,6 +226,21 @@ def _show_dashboard(board: operator_pb2.DashboardReply) -> None:
         ],
     )
     table(
+        "Integrity (recovery points)",
+        ("Verified", "Damaged", "Healed, verify pending", "Never verified", "Bad chunks",
+         "Last verified"),
+        [
+            [
+                str(board.recovery_points_verified),
+                str(board.recovery_points_damaged),
+                str(board.recovery_points_healed),
+                str(board.recovery_points_never_verified),
+                str(board.bad_chunks),
+                when(board.last_verified_at, board.HasField("last_verified_at")),
+            ]
+        ],
+    )  # fmt: skip
+    table(
         "Items by state",
         ("State", "Items"),
         [[state, str(n)] for state, n in sorted(board.items_by_state.items())],
@@ -210,7 +263,8 @@ def dashboard(
 ) -> None:
     """A vault at a glance.
 
-    Protected items, the last 24 h of jobs, storage and deduplication.
+    Protected items, the last 24 h of jobs, storage and deduplication, and integrity: how
+    many recovery points a verify found whole, damaged, healed since, or never verified.
     """
     request = operator_pb2.VaultRef(name=vault_name)
     while True:

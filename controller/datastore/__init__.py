@@ -50,7 +50,8 @@ single PUT) and is durable before `put` returns. A backup writes, in this order:
 
 1. its chunks: content-addressed, so writing one twice (two jobs, a retry, two threads at
    once) stores the same bytes under the same name; `put_chunk` checks `has` first and so
-   writes each chunk once in the normal case;
+   writes each chunk once in the normal case, unless told to replace a chunk known bad
+   (below);
 2. one index per disk (`put_index`), refused once the recovery point is committed;
 3. the manifest (`put_manifest`): **the commit point**. It is written only after every index
    is stored with the SHA-256 the manifest records and every referenced chunk is present.
@@ -93,6 +94,16 @@ the job path needs; the collection is otherwise read-only towards running jobs. 
 recovery point removes its manifest and indexes only; chunks are garbage collection's alone.
 The local store's leftover `.tmp-*` files (a crash during a put) are not objects: listing skips
 them, and they are not collected yet.
+
+Verification and bad chunks (verify.py, health.py)
+--------------------------------------------------
+A chunk's name proves nothing about its bytes once they are stored. `verify_recovery_points`
+reads back every distinct chunk a set of recovery points references, once, and says which
+points are whole and which chunks each is missing; `find_damage` says which points reference a
+chunk found bad elsewhere. `ChunkHealth` is the set of a datastore's chunks known bad: never
+answered "already stored", replaced by the next upload of their content
+(`put_chunk(replace=True)`). The controller keeps it in step with its catalog
+(controller.integrity); `docs/integrity.md` has the whole picture.
 """
 
 from controller.datastore.backend import ObjectInfo, ObjectStore, check_key, check_prefix

@@ -218,7 +218,13 @@ class Datastore:
         return missing
 
     def put_chunk(
-        self, digest: bytes, payload: bytes, compression: Compression | int, raw_size: int
+        self,
+        digest: bytes,
+        payload: bytes,
+        compression: Compression | int,
+        raw_size: int,
+        *,
+        replace: bool = False,
     ) -> int:
         """Verify and store a chunk as received; the bytes written (0 if it was already here).
 
@@ -226,6 +232,11 @@ class Datastore:
         `digest` raises ChunkDigestMismatch, one that does not decompress to `raw_size` bytes
         raises CorruptData, and nothing is stored in either case. This holds also when the
         digest is already stored, so a sender's error is reported the same way every time.
+
+        With `replace`, the chunk is written even if an object exists under its name: that
+        object is known to be damaged (a verify or a failed read found it so), and a chunk's
+        name proves nothing about its bytes. The put is atomic, so a reader sees the damaged
+        object or the good one, never a mix.
         """
         check_digest(digest)
         if digest == ZERO_DIGEST:
@@ -245,7 +256,7 @@ class Datastore:
         if actual != digest:
             raise ChunkDigestMismatch(actual=actual.hex(), claimed=digest.hex())
         key = chunk_key(digest)
-        if self.backend.has(key):
+        if not replace and self.backend.has(key):
             return 0
         blob = encode_blob(kind, raw_size, payload)
         self.backend.put(key, blob)

@@ -32,8 +32,8 @@ Guarantees
   the vault's `ChunkGuard`, so garbage collection can run beside it.
 - Cancel: a queued backup ends `Cancelled` at once; a running backup or restore is cancelled in
   its agent (and refused once a backup is committing), so a cancelled backup leaves no recovery
-  point; a prune or garbage collection stops between items; other jobs are short and run to
-  their end.
+  point; a prune, garbage collection or verify stops between items; other jobs are short and
+  run to their end.
 - Outcomes: every job ends through the runner, whatever raised; nothing a job raises stops
   another job, the dispatcher or the controller. A job the controller's stop cuts short is
   recorded by the next start (`ControllerRestarted`), and a scheduled backup it interrupted

@@ -16,6 +16,7 @@ from typing import Any, Self, TypeVar
 from controller.catalog import Catalog, JobRecord
 from controller.datastore import Datastore
 from controller.datastores import Datastores
+from controller.integrity import Integrity
 from controller.jobs.agent_command import AgentJob
 from controller.jobs.agent_command import cancel as cancel_agent_job
 from controller.jobs.backup import BackupEnded, Backups, RunningBackup
@@ -25,8 +26,9 @@ from controller.jobs.restore import Restores, RunningRestore
 from controller.jobs.runner import JobRunner, RunningJob
 from controller.registry import AgentRegistry
 from controller.status import StatusMonitor
+from shared.blob import Compression
 from shared.clock import Clock
-from shared.errors import Conflict, PermissionDenied
+from shared.errors import ChunkMissing, Conflict, CorruptData, DataCorrupted, PermissionDenied
 from shared.index import DiskIndex
 from shared.model import JobStatus, Operation, Trigger
 from shared.supervision import Policy, Supervisor
@@ -53,6 +55,7 @@ class JobManager:
         pool: ThreadPoolExecutor,
         *,
         supervisor: Supervisor | None = None,
+        integrity: Integrity | None = None,
     ) -> None:
         self._catalog = catalog
         self._registry = registry
@@ -60,8 +63,12 @@ class JobManager:
         self._clock = clock
         self._pool = pool
         self._runner = JobRunner(catalog, status, clock)
-        self._backups = Backups(catalog, registry, datastores, self._runner, clock, pool)
-        self._restores = Restores(catalog, registry, datastores, self._runner, pool)
+        # Where bad chunks found by jobs, and chunks they store again, are recorded.
+        self.integrity = integrity or Integrity(catalog, datastores, clock, pool)
+        self._backups = Backups(
+            catalog, registry, datastores, self._runner, clock, pool, self.integrity
+        )
+        self._restores = Restores(catalog, registry, datastores, self._runner, pool, self.integrity)
         self._supervisor = supervisor
         self._own_supervisor = supervisor is None
         # Jobs the last shutdown interrupted, failed when the manager started.
@@ -244,6 +251,25 @@ class JobManager:
     def chunk_stored(self, running: RunningBackup, digest: bytes, stored: int, sent: int) -> None:
         assert running.transaction is not None
         running.transaction.chunk_stored(digest, stored)
+
+    async def store_chunk(
+        self,
+        running: RunningBackup,
+        digest: bytes,
+        data: bytes,
+        compression: Compression,
+        raw_size: int,
+    ) -> int:
+        """Verify and store a chunk a backup uploaded (a bad one replaces what the datastore
+        holds under its name); the bytes it added."""
+        assert running.transaction is not None
+        return await running.transaction.store_chunk(digest, data, compression, raw_size)
+
+    async def chunk_unreadable(
+        self, running: RunningRestore, digest: bytes, error: ChunkMissing | CorruptData
+    ) -> DataCorrupted:
+        """A chunk a restore downloads cannot be read: marked bad; the error to fail with."""
+        return await self._restores.chunk_unreadable(running, digest, error)
 
     async def accept_index(self, running: RunningBackup, index: DiskIndex) -> None:
         """Take a disk's index once every chunk it references is known to be durable."""

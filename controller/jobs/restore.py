@@ -10,6 +10,13 @@ restore reads it (the job manager's `in_use`). The holds are released when the j
 
 The command goes to the target VM's agent (the source VM's by default), which writes the disk
 to a path under its `restore_dirs`.
+
+A restore that meets a bad chunk fails with `DataCorrupted` (exit 7), naming the recovery
+point, disk, chunk and digest: the controller's read of it failed (missing, or its blob
+unreadable; `chunk_unreadable`), or the agent's check of what it downloaded did (the agent
+names the chunk in its result, and the controller reads it again itself before believing it).
+Either way the chunk is marked bad and the recovery points that reference it damaged
+(controller.integrity) before the job ends.
 """
 
 from __future__ import annotations
@@ -21,12 +28,22 @@ from functools import partial
 
 from controller.catalog import Catalog, JobRecord, RecoveryPointRecord
 from controller.datastore import ChunkGuard, Datastore
+from controller.datastore.verify import MISSING, DamagedChunk, damage_in
 from controller.datastores import Datastores
+from controller.integrity import Integrity
 from controller.jobs.agent_command import AgentJob, run_command
 from controller.jobs.runner import JobRunner
 from controller.registry import AgentRegistry
 from shared.blob import Compression
-from shared.errors import DiskNotFound, InvalidArgument, NotFound, PermissionDenied
+from shared.errors import (
+    ChunkMissing,
+    CorruptData,
+    DataCorrupted,
+    DiskNotFound,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+)
 from shared.index import DiskIndex
 from shared.model import Operation
 from shared.rpc import agent_pb2
@@ -96,10 +113,28 @@ class RestoreSession:
     def release(self) -> None:
         self.guard.release(self.job_id)
 
+    def position_of(self, digest: bytes) -> int:
+        """Where on the disk `digest` first sits (-1: nowhere)."""
+        return next((n for n in range(len(self.index)) if self.index.digest_at(n) == digest), -1)
+
+    def corrupted(self, digest: bytes, detail: str) -> DataCorrupted:
+        """The error of a restore that met the bad chunk `digest`."""
+        return DataCorrupted(
+            recovery_point=self.recovery_point.id,
+            disk=self.disk,
+            chunk=self.position_of(digest),
+            digest=digest.hex(),
+            detail=f"{detail} (`coffer verify --vault {self.recovery_point.vault}`)",
+        )
+
 
 @dataclass(eq=False)
 class RunningRestore(AgentJob):
     session: RestoreSession | None = None
+    found_bad: dict[bytes, str] = field(default_factory=dict)
+    """Chunks the controller could not read for it (missing, or their blob unreadable)."""
+    since: int = 0
+    """The vault's chunk health generation when it started (controller.datastore.health)."""
 
     @property
     def recovery_point(self) -> RecoveryPointRecord | None:
@@ -120,12 +155,14 @@ class Restores:
         datastores: Datastores,
         runner: JobRunner,
         pool: Executor,
+        integrity: Integrity | None = None,
     ) -> None:
         self._catalog = catalog
         self._registry = registry
         self._datastores = datastores
         self._runner = runner
         self._pool = pool
+        self._integrity = integrity
 
     async def start(
         self, vm_id: str, rp_id: str, disk: str, target_path: str, target_vm: str
@@ -158,7 +195,12 @@ class Restores:
             self._datastores.guard(rp.vault),
             self._pool,
         )
-        running = RunningRestore(job, exclusive=True, session=session)
+        running = RunningRestore(
+            job,
+            exclusive=True,
+            session=session,
+            since=(await self._datastores.health(rp.vault)).generation,
+        )
         running.after_end.append(partial(self._release, session))
         try:
             await self._runner.admit(running)
@@ -177,7 +219,11 @@ class Restores:
         )
 
         async def work() -> None:
-            result = await run_command(running, agent, command)
+            try:
+                result = await run_command(running, agent, command)
+            except DataCorrupted:
+                await self._damaged(running)
+                raise
             job.bytes_read = result.bytes_written
 
         self._runner.start(running, work)
@@ -186,6 +232,54 @@ class Restores:
     @staticmethod
     async def _release(session: RestoreSession) -> None:
         session.release()
+
+    async def chunk_unreadable(
+        self, running: RunningRestore, digest: bytes, error: ChunkMissing | CorruptData
+    ) -> DataCorrupted:
+        """The controller could not read a chunk the restore downloads: it is bad, and the
+        restored recovery point damaged. The error the restore fails with."""
+        session = running.session
+        assert session is not None
+        reason = (
+            MISSING
+            if isinstance(error, ChunkMissing)
+            else str(error.fields.get("detail") or error.message)
+        )
+        running.found_bad[digest] = reason
+        if self._integrity is not None:
+            rp = session.recovery_point
+            await self._integrity.found_bad(
+                rp.vault,
+                {digest: reason},
+                since=running.since,
+                by=running.id,
+                damage={rp.id: [DamagedChunk(session.disk, session.position_of(digest), digest,
+                                             reason)]},
+            )  # fmt: skip
+        detail = "it is missing" if reason == MISSING else f"it cannot be read ({reason})"
+        return session.corrupted(digest, detail)
+
+    async def _damaged(self, running: RunningRestore) -> None:
+        """The restore failed on bad chunks: those the agent named, once the controller's own
+        read confirms them, and those the controller could not read, are bad; every recovery
+        point that references them is damaged."""
+        session = running.session
+        if session is None or self._integrity is None:
+            return
+        rp = session.recovery_point
+        reported = list(running.result.damaged_chunks) if running.result else []
+        confirmed, since = await self._integrity.confirm(
+            rp.vault, [d for d in reported if d in session.allowed]
+        )
+        if confirmed:
+            damage = await asyncio.get_running_loop().run_in_executor(
+                self._pool, damage_in, session.index, confirmed
+            )
+            await self._integrity.found_bad(
+                rp.vault, confirmed, since=since, by=running.id, damage={rp.id: damage}
+            )
+        bad = running.found_bad | confirmed
+        await self._integrity.spread(rp.vault, bad, by=running.id, exclude={rp.id})
 
     def in_use(self) -> set[str]:
         """Recovery points running restores read."""

@@ -183,7 +183,7 @@ class DiskBackupResult(_message.Message):
     def __init__(self, disk: _Optional[str] = ..., size_bytes: _Optional[int] = ..., bytes_read: _Optional[int] = ..., bytes_sent: _Optional[int] = ..., chunk_count: _Optional[int] = ..., zero_chunks: _Optional[int] = ..., consistency: _Optional[str] = ..., snapshot_provider: _Optional[str] = ...) -> None: ...
 
 class CommandResult(_message.Message):
-    __slots__ = ("command_id", "job_id", "ok", "error", "disks", "bytes_written", "consistency", "warnings", "frozen_ms")
+    __slots__ = ("command_id", "job_id", "ok", "error", "disks", "bytes_written", "consistency", "warnings", "frozen_ms", "damaged_chunks")
     COMMAND_ID_FIELD_NUMBER: _ClassVar[int]
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     OK_FIELD_NUMBER: _ClassVar[int]
@@ -193,6 +193,7 @@ class CommandResult(_message.Message):
     CONSISTENCY_FIELD_NUMBER: _ClassVar[int]
     WARNINGS_FIELD_NUMBER: _ClassVar[int]
     FROZEN_MS_FIELD_NUMBER: _ClassVar[int]
+    DAMAGED_CHUNKS_FIELD_NUMBER: _ClassVar[int]
     command_id: str
     job_id: str
     ok: bool
@@ -202,7 +203,8 @@ class CommandResult(_message.Message):
     consistency: str
     warnings: _containers.RepeatedScalarFieldContainer[str]
     frozen_ms: float
-    def __init__(self, command_id: _Optional[str] = ..., job_id: _Optional[str] = ..., ok: _Optional[bool] = ..., error: _Optional[_Union[_common_pb2.Error, _Mapping]] = ..., disks: _Optional[_Iterable[_Union[DiskBackupResult, _Mapping]]] = ..., bytes_written: _Optional[int] = ..., consistency: _Optional[str] = ..., warnings: _Optional[_Iterable[str]] = ..., frozen_ms: _Optional[float] = ...) -> None: ...
+    damaged_chunks: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, command_id: _Optional[str] = ..., job_id: _Optional[str] = ..., ok: _Optional[bool] = ..., error: _Optional[_Union[_common_pb2.Error, _Mapping]] = ..., disks: _Optional[_Iterable[_Union[DiskBackupResult, _Mapping]]] = ..., bytes_written: _Optional[int] = ..., consistency: _Optional[str] = ..., warnings: _Optional[_Iterable[str]] = ..., frozen_ms: _Optional[float] = ..., damaged_chunks: _Optional[_Iterable[bytes]] = ...) -> None: ...
 
 class FetchIndexRequest(_message.Message):
     __slots__ = ("job_id", "recovery_point_id", "disk")

@@ -11,7 +11,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class Vault(_message.Message):
-    __slots__ = ("name", "region", "chunk_size", "created_at", "max_concurrent_backups", "registered_items", "protected_items", "recovery_points", "stored_bytes")
+    __slots__ = ("name", "region", "chunk_size", "created_at", "max_concurrent_backups", "registered_items", "protected_items", "recovery_points", "stored_bytes", "verify_new", "reverify_days")
     NAME_FIELD_NUMBER: _ClassVar[int]
     REGION_FIELD_NUMBER: _ClassVar[int]
     CHUNK_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -21,6 +21,8 @@ class Vault(_message.Message):
     PROTECTED_ITEMS_FIELD_NUMBER: _ClassVar[int]
     RECOVERY_POINTS_FIELD_NUMBER: _ClassVar[int]
     STORED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    VERIFY_NEW_FIELD_NUMBER: _ClassVar[int]
+    REVERIFY_DAYS_FIELD_NUMBER: _ClassVar[int]
     name: str
     region: str
     chunk_size: int
@@ -30,7 +32,9 @@ class Vault(_message.Message):
     protected_items: int
     recovery_points: int
     stored_bytes: int
-    def __init__(self, name: _Optional[str] = ..., region: _Optional[str] = ..., chunk_size: _Optional[int] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., max_concurrent_backups: _Optional[int] = ..., registered_items: _Optional[int] = ..., protected_items: _Optional[int] = ..., recovery_points: _Optional[int] = ..., stored_bytes: _Optional[int] = ...) -> None: ...
+    verify_new: bool
+    reverify_days: int
+    def __init__(self, name: _Optional[str] = ..., region: _Optional[str] = ..., chunk_size: _Optional[int] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., max_concurrent_backups: _Optional[int] = ..., registered_items: _Optional[int] = ..., protected_items: _Optional[int] = ..., recovery_points: _Optional[int] = ..., stored_bytes: _Optional[int] = ..., verify_new: _Optional[bool] = ..., reverify_days: _Optional[int] = ...) -> None: ...
 
 class CreateVaultRequest(_message.Message):
     __slots__ = ("name", "region", "max_concurrent_backups", "timezone")
@@ -45,12 +49,16 @@ class CreateVaultRequest(_message.Message):
     def __init__(self, name: _Optional[str] = ..., region: _Optional[str] = ..., max_concurrent_backups: _Optional[int] = ..., timezone: _Optional[str] = ...) -> None: ...
 
 class UpdateVaultRequest(_message.Message):
-    __slots__ = ("name", "max_concurrent_backups")
+    __slots__ = ("name", "max_concurrent_backups", "verify_new", "reverify_days")
     NAME_FIELD_NUMBER: _ClassVar[int]
     MAX_CONCURRENT_BACKUPS_FIELD_NUMBER: _ClassVar[int]
+    VERIFY_NEW_FIELD_NUMBER: _ClassVar[int]
+    REVERIFY_DAYS_FIELD_NUMBER: _ClassVar[int]
     name: str
     max_concurrent_backups: int
-    def __init__(self, name: _Optional[str] = ..., max_concurrent_backups: _Optional[int] = ...) -> None: ...
+    verify_new: bool
+    reverify_days: int
+    def __init__(self, name: _Optional[str] = ..., max_concurrent_backups: _Optional[int] = ..., verify_new: _Optional[bool] = ..., reverify_days: _Optional[int] = ...) -> None: ...
 
 class ListVaultsRequest(_message.Message):
     __slots__ = ()
@@ -221,7 +229,7 @@ class StopProtectionRequest(_message.Message):
     def __init__(self, vault: _Optional[str] = ..., vms: _Optional[_Iterable[str]] = ..., delete_data: _Optional[bool] = ...) -> None: ...
 
 class DashboardReply(_message.Message):
-    __slots__ = ("vault", "protected_items", "items_by_state", "jobs_completed_24h", "jobs_failed_24h", "jobs_in_progress", "jobs_cancelled_24h", "jobs_with_warnings_24h", "stored_bytes", "protected_bytes", "dedup_ratio", "recovery_points")
+    __slots__ = ("vault", "protected_items", "items_by_state", "jobs_completed_24h", "jobs_failed_24h", "jobs_in_progress", "jobs_cancelled_24h", "jobs_with_warnings_24h", "stored_bytes", "protected_bytes", "dedup_ratio", "recovery_points", "recovery_points_verified", "recovery_points_damaged", "recovery_points_healed", "recovery_points_never_verified", "bad_chunks", "last_verified_at")
     class ItemsByStateEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -241,6 +249,12 @@ class DashboardReply(_message.Message):
     PROTECTED_BYTES_FIELD_NUMBER: _ClassVar[int]
     DEDUP_RATIO_FIELD_NUMBER: _ClassVar[int]
     RECOVERY_POINTS_FIELD_NUMBER: _ClassVar[int]
+    RECOVERY_POINTS_VERIFIED_FIELD_NUMBER: _ClassVar[int]
+    RECOVERY_POINTS_DAMAGED_FIELD_NUMBER: _ClassVar[int]
+    RECOVERY_POINTS_HEALED_FIELD_NUMBER: _ClassVar[int]
+    RECOVERY_POINTS_NEVER_VERIFIED_FIELD_NUMBER: _ClassVar[int]
+    BAD_CHUNKS_FIELD_NUMBER: _ClassVar[int]
+    LAST_VERIFIED_AT_FIELD_NUMBER: _ClassVar[int]
     vault: str
     protected_items: int
     items_by_state: _containers.ScalarMap[str, int]
@@ -253,7 +267,13 @@ class DashboardReply(_message.Message):
     protected_bytes: int
     dedup_ratio: float
     recovery_points: int
-    def __init__(self, vault: _Optional[str] = ..., protected_items: _Optional[int] = ..., items_by_state: _Optional[_Mapping[str, int]] = ..., jobs_completed_24h: _Optional[int] = ..., jobs_failed_24h: _Optional[int] = ..., jobs_in_progress: _Optional[int] = ..., jobs_cancelled_24h: _Optional[int] = ..., jobs_with_warnings_24h: _Optional[int] = ..., stored_bytes: _Optional[int] = ..., protected_bytes: _Optional[int] = ..., dedup_ratio: _Optional[float] = ..., recovery_points: _Optional[int] = ...) -> None: ...
+    recovery_points_verified: int
+    recovery_points_damaged: int
+    recovery_points_healed: int
+    recovery_points_never_verified: int
+    bad_chunks: int
+    last_verified_at: _timestamp_pb2.Timestamp
+    def __init__(self, vault: _Optional[str] = ..., protected_items: _Optional[int] = ..., items_by_state: _Optional[_Mapping[str, int]] = ..., jobs_completed_24h: _Optional[int] = ..., jobs_failed_24h: _Optional[int] = ..., jobs_in_progress: _Optional[int] = ..., jobs_cancelled_24h: _Optional[int] = ..., jobs_with_warnings_24h: _Optional[int] = ..., stored_bytes: _Optional[int] = ..., protected_bytes: _Optional[int] = ..., dedup_ratio: _Optional[float] = ..., recovery_points: _Optional[int] = ..., recovery_points_verified: _Optional[int] = ..., recovery_points_damaged: _Optional[int] = ..., recovery_points_healed: _Optional[int] = ..., recovery_points_never_verified: _Optional[int] = ..., bad_chunks: _Optional[int] = ..., last_verified_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class Disk(_message.Message):
     __slots__ = ("name", "path", "size_bytes")
@@ -430,7 +450,7 @@ class RecoveryPointDisk(_message.Message):
     def __init__(self, name: _Optional[str] = ..., size_bytes: _Optional[int] = ..., chunk_count: _Optional[int] = ..., consistency: _Optional[str] = ...) -> None: ...
 
 class RecoveryPoint(_message.Message):
-    __slots__ = ("id", "vm_id", "vault", "created_at", "consistency", "disks", "job_id", "bytes_stored", "kept_by", "data_bytes")
+    __slots__ = ("id", "vm_id", "vault", "created_at", "consistency", "disks", "job_id", "bytes_stored", "kept_by", "data_bytes", "verification", "verified_at", "verify_job_id", "damaged_chunks", "damage", "verification_detail")
     ID_FIELD_NUMBER: _ClassVar[int]
     VM_ID_FIELD_NUMBER: _ClassVar[int]
     VAULT_FIELD_NUMBER: _ClassVar[int]
@@ -441,6 +461,12 @@ class RecoveryPoint(_message.Message):
     BYTES_STORED_FIELD_NUMBER: _ClassVar[int]
     KEPT_BY_FIELD_NUMBER: _ClassVar[int]
     DATA_BYTES_FIELD_NUMBER: _ClassVar[int]
+    VERIFICATION_FIELD_NUMBER: _ClassVar[int]
+    VERIFIED_AT_FIELD_NUMBER: _ClassVar[int]
+    VERIFY_JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    DAMAGED_CHUNKS_FIELD_NUMBER: _ClassVar[int]
+    DAMAGE_FIELD_NUMBER: _ClassVar[int]
+    VERIFICATION_DETAIL_FIELD_NUMBER: _ClassVar[int]
     id: str
     vm_id: str
     vault: str
@@ -451,7 +477,35 @@ class RecoveryPoint(_message.Message):
     bytes_stored: int
     kept_by: _containers.RepeatedScalarFieldContainer[str]
     data_bytes: int
-    def __init__(self, id: _Optional[str] = ..., vm_id: _Optional[str] = ..., vault: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., consistency: _Optional[str] = ..., disks: _Optional[_Iterable[_Union[RecoveryPointDisk, _Mapping]]] = ..., job_id: _Optional[str] = ..., bytes_stored: _Optional[int] = ..., kept_by: _Optional[_Iterable[str]] = ..., data_bytes: _Optional[int] = ...) -> None: ...
+    verification: str
+    verified_at: _timestamp_pb2.Timestamp
+    verify_job_id: str
+    damaged_chunks: int
+    damage: _containers.RepeatedCompositeFieldContainer[DamagedChunk]
+    verification_detail: str
+    def __init__(self, id: _Optional[str] = ..., vm_id: _Optional[str] = ..., vault: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., consistency: _Optional[str] = ..., disks: _Optional[_Iterable[_Union[RecoveryPointDisk, _Mapping]]] = ..., job_id: _Optional[str] = ..., bytes_stored: _Optional[int] = ..., kept_by: _Optional[_Iterable[str]] = ..., data_bytes: _Optional[int] = ..., verification: _Optional[str] = ..., verified_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., verify_job_id: _Optional[str] = ..., damaged_chunks: _Optional[int] = ..., damage: _Optional[_Iterable[_Union[DamagedChunk, _Mapping]]] = ..., verification_detail: _Optional[str] = ...) -> None: ...
+
+class DamagedChunk(_message.Message):
+    __slots__ = ("disk", "chunk", "digest", "reason")
+    DISK_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    DIGEST_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    disk: str
+    chunk: int
+    digest: str
+    reason: str
+    def __init__(self, disk: _Optional[str] = ..., chunk: _Optional[int] = ..., digest: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class VerifyRequest(_message.Message):
+    __slots__ = ("vault", "vm", "recovery_point_id")
+    VAULT_FIELD_NUMBER: _ClassVar[int]
+    VM_FIELD_NUMBER: _ClassVar[int]
+    RECOVERY_POINT_ID_FIELD_NUMBER: _ClassVar[int]
+    vault: str
+    vm: str
+    recovery_point_id: str
+    def __init__(self, vault: _Optional[str] = ..., vm: _Optional[str] = ..., recovery_point_id: _Optional[str] = ...) -> None: ...
 
 class ListRecoveryPointsRequest(_message.Message):
     __slots__ = ("vm_id", "vault")

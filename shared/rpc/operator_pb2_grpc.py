@@ -145,6 +145,11 @@ class OperatorServiceStub:
                 request_serializer=coffer_dot_v1_dot_operator__pb2.VaultRef.SerializeToString,
                 response_deserializer=coffer_dot_v1_dot_operator__pb2.Job.FromString,
                 _registered_method=True)
+        self.Verify = channel.unary_unary(
+                '/coffer.v1.OperatorService/Verify',
+                request_serializer=coffer_dot_v1_dot_operator__pb2.VerifyRequest.SerializeToString,
+                response_deserializer=coffer_dot_v1_dot_operator__pb2.Job.FromString,
+                _registered_method=True)
         self.ListJobs = channel.unary_unary(
                 '/coffer.v1.OperatorService/ListJobs',
                 request_serializer=coffer_dot_v1_dot_operator__pb2.ListJobsRequest.SerializeToString,
@@ -325,6 +330,14 @@ class OperatorServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Verify(self, request, context):
+        """A Verify job: re-read every chunk the chosen recovery points reference (each once) and
+        record per recovery point whether it is whole (`verification` on RecoveryPoint).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ListJobs(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -475,6 +488,11 @@ def add_OperatorServiceServicer_to_server(servicer, server):
             'CollectGarbage': grpc.unary_unary_rpc_method_handler(
                     servicer.CollectGarbage,
                     request_deserializer=coffer_dot_v1_dot_operator__pb2.VaultRef.FromString,
+                    response_serializer=coffer_dot_v1_dot_operator__pb2.Job.SerializeToString,
+            ),
+            'Verify': grpc.unary_unary_rpc_method_handler(
+                    servicer.Verify,
+                    request_deserializer=coffer_dot_v1_dot_operator__pb2.VerifyRequest.FromString,
                     response_serializer=coffer_dot_v1_dot_operator__pb2.Job.SerializeToString,
             ),
             'ListJobs': grpc.unary_unary_rpc_method_handler(
@@ -1101,6 +1119,33 @@ class OperatorService:
             target,
             '/coffer.v1.OperatorService/CollectGarbage',
             coffer_dot_v1_dot_operator__pb2.VaultRef.SerializeToString,
+            coffer_dot_v1_dot_operator__pb2.Job.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Verify(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/coffer.v1.OperatorService/Verify',
+            coffer_dot_v1_dot_operator__pb2.VerifyRequest.SerializeToString,
             coffer_dot_v1_dot_operator__pb2.Job.FromString,
             options,
             channel_credentials,
