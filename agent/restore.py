@@ -146,9 +146,7 @@ class RestoreRun:
             """Verify one chunk and write it everywhere it goes; blocking."""
             digest = chunk.digest  # each read of a bytes field copies it: read once
             try:
-                raw = open_chunk(
-                    digest, Compression(chunk.compression), chunk.raw_size, chunk.data
-                )
+                raw = open_chunk(digest, Compression(chunk.compression), chunk.raw_size, chunk.data)
             except CorruptData as exc:
                 raise DataCorrupted(
                     recovery_point=self._command.recovery_point_id,
