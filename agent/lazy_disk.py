@@ -120,7 +120,9 @@ class LazyDisk:
         # Downloads nobody needs any more: stop them (their readers get an error, see _fetch).
         for task in list(self._running):
             task.cancel()
-        await tasks.__aexit__(exc_type, exc, tb)
+        # The body's own exception goes on as it is, not wrapped in a group: fetches never
+        # raise (their errors go to their readers), so the group has nothing to add.
+        await tasks.__aexit__(None, None, None)
 
     def check(self) -> None:
         """Raise the first error a read met (DataCorrupted for a damaged chunk), if any."""
