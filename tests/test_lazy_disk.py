@@ -148,7 +148,9 @@ async def test_sequential_reads_read_ahead_and_random_ones_do_not(
         await asyncio.sleep(0.05)  # let the read-ahead land
         assert disk.stats.readahead_chunks > 0
         # The chunks ahead are there before anyone reads them.
-        ahead = [n for n in range(3, 3 + READAHEAD_CHUNKS) if disk.index.digest_at(n) != ZERO_DIGEST]
+        ahead = [
+            n for n in range(3, 3 + READAHEAD_CHUNKS) if disk.index.digest_at(n) != ZERO_DIGEST
+        ]
         assert all(disk.index.digest_at(n) in disk.cache for n in ahead)
 
     disk, source = open_disk(path, readahead=READAHEAD_CHUNKS)
