@@ -130,7 +130,8 @@ def test_a_damaged_primary_header_falls_back_to_the_backup(tmp_path: Path) -> No
     flip(image, 512 + 60)  # inside the primary header: its CRC fails
     table = parse(image)
     assert [(p.offset, p.size) for p in table.partitions] == expected
-    assert "backup" in table.notes[0] and "CRC32" in table.notes[0]
+    assert "backup" in table.notes[0]
+    assert "CRC32" in table.notes[0]
 
 
 def test_damaged_primary_entries_fall_back_to_the_backup(tmp_path: Path) -> None:
