@@ -282,6 +282,8 @@ def _copy_into(
                 for parent, name, as_name in opened:
                     copier.copy(parent, name, stage, as_name, as_name, 0)
                 for as_name in names:  # checked again: the copy took time
+                    if as_name in copier.report.skipped:
+                        continue
                     with contextlib.suppress(FileNotFoundError):
                         os.stat(as_name, dir_fd=target, follow_symlinks=False)
                         raise RestoreTargetExists(path=os.path.join(destination, as_name))
