@@ -32,7 +32,7 @@ import logging
 import os
 import re
 from collections.abc import AsyncIterator, Callable, Coroutine
-from concurrent.futures import Executor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -56,6 +56,7 @@ from shared.index import DiskIndex
 log = logging.getLogger(__name__)
 
 CACHE_BYTES = 64 << 20  # verified chunks kept in memory, for all open recovery points
+CHECK_THREADS = 2  # threads decompressing and hashing fetched chunks
 COMMAND_TIMEOUT = 300.0  # seconds for one losetup, blkid, mount or umount
 UNMOUNT_TRIES = 10  # attempts before a busy file system is detached lazily
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
@@ -147,18 +148,19 @@ class MountedDisk:
 class RecoveryMounts:
     """Where an agent opens recovery points for file recovery; an async context manager.
 
-    Owns the agent's FUSE mount of disk files (one per process) and the directory the file
-    systems are mounted under; closing it closes every recovery point still open.
+    Owns the agent's FUSE mount of disk files (one per process), the directory the file
+    systems are mounted under, the chunk cache and the threads that check chunks. Recovery
+    points are opened inside its block; any still open when it closes are taken down.
     """
 
-    def __init__(
-        self, work_dir: Path, *, cache_bytes: int = CACHE_BYTES, pool: Executor | None = None
-    ) -> None:
+    def __init__(self, work_dir: Path, *, cache_bytes: int = CACHE_BYTES) -> None:
         self.work_dir = work_dir
         self.cache = ChunkCache(cache_bytes)
         self.opened: dict[str, MountedDisk] = {}
         self._reserved: set[str] = set()  # names open or opening
-        self._pool = pool
+        # Chunks are checked in threads of their own: the agent's pool may be full of
+        # readers of these very file systems, each waiting for a chunk to be checked.
+        self._pool: ThreadPoolExecutor | None = None
         self._disks_dir = work_dir / "disks"
         self._mounts_dir = work_dir / "mounts"
         self._files: DiskFiles | None = None
@@ -169,6 +171,8 @@ class RecoveryMounts:
         await sweep(self.work_dir)
         self._mounts_dir.mkdir(mode=0o700, exist_ok=True)
         async with contextlib.AsyncExitStack() as stack:
+            self._pool = ThreadPoolExecutor(CHECK_THREADS, thread_name_prefix="chunk-check")
+            stack.callback(self._pool.shutdown, wait=True, cancel_futures=True)
             self._files = await stack.enter_async_context(DiskFiles(self._disks_dir))
             self._stack = stack.pop_all()
         return self
@@ -179,8 +183,14 @@ class RecoveryMounts:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        if self._reserved:
+            # Their blocks should have ended first (they run inside this one); take down
+            # what they hold anyway, so the FUSE mount below goes with nothing left on it.
+            log.error("recovery points still open at close: %s", ", ".join(self._reserved))
+            await sweep(self.work_dir, fuse=False)
         await self._stack.aclose()
         self._files = None
+        self._pool = None
 
     @contextlib.asynccontextmanager
     async def open(
@@ -214,7 +224,7 @@ class RecoveryMounts:
             root = self._mounts_dir / name
             root.mkdir(mode=0o700)
             stack.callback(_rmdir, root)
-            opener = _Opener(stack, disk, recovery_point, self._pool)
+            opener = _Opener(stack, disk, recovery_point)
             table = await opener.partition_table(disk_file)
             mounted = MountedDisk(name, recovery_point, disk, disk_file, table)
             if table.scheme == "none":
@@ -250,12 +260,10 @@ class _Opener:
         stack: contextlib.AsyncExitStack,
         disk: LazyDisk,
         recovery_point: str,
-        pool: Executor | None,
     ) -> None:
         self._stack = stack
         self._disk = disk
         self._recovery_point = recovery_point
-        self._pool = pool
 
     def _failed(self, what: str, detail: str) -> FileRecoveryFailed:
         return FileRecoveryFailed(
@@ -274,7 +282,7 @@ class _Opener:
                 os.close(fd)
 
         try:
-            return await asyncio.get_running_loop().run_in_executor(self._pool, read_table)
+            return await asyncio.to_thread(read_table)
         except OSError as exc:
             self._disk.check()
             raise self._failed("the partition table", exc.strerror or str(exc)) from exc
@@ -410,9 +418,9 @@ def mountpoints() -> list[Path]:
         ]
 
 
-async def sweep(work_dir: Path) -> None:
+async def sweep(work_dir: Path, *, fuse: bool = True) -> None:
     """Take down what an agent that died left under `work_dir`: file systems mounted there,
-    loop devices attached to its disk files, and its FUSE mount."""
+    loop devices attached to its disk files, and (with `fuse`) its FUSE mount."""
     disks_dir = work_dir / "disks"
     mounted = [path for path in mountpoints() if path.is_relative_to(work_dir)]
     # Deepest first: file systems, then the FUSE mount their loop devices read.
@@ -428,7 +436,7 @@ async def sweep(work_dir: Path) -> None:
         if Path(backing.removesuffix(" (deleted)")).is_relative_to(disks_dir):
             log.warning("detaching %s, left by an earlier run", device["name"])
             await _detach(str(device["name"]))
-    if disks_dir in mounted:
+    if fuse and disks_dir in mounted:
         log.warning("unmounting %s, left by an earlier run", disks_dir)
         await _run("umount", "--lazy", str(disks_dir))
     mounts_dir = work_dir / "mounts"
