@@ -307,7 +307,7 @@ class _Opener:
             raise self._failed(what, f"losetup: {attach.stderr.strip()}")
         device = attach.stdout.strip()
         self._stack.push_async_callback(_uncancelled, _detach, device)
-        probe = await _run("blkid", "-p", "-o", "export", device)
+        probe = await _run("blkid", "-p", "-o", "export", device, abort=self._disk.abort)
         fields = dict(line.split("=", 1) for line in probe.stdout.splitlines() if "=" in line)
         fs_type = fields.get("TYPE", "")
         if fs_type not in MOUNT_OPTIONS:
@@ -325,7 +325,9 @@ class _Opener:
         target.mkdir(mode=0o700)
         self._stack.callback(_rmdir, target)
         options = ",".join(filter(None, (BASE_OPTIONS, extra)))
-        done = await _run("mount", "-t", kernel_type, "-o", options, device, str(target))
+        done = await _run(
+            "mount", "-t", kernel_type, "-o", options, device, str(target), abort=self._disk.abort
+        )
         if done.returncode != 0:
             return Skipped(label, partition, f"mount failed: {done.stderr.strip()}")
         self._stack.push_async_callback(_uncancelled, _unmount, target)
@@ -342,8 +344,11 @@ class _Done:
     stderr: str
 
 
-async def _run(*argv: str) -> _Done:
-    """Run a command to its end (killed after COMMAND_TIMEOUT); its exit status and output."""
+async def _run(*argv: str, abort: Callable[[], None] | None = None) -> _Done:
+    """Run a command to its end (killed after COMMAND_TIMEOUT or when cancelled); its exit
+    status and output. `abort` is called before waiting for a killed command: one stuck in
+    the kernel reading a disk from this process (mount, blkid) dies only once those reads
+    are answered, and `abort` makes them fail."""
     process = await asyncio.create_subprocess_exec(
         *argv,
         stdin=asyncio.subprocess.DEVNULL,
@@ -356,6 +361,8 @@ async def _run(*argv: str) -> _Done:
     except BaseException:
         if process.returncode is None:
             process.kill()
+            if abort is not None:
+                abort()
             await process.wait()
         raise
     assert process.returncode is not None

@@ -124,6 +124,15 @@ class LazyDisk:
         # raise (their errors go to their readers), so the group has nothing to add.
         await tasks.__aexit__(None, None, None)
 
+    def abort(self) -> None:
+        """Fail every read from now on, and those waiting for chunks now.
+
+        For a reader that must not wait: a process killed while the kernel reads this disk
+        for it (a mount being cancelled) ends only once those reads are answered."""
+        self._closed = True
+        for task in list(self._running):
+            task.cancel()
+
     def check(self) -> None:
         """Raise the first error a read met (DataCorrupted for a damaged chunk), if any."""
         if self.errors:

@@ -49,9 +49,11 @@ class MemorySource:
     calls: int = 0
     bytes_served: int = 0
     gate: asyncio.Event | None = None  # when set, fetches wait for it
+    called: asyncio.Event = field(default_factory=asyncio.Event)  # set by the first fetch
 
     async def fetch(self, digests: Sequence[bytes]) -> list[FetchedChunk]:
         self.calls += 1
+        self.called.set()
         self.asked.extend(digests)
         if self.gate is not None:
             await self.gate.wait()
