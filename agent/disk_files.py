@@ -87,7 +87,13 @@ class DiskFiles:
             ) from exc
         _active = self
         self._main = asyncio.create_task(pyfuse3.main(), name=f"fuse {self.mountpoint}")
+        self._main.add_done_callback(self._ended)
         return self
+
+    def _ended(self, main: asyncio.Task[None]) -> None:
+        # Readers of the disk files would wait for answers that never come: say so loudly.
+        if self._main is main and not main.cancelled() and main.exception() is not None:
+            log.error("the FUSE loop at %s failed: %r", self.mountpoint, main.exception())
 
     async def __aexit__(
         self,

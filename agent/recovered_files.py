@@ -166,6 +166,10 @@ def resolve(root: Path, parts: Sequence[str], follow_last: bool) -> tuple[int, s
             os.close(fd)
             fd = child
             resolved.append(part)
+        if resolved:  # ended on a directory reached by `..` or a link: name it in its parent
+            os.close(fd)
+            fd = _walk(root, resolved[:-1])
+            return fd, resolved[-1]
         return fd, None
     except BaseException:
         os.close(fd)

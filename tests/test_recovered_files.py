@@ -72,6 +72,12 @@ def test_a_tree_copied_out_keeps_everything(tree: Path, restore_dir: Path) -> No
     assert [p.name for p in restore_dir.iterdir()] == ["out"]  # no staging left
 
 
+def test_a_path_through_a_link_copies_what_it_names(tree: Path, restore_dir: Path) -> None:
+    report = copy_out([(tree, ("links", "dir", "a", ".."))], [restore_dir], str(restore_dir))
+    assert (restore_dir / "tree" / "many" / "file00.txt").read_text() == "file 0\n"
+    assert report.files > 30
+
+
 def test_the_file_system_root_is_copied_under_its_own_name(tree: Path, restore_dir: Path) -> None:
     manifest(tree)
     before = manifest(tree)
@@ -125,6 +131,8 @@ def test_paths_resolve_inside_the_tree_only(tree: Path) -> None:
         list_directory(tree, ("links", "abs"))  # /etc/passwd of the tree: there is none
     with pytest.raises(NotFound):
         list_directory(tree, ("no", "such"))
+    # A path ending in `..` names the directory it reaches.
+    assert {e.name for e in list_directory(tree, ("tree", "a", "..")).entries} >= {"many", "a"}
     with pytest.raises(InvalidArgument):
         list_directory(tree, (), limit=0)
 
