@@ -253,6 +253,14 @@ class CorruptData(CofferError):
     grpc_status = "DATA_LOSS"
 
 
+class DataCorrupted(CofferError):
+    """Recovery point {recovery_point} disk {disk!r}: chunk {chunk} ({digest}) is damaged in the datastore: {detail}. Run a verify of its vault to find every recovery point that needs it; the next backup that holds the same data stores it again."""
+
+    code = "DataCorrupted"
+    exit_code = 7
+    grpc_status = "DATA_LOSS"
+
+
 class UnsupportedFormat(CofferError):
     """{what} has format version {version}; this Coffer reads up to version {supported}. Upgrade Coffer to read it."""
 
@@ -311,6 +319,19 @@ class RestoreTargetFailed(CofferError):
 
     code = "UserErrorRestoreTargetFailed"
     exit_code = 3
+    grpc_status = "FAILED_PRECONDITION"
+
+
+class RestoreTargetExists(Conflict):
+    """Restore target {path} already exists; nothing was written. Choose another destination or move it away first."""
+
+    code = "UserErrorRestoreTargetExists"
+
+
+class FileRecoveryFailed(CofferError):
+    """Could not open {what} of recovery point {recovery_point} disk {disk!r} for file recovery: {detail}"""
+
+    code = "UserErrorFileRecoveryFailed"
     grpc_status = "FAILED_PRECONDITION"
 
 
