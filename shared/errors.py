@@ -332,6 +332,7 @@ class FileRecoveryFailed(CofferError):
     """Could not open {what} of recovery point {recovery_point} disk {disk!r} for file recovery: {detail}"""
 
     code = "UserErrorFileRecoveryFailed"
+    exit_code = 3
     grpc_status = "FAILED_PRECONDITION"
 
 
