@@ -37,6 +37,12 @@ def allowed_target(restore_dirs: Sequence[Path], target: str) -> tuple[Path, tup
     return _confine(restore_dirs, target, strictly_below=True)
 
 
+def check_destination(restore_dirs: Sequence[Path], target: str) -> None:
+    """PathNotAllowed unless the directory `target` is a restore directory or lies below one
+    (judged on the path as written; `open_destination` then walks it without links)."""
+    _confine(restore_dirs, target, strictly_below=False)
+
+
 def open_parent(root: Path, parts: tuple[str, ...]) -> int:
     """A descriptor of the directory holding `root/parts`, reached without following links."""
     fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)

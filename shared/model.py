@@ -21,6 +21,7 @@ class Operation(enum.StrEnum):
     DELETE_BACKUP_DATA = "DeleteBackupData"
     PRUNE = "Prune"
     GARBAGE_COLLECTION = "GarbageCollection"
+    FILE_RECOVERY = "FileRecovery"  # files of a recovery point listed, copied out or mounted
 
 
 class Trigger(enum.StrEnum):

@@ -16,7 +16,6 @@ import errno
 import json
 import mmap
 import os
-import subprocess
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -31,8 +30,9 @@ from agent.recovered_files import copy_out, list_directory
 from shared.errors import Conflict, DataCorrupted, InvalidArgument, NotFound
 from shared.index import DiskIndex
 from tests.chunked import CHUNK_SIZE, MemorySource, chunk_image
-from tests.loopfs import XFS_MIN, mkfs, run, umount
-from tests.recovery_content import LARGE, ODD_NAME, SPARSE, allocated, manifest, populate
+from tests.loopfs import mkfs, run
+from tests.recovery_content import LARGE, ODD_NAME, SPARSE, allocated, manifest
+from tests.recovery_images import build_images
 
 MiB = 1 << 20
 
@@ -50,27 +50,6 @@ class Image:
     manifests: dict[str, dict[str, tuple[object, ...]]]  # per partition name ("disk": none)
 
 
-def _fill(
-    device_args: list[str], fstype: str, mnt: Path, marker: str
-) -> dict[str, tuple[object, ...]]:
-    """mkfs on a loop device of (part of) an image, fill it, and take its manifest."""
-    device = run("losetup", "--find", "--show", *device_args).strip()
-    try:
-        mkfs(fstype, device)
-        mnt.mkdir(exist_ok=True)
-        run("mount", "-o", "noatime", device, str(mnt))
-        try:
-            populate(mnt)
-            (mnt / "which").write_text(marker)
-            os.utime(mnt / "which", ns=(1_600_000_000 * 10**9, 1_600_000_000 * 10**9))
-            manifest(mnt)  # settles the links' atimes (see manifest)
-            return manifest(mnt)
-        finally:
-            umount(mnt)
-    finally:
-        subprocess.run(["losetup", "--detach", device], check=False)
-
-
 def _image(path: Path, size: int) -> None:
     with path.open("wb") as f:
         f.truncate(size)
@@ -78,26 +57,10 @@ def _image(path: Path, size: int) -> None:
 
 @pytest.fixture(scope="module")
 def images(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Image]:
-    base = tmp_path_factory.mktemp("images")
-    built: dict[str, Image] = {}
-    for fstype, size in (("ext4", 512 * MiB), ("xfs", XFS_MIN)):
-        path = base / f"{fstype}.img"
-        _image(path, size)
-        found = _fill([str(path)], fstype, base / "mnt", fstype)
-        index, chunks = chunk_image(path, disk=f"{fstype}0")
-        built[fstype] = Image(path, index, chunks, {"disk": found})
-    # A GPT disk: p1 ext4, p2 XFS.
-    path = base / "gpt.img"
-    _image(path, 64 * MiB + 256 * MiB + XFS_MIN + 8 * MiB)
-    script = f"label: gpt\nstart=2048, size={256 * MiB // 512}, type=linux\ntype=linux\n"
-    subprocess.run(["sfdisk", "-q", str(path)], input=script, text=True, check=True)
-    table = json.loads(run("sfdisk", "--json", str(path)))["partitiontable"]["partitions"]
-    found = {}
-    for number, (part, fstype) in enumerate(zip(table, ("ext4", "xfs"), strict=True), 1):
-        span = ["--offset", str(part["start"] * 512), "--sizelimit", str(part["size"] * 512)]
-        found[f"p{number}"] = _fill([*span, str(path)], fstype, base / "mnt", f"p{number}")
-    index, chunks = chunk_image(path, disk="gpt0")
-    built["gpt"] = Image(path, index, chunks, found)
+    built = {}
+    for kind, image in build_images(tmp_path_factory.mktemp("images")).items():
+        index, chunks = chunk_image(image.path, disk=f"{kind}0")
+        built[kind] = Image(image.path, index, chunks, image.manifests)
     return built
 
 
