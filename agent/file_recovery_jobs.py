@@ -35,6 +35,7 @@ import logging
 import os
 import stat
 import threading
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from types import TracebackType
@@ -63,6 +64,7 @@ MAX_NAME_BYTES = 255  # a file name, as Linux bounds it
 MAX_TARGET_BYTES = 4096  # a symbolic link's target, as Linux bounds a path
 MAX_SKIPPED_REPORTED = 100  # special files named in a copy's report (all are counted)
 ENTRY_OVERHEAD = 64  # bytes a listing entry costs besides its name and target
+EARLY_UNMOUNTS = 16  # unmounts remembered that came before their mount's command ran
 
 Report = Callable[[agent_pb2.FileRecoveryStatus], None]
 
@@ -82,6 +84,8 @@ class FileRecoveryHost:
         self._opening = asyncio.Lock()
         self._stack = contextlib.AsyncExitStack()
         self._unmount: dict[str, asyncio.Event] = {}
+        # Unmounts asked for before their mount began (a few, the latest).
+        self._early: deque[str] = deque(maxlen=EARLY_UNMOUNTS)
 
     async def __aenter__(self) -> Self:
         if self.work_dir.is_dir():
@@ -104,9 +108,11 @@ class FileRecoveryHost:
             return self._mounts
 
     def unmount(self, job_id: str) -> bool:
-        """Ask the mount of job `job_id` to end; False when no such mount is open."""
+        """Ask the mount of job `job_id` to end; False when it is not open (yet: a mount whose
+        command is still on its way ends as soon as it is mounted)."""
         event = self._unmount.get(job_id)
         if event is None:
+            self._early.append(job_id)
             return False
         event.set()
         return True
@@ -115,6 +121,8 @@ class FileRecoveryHost:
     def unmountable(self, job_id: str) -> Iterator[asyncio.Event]:
         """The event that ends job `job_id`'s mount, while the block lasts."""
         event = self._unmount[job_id] = asyncio.Event()
+        if job_id in self._early:
+            event.set()
         try:
             yield event
         finally:

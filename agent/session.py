@@ -88,12 +88,15 @@ class Agent:
     async def run(self) -> None:
         """Keep a session with the controller until cancelled."""
         with ThreadPoolExecutor(POOL_THREADS, thread_name_prefix="agent-io") as pool:
-            async with self._files, StatusPublisher(
-                self.config.vm_id,
-                self.config.tls,
-                hostname=socket.gethostname(),
-                agent_version=coffer_version(),
-            ) as status:
+            async with (
+                self._files,
+                StatusPublisher(
+                    self.config.vm_id,
+                    self.config.tls,
+                    hostname=socket.gethostname(),
+                    agent_version=coffer_version(),
+                ) as status,
+            ):
                 delays = RECONNECT.delays()
                 while True:
                     try:
