@@ -400,9 +400,19 @@ def test_a_mount_ends_with_coffer_files_unmount(cluster: Cluster, rp: str) -> No
 
 
 def test_an_agent_or_controller_restart_ends_a_mount_cleanly(cluster: Cluster, rp: str) -> None:
+    agent = cluster.agents[SOURCE]
+    # Stopped (SIGTERM): the agent unmounts before it exits.
     job = files(cluster, "mount", rp, "ext4", "--ttl", "1h")
     assert job["status"] == "InProgress", job
-    agent = cluster.agents[SOURCE]
+    agent.process.stop()
+    assert leftovers(cluster, SOURCE) == []
+    ended = wait_ended(cluster, job["id"])
+    assert ended["error_code"] == "AgentDisconnected", ended
+    cluster.start_agent(SOURCE)
+
+    # Killed (SIGKILL): it leaves its mounts, and sweeps them when it starts again.
+    job = files(cluster, "mount", rp, "ext4", "--ttl", "1h")
+    assert job["status"] == "InProgress", job
     agent.process.stop(signal.SIGKILL)
     ended = wait_ended(cluster, job["id"])
     assert ended["error_code"] == "AgentDisconnected", ended
