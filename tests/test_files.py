@@ -222,7 +222,7 @@ def test_get_shows_progress_and_a_summary(cluster: Cluster, rp: str) -> None:
     shown = coffer(cluster, "files", "get", SOURCE, "--rp", rp, "--disk", "ext4", "/etc",
                    "/links", "/fifo", "--to", str(destination))  # fmt: skip
     assert shown.returncode == 0, shown.stderr
-    assert "Copied 2 files, 2 directories, 4 symbolic links" in shown.stdout, shown.stdout
+    assert "Copied 2 files, 2 directories and 4 symbolic links" in shown.stdout, shown.stdout
     assert "into " + str(destination) in shown.stdout
     assert "Skipped 1 special file" in shown.stdout
     assert "Fetched " in shown.stdout

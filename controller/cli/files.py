@@ -245,17 +245,18 @@ def copy_summary(job: operator_pb2.Job) -> list[str]:
     """What a finished get copied, in words."""
     details = _details(job)
     copied = details.get("copied", {})
+    kinds = [_plural(int(copied.get("files", 0)), "file")]
+    for key, one, many in (
+        ("directories", "directory", "directories"),
+        ("symlinks", "symbolic link", None),
+        ("hard_links", "hard link", None),
+    ):
+        if copied.get(key):
+            kinds.append(_plural(int(copied[key]), one, many))
+    listed = ", ".join(kinds[:-1]) + " and " + kinds[-1] if len(kinds) > 1 else kinds[0]
     lines = [
-        f"Copied {_plural(int(copied.get('files', 0)), 'file')}, "
-        f"{_plural(int(copied.get('directories', 0)), 'directory', 'directories')}, "
-        f"{_plural(int(copied.get('symlinks', 0)), 'symbolic link')}"
-        + (
-            f" and {_plural(int(copied['hard_links']), 'hard link')}"
-            if copied.get("hard_links")
-            else ""
-        )
-        + f" ({size(int(copied.get('bytes_written', 0)))}) into {details.get('destination')} "
-        f"on {job.item or job.vm_id}.",
+        f"Copied {listed} ({size(int(copied.get('bytes_written', 0)))}) into "
+        f"{details.get('destination')} on {job.item or job.vm_id}."
     ]
     skipped = int(copied.get("skipped", 0))
     if skipped:
@@ -283,8 +284,8 @@ def _fetched(job: operator_pb2.Job) -> str:
 def _took(job: operator_pb2.Job) -> str:
     if not job.HasField("ended_at"):
         return "-"
-    seconds = job.ended_at.ToNanoseconds() / 1e9 - job.started_at.ToNanoseconds() / 1e9
-    return span(max(seconds, 0.0))
+    seconds = max(job.ended_at.ToNanoseconds() / 1e9 - job.started_at.ToNanoseconds() / 1e9, 0)
+    return f"{seconds:.2f} s" if seconds < 10 else span(seconds)
 
 
 @files.command(name="get")
