@@ -1,11 +1,11 @@
 """Restore: a recovery point's disk written to a target path inside the VM, verified.
 
-The target must lie under one of the agent's configured `restore_dirs` (after resolving
-symbolic links and `..`): the controller cannot make an agent write anywhere else. An image
-file is written to a temporary file beside the target, made sparse where the disk is zero,
-fsynced, and renamed over the target only when every chunk has been verified: a failed restore
-leaves the old target untouched. A block device target is written in place (zeros included,
-as a device keeps its old contents).
+The target must lie under one of the agent's configured `restore_dirs`, reached without
+following links (`agent.restore_dirs`): the controller cannot make an agent write anywhere
+else. An image file is written to a temporary file beside the target, made sparse where the
+disk is zero, fsynced, and renamed over the target only when every chunk has been verified: a
+failed restore leaves the old target untouched. A block device target is written in place
+(zeros included, as a device keeps its old contents).
 """
 
 from __future__ import annotations
@@ -19,20 +19,19 @@ import stat
 import threading
 from collections import defaultdict
 from collections.abc import Callable
-from pathlib import Path
 
 import grpc
 
-from agent.config import AgentConfig
+from agent.chunk_source import open_chunk
 from agent.disk import disk_size
 from agent.progress import Progress
+from agent.restore_dirs import allowed_target, open_parent
 from agent.runtime import Runtime
-from shared.blob import Compression, decompress
-from shared.digest import DIGEST_SIZE, ZERO_DIGEST, chunk_digest
+from shared.blob import Compression
+from shared.digest import DIGEST_SIZE, ZERO_DIGEST
 from shared.errors import (
     CorruptData,
     DataCorrupted,
-    PathNotAllowed,
     RestoreTargetFailed,
 )
 from shared.rpc import agent_pb2
@@ -46,39 +45,6 @@ FLUSH_EVERY = 64 << 20  # bytes written between starts of writeback
 WRITE_WINDOW = 8  # chunks verified and written at once
 
 
-def allowed_target(config: AgentConfig, target: str) -> tuple[Path, tuple[str, ...]]:
-    """The restore directory `target` lies in and its path below it; PathNotAllowed otherwise.
-
-    Judged on the path as written (no `..`, no symbolic links followed): the restore then
-    walks it component by component without following links, so nothing a user of the VM
-    plants in a restore directory can send the write elsewhere.
-    """
-    path = Path(target)
-    allowed = ", ".join(str(d) for d in config.restore_dirs) or "none configured"
-    if not path.is_absolute() or ".." in path.parts:
-        raise PathNotAllowed(path=target, allowed=allowed)
-    for directory in config.restore_dirs:
-        if path.is_relative_to(directory) and path != directory:
-            return directory, path.relative_to(directory).parts
-    raise PathNotAllowed(path=target, allowed=allowed)
-
-
-def _open_parent(root: Path, parts: tuple[str, ...]) -> int:
-    """A descriptor of the directory holding the target, reached without following links."""
-    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        for part in parts[:-1]:
-            child = os.open(
-                part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd
-            )
-            os.close(fd)
-            fd = child
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
-
-
 class RestoreRun:
     def __init__(self, runtime: Runtime, command: agent_pb2.RestoreCommand) -> None:
         self._config = runtime.config
@@ -89,14 +55,14 @@ class RestoreRun:
 
     async def run(self) -> int:
         """Restore the disk; the number of bytes written."""
-        root, parts = allowed_target(self._config, self._command.target_path)
+        root, parts = allowed_target(self._config.restore_dirs, self._command.target_path)
         target = self._command.target_path
         digests = await self._index()
         size = self._command.size_bytes
         if len(digests) != -(-size // self._command.chunk_size) * DIGEST_SIZE:
             raise CorruptData(what="the recovery point's index", detail="wrong number of chunks")
         try:
-            parent = _open_parent(root, parts)
+            parent = open_parent(root, parts)
         except OSError as exc:
             raise RestoreTargetFailed(path=target, detail=exc.strerror) from exc
         try:
@@ -180,12 +146,7 @@ class RestoreRun:
             """Verify one chunk and write it everywhere it goes; blocking."""
             digest = chunk.digest  # each read of a bytes field copies it: read once
             try:
-                raw = decompress(Compression(chunk.compression), chunk.data, chunk.raw_size)
-                actual = chunk_digest(raw)
-                if actual != digest:
-                    raise CorruptData(
-                        what=f"chunk {digest.hex()}", detail=f"its bytes hash to {actual.hex()}"
-                    )
+                raw = open_chunk(digest, Compression(chunk.compression), chunk.raw_size, chunk.data)
             except CorruptData as exc:
                 # Damage in the datastore, not a refused upload: named so the operator can
                 # find it, and reported to the controller (which checks it itself).

@@ -26,6 +26,7 @@ from agent.backup import BackupRun
 from agent.config import AgentConfig
 from agent.disk import disk_size
 from agent.displacement import Displacement
+from agent.file_recovery_jobs import FileRecoveryHost, FileRecoveryRun
 from agent.restore import RestoreRun
 from agent.runtime import Runtime
 from agent.status import StatusPublisher
@@ -77,6 +78,8 @@ class Agent:
         # Set while another agent process of this VM has the session: this one waits as a
         # standby until it ends.
         self._standby: Displacement | None = None
+        # File recovery (FileRecovery jobs): what an agent that died left is swept at start.
+        self._files = FileRecoveryHost(config.state_dir / "files")
 
     def hello(self) -> agent_pb2.Hello:
         disks = []
@@ -102,12 +105,15 @@ class Agent:
     async def run(self) -> None:
         """Keep a session with the controller until cancelled."""
         with ThreadPoolExecutor(POOL_THREADS, thread_name_prefix="agent-io") as pool:
-            async with StatusPublisher(
-                self.config.vm_id,
-                self.config.tls,
-                hostname=socket.gethostname(),
-                agent_version=coffer_version(),
-            ) as status:
+            async with (
+                self._files,
+                StatusPublisher(
+                    self.config.vm_id,
+                    self.config.tls,
+                    hostname=socket.gethostname(),
+                    agent_version=coffer_version(),
+                ) as status,
+            ):
                 delays = RECONNECT.delays()
                 while True:
                     try:
@@ -205,6 +211,10 @@ class Agent:
                             self._cancelled.add(message.cancel.job_id)
                             task.cancel()
                         continue
+                    if kind == "unmount":
+                        if not self._files.unmount(message.unmount.job_id):
+                            log.info("unmount of %s: it is not mounted", message.unmount.job_id)
+                        continue
                     job_id = getattr(message, kind).job_id
                     running[job_id] = tasks.create_task(
                         self._command(message, runtime, outbox),
@@ -259,6 +269,15 @@ class Agent:
                 result.job_id = message.restore.job_id
                 log.info("restore %s started", result.job_id)
                 result.bytes_written = await RestoreRun(runtime, message.restore).run()
+            elif kind == "file_recovery":
+                result.job_id = message.file_recovery.job_id
+                log.info("file recovery %s started", result.job_id)
+
+                def report(status: agent_pb2.FileRecoveryStatus) -> None:
+                    outbox.put_nowait(agent_pb2.AgentMessage(file_recovery_status=status))
+
+                run = FileRecoveryRun(runtime, self._files, message.file_recovery, report)
+                result.file_recovery.CopyFrom(await run.run())
             else:
                 raise CofferError(f"this agent does not know the command {kind!r}")
             result.ok = True

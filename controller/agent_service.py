@@ -164,6 +164,8 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
                 self._catalog.touch_agent(session.vm_id, self._clock.now())
             elif kind == "result":
                 session.resolve(message.result)
+            elif kind == "file_recovery_status":
+                self._jobs.file_recovery_status(session.vm_id, message.file_recovery_status)
             else:
                 log.warning("%s sent an unexpected %s; ignored", session.vm_id, kind)
 

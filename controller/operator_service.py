@@ -29,6 +29,7 @@ from controller.catalog import (
     VerificationRecord,
 )
 from controller.jobs import JobManager
+from controller.jobs.file_recovery import FileSource
 from controller.protection import Protection, display_name
 from controller.pruning import Pruner
 from controller.registry import AgentRegistry
@@ -351,6 +352,56 @@ class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
         return operator_pb2.ListRecoveryPointsReply(
             recovery_points=[self._recovery_point(rp, verifications.get(rp.id)) for rp in points]
         )
+
+    # --- file-level recovery ----------------------------------------------------------------
+
+    async def _file_source(self, source: operator_pb2.FileRecoverySource) -> FileSource:
+        vm = (await self._protection.resolve([source.vm_id]))[0]
+        target = vm
+        if source.target_vm_id:
+            target = (await self._protection.resolve([source.target_vm_id]))[0]
+        return FileSource(
+            vm_id=vm.vm_id,
+            recovery_point_id=source.recovery_point_id,
+            disk=source.disk,
+            target_vm=target.vm_id,
+            target_region=target.region,
+        )
+
+    async def ListFiles(
+        self, request: operator_pb2.ListFilesRequest, context: Context
+    ) -> operator_pb2.ListFilesReply:
+        running = await self._jobs.list_files(
+            await self._file_source(request.source), request.path, request.limit, request.after
+        )
+        reply = operator_pb2.ListFilesReply(job=self._job(running.record, await self._names()))
+        if running.listing is not None:
+            reply.path = running.listing.path
+            reply.entries.extend(running.listing.entries)
+            reply.next_after = running.listing.next_after
+        return reply
+
+    async def GetFiles(
+        self, request: operator_pb2.GetFilesRequest, context: Context
+    ) -> operator_pb2.Job:
+        job = await self._jobs.get_files(
+            await self._file_source(request.source), list(request.paths), request.destination
+        )
+        return self._job(job, await self._names())
+
+    async def MountFiles(
+        self, request: operator_pb2.MountFilesRequest, context: Context
+    ) -> operator_pb2.Job:
+        job = await self._jobs.mount_files(
+            await self._file_source(request.source), request.ttl_seconds
+        )
+        return self._job(job, await self._names())
+
+    async def UnmountFiles(
+        self, request: operator_pb2.GetJobRequest, context: Context
+    ) -> operator_pb2.Job:
+        job = await self._jobs.unmount_files(await self._job_id(request.id))
+        return self._job(job, await self._names())
 
     # --- vaults -----------------------------------------------------------------------------
 

@@ -330,6 +330,20 @@ class RestoreTargetFailed(CofferError):
     grpc_status = "FAILED_PRECONDITION"
 
 
+class RestoreTargetExists(Conflict):
+    """Restore target {path} already exists; nothing was written. Choose another destination or move it away first."""
+
+    code = "UserErrorRestoreTargetExists"
+
+
+class FileRecoveryFailed(CofferError):
+    """Could not open {what} of recovery point {recovery_point} disk {disk!r} for file recovery: {detail}"""
+
+    code = "UserErrorFileRecoveryFailed"
+    exit_code = 3
+    grpc_status = "FAILED_PRECONDITION"
+
+
 class JobCancelled(CofferError):
     """Job {job_id} was cancelled; no recovery point was created."""
 

@@ -22,6 +22,7 @@ class Operation(enum.StrEnum):
     PRUNE = "Prune"
     GARBAGE_COLLECTION = "GarbageCollection"
     VERIFY = "Verify"
+    FILE_RECOVERY = "FileRecovery"  # files of a recovery point listed, copied out or mounted
 
 
 class Trigger(enum.StrEnum):

@@ -256,6 +256,7 @@ def test_a_failed_job_exits_with_its_errors_exit_code(cluster: Cluster) -> None:
         corrupt = run(cluster, "restore", "app-1", "--rp", rp, "--disk", "root",
                       "--target", str(target))  # fmt: skip
         assert corrupt.returncode == 7, (corrupt.stdout, corrupt.stderr)
+        # The agent's check names the damaged chunk (DataCorrupted, with the fix).
         assert "DataCorrupted" in corrupt.stdout, corrupt.stdout
         assert not target.exists()
     finally:

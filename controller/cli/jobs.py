@@ -75,7 +75,8 @@ def _stored_cell(job: operator_pb2.Job) -> str:
 
 
 def _read_cell(job: operator_pb2.Job) -> str:
-    return size(job.bytes_read) if job.operation in (Operation.BACKUP, Operation.RESTORE) else "-"
+    reads = (Operation.BACKUP, Operation.RESTORE, Operation.FILE_RECOVERY)
+    return size(job.bytes_read) if job.operation in reads else "-"
 
 
 JOB_COLUMNS = (
@@ -123,6 +124,8 @@ def _bytes(job: operator_pb2.Job) -> list[Field]:
         return lines
     if job.operation == Operation.RESTORE:
         return [("Bytes written", size(job.bytes_read))]
+    if job.operation == Operation.FILE_RECOVERY:
+        return [("Fetched", f"{size(job.bytes_read)} from the datastore")]
     return []  # a garbage collection's space freed is in its report
 
 
@@ -131,6 +134,8 @@ def _recovery_point(job: operator_pb2.Job) -> list[Field]:
         return []
     if job.operation == Operation.RESTORE:
         return [("Restored from", f"recovery point {job.recovery_point_id}")]
+    if job.operation == Operation.FILE_RECOVERY:
+        return [("Files of", f"recovery point {job.recovery_point_id}")]
     if job.operation == Operation.BACKUP and not JobStatus(job.status).succeeded:
         return []  # only a completed backup made one
     return [("Recovery point", job.recovery_point_id)]
@@ -202,6 +207,23 @@ _DETAILS: dict[str, tuple[str, Callable[[Any], str]] | None] = {
     "target_path": ("Target path", str),
     "recovery_points": ("Recovery points to verify", str),
     "damaged": ("Damaged", str),
+    # A FileRecovery job's (controller.jobs.file_recovery).
+    "action": ("Action", str),
+    "path": ("Path", str),
+    "after": ("After", str),
+    "paths": ("Paths", _listed),
+    "destination": ("Destination", str),
+    "ttl_seconds": ("TTL", _hours),
+    "expires_at": ("Expires", _moment),
+    "mounts": ("Mounted at", str),
+    "skipped_partitions": ("Not mounted", str),
+    "entries": ("Entries listed", str),
+    "copied": ("Copied", str),
+    "skipped_files": ("Skipped files", _listed),
+    "chunks_fetched": ("Chunks fetched", str),
+    "bytes_fetched": ("Fetched, stored bytes", size),
+    "raw_bytes_fetched": ("Fetched, uncompressed", size),
+    "ended_by": ("Ended by", str),
     "recovery_point_id": None,
 }
 

@@ -16,6 +16,7 @@ from rich.markup import escape
 
 from controller.cli import exits
 from controller.cli.client import DEFAULT_TIMEOUT, Connection, call
+from controller.cli.files import files
 from controller.cli.integrity import verification_cell, verify
 from controller.cli.jobs import backup_now, gc, job, prune, restore
 from controller.cli.output import as_dict, errors, print_json, size, table, use_utc, when
@@ -104,6 +105,7 @@ for command in (
     resume_protection,
     backup_now,
     restore,
+    files,
     job,
     prune,
     gc,

@@ -16,12 +16,15 @@ catalog, and each part below can be read (and is tested) on its own.
     transaction.py   a backup's transaction: known digests, chunk holds, indexes, commit
     restore.py       restore jobs and their session: the recovery point, disk, index and
                      the chunks the agent may read
+    file_recovery.py FileRecovery jobs (ls, get, mount): a restore's session in the target
+                     VM's agent, what it has open, its TTL and unmount, bounded listings
     interrupted.py   what the last stop left running, recorded at the next start
 
 Guarantees
 ----------
 - One job per VM: a backup (queued or running) or a restore has its VM to itself; a second
-  is refused with `OperationInProgress`, not queued behind a stuck one.
+  is refused with `OperationInProgress`, not queued behind a stuck one. A file recovery does
+  not need its VM alone (a backup may run beside an open mount).
 - Backups queue: recorded `InProgress` (phase `Queued`) at once, started when the agent is
   online and the vault has a free slot (`max_concurrent_backups`); a queued backup whose window
   closes first fails with `BackupWindowMissed`. The dispatcher is woken by the events that can

@@ -21,6 +21,7 @@ from controller.jobs.agent_command import AgentJob
 from controller.jobs.agent_command import cancel as cancel_agent_job
 from controller.jobs.backup import BackupEnded, Backups, RunningBackup
 from controller.jobs.cancel import ShouldStop, abortable
+from controller.jobs.file_recovery import FileRecoveries, FileSource, RunningFileRecovery
 from controller.jobs.interrupted import record_interrupted
 from controller.jobs.restore import Restores, RunningRestore
 from controller.jobs.runner import JobRunner, RunningJob
@@ -31,6 +32,7 @@ from shared.clock import Clock
 from shared.errors import ChunkMissing, Conflict, CorruptData, DataCorrupted, PermissionDenied
 from shared.index import DiskIndex
 from shared.model import JobStatus, Operation, Trigger
+from shared.rpc import agent_pb2
 from shared.supervision import Policy, Supervisor
 
 T = TypeVar("T")
@@ -69,6 +71,7 @@ class JobManager:
             catalog, registry, datastores, self._runner, clock, pool, self.integrity
         )
         self._restores = Restores(catalog, registry, datastores, self._runner, pool, self.integrity)
+        self._files = FileRecoveries(catalog, registry, datastores, self._runner, pool, clock)
         self._supervisor = supervisor
         self._own_supervisor = supervisor is None
         # Jobs the last shutdown interrupted, failed when the manager started.
@@ -167,6 +170,44 @@ class JobManager:
         self, vm_id: str, rp_id: str, disk: str, target_path: str, target_vm: str
     ) -> JobRecord:
         return await self._restores.start(vm_id, rp_id, disk, target_path, target_vm)
+
+    async def list_files(
+        self, source: FileSource, path: bytes, limit: int, after: bytes
+    ) -> RunningFileRecovery:
+        """A FileRecovery job listing one page of a directory; returned once it has ended
+        (its `listing` is the page when it succeeded)."""
+        running = await self._files.list_files(source, path, limit, after)
+        await asyncio.shield(running.ended.wait())
+        return running
+
+    async def get_files(
+        self, source: FileSource, paths: list[bytes], destination: str
+    ) -> JobRecord:
+        """A FileRecovery job copying files out on the target VM; returned as it starts."""
+        return (await self._files.get_files(source, paths, destination)).record
+
+    async def mount_files(self, source: FileSource, ttl_seconds: float) -> JobRecord:
+        """A FileRecovery job mounting a recovery point's disk in the target VM; returned
+        once it is mounted (its details say where) or has ended."""
+        running = await self._files.mount(source, ttl_seconds)
+        waits = [
+            asyncio.ensure_future(running.mounted.wait()),
+            asyncio.ensure_future(running.ended.wait()),
+        ]
+        try:
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for wait in waits:
+                wait.cancel()
+        return running.record
+
+    async def unmount_files(self, job_id: str) -> JobRecord:
+        """End a FileRecovery mount now; its record once it has ended."""
+        return await self._files.unmount(job_id)
+
+    def file_recovery_status(self, vm_id: str, status: agent_pb2.FileRecoveryStatus) -> None:
+        """What a FileRecovery job of VM `vm_id` has open and has fetched, as its agent says."""
+        self._files.status(vm_id, status)
 
     def set_limit(self, vault: str, limit: int) -> None:
         """A vault's concurrent backups changed: queued backups may start now."""

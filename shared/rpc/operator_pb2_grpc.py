@@ -180,6 +180,26 @@ class OperatorServiceStub:
                 request_serializer=coffer_dot_v1_dot_operator__pb2.VaultRef.SerializeToString,
                 response_deserializer=coffer_dot_v1_dot_operator__pb2.DashboardReply.FromString,
                 _registered_method=True)
+        self.ListFiles = channel.unary_unary(
+                '/coffer.v1.OperatorService/ListFiles',
+                request_serializer=coffer_dot_v1_dot_operator__pb2.ListFilesRequest.SerializeToString,
+                response_deserializer=coffer_dot_v1_dot_operator__pb2.ListFilesReply.FromString,
+                _registered_method=True)
+        self.GetFiles = channel.unary_unary(
+                '/coffer.v1.OperatorService/GetFiles',
+                request_serializer=coffer_dot_v1_dot_operator__pb2.GetFilesRequest.SerializeToString,
+                response_deserializer=coffer_dot_v1_dot_operator__pb2.Job.FromString,
+                _registered_method=True)
+        self.MountFiles = channel.unary_unary(
+                '/coffer.v1.OperatorService/MountFiles',
+                request_serializer=coffer_dot_v1_dot_operator__pb2.MountFilesRequest.SerializeToString,
+                response_deserializer=coffer_dot_v1_dot_operator__pb2.Job.FromString,
+                _registered_method=True)
+        self.UnmountFiles = channel.unary_unary(
+                '/coffer.v1.OperatorService/UnmountFiles',
+                request_serializer=coffer_dot_v1_dot_operator__pb2.GetJobRequest.SerializeToString,
+                response_deserializer=coffer_dot_v1_dot_operator__pb2.Job.FromString,
+                _registered_method=True)
 
 
 class OperatorServiceServicer:
@@ -377,6 +397,38 @@ class OperatorServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListFiles(self, request, context):
+        """File-level recovery: each call is a FileRecovery job, run by the agent of the target VM
+        (the source VM unless target_vm_id names another VM of the vault's region), which opens
+        the recovery point's disk read-only inside that VM; nothing is mounted on the controller.
+        A directory listed (one page; ends with the job).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetFiles(self, request, context):
+        """Files and trees copied out under the target VM's restore_dirs; returns the job started.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def MountFiles(self, request, context):
+        """Mounted for the operator inside the target VM: returns the job once mounted (its details
+        say where) or failed. It stays InProgress until its TTL or UnmountFiles.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UnmountFiles(self, request, context):
+        """End a mount job now; returns the job once it has ended.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_OperatorServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -524,6 +576,26 @@ def add_OperatorServiceServicer_to_server(servicer, server):
                     servicer.Dashboard,
                     request_deserializer=coffer_dot_v1_dot_operator__pb2.VaultRef.FromString,
                     response_serializer=coffer_dot_v1_dot_operator__pb2.DashboardReply.SerializeToString,
+            ),
+            'ListFiles': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListFiles,
+                    request_deserializer=coffer_dot_v1_dot_operator__pb2.ListFilesRequest.FromString,
+                    response_serializer=coffer_dot_v1_dot_operator__pb2.ListFilesReply.SerializeToString,
+            ),
+            'GetFiles': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetFiles,
+                    request_deserializer=coffer_dot_v1_dot_operator__pb2.GetFilesRequest.FromString,
+                    response_serializer=coffer_dot_v1_dot_operator__pb2.Job.SerializeToString,
+            ),
+            'MountFiles': grpc.unary_unary_rpc_method_handler(
+                    servicer.MountFiles,
+                    request_deserializer=coffer_dot_v1_dot_operator__pb2.MountFilesRequest.FromString,
+                    response_serializer=coffer_dot_v1_dot_operator__pb2.Job.SerializeToString,
+            ),
+            'UnmountFiles': grpc.unary_unary_rpc_method_handler(
+                    servicer.UnmountFiles,
+                    request_deserializer=coffer_dot_v1_dot_operator__pb2.GetJobRequest.FromString,
+                    response_serializer=coffer_dot_v1_dot_operator__pb2.Job.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1309,6 +1381,114 @@ class OperatorService:
             '/coffer.v1.OperatorService/Dashboard',
             coffer_dot_v1_dot_operator__pb2.VaultRef.SerializeToString,
             coffer_dot_v1_dot_operator__pb2.DashboardReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListFiles(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/coffer.v1.OperatorService/ListFiles',
+            coffer_dot_v1_dot_operator__pb2.ListFilesRequest.SerializeToString,
+            coffer_dot_v1_dot_operator__pb2.ListFilesReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetFiles(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/coffer.v1.OperatorService/GetFiles',
+            coffer_dot_v1_dot_operator__pb2.GetFilesRequest.SerializeToString,
+            coffer_dot_v1_dot_operator__pb2.Job.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def MountFiles(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/coffer.v1.OperatorService/MountFiles',
+            coffer_dot_v1_dot_operator__pb2.MountFilesRequest.SerializeToString,
+            coffer_dot_v1_dot_operator__pb2.Job.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UnmountFiles(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/coffer.v1.OperatorService/UnmountFiles',
+            coffer_dot_v1_dot_operator__pb2.GetJobRequest.SerializeToString,
+            coffer_dot_v1_dot_operator__pb2.Job.FromString,
             options,
             channel_credentials,
             insecure,

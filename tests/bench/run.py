@@ -15,7 +15,10 @@ Run as root (loop mounts, dropping the page cache). Steps, for every tool in tur
    Going back from one variant to another is free for every tool: the base's chunks are in
    every repository;
 3. ``restore``: the latest snapshot (the file-edits state) to a new file, checked
-   byte-identical to the source by SHA-256, for every tool.
+   byte-identical to the source by SHA-256, for every tool;
+4. ``file-get``: one small file of the latest snapshot back, through `coffer files get`,
+   `restic mount` and `borg mount` (`tests.bench.single_file`): seconds to the file written,
+   bytes read from the repository, checked against the source file. A table of its own.
 
 Before every step of every tool the page cache is dropped (`sync; echo 3 >
 /proc/sys/vm/drop_caches`), so every tool reads the image, and its repository, from disk
@@ -53,7 +56,9 @@ from tests.bench.image import (
 )
 from tests.bench.measure import StepFailed, StepResult, Tool, drop_caches, sha256_file
 from tests.bench.peers import Borg, Restic
-from tests.bench.report import console, notes, steps_table
+from tests.bench.report import console, notes, single_file_table, steps_table
+from tests.bench.single_file import STEP as SINGLE_FILE
+from tests.bench.single_file import pick_small_file
 
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
@@ -275,10 +280,25 @@ class Bench:
             if not a.keep:
                 restored.unlink(missing_ok=True)
         self.notes.append(f"source sha256 (file-edits state): {want}")
+        self.single_file(tools, disk)
         self.close()
         if not a.keep:
             base.unlink()
             disk.unlink()
+
+    def single_file(self, tools: list[Tool], disk: Path) -> None:
+        """One small file of the latest snapshot back (tests.bench.single_file)."""
+        small = pick_small_file(disk)
+        self.notes.append(
+            f"{SINGLE_FILE}: {small.path} ({small.size} bytes) of the latest snapshot "
+            "(file-edits state)"
+        )
+        for tool in tools:
+            try:
+                self.results.append(tool.get_file(SINGLE_FILE, small))
+            except (StepFailed, OSError, RuntimeError) as exc:
+                self.fail(tool, [SINGLE_FILE], str(exc))
+        self._progress(SINGLE_FILE)
 
     # -- the memory benchmark ----------------------------------------------------------------
 
@@ -332,7 +352,10 @@ class Bench:
         for tool, setting in self.settings.items():
             out.print(f"settings {tool}: {setting}")
         out.print(notes(self.notes))
-        out.print(steps_table(self.results, title))
+        out.print(steps_table([r for r in self.results if r.step != SINGLE_FILE], title))
+        single = [r for r in self.results if r.step == SINGLE_FILE]
+        if single:
+            out.print(single_file_table(single))
         out.print(
             "MB/s = image bytes (10^6) / wall s. CPU s: user+sys of the tool's process "
             "(Coffer: controller + agent + CLI). Peak RSS: max resident "
