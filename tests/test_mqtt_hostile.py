@@ -25,9 +25,13 @@ import aiomqtt
 import pytest
 
 from controller.broker import LIMITS, PrivateBroker, acl_text, config_text
+from controller.pki import issue_operator
 from controller.status import DropReason, StatusMonitor
+from shared.model import JobStatus
 from shared.status import (
     MAX_PAYLOAD_BYTES,
+    JobState,
+    OfflineReason,
     Presence,
     PresenceState,
     Progress,
@@ -36,7 +40,7 @@ from shared.status import (
 )
 from shared.tls import TlsFiles, mqtt_ssl_context
 from tests.cluster import Cluster, free_port
-from tests.test_status import Pki, eventually, presence_is, raw_client
+from tests.test_status import Pki, eventually, presence_is, publisher, raw_client
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -141,6 +145,30 @@ async def test_deeply_nested_json_is_dropped_and_the_monitor_keeps_its_session(
     assert any("nests 2001 levels deep" in m for m in dropped), dropped
 
 
+class FlakyMonitor(StatusMonitor):
+    """A monitor whose first two connections hit a bug in its own code."""
+
+    bugs = 2
+
+    async def _on_connect(self, client: aiomqtt.Client) -> None:
+        if self.bugs:
+            self.bugs -= 1
+            raise RuntimeError("injected: a bug in the monitor's connection loop")
+        await super()._on_connect(client)
+
+
+async def test_a_monitor_whose_loop_fails_is_restarted_and_reconnects(
+    pki: Pki, broker: PrivateBroker, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.ERROR, logger="shared.supervision")
+    async with FlakyMonitor(pki.controller) as monitor, publisher(pki, "vm-back") as agent:
+        monitor.set_broker(broker.host, broker.port)
+        agent.set_broker(broker.host, broker.port)
+        await eventually(presence_is(monitor, "vm-back", PresenceState.ONLINE), within=20)
+    assert monitor.bugs == 0
+    assert len(restarts_logged(caplog)) == 2
+
+
 async def test_a_flood_of_bad_messages_is_logged_at_a_bounded_rate(
     pki: Pki, broker: PrivateBroker, monitor: StatusMonitor, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -227,6 +255,65 @@ async def test_an_agent_naming_another_vms_job_does_not_change_what_job_show_dis
             release.touch()
         ended = cluster.coffer("job", "watch", job["id"])
         assert ended["status"] == "Completed", ended
+
+
+# --- operators are not agents, nor the controller ---------------------------------------------
+
+
+async def test_an_operator_certificate_reads_nothing_and_publishes_as_nobody(
+    pki: Pki, broker: PrivateBroker, monitor: StatusMonitor, jobs: dict[str, str]
+) -> None:
+    """An operator certificate that is no listed reader gets nothing on the broker."""
+    issue_operator(pki.root / "pki", "alice", pki.root / "alice")
+    alice = TlsFiles.in_dir(pki.root / "alice", "operator")
+    jobs["job-1"] = "vm-x"
+    forged_state = JobState("job-1", "Backup", JobStatus.FAILED, "vm-x", "Forged", TS)
+    forged_presence = Presence("vm-x", PresenceState.OFFLINE, "x", "1", TS, OfflineReason.SHUTDOWN)
+    forged_progress = Progress("vm-x", "job-1", "forged", 1, 2, 3.0, TS)
+    async with (
+        raw_client(pki.operator, broker) as reader,  # `admin`, a listed reader
+        raw_client(alice, broker) as operator,
+    ):
+        await reader.subscribe("coffer/v1/jobs/+/state", qos=1)
+        await operator.subscribe("coffer/#", qos=1)
+        await operator.publish(forged_presence.topic, forged_presence.to_json(), qos=1, retain=True)
+        await operator.publish(forged_progress.topic, forged_progress.to_json(), qos=1)
+        await operator.publish(forged_state.topic, forged_state.to_json(), qos=1)
+        async with publisher(pki, "vm-x") as agent:
+            agent.set_broker(broker.host, broker.port)
+            await eventually(presence_is(monitor, "vm-x", PresenceState.ONLINE))
+            for client in (operator, reader):
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(0.5):
+                        message = await anext(aiter(client.messages))
+                        pytest.fail(f"{message.topic} reached a client that may not see it")
+    assert monitor.progress("job-1") is None
+    # What stands on the broker is the agent's own goodbye, not the operator's forgery.
+    kept = await retained(pki.operator, broker.host, broker.port, presence_topic("vm-x"))
+    assert Presence.from_json(kept[presence_topic("vm-x")]).hostname == "vm-x.lab"
+
+
+async def test_a_reader_named_like_a_vm_cannot_publish_as_that_vm(pki: Pki, tmp_path: Path) -> None:
+    """The broker sees names, not roles: a reader whose name is also a VM id is denied that
+    VM's topics (so is the VM's agent, which is the safe way to fail; docs/mqtt.md)."""
+    issue_operator(pki.root / "pki", "vm-shared", pki.root / "vm-shared-operator")
+    reader = TlsFiles.in_dir(pki.root / "vm-shared-operator", "operator")
+    async with (
+        PrivateBroker(tmp_path / "b", pki.controller, readers=["vm-shared"]) as broker,
+        StatusMonitor(pki.controller) as monitor,
+    ):
+        monitor.set_broker(broker.host, broker.port)
+        await eventually(lambda: monitor.connected)
+        forged = Presence("vm-shared", PresenceState.ONLINE, "forged", "1", TS)
+        marker = Presence("vm-other", PresenceState.ONLINE, "other", "1", TS)
+        async with (
+            raw_client(reader, broker) as impostor,
+            raw_client(pki.agent("vm-other"), broker) as other,
+        ):
+            await impostor.publish(forged.topic, forged.to_json(), qos=1, retain=True)
+            await other.publish(marker.topic, marker.to_json(), qos=1)
+            await eventually(presence_is(monitor, "vm-other", PresenceState.ONLINE))
+        assert monitor.presence("vm-shared") is None
 
 
 # --- retained poison, and what the broker keeps ----------------------------------------------
