@@ -77,6 +77,9 @@ class JobManager:
         # Jobs the last shutdown interrupted, failed when the manager started.
         self.interrupted: list[JobRecord] = []
         registry.on_connect.append(lambda vm_id: self.kick())
+        if status is not None:
+            # The monitor shows an agent's progress only for that agent's own running jobs.
+            status.set_job_owner(self._vm_of_running)
 
     async def __aenter__(self) -> Self:
         self.interrupted = await record_interrupted(
@@ -321,6 +324,10 @@ class JobManager:
 
     def running(self, job_id: str) -> RunningJob | None:
         return self._runner.get(job_id)
+
+    def _vm_of_running(self, job_id: str) -> str | None:
+        running = self._runner.get(job_id)
+        return running.vm_id if running is not None else None
 
     def running_job_of(self, vm_id: str) -> str:
         """The job that has the VM to itself now (a backup, queued or running, or a restore)."""
