@@ -27,6 +27,7 @@ from controller.datastore import (
     chunk_key,
     index_key,
     manifest_key,
+    open_object_store,
 )
 from shared.blob import Compression, compress, encode_blob
 from shared.digest import ZERO_DIGEST, chunk_digest
@@ -43,19 +44,26 @@ from shared.errors import (
 )
 from shared.index import DiskIndex
 from shared.manifest import ManifestDisk, RecoveryPointManifest
+from tests.conftest import TEST_BUCKET
+from tests.seaweed import SeaweedFS
 
 CHUNK = 4096
 
 # Every backend the datastore supports. Each entry makes a client on the test's storage; called
 # twice in one test, it must give two clients of the same storage (a restarted controller).
-# Adding a backend is one line here, e.g.
-#   "s3": lambda request, tmp_path: S3Store(request.getfixturevalue("seaweedfs"), tmp_path.name),
+def _s3(request: pytest.FixtureRequest, tmp_path: Path) -> ObjectStore:
+    """What the controller opens for an s3:// URL: S3 on a real SeaweedFS, with retries."""
+    server: SeaweedFS = request.getfixturevalue("seaweedfs")
+    return open_object_store(server.url(TEST_BUCKET, tmp_path.name), server.settings())
+
+
 BACKENDS: dict[str, Callable[[pytest.FixtureRequest, Path], ObjectStore]] = {
     "local": lambda request, tmp_path: LocalDirectoryStore(tmp_path / "store", fsync=True),
     # The fault-injection wrapper, unarmed, must be indistinguishable from what it wraps.
     "faulty-local": lambda request, tmp_path: FaultyStore(
         LocalDirectoryStore(tmp_path / "store", fsync=True)
     ),
+    "s3": _s3,
 }
 
 MakeBackend = Callable[[], ObjectStore]

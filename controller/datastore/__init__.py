@@ -95,7 +95,17 @@ them, and they are not collected yet.
 from controller.datastore.backend import ObjectInfo, ObjectStore, check_key, check_prefix
 from controller.datastore.faulty import Fault, FaultyStore
 from controller.datastore.gc import ChunkGuard, GcReport, collect_garbage
+from controller.datastore.lease import (
+    DEFAULT_LEASE_SECONDS,
+    LeaseHolder,
+    WriterLease,
+    keep_writer_lease,
+    writer_lease,
+)
 from controller.datastore.local import LocalDirectoryStore
+from controller.datastore.location import open_object_store
+from controller.datastore.retry import RetryingStore
+from controller.datastore.s3 import S3Settings, S3Store
 from controller.datastore.store import (
     CONFIG_KEY,
     Datastore,
@@ -108,20 +118,29 @@ from controller.datastore.store import (
 
 __all__ = [
     "CONFIG_KEY",
+    "DEFAULT_LEASE_SECONDS",
     "ChunkGuard",
     "Datastore",
     "DatastoreConfig",
     "Fault",
     "FaultyStore",
     "GcReport",
+    "LeaseHolder",
     "LocalDirectoryStore",
     "ObjectInfo",
     "ObjectStore",
+    "RetryingStore",
+    "S3Settings",
+    "S3Store",
+    "WriterLease",
     "check_key",
     "check_prefix",
     "check_recovery_point_id",
     "chunk_key",
     "collect_garbage",
     "index_key",
+    "keep_writer_lease",
     "manifest_key",
+    "open_object_store",
+    "writer_lease",
 ]

@@ -4,7 +4,9 @@ Six operations on whole objects named by keys, small enough that a local directo
 S3-compatible bucket implement it the same way (restic's `Backend`, PBS's chunk store). No
 rename, no directories, no appends, no partial reads: whatever the datastore needs beyond that
 is built above, so every backend passes the same test suite. Retry, metrics and fault
-injection wrap an `ObjectStore`; they are not branches inside one.
+injection wrap an `ObjectStore`; they are not branches inside one. A seventh method takes the
+datastore's writer lease (lease.py), which each backend holds with what it guarantees; wrappers
+pass it through.
 
 Keys are '/'-separated ASCII components of letters, digits, '.', '_' and '-'. A component may
 not start with '.', which keeps '..' out, and leaves names beginning with '.' to a backend's
@@ -18,9 +20,13 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from shared.errors import InvalidArgument
+
+if TYPE_CHECKING:
+    from controller.datastore.lease import LeaseHolder, WriterLease
+    from shared.clock import Clock
 
 MAX_KEY_LENGTH = 1024
 _COMPONENT = r"[A-Za-z0-9_-][A-Za-z0-9._-]*"
@@ -96,10 +102,20 @@ class ObjectStore(Protocol):
         """Remove the object; deleting a missing key is not an error."""
         ...
 
-    def list(self, prefix: str) -> Iterator[str]:
-        """Keys starting with `prefix`, in no particular order.
+    def list(self, prefix: str, after: str = "") -> Iterator[str]:
+        """Keys starting with `prefix` and greater than `after`, in ascending order.
 
-        Slow on big stores: only catalog rebuild, garbage collection and cleanup of a deleted
-        recovery point call it, never the backup or restore data path.
+        The order and `after` (S3's start-after) let a listing that failed part way resume
+        after the last key it gave, which the retrying wrapper does. Slow on big stores: only
+        catalog rebuild, garbage collection and cleanup of a deleted recovery point call it,
+        never the backup or restore data path.
         """
+        ...
+
+    def acquire_writer_lease(
+        self, holder: LeaseHolder, *, duration: float = ..., clock: Clock | None = None
+    ) -> WriterLease:
+        """Take the datastore's writer lease for `holder` (lease.py); WriterLeaseHeld, naming
+        the holder and its expiry, if another has it. `duration` and `clock` apply to leases
+        that expire (S3); a local directory's lock lasts while the process lives."""
         ...
