@@ -21,9 +21,11 @@ from controller.datastore import (
     Datastore,
     Fault,
     FaultyStore,
+    LeaseHolder,
     LocalDirectoryStore,
     ObjectInfo,
     ObjectStore,
+    WriterLease,
     chunk_key,
     index_key,
     manifest_key,
@@ -41,6 +43,7 @@ from shared.errors import (
     InvalidArgument,
     NotFound,
     UnsupportedFormat,
+    WriterLeaseHeld,
 )
 from shared.index import DiskIndex
 from shared.manifest import ManifestDisk, RecoveryPointManifest
@@ -264,6 +267,88 @@ def test_concurrent_puts_of_many_keys_all_land(backend: ObjectStore) -> None:
         list(pool.map(lambda key: backend.put(key, key.encode()), keys))
     assert sorted(backend.list("k/")) == sorted(keys)
     assert all(backend.get(key) == key.encode() for key in keys)
+
+
+def test_a_listing_continues_after_any_key_it_gave(backend: ObjectStore) -> None:
+    # '-' < '/' < '.' < '0': byte order and a directory walk order these differently; a store
+    # may use either, but `after` must continue its own order.
+    keys = ["a-c", "a.json", "a/b", "a/c/d", "a0", "b/x"]
+    for key in reversed(keys):
+        backend.put(key, b"x")
+    full = list(backend.list(""))
+    assert sorted(full) == keys
+    assert list(backend.list("")) == full  # stable
+    for prefix in ("", "a", "a/"):
+        listed = list(backend.list(prefix))
+        assert listed == [key for key in full if key.startswith(prefix)]
+        for i, key in enumerate(listed):
+            assert list(backend.list(prefix, after=key)) == listed[i + 1 :]
+
+
+def test_the_local_store_lists_in_byte_order(tmp_path: Path) -> None:
+    backend = LocalDirectoryStore(tmp_path / "s")
+    keys = ["a-c", "a.json", "a/b", "a/c/d", "a0", "b/x"]
+    for key in reversed(keys):
+        backend.put(key, b"x")
+    assert list(backend.list("")) == keys
+    assert list(backend.list("a/", after="a-c")) == ["a/b", "a/c/d"]
+
+
+def test_a_listing_of_many_keys_pages_through_all_of_them(backend: ObjectStore) -> None:
+    keys = [f"chunks/{i % 3:02x}/{i:05d}" for i in range(2100)]  # S3 pages hold 1000
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(lambda key: backend.put(key, b""), keys))
+    listed = list(backend.list("chunks/"))
+    assert sorted(listed) == sorted(keys)
+    after = listed[1500]
+    assert list(backend.list("chunks/", after=after)) == listed[1501:]
+
+
+# --- one writer per datastore: the writer lease, for every backend ---------------------------
+
+HOLDER_A = LeaseHolder("a" * 32, "host-a", 1111, "10.0.0.1:7443")
+HOLDER_B = LeaseHolder("b" * 32, "host-b", 2222, "10.0.0.2:7443")
+
+
+def test_a_second_writer_is_refused_naming_the_holder(make_backend: MakeBackend) -> None:
+    first = make_backend().acquire_writer_lease(HOLDER_A)
+    with pytest.raises(
+        WriterLeaseHeld,
+        match=r"in use by another controller: controller aaaaaaaaaaaa on host host-a "
+        r"\(PID 1111, 10\.0\.0\.1:7443\) holds its writer lease until",
+    ) as refused:
+        make_backend().acquire_writer_lease(HOLDER_B)
+    assert refused.value.code == "DatastoreLeaseHeld"
+    first.renew()
+    with pytest.raises(WriterLeaseHeld):
+        make_backend().acquire_writer_lease(HOLDER_B)  # renewing kept it
+    first.release()
+    first.release()  # twice is harmless
+    second = make_backend().acquire_writer_lease(HOLDER_B)  # released: taken at once
+    with pytest.raises(WriterLeaseHeld, match="host-b"):
+        make_backend().acquire_writer_lease(HOLDER_A)
+    second.release()
+    assert list(make_backend().list("")) == []  # the lease is no object of the datastore
+
+
+def test_the_lease_is_taken_by_exactly_one_of_many_racing_writers(
+    make_backend: MakeBackend,
+) -> None:
+    holders = [LeaseHolder(f"{i:032x}", f"host-{i}", i, f"127.0.0.1:{i}") for i in range(8)]
+    start = threading.Barrier(len(holders))
+
+    def take(holder: LeaseHolder) -> WriterLease | None:
+        store = make_backend()
+        start.wait()
+        try:
+            return store.acquire_writer_lease(holder)
+        except WriterLeaseHeld:
+            return None
+
+    with ThreadPoolExecutor(len(holders)) as pool:
+        leases = [lease for lease in pool.map(take, holders) if lease is not None]
+    assert len(leases) == 1
+    leases[0].release()
 
 
 # --- the local directory store in particular -----------------------------------------------

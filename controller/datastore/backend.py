@@ -103,12 +103,15 @@ class ObjectStore(Protocol):
         ...
 
     def list(self, prefix: str, after: str = "") -> Iterator[str]:
-        """Keys starting with `prefix` and greater than `after`, in ascending order.
+        """Keys starting with `prefix`, in the store's listing order; with `after` (a key this
+        listing gave), only those that follow it in that order (S3's start-after).
 
-        The order and `after` (S3's start-after) let a listing that failed part way resume
-        after the last key it gave, which the retrying wrapper does. Slow on big stores: only
-        catalog rebuild, garbage collection and cleanup of a deleted recovery point call it,
-        never the backup or restore data path.
+        The order is the store's own and stable (byte order for a local directory and AWS;
+        SeaweedFS lists a directory's keys where the directory's name sorts): callers must not
+        assume one, but `after` lets a listing that failed part way resume after the last key
+        it gave, which the retrying wrapper does. Slow on big stores: only catalog rebuild,
+        garbage collection and cleanup of a deleted recovery point call it, never the backup
+        or restore data path.
         """
         ...
 

@@ -13,9 +13,9 @@ Mapping of the interface:
   configuration: SeaweedFS syncs volume writes only when told to).
 - get: GetObject; has and stat: HeadObject (Content-Length, Last-Modified in whole seconds).
 - delete: DeleteObject, one key at a time (a missing key is no error, as S3 answers).
-- list: ListObjectsV2 pages of 1000 from start-after `after`: ascending, as the interface
-  requires. obstore lists by whole path segments, so a prefix that ends inside a name ("chunks/a")
-  lists its parent ("chunks/") from there and stops at the first key past the prefix.
+- list: ListObjectsV2 in pages of 1000, from start-after `after`, in the server's order (byte
+  order on AWS; SeaweedFS walks its directories). obstore lists by whole path segments, so a
+  prefix that ends inside a name ("chunks/a") lists its parent and filters.
 - the writer lease: `.writer-lease.json`, created with If-None-Match: * and updated with
   If-Match on its ETag (lease.py). Names starting with '.' are never keys, so listing skips it.
 
@@ -264,25 +264,19 @@ class S3Store:
         return self._list(prefix, after)
 
     def _list(self, prefix: str, after: str) -> Iterator[str]:
-        # obstore lists whole path segments: list the deepest "directory" of the prefix and
-        # filter; ListObjectsV2 returns keys in ascending order, so the first key past the
-        # prefix ends it.
+        # obstore lists whole path segments: a prefix that ends inside a name ("chunks/a")
+        # lists its parent ("chunks/") and keeps what starts with it. Keys come in the
+        # server's order, which `after` (S3's start-after) continues; nothing here compares
+        # keys, since that order is not always byte order (SeaweedFS lists a directory's keys
+        # before a sibling "a-c" that sorts before "a/").
         parent = prefix[: prefix.rfind("/") + 1]
-        # Start-after: past `after`, and for a prefix ending inside a name ("chunks/a"), past
-        # everything below the prefix (each key under it is greater than the prefix minus its
-        # last character).
-        start = max(after, prefix[:-1]) if prefix != parent else after
         try:
             for batch in obstore.list(
-                self._store, parent or None, offset=start or None, chunk_size=_LIST_PAGE
+                self._store, parent or None, offset=after or None, chunk_size=_LIST_PAGE
             ):
                 for meta in batch:
                     key = meta["path"]
-                    if not key.startswith(prefix):
-                        if key > prefix:
-                            return
-                        continue
-                    if key > after and _is_key(key):
+                    if key.startswith(prefix) and _is_key(key):
                         yield key
         except (BaseError, FileNotFoundError) as error:
             self._raise("list", prefix or "/", error)
