@@ -6,9 +6,11 @@ import os
 import resource
 import signal
 import stat
+import subprocess
+import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from datetime import UTC, datetime
@@ -39,6 +41,8 @@ from shared.errors import (
     Conflict,
     CorruptData,
     DatastoreError,
+    DatastoreFull,
+    DatastoreReadOnly,
     DiskNotFound,
     InvalidArgument,
     NotFound,
@@ -395,6 +399,80 @@ def test_local_store_write_error_is_typed_and_leaves_nothing(tmp_path: Path) -> 
         signal.signal(signal.SIGXFSZ, previous_handler)
     assert not backend.has("a/c")
     assert sorted(p.name for p in (tmp_path / "s" / "a").iterdir()) == ["b"]
+
+
+@pytest.fixture
+def small_file_system(tmp_path: Path) -> Iterator[Path]:
+    """A real 1 MiB tmpfs, mounted for the test (root) and unmounted by it."""
+    mountpoint = tmp_path / "small"
+    mountpoint.mkdir()
+    subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m,mode=0700", "coffer-test", str(mountpoint)],
+        check=True,
+    )
+    try:
+        yield mountpoint
+    finally:
+        subprocess.run(["umount", "-l", str(mountpoint)], check=True)
+
+
+def test_a_full_local_store_says_so_and_keeps_no_partial_object(small_file_system: Path) -> None:
+    backend = LocalDirectoryStore(small_file_system / "store")
+    backend.put("a/b", b"x")
+    with pytest.raises(DatastoreFull, match="is full: cannot write object 'a/c'") as full:
+        backend.put("a/c", os.urandom(2 << 20))
+    assert full.value.code == "DatastoreFull"
+    assert not full.value.retryable
+    assert list(backend.list("")) == ["a/b"]
+    assert sorted(p.name for p in (small_file_system / "store" / "a").iterdir()) == ["b"]
+    backend.put("a/c", b"small enough")  # space is back: writes work again
+
+
+def test_a_read_only_local_store_refuses_writes_and_serves_reads(
+    small_file_system: Path,
+) -> None:
+    backend = LocalDirectoryStore(small_file_system / "store")
+    backend.put("a/b", b"kept")
+    subprocess.run(["mount", "-o", "remount,ro", str(small_file_system)], check=True)
+    with pytest.raises(DatastoreReadOnly, match="is read-only: cannot write object 'a/c'"):
+        LocalDirectoryStore(small_file_system / "store").put("a/c", b"x")
+    with pytest.raises(DatastoreReadOnly, match="cannot delete object 'a/b'"):
+        backend.delete("a/b")
+    assert backend.get("a/b") == b"kept"
+
+
+_HOLD_LEASE = """
+import sys, time
+from pathlib import Path
+from controller.datastore import LeaseHolder, LocalDirectoryStore
+store = LocalDirectoryStore(Path(sys.argv[1]))
+store.acquire_writer_lease(LeaseHolder("c" * 32, "host-c", 3333, "127.0.0.1:7443"))
+print("held", flush=True)
+time.sleep(60)
+"""
+
+
+@pytest.mark.timeout(60)
+def test_a_local_lease_ends_with_its_process(tmp_path: Path) -> None:
+    """The local lease is a flock: a controller that dies (even by SIGKILL) lets go of it."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _HOLD_LEASE, str(tmp_path / "store")],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(
+            WriterLeaseHeld, match=r"host-c \(PID 3333.*until its process exits"
+        ):
+            LocalDirectoryStore(tmp_path / "store").acquire_writer_lease(HOLDER_A)
+    finally:
+        holder.kill()
+        holder.wait(10)
+    lease = LocalDirectoryStore(tmp_path / "store").acquire_writer_lease(HOLDER_A)
+    lease.renew()
+    lease.release()
 
 
 # --- the datastore: creating and opening -----------------------------------------------------

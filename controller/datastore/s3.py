@@ -286,20 +286,25 @@ class S3Store:
     def check(self) -> None:
         """Raise DatastoreBucketMissing or DatastoreAccessDenied if the bucket is missing or
         refuses these credentials; DatastoreUnavailable if it does not answer."""
+        status = self._check_bucket("HeadBucket")
+        if status != 200:
+            raise DatastoreUnavailable(
+                location=self.location, operation="HeadBucket", detail=f"status {status}"
+            )
+
+    def _check_bucket(self, operation: str) -> int:
+        """HeadBucket's status, raising for a missing bucket or refused credentials."""
         status = self._head_bucket()
         if status == 404:
             raise DatastoreBucketMissing(bucket=self.bucket, endpoint=self.endpoint)
         if status in (401, 403):
             raise DatastoreAccessDenied(
                 location=self.location,
-                operation="HeadBucket",
+                operation=operation,
                 detail=f"the server answered {status}: the access key id or secret key is "
                 "wrong, or the key may not use this bucket",
             )
-        if status != 200:
-            raise DatastoreUnavailable(
-                location=self.location, operation="HeadBucket", detail=f"status {status}"
-            )
+        return status
 
     def _head_bucket(self) -> int:
         """The HTTP status of a HeadBucket request with these credentials (a presigned URL:
@@ -331,6 +336,10 @@ class S3Store:
                 location=self.location, operation=what, detail=detail
             ) from error
         if isinstance(error, GenericError):
+            if operation == "list":
+                # obstore does not type a listing's refusal; the bucket itself says (one more
+                # request, on a failure of what is rare).
+                self._check_bucket(f"{what}: {detail}")
             # Throttling (503 SlowDown, 429), a 5xx, a reset connection, a timeout: obstore
             # does not tell them apart, and all are worth another try.
             raise DatastoreUnavailable(
