@@ -1,6 +1,6 @@
 """Benchmark: which S3 client library the S3 datastore should use, against a real SeaweedFS.
 
-    python -m tests.bench.s3_clients [--objects 256] [--small 2000] [--threads 16] [--repeat 2]
+    python -m tests.bench.s3_clients [--objects 512] [--small 2000] [--threads 16] [--repeat 2]
 
 Starts its own SeaweedFS (tests/seaweed.py) in a temporary directory and, for each client,
 puts, gets, checks (HEAD) and lists `--objects` objects of 512 KiB (the chunk size) and
@@ -372,7 +372,7 @@ CLIENTS = ["obstore-sync", "obstore-async", "boto3", "aiobotocore"]
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--objects", type=int, default=256, help="512 KiB objects per run")
+    parser.add_argument("--objects", type=int, default=512, help="512 KiB objects per run")
     parser.add_argument("--small", type=int, default=2000, help="4 KiB objects per run")
     parser.add_argument("--threads", type=int, default=16, help="requests in flight")
     parser.add_argument("--repeat", type=int, default=2, help="runs per client (best kept)")
