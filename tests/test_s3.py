@@ -111,6 +111,11 @@ def test_credentials_come_from_the_environment_when_not_configured() -> None:
         S3Settings().resolved({})
 
 
+def test_plain_http_must_be_allowed(seaweedfs: SeaweedFS) -> None:
+    with pytest.raises(InvalidArgument, match="plain HTTP"):
+        S3Store(seaweedfs.url(TEST_BUCKET), seaweedfs.settings(allow_http=False))
+
+
 def test_a_datastore_location_is_a_directory_or_an_s3_url(tmp_path: Path) -> None:
     assert open_object_store(str(tmp_path / "ds")).location == str(tmp_path / "ds")
     assert open_object_store(f"file://{tmp_path}/ds").location == str(tmp_path / "ds")

@@ -174,6 +174,11 @@ class S3Store:
         self.endpoint = self.settings.endpoint or (
             f"https://s3.{self.settings.region}.amazonaws.com"
         )
+        if self.endpoint.startswith("http://") and not self.settings.allow_http:
+            raise InvalidArgument(
+                detail=f"S3 endpoint {self.endpoint} is plain HTTP: use https, or allow_http "
+                "for a store on this machine or a trusted network"
+            )
         self._url = f"s3://{self.bucket}/{self.prefix}" if self.prefix else f"s3://{self.bucket}"
         self._store = self._client(self.prefix or None)
         self._bucket_store = self._client(None)  # for HeadBucket, on the bucket itself
@@ -181,13 +186,16 @@ class S3Store:
     def _client(self, prefix: str | None) -> _ObstoreS3:
         s = self.settings
         config: S3Config = {
-            "endpoint": self.endpoint,
-            "virtual_hosted_style_request": False,
             # One DELETE per key: a bulk delete reports a refusal inside a 200 response, which
             # obstore cannot type.
             "disable_bulk_delete": True,
             "conditional_put": "etag",
         }
+        if s.endpoint:
+            # Other stores than AWS (SeaweedFS, MinIO, an IP address) address buckets by path;
+            # without an endpoint obstore uses AWS's own for the region.
+            config["endpoint"] = s.endpoint
+            config["virtual_hosted_style_request"] = False
         if s.region:
             config["region"] = s.region
         if s.access_key_id and s.secret_access_key:
