@@ -71,7 +71,8 @@ Atomicity, idempotency, commit point
 ------------------------------------
 Every object is written whole or not at all (temp file, file-system sync, rename, sync; or a
 single PUT, never multipart) and is durable before `put` returns (on S3, as durable as the
-service acknowledges: AWS stores it redundantly; SeaweedFS syncs volume writes only when told). A backup writes, in this order:
+service acknowledges: AWS stores it redundantly; SeaweedFS syncs volume writes only when
+told). A backup writes, in this order:
 
 1. its chunks: content-addressed, so writing one twice (two jobs, a retry, two threads at
    once) stores the same bytes under the same name; `put_chunk` checks `has` first and so
