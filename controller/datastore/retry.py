@@ -126,8 +126,8 @@ class RetryingStore:
         last = after
         attempt = 0
         while True:
-            keys = self.inner.list(prefix, last)
             try:
+                keys = self.inner.list(prefix, last)
                 while True:
                     # One page at a time under a slot: the first key of a page costs a request.
                     with self._slots:
