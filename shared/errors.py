@@ -363,6 +363,55 @@ class DatastoreError(CofferError):
     grpc_status = "UNAVAILABLE"
 
 
+class DatastoreUnavailable(DatastoreError):
+    """Datastore {location} did not answer {operation}: {detail}"""
+
+    code = "DatastoreUnavailable"
+    retryable = True
+    exit_code = 8
+
+
+class DatastoreAccessDenied(PermissionDenied):
+    """Datastore {location} refused {operation}: {detail}. Check the access key id and secret key (controller config or AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY), and that they may read, write, list and delete under the prefix."""
+
+    code = "DatastoreAccessDenied"
+
+
+class DatastoreBucketMissing(CofferError):
+    """Bucket {bucket!r} does not exist at {endpoint}. Create it, or correct the datastore url (s3://bucket/prefix) or endpoint in the controller config."""
+
+    code = "DatastoreBucketMissing"
+    exit_code = 4
+    grpc_status = "FAILED_PRECONDITION"
+
+
+class DatastoreFull(CofferError):
+    """Datastore {location} is full: {detail}. Free space (prune recovery points, then collect garbage) or grow the storage; backups fail until then."""
+
+    code = "DatastoreFull"
+    grpc_status = "RESOURCE_EXHAUSTED"
+
+
+class DatastoreReadOnly(CofferError):
+    """Datastore {location} is read-only: {detail}. Backups and deletions fail until it is writable again; restores still work."""
+
+    code = "DatastoreReadOnly"
+    grpc_status = "FAILED_PRECONDITION"
+
+
+class WriterLeaseHeld(Conflict):
+    """Datastore {location} is in use by another controller: {holder} on host {host} (PID {pid}, {address}) holds its writer lease until {expires}. One controller writes a datastore at a time: stop the other one, or wait until its lease expires if it is gone."""
+
+    code = "DatastoreLeaseHeld"
+
+
+class WriterLeaseLost(CofferError):
+    """This controller lost its writer lease on datastore {location}: {detail}. It must stop writing there; restart it once the other writer is stopped."""
+
+    code = "DatastoreLeaseLost"
+    grpc_status = "FAILED_PRECONDITION"
+
+
 # --- backup policies -----------------------------------------------------------------------
 
 

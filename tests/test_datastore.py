@@ -6,9 +6,11 @@ import os
 import resource
 import signal
 import stat
+import subprocess
+import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from datetime import UTC, datetime
@@ -21,12 +23,15 @@ from controller.datastore import (
     Datastore,
     Fault,
     FaultyStore,
+    LeaseHolder,
     LocalDirectoryStore,
     ObjectInfo,
     ObjectStore,
+    WriterLease,
     chunk_key,
     index_key,
     manifest_key,
+    open_object_store,
 )
 from shared.blob import Compression, compress, encode_blob
 from shared.digest import ZERO_DIGEST, chunk_digest
@@ -36,26 +41,36 @@ from shared.errors import (
     Conflict,
     CorruptData,
     DatastoreError,
+    DatastoreFull,
+    DatastoreReadOnly,
     DiskNotFound,
     InvalidArgument,
     NotFound,
     UnsupportedFormat,
+    WriterLeaseHeld,
 )
 from shared.index import DiskIndex
 from shared.manifest import ManifestDisk, RecoveryPointManifest
+from tests.conftest import TEST_BUCKET
+from tests.seaweed import SeaweedFS
 
 CHUNK = 4096
 
 # Every backend the datastore supports. Each entry makes a client on the test's storage; called
 # twice in one test, it must give two clients of the same storage (a restarted controller).
-# Adding a backend is one line here, e.g.
-#   "s3": lambda request, tmp_path: S3Store(request.getfixturevalue("seaweedfs"), tmp_path.name),
+def _s3(request: pytest.FixtureRequest, tmp_path: Path) -> ObjectStore:
+    """What the controller opens for an s3:// URL: S3 on a real SeaweedFS, with retries."""
+    server: SeaweedFS = request.getfixturevalue("seaweedfs")
+    return open_object_store(server.url(TEST_BUCKET, tmp_path.name), server.settings())
+
+
 BACKENDS: dict[str, Callable[[pytest.FixtureRequest, Path], ObjectStore]] = {
     "local": lambda request, tmp_path: LocalDirectoryStore(tmp_path / "store", fsync=True),
     # The fault-injection wrapper, unarmed, must be indistinguishable from what it wraps.
     "faulty-local": lambda request, tmp_path: FaultyStore(
         LocalDirectoryStore(tmp_path / "store", fsync=True)
     ),
+    "s3": _s3,
 }
 
 MakeBackend = Callable[[], ObjectStore]
@@ -258,6 +273,88 @@ def test_concurrent_puts_of_many_keys_all_land(backend: ObjectStore) -> None:
     assert all(backend.get(key) == key.encode() for key in keys)
 
 
+def test_a_listing_continues_after_any_key_it_gave(backend: ObjectStore) -> None:
+    # '-' < '/' < '.' < '0': byte order and a directory walk order these differently; a store
+    # may use either, but `after` must continue its own order.
+    keys = ["a-c", "a.json", "a/b", "a/c/d", "a0", "b/x"]
+    for key in reversed(keys):
+        backend.put(key, b"x")
+    full = list(backend.list(""))
+    assert sorted(full) == keys
+    assert list(backend.list("")) == full  # stable
+    for prefix in ("", "a", "a/"):
+        listed = list(backend.list(prefix))
+        assert listed == [key for key in full if key.startswith(prefix)]
+        for i, key in enumerate(listed):
+            assert list(backend.list(prefix, after=key)) == listed[i + 1 :]
+
+
+def test_the_local_store_lists_in_byte_order(tmp_path: Path) -> None:
+    backend = LocalDirectoryStore(tmp_path / "s")
+    keys = ["a-c", "a.json", "a/b", "a/c/d", "a0", "b/x"]
+    for key in reversed(keys):
+        backend.put(key, b"x")
+    assert list(backend.list("")) == keys
+    assert list(backend.list("a/", after="a-c")) == ["a/b", "a/c/d"]
+
+
+def test_a_listing_of_many_keys_pages_through_all_of_them(backend: ObjectStore) -> None:
+    keys = [f"chunks/{i % 3:02x}/{i:05d}" for i in range(2100)]  # S3 pages hold 1000
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(lambda key: backend.put(key, b""), keys))
+    listed = list(backend.list("chunks/"))
+    assert sorted(listed) == sorted(keys)
+    after = listed[1500]
+    assert list(backend.list("chunks/", after=after)) == listed[1501:]
+
+
+# --- one writer per datastore: the writer lease, for every backend ---------------------------
+
+HOLDER_A = LeaseHolder("a" * 32, "host-a", 1111, "10.0.0.1:7443")
+HOLDER_B = LeaseHolder("b" * 32, "host-b", 2222, "10.0.0.2:7443")
+
+
+def test_a_second_writer_is_refused_naming_the_holder(make_backend: MakeBackend) -> None:
+    first = make_backend().acquire_writer_lease(HOLDER_A)
+    with pytest.raises(
+        WriterLeaseHeld,
+        match=r"in use by another controller: controller aaaaaaaaaaaa on host host-a "
+        r"\(PID 1111, 10\.0\.0\.1:7443\) holds its writer lease until",
+    ) as refused:
+        make_backend().acquire_writer_lease(HOLDER_B)
+    assert refused.value.code == "DatastoreLeaseHeld"
+    first.renew()
+    with pytest.raises(WriterLeaseHeld):
+        make_backend().acquire_writer_lease(HOLDER_B)  # renewing kept it
+    first.release()
+    first.release()  # twice is harmless
+    second = make_backend().acquire_writer_lease(HOLDER_B)  # released: taken at once
+    with pytest.raises(WriterLeaseHeld, match="host-b"):
+        make_backend().acquire_writer_lease(HOLDER_A)
+    second.release()
+    assert list(make_backend().list("")) == []  # the lease is no object of the datastore
+
+
+def test_the_lease_is_taken_by_exactly_one_of_many_racing_writers(
+    make_backend: MakeBackend,
+) -> None:
+    holders = [LeaseHolder(f"{i:032x}", f"host-{i}", i, f"127.0.0.1:{i}") for i in range(8)]
+    start = threading.Barrier(len(holders))
+
+    def take(holder: LeaseHolder) -> WriterLease | None:
+        store = make_backend()
+        start.wait()
+        try:
+            return store.acquire_writer_lease(holder)
+        except WriterLeaseHeld:
+            return None
+
+    with ThreadPoolExecutor(len(holders)) as pool:
+        leases = [lease for lease in pool.map(take, holders) if lease is not None]
+    assert len(leases) == 1
+    leases[0].release()
+
+
 # --- the local directory store in particular -----------------------------------------------
 
 
@@ -302,6 +399,80 @@ def test_local_store_write_error_is_typed_and_leaves_nothing(tmp_path: Path) -> 
         signal.signal(signal.SIGXFSZ, previous_handler)
     assert not backend.has("a/c")
     assert sorted(p.name for p in (tmp_path / "s" / "a").iterdir()) == ["b"]
+
+
+@pytest.fixture
+def small_file_system(tmp_path: Path) -> Iterator[Path]:
+    """A real 1 MiB tmpfs, mounted for the test (root) and unmounted by it."""
+    mountpoint = tmp_path / "small"
+    mountpoint.mkdir()
+    subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m,mode=0700", "coffer-test", str(mountpoint)],
+        check=True,
+    )
+    try:
+        yield mountpoint
+    finally:
+        subprocess.run(["umount", "-l", str(mountpoint)], check=True)
+
+
+def test_a_full_local_store_says_so_and_keeps_no_partial_object(small_file_system: Path) -> None:
+    backend = LocalDirectoryStore(small_file_system / "store")
+    backend.put("a/b", b"x")
+    with pytest.raises(DatastoreFull, match="is full: cannot write object 'a/c'") as full:
+        backend.put("a/c", os.urandom(2 << 20))
+    assert full.value.code == "DatastoreFull"
+    assert not full.value.retryable
+    assert list(backend.list("")) == ["a/b"]
+    assert sorted(p.name for p in (small_file_system / "store" / "a").iterdir()) == ["b"]
+    backend.put("a/c", b"small enough")  # space is back: writes work again
+
+
+def test_a_read_only_local_store_refuses_writes_and_serves_reads(
+    small_file_system: Path,
+) -> None:
+    backend = LocalDirectoryStore(small_file_system / "store")
+    backend.put("a/b", b"kept")
+    subprocess.run(["mount", "-o", "remount,ro", str(small_file_system)], check=True)
+    with pytest.raises(DatastoreReadOnly, match="is read-only: cannot write object 'a/c'"):
+        LocalDirectoryStore(small_file_system / "store").put("a/c", b"x")
+    with pytest.raises(DatastoreReadOnly, match="cannot delete object 'a/b'"):
+        backend.delete("a/b")
+    assert backend.get("a/b") == b"kept"
+
+
+_HOLD_LEASE = """
+import sys, time
+from pathlib import Path
+from controller.datastore import LeaseHolder, LocalDirectoryStore
+store = LocalDirectoryStore(Path(sys.argv[1]))
+store.acquire_writer_lease(LeaseHolder("c" * 32, "host-c", 3333, "127.0.0.1:7443"))
+print("held", flush=True)
+time.sleep(60)
+"""
+
+
+@pytest.mark.timeout(60)
+def test_a_local_lease_ends_with_its_process(tmp_path: Path) -> None:
+    """The local lease is a flock: a controller that dies (even by SIGKILL) lets go of it."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _HOLD_LEASE, str(tmp_path / "store")],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(
+            WriterLeaseHeld, match=r"host-c \(PID 3333.*until its process exits"
+        ):
+            LocalDirectoryStore(tmp_path / "store").acquire_writer_lease(HOLDER_A)
+    finally:
+        holder.kill()
+        holder.wait(10)
+    lease = LocalDirectoryStore(tmp_path / "store").acquire_writer_lease(HOLDER_A)
+    lease.renew()
+    lease.release()
 
 
 # --- the datastore: creating and opening -----------------------------------------------------

@@ -1,7 +1,7 @@
 """Garbage collection of a datastore: what it deletes, what it keeps, that it is safe beside
 running backups, that it syncs once per batch, and that it (and pruning) stops when cancelled
-or when the controller stops. Real datastores in a temporary directory; faults and slow disks
-by wrappers around the real local store."""
+or when the controller stops. Real datastores (a temporary directory, and S3 on a real
+SeaweedFS); faults and slow disks by wrappers around the real stores."""
 
 from __future__ import annotations
 
@@ -27,11 +27,14 @@ from controller.datastore import (
     collect_garbage,
     index_key,
     manifest_key,
+    open_object_store,
 )
 from shared.clock import ManualClock
 from shared.digest import ZERO_DIGEST, chunk_digest
 from shared.errors import CorruptData, DatastoreError, Unavailable, UnsupportedFormat
 from shared.index import DiskIndex
+from tests.conftest import TEST_BUCKET
+from tests.seaweed import SeaweedFS
 from tests.test_datastore import CHUNK, back_up, chunk_of, restore, upload
 from tests.test_protection import (
     DAY,
@@ -49,9 +52,27 @@ NO_GRACE = 3600.0
 """Added to now: a cutoff in the future, so every unreferenced chunk is old enough."""
 
 
+# Each backend, and how finely it stamps write times: GC reads an object's age from them.
+BACKENDS = ["local", "s3"]
+TICK = {"local": 0.02, "s3": 1.0}  # S3's Last-Modified has whole seconds
+
+
+@pytest.fixture(params=BACKENDS)
+def backend_name(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
 @pytest.fixture
-def backend(tmp_path: Path) -> LocalDirectoryStore:
+def backend(backend_name: str, request: pytest.FixtureRequest, tmp_path: Path) -> ObjectStore:
+    if backend_name == "s3":
+        server: SeaweedFS = request.getfixturevalue("seaweedfs")
+        return open_object_store(server.url(TEST_BUCKET, tmp_path.name), server.settings())
     return LocalDirectoryStore(tmp_path / "store")
+
+
+@pytest.fixture
+def tick(backend_name: str) -> float:
+    return TICK[backend_name]
 
 
 @pytest.fixture
@@ -83,9 +104,9 @@ def gc(store: Datastore, guard: ChunkGuard, *, cutoff: float | None = None) -> G
     )
 
 
-def later_than(store: Datastore, digest: bytes) -> None:
-    """Wait until a write now is stamped later than `digest`'s chunk (file times are coarse)."""
-    while time.time() <= store.chunk_info(digest).modified + 0.02:
+def later_than(store: Datastore, digest: bytes, tick: float) -> None:
+    """Wait until a write now is stamped later than `digest`'s chunk (stamps are coarse)."""
+    while time.time() <= store.chunk_info(digest).modified + tick:
         time.sleep(0.01)
 
 
@@ -139,11 +160,11 @@ def test_an_empty_datastore_collects_nothing(store: Datastore, guard: ChunkGuard
 
 
 def test_chunks_younger_than_the_cutoff_wait_for_a_later_collection(
-    store: Datastore, guard: ChunkGuard
+    store: Datastore, guard: ChunkGuard, tick: float
 ) -> None:
     store.put_manifest(back_up(store, "rp1", {"root": image(1)}))
     first = upload(store, chunk_of(2))  # uploaded by a backup that failed, say
-    later_than(store, first)
+    later_than(store, first, tick)
     second = upload(store, chunk_of(3))
     first_at, second_at = store.chunk_info(first).modified, store.chunk_info(second).modified
     assert first_at < second_at
@@ -258,11 +279,11 @@ def test_a_sweep_handle_cannot_delete_after_its_collection(guard: ChunkGuard) ->
 
 @pytest.mark.timeout(60)
 def test_backups_following_the_guard_protocol_never_lose_a_chunk_to_gc(
-    store: Datastore, guard: ChunkGuard
+    store: Datastore, guard: ChunkGuard, tick: float
 ) -> None:
     """Backups dedup against old, unreferenced chunks while collections run back to back: every
     recovery point that committed must restore whole."""
-    grace = 2.0  # longer than any backup here; it protects their indexes, not their chunks
+    grace = 2.0 + tick  # longer than any backup here; it protects their indexes, not chunks
     pool_seeds = list(range(1, 41))
     for seed in pool_seeds:
         upload(store, chunk_of(seed))  # left by failed backups: garbage, unless reused
@@ -313,14 +334,14 @@ def test_backups_following_the_guard_protocol_never_lose_a_chunk_to_gc(
 
 
 def test_old_orphan_indexes_are_deleted_and_young_ones_keep_their_chunks(
-    store: Datastore, guard: ChunkGuard
+    store: Datastore, guard: ChunkGuard, tick: float
 ) -> None:
     store.put_manifest(back_up(store, "rp1", {"root": image(1, 2)}))
     back_up(store, "failed", {"root": image(1, 10), "data": image(11)})  # crashed long ago
     young_chunks = [upload(store, chunk_of(20)), upload(store, chunk_of(21))]
-    later_than(store, young_chunks[-1])
+    later_than(store, young_chunks[-1], tick)
     cutoff = time.time()
-    time.sleep(0.05)
+    time.sleep(tick + 0.05)  # what is written now is stamped after the cutoff
     # A backup still running: its chunks are old (deduplicated), its index just written.
     young = DiskIndex("root", 2 * CHUNK, CHUNK, b"".join(young_chunks))
     store.put_index("running", young)
@@ -425,8 +446,8 @@ def test_an_unreadable_recovery_point_stops_gc_before_it_deletes_anything(
 # --- store failures -------------------------------------------------------------------------
 
 
-def test_failed_deletes_surface_typed_and_a_rerun_finishes(tmp_path: Path) -> None:
-    faulty = FaultyStore(LocalDirectoryStore(tmp_path / "store"))
+def test_failed_deletes_surface_typed_and_a_rerun_finishes(backend: ObjectStore) -> None:
+    faulty = FaultyStore(backend)
     store = Datastore.create(faulty, CHUNK)
     guard = ChunkGuard()
     store.put_manifest(back_up(store, "rp1", {"root": image(1, 2)}))
@@ -459,9 +480,8 @@ class VanishingStore(FaultyStore):
         return super().stat(key)
 
 
-def test_chunks_deleted_by_someone_else_meanwhile_are_not_errors(tmp_path: Path) -> None:
-    backend = VanishingStore(LocalDirectoryStore(tmp_path / "store"))
-    store = Datastore.create(backend, CHUNK)
+def test_chunks_deleted_by_someone_else_meanwhile_are_not_errors(backend: ObjectStore) -> None:
+    store = Datastore.create(VanishingStore(backend), CHUNK)
     store.put_manifest(back_up(store, "rp1", {"root": image(1)}))
     upload(store, chunk_of(2))
     report = gc(store, ChunkGuard())

@@ -8,11 +8,36 @@ Backends
 A datastore lives in one `ObjectStore` (backend.py): put/get/has/stat/delete/list of whole
 objects under '/'-separated keys, and sync; put is atomic, durable on return and idempotent;
 delete is durable on return unless asked for a batch, which one sync makes durable; stat gives
-an object's size and last write time (S3: HeadObject). `LocalDirectoryStore` (local.py) is the
-embedded default; an S3-compatible store implements the same methods and passes the same
-test suite. `FaultyStore` (faulty.py) wraps any of them for fault injection.
-Nothing here renames, appends, locks files or walks directories: those do not exist on an
-object store, and a design that needs them would not survive the move to one.
+an object's size and last write time (S3: HeadObject); list gives the keys under a prefix in the
+store's own stable order and resumes after any key it gave (S3's start-after). One more method
+takes the writer lease (below). `open_object_store(url, settings)` (location.py) turns a
+configured location into the stack of them:
+
+- a directory: `LocalDirectoryStore` (local.py), the embedded default;
+- `s3://bucket/prefix`: `S3Store` (s3.py, on obstore) inside a `RetryingStore` (retry.py),
+  after a HeadBucket that names a missing bucket or refused credentials at once.
+
+`FaultyStore` (faulty.py) wraps any of them for fault injection. Every backend passes the same
+suite (tests/test_datastore.py, tests/test_gc.py), S3 against a real SeaweedFS the tests start.
+Nothing here renames, appends or walks directories: those do not exist on an object store, and
+a design that needs them would not survive the move to one. Names starting with '.' are a
+backend's own (temporary files, the lease) and never keys, so listing skips them.
+
+Errors a backend raises are typed (shared/errors.py): NotFound for a missing object;
+DatastoreAccessDenied (credentials refused), DatastoreBucketMissing, DatastoreReadOnly (a
+read-only file system, or S3 refusing writes while it allows reads), DatastoreFull (ENOSPC) —
+none retried, each saying what to fix; DatastoreUnavailable for throttling (503 SlowDown, 429),
+server errors, reset connections and timeouts, which is retryable.
+
+Retries (retry.py)
+------------------
+`RetryingStore` retries what an error's class marks retryable, with shared/backoff.py's full
+jitter (0.2 s doubling to 10 s, 5 attempts by default), and never a refusal, a missing object
+or a bug; every interface operation may be repeated (puts rewrite the same bytes under the
+same name), and a listing broken part way resumes after its last key. It also bounds the
+requests in flight (16 by default): more executor threads than that wait for a slot, and a
+store that throttles gets fewer requests, not more. A local directory is not wrapped: its
+errors are not transient, and a failed sync is final (local.py).
 
 Key layout
 ----------
@@ -46,7 +71,9 @@ not parse with `CorruptData`; it never guesses.
 Atomicity, idempotency, commit point
 ------------------------------------
 Every object is written whole or not at all (temp file, file-system sync, rename, sync; or a
-single PUT) and is durable before `put` returns. A backup writes, in this order:
+single PUT, never multipart) and is durable before `put` returns (on S3, as durable as the
+service acknowledges: AWS stores it redundantly; SeaweedFS syncs volume writes only when
+told). A backup writes, in this order:
 
 1. its chunks: content-addressed, so writing one twice (two jobs, a retry, two threads at
    once) stores the same bytes under the same name; `put_chunk` checks `has` first and so
@@ -66,10 +93,25 @@ before its rename makes it visible; the rename itself becomes durable with the n
 which at the latest is the one of the manifest's own put. A failed sync makes the store refuse
 every later write (see `GroupSync` in local.py).
 
-Concurrency
------------
-Every method is synchronous and thread-safe; the controller calls them from executor threads.
-There are no locks across processes: each vault's datastore has one controller writing it.
+Concurrency and the one writer
+------------------------------
+Every method is synchronous and thread-safe; the controller calls them from executor threads
+(obstore releases the GIL for the whole request). One controller writes a datastore at a time,
+enforced by the store itself with a writer lease (lease.py), because garbage collection's
+guard and the catalog live in one process:
+
+- local directory: an exclusive `flock` on `.writer-lease`, held for the life of the process
+  (the kernel drops it when the process dies, SIGKILL included);
+- S3: `.writer-lease.json` under the prefix, created with If-None-Match: * and renewed (every
+  third of its 60 s) or released with If-Match on its ETag; an expired or released lease is
+  taken over by the same compare-and-swap, so of two racing controllers exactly one wins.
+  This needs a store with conditional writes (AWS S3 since 2024, SeaweedFS, MinIO, Ceph RGW);
+  expiry compares two controllers' clocks, which must agree to well within the duration.
+
+A second controller is refused with WriterLeaseHeld naming the holder (id, host, PID,
+address) and when its lease expires. A holder whose renewal finds another holder, or that
+cannot renew before its lease expires, gets WriterLeaseLost and must stop writing
+(`writer_lease()` cancels the block it guards).
 
 Garbage collection (gc.py)
 --------------------------
@@ -98,7 +140,17 @@ them, and they are not collected yet.
 from controller.datastore.backend import ObjectInfo, ObjectStore, check_key, check_prefix
 from controller.datastore.faulty import Fault, FaultyStore
 from controller.datastore.gc import ChunkGuard, GcReport, collect_garbage
+from controller.datastore.lease import (
+    DEFAULT_LEASE_SECONDS,
+    LeaseHolder,
+    WriterLease,
+    keep_writer_lease,
+    writer_lease,
+)
 from controller.datastore.local import LocalDirectoryStore
+from controller.datastore.location import open_object_store
+from controller.datastore.retry import RetryingStore
+from controller.datastore.s3 import S3Settings, S3Store
 from controller.datastore.store import (
     CONFIG_KEY,
     Datastore,
@@ -111,20 +163,29 @@ from controller.datastore.store import (
 
 __all__ = [
     "CONFIG_KEY",
+    "DEFAULT_LEASE_SECONDS",
     "ChunkGuard",
     "Datastore",
     "DatastoreConfig",
     "Fault",
     "FaultyStore",
     "GcReport",
+    "LeaseHolder",
     "LocalDirectoryStore",
     "ObjectInfo",
     "ObjectStore",
+    "RetryingStore",
+    "S3Settings",
+    "S3Store",
+    "WriterLease",
     "check_key",
     "check_prefix",
     "check_recovery_point_id",
     "chunk_key",
     "collect_garbage",
     "index_key",
+    "keep_writer_lease",
     "manifest_key",
+    "open_object_store",
+    "writer_lease",
 ]
