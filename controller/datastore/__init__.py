@@ -93,8 +93,10 @@ them, and they are not collected yet.
 """
 
 from controller.datastore.backend import ObjectInfo, ObjectStore, check_key, check_prefix
+from controller.datastore.encrypted import EncryptingStore
 from controller.datastore.faulty import Fault, FaultyStore
 from controller.datastore.gc import ChunkGuard, GcReport, collect_garbage
+from controller.datastore.keys import Kdf, Keyring, MasterKey, parse_export
 from controller.datastore.local import LocalDirectoryStore
 from controller.datastore.store import (
     CONFIG_KEY,
@@ -111,10 +113,14 @@ __all__ = [
     "ChunkGuard",
     "Datastore",
     "DatastoreConfig",
+    "EncryptingStore",
     "Fault",
     "FaultyStore",
     "GcReport",
+    "Kdf",
+    "Keyring",
     "LocalDirectoryStore",
+    "MasterKey",
     "ObjectInfo",
     "ObjectStore",
     "check_key",
@@ -124,4 +130,5 @@ __all__ = [
     "collect_garbage",
     "index_key",
     "manifest_key",
+    "parse_export",
 ]
