@@ -117,9 +117,7 @@ class Kdf:
     """Argon2id: memory_kib, iterations, lanes. scrypt: n, r, p. Sorted by name."""
 
     @classmethod
-    def argon2id(
-        cls, *, memory_kib: int = 256 << 10, iterations: int = 3, lanes: int = 4
-    ) -> Kdf:
+    def argon2id(cls, *, memory_kib: int = 256 << 10, iterations: int = 3, lanes: int = 4) -> Kdf:
         """Argon2id with a fresh salt. The default cost (256 MiB, 3 passes, 4 lanes) took
         0.5 s on this project's machine: paid once per datastore opened, and per guess."""
         return cls._checked(
@@ -341,8 +339,8 @@ class MasterKey:
                 detail=f"{error.strerror or error}; a new one is made with "
                 f"`(umask 077 && head -c 32 /dev/urandom > {path})`",
             ) from None
-        with os.fdopen(fd, "rb") as file:
-            info = os.fstat(file.fileno())
+        try:
+            info = os.fstat(fd)
             if not stat.S_ISREG(info.st_mode):
                 raise KeyUnavailable(what=what, detail="not a regular file")
             if info.st_uid not in (os.geteuid(), 0):
@@ -355,7 +353,9 @@ class MasterKey:
                     detail=f"mode {stat.S_IMODE(info.st_mode):04o} lets group or others read it; "
                     f"`chmod 600 {path}`, and consider the key compromised if others could",
                 )
-            secret = file.read(MASTER_KEY_SIZE + 1)
+            secret = os.read(fd, MASTER_KEY_SIZE + 1)
+        finally:
+            os.close(fd)
         if len(secret) != MASTER_KEY_SIZE:
             raise KeyUnavailable(
                 what=what,
