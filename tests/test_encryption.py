@@ -359,6 +359,12 @@ def test_rotating_the_master_key_rewrites_only_datastore_json(
 
     after = snapshot(tmp_path / "store")
     rewritten = {name for name in before if after[name] != before[name]}
+    created = {  # when each key was made survives its re-wrapping
+        slot: wrapped["created_at"]
+        for slot, wrapped in json.loads(storage.get(CONFIG_KEY))["keys"]["data"].items()
+    }
+    assert created.keys() == {"1", "2"}
+    assert all(stamp.endswith("+00:00") for stamp in created.values())
     assert rewritten == {CONFIG_KEY}
     assert set(after) == set(before)
     with pytest.raises(WrongKey):

@@ -514,14 +514,17 @@ class WrappedKeyring:
 
     @classmethod
     def wrap(cls, keyring: Keyring, master: MasterKey) -> WrappedKeyring:
-        def seal(slot: str, key: bytes) -> WrappedKey:
-            aad = _aad(keyring.datastore_id, keyring.vault, slot)
-            return master.wrap(key, aad, keyring.created.get(slot, ""))
+        def seal(slot: str, key: bytes, created: str) -> WrappedKey:
+            return master.wrap(key, _aad(keyring.datastore_id, keyring.vault, slot), created)
 
+        made = keyring.created
         return cls(
             keyring.datastore_id,
-            seal("chunk-id", keyring.chunk_id_key),
-            {key_id: seal(f"data/{key_id}", key) for key_id, key in keyring.data_keys.items()},
+            seal("chunk-id", keyring.chunk_id_key, made.get("chunk-id", "")),
+            {
+                key_id: seal(f"data/{key_id}", key, made.get(str(key_id), ""))
+                for key_id, key in keyring.data_keys.items()
+            },
             keyring.current,
         )
 
