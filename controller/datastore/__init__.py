@@ -9,13 +9,16 @@ A datastore lives in one `ObjectStore` (backend.py): put/get/has/stat/delete/lis
 objects under '/'-separated keys; put is atomic, durable on return and idempotent; stat gives
 an object's size and last write time (S3: HeadObject). `LocalDirectoryStore` (local.py) is the
 embedded default; an S3-compatible store implements the same six methods and passes the same
-test suite. `FaultyStore` (faulty.py) wraps any of them for fault injection.
+test suite. `FaultyStore` (faulty.py) wraps any of them for fault injection, and
+`EncryptingStore` (encrypted.py) for encryption at rest: the datastore of an encrypted vault
+reads and writes every object through it, and sees the same plain objects as over a bare store.
 Nothing here renames, appends, locks files or walks directories: those do not exist on an
 object store, and a design that needs them would not survive the move to one.
 
 Key layout
 ----------
-    datastore.json                     settings: format, chunk size, hash, compression
+    datastore.json                     settings: format, chunk size, hash, compression;
+                                       format 2 also: encryption, vault, wrapped keys
     chunks/ab/cd/abcd<60 more hex>     one chunk blob per distinct chunk, named by its digest
     indexes/<rp id>/<disk>.didx        one disk index per disk of a recovery point
     manifests/<rp id>.json             one manifest per committed recovery point
@@ -26,21 +29,38 @@ manifests (and the indexes they pin) the controller rebuilds its catalog without
 
 Formats and versions
 --------------------
-- `datastore.json` (format 1): JSON {"format", "chunk_size", "hash": "blake3",
-  "compression": "zstd"}. Every writer reads it first; a datastore is never reopened with other
-  settings, because chunk boundaries (and so dedup) depend on the chunk size.
+Two datastore formats, told apart by `datastore.json`, which is always stored in the clear:
+
+- format 1 (plain): every object as below, chunks named by plain BLAKE3. Written before
+  encryption at rest existed, and still for a datastore created without a master key; read and
+  written unchanged by this code (tests/fixtures/format1 is one written by the old code).
+- format 2 (encrypted, docs/encryption.md): every other object sealed whole with AES-256-GCM
+  under a data key of the vault (envelope "CFEN": version, cipher, data key id, nonce; the
+  object's key in the associated data, so a moved or swapped object fails authentication), and
+  chunks named by BLAKE3 keyed with the vault's chunk-id key, so the same content in two vaults
+  has unrelated names. Inside its envelope each object has the layout below, unchanged. The
+  keys are wrapped by the controller's master key and kept in `datastore.json` (keys.py), so
+  the storage plus the master key are enough to read the datastore.
+
+- `datastore.json`: JSON {"format", "chunk_size", "hash": "blake3", "compression": "zstd"};
+  format 2 has "hash": "blake3-keyed" and adds "encryption": "aes-256-gcm", "vault" and "keys"
+  (datastore id, wrapped chunk-id key, wrapped data keys, the current one). Every writer reads
+  it first; a datastore is never reopened with other settings, because chunk boundaries (and
+  so dedup) depend on the chunk size and names on the hash. It is rewritten only by a key
+  rotation, in one atomic put.
 - chunk blob (shared/blob.py, version 1): 16-byte header (magic "CFBL", version, compression,
-  raw size, reserved encryption key id) + the payload exactly as the agent sent it: zstd frame,
-  or raw bytes when zstd did not help. The name is the BLAKE3 digest of the raw bytes; the
-  controller re-hashes every chunk it receives before storing it, and readers that decompress
-  re-hash too.
+  raw size, a reserved key id that stays zero: the envelope carries it) + the payload exactly
+  as the agent sent it: zstd frame, or raw bytes when zstd did not help. The name is the
+  datastore's chunk hash of the raw bytes; the controller re-hashes every chunk it receives
+  before storing it, and readers that decompress re-hash too.
 - disk index (shared/index.py, version 1): binary, magic "CFIX", geometry, disk name, 32-byte
   digests in disk order (32 zero bytes for an all-zero chunk, which is never stored), SHA-256
   trailer.
 - manifest (shared/manifest.py, format 1): JSON; identity, origin, consistency, and each
   disk's geometry and the SHA-256 of its index, which pins the exact index.
 A reader refuses a version it does not know with `UnsupportedFormat`, and anything that does
-not parse with `CorruptData`; it never guesses.
+not parse or authenticate with `CorruptData`; it never guesses. A wrong or missing master key
+is `WrongKey` or `KeyUnavailable`.
 
 Atomicity, idempotency, commit point
 ------------------------------------
@@ -68,7 +88,10 @@ every later write (see `GroupSync` in local.py).
 Concurrency
 -----------
 Every method is synchronous and thread-safe; the controller calls them from executor threads.
-There are no locks across processes: each vault's datastore has one controller writing it.
+There are no locks across processes: each vault's datastore has one controller writing it. A
+key rotation stores the new wrapped keys before any object is sealed with a new data key, then
+swaps the keyring in one step; objects in flight are sealed with the old or the new key, and
+both are in the ring.
 
 Garbage collection (gc.py)
 --------------------------
