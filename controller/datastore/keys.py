@@ -48,9 +48,8 @@ from pathlib import Path
 from typing import Any
 
 from blake3 import blake3
-from cryptography.exceptions import InvalidTag
+from cryptography.exceptions import InvalidTag, UnsupportedAlgorithm
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from cryptography.hazmat.primitives.kdf.argon2 import Argon2id
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
 from shared.digest import CHUNK_ID_KEY_SIZE
@@ -106,6 +105,24 @@ def _int(document: Mapping[str, Any], key: str, what: str, low: int, high: int) 
 # --- passphrase to key: the KDF ------------------------------------------------------------
 
 
+@functools.cache
+def _argon2id() -> Any:
+    """cryptography's Argon2id class if this installation can run it, else None.
+
+    It exists from cryptography 44 on, and runs only where OpenSSL is 3.2 or later (the wheels
+    bundle one; a distribution's build may not). scrypt, in every version, is the fallback.
+    """
+    try:
+        from cryptography.hazmat.primitives.kdf.argon2 import Argon2id
+    except ImportError:
+        return None
+    try:
+        Argon2id(salt=bytes(16), length=32, iterations=1, lanes=1, memory_cost=8).derive(b"x")
+    except UnsupportedAlgorithm:
+        return None
+    return Argon2id
+
+
 @dataclass(frozen=True, repr=False)
 class Kdf:
     """A memory-hard function with its cost and salt: how one passphrase becomes one KEK."""
@@ -126,6 +143,11 @@ class Kdf:
             {"memory_kib": memory_kib, "iterations": iterations, "lanes": lanes},
             InvalidArgument,
         )
+
+    @classmethod
+    def default(cls) -> Kdf:
+        """Argon2id at its default cost if this installation has it, else scrypt's default."""
+        return cls.argon2id() if _argon2id() is not None else cls.scrypt()
 
     @classmethod
     def scrypt(cls, *, n: int = 1 << 17, r: int = 8, p: int = 1) -> Kdf:
@@ -193,13 +215,22 @@ class Kdf:
         """The KEK: slow and memory-hard on purpose."""
         cost = dict(self.cost)
         if self.name == "argon2id":
-            return Argon2id(
+            argon2id = _argon2id()
+            if argon2id is None:
+                raise KeyUnavailable(
+                    what="a passphrase master key",
+                    detail="the keys are wrapped under an Argon2id-derived key, and this "
+                    "controller's `cryptography` has no Argon2id (it needs 44 or later, built "
+                    "with OpenSSL 3.2 or later)",
+                )
+            kek: bytes = argon2id(
                 salt=self.salt,
                 length=MASTER_KEY_SIZE,
                 iterations=cost["iterations"],
                 lanes=cost["lanes"],
                 memory_cost=cost["memory_kib"],
             ).derive(passphrase)
+            return kek
         return Scrypt(
             salt=self.salt, length=MASTER_KEY_SIZE, n=cost["n"], r=cost["r"], p=cost["p"]
         ).derive(passphrase)
@@ -294,7 +325,7 @@ class MasterKey:
             raise InvalidArgument(detail=f"a master key is {MASTER_KEY_SIZE} bytes")
         self._secret = secret
         self._passphrase = None if passphrase is None else passphrase.encode("utf-8")
-        self._kdf = kdf if kdf is not None or passphrase is None else Kdf.argon2id()
+        self._kdf = kdf if kdf is not None or passphrase is None else Kdf.default()
         self._derive = functools.lru_cache(maxsize=16)(self._derive_uncached)
 
     def __repr__(self) -> str:
@@ -366,8 +397,8 @@ class MasterKey:
 
     @classmethod
     def from_passphrase(cls, passphrase: str, kdf: Kdf | None = None) -> MasterKey:
-        """A master key from a passphrase; new keys are wrapped with `kdf` (a fresh salt of
-        Argon2id's default cost if None). Keys wrapped earlier record their own parameters."""
+        """A master key from a passphrase; new keys are wrapped with `kdf` (`Kdf.default()`, a
+        fresh salt, if None). Keys wrapped earlier record their own parameters."""
         if not isinstance(passphrase, str) or len(passphrase) < MIN_PASSPHRASE:
             raise InvalidArgument(
                 detail=f"a master passphrase has at least {MIN_PASSPHRASE} characters"
