@@ -128,7 +128,7 @@ class Kdf:
     """A memory-hard function with its cost and salt: how one passphrase becomes one KEK."""
 
     name: str
-    """"argon2id" (the default) or "scrypt"."""
+    """The function: "argon2id" (the default) or "scrypt"."""
     salt: bytes
     cost: tuple[tuple[str, int], ...]
     """Argon2id: memory_kib, iterations, lanes. scrypt: n, r, p. Sorted by name."""
@@ -293,14 +293,13 @@ class WrappedKey:
             raise CorruptData(what=what, detail=f"kek {kek!r} names no key file or passphrase")
         kdf = Kdf.from_json(kek.get("kdf")) if kek["source"] == "passphrase" else None
         check = document.get("kek_check")
-        if not isinstance(check, str) or len(_hex(check, what, 8)) != 8:
-            raise CorruptData(what=what, detail=f"kek_check {check!r}")
+        _hex(check, f"{what}, kek_check", 8)
         created = document.get("created_at")
         if not isinstance(created, str):
             raise CorruptData(what=what, detail=f"created_at {created!r}")
         return cls(
             kdf,
-            check,
+            str(check),
             _hex(document.get("nonce"), what, _NONCE_SIZE),
             _hex(document.get("wrapped"), what),
             created,
@@ -603,7 +602,7 @@ class WrappedKeyring:
             raise CorruptData(what=what, detail="keys: no data keys")
         wrapped: dict[int, WrappedKey] = {}
         for name, entry in data.items():
-            if not name.isdigit() or not 1 <= int(name) <= _MAX_DATA_KEY_ID:
+            if not (name.isascii() and name.isdigit()) or not 1 <= int(name) <= _MAX_DATA_KEY_ID:
                 raise CorruptData(what=what, detail=f"data key id {name!r}")
             wrapped[int(name)] = WrappedKey.from_json(entry, f"{what}, data key {name}")
         current = _int(document, "current_data_key", what, 1, _MAX_DATA_KEY_ID)
