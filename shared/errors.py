@@ -261,6 +261,30 @@ class UnsupportedFormat(CofferError):
     grpc_status = "FAILED_PRECONDITION"
 
 
+# --- keys of encrypted datastores ------------------------------------------------------------
+#
+# Exit code 6 ("not allowed"), as for a missing or wrong credential: the data is intact and the
+# caller lacks the secret that opens it. 7 ("data integrity") would send an operator to restore
+# from a copy for what a configuration fix cures. They travel as FAILED_PRECONDITION: the
+# controller's configuration, not the operator's certificate, has to change.
+
+
+class WrongKey(CofferError):
+    """{what} is not encrypted under the master key given ({detail}). Configure the key file or passphrase it was created or last rotated with; its key export (`coffer vault key export`) names the master key it needs."""
+
+    code = "WrongKey"
+    exit_code = 6
+    grpc_status = "FAILED_PRECONDITION"
+
+
+class KeyUnavailable(CofferError):
+    """The key for {what} is not available: {detail}"""
+
+    code = "KeyUnavailable"
+    exit_code = 6
+    grpc_status = "FAILED_PRECONDITION"
+
+
 # --- the agent and its VM ------------------------------------------------------------------
 
 

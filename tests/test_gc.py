@@ -22,6 +22,7 @@ from controller.datastore import (
     FaultyStore,
     GcReport,
     LocalDirectoryStore,
+    MasterKey,
     ObjectInfo,
     ObjectStore,
     collect_garbage,
@@ -75,9 +76,13 @@ def tick(backend_name: str) -> float:
     return TICK[backend_name]
 
 
-@pytest.fixture
-def store(backend: ObjectStore) -> Datastore:
-    return Datastore.create(backend, CHUNK)
+@pytest.fixture(params=["plain", "encrypted"])
+def store(request: pytest.FixtureRequest, backend: ObjectStore) -> Datastore:
+    """A format-1 datastore, and an encrypted one: sizes, names and ages come through the
+    encrypting wrapper there."""
+    if request.param == "plain":
+        return Datastore.create(backend, CHUNK)
+    return Datastore.create(backend, CHUNK, master=MasterKey.generate(), vault="default")
 
 
 @pytest.fixture
@@ -90,8 +95,8 @@ def image(*seeds: int) -> bytes:
     return b"".join(chunk_of(seed) if seed else bytes(CHUNK) for seed in seeds)
 
 
-def digests(*seeds: int) -> set[bytes]:
-    return {chunk_digest(chunk_of(seed)) for seed in seeds}
+def digests(store: Datastore, *seeds: int) -> set[bytes]:
+    return {store.chunk_hash.digest(chunk_of(seed)) for seed in seeds}
 
 
 def stored(store: Datastore) -> set[bytes]:
@@ -120,8 +125,8 @@ def test_deleting_a_recovery_point_frees_exactly_the_chunks_only_it_used(
     rp2 = {"root": image(1, 2, 5, 6), "data": image(7, 8)}
     store.put_manifest(back_up(store, "rp1", rp1))
     store.put_manifest(back_up(store, "rp2", rp2))
-    assert stored(store) == digests(1, 2, 3, 4, 5, 6, 7, 8)
-    only_rp1 = digests(3, 4)
+    assert stored(store) == digests(store, 1, 2, 3, 4, 5, 6, 7, 8)
+    only_rp1 = digests(store, 3, 4)
     freed = sum(store.chunk_info(d).size for d in only_rp1)
 
     store.delete_recovery_point("rp1")
@@ -133,7 +138,7 @@ def test_deleting_a_recovery_point_frees_exactly_the_chunks_only_it_used(
         progress=lambda phase, done, total: calls.append((phase, done, total)),
     )
 
-    assert stored(store) == digests(1, 2, 5, 6, 7, 8)
+    assert stored(store) == digests(store, 1, 2, 5, 6, 7, 8)
     assert report == GcReport(
         recovery_points=1,
         referenced_chunks=6,
@@ -172,15 +177,15 @@ def test_chunks_younger_than_the_cutoff_wait_for_a_later_collection(
     # An hour of grace: both are too young.
     report = gc(store, guard, cutoff=time.time() - 3600)
     assert (report.kept_in_grace, report.chunks_deleted) == (2, 0)
-    assert stored(store) == digests(1, 2, 3)
+    assert stored(store) == digests(store, 1, 2, 3)
     # The cutoff between the two: the older goes.
     report = gc(store, guard, cutoff=(first_at + second_at) / 2)
     assert (report.kept_in_grace, report.chunks_deleted) == (1, 1)
-    assert stored(store) == digests(1, 3)
+    assert stored(store) == digests(store, 1, 3)
     # Later still: the younger goes too; the referenced chunk never does.
     report = gc(store, guard)
     assert (report.kept_in_grace, report.chunks_deleted) == (0, 1)
-    assert stored(store) == digests(1)
+    assert stored(store) == digests(store, 1)
     assert restore(store, "rp1", "root") == image(1)
 
 
@@ -300,7 +305,7 @@ def test_backups_following_the_guard_protocol_never_lose_a_chunk_to_gc(
         disk = image(*rng.sample(pool_seeds, 6), 1000 + n)
         rp_id, owner = f"rp{n}", f"job-{n}"
         raws = [disk[i : i + CHUNK] for i in range(0, len(disk), CHUNK)]
-        wanted = [chunk_digest(raw) for raw in raws]
+        wanted = [store.chunk_hash.digest(raw) for raw in raws]
         try:
             guard.hold(owner, wanted)  # before asking what is stored
             missing = set(store.missing_chunks(wanted))
@@ -352,7 +357,7 @@ def test_old_orphan_indexes_are_deleted_and_young_ones_keep_their_chunks(
 
     assert report.orphan_indexes_deleted == 2
     assert set(store.list_indexes()) == {"rp1", "running"}
-    assert stored(store) == digests(1, 2, 20, 21)
+    assert stored(store) == digests(store, 1, 2, 20, 21)
     assert (report.referenced_chunks, report.chunks_deleted, report.kept_in_grace) == (4, 2, 0)
     # The running backup commits after all, and its recovery point is whole.
     store.put_manifest(back_up(store, "running", {"root": image(20, 21)}, upload_chunks=False))
@@ -388,7 +393,7 @@ def damage_index(store: Datastore) -> None:
 
 
 def replace_index(store: Datastore) -> None:
-    forged = DiskIndex("root", CHUNK, CHUNK, chunk_digest(chunk_of(1)))
+    forged = DiskIndex("root", CHUNK, CHUNK, store.chunk_hash.digest(chunk_of(1)))
     store.backend.put(index_key("rp2", "root"), forged.encode())
 
 
@@ -440,7 +445,7 @@ def test_an_unreadable_recovery_point_stops_gc_before_it_deletes_anything(
     store.delete_recovery_point("rp2")
     report = gc(store, guard)
     assert report.orphan_indexes_deleted == 1
-    assert stored(store) == digests(1, 2)
+    assert stored(store) == digests(store, 1, 2)
 
 
 # --- store failures -------------------------------------------------------------------------
@@ -459,7 +464,8 @@ def test_failed_deletes_surface_typed_and_a_rerun_finishes(backend: ObjectStore)
         gc(store, guard)
 
     assert fault.fired == 1
-    assert len(stored(store) - digests(1, 2)) == 3  # one deleted, the failed one and two left
+    # One deleted, the failed one and two left.
+    assert len(stored(store) - digests(store, 1, 2)) == 3
     assert restore(store, "rp1", "root") == image(1, 2)
     # The failed collection ended: releases take effect again at once.
     guard.hold("job-1", [ZERO_DIGEST])
@@ -467,7 +473,7 @@ def test_failed_deletes_surface_typed_and_a_rerun_finishes(backend: ObjectStore)
     assert not guard.is_held(ZERO_DIGEST)
     report = gc(store, guard)
     assert report.chunks_deleted == 3
-    assert stored(store) == digests(1, 2)
+    assert stored(store) == digests(store, 1, 2)
     assert restore(store, "rp1", "root") == image(1, 2)
 
 
@@ -486,7 +492,7 @@ def test_chunks_deleted_by_someone_else_meanwhile_are_not_errors(backend: Object
     upload(store, chunk_of(2))
     report = gc(store, ChunkGuard())
     assert (report.chunks_seen, report.chunks_deleted, report.bytes_freed) == (2, 0, 0)
-    assert stored(store) == digests(1)
+    assert stored(store) == digests(store, 1)
     assert restore(store, "rp1", "root") == image(1)
 
 
@@ -527,7 +533,7 @@ def test_a_collection_syncs_once_per_batch_of_deletes_never_under_the_guard(
     report = gc(store, guard)
 
     assert report.chunks_deleted == 300
-    assert stored(store) == digests(1)
+    assert stored(store) == digests(store, 1)
     assert backend.syncs == 3  # after 128, after 256, and the last 44 at the end
     assert backend.syncs_under_the_guard == 0
     assert restore(store, "rp1", "root") == image(1)

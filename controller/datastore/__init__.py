@@ -17,11 +17,14 @@ configured location into the stack of them:
 - `s3://bucket/prefix`: `S3Store` (s3.py, on obstore) inside a `RetryingStore` (retry.py),
   after a HeadBucket that names a missing bucket or refused credentials at once.
 
-`FaultyStore` (faulty.py) wraps any of them for fault injection. Every backend passes the same
-suite (tests/test_datastore.py, tests/test_gc.py), S3 against a real SeaweedFS the tests start.
-Nothing here renames, appends or walks directories: those do not exist on an object store, and
-a design that needs them would not survive the move to one. Names starting with '.' are a
-backend's own (temporary files, the lease) and never keys, so listing skips them.
+`FaultyStore` (faulty.py) wraps any of them for fault injection, and `EncryptingStore`
+(encrypted.py) for encryption at rest: the datastore of an encrypted vault reads and writes
+every object through it, and sees the same plain objects as over a bare store. Every backend
+passes the same suite (tests/test_datastore.py, tests/test_gc.py), S3 against a real SeaweedFS
+the tests start, and each also encrypted. Nothing here renames, appends or walks directories:
+those do not exist on an object store, and a design that needs them would not survive the move
+to one. Names starting with '.' are a backend's own (temporary files, the lease) and never
+keys, so listing skips them.
 
 Errors a backend raises are typed (shared/errors.py): NotFound for a missing object;
 DatastoreAccessDenied (credentials refused), DatastoreBucketMissing, DatastoreReadOnly (a
@@ -41,7 +44,8 @@ errors are not transient, and a failed sync is final (local.py).
 
 Key layout
 ----------
-    datastore.json                     settings: format, chunk size, hash, compression
+    datastore.json                     settings: format, chunk size, hash, compression;
+                                       format 2 also: encryption, vault, wrapped keys
     chunks/ab/cd/abcd<60 more hex>     one chunk blob per distinct chunk, named by its digest
     indexes/<rp id>/<disk>.didx        one disk index per disk of a recovery point
     manifests/<rp id>.json             one manifest per committed recovery point
@@ -52,21 +56,38 @@ manifests (and the indexes they pin) the controller rebuilds its catalog without
 
 Formats and versions
 --------------------
-- `datastore.json` (format 1): JSON {"format", "chunk_size", "hash": "blake3",
-  "compression": "zstd"}. Every writer reads it first; a datastore is never reopened with other
-  settings, because chunk boundaries (and so dedup) depend on the chunk size.
+Two datastore formats, told apart by `datastore.json`, which is always stored in the clear:
+
+- format 1 (plain): every object as below, chunks named by plain BLAKE3. Written before
+  encryption at rest existed, and still for a datastore created without a master key; read and
+  written unchanged by this code (tests/fixtures/format1 is one written by the old code).
+- format 2 (encrypted, docs/encryption.md): every other object sealed whole with AES-256-GCM
+  under a data key of the vault (envelope "CFEN": version, cipher, data key id, nonce; the
+  object's key in the associated data, so a moved or swapped object fails authentication), and
+  chunks named by BLAKE3 keyed with the vault's chunk-id key, so the same content in two vaults
+  has unrelated names. Inside its envelope each object has the layout below, unchanged. The
+  keys are wrapped by the controller's master key and kept in `datastore.json` (keys.py), so
+  the storage plus the master key are enough to read the datastore.
+
+- `datastore.json`: JSON {"format", "chunk_size", "hash": "blake3", "compression": "zstd"};
+  format 2 has "hash": "blake3-keyed" and adds "encryption": "aes-256-gcm", "vault" and "keys"
+  (datastore id, wrapped chunk-id key, wrapped data keys, the current one). Every writer reads
+  it first; a datastore is never reopened with other settings, because chunk boundaries (and
+  so dedup) depend on the chunk size and names on the hash. It is rewritten only by a key
+  rotation, in one atomic put.
 - chunk blob (shared/blob.py, version 1): 16-byte header (magic "CFBL", version, compression,
-  raw size, reserved encryption key id) + the payload exactly as the agent sent it: zstd frame,
-  or raw bytes when zstd did not help. The name is the BLAKE3 digest of the raw bytes; the
-  controller re-hashes every chunk it receives before storing it, and readers that decompress
-  re-hash too.
+  raw size, a reserved key id that stays zero: the envelope carries it) + the payload exactly
+  as the agent sent it: zstd frame, or raw bytes when zstd did not help. The name is the
+  datastore's chunk hash of the raw bytes; the controller re-hashes every chunk it receives
+  before storing it, and readers that decompress re-hash too.
 - disk index (shared/index.py, version 1): binary, magic "CFIX", geometry, disk name, 32-byte
   digests in disk order (32 zero bytes for an all-zero chunk, which is never stored), SHA-256
   trailer.
 - manifest (shared/manifest.py, format 1): JSON; identity, origin, consistency, and each
   disk's geometry and the SHA-256 of its index, which pins the exact index.
 A reader refuses a version it does not know with `UnsupportedFormat`, and anything that does
-not parse with `CorruptData`; it never guesses.
+not parse or authenticate with `CorruptData`; it never guesses. A wrong or missing master key
+is `WrongKey` or `KeyUnavailable`.
 
 Atomicity, idempotency, commit point
 ------------------------------------
@@ -111,7 +132,12 @@ guard and the catalog live in one process:
 A second controller is refused with WriterLeaseHeld naming the holder (id, host, PID,
 address) and when its lease expires. A holder whose renewal finds another holder, or that
 cannot renew before its lease expires, gets WriterLeaseLost and must stop writing
-(`writer_lease()` cancels the block it guards).
+(`writer_lease()` cancels the block it guards). The encrypting wrapper passes the lease
+through: it is the storage's, not an object of the datastore.
+
+A key rotation stores the new wrapped keys before any object is sealed with a new data key,
+then swaps the keyring in one step; objects in flight are sealed with the old or the new key,
+and both are in the ring.
 
 Garbage collection (gc.py)
 --------------------------
@@ -138,8 +164,10 @@ them, and they are not collected yet.
 """
 
 from controller.datastore.backend import ObjectInfo, ObjectStore, check_key, check_prefix
+from controller.datastore.encrypted import EncryptingStore
 from controller.datastore.faulty import Fault, FaultyStore
 from controller.datastore.gc import ChunkGuard, GcReport, collect_garbage
+from controller.datastore.keys import Kdf, Keyring, MasterKey, parse_export
 from controller.datastore.lease import (
     DEFAULT_LEASE_SECONDS,
     LeaseHolder,
@@ -167,11 +195,15 @@ __all__ = [
     "ChunkGuard",
     "Datastore",
     "DatastoreConfig",
+    "EncryptingStore",
     "Fault",
     "FaultyStore",
     "GcReport",
+    "Kdf",
+    "Keyring",
     "LeaseHolder",
     "LocalDirectoryStore",
+    "MasterKey",
     "ObjectInfo",
     "ObjectStore",
     "RetryingStore",
@@ -187,5 +219,6 @@ __all__ = [
     "keep_writer_lease",
     "manifest_key",
     "open_object_store",
+    "parse_export",
     "writer_lease",
 ]
