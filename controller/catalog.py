@@ -162,6 +162,12 @@ MIGRATIONS: list[str] = [
         details = json_remove(details, '$.trigger', '$.slot', '$.disks', '$.recovery_point_id')
     WHERE operation = 'Backup' AND json_valid(details);
     """,
+    # 4: encryption at rest: whether a vault's datastore is encrypted (format 2). Once it is,
+    # a datastore.json that says otherwise was replaced, and the vault is not opened with it
+    # (docs/encryption.md, "Downgrade"). Vaults made before this are format 1.
+    """
+    ALTER TABLE vaults ADD COLUMN encrypted INTEGER NOT NULL DEFAULT 0;
+    """,
 ]
 
 
@@ -193,6 +199,8 @@ class VaultRecord:
     created_at: float
     max_concurrent_backups: int = 4
     stored_bytes: int = 0
+    encrypted: bool = False
+    """Its datastore is encrypted (format 2): never to be opened as a plain one."""
 
 
 @dataclass(frozen=True)
@@ -330,7 +338,8 @@ def _assignments(names: Sequence[str]) -> str:
 # --- rows and records, by column name ------------------------------------------------------
 
 _VAULT_COLUMNS = (
-    "name", "region", "chunk_size", "created_at", "max_concurrent_backups", "stored_bytes"
+    "name", "region", "chunk_size", "created_at", "max_concurrent_backups", "stored_bytes",
+    "encrypted",
 )  # fmt: skip
 
 
@@ -342,6 +351,7 @@ def _vault(row: sqlite3.Row) -> VaultRecord:
         created_at=row["created_at"],
         max_concurrent_backups=row["max_concurrent_backups"],
         stored_bytes=row["stored_bytes"],
+        encrypted=bool(row["encrypted"]),
     )
 
 
@@ -580,6 +590,7 @@ class Catalog:
                         "created_at": vault.created_at,
                         "max_concurrent_backups": vault.max_concurrent_backups,
                         "stored_bytes": 0,
+                        "encrypted": int(vault.encrypted),
                     },
                 )
             except sqlite3.IntegrityError:
@@ -608,6 +619,13 @@ class Catalog:
             f"SELECT {_columns(_VAULT_COLUMNS)} FROM vaults ORDER BY name"
         ) as cursor:
             return [_vault(row) for row in await cursor.fetchall()]
+
+    async def set_vault_encrypted(self, vault: str) -> None:
+        """Record that the vault's datastore is encrypted; never undone."""
+        async with self._transaction() as db:
+            cursor = await db.execute("UPDATE vaults SET encrypted = 1 WHERE name = ?", (vault,))
+            if cursor.rowcount == 0:
+                raise NotFound(kind="vault", name=vault)
 
     async def set_max_concurrent_backups(self, vault: str, limit: int) -> None:
         async with self._transaction() as db:

@@ -52,6 +52,8 @@ CHUNK_ID_KEY_SIZE = 32
 DIGEST_SIZE = 32
 """Bytes in one digest."""
 
+_LABEL_CONTEXT = "Coffer 2025-03 chunk-id key label v1"
+
 ZERO_DIGEST = bytes(DIGEST_SIZE)
 """Index entry of an all-zero chunk or a hole; never stored."""
 
@@ -84,6 +86,17 @@ class ChunkHash:
     def name(self) -> str:
         """The hash's name as `datastore.json` records it."""
         return CHUNK_HASH if self.key is None else KEYED_CHUNK_HASH
+
+    @property
+    def label(self) -> str:
+        """Which hash and key made a set of digests, safe to show and send: "blake3", or
+        "blake3-keyed:" and an 8-byte check value of the key (BLAKE3 key derivation, which
+        gives nothing about the key away). Two digests compare only under one label: an
+        agent keeps a previous recovery point's index only when it carries its own label."""
+        if self.key is None:
+            return CHUNK_HASH
+        check = blake3(self.key, derive_key_context=_LABEL_CONTEXT).digest(length=8)
+        return f"{KEYED_CHUNK_HASH}:{check.hex()}"
 
     def digest(self, data: bytes | bytearray | memoryview) -> bytes:
         """The 32-byte name of a chunk of raw bytes `data` (the GIL is released while hashing)."""

@@ -387,6 +387,12 @@ class DatastoreError(CofferError):
     grpc_status = "UNAVAILABLE"
 
 
+class DatastoreMissing(NotFound):
+    """The datastore of vault {vault!r} is not at {location}, though the catalog knows of data in it. Was `[datastore] url` in the controller config changed? Point it back, or move the datastore there (every vault's datastore is the vault's name under the url)."""
+
+    code = "DatastoreMissing"
+
+
 class DatastoreUnavailable(DatastoreError):
     """Datastore {location} did not answer {operation}: {detail}"""
 

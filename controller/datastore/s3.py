@@ -38,7 +38,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator, Mapping
 from contextlib import suppress
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from typing import TYPE_CHECKING, Literal, NoReturn
 
@@ -95,8 +95,8 @@ class S3Settings:
     AWS's endpoint for `region`."""
     region: str | None = None
     access_key_id: str | None = None
-    secret_access_key: str | None = None
-    session_token: str | None = None
+    secret_access_key: str | None = field(default=None, repr=False)  # a secret: never shown
+    session_token: str | None = field(default=None, repr=False)
     allow_http: bool = False
     """Allow a plain-HTTP endpoint (loopback tests); otherwise only HTTPS is accepted."""
     max_concurrent_requests: int = 16

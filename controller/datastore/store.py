@@ -394,6 +394,11 @@ class Datastore:
         """The data key that encrypts objects written now; Conflict if not encrypted."""
         return self._encrypted_keyring().current
 
+    @property
+    def data_keys(self) -> tuple[int, ...]:
+        """The ids of every data key the datastore holds; Conflict if not encrypted."""
+        return tuple(sorted(self._encrypted_keyring().data_keys))
+
     def rotate_master_key(self, new_master: MasterKey) -> int:
         """Re-wrap every key of this datastore under `new_master`; how many keys were re-wrapped.
 

@@ -26,15 +26,15 @@ _sym_db = _symbol_database.Default()
 from shared.rpc import common_pb2 as coffer_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15\x63offer/v1/agent.proto\x12\tcoffer.v1\x1a\x16\x63offer/v1/common.proto\"\x0e\n\x0c\x43heckRequest\"\xac\x01\n\nCheckReply\x12\x1a\n\x12\x63ontroller_version\x18\x01 \x01(\t\x12\x11\n\tmqtt_host\x18\x02 \x01(\t\x12\x11\n\tmqtt_port\x18\x03 \x01(\r\x12\x13\n\x0bserver_time\x18\x04 \x01(\x01\x12\r\n\x05vault\x18\x05 \x01(\t\x12\x12\n\nitem_state\x18\x06 \x01(\t\x12\x0e\n\x06policy\x18\x07 \x01(\t\x12\x14\n\x0csession_open\x18\x08 \x01(\x08\":\n\x08\x44iskInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x12\n\nsize_bytes\x18\x03 \x01(\x04\"\xa3\x01\n\x05Hello\x12\r\n\x05vm_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0f\n\x07service\x18\x03 \x01(\t\x12\x0e\n\x06region\x18\x04 \x01(\t\x12\x10\n\x08hostname\x18\x05 \x01(\t\x12\x15\n\ragent_version\x18\x06 \x01(\t\x12\"\n\x05\x64isks\x18\x07 \x03(\x0b\x32\x13.coffer.v1.DiskInfo\x12\x0f\n\x07standby\x18\x08 \x01(\x08\"\x1d\n\tHeartbeat\x12\x10\n\x08sequence\x18\x01 \x01(\x04\"\x90\x01\n\x0c\x41gentMessage\x12!\n\x05hello\x18\x01 \x01(\x0b\x32\x10.coffer.v1.HelloH\x00\x12)\n\theartbeat\x18\x02 \x01(\x0b\x32\x14.coffer.v1.HeartbeatH\x00\x12*\n\x06result\x18\x03 \x01(\x0b\x32\x18.coffer.v1.CommandResultH\x00\x42\x06\n\x04kind\"r\n\x0fSessionAccepted\x12\x1a\n\x12\x63ontroller_version\x18\x01 \x01(\t\x12\x1d\n\x15heartbeat_interval_ms\x18\x02 \x01(\r\x12\x11\n\tmqtt_host\x18\x03 \x01(\t\x12\x11\n\tmqtt_port\x18\x04 \x01(\r\"f\n\rBackupCommand\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x12\n\nchunk_size\x18\x02 \x01(\r\x12\r\n\x05\x64isks\x18\x03 \x03(\t\x12\"\n\x1aprevious_recovery_point_id\x18\x04 \x01(\t\"\x86\x01\n\x0eRestoreCommand\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x19\n\x11recovery_point_id\x18\x02 \x01(\t\x12\x0c\n\x04\x64isk\x18\x03 \x01(\t\x12\x13\n\x0btarget_path\x18\x04 \x01(\t\x12\x12\n\nsize_bytes\x18\x05 \x01(\x04\x12\x12\n\nchunk_size\x18\x06 \x01(\r\"\x1f\n\rCancelCommand\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"U\n\x10SessionDisplaced\x12\x0c\n\x04peer\x18\x01 \x01(\t\x12\x10\n\x08hostname\x18\x02 \x01(\t\x12\x15\n\ragent_version\x18\x03 \x01(\t\x12\n\n\x02\x61t\x18\x04 \x01(\x01\"\x97\x02\n\x11\x43ontrollerMessage\x12\x12\n\ncommand_id\x18\x01 \x01(\t\x12.\n\x08\x61\x63\x63\x65pted\x18\x02 \x01(\x0b\x32\x1a.coffer.v1.SessionAcceptedH\x00\x12*\n\x06\x62\x61\x63kup\x18\x03 \x01(\x0b\x32\x18.coffer.v1.BackupCommandH\x00\x12,\n\x07restore\x18\x04 \x01(\x0b\x32\x19.coffer.v1.RestoreCommandH\x00\x12*\n\x06\x63\x61ncel\x18\x05 \x01(\x0b\x32\x18.coffer.v1.CancelCommandH\x00\x12\x30\n\tdisplaced\x18\x06 \x01(\x0b\x32\x1b.coffer.v1.SessionDisplacedH\x00\x42\x06\n\x04kind\"\xb6\x01\n\x10\x44iskBackupResult\x12\x0c\n\x04\x64isk\x18\x01 \x01(\t\x12\x12\n\nsize_bytes\x18\x02 \x01(\x04\x12\x12\n\nbytes_read\x18\x03 \x01(\x04\x12\x12\n\nbytes_sent\x18\x04 \x01(\x04\x12\x13\n\x0b\x63hunk_count\x18\x05 \x01(\r\x12\x13\n\x0bzero_chunks\x18\x06 \x01(\r\x12\x13\n\x0b\x63onsistency\x18\x07 \x01(\t\x12\x19\n\x11snapshot_provider\x18\x08 \x01(\t\"\xdd\x01\n\rCommandResult\x12\x12\n\ncommand_id\x18\x01 \x01(\t\x12\x0e\n\x06job_id\x18\x02 \x01(\t\x12\n\n\x02ok\x18\x03 \x01(\x08\x12\x1f\n\x05\x65rror\x18\x04 \x01(\x0b\x32\x10.coffer.v1.Error\x12*\n\x05\x64isks\x18\x05 \x03(\x0b\x32\x1b.coffer.v1.DiskBackupResult\x12\x15\n\rbytes_written\x18\x06 \x01(\x04\x12\x13\n\x0b\x63onsistency\x18\x07 \x01(\t\x12\x10\n\x08warnings\x18\x08 \x03(\t\x12\x11\n\tfrozen_ms\x18\t \x01(\x01\"L\n\x11\x46\x65tchIndexRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x19\n\x11recovery_point_id\x18\x02 \x01(\t\x12\x0c\n\x04\x64isk\x18\x03 \x01(\t\"b\n\tIndexPart\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0c\n\x04\x64isk\x18\x02 \x01(\t\x12\x12\n\nsize_bytes\x18\x03 \x01(\x04\x12\x12\n\nchunk_size\x18\x04 \x01(\r\x12\x0f\n\x07\x64igests\x18\x05 \x01(\x0c\"7\n\x14MissingChunksRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07\x64igests\x18\x02 \x03(\x0c\"%\n\x12MissingChunksReply\x12\x0f\n\x07missing\x18\x01 \x03(\x0c\"d\n\x05\x43hunk\x12\x0e\n\x06\x64igest\x18\x01 \x01(\x0c\x12+\n\x0b\x63ompression\x18\x02 \x01(\x0e\x32\x16.coffer.v1.Compression\x12\x10\n\x08raw_size\x18\x03 \x01(\r\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\"?\n\x0b\x43hunkUpload\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12 \n\x06\x63hunks\x18\x02 \x03(\x0b\x32\x10.coffer.v1.Chunk\"U\n\rUploadSummary\x12\x17\n\x0f\x63hunks_received\x18\x01 \x01(\r\x12\x15\n\rchunks_stored\x18\x02 \x01(\r\x12\x14\n\x0c\x62ytes_stored\x18\x03 \x01(\x04\"$\n\rPutIndexReply\x12\x13\n\x0b\x63hunk_count\x18\x01 \x01(\r\"2\n\x0f\x44ownloadRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07\x64igests\x18\x02 \x03(\x0c\".\n\nChunkBatch\x12 \n\x06\x63hunks\x18\x01 \x03(\x0b\x32\x10.coffer.v1.Chunk*V\n\x0b\x43ompression\x12\x1b\n\x17\x43OMPRESSION_UNSPECIFIED\x10\x00\x12\x14\n\x10\x43OMPRESSION_NONE\x10\x01\x12\x14\n\x10\x43OMPRESSION_ZSTD\x10\x02\x32\xeb\x03\n\x0c\x41gentService\x12\x44\n\x07Session\x12\x17.coffer.v1.AgentMessage\x1a\x1c.coffer.v1.ControllerMessage(\x01\x30\x01\x12\x42\n\nFetchIndex\x12\x1c.coffer.v1.FetchIndexRequest\x1a\x14.coffer.v1.IndexPart0\x01\x12O\n\rMissingChunks\x12\x1f.coffer.v1.MissingChunksRequest\x1a\x1d.coffer.v1.MissingChunksReply\x12\x42\n\x0cUploadChunks\x12\x16.coffer.v1.ChunkUpload\x1a\x18.coffer.v1.UploadSummary(\x01\x12<\n\x08PutIndex\x12\x14.coffer.v1.IndexPart\x1a\x18.coffer.v1.PutIndexReply(\x01\x12\x45\n\x0e\x44ownloadChunks\x12\x1a.coffer.v1.DownloadRequest\x1a\x15.coffer.v1.ChunkBatch0\x01\x12\x37\n\x05\x43heck\x12\x17.coffer.v1.CheckRequest\x1a\x15.coffer.v1.CheckReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15\x63offer/v1/agent.proto\x12\tcoffer.v1\x1a\x16\x63offer/v1/common.proto\"\x0e\n\x0c\x43heckRequest\"\xac\x01\n\nCheckReply\x12\x1a\n\x12\x63ontroller_version\x18\x01 \x01(\t\x12\x11\n\tmqtt_host\x18\x02 \x01(\t\x12\x11\n\tmqtt_port\x18\x03 \x01(\r\x12\x13\n\x0bserver_time\x18\x04 \x01(\x01\x12\r\n\x05vault\x18\x05 \x01(\t\x12\x12\n\nitem_state\x18\x06 \x01(\t\x12\x0e\n\x06policy\x18\x07 \x01(\t\x12\x14\n\x0csession_open\x18\x08 \x01(\x08\":\n\x08\x44iskInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x12\n\nsize_bytes\x18\x03 \x01(\x04\"\xa3\x01\n\x05Hello\x12\r\n\x05vm_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0f\n\x07service\x18\x03 \x01(\t\x12\x0e\n\x06region\x18\x04 \x01(\t\x12\x10\n\x08hostname\x18\x05 \x01(\t\x12\x15\n\ragent_version\x18\x06 \x01(\t\x12\"\n\x05\x64isks\x18\x07 \x03(\x0b\x32\x13.coffer.v1.DiskInfo\x12\x0f\n\x07standby\x18\x08 \x01(\x08\"\x1d\n\tHeartbeat\x12\x10\n\x08sequence\x18\x01 \x01(\x04\"\x90\x01\n\x0c\x41gentMessage\x12!\n\x05hello\x18\x01 \x01(\x0b\x32\x10.coffer.v1.HelloH\x00\x12)\n\theartbeat\x18\x02 \x01(\x0b\x32\x14.coffer.v1.HeartbeatH\x00\x12*\n\x06result\x18\x03 \x01(\x0b\x32\x18.coffer.v1.CommandResultH\x00\x42\x06\n\x04kind\"r\n\x0fSessionAccepted\x12\x1a\n\x12\x63ontroller_version\x18\x01 \x01(\t\x12\x1d\n\x15heartbeat_interval_ms\x18\x02 \x01(\r\x12\x11\n\tmqtt_host\x18\x03 \x01(\t\x12\x11\n\tmqtt_port\x18\x04 \x01(\r\"|\n\rBackupCommand\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x12\n\nchunk_size\x18\x02 \x01(\r\x12\r\n\x05\x64isks\x18\x03 \x03(\t\x12\"\n\x1aprevious_recovery_point_id\x18\x04 \x01(\t\x12\x14\n\x0c\x63hunk_id_key\x18< \x01(\x0c\"\x9c\x01\n\x0eRestoreCommand\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x19\n\x11recovery_point_id\x18\x02 \x01(\t\x12\x0c\n\x04\x64isk\x18\x03 \x01(\t\x12\x13\n\x0btarget_path\x18\x04 \x01(\t\x12\x12\n\nsize_bytes\x18\x05 \x01(\x04\x12\x12\n\nchunk_size\x18\x06 \x01(\r\x12\x14\n\x0c\x63hunk_id_key\x18< \x01(\x0c\"\x1f\n\rCancelCommand\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"U\n\x10SessionDisplaced\x12\x0c\n\x04peer\x18\x01 \x01(\t\x12\x10\n\x08hostname\x18\x02 \x01(\t\x12\x15\n\ragent_version\x18\x03 \x01(\t\x12\n\n\x02\x61t\x18\x04 \x01(\x01\"\x97\x02\n\x11\x43ontrollerMessage\x12\x12\n\ncommand_id\x18\x01 \x01(\t\x12.\n\x08\x61\x63\x63\x65pted\x18\x02 \x01(\x0b\x32\x1a.coffer.v1.SessionAcceptedH\x00\x12*\n\x06\x62\x61\x63kup\x18\x03 \x01(\x0b\x32\x18.coffer.v1.BackupCommandH\x00\x12,\n\x07restore\x18\x04 \x01(\x0b\x32\x19.coffer.v1.RestoreCommandH\x00\x12*\n\x06\x63\x61ncel\x18\x05 \x01(\x0b\x32\x18.coffer.v1.CancelCommandH\x00\x12\x30\n\tdisplaced\x18\x06 \x01(\x0b\x32\x1b.coffer.v1.SessionDisplacedH\x00\x42\x06\n\x04kind\"\xb6\x01\n\x10\x44iskBackupResult\x12\x0c\n\x04\x64isk\x18\x01 \x01(\t\x12\x12\n\nsize_bytes\x18\x02 \x01(\x04\x12\x12\n\nbytes_read\x18\x03 \x01(\x04\x12\x12\n\nbytes_sent\x18\x04 \x01(\x04\x12\x13\n\x0b\x63hunk_count\x18\x05 \x01(\r\x12\x13\n\x0bzero_chunks\x18\x06 \x01(\r\x12\x13\n\x0b\x63onsistency\x18\x07 \x01(\t\x12\x19\n\x11snapshot_provider\x18\x08 \x01(\t\"\xdd\x01\n\rCommandResult\x12\x12\n\ncommand_id\x18\x01 \x01(\t\x12\x0e\n\x06job_id\x18\x02 \x01(\t\x12\n\n\x02ok\x18\x03 \x01(\x08\x12\x1f\n\x05\x65rror\x18\x04 \x01(\x0b\x32\x10.coffer.v1.Error\x12*\n\x05\x64isks\x18\x05 \x03(\x0b\x32\x1b.coffer.v1.DiskBackupResult\x12\x15\n\rbytes_written\x18\x06 \x01(\x04\x12\x13\n\x0b\x63onsistency\x18\x07 \x01(\t\x12\x10\n\x08warnings\x18\x08 \x03(\t\x12\x11\n\tfrozen_ms\x18\t \x01(\x01\"L\n\x11\x46\x65tchIndexRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x19\n\x11recovery_point_id\x18\x02 \x01(\t\x12\x0c\n\x04\x64isk\x18\x03 \x01(\t\"v\n\tIndexPart\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0c\n\x04\x64isk\x18\x02 \x01(\t\x12\x12\n\nsize_bytes\x18\x03 \x01(\x04\x12\x12\n\nchunk_size\x18\x04 \x01(\r\x12\x0f\n\x07\x64igests\x18\x05 \x01(\x0c\x12\x12\n\nchunk_hash\x18< \x01(\t\"7\n\x14MissingChunksRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07\x64igests\x18\x02 \x03(\x0c\"%\n\x12MissingChunksReply\x12\x0f\n\x07missing\x18\x01 \x03(\x0c\"d\n\x05\x43hunk\x12\x0e\n\x06\x64igest\x18\x01 \x01(\x0c\x12+\n\x0b\x63ompression\x18\x02 \x01(\x0e\x32\x16.coffer.v1.Compression\x12\x10\n\x08raw_size\x18\x03 \x01(\r\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\"?\n\x0b\x43hunkUpload\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12 \n\x06\x63hunks\x18\x02 \x03(\x0b\x32\x10.coffer.v1.Chunk\"U\n\rUploadSummary\x12\x17\n\x0f\x63hunks_received\x18\x01 \x01(\r\x12\x15\n\rchunks_stored\x18\x02 \x01(\r\x12\x14\n\x0c\x62ytes_stored\x18\x03 \x01(\x04\"$\n\rPutIndexReply\x12\x13\n\x0b\x63hunk_count\x18\x01 \x01(\r\"2\n\x0f\x44ownloadRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07\x64igests\x18\x02 \x03(\x0c\".\n\nChunkBatch\x12 \n\x06\x63hunks\x18\x01 \x03(\x0b\x32\x10.coffer.v1.Chunk*V\n\x0b\x43ompression\x12\x1b\n\x17\x43OMPRESSION_UNSPECIFIED\x10\x00\x12\x14\n\x10\x43OMPRESSION_NONE\x10\x01\x12\x14\n\x10\x43OMPRESSION_ZSTD\x10\x02\x32\xeb\x03\n\x0c\x41gentService\x12\x44\n\x07Session\x12\x17.coffer.v1.AgentMessage\x1a\x1c.coffer.v1.ControllerMessage(\x01\x30\x01\x12\x42\n\nFetchIndex\x12\x1c.coffer.v1.FetchIndexRequest\x1a\x14.coffer.v1.IndexPart0\x01\x12O\n\rMissingChunks\x12\x1f.coffer.v1.MissingChunksRequest\x1a\x1d.coffer.v1.MissingChunksReply\x12\x42\n\x0cUploadChunks\x12\x16.coffer.v1.ChunkUpload\x1a\x18.coffer.v1.UploadSummary(\x01\x12<\n\x08PutIndex\x12\x14.coffer.v1.IndexPart\x1a\x18.coffer.v1.PutIndexReply(\x01\x12\x45\n\x0e\x44ownloadChunks\x12\x1a.coffer.v1.DownloadRequest\x1a\x15.coffer.v1.ChunkBatch0\x01\x12\x37\n\x05\x43heck\x12\x17.coffer.v1.CheckRequest\x1a\x15.coffer.v1.CheckReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'coffer.v1.agent_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_COMPRESSION']._serialized_start=2489
-  _globals['_COMPRESSION']._serialized_end=2575
+  _globals['_COMPRESSION']._serialized_start=2553
+  _globals['_COMPRESSION']._serialized_end=2639
   _globals['_CHECKREQUEST']._serialized_start=60
   _globals['_CHECKREQUEST']._serialized_end=74
   _globals['_CHECKREPLY']._serialized_start=77
@@ -50,39 +50,39 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SESSIONACCEPTED']._serialized_start=655
   _globals['_SESSIONACCEPTED']._serialized_end=769
   _globals['_BACKUPCOMMAND']._serialized_start=771
-  _globals['_BACKUPCOMMAND']._serialized_end=873
-  _globals['_RESTORECOMMAND']._serialized_start=876
-  _globals['_RESTORECOMMAND']._serialized_end=1010
-  _globals['_CANCELCOMMAND']._serialized_start=1012
-  _globals['_CANCELCOMMAND']._serialized_end=1043
-  _globals['_SESSIONDISPLACED']._serialized_start=1045
-  _globals['_SESSIONDISPLACED']._serialized_end=1130
-  _globals['_CONTROLLERMESSAGE']._serialized_start=1133
-  _globals['_CONTROLLERMESSAGE']._serialized_end=1412
-  _globals['_DISKBACKUPRESULT']._serialized_start=1415
-  _globals['_DISKBACKUPRESULT']._serialized_end=1597
-  _globals['_COMMANDRESULT']._serialized_start=1600
-  _globals['_COMMANDRESULT']._serialized_end=1821
-  _globals['_FETCHINDEXREQUEST']._serialized_start=1823
-  _globals['_FETCHINDEXREQUEST']._serialized_end=1899
-  _globals['_INDEXPART']._serialized_start=1901
-  _globals['_INDEXPART']._serialized_end=1999
-  _globals['_MISSINGCHUNKSREQUEST']._serialized_start=2001
-  _globals['_MISSINGCHUNKSREQUEST']._serialized_end=2056
-  _globals['_MISSINGCHUNKSREPLY']._serialized_start=2058
-  _globals['_MISSINGCHUNKSREPLY']._serialized_end=2095
-  _globals['_CHUNK']._serialized_start=2097
-  _globals['_CHUNK']._serialized_end=2197
-  _globals['_CHUNKUPLOAD']._serialized_start=2199
-  _globals['_CHUNKUPLOAD']._serialized_end=2262
-  _globals['_UPLOADSUMMARY']._serialized_start=2264
-  _globals['_UPLOADSUMMARY']._serialized_end=2349
-  _globals['_PUTINDEXREPLY']._serialized_start=2351
-  _globals['_PUTINDEXREPLY']._serialized_end=2387
-  _globals['_DOWNLOADREQUEST']._serialized_start=2389
-  _globals['_DOWNLOADREQUEST']._serialized_end=2439
-  _globals['_CHUNKBATCH']._serialized_start=2441
-  _globals['_CHUNKBATCH']._serialized_end=2487
-  _globals['_AGENTSERVICE']._serialized_start=2578
-  _globals['_AGENTSERVICE']._serialized_end=3069
+  _globals['_BACKUPCOMMAND']._serialized_end=895
+  _globals['_RESTORECOMMAND']._serialized_start=898
+  _globals['_RESTORECOMMAND']._serialized_end=1054
+  _globals['_CANCELCOMMAND']._serialized_start=1056
+  _globals['_CANCELCOMMAND']._serialized_end=1087
+  _globals['_SESSIONDISPLACED']._serialized_start=1089
+  _globals['_SESSIONDISPLACED']._serialized_end=1174
+  _globals['_CONTROLLERMESSAGE']._serialized_start=1177
+  _globals['_CONTROLLERMESSAGE']._serialized_end=1456
+  _globals['_DISKBACKUPRESULT']._serialized_start=1459
+  _globals['_DISKBACKUPRESULT']._serialized_end=1641
+  _globals['_COMMANDRESULT']._serialized_start=1644
+  _globals['_COMMANDRESULT']._serialized_end=1865
+  _globals['_FETCHINDEXREQUEST']._serialized_start=1867
+  _globals['_FETCHINDEXREQUEST']._serialized_end=1943
+  _globals['_INDEXPART']._serialized_start=1945
+  _globals['_INDEXPART']._serialized_end=2063
+  _globals['_MISSINGCHUNKSREQUEST']._serialized_start=2065
+  _globals['_MISSINGCHUNKSREQUEST']._serialized_end=2120
+  _globals['_MISSINGCHUNKSREPLY']._serialized_start=2122
+  _globals['_MISSINGCHUNKSREPLY']._serialized_end=2159
+  _globals['_CHUNK']._serialized_start=2161
+  _globals['_CHUNK']._serialized_end=2261
+  _globals['_CHUNKUPLOAD']._serialized_start=2263
+  _globals['_CHUNKUPLOAD']._serialized_end=2326
+  _globals['_UPLOADSUMMARY']._serialized_start=2328
+  _globals['_UPLOADSUMMARY']._serialized_end=2413
+  _globals['_PUTINDEXREPLY']._serialized_start=2415
+  _globals['_PUTINDEXREPLY']._serialized_end=2451
+  _globals['_DOWNLOADREQUEST']._serialized_start=2453
+  _globals['_DOWNLOADREQUEST']._serialized_end=2503
+  _globals['_CHUNKBATCH']._serialized_start=2505
+  _globals['_CHUNKBATCH']._serialized_end=2551
+  _globals['_AGENTSERVICE']._serialized_start=2642
+  _globals['_AGENTSERVICE']._serialized_end=3133
 # @@protoc_insertion_point(module_scope)
