@@ -10,8 +10,10 @@ Run as root (it drops the page cache before every step, so every store reads fro
   `Datastore.put_chunk` for every chunk from `--threads` executor threads, as the controller's
   upload handler calls it (decompress, BLAKE3 re-hash, `has`, put). Restore:
   `Datastore.get_chunk_blob` for every chunk from as many threads (what a restore streams to
-  the agent). Once on a local directory datastore (fsync on, in `--workdir`), once on
-  `open_object_store("s3://...")` (S3Store in a RetryingStore) against SeaweedFS.
+  the agent). On a local directory datastore (fsync on, in `--workdir`) and on
+  `open_object_store("s3://...")` (S3Store in a RetryingStore) against SeaweedFS, each once
+  unencrypted (format 1) and once encrypted as every new vault is (format 2: AES-256-GCM
+  sealing and opening every chunk, keyed BLAKE3 names).
 - restic 0.14: the same bytes as one file (written, then the page cache dropped), backed up to
   `s3:http://127.0.0.1:PORT/bench-restic/repo` and restored with `restic restore latest`.
   restic also chunks (content-defined), encrypts and compresses, and reads and writes a file;
@@ -33,7 +35,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from controller.datastore import Datastore, LocalDirectoryStore, open_object_store
+from controller.datastore import Datastore, LocalDirectoryStore, MasterKey, open_object_store
 from shared.blob import Compression, compress
 from shared.digest import chunk_digest
 from tests.bench.measure import drop_caches
@@ -54,7 +56,7 @@ class Row:
     def line(self) -> str:
         mb = self.size / 1e6
         return (
-            f"| {self.store:<34} | {self.backup_s:6.1f} s | {mb / self.backup_s:7.0f} MB/s "
+            f"| {self.store:<42} | {self.backup_s:6.1f} s | {mb / self.backup_s:7.0f} MB/s "
             f"| {self.restore_s:6.1f} s | {mb / self.restore_s:7.0f} MB/s |"
         )
 
@@ -70,6 +72,15 @@ def make_chunks(size: int) -> list[Chunk]:
         compression, payload = compress(raw)
         chunks.append((chunk_digest(raw), compression, payload))
     return chunks
+
+
+def named_for(store: Datastore, chunks: list[Chunk]) -> list[Chunk]:
+    """The chunks as an agent of `store`'s vault names them (keyed BLAKE3 when encrypted);
+    the payloads are raw, since zstd gained nothing."""
+    if not store.encrypted:
+        return chunks
+    assert all(compression is Compression.NONE for _, compression, _ in chunks)
+    return [(store.chunk_hash.digest(payload), c, payload) for _, c, payload in chunks]
 
 
 def timed(step: Callable[[], object], drop: bool) -> float:
@@ -145,25 +156,34 @@ def main() -> None:
     size = parse_size(args.size) // CHUNK * CHUNK
     chunks = make_chunks(size)
     rows = []
+    master = MasterKey.generate()
     with tempfile.TemporaryDirectory(prefix="coffer-bench-s3-", dir=args.workdir) as tmp:
         work = Path(tmp)
-        local = Datastore.create(LocalDirectoryStore(work / "local"), CHUNK)
-        rows.append(
-            Row("local directory (Coffer)", *coffer(local, chunks, args.threads, args.drop), size)
-        )
-        shutil.rmtree(work / "local")
+        for encrypted in (False, True):
+            local = Datastore.create(
+                LocalDirectoryStore(work / "local"),
+                CHUNK,
+                master=master if encrypted else None,
+                vault="bench",
+            )
+            mine = named_for(local, chunks)
+            label = "local directory (Coffer" + (", encrypted)" if encrypted else ")")
+            rows.append(Row(label, *coffer(local, mine, args.threads, args.drop), size))
+            shutil.rmtree(work / "local")
         with start_seaweedfs(work / "seaweedfs") as server:
             server.create_bucket("bench-coffer")
-            s3 = Datastore.create(
-                open_object_store(server.url("bench-coffer", "vault"), server.settings()), CHUNK
-            )
-            rows.append(
-                Row(
-                    "SeaweedFS S3 (Coffer, obstore)",
-                    *coffer(s3, chunks, args.threads, args.drop),
-                    size,
+            for encrypted in (False, True):
+                where = server.url("bench-coffer", "encrypted" if encrypted else "plain")
+                s3 = Datastore.create(
+                    open_object_store(where, server.settings()),
+                    CHUNK,
+                    master=master if encrypted else None,
+                    vault="bench",
                 )
-            )
+                label = "SeaweedFS S3 (Coffer, obstore" + (", encrypted)" if encrypted else ")")
+                rows.append(
+                    Row(label, *coffer(s3, named_for(s3, chunks), args.threads, args.drop), size)
+                )
             if not args.skip_restic:
                 rows.append(
                     Row(
