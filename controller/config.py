@@ -105,9 +105,6 @@ class ControllerConfig:
     def catalog_path(self) -> Path:
         return self.state_dir / "catalog.sqlite"
 
-    def datastore_path(self, vault: str) -> Path:
-        return self.state_dir / "datastores" / vault
-
     @staticmethod
     def load(path: Path) -> ControllerConfig:
         """The config file at `path`; ConfigInvalid naming every problem in it."""

@@ -112,7 +112,14 @@ class Vaults:
             VaultRecord(name, region, self._chunk_size, now, limit),
             PolicyRecord(name, policy.name, policy.to_dict(), now, now),
         )
-        await self._datastores.get(name)  # the datastore exists from the start
+        try:
+            await self._datastores.get(name)  # the datastore exists from the start
+        except BaseException:
+            # A vault without its datastore would stop the next start (every vault's is
+            # opened then): no vault, rather. Whatever of its datastore was written, a vault
+            # made again under the name finds and opens.
+            await self._catalog.delete_vault(name)
+            raise
         return vault
 
     async def update(self, name: str, max_concurrent_backups: int) -> VaultRecord:

@@ -105,17 +105,23 @@ def overwrite_file(image: Path, name: str, seed: int) -> None:
         os.sync()
 
 
-def s3_config(server: SeaweedFS, prefix: str, *, lease_seconds: float | None = None) -> str:
-    """The [datastore] table of a controller keeping its datastores on the test server."""
+def s3_config(
+    server: SeaweedFS, prefix: str, *, lease_seconds: float | None = None, keys: bool = True
+) -> str:
+    """The [datastore] table of a controller keeping its datastores on the test server (its
+    credentials in the config, or with `keys` False in the environment)."""
     lines = [
         "[datastore]",
         f'url = "s3://{TEST_BUCKET}/{prefix}"',
         f'endpoint = "{server.endpoint}"',
         'region = "us-east-1"',
-        f'access_key_id = "{server.coffer.access_key_id}"',
-        f'secret_access_key = "{server.coffer.secret_access_key}"',
         "allow_http = true",
     ]
+    if keys:
+        lines += [
+            f'access_key_id = "{server.coffer.access_key_id}"',
+            f'secret_access_key = "{server.coffer.secret_access_key}"',
+        ]
     if lease_seconds is not None:
         lines.append(f"lease_seconds = {lease_seconds}")
     return "\n".join(lines) + "\n"
@@ -427,7 +433,7 @@ def _lease_of(server: SeaweedFS, prefix: str) -> dict[str, Any]:
 
 
 def test_s3_one_controller_per_datastore_a_lost_lease_stops_it_and_a_deleted_vault_leaves_nothing(
-    seaweedfs: SeaweedFS, tmp_path: Path
+    seaweedfs: SeaweedFS, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     prefix = f"lease-{os.getpid()}-{tmp_path.name}"
     config = s3_config(seaweedfs, prefix, lease_seconds=3)
@@ -451,8 +457,11 @@ def test_s3_one_controller_per_datastore_a_lost_lease_stops_it_and_a_deleted_vau
         first.coffer("vault", "delete", "scratch")
         assert list(vault_store.list("")) == []
 
-        # A second controller on the same datastores is refused, naming the first.
-        second = Cluster(tmp_path / "second", config=config)
+        # A second controller on the same datastores is refused, naming the first. (It finds
+        # its credentials in the environment, as AWS's tools do.)
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", seaweedfs.coffer.access_key_id)
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", seaweedfs.coffer.secret_access_key)
+        second = Cluster(tmp_path / "second", config=s3_config(seaweedfs, prefix, keys=False))
         with pytest.raises(RuntimeError):
             second.__enter__()  # starts its controller, which refuses
         said = second.controller.log.read_text()

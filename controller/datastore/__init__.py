@@ -133,7 +133,9 @@ A second controller is refused with WriterLeaseHeld naming the holder (id, host,
 address) and when its lease expires. A holder whose renewal finds another holder, or that
 cannot renew before its lease expires, gets WriterLeaseLost and must stop writing
 (`writer_lease()` cancels the block it guards). The encrypting wrapper passes the lease
-through: it is the storage's, not an object of the datastore.
+through: it is the storage's, not an object of the datastore. The controller takes one lease
+on the root its vaults' datastores live under, which covers all of them
+(controller/datastores.py).
 
 A key rotation stores the new wrapped keys before any object is sealed with a new data key,
 then swaps the keyring in one step; objects in flight are sealed with the old or the new key,
