@@ -18,7 +18,7 @@ import signal
 import sys
 from pathlib import Path
 
-from controller.config import ControllerConfig
+from controller.config import ControllerConfig, EncryptionSettings
 from controller.datastore import MasterKey
 from controller.master_key import passphrase_key, read_passphrase, rotate_master_key
 from controller.server import Controller
@@ -65,26 +65,32 @@ def rotate(argv: list[str]) -> int:
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    made: list[MasterKey] = []
+
+    def new_key() -> MasterKey:
+        """The new master key: read, or made (only once the controller is known stopped)."""
+        if args.new_passphrase_file is not None:
+            key = passphrase_key(
+                read_passphrase(args.new_passphrase_file), args.new_passphrase_file
+            )
+        elif args.new_key_file.exists() or args.new_key_file.is_symlink():
+            key = MasterKey.from_file(args.new_key_file)
+        else:
+            key = MasterKey.create_file(args.new_key_file)
+            print(f"made a new master key file {args.new_key_file} ({key.describe()})")
+        made.append(key)
+        return key
+
     try:
         config = ControllerConfig.load(args.config)
         if args.new_key_file is not None:
-            path: Path = args.new_key_file
-            if path.exists() or path.is_symlink():
-                master = MasterKey.from_file(path)
-            else:
-                master = MasterKey.create_file(path)
-                print(f"made a new master key file {path} ({master.describe()})")
-            if config.encryption.master_key_file == path.absolute() or (
-                config.encryption.master_key_file is None
-                and config.encryption.passphrase_file is None
-                and path.absolute() == config.default_master_key_file
+            path = args.new_key_file.absolute()
+            default = config.encryption == EncryptionSettings()
+            if path == config.encryption.master_key_file or (
+                default and path == config.default_master_key_file
             ):
                 raise InvalidArgument(detail=f"{path} is the master key already in use")
-        else:
-            master = passphrase_key(
-                read_passphrase(args.new_passphrase_file), args.new_passphrase_file
-            )
-        done = asyncio.run(rotate_master_key(config, master))
+        done = asyncio.run(rotate_master_key(config, new_key))
     except (CofferError, BaseExceptionGroup) as exc:
         error = find_coffer_error(exc)
         if error is None:
@@ -101,7 +107,7 @@ def rotate(argv: list[str]) -> int:
     else:
         where = f'passphrase_file = "{args.new_passphrase_file.absolute()}"'
     print(
-        f"Every encrypted vault is now under the new master key ({master.describe()}).\n"
+        f"Every encrypted vault is now under the new master key ({made[0].describe()}).\n"
         f"Before starting the controller, set in its config:\n  [encryption]\n  {where}\n"
         "Keep the new key offline, and export each vault's keys again "
         "(`coffer vault key export VAULT`): exports made before are wrapped under the old key."

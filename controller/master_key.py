@@ -32,7 +32,7 @@ import contextlib
 import logging
 import os
 import stat
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -149,12 +149,16 @@ class Rotated:
     keys: int = 0
 
 
-async def rotate_master_key(config: ControllerConfig, new: MasterKey) -> list[Rotated]:
-    """Re-wrap every encrypted vault's keys under `new` (see the module note). The controller
-    must be stopped: StateDirInUse, or WriterLeaseHeld for another controller on the root."""
+async def rotate_master_key(
+    config: ControllerConfig, new_key: Callable[[], MasterKey]
+) -> list[Rotated]:
+    """Re-wrap every encrypted vault's keys under the key `new_key()` reads or makes (see the
+    module note). The controller must be stopped: StateDirInUse, or WriterLeaseHeld for another
+    controller on the root; nothing is made or changed then."""
     settings = config.datastores
     with StateLock(config.state_dir):
         old = await asyncio.to_thread(load_master_key, config)
+        new = await asyncio.to_thread(new_key)
         async with Catalog(config.catalog_path) as catalog:
             datastores = Datastores(catalog, settings.url, s3=settings.s3, master=old)
             root = await asyncio.to_thread(open_object_store, settings.url, settings.s3)

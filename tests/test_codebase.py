@@ -37,7 +37,8 @@ def _readme_blocks(name: str) -> list[str]:
     "`name` with ...:" (the controller's with an S3 datastore)."""
     readme = (ROOT / "README.md").read_text()
     found = re.findall(rf"`{re.escape(name)}`[^`]*?:\n\n```toml\n(.*?)```", readme, re.DOTALL)
-    assert found and found[0] == _readme_block(name)
+    assert found
+    assert found[0] == _readme_block(name)
     return found
 
 

@@ -347,6 +347,15 @@ def test_a_wrong_or_missing_master_key_stops_the_start_and_a_rotation_rewraps_ev
         refused = cluster.coffer("vault", "key", "rotate", "legacy", check=False, json_out=False)
         assert refused.returncode == 5
         assert "is not encrypted (format 1)" in refused.stderr
+        # A master key rotation waits for the controller to stop.
+        busy = subprocess.run(
+            [str(BIN / "coffer-controller"), "rotate-master-key", "--config",
+             str(cluster.root / "controller.toml"), "--new-key-file", str(tmp_path / "busy.key")],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert busy.returncode == 5, busy.stderr
+        assert "in use by another coffer-controller" in busy.stderr
+        assert not (tmp_path / "busy.key").exists()  # nothing made while it runs
         cluster.stop_controller()
 
         right = key_file.read_bytes()
