@@ -2,7 +2,8 @@
 
 - The whole flow, once on a local datastore and once on S3 (a SeaweedFS the tests start), both
   encrypted: a full backup, an incremental, a byte-identical restore, a prune that deletes the
-  incremental, a garbage collection that frees what only it used, and a restore after it. The
+  incremental, a garbage collection that frees what only it used, a verify (where verify
+  jobs exist: issue 8, built beside this), and restores after them. The
   storage never holds a known file's bytes in the clear (a copy of the local datastore, and
   SeaweedFS's own files), though with the master key the copy reads back whole.
 - The same content in two vaults has unrelated chunk names; keys are rotated and exported.
@@ -29,6 +30,7 @@ from typing import Any
 import obstore
 import pytest
 
+from controller.cli.main import cli
 from controller.datastore import (
     CONFIG_KEY,
     Datastore,
@@ -213,6 +215,10 @@ def test_backup_incremental_restore_prune_and_collect_on_an_encrypted_datastore(
         report = collected["details"]["report"]
         assert report["chunks_deleted"] >= 8  # the 4 MiB of new data, at least
         assert report["bytes_freed"] >= 4 * MiB
+
+        if "verify" in cli.commands:  # verify jobs (issue 8), once both are merged
+            verified = cluster.coffer("verify", "--vault", "eu")
+            assert verified["status"] == "Completed", verified
 
         for rp, expected in ((full, original), (latest, last)):
             target.unlink()
