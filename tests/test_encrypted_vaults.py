@@ -267,7 +267,7 @@ def chunk_names(datastore: Path) -> set[str]:
 
 def test_the_same_content_in_two_vaults_has_unrelated_chunk_names(twins: Cluster) -> None:
     a, b = chunk_names(twins.datastore("vault-a")), chunk_names(twins.datastore("vault-b"))
-    assert len(a) == len(b) > 50
+    assert len(a) == len(b) > 20  # the disk's ~26 MiB of data
     assert a.isdisjoint(b)
     # Neither is the plain BLAKE3 of the content: a guess of the content names nothing.
     some = twins.open_datastore("vault-a")
