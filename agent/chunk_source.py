@@ -18,7 +18,7 @@ from typing import Protocol
 import grpc
 
 from shared.blob import Compression, decompress
-from shared.digest import chunk_digest
+from shared.digest import ChunkHash
 from shared.errors import CorruptData
 from shared.rpc import agent_pb2, agent_pb2_grpc
 from shared.rpc_errors import from_rpc_error
@@ -43,13 +43,17 @@ class ChunkSource(Protocol):
         ...
 
 
-def open_chunk(digest: bytes, compression: Compression, raw_size: int, payload: bytes) -> bytes:
-    """The raw bytes of a fetched chunk, checked against `digest`; CorruptData otherwise.
+def open_chunk(
+    digest: bytes, compression: Compression, raw_size: int, payload: bytes, chunk_hash: ChunkHash
+) -> bytes:
+    """The raw bytes of a fetched chunk, checked against `digest` with the hash its datastore
+    names chunks by (`chunk_hash`: keyed with the vault's chunk-id key when encrypted);
+    CorruptData otherwise.
 
     Blocking (decompression and hashing): run it in a thread pool.
     """
     raw = decompress(compression, payload, raw_size)
-    actual = chunk_digest(raw)
+    actual = chunk_hash.digest(raw)
     if actual != digest:
         raise CorruptData(what=f"chunk {digest.hex()}", detail=f"its bytes hash to {actual.hex()}")
     return raw

@@ -43,6 +43,7 @@ from agent.chunk_source import ChunkSource
 from agent.disk_files import DiskFiles
 from agent.lazy_disk import LazyDisk
 from agent.partitions import Partition, PartitionTable, read_partition_table
+from shared.digest import ChunkHash
 from shared.errors import (
     CofferError,
     Conflict,
@@ -200,6 +201,7 @@ class RecoveryMounts:
         source: ChunkSource,
         *,
         recovery_point: str,
+        chunk_hash: ChunkHash,
     ) -> AsyncIterator[MountedDisk]:
         """Open a disk of a recovery point as `name` (unique among those open) and mount its
         file systems read-only; everything is taken down when the block ends."""
@@ -216,7 +218,12 @@ class RecoveryMounts:
             stack.callback(self.opened.pop, name, None)
             disk = await stack.enter_async_context(
                 LazyDisk(
-                    index, source, recovery_point=recovery_point, cache=self.cache, pool=self._pool
+                    index,
+                    source,
+                    recovery_point=recovery_point,
+                    chunk_hash=chunk_hash,
+                    cache=self.cache,
+                    pool=self._pool,
                 )
             )
             disk_file = files.publish(name, disk)

@@ -49,6 +49,7 @@ from agent.progress import Progress
 from agent.recovered_files import Entry, Listing, copy_out, list_directory, resolve
 from agent.restore_dirs import check_destination
 from agent.runtime import Runtime
+from shared.digest import ChunkHash
 from shared.errors import CorruptData, InvalidArgument
 from shared.index import DiskIndex
 from shared.rpc import agent_pb2, common_pb2
@@ -162,7 +163,11 @@ class FileRecoveryRun:
         source = DownloadChunkSource(self._runtime.stub, command.job_id)
         result = agent_pb2.FileRecoveryResult()
         async with mounts.open(
-            command.job_id, index, source, recovery_point=command.recovery_point_id
+            command.job_id,
+            index,
+            source,
+            recovery_point=command.recovery_point_id,
+            chunk_hash=ChunkHash(command.chunk_id_key or None),
         ) as mounted:
             try:
                 if action == "list":

@@ -38,7 +38,7 @@ from typing import Self
 
 from agent.chunk_cache import ChunkCache
 from agent.chunk_source import ChunkSource, FetchedChunk, open_chunk
-from shared.digest import ZERO_DIGEST
+from shared.digest import ZERO_DIGEST, ChunkHash
 from shared.errors import CofferError, CorruptData, DataCorrupted, FileRecoveryFailed
 from shared.index import DiskIndex
 
@@ -73,12 +73,14 @@ class LazyDisk:
         source: ChunkSource,
         *,
         recovery_point: str,
+        chunk_hash: ChunkHash,
         cache: ChunkCache,
         pool: Executor | None = None,
         readahead: int = READAHEAD_CHUNKS,
     ) -> None:
         self.index = index
         self.recovery_point = recovery_point
+        self.chunk_hash = chunk_hash
         self.cache = cache
         self.stats = FetchStats()
         self.errors: list[CofferError] = []
@@ -311,7 +313,9 @@ class LazyDisk:
         try:
             if chunk.digest != digest:
                 raise CorruptData(what=f"chunk {digest.hex()}", detail="another chunk came back")
-            raw = open_chunk(digest, chunk.compression, chunk.raw_size, chunk.payload)
+            raw = open_chunk(
+                digest, chunk.compression, chunk.raw_size, chunk.payload, self.chunk_hash
+            )
             expected = self.index.extent(number)[1]
             if len(raw) != expected:
                 raise CorruptData(

@@ -28,7 +28,7 @@ from agent.progress import Progress
 from agent.restore_dirs import allowed_target, open_parent
 from agent.runtime import Runtime
 from shared.blob import Compression
-from shared.digest import DIGEST_SIZE, ZERO_DIGEST
+from shared.digest import CHUNK_HASH, DIGEST_SIZE, ZERO_DIGEST, ChunkHash
 from shared.errors import (
     CorruptData,
     DataCorrupted,
@@ -52,6 +52,9 @@ class RestoreRun:
         self._status = runtime.status
         self._in_pool = runtime.in_pool
         self._command = command
+        # Chunks are verified with the vault's chunk hash: keyed by the key the command carries
+        # (a secret, never logged), plain BLAKE3 for a format-1 datastore.
+        self._hash = ChunkHash(command.chunk_id_key or None)
 
     async def run(self) -> int:
         """Restore the disk; the number of bytes written."""
@@ -123,9 +126,15 @@ class RestoreRun:
             disk=self._command.disk,
         )
         try:
-            return b"".join([part.digests async for part in self._stub.FetchIndex(request)])
+            parts = [part async for part in self._stub.FetchIndex(request)]
         except grpc.RpcError as exc:
             raise from_rpc_error(exc) from exc
+        if parts and (parts[0].chunk_hash or CHUNK_HASH) != self._hash.label:
+            raise CorruptData(
+                what="the recovery point's index",
+                detail="its digests were made with another chunk hash than the restore's key",
+            )
+        return b"".join(part.digests for part in parts)
 
     async def _write(self, fd: int, digests: bytes, size: int, is_device: bool) -> int:
         chunk_size = self._command.chunk_size
@@ -146,7 +155,9 @@ class RestoreRun:
             """Verify one chunk and write it everywhere it goes; blocking."""
             digest = chunk.digest  # each read of a bytes field copies it: read once
             try:
-                raw = open_chunk(digest, Compression(chunk.compression), chunk.raw_size, chunk.data)
+                raw = open_chunk(
+                    digest, Compression(chunk.compression), chunk.raw_size, chunk.data, self._hash
+                )
             except CorruptData as exc:
                 # Damage in the datastore, not a refused upload: named so the operator can
                 # find it, and reported to the controller (which checks it itself).

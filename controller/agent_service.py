@@ -215,6 +215,10 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
         index = await self._jobs.index_for(
             caller_vm(), request.job_id, request.recovery_point_id, request.disk
         )
+        running = self._jobs.running(request.job_id)
+        assert running is not None  # index_for found it running for this caller
+        # Which hash made these digests: an agent holding another key must not compare them.
+        label = (await self._jobs.datastore(running)).chunk_hash.label
         step = MAX_DIGESTS_PER_CALL * DIGEST_SIZE
         for start in range(0, max(len(index.digests), 1), step):
             yield agent_pb2.IndexPart(
@@ -223,6 +227,7 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
                 size_bytes=index.size_bytes,
                 chunk_size=index.chunk_size,
                 digests=index.digests[start : start + step],
+                chunk_hash=label if start == 0 else "",
             )
 
     async def MissingChunks(

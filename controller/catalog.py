@@ -196,6 +196,12 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX damaged_chunks_by_digest ON damaged_chunks (digest);
     """,
+    # 5: encryption at rest: whether a vault's datastore is encrypted (format 2). Once it is,
+    # a datastore.json that says otherwise was replaced, and the vault is not opened with it
+    # (docs/encryption.md, "Downgrade"). Vaults made before this are format 1.
+    """
+    ALTER TABLE vaults ADD COLUMN encrypted INTEGER NOT NULL DEFAULT 0;
+    """,
 ]
 
 
@@ -231,6 +237,8 @@ class VaultRecord:
     """Verify every new recovery point after its backup."""
     reverify_days: int = 0
     """Verify, on the daily maintenance, points not verified for this many days (0: never)."""
+    encrypted: bool = False
+    """Its datastore is encrypted (format 2): never to be opened as a plain one."""
 
 
 @dataclass(frozen=True)
@@ -402,6 +410,7 @@ def _assignments(names: Sequence[str]) -> str:
 _VAULT_COLUMNS = (
     "name", "region", "chunk_size", "created_at", "max_concurrent_backups", "stored_bytes",
     "verify_new", "reverify_days",
+    "encrypted",
 )  # fmt: skip
 
 
@@ -415,6 +424,7 @@ def _vault(row: sqlite3.Row) -> VaultRecord:
         stored_bytes=row["stored_bytes"],
         verify_new=bool(row["verify_new"]),
         reverify_days=row["reverify_days"],
+        encrypted=bool(row["encrypted"]),
     )
 
 
@@ -655,6 +665,7 @@ class Catalog:
                         "stored_bytes": 0,
                         "verify_new": int(vault.verify_new),
                         "reverify_days": vault.reverify_days,
+                        "encrypted": int(vault.encrypted),
                     },
                 )
             except sqlite3.IntegrityError:
@@ -683,6 +694,13 @@ class Catalog:
             f"SELECT {_columns(_VAULT_COLUMNS)} FROM vaults ORDER BY name"
         ) as cursor:
             return [_vault(row) for row in await cursor.fetchall()]
+
+    async def set_vault_encrypted(self, vault: str) -> None:
+        """Record that the vault's datastore is encrypted; never undone."""
+        async with self._transaction() as db:
+            cursor = await db.execute("UPDATE vaults SET encrypted = 1 WHERE name = ?", (vault,))
+            if cursor.rowcount == 0:
+                raise NotFound(kind="vault", name=vault)
 
     async def set_max_concurrent_backups(self, vault: str, limit: int) -> None:
         async with self._transaction() as db:

@@ -408,6 +408,7 @@ class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
     async def _vault(self, vault: VaultRecord) -> operator_pb2.Vault:
         items = await self._catalog.items(vault.name)
         points, _ = await self._catalog.recovery_point_totals(vault.name)
+        storage = await self._vaults.storage(vault.name)
         return operator_pb2.Vault(
             name=vault.name,
             region=vault.region,
@@ -420,6 +421,10 @@ class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
             stored_bytes=vault.stored_bytes,
             verify_new=vault.verify_new,
             reverify_days=vault.reverify_days,
+            datastore=storage.location,
+            datastore_format=storage.format,
+            encryption=storage.encryption,
+            current_data_key=storage.current_data_key,
         )
 
     async def CreateVault(
@@ -470,6 +475,25 @@ class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
         vault = await self._vaults.delete(request.name, self._jobs.running_count(request.name))
         self._protection.vault_deleted(vault.name)
         return operator_pb2.Vault(name=vault.name, region=vault.region)
+
+    async def RotateVaultKey(
+        self, request: operator_pb2.RotateVaultKeyRequest, context: Context
+    ) -> operator_pb2.VaultKeys:
+        keys = await self._vaults.rotate_key(request.vault, request.new_data_key)
+        return operator_pb2.VaultKeys(
+            vault=keys.vault,
+            keys_rewrapped=keys.keys_rewrapped,
+            current_data_key=keys.current_data_key,
+            data_keys=keys.data_keys,
+            master_key=keys.master_key,
+        )
+
+    async def ExportVaultKeys(
+        self, request: operator_pb2.VaultRef, context: Context
+    ) -> operator_pb2.VaultKeyExport:
+        return operator_pb2.VaultKeyExport(
+            vault=request.name, text=await self._vaults.export_keys(request.name)
+        )
 
     async def Dashboard(
         self, request: operator_pb2.VaultRef, context: Context

@@ -8,6 +8,8 @@ stored as their JSON form (`shared.policy.Policy.to_dict`) and validated on ever
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -15,9 +17,11 @@ from dataclasses import dataclass, field
 from controller.catalog import Catalog, PolicyRecord, VaultRecord
 from controller.datastores import Datastores
 from shared.clock import Clock
-from shared.errors import InvalidArgument, PolicyInUse, VaultNotEmpty
+from shared.errors import InvalidArgument, KeyUnavailable, PolicyInUse, VaultNotEmpty
 from shared.model import ItemState, JobStatus, Verification
 from shared.policy import Policy, default_policy
+
+log = logging.getLogger(__name__)
 
 _VAULT_NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
 _REGION = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
@@ -60,6 +64,30 @@ class Dashboard:
         return self.protected_bytes / self.stored_bytes if self.stored_bytes else 0.0
 
 
+@dataclass(frozen=True)
+class VaultStorage:
+    """Where a vault's datastore lives and how it is kept."""
+
+    location: str
+    format: int
+    """1: plain objects; 2: encrypted (docs/encryption.md)."""
+    encryption: str
+    current_data_key: int
+    """The data key new objects are encrypted with; 0 when not encrypted."""
+
+
+@dataclass(frozen=True)
+class VaultKeys:
+    """A vault's keys after a rotation (their ids and how they are wrapped, never a key)."""
+
+    vault: str
+    keys_rewrapped: int
+    current_data_key: int
+    data_keys: tuple[int, ...]
+    master_key: str
+    """Which master key wraps them, in words."""
+
+
 def _check_limit(limit: int) -> int:
     if not 1 <= limit <= 64:
         raise InvalidArgument(detail=f"max concurrent backups {limit} must be 1 to 64")
@@ -100,7 +128,14 @@ class Vaults:
             VaultRecord(name, region, self._chunk_size, now, limit),
             PolicyRecord(name, policy.name, policy.to_dict(), now, now),
         )
-        await self._datastores.get(name)  # the datastore exists from the start
+        try:
+            await self._datastores.get(name)  # the datastore exists from the start
+        except BaseException:
+            # A vault without its datastore would stop the next start (every vault's is
+            # opened then): no vault, rather. Whatever of its datastore was written, a vault
+            # made again under the name finds and opens.
+            await self._catalog.delete_vault(name)
+            raise
         return vault
 
     async def update(
@@ -155,6 +190,53 @@ class Vaults:
         await self._catalog.delete_vault(name)
         await self._datastores.destroy(name)
         return vault
+
+    # --- the datastore and its keys ---------------------------------------------------------
+
+    async def storage(self, name: str) -> VaultStorage:
+        datastore = await self._datastores.get(name)
+        return VaultStorage(
+            location=self._datastores.location(name),
+            format=datastore.config.format,
+            encryption=datastore.config.encryption,
+            current_data_key=datastore.current_data_key if datastore.encrypted else 0,
+        )
+
+    async def rotate_key(self, name: str, new_data_key: bool) -> VaultKeys:
+        """Re-wrap the vault's keys under the controller's master key (one `datastore.json`
+        written, no data); with `new_data_key`, also start a data key for objects written from
+        now on. Conflict for a vault that is not encrypted (format 1)."""
+        datastore = await self._datastores.get(name)
+        master = self._datastores.master
+        if master is None:
+            raise KeyUnavailable(what=f"vault {name!r}", detail="the controller has no master key")
+
+        def rotate() -> int:
+            if new_data_key:
+                datastore.new_data_key()  # stores every key wrapped anew, the new one with them
+                return len(datastore.data_keys) + 1
+            return datastore.rotate_master_key(master)
+
+        rewrapped = await asyncio.to_thread(rotate)
+        log.info(
+            "vault %s: %d keys re-wrapped under the master key (%s)%s",
+            name,
+            rewrapped,
+            master.describe(),
+            f"; new data key {datastore.current_data_key}" if new_data_key else "",
+        )
+        return VaultKeys(
+            vault=name,
+            keys_rewrapped=rewrapped,
+            current_data_key=datastore.current_data_key,
+            data_keys=datastore.data_keys,
+            master_key=master.describe(),
+        )
+
+    async def export_keys(self, name: str) -> str:
+        """The vault's key export: its wrapped keys and the recovery instructions (no secret)."""
+        datastore = await self._datastores.get(name)
+        return await asyncio.to_thread(datastore.export_keys)
 
     # --- policies ---------------------------------------------------------------------------
 

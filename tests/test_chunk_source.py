@@ -15,10 +15,12 @@ import pytest
 
 from agent.chunk_source import DownloadChunkSource, FetchedChunk, open_chunk
 from shared.blob import Compression, compress
-from shared.digest import chunk_digest
+from shared.digest import ChunkHash, chunk_digest
 from shared.errors import ChunkMissing, CorruptData
 from shared.rpc import agent_pb2, agent_pb2_grpc
 from shared.rpc_errors import abort
+
+PLAIN = ChunkHash()  # the chunks here are named by plain BLAKE3, as in a format-1 datastore
 
 
 def stored(raw: bytes) -> FetchedChunk:
@@ -78,7 +80,7 @@ async def test_chunks_come_back_in_order_and_open(
     fetched = await source.fetch(wanted)
     assert [c.digest for c in fetched] == wanted
     for chunk in fetched:
-        raw = open_chunk(chunk.digest, chunk.compression, chunk.raw_size, chunk.payload)
+        raw = open_chunk(chunk.digest, chunk.compression, chunk.raw_size, chunk.payload, PLAIN)
         assert chunk_digest(raw) == chunk.digest
     assert fetched[0].compression is Compression.ZSTD
     assert servicer.jobs == ["job-1"]
@@ -105,4 +107,4 @@ def test_a_chunk_whose_bytes_do_not_match_its_digest_is_refused() -> None:
     chunk = next(iter(CHUNKS.values()))
     other = stored(b"other bytes")
     with pytest.raises(CorruptData, match="hash to"):
-        open_chunk(chunk.digest, other.compression, other.raw_size, other.payload)
+        open_chunk(chunk.digest, other.compression, other.raw_size, other.payload, PLAIN)

@@ -27,12 +27,15 @@ from agent.chunk_source import FetchedChunk
 from agent.disk_files import DiskFiles
 from agent.file_recovery import MountedDisk, RecoveryMounts, mountpoints
 from agent.recovered_files import copy_out, list_directory
+from shared.digest import ChunkHash
 from shared.errors import Conflict, DataCorrupted, InvalidArgument, NotFound
 from shared.index import DiskIndex
 from tests.chunked import CHUNK_SIZE, MemorySource, chunk_image
 from tests.loopfs import mkfs, run
 from tests.recovery_content import LARGE, ODD_NAME, SPARSE, allocated, manifest
 from tests.recovery_images import build_images
+
+PLAIN = ChunkHash()  # the chunks here are named by plain BLAKE3, as in a format-1 datastore
 
 MiB = 1 << 20
 
@@ -143,7 +146,9 @@ async def test_files_of_a_file_system_come_back_whole(
 ) -> None:
     image = images[kind]
     source = MemorySource(dict(image.chunks))
-    async with host.open(f"rp1-{kind}", image.index, source, recovery_point="rp1") as mounted:
+    async with host.open(
+        f"rp1-{kind}", image.index, source, recovery_point="rp1", chunk_hash=PLAIN
+    ) as mounted:
         assert not mounted.partitioned
         assert [(fs.name, fs.fs_type) for fs in mounted.file_systems] == [("disk", kind)]
         fs = mounted.file_systems[0]
@@ -162,7 +167,9 @@ async def test_a_gpt_disk_with_two_file_systems(
 ) -> None:
     image = images["gpt"]
     source = MemorySource(dict(image.chunks))
-    async with host.open("rp1-gpt", image.index, source, recovery_point="rp1") as mounted:
+    async with host.open(
+        "rp1-gpt", image.index, source, recovery_point="rp1", chunk_hash=PLAIN
+    ) as mounted:
         assert mounted.partitioned
         assert [(fs.name, fs.fs_type) for fs in mounted.file_systems] == [
             ("p1", "ext4"),
@@ -191,7 +198,9 @@ async def test_one_small_file_costs_a_small_fraction_of_the_disk(
     restore = tmp_path / "restore"
     restore.mkdir()
     started = time.monotonic()
-    async with host.open("rp1-small", image.index, source, recovery_point="rp1") as mounted:
+    async with host.open(
+        "rp1-small", image.index, source, recovery_point="rp1", chunk_hash=PLAIN
+    ) as mounted:
         fs, parts = mounted.locate("/small.txt")
         report = await asyncio.to_thread(copy_out, [(fs.path, parts)], [restore], str(restore))
         stats = mounted.disk.stats
@@ -225,7 +234,9 @@ async def test_a_damaged_chunk_gives_eio_and_a_typed_error_never_wrong_data(
     source.corrupt(digest)
     restore = tmp_path / "restore"
     restore.mkdir()
-    async with host.open("rp1-bad", image.index, source, recovery_point="rp1") as mounted:
+    async with host.open(
+        "rp1-bad", image.index, source, recovery_point="rp1", chunk_hash=PLAIN
+    ) as mounted:
         fs, parts = mounted.locate("/small.txt")
         with pytest.raises(OSError, match="Input/output error") as failed:
             await asyncio.to_thread((fs.path / "small.txt").read_bytes)
@@ -259,7 +270,9 @@ async def test_everything_is_taken_down_after_an_error_in_the_block(
 
     async def open_and_fail() -> None:
         source = MemorySource(dict(image.chunks))
-        async with host.open("rp1-err", image.index, source, recovery_point="rp1") as mounted:
+        async with host.open(
+            "rp1-err", image.index, source, recovery_point="rp1", chunk_hash=PLAIN
+        ) as mounted:
             assert len(mounted.file_systems) == 2
             assert leftovers(host.work_dir) != []
             raise Boom
@@ -280,7 +293,9 @@ async def test_a_cancelled_open_leaves_nothing(
     opened = asyncio.Event()
 
     async def open_and_wait() -> None:
-        async with host.open("rp1-cancel", image.index, source, recovery_point="rp1"):
+        async with host.open(
+            "rp1-cancel", image.index, source, recovery_point="rp1", chunk_hash=PLAIN
+        ):
             opened.set()
             await asyncio.sleep(3600)
 
@@ -302,9 +317,11 @@ async def test_names_are_unique_and_one_fuse_server_per_process(
 ) -> None:
     image = images["ext4"]
     source = MemorySource(dict(image.chunks))
-    async with host.open("same", image.index, source, recovery_point="rp1"):
+    async with host.open("same", image.index, source, recovery_point="rp1", chunk_hash=PLAIN):
         with pytest.raises(Conflict):
-            async with host.open("same", image.index, source, recovery_point="rp1"):
+            async with host.open(
+                "same", image.index, source, recovery_point="rp1", chunk_hash=PLAIN
+            ):
                 pass
         assert set(host.opened) == {"same"}
     with pytest.raises(Conflict):

@@ -28,7 +28,6 @@ import grpc
 import pytest
 
 from controller.cli.client import Connection
-from shared.digest import chunk_digest
 from shared.rpc import operator_pb2, operator_pb2_grpc
 from tests.cluster import Cluster, sha256_file
 
@@ -63,9 +62,11 @@ def change(image: Path, block: int) -> None:
 
 def chunk_file(cluster: Cluster, name: str, image: Path, block: int) -> Path:
     """The datastore file of the chunk at `block` of the disk as it is now."""
+    # Named by the vault's keyed hash (every new vault is encrypted), as the agent names it.
+    chunk_hash = cluster.open_datastore(f"{name}-vault").chunk_hash
     with image.open("rb") as disk:
         disk.seek(block * CHUNK)
-        hexed = chunk_digest(disk.read(CHUNK)).hex()
+        hexed = chunk_hash.digest(disk.read(CHUNK)).hex()
     return cluster.datastore(f"{name}-vault") / "chunks" / hexed[:2] / hexed[2:4] / hexed
 
 

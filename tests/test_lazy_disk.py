@@ -13,9 +13,11 @@ import pytest
 
 from agent.chunk_cache import ChunkCache
 from agent.lazy_disk import READAHEAD_CHUNKS, LazyDisk
-from shared.digest import ZERO_DIGEST
+from shared.digest import ZERO_DIGEST, ChunkHash
 from shared.errors import ChunkMissing, DataCorrupted
 from tests.chunked import MemorySource, chunk_image
+
+PLAIN = ChunkHash()  # the chunks here are named by plain BLAKE3, as in a format-1 datastore
 
 CHUNK = 64 << 10
 COUNT = 40
@@ -51,7 +53,12 @@ def open_disk(
     index, stored = chunk_image(path, chunk_size=CHUNK)
     source = MemorySource(stored)
     disk = LazyDisk(
-        index, source, recovery_point="rp-1", cache=ChunkCache(cache_bytes), readahead=readahead
+        index,
+        source,
+        recovery_point="rp-1",
+        chunk_hash=PLAIN,
+        cache=ChunkCache(cache_bytes),
+        readahead=readahead,
     )
     return disk, source
 

@@ -8,6 +8,7 @@ import click
 from rich.markup import escape
 
 from controller.cli.client import Connection, call
+from controller.cli.keys import key
 from controller.cli.output import as_dict, console, print_json, size, table, when
 from shared.rpc import operator_pb2
 
@@ -124,6 +125,11 @@ def vault_show(connection: Connection, name: str, as_json: bool) -> None:
         print_json(as_dict(found))
         return
     table(f"Vault {name}", VAULT_COLUMNS, [_vault_row(found)])
+    if found.datastore_format == 2:
+        kept = f"encrypted ({found.encryption}, data key {found.current_data_key})"
+    else:
+        kept = "not encrypted (format 1)"
+    console.print(f"Datastore: {escape(found.datastore)}, {kept}", highlight=False, soft_wrap=True)
 
 
 @vault.command(name="update")
@@ -196,6 +202,9 @@ def vault_delete(connection: Connection, name: str, as_json: bool) -> None:
         console.print(
             f"Deleted vault [bold]{escape(deleted.name)}[/bold]", highlight=False, soft_wrap=True
         )
+
+
+vault.add_command(key)
 
 
 def _show_dashboard(board: operator_pb2.DashboardReply) -> None:

@@ -227,6 +227,8 @@ class Backups:
                     chunk_size=datastore.chunk_size,
                     disks=list(running.requested_disks),
                     previous_recovery_point_id=previous.id if previous else "",
+                    # The agent names chunks as the datastore does (never logged).
+                    chunk_id_key=datastore.chunk_hash.key or b"",
                 )
             ),
         )

@@ -238,6 +238,8 @@ class FileRecoveries:
                 disk=source.disk,
                 size_bytes=rp_disk.size_bytes,
                 chunk_size=rp_disk.chunk_size,
+                # Never logged: the text form of this message would print it.
+                chunk_id_key=session.datastore.chunk_hash.key or b"",
                 **command,
             )
         )

@@ -215,6 +215,8 @@ class Restores:
                 target_path=target_path,
                 size_bytes=rp_disk.size_bytes,
                 chunk_size=rp_disk.chunk_size,
+                # The agent verifies chunks as the datastore names them (never logged).
+                chunk_id_key=session.datastore.chunk_hash.key or b"",
             )
         )
 

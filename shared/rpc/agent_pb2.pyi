@@ -103,32 +103,36 @@ class SessionAccepted(_message.Message):
     def __init__(self, controller_version: _Optional[str] = ..., heartbeat_interval_ms: _Optional[int] = ..., mqtt_host: _Optional[str] = ..., mqtt_port: _Optional[int] = ...) -> None: ...
 
 class BackupCommand(_message.Message):
-    __slots__ = ("job_id", "chunk_size", "disks", "previous_recovery_point_id")
+    __slots__ = ("job_id", "chunk_size", "disks", "previous_recovery_point_id", "chunk_id_key")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     CHUNK_SIZE_FIELD_NUMBER: _ClassVar[int]
     DISKS_FIELD_NUMBER: _ClassVar[int]
     PREVIOUS_RECOVERY_POINT_ID_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_ID_KEY_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     chunk_size: int
     disks: _containers.RepeatedScalarFieldContainer[str]
     previous_recovery_point_id: str
-    def __init__(self, job_id: _Optional[str] = ..., chunk_size: _Optional[int] = ..., disks: _Optional[_Iterable[str]] = ..., previous_recovery_point_id: _Optional[str] = ...) -> None: ...
+    chunk_id_key: bytes
+    def __init__(self, job_id: _Optional[str] = ..., chunk_size: _Optional[int] = ..., disks: _Optional[_Iterable[str]] = ..., previous_recovery_point_id: _Optional[str] = ..., chunk_id_key: _Optional[bytes] = ...) -> None: ...
 
 class RestoreCommand(_message.Message):
-    __slots__ = ("job_id", "recovery_point_id", "disk", "target_path", "size_bytes", "chunk_size")
+    __slots__ = ("job_id", "recovery_point_id", "disk", "target_path", "size_bytes", "chunk_size", "chunk_id_key")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     RECOVERY_POINT_ID_FIELD_NUMBER: _ClassVar[int]
     DISK_FIELD_NUMBER: _ClassVar[int]
     TARGET_PATH_FIELD_NUMBER: _ClassVar[int]
     SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
     CHUNK_SIZE_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_ID_KEY_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     recovery_point_id: str
     disk: str
     target_path: str
     size_bytes: int
     chunk_size: int
-    def __init__(self, job_id: _Optional[str] = ..., recovery_point_id: _Optional[str] = ..., disk: _Optional[str] = ..., target_path: _Optional[str] = ..., size_bytes: _Optional[int] = ..., chunk_size: _Optional[int] = ...) -> None: ...
+    chunk_id_key: bytes
+    def __init__(self, job_id: _Optional[str] = ..., recovery_point_id: _Optional[str] = ..., disk: _Optional[str] = ..., target_path: _Optional[str] = ..., size_bytes: _Optional[int] = ..., chunk_size: _Optional[int] = ..., chunk_id_key: _Optional[bytes] = ...) -> None: ...
 
 class CancelCommand(_message.Message):
     __slots__ = ("job_id",)
@@ -225,18 +229,20 @@ class FetchIndexRequest(_message.Message):
     def __init__(self, job_id: _Optional[str] = ..., recovery_point_id: _Optional[str] = ..., disk: _Optional[str] = ...) -> None: ...
 
 class IndexPart(_message.Message):
-    __slots__ = ("job_id", "disk", "size_bytes", "chunk_size", "digests")
+    __slots__ = ("job_id", "disk", "size_bytes", "chunk_size", "digests", "chunk_hash")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     DISK_FIELD_NUMBER: _ClassVar[int]
     SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
     CHUNK_SIZE_FIELD_NUMBER: _ClassVar[int]
     DIGESTS_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_HASH_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     disk: str
     size_bytes: int
     chunk_size: int
     digests: bytes
-    def __init__(self, job_id: _Optional[str] = ..., disk: _Optional[str] = ..., size_bytes: _Optional[int] = ..., chunk_size: _Optional[int] = ..., digests: _Optional[bytes] = ...) -> None: ...
+    chunk_hash: str
+    def __init__(self, job_id: _Optional[str] = ..., disk: _Optional[str] = ..., size_bytes: _Optional[int] = ..., chunk_size: _Optional[int] = ..., digests: _Optional[bytes] = ..., chunk_hash: _Optional[str] = ...) -> None: ...
 
 class MissingChunksRequest(_message.Message):
     __slots__ = ("job_id", "digests")
@@ -303,7 +309,7 @@ class ChunkBatch(_message.Message):
     def __init__(self, chunks: _Optional[_Iterable[_Union[Chunk, _Mapping]]] = ...) -> None: ...
 
 class FileRecoveryCommand(_message.Message):
-    __slots__ = ("job_id", "recovery_point_id", "disk", "size_bytes", "chunk_size", "list", "get", "mount")
+    __slots__ = ("job_id", "recovery_point_id", "disk", "size_bytes", "chunk_size", "list", "get", "mount", "chunk_id_key")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     RECOVERY_POINT_ID_FIELD_NUMBER: _ClassVar[int]
     DISK_FIELD_NUMBER: _ClassVar[int]
@@ -312,6 +318,7 @@ class FileRecoveryCommand(_message.Message):
     LIST_FIELD_NUMBER: _ClassVar[int]
     GET_FIELD_NUMBER: _ClassVar[int]
     MOUNT_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_ID_KEY_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     recovery_point_id: str
     disk: str
@@ -320,7 +327,8 @@ class FileRecoveryCommand(_message.Message):
     list: ListFilesAction
     get: GetFilesAction
     mount: MountFilesAction
-    def __init__(self, job_id: _Optional[str] = ..., recovery_point_id: _Optional[str] = ..., disk: _Optional[str] = ..., size_bytes: _Optional[int] = ..., chunk_size: _Optional[int] = ..., list: _Optional[_Union[ListFilesAction, _Mapping]] = ..., get: _Optional[_Union[GetFilesAction, _Mapping]] = ..., mount: _Optional[_Union[MountFilesAction, _Mapping]] = ...) -> None: ...
+    chunk_id_key: bytes
+    def __init__(self, job_id: _Optional[str] = ..., recovery_point_id: _Optional[str] = ..., disk: _Optional[str] = ..., size_bytes: _Optional[int] = ..., chunk_size: _Optional[int] = ..., list: _Optional[_Union[ListFilesAction, _Mapping]] = ..., get: _Optional[_Union[GetFilesAction, _Mapping]] = ..., mount: _Optional[_Union[MountFilesAction, _Mapping]] = ..., chunk_id_key: _Optional[bytes] = ...) -> None: ...
 
 class ListFilesAction(_message.Message):
     __slots__ = ("path", "limit", "after")

@@ -12,7 +12,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class Vault(_message.Message):
-    __slots__ = ("name", "region", "chunk_size", "created_at", "max_concurrent_backups", "registered_items", "protected_items", "recovery_points", "stored_bytes", "verify_new", "reverify_days")
+    __slots__ = ("name", "region", "chunk_size", "created_at", "max_concurrent_backups", "registered_items", "protected_items", "recovery_points", "stored_bytes", "verify_new", "reverify_days", "datastore", "datastore_format", "encryption", "current_data_key")
     NAME_FIELD_NUMBER: _ClassVar[int]
     REGION_FIELD_NUMBER: _ClassVar[int]
     CHUNK_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -24,6 +24,10 @@ class Vault(_message.Message):
     STORED_BYTES_FIELD_NUMBER: _ClassVar[int]
     VERIFY_NEW_FIELD_NUMBER: _ClassVar[int]
     REVERIFY_DAYS_FIELD_NUMBER: _ClassVar[int]
+    DATASTORE_FIELD_NUMBER: _ClassVar[int]
+    DATASTORE_FORMAT_FIELD_NUMBER: _ClassVar[int]
+    ENCRYPTION_FIELD_NUMBER: _ClassVar[int]
+    CURRENT_DATA_KEY_FIELD_NUMBER: _ClassVar[int]
     name: str
     region: str
     chunk_size: int
@@ -35,7 +39,41 @@ class Vault(_message.Message):
     stored_bytes: int
     verify_new: bool
     reverify_days: int
-    def __init__(self, name: _Optional[str] = ..., region: _Optional[str] = ..., chunk_size: _Optional[int] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., max_concurrent_backups: _Optional[int] = ..., registered_items: _Optional[int] = ..., protected_items: _Optional[int] = ..., recovery_points: _Optional[int] = ..., stored_bytes: _Optional[int] = ..., verify_new: _Optional[bool] = ..., reverify_days: _Optional[int] = ...) -> None: ...
+    datastore: str
+    datastore_format: int
+    encryption: str
+    current_data_key: int
+    def __init__(self, name: _Optional[str] = ..., region: _Optional[str] = ..., chunk_size: _Optional[int] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., max_concurrent_backups: _Optional[int] = ..., registered_items: _Optional[int] = ..., protected_items: _Optional[int] = ..., recovery_points: _Optional[int] = ..., stored_bytes: _Optional[int] = ..., verify_new: _Optional[bool] = ..., reverify_days: _Optional[int] = ..., datastore: _Optional[str] = ..., datastore_format: _Optional[int] = ..., encryption: _Optional[str] = ..., current_data_key: _Optional[int] = ...) -> None: ...
+
+class RotateVaultKeyRequest(_message.Message):
+    __slots__ = ("vault", "new_data_key")
+    VAULT_FIELD_NUMBER: _ClassVar[int]
+    NEW_DATA_KEY_FIELD_NUMBER: _ClassVar[int]
+    vault: str
+    new_data_key: bool
+    def __init__(self, vault: _Optional[str] = ..., new_data_key: _Optional[bool] = ...) -> None: ...
+
+class VaultKeys(_message.Message):
+    __slots__ = ("vault", "keys_rewrapped", "current_data_key", "data_keys", "master_key")
+    VAULT_FIELD_NUMBER: _ClassVar[int]
+    KEYS_REWRAPPED_FIELD_NUMBER: _ClassVar[int]
+    CURRENT_DATA_KEY_FIELD_NUMBER: _ClassVar[int]
+    DATA_KEYS_FIELD_NUMBER: _ClassVar[int]
+    MASTER_KEY_FIELD_NUMBER: _ClassVar[int]
+    vault: str
+    keys_rewrapped: int
+    current_data_key: int
+    data_keys: _containers.RepeatedScalarFieldContainer[int]
+    master_key: str
+    def __init__(self, vault: _Optional[str] = ..., keys_rewrapped: _Optional[int] = ..., current_data_key: _Optional[int] = ..., data_keys: _Optional[_Iterable[int]] = ..., master_key: _Optional[str] = ...) -> None: ...
+
+class VaultKeyExport(_message.Message):
+    __slots__ = ("vault", "text")
+    VAULT_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    vault: str
+    text: str
+    def __init__(self, vault: _Optional[str] = ..., text: _Optional[str] = ...) -> None: ...
 
 class CreateVaultRequest(_message.Message):
     __slots__ = ("name", "region", "max_concurrent_backups", "timezone")

@@ -170,6 +170,16 @@ class OperatorServiceStub:
                 request_serializer=coffer_dot_v1_dot_operator__pb2.GetJobRequest.SerializeToString,
                 response_deserializer=coffer_dot_v1_dot_operator__pb2.Job.FromString,
                 _registered_method=True)
+        self.RotateVaultKey = channel.unary_unary(
+                '/coffer.v1.OperatorService/RotateVaultKey',
+                request_serializer=coffer_dot_v1_dot_operator__pb2.RotateVaultKeyRequest.SerializeToString,
+                response_deserializer=coffer_dot_v1_dot_operator__pb2.VaultKeys.FromString,
+                _registered_method=True)
+        self.ExportVaultKeys = channel.unary_unary(
+                '/coffer.v1.OperatorService/ExportVaultKeys',
+                request_serializer=coffer_dot_v1_dot_operator__pb2.VaultRef.SerializeToString,
+                response_deserializer=coffer_dot_v1_dot_operator__pb2.VaultKeyExport.FromString,
+                _registered_method=True)
         self.ListRecoveryPoints = channel.unary_unary(
                 '/coffer.v1.OperatorService/ListRecoveryPoints',
                 request_serializer=coffer_dot_v1_dot_operator__pb2.ListRecoveryPointsRequest.SerializeToString,
@@ -385,6 +395,22 @@ class OperatorServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RotateVaultKey(self, request, context):
+        """Encryption at rest: re-wrap a vault's keys under the controller's master key (seconds, no
+        data rewritten), and optionally start a new data key for what is written from now on.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ExportVaultKeys(self, request, context):
+        """The vault's wrapped keys (no key in the clear) and the recovery instructions, to keep
+        offline with the master key.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ListRecoveryPoints(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -566,6 +592,16 @@ def add_OperatorServiceServicer_to_server(servicer, server):
                     servicer.CancelJob,
                     request_deserializer=coffer_dot_v1_dot_operator__pb2.GetJobRequest.FromString,
                     response_serializer=coffer_dot_v1_dot_operator__pb2.Job.SerializeToString,
+            ),
+            'RotateVaultKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.RotateVaultKey,
+                    request_deserializer=coffer_dot_v1_dot_operator__pb2.RotateVaultKeyRequest.FromString,
+                    response_serializer=coffer_dot_v1_dot_operator__pb2.VaultKeys.SerializeToString,
+            ),
+            'ExportVaultKeys': grpc.unary_unary_rpc_method_handler(
+                    servicer.ExportVaultKeys,
+                    request_deserializer=coffer_dot_v1_dot_operator__pb2.VaultRef.FromString,
+                    response_serializer=coffer_dot_v1_dot_operator__pb2.VaultKeyExport.SerializeToString,
             ),
             'ListRecoveryPoints': grpc.unary_unary_rpc_method_handler(
                     servicer.ListRecoveryPoints,
@@ -1327,6 +1363,60 @@ class OperatorService:
             '/coffer.v1.OperatorService/CancelJob',
             coffer_dot_v1_dot_operator__pb2.GetJobRequest.SerializeToString,
             coffer_dot_v1_dot_operator__pb2.Job.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RotateVaultKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/coffer.v1.OperatorService/RotateVaultKey',
+            coffer_dot_v1_dot_operator__pb2.RotateVaultKeyRequest.SerializeToString,
+            coffer_dot_v1_dot_operator__pb2.VaultKeys.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExportVaultKeys(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/coffer.v1.OperatorService/ExportVaultKeys',
+            coffer_dot_v1_dot_operator__pb2.VaultRef.SerializeToString,
+            coffer_dot_v1_dot_operator__pb2.VaultKeyExport.FromString,
             options,
             channel_credentials,
             insecure,
