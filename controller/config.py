@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Annotated
 
@@ -20,6 +21,10 @@ MIN_CHUNK_SIZE = 4 << 10
 MAX_CHUNK_SIZE = 16 << 20
 # Longer than any backup takes between uploading a chunk and committing its recovery point.
 DEFAULT_GC_GRACE_SECONDS = 6 * 3600.0
+# Certificates the controller issues (enrolment, renewal, its own) live this long; agents and
+# the controller renew theirs after 2/3 of it.
+DEFAULT_CERTIFICATE_DAYS = 90.0
+MAX_CERTIFICATE_DAYS = 3650.0
 
 
 @dataclass(frozen=True)
@@ -40,6 +45,13 @@ class ControllerConfig:
     advertise_host: str | None = None
     # Garbage collection never deletes chunks written less than this long ago.
     gc_grace_seconds: float = DEFAULT_GC_GRACE_SECONDS
+    # Where agents enrol (TLS without a client certificate); None: enrolment is off.
+    enrol_listen: str | None = None
+    certificate_days: float = DEFAULT_CERTIFICATE_DAYS
+
+    @property
+    def certificate_lifetime(self) -> timedelta:
+        return timedelta(days=self.certificate_days)
 
     @property
     def tls(self) -> TlsFiles:
@@ -92,6 +104,10 @@ class ControllerFile(Section):
     mqtt: MqttSection | None = None
     advertise_host: Host | None = None
     gc_grace_seconds: Annotated[float, Field(ge=0)] = DEFAULT_GC_GRACE_SECONDS
+    enrol_listen: ListenAddress | None = None
+    certificate_days: Annotated[float, Field(gt=0, le=MAX_CERTIFICATE_DAYS)] = (
+        DEFAULT_CERTIFICATE_DAYS
+    )
 
     def config(self, base: Path) -> ControllerConfig:
         """The controller's config, paths relative to `base` (the file's directory)."""
@@ -103,4 +119,6 @@ class ControllerFile(Section):
             mqtt=MqttBroker(self.mqtt.host, self.mqtt.port) if self.mqtt is not None else None,
             advertise_host=self.advertise_host,
             gc_grace_seconds=self.gc_grace_seconds,
+            enrol_listen=self.enrol_listen,
+            certificate_days=self.certificate_days,
         )
