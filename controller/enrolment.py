@@ -15,8 +15,8 @@ audited, refused ones too.
 
 Renewal. An agent renews over its mutual-TLS session (`AgentService.Renew`) with a request
 for a new key; the new certificate supersedes the old one when first used (`revocation.py`),
-so an agent whose reply was lost keeps a working one. At most one renewal a minute per VM:
-each writes a certificate into the ledger.
+so an agent whose reply was lost keeps a working one. At most one renewal per VM per third of
+a certificate's life (an hour at most): each writes a certificate into the ledger.
 
 Issued certificates live `certificate_days` (controller config).
 """
@@ -61,7 +61,9 @@ MAX_REQUEST_BYTES: Final = 8 * 1024
 # The enrolment listener's own limits: whole messages, and calls at once.
 MAX_ENROL_MESSAGE_BYTES: Final = 16 * 1024
 MAX_ENROL_CALLS: Final = 8
-RENEWAL_INTERVAL_SECONDS: Final = 60
+# An agent renews once per 2/3 of its certificate's life; more often than a third of it (or
+# an hour) is refused, which bounds what one agent can add to the ledger.
+MAX_RENEWAL_INTERVAL_SECONDS: Final = 3600.0
 
 
 @dataclass(frozen=True)
@@ -176,8 +178,9 @@ class Enrolment:
             )
         now = self._clock.now()
         last = self._renewed.get(vm_id)
-        if last is not None and now - last < RENEWAL_INTERVAL_SECONDS:
-            raise RenewalTooSoon(vm_id=vm_id, seconds=RENEWAL_INTERVAL_SECONDS)
+        interval = min(self._lifetime.total_seconds() / 3, MAX_RENEWAL_INTERVAL_SECONDS)
+        if last is not None and now - last < interval:
+            raise RenewalTooSoon(vm_id=vm_id, seconds=f"{interval:.0f}")
         self._renewed[vm_id] = now
         identity = Identity(ROLE_AGENT, vm_id)
         certificate = await self._revocations.issue(

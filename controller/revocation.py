@@ -294,11 +294,14 @@ class Revocations:
         )
 
     async def _supersede_older(self, record: CertificateRecord) -> bool:
-        """Revoke the certificates of `record`'s identity older than it; whether any were."""
+        """Revoke the certificates of `record`'s identity older than it; whether any were.
+
+        Validity starts are whole seconds: of two issued within one second, the one used (or
+        issued at enrolment) later is taken as the newer."""
         older = [
             r
             for r in self._holders(record)
-            if r.not_before < record.not_before and r.revoked_at is None
+            if r.not_before <= record.not_before and r.revoked_at is None
         ]
         await self._mark(older, self._clock.now(), SUPERSEDED, f"serial {record.serial}")
         return bool(older)

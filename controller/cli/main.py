@@ -15,7 +15,9 @@ import click
 from rich.markup import escape
 
 from controller.cli import exits
+from controller.cli.audit import audit
 from controller.cli.client import DEFAULT_TIMEOUT, Connection, call
+from controller.cli.enrol import enrol
 from controller.cli.jobs import backup_now, gc, job, prune, restore
 from controller.cli.output import as_dict, errors, print_json, size, table, use_utc, when
 from controller.cli.pki import pki
@@ -106,6 +108,8 @@ for command in (
     job,
     prune,
     gc,
+    enrol,
+    audit,
 ):
     cli.add_command(command)
 
