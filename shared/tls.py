@@ -133,16 +133,6 @@ class OperatorRole(enum.StrEnum):
         return self.rank >= needed.rank
 
 
-def parse_operator_role(text: str) -> OperatorRole:
-    """The operator role named `text`; InvalidArgument naming the roles otherwise."""
-    try:
-        return OperatorRole(text)
-    except ValueError:
-        raise InvalidArgument(
-            detail=f"{text!r} is not an operator role; one of {', '.join(OperatorRole)}"
-        ) from None
-
-
 # --- identity ------------------------------------------------------------------------------
 
 
