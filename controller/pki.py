@@ -31,7 +31,7 @@ import contextlib
 import ipaddress
 import re
 import secrets
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -40,7 +40,14 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from shared.errors import Conflict, CorruptData, InvalidArgument, NameReserved, NotFound
+from shared.errors import (
+    CofferError,
+    Conflict,
+    CorruptData,
+    InvalidArgument,
+    NameReserved,
+    NotFound,
+)
 from shared.keyfiles import (
     PRIVATE_DIR_MODE,
     PRIVATE_MODE,
@@ -201,7 +208,8 @@ class Authority:
         """Put a certificate this CA issued into the ledger (one issued before there was a
         ledger, seen in use); it is left as it is if there already."""
         facts = facts_of(certificate)
-        _record(self.pki_dir, certificate, replace=False)
+        with _writing(self.pki_dir / LEDGER):
+            _record(self.pki_dir, certificate, replace=False)
         self._ledger[facts.serial_hex] = facts
         return facts
 
@@ -219,7 +227,8 @@ class Authority:
         certificate = _leaf_certificate(
             self._ca, identity, public_key, server_names, role=role, lifetime=lifetime
         )
-        _record(self.pki_dir, certificate)
+        with _writing(self.pki_dir / LEDGER):
+            _record(self.pki_dir, certificate)
         self._ledger[serial_hex(certificate.serial_number)] = facts_of(certificate)
         return certificate
 
@@ -242,7 +251,8 @@ class Authority:
             lifetime,
             server_names=_server_names(server_names),
         )
-        install_pair(files_cert, files_key, _cert_pem(certificate), _key_pem(key))
+        with _writing(files_cert):
+            install_pair(files_cert, files_key, _cert_pem(certificate), _key_pem(key))
         return certificate
 
     def write_crl(self, revoked: Iterable[tuple[int, datetime]], now: datetime) -> None:
@@ -258,7 +268,20 @@ class Authority:
                 x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(at).build()
             )
         crl = builder.sign(self._ca.key, hashes.SHA256())
-        write_file(self.crl_path, crl.public_bytes(serialization.Encoding.PEM), mode=_CERT_MODE)
+        with _writing(self.crl_path):
+            write_file(self.crl_path, crl.public_bytes(serialization.Encoding.PEM), mode=_CERT_MODE)
+
+
+@contextlib.contextmanager
+def _writing(path: Path) -> Iterator[None]:
+    """The controller's CA files could not be written: a typed error naming the file."""
+    try:
+        yield
+    except OSError as exc:
+        raise CofferError(
+            f"cannot write {path} in the CA directory: {exc.strerror or exc}; the controller "
+            "needs to write its ledger, its CRL and its renewed certificate there"
+        ) from exc
 
 
 def public_key_of_request(csr_pem: bytes) -> tuple[str, ec.EllipticCurvePublicKey]:

@@ -139,6 +139,8 @@ class Revocations:
         if not. Its first use supersedes the older certificates of its identity."""
         facts = certificate_facts(pem)
         record = self._records.get(facts.serial_hex)
+        if record is not None and record.revoked_at is not None:
+            raise self._refusal(record)
         if record is None or record.first_used_at is None:
             async with self._lock:
                 record = await self._first_use(facts, pem)
