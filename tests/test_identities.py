@@ -30,7 +30,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from agent.enrolment import certificate_request, new_key
-from controller.pki import LEDGER, Authority, _server_names
+from controller.pki import LEDGER, Authority, _server_names, init_pki, issue_agent
 from shared.errors import ERROR_CODE_METADATA_KEY
 from shared.keyfiles import install_pair
 from shared.rpc import agent_pb2, agent_pb2_grpc, enrolment_pb2, enrolment_pb2_grpc
@@ -287,6 +287,43 @@ async def _enrol_raw(cluster: Cluster, token: str, csr: bytes) -> str:
         except grpc.aio.AioRpcError as exc:
             return error_code(exc) or exc.code().name
     return "OK"
+
+
+def test_the_main_listener_still_wants_a_client_certificate_of_our_ca(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    """Its credentials are reloadable now; what they refuse stays the same."""
+    init_pki(tmp_path / "other-ca")
+    issue_agent(tmp_path / "other-ca", "vm-1", tmp_path / "foreign")
+    foreign = TlsFiles(
+        ca=cluster.pki / "ca.crt",
+        cert=tmp_path / "foreign" / "agent.crt",
+        key=tmp_path / "foreign" / "agent.key",
+    )
+    ca = (cluster.pki / "ca.crt").read_bytes()
+
+    async def refused_by_tls(credentials: grpc.ChannelCredentials) -> grpc.StatusCode:
+        async with grpc.aio.secure_channel(f"127.0.0.1:{cluster.port}", credentials) as channel:
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await agent_pb2_grpc.AgentServiceStub(channel).Check(
+                    agent_pb2.CheckRequest(), timeout=10
+                )
+            code: grpc.StatusCode = caught.value.code()
+            return code
+
+    assert asyncio.run(refused_by_tls(grpc.ssl_channel_credentials(ca))) == (
+        grpc.StatusCode.UNAVAILABLE
+    )
+    assert (
+        asyncio.run(
+            refused_by_tls(
+                grpc.ssl_channel_credentials(
+                    ca, foreign.key.read_bytes(), foreign.cert.read_bytes()
+                )
+            )
+        )
+        == grpc.StatusCode.UNAVAILABLE
+    )
 
 
 # --- revocation ----------------------------------------------------------------------------

@@ -123,8 +123,8 @@ def _certificates(reply: operator_pb2.ListCertificatesReply, as_json: bool, titl
         return
     table(
         title,
-        ("Serial", "Kind", "Name", "Role", "Status", "Valid from", "Valid to", "Issued by",
-         "First used", "Revoked"),
+        ("Serial", "Kind", "Name", "Role", "Status", "Valid to", "Issued by", "First used",
+         "Revoked"),
         [
             [
                 c.serial,
@@ -132,7 +132,6 @@ def _certificates(reply: operator_pb2.ListCertificatesReply, as_json: bool, titl
                 c.name,
                 c.role or "-",
                 c.status,
-                when(c.not_before),
                 when(c.not_after),
                 c.issued_by,
                 when(c.first_used_at),
