@@ -21,13 +21,21 @@ from typing import cast
 import grpc
 
 from controller.catalog import Catalog, DiskRecord
+from controller.enrolment import Enrolment
 from controller.interceptors import caller_vm
 from controller.jobs import JobManager, RunningBackup
 from controller.registry import AgentRegistry, AgentSession
 from shared.blob import Compression
 from shared.clock import Clock
 from shared.digest import DIGEST_SIZE, check_digest
-from shared.errors import ChunkMissing, CofferError, CorruptData, InvalidArgument, PermissionDenied
+from shared.errors import (
+    ChunkMissing,
+    CofferError,
+    CorruptData,
+    InvalidArgument,
+    PermissionDenied,
+    Unavailable,
+)
 from shared.index import DiskIndex, check_disk_name
 from shared.rpc import agent_pb2, agent_pb2_grpc
 
@@ -64,7 +72,10 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
         clock: Clock,
         mqtt_address: tuple[str, int] | None,
         controller_version: str,
+        *,
+        enrolment: Enrolment | None = None,
     ) -> None:
+        self._enrolment = enrolment
         self._catalog = catalog
         self._registry = registry
         self._jobs = jobs
@@ -414,3 +425,14 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
         finally:
             for _, future in ahead:
                 future.cancel()
+
+    async def Renew(
+        self, request: agent_pb2.RenewRequest, context: grpc.aio.ServicerContext
+    ) -> agent_pb2.RenewReply:
+        vm_id = caller_vm()
+        if self._enrolment is None:
+            raise Unavailable("this controller does not issue certificates")
+        issued = await self._enrolment.renew(vm_id, request.csr_pem.encode(errors="replace"))
+        return agent_pb2.RenewReply(
+            certificate_pem=issued.certificate_pem.decode(), ca_pem=issued.ca_pem.decode()
+        )

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import sqlite3
 from collections.abc import AsyncIterator, Sequence
@@ -202,6 +203,51 @@ MIGRATIONS: list[str] = [
     """
     ALTER TABLE vaults ADD COLUMN encrypted INTEGER NOT NULL DEFAULT 0;
     """,
+    # 6: identities: who asked for each job, the certificates the CA issued and their
+    # revocation, enrolment tokens (their secrets only hashed), and the audit log. Jobs from
+    # before say "schedule" when the scheduler started them and nothing otherwise.
+    """
+    ALTER TABLE jobs ADD COLUMN requested_by TEXT NOT NULL DEFAULT '';
+    UPDATE jobs SET requested_by = 'schedule' WHERE trigger = 'scheduled';
+    CREATE TABLE certificates (
+        serial TEXT PRIMARY KEY,
+        kind TEXT NOT NULL,
+        name TEXT NOT NULL,
+        role TEXT NOT NULL DEFAULT '',
+        fingerprint TEXT NOT NULL,
+        not_before REAL NOT NULL,
+        not_after REAL NOT NULL,
+        issued_by TEXT NOT NULL,
+        first_used_at REAL,
+        revoked_at REAL,
+        revoked_reason TEXT NOT NULL DEFAULT '',
+        revoked_by TEXT NOT NULL DEFAULT ''
+    );
+    CREATE INDEX certificates_by_name ON certificates (name, kind);
+    CREATE TABLE enrolment_tokens (
+        id TEXT PRIMARY KEY,
+        vm_id TEXT NOT NULL,
+        secret_sha256 TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        created_by TEXT NOT NULL,
+        expires_at REAL NOT NULL,
+        used_at REAL,
+        used_by TEXT NOT NULL DEFAULT ''
+    );
+    CREATE TABLE audit (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        at REAL NOT NULL,
+        who TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        role TEXT NOT NULL DEFAULT '',
+        method TEXT NOT NULL,
+        arguments TEXT NOT NULL DEFAULT '',
+        outcome TEXT NOT NULL DEFAULT '',
+        message TEXT NOT NULL DEFAULT '',
+        peer TEXT NOT NULL DEFAULT ''
+    );
+    CREATE INDEX audit_by_time ON audit (at);
+    """,
 ]
 
 
@@ -301,6 +347,8 @@ class JobRecord:
     details: dict[str, Any] = field(default_factory=dict)
     """For operators only (warnings, frozen time, consistency per disk, reports): nothing
     decides on it."""
+    requested_by: str = ""
+    """Who asked for it: an operator's name, or "schedule" (`controller.audit`)."""
 
     def __post_init__(self) -> None:
         self.operation = Operation(self.operation)
@@ -382,6 +430,65 @@ class JobFilter:
     vault: str = ""
     started_from: float | None = None
     started_to: float | None = None
+    limit: int = 100
+
+
+@dataclass(frozen=True)
+class CertificateRecord:
+    """A certificate of the CA's ledger, and where it stands."""
+
+    serial: str
+    kind: str
+    name: str
+    role: str
+    fingerprint: str
+    not_before: float
+    not_after: float
+    issued_by: str
+    """pki (on the CA host), enrolment, renewal, or seen (issued before the ledger)."""
+    first_used_at: float | None = None
+    revoked_at: float | None = None
+    revoked_reason: str = ""
+    """revoked (by an admin) or superseded (by a newer certificate of the same identity)."""
+    revoked_by: str = ""
+
+
+@dataclass(frozen=True)
+class EnrolmentTokenRecord:
+    """An enrolment token as the controller keeps it: its secret only hashed."""
+
+    id: str
+    vm_id: str
+    secret_sha256: str
+    created_at: float
+    created_by: str
+    expires_at: float
+    used_at: float | None = None
+    used_by: str = ""
+
+
+@dataclass(frozen=True)
+class AuditRecord:
+    """One call in the audit log."""
+
+    at: float
+    who: str
+    kind: str
+    method: str
+    role: str = ""
+    arguments: str = ""
+    outcome: str = ""
+    message: str = ""
+    peer: str = ""
+    id: int = 0
+
+
+@dataclass(frozen=True)
+class AuditFilter:
+    started_from: float | None = None
+    started_to: float | None = None
+    who: str = ""
+    method: str = ""
     limit: int = 100
 
 
@@ -494,7 +601,7 @@ def _disk(row: sqlite3.Row) -> DiskRecord:
 _JOB_COLUMNS = (
     "id", "operation", "status", "vault", "vm_id", "started_at", "ended_at", "bytes_read",
     "bytes_sent", "bytes_stored", "error_code", "error_message", "recovery_point_id", "trigger",
-    "slot", "disks", "pending_recovery_point_id", "details",
+    "slot", "disks", "pending_recovery_point_id", "details", "requested_by",
 )  # fmt: skip
 
 
@@ -518,6 +625,7 @@ def _job(row: sqlite3.Row) -> JobRecord:
         disks=tuple(json.loads(row["disks"])),
         pending_recovery_point_id=row["pending_recovery_point_id"],
         details=json.loads(row["details"]),
+        requested_by=row["requested_by"],
     )
 
 
@@ -541,6 +649,7 @@ def _job_row(job: JobRecord) -> dict[str, Any]:
         "disks": json.dumps(list(job.disks)),
         "pending_recovery_point_id": job.pending_recovery_point_id,
         "details": json.dumps(job.details),
+        "requested_by": job.requested_by,
     }
 
 
@@ -551,6 +660,11 @@ _RP_COLUMNS = (
 _RP_DISK_COLUMNS = (
     "recovery_point_id", "name", "size_bytes", "chunk_size", "chunk_count", "consistency"
 )  # fmt: skip
+
+
+_CERTIFICATE_COLUMNS = tuple(f.name for f in dataclasses.fields(CertificateRecord))
+_TOKEN_COLUMNS = tuple(f.name for f in dataclasses.fields(EnrolmentTokenRecord))
+_AUDIT_COLUMNS = tuple(f.name for f in dataclasses.fields(AuditRecord))
 
 
 def _rp_disk(row: sqlite3.Row) -> RecoveryPointDiskRecord:
@@ -1314,3 +1428,108 @@ class Catalog:
             (vault, Verification.HEALED.value),
         ) as cursor:
             return [row["id"] for row in await cursor.fetchall()]
+
+    # --- identities: certificates, enrolment tokens, the audit log ------------------------
+
+    async def insert_certificates(self, records: Sequence[CertificateRecord]) -> None:
+        """Record certificates of the ledger; ones recorded already are left as they are."""
+        async with self._transaction() as db:
+            await db.executemany(
+                f"INSERT OR IGNORE INTO certificates ({_columns(_CERTIFICATE_COLUMNS)})"
+                f" VALUES ({_placeholders(_CERTIFICATE_COLUMNS)})",
+                [dataclasses.asdict(record) for record in records],
+            )
+
+    async def certificates(self, name: str = "") -> list[CertificateRecord]:
+        """Every recorded certificate (of `name`), oldest first."""
+        where, params = _equal(name=name)
+        async with self.db.execute(
+            f"SELECT {_columns(_CERTIFICATE_COLUMNS)} FROM certificates WHERE {where}"
+            " ORDER BY not_before, serial",
+            params,
+        ) as cursor:
+            return [CertificateRecord(**dict(row)) for row in await cursor.fetchall()]
+
+    async def certificate_used(self, serial: str, at: float) -> None:
+        async with self._transaction() as db:
+            await db.execute(
+                "UPDATE certificates SET first_used_at = ? WHERE serial = ?"
+                " AND first_used_at IS NULL",
+                (at, serial),
+            )
+
+    async def revoke_certificates(
+        self, serials: Sequence[str], at: float, reason: str, by: str
+    ) -> None:
+        """Mark certificates revoked (those not revoked already)."""
+        async with self._transaction() as db:
+            await db.executemany(
+                "UPDATE certificates SET revoked_at = ?, revoked_reason = ?, revoked_by = ?"
+                " WHERE serial = ? AND revoked_at IS NULL",
+                [(at, reason, by, serial) for serial in serials],
+            )
+
+    async def insert_enrolment_token(self, token: EnrolmentTokenRecord) -> None:
+        async with self._transaction() as db:
+            await db.execute(
+                f"INSERT INTO enrolment_tokens ({_columns(_TOKEN_COLUMNS)})"
+                f" VALUES ({_placeholders(_TOKEN_COLUMNS)})",
+                dataclasses.asdict(token),
+            )
+
+    async def enrolment_token(self, token_id: str) -> EnrolmentTokenRecord | None:
+        async with self.db.execute(
+            f"SELECT {_columns(_TOKEN_COLUMNS)} FROM enrolment_tokens WHERE id = ?", (token_id,)
+        ) as cursor:
+            row = await cursor.fetchone()
+        return None if row is None else EnrolmentTokenRecord(**dict(row))
+
+    async def use_enrolment_token(self, token_id: str, at: float, used_by: str) -> bool:
+        """Spend a token: True if it was unused and unexpired at `at` (and now is used)."""
+        async with self._transaction() as db:
+            cursor = await db.execute(
+                "UPDATE enrolment_tokens SET used_at = ?, used_by = ?"
+                " WHERE id = ? AND used_at IS NULL AND expires_at > ?",
+                (at, used_by, token_id, at),
+            )
+            return cursor.rowcount == 1
+
+    async def insert_audit(self, record: AuditRecord) -> int:
+        """Append an entry to the audit log; its id."""
+        columns = [c for c in _AUDIT_COLUMNS if c != "id"]
+        async with self._transaction() as db:
+            cursor = await db.execute(
+                f"INSERT INTO audit ({_columns(columns)}) VALUES ({_placeholders(columns)})",
+                {c: getattr(record, c) for c in columns},
+            )
+            return int(cursor.lastrowid or 0)
+
+    async def finish_audit(self, entry: int, outcome: str, message: str) -> None:
+        async with self._transaction() as db:
+            await db.execute(
+                "UPDATE audit SET outcome = ?, message = ? WHERE id = ?", (outcome, message, entry)
+            )
+
+    async def audit(self, where: AuditFilter) -> list[AuditRecord]:
+        """Entries of the audit log, newest first."""
+        clauses: list[str] = []
+        params: list[Any] = []
+        if where.started_from is not None:
+            clauses.append("at >= ?")
+            params.append(where.started_from)
+        if where.started_to is not None:
+            clauses.append("at < ?")
+            params.append(where.started_to)
+        if where.who:
+            clauses.append("who = ?")
+            params.append(where.who)
+        if where.method:
+            clauses.append("method = ?")
+            params.append(where.method)
+        sql = f"SELECT {_columns(_AUDIT_COLUMNS)} FROM audit"
+        if clauses:
+            sql += " WHERE " + " AND ".join(clauses)
+        sql += " ORDER BY id DESC LIMIT ?"
+        params.append(where.limit)
+        async with self.db.execute(sql, params) as cursor:
+            return [AuditRecord(**dict(row)) for row in await cursor.fetchall()]

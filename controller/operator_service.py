@@ -1,9 +1,10 @@
 """The gRPC service operators call (through the `coffer` CLI): the whole vault workflow.
 
 Thin: each method converts the request into the domain's terms, calls the vaults, protection,
-pruning or job manager, and converts the answer back. Protobuf types stop here. That the caller
-is an operator, and that errors leave typed, is checked for every method at the edge
-(`controller.interceptors`): handlers raise.
+pruning or job manager (or, for identities, enrolment, revocation and the audit log), and
+converts the answer back. Protobuf types stop here. That the caller is an operator whose role
+may call the method, and that errors leave typed, is checked for every method at the edge
+(`controller.interceptors`, `controller.access`): handlers raise.
 """
 
 from __future__ import annotations
@@ -17,9 +18,12 @@ from typing import TypeAlias
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from controller.audit import AuditLog
 from controller.catalog import (
     AgentRecord,
+    AuditFilter,
     Catalog,
+    CertificateRecord,
     ItemRecord,
     JobFilter,
     JobRecord,
@@ -28,16 +32,20 @@ from controller.catalog import (
     VaultRecord,
     VerificationRecord,
 )
+from controller.enrolment import Enrolment
+from controller.interceptors import caller
 from controller.jobs import JobManager
 from controller.jobs.file_recovery import FileSource
 from controller.protection import Protection, display_name
 from controller.pruning import Pruner
 from controller.registry import AgentRegistry
+from controller.revocation import Revocations
 from controller.status import StatusMonitor
 from controller.vaults import Vaults
 from controller.verification import Verifier
 from shared.errors import (
     AmbiguousJobId,
+    Conflict,
     InvalidArgument,
     InvalidPolicy,
     NotFound,
@@ -84,7 +92,15 @@ class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
         pruner: Pruner,
         *,
         verifier: Verifier | None = None,
+        enrolment: Enrolment | None = None,
+        revocations: Revocations | None = None,
+        audit: AuditLog | None = None,
+        enrol_address: str = "",
     ) -> None:
+        self._enrolment = enrolment
+        self._revocations = revocations
+        self._audit = audit
+        self._enrol_address = enrol_address
         self._catalog = catalog
         self._registry = registry
         self._jobs = jobs
@@ -158,6 +174,7 @@ class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
             trigger=job.trigger,
             slot=_timestamp(job.slot),
             disks=job.disks,
+            requested_by=job.requested_by,
         )
         progress = self._status.progress(job.id) if self._status else None
         if progress is not None and not JobStatus(job.status).ended:
@@ -716,3 +733,100 @@ class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
             request.vault, vm_id=vm_id, rp_id=request.recovery_point_id
         )
         return self._job(job, await self._names())
+
+    # --- identities -------------------------------------------------------------------------
+
+    async def CreateEnrolmentToken(
+        self, request: operator_pb2.CreateEnrolmentTokenRequest, context: Context
+    ) -> operator_pb2.EnrolmentToken:
+        if self._enrolment is None or not self._enrol_address:
+            raise Conflict(
+                detail="enrolment is off on this controller: set `enrol_listen` in its config "
+                "(or issue the agent's certificate on the CA host: `coffer pki issue-agent`)"
+            )
+        token, record = await self._enrolment.create_token(
+            request.vm_id, request.expires_seconds, caller().name
+        )
+        return operator_pb2.EnrolmentToken(
+            token=str(token),
+            vm_id=record.vm_id,
+            expires_at=_timestamp(record.expires_at),
+            ca_fingerprint=token.ca_fingerprint,
+            enrol_address=self._enrol_address,
+        )
+
+    def _revocation(self) -> Revocations:
+        if self._revocations is None:
+            raise Unavailable("this controller keeps no record of certificates")
+        return self._revocations
+
+    def _certificates(self, records: list[CertificateRecord]) -> operator_pb2.ListCertificatesReply:
+        revocations = self._revocation()
+        return operator_pb2.ListCertificatesReply(
+            certificates=[
+                operator_pb2.Certificate(
+                    serial=r.serial,
+                    kind=r.kind,
+                    name=r.name,
+                    role=r.role,
+                    fingerprint=r.fingerprint,
+                    not_before=_timestamp(r.not_before),
+                    not_after=_timestamp(r.not_after),
+                    issued_by=r.issued_by,
+                    first_used_at=_timestamp(r.first_used_at),
+                    status=revocations.status(r),
+                    revoked_at=_timestamp(r.revoked_at),
+                    revoked_by=r.revoked_by,
+                )
+                for r in records
+            ]
+        )
+
+    async def ListCertificates(
+        self, request: operator_pb2.ListCertificatesRequest, context: Context
+    ) -> operator_pb2.ListCertificatesReply:
+        return self._certificates(await self._revocation().certificates(request.name))
+
+    async def RevokeCertificates(
+        self, request: operator_pb2.RevokeCertificatesRequest, context: Context
+    ) -> operator_pb2.ListCertificatesReply:
+        if not request.name:
+            raise InvalidArgument(detail="name the agent (VM id) or operator to revoke")
+        revoked = await self._revocation().revoke(request.name, caller().name)
+        return self._certificates(revoked)
+
+    async def ListAudit(
+        self, request: operator_pb2.ListAuditRequest, context: Context
+    ) -> operator_pb2.ListAuditReply:
+        if self._audit is None:
+            raise Unavailable("this controller keeps no audit log")
+        if request.limit > MAX_JOB_LIMIT:
+            raise InvalidArgument(
+                detail=f"a limit of {request.limit} entries is too many: at most {MAX_JOB_LIMIT}"
+            )
+        entries = await self._audit.entries(
+            AuditFilter(
+                started_from=_seconds(getattr(request, "from"), request.HasField("from")),
+                started_to=_seconds(request.to, request.HasField("to")),
+                who=request.who,
+                method=request.method,
+                limit=request.limit or DEFAULT_JOB_LIMIT,
+            )
+        )
+        return operator_pb2.ListAuditReply(
+            entries=[
+                operator_pb2.AuditEntry(
+                    id=e.id,
+                    at=_timestamp(e.at),
+                    who=e.who,
+                    kind=e.kind,
+                    role=e.role,
+                    method=e.method,
+                    arguments=e.arguments,
+                    outcome=e.outcome,
+                    peer=e.peer,
+                    message=e.message,
+                )
+                for e in entries
+            ]
+        )

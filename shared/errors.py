@@ -531,3 +531,58 @@ class UserErrorSnapshotProviderUnsupported(CofferError):
     code = "UserErrorSnapshotProviderUnsupported"
     exit_code = 3
     grpc_status = "FAILED_PRECONDITION"
+
+
+# --- identities: enrolment, renewal, revocation, operator roles ----------------------------
+#
+# Refusals of who the caller is travel as UNAUTHENTICATED, refusals of what it may do as
+# PERMISSION_DENIED: the CLI exits 6 for both ("not allowed").
+
+
+class CertificateRevoked(Unauthenticated):
+    """The certificate of {identity} (serial {serial}) was {reason}; the controller refuses it. {fix}"""
+
+    code = "CertificateRevoked"
+
+
+class InsufficientRole(PermissionDenied):
+    """Operator {name!r} has the role {role}; {method} needs the role {needed} (roles, least first: reader, operator, admin). An admin can issue a certificate with another role (`coffer pki issue-operator NAME --role ROLE`)."""
+
+    code = "InsufficientRole"
+
+
+class EnrolmentTokenInvalid(Unauthenticated):
+    """The enrolment token is not valid: {detail}. Ask an admin for a new one (`coffer enrol create --vm VM`)."""
+
+    code = "EnrolmentTokenInvalid"
+
+
+class EnrolmentTokenExpired(Unauthenticated):
+    """The enrolment token for VM {vm_id!r} expired at {expired}. Ask an admin for a new one (`coffer enrol create --vm {vm_id}`)."""
+
+    code = "EnrolmentTokenExpired"
+
+
+class EnrolmentTokenUsed(Unauthenticated):
+    """The enrolment token for VM {vm_id!r} was already used at {used}; a token enrols once. Ask an admin for a new one (`coffer enrol create --vm {vm_id}`)."""
+
+    code = "EnrolmentTokenUsed"
+
+
+class EnrolmentVmMismatch(PermissionDenied):
+    """{what} names VM {given!r}, but the enrolment token is for VM {vm_id!r}; a token enrols only the VM it was made for."""
+
+    code = "EnrolmentVmMismatch"
+
+
+class NameReserved(Conflict):
+    """The name {name!r} cannot be given to {wanted}: {why}."""
+
+    code = "NameReserved"
+
+
+class RenewalTooSoon(Conflict):
+    """VM {vm_id!r} renewed its certificate less than {seconds} seconds ago; it may renew again after that."""
+
+    code = "RenewalTooSoon"
+    retryable = True

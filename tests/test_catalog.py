@@ -190,7 +190,8 @@ async def test_records_carry_enums_read_by_column_name(tmp_path: Path) -> None:
         # Columns in a new order (as a later migration could leave them) change nothing.
         await catalog.db.executescript(
             "BEGIN; ALTER TABLE jobs RENAME TO old_jobs;"
-            " CREATE TABLE jobs AS SELECT details, pending_recovery_point_id, disks, slot,"
+            " CREATE TABLE jobs AS SELECT requested_by, details, pending_recovery_point_id, disks,"
+            " slot,"
             " trigger, recovery_point_id, error_message, error_code, bytes_stored, bytes_sent,"
             " bytes_read, ended_at, started_at, vm_id, vault, status, operation, id"
             " FROM old_jobs; DROP TABLE old_jobs; COMMIT;"

@@ -278,6 +278,7 @@ def show_job(job: operator_pb2.Job) -> None:
         ("Vault", job.vault),
         ("Item", job.item or "-"),
         ("VM id", job.vm_id or "-"),
+        ("Requested by", job.requested_by or "-"),
         ("Started", when(job.started_at)),
         ("Ended", when(job.ended_at, ended)),
         ("Duration", duration(job.started_at, job.ended_at if ended else None)),

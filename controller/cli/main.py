@@ -15,7 +15,9 @@ import click
 from rich.markup import escape
 
 from controller.cli import exits
+from controller.cli.audit import audit
 from controller.cli.client import DEFAULT_TIMEOUT, Connection, call
+from controller.cli.enrol import enrol
 from controller.cli.files import files
 from controller.cli.integrity import verification_cell, verify
 from controller.cli.jobs import backup_now, gc, job, prune, restore
@@ -110,6 +112,8 @@ for command in (
     prune,
     gc,
     verify,
+    enrol,
+    audit,
 ):
     cli.add_command(command)
 

@@ -405,7 +405,7 @@ class Progress(_message.Message):
     def __init__(self, phase: _Optional[str] = ..., bytes_done: _Optional[int] = ..., bytes_total: _Optional[int] = ..., rate_bytes_per_second: _Optional[float] = ...) -> None: ...
 
 class Job(_message.Message):
-    __slots__ = ("id", "operation", "status", "vault", "vm_id", "started_at", "ended_at", "bytes_read", "bytes_sent", "bytes_stored", "error_code", "error_message", "recovery_point_id", "progress", "item", "details_json", "trigger", "slot", "disks")
+    __slots__ = ("id", "operation", "status", "vault", "vm_id", "started_at", "ended_at", "bytes_read", "bytes_sent", "bytes_stored", "error_code", "error_message", "recovery_point_id", "progress", "item", "details_json", "trigger", "slot", "disks", "requested_by")
     ID_FIELD_NUMBER: _ClassVar[int]
     OPERATION_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
@@ -425,6 +425,7 @@ class Job(_message.Message):
     TRIGGER_FIELD_NUMBER: _ClassVar[int]
     SLOT_FIELD_NUMBER: _ClassVar[int]
     DISKS_FIELD_NUMBER: _ClassVar[int]
+    REQUESTED_BY_FIELD_NUMBER: _ClassVar[int]
     id: str
     operation: str
     status: str
@@ -444,7 +445,8 @@ class Job(_message.Message):
     trigger: str
     slot: _timestamp_pb2.Timestamp
     disks: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, id: _Optional[str] = ..., operation: _Optional[str] = ..., status: _Optional[str] = ..., vault: _Optional[str] = ..., vm_id: _Optional[str] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., ended_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., bytes_read: _Optional[int] = ..., bytes_sent: _Optional[int] = ..., bytes_stored: _Optional[int] = ..., error_code: _Optional[str] = ..., error_message: _Optional[str] = ..., recovery_point_id: _Optional[str] = ..., progress: _Optional[_Union[Progress, _Mapping]] = ..., item: _Optional[str] = ..., details_json: _Optional[str] = ..., trigger: _Optional[str] = ..., slot: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., disks: _Optional[_Iterable[str]] = ...) -> None: ...
+    requested_by: str
+    def __init__(self, id: _Optional[str] = ..., operation: _Optional[str] = ..., status: _Optional[str] = ..., vault: _Optional[str] = ..., vm_id: _Optional[str] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., ended_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., bytes_read: _Optional[int] = ..., bytes_sent: _Optional[int] = ..., bytes_stored: _Optional[int] = ..., error_code: _Optional[str] = ..., error_message: _Optional[str] = ..., recovery_point_id: _Optional[str] = ..., progress: _Optional[_Union[Progress, _Mapping]] = ..., item: _Optional[str] = ..., details_json: _Optional[str] = ..., trigger: _Optional[str] = ..., slot: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., disks: _Optional[_Iterable[str]] = ..., requested_by: _Optional[str] = ...) -> None: ...
 
 class ListJobsRequest(_message.Message):
     __slots__ = ("status", "operation", "vm_id", "started_from", "started_to", "limit", "vault")
@@ -613,3 +615,114 @@ class MountFilesRequest(_message.Message):
     source: FileRecoverySource
     ttl_seconds: float
     def __init__(self, source: _Optional[_Union[FileRecoverySource, _Mapping]] = ..., ttl_seconds: _Optional[float] = ...) -> None: ...
+
+class CreateEnrolmentTokenRequest(_message.Message):
+    __slots__ = ("vm_id", "expires_seconds")
+    VM_ID_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    vm_id: str
+    expires_seconds: int
+    def __init__(self, vm_id: _Optional[str] = ..., expires_seconds: _Optional[int] = ...) -> None: ...
+
+class EnrolmentToken(_message.Message):
+    __slots__ = ("token", "vm_id", "expires_at", "ca_fingerprint", "enrol_address")
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    VM_ID_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
+    CA_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    ENROL_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    token: str
+    vm_id: str
+    expires_at: _timestamp_pb2.Timestamp
+    ca_fingerprint: str
+    enrol_address: str
+    def __init__(self, token: _Optional[str] = ..., vm_id: _Optional[str] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., ca_fingerprint: _Optional[str] = ..., enrol_address: _Optional[str] = ...) -> None: ...
+
+class Certificate(_message.Message):
+    __slots__ = ("serial", "kind", "name", "role", "fingerprint", "not_before", "not_after", "issued_by", "first_used_at", "status", "revoked_at", "revoked_by")
+    SERIAL_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    NOT_BEFORE_FIELD_NUMBER: _ClassVar[int]
+    NOT_AFTER_FIELD_NUMBER: _ClassVar[int]
+    ISSUED_BY_FIELD_NUMBER: _ClassVar[int]
+    FIRST_USED_AT_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    REVOKED_AT_FIELD_NUMBER: _ClassVar[int]
+    REVOKED_BY_FIELD_NUMBER: _ClassVar[int]
+    serial: str
+    kind: str
+    name: str
+    role: str
+    fingerprint: str
+    not_before: _timestamp_pb2.Timestamp
+    not_after: _timestamp_pb2.Timestamp
+    issued_by: str
+    first_used_at: _timestamp_pb2.Timestamp
+    status: str
+    revoked_at: _timestamp_pb2.Timestamp
+    revoked_by: str
+    def __init__(self, serial: _Optional[str] = ..., kind: _Optional[str] = ..., name: _Optional[str] = ..., role: _Optional[str] = ..., fingerprint: _Optional[str] = ..., not_before: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., not_after: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., issued_by: _Optional[str] = ..., first_used_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., status: _Optional[str] = ..., revoked_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., revoked_by: _Optional[str] = ...) -> None: ...
+
+class ListCertificatesRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class ListCertificatesReply(_message.Message):
+    __slots__ = ("certificates",)
+    CERTIFICATES_FIELD_NUMBER: _ClassVar[int]
+    certificates: _containers.RepeatedCompositeFieldContainer[Certificate]
+    def __init__(self, certificates: _Optional[_Iterable[_Union[Certificate, _Mapping]]] = ...) -> None: ...
+
+class RevokeCertificatesRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class AuditEntry(_message.Message):
+    __slots__ = ("id", "at", "who", "kind", "role", "method", "arguments", "outcome", "peer", "message")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    AT_FIELD_NUMBER: _ClassVar[int]
+    WHO_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    METHOD_FIELD_NUMBER: _ClassVar[int]
+    ARGUMENTS_FIELD_NUMBER: _ClassVar[int]
+    OUTCOME_FIELD_NUMBER: _ClassVar[int]
+    PEER_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    id: int
+    at: _timestamp_pb2.Timestamp
+    who: str
+    kind: str
+    role: str
+    method: str
+    arguments: str
+    outcome: str
+    peer: str
+    message: str
+    def __init__(self, id: _Optional[int] = ..., at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., who: _Optional[str] = ..., kind: _Optional[str] = ..., role: _Optional[str] = ..., method: _Optional[str] = ..., arguments: _Optional[str] = ..., outcome: _Optional[str] = ..., peer: _Optional[str] = ..., message: _Optional[str] = ...) -> None: ...
+
+class ListAuditRequest(_message.Message):
+    __slots__ = ("to", "who", "method", "limit")
+    FROM_FIELD_NUMBER: _ClassVar[int]
+    TO_FIELD_NUMBER: _ClassVar[int]
+    WHO_FIELD_NUMBER: _ClassVar[int]
+    METHOD_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    to: _timestamp_pb2.Timestamp
+    who: str
+    method: str
+    limit: int
+    def __init__(self, to: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., who: _Optional[str] = ..., method: _Optional[str] = ..., limit: _Optional[int] = ..., **kwargs) -> None: ...
+
+class ListAuditReply(_message.Message):
+    __slots__ = ("entries",)
+    ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    entries: _containers.RepeatedCompositeFieldContainer[AuditEntry]
+    def __init__(self, entries: _Optional[_Iterable[_Union[AuditEntry, _Mapping]]] = ...) -> None: ...
