@@ -55,6 +55,9 @@ OPERATOR_METHODS: Final[dict[str, Access]] = {
     "WatchJob": _READ,
     "ListRecoveryPoints": _READ,
     "Dashboard": _READ,
+    "ListAlerts": _READ,
+    # a sign-in link to the web console: any role, for itself; audited (it opens a session)
+    "CreateWebLogin": Access(READER, changes=True),
     # backups, restores, cancelling; discovery records a job
     "Discover": _OPERATE,
     "BackupNow": _OPERATE,

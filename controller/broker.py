@@ -47,6 +47,7 @@ from typing import Final, Self
 from shared.backoff import Backoff
 from shared.errors import InvalidArgument, Unavailable
 from shared.status import (
+    ALERT_FILTER,
     CONTROLLER_USERNAME,
     JOB_STATE_FILTER,
     MAX_PAYLOAD_BYTES,
@@ -398,6 +399,7 @@ topic deny {TOPIC_ROOT}/agents/{name}/jobs/+/progress
 topic read {PRESENCE_FILTER}
 topic read {PROGRESS_FILTER}
 topic read {JOB_STATE_FILTER}
+topic read {ALERT_FILTER}
 """
         for name in readers
     )
@@ -406,12 +408,14 @@ topic read {JOB_STATE_FILTER}
 # User names are client certificate CNs (use_identity_as_username). Every right names exact
 # topics; a level is `+` only where the topic holds an id.
 
-# The controller reads agents' presence and progress, publishes job states, and clears
-# retained messages on agents' topics (a retired VM's presence; progress published retained).
+# The controller reads agents' presence and progress, publishes job states and alerts, and
+# clears retained messages on agents' topics (a retired VM's presence; progress published
+# retained). Only the controller may publish alerts: no agent pattern reaches them.
 user {CONTROLLER_USERNAME}
 topic readwrite {PRESENCE_FILTER}
 topic readwrite {PROGRESS_FILTER}
 topic write {JOB_STATE_FILTER}
+topic write {ALERT_FILTER}
 {reader_lines}
 # Every agent (user name = its VM id) may publish its own presence (its last will included)
 # and its own jobs' progress: these two topics and nothing else, so it cannot make the broker

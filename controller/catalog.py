@@ -248,6 +248,24 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX audit_by_time ON audit (at);
     """,
+    # 7: alerts (controller/alerts): one row per time a condition held, firing until resolved;
+    # at most one firing row per condition (its key).
+    """
+    CREATE TABLE alerts (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        key TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        severity TEXT NOT NULL,
+        vault TEXT NOT NULL DEFAULT '',
+        vm_id TEXT NOT NULL DEFAULT '',
+        summary TEXT NOT NULL,
+        details TEXT NOT NULL DEFAULT '{}',
+        raised_at REAL NOT NULL,
+        resolved_at REAL
+    );
+    CREATE UNIQUE INDEX alerts_firing ON alerts (key) WHERE resolved_at IS NULL;
+    CREATE INDEX alerts_by_time ON alerts (raised_at);
+    """,
 ]
 
 
@@ -481,6 +499,38 @@ class AuditRecord:
     message: str = ""
     peer: str = ""
     id: int = 0
+
+
+@dataclass(frozen=True)
+class AlertRecord:
+    """One alert: a condition that held from `raised_at` until `resolved_at` (None: firing)."""
+
+    key: str
+    kind: str
+    severity: str
+    summary: str
+    raised_at: float
+    vault: str = ""
+    vm_id: str = ""
+    details: dict[str, Any] = field(default_factory=dict)
+    resolved_at: float | None = None
+    id: int = 0
+
+    @property
+    def firing(self) -> bool:
+        return self.resolved_at is None
+
+
+_ALERT_COLUMNS = (
+    "id", "key", "kind", "severity", "vault", "vm_id", "summary", "details", "raised_at",
+    "resolved_at",
+)  # fmt: skip
+
+
+def _alert(row: sqlite3.Row) -> AlertRecord:
+    data = dict(row)
+    data["details"] = json.loads(data["details"] or "{}")
+    return AlertRecord(**data)
 
 
 @dataclass(frozen=True)
@@ -1533,3 +1583,41 @@ class Catalog:
         params.append(where.limit)
         async with self.db.execute(sql, params) as cursor:
             return [AuditRecord(**dict(row)) for row in await cursor.fetchall()]
+
+    # --- alerts ------------------------------------------------------------------------------
+
+    async def raise_alert(self, alert: AlertRecord) -> AlertRecord:
+        """Record a condition that began to hold; the record with its id. Conflict if an
+        alert of the same key is firing already."""
+        columns = [c for c in _ALERT_COLUMNS if c != "id"]
+        values = {c: getattr(alert, c) for c in columns}
+        values["details"] = json.dumps(alert.details, sort_keys=True)
+        async with self._transaction() as db:
+            try:
+                cursor = await db.execute(
+                    f"INSERT INTO alerts ({_columns(columns)}) VALUES ({_placeholders(columns)})",
+                    values,
+                )
+            except sqlite3.IntegrityError:
+                raise Conflict(detail=f"alert {alert.key} is firing already") from None
+            return dataclasses.replace(alert, id=int(cursor.lastrowid or 0))
+
+    async def resolve_alert(self, alert_id: int, at: float) -> None:
+        async with self._transaction() as db:
+            await db.execute(
+                "UPDATE alerts SET resolved_at = ? WHERE id = ? AND resolved_at IS NULL",
+                (at, alert_id),
+            )
+
+    async def alerts(
+        self, *, include_resolved: bool = False, limit: int = 100
+    ) -> list[AlertRecord]:
+        """Firing alerts first (newest first), then, if asked for, resolved ones (newest
+        resolved first)."""
+        sql = f"SELECT {_columns(_ALERT_COLUMNS)} FROM alerts"
+        if not include_resolved:
+            sql += " WHERE resolved_at IS NULL"
+        sql += " ORDER BY resolved_at IS NOT NULL, coalesce(resolved_at, raised_at) DESC, id DESC"
+        sql += " LIMIT ?"
+        async with self.db.execute(sql, (limit,)) as cursor:
+            return [_alert(row) for row in await cursor.fetchall()]

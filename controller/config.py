@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -11,6 +12,7 @@ from pydantic import AfterValidator, Field, model_validator
 
 from controller.datastore.lease import DEFAULT_LEASE_SECONDS
 from controller.datastore.s3 import S3Settings, parse_s3_url
+from shared.address import parse_address
 from shared.config import Host, ListenAddress, NonEmpty, Port, Seconds, Section, checked, load
 from shared.tls import TlsFiles
 
@@ -67,6 +69,73 @@ class EncryptionSettings:
     passphrase_file: Path | None = None
 
 
+DEFAULT_LOGIN_LINK_SECONDS = 300.0
+MAX_LOGIN_LINK_SECONDS = 3600.0
+
+
+@dataclass(frozen=True)
+class WebSettings:
+    """`[web]`: the web console (off unless the section is there; controller/web)."""
+
+    listen: str
+    """host:port of its HTTPS listener."""
+    url: str | None = None
+    """The address operators open, as sign-in links give it (default: https://, the advertised
+    or listen host, and the port it got)."""
+    cert_file: Path | None = None
+    """Its own certificate chain and key (e.g. one browsers already trust); default: the
+    controller's certificate from its CA, which the console then follows through renewals."""
+    key_file: Path | None = None
+    login_link_seconds: float = DEFAULT_LOGIN_LINK_SECONDS
+    """How long a sign-in link from `coffer web login` can be used (once)."""
+    session_minutes: float = 480.0
+    """A session ends this long after sign-in, whatever happens."""
+    idle_minutes: float = 30.0
+    """... or after this long without a request."""
+
+
+@dataclass(frozen=True)
+class MetricsSettings:
+    """`[metrics]`: the Prometheus endpoint (off unless the section is there)."""
+
+    listen: str
+    """host:port of a plain HTTP listener on a loopback address (docs/decisions.md)."""
+
+
+@dataclass(frozen=True)
+class WebhookSettings:
+    url: str
+    timeout: float = 10.0
+    max_attempts: int = 5
+
+
+@dataclass(frozen=True)
+class EmailSettings:
+    host: str
+    to: tuple[str, ...]
+    sender: str
+    port: int = 25
+    starttls: bool = False
+    username: str | None = None
+    password_file: Path | None = None
+    timeout: float = 30.0
+    max_attempts: int = 5
+
+
+@dataclass(frozen=True)
+class AlertSettings:
+    """`[alerts]`: when conditions are checked, and where alerts go besides MQTT and the
+    catalog (controller/alerts.py)."""
+
+    check_seconds: float = 60.0
+    agent_offline_seconds: float = 900.0
+    """An agent offline this long raises an alert."""
+    rpo_grace_seconds: float = 3600.0
+    """Slack beyond the policy's longest gap between backups before a VM's RPO is breached."""
+    webhooks: tuple[WebhookSettings, ...] = ()
+    email: EmailSettings | None = None
+
+
 @dataclass(frozen=True)
 class ControllerConfig:
     listen: str
@@ -93,9 +162,13 @@ class ControllerConfig:
     @property
     def default_master_key_file(self) -> Path:
         return self.state_dir / MASTER_KEY_NAME
+
     # Where agents enrol (TLS without a client certificate); None: enrolment is off.
     enrol_listen: str | None = None
     certificate_days: float = DEFAULT_CERTIFICATE_DAYS
+    web: WebSettings | None = None
+    metrics: MetricsSettings | None = None
+    alerts: AlertSettings = field(default_factory=AlertSettings)
 
     @property
     def certificate_lifetime(self) -> timedelta:
@@ -235,6 +308,122 @@ class EncryptionSection(Section):
         )
 
 
+def _loopback(address: str) -> str:
+    host = parse_address(address, allow_port_zero=True).host
+    try:
+        loopback = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = host == "localhost"
+    if not loopback:
+        raise ValueError(
+            f"{address!r} is not a loopback address: the metrics listener is plain HTTP "
+            "without authentication, so it listens on 127.0.0.1 or ::1 only (scrape it "
+            "from this host, or through a proxy that adds TLS and authentication)"
+        )
+    return address
+
+
+class WebSection(Section):
+    """`[web]`: the web console (README "The web console")."""
+
+    listen: ListenAddress
+    url: Annotated[str, AfterValidator(_endpoint)] | None = None
+    cert_file: NonEmpty | None = None
+    key_file: NonEmpty | None = None
+    login_link_seconds: Annotated[float, Field(ge=10, le=MAX_LOGIN_LINK_SECONDS)] = (
+        DEFAULT_LOGIN_LINK_SECONDS
+    )
+    session_minutes: Annotated[float, Field(gt=0, le=7 * 24 * 60)] = 480.0
+    idle_minutes: Annotated[float, Field(gt=0, le=7 * 24 * 60)] = 30.0
+
+    @model_validator(mode="after")
+    def _pair(self) -> Self:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file go together")
+        if self.url is not None and not self.url.startswith("https://"):
+            raise ValueError(f"url {self.url!r}: the console is served over https only")
+        return self
+
+    def settings(self, base: Path) -> WebSettings:
+        return WebSettings(
+            listen=self.listen,
+            url=self.url.rstrip("/") if self.url else None,
+            cert_file=base / self.cert_file if self.cert_file else None,
+            key_file=base / self.key_file if self.key_file else None,
+            login_link_seconds=self.login_link_seconds,
+            session_minutes=self.session_minutes,
+            idle_minutes=self.idle_minutes,
+        )
+
+
+class MetricsSection(Section):
+    """`[metrics]`: the Prometheus endpoint."""
+
+    listen: Annotated[str, AfterValidator(_loopback)]
+
+
+class WebhookSection(Section):
+    """`[[alerts.webhooks]]`: a URL alerts are POSTed to as JSON."""
+
+    url: Annotated[str, AfterValidator(_endpoint)]
+    timeout: Seconds = 10.0
+    max_attempts: Annotated[int, Field(ge=1, le=20)] = 5
+
+
+class EmailSection(Section):
+    """`[alerts.email]`: an SMTP server alerts are mailed through."""
+
+    host: Host
+    port: Port = 25
+    sender: NonEmpty
+    to: Annotated[list[NonEmpty], Field(min_length=1)]
+    starttls: bool = False
+    username: NonEmpty | None = None
+    password_file: NonEmpty | None = None
+    timeout: Seconds = 30.0
+    max_attempts: Annotated[int, Field(ge=1, le=20)] = 5
+
+    @model_validator(mode="after")
+    def _login(self) -> Self:
+        if (self.username is None) != (self.password_file is None):
+            raise ValueError("username and password_file go together")
+        return self
+
+
+class AlertsSection(Section):
+    """`[alerts]`: README "Alerts"."""
+
+    check_seconds: Annotated[float, Field(ge=1, le=3600)] = 60.0
+    agent_offline_seconds: Annotated[float, Field(ge=1)] = 900.0
+    rpo_grace_seconds: Annotated[float, Field(ge=0)] = 3600.0
+    webhooks: list[WebhookSection] = []
+    email: EmailSection | None = None
+
+    def settings(self, base: Path) -> AlertSettings:
+        email = self.email
+        return AlertSettings(
+            check_seconds=self.check_seconds,
+            agent_offline_seconds=self.agent_offline_seconds,
+            rpo_grace_seconds=self.rpo_grace_seconds,
+            webhooks=tuple(
+                WebhookSettings(w.url, w.timeout, w.max_attempts) for w in self.webhooks
+            ),
+            email=EmailSettings(
+                host=email.host,
+                port=email.port,
+                sender=email.sender,
+                to=tuple(email.to),
+                starttls=email.starttls,
+                username=email.username,
+                password_file=base / email.password_file if email.password_file else None,
+                timeout=email.timeout,
+                max_attempts=email.max_attempts,
+            )
+            if email is not None
+            else None,
+        )
+
+
 def _chunk_size(size: int) -> int:
     if not MIN_CHUNK_SIZE <= size <= MAX_CHUNK_SIZE or size & (size - 1):
         raise ValueError(
@@ -260,6 +449,9 @@ class ControllerFile(Section):
     certificate_days: Annotated[float, Field(gt=0, le=MAX_CERTIFICATE_DAYS)] = (
         DEFAULT_CERTIFICATE_DAYS
     )
+    web: WebSection | None = None
+    metrics: MetricsSection | None = None
+    alerts: AlertsSection | None = None
 
     def config(self, base: Path) -> ControllerConfig:
         """The controller's config, paths relative to `base` (the file's directory)."""
@@ -276,4 +468,7 @@ class ControllerFile(Section):
             encryption=self.encryption.settings(base) if self.encryption else EncryptionSettings(),
             enrol_listen=self.enrol_listen,
             certificate_days=self.certificate_days,
+            web=self.web.settings(base) if self.web else None,
+            metrics=MetricsSettings(self.metrics.listen) if self.metrics else None,
+            alerts=self.alerts.settings(base) if self.alerts else AlertSettings(),
         )

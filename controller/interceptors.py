@@ -150,54 +150,71 @@ class CallerIdentity(grpc.aio.ServerInterceptor):  # type: ignore[misc]
 
         @contextlib.asynccontextmanager
         async def identified(context: Context, request: Any) -> AsyncIterator[None]:
-            pem = peer_certificate_pem(context)
-            facts = certificate_facts(pem)
-            identity = facts.identity
-            role = self._role(facts)
             message = request if isinstance(request, Message) else None
-            try:
-                if identity.role != kind:
-                    raise _refusal(identity, kind)
-                if self._revocations is not None:
-                    await self._revocations.admit(pem)
-                changes = (
-                    check_role(identity.name, role or LEGACY_ROLE, method).changes
-                    if kind == ROLE_OPERATOR
-                    else method in AGENT_CHANGES
+            async with self.admitted(
+                peer_certificate_pem(context), kind, method, message, context.peer()
+            ):
+                yield
+
+        return _guarded(handler, identified)
+
+    @contextlib.asynccontextmanager
+    async def admitted(
+        self, pem: bytes, kind: str, method: str, message: Message | None, peer: str
+    ) -> AsyncIterator[Identity]:
+        """Run the call made within the block as the holder of certificate `pem` calling
+        `method` of the service for callers of `kind`: refused (and audited) unless that
+        certificate may, audited if the method changes state, ended if it is revoked meanwhile.
+
+        The gRPC edge calls it for every RPC; the web console (controller.web) for every
+        action its signed-in operator takes, with the certificate that asked for the sign-in
+        link, so a browser gets exactly the rights and the audit trail of that certificate.
+        """
+        facts = certificate_facts(pem)
+        identity = facts.identity
+        role = self._role(facts)
+        try:
+            if identity.role != kind:
+                raise _refusal(identity, kind)
+            if self._revocations is not None:
+                await self._revocations.admit(pem)
+            changes = (
+                check_role(identity.name, role or LEGACY_ROLE, method).changes
+                if kind == ROLE_OPERATOR
+                else method in AGENT_CHANGES
+            )
+        except CofferError as error:
+            if self._audit is not None:
+                await self._audit.refused(
+                    who=identity.name,
+                    kind=identity.role,
+                    role=str(role or ""),
+                    method=method,
+                    error=error,
+                    peer=peer,
+                    request=message,
                 )
-            except CofferError as error:
-                if self._audit is not None:
-                    await self._audit.refused(
+            raise
+        # Each call runs in a context of its own (a grpc.aio call's, a web request's task),
+        # which ends with it.
+        _caller.set(identity)
+        if kind == ROLE_OPERATOR:
+            set_requester(identity.name)
+        async with contextlib.AsyncExitStack() as stack:
+            if self._revocations is not None:
+                await stack.enter_async_context(self._revocations.live(facts))
+            if changes and self._audit is not None:
+                await stack.enter_async_context(
+                    self._audit.call(
                         who=identity.name,
                         kind=identity.role,
                         role=str(role or ""),
                         method=method,
-                        error=error,
-                        peer=context.peer(),
                         request=message,
+                        peer=peer,
                     )
-                raise
-            # Each call runs in a context of its own (grpc.aio), which ends with it.
-            _caller.set(identity)
-            if kind == ROLE_OPERATOR:
-                set_requester(identity.name)
-            async with contextlib.AsyncExitStack() as stack:
-                if self._revocations is not None:
-                    await stack.enter_async_context(self._revocations.live(facts))
-                if changes and self._audit is not None:
-                    await stack.enter_async_context(
-                        self._audit.call(
-                            who=identity.name,
-                            kind=identity.role,
-                            role=str(role or ""),
-                            method=method,
-                            request=message,
-                            peer=context.peer(),
-                        )
-                    )
-                yield
-
-        return _guarded(handler, identified)
+                )
+            yield identity
 
     def _role(self, facts: CertificateFacts) -> OperatorRole | None:
         """An operator certificate's role (one from before roles: the legacy role)."""

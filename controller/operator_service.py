@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import json
 from collections.abc import AsyncIterator
-from typing import TypeAlias
+from typing import Protocol, TypeAlias
 
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -32,6 +32,7 @@ from controller.catalog import (
     VaultRecord,
     VerificationRecord,
 )
+from controller.config import MAX_LOGIN_LINK_SECONDS
 from controller.enrolment import Enrolment
 from controller.interceptors import caller
 from controller.jobs import JobManager
@@ -55,6 +56,7 @@ from shared.errors import (
 from shared.model import ItemState, JobStatus, Operation
 from shared.policy import Policy
 from shared.rpc import operator_pb2, operator_pb2_grpc
+from shared.tls import peer_certificate_pem
 
 Context: TypeAlias = grpc.aio.ServicerContext
 # WatchJob sends the job at least this often, changed or not: a client can tell a live stream
@@ -66,6 +68,20 @@ MIN_JOB_ID_PREFIX = 4
 AMBIGUOUS_CANDIDATES = 5
 DEFAULT_JOB_LIMIT = 100
 MAX_JOB_LIMIT = 10000
+
+
+MAX_ALERT_LIMIT = 10000
+
+
+class WebLogins(Protocol):
+    """The web console, as far as handing out sign-in links goes (controller.web)."""
+
+    @property
+    def url(self) -> str: ...
+
+    def issue_link(self, pem: bytes, expires_seconds: float) -> tuple[str, float, str, str]:
+        """A one-time link for the holder of `pem`: its URL, expiry, operator and role."""
+        ...
 
 
 def _timestamp(seconds: float | None) -> Timestamp | None:
@@ -97,6 +113,8 @@ class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
         audit: AuditLog | None = None,
         enrol_address: str = "",
     ) -> None:
+        # The web console, once it listens (set by the controller's wiring: it calls us).
+        self.web: WebLogins | None = None
         self._enrolment = enrolment
         self._revocations = revocations
         self._audit = audit
@@ -828,5 +846,62 @@ class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
                     message=e.message,
                 )
                 for e in entries
+            ]
+        )
+
+    # --- the web console and alerts ---------------------------------------------------------
+
+    async def CreateWebLogin(
+        self, request: operator_pb2.CreateWebLoginRequest, context: Context
+    ) -> operator_pb2.WebLogin:
+        if self.web is None:
+            raise Conflict(
+                detail="the web console is off on this controller: add a [web] section with "
+                '`listen` to its config (README "The web console")'
+            )
+        if request.expires_seconds > MAX_LOGIN_LINK_SECONDS:
+            raise InvalidArgument(
+                detail=f"a sign-in link lasts at most {MAX_LOGIN_LINK_SECONDS:.0f} seconds, not "
+                f"{request.expires_seconds}"
+            )
+        url, expires_at, operator, role = self.web.issue_link(
+            peer_certificate_pem(context), float(request.expires_seconds)
+        )
+        return operator_pb2.WebLogin(
+            url=url,
+            expires_at=_timestamp(expires_at),
+            operator=operator,
+            role=role,
+            console=self.web.url,
+        )
+
+    async def ListAlerts(
+        self, request: operator_pb2.ListAlertsRequest, context: Context
+    ) -> operator_pb2.ListAlertsReply:
+        if request.limit > MAX_ALERT_LIMIT:
+            raise InvalidArgument(
+                detail=f"a limit of {request.limit} alerts is too many: at most {MAX_ALERT_LIMIT}"
+            )
+        alerts = await self._catalog.alerts(
+            include_resolved=request.include_resolved, limit=request.limit or DEFAULT_JOB_LIMIT
+        )
+        names = await self._names()
+        return operator_pb2.ListAlertsReply(
+            alerts=[
+                operator_pb2.Alert(
+                    id=a.id,
+                    key=a.key,
+                    kind=a.kind,
+                    severity=a.severity,
+                    state="firing" if a.firing else "resolved",
+                    vault=a.vault,
+                    vm_id=a.vm_id,
+                    item=names.get(a.vm_id, a.vm_id),
+                    summary=a.summary,
+                    details_json=json.dumps(a.details, sort_keys=True),
+                    raised_at=_timestamp(a.raised_at),
+                    resolved_at=_timestamp(a.resolved_at),
+                )
+                for a in alerts
             ]
         )

@@ -208,6 +208,10 @@ class AgentRegistry:
     def online(self, vm_id: str) -> bool:
         return vm_id in self._sessions
 
+    def online_count(self) -> int:
+        """How many VMs' agents have a session now."""
+        return len(self._sessions)
+
     def warnings(self, vm_id: str) -> list[AgentWarning]:
         """What the operator should know about VM `vm_id`'s agent now."""
         holder = self._sessions.get(vm_id)

@@ -144,6 +144,9 @@ class Scheduler:
         self._start = start
         self._changed = asyncio.Event()
         self.wakeups = 0
+        # How late the latest slot was started, in seconds (a metric: a loop that falls behind,
+        # a blocked event loop, a clock stepped forward).
+        self.lag = 0.0
 
     def changed(self) -> None:
         """The plan changed (or a test moved the clock): look again."""
@@ -153,7 +156,10 @@ class Scheduler:
         while True:
             self._changed.clear()
             self.wakeups += 1
-            for due in self.plan.due(self._clock.now()):
+            now = self._clock.now()
+            for due in self.plan.due(now):
+                if not due.missed:  # a slot missed while the controller was down is not lag
+                    self.lag = max(now - due.slot, 0.0)
                 try:
                     await self._start(due)
                 except Exception:

@@ -37,6 +37,7 @@ from functools import partial
 import grpc
 
 from controller.agent_service import AgentService
+from controller.alerts import AlertKeeper, Delivery
 from controller.audit import AuditLog
 from controller.broker import PrivateBroker
 from controller.catalog import Catalog
@@ -57,6 +58,7 @@ from controller.enrolment import (
 from controller.interceptors import CallerIdentity, ErrorMapping
 from controller.jobs import JobManager
 from controller.master_key import load_master_key
+from controller.metrics import Metrics, MetricsEndpoint
 from controller.operator_service import OperatorService
 from controller.pki import Authority
 from controller.protection import Protection
@@ -68,6 +70,7 @@ from controller.state_lock import StateLock
 from controller.status import StatusMonitor
 from controller.vaults import Vaults
 from controller.verification import Verifier
+from controller.web import OperatorCalls, WebConsole
 from shared.address import Address, parse_address
 from shared.clock import Clock, SystemClock
 from shared.errors import CofferError, Unavailable
@@ -90,6 +93,9 @@ class Controller:
         self.port = 0
         # The enrolment listener's port (0: enrolment is off).
         self.enrol_port = 0
+        # The web console and the metrics endpoint, when configured.
+        self.web: WebConsole | None = None
+        self.metrics_port = 0
         self._supervisor: Supervisor | None = None
 
     @property
@@ -212,14 +218,15 @@ class Controller:
                 )
                 await enrol_server.start()
                 stack.push_async_callback(enrol_server.stop, SHUTDOWN_GRACE_SECONDS)
-                log.info(
-                    "enrolment listener on %s (port %d)", config.enrol_listen, self.enrol_port
-                )
+                log.info("enrolment listener on %s (port %d)", config.enrol_listen, self.enrol_port)
 
+            # The one identity, role and audit check of every operator call: gRPC's edge,
+            # and the web console's actions (controller.web.calls).
+            edge = CallerIdentity(revocations, audit)
             server = grpc.aio.server(
                 options=server_options(),
                 # The error mapping first: it also maps the identity check's refusals.
-                interceptors=(ErrorMapping(), CallerIdentity(revocations, audit)),
+                interceptors=(ErrorMapping(), edge),
             )
             agent_pb2_grpc.add_AgentServiceServicer_to_server(
                 AgentService(
@@ -233,23 +240,49 @@ class Controller:
                 ),
                 server,
             )
-            operator_pb2_grpc.add_OperatorServiceServicer_to_server(
-                OperatorService(
-                    catalog,
-                    registry,
-                    jobs,
-                    status,
-                    vaults,
-                    self.protection,
-                    pruner,
-                    verifier=verifier,
-                    enrolment=enrolment,
-                    revocations=revocations,
-                    audit=audit,
-                    enrol_address=self._enrol_address(),
-                ),
-                server,
+            operators = OperatorService(
+                catalog,
+                registry,
+                jobs,
+                status,
+                vaults,
+                self.protection,
+                pruner,
+                verifier=verifier,
+                enrolment=enrolment,
+                revocations=revocations,
+                audit=audit,
+                enrol_address=self._enrol_address(),
             )
+            operator_pb2_grpc.add_OperatorServiceServicer_to_server(operators, server)
+
+            # Alerts: checked under the supervisor (RESTART), at once when a job ends.
+            delivery = await stack.enter_async_context(Delivery(config.alerts, supervisor))
+            alerts = AlertKeeper(catalog, registry, status, self.clock, config.alerts, delivery)
+            jobs.on_job_end(alerts.job_ended)
+            supervisor.start("alerts", alerts.run, policy=Policy.RESTART)
+            stack.push_async_callback(supervisor.stop, "alerts")
+            self.alerts = alerts
+
+            metrics = Metrics(catalog, registry, jobs, self.protection, self.clock, alerts)
+            jobs.on_job_end(metrics.job_ended)
+            if config.metrics is not None:
+                endpoint = await stack.enter_async_context(
+                    MetricsEndpoint(metrics, config.metrics.listen)
+                )
+                self.metrics_port = endpoint.port
+
+            if config.web is not None:
+                console = WebConsole(
+                    config.web,
+                    OperatorCalls(operators, edge),
+                    self.clock,
+                    config.tls,
+                    advertise_host=config.advertise_host,
+                )
+                self.web = await stack.enter_async_context(console)
+                operators.web = console
+                certificates.on_renewed.append(console.load_certificate)
             self.port = _bind(
                 server, config.listen, identity.credentials(client_certificates=True), "listen"
             )

@@ -49,6 +49,7 @@ from shared.status import (
     CONTROLLER_USERNAME,
     PRESENCE_FILTER,
     PROGRESS_FILTER,
+    AlertStatus,
     JobState,
     OutgoingMessage,
     Presence,
@@ -240,6 +241,10 @@ class StatusMonitor(MqttConnection):
     def publish_job_state(self, state: JobState) -> None:
         """Queue `state` for publishing; returns at once. A job's states coalesce to the latest."""
         self._enqueue(OutgoingMessage.of(state))
+
+    def publish_alert(self, alert: AlertStatus) -> None:
+        """Queue an alert's state (retained) for publishing; returns at once."""
+        self._enqueue(OutgoingMessage.of(alert))
 
     # --- the connection's hooks --------------------------------------------------------------
 

@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # Install everything Coffer needs on a Debian 12 machine, as root: Debian packages (Mosquitto,
 # file system tools, FUSE 3 and what builds pyfuse3 against it, partitioning tools for the
-# tests, restic and borg for the benchmark, and python3-pyfuse3 for `borg mount`: the system
-# borg's own FUSE binding) and a virtualenv in .venv with Coffer and its
+# tests, restic and borg for the benchmark, python3-pyfuse3 for `borg mount`: the system
+# borg's own FUSE binding, and Chromium, the browser the web console's test drives headless)
+# and a virtualenv in .venv with Coffer and its
 # development tools. Safe to run again.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 packages=(mosquitto e2fsprogs xfsprogs util-linux iproute2 restic borgbackup
-          fuse3 libfuse3-dev pkg-config gcc fdisk gdisk python3-pyfuse3)
+          fuse3 libfuse3-dev pkg-config gcc fdisk gdisk python3-pyfuse3 chromium)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

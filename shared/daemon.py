@@ -6,13 +6,14 @@ import argparse
 import asyncio
 import contextlib
 import ctypes
-import logging
 import sys
 from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
 
 from shared.errors import CofferError, find_coffer_error
+from shared.logs import FORMATS, configure
+from shared.version import coffer_version
 
 C = TypeVar("C")
 
@@ -24,7 +25,8 @@ def run_daemon(
     serve: Callable[[C], Coroutine[Any, Any, None]],
     argv: list[str] | None = None,
 ) -> int:
-    """Parse `--config` and `--log-level`, load the config, serve; the process's exit code.
+    """Parse `--config`, `--log-level` and `--log-format` (`--version` prints the version),
+    load the config, serve; the process's exit code.
 
     A CofferError (a bad config, a port in use...) is one line on stderr and its exit code,
     not a traceback.
@@ -33,11 +35,15 @@ def run_daemon(
     parser = argparse.ArgumentParser(prog=prog, description=description)
     parser.add_argument("--config", type=Path, required=True, help="TOML configuration file")
     parser.add_argument("--log-level", default="INFO")
-    args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    parser.add_argument(
+        "--log-format",
+        choices=FORMATS,
+        default="text",
+        help="text lines, or one JSON object per line (default: text)",
     )
+    add_version(parser, prog)
+    args = parser.parse_args(argv)
+    configure(args.log_level, args.log_format)
     try:
         asyncio.run(serve(load(args.config)))
     except (CofferError, BaseExceptionGroup) as exc:
@@ -47,6 +53,11 @@ def run_daemon(
         print(f"{prog}: {error}", file=sys.stderr)
         return error.exit_code
     return 0
+
+
+def add_version(parser: argparse.ArgumentParser, prog: str) -> None:
+    """`--version`: the program's name and Coffer's version, then exit."""
+    parser.add_argument("--version", action="version", version=f"{prog} {coffer_version()}")
 
 
 M_ARENA_MAX = -8  # <malloc.h>

@@ -586,3 +586,24 @@ class RenewalTooSoon(Conflict):
 
     code = "RenewalTooSoon"
     retryable = True
+
+
+# --- the web console -----------------------------------------------------------------------
+
+
+class WebLoginInvalid(Unauthenticated):
+    """The sign-in link is not valid: {detail}. Get a new one with `coffer web login`."""
+
+    code = "WebLoginInvalid"
+
+
+class WebLoginExpired(Unauthenticated):
+    """The sign-in link expired at {expired}; a link is for the next few minutes only. Get a new one with `coffer web login`."""
+
+    code = "WebLoginExpired"
+
+
+class WebLoginUsed(Unauthenticated):
+    """The sign-in link was used already, at {used}; a link signs in once. Get a new one with `coffer web login`."""
+
+    code = "WebLoginUsed"

@@ -54,6 +54,8 @@ CONTROLLER_USERNAME: Final = CONTROLLER_NAME
 PRESENCE_FILTER: Final = f"{TOPIC_ROOT}/agents/+/presence"
 PROGRESS_FILTER: Final = f"{TOPIC_ROOT}/agents/+/jobs/+/progress"
 JOB_STATE_FILTER: Final = f"{TOPIC_ROOT}/jobs/+/state"
+# Alerts: coffer/v1/alerts/KIND/SUBJECT, retained, published by the controller only.
+ALERT_FILTER: Final = f"{TOPIC_ROOT}/alerts/+/+"
 
 # What a reader parses at most. The largest valid payload is about 2.4 KiB (a job state with a
 # 256-character operation and error code of 4-byte UTF-8 characters); real ones are a few
@@ -121,6 +123,20 @@ def progress_topic(vm_id: str, job_id: str) -> str:
 
 def job_state_topic(job_id: str) -> str:
     return f"{TOPIC_ROOT}/jobs/{validate_job_id(job_id)}/state"
+
+
+_TOPIC_SAFE = re.compile(r"[^A-Za-z0-9._:-]")
+
+
+def alert_topic(kind: str, subject: str) -> str:
+    """The topic of the alert of `kind` about `subject` (a VM id, a vault's name): one level
+    each, any character outside A-Z a-z 0-9 . _ : - written %XX, so no name can add a level
+    or a wildcard."""
+
+    def level(text: str) -> str:
+        return _TOPIC_SAFE.sub(lambda m: "".join(f"%{b:02X}" for b in m[0].encode()), text)
+
+    return f"{TOPIC_ROOT}/alerts/{level(_text(kind, 'kind'))}/{level(_text(subject, 'subject'))}"
 
 
 def parse_topic(topic: str) -> TopicRef:
@@ -502,6 +518,49 @@ class JobState:
         )
 
 
+@dataclass(frozen=True)
+class AlertStatus:
+    """An alert as the controller publishes it: retained, so a consumer that connects later
+    learns every alert's latest state (`firing` or `resolved`) at once. Documented in
+    docs/mqtt.md; the catalog holds the record."""
+
+    QOS: ClassVar[int] = 1
+    RETAIN: ClassVar[bool] = True
+    WHAT: ClassVar[str] = "alert"
+
+    alert_id: int
+    kind: str
+    subject: str
+    state: str
+    severity: str
+    summary: str
+    vault: str | None
+    vm_id: str | None
+    raised_at: datetime
+    resolved_at: datetime | None
+
+    @property
+    def topic(self) -> str:
+        return alert_topic(self.kind, self.subject)
+
+    def to_json(self) -> bytes:
+        # Summaries are the controller's own sentences, cut to fit the payload bound.
+        return _encode(
+            {
+                "alert_id": self.alert_id,
+                "kind": self.kind,
+                "subject": self.subject,
+                "state": self.state,
+                "severity": self.severity,
+                "summary": self.summary[:400],
+                "vault": self.vault,
+                "vm_id": self.vm_id,
+                "raised_at": format_ts(self.raised_at),
+                "resolved_at": format_ts(self.resolved_at) if self.resolved_at else None,
+            }
+        )
+
+
 # --- delivery rules ------------------------------------------------------------------------
 
 
@@ -515,7 +574,7 @@ class OutgoingMessage:
     retain: bool
 
     @classmethod
-    def of(cls, status: Presence | Progress | JobState) -> OutgoingMessage:
+    def of(cls, status: Presence | Progress | JobState | AlertStatus) -> OutgoingMessage:
         return cls(status.topic, status.to_json(), status.QOS, status.RETAIN)
 
 

@@ -325,6 +325,10 @@ class JobManager:
     def running(self, job_id: str) -> RunningJob | None:
         return self._runner.get(job_id)
 
+    def on_job_end(self, observer: Callable[[JobRecord], None]) -> None:
+        """Tell `observer` of every job that ends, once its outcome is written."""
+        self._runner.on_end.append(observer)
+
     def _vm_of_running(self, job_id: str) -> str | None:
         running = self._runner.get(job_id)
         return running.vm_id if running is not None else None

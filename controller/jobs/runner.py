@@ -38,6 +38,7 @@ from typing import Any, Self
 
 from controller.audit import requested_by, set_requester
 from controller.catalog import Catalog, JobRecord
+from controller.jobs import journal
 from controller.jobs.outcome import Outcome, outcome_of
 from controller.status import StatusMonitor
 from shared.clock import Clock
@@ -48,6 +49,9 @@ from shared.status import JobState
 log = logging.getLogger(__name__)
 
 FollowUp = Callable[[], Awaitable[None]]
+# Told of every job that ended, once its outcome is written (metrics, alerts): quick and
+# synchronous, and one that fails is logged without keeping the others from hearing.
+EndObserver = Callable[[JobRecord], None]
 
 
 def new_job_id() -> str:
@@ -95,6 +99,7 @@ class JobRunner:
         self._by_vm: dict[str, str] = {}
         self._tasks: asyncio.TaskGroup | None = None
         self._stopping = False
+        self.on_end: list[EndObserver] = []
 
     async def __aenter__(self) -> Self:
         self._tasks = asyncio.TaskGroup()
@@ -160,6 +165,7 @@ class JobRunner:
             self._forget(running)
             raise
         self.publish(job)
+        journal.started(job)
 
     def start(self, running: RunningJob, work: Callable[[], Awaitable[None]]) -> None:
         """Run `work` as the job's task; its outcome is recorded when it ends."""
@@ -243,6 +249,13 @@ class JobRunner:
             self.publish(job)
             running.ended.set()
             running.touch()
+        if not self.left_for_next_start(job):
+            journal.ended(job)
+            for observer in self.on_end:
+                try:
+                    observer(job)
+                except Exception:
+                    log.exception("job %s: an observer of its end failed", job.id)
         for follow_up in running.after_end:
             try:
                 await follow_up()

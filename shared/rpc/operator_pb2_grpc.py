@@ -230,6 +230,16 @@ class OperatorServiceStub:
                 request_serializer=coffer_dot_v1_dot_operator__pb2.ListAuditRequest.SerializeToString,
                 response_deserializer=coffer_dot_v1_dot_operator__pb2.ListAuditReply.FromString,
                 _registered_method=True)
+        self.CreateWebLogin = channel.unary_unary(
+                '/coffer.v1.OperatorService/CreateWebLogin',
+                request_serializer=coffer_dot_v1_dot_operator__pb2.CreateWebLoginRequest.SerializeToString,
+                response_deserializer=coffer_dot_v1_dot_operator__pb2.WebLogin.FromString,
+                _registered_method=True)
+        self.ListAlerts = channel.unary_unary(
+                '/coffer.v1.OperatorService/ListAlerts',
+                request_serializer=coffer_dot_v1_dot_operator__pb2.ListAlertsRequest.SerializeToString,
+                response_deserializer=coffer_dot_v1_dot_operator__pb2.ListAlertsReply.FromString,
+                _registered_method=True)
 
 
 class OperatorServiceServicer:
@@ -505,6 +515,23 @@ class OperatorServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateWebLogin(self, request, context):
+        """The web console (any role): a one-time, short-lived sign-in link bound to the caller's
+        certificate (its name, role and serial). Opening it starts a browser session in which
+        every action is checked and audited as this caller's calls are.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListAlerts(self, request, context):
+        """Alerts: failed backups and restores, recovery points older than the policy allows, agents
+        offline, damaged recovery points. Firing ones first, then resolved ones, newest first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_OperatorServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -702,6 +729,16 @@ def add_OperatorServiceServicer_to_server(servicer, server):
                     servicer.ListAudit,
                     request_deserializer=coffer_dot_v1_dot_operator__pb2.ListAuditRequest.FromString,
                     response_serializer=coffer_dot_v1_dot_operator__pb2.ListAuditReply.SerializeToString,
+            ),
+            'CreateWebLogin': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateWebLogin,
+                    request_deserializer=coffer_dot_v1_dot_operator__pb2.CreateWebLoginRequest.FromString,
+                    response_serializer=coffer_dot_v1_dot_operator__pb2.WebLogin.SerializeToString,
+            ),
+            'ListAlerts': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListAlerts,
+                    request_deserializer=coffer_dot_v1_dot_operator__pb2.ListAlertsRequest.FromString,
+                    response_serializer=coffer_dot_v1_dot_operator__pb2.ListAlertsReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1757,6 +1794,60 @@ class OperatorService:
             '/coffer.v1.OperatorService/ListAudit',
             coffer_dot_v1_dot_operator__pb2.ListAuditRequest.SerializeToString,
             coffer_dot_v1_dot_operator__pb2.ListAuditReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateWebLogin(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/coffer.v1.OperatorService/CreateWebLogin',
+            coffer_dot_v1_dot_operator__pb2.CreateWebLoginRequest.SerializeToString,
+            coffer_dot_v1_dot_operator__pb2.WebLogin.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListAlerts(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/coffer.v1.OperatorService/ListAlerts',
+            coffer_dot_v1_dot_operator__pb2.ListAlertsRequest.SerializeToString,
+            coffer_dot_v1_dot_operator__pb2.ListAlertsReply.FromString,
             options,
             channel_credentials,
             insecure,
