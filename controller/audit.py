@@ -39,6 +39,7 @@ KIND_ENROLMENT: Final = "enrolment"
 _SECRET_FIELD = re.compile(r"secret|token|passphrase|password|private|key_pem|csr", re.IGNORECASE)
 _MAX_VALUE = 200
 _MAX_SUMMARY = 2000
+_MAX_LIST = 10
 
 _requester: ContextVar[str] = ContextVar("coffer_requester", default=SCHEDULE)
 
@@ -71,7 +72,23 @@ def summarize(request: Message | dict[str, Any] | None) -> str:
         request = MessageToDict(request, preserving_proto_field_name=True)
     shown = _redact(request)
     text = json.dumps(shown, sort_keys=True, ensure_ascii=True)
-    return text if len(text) <= _MAX_SUMMARY else text[: _MAX_SUMMARY - 3] + "..."
+    if len(text) <= _MAX_SUMMARY:
+        return text
+    # Always JSON (`coffer audit list --json` nests it): long lists shortened first, and if
+    # that is not enough, only the names of the fields.
+    text = json.dumps(_shorten_lists(shown), sort_keys=True, ensure_ascii=True)
+    if len(text) <= _MAX_SUMMARY:
+        return text
+    fields = sorted(shown) if isinstance(shown, dict) else []
+    return json.dumps({"(shortened)": True, "fields": fields}, sort_keys=True)
+
+
+def _shorten_lists(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {key: _shorten_lists(item) for key, item in value.items()}
+    if isinstance(value, list) and len(value) > _MAX_LIST:
+        return [*value[:_MAX_LIST], f"... ({len(value) - _MAX_LIST} more)"]
+    return value
 
 
 def _redact(value: Any, name: str = "") -> Any:

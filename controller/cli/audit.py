@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import json
 from datetime import UTC
+from typing import Any
 
 import click
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from controller.cli.client import Connection, call
-from controller.cli.output import as_dict, parse_time, print_json, table, when
+from controller.cli.output import as_dict, json_option, parse_time, print_json, table, when
 from shared.rpc import operator_pb2
 
 MAX_ENTRIES = 10000
@@ -20,6 +22,16 @@ def _time(value: str | None) -> Timestamp | None:
     stamp = Timestamp()
     stamp.FromDatetime(parse_time(value).astimezone(UTC))
     return stamp
+
+
+def _nested(entry: operator_pb2.AuditEntry) -> dict[str, Any]:
+    """An entry for --json, its `arguments` (JSON text in the API) as the object it holds."""
+    data = as_dict(entry)
+    try:
+        data["arguments"] = json.loads(entry.arguments) if entry.arguments else None
+    except ValueError:  # recorded by a controller that cut long requests short as text
+        data["arguments"] = {"(shortened)": entry.arguments}
+    return data
 
 
 @click.group()
@@ -39,7 +51,7 @@ def audit() -> None:
     type=click.IntRange(1, MAX_ENTRIES),
     help="Show the newest N.",
 )
-@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+@json_option
 @click.pass_obj
 def audit_list(
     connection: Connection,
@@ -63,7 +75,7 @@ def audit_list(
         getattr(request, "from").CopyFrom(begun)
     reply = call(connection, lambda s: s.ListAudit(request))
     if as_json:
-        print_json([as_dict(e) for e in reply.entries])
+        print_json([_nested(e) for e in reply.entries])
         return
     table(
         "Audit log",

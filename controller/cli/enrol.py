@@ -11,7 +11,7 @@ import re
 import click
 
 from controller.cli.client import Connection, call
-from controller.cli.output import as_dict, print_json, when
+from controller.cli.output import as_dict, json_option, print_json, when
 from shared.rpc import operator_pb2
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -41,7 +41,7 @@ def enrol() -> None:
     show_default=True,
     help="How long the token may be used: 90s, 30m, 1h, 7d (at most 30 days).",
 )
-@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+@json_option
 @click.pass_obj
 def create(connection: Connection, vm_id: str, expires: str, as_json: bool) -> None:
     """A token that enrols the agent of one VM, once (admin).

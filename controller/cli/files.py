@@ -31,12 +31,20 @@ from rich.markup import escape
 from controller.cli import exits
 from controller.cli.client import Connection, call
 from controller.cli.jobs import finish, follow, show_job
-from controller.cli.output import as_dict, console, errors, iso, print_json, size, span, table
+from controller.cli.output import (
+    as_dict,
+    console,
+    errors,
+    iso,
+    json_option,
+    print_json,
+    size,
+    span,
+    table,
+)
 from shared.model import JobStatus
 from shared.printable import shown
 from shared.rpc import common_pb2, operator_pb2
-
-json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
 
 _TYPE_BITS = {
     "file": stat.S_IFREG,

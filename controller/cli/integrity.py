@@ -11,11 +11,9 @@ import click
 
 from controller.cli.client import Connection, call
 from controller.cli.jobs import finish, follow
-from controller.cli.output import console, when
+from controller.cli.output import console, json_option, when
 from shared.model import Verification
 from shared.rpc import operator_pb2
-
-json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
 
 
 def verification_cell(point: operator_pb2.RecoveryPoint) -> str:

@@ -40,6 +40,7 @@ from controller.cli.output import (
     console,
     duration,
     iso,
+    json_option,
     parse_time,
     print_json,
     size,
@@ -50,7 +51,6 @@ from controller.cli.output import (
 from shared.model import JobStatus, Operation
 from shared.rpc import operator_pb2
 
-json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
 job_id_argument = click.argument("job_id", metavar="JOB")
 MAX_JOB_LIMIT = 10000
 

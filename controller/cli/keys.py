@@ -11,10 +11,8 @@ import click
 from rich.markup import escape
 
 from controller.cli.client import Connection, call
-from controller.cli.output import as_dict, console, print_json
+from controller.cli.output import as_dict, console, json_option, print_json
 from shared.rpc import operator_pb2
-
-json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
 
 
 @click.group()

@@ -12,16 +12,26 @@ import sys
 from pathlib import Path
 
 import click
-from rich.markup import escape
 
 from controller.cli import exits
+from controller.cli.alerts import alerts
 from controller.cli.audit import audit
 from controller.cli.client import DEFAULT_TIMEOUT, Connection, call
 from controller.cli.enrol import enrol
 from controller.cli.files import files
 from controller.cli.integrity import verification_cell, verify
 from controller.cli.jobs import backup_now, gc, job, prune, restore
-from controller.cli.output import as_dict, errors, print_json, size, table, use_utc, when
+from controller.cli.output import (
+    as_dict,
+    json_option,
+    json_requested,
+    print_error,
+    print_json,
+    size,
+    table,
+    use_utc,
+    when,
+)
 from controller.cli.pki import pki
 from controller.cli.protection import (
     discover,
@@ -34,10 +44,10 @@ from controller.cli.protection import (
     unregister,
 )
 from controller.cli.vaults import dashboard, vault
+from controller.cli.web import web
 from shared.errors import CofferError
 from shared.rpc import operator_pb2
-
-json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+from shared.version import coffer_version
 
 
 @click.group(
@@ -75,6 +85,7 @@ json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON f
     envvar="COFFER_UTC",
     help="Show and read times in UTC instead of the local time zone; env COFFER_UTC.",
 )
+@click.version_option(coffer_version(), prog_name="coffer", message="%(prog)s %(version)s")
 @click.pass_context
 def cli(
     ctx: click.Context,
@@ -114,6 +125,8 @@ for command in (
     verify,
     enrol,
     audit,
+    web,
+    alerts,
 ):
     cli.add_command(command)
 
@@ -204,15 +217,32 @@ def rp_list(connection: Connection, vm_id: str, vault_name: str, as_json: bool) 
 
 
 def main() -> None:
+    """Run the CLI. A refused call or a bad command line is one line on stderr and its exit
+    code; with --json that line is JSON: {"error": {"code", "message", "exit_status"}}."""
     try:
-        cli(prog_name="coffer")
+        code = cli.main(prog_name="coffer", standalone_mode=False)
     except CofferError as exc:
-        errors.print(
-            f"[bold red]error[/bold red] ({escape(exc.code)}): {escape(str(exc))}",
-            highlight=False,
-            soft_wrap=True,
-        )
+        print_error(exc.code, str(exc), exc.exit_code, as_json=_json_errors())
         sys.exit(exc.exit_code)
+    except click.ClickException as exc:  # a usage error: exit 2
+        if not _json_errors():
+            exc.show()
+        else:
+            print_error(USAGE_ERROR, exc.format_message(), exc.exit_code, as_json=True)
+        sys.exit(exc.exit_code)
+    except click.Abort:
+        print_error("Aborted", "aborted", 1, as_json=_json_errors())
+        sys.exit(1)
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+# What a command line that click refused is called in a JSON error (not an API error code).
+USAGE_ERROR = "UsageError"
+
+
+def _json_errors() -> bool:
+    # The option's callback may not have run when parsing failed before it: look at the line.
+    return json_requested() or "--json" in sys.argv[1:]
 
 
 if __name__ == "__main__":

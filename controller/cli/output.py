@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime, tzinfo
 from typing import Any
 
+import click
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.json_format import MessageToDict
 from google.protobuf.message import Message
@@ -114,6 +115,47 @@ def _convert(message: Message, data: dict[str, Any]) -> dict[str, Any]:
 
 def print_json(data: Any) -> None:
     print(json.dumps(data, indent=2, sort_keys=True))
+
+
+class _Json:
+    """Whether the command line asked for JSON (then errors are JSON too)."""
+
+    requested = False
+
+
+def _json_requested(ctx: click.Context, param: click.Parameter, value: bool) -> bool:
+    if value:
+        _Json.requested = True
+    return value
+
+
+json_option = click.option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    callback=_json_requested,
+    help="Print JSON for scripts (errors: JSON on stderr).",
+)
+
+
+def json_requested() -> bool:
+    return _Json.requested
+
+
+def print_error(code: str, message: str, exit_status: int, *, as_json: bool) -> None:
+    """An error as the CLI reports it: a line for people, or JSON on stderr with the stable
+    code, the message and the exit status, for scripts."""
+    if as_json:
+        document = {"error": {"code": code, "message": message, "exit_status": exit_status}}
+        print(json.dumps(document, sort_keys=True), file=sys.stderr)
+        return
+    from rich.markup import escape
+
+    errors.print(
+        f"[bold red]error[/bold red] ({escape(code)}): {escape(message)}",
+        highlight=False,
+        soft_wrap=True,
+    )
 
 
 def size(nbytes: float) -> str:

@@ -17,7 +17,7 @@ import click
 
 from controller import pki as issuing
 from controller.cli.client import Connection, call
-from controller.cli.output import as_dict, print_json, table, when
+from controller.cli.output import as_dict, json_option, print_json, table, when
 from shared.rpc import operator_pb2
 from shared.tls import CONTROLLER_NAME, OperatorRole
 
@@ -142,7 +142,7 @@ def _certificates(reply: operator_pb2.ListCertificatesReply, as_json: bool, titl
     )  # fmt: skip
 
 
-_json = click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+_json = json_option
 
 
 @pki.command(name="list")

@@ -10,12 +10,11 @@ from rich.markup import escape
 
 from controller.cli.client import Connection, call
 from controller.cli.jobs import show_jobs
-from controller.cli.output import as_dict, console, print_json, size, table, when
+from controller.cli.output import as_dict, console, json_option, print_json, size, table, when
 from shared.model import ItemState
 from shared.policy import Policy, parse_retention, parse_schedule
 from shared.rpc import operator_pb2
 
-json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
 vault_option = click.option("--vault", "vault_name", required=True, help="The vault.")
 
 

@@ -9,10 +9,9 @@ from rich.markup import escape
 
 from controller.cli.client import Connection, call
 from controller.cli.keys import key
-from controller.cli.output import as_dict, console, print_json, size, table, when
+from controller.cli.output import as_dict, console, json_option, print_json, size, table, when
 from shared.rpc import operator_pb2
 
-json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
 # What the controller accepts (controller.vaults): at least one backup at a time, at most 64.
 CONCURRENT_BACKUPS = click.IntRange(1, 64)
 # What the controller accepts (controller.vaults): 0 (off) to ten years.

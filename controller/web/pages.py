@@ -103,7 +103,7 @@ def flatten(details: dict[str, Any], prefix: str = "") -> list[tuple[str, str]]:
     """A job's details as label and text, nested objects as indented rows."""
     rows: list[tuple[str, str]] = []
     for key, value in details.items():
-        label = prefix + key.replace("_", " ")
+        label = prefix + key.replace("_", " ").capitalize()
         if isinstance(value, dict):
             rows.append((label, ""))
             rows += flatten(value, prefix + "\u2003")

@@ -6,7 +6,7 @@ when the controller renews it) unless `cert_file`/`key_file` name one browsers a
 
 Every response carries the security headers (a Content-Security-Policy that allows scripts,
 styles and connections to this origin only and no inline script at all, no framing, no
-referrer: a sign-in link's token is in its path, HSTS, nosniff) and `Cache-Control: no-store`.
+referrer to other sites: a sign-in link's token is in its path, HSTS, nosniff) and `Cache-Control: no-store`.
 Every request but the sign-in pages and the static files needs a live session (else 401), and
 every POST must carry the session's CSRF token in its form (else 403) and must not come from
 another site (`Sec-Fetch-Site`, `Origin`). The access log is our own line per request, with a
@@ -49,7 +49,8 @@ SECURITY_HEADERS: Final = {
     "Content-Security-Policy": CSP,
     "X-Content-Type-Options": "nosniff",
     "X-Frame-Options": "DENY",
-    "Referrer-Policy": "no-referrer",
+    # Not no-referrer: Chromium then sends `Origin: null` with the console's own forms.
+    "Referrer-Policy": "same-origin",
     "Strict-Transport-Security": "max-age=31536000",
     "Cross-Origin-Opener-Policy": "same-origin",
     "Cross-Origin-Resource-Policy": "same-origin",
@@ -233,8 +234,9 @@ class WebConsole:
         ):
             log.warning(
                 "web: refused a POST to %s from %s without a valid CSRF token or from "
-                "another site (session of %s)",
+                "another site (session of %s; token %s, Sec-Fetch-Site %s, Origin %s)",
                 request.path, request.remote, session.operator,
+                "given" if isinstance(token, str) else "missing", site, origin,
             )  # fmt: skip
             return render_problem(
                 self._pages.templates,
