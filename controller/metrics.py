@@ -7,7 +7,8 @@ a registry of our own. Names (all `coffer_`):
 - `coffer_jobs_total{operation,outcome}`: jobs that ended (outcome: the job's status);
 - `coffer_job_duration_seconds{operation}`: how long they took (histogram);
 - `coffer_job_bytes_read_total`, `..._sent_total`, `..._stored_total` `{operation}`: bytes of
-  ended jobs plus the running ones' so far, so a scrape during a backup sees them move;
+  ended jobs plus the running ones' so far, so a scrape during a backup sees them move (stored
+  as chunks arrive; read and sent as the agent reports them, at the end of a backup);
 - `coffer_jobs_in_progress{operation}`;
 - `coffer_agents_online`, `coffer_agents_enrolled`;
 - `coffer_datastore_stored_bytes{vault}`, `coffer_datastore_protected_bytes{vault}`,
