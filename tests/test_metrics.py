@@ -81,9 +81,9 @@ def test_a_scrape_during_a_backup_sees_it_move(cluster: tuple[Cluster, int]) -> 
     after = scrape(port)
     shown = running.coffer("job", "show", job["id"])
     assert value(after, "coffer_job_bytes_read_total", operation="Backup") == shown["bytes_read"]
-    assert value(after, "coffer_job_bytes_stored_total", operation="Backup") == shown[
-        "bytes_stored"
-    ]
+    assert (
+        value(after, "coffer_job_bytes_stored_total", operation="Backup") == shown["bytes_stored"]
+    )
     assert value(after, "coffer_job_duration_seconds_count", operation="Backup") == 1
     assert value(after, "coffer_jobs_in_progress", operation="Backup") is None
     assert (value(after, "coffer_datastore_stored_bytes", vault="metrics") or 0) > 300 * MiB
@@ -91,7 +91,8 @@ def test_a_scrape_during_a_backup_sees_it_move(cluster: tuple[Cluster, int]) -> 
     age = value(
         after, "coffer_recovery_point_age_seconds", vault="metrics", vm_id="vm-m", item="svc/vm-m"
     )
-    assert age is not None and 0 <= age < 60
+    assert age is not None
+    assert 0 <= age < 60
     assert value(after, "coffer_items", vault="metrics", state="Protected") == 1
     assert value(after, "coffer_scheduler_lag_seconds") is not None
     assert (value(after, "process_resident_memory_bytes") or 0) > 10 * MiB

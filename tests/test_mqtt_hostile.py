@@ -343,6 +343,7 @@ def production_broker_config(root: Path, pki_dir: Path, port: int, readers: list
     for name in readers:
         acl += f"\nuser {name}\ntopic read coffer/v1/agents/+/presence\n"
         acl += "topic read coffer/v1/agents/+/jobs/+/progress\ntopic read coffer/v1/jobs/+/state\n"
+        acl += "topic read coffer/v1/alerts/+/+\n"
     (root / "coffer.acl").write_text(acl)
     conf = (DEPLOY / "mosquitto.conf").read_text()
     for old, new in {

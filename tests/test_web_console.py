@@ -129,7 +129,8 @@ def test_an_operator_signs_in_backs_up_restores_and_filters_jobs(
     cluster: Cluster, browser: BrowserContext, shots: Path
 ) -> None:
     link = login_link(cluster)
-    assert link["operator"] == "admin" and link["role"] == "admin"
+    assert link["operator"] == "admin"
+    assert link["role"] == "admin"
     page = browser.new_page()
     page.goto(link["url"])
     assert "signs you in as admin" in " ".join(page.inner_text("main").split())
@@ -172,7 +173,8 @@ def test_an_operator_signs_in_backs_up_restores_and_filters_jobs(
         "Backup", "Completed", "admin",
     )  # fmt: skip
     audited = cluster.coffer("audit", "list", "--method", "BackupNow")
-    assert audited[0]["who"] == "admin" and audited[0]["peer"].startswith("web ")
+    assert audited[0]["who"] == "admin"
+    assert audited[0]["peer"].startswith("web ")
     assert audited[0]["arguments"] == {"vault": VAULT, "vms": ["app-1"]}
     rp = shown["recovery_point_id"]
 
@@ -224,20 +226,23 @@ def test_a_link_signs_in_once_and_only_while_it_is_fresh(
 
     other = browser.new_page()
     reused = other.goto(link)
-    assert reused is not None and reused.status == 401
+    assert reused is not None
+    assert reused.status == 401
     assert "WebLoginUsed" in other.inner_text("#problem")
     other.screenshot(path=shots / "11-link-used.png")
 
     expired = login_link(cluster, "--expires", "1")["url"]
     time.sleep(1.5)
     reply = other.goto(expired)
-    assert reply is not None and reply.status == 401
+    assert reply is not None
+    assert reply.status == 401
     assert "WebLoginExpired" in other.inner_text("#problem")
 
     fresh = login_link(cluster)["url"]
     altered = fresh[:-3] + ("AAA" if not fresh.endswith("AAA") else "BBB")
     reply = other.goto(altered)
-    assert reply is not None and reply.status == 401
+    assert reply is not None
+    assert reply.status == 401
     assert "WebLoginInvalid" in other.inner_text("#problem")
 
 
@@ -246,7 +251,8 @@ def test_nothing_is_served_without_a_session(cluster: Cluster, browser: BrowserC
     base = console(cluster)
     for path in ("/vaults", f"/vaults/{VAULT}", "/jobs", "/alerts", "/vms/app-1/recovery-points"):
         reply = page.goto(base + path)
-        assert reply is not None and reply.status == 401, path
+        assert reply is not None, path
+        assert reply.status == 401, path
         assert "Not signed in" in page.inner_text("h1")
     state = page.request.get(f"{base}/jobs/abcd/state")
     assert state.status == 401
@@ -299,19 +305,23 @@ def test_cookies_and_headers_of_a_session(cluster: Cluster, browser: BrowserCont
     page = sign_in(browser, cluster)
     (cookie,) = browser.cookies()
     assert cookie["name"] == "__Host-coffer-session"
-    assert cookie["httpOnly"] and cookie["secure"] and cookie["sameSite"] == "Strict"
+    assert cookie["httpOnly"]
+    assert cookie["secure"]
+    assert cookie["sameSite"] == "Strict"
     reply = page.goto(f"{console(cluster)}/vaults")
     assert reply is not None
     headers = reply.headers
     csp = headers["content-security-policy"]
-    assert "script-src 'self'" in csp and "unsafe-inline" not in csp
+    assert "script-src 'self'" in csp
+    assert "unsafe-inline" not in csp
     assert headers["x-frame-options"] == "DENY"
     assert headers["referrer-policy"] == "same-origin"
     assert headers["x-content-type-options"] == "nosniff"
     # Signing out ends the session on the server: its cookie is worth nothing after.
     page.click("text=Sign out")
     reply = page.goto(f"{console(cluster)}/vaults")
-    assert reply is not None and reply.status == 401
+    assert reply is not None
+    assert reply.status == 401
 
 
 def test_the_console_serves_the_controllers_certificate(cluster: Cluster) -> None:
