@@ -6,7 +6,8 @@ role that may call it and whether a call changes state (those are audited). The 
 the table is refused to everyone, admins included: a new RPC is unusable until someone decides
 who may call it (`tests/test_access.py` walks the service and fails for a method left out).
 
-- reader: lists, the dashboard, job views;
+- reader: lists, the dashboard, job views, alerts, and a sign-in link to the web console
+  (for itself: the console then acts with this same table and audit, controller/web/calls.py);
 - operator: backups, restores, files, verify, cancelling a job, discovery;
 - admin: vaults, policies, protection (register, protect, stop, resume), deletes, pruning and
   garbage collection, PKI (revocation, certificates), enrolment, keys, the audit log.

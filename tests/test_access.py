@@ -59,6 +59,9 @@ def test_a_method_not_in_the_table_is_refused_even_to_an_admin() -> None:
         ("RevokeCertificates", False, False, True),
         ("CreateEnrolmentToken", False, False, True),
         ("ListAudit", False, False, True),
+        # Any role may sign in to the web console (as itself) and read the alerts.
+        ("CreateWebLogin", True, True, True),
+        ("ListAlerts", True, True, True),
     ],
 )
 def test_each_role_may_what_the_one_below_may_and_more(
@@ -75,6 +78,7 @@ def test_each_role_may_what_the_one_below_may_and_more(
 def test_state_changing_methods_are_audited_and_reads_are_not() -> None:
     changing = {name for name, access in OPERATOR_METHODS.items() if access.changes}
     assert {"BackupNow", "CreateVault", "RevokeCertificates", "CreateEnrolmentToken"} <= changing
+    assert "CreateWebLogin" in changing  # a sign-in opens a session: audited
     assert not changing & {"ListJobs", "GetJob", "WatchJob", "ListAudit", "ListCertificates"}
 
 

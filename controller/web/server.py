@@ -6,7 +6,8 @@ when the controller renews it) unless `cert_file`/`key_file` name one browsers a
 
 Every response carries the security headers (a Content-Security-Policy that allows scripts,
 styles and connections to this origin only and no inline script at all, no framing, no
-referrer to other sites: a sign-in link's token is in its path, HSTS, nosniff) and `Cache-Control: no-store`.
+referrer to other sites: a sign-in link's token is in its path, HSTS, nosniff) and
+`Cache-Control: no-store`.
 Every request but the sign-in pages and the static files needs a live session (else 401), and
 every POST must carry the session's CSRF token in its form (else 403) and must not come from
 another site (`Sec-Fetch-Site`, `Origin`). The access log is our own line per request, with a
