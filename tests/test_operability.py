@@ -152,7 +152,8 @@ def test_the_systemd_units_are_valid(name: str, tmp_path: Path) -> None:
         timeout=30,
     )
     problems = [line for line in done.stderr.splitlines() if "Unknown" in line or "Invalid" in line]
-    assert done.returncode == 0 and not problems, done.stderr
+    assert done.returncode == 0, done.stderr
+    assert not problems, done.stderr
 
 
 def test_the_agents_unit_still_lets_it_freeze_and_recover_files() -> None:
