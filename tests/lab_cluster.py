@@ -88,8 +88,10 @@ class LabCluster:
 
     def __init__(self, root: Path, vms: Sequence[str], *, disk_mib: int = 256,
                  scratch_mib: int = 1536, regions: Mapping[str, str] | None = None,
-                 services: Mapping[str, str] | None = None) -> None:  # fmt: skip
+                 services: Mapping[str, str] | None = None, config: str = "") -> None:  # fmt: skip
+        """`config`: more of controller.toml (e.g. a [web] table), written at its end."""
         self.root = root
+        self.config = config
         self.vms = list(vms)
         # Each VM's region and service as its agent reports them (default: the lab's, "lab").
         self.regions = dict(regions or {})
@@ -144,7 +146,7 @@ class LabCluster:
             f"state_dir = {_toml(str(self.root / 'state'))}",
             f"pki_dir = {_toml(str(self.pki))}",
         ]
-        (self.root / "controller.toml").write_text("\n".join(lines) + "\n")
+        (self.root / "controller.toml").write_text("\n".join(lines) + "\n" + self.config)
         self.controller.start()
         self.controller.wait_for_line("coffer-controller ready")
         for vm in self.vms:
