@@ -608,3 +608,75 @@ def test_datastore_and_encryption_settings(tmp_path: Path) -> None:
     assert (settings.s3.access_key_id, settings.s3.secret_access_key) == ("AKIA123", "s3cr3t")
     assert "s3cr3t" not in repr(config)  # a config may be logged; its secrets are not shown
     assert config.encryption.passphrase_file == Path("/etc/coffer/passphrase")
+
+
+# --- [web], [metrics], [alerts] -------------------------------------------------------------
+
+BAD_OPERATIONS_CONFIGS = [
+    (
+        controller_toml() + '[web]\nlisten = "0.0.0.0:7480"\ncert_file = "web.crt"\n',
+        ("[web]: cert_file and key_file go together",),
+    ),
+    (
+        controller_toml() + '[web]\nlisten = "0.0.0.0:7480"\nurl = "http://backup.example.net"\n',
+        ("[web]: url 'http://backup.example.net': the console is served over https only",),
+    ),
+    (
+        controller_toml() + '[web]\nlisten = "0.0.0.0:7480"\nlogin_link_seconds = 7200\n',
+        ("'login_link_seconds' in [web] must be at most 3600, not 7200",),
+    ),
+    (
+        controller_toml() + '[web]\nlisen = "0.0.0.0:7480"\n',
+        (
+            "missing required key 'listen' in [web]",
+            "unknown key 'lisen' in [web]: did you mean 'listen'?",
+        ),
+    ),
+    (
+        controller_toml() + "[alerts]\ncheck_seconds = 0\n",
+        ("'check_seconds' in [alerts] must be at least 1, not 0",),
+    ),
+    (
+        controller_toml() + '[[alerts.webhooks]]\nurl = "hooks.example.net"\n',
+        (
+            "'url' in [[alerts.webhooks]] #1: 'hooks.example.net' is not an "
+            "http:// or https:// URL",
+        ),
+    ),
+    (
+        controller_toml() + '[alerts.email]\nhost = "smtp.example.net"\nsender = "c@x"\nto = []\n',
+        ("'to' in [alerts.email] must not be empty",),
+    ),
+]
+
+
+@pytest.mark.parametrize(("text", "problems"), BAD_OPERATIONS_CONFIGS)
+def test_a_bad_web_metrics_or_alerts_config_names_its_key(
+    text: str, problems: tuple[str, ...], tmp_path: Path
+) -> None:
+    path = tmp_path / "controller.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigInvalid) as raised:
+        ControllerConfig.load(path)
+    assert raised.value.problems == problems
+
+
+def test_web_metrics_and_alerts_are_off_until_configured(tmp_path: Path) -> None:
+    path = tmp_path / "controller.toml"
+    path.write_text(controller_toml())
+    config = ControllerConfig.load(path)
+    assert config.web is None
+    assert config.metrics is None
+    assert config.alerts.webhooks == ()
+    assert config.alerts.email is None
+    path.write_text(
+        controller_toml()
+        + '[web]\nlisten = "0.0.0.0:7480"\ncert_file = "w.crt"\nkey_file = "w.key"\n'
+        + '[alerts.email]\nhost = "smtp.example.net"\nsender = "c@x"\nto = ["a@x"]\n'
+        + 'username = "c"\npassword_file = "smtp.pw"\n'
+    )
+    config = ControllerConfig.load(path)
+    assert config.web is not None
+    assert config.web.cert_file == tmp_path / "w.crt"
+    assert config.alerts.email is not None
+    assert config.alerts.email.password_file == tmp_path / "smtp.pw"
