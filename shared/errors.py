@@ -472,6 +472,21 @@ class WriterLeaseLost(CofferError):
     grpc_status = "FAILED_PRECONDITION"
 
 
+# --- off-site copies ------------------------------------------------------------------------
+
+
+class CopyTargetConflict(Conflict):
+    """Copy target {location} holds {found}, not the copy of vault {vault!r}'s datastore ({wanted}); a copy is never written over another datastore. Give the vault another copy target (`coffer vault update {vault} --copy-to NAME`), or move away what is there."""
+
+    code = "CopyTargetConflict"
+
+
+class RecoveryPointNotCopied(NotFound):
+    """Recovery point {rp_id} of vault {vault!r} is not in its copy at {location}: {detail}"""
+
+    code = "RecoveryPointNotCopied"
+
+
 # --- backup policies -----------------------------------------------------------------------
 
 

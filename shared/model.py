@@ -23,6 +23,7 @@ class Operation(enum.StrEnum):
     GARBAGE_COLLECTION = "GarbageCollection"
     VERIFY = "Verify"
     FILE_RECOVERY = "FileRecovery"  # files of a recovery point listed, copied out or mounted
+    COPY = "Copy"  # a vault's recovery points copied to its off-site copy
 
 
 class Trigger(enum.StrEnum):
