@@ -202,6 +202,28 @@ MIGRATIONS: list[str] = [
     """
     ALTER TABLE vaults ADD COLUMN encrypted INTEGER NOT NULL DEFAULT 0;
     """,
+    # 6: off-site copies. The copy target a vault copies its recovery points to ('' for none;
+    # a name from the controller config's [[copy_targets]]), which points are complete in
+    # which target's copy, since when and by which Copy job, and the chunks a verify of a copy
+    # found missing or corrupt there, which the next Copy job sends again (controller.copies).
+    """
+    ALTER TABLE vaults ADD COLUMN copy_target TEXT NOT NULL DEFAULT '';
+    CREATE TABLE copies (
+        recovery_point_id TEXT NOT NULL REFERENCES recovery_points(id) ON DELETE CASCADE,
+        target TEXT NOT NULL,
+        copied_at REAL NOT NULL,
+        job_id TEXT NOT NULL,
+        PRIMARY KEY (recovery_point_id, target)
+    );
+    CREATE INDEX copies_by_target ON copies (target);
+    CREATE TABLE copy_bad_chunks (
+        vault TEXT NOT NULL REFERENCES vaults(name) ON DELETE CASCADE,
+        target TEXT NOT NULL,
+        digest BLOB NOT NULL,
+        found_at REAL NOT NULL,
+        PRIMARY KEY (vault, target, digest)
+    );
+    """,
 ]
 
 
@@ -239,6 +261,8 @@ class VaultRecord:
     """Verify, on the daily maintenance, points not verified for this many days (0: never)."""
     encrypted: bool = False
     """Its datastore is encrypted (format 2): never to be opened as a plain one."""
+    copy_target: str = ""
+    """The copy target (controller config) its recovery points are copied to; '' for none."""
 
 
 @dataclass(frozen=True)
@@ -375,6 +399,29 @@ class VerificationRecord:
 
 
 @dataclass(frozen=True)
+class CopyRecord:
+    """A recovery point complete in a copy target's copy of its vault."""
+
+    recovery_point_id: str
+    target: str
+    copied_at: float
+    job_id: str
+
+
+@dataclass(frozen=True)
+class CopyLag:
+    """How far a vault's copy is behind it."""
+
+    copied: int
+    """Recovery points complete in the copy."""
+    not_copied: int
+    oldest_not_copied_at: float | None
+    """When the oldest point not in the copy yet was taken: its data has one home since."""
+    newest_not_copied_at: float | None
+    newest_copied_at: float | None
+
+
+@dataclass(frozen=True)
 class JobFilter:
     statuses: Sequence[str] = ()
     operations: Sequence[str] = ()
@@ -411,6 +458,7 @@ _VAULT_COLUMNS = (
     "name", "region", "chunk_size", "created_at", "max_concurrent_backups", "stored_bytes",
     "verify_new", "reverify_days",
     "encrypted",
+    "copy_target",
 )  # fmt: skip
 
 
@@ -425,6 +473,7 @@ def _vault(row: sqlite3.Row) -> VaultRecord:
         verify_new=bool(row["verify_new"]),
         reverify_days=row["reverify_days"],
         encrypted=bool(row["encrypted"]),
+        copy_target=row["copy_target"],
     )
 
 
@@ -666,6 +715,7 @@ class Catalog:
                         "verify_new": int(vault.verify_new),
                         "reverify_days": vault.reverify_days,
                         "encrypted": int(vault.encrypted),
+                        "copy_target": vault.copy_target,
                     },
                 )
             except sqlite3.IntegrityError:
@@ -1314,3 +1364,111 @@ class Catalog:
             (vault, Verification.HEALED.value),
         ) as cursor:
             return [row["id"] for row in await cursor.fetchall()]
+
+    # --- off-site copies -------------------------------------------------------------------
+
+    async def set_copy_target(self, vault: str, target: str) -> None:
+        """Copy the vault's recovery points to `target` from now on ('' stops copying)."""
+        async with self._transaction() as db:
+            cursor = await db.execute(
+                "UPDATE vaults SET copy_target = ? WHERE name = ?", (target, vault)
+            )
+            if cursor.rowcount == 0:
+                raise NotFound(kind="vault", name=vault)
+
+    async def record_copies(
+        self, target: str, rp_ids: Sequence[str], now: float, job_id: str
+    ) -> None:
+        """Recovery points found complete in `target`'s copy (a point recorded already keeps
+        its record; one deleted from the catalog meanwhile is left out)."""
+        async with self._transaction() as db:
+            await db.executemany(
+                "INSERT OR IGNORE INTO copies (recovery_point_id, target, copied_at, job_id)"
+                " SELECT id, ?, ?, ? FROM recovery_points WHERE id = ?",
+                [(target, now, job_id, rp_id) for rp_id in rp_ids],
+            )
+
+    async def forget_copies(self, target: str, rp_ids: Sequence[str]) -> None:
+        """Recovery points no longer (or never) complete in `target`'s copy."""
+        async with self._transaction() as db:
+            await db.executemany(
+                "DELETE FROM copies WHERE recovery_point_id = ? AND target = ?",
+                [(rp_id, target) for rp_id in rp_ids],
+            )
+
+    async def copies(self, rp_ids: Sequence[str]) -> dict[str, list[CopyRecord]]:
+        """The copies each of `rp_ids` is complete in."""
+        found: dict[str, list[CopyRecord]] = {}
+        for start in range(0, len(rp_ids), _ID_BATCH):
+            batch = list(rp_ids[start : start + _ID_BATCH])
+            async with self.db.execute(
+                "SELECT recovery_point_id, target, copied_at, job_id FROM copies"
+                f" WHERE recovery_point_id IN ({','.join('?' * len(batch))}) ORDER BY target",
+                batch,
+            ) as cursor:
+                async for row in cursor:
+                    found.setdefault(row["recovery_point_id"], []).append(
+                        CopyRecord(
+                            row["recovery_point_id"], row["target"], row["copied_at"],
+                            row["job_id"],
+                        )
+                    )  # fmt: skip
+        return found
+
+    async def copied_points(self, vault: str, target: str) -> set[str]:
+        """The vault's recovery points recorded complete in `target`'s copy."""
+        async with self.db.execute(
+            "SELECT c.recovery_point_id AS id FROM copies c"
+            " JOIN recovery_points r ON r.id = c.recovery_point_id"
+            " WHERE r.vault = ? AND c.target = ?",
+            (vault, target),
+        ) as cursor:
+            return {row["id"] for row in await cursor.fetchall()}
+
+    async def copy_lag(self, vault: str, target: str) -> CopyLag:
+        """How far `target`'s copy of the vault is behind its recovery points."""
+        async with self.db.execute(
+            "SELECT count(c.target) AS copied, count(*) - count(c.target) AS not_copied,"
+            " min(CASE WHEN c.target IS NULL THEN r.created_at END) AS oldest_missing,"
+            " max(CASE WHEN c.target IS NULL THEN r.created_at END) AS newest_missing,"
+            " max(CASE WHEN c.target IS NOT NULL THEN r.created_at END) AS newest_copied"
+            " FROM recovery_points r LEFT JOIN copies c"
+            " ON c.recovery_point_id = r.id AND c.target = ? WHERE r.vault = ?",
+            (target, vault),
+        ) as cursor:
+            row = await cursor.fetchone()
+        assert row is not None
+        return CopyLag(
+            copied=int(row["copied"]),
+            not_copied=int(row["not_copied"]),
+            oldest_not_copied_at=row["oldest_missing"],
+            newest_not_copied_at=row["newest_missing"],
+            newest_copied_at=row["newest_copied"],
+        )
+
+    async def add_copy_bad_chunks(
+        self, vault: str, target: str, digests: Sequence[bytes], now: float
+    ) -> None:
+        """Chunks found missing or corrupt in `target`'s copy of the vault."""
+        async with self._transaction() as db:
+            await db.executemany(
+                "INSERT OR IGNORE INTO copy_bad_chunks (vault, target, digest, found_at)"
+                " VALUES (?, ?, ?, ?)",
+                [(vault, target, digest, now) for digest in digests],
+            )
+
+    async def copy_bad_chunks(self, vault: str, target: str) -> list[bytes]:
+        async with self.db.execute(
+            "SELECT digest FROM copy_bad_chunks WHERE vault = ? AND target = ? ORDER BY digest",
+            (vault, target),
+        ) as cursor:
+            return [bytes(row["digest"]) for row in await cursor.fetchall()]
+
+    async def remove_copy_bad_chunks(
+        self, vault: str, target: str, digests: Sequence[bytes]
+    ) -> None:
+        async with self._transaction() as db:
+            await db.executemany(
+                "DELETE FROM copy_bad_chunks WHERE vault = ? AND target = ? AND digest = ?",
+                [(vault, target, digest) for digest in digests],
+            )

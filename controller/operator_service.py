@@ -20,6 +20,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from controller.catalog import (
     AgentRecord,
     Catalog,
+    CopyRecord,
     ItemRecord,
     JobFilter,
     JobRecord,
@@ -28,6 +29,8 @@ from controller.catalog import (
     VaultRecord,
     VerificationRecord,
 )
+from controller.copies import Copier
+from controller.datastore.copy import VaultCopy
 from controller.jobs import JobManager
 from controller.jobs.file_recovery import FileSource
 from controller.protection import Protection, display_name
@@ -84,6 +87,7 @@ class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
         pruner: Pruner,
         *,
         verifier: Verifier | None = None,
+        copier: Copier | None = None,
     ) -> None:
         self._catalog = catalog
         self._registry = registry
@@ -93,6 +97,20 @@ class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
         self._protection = protection
         self._pruner = pruner
         self._verifier = verifier
+        self._copier = copier
+
+    @property
+    def copier(self) -> Copier:
+        if self._copier is None:
+            raise Unavailable(detail="this controller makes no off-site copies")
+        return self._copier
+
+    async def _copy_of(self, rp_id: str, from_copy: bool) -> VaultCopy | None:
+        """The vault's copy, opened, for a request that reads recovery point `rp_id` from it."""
+        if not from_copy:
+            return None
+        rp = await self._catalog.recovery_point(rp_id)
+        return await self.copier.open_copy(rp.vault, rp.id)
 
     async def _vm_id(self, name: str) -> str:
         """The VM id a name (id, name or service/name) gives; the name itself for a VM that is
@@ -173,9 +191,16 @@ class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
 
     @staticmethod
     def _recovery_point(
-        rp: RecoveryPointRecord, verification: VerificationRecord | None = None
+        rp: RecoveryPointRecord,
+        verification: VerificationRecord | None = None,
+        copy_target: str = "",
+        copied: CopyRecord | None = None,
     ) -> operator_pb2.RecoveryPoint:
         message = OperatorService._recovery_point_only(rp)
+        message.copy_target = copy_target
+        if copied is not None:
+            message.copied_at.FromNanoseconds(int(copied.copied_at * 1e9))
+            message.copy_job_id = copied.job_id
         if verification is not None:
             message.verification = verification.state
             verified_at = _timestamp(verification.verified_at)
@@ -265,6 +290,7 @@ class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
             request.disk,
             request.target_path,
             target,
+            copy=await self._copy_of(request.recovery_point_id, request.from_copy),
         )
         return self._job(job, await self._names())
 
@@ -349,8 +375,20 @@ class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
             await self._catalog.vault(request.vault)
         points = await self._catalog.recovery_points(vm_id=vm_id, vault=request.vault)
         verifications = await self._catalog.verifications([rp.id for rp in points])
+        targets = {v.name: v.copy_target for v in await self._catalog.vaults()}
+        copies = await self._catalog.copies([rp.id for rp in points])
+
+        def copied(rp: RecoveryPointRecord) -> CopyRecord | None:
+            target = targets.get(rp.vault, "")
+            return next((c for c in copies.get(rp.id, ()) if c.target == target), None)
+
         return operator_pb2.ListRecoveryPointsReply(
-            recovery_points=[self._recovery_point(rp, verifications.get(rp.id)) for rp in points]
+            recovery_points=[
+                self._recovery_point(
+                    rp, verifications.get(rp.id), targets.get(rp.vault, ""), copied(rp)
+                )
+                for rp in points
+            ]
         )
 
     # --- file-level recovery ----------------------------------------------------------------
@@ -366,6 +404,7 @@ class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
             disk=source.disk,
             target_vm=target.vm_id,
             target_region=target.region,
+            copy=await self._copy_of(source.recovery_point_id, source.from_copy),
         )
 
     async def ListFiles(
@@ -425,6 +464,12 @@ class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
             datastore_format=storage.format,
             encryption=storage.encryption,
             current_data_key=storage.current_data_key,
+            copy_target=vault.copy_target,
+            copy_location=(
+                self._copier.location(vault.name, vault.copy_target)
+                if self._copier is not None and vault.copy_target
+                else ""
+            ),
         )
 
     async def CreateVault(
@@ -453,13 +498,21 @@ class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
     ) -> operator_pb2.Vault:
         verify_new = request.verify_new if request.HasField("verify_new") else None
         reverify_days = request.reverify_days if request.HasField("reverify_days") else None
-        if not request.max_concurrent_backups and verify_new is None and reverify_days is None:
+        copy_to = request.copy_to if request.HasField("copy_to") else None
+        if (
+            not request.max_concurrent_backups
+            and verify_new is None
+            and reverify_days is None
+            and copy_to is None
+        ):
             # A request that would change nothing is refused: saying nothing about that is how
             # `--max-concurrent-backups 0` went unnoticed.
             raise InvalidArgument(
-                detail="nothing to change: give max_concurrent_backups (1 to 64), verify_new "
-                "or reverify_days"
+                detail="nothing to change: give max_concurrent_backups (1 to 64), verify_new, "
+                "reverify_days or copy_to"
             )
+        if copy_to:  # checked first: a refused target changes nothing
+            await self.copier.check_target(request.name, copy_to)
         vault = await self._vaults.update(
             request.name,
             request.max_concurrent_backups,
@@ -467,6 +520,9 @@ class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
             reverify_days=reverify_days,
         )
         self._jobs.set_limit(vault.name, vault.max_concurrent_backups)
+        if copy_to is not None:
+            await self.copier.set_target(vault.name, copy_to)
+            vault = await self._catalog.vault(vault.name)
         return await self._vault(vault)
 
     async def DeleteVault(
@@ -499,7 +555,7 @@ class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
         self, request: operator_pb2.VaultRef, context: Context
     ) -> operator_pb2.DashboardReply:
         board = await self._vaults.dashboard(request.name, self._jobs.running_count(request.name))
-        return operator_pb2.DashboardReply(
+        reply = operator_pb2.DashboardReply(
             vault=board.vault,
             protected_items=board.protected_items,
             items_by_state=board.items_by_state,
@@ -519,6 +575,24 @@ class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
             bad_chunks=board.integrity.bad_chunks,
             last_verified_at=_timestamp(board.integrity.last_verified_at),
         )
+        copy = await self._copier.status(request.name) if self._copier is not None else None
+        if copy is not None:
+            lag = copy.lag
+            reply.copy_target, reply.copy_location = copy.target, copy.location
+            reply.recovery_points_copied = lag.copied
+            reply.recovery_points_not_copied = lag.not_copied
+            reply.copy_unavailable = copy.writable
+            reply.copy_lag_seconds = copy.lag_seconds
+            for stamp, at in (
+                (reply.oldest_not_copied_at, lag.oldest_not_copied_at),
+                (reply.newest_not_copied_at, lag.newest_not_copied_at),
+                (reply.newest_copied_at, lag.newest_copied_at),
+            ):
+                if at is not None:
+                    stamp.FromNanoseconds(int(at * 1e9))
+            if copy.last_job is not None:
+                reply.last_copy_job.CopyFrom(self._job(copy.last_job))
+        return reply
 
     # --- discovery and items ----------------------------------------------------------------
 
@@ -712,7 +786,13 @@ class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
         if not request.vault:
             raise InvalidArgument(detail="name the vault to verify (`--vault`)")
         vm_id = (await self._protection.resolve([request.vm]))[0].vm_id if request.vm else ""
+        copy = await self.copier.open_copy(request.vault) if request.from_copy else None
         job = await self._verifier.verify(
-            request.vault, vm_id=vm_id, rp_id=request.recovery_point_id
+            request.vault, vm_id=vm_id, rp_id=request.recovery_point_id, copy=copy
         )
         return self._job(job, await self._names())
+
+    # --- off-site copies --------------------------------------------------------------------
+
+    async def Copy(self, request: operator_pb2.VaultRef, context: Context) -> operator_pb2.Job:
+        return self._job(await self.copier.copy(request.name), await self._names())

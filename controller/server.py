@@ -34,6 +34,7 @@ from controller.agent_service import AgentService
 from controller.broker import PrivateBroker
 from controller.catalog import Catalog
 from controller.config import ControllerConfig
+from controller.copies import Copier, CopyTargets
 from controller.datastore import (
     LeaseHolder,
     WriterLease,
@@ -123,6 +124,12 @@ class Controller:
                 lease.holder,
                 master.describe(),
             )
+            # Each copy target's lease, held in the background: a target unreachable or held
+            # by another controller fails its copy jobs, never the start (controller.copies).
+            # Left after the job manager has drained: no copy job writes by then.
+            copy_targets = await stack.enter_async_context(
+                CopyTargets(config.copy_targets, lease.holder, supervisor)
+            )
 
             if config.mqtt is not None:
                 mqtt = (config.mqtt.host, config.mqtt.port)
@@ -154,6 +161,12 @@ class Controller:
             pruner.after_maintenance.append(verifier.reverify)
             protection = Protection(catalog, registry, jobs, vaults, pruner, self.clock, supervisor)
             protection.after_backup.append(verifier.after_backup)
+            # Copies after each backup (and its prune), and daily after the maintenance.
+            copier = Copier(
+                catalog, datastores, copy_targets, jobs, self.clock, config.gc_grace_seconds
+            )
+            protection.after_backup.append(copier.after_backup)
+            pruner.after_maintenance.append(copier.after_maintenance)
             self.protection = await stack.enter_async_context(protection)
             self.jobs = jobs
 
@@ -176,6 +189,7 @@ class Controller:
                     self.protection,
                     pruner,
                     verifier=verifier,
+                    copier=copier,
                 ),
                 server,
             )

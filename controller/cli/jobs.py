@@ -65,6 +65,8 @@ def _kept(job: operator_pb2.Job) -> bool:
 
 
 def _stored_cell(job: operator_pb2.Job) -> str:
+    if job.operation == Operation.COPY:
+        return f"{size(job.bytes_sent)} sent" if job.bytes_sent else "-"
     if job.operation == Operation.GARBAGE_COLLECTION:
         return f"{size(job.bytes_stored)} freed" if job.bytes_stored else "-"
     if job.operation != Operation.BACKUP:
@@ -75,7 +77,7 @@ def _stored_cell(job: operator_pb2.Job) -> str:
 
 
 def _read_cell(job: operator_pb2.Job) -> str:
-    reads = (Operation.BACKUP, Operation.RESTORE, Operation.FILE_RECOVERY)
+    reads = (Operation.BACKUP, Operation.RESTORE, Operation.FILE_RECOVERY, Operation.COPY)
     return size(job.bytes_read) if job.operation in reads else "-"
 
 
@@ -126,6 +128,11 @@ def _bytes(job: operator_pb2.Job) -> list[Field]:
         return [("Bytes written", size(job.bytes_read))]
     if job.operation == Operation.FILE_RECOVERY:
         return [("Fetched", f"{size(job.bytes_read)} from the datastore")]
+    if job.operation == Operation.COPY:
+        return [
+            ("Read", f"{size(job.bytes_read)} from the datastore"),
+            ("Sent", f"{size(job.bytes_sent)} to the copy"),
+        ]
     return []  # a garbage collection's space freed is in its report
 
 
@@ -181,10 +188,27 @@ _VERIFY_REPORT: dict[str, tuple[str, Callable[[Any], str]]] = {
     "seconds": ("Took", _seconds),
 }
 
+# A copy's totals (controller.copies), field by field.
+_COPY_REPORT: dict[str, tuple[str, Callable[[Any], str]]] = {
+    "recovery_points_copied": ("Recovery points copied", str),
+    "recovery_points_in_copy": ("Recovery points in the copy", str),
+    "recovery_points_deleted": ("Deleted from the copy", str),
+    "chunks_sent": ("Chunks sent", str),
+    "chunk_bytes_sent": ("Chunk bytes sent", size),
+    "chunks_already_there": ("Chunks the copy had", str),
+    "chunks_asked": ("Chunks asked about", str),
+    "indexes_and_manifests_sent": ("Indexes and manifests sent", str),
+    "bytes_sent": ("Bytes sent", size),
+    "bytes_read": ("Bytes read", size),
+    "seconds": ("Took", _seconds),
+}
+
 # Reports jobs record as one object each: a title and their fields.
 _REPORTS = {
     "report": ("Garbage collection", _GC_REPORT),
     "verification": ("Verification", _VERIFY_REPORT),
+    "copy": ("Copy", _COPY_REPORT),
+    "copy_gc": ("Garbage collection of the copy", _GC_REPORT),
 }
 
 # The details jobs record, by key: a label and how the value reads. `None` hides a key: a
@@ -224,6 +248,14 @@ _DETAILS: dict[str, tuple[str, Callable[[Any], str]] | None] = {
     "bytes_fetched": ("Fetched, stored bytes", size),
     "raw_bytes_fetched": ("Fetched, uncompressed", size),
     "ended_by": ("Ended by", str),
+    # Off-site copies (controller.copies), and jobs that read a copy.
+    "copy_target": ("Copy target", str),
+    "copy_location": ("Copy at", str),
+    "from_copy": ("Read from the copy", str),
+    "passes": ("Passes", str),
+    "copied_recovery_points": ("Recovery points copied", str),
+    "deleted_from_copy": ("Deleted from the copy", str),
+    "damaged_chunks_sent_again": ("Damaged chunks sent again", str),
     "recovery_point_id": None,
 }
 
@@ -413,6 +445,11 @@ def backup_now(
 @click.option("--disk", required=True, help="Disk of the recovery point to restore.")
 @click.option("--target", required=True, help="Path to write, on the target VM.")
 @click.option("--target-vm", default="", help="VM to restore to (default: VM_ID itself).")
+@click.option(
+    "--from-copy",
+    is_flag=True,
+    help="Read the vault's off-site copy instead of its datastore (which may be unreachable).",
+)
 @click.option("--no-wait", is_flag=True, help="Start the job and return at once.")
 @json_option
 @click.pass_obj
@@ -423,12 +460,14 @@ def restore(
     disk: str,
     target: str,
     target_vm: str,
+    from_copy: bool,
     no_wait: bool,
     as_json: bool,
 ) -> None:
     """Restore a disk of a recovery point.
 
-    Restores a disk of one of VM_ID's recovery points to a path on a VM.
+    Restores a disk of one of VM_ID's recovery points to a path on a VM; with --from-copy, from
+    the vault's off-site copy (the point must be complete there: `coffer rp list`).
     """
     request = operator_pb2.RestoreRequest(
         vm_id=vm_id,
@@ -436,6 +475,7 @@ def restore(
         disk=disk,
         target_path=target,
         target_vm_id=target_vm,
+        from_copy=from_copy,
     )
     job = call(connection, lambda s: s.Restore(request))
     if not as_json:
@@ -555,9 +595,9 @@ def job_watch(connection: Connection, job_id: str, as_json: bool) -> None:
 @json_option
 @click.pass_obj
 def job_cancel(connection: Connection, job_id: str, no_wait: bool, as_json: bool) -> None:
-    """Cancel a queued or running backup or restore.
+    """Cancel a queued or running backup or restore, or a prune, collection, verify or copy.
 
-    A cancelled backup leaves no recovery point.
+    A cancelled backup leaves no recovery point; a cancelled copy resumes where it stopped.
     """
     found = call(connection, lambda s: s.CancelJob(operator_pb2.GetJobRequest(id=job_id)))
     if not no_wait:
@@ -593,4 +633,22 @@ def gc(connection: Connection, vault_name: str, no_wait: bool, as_json: bool) ->
     Deletes the chunks no recovery point references (safe beside running backups).
     """
     found = call(connection, lambda s: s.CollectGarbage(operator_pb2.VaultRef(name=vault_name)))
+    finish(found if no_wait else follow(connection, found.id, as_json), as_json)
+
+
+@click.command()
+@click.option("--vault", "vault_name", required=True)
+@click.option("--no-wait", is_flag=True, help="Start the job and return at once.")
+@json_option
+@click.pass_obj
+def copy(connection: Connection, vault_name: str, no_wait: bool, as_json: bool) -> None:
+    """Copy the vault's recovery points to its off-site copy now.
+
+    Sends the points the copy lacks (only the chunks it lacks) and deletes there the points
+    pruned here. Copies also run after every backup and daily; a copy already running makes
+    one more pass instead, and that job is followed.
+    """
+    found = call(connection, lambda s: s.Copy(operator_pb2.VaultRef(name=vault_name)))
+    if not as_json:
+        console.print(f"Copy job [bold]{found.id}[/bold]", highlight=False, soft_wrap=True)
     finish(found if no_wait else follow(connection, found.id, as_json), as_json)

@@ -18,7 +18,7 @@ from controller.cli import exits
 from controller.cli.client import DEFAULT_TIMEOUT, Connection, call
 from controller.cli.files import files
 from controller.cli.integrity import verification_cell, verify
-from controller.cli.jobs import backup_now, gc, job, prune, restore
+from controller.cli.jobs import backup_now, copy, gc, job, prune, restore
 from controller.cli.output import as_dict, errors, print_json, size, table, use_utc, when
 from controller.cli.pki import pki
 from controller.cli.protection import (
@@ -110,6 +110,7 @@ for command in (
     prune,
     gc,
     verify,
+    copy,
 ):
     cli.add_command(command)
 
@@ -149,8 +150,17 @@ def agents(connection: Connection, as_json: bool) -> None:
 
 RP_COLUMNS = (
     "Recovery point", "VM", "Created", "Consistency", "Disks", "Stored", "Kept by", "Integrity",
-    "Job",
+    "Copy", "Job",
 )  # fmt: skip
+
+
+def copy_cell(point: operator_pb2.RecoveryPoint) -> str:
+    """Whether a point is in its vault's off-site copy: copied when, pending, or no copy."""
+    if not point.copy_target:
+        return "-"
+    if point.HasField("copied_at"):
+        return f"copied {when(point.copied_at)}"
+    return "pending"
 
 
 @cli.group()
@@ -168,7 +178,7 @@ def rp_list(connection: Connection, vm_id: str, vault_name: str, as_json: bool) 
 
     With what the last verify found of each (`coffer verify`): verified when, damaged (how
     many chunks are missing or corrupt), healed (stored again, a verify pending), or never
-    verified.
+    verified; and whether it is in its vault's off-site copy (copied when, or pending).
     """
     request = operator_pb2.ListRecoveryPointsRequest(vm_id=vm_id, vault=vault_name)
     reply = call(connection, lambda s: s.ListRecoveryPoints(request))
@@ -192,6 +202,7 @@ def rp_list(connection: Connection, vm_id: str, vault_name: str, as_json: bool) 
                 size(p.bytes_stored),
                 ", ".join(p.kept_by) or "-",
                 verification_cell(p),
+                copy_cell(p),
                 p.job_id,
             ]
             for p in reply.recovery_points

@@ -9,7 +9,7 @@ from rich.markup import escape
 
 from controller.cli.client import Connection, call
 from controller.cli.keys import key
-from controller.cli.output import as_dict, console, print_json, size, table, when
+from controller.cli.output import as_dict, console, print_json, size, span, table, when
 from shared.rpc import operator_pb2
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
@@ -130,6 +130,13 @@ def vault_show(connection: Connection, name: str, as_json: bool) -> None:
     else:
         kept = "not encrypted (format 1)"
     console.print(f"Datastore: {escape(found.datastore)}, {kept}", highlight=False, soft_wrap=True)
+    if found.copy_target:
+        where = f" at {found.copy_location}" if found.copy_location else " (not configured)"
+        console.print(
+            f"Copy: to {escape(found.copy_target)}{escape(where)}", highlight=False, soft_wrap=True
+        )
+    else:
+        console.print("Copy: none", highlight=False)
 
 
 @vault.command(name="update")
@@ -152,6 +159,13 @@ def vault_show(connection: Connection, name: str, as_json: bool) -> None:
     default=None,
     help="Daily, verify the points not verified for N days (0: off).",
 )
+@click.option(
+    "--copy-to",
+    default=None,
+    metavar="TARGET",
+    help="Copy its recovery points to this copy target of the controller config.",
+)
+@click.option("--no-copy", is_flag=True, help="Stop copying (the copy is left as it is).")
 @json_option
 @click.pass_obj
 def vault_update(
@@ -160,17 +174,32 @@ def vault_update(
     max_concurrent_backups: int | None,
     verify_new: str | None,
     reverify_days: int | None,
+    copy_to: str | None,
+    no_copy: bool,
     as_json: bool,
 ) -> None:
     """Change a vault's settings.
 
     Queued backups start at once if the limit rose. Verify settings schedule Verify jobs:
     of each new recovery point after its backup, and daily (with the vault's maintenance, at
-    03:30 UTC) of the points never verified or not verified for N days.
+    03:30 UTC) of the points never verified or not verified for N days. --copy-to starts
+    copying the vault's recovery points to an off-site copy target (`[[copy_targets]]` in the
+    controller config): at once, then after every backup and daily.
     """
-    if max_concurrent_backups is None and verify_new is None and reverify_days is None:
+    if copy_to is not None and no_copy:
+        raise click.UsageError("--copy-to or --no-copy, not both")
+    if copy_to == "":
+        raise click.UsageError("--copy-to needs a target's name (--no-copy stops copying)")
+    if (
+        max_concurrent_backups is None
+        and verify_new is None
+        and reverify_days is None
+        and copy_to is None
+        and not no_copy
+    ):
         raise click.UsageError(
-            "nothing to change: give --max-concurrent-backups, --verify-new or --reverify-days"
+            "nothing to change: give --max-concurrent-backups, --verify-new, --reverify-days, "
+            "--copy-to or --no-copy"
         )
     request = operator_pb2.UpdateVaultRequest(
         name=name, max_concurrent_backups=max_concurrent_backups or 0
@@ -179,6 +208,8 @@ def vault_update(
         request.verify_new = verify_new == "on"
     if reverify_days is not None:
         request.reverify_days = reverify_days
+    if copy_to is not None or no_copy:
+        request.copy_to = copy_to or ""
     updated = call(connection, lambda s: s.UpdateVault(request))
     if as_json:
         print_json(as_dict(updated))
@@ -249,11 +280,39 @@ def _show_dashboard(board: operator_pb2.DashboardReply) -> None:
             ]
         ],
     )  # fmt: skip
+    if board.copy_target:
+        _show_copy(board)
     table(
         "Items by state",
         ("State", "Items"),
         [[state, str(n)] for state, n in sorted(board.items_by_state.items())],
     )
+
+
+def _show_copy(board: operator_pb2.DashboardReply) -> None:
+    last = board.last_copy_job
+    table(
+        f"Off-site copy to {board.copy_target}",
+        ("Copied", "Not copied", "Copy lag", "Oldest not copied", "Newest copied", "Last copy"),
+        [
+            [
+                str(board.recovery_points_copied),
+                str(board.recovery_points_not_copied),
+                span(board.copy_lag_seconds) if board.recovery_points_not_copied else "none",
+                when(board.oldest_not_copied_at, board.HasField("oldest_not_copied_at")),
+                when(board.newest_copied_at, board.HasField("newest_copied_at")),
+                f"{last.status} {when(last.started_at)} ({last.id})"
+                if board.HasField("last_copy_job")
+                else "never",
+            ]
+        ],
+    )
+    if board.copy_unavailable:
+        console.print(
+            f"Copies cannot be written now: {escape(board.copy_unavailable)}",
+            highlight=False,
+            soft_wrap=True,
+        )
 
 
 @click.command()
@@ -272,8 +331,10 @@ def dashboard(
 ) -> None:
     """A vault at a glance.
 
-    Protected items, the last 24 h of jobs, storage and deduplication, and integrity: how
-    many recovery points a verify found whole, damaged, healed since, or never verified.
+    Protected items, the last 24 h of jobs, storage and deduplication, integrity: how many
+    recovery points a verify found whole, damaged, healed since, or never verified; and the
+    off-site copy: how many points are copied, and the copy lag (how long the oldest point not
+    copied yet has existed only here).
     """
     request = operator_pb2.VaultRef(name=vault_name)
     while True:

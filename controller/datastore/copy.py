@@ -55,6 +55,13 @@ the copy (its indexes read from the copy; its manifest there means its chunks ar
 the write order, and the copy's garbage collection deletes only chunks no manifest names). A
 copy of an incremental asks only about the chunks its predecessor does not reference.
 
+Damage in the copy
+------------------
+Known present means never sent again, so a chunk damaged or lost in the copy would stay so.
+A verify of the copy finds such chunks; the next run is given them (`resend`) and sends each
+again from the source, replacing what the copy holds (if the source has it whole), before it
+copies anything else.
+
 Deleting and garbage collection
 -------------------------------
 A point is deleted from the copy as from any datastore: manifest first, then its indexes
@@ -219,9 +226,25 @@ class CopyReport:
     config_written: bool
     """datastore.json was written (a first run, or keys changed since the last)."""
     seconds: float
+    resent: tuple[bytes, ...] = ()
+    """Chunks sent again to replace damaged ones in the copy (`resend`)."""
     stopped: bool = False
+    planned: bool = True
+    """The two stores were listed: `present` and `only_in_copy` are the whole copy."""
     gc: GcReport | None = None
     """The copy's garbage collection, if the run did one."""
+
+
+@dataclass(frozen=True)
+class VaultCopy:
+    """A vault's copy opened to be read: a restore, file recovery or verify from the copy."""
+
+    target: str
+    """The copy target's name (the controller config's `[[copy_targets]]`)."""
+    location: str
+    datastore: Datastore
+    guard: ChunkGuard
+    """Held by what reads the copy, spared by the copy's garbage collection."""
 
 
 # --- datastore.json ---------------------------------------------------------------------------
@@ -436,10 +459,11 @@ class _Run:
 
     # --- chunks -------------------------------------------------------------------------------
 
-    def transfer(self, digest: bytes) -> int:
-        """Send one chunk unless the copy has it; the bytes sent (0: it was there)."""
+    def transfer(self, digest: bytes, replace: bool = False) -> int:
+        """Send one chunk unless the copy has it (`replace`: whatever the copy has); the bytes
+        sent (0: it was there)."""
         key = chunk_key(digest)
-        if self.target.has(key):
+        if not replace and self.target.has(key):
             return 0
         try:
             stored, _ = self.read_checked(key)
@@ -454,19 +478,29 @@ class _Run:
         pending: set[bytes] = set()
         counts = self.counts
 
+        def settled(digest: bytes, sent: int) -> None:
+            pending.discard(digest)
+            self.known_present.add(digest)
+            if sent:
+                counts.add(chunks_asked=1, chunks_sent=1, chunk_bytes_sent=sent, bytes_sent=sent)
+            else:
+                counts.add(chunks_asked=1, chunks_present=1)
+
         def settle(at_most: int) -> None:
             while len(window) > at_most:
                 digest, future = window.popleft()
-                sent = future.result()
-                pending.discard(digest)
-                self.known_present.add(digest)
-                if sent:
-                    counts.add(chunks_asked=1, chunks_sent=1, chunk_bytes_sent=sent,
-                               bytes_sent=sent)  # fmt: skip
-                else:
-                    counts.add(chunks_asked=1, chunks_present=1)
+                settled(digest, future.result())
                 if counts.chunks_asked % _PROGRESS_EVERY == 0:
                     self.tell()
+
+        def drain() -> None:
+            """Stopped: what has not started does not; what was on its way is counted."""
+            for _, future in window:
+                future.cancel()
+            while window:
+                digest, future = window.popleft()
+                if not future.cancelled() and future.exception() is None:
+                    settled(digest, future.result())
 
         try:
             for digest in digests:
@@ -483,8 +517,21 @@ class _Run:
         except (ChunkMissing, CorruptData, KeyUnavailable, UnsupportedFormat) as error:
             raise _NotCopied(_why(error)) from None
         finally:
-            for _, future in window:
-                future.cancel()
+            drain()
+
+    def resend(self, digests: Iterable[bytes]) -> list[bytes]:
+        """Send `digests` again over what the copy holds; those the source has whole."""
+        resent = []
+        for digest in digests:
+            self.check()
+            try:
+                sent = self.transfer(digest, replace=True)
+            except (ChunkMissing, CorruptData, KeyUnavailable, UnsupportedFormat):
+                continue  # the source cannot mend it: the copy's points that need it stay so
+            self.counts.add(chunks_sent=1, chunk_bytes_sent=sent, bytes_sent=sent)
+            self.known_present.add(digest)
+            resent.append(digest)
+        return resent
 
     # --- recovery points ----------------------------------------------------------------------
 
@@ -577,6 +624,7 @@ def copy_datastore(
     collect: bool = False,
     cutoff: float = 0.0,
     target_guard: ChunkGuard | None = None,
+    resend: Iterable[bytes] = (),
     should_stop: ShouldStop | None = None,
     progress: Progress | None = None,
 ) -> CopyReport:
@@ -586,6 +634,7 @@ def copy_datastore(
     the source's `ChunkGuard`, in which the run holds what it reads as `owner` (the caller
     releases it); with `collect` (and whenever it deleted a point) the run ends with a garbage
     collection of the copy, of chunks written before `cutoff` and not held in `target_guard`.
+    `resend`: chunks found damaged in the copy, sent again first.
     Blocking. The stores' errors (DatastoreError) are raised as they come, after which a run
     again finishes the work; damage in the source is reported per recovery point.
     """
@@ -610,8 +659,9 @@ def copy_datastore(
 
     run = _Run(source, target, master, source_guard, owner, check, tell)
     plan = CopyPlan((), (), (), ())
-    stopped = False
+    planned = stopped = False
     gc: GcReport | None = None
+    resent: list[bytes] = []
     try:
         run.sync_config()
         plan = plan_copy(
@@ -620,8 +670,9 @@ def copy_datastore(
             keep,
             known,
         )
-        points = len(plan.copy)
+        points, planned = len(plan.copy), True
         run.in_copy |= set(plan.present) | set(plan.only_in_copy)
+        resent = run.resend(resend)
         with ThreadPoolExecutor(THREADS, thread_name_prefix="copy") as pool:
             for rp_id in plan.copy:
                 check()
@@ -665,8 +716,10 @@ def copy_datastore(
         bytes_sent=counts.bytes_sent,
         bytes_read=counts.bytes_read,
         config_written=run.config_written,
+        resent=tuple(resent),
         seconds=time.monotonic() - started,
         stopped=stopped,
+        planned=planned,
         gc=gc,
     )
 
@@ -676,6 +729,7 @@ __all__ = [
     "CopyPlan",
     "CopyProgress",
     "CopyReport",
+    "VaultCopy",
     "check_copied",
     "copy_datastore",
     "open_copy",

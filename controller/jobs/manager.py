@@ -15,6 +15,7 @@ from typing import Any, Self, TypeVar
 
 from controller.catalog import Catalog, JobRecord
 from controller.datastore import Datastore
+from controller.datastore.copy import VaultCopy
 from controller.datastores import Datastores
 from controller.integrity import Integrity
 from controller.jobs.agent_command import AgentJob
@@ -170,9 +171,17 @@ class JobManager:
         )
 
     async def restore(
-        self, vm_id: str, rp_id: str, disk: str, target_path: str, target_vm: str
+        self,
+        vm_id: str,
+        rp_id: str,
+        disk: str,
+        target_path: str,
+        target_vm: str,
+        *,
+        copy: VaultCopy | None = None,
     ) -> JobRecord:
-        return await self._restores.start(vm_id, rp_id, disk, target_path, target_vm)
+        """A Restore job; from the vault's off-site `copy` (opened) if given."""
+        return await self._restores.start(vm_id, rp_id, disk, target_path, target_vm, copy=copy)
 
     async def list_files(
         self, source: FileSource, path: bytes, limit: int, after: bytes
@@ -286,6 +295,9 @@ class JobManager:
         raise PermissionDenied(detail=f"job {job_id} reads no disk index")
 
     async def datastore(self, running: RunningJob) -> Datastore:
+        """Where the job reads: a restore's session's datastore (the vault's, or its copy)."""
+        if isinstance(running, RunningRestore) and running.session is not None:
+            return running.session.datastore
         return await self._datastores.get(running.record.vault)
 
     async def missing_chunks(self, running: RunningBackup, digests: list[bytes]) -> list[bytes]:

@@ -17,6 +17,11 @@ unreadable; `chunk_unreadable`), or the agent's check of what it downloaded did 
 names the chunk in its result, and the controller reads it again itself before believing it).
 Either way the chunk is marked bad and the recovery points that reference it damaged
 (controller.integrity) before the job ends.
+
+A restore may read the vault's off-site copy instead (`--from-copy`, controller.copies): the
+session then reads the copy's index and chunks and holds them in the copy's guard; a bad chunk
+there fails the restore the same way, but marks nothing (the catalog's integrity records are
+of the vault's own datastore).
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from functools import partial
 
 from controller.catalog import Catalog, JobRecord, RecoveryPointRecord
 from controller.datastore import ChunkGuard, Datastore
+from controller.datastore.copy import VaultCopy
 from controller.datastore.verify import MISSING, DamagedChunk, damage_in
 from controller.datastores import Datastores
 from controller.integrity import Integrity
@@ -61,6 +67,8 @@ class RestoreSession:
     guard: ChunkGuard
     pool: Executor
     allowed: frozenset[bytes] = field(default_factory=frozenset)
+    copy: str = ""
+    """The copy target it reads from ('' for the vault's own datastore)."""
 
     @classmethod
     async def open(
@@ -71,8 +79,11 @@ class RestoreSession:
         datastore: Datastore,
         guard: ChunkGuard,
         pool: Executor,
+        *,
+        copy: str = "",
     ) -> RestoreSession:
-        """Read the disk's index and hold its chunks; NotFound if the recovery point is gone."""
+        """Read the disk's index and hold its chunks; NotFound if the recovery point is gone.
+        `copy`: the copy target `datastore` is the vault's copy in."""
         loop = asyncio.get_running_loop()
         index = await loop.run_in_executor(pool, datastore.get_index, recovery_point.id, disk)
         # Held, then the recovery point checked again: a prune and collection that came first
@@ -88,8 +99,9 @@ class RestoreSession:
             guard.release(job_id)
             raise
         return cls(
-            job_id, recovery_point, disk, index, datastore, guard, pool, frozenset(referenced)
-        )
+            job_id, recovery_point, disk, index, datastore, guard, pool, frozenset(referenced),
+            copy,
+        )  # fmt: skip
 
     def index_for(self, rp_id: str, disk: str) -> DiskIndex:
         """The index the agent asks for, if it is the one being restored."""
@@ -119,12 +131,15 @@ class RestoreSession:
 
     def corrupted(self, digest: bytes, detail: str) -> DataCorrupted:
         """The error of a restore that met the bad chunk `digest`."""
+        vault = self.recovery_point.vault
+        where = f"--vault {vault} --from-copy" if self.copy else f"--vault {vault}"
         return DataCorrupted(
             recovery_point=self.recovery_point.id,
             disk=self.disk,
             chunk=self.position_of(digest),
             digest=digest.hex(),
-            detail=f"{detail} (`coffer verify --vault {self.recovery_point.vault}`)",
+            detail=f"{detail}{f' in the copy {self.copy}' if self.copy else ''} "
+            f"(`coffer verify {where}`)",
         )
 
 
@@ -165,10 +180,17 @@ class Restores:
         self._integrity = integrity
 
     async def start(
-        self, vm_id: str, rp_id: str, disk: str, target_path: str, target_vm: str
+        self,
+        vm_id: str,
+        rp_id: str,
+        disk: str,
+        target_path: str,
+        target_vm: str,
+        *,
+        copy: VaultCopy | None = None,
     ) -> JobRecord:
         """Restore `disk` of recovery point `rp_id` of `vm_id` to `target_path` on `target_vm`
-        (`vm_id` itself when empty)."""
+        (`vm_id` itself when empty); from the vault's `copy`, opened, if given."""
         rp = await self._catalog.recovery_point(rp_id)
         if rp.vm_id != vm_id:
             raise NotFound(kind=f"recovery point of VM {vm_id!r}", name=rp_id)
@@ -187,13 +209,16 @@ class Restores:
             disks=(disk,),
             details={"source_vm": vm_id, "disk": disk, "target_path": target_path},
         )
+        if copy is not None:
+            job.details["from_copy"] = copy.target
         session = await RestoreSession.open(
             job.id,
             rp,
             disk,
-            await self._datastores.get(rp.vault),
-            self._datastores.guard(rp.vault),
+            copy.datastore if copy else await self._datastores.get(rp.vault),
+            copy.guard if copy else self._datastores.guard(rp.vault),
             self._pool,
+            copy=copy.target if copy else "",
         )
         running = RunningRestore(
             job,
@@ -248,7 +273,7 @@ class Restores:
             else str(error.fields.get("detail") or error.message)
         )
         running.found_bad[digest] = reason
-        if self._integrity is not None:
+        if self._integrity is not None and not session.copy:
             rp = session.recovery_point
             await self._integrity.found_bad(
                 rp.vault,
@@ -266,8 +291,8 @@ class Restores:
         read confirms them, and those the controller could not read, are bad; every recovery
         point that references them is damaged."""
         session = running.session
-        if session is None or self._integrity is None:
-            return
+        if session is None or self._integrity is None or session.copy:
+            return  # a copy's damage is not the vault's datastore's
         rp = session.recovery_point
         reported = list(running.result.damaged_chunks) if running.result else []
         confirmed, since = await self._integrity.confirm(
