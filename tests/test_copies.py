@@ -9,7 +9,8 @@
 - A copy job is cancelled part way and the next one sends only what had not arrived.
 - A second controller given the same copy target cannot write it: the lease names the holder.
 - The primary on a SeaweedFS that is stopped: the restore comes from a copy on another
-  SeaweedFS (a second endpoint).
+  SeaweedFS (a second endpoint); then the controller restarts with the copy as the vault's
+  datastore, and restores from it.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from typing import Any
 import pytest
 
 from tests.bench.image import build_image, copy_image, mounted
-from tests.cluster import Cluster, CliError, sha256_file
+from tests.cluster import CliError, Cluster, sha256_file
 from tests.conftest import TEST_BUCKET
 from tests.seaweed import SeaweedFS, start_seaweedfs
 
@@ -41,11 +42,10 @@ def source(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_image(root / "source.img", 64 * MiB, fill=0.35, seed=11).path
 
 
-def copy_target(server: SeaweedFS, name: str, prefix: str, *, extra: str = "") -> str:
-    """A [[copy_targets]] table on the test server."""
+def s3_table(header: str, server: SeaweedFS, prefix: str, extra: str = "") -> str:
+    """A table of the controller config for a root on the test server, as `coffer`'s user."""
     return (
-        "[[copy_targets]]\n"
-        f'name = "{name}"\n'
+        f"{header}\n"
         f'url = "s3://{TEST_BUCKET}/{prefix}"\n'
         f'endpoint = "{server.endpoint}"\n'
         'region = "us-east-1"\n'
@@ -53,6 +53,11 @@ def copy_target(server: SeaweedFS, name: str, prefix: str, *, extra: str = "") -
         f'access_key_id = "{server.coffer.access_key_id}"\n'
         f'secret_access_key = "{server.coffer.secret_access_key}"\n' + extra
     )
+
+
+def copy_target(server: SeaweedFS, name: str, prefix: str, *, extra: str = "") -> str:
+    """A [[copy_targets]] table on the test server."""
+    return s3_table(f'[[copy_targets]]\nname = "{name}"', server, prefix, extra)
 
 
 def change_files(image: Path, nbytes: int, seed: int) -> None:
@@ -122,7 +127,8 @@ def test_copies_follow_backups_send_only_new_chunks_mirror_prunes_and_restore_wi
         assert first["details"]["copy"]["recovery_points_copied"] == 1
         assert s3_chunks(seaweedfs, copy_prefix) == chunk_files(primary)
         listed = points(cluster, "web-1")[full["recovery_point_id"]]
-        assert listed["copy_target"] == "offsite" and listed["copied_at"], listed
+        assert listed["copy_target"] == "offsite", listed
+        assert listed["copied_at"], listed
         board = cluster.coffer("dashboard", "--vault", VAULT)
         assert (board["recovery_points_copied"], board["recovery_points_not_copied"]) == (1, 0)
         assert board.get("copy_lag_seconds", 0) == 0
@@ -286,18 +292,9 @@ def test_with_the_primary_object_store_stopped_a_restore_reads_the_copy_on_anoth
     copy_image(source, image)
     with start_seaweedfs(tmp_path / "seaweedfs-1") as primary:
         primary.create_bucket(TEST_BUCKET)
-        config = (
-            "[datastore]\n"
-            f'url = "s3://{TEST_BUCKET}/primary"\n'
-            f'endpoint = "{primary.endpoint}"\n'
-            'region = "us-east-1"\n'
-            "allow_http = true\n"
-            f'access_key_id = "{primary.coffer.access_key_id}"\n'
-            f'secret_access_key = "{primary.coffer.secret_access_key}"\n'
-            # The controller outlives its lease's renewals failing for the test's span.
-            "lease_seconds = 600\n"
-            "max_attempts = 1\n"
-        ) + copy_target(second_endpoint, "other-region", "copies")
+        # The controller outlives its lease's renewals failing for the test's span.
+        datastore = s3_table("[datastore]", primary, "primary", "lease_seconds = 600\n")
+        config = datastore + copy_target(second_endpoint, "other-region", "copies")
         with Cluster(tmp_path / "cluster", config=config) as cluster:
             cluster.add_agent("vm", {"root": image}, region="eu")
             cluster.protect("vm", vault=VAULT)
@@ -314,4 +311,16 @@ def test_with_the_primary_object_store_stopped_a_restore_reads_the_copy_on_anoth
                 "--target", str(target), "--from-copy",
             )  # fmt: skip
             assert restored["status"] == "Completed", restored
+            assert sha256_file(target) == original
+
+            # The primary is gone for good: the copy becomes the vault's datastore, and the
+            # controller starts on it with its catalog and master key (docs/copies.md).
+            cluster.controller.stop()
+            promoted = s3_table("[datastore]", second_endpoint, "copies")
+            toml = cluster.root / "controller.toml"
+            toml.write_text(toml.read_text().replace(config, promoted))
+            cluster.start_controller()
+            target.unlink()
+            again = cluster.restore("vm", backup["recovery_point_id"], "root", target)
+            assert again["status"] == "Completed", again
             assert sha256_file(target) == original

@@ -142,7 +142,8 @@ def test_a_copy_is_the_same_datastore_and_reads_back_with_the_same_master_key(
     report = run(source, target, master)
     assert report.copied == ("rp-1",)
     assert report.chunks_sent == 6  # 1-6, each once; the zero chunk is never stored
-    assert report.config_written and not report.stopped
+    assert report.config_written
+    assert not report.stopped
     # The same document: same vault, keys, datastore id; chunk names match the source's.
     assert target.get(CONFIG_KEY) == source.storage.get(CONFIG_KEY)
     assert chunk_keys(target) == chunk_keys(source.storage)
@@ -167,7 +168,8 @@ def test_a_second_run_sends_only_the_chunks_the_copy_lacks(
     commit(source, "rp-2", {"root": image(1, 2, 100, *range(4, 20), 101, 102)})
     before = chunk_keys(target)
     second = run(source, target, master)
-    assert second.copied == ("rp-2",) and second.present == ("rp-1",)
+    assert second.copied == ("rp-2",)
+    assert second.present == ("rp-1",)
     new = chunk_keys(source.storage) - before
     assert len(new) == second.chunks_sent == 3
     assert second.chunk_bytes_sent == sum(len(source.storage.get(key)) for key in new)
@@ -194,7 +196,8 @@ def test_a_run_cut_short_resumes_without_sending_again_what_arrived(
     faulty.clear()
     resumed = run(source, faulty, master)
     assert resumed.copied == ("rp-1",)
-    assert resumed.chunks_sent == 25 and resumed.chunks_present == 15
+    assert resumed.chunks_sent == 25
+    assert resumed.chunks_present == 15
     assert chunk_keys(faulty) == chunk_keys(source.storage)
 
 
@@ -211,9 +214,11 @@ def test_a_stopped_run_returns_what_it_did_and_the_next_finishes(
         return len(set(target.list("manifests/"))) >= 2
 
     stopped = run(source, target, master, should_stop=stop_after_two_points)
-    assert stopped.stopped and stopped.copied == ("rp-0", "rp-1")
+    assert stopped.stopped
+    assert stopped.copied == ("rp-0", "rp-1")
     finished = run(source, target, master)
-    assert finished.copied == ("rp-2",) and finished.chunks_sent == 10
+    assert finished.copied == ("rp-2",)
+    assert finished.chunks_sent == 10
 
 
 def test_deletes_are_mirrored_and_the_copy_collects_their_chunks(
@@ -229,7 +234,8 @@ def test_deletes_are_mirrored_and_the_copy_collects_their_chunks(
     report = run(source, target, master, keep=("rp-2", "rp-3"), cutoff=float("inf"))
     assert report.deleted == ("rp-1",)
     assert report.only_in_copy == ("rp-3",)
-    assert report.gc is not None and report.gc.chunks_deleted == 1  # chunk 3: only rp-1's
+    assert report.gc is not None
+    assert report.gc.chunks_deleted == 1
     copy = open_copy(source, target, master)
     assert sorted(copy.list_recovery_point_ids()) == ["rp-2", "rp-3"]
     assert restore(copy, "rp-3", "root") == image(1, 5, 6)  # the copy is where it survives
@@ -243,7 +249,8 @@ def test_a_young_chunk_of_an_unfinished_copy_survives_the_copys_collection(
     stray = chunk_key(source.chunk_hash.digest(chunk_of(9)))
     target.put(stray, source.storage.get(chunk_key(source.chunk_hash.digest(chunk_of(1)))))
     report = run(source, target, master, collect=True, cutoff=0.0)
-    assert report.gc is not None and report.gc.kept_in_grace == 1
+    assert report.gc is not None
+    assert report.gc.kept_in_grace == 1
     assert target.has(stray)
 
 
@@ -259,7 +266,8 @@ def test_damage_in_the_source_is_not_copied(
     report = run(source, target, master)
     assert report.copied == ("rp-1",)
     assert "does not authenticate" in report.not_copied["rp-2"]
-    assert not target.has(bad) and not target.has(manifest_key("rp-2"))
+    assert not target.has(bad)
+    assert not target.has(manifest_key("rp-2"))
 
 
 def test_a_key_rotated_in_the_source_reaches_the_copy_before_what_it_seals(
@@ -270,7 +278,8 @@ def test_a_key_rotated_in_the_source_reaches_the_copy_before_what_it_seals(
     assert source.new_data_key() == 2
     commit(source, "rp-2", {"root": image(2)})
     report = run(source, target, master)
-    assert report.config_written and report.copied == ("rp-2",)
+    assert report.config_written
+    assert report.copied == ("rp-2",)
     assert envelope_key_id(target.get(manifest_key("rp-2"))) == 2
     assert restore(open_copy(source, target, master), "rp-2", "root") == image(2)
     # Re-wrapped under a new master key: the copy follows, and opens with the new key only.
