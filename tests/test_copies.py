@@ -187,6 +187,20 @@ def test_copies_follow_backups_send_only_new_chunks_mirror_prunes_and_restore_wi
         finally:
             gone.rename(primary)
 
+        # Damage in the copy: a verify of the copy finds it, and the next copy mends it.
+        in_copy = seaweedfs.store(TEST_BUCKET, copy_prefix)
+        in_copy.put(sorted(in_copy.list("chunks/"))[0], b"not what was sealed")
+        damaged = cluster.coffer("verify", "--vault", VAULT, "--from-copy", check=False)
+        assert damaged["status"] == "Failed", damaged
+        assert damaged["error_code"] == "RecoveryPointsDamaged"
+        mended = cluster.coffer("copy", "--vault", VAULT)
+        assert mended["details"]["damaged_chunks_sent_again"] == 1, mended
+        assert cluster.coffer("verify", "--vault", VAULT, "--from-copy")["status"] == "Completed"
+        # Damage in the copy is the copy's: the vault's own points are not marked.
+        assert (
+            points(cluster, "web-1")[incremental["recovery_point_id"]].get("verification", "") == ""
+        )
+
         # Nothing new: a copy by hand sends nothing.
         again = cluster.coffer("copy", "--vault", VAULT)
         assert again["status"] == "Completed", again

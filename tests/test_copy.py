@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -28,6 +29,7 @@ from controller.datastore import (
     open_object_store,
 )
 from controller.datastore.copy import (
+    CopyReport,
     check_copied,
     copy_datastore,
     open_copy,
@@ -79,8 +81,8 @@ def run(
     *,
     keep: tuple[str, ...] = (),
     known: dict[str, tuple[str, float]] | None = None,
-    **options: object,
-):  # type: ignore[no-untyped-def]
+    **options: Any,
+) -> CopyReport:
     """A run as the controller makes one: the catalog knows every point the source holds."""
     points = sorted(source.list_recovery_point_ids())
     if known is None:
@@ -93,7 +95,7 @@ def run(
         known=known,
         source_guard=ChunkGuard(),
         owner="job-1",
-        **options,  # type: ignore[arg-type]
+        **options,
     )
 
 
@@ -322,3 +324,22 @@ def test_the_copy_reads_while_the_source_is_gone(
     os.rename(tmp_path / "source", tmp_path / "source-gone")
     copy = open_copy(source, target, master)  # only what the source holds in memory
     assert restore(copy, "rp-1", "root") == disk
+
+
+def test_chunks_found_damaged_in_the_copy_are_sent_again_first(
+    source: Datastore, target: ObjectStore, master: MasterKey
+) -> None:
+    commit(source, "rp-1", {"root": image(1, 2, 3)})
+    commit(source, "rp-2", {"root": image(1, 2, 4)})
+    run(source, target, master)
+    lost, rotten = (source.chunk_hash.digest(chunk_of(n)) for n in (1, 2))
+    target.delete(chunk_key(lost))
+    target.put(chunk_key(rotten), b"not what was sealed")
+    # A run knows rp-1's chunks are there (rp-2's base): without being told, it sends nothing.
+    assert run(source, target, master).chunks_sent == 0
+    report = run(source, target, master, resend=[lost, rotten])
+    assert sorted(report.resent) == sorted([lost, rotten])
+    assert report.chunks_sent == 2
+    copy = open_copy(source, target, master)
+    assert restore(copy, "rp-1", "root") == image(1, 2, 3)
+    assert restore(copy, "rp-2", "root") == image(1, 2, 4)
