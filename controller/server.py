@@ -7,7 +7,9 @@ the same `listen` fails to bind (port reuse is off) and refuses too. Then it rea
 key (controller/master_key.py; made on the first start when none is configured) and takes the
 writer lease of the datastores' root (controller/datastores.py), which a second controller on
 the same datastores is refused with, naming this one; then it opens every vault's datastore,
-so a wrong master key (WrongKey) or unreachable storage stops the start. On the way out the gRPC
+so a wrong master key (WrongKey) or unreachable storage stops the start; each copy target's
+lease it takes in the background, so a copy target never stops the start (controller/copies.py).
+On the way out the gRPC
 server stops taking calls (with a grace period for calls in flight), agent sessions close
 (their jobs fail with AgentDisconnected and are recorded), the job manager drains, the status
 monitor and the private broker stop, the catalog flushes.
