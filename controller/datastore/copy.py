@@ -270,13 +270,25 @@ def _identity(config: DatastoreConfig) -> str:
     )
 
 
-def _same_datastore(source: DatastoreConfig, found: DatastoreConfig) -> bool:
-    """Whether `found` is a copy of `source`'s document: same settings, vault and datastore
-    id, and no data key `source` lacks (a copy is never newer than its source)."""
-    if found != source or source.keys is None or found.keys is None:
-        return False
-    return found.keys.datastore_id == source.keys.datastore_id and set(found.keys.data) <= set(
-        source.keys.data
+def _is_copy_of(source: DatastoreConfig, found: DatastoreConfig) -> bool:
+    """Whether `found` is the document of `source`'s copy: the same settings, vault and
+    datastore id. Its keys may lag behind the source's (the next run writes the source's)."""
+    return (
+        found == source
+        and source.keys is not None
+        and found.keys is not None
+        and found.keys.datastore_id == source.keys.datastore_id
+    )
+
+
+def _may_replace(source: DatastoreConfig, found: DatastoreConfig) -> bool:
+    """Whether a run may write `source`'s document over `found`: a copy of it that holds no
+    data key `source` lacks (a copy is never newer than its source)."""
+    assert source.keys is not None
+    return (
+        _is_copy_of(source, found)
+        and found.keys is not None
+        and set(found.keys.data) <= set(source.keys.data)
     )
 
 
@@ -305,7 +317,7 @@ def sync_config(source: Datastore, target: ObjectStore) -> tuple[bool, frozenset
             vault=wanted.vault,
             wanted=_identity(wanted),
         ) from None
-    if not _same_datastore(wanted, found):
+    if not _may_replace(wanted, found):
         raise CopyTargetConflict(
             location=target.location,
             found=_identity(found),
@@ -332,18 +344,6 @@ def open_copy(source: Datastore, target: ObjectStore, master: MasterKey | None) 
             wanted=_identity(source.config),
         )
     return copy
-
-
-def _is_copy_of(source: DatastoreConfig, found: DatastoreConfig) -> bool:
-    # A copy may lag behind its source's keys, never run ahead of them; but a source opened
-    # before a rotation in the copy's run is not older than its own document. So: the same
-    # datastore, settings and vault.
-    return (
-        found == source
-        and source.keys is not None
-        and found.keys is not None
-        and found.keys.datastore_id == source.keys.datastore_id
-    )
 
 
 def check_copied(copy: Datastore, vault: str, rp_id: str) -> None:
