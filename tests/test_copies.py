@@ -6,7 +6,8 @@
   dashboard show what is copied; the copy's deletes follow the prune; with the vault's own
   datastore gone, `coffer restore --from-copy` gives the disk back byte for byte, and
   `coffer verify --from-copy` checks the copy.
-- A copy job is cancelled part way and the next one sends only what had not arrived.
+- A copy job is cancelled part way, another is cut by the controller's crash, and the next
+  one sends only what had not arrived.
 - A second controller given the same copy target cannot write it: the lease names the holder.
 - The primary on a SeaweedFS that is stopped: the restore comes from a copy on another
   SeaweedFS (a second endpoint); then the controller restarts with the copy as the vault's
@@ -16,6 +17,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -208,7 +210,18 @@ def test_copies_follow_backups_send_only_new_chunks_mirror_prunes_and_restore_wi
         assert int(again["bytes_sent"]) == 0
 
 
-def test_a_cancelled_copy_resumes_without_sending_again_what_arrived(
+def wait_for_progress(cluster: Cluster, job_id: str, chunks: int) -> None:
+    """Until a running Copy job has sent `chunks` chunks."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        progress = cluster.coffer("job", "show", job_id)["details"].get("progress", {})
+        if progress.get("chunks_sent", 0) >= chunks:
+            return
+        time.sleep(0.1)
+    raise TimeoutError(f"copy job {job_id} did not send {chunks} chunks")
+
+
+def test_a_copy_cut_short_resumes_without_sending_again_what_arrived(
     tmp_path: Path, seaweedfs: SeaweedFS
 ) -> None:
     image = tmp_path / "big.img"
@@ -216,8 +229,12 @@ def test_a_cancelled_copy_resumes_without_sending_again_what_arrived(
         for _ in range(192):
             out.write(os.urandom(MiB))
     prefix = f"cancel-{os.getpid()}-{tmp_path.name}"
-    # One request at a time to the copy, so there is time to cancel.
-    config = copy_target(seaweedfs, "offsite", prefix, extra="max_concurrent_requests = 1\n")
+    # One request at a time to the copy, so there is time to cut it; a short lease, so a
+    # controller started after a crash takes it over soon.
+    config = copy_target(
+        seaweedfs, "offsite", prefix, extra="max_concurrent_requests = 1\nlease_seconds = 3\n"
+    )
+    copy_prefix = f"{prefix}/{VAULT}"
     with Cluster(tmp_path / "cluster", config=config) as cluster:
         cluster.add_agent("big", {"root": image}, region="eu")
         cluster.protect("big", vault=VAULT)
@@ -225,32 +242,39 @@ def test_a_cancelled_copy_resumes_without_sending_again_what_arrived(
         assert backup["status"] == "Completed", backup
         total = chunk_files(cluster.datastore(VAULT))
         assert len(total) == 384
-        # Given a copy target, the vault is copied at once; the copy job is cancelled once
-        # some chunks have arrived.
+
+        # Cut by a cancel: given a copy target, the vault is copied at once; that job is
+        # cancelled once some chunks have arrived, and says how many.
         cluster.coffer("vault", "update", VAULT, "--copy-to", "offsite")
         started = cluster.coffer("copy", "--vault", VAULT, "--no-wait")  # the one running
-        job_id = started["id"]
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            progress = cluster.coffer("job", "show", job_id)["details"].get("progress", {})
-            if progress.get("chunks_sent", 0) >= 64:
-                break
-            time.sleep(0.1)
-        cancelled = cluster.coffer("job", "cancel", job_id, check=False)
+        wait_for_progress(cluster, started["id"], 64)
+        cancelled = cluster.coffer("job", "cancel", started["id"], check=False)
         assert cancelled["status"] == "Cancelled", cancelled
-        sent_first = cancelled["details"]["copy"]["chunks_sent"]
-        assert 64 <= sent_first < len(total)
-        assert cancelled["details"]["copy"]["recovery_points_copied"] == 0
-        assert len(s3_chunks(seaweedfs, f"{prefix}/{VAULT}")) == sent_first
+        first = cancelled["details"]["copy"]
+        assert 64 <= first["chunks_sent"] < len(total)
+        assert first["recovery_points_copied"] == 0
+        assert len(s3_chunks(seaweedfs, copy_prefix)) == first["chunks_sent"]
 
+        # Cut by a crash: the controller is killed part way through the next copy.
+        started = cluster.coffer("copy", "--vault", VAULT, "--no-wait")
+        wait_for_progress(cluster, started["id"], 32)
+        cluster.controller.stop(signal.SIGKILL)
+        arrived = len(s3_chunks(seaweedfs, copy_prefix))
+        assert first["chunks_sent"] + 32 <= arrived < len(total)
+        cluster.start_controller()
+        assert cluster.coffer("job", "show", started["id"])["error_code"] == "ControllerRestarted"
+
+        # Resumed: each chunk that arrived is not sent again.
+        deadline = time.monotonic() + 60
+        while cluster.coffer("dashboard", "--vault", VAULT).get("copy_unavailable"):
+            assert time.monotonic() < deadline, "the crashed controller's lease did not expire"
+            time.sleep(0.5)
         resumed = cluster.coffer("copy", "--vault", VAULT)
         assert resumed["status"] == "Completed", resumed
         report = resumed["details"]["copy"]
-        assert report["chunks_sent"] == len(total) - sent_first
-        assert report["chunks_already_there"] == sent_first
-        assert report["chunk_bytes_sent"] + cancelled["details"]["copy"]["chunk_bytes_sent"] == sum(
-            total.values()
-        )
+        assert report["chunks_sent"] == len(total) - arrived
+        assert report["chunks_already_there"] == arrived
+        assert s3_chunks(seaweedfs, copy_prefix) == total
         assert points(cluster, "big")[backup["recovery_point_id"]]["copied_at"]
 
 
