@@ -53,7 +53,9 @@ exact but costs a request per chunk, so some are known present without asking: e
 this run sent or found, and the chunks of the newest earlier point of the same VM already in
 the copy (its indexes read from the copy; its manifest there means its chunks are there, by
 the write order, and the copy's garbage collection deletes only chunks no manifest names). A
-copy of an incremental asks only about the chunks its predecessor does not reference.
+copy of an incremental asks only about the chunks its predecessor does not reference. A copy
+that had no `datastore.json` when the run began holds nothing (the document is always its
+first object), and is asked about nothing.
 
 Damage in the copy
 ------------------
@@ -292,10 +294,21 @@ def _may_replace(source: DatastoreConfig, found: DatastoreConfig) -> bool:
     )
 
 
-def sync_config(source: Datastore, target: ObjectStore) -> tuple[bool, frozenset[int], int]:
-    """Make the copy's `datastore.json` the source's (module note); whether it was written, the
-    data key ids it holds, and the bytes read from the source. CopyTargetConflict, with nothing
-    written, if `target` holds another datastore. Blocking."""
+@dataclass(frozen=True)
+class ConfigSync:
+    """What `sync_config` found and did."""
+
+    written: bool
+    created: bool
+    """The copy had no document: it holds nothing (the document is its first object)."""
+    keys: frozenset[int]
+    """The data key ids the copy's document holds now."""
+    bytes_read: int
+
+
+def sync_config(source: Datastore, target: ObjectStore) -> ConfigSync:
+    """Make the copy's `datastore.json` the source's (module note). CopyTargetConflict, with
+    nothing written, if `target` holds another datastore. Blocking."""
     _sealing(source)
     document = source.storage.get(CONFIG_KEY)
     wanted = DatastoreConfig.decode(document)
@@ -305,9 +318,9 @@ def sync_config(source: Datastore, target: ObjectStore) -> tuple[bool, frozenset
         existing = target.get(CONFIG_KEY)
     except NotFound:
         target.put(CONFIG_KEY, document)
-        return True, keys, len(document)
+        return ConfigSync(True, True, keys, len(document))
     if existing == document:
-        return False, keys, len(document)
+        return ConfigSync(False, False, keys, len(document))
     try:
         found = DatastoreConfig.decode(existing)
     except (CorruptData, UnsupportedFormat) as error:
@@ -325,7 +338,7 @@ def sync_config(source: Datastore, target: ObjectStore) -> tuple[bool, frozenset
             wanted=_identity(wanted),
         )
     target.put(CONFIG_KEY, document)
-    return True, keys, len(document)
+    return ConfigSync(True, False, keys, len(document))
 
 
 def open_copy(source: Datastore, target: ObjectStore, master: MasterKey | None) -> Datastore:
@@ -420,6 +433,8 @@ class _Run:
         self.in_copy: set[str] = set()
         """Recovery points complete in the copy (found there, or copied by this run)."""
         self.known_present: set[bytes] = set()
+        self.empty = False
+        """The copy held nothing when the run began: no chunk is asked about."""
         self.config_written = False
         self._keys: frozenset[int] = frozenset()
         self._lock = threading.Lock()
@@ -429,12 +444,14 @@ class _Run:
 
     def sync_config(self) -> None:
         with self._lock:  # one writer of the document at a time
-            written, keys, read = sync_config(self.source, self.target)
-            self._keys = keys
-            self.counts.add(bytes_read=read)
-            if written:
+            sync = sync_config(self.source, self.target)
+            self._keys = sync.keys
+            self.counts.add(bytes_read=sync.bytes_read)
+            if sync.created:
+                self.empty = True
+            if sync.written:
                 self.config_written = True
-                self.counts.add(objects_sent=1, bytes_sent=read)
+                self.counts.add(objects_sent=1, bytes_sent=sync.bytes_read)
                 self._copy = None  # its keyring changed: opened again when next needed
 
     def copy(self) -> Datastore:
@@ -463,7 +480,7 @@ class _Run:
         """Send one chunk unless the copy has it (`replace`: whatever the copy has); the bytes
         sent (0: it was there)."""
         key = chunk_key(digest)
-        if not replace and self.target.has(key):
+        if not replace and not self.empty and self.target.has(key):
             return 0
         try:
             stored, _ = self.read_checked(key)
@@ -478,19 +495,22 @@ class _Run:
         pending: set[bytes] = set()
         counts = self.counts
 
+        asked = 0 if self.empty else 1
+
         def settled(digest: bytes, sent: int) -> None:
             pending.discard(digest)
             self.known_present.add(digest)
             if sent:
-                counts.add(chunks_asked=1, chunks_sent=1, chunk_bytes_sent=sent, bytes_sent=sent)
+                counts.add(chunks_asked=asked, chunks_sent=1, chunk_bytes_sent=sent,
+                           bytes_sent=sent)  # fmt: skip
             else:
-                counts.add(chunks_asked=1, chunks_present=1)
+                counts.add(chunks_asked=asked, chunks_present=1)
 
         def settle(at_most: int) -> None:
             while len(window) > at_most:
                 digest, future = window.popleft()
                 settled(digest, future.result())
-                if counts.chunks_asked % _PROGRESS_EVERY == 0:
+                if (counts.chunks_sent + counts.chunks_present) % _PROGRESS_EVERY == 0:
                     self.tell()
 
         def drain() -> None:
@@ -726,6 +746,7 @@ def copy_datastore(
 
 __all__ = [
     "THREADS",
+    "ConfigSync",
     "CopyPlan",
     "CopyProgress",
     "CopyReport",
