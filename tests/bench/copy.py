@@ -148,10 +148,11 @@ def main() -> None:
                                         args.drop)  # fmt: skip
                 rows.append(Row(name, f"incremental ({CHANGED:.0%} new)", seconds, report))
     cache = "dropped" if args.drop else "kept"
+    load = ", ".join(f"{value:.1f}" for value in os.getloadavg())
     print(
         f"\nAn encrypted local datastore of {size / (1 << 30):.2f} GiB of distinct incompressible "
         f"512 KiB chunks copied by copy_datastore ({THREADS} threads), page cache {cache} "
-        "before each step\n"
+        f"before each step; load average at the end {load} on {os.cpu_count()} CPUs\n"
     )
     print("| copy to | step | chunks sent | sent | took | throughput |")
     print("|---|---|---|---|---|---|")
