@@ -115,6 +115,12 @@ def test_copies_follow_backups_send_only_new_chunks_mirror_prunes_and_restore_wi
         cluster.coffer("policy", "create", "--vault", VAULT, "Short", "--schedule",
                        f"weekly {other} 02:00", "--weekly", f"{other}:1")  # fmt: skip
         cluster.coffer("protect", "--vault", VAULT, "--policy", "Short", "web-1")
+        unknown = cluster.coffer("vault", "update", VAULT, "--copy-to", "nowhere", check=False,
+                                 json_out=False)  # fmt: skip
+        assert unknown.returncode == 2
+        assert "no copy target is named 'nowhere'" in unknown.stderr
+        assert "configured: offsite" in unknown.stderr
+        assert cluster.coffer("vault", "show", VAULT).get("copy_target", "") == ""
         updated = cluster.coffer("vault", "update", VAULT, "--copy-to", "offsite")
         assert updated["copy_target"] == "offsite"
         assert updated["copy_location"] == f"s3://{TEST_BUCKET}/{prefix}/{VAULT}"
@@ -135,6 +141,14 @@ def test_copies_follow_backups_send_only_new_chunks_mirror_prunes_and_restore_wi
         assert (board["recovery_points_copied"], board["recovery_points_not_copied"]) == (1, 0)
         assert board.get("copy_lag_seconds", 0) == 0
         assert board["last_copy_job"]["id"] == first["id"]
+        # The same, as people read it.
+        shown = cluster.coffer("dashboard", "--vault", VAULT, json_out=False).stdout
+        assert "Off-site copy to offsite" in shown
+        assert "copied" in cluster.coffer("rp", "list", "web-1", json_out=False).stdout
+        described = cluster.coffer("job", "show", first["id"], json_out=False).stdout
+        assert "Chunks sent" in described
+        assert "Copy target" in described
+        assert "offsite" in cluster.coffer("vault", "show", VAULT, json_out=False).stdout
 
         # An incremental: its copy sends exactly the chunks it added, and their bytes.
         before = chunk_files(primary)
