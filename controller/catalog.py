@@ -7,7 +7,15 @@ refused. Heartbeats are not written one by one: `touch_agent` records them in me
 
 The catalog is a cache of what the datastores hold: recovery point manifests are the source
 of truth, so `synchronous=NORMAL` (durable on application crash, may lose the last
-transactions on power loss) is enough.
+transactions on power loss) is enough. What only the catalog decides (a vault's settings and
+policies, which policy protects a VM, retention labels, verify verdicts) is written to the
+datastores too (controller/descriptions.py): every change to it is announced to the
+`on_change` listeners as (vault, VM id), the VM id empty for the vault's own facts, after its
+transaction commits. `coffer-controller recover` rebuilds a catalog from the datastores
+(controller/recovery.py).
+
+Soft-deleted recovery points (controller/soft_delete.py) move out of `recovery_points` into
+`deleted_recovery_points`, so nothing that reads live points ever sees them.
 
 Rows become records by column name (`sqlite3.Row`), never by position, so adding a column
 cannot shift a field; values with a domain type (operations, statuses, item states,
@@ -23,7 +31,7 @@ import asyncio
 import contextlib
 import json
 import sqlite3
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -202,7 +210,35 @@ MIGRATIONS: list[str] = [
     """
     ALTER TABLE vaults ADD COLUMN encrypted INTEGER NOT NULL DEFAULT 0;
     """,
+    # 6: soft delete. How many days a vault keeps deleted backup data recoverable (0: off),
+    # and the recovery points deleted that way: out of `recovery_points` (nothing that reads
+    # live points sees them), with what an undelete gives back and when they are purged.
+    """
+    ALTER TABLE vaults ADD COLUMN soft_delete_days INTEGER NOT NULL DEFAULT 14;
+    CREATE TABLE deleted_recovery_points (
+        id TEXT PRIMARY KEY,
+        vault TEXT NOT NULL REFERENCES vaults(name),
+        vm_id TEXT NOT NULL,
+        job_id TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        consistency TEXT NOT NULL,
+        bytes_stored INTEGER NOT NULL,
+        data_bytes INTEGER NOT NULL,
+        kept_by TEXT NOT NULL DEFAULT '',
+        disks TEXT NOT NULL DEFAULT '[]',
+        policy TEXT,
+        deleted_at REAL NOT NULL,
+        purge_at REAL NOT NULL,
+        deleted_by TEXT NOT NULL DEFAULT ''
+    );
+    CREATE INDEX deleted_recovery_points_by_vault
+        ON deleted_recovery_points (vault, vm_id, created_at);
+    CREATE INDEX deleted_recovery_points_by_purge ON deleted_recovery_points (vault, purge_at);
+    """,
 ]
+
+DEFAULT_SOFT_DELETE_DAYS = 14
+"""Days deleted backup data stays recoverable in a new vault (Azure Backup's default)."""
 
 
 @dataclass(frozen=True)
@@ -239,6 +275,8 @@ class VaultRecord:
     """Verify, on the daily maintenance, points not verified for this many days (0: never)."""
     encrypted: bool = False
     """Its datastore is encrypted (format 2): never to be opened as a plain one."""
+    soft_delete_days: int = DEFAULT_SOFT_DELETE_DAYS
+    """Deleted backup data stays recoverable this many days (0: deleted at once)."""
 
 
 @dataclass(frozen=True)
@@ -343,6 +381,24 @@ class RecoveryPointRecord:
 
 
 @dataclass(frozen=True)
+class DeletedRecoveryPointRecord:
+    """A soft-deleted recovery point: what it was, and until when it can be undeleted."""
+
+    point: RecoveryPointRecord
+    deleted_at: float
+    purge_at: float
+    """When the daily maintenance purges it for good."""
+    deleted_by: str = ""
+    """The job that deleted it."""
+    policy: str | None = None
+    """The policy its VM had when the data was deleted (an undelete gives it back)."""
+
+    @property
+    def id(self) -> str:
+        return self.point.id
+
+
+@dataclass(frozen=True)
 class DamageRecord:
     """A chunk a recovery point needs that is missing or corrupt."""
 
@@ -411,6 +467,7 @@ _VAULT_COLUMNS = (
     "name", "region", "chunk_size", "created_at", "max_concurrent_backups", "stored_bytes",
     "verify_new", "reverify_days",
     "encrypted",
+    "soft_delete_days",
 )  # fmt: skip
 
 
@@ -425,6 +482,7 @@ def _vault(row: sqlite3.Row) -> VaultRecord:
         verify_new=bool(row["verify_new"]),
         reverify_days=row["reverify_days"],
         encrypted=bool(row["encrypted"]),
+        soft_delete_days=row["soft_delete_days"],
     )
 
 
@@ -580,6 +638,73 @@ def _recovery_point(
     )
 
 
+_DELETED_COLUMNS = (
+    *_RP_COLUMNS, "disks", "policy", "deleted_at", "purge_at", "deleted_by",
+)  # fmt: skip
+
+
+def _deleted(row: sqlite3.Row) -> DeletedRecoveryPointRecord:
+    disks = [
+        RecoveryPointDiskRecord(
+            name=d["name"],
+            size_bytes=d["size_bytes"],
+            chunk_size=d["chunk_size"],
+            chunk_count=d["chunk_count"],
+            consistency=Consistency(d["consistency"]) if d.get("consistency") else None,
+        )
+        for d in json.loads(row["disks"])
+    ]
+    return DeletedRecoveryPointRecord(
+        point=_recovery_point(row, disks),
+        deleted_at=row["deleted_at"],
+        purge_at=row["purge_at"],
+        deleted_by=row["deleted_by"],
+        policy=row["policy"],
+    )
+
+
+def _deleted_row(record: DeletedRecoveryPointRecord) -> dict[str, Any]:
+    rp = record.point
+    return {
+        **_rp_row(rp),
+        "disks": json.dumps(
+            [
+                {
+                    "name": d.name,
+                    "size_bytes": d.size_bytes,
+                    "chunk_size": d.chunk_size,
+                    "chunk_count": d.chunk_count,
+                    "consistency": d.consistency.value if d.consistency else "",
+                }
+                for d in rp.disks
+            ]
+        ),
+        "policy": record.policy,
+        "deleted_at": record.deleted_at,
+        "purge_at": record.purge_at,
+        "deleted_by": record.deleted_by,
+    }
+
+
+def _rp_row(rp: RecoveryPointRecord) -> dict[str, Any]:
+    return {
+        "id": rp.id,
+        "vault": rp.vault,
+        "vm_id": rp.vm_id,
+        "job_id": rp.job_id,
+        "created_at": rp.created_at,
+        "consistency": rp.consistency.value,
+        "bytes_stored": rp.bytes_stored,
+        "data_bytes": rp.data_bytes,
+        "kept_by": ",".join(rp.kept_by),
+    }
+
+
+Change = Callable[[str, str], None]
+"""`listener(vault, vm_id)`: what the datastore descriptions hold of it changed (vm_id "" for
+the vault's own facts)."""
+
+
 class Catalog:
     """Async access to the catalog file; an async context manager."""
 
@@ -590,6 +715,31 @@ class Catalog:
         # One connection serves every coroutine: writers take turns, so one's commit never
         # lands another's half-done statements, and a failed write is rolled back whole.
         self._write_lock = asyncio.Lock()
+        self.on_change: list[Change] = []
+        """Told of every change to what the datastore descriptions hold, once committed."""
+
+    def _changed(self, owners: Iterable[tuple[str, str]]) -> None:
+        for vault, vm_id in owners:
+            for listener in self.on_change:
+                listener(vault, vm_id)
+
+    async def _owners(
+        self, db: aiosqlite.Connection, rp_ids: Sequence[str]
+    ) -> set[tuple[str, str]]:
+        """The (vault, VM) of each of `rp_ids` still in the catalog (only with listeners)."""
+        found: set[tuple[str, str]] = set()
+        if not self.on_change:
+            return found
+        ids = list(rp_ids)
+        for start in range(0, len(ids), _ID_BATCH):
+            batch = ids[start : start + _ID_BATCH]
+            async with db.execute(
+                "SELECT DISTINCT vault, vm_id FROM recovery_points"
+                f" WHERE id IN ({','.join('?' * len(batch))})",
+                batch,
+            ) as cursor:
+                found.update((row["vault"], row["vm_id"]) for row in await cursor.fetchall())
+        return found
 
     async def __aenter__(self) -> Self:
         self._path.parent.mkdir(parents=True, exist_ok=True)
@@ -666,11 +816,13 @@ class Catalog:
                         "verify_new": int(vault.verify_new),
                         "reverify_days": vault.reverify_days,
                         "encrypted": int(vault.encrypted),
+                        "soft_delete_days": vault.soft_delete_days,
                     },
                 )
             except sqlite3.IntegrityError:
                 raise Conflict(detail=f"vault {vault.name!r} already exists") from None
             await self._insert_policy(db, default_policy)
+        self._changed([(vault.name, "")])
         return await self.vault(vault.name)
 
     async def delete_vault(self, name: str) -> None:
@@ -709,6 +861,16 @@ class Catalog:
             )
             if cursor.rowcount == 0:
                 raise NotFound(kind="vault", name=vault)
+        self._changed([(vault, "")])
+
+    async def set_soft_delete_days(self, vault: str, days: int) -> None:
+        async with self._transaction() as db:
+            cursor = await db.execute(
+                "UPDATE vaults SET soft_delete_days = ? WHERE name = ?", (days, vault)
+            )
+            if cursor.rowcount == 0:
+                raise NotFound(kind="vault", name=vault)
+        self._changed([(vault, "")])
 
     async def add_stored_bytes(self, vault: str, delta: int) -> None:
         """Account chunk bytes written to (positive) or freed from (negative) a vault's store."""
@@ -743,6 +905,7 @@ class Catalog:
     async def create_policy(self, policy: PolicyRecord) -> None:
         async with self._transaction() as db:
             await self._insert_policy(db, policy)
+        self._changed([(policy.vault, "")])
 
     async def update_policy(self, vault: str, name: str, spec: dict[str, Any], now: float) -> None:
         async with self._transaction() as db:
@@ -752,6 +915,7 @@ class Catalog:
             )
             if cursor.rowcount == 0:
                 raise NotFound(kind=f"policy of vault {vault!r}", name=name)
+        self._changed([(vault, "")])
 
     async def delete_policy(self, vault: str, name: str) -> list[str]:
         """Delete a policy. Items whose protection is stopped forget it in the same
@@ -772,6 +936,7 @@ class Catalog:
             )
             if cursor.rowcount == 0:
                 raise NotFound(kind=f"policy of vault {vault!r}", name=name)
+        self._changed([(vault, ""), *((vault, vm_id) for vm_id in forgotten)])
         return forgotten
 
     async def policy(self, vault: str, name: str) -> PolicyRecord:
@@ -805,6 +970,7 @@ class Catalog:
                 )
             except sqlite3.IntegrityError:
                 raise Conflict(detail=f"VM {item.vm_id!r} is already registered") from None
+        self._changed([(item.vault, item.vm_id)])
 
     async def update_item(self, item: ItemRecord) -> None:
         async with self._transaction() as db:
@@ -812,10 +978,14 @@ class Catalog:
                 f"UPDATE items SET {_assignments(_ITEM_COLUMNS[1:])} WHERE vm_id = :vm_id",
                 _item_row(item),
             )
+        self._changed([(item.vault, item.vm_id)])
 
     async def delete_item(self, vm_id: str) -> None:
         async with self._transaction() as db:
+            async with db.execute("SELECT vault FROM items WHERE vm_id = ?", (vm_id,)) as cursor:
+                vaults = [row["vault"] for row in await cursor.fetchall()]
             await db.execute("DELETE FROM items WHERE vm_id = ?", (vm_id,))
+        self._changed((vault, vm_id) for vault in vaults)
 
     async def item(self, vm_id: str) -> ItemRecord | None:
         found = await self._items("vm_id = ?", (vm_id,))
@@ -873,6 +1043,9 @@ class Catalog:
                     for d in disks
                 ],
             )
+            async with db.execute("SELECT vault FROM items WHERE vm_id = ?", (vm_id,)) as cursor:
+                vaults = [row["vault"] for row in await cursor.fetchall()]
+        self._changed((vault, vm_id) for vault in vaults)
 
     def touch_agent(self, vm_id: str, now: float) -> None:
         """Note a heartbeat; written by the next `flush`."""
@@ -887,6 +1060,30 @@ class Catalog:
                 "UPDATE agents SET last_seen = ? WHERE vm_id = ?",
                 [(now, vm_id) for vm_id, now in beats.items()],
             )
+
+    async def agent(self, vm_id: str) -> AgentRecord | None:
+        """One enrolled VM (and its disks), or None."""
+        async with self.db.execute(
+            f"SELECT {_columns(_DISK_COLUMNS)} FROM disks WHERE vm_id = ? ORDER BY name", (vm_id,)
+        ) as cursor:
+            disks = [_disk(row) for row in await cursor.fetchall()]
+        async with self.db.execute(
+            f"SELECT {_columns(_AGENT_COLUMNS)} FROM agents WHERE vm_id = ?", (vm_id,)
+        ) as cursor:
+            row = await cursor.fetchone()
+        if row is None:
+            return None
+        return AgentRecord(
+            vm_id=row["vm_id"],
+            name=row["name"],
+            service=row["service"],
+            region=row["region"],
+            hostname=row["hostname"],
+            agent_version=row["agent_version"],
+            first_seen=row["first_seen"],
+            last_seen=max(row["last_seen"], self._heartbeats.get(row["vm_id"], 0.0)),
+            disks=tuple(disks),
+        )
 
     async def agents(self) -> list[AgentRecord]:
         disks: dict[str, list[DiskRecord]] = {}
@@ -1013,36 +1210,31 @@ class Catalog:
 
     async def insert_recovery_point(self, rp: RecoveryPointRecord) -> None:
         async with self._transaction() as db:
-            await db.execute(
-                f"INSERT OR IGNORE INTO recovery_points ({_columns(_RP_COLUMNS)})"
-                f" VALUES ({_placeholders(_RP_COLUMNS)})",
+            await self._insert_recovery_point(db, rp)
+        self._changed([(rp.vault, rp.vm_id)])
+
+    @staticmethod
+    async def _insert_recovery_point(db: aiosqlite.Connection, rp: RecoveryPointRecord) -> None:
+        await db.execute(
+            f"INSERT OR IGNORE INTO recovery_points ({_columns(_RP_COLUMNS)})"
+            f" VALUES ({_placeholders(_RP_COLUMNS)})",
+            _rp_row(rp),
+        )
+        await db.executemany(
+            f"INSERT OR IGNORE INTO recovery_point_disks ({_columns(_RP_DISK_COLUMNS)})"
+            f" VALUES ({_placeholders(_RP_DISK_COLUMNS)})",
+            [
                 {
-                    "id": rp.id,
-                    "vault": rp.vault,
-                    "vm_id": rp.vm_id,
-                    "job_id": rp.job_id,
-                    "created_at": rp.created_at,
-                    "consistency": rp.consistency.value,
-                    "bytes_stored": rp.bytes_stored,
-                    "data_bytes": rp.data_bytes,
-                    "kept_by": ",".join(rp.kept_by),
-                },
-            )
-            await db.executemany(
-                f"INSERT OR IGNORE INTO recovery_point_disks ({_columns(_RP_DISK_COLUMNS)})"
-                f" VALUES ({_placeholders(_RP_DISK_COLUMNS)})",
-                [
-                    {
-                        "recovery_point_id": rp.id,
-                        "name": d.name,
-                        "size_bytes": d.size_bytes,
-                        "chunk_size": d.chunk_size,
-                        "chunk_count": d.chunk_count,
-                        "consistency": d.consistency.value if d.consistency else "",
-                    }
-                    for d in rp.disks
-                ],
-            )
+                    "recovery_point_id": rp.id,
+                    "name": d.name,
+                    "size_bytes": d.size_bytes,
+                    "chunk_size": d.chunk_size,
+                    "chunk_count": d.chunk_count,
+                    "consistency": d.consistency.value if d.consistency else "",
+                }
+                for d in rp.disks
+            ],
+        )
 
     async def set_kept_by(self, kept: dict[str, tuple[str, ...]]) -> None:
         """Record which retention rules keep each recovery point (after a prune)."""
@@ -1051,10 +1243,14 @@ class Catalog:
                 "UPDATE recovery_points SET kept_by = ? WHERE id = ?",
                 [(",".join(rules), rp_id) for rp_id, rules in kept.items()],
             )
+            owners = await self._owners(db, list(kept))
+        self._changed(owners)
 
     async def delete_recovery_point(self, rp_id: str) -> None:
         async with self._transaction() as db:
+            owners = await self._owners(db, [rp_id])
             await db.execute("DELETE FROM recovery_points WHERE id = ?", (rp_id,))
+        self._changed(owners)
 
     async def recovery_points(self, vm_id: str = "", vault: str = "") -> list[RecoveryPointRecord]:
         """Recovery points, oldest first; of one VM and/or one vault when given."""
@@ -1129,6 +1325,7 @@ class Catalog:
             )
             if cursor.rowcount == 0:
                 raise NotFound(kind="vault", name=vault)
+        self._changed([(vault, "")])
 
     async def bad_chunks(self, vault: str) -> list[bytes]:
         """Digests of the vault's chunks known missing or corrupt."""
@@ -1174,6 +1371,8 @@ class Catalog:
                 )
                 await db.execute("DELETE FROM damaged_chunks WHERE recovery_point_id = ?", (rp_id,))
                 await self._insert_damage(db, rp_id, damage)
+            owners = await self._owners(db, [rp_id for rp_id, _, _ in outcomes])
+        self._changed(owners)
 
     async def record_damage(
         self, damage: dict[str, Sequence[DamageRecord]], now: float, job_id: str
@@ -1191,6 +1390,8 @@ class Catalog:
                     (Verification.DAMAGED.value, now, job_id, rp_id),
                 )
                 await self._insert_damage(db, rp_id, chunks)
+            owners = await self._owners(db, list(damage))
+        self._changed(owners)
 
     @staticmethod
     async def _insert_damage(
@@ -1227,6 +1428,8 @@ class Catalog:
                 " WHERE recovery_point_id = ?",
                 [(Verification.HEALED.value, now, job_id, rp_id) for rp_id in healed],
             )
+            owners = await self._owners(db, healed)
+        self._changed(owners)
         return healed
 
     async def verifications(
@@ -1314,3 +1517,170 @@ class Catalog:
             (vault, Verification.HEALED.value),
         ) as cursor:
             return [row["id"] for row in await cursor.fetchall()]
+
+    # --- soft-deleted recovery points ------------------------------------------------------
+
+    async def soft_delete_recovery_point(
+        self,
+        rp_id: str,
+        *,
+        deleted_at: float,
+        purge_at: float,
+        deleted_by: str,
+        policy: str | None,
+    ) -> DeletedRecoveryPointRecord:
+        """Move a live recovery point to the deleted ones, in one transaction; NotFound if it
+        is not live. Its verification goes with its row: an undeleted point is unverified."""
+        async with self._transaction() as db:
+            found = await self._recovery_points("id = ?", (rp_id,))
+            if not found:
+                raise NotFound(kind="recovery point", name=rp_id)
+            record = DeletedRecoveryPointRecord(
+                point=found[0],
+                deleted_at=deleted_at,
+                purge_at=purge_at,
+                deleted_by=deleted_by,
+                policy=policy,
+            )
+            await self._insert_deleted(db, record)
+            await db.execute("DELETE FROM recovery_points WHERE id = ?", (rp_id,))
+        self._changed([(record.point.vault, record.point.vm_id)])
+        return record
+
+    async def undelete_recovery_point(self, rp_id: str) -> DeletedRecoveryPointRecord:
+        """Move a soft-deleted recovery point back to the live ones; what it was. NotFound if
+        it is not soft-deleted."""
+        async with self._transaction() as db:
+            async with db.execute(
+                f"SELECT {_columns(_DELETED_COLUMNS)} FROM deleted_recovery_points WHERE id = ?",
+                (rp_id,),
+            ) as cursor:
+                row = await cursor.fetchone()
+            if row is None:
+                raise NotFound(kind="deleted recovery point", name=rp_id)
+            record = _deleted(row)
+            await self._insert_recovery_point(db, record.point)
+            await db.execute("DELETE FROM deleted_recovery_points WHERE id = ?", (rp_id,))
+        self._changed([(record.point.vault, record.point.vm_id)])
+        return record
+
+    async def purge_deleted_recovery_point(self, rp_id: str) -> None:
+        """Forget a soft-deleted recovery point (purged from its datastore)."""
+        async with self._transaction() as db:
+            await db.execute("DELETE FROM deleted_recovery_points WHERE id = ?", (rp_id,))
+
+    async def insert_deleted_recovery_point(self, record: DeletedRecoveryPointRecord) -> None:
+        """Record a soft-deleted recovery point as it is (a catalog rebuilt from datastores)."""
+        async with self._transaction() as db:
+            await self._insert_deleted(db, record)
+
+    @staticmethod
+    async def _insert_deleted(db: aiosqlite.Connection, record: DeletedRecoveryPointRecord) -> None:
+        await db.execute(
+            f"INSERT OR REPLACE INTO deleted_recovery_points ({_columns(_DELETED_COLUMNS)})"
+            f" VALUES ({_placeholders(_DELETED_COLUMNS)})",
+            _deleted_row(record),
+        )
+
+    async def deleted_recovery_points(
+        self, vm_id: str = "", vault: str = ""
+    ) -> list[DeletedRecoveryPointRecord]:
+        """Soft-deleted recovery points, oldest first; of one VM and/or one vault when given."""
+        where, params = _equal(vm_id=vm_id, vault=vault)
+        return await self._deleted_points(f"{where} ORDER BY created_at", params)
+
+    async def deleted_recovery_point(self, rp_id: str) -> DeletedRecoveryPointRecord:
+        found = await self._deleted_points("id = ?", (rp_id,))
+        if not found:
+            raise NotFound(kind="deleted recovery point", name=rp_id)
+        return found[0]
+
+    async def deleted_due(self, vault: str, now: float) -> list[DeletedRecoveryPointRecord]:
+        """The vault's soft-deleted recovery points whose purge time has come."""
+        return await self._deleted_points(
+            "vault = ? AND purge_at <= ? ORDER BY purge_at", (vault, now)
+        )
+
+    async def deleted_totals(self, vault: str) -> tuple[int, float | None]:
+        """How many soft-deleted recovery points a vault holds, and when the last is purged."""
+        async with self.db.execute(
+            "SELECT count(*) AS points, max(purge_at) AS last FROM deleted_recovery_points"
+            " WHERE vault = ?",
+            (vault,),
+        ) as cursor:
+            row = await cursor.fetchone()
+        assert row is not None
+        return int(row["points"]), row["last"]
+
+    async def _deleted_points(
+        self, where: str, params: tuple[Any, ...]
+    ) -> list[DeletedRecoveryPointRecord]:
+        async with self.db.execute(
+            f"SELECT {_columns(_DELETED_COLUMNS)} FROM deleted_recovery_points WHERE {where}",
+            params,
+        ) as cursor:
+            return [_deleted(row) for row in await cursor.fetchall()]
+
+    # --- a catalog rebuilt from datastores (controller/recovery.py) -------------------------
+
+    async def insert_recovered_agent(self, agent: AgentRecord) -> None:
+        """Record a VM known only from its datastore, with the times given."""
+        async with self._transaction() as db:
+            await db.execute(
+                f"INSERT OR IGNORE INTO agents ({_columns(_AGENT_COLUMNS)})"
+                f" VALUES ({_placeholders(_AGENT_COLUMNS)})",
+                {
+                    "vm_id": agent.vm_id,
+                    "name": agent.name,
+                    "service": agent.service,
+                    "region": agent.region,
+                    "hostname": agent.hostname,
+                    "agent_version": agent.agent_version,
+                    "first_seen": agent.first_seen,
+                    "last_seen": agent.last_seen,
+                },
+            )
+            await db.executemany(
+                f"INSERT OR IGNORE INTO disks ({_columns(_DISK_COLUMNS)})"
+                f" VALUES ({_placeholders(_DISK_COLUMNS)})",
+                [
+                    {"vm_id": agent.vm_id, "name": d.name, "path": d.path,
+                     "size_bytes": d.size_bytes}
+                    for d in agent.disks
+                ],
+            )  # fmt: skip
+
+    async def insert_recovered_verification(self, record: VerificationRecord) -> None:
+        """Record what the last verify found of a recovery point, as its datastore kept it."""
+        async with self._transaction() as db:
+            await db.execute(
+                "INSERT OR REPLACE INTO verifications"
+                " (recovery_point_id, state, verified_at, changed_at, job_id, detail)"
+                " SELECT id, ?, ?, ?, ?, ? FROM recovery_points WHERE id = ?",
+                (
+                    record.state.value,
+                    record.verified_at,
+                    record.changed_at,
+                    record.job_id,
+                    record.detail,
+                    record.recovery_point_id,
+                ),
+            )
+
+    async def set_vault_settings(self, vault: VaultRecord) -> None:
+        """Give an existing vault the settings and counts of `vault` (a rebuilt catalog)."""
+        async with self._transaction() as db:
+            await db.execute(
+                "UPDATE vaults SET max_concurrent_backups = ?, stored_bytes = ?,"
+                " verify_new = ?, reverify_days = ?, encrypted = ?, soft_delete_days = ?"
+                " WHERE name = ?",
+                (
+                    vault.max_concurrent_backups,
+                    vault.stored_bytes,
+                    int(vault.verify_new),
+                    vault.reverify_days,
+                    int(vault.encrypted),
+                    vault.soft_delete_days,
+                    vault.name,
+                ),
+            )
