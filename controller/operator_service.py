@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import json
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from typing import TypeAlias
 
 import grpc
@@ -20,6 +21,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from controller.catalog import (
     AgentRecord,
     Catalog,
+    DeletedRecoveryPointRecord,
     ItemRecord,
     JobFilter,
     JobRecord,
@@ -41,6 +43,7 @@ from shared.errors import (
     InvalidArgument,
     InvalidPolicy,
     NotFound,
+    RecoveryPointDeleted,
     Unavailable,
     VmNotFound,
 )
@@ -66,6 +69,10 @@ def _timestamp(seconds: float | None) -> Timestamp | None:
     stamp = Timestamp()
     stamp.FromNanoseconds(int(seconds * 1e9))
     return stamp
+
+
+def _iso(seconds: float) -> str:
+    return datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%d %H:%M UTC")
 
 
 def _seconds(stamp: Timestamp, present: bool) -> float | None:
@@ -252,9 +259,25 @@ class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
         )
         return await self._jobs_reply(jobs)
 
+    async def _not_deleted(self, rp_id: str) -> None:
+        """RecoveryPointDeleted if `rp_id` names a soft-deleted point: it cannot be read until
+        it is undeleted (the reads themselves would only find no such point)."""
+        try:
+            record = await self._catalog.deleted_recovery_point(rp_id)
+        except NotFound:
+            return
+        vm = (await self._names()).get(record.point.vm_id, record.point.vm_id)
+        raise RecoveryPointDeleted(
+            recovery_point=rp_id,
+            vm=vm,
+            purge_at=_iso(record.purge_at),
+            vault=record.point.vault,
+        )
+
     async def Restore(
         self, request: operator_pb2.RestoreRequest, context: Context
     ) -> operator_pb2.Job:
+        await self._not_deleted(request.recovery_point_id)
         source = (await self._protection.resolve([request.vm_id]))[0].vm_id
         target = request.target_vm_id
         if target:
@@ -344,18 +367,45 @@ class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
     ) -> operator_pb2.ListRecoveryPointsReply:
         vm_id = request.vm_id
         if vm_id:
-            vm_id = (await self._protection.resolve([vm_id]))[0].vm_id
+            try:
+                vm_id = (await self._protection.resolve([vm_id]))[0].vm_id
+            except VmNotFound:
+                # A VM no longer enrolled may still have deleted points, named by its id.
+                if not request.deleted:
+                    raise
         if request.vault:
             await self._catalog.vault(request.vault)
+        if request.deleted:
+            deleted = await self._catalog.deleted_recovery_points(vm_id=vm_id, vault=request.vault)
+            return operator_pb2.ListRecoveryPointsReply(
+                recovery_points=[self._deleted_point(record) for record in deleted]
+            )
         points = await self._catalog.recovery_points(vm_id=vm_id, vault=request.vault)
         verifications = await self._catalog.verifications([rp.id for rp in points])
         return operator_pb2.ListRecoveryPointsReply(
             recovery_points=[self._recovery_point(rp, verifications.get(rp.id)) for rp in points]
         )
 
+    @staticmethod
+    def _deleted_point(record: DeletedRecoveryPointRecord) -> operator_pb2.RecoveryPoint:
+        message = OperatorService._recovery_point_only(record.point)
+        message.deleted_at.FromNanoseconds(int(record.deleted_at * 1e9))
+        message.purge_at.FromNanoseconds(int(record.purge_at * 1e9))
+        message.deleted_by_job_id = record.deleted_by
+        return message
+
+    async def Undelete(
+        self, request: operator_pb2.UndeleteRequest, context: Context
+    ) -> operator_pb2.Job:
+        if not request.vm:
+            raise InvalidArgument(detail="name the VM whose deleted recovery points come back")
+        job = await self._protection.undelete(request.vault, request.vm, request.recovery_point_id)
+        return self._job(job, await self._names())
+
     # --- file-level recovery ----------------------------------------------------------------
 
     async def _file_source(self, source: operator_pb2.FileRecoverySource) -> FileSource:
+        await self._not_deleted(source.recovery_point_id)
         vm = (await self._protection.resolve([source.vm_id]))[0]
         target = vm
         if source.target_vm_id:
@@ -408,6 +458,7 @@ class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
     async def _vault(self, vault: VaultRecord) -> operator_pb2.Vault:
         items = await self._catalog.items(vault.name)
         points, _ = await self._catalog.recovery_point_totals(vault.name)
+        deleted, _ = await self._catalog.deleted_totals(vault.name)
         storage = await self._vaults.storage(vault.name)
         return operator_pb2.Vault(
             name=vault.name,
@@ -425,6 +476,8 @@ class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
             datastore_format=storage.format,
             encryption=storage.encryption,
             current_data_key=storage.current_data_key,
+            soft_delete_days=vault.soft_delete_days,
+            deleted_recovery_points=deleted,
         )
 
     async def CreateVault(
@@ -453,18 +506,27 @@ class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
     ) -> operator_pb2.Vault:
         verify_new = request.verify_new if request.HasField("verify_new") else None
         reverify_days = request.reverify_days if request.HasField("reverify_days") else None
-        if not request.max_concurrent_backups and verify_new is None and reverify_days is None:
+        soft_delete_days = (
+            request.soft_delete_days if request.HasField("soft_delete_days") else None
+        )
+        if (
+            not request.max_concurrent_backups
+            and verify_new is None
+            and reverify_days is None
+            and soft_delete_days is None
+        ):
             # A request that would change nothing is refused: saying nothing about that is how
             # `--max-concurrent-backups 0` went unnoticed.
             raise InvalidArgument(
-                detail="nothing to change: give max_concurrent_backups (1 to 64), verify_new "
-                "or reverify_days"
+                detail="nothing to change: give max_concurrent_backups (1 to 64), verify_new, "
+                "reverify_days or soft_delete_days"
             )
         vault = await self._vaults.update(
             request.name,
             request.max_concurrent_backups,
             verify_new=verify_new,
             reverify_days=reverify_days,
+            soft_delete_days=soft_delete_days,
         )
         self._jobs.set_limit(vault.name, vault.max_concurrent_backups)
         return await self._vault(vault)
@@ -711,6 +773,8 @@ class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
             raise Unavailable(detail="this controller runs no verify jobs")
         if not request.vault:
             raise InvalidArgument(detail="name the vault to verify (`--vault`)")
+        if request.recovery_point_id:
+            await self._not_deleted(request.recovery_point_id)
         vm_id = (await self._protection.resolve([request.vm]))[0].vm_id if request.vm else ""
         job = await self._verifier.verify(
             request.vault, vm_id=vm_id, rp_id=request.recovery_point_id

@@ -7,10 +7,12 @@ the same `listen` fails to bind (port reuse is off) and refuses too. Then it rea
 key (controller/master_key.py; made on the first start when none is configured) and takes the
 writer lease of the datastores' root (controller/datastores.py), which a second controller on
 the same datastores is refused with, naming this one; then it opens every vault's datastore,
-so a wrong master key (WrongKey) or unreachable storage stops the start. On the way out the gRPC
-server stops taking calls (with a grace period for calls in flight), agent sessions close
-(their jobs fail with AgentDisconnected and are recorded), the job manager drains, the status
-monitor and the private broker stop, the catalog flushes.
+so a wrong master key (WrongKey) or unreachable storage stops the start, and starts keeping
+the datastores' descriptions of what only the catalog knows (controller/descriptions.py). On
+the way out the gRPC server stops taking calls (with a grace period for calls in flight),
+agent sessions close (their jobs fail with AgentDisconnected and are recorded), the job manager
+drains, the status monitor and the private broker stop, the descriptions still pending are
+written, the catalog flushes.
 
 The controller's long-lived tasks run under one `Supervisor`, each with its policy stated where
 it is started: RESTART (logged with its traceback, started again after a backoff) or FATAL
@@ -41,6 +43,7 @@ from controller.datastore import (
     open_object_store,
 )
 from controller.datastores import Datastores
+from controller.descriptions import Describer
 from controller.interceptors import CallerIdentity, ErrorMapping
 from controller.jobs import JobManager
 from controller.master_key import load_master_key
@@ -123,6 +126,10 @@ class Controller:
                 lease.holder,
                 master.describe(),
             )
+            # What only the catalog knows, written to the datastores as it changes (so they
+            # are enough to recover it); entered before the jobs, so it writes their last
+            # changes after they have drained.
+            await stack.enter_async_context(Describer(catalog, datastores, self.clock, supervisor))
 
             if config.mqtt is not None:
                 mqtt = (config.mqtt.host, config.mqtt.port)

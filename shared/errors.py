@@ -217,6 +217,12 @@ class PolicyInUse(Conflict):
     code = "PolicyInUse"
 
 
+class RecoveryPointDeleted(NotFound):
+    """Recovery point {recovery_point} of VM {vm!r} is deleted (soft delete keeps it in vault {vault!r} until {purge_at}): it cannot be read until it is undeleted, `coffer undelete {vm} --rp {recovery_point}`."""
+
+    code = "RecoveryPointDeleted"
+
+
 class BackupWindowMissed(CofferError):
     """The backup of VM {vm!r} due at {slot} could not start before its window closed at {deadline}: {reason}. {fix}"""
 
@@ -473,6 +479,18 @@ class WriterLeaseLost(CofferError):
 
 
 # --- backup policies -----------------------------------------------------------------------
+
+
+class CatalogExists(Conflict):
+    """The state directory {path} already has a catalog ({catalog}); a recovery would replace it. If the controller's catalog is fine, start the controller instead; to rebuild it from the datastores anyway, run again with --force (the old catalog is kept beside it)."""
+
+    code = "CatalogExists"
+
+
+class NoDatastores(NotFound):
+    """No vault datastore was found under {location}: nothing there has a datastore.json. Check `[datastore] url`, the endpoint and the credentials in the controller config: each vault's datastore is its name under the url."""
+
+    code = "NoDatastoresFound"
 
 
 class InvalidPolicy(InvalidArgument):

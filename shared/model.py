@@ -23,6 +23,8 @@ class Operation(enum.StrEnum):
     GARBAGE_COLLECTION = "GarbageCollection"
     VERIFY = "Verify"
     FILE_RECOVERY = "FileRecovery"  # files of a recovery point listed, copied out or mounted
+    UNDELETE = "Undelete"  # soft-deleted recovery points made live again
+    PURGE_DELETED = "PurgeDeleted"  # soft-deleted recovery points past their days removed
 
 
 class Trigger(enum.StrEnum):

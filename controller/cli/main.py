@@ -16,6 +16,7 @@ from rich.markup import escape
 
 from controller.cli import exits
 from controller.cli.client import DEFAULT_TIMEOUT, Connection, call
+from controller.cli.deleted import show_deleted, undelete
 from controller.cli.files import files
 from controller.cli.integrity import verification_cell, verify
 from controller.cli.jobs import backup_now, gc, job, prune, restore
@@ -110,6 +111,7 @@ for command in (
     prune,
     gc,
     verify,
+    undelete,
 ):
     cli.add_command(command)
 
@@ -161,19 +163,30 @@ def rp() -> None:
 @rp.command(name="list")
 @click.argument("vm_id", required=False, default="")
 @click.option("--vault", "vault_name", default="", help="Of this vault only.")
+@click.option(
+    "--deleted",
+    is_flag=True,
+    help="The soft-deleted points instead, with when each is purged (`coffer undelete`).",
+)
 @json_option
 @click.pass_obj
-def rp_list(connection: Connection, vm_id: str, vault_name: str, as_json: bool) -> None:
+def rp_list(
+    connection: Connection, vm_id: str, vault_name: str, deleted: bool, as_json: bool
+) -> None:
     """Recovery points of VM_ID (or of every VM), oldest first.
 
     With what the last verify found of each (`coffer verify`): verified when, damaged (how
     many chunks are missing or corrupt), healed (stored again, a verify pending), or never
-    verified.
+    verified. With --deleted, the soft-deleted points, which `coffer undelete` brings back
+    until they are purged.
     """
-    request = operator_pb2.ListRecoveryPointsRequest(vm_id=vm_id, vault=vault_name)
+    request = operator_pb2.ListRecoveryPointsRequest(vm_id=vm_id, vault=vault_name, deleted=deleted)
     reply = call(connection, lambda s: s.ListRecoveryPoints(request))
     if as_json:
         print_json([as_dict(p) for p in reply.recovery_points])
+        return
+    if deleted:
+        show_deleted(list(reply.recovery_points))
         return
     table(
         "Recovery points",

@@ -17,6 +17,8 @@ json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON f
 CONCURRENT_BACKUPS = click.IntRange(1, 64)
 # What the controller accepts (controller.vaults): 0 (off) to ten years.
 REVERIFY_DAYS = click.IntRange(0, 3650)
+# What the controller accepts (controller.soft_delete): 0 (off) to 180 days.
+SOFT_DELETE_DAYS = click.IntRange(0, 180)
 
 
 @click.group()
@@ -37,6 +39,7 @@ def _vault_row(v: operator_pb2.Vault) -> list[str]:
         size(v.stored_bytes),
         str(v.max_concurrent_backups),
         _verify_schedule(v),
+        f"{v.soft_delete_days} days" if v.soft_delete_days else "off",
         when(v.created_at),
     ]
 
@@ -57,6 +60,7 @@ VAULT_COLUMNS = (
     "Stored",
     "Concurrent backups",
     "Verify",
+    "Soft delete",
     "Created",
 )
 
@@ -130,6 +134,14 @@ def vault_show(connection: Connection, name: str, as_json: bool) -> None:
     else:
         kept = "not encrypted (format 1)"
     console.print(f"Datastore: {escape(found.datastore)}, {kept}", highlight=False, soft_wrap=True)
+    if found.deleted_recovery_points:
+        console.print(
+            f"Deleted recovery points: {found.deleted_recovery_points}, recoverable until "
+            "purged (`coffer rp list --deleted --vault "
+            f"{escape(name)}`)",
+            highlight=False,
+            soft_wrap=True,
+        )
 
 
 @vault.command(name="update")
@@ -152,6 +164,12 @@ def vault_show(connection: Connection, name: str, as_json: bool) -> None:
     default=None,
     help="Daily, verify the points not verified for N days (0: off).",
 )
+@click.option(
+    "--soft-delete-days",
+    type=SOFT_DELETE_DAYS,
+    default=None,
+    help="Keep deleted backup data recoverable N days (0: delete at once; at most 180).",
+)
 @json_option
 @click.pass_obj
 def vault_update(
@@ -160,17 +178,27 @@ def vault_update(
     max_concurrent_backups: int | None,
     verify_new: str | None,
     reverify_days: int | None,
+    soft_delete_days: int | None,
     as_json: bool,
 ) -> None:
     """Change a vault's settings.
 
     Queued backups start at once if the limit rose. Verify settings schedule Verify jobs:
     of each new recovery point after its backup, and daily (with the vault's maintenance, at
-    03:30 UTC) of the points never verified or not verified for N days.
+    03:30 UTC) of the points never verified or not verified for N days. Soft delete keeps the
+    backup data `coffer stop-protection --delete-data` deletes for N days (14 by default):
+    `coffer rp list --deleted` shows it, `coffer undelete` brings it back; points deleted
+    before keep the purge time they were given.
     """
-    if max_concurrent_backups is None and verify_new is None and reverify_days is None:
+    if (
+        max_concurrent_backups is None
+        and verify_new is None
+        and reverify_days is None
+        and soft_delete_days is None
+    ):
         raise click.UsageError(
-            "nothing to change: give --max-concurrent-backups, --verify-new or --reverify-days"
+            "nothing to change: give --max-concurrent-backups, --verify-new, --reverify-days "
+            "or --soft-delete-days"
         )
     request = operator_pb2.UpdateVaultRequest(
         name=name, max_concurrent_backups=max_concurrent_backups or 0
@@ -179,6 +207,8 @@ def vault_update(
         request.verify_new = verify_new == "on"
     if reverify_days is not None:
         request.reverify_days = reverify_days
+    if soft_delete_days is not None:
+        request.soft_delete_days = soft_delete_days
     updated = call(connection, lambda s: s.UpdateVault(request))
     if as_json:
         print_json(as_dict(updated))

@@ -12,7 +12,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class Vault(_message.Message):
-    __slots__ = ("name", "region", "chunk_size", "created_at", "max_concurrent_backups", "registered_items", "protected_items", "recovery_points", "stored_bytes", "verify_new", "reverify_days", "datastore", "datastore_format", "encryption", "current_data_key")
+    __slots__ = ("name", "region", "chunk_size", "created_at", "max_concurrent_backups", "registered_items", "protected_items", "recovery_points", "stored_bytes", "verify_new", "reverify_days", "datastore", "datastore_format", "encryption", "current_data_key", "soft_delete_days", "deleted_recovery_points")
     NAME_FIELD_NUMBER: _ClassVar[int]
     REGION_FIELD_NUMBER: _ClassVar[int]
     CHUNK_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -28,6 +28,8 @@ class Vault(_message.Message):
     DATASTORE_FORMAT_FIELD_NUMBER: _ClassVar[int]
     ENCRYPTION_FIELD_NUMBER: _ClassVar[int]
     CURRENT_DATA_KEY_FIELD_NUMBER: _ClassVar[int]
+    SOFT_DELETE_DAYS_FIELD_NUMBER: _ClassVar[int]
+    DELETED_RECOVERY_POINTS_FIELD_NUMBER: _ClassVar[int]
     name: str
     region: str
     chunk_size: int
@@ -43,7 +45,9 @@ class Vault(_message.Message):
     datastore_format: int
     encryption: str
     current_data_key: int
-    def __init__(self, name: _Optional[str] = ..., region: _Optional[str] = ..., chunk_size: _Optional[int] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., max_concurrent_backups: _Optional[int] = ..., registered_items: _Optional[int] = ..., protected_items: _Optional[int] = ..., recovery_points: _Optional[int] = ..., stored_bytes: _Optional[int] = ..., verify_new: _Optional[bool] = ..., reverify_days: _Optional[int] = ..., datastore: _Optional[str] = ..., datastore_format: _Optional[int] = ..., encryption: _Optional[str] = ..., current_data_key: _Optional[int] = ...) -> None: ...
+    soft_delete_days: int
+    deleted_recovery_points: int
+    def __init__(self, name: _Optional[str] = ..., region: _Optional[str] = ..., chunk_size: _Optional[int] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., max_concurrent_backups: _Optional[int] = ..., registered_items: _Optional[int] = ..., protected_items: _Optional[int] = ..., recovery_points: _Optional[int] = ..., stored_bytes: _Optional[int] = ..., verify_new: _Optional[bool] = ..., reverify_days: _Optional[int] = ..., datastore: _Optional[str] = ..., datastore_format: _Optional[int] = ..., encryption: _Optional[str] = ..., current_data_key: _Optional[int] = ..., soft_delete_days: _Optional[int] = ..., deleted_recovery_points: _Optional[int] = ...) -> None: ...
 
 class RotateVaultKeyRequest(_message.Message):
     __slots__ = ("vault", "new_data_key")
@@ -88,16 +92,18 @@ class CreateVaultRequest(_message.Message):
     def __init__(self, name: _Optional[str] = ..., region: _Optional[str] = ..., max_concurrent_backups: _Optional[int] = ..., timezone: _Optional[str] = ...) -> None: ...
 
 class UpdateVaultRequest(_message.Message):
-    __slots__ = ("name", "max_concurrent_backups", "verify_new", "reverify_days")
+    __slots__ = ("name", "max_concurrent_backups", "verify_new", "reverify_days", "soft_delete_days")
     NAME_FIELD_NUMBER: _ClassVar[int]
     MAX_CONCURRENT_BACKUPS_FIELD_NUMBER: _ClassVar[int]
     VERIFY_NEW_FIELD_NUMBER: _ClassVar[int]
     REVERIFY_DAYS_FIELD_NUMBER: _ClassVar[int]
+    SOFT_DELETE_DAYS_FIELD_NUMBER: _ClassVar[int]
     name: str
     max_concurrent_backups: int
     verify_new: bool
     reverify_days: int
-    def __init__(self, name: _Optional[str] = ..., max_concurrent_backups: _Optional[int] = ..., verify_new: _Optional[bool] = ..., reverify_days: _Optional[int] = ...) -> None: ...
+    soft_delete_days: int
+    def __init__(self, name: _Optional[str] = ..., max_concurrent_backups: _Optional[int] = ..., verify_new: _Optional[bool] = ..., reverify_days: _Optional[int] = ..., soft_delete_days: _Optional[int] = ...) -> None: ...
 
 class ListVaultsRequest(_message.Message):
     __slots__ = ()
@@ -489,7 +495,7 @@ class RecoveryPointDisk(_message.Message):
     def __init__(self, name: _Optional[str] = ..., size_bytes: _Optional[int] = ..., chunk_count: _Optional[int] = ..., consistency: _Optional[str] = ...) -> None: ...
 
 class RecoveryPoint(_message.Message):
-    __slots__ = ("id", "vm_id", "vault", "created_at", "consistency", "disks", "job_id", "bytes_stored", "kept_by", "data_bytes", "verification", "verified_at", "verify_job_id", "damaged_chunks", "damage", "verification_detail")
+    __slots__ = ("id", "vm_id", "vault", "created_at", "consistency", "disks", "job_id", "bytes_stored", "kept_by", "data_bytes", "verification", "verified_at", "verify_job_id", "damaged_chunks", "damage", "verification_detail", "deleted_at", "purge_at", "deleted_by_job_id")
     ID_FIELD_NUMBER: _ClassVar[int]
     VM_ID_FIELD_NUMBER: _ClassVar[int]
     VAULT_FIELD_NUMBER: _ClassVar[int]
@@ -506,6 +512,9 @@ class RecoveryPoint(_message.Message):
     DAMAGED_CHUNKS_FIELD_NUMBER: _ClassVar[int]
     DAMAGE_FIELD_NUMBER: _ClassVar[int]
     VERIFICATION_DETAIL_FIELD_NUMBER: _ClassVar[int]
+    DELETED_AT_FIELD_NUMBER: _ClassVar[int]
+    PURGE_AT_FIELD_NUMBER: _ClassVar[int]
+    DELETED_BY_JOB_ID_FIELD_NUMBER: _ClassVar[int]
     id: str
     vm_id: str
     vault: str
@@ -522,7 +531,10 @@ class RecoveryPoint(_message.Message):
     damaged_chunks: int
     damage: _containers.RepeatedCompositeFieldContainer[DamagedChunk]
     verification_detail: str
-    def __init__(self, id: _Optional[str] = ..., vm_id: _Optional[str] = ..., vault: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., consistency: _Optional[str] = ..., disks: _Optional[_Iterable[_Union[RecoveryPointDisk, _Mapping]]] = ..., job_id: _Optional[str] = ..., bytes_stored: _Optional[int] = ..., kept_by: _Optional[_Iterable[str]] = ..., data_bytes: _Optional[int] = ..., verification: _Optional[str] = ..., verified_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., verify_job_id: _Optional[str] = ..., damaged_chunks: _Optional[int] = ..., damage: _Optional[_Iterable[_Union[DamagedChunk, _Mapping]]] = ..., verification_detail: _Optional[str] = ...) -> None: ...
+    deleted_at: _timestamp_pb2.Timestamp
+    purge_at: _timestamp_pb2.Timestamp
+    deleted_by_job_id: str
+    def __init__(self, id: _Optional[str] = ..., vm_id: _Optional[str] = ..., vault: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., consistency: _Optional[str] = ..., disks: _Optional[_Iterable[_Union[RecoveryPointDisk, _Mapping]]] = ..., job_id: _Optional[str] = ..., bytes_stored: _Optional[int] = ..., kept_by: _Optional[_Iterable[str]] = ..., data_bytes: _Optional[int] = ..., verification: _Optional[str] = ..., verified_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., verify_job_id: _Optional[str] = ..., damaged_chunks: _Optional[int] = ..., damage: _Optional[_Iterable[_Union[DamagedChunk, _Mapping]]] = ..., verification_detail: _Optional[str] = ..., deleted_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., purge_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., deleted_by_job_id: _Optional[str] = ...) -> None: ...
 
 class DamagedChunk(_message.Message):
     __slots__ = ("disk", "chunk", "digest", "reason")
@@ -547,12 +559,24 @@ class VerifyRequest(_message.Message):
     def __init__(self, vault: _Optional[str] = ..., vm: _Optional[str] = ..., recovery_point_id: _Optional[str] = ...) -> None: ...
 
 class ListRecoveryPointsRequest(_message.Message):
-    __slots__ = ("vm_id", "vault")
+    __slots__ = ("vm_id", "vault", "deleted")
     VM_ID_FIELD_NUMBER: _ClassVar[int]
     VAULT_FIELD_NUMBER: _ClassVar[int]
+    DELETED_FIELD_NUMBER: _ClassVar[int]
     vm_id: str
     vault: str
-    def __init__(self, vm_id: _Optional[str] = ..., vault: _Optional[str] = ...) -> None: ...
+    deleted: bool
+    def __init__(self, vm_id: _Optional[str] = ..., vault: _Optional[str] = ..., deleted: _Optional[bool] = ...) -> None: ...
+
+class UndeleteRequest(_message.Message):
+    __slots__ = ("vault", "vm", "recovery_point_id")
+    VAULT_FIELD_NUMBER: _ClassVar[int]
+    VM_FIELD_NUMBER: _ClassVar[int]
+    RECOVERY_POINT_ID_FIELD_NUMBER: _ClassVar[int]
+    vault: str
+    vm: str
+    recovery_point_id: str
+    def __init__(self, vault: _Optional[str] = ..., vm: _Optional[str] = ..., recovery_point_id: _Optional[str] = ...) -> None: ...
 
 class ListRecoveryPointsReply(_message.Message):
     __slots__ = ("recovery_points",)

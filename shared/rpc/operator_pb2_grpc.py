@@ -120,6 +120,11 @@ class OperatorServiceStub:
                 request_serializer=coffer_dot_v1_dot_operator__pb2.StopProtectionRequest.SerializeToString,
                 response_deserializer=coffer_dot_v1_dot_operator__pb2.JobsReply.FromString,
                 _registered_method=True)
+        self.Undelete = channel.unary_unary(
+                '/coffer.v1.OperatorService/Undelete',
+                request_serializer=coffer_dot_v1_dot_operator__pb2.UndeleteRequest.SerializeToString,
+                response_deserializer=coffer_dot_v1_dot_operator__pb2.Job.FromString,
+                _registered_method=True)
         self.ResumeProtection = channel.unary_unary(
                 '/coffer.v1.OperatorService/ResumeProtection',
                 request_serializer=coffer_dot_v1_dot_operator__pb2.ProtectRequest.SerializeToString,
@@ -321,7 +326,17 @@ class OperatorServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def StopProtection(self, request, context):
-        """StopProtection jobs, plus DeleteBackupData jobs when delete_data is set.
+        """StopProtection jobs, plus DeleteBackupData jobs when delete_data is set. In a vault with
+        soft_delete_days above 0 the data is soft-deleted: listed with ListRecoveryPoints
+        `deleted`, brought back with Undelete until it is purged.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Undelete(self, request, context):
+        """An Undelete job: a VM's soft-deleted recovery points (or one) live again; its item
+        ProtectionStopped, with the policy it had if the vault still has it.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -542,6 +557,11 @@ def add_OperatorServiceServicer_to_server(servicer, server):
                     servicer.StopProtection,
                     request_deserializer=coffer_dot_v1_dot_operator__pb2.StopProtectionRequest.FromString,
                     response_serializer=coffer_dot_v1_dot_operator__pb2.JobsReply.SerializeToString,
+            ),
+            'Undelete': grpc.unary_unary_rpc_method_handler(
+                    servicer.Undelete,
+                    request_deserializer=coffer_dot_v1_dot_operator__pb2.UndeleteRequest.FromString,
+                    response_serializer=coffer_dot_v1_dot_operator__pb2.Job.SerializeToString,
             ),
             'ResumeProtection': grpc.unary_unary_rpc_method_handler(
                     servicer.ResumeProtection,
@@ -1093,6 +1113,33 @@ class OperatorService:
             '/coffer.v1.OperatorService/StopProtection',
             coffer_dot_v1_dot_operator__pb2.StopProtectionRequest.SerializeToString,
             coffer_dot_v1_dot_operator__pb2.JobsReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Undelete(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/coffer.v1.OperatorService/Undelete',
+            coffer_dot_v1_dot_operator__pb2.UndeleteRequest.SerializeToString,
+            coffer_dot_v1_dot_operator__pb2.Job.FromString,
             options,
             channel_credentials,
             insecure,
