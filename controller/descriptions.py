@@ -78,6 +78,8 @@ class Describer:
         self._delay = delay
         self._dirty: dict[str, set[str]] = {}
         self._wake = asyncio.Event()
+        # One flush at a time: two would race to put one description, the older last.
+        self._flushing = asyncio.Lock()
         # What was last written (or found stored) per (vault, VM id): its content's digest,
         # the time it was written left out.
         self._written: dict[tuple[str, str], bytes] = {}
@@ -168,6 +170,10 @@ class Describer:
     async def flush(self) -> int:
         """Write everything marked; how many descriptions wait for their datastore to open.
         What a failure leaves unwritten stays marked."""
+        async with self._flushing:
+            return await self._flush()
+
+    async def _flush(self) -> int:
         deferred: dict[str, set[str]] = {}
         try:
             while self._dirty:
