@@ -25,7 +25,6 @@ import hashlib
 import logging
 from collections.abc import Callable
 from dataclasses import replace
-from datetime import UTC, datetime
 from types import TracebackType
 
 from controller.catalog import Catalog
@@ -49,13 +48,8 @@ TASK = "descriptions"
 DELAY = 0.1
 """Seconds a change waits for others before the descriptions are written."""
 RETRY = Backoff(first=1.0, cap=60.0, jitter="equal")
-_EPOCH = datetime.fromtimestamp(0, UTC)
 _VAULT = ""
 """The VM id that stands for the vault's own description."""
-
-
-def _when(seconds: float) -> datetime:
-    return datetime.fromtimestamp(seconds, UTC)
 
 
 class Describer:
@@ -200,14 +194,14 @@ class Describer:
         except NotFound:
             self._written = {k: v for k, v in self._written.items() if k[0] != vault}
             return True
-        now = _when(self._clock.now())
+        now = self._clock.now()
         description: VaultDescription | VmDescription | None
         if vm_id == _VAULT:
             policies = await self._catalog.policies(vault)
             description = VaultDescription(
                 vault=vault,
                 region=record.region,
-                created_at=_when(record.created_at),
+                created_at=record.created_at,
                 settings={
                     "max_concurrent_backups": record.max_concurrent_backups,
                     "verify_new": record.verify_new,
@@ -215,8 +209,7 @@ class Describer:
                     "soft_delete_days": record.soft_delete_days,
                 },
                 policies=tuple(
-                    PolicyDescription(p.name, p.spec, _when(p.created_at), _when(p.updated_at))
-                    for p in policies
+                    PolicyDescription(p.name, p.spec, p.created_at, p.updated_at) for p in policies
                 ),
                 written_at=now,
             )
@@ -234,7 +227,7 @@ class Describer:
             self._written[(vault, vm_id)] = content
         return True
 
-    async def _vm_description(self, vault: str, vm_id: str, now: datetime) -> VmDescription | None:
+    async def _vm_description(self, vault: str, vm_id: str, now: float) -> VmDescription | None:
         """The VM's description as the catalog has it; None when the vault holds nothing of
         it any more (neither registered nor with live points)."""
         item = await self._catalog.item(vm_id)
@@ -263,9 +256,7 @@ class Describer:
                 bytes_stored=rp.bytes_stored,
                 data_bytes=rp.data_bytes,
                 verification=verification.state.value if verification else "",
-                verified_at=_when(verification.verified_at)
-                if verification is not None and verification.verified_at is not None
-                else None,
+                verified_at=verification.verified_at if verification is not None else None,
             )
         return VmDescription(
             vm_id=vm_id,
@@ -273,7 +264,7 @@ class Describer:
             vm=facts,
             item=None
             if item is None
-            else ItemDescription(item.state.value, item.policy, _when(item.registered_at)),
+            else ItemDescription(item.state.value, item.policy, item.registered_at),
             points=described,
             written_at=now,
         )
@@ -281,7 +272,7 @@ class Describer:
 
 def _content(description: VaultDescription | VmDescription) -> bytes:
     """A digest of what `description` says, whenever it was written."""
-    return hashlib.sha256(replace(description, written_at=_EPOCH).encode()).digest()
+    return hashlib.sha256(replace(description, written_at=0.0).encode()).digest()
 
 
 def _writer(

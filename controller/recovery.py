@@ -254,7 +254,7 @@ def _plan_vault(
             f"recovered in region {UNKNOWN_REGION!r}"
         )
     created = (
-        _seconds(description.created_at)
+        description.created_at
         if description
         else min((_seconds(m.created_at) for m in manifests), default=now)
     )
@@ -294,7 +294,7 @@ def _plan_vault(
         result.points.append(record)
         if point is not None and point.verification in Verification.__members__.values():
             state = Verification(point.verification)
-            verified_at = _seconds(point.verified_at) if point.verified_at else None
+            verified_at = point.verified_at
             result.verifications.append(
                 VerificationRecord(
                     recovery_point_id=manifest.id,
@@ -315,8 +315,8 @@ def _plan_vault(
         result.deleted.append(
             DeletedRecoveryPointRecord(
                 point=point_record,
-                deleted_at=_seconds(deletion.deleted_at),
-                purge_at=_seconds(deletion.purge_at),
+                deleted_at=deletion.deleted_at,
+                purge_at=deletion.purge_at,
                 deleted_by=deletion.job_id,
                 policy=deletion.policy,
             )
@@ -396,8 +396,8 @@ def _policies(
                 vault,
                 policy.name,
                 policy.to_dict(),
-                _seconds(stored.created_at),
-                _seconds(stored.updated_at),
+                stored.created_at,
+                stored.updated_at,
             )
         )
     if not policies:
@@ -451,9 +451,7 @@ def _item(
         return None
     policy = item.policy if item is not None and item.policy in policies else None
     registered_at = (
-        _seconds(item.registered_at)
-        if item is not None
-        else min(_seconds(m.created_at) for m in live)
+        item.registered_at if item is not None else min(_seconds(m.created_at) for m in live)
     )
     newest = max((_seconds(m.created_at) for m in live), default=None)
     stopped = bool(live) or policy is not None

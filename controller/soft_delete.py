@@ -89,8 +89,8 @@ class SoftDelete:
         now = self._clock.now()
         purge_at = now + days * DAY
         deletion = Deletion(
-            deleted_at=_when(now),
-            purge_at=_when(purge_at),
+            deleted_at=now,
+            purge_at=purge_at,
             job_id=job_id,
             policy=policy,
             kept_by=rp.kept_by,

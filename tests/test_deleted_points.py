@@ -60,13 +60,13 @@ def guard() -> ChunkGuard:
     return ChunkGuard()
 
 
-DELETED_AT = datetime(2026, 3, 1, 2, 0, tzinfo=UTC)
+DELETED_AT = datetime(2026, 3, 1, 2, 0, 0, 123456, tzinfo=UTC).timestamp() + 1e-7
 
 
 def deletion(**changes: object) -> Deletion:
     fields: dict[str, object] = {
         "deleted_at": DELETED_AT,
-        "purge_at": DELETED_AT + timedelta(days=14),
+        "purge_at": DELETED_AT + timedelta(days=14).total_seconds(),
         "job_id": "job-delete",
         "policy": "Gold",
         "kept_by": ("daily",),

@@ -22,10 +22,11 @@ A tombstone beside a live manifest is stale (a move cut short) and is ignored: l
 Garbage collection marks the chunks of every tombstone's manifest as referenced (gc.py), so a
 soft-deleted point keeps its chunks until it is purged.
 
-Format 1 (JSON, sorted keys; sealed like every object of an encrypted datastore):
+Format 1 (JSON, sorted keys, times in POSIX seconds as the catalog keeps them; sealed like every
+object of an encrypted datastore):
 
-    {"format": 1, "id": "rp-...", "deleted_at": "2026-03-01T02:00:00+00:00",
-     "purge_at": "2026-03-15T02:00:00+00:00", "job_id": "...", "policy": "Gold",
+    {"format": 1, "id": "rp-...", "deleted_at": 1772330400.0,
+     "purge_at": 1773540000.0, "job_id": "...", "policy": "Gold",
      "kept_by": ["daily"], "bytes_stored": 123, "data_bytes": 456,
      "manifest": "<the manifest's bytes exactly as they were stored, as text>"}
 
@@ -37,7 +38,6 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any
 
 from shared.errors import CorruptData, UnsupportedFormat
@@ -51,8 +51,9 @@ _WHAT = "tombstone of a deleted recovery point"
 class Deletion:
     """Why and until when a recovery point is soft-deleted, and what the catalog knew of it."""
 
-    deleted_at: datetime
-    purge_at: datetime
+    deleted_at: float
+    """POSIX seconds."""
+    purge_at: float
     job_id: str = ""
     """The job that deleted it (DeleteBackupData)."""
     policy: str | None = None
@@ -79,8 +80,8 @@ class Tombstone:
         document = {
             "format": TOMBSTONE_FORMAT,
             "id": self.manifest.id,
-            "deleted_at": d.deleted_at.astimezone(UTC).isoformat(),
-            "purge_at": d.purge_at.astimezone(UTC).isoformat(),
+            "deleted_at": d.deleted_at,
+            "purge_at": d.purge_at,
             "job_id": d.job_id,
             "policy": d.policy,
             "kept_by": list(d.kept_by),
@@ -145,15 +146,13 @@ def _count(document: dict[str, Any], key: str) -> int:
     return value
 
 
-def _time(document: dict[str, Any], key: str) -> datetime:
-    text = _field(document, key, str)
-    try:
-        when = datetime.fromisoformat(text)
-    except ValueError:
-        raise CorruptData(what=_WHAT, detail=f"{key} {text!r} is not ISO 8601") from None
-    if when.utcoffset() is None:
-        raise CorruptData(what=_WHAT, detail=f"{key} {text!r} has no UTC offset")
-    return when
+def _time(document: dict[str, Any], key: str) -> float:
+    if key not in document:
+        raise CorruptData(what=_WHAT, detail=f"field {key!r} is missing")
+    value = document[key]
+    if not isinstance(value, int | float) or isinstance(value, bool) or value != value:
+        raise CorruptData(what=_WHAT, detail=f"field {key!r} should be POSIX seconds")
+    return float(value)
 
 
 __all__ = ["TOMBSTONE_FORMAT", "Deletion", "Tombstone"]

@@ -19,22 +19,23 @@ or the new one. They may lag the catalog by moments (writes are coalesced) and a
 write until the next succeeds; what is lost with the catalog then is at most that lag. Soft-
 deleted points keep their facts in their tombstones (deleted.py), not here.
 
-Format 1, JSON with sorted keys; times ISO 8601 with an offset. Unknown keys are ignored (a
-newer controller may add settings), a newer `format` is refused (`UnsupportedFormat`), and
-anything that does not parse is `CorruptData`.
+Format 1, JSON with sorted keys; times in POSIX seconds, as the catalog keeps them (a JSON
+number reads back as the very same float, so a recovered catalog shows the same times to the
+microsecond). Unknown keys are ignored (a newer controller may add settings), a newer `format`
+is refused (`UnsupportedFormat`), and anything that does not parse is `CorruptData`.
 
     vault.json: {"format": 1, "vault": "eu-vault", "region": "eu-west",
-                 "created_at": "...", "written_at": "...",
+                 "created_at": 1772330400.0, "written_at": ...,
                  "settings": {"max_concurrent_backups": 4, "verify_new": false,
                               "reverify_days": 0, "soft_delete_days": 14},
-                 "policies": [{"name": "DefaultPolicy", "spec": {...}, "created_at": "...",
-                               "updated_at": "..."}]}
-    vms/<name>.json: {"format": 1, "vm_id": "web-1", "vault": "eu-vault", "written_at": "...",
+                 "policies": [{"name": "DefaultPolicy", "spec": {...}, "created_at": ...,
+                               "updated_at": ...}]}
+    vms/<name>.json: {"format": 1, "vm_id": "web-1", "vault": "eu-vault", "written_at": ...,
                  "vm": {"name": "web-1", "service": "shop", "region": "eu-west",
                         "hostname": "web-1.lab"},
-                 "item": {"state": "Protected", "policy": "Gold", "registered_at": "..."},
+                 "item": {"state": "Protected", "policy": "Gold", "registered_at": ...},
                  "points": {"rp-...": {"kept_by": ["daily"], "bytes_stored": 1, "data_bytes": 2,
-                                       "verification": "verified", "verified_at": "..."}}}
+                                       "verification": "verified", "verified_at": ...}}}
 """
 
 from __future__ import annotations
@@ -42,7 +43,6 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import Any
 
 from shared.errors import CorruptData, UnsupportedFormat
@@ -57,8 +57,8 @@ class PolicyDescription:
     name: str
     spec: Mapping[str, Any]
     """The policy's JSON form (shared.policy.Policy.to_dict)."""
-    created_at: datetime
-    updated_at: datetime
+    created_at: float
+    updated_at: float
 
 
 @dataclass(frozen=True)
@@ -67,30 +67,30 @@ class VaultDescription:
 
     vault: str
     region: str
-    created_at: datetime
+    created_at: float
     settings: Mapping[str, Any] = field(default_factory=dict)
     """The vault's settings by name (max_concurrent_backups, verify_new, reverify_days,
     soft_delete_days, ...): a reader takes those it knows."""
     policies: tuple[PolicyDescription, ...] = ()
-    written_at: datetime | None = None
+    written_at: float = 0.0
 
     def encode(self) -> bytes:
         document = {
             "format": DESCRIPTION_FORMAT,
             "vault": self.vault,
             "region": self.region,
-            "created_at": _iso(self.created_at),
+            "created_at": self.created_at,
             "settings": dict(self.settings),
             "policies": [
                 {
                     "name": p.name,
                     "spec": dict(p.spec),
-                    "created_at": _iso(p.created_at),
-                    "updated_at": _iso(p.updated_at),
+                    "created_at": p.created_at,
+                    "updated_at": p.updated_at,
                 }
                 for p in self.policies
             ],
-            "written_at": _iso(self.written_at or datetime.now(UTC)),
+            "written_at": self.written_at,
         }
         return _dump(document)
 
@@ -125,7 +125,7 @@ class ItemDescription:
 
     state: str
     policy: str | None
-    registered_at: datetime
+    registered_at: float
 
 
 @dataclass(frozen=True)
@@ -137,7 +137,7 @@ class PointDescription:
     data_bytes: int = 0
     verification: str = ""
     """The last verify's verdict (verified, damaged, healed), "" for never verified."""
-    verified_at: datetime | None = None
+    verified_at: float | None = None
 
 
 @dataclass(frozen=True)
@@ -151,7 +151,7 @@ class VmDescription:
     item: ItemDescription | None = None
     """None once the VM is no longer registered (its recovery points outlive it)."""
     points: Mapping[str, PointDescription] = field(default_factory=dict)
-    written_at: datetime | None = None
+    written_at: float = 0.0
 
     def encode(self) -> bytes:
         points: dict[str, Any] = {}
@@ -164,7 +164,7 @@ class VmDescription:
             if p.verification:
                 entry["verification"] = p.verification
             if p.verified_at is not None:
-                entry["verified_at"] = _iso(p.verified_at)
+                entry["verified_at"] = p.verified_at
             points[rp_id] = entry
         document: dict[str, Any] = {
             "format": DESCRIPTION_FORMAT,
@@ -176,10 +176,10 @@ class VmDescription:
             else {
                 "state": self.item.state,
                 "policy": self.item.policy,
-                "registered_at": _iso(self.item.registered_at),
+                "registered_at": self.item.registered_at,
             },
             "points": points,
-            "written_at": _iso(self.written_at or datetime.now(UTC)),
+            "written_at": self.written_at,
         }
         return _dump(document)
 
@@ -228,10 +228,6 @@ class VmDescription:
         )
 
 
-def _iso(when: datetime) -> str:
-    return when.astimezone(UTC).isoformat()
-
-
 def _dump(document: dict[str, Any]) -> bytes:
     return (json.dumps(document, sort_keys=True, indent=1) + "\n").encode("utf-8")
 
@@ -272,15 +268,15 @@ class _Reader:
             raise self.corrupt(f"field {key!r} is negative")
         return value
 
-    def time(self, key: str, within: dict[str, Any] | None = None) -> datetime:
-        text = self.field(key, str, within)
-        try:
-            when = datetime.fromisoformat(text)
-        except ValueError:
-            raise self.corrupt(f"{key} {text!r} is not ISO 8601") from None
-        if when.utcoffset() is None:
-            raise self.corrupt(f"{key} {text!r} has no UTC offset")
-        return when
+    def time(self, key: str, within: dict[str, Any] | None = None) -> float:
+        """A time in POSIX seconds (a JSON number: an integer or a float)."""
+        document = self.document if within is None else within
+        if key not in document:
+            raise self.corrupt(f"field {key!r} is missing")
+        value = document[key]
+        if not isinstance(value, int | float) or isinstance(value, bool) or value != value:
+            raise self.corrupt(f"field {key!r} should be POSIX seconds, got {value!r}")
+        return float(value)
 
 
 __all__ = [
