@@ -26,7 +26,7 @@ from agent.backup import BackupRun
 from agent.config import AgentConfig
 from agent.disk import disk_size
 from agent.displacement import Displacement
-from agent.restore import RestoreRun
+from agent.restores import restore
 from agent.runtime import Runtime
 from agent.status import StatusPublisher
 from shared.backoff import Backoff
@@ -80,6 +80,7 @@ class Agent:
             agent_version=coffer_version(),
             disks=disks,
             standby=self._standby is not None,
+            restore_dirs=[str(directory) for directory in self.config.restore_dirs],
         )
 
     async def run(self) -> None:
@@ -241,7 +242,8 @@ class Agent:
             elif kind == "restore":
                 result.job_id = message.restore.job_id
                 log.info("restore %s started", result.job_id)
-                result.bytes_written = await RestoreRun(runtime, message.restore).run()
+                result.restore.CopyFrom(await restore(runtime, message.restore))
+                result.bytes_written = result.restore.bytes_written
             else:
                 raise CofferError(f"this agent does not know the command {kind!r}")
             result.ok = True

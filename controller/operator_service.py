@@ -20,6 +20,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from controller.catalog import (
     AgentRecord,
     Catalog,
+    DrillRecord,
     ItemRecord,
     JobFilter,
     JobRecord,
@@ -27,13 +28,21 @@ from controller.catalog import (
     RecoveryPointRecord,
     VaultRecord,
 )
+from controller.drills import Drills, schedule_of
 from controller.jobs import JobManager
 from controller.protection import Protection, display_name
 from controller.pruning import Pruner
 from controller.registry import AgentRegistry
 from controller.status import StatusMonitor
-from controller.vaults import Vaults
-from shared.errors import AmbiguousJobId, InvalidArgument, InvalidPolicy, NotFound, VmNotFound
+from controller.vaults import Vaults, check_limit
+from shared.errors import (
+    AmbiguousJobId,
+    InvalidArgument,
+    InvalidPolicy,
+    NotFound,
+    Unavailable,
+    VmNotFound,
+)
 from shared.model import ItemState, JobStatus, Operation
 from shared.policy import Policy
 from shared.rpc import operator_pb2, operator_pb2_grpc
@@ -72,7 +81,10 @@ class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
         vaults: Vaults,
         protection: Protection,
         pruner: Pruner,
+        *,
+        drills: Drills | None = None,
     ) -> None:
+        self._drills_ = drills
         self._catalog = catalog
         self._registry = registry
         self._jobs = jobs
@@ -80,6 +92,12 @@ class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
         self._vaults = vaults
         self._protection = protection
         self._pruner = pruner
+
+    @property
+    def _drills(self) -> Drills:
+        if self._drills_ is None:  # every controller has them; a test may serve without
+            raise Unavailable(detail="restore drills are not served here")
+        return self._drills_
 
     async def _vm_id(self, name: str) -> str:
         """The VM id a name (id, name or service/name) gives; the name itself for a VM that is
@@ -146,6 +164,19 @@ class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
             slot=_timestamp(job.slot),
             disks=job.disks,
         )
+        if job.restore is not None:
+            message.restore.CopyFrom(
+                operator_pb2.RestoreInfo(
+                    source_vm_id=job.restore.source_vm_id,
+                    target_vm_id=job.restore.target_vm_id,
+                    target_path=job.restore.target_path,
+                    mode=job.restore.mode,
+                    overwrite=job.restore.overwrite,
+                    bytes_compared=job.bytes_compared,
+                    bytes_fetched=job.bytes_fetched,
+                    bytes_written=job.bytes_written,
+                )
+            )
         progress = self._status.progress(job.id) if self._status else None
         if progress is not None and not JobStatus(job.status).ended:
             message.progress.CopyFrom(
@@ -159,7 +190,19 @@ class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
         return message
 
     @staticmethod
-    def _recovery_point(rp: RecoveryPointRecord) -> operator_pb2.RecoveryPoint:
+    def _drill(drill: DrillRecord | None) -> operator_pb2.DrillRecord | None:
+        if drill is None:
+            return None
+        return operator_pb2.DrillRecord(
+            at=_timestamp(drill.at),
+            job_id=drill.job_id,
+            restore_seconds=drill.seconds,
+            outcome=drill.outcome,
+            summary=drill.summary,
+        )
+
+    @classmethod
+    def _recovery_point(cls, rp: RecoveryPointRecord) -> operator_pb2.RecoveryPoint:
         return operator_pb2.RecoveryPoint(
             id=rp.id,
             vm_id=rp.vm_id,
@@ -179,6 +222,7 @@ class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
             bytes_stored=rp.bytes_stored,
             kept_by=rp.kept_by,
             data_bytes=rp.data_bytes,
+            last_drill=cls._drill(rp.drill),
         )
 
     async def ListAgents(
@@ -231,8 +275,15 @@ class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
             request.disk,
             request.target_path,
             target,
+            in_place=request.in_place,
+            overwrite=request.overwrite,
         )
         return self._job(job, await self._names())
+
+    async def Drill(
+        self, request: operator_pb2.DrillRequest, context: Context
+    ) -> operator_pb2.JobsReply:
+        return await self._jobs_reply(await self._drills.run(request.vault, list(request.vms)))
 
     async def ListJobs(
         self, request: operator_pb2.ListJobsRequest, context: Context
@@ -323,7 +374,7 @@ class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
     async def _vault(self, vault: VaultRecord) -> operator_pb2.Vault:
         items = await self._catalog.items(vault.name)
         points, _ = await self._catalog.recovery_point_totals(vault.name)
-        return operator_pb2.Vault(
+        message = operator_pb2.Vault(
             name=vault.name,
             region=vault.region,
             chunk_size=vault.chunk_size,
@@ -334,6 +385,20 @@ class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
             recovery_points=points,
             stored_bytes=vault.stored_bytes,
         )
+        if vault.drill is not None:
+            schedule = schedule_of(vault.drill)
+            message.drill.CopyFrom(
+                operator_pb2.DrillSettings(
+                    schedule=schedule.to_text() if schedule else "",
+                    schedule_text=schedule.describe() if schedule else "on demand only",
+                    agent=vault.drill.agent,
+                    directory=vault.drill.directory,
+                    next_at=_timestamp(
+                        self._drills_.next_at(vault.name) if self._drills_ else None
+                    ),
+                )
+            )
+        return message
 
     async def CreateVault(
         self, request: operator_pb2.CreateVaultRequest, context: Context
@@ -359,12 +424,28 @@ class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
     async def UpdateVault(
         self, request: operator_pb2.UpdateVaultRequest, context: Context
     ) -> operator_pb2.Vault:
-        if not request.max_concurrent_backups:
-            # The only setting there is: a request without it would change nothing, and
-            # saying nothing about that is how `--max-concurrent-backups 0` went unnoticed.
-            raise InvalidArgument(detail="nothing to change: give max_concurrent_backups (1 to 64)")
-        vault = await self._vaults.update(request.name, request.max_concurrent_backups)
-        self._jobs.set_limit(vault.name, vault.max_concurrent_backups)
+        drill = request.drill if request.HasField("drill") else None
+        if not request.max_concurrent_backups and drill is None and not request.clear_drill:
+            # A request that would change nothing is refused: saying nothing about it is how
+            # `--max-concurrent-backups 0` went unnoticed.
+            raise InvalidArgument(
+                detail="nothing to change: give max_concurrent_backups (1 to 64) or drill settings"
+            )
+        vault = await self._catalog.vault(request.name)
+        if request.max_concurrent_backups:
+            check_limit(request.max_concurrent_backups)  # before anything is changed
+        if drill is not None or request.clear_drill:
+            # Checked (and written) first: a refused drill setting changes nothing else.
+            vault = await self._drills.configure(
+                request.name,
+                schedule=drill.schedule if drill else "",
+                agent=drill.agent if drill else "",
+                directory=drill.directory if drill else "",
+                clear=request.clear_drill,
+            )
+        if request.max_concurrent_backups:
+            vault = await self._vaults.update(request.name, request.max_concurrent_backups)
+            self._jobs.set_limit(vault.name, vault.max_concurrent_backups)
         return await self._vault(vault)
 
     async def DeleteVault(
@@ -372,6 +453,8 @@ class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
     ) -> operator_pb2.Vault:
         vault = await self._vaults.delete(request.name, self._jobs.running_count(request.name))
         self._protection.vault_deleted(vault.name)
+        if self._drills_ is not None:
+            self._drills_.vault_deleted(vault.name)
         return operator_pb2.Vault(name=vault.name, region=vault.region)
 
     async def Dashboard(
@@ -391,7 +474,27 @@ class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
             protected_bytes=board.protected_bytes,
             dedup_ratio=board.dedup_ratio,
             recovery_points=board.recovery_points,
+            drills=await self._vm_drills(request.name),
         )
+
+    async def _vm_drills(self, vault: str) -> list[operator_pb2.VmDrill]:
+        """The last drill of each protected VM of the vault (unset: never drilled)."""
+        names = await self._names()
+        drilled = await self._catalog.last_drills(vault)
+        found = []
+        for item in await self._catalog.items(vault):
+            if not ItemState(item.state).protected:
+                continue
+            rp = drilled.get(item.vm_id)
+            found.append(
+                operator_pb2.VmDrill(
+                    vm_id=item.vm_id,
+                    item=names.get(item.vm_id, item.vm_id),
+                    recovery_point_id=rp.id if rp else "",
+                    drill=self._drill(rp.drill if rp else None),
+                )
+            )
+        return found
 
     # --- discovery and items ----------------------------------------------------------------
 

@@ -123,12 +123,7 @@ class Pruner:
         protection stopped with the data retained). Recorded even when nothing expired."""
         item = await self._catalog.item(vm_id)
         # A stopped item keeps its policy's name for resuming, but its points are retained.
-        if (
-            item is None
-            or item.vault != vault
-            or item.policy is None
-            or not item.state.protected
-        ):
+        if item is None or item.vault != vault or item.policy is None or not item.state.protected:
             return None
         policy = Policy.from_dict((await self._catalog.policy(vault, item.policy)).spec)
 

@@ -31,6 +31,7 @@ from controller.broker import PrivateBroker
 from controller.catalog import Catalog
 from controller.config import ControllerConfig
 from controller.datastores import Datastores
+from controller.drills import Drills
 from controller.interceptors import CallerIdentity, ErrorMapping
 from controller.jobs import JobManager
 from controller.operator_service import OperatorService
@@ -127,6 +128,9 @@ class Controller:
                 Protection(catalog, registry, jobs, vaults, pruner, self.clock, supervisor)
             )
             self.jobs = jobs
+            # Restore drills are planned in the protection's schedule (drill:VAULT entries).
+            self.drills = Drills(catalog, jobs, self.protection, self.clock)
+            await self.drills.plan_all()
 
             server = grpc.aio.server(
                 options=server_options(),
@@ -138,7 +142,16 @@ class Controller:
                 server,
             )
             operator_pb2_grpc.add_OperatorServiceServicer_to_server(
-                OperatorService(catalog, registry, jobs, status, vaults, self.protection, pruner),
+                OperatorService(
+                    catalog,
+                    registry,
+                    jobs,
+                    status,
+                    vaults,
+                    self.protection,
+                    pruner,
+                    drills=self.drills,
+                ),
                 server,
             )
             self.port = _bind(server, config)

@@ -50,6 +50,11 @@ def _check_limit(limit: int) -> int:
     return limit
 
 
+def check_limit(limit: int) -> int:
+    """`limit` if it can be a vault's concurrent backups; InvalidArgument otherwise."""
+    return _check_limit(limit)
+
+
 class Vaults:
     def __init__(
         self,

@@ -16,7 +16,7 @@ from rich.markup import escape
 
 from controller.cli import exits
 from controller.cli.client import DEFAULT_TIMEOUT, Connection, call
-from controller.cli.jobs import backup_now, gc, job, prune, restore
+from controller.cli.jobs import backup_now, drill, gc, job, prune, restore
 from controller.cli.output import as_dict, errors, print_json, size, table, use_utc, when
 from controller.cli.pki import pki
 from controller.cli.protection import (
@@ -29,7 +29,7 @@ from controller.cli.protection import (
     stop_protection,
     unregister,
 )
-from controller.cli.vaults import dashboard, vault
+from controller.cli.vaults import dashboard, drill_cell, vault
 from shared.errors import CofferError
 from shared.rpc import operator_pb2
 
@@ -103,6 +103,7 @@ for command in (
     resume_protection,
     backup_now,
     restore,
+    drill,
     job,
     prune,
     gc,
@@ -162,7 +163,17 @@ def rp_list(connection: Connection, vm_id: str, vault_name: str, as_json: bool) 
         return
     table(
         "Recovery points",
-        ("Recovery point", "VM", "Created", "Consistency", "Disks", "Stored", "Kept by", "Job"),
+        (
+            "Recovery point",
+            "VM",
+            "Created",
+            "Consistency",
+            "Disks",
+            "Stored",
+            "Kept by",
+            "Last drill",
+            "Job",
+        ),
         [
             [
                 p.id,
@@ -176,6 +187,7 @@ def rp_list(connection: Connection, vm_id: str, vault_name: str, as_json: bool) 
                 ),
                 size(p.bytes_stored),
                 ", ".join(p.kept_by) or "-",
+                drill_cell(p.last_drill) if p.HasField("last_drill") else "-",
                 p.job_id,
             ]
             for p in reply.recovery_points

@@ -13,13 +13,14 @@ from concurrent.futures import ThreadPoolExecutor
 from types import TracebackType
 from typing import Any, Self, TypeVar
 
-from controller.catalog import Catalog, JobRecord
+from controller.catalog import Catalog, JobRecord, RecoveryPointRecord
 from controller.datastore import Datastore
 from controller.datastores import Datastores
 from controller.jobs.agent_command import AgentJob
 from controller.jobs.agent_command import cancel as cancel_agent_job
 from controller.jobs.backup import BackupEnded, Backups, RunningBackup
 from controller.jobs.cancel import ShouldStop, abortable
+from controller.jobs.drill import DrillJobs
 from controller.jobs.interrupted import record_interrupted
 from controller.jobs.restore import Restores, RunningRestore
 from controller.jobs.runner import JobRunner, RunningJob
@@ -62,6 +63,7 @@ class JobManager:
         self._runner = JobRunner(catalog, status, clock)
         self._backups = Backups(catalog, registry, datastores, self._runner, clock, pool)
         self._restores = Restores(catalog, registry, datastores, self._runner, pool)
+        self._drills = DrillJobs(catalog, registry, datastores, self._runner, clock, pool)
         self._supervisor = supervisor
         self._own_supervisor = supervisor is None
         # Jobs the last shutdown interrupted, failed when the manager started.
@@ -157,9 +159,25 @@ class JobManager:
         )
 
     async def restore(
-        self, vm_id: str, rp_id: str, disk: str, target_path: str, target_vm: str
+        self,
+        vm_id: str,
+        rp_id: str,
+        disk: str,
+        target_path: str,
+        target_vm: str,
+        *,
+        in_place: bool = False,
+        overwrite: bool = False,
     ) -> JobRecord:
-        return await self._restores.start(vm_id, rp_id, disk, target_path, target_vm)
+        return await self._restores.start(
+            vm_id, rp_id, disk, target_path, target_vm, in_place=in_place, overwrite=overwrite
+        )
+
+    async def drill(
+        self, rp: RecoveryPointRecord, agent: str, directory: str, trigger: Trigger
+    ) -> JobRecord:
+        """A RestoreDrill job of recovery point `rp` on drill agent `agent` (jobs/drill.py)."""
+        return await self._drills.start(rp, agent, directory, trigger)
 
     def set_limit(self, vault: str, limit: int) -> None:
         """A vault's concurrent backups changed: queued backups may start now."""
@@ -221,7 +239,7 @@ class JobManager:
     def _owned(self, vm_id: str, job_id: str) -> RunningJob:
         running = self._runner.get(job_id)
         # The same answer for "no such job" and "not yours": an agent learns nothing of others.
-        if running is None or running.vm_id != vm_id:
+        if running is None or running.agent_vm != vm_id:
             raise PermissionDenied(detail=f"job {job_id} is not a running job of VM {vm_id!r}")
         return running
 
