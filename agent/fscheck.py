@@ -145,4 +145,3 @@ async def _check_region(fd: int, region: Region) -> FsCheck:
 async def check_image(fd: int, size: int) -> list[FsCheck]:
     """Check every file system of the image open at `fd` (`size` bytes), read-only."""
     return [await _check_region(fd, region) for region in regions(size)]
-
