@@ -12,7 +12,7 @@ is written back to a recovery point:
    are zero without a read), and compared with the recovery point's index;
 4. only the chunks that differ are fetched (each distinct chunk once, verified as any restore's)
    and written where they differ; where the recovery point has zeros and the disk has not, an
-   image gets a hole punched and a device gets zeros written;
+   image gets a hole punched (not counted as bytes written) and a device gets zeros written;
 5. the disk is fsynced.
 
 An interrupted rollback leaves the disk partly rolled back (it is refused no more than it was):
@@ -174,7 +174,8 @@ class Rollback(RestoreRun):
 
     async def _zeros(self, fd: int, zero_chunks: list[int], size: int, is_device: bool) -> int:
         """Where the recovery point has zeros: a device gets zeros written, an image a hole
-        (zeros written where the file system cannot punch one)."""
+        (zeros written where the file system cannot punch one). Bytes written: holes punched
+        are not writes and are not counted."""
         if is_device:
             return await super()._zeros(fd, zero_chunks, size, is_device)
         chunk_size = self._command.chunk_size
@@ -189,6 +190,5 @@ class Rollback(RestoreRun):
                     raise
                 for start in range(offset, offset + length, chunk_size):
                     block = bytes(min(chunk_size, offset + length - start))
-                    await self._in_pool(os.pwrite, fd, block, start)
-            written += length
+                    written += await self._in_pool(os.pwrite, fd, block, start)
         return written
