@@ -73,8 +73,8 @@ class FsCheck:
 
 
 def tail(output: str) -> str:
-    """The last lines of a checker's output, bounded."""
-    lines = [line.rstrip() for line in output.strip().splitlines()]
+    """The last lines of a checker's output (blank ones left out), bounded."""
+    lines = [line.rstrip() for line in output.splitlines() if line.strip()]
     return "\n".join(lines[-TAIL_LINES:])[-TAIL_CHARS:]
 
 

@@ -154,6 +154,7 @@ def _restore_target(job: operator_pb2.Job) -> list[Field]:
     fields: list[Field] = [
         ("Mode", _MODES.get(RestoreMode(restored.mode), restored.mode)),
         ("Source VM", restored.source_vm_id),
+        ("Disk", ", ".join(job.disks) or "-"),
     ]
     if restored.mode == RestoreMode.DRILL:
         fields += [
