@@ -180,6 +180,38 @@ def test_rollback_in_place_is_refused_while_in_use_and_then_fetches_only_what_di
     assert sha256_file(image) == want
 
 
+def test_a_block_device_is_rolled_back_in_place_and_refused_while_mounted(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    """A VM whose disk is a block device (a loop device here): the same rollback, through the
+    device, with the kernel's exclusive claim."""
+    backing = build_image(tmp_path / "device.img", 48 * MiB, fill=0.3, seed=12).path
+    mountpoint = tmp_path / "mnt"
+    mountpoint.mkdir()
+    with attached(backing) as device:
+        cluster.add_agent("dev-1", {"root": Path(device)}, region="eu")
+        try:
+            want = sha256_file(backing)
+            rp = backed_up(cluster, "dev-1")["recovery_point_id"]
+            run("mount", device, str(mountpoint))
+            try:
+                (mountpoint / "new.bin").write_bytes(os.urandom(3 * MiB))
+                (mountpoint / "lost+found").rmdir()
+                os.sync()
+                job = in_place(cluster, "dev-1", rp)
+                assert job["error_code"] == "UserErrorDiskInUse", job
+                assert "is mounted at" in job["error_message"]
+            finally:
+                run("umount", str(mountpoint))
+            assert sha256_file(backing) != want
+            job = in_place(cluster, "dev-1", rp, check=True)
+            assert job["restore"]["target_path"] == device
+            assert job["restore"]["bytes_fetched"] < 48 * MiB * 0.2
+            assert sha256_file(backing) == want
+        finally:
+            cluster.agents["dev-1"].process.stop()
+
+
 def test_rollback_in_place_asks_first(cluster: Cluster) -> None:
     rp = cluster.coffer("rp", "list", "app-1")[-1]["id"]
     before = len(cluster.coffer("job", "list", "--vm", "app-1", "--limit", "1000"))
