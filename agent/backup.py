@@ -14,6 +14,12 @@ the end. Per disk, in bounded stages (so memory does not grow with the disk):
    a bounded queue (`UploadChunks`); the controller re-hashes each one;
 4. index: when the disk's chunks are all uploaded, its index (ordered digests) is sent
    (`PutIndex`); the controller accepts it only if every chunk it names is durable.
+
+Chunks are named with the vault's keyed BLAKE3: the command carries the vault's chunk-id key
+(a secret: never logged; without one, a format-1 datastore's plain BLAKE3). The previous
+recovery point's index is compared against only when the controller says it was made with
+this same hash and key (its label): digests under another key never match, and a chunk
+skipped on a false match would be missing from the new recovery point.
 """
 
 from __future__ import annotations
@@ -34,7 +40,7 @@ from agent.disk import DiskReader
 from agent.progress import Progress
 from agent.runtime import Runtime
 from shared.blob import Compression, compress
-from shared.digest import DIGEST_SIZE, ZERO_DIGEST
+from shared.digest import CHUNK_HASH, DIGEST_SIZE, ZERO_DIGEST, ChunkHash
 from shared.errors import DiskNotFound, DiskReadFailed, NotFound
 from shared.model import Consistency
 from shared.rpc import agent_pb2
@@ -86,6 +92,8 @@ class BackupRun:
         self._status = runtime.status
         self._in_pool = runtime.in_pool
         self._command = command
+        # InvalidArgument for a key of the wrong size: the command fails, nothing is sent.
+        self._hash = ChunkHash(command.chunk_id_key or None)
         self.snapshots: SnapshotSet | None = None
 
     def disks(self) -> list[DiskConfig]:
@@ -116,7 +124,9 @@ class BackupRun:
                     path = snapshots.read_path(disk.name)
                     try:
                         readers.append(
-                            opened.enter_context(DiskReader(path, self._command.chunk_size))
+                            opened.enter_context(
+                                DiskReader(path, self._command.chunk_size, self._hash)
+                            )
                         )
                     except OSError as exc:
                         raise DiskReadFailed(
@@ -146,6 +156,14 @@ class BackupRun:
             async for part in self._stub.FetchIndex(request):
                 if part.chunk_size != self._command.chunk_size:
                     return None  # another chunk size: positions do not line up
+                if not parts and (part.chunk_hash or CHUNK_HASH) != self._hash.label:
+                    log.info(
+                        "backup %s: the previous index of disk %s was made with another "
+                        "chunk hash; every chunk is compared with the datastore instead",
+                        self._command.job_id,
+                        disk,
+                    )
+                    return None
                 parts.append(part.digests)
         except grpc.RpcError as exc:
             error = from_rpc_error(exc)

@@ -14,7 +14,6 @@ what the VM wrote.
 from __future__ import annotations
 
 import errno
-import functools
 import mmap
 import os
 import stat
@@ -24,7 +23,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Self
 
-from shared.digest import ZERO_DIGEST, chunk_digest
+from shared.digest import PLAIN_CHUNK_HASH, ZERO_DIGEST, ChunkHash
 
 
 def disk_size(fd: int) -> int:
@@ -55,17 +54,18 @@ def data_chunks(fd: int, size: int, chunk_size: int) -> Iterator[int]:
         offset = (last + 1) * chunk_size
 
 
-@functools.cache
-def _zero_digest(length: int) -> bytes:
-    return chunk_digest(bytes(length))
-
-
 class DiskReader:
-    """An open disk, read chunk by chunk from any thread; a context manager."""
+    """An open disk, read chunk by chunk from any thread; a context manager.
 
-    def __init__(self, path: Path, chunk_size: int) -> None:
+    Chunks are named with `chunk_hash`: the vault's keyed BLAKE3 (its key comes with the
+    backup command), or plain BLAKE3 for a format-1 datastore."""
+
+    def __init__(
+        self, path: Path, chunk_size: int, chunk_hash: ChunkHash = PLAIN_CHUNK_HASH
+    ) -> None:
         self.path = path
         self.chunk_size = chunk_size
+        self._hash = chunk_hash
         self._fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         self._direct: int | None = None
         try:
@@ -111,9 +111,9 @@ class DiskReader:
             data = os.pread(self._fd, length, offset)
         if len(data) != length:
             raise OSError(errno.EIO, f"short read at {offset}: the disk shrank while being read")
-        digest = chunk_digest(data)
+        digest = self._hash.digest(data)
         # Zero detection by digest: the hash runs without the GIL, a byte comparison would not.
-        if digest == _zero_digest(len(data)):
+        if digest == self._hash.zero_digest(len(data)):
             return ZERO_DIGEST, b""
         return digest, data
 

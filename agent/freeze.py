@@ -155,7 +155,11 @@ def _device_node(device: Device) -> Path | None:
     return None
 
 
-def _loop_backing(device: Device) -> tuple[int, int, int] | None:
+Identity = tuple[int, int, int]
+"""(major, minor, inode) of a file."""
+
+
+def _loop_backing(device: Device) -> Identity | None:
     """(major, minor, inode) of the file behind a bound loop device, from the kernel itself
     (LOOP_GET_STATUS64): right even where the file's path does not resolve (another mount
     namespace, a file renamed since)."""
@@ -177,16 +181,51 @@ def _loop_backing(device: Device) -> tuple[int, int, int] | None:
     return (dev & 0xFFF00) >> 8, (dev & 0xFF) | ((dev >> 12) & 0xFFF00), inode
 
 
+# How long the kernel may take to say what backs a loop device. LOOP_GET_STATUS64 waits for
+# the device's lock, which a loop device wedged on a dead file system (a FUSE server gone)
+# never gives back: such a device is taken as not this disk's, and the agent goes on.
+LOOP_STATUS_TIMEOUT = 2.0
+
+
+def _loop_backing_within(device: Device) -> Identity | None:
+    """`_loop_backing` in a daemon thread, given up after `LOOP_STATUS_TIMEOUT` (the thread is
+    left to the kernel: an ioctl in D state cannot be interrupted)."""
+    answer: list[Identity | None] = []
+    worker = threading.Thread(
+        target=lambda: answer.append(_loop_backing(device)),
+        name=f"loop-status-{device[0]}:{device[1]}",
+        daemon=True,
+    )
+    worker.start()
+    worker.join(LOOP_STATUS_TIMEOUT)
+    return answer[0] if answer else None
+
+
 def loop_devices_of(image: Path) -> list[Device]:
-    """The loop devices backed by the image file `image`."""
+    """The loop devices backed by the image file `image`.
+
+    A backing path in sysfs that leads to this very file settles a device without touching
+    it. Any other device is asked of the kernel, by identity (its path may lead nowhere from
+    here, or to another file, when it was bound in another mount namespace), within
+    `LOOP_STATUS_TIMEOUT`.
+    """
     info = os.stat(image)
     wanted = (os.major(info.st_dev), os.minor(info.st_dev), info.st_ino)
     found = []
     for sysdir in sorted(Path("/sys/block").glob("loop*")):
-        if not (sysdir / "loop" / "backing_file").exists():
+        try:
+            backing = (sysdir / "loop" / "backing_file").read_text().rstrip("\n")
+        except OSError:
             continue  # an unbound loop device
         device = _read_device(sysdir / "dev")
-        if _loop_backing(device) == wanted:
+        try:
+            there = os.stat(backing)
+            if (os.major(there.st_dev), os.minor(there.st_dev), there.st_ino) == wanted:
+                found.append(device)
+                continue
+        except OSError:
+            pass
+        if _loop_backing_within(device) == wanted:
             found.append(device)
     return found
 

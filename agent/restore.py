@@ -1,11 +1,11 @@
 """Restore: a recovery point's disk written to a target path inside the VM, verified.
 
-The target must lie under one of the agent's configured `restore_dirs` (after resolving
-symbolic links and `..`): the controller cannot make an agent write anywhere else. An image
-file is written to a temporary file beside the target, made sparse where the disk is zero,
-fsynced, and renamed over the target only when every chunk has been verified: a failed restore
-leaves the old target untouched. A block device target is written in place (zeros included,
-as a device keeps its old contents).
+The target must lie under one of the agent's configured `restore_dirs`, reached without
+following links (`agent.restore_dirs`): the controller cannot make an agent write anywhere
+else. An image file is written to a temporary file beside the target, made sparse where the
+disk is zero, fsynced, and renamed over the target only when every chunk has been verified: a
+failed restore leaves the old target untouched. A block device target is written in place
+(zeros included, as a device keeps its old contents).
 
 A target that exists is replaced only when the command says `overwrite`, and never when it is
 one of the agent's configured disks (that is a rollback, `agent.rollback`) or when anything
@@ -31,18 +31,18 @@ from pathlib import Path
 
 import grpc
 
-from agent.config import AgentConfig
+from agent.chunk_source import open_chunk
 from agent.disk import disk_size
 from agent.disk_use import FIX, check_unused, same_file
 from agent.progress import Progress
+from agent.restore_dirs import allowed_target, open_parent
 from agent.runtime import Runtime
-from shared.blob import Compression, decompress
-from shared.digest import DIGEST_SIZE, ZERO_DIGEST, chunk_digest
+from shared.blob import Compression
+from shared.digest import CHUNK_HASH, DIGEST_SIZE, ZERO_DIGEST, ChunkHash
 from shared.errors import (
-    ChunkDigestMismatch,
     CorruptData,
+    DataCorrupted,
     DiskInUse,
-    PathNotAllowed,
     RestoreTargetExists,
     RestoreTargetFailed,
     RestoreTargetIsDisk,
@@ -58,39 +58,6 @@ FLUSH_EVERY = 64 << 20  # bytes written between starts of writeback
 WRITE_WINDOW = 8  # chunks verified and written at once
 
 
-def allowed_target(config: AgentConfig, target: str) -> tuple[Path, tuple[str, ...]]:
-    """The restore directory `target` lies in and its path below it; PathNotAllowed otherwise.
-
-    Judged on the path as written (no `..`, no symbolic links followed): the restore then
-    walks it component by component without following links, so nothing a user of the VM
-    plants in a restore directory can send the write elsewhere.
-    """
-    path = Path(target)
-    allowed = ", ".join(str(d) for d in config.restore_dirs) or "none configured"
-    if not path.is_absolute() or ".." in path.parts:
-        raise PathNotAllowed(path=target, allowed=allowed)
-    for directory in config.restore_dirs:
-        if path.is_relative_to(directory) and path != directory:
-            return directory, path.relative_to(directory).parts
-    raise PathNotAllowed(path=target, allowed=allowed)
-
-
-def _open_parent(root: Path, parts: tuple[str, ...]) -> int:
-    """A descriptor of the directory holding the target, reached without following links."""
-    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        for part in parts[:-1]:
-            child = os.open(
-                part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd
-            )
-            os.close(fd)
-            fd = child
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
-
-
 class RestoreRun:
     def __init__(self, runtime: Runtime, command: agent_pb2.RestoreCommand) -> None:
         self._config = runtime.config
@@ -98,6 +65,9 @@ class RestoreRun:
         self._status = runtime.status
         self._in_pool = runtime.in_pool
         self._command = command
+        # Chunks are verified with the vault's chunk hash: keyed by the key the command carries
+        # (a secret, never logged), plain BLAKE3 for a format-1 datastore.
+        self._hash = ChunkHash(command.chunk_id_key or None)
         # What the run did, for its result.
         self.bytes_compared = 0  # of the disk, read to compare (a rollback's)
         self.bytes_fetched = 0  # chunks downloaded, as stored (compressed)
@@ -106,14 +76,14 @@ class RestoreRun:
 
     async def run(self) -> int:
         """Restore the disk; the number of bytes written."""
-        root, parts = allowed_target(self._config, self._command.target_path)
+        root, parts = allowed_target(self._config.restore_dirs, self._command.target_path)
         target = self._command.target_path
         digests = await self._index()
         size = self._command.size_bytes
         if len(digests) != -(-size // self._command.chunk_size) * DIGEST_SIZE:
             raise CorruptData(what="the recovery point's index", detail="wrong number of chunks")
         try:
-            parent = _open_parent(root, parts)
+            parent = open_parent(root, parts)
         except OSError as exc:
             raise RestoreTargetFailed(path=target, detail=exc.strerror) from exc
         try:
@@ -185,7 +155,10 @@ class RestoreRun:
         always when it is a configured disk of this VM or something uses it; blocking."""
         target = self._command.target_path
         if not self._command.overwrite:
-            raise RestoreTargetExists(path=target)
+            raise RestoreTargetExists(
+                path=target,
+                fix="Give --overwrite to replace it, or choose a path that does not exist.",
+            )
         for disk in self._config.disks:
             try:
                 is_disk = same_file(existing, os.stat(disk.path))
@@ -199,8 +172,8 @@ class RestoreRun:
     def _target(self) -> tuple[int, str]:
         """A descriptor of the target's directory (reached as the restore reached it) and
         the target's name in it."""
-        root, parts = allowed_target(self._config, self._command.target_path)
-        return _open_parent(root, parts), parts[-1]
+        root, parts = allowed_target(self._config.restore_dirs, self._command.target_path)
+        return open_parent(root, parts), parts[-1]
 
     def open_restored(self) -> int:
         """A read-only descriptor of the image this run wrote (not following a link)."""
@@ -230,9 +203,15 @@ class RestoreRun:
             disk=self._command.disk,
         )
         try:
-            return b"".join([part.digests async for part in self._stub.FetchIndex(request)])
+            parts = [part async for part in self._stub.FetchIndex(request)]
         except grpc.RpcError as exc:
             raise from_rpc_error(exc) from exc
+        if parts and (parts[0].chunk_hash or CHUNK_HASH) != self._hash.label:
+            raise CorruptData(
+                what="the recovery point's index",
+                detail="its digests were made with another chunk hash than the restore's key",
+            )
+        return b"".join(part.digests for part in parts)
 
     async def _plan(
         self, fd: int, digests: bytes, size: int
@@ -272,10 +251,20 @@ class RestoreRun:
         def store(chunk: agent_pb2.Chunk) -> int:
             """Verify one chunk and write it everywhere it goes; blocking."""
             digest = chunk.digest  # each read of a bytes field copies it: read once
-            raw = decompress(Compression(chunk.compression), chunk.data, chunk.raw_size)
-            actual = chunk_digest(raw)
-            if actual != digest:
-                raise ChunkDigestMismatch(actual=actual.hex(), claimed=digest.hex())
+            try:
+                raw = open_chunk(
+                    digest, Compression(chunk.compression), chunk.raw_size, chunk.data, self._hash
+                )
+            except CorruptData as exc:
+                # Damage in the datastore, not a refused upload: named so the operator can
+                # find it, and reported to the controller (which checks it itself).
+                raise DataCorrupted(
+                    recovery_point=self._command.recovery_point_id,
+                    disk=self._command.disk,
+                    chunk=places[digest][0],
+                    digest=digest.hex(),
+                    detail=exc.fields.get("detail", exc.message),
+                ) from exc
             for number in places[digest]:
                 offset = number * chunk_size
                 if len(raw) != min(chunk_size, size - offset):

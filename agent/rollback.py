@@ -8,8 +8,9 @@ is written back to a recovery point:
    and held so while it is written, so that nothing can mount it meanwhile;
 2. an image file is cut or grown to the recovery point's size; a device must be at least that
    large (what lies past the recovery point's end is left alone);
-3. every chunk of the disk is read and hashed with the chunk hash, as a backup reads it (holes
-   are zero without a read), and compared with the recovery point's index;
+3. every chunk of the disk is read and hashed with the vault's chunk hash (keyed with the
+   command's chunk-id key on an encrypted vault), as a backup reads it (holes are zero without
+   a read), and compared with the recovery point's index;
 4. only the chunks that differ are fetched (each distinct chunk once, verified as any restore's)
    and written where they differ; where the recovery point has zeros and the disk has not, an
    image gets a hole punched (not counted as bytes written) and a device gets zeros written;
@@ -143,7 +144,9 @@ class Rollback(RestoreRun):
             differs(number, current)
             progress.advance("compare", min((number + 1) * chunk_size, size) - progress.done)
 
-        with DiskReader(self.disk_path, chunk_size) as reader:
+        # The disk's chunks are named as the index names them: with the vault's chunk hash
+        # (keyed on an encrypted vault), or every chunk would differ.
+        with DiskReader(self.disk_path, chunk_size, self._hash) as reader:
 
             def read(number: int) -> tuple[int, bytes, int]:
                 current, data = reader.read(number)

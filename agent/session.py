@@ -26,11 +26,18 @@ from agent.backup import BackupRun
 from agent.config import AgentConfig
 from agent.disk import disk_size
 from agent.displacement import Displacement
+from agent.file_recovery_jobs import FileRecoveryHost, FileRecoveryRun
 from agent.restores import restore
 from agent.runtime import Runtime
 from agent.status import StatusPublisher
 from shared.backoff import Backoff
-from shared.errors import CofferError, DuplicateAgent, JobCancelled, find_coffer_error
+from shared.errors import (
+    CofferError,
+    DataCorrupted,
+    DuplicateAgent,
+    JobCancelled,
+    find_coffer_error,
+)
 from shared.rpc import agent_pb2, agent_pb2_grpc
 from shared.rpc_channel import secure_channel
 from shared.rpc_errors import from_rpc_error, to_proto
@@ -47,6 +54,17 @@ HEALTHY_SESSION = RECONNECT.cap
 POOL_THREADS = 12
 
 
+def damaged_chunks(exc: BaseException) -> list[bytes]:
+    """The digests of the chunks `exc` (or, raised out of task groups, what it holds) says
+    are damaged: the controller is told which, and checks them itself."""
+    if isinstance(exc, DataCorrupted):
+        digest = exc.fields.get("digest")
+        return [bytes.fromhex(digest)] if isinstance(digest, str) else []
+    if isinstance(exc, BaseExceptionGroup):
+        return [digest for inner in exc.exceptions for digest in damaged_chunks(inner)]
+    return []
+
+
 def _forget(running: dict[str, asyncio.Task[None]], job_id: str, _: object) -> None:
     running.pop(job_id, None)
 
@@ -60,6 +78,8 @@ class Agent:
         # Set while another agent process of this VM has the session: this one waits as a
         # standby until it ends.
         self._standby: Displacement | None = None
+        # File recovery (FileRecovery jobs): what an agent that died left is swept at start.
+        self._files = FileRecoveryHost(config.state_dir / "files")
 
     def hello(self) -> agent_pb2.Hello:
         disks = []
@@ -86,12 +106,15 @@ class Agent:
     async def run(self) -> None:
         """Keep a session with the controller until cancelled."""
         with ThreadPoolExecutor(POOL_THREADS, thread_name_prefix="agent-io") as pool:
-            async with StatusPublisher(
-                self.config.vm_id,
-                self.config.tls,
-                hostname=socket.gethostname(),
-                agent_version=coffer_version(),
-            ) as status:
+            async with (
+                self._files,
+                StatusPublisher(
+                    self.config.vm_id,
+                    self.config.tls,
+                    hostname=socket.gethostname(),
+                    agent_version=coffer_version(),
+                ) as status,
+            ):
                 delays = RECONNECT.delays()
                 while True:
                     try:
@@ -189,6 +212,10 @@ class Agent:
                             self._cancelled.add(message.cancel.job_id)
                             task.cancel()
                         continue
+                    if kind == "unmount":
+                        if not self._files.unmount(message.unmount.job_id):
+                            log.info("unmount of %s: it is not mounted", message.unmount.job_id)
+                        continue
                     job_id = getattr(message, kind).job_id
                     running[job_id] = tasks.create_task(
                         self._command(message, runtime, outbox),
@@ -244,6 +271,15 @@ class Agent:
                 log.info("restore %s started", result.job_id)
                 result.restore.CopyFrom(await restore(runtime, message.restore))
                 result.bytes_written = result.restore.bytes_written
+            elif kind == "file_recovery":
+                result.job_id = message.file_recovery.job_id
+                log.info("file recovery %s started", result.job_id)
+
+                def report(status: agent_pb2.FileRecoveryStatus) -> None:
+                    outbox.put_nowait(agent_pb2.AgentMessage(file_recovery_status=status))
+
+                run = FileRecoveryRun(runtime, self._files, message.file_recovery, report)
+                result.file_recovery.CopyFrom(await run.run())
             else:
                 raise CofferError(f"this agent does not know the command {kind!r}")
             result.ok = True
@@ -263,4 +299,5 @@ class Agent:
                 error = CofferError(f"internal error in the agent: {exc!r}")
             log.warning("%s %s failed: %s", kind, result.job_id, error)
             result.error.CopyFrom(to_proto(error))
+            result.damaged_chunks.extend(damaged_chunks(exc))
         outbox.put_nowait(agent_pb2.AgentMessage(result=result))

@@ -21,14 +21,13 @@ from typing import cast
 import grpc
 
 from controller.catalog import Catalog, DiskRecord
-from controller.datastore import Datastore
 from controller.interceptors import caller_vm
 from controller.jobs import JobManager, RunningBackup
 from controller.registry import AgentRegistry, AgentSession
 from shared.blob import Compression
 from shared.clock import Clock
 from shared.digest import DIGEST_SIZE, check_digest
-from shared.errors import CofferError, InvalidArgument, PermissionDenied
+from shared.errors import ChunkMissing, CofferError, CorruptData, InvalidArgument, PermissionDenied
 from shared.index import DiskIndex, check_disk_name
 from shared.rpc import agent_pb2, agent_pb2_grpc
 
@@ -175,6 +174,8 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
                 self._catalog.touch_agent(session.vm_id, self._clock.now())
             elif kind == "result":
                 session.resolve(message.result)
+            elif kind == "file_recovery_status":
+                self._jobs.file_recovery_status(session.vm_id, message.file_recovery_status)
             else:
                 log.warning("%s sent an unexpected %s; ignored", session.vm_id, kind)
 
@@ -224,6 +225,10 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
         index = await self._jobs.index_for(
             caller_vm(), request.job_id, request.recovery_point_id, request.disk
         )
+        running = self._jobs.running(request.job_id)
+        assert running is not None  # index_for found it running for this caller
+        # Which hash made these digests: an agent holding another key must not compare them.
+        label = (await self._jobs.datastore(running)).chunk_hash.label
         step = MAX_DIGESTS_PER_CALL * DIGEST_SIZE
         for start in range(0, max(len(index.digests), 1), step):
             yield agent_pb2.IndexPart(
@@ -232,6 +237,7 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
                 size_bytes=index.size_bytes,
                 chunk_size=index.chunk_size,
                 digests=index.digests[start : start + step],
+                chunk_hash=label if start == 0 else "",
             )
 
     async def MissingChunks(
@@ -267,16 +273,13 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
             async for message in request_iterator:
                 if running is None:
                     running = self._jobs.running_backup(vm_id, message.job_id)
-                    datastore = await self._jobs.datastore(running)
                 elif message.job_id != running.record.id:
                     raise InvalidArgument(detail="one upload stream carries one job's chunks")
                 for chunk in message.chunks:
                     compression = self._check_chunk(chunk, running.chunk_size)
                     await settle(UPLOAD_CONCURRENCY - 1)
                     inflight.add(
-                        asyncio.ensure_future(
-                            self._store(running, datastore, chunk, compression, summary)
-                        )
+                        asyncio.ensure_future(self._store(running, chunk, compression, summary))
                     )
             await settle(0)
         except CofferError as exc:
@@ -308,7 +311,6 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
     async def _store(
         self,
         running: RunningBackup,
-        datastore: Datastore,
         chunk: agent_pb2.Chunk,
         compression: Compression,
         summary: agent_pb2.UploadSummary,
@@ -319,10 +321,7 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
             raise InvalidArgument(
                 detail=f"a chunk's payload is at most {running.chunk_size} bytes, got {len(data)}"
             )
-        stored = await self._jobs.in_pool(
-            datastore.put_chunk, digest, data, compression, chunk.raw_size
-        )
-        self._jobs.chunk_stored(running, digest, stored, len(data))
+        stored = await self._jobs.store_chunk(running, digest, data, compression, chunk.raw_size)
         summary.chunks_received += 1
         summary.chunks_stored += 1 if stored else 0
         summary.bytes_stored += stored
@@ -396,7 +395,11 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
         async def add_next() -> None:
             nonlocal batch_bytes
             digest, future = ahead.popleft()
-            compression, raw_size, data = await future
+            try:
+                compression, raw_size, data = await future
+            except (ChunkMissing, CorruptData) as error:
+                # The datastore lacks it or cannot read it: damage, not "not found".
+                raise await self._jobs.chunk_unreadable(running, digest, error) from None
             batch.chunks.add(  # built in place: the payload is copied once
                 digest=digest,
                 compression=cast(agent_pb2.Compression, compression),  # same values

@@ -8,13 +8,18 @@ fail, a bug, it is logged with its traceback and watches again, rather than leav
 unwatched in silence.
 
 The configuration is the security model of `docs/mqtt.md`, the same as the production example
-in `deploy/mosquitto/`:
+in `deploy/mosquitto/` (a test holds the two to the same ACL and limits):
 
 - one TLS listener; a client certificate from the Coffer CA is required, and its CN becomes
   the MQTT user name and client id (`use_identity_as_username`, `use_username_as_clientid`),
   so a client cannot claim another identity nor kick another client off by reusing its id;
-- the ACL lets `coffer-controller` read and write `coffer/#`, and every other user (an agent,
-  named by its VM id) publish under `coffer/v1/agents/<its vm id>/` only;
+- the ACL names exact topics only: `coffer-controller` reads agents' presence and progress,
+  publishes job states and may clear agents' retained messages; every other user (an agent,
+  named by its VM id) may publish exactly its own presence and its own jobs' progress, and
+  nothing else under its prefix, so it cannot make the broker keep messages on topics of its
+  choosing; readers (operator certificates) read status and publish nothing;
+- limits on what one client can make the broker hold (`LIMITS`): packet size, messages
+  queued for a subscriber, connections, keepalive, memory;
 - no persistence: after a restart the retained presences are rebuilt by the agents
   reconnecting, instead of showing agents "online" that died while the broker was down.
 
@@ -29,17 +34,26 @@ import ctypes
 import logging
 import os
 import pwd
+import resource
 import signal
 import socket
 import ssl
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Final, Self
 
 from shared.backoff import Backoff
 from shared.errors import InvalidArgument, Unavailable
-from shared.status import CONTROLLER_USERNAME, MAX_PAYLOAD_BYTES, TOPIC_ROOT
+from shared.status import (
+    CONTROLLER_USERNAME,
+    JOB_STATE_FILTER,
+    MAX_PAYLOAD_BYTES,
+    PRESENCE_FILTER,
+    PROGRESS_FILTER,
+    TOPIC_ROOT,
+)
 from shared.supervision import Policy, Supervisor
 from shared.tls import TlsFiles, mqtt_ssl_context, validate_operator_name
 
@@ -56,6 +70,51 @@ _STABLE_SECONDS: Final = 30.0
 _RESTART: Final = Backoff(first=0.5, cap=10.0, jitter="equal")
 _PROBE_INTERVAL: Final = 0.05
 _LOG_TAIL_BYTES: Final = 2048
+
+# The fleet one controller serves (docs/DESIGN: 10,000 agents is the design point).
+DESIGN_AGENTS: Final = 10_000
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What Mosquitto lets one client make it hold; docs/mqtt.md "Limits" says why each."""
+
+    # Whole MQTT packet: the largest payload readers accept, plus the longest topic (about
+    # 230 bytes), the fixed header and MQTT 5 properties. A bigger packet disconnects its
+    # sender: it is not Coffer's.
+    max_packet_size: int = MAX_PAYLOAD_BYTES + 1024
+    # QoS 1 messages in flight to a subscriber that speaks MQTT 3.1.1 (readers): Mosquitto's
+    # default. The controller sets its own with MQTT 5's Receive Maximum (controller/status.py).
+    max_inflight_messages: int = 20
+    # Messages queued for one subscriber beyond those in flight (only the controller and
+    # readers subscribe; agents never do). When the controller (re)subscribes while the fleet
+    # reconnects, it is sent every agent's retained presence, each agent's new presence and
+    # their progress at once: four per agent of the design fleet fit. Mosquitto's default of
+    # 1000 dropped the controller's messages when 2,000 agents connected within 6 s.
+    max_queued_messages: int = 4 * DESIGN_AGENTS
+    # ...and at most this many bytes of them (real payloads are a few hundred bytes).
+    max_queued_bytes: int = 32 << 20
+    # Connections on the listener: the design fleet, the controller and readers, and room
+    # for reconnect overlap (a half-dead connection and its replacement, briefly both).
+    max_connections: int = DESIGN_AGENTS + DESIGN_AGENTS // 4
+    # MQTT 5 clients may not ask for a longer keepalive than this (Coffer's clients use 15 s):
+    # a dead client's will is published within 1.5 keepalives.
+    max_keepalive: int = 60
+    # Sessions of clients that asked for a persistent one (Coffer's never do) are dropped
+    # after this long away, with whatever the broker kept for them.
+    persistent_client_expiration: str = "1h"
+    # A backstop on the broker's whole heap (Mosquitto's own accounting): far above what the
+    # design fleet costs (docs/mqtt.md), so reaching it means an attack or a leak, and then
+    # the broker refuses messages and drops their senders rather than take the host's memory.
+    memory_limit: int = 1 << 30
+
+    @property
+    def open_files(self) -> int:
+        """File descriptors the broker needs: one per connection, and a few of its own."""
+        return self.max_connections + 64
+
+
+LIMITS: Final = Limits()
 
 
 class PrivateBroker:
@@ -77,6 +136,7 @@ class PrivateBroker:
         port: int = 0,
         executable: str = "mosquitto",
         readers: Sequence[str] = (),
+        limits: Limits = LIMITS,
         ready_timeout: float = 10.0,
         stop_timeout: float = 5.0,
     ) -> None:
@@ -92,6 +152,7 @@ class PrivateBroker:
         self._port = port
         self._executable = executable
         self._readers = tuple(validate_operator_name(name) for name in readers)
+        self._limits = limits
         self._ready_timeout = ready_timeout
         self._stop_timeout = stop_timeout
         self._process: asyncio.subprocess.Process | None = None
@@ -177,6 +238,7 @@ class PrivateBroker:
                 # Mosquitto started as root drops to user `mosquitto`, which could not read
                 # the key in our private work directory; stay whoever we are.
                 user=pwd.getpwuid(os.geteuid()).pw_name,
+                limits=self._limits,
             ),
         )
 
@@ -195,8 +257,9 @@ class PrivateBroker:
                 # controller's to handle, and the broker is stopped by PID in order.
                 start_new_session=True,
                 # If the controller dies without stopping it (SIGKILL), the broker goes too
-                # rather than holding the port as an orphan.
-                preexec_fn=_die_with_parent,
+                # rather than holding the port as an orphan. And it may open a descriptor
+                # per connection it allows.
+                preexec_fn=lambda: _prepare_child(self._limits.open_files),
             )
         log.debug("started mosquitto (pid %d)", process.pid)
         return process
@@ -297,34 +360,60 @@ class PrivateBroker:
 # --- pure pieces ---------------------------------------------------------------------------
 
 
-def _die_with_parent() -> None:
-    """In the child, before exec: ask the kernel for SIGTERM when the parent dies."""
+def _prepare_child(open_files: int) -> None:
+    """In the child, before exec: die with the parent, and raise the descriptor limit."""
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = open_files if hard == resource.RLIM_INFINITY else min(open_files, hard)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        # Up to the hard limit only (no error if that is lower: Mosquitto then refuses
+        # connections past it, and logs so).
+        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
 
 
 def acl_text(readers: Sequence[str] = ()) -> str:
     """The ACL of the Coffer status model (see docs/mqtt.md), with read-only `readers`."""
+    agent_progress = f"{TOPIC_ROOT}/agents/%u/jobs/+/progress"
     reader_lines = "".join(
-        f"\n# Read-only status consumer (operator certificate).\nuser {name}\ntopic read coffer/#\n"
+        f"""
+# Read-only status consumer (an operator certificate): reads status, publishes nothing, not
+# even as the VM it would be if a VM had its name (the broker sees names, not roles).
+user {name}
+topic deny {TOPIC_ROOT}/agents/{name}/presence
+topic deny {TOPIC_ROOT}/agents/{name}/jobs/+/progress
+topic read {PRESENCE_FILTER}
+topic read {PROGRESS_FILTER}
+topic read {JOB_STATE_FILTER}
+"""
         for name in readers
     )
     return f"""\
 # Coffer status ACL, written by the controller's private broker (see docs/mqtt.md).
-# User names are client certificate CNs (use_identity_as_username).
+# User names are client certificate CNs (use_identity_as_username). Every right names exact
+# topics; a level is `+` only where the topic holds an id.
 
-# The controller subscribes to agents' presence and progress and publishes job states.
+# The controller reads agents' presence and progress, publishes job states, and clears
+# retained messages on agents' topics (a retired VM's presence; progress published retained).
 user {CONTROLLER_USERNAME}
-topic readwrite coffer/#
+topic readwrite {PRESENCE_FILTER}
+topic readwrite {PROGRESS_FILTER}
+topic write {JOB_STATE_FILTER}
 {reader_lines}
-# Every agent (user name = its VM id) may publish under its own prefix only, its last will
-# included. Agents subscribe to nothing, so they are given no read access at all: job
-# states name other VMs. (Pattern lines apply to every user, whatever line precedes them.)
-pattern write {TOPIC_ROOT}/agents/%u/#
+# Every agent (user name = its VM id) may publish its own presence (its last will included)
+# and its own jobs' progress: these two topics and nothing else, so it cannot make the broker
+# keep messages on topics of its choosing. Agents subscribe to nothing and read nothing: job
+# states and other agents' presence are none of their business. Pattern lines apply to every
+# user, whatever `user` line precedes them; a user name that is no VM id gets rights on topics
+# no agent and no controller uses.
+pattern write {TOPIC_ROOT}/agents/%u/presence
+pattern write {agent_progress}
 """
 
 
-def config_text(*, host: str, port: int, tls: TlsFiles, acl_path: Path, user: str) -> str:
+def config_text(
+    *, host: str, port: int, tls: TlsFiles, acl_path: Path, user: str, limits: Limits = LIMITS
+) -> str:
     """The mosquitto.conf of a private broker (see deploy/mosquitto/mosquitto.conf)."""
     return f"""\
 # Written by the Coffer controller (private broker); rewritten at every start.
@@ -333,8 +422,14 @@ allow_anonymous false
 acl_file {acl_path}
 persistence false
 user {user}
-# A status payload is a few hundred bytes; anything much bigger is not ours.
-max_packet_size {MAX_PAYLOAD_BYTES + 1024}
+# Limits (docs/mqtt.md "Limits").
+max_packet_size {limits.max_packet_size}
+max_inflight_messages {limits.max_inflight_messages}
+max_queued_messages {limits.max_queued_messages}
+max_queued_bytes {limits.max_queued_bytes}
+max_keepalive {limits.max_keepalive}
+persistent_client_expiration {limits.persistent_client_expiration}
+memory_limit {limits.memory_limit}
 log_dest stderr
 log_type error
 log_type warning
@@ -345,6 +440,7 @@ log_timestamp true
 log_timestamp_format %Y-%m-%dT%H:%M:%S
 
 listener {port} {host}
+max_connections {limits.max_connections}
 cafile {tls.ca}
 certfile {tls.cert}
 keyfile {tls.key}

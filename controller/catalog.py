@@ -40,6 +40,7 @@ from shared.model import (
     Operation,
     RestoreMode,
     Trigger,
+    Verification,
 )
 from shared.policy import default_policy
 
@@ -170,7 +171,47 @@ MIGRATIONS: list[str] = [
         details = json_remove(details, '$.trigger', '$.slot', '$.disks', '$.recovery_point_id')
     WHERE operation = 'Backup' AND json_valid(details);
     """,
-    # 4: every way back. A restore records what it restored where (source VM, target VM and
+    # 4: integrity. A vault's verify schedule; the chunks of its datastore known missing or
+    # corrupt until a backup stores them again (controller.datastore.health); what the last
+    # verify (or a failed read since) found of each recovery point, and which chunks it needs
+    # are damaged. A recovery point without a `verifications` row was never verified.
+    """
+    ALTER TABLE vaults ADD COLUMN verify_new INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE vaults ADD COLUMN reverify_days INTEGER NOT NULL DEFAULT 0;
+    CREATE TABLE bad_chunks (
+        vault TEXT NOT NULL REFERENCES vaults(name) ON DELETE CASCADE,
+        digest BLOB NOT NULL,
+        reason TEXT NOT NULL,
+        found_at REAL NOT NULL,
+        found_by TEXT NOT NULL,
+        PRIMARY KEY (vault, digest)
+    );
+    CREATE TABLE verifications (
+        recovery_point_id TEXT PRIMARY KEY
+            REFERENCES recovery_points(id) ON DELETE CASCADE,
+        state TEXT NOT NULL,
+        verified_at REAL,
+        changed_at REAL NOT NULL,
+        job_id TEXT NOT NULL DEFAULT '',
+        detail TEXT NOT NULL DEFAULT ''
+    );
+    CREATE TABLE damaged_chunks (
+        recovery_point_id TEXT NOT NULL REFERENCES recovery_points(id) ON DELETE CASCADE,
+        digest BLOB NOT NULL,
+        disk TEXT NOT NULL,
+        chunk INTEGER NOT NULL,
+        reason TEXT NOT NULL,
+        PRIMARY KEY (recovery_point_id, digest)
+    );
+    CREATE INDEX damaged_chunks_by_digest ON damaged_chunks (digest);
+    """,
+    # 5: encryption at rest: whether a vault's datastore is encrypted (format 2). Once it is,
+    # a datastore.json that says otherwise was replaced, and the vault is not opened with it
+    # (docs/encryption.md, "Downgrade"). Vaults made before this are format 1.
+    """
+    ALTER TABLE vaults ADD COLUMN encrypted INTEGER NOT NULL DEFAULT 0;
+    """,
+    # 6: every way back. A restore records what it restored where (source VM, target VM and
     # path, mode, overwrite) and what it moved (compared, fetched, written), in columns; the
     # restores recorded before move theirs out of `details` (their bytes_read was the bytes
     # written). Agents report their restore_dirs (drill directories are checked against
@@ -249,6 +290,12 @@ class VaultRecord:
     created_at: float
     max_concurrent_backups: int = 4
     stored_bytes: int = 0
+    verify_new: bool = False
+    """Verify every new recovery point after its backup."""
+    reverify_days: int = 0
+    """Verify, on the daily maintenance, points not verified for this many days (0: never)."""
+    encrypted: bool = False
+    """Its datastore is encrypted (format 2): never to be opened as a plain one."""
     drill: DrillSettings | None = None
 
 
@@ -381,6 +428,38 @@ class RecoveryPointRecord:
 
 
 @dataclass(frozen=True)
+class DamageRecord:
+    """A chunk a recovery point needs that is missing or corrupt."""
+
+    disk: str
+    chunk: int
+    """Its position on the disk (the first, if the disk holds it more than once)."""
+    digest: bytes
+    reason: str
+
+
+@dataclass(frozen=True)
+class VerificationRecord:
+    """Where a recovery point's integrity stands (a point without one was never verified)."""
+
+    recovery_point_id: str
+    state: Verification
+    verified_at: float | None
+    """When a verify last read it (None: only a failed read has looked at it)."""
+    changed_at: float
+    job_id: str
+    """The job that last changed it: a verify, a restore that met damage, a backup."""
+    detail: str = ""
+    """Damage that is not a chunk's (an index that cannot be read)."""
+    damaged_chunks: int = 0
+    damage: tuple[DamageRecord, ...] = ()
+    """The first few damaged chunks (`damaged_chunks` counts them all)."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "state", Verification(self.state))
+
+
+@dataclass(frozen=True)
 class DrillRecord:
     """A restore drill of a recovery point: when, by which job, how long the restore took,
     and what the read-only file system checks found."""
@@ -430,6 +509,8 @@ def _assignments(names: Sequence[str]) -> str:
 
 _VAULT_COLUMNS = (
     "name", "region", "chunk_size", "created_at", "max_concurrent_backups", "stored_bytes",
+    "verify_new", "reverify_days",
+    "encrypted",
     "drill_schedule", "drill_agent", "drill_dir", "drill_last_slot",
 )  # fmt: skip
 
@@ -450,6 +531,9 @@ def _vault(row: sqlite3.Row) -> VaultRecord:
         created_at=row["created_at"],
         max_concurrent_backups=row["max_concurrent_backups"],
         stored_bytes=row["stored_bytes"],
+        verify_new=bool(row["verify_new"]),
+        reverify_days=row["reverify_days"],
+        encrypted=bool(row["encrypted"]),
         drill=drill,
     )
 
@@ -728,6 +812,9 @@ class Catalog:
                         "created_at": vault.created_at,
                         "max_concurrent_backups": vault.max_concurrent_backups,
                         "stored_bytes": 0,
+                        "verify_new": int(vault.verify_new),
+                        "reverify_days": vault.reverify_days,
+                        "encrypted": int(vault.encrypted),
                         "drill_schedule": "",
                         "drill_agent": "",
                         "drill_dir": "",
@@ -760,6 +847,13 @@ class Catalog:
             f"SELECT {_columns(_VAULT_COLUMNS)} FROM vaults ORDER BY name"
         ) as cursor:
             return [_vault(row) for row in await cursor.fetchall()]
+
+    async def set_vault_encrypted(self, vault: str) -> None:
+        """Record that the vault's datastore is encrypted; never undone."""
+        async with self._transaction() as db:
+            cursor = await db.execute("UPDATE vaults SET encrypted = 1 WHERE name = ?", (vault,))
+            if cursor.rowcount == 0:
+                raise NotFound(kind="vault", name=vault)
 
     async def set_max_concurrent_backups(self, vault: str, limit: int) -> None:
         async with self._transaction() as db:
@@ -1218,3 +1312,203 @@ class Catalog:
                 async for row in cursor:
                     disks.setdefault(row["recovery_point_id"], []).append(_rp_disk(row))
         return [_recovery_point(row, disks.get(row["id"], ())) for row in rows]
+
+    # --- integrity -------------------------------------------------------------------------
+
+    async def set_verify_settings(
+        self, vault: str, *, verify_new: bool | None, reverify_days: int | None
+    ) -> None:
+        """Change a vault's verify schedule (None: unchanged)."""
+        async with self._transaction() as db:
+            cursor = await db.execute(
+                "UPDATE vaults SET verify_new = coalesce(?, verify_new),"
+                " reverify_days = coalesce(?, reverify_days) WHERE name = ?",
+                (None if verify_new is None else int(verify_new), reverify_days, vault),
+            )
+            if cursor.rowcount == 0:
+                raise NotFound(kind="vault", name=vault)
+
+    async def bad_chunks(self, vault: str) -> list[bytes]:
+        """Digests of the vault's chunks known missing or corrupt."""
+        async with self.db.execute(
+            "SELECT digest FROM bad_chunks WHERE vault = ?", (vault,)
+        ) as cursor:
+            return [bytes(row["digest"]) for row in await cursor.fetchall()]
+
+    async def add_bad_chunks(
+        self, vault: str, found: dict[bytes, str], now: float, found_by: str
+    ) -> None:
+        """Record chunks found missing or corrupt (one already recorded keeps its record)."""
+        async with self._transaction() as db:
+            await db.executemany(
+                "INSERT OR IGNORE INTO bad_chunks (vault, digest, reason, found_at, found_by)"
+                " VALUES (?, ?, ?, ?, ?)",
+                [(vault, digest, reason, now, found_by) for digest, reason in found.items()],
+            )
+
+    async def remove_bad_chunks(self, vault: str, digests: Sequence[bytes]) -> None:
+        async with self._transaction() as db:
+            await db.executemany(
+                "DELETE FROM bad_chunks WHERE vault = ? AND digest = ?",
+                [(vault, digest) for digest in digests],
+            )
+
+    async def record_verified(
+        self,
+        outcomes: Sequence[tuple[str, Sequence[DamageRecord], str]],
+        now: float,
+        job_id: str,
+    ) -> None:
+        """What a verify found of each recovery point it read: (id, damaged chunks, detail);
+        whole when it has neither. Points deleted meanwhile are left out."""
+        async with self._transaction() as db:
+            for rp_id, damage, detail in outcomes:
+                state = Verification.DAMAGED if damage or detail else Verification.VERIFIED
+                await db.execute(
+                    "INSERT OR REPLACE INTO verifications"
+                    " (recovery_point_id, state, verified_at, changed_at, job_id, detail)"
+                    " SELECT id, ?, ?, ?, ?, ? FROM recovery_points WHERE id = ?",
+                    (state.value, now, now, job_id, detail, rp_id),
+                )
+                await db.execute("DELETE FROM damaged_chunks WHERE recovery_point_id = ?", (rp_id,))
+                await self._insert_damage(db, rp_id, damage)
+
+    async def record_damage(
+        self, damage: dict[str, Sequence[DamageRecord]], now: float, job_id: str
+    ) -> None:
+        """Chunks found bad outside a verify (a failed read) that recovery points need: they
+        are damaged from now, whatever a verify said of them before."""
+        async with self._transaction() as db:
+            for rp_id, chunks in damage.items():
+                await db.execute(
+                    "INSERT INTO verifications"
+                    " (recovery_point_id, state, verified_at, changed_at, job_id)"
+                    " SELECT id, ?, NULL, ?, ? FROM recovery_points WHERE id = ?"
+                    " ON CONFLICT (recovery_point_id) DO UPDATE SET state = excluded.state,"
+                    " changed_at = excluded.changed_at, job_id = excluded.job_id",
+                    (Verification.DAMAGED.value, now, job_id, rp_id),
+                )
+                await self._insert_damage(db, rp_id, chunks)
+
+    @staticmethod
+    async def _insert_damage(
+        db: aiosqlite.Connection, rp_id: str, damage: Sequence[DamageRecord]
+    ) -> None:
+        await db.executemany(
+            "INSERT OR IGNORE INTO damaged_chunks"
+            " (recovery_point_id, digest, disk, chunk, reason)"
+            " SELECT id, ?, ?, ?, ? FROM recovery_points WHERE id = ?",
+            [(d.digest, d.disk, d.chunk, d.reason, rp_id) for d in damage],
+        )
+
+    async def repair_damage(
+        self, vault: str, digests: Sequence[bytes], now: float, job_id: str
+    ) -> list[str]:
+        """Chunks of the vault stored again: the recovery points that needed them no longer
+        do, and those left with no damaged chunk are healed (a verify pending). Their ids."""
+        async with self._transaction() as db:
+            await db.executemany(
+                "DELETE FROM damaged_chunks WHERE digest = ? AND recovery_point_id IN"
+                " (SELECT id FROM recovery_points WHERE vault = ?)",
+                [(digest, vault) for digest in digests],
+            )
+            async with db.execute(
+                "SELECT v.recovery_point_id FROM verifications v"
+                " JOIN recovery_points r ON r.id = v.recovery_point_id"
+                " WHERE r.vault = ? AND v.state = ? AND v.detail = '' AND NOT EXISTS"
+                " (SELECT 1 FROM damaged_chunks d WHERE d.recovery_point_id = v.recovery_point_id)",
+                (vault, Verification.DAMAGED.value),
+            ) as cursor:
+                healed = [row["recovery_point_id"] for row in await cursor.fetchall()]
+            await db.executemany(
+                "UPDATE verifications SET state = ?, changed_at = ?, job_id = ?"
+                " WHERE recovery_point_id = ?",
+                [(Verification.HEALED.value, now, job_id, rp_id) for rp_id in healed],
+            )
+        return healed
+
+    async def verifications(
+        self, rp_ids: Sequence[str], *, damage_shown: int = 5
+    ) -> dict[str, VerificationRecord]:
+        """The integrity of each of `rp_ids` that was ever looked at, with its first few
+        damaged chunks."""
+        found: dict[str, VerificationRecord] = {}
+        for start in range(0, len(rp_ids), _ID_BATCH):
+            batch = list(rp_ids[start : start + _ID_BATCH])
+            marks = ",".join("?" * len(batch))
+            async with self.db.execute(
+                "SELECT v.*, (SELECT count(*) FROM damaged_chunks d"
+                "  WHERE d.recovery_point_id = v.recovery_point_id) AS damaged"
+                f" FROM verifications v WHERE v.recovery_point_id IN ({marks})",
+                batch,
+            ) as cursor:
+                rows = await cursor.fetchall()
+            shown: dict[str, list[DamageRecord]] = {}
+            async with self.db.execute(
+                "SELECT * FROM (SELECT *, row_number() OVER (PARTITION BY recovery_point_id"
+                " ORDER BY disk, chunk) AS n FROM damaged_chunks"
+                f" WHERE recovery_point_id IN ({marks})) WHERE n <= ?"
+                " ORDER BY recovery_point_id, disk, chunk",
+                [*batch, damage_shown],
+            ) as cursor:
+                async for row in cursor:
+                    shown.setdefault(row["recovery_point_id"], []).append(
+                        DamageRecord(row["disk"], row["chunk"], bytes(row["digest"]), row["reason"])
+                    )
+            for row in rows:
+                rp_id = row["recovery_point_id"]
+                found[rp_id] = VerificationRecord(
+                    recovery_point_id=rp_id,
+                    state=Verification(row["state"]),
+                    verified_at=row["verified_at"],
+                    changed_at=row["changed_at"],
+                    job_id=row["job_id"],
+                    detail=row["detail"],
+                    damaged_chunks=row["damaged"],
+                    damage=tuple(shown.get(rp_id, ())),
+                )
+        return found
+
+    async def verification_counts(self, vault: str) -> dict[Verification | None, int]:
+        """The vault's recovery points by integrity state (None: never verified)."""
+        async with self.db.execute(
+            "SELECT v.state AS state, count(*) AS points FROM recovery_points r"
+            " LEFT JOIN verifications v ON v.recovery_point_id = r.id"
+            " WHERE r.vault = ? GROUP BY v.state",
+            (vault,),
+        ) as cursor:
+            return {
+                Verification(row["state"]) if row["state"] else None: row["points"]
+                for row in await cursor.fetchall()
+            }
+
+    async def last_verified_at(self, vault: str) -> float | None:
+        async with self.db.execute(
+            "SELECT max(v.verified_at) AS at FROM verifications v"
+            " JOIN recovery_points r ON r.id = v.recovery_point_id WHERE r.vault = ?",
+            (vault,),
+        ) as cursor:
+            row = await cursor.fetchone()
+        return row["at"] if row is not None else None
+
+    async def points_to_verify(self, vault: str, verified_before: float) -> list[str]:
+        """The vault's recovery points never verified, healed since (a verify pending), or
+        last verified before `verified_before`; oldest first."""
+        async with self.db.execute(
+            "SELECT r.id AS id FROM recovery_points r"
+            " LEFT JOIN verifications v ON v.recovery_point_id = r.id"
+            " WHERE r.vault = ? AND (v.state IS NULL OR v.state = ? OR v.verified_at IS NULL"
+            " OR v.verified_at < ?) ORDER BY r.created_at",
+            (vault, Verification.HEALED.value, verified_before),
+        ) as cursor:
+            return [row["id"] for row in await cursor.fetchall()]
+
+    async def healed_points(self, vault: str) -> list[str]:
+        """The vault's recovery points whose damage was repaired, awaiting a verify."""
+        async with self.db.execute(
+            "SELECT r.id AS id FROM recovery_points r"
+            " JOIN verifications v ON v.recovery_point_id = r.id"
+            " WHERE r.vault = ? AND v.state = ? ORDER BY r.created_at",
+            (vault, Verification.HEALED.value),
+        ) as cursor:
+            return [row["id"] for row in await cursor.fetchall()]

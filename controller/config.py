@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Self
 
-from pydantic import AfterValidator, Field
+from pydantic import AfterValidator, Field, model_validator
 
-from shared.config import Host, ListenAddress, NonEmpty, Port, Section, load
+from controller.datastore.lease import DEFAULT_LEASE_SECONDS
+from controller.datastore.s3 import S3Settings, parse_s3_url
+from shared.config import Host, ListenAddress, NonEmpty, Port, Seconds, Section, checked, load
 from shared.tls import TlsFiles
 
 # Chosen with the benchmark (tests/bench, table in the foundation issue's closing note): on a
@@ -20,12 +22,44 @@ MIN_CHUNK_SIZE = 4 << 10
 MAX_CHUNK_SIZE = 16 << 20
 # Longer than any backup takes between uploading a chunk and committing its recovery point.
 DEFAULT_GC_GRACE_SECONDS = 6 * 3600.0
+MASTER_KEY_NAME = "master.key"
+"""The master key file the controller makes in its state directory when none is configured."""
+PASSPHRASE_VARIABLE = "COFFER_MASTER_PASSPHRASE"
+"""The environment variable a master passphrase is read from when the config names no key."""
+# An S3 lease renews every third of its duration: shorter than this would renew every second.
+MIN_LEASE_SECONDS = 3.0
 
 
 @dataclass(frozen=True)
 class MqttBroker:
     host: str
     port: int
+
+
+@dataclass(frozen=True)
+class DatastoreSettings:
+    """`[datastore]`: where the vaults' datastores live; each vault under its own name there."""
+
+    url: str
+    """An absolute directory, or s3://bucket/prefix."""
+    s3: S3Settings | None = None
+    """How to reach the bucket (unset fields from the environment, AWS_*); None for a directory."""
+    lease_seconds: float = DEFAULT_LEASE_SECONDS
+    """How long the writer lease on an S3 datastore lasts unless renewed (every third of it)."""
+
+    @property
+    def is_s3(self) -> bool:
+        return self.url.startswith("s3://")
+
+
+@dataclass(frozen=True)
+class EncryptionSettings:
+    """`[encryption]`: the master key that wraps every encrypted vault's keys. With neither file
+    named: the passphrase in COFFER_MASTER_PASSPHRASE if set, else `state_dir/master.key`,
+    made on the first start."""
+
+    master_key_file: Path | None = None
+    passphrase_file: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -40,6 +74,20 @@ class ControllerConfig:
     advertise_host: str | None = None
     # Garbage collection never deletes chunks written less than this long ago.
     gc_grace_seconds: float = DEFAULT_GC_GRACE_SECONDS
+    # None: a directory `datastores` in the state directory.
+    datastore: DatastoreSettings | None = None
+    encryption: EncryptionSettings = field(default_factory=EncryptionSettings)
+
+    @property
+    def datastores(self) -> DatastoreSettings:
+        """Where the vaults' datastores live (the configured place, or the default)."""
+        if self.datastore is not None:
+            return self.datastore
+        return DatastoreSettings(str(self.state_dir / "datastores"))
+
+    @property
+    def default_master_key_file(self) -> Path:
+        return self.state_dir / MASTER_KEY_NAME
 
     @property
     def tls(self) -> TlsFiles:
@@ -57,9 +105,6 @@ class ControllerConfig:
     def catalog_path(self) -> Path:
         return self.state_dir / "catalog.sqlite"
 
-    def datastore_path(self, vault: str) -> Path:
-        return self.state_dir / "datastores" / vault
-
     @staticmethod
     def load(path: Path) -> ControllerConfig:
         """The config file at `path`; ConfigInvalid naming every problem in it."""
@@ -71,6 +116,111 @@ class MqttSection(Section):
 
     host: Host
     port: Port
+
+
+def _datastore_url(url: str) -> str:
+    if url.startswith("s3://"):
+        parse_s3_url(url)
+        return url
+    if "://" in url.removeprefix("file://"):
+        raise ValueError(f"{url!r} is neither a directory nor s3://bucket/prefix")
+    return url
+
+
+def _endpoint(url: str) -> str:
+    if not url.startswith(("http://", "https://")) or len(url.split("://", 1)[1]) == 0:
+        raise ValueError(f"{url!r} is not an http:// or https:// URL")
+    return url
+
+
+# Keys that only an s3:// url uses.
+_S3_KEYS = (
+    "endpoint",
+    "region",
+    "access_key_id",
+    "secret_access_key",
+    "session_token",
+    "allow_http",
+    "max_concurrent_requests",
+    "max_attempts",
+    "connect_timeout",
+    "request_timeout",
+    "lease_seconds",
+)
+
+
+class DatastoreSection(Section):
+    """`[datastore]`: where the vaults' datastores live (README "Running it for real")."""
+
+    url: Annotated[str, Field(min_length=1), checked(_datastore_url)] | None = None
+    endpoint: Annotated[str, AfterValidator(_endpoint)] | None = None
+    region: NonEmpty | None = None
+    access_key_id: NonEmpty | None = None
+    secret_access_key: NonEmpty | None = None
+    session_token: NonEmpty | None = None
+    allow_http: bool = False
+    max_concurrent_requests: Annotated[int, Field(ge=1, le=256)] = 16
+    max_attempts: Annotated[int, Field(ge=1, le=20)] = 5
+    connect_timeout: Seconds = 5.0
+    request_timeout: Seconds = 60.0
+    lease_seconds: Annotated[float, Field(ge=MIN_LEASE_SECONDS)] = DEFAULT_LEASE_SECONDS
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Self:
+        if not (self.url or "").startswith("s3://"):
+            given = [key for key in _S3_KEYS if key in self.model_fields_set]
+            if given:
+                raise ValueError(f"{', '.join(given)}: only for an s3:// url")
+            return self
+        if (self.access_key_id is None) != (self.secret_access_key is None):
+            raise ValueError("access_key_id and secret_access_key go together")
+        plain = self.endpoint is not None and self.endpoint.startswith("http://")
+        if plain and not self.allow_http:
+            raise ValueError(
+                f"endpoint {self.endpoint} is plain HTTP: use https, or set allow_http = "
+                "true for a store on this machine or a trusted network"
+            )
+        return self
+
+    def settings(self, base: Path, state_dir: Path) -> DatastoreSettings:
+        url = self.url or str(state_dir / "datastores")
+        if not url.startswith("s3://"):
+            return DatastoreSettings(str(base / url.removeprefix("file://")))
+        return DatastoreSettings(
+            url,
+            S3Settings(
+                endpoint=self.endpoint,
+                region=self.region,
+                access_key_id=self.access_key_id,
+                secret_access_key=self.secret_access_key,
+                session_token=self.session_token,
+                allow_http=self.allow_http,
+                max_concurrent_requests=self.max_concurrent_requests,
+                max_attempts=self.max_attempts,
+                connect_timeout=self.connect_timeout,
+                request_timeout=self.request_timeout,
+            ),
+            self.lease_seconds,
+        )
+
+
+class EncryptionSection(Section):
+    """`[encryption]`: the master key (docs/encryption.md)."""
+
+    master_key_file: NonEmpty | None = None
+    passphrase_file: NonEmpty | None = None
+
+    @model_validator(mode="after")
+    def _one_key(self) -> Self:
+        if self.master_key_file is not None and self.passphrase_file is not None:
+            raise ValueError("a master key file or a passphrase file, not both")
+        return self
+
+    def settings(self, base: Path) -> EncryptionSettings:
+        return EncryptionSettings(
+            master_key_file=base / self.master_key_file if self.master_key_file else None,
+            passphrase_file=base / self.passphrase_file if self.passphrase_file else None,
+        )
 
 
 def _chunk_size(size: int) -> int:
@@ -92,15 +242,20 @@ class ControllerFile(Section):
     mqtt: MqttSection | None = None
     advertise_host: Host | None = None
     gc_grace_seconds: Annotated[float, Field(ge=0)] = DEFAULT_GC_GRACE_SECONDS
+    datastore: DatastoreSection | None = None
+    encryption: EncryptionSection | None = None
 
     def config(self, base: Path) -> ControllerConfig:
         """The controller's config, paths relative to `base` (the file's directory)."""
+        state_dir = base / self.state_dir
         return ControllerConfig(
             listen=self.listen,
-            state_dir=base / self.state_dir,
+            state_dir=state_dir,
             pki_dir=base / self.pki_dir,
             chunk_size=self.chunk_size,
             mqtt=MqttBroker(self.mqtt.host, self.mqtt.port) if self.mqtt is not None else None,
             advertise_host=self.advertise_host,
             gc_grace_seconds=self.gc_grace_seconds,
+            datastore=self.datastore.settings(base, state_dir) if self.datastore else None,
+            encryption=self.encryption.settings(base) if self.encryption else EncryptionSettings(),
         )

@@ -1,65 +1,204 @@
-"""The vaults' datastores, opened once each and shared by every job of that vault."""
+"""The vaults' datastores: where they live, opened once each, shared by every job of a vault.
+
+All datastores live under one root, `[datastore] url` in the controller config: a directory
+(by default `state_dir/datastores`) or `s3://bucket/prefix`. Each vault's datastore is the
+vault's name below it (`<root>/<vault>`), self-describing (its `datastore.json` says its format,
+chunk size and, encrypted, its wrapped keys), so a datastore can be found and read again from
+the root alone.
+
+One writer lease covers the whole root (lease.py): the controller takes it when it starts,
+before it opens or creates any datastore, and holds it for its life (server.py). One lease
+rather than one per vault: a vault made while the controller runs is covered at once, an S3
+store gets one renewal every twenty seconds however many vaults it holds, and a second
+controller given the same root is refused before it touches anything. Two controllers must
+not share a root; two roots must not nest.
+
+The master key (controller/master_key.py) encrypts every new datastore (format 2). A vault
+whose datastore was made without encryption stays format 1 and is read and written as such; the
+catalog records which vaults are encrypted, and such a vault is never opened as a plain one
+(a `datastore.json` replaced by a format-1 one is refused: docs/encryption.md, "Downgrade").
+
+`open_all` opens every vault's datastore when the controller starts, so a wrong or missing
+master key, a missing datastore, refused credentials or a missing bucket stop the start with a
+typed error instead of failing the first backup hours later.
+
+With each datastore go the vault's `ChunkGuard` (what running jobs rely on) and its
+`ChunkHealth` (which chunks are known bad), loaded from the catalog when the datastore is
+opened.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import shutil
 from collections.abc import Callable
 from pathlib import Path
 
-from controller.catalog import Catalog
-from controller.datastore import ChunkGuard, Datastore, LocalDirectoryStore, ObjectStore
-from shared.errors import DatastoreError
+from controller.catalog import Catalog, VaultRecord
+from controller.datastore import (
+    CONFIG_KEY,
+    ChunkGuard,
+    Datastore,
+    MasterKey,
+    ObjectStore,
+    S3Settings,
+    open_object_store,
+)
+from controller.datastore.health import ChunkHealth
+from shared.clock import Clock
+from shared.errors import CorruptData, DatastoreError, DatastoreMissing
+
+log = logging.getLogger(__name__)
+
+
+def vault_location(root: str, vault: str) -> str:
+    """Where a vault's datastore lives under `root` (a directory or an s3:// URL)."""
+    return f"{root.rstrip('/')}/{vault}"
 
 
 class Datastores:
     def __init__(
         self,
         catalog: Catalog,
-        root: Path,
+        root: Path | str,
         *,
-        backend: Callable[[Path], ObjectStore] = LocalDirectoryStore,
+        s3: S3Settings | None = None,
+        master: MasterKey | None = None,
+        clock: Clock | None = None,
+        backend: Callable[[Path], ObjectStore] | None = None,
     ) -> None:
-        """`backend` opens a vault's object store in its directory (tests wrap the local one)."""
+        """Datastores under `root`, a directory or s3://bucket/prefix (with `s3` to reach it).
+
+        New datastores are encrypted with keys `master` wraps; without one they are format 1.
+        `backend` opens a vault's store in its directory instead of the local directory store
+        (tests wrap the local one)."""
         self._catalog = catalog
-        self._root = root
+        self.root = str(root)
+        self._s3 = s3
+        self.master = master
+        self._clock = clock
         self._backend = backend
         self._open: dict[str, Datastore] = {}
         self._guards: dict[str, ChunkGuard] = {}
+        self._health: dict[str, ChunkHealth] = {}
         self._lock = asyncio.Lock()
 
+    @property
+    def is_s3(self) -> bool:
+        return self.root.startswith("s3://")
+
+    def location(self, vault: str) -> str:
+        """Where the vault's datastore lives (a directory, or an s3:// URL)."""
+        return vault_location(self.root, vault)
+
     def path(self, vault: str) -> Path:
-        return self._root / vault
+        """The vault's datastore directory (a local root only)."""
+        assert not self.is_s3, "an S3 datastore has no directory"
+        return Path(self.location(vault))
+
+    def storage(self, vault: str) -> ObjectStore:
+        """The store holding the vault's datastore, as stored (encrypted objects); blocking."""
+        if self._backend is not None and not self.is_s3:
+            return self._backend(self.path(vault))
+        return open_object_store(self.location(vault), self._s3)
+
+    async def open_all(self) -> None:
+        """Open every vault's datastore now (see the module note); the first error raised."""
+        for record in await self._catalog.vaults():
+            await self._get(record.name)
 
     async def get(self, vault: str) -> Datastore:
         """The vault's datastore, created on first use with the vault's chunk size."""
         store = self._open.get(vault)
         if store is not None:
             return store
+        return await self._get(vault)
+
+    async def _get(self, vault: str) -> Datastore:
         async with self._lock:
             if vault not in self._open:
                 record = await self._catalog.vault(vault)
-                backend = self._backend(self.path(vault))
-                self._open[vault] = await asyncio.to_thread(
-                    Datastore.open_or_create, backend, record.chunk_size
-                )
+                points, _ = await self._catalog.recovery_point_totals(vault)
+                # The catalog knows of data there: a missing datastore is one looked for in the
+                # wrong place (a root changed in the config), not a new vault's.
+                known = record.encrypted or points > 0
+                datastore = await asyncio.to_thread(self._open_or_create, record, known)
+                if datastore.encrypted and not record.encrypted:
+                    await self._catalog.set_vault_encrypted(vault)
+                self._health[vault] = ChunkHealth(await self._catalog.bad_chunks(vault))
+                self._open[vault] = datastore
             return self._open[vault]
+
+    def _open_or_create(self, record: VaultRecord, known: bool) -> Datastore:
+        """Blocking: the vault's datastore, opened if it is there, else made (unless `known`:
+        the catalog knows of data in it, so it must be there)."""
+        storage = self.storage(record.name)
+        if storage.has(CONFIG_KEY):
+            datastore = Datastore.open(
+                storage,
+                master=self.master,
+                require_encryption=record.encrypted,
+                clock=self._clock,
+            )
+            if datastore.encrypted and datastore.config.vault != record.name:
+                raise CorruptData(
+                    what=f"datastore at {storage.location}",
+                    detail=f"it belongs to vault {datastore.config.vault!r}, not "
+                    f"{record.name!r}: a datastore is never shared between vaults",
+                )
+            return datastore
+        if known:
+            raise DatastoreMissing(vault=record.name, location=storage.location)
+        datastore = Datastore.create(
+            storage, record.chunk_size, master=self.master, vault=record.name, clock=self._clock
+        )
+        log.info(
+            "vault %s: datastore created at %s (%s)",
+            record.name,
+            storage.location,
+            "encrypted" if datastore.encrypted else "not encrypted: no master key",
+        )
+        return datastore
 
     def guard(self, vault: str) -> ChunkGuard:
         """The digests running jobs of the vault rely on; garbage collection spares them."""
         return self._guards.setdefault(vault, ChunkGuard())
 
+    async def health(self, vault: str) -> ChunkHealth:
+        """The vault's chunks known to be bad (the datastore opened first if need be)."""
+        await self.get(vault)
+        return self._health[vault]
+
     async def destroy(self, vault: str) -> None:
         """Remove an emptied vault's datastore (it holds no recovery point any more)."""
         async with self._lock:
-            self._open.pop(vault, None)
+            datastore = self._open.pop(vault, None)
             self._guards.pop(vault, None)
+            self._health.pop(vault, None)
             try:
-                await asyncio.to_thread(shutil.rmtree, self.path(vault))
+                if self.is_s3:
+                    storage = datastore.storage if datastore else self.storage(vault)
+                    await asyncio.to_thread(_erase, storage)
+                else:
+                    await asyncio.to_thread(shutil.rmtree, self.path(vault))
             except FileNotFoundError:
                 pass
-            except OSError as exc:
+            except (OSError, DatastoreError) as exc:
                 raise DatastoreError(
-                    detail=f"the vault is deleted, but its datastore {self.path(vault)} could "
-                    f"not be removed: {exc}; remove it by hand"
+                    detail=f"the vault is deleted, but its datastore {self.location(vault)} "
+                    f"could not be removed: {exc}; remove it by hand"
                 ) from exc
+
+
+def _erase(storage: ObjectStore) -> None:
+    """Delete every object of a datastore on an object store: `datastore.json` last, so a
+    removal cut short still looks like a datastore and can be found and finished."""
+    for key in storage.list(""):
+        if key != CONFIG_KEY:
+            storage.delete(key, durable=False)
+    storage.sync()
+    storage.delete(CONFIG_KEY)
+
+
+__all__ = ["Datastores", "vault_location"]

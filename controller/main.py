@@ -1,19 +1,31 @@
 """`coffer-controller`: run the controller until SIGINT or SIGTERM, or until a FATAL task fails.
 
-A clean stop exits 0; a controller that cannot start (its state directory or port taken, a bad
-config) or whose FATAL task failed prints the error and exits with its code (non-zero).
+A clean stop exits 0; a controller that cannot start (its state directory, port or datastores
+taken, a bad config, a wrong master key) or whose FATAL task failed prints the error and exits
+with its code (non-zero).
+
+`coffer-controller rotate-master-key --config F --new-key-file K` (or `--new-passphrase-file
+P`), with the controller stopped, re-wraps every encrypted vault's keys under a new master key
+(controller/master_key.py); then name the new key in the config.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import logging
 import signal
 import sys
+from pathlib import Path
 
-from controller.config import ControllerConfig
+from controller.config import ControllerConfig, EncryptionSettings
+from controller.datastore import MasterKey
+from controller.master_key import passphrase_key, read_passphrase, rotate_master_key
 from controller.server import Controller
 from shared.daemon import run_daemon
+from shared.errors import CofferError, InvalidArgument, find_coffer_error
+
+ROTATE = "rotate-master-key"
 
 
 async def serve(config: ControllerConfig) -> None:
@@ -30,8 +42,84 @@ async def serve(config: ControllerConfig) -> None:
             logging.getLogger(__name__).info("shutting down")
 
 
+def rotate(argv: list[str]) -> int:
+    """`coffer-controller rotate-master-key`: the exit code."""
+    parser = argparse.ArgumentParser(
+        prog=f"coffer-controller {ROTATE}",
+        description="Re-wrap every encrypted vault's keys under a new master key, with the "
+        "controller stopped. No backup data is read or rewritten. Afterwards, name the new key "
+        "in the controller config ([encryption]) and export each vault's keys again.",
+    )
+    parser.add_argument("--config", type=Path, required=True, help="the controller's config")
+    new = parser.add_mutually_exclusive_group(required=True)
+    new.add_argument(
+        "--new-key-file",
+        type=Path,
+        help="the new master key file (32 random bytes, mode 0600); made if it does not exist",
+    )
+    new.add_argument(
+        "--new-passphrase-file", type=Path, help="a file holding the new master passphrase"
+    )
+    parser.add_argument("--log-level", default="WARNING")
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    made: list[MasterKey] = []
+
+    def new_key() -> MasterKey:
+        """The new master key: read, or made (only once the controller is known stopped)."""
+        if args.new_passphrase_file is not None:
+            key = passphrase_key(
+                read_passphrase(args.new_passphrase_file), args.new_passphrase_file
+            )
+        elif args.new_key_file.exists() or args.new_key_file.is_symlink():
+            key = MasterKey.from_file(args.new_key_file)
+        else:
+            key = MasterKey.create_file(args.new_key_file)
+            print(f"made a new master key file {args.new_key_file} ({key.describe()})")
+        made.append(key)
+        return key
+
+    try:
+        config = ControllerConfig.load(args.config)
+        if args.new_key_file is not None:
+            path = args.new_key_file.absolute()
+            default = config.encryption == EncryptionSettings()
+            if path == config.encryption.master_key_file or (
+                default and path == config.default_master_key_file
+            ):
+                raise InvalidArgument(detail=f"{path} is the master key already in use")
+        done = asyncio.run(rotate_master_key(config, new_key))
+    except (CofferError, BaseExceptionGroup) as exc:
+        error = find_coffer_error(exc)
+        if error is None:
+            raise
+        print(f"coffer-controller {ROTATE}: {error}", file=sys.stderr)
+        return error.exit_code
+    for vault in done:
+        print(
+            f"vault {vault.vault}: {vault.outcome}"
+            + (f" ({vault.keys} keys)" if vault.keys else "")
+        )
+    if args.new_key_file is not None:
+        where = f'master_key_file = "{args.new_key_file.absolute()}"'
+    else:
+        where = f'passphrase_file = "{args.new_passphrase_file.absolute()}"'
+    print(
+        f"Every encrypted vault is now under the new master key ({made[0].describe()}).\n"
+        f"Before starting the controller, set in its config:\n  [encryption]\n  {where}\n"
+        "Keep the new key offline, and export each vault's keys again "
+        "(`coffer vault key export VAULT`): exports made before are wrapped under the old key."
+    )
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
-    return run_daemon("coffer-controller", __doc__, ControllerConfig.load, serve, argv)
+    args = sys.argv[1:] if argv is None else argv
+    if args and args[0] == ROTATE:
+        return rotate(args[1:])
+    return run_daemon("coffer-controller", __doc__, ControllerConfig.load, serve, args)
 
 
 if __name__ == "__main__":

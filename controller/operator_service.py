@@ -27,14 +27,17 @@ from controller.catalog import (
     PolicyRecord,
     RecoveryPointRecord,
     VaultRecord,
+    VerificationRecord,
 )
 from controller.drills import Drills, schedule_of
 from controller.jobs import JobManager
+from controller.jobs.file_recovery import FileSource
 from controller.protection import Protection, display_name
 from controller.pruning import Pruner
 from controller.registry import AgentRegistry
 from controller.status import StatusMonitor
-from controller.vaults import Vaults, check_limit
+from controller.vaults import Vaults
+from controller.verification import Verifier
 from shared.errors import (
     AmbiguousJobId,
     InvalidArgument,
@@ -82,6 +85,7 @@ class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
         protection: Protection,
         pruner: Pruner,
         *,
+        verifier: Verifier | None = None,
         drills: Drills | None = None,
     ) -> None:
         self._drills_ = drills
@@ -92,6 +96,7 @@ class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
         self._vaults = vaults
         self._protection = protection
         self._pruner = pruner
+        self._verifier = verifier
 
     @property
     def _drills(self) -> Drills:
@@ -201,8 +206,29 @@ class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
             summary=drill.summary,
         )
 
-    @classmethod
-    def _recovery_point(cls, rp: RecoveryPointRecord) -> operator_pb2.RecoveryPoint:
+    @staticmethod
+    def _recovery_point(
+        rp: RecoveryPointRecord, verification: VerificationRecord | None = None
+    ) -> operator_pb2.RecoveryPoint:
+        message = OperatorService._recovery_point_only(rp)
+        if verification is not None:
+            message.verification = verification.state
+            verified_at = _timestamp(verification.verified_at)
+            if verified_at is not None:
+                message.verified_at.CopyFrom(verified_at)
+            message.verify_job_id = verification.job_id
+            message.damaged_chunks = verification.damaged_chunks
+            message.verification_detail = verification.detail
+            message.damage.extend(
+                operator_pb2.DamagedChunk(
+                    disk=d.disk, chunk=d.chunk, digest=d.digest.hex(), reason=d.reason
+                )
+                for d in verification.damage
+            )
+        return message
+
+    @staticmethod
+    def _recovery_point_only(rp: RecoveryPointRecord) -> operator_pb2.RecoveryPoint:
         return operator_pb2.RecoveryPoint(
             id=rp.id,
             vm_id=rp.vm_id,
@@ -222,7 +248,7 @@ class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
             bytes_stored=rp.bytes_stored,
             kept_by=rp.kept_by,
             data_bytes=rp.data_bytes,
-            last_drill=cls._drill(rp.drill),
+            last_drill=OperatorService._drill(rp.drill),
         )
 
     async def ListAgents(
@@ -365,15 +391,67 @@ class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
         if request.vault:
             await self._catalog.vault(request.vault)
         points = await self._catalog.recovery_points(vm_id=vm_id, vault=request.vault)
+        verifications = await self._catalog.verifications([rp.id for rp in points])
         return operator_pb2.ListRecoveryPointsReply(
-            recovery_points=[self._recovery_point(rp) for rp in points]
+            recovery_points=[self._recovery_point(rp, verifications.get(rp.id)) for rp in points]
         )
+
+    # --- file-level recovery ----------------------------------------------------------------
+
+    async def _file_source(self, source: operator_pb2.FileRecoverySource) -> FileSource:
+        vm = (await self._protection.resolve([source.vm_id]))[0]
+        target = vm
+        if source.target_vm_id:
+            target = (await self._protection.resolve([source.target_vm_id]))[0]
+        return FileSource(
+            vm_id=vm.vm_id,
+            recovery_point_id=source.recovery_point_id,
+            disk=source.disk,
+            target_vm=target.vm_id,
+            target_region=target.region,
+        )
+
+    async def ListFiles(
+        self, request: operator_pb2.ListFilesRequest, context: Context
+    ) -> operator_pb2.ListFilesReply:
+        running = await self._jobs.list_files(
+            await self._file_source(request.source), request.path, request.limit, request.after
+        )
+        reply = operator_pb2.ListFilesReply(job=self._job(running.record, await self._names()))
+        if running.listing is not None:
+            reply.path = running.listing.path
+            reply.entries.extend(running.listing.entries)
+            reply.next_after = running.listing.next_after
+        return reply
+
+    async def GetFiles(
+        self, request: operator_pb2.GetFilesRequest, context: Context
+    ) -> operator_pb2.Job:
+        job = await self._jobs.get_files(
+            await self._file_source(request.source), list(request.paths), request.destination
+        )
+        return self._job(job, await self._names())
+
+    async def MountFiles(
+        self, request: operator_pb2.MountFilesRequest, context: Context
+    ) -> operator_pb2.Job:
+        job = await self._jobs.mount_files(
+            await self._file_source(request.source), request.ttl_seconds
+        )
+        return self._job(job, await self._names())
+
+    async def UnmountFiles(
+        self, request: operator_pb2.GetJobRequest, context: Context
+    ) -> operator_pb2.Job:
+        job = await self._jobs.unmount_files(await self._job_id(request.id))
+        return self._job(job, await self._names())
 
     # --- vaults -----------------------------------------------------------------------------
 
     async def _vault(self, vault: VaultRecord) -> operator_pb2.Vault:
         items = await self._catalog.items(vault.name)
         points, _ = await self._catalog.recovery_point_totals(vault.name)
+        storage = await self._vaults.storage(vault.name)
         message = operator_pb2.Vault(
             name=vault.name,
             region=vault.region,
@@ -384,6 +462,12 @@ class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
             protected_items=sum(1 for i in items if ItemState(i.state).protected),
             recovery_points=points,
             stored_bytes=vault.stored_bytes,
+            verify_new=vault.verify_new,
+            reverify_days=vault.reverify_days,
+            datastore=storage.location,
+            datastore_format=storage.format,
+            encryption=storage.encryption,
+            current_data_key=storage.current_data_key,
         )
         if vault.drill is not None:
             schedule = schedule_of(vault.drill)
@@ -425,17 +509,22 @@ class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
         self, request: operator_pb2.UpdateVaultRequest, context: Context
     ) -> operator_pb2.Vault:
         drill = request.drill if request.HasField("drill") else None
-        if not request.max_concurrent_backups and drill is None and not request.clear_drill:
-            # A request that would change nothing is refused: saying nothing about it is how
+        verify_new = request.verify_new if request.HasField("verify_new") else None
+        reverify_days = request.reverify_days if request.HasField("reverify_days") else None
+        verify = verify_new is not None or reverify_days is not None
+        drills = drill is not None or request.clear_drill
+        if not (request.max_concurrent_backups or verify or drills):
+            # A request that would change nothing is refused: saying nothing about that is how
             # `--max-concurrent-backups 0` went unnoticed.
             raise InvalidArgument(
-                detail="nothing to change: give max_concurrent_backups (1 to 64) or drill settings"
+                detail="nothing to change: give max_concurrent_backups (1 to 64), verify_new, "
+                "reverify_days or drill settings"
             )
         vault = await self._catalog.vault(request.name)
-        if request.max_concurrent_backups:
-            check_limit(request.max_concurrent_backups)  # before anything is changed
-        if drill is not None or request.clear_drill:
-            # Checked (and written) first: a refused drill setting changes nothing else.
+        # Every value checked before anything is changed: a refused request changes nothing.
+        self._vaults.check_update(request.max_concurrent_backups, reverify_days=reverify_days)
+        if drills:
+            # Checked (and written) first of the rest: a refused drill setting changes nothing.
             vault = await self._drills.configure(
                 request.name,
                 schedule=drill.schedule if drill else "",
@@ -443,8 +532,13 @@ class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
                 directory=drill.directory if drill else "",
                 clear=request.clear_drill,
             )
-        if request.max_concurrent_backups:
-            vault = await self._vaults.update(request.name, request.max_concurrent_backups)
+        if request.max_concurrent_backups or verify:
+            vault = await self._vaults.update(
+                request.name,
+                request.max_concurrent_backups,
+                verify_new=verify_new,
+                reverify_days=reverify_days,
+            )
             self._jobs.set_limit(vault.name, vault.max_concurrent_backups)
         return await self._vault(vault)
 
@@ -456,6 +550,25 @@ class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
         if self._drills_ is not None:
             self._drills_.vault_deleted(vault.name)
         return operator_pb2.Vault(name=vault.name, region=vault.region)
+
+    async def RotateVaultKey(
+        self, request: operator_pb2.RotateVaultKeyRequest, context: Context
+    ) -> operator_pb2.VaultKeys:
+        keys = await self._vaults.rotate_key(request.vault, request.new_data_key)
+        return operator_pb2.VaultKeys(
+            vault=keys.vault,
+            keys_rewrapped=keys.keys_rewrapped,
+            current_data_key=keys.current_data_key,
+            data_keys=keys.data_keys,
+            master_key=keys.master_key,
+        )
+
+    async def ExportVaultKeys(
+        self, request: operator_pb2.VaultRef, context: Context
+    ) -> operator_pb2.VaultKeyExport:
+        return operator_pb2.VaultKeyExport(
+            vault=request.name, text=await self._vaults.export_keys(request.name)
+        )
 
     async def Dashboard(
         self, request: operator_pb2.VaultRef, context: Context
@@ -474,6 +587,12 @@ class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
             protected_bytes=board.protected_bytes,
             dedup_ratio=board.dedup_ratio,
             recovery_points=board.recovery_points,
+            recovery_points_verified=board.integrity.verified,
+            recovery_points_damaged=board.integrity.damaged,
+            recovery_points_healed=board.integrity.healed,
+            recovery_points_never_verified=board.integrity.never_verified,
+            bad_chunks=board.integrity.bad_chunks,
+            last_verified_at=_timestamp(board.integrity.last_verified_at),
             drills=await self._vm_drills(request.name),
         )
 
@@ -677,3 +796,18 @@ class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
         self, request: operator_pb2.VaultRef, context: Context
     ) -> operator_pb2.Job:
         return self._job(await self._pruner.collect(request.name))
+
+    # --- integrity --------------------------------------------------------------------------
+
+    async def Verify(
+        self, request: operator_pb2.VerifyRequest, context: Context
+    ) -> operator_pb2.Job:
+        if self._verifier is None:
+            raise Unavailable(detail="this controller runs no verify jobs")
+        if not request.vault:
+            raise InvalidArgument(detail="name the vault to verify (`--vault`)")
+        vm_id = (await self._protection.resolve([request.vm]))[0].vm_id if request.vm else ""
+        job = await self._verifier.verify(
+            request.vault, vm_id=vm_id, rp_id=request.recovery_point_id
+        )
+        return self._job(job, await self._names())

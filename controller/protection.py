@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from controller.catalog import AgentRecord, Catalog, ItemRecord, JobRecord
-from controller.jobs import JobManager
+from controller.jobs import BackupEnded, JobManager
 from controller.pruning import Pruner
 from controller.registry import AgentRegistry
 from controller.scheduler import Due, Plan, Scheduler
@@ -107,6 +107,9 @@ class Protection:
         # Changes to one item are made one at a time (read, decide, write): a backup ending
         # and a stop-protection must not write over each other's state.
         self._locks: dict[str, asyncio.Lock] = {}
+        # Called with every backup's final record once its item is updated (and, after a
+        # success, its VM pruned): the verifier starts what the vault's settings ask.
+        self.after_backup: list[BackupEnded] = []
         jobs.on_backup_ended = self._backup_ended
         vaults.on_policy_changed = self._policy_changed
 
@@ -669,6 +672,8 @@ class Protection:
                 )
             except CofferError as exc:
                 log.warning("pruning %s after backup %s failed: %s", item.vm_id, job.id, exc)
+        for listener in self.after_backup:
+            await listener(job)
 
     async def _update_after_backup(self, job: JobRecord) -> ItemRecord | None:
         item = await self._catalog.item(job.vm_id)

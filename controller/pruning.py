@@ -27,6 +27,7 @@ deleted stays deleted; the rest waits for the next run.
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict
 from datetime import UTC, datetime, time
 from functools import partial
@@ -63,6 +64,10 @@ class Pruner:
         self._jobs = jobs
         self._clock = clock
         self._grace = gc_grace_seconds
+        # Run with the vault's name once its daily prune is done and its collection started
+        # (the verifier starts a re-verify of what its `reverify_days` says is due; it runs
+        # beside the collection, which deletes only chunks no recovery point references).
+        self.after_maintenance: list[Callable[[str], Awaitable[None]]] = []
 
     # --- retention --------------------------------------------------------------------------
 
@@ -248,6 +253,8 @@ class Pruner:
         try:
             await self.prune_vault(vault, trigger=Trigger.SCHEDULED)
             await self.collect(vault, trigger=Trigger.SCHEDULED)
+            for step in self.after_maintenance:
+                await step(vault)
         except CofferError as exc:
             log.warning("maintenance of vault %s: %s", vault, exc)
 

@@ -3,7 +3,11 @@
 `Controller` is one async context manager that starts everything in dependency order and
 stops it in reverse. First it takes its state directory (`StateLock`), so a second controller
 given the same `state_dir` refuses to start before it has touched anything there; one given
-the same `listen` fails to bind (port reuse is off) and refuses too. On the way out the gRPC
+the same `listen` fails to bind (port reuse is off) and refuses too. Then it reads its master
+key (controller/master_key.py; made on the first start when none is configured) and takes the
+writer lease of the datastores' root (controller/datastores.py), which a second controller on
+the same datastores is refused with, naming this one; then it opens every vault's datastore,
+so a wrong master key (WrongKey) or unreachable storage stops the start. On the way out the gRPC
 server stops taking calls (with a grace period for calls in flight), agent sessions close
 (their jobs fail with AgentDisconnected and are recorded), the job manager drains, the status
 monitor and the private broker stop, the catalog flushes.
@@ -30,10 +34,17 @@ from controller.agent_service import AgentService
 from controller.broker import PrivateBroker
 from controller.catalog import Catalog
 from controller.config import ControllerConfig
+from controller.datastore import (
+    LeaseHolder,
+    WriterLease,
+    keep_writer_lease,
+    open_object_store,
+)
 from controller.datastores import Datastores
 from controller.drills import Drills
 from controller.interceptors import CallerIdentity, ErrorMapping
 from controller.jobs import JobManager
+from controller.master_key import load_master_key
 from controller.operator_service import OperatorService
 from controller.protection import Protection
 from controller.pruning import Pruner
@@ -41,6 +52,7 @@ from controller.registry import AgentRegistry
 from controller.state_lock import StateLock
 from controller.status import StatusMonitor
 from controller.vaults import Vaults
+from controller.verification import Verifier
 from shared.clock import Clock, SystemClock
 from shared.errors import CofferError, Unavailable
 from shared.rpc import agent_pb2_grpc, operator_pb2_grpc
@@ -52,6 +64,7 @@ from shared.version import coffer_version
 log = logging.getLogger(__name__)
 
 HEARTBEAT_FLUSH_SECONDS = 5.0
+LEASE_TASK = "datastore-lease"
 SHUTDOWN_GRACE_SECONDS = 5.0
 
 
@@ -93,12 +106,24 @@ class Controller:
             # FATAL: a controller whose lock file is gone may soon have a second controller
             # writing beside it; stopping is the only safe answer.
             supervisor.start("state-lock", state_lock.watch, policy=Policy.FATAL)
+            master = await asyncio.to_thread(load_master_key, config)
+            lease = await self._take_writer_lease(stack, supervisor)
 
             # Datastore work: verifying chunks (hashing, decompressing: both free the GIL) and
             # file I/O that mostly waits on the disk, so more threads than cores.
             pool = stack.enter_context(ThreadPoolExecutor(16, thread_name_prefix="datastore"))
             catalog = await stack.enter_async_context(Catalog(config.catalog_path))
-            datastores = Datastores(catalog, config.state_dir / "datastores")
+            where = config.datastores
+            datastores = Datastores(
+                catalog, where.url, s3=where.s3, master=master, clock=self.clock
+            )
+            await datastores.open_all()
+            log.info(
+                "datastores at %s (writer lease held by %s); master key: %s",
+                where.url,
+                lease.holder,
+                master.describe(),
+            )
 
             if config.mqtt is not None:
                 mqtt = (config.mqtt.host, config.mqtt.port)
@@ -124,9 +149,13 @@ class Controller:
             stack.callback(registry.close_all)
             vaults = Vaults(catalog, datastores, self.clock, config.chunk_size)
             pruner = Pruner(catalog, datastores, jobs, self.clock, config.gc_grace_seconds)
-            self.protection = await stack.enter_async_context(
-                Protection(catalog, registry, jobs, vaults, pruner, self.clock, supervisor)
-            )
+            # Verify jobs: by hand, after backups and on the daily maintenance, as each
+            # vault's settings say (controller.verification).
+            verifier = Verifier(catalog, datastores, jobs, jobs.integrity, self.clock)
+            pruner.after_maintenance.append(verifier.reverify)
+            protection = Protection(catalog, registry, jobs, vaults, pruner, self.clock, supervisor)
+            protection.after_backup.append(verifier.after_backup)
+            self.protection = await stack.enter_async_context(protection)
             self.jobs = jobs
             # Restore drills are planned in the protection's schedule (drill:VAULT entries).
             self.drills = Drills(catalog, jobs, self.protection, self.clock)
@@ -150,6 +179,7 @@ class Controller:
                     vaults,
                     self.protection,
                     pruner,
+                    verifier=verifier,
                     drills=self.drills,
                 ),
                 server,
@@ -169,6 +199,34 @@ class Controller:
             # Runs first on the way out: what the stop interrupts is recorded at the next start.
             stack.callback(jobs.stopping)
             yield self
+
+    async def _take_writer_lease(
+        self, stack: contextlib.AsyncExitStack, supervisor: Supervisor
+    ) -> WriterLease:
+        """Take the datastores' writer lease (WriterLeaseHeld, naming the holder, if another
+        controller has it), keep it renewed under `supervisor` and release it on the way out,
+        after everything that writes has stopped."""
+        where = self.config.datastores
+        # The root's own store holds the lease (on S3 the bucket is asked first whether it
+        # exists and these credentials may use it).
+        root = await asyncio.to_thread(open_object_store, where.url, where.s3)
+        holder = LeaseHolder.this_process(self.config.listen)
+        lease = await asyncio.to_thread(
+            root.acquire_writer_lease, holder, duration=where.lease_seconds
+        )
+
+        async def release() -> None:
+            await supervisor.stop(LEASE_TASK)
+            try:
+                await asyncio.to_thread(lease.release)
+            except CofferError as error:  # it expires by itself; the next start takes it over
+                log.warning("could not release the datastores' writer lease: %s", error)
+
+        stack.push_async_callback(release)
+        # FATAL: a controller that cannot prove it holds the lease may be writing beside
+        # another one (garbage collection would delete the other's chunks): it must stop.
+        supervisor.start(LEASE_TASK, partial(keep_writer_lease, lease), policy=Policy.FATAL)
+        return lease
 
     @staticmethod
     async def _flush_heartbeats(catalog: Catalog) -> None:

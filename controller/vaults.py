@@ -8,21 +8,40 @@ stored as their JSON form (`shared.policy.Policy.to_dict`) and validated on ever
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import re
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from controller.catalog import Catalog, PolicyRecord, VaultRecord
 from controller.datastores import Datastores
 from shared.clock import Clock
-from shared.errors import InvalidArgument, PolicyInUse, VaultNotEmpty
-from shared.model import ItemState, JobStatus
+from shared.errors import InvalidArgument, KeyUnavailable, PolicyInUse, VaultNotEmpty
+from shared.model import ItemState, JobStatus, Verification
 from shared.policy import Policy, default_policy
+
+log = logging.getLogger(__name__)
 
 _VAULT_NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
 _REGION = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
 DEFAULT_MAX_CONCURRENT_BACKUPS = 4
+MAX_REVERIFY_DAYS = 3650
 DAY = 86400.0
+
+
+@dataclass(frozen=True)
+class IntegritySummary:
+    """A vault's recovery points by what the last verify (or a failed read since) found."""
+
+    verified: int = 0
+    damaged: int = 0
+    healed: int = 0
+    """Their damaged chunks were stored again; a verify is pending."""
+    never_verified: int = 0
+    bad_chunks: int = 0
+    """Chunks known missing or corrupt, not yet stored again."""
+    last_verified_at: float | None = None
 
 
 @dataclass(frozen=True)
@@ -38,21 +57,41 @@ class Dashboard:
     stored_bytes: int
     protected_bytes: int
     recovery_points: int
+    integrity: IntegritySummary = field(default_factory=IntegritySummary)
 
     @property
     def dedup_ratio(self) -> float:
         return self.protected_bytes / self.stored_bytes if self.stored_bytes else 0.0
 
 
+@dataclass(frozen=True)
+class VaultStorage:
+    """Where a vault's datastore lives and how it is kept."""
+
+    location: str
+    format: int
+    """1: plain objects; 2: encrypted (docs/encryption.md)."""
+    encryption: str
+    current_data_key: int
+    """The data key new objects are encrypted with; 0 when not encrypted."""
+
+
+@dataclass(frozen=True)
+class VaultKeys:
+    """A vault's keys after a rotation (their ids and how they are wrapped, never a key)."""
+
+    vault: str
+    keys_rewrapped: int
+    current_data_key: int
+    data_keys: tuple[int, ...]
+    master_key: str
+    """Which master key wraps them, in words."""
+
+
 def _check_limit(limit: int) -> int:
     if not 1 <= limit <= 64:
         raise InvalidArgument(detail=f"max concurrent backups {limit} must be 1 to 64")
     return limit
-
-
-def check_limit(limit: int) -> int:
-    """`limit` if it can be a vault's concurrent backups; InvalidArgument otherwise."""
-    return _check_limit(limit)
 
 
 class Vaults:
@@ -89,13 +128,45 @@ class Vaults:
             VaultRecord(name, region, self._chunk_size, now, limit),
             PolicyRecord(name, policy.name, policy.to_dict(), now, now),
         )
-        await self._datastores.get(name)  # the datastore exists from the start
+        try:
+            await self._datastores.get(name)  # the datastore exists from the start
+        except BaseException:
+            # A vault without its datastore would stop the next start (every vault's is
+            # opened then): no vault, rather. Whatever of its datastore was written, a vault
+            # made again under the name finds and opens.
+            await self._catalog.delete_vault(name)
+            raise
         return vault
 
-    async def update(self, name: str, max_concurrent_backups: int) -> VaultRecord:
+    @staticmethod
+    def check_update(max_concurrent_backups: int, *, reverify_days: int | None = None) -> None:
+        """InvalidArgument unless `update` would take these values (0 or None: unchanged);
+        a caller changing other settings too checks first, so a refusal changes nothing."""
         if max_concurrent_backups:
-            await self._catalog.set_max_concurrent_backups(
-                name, _check_limit(max_concurrent_backups)
+            _check_limit(max_concurrent_backups)
+        if reverify_days is not None and not 0 <= reverify_days <= MAX_REVERIFY_DAYS:
+            raise InvalidArgument(
+                detail=f"re-verify after {reverify_days} days: give 0 (off) to "
+                f"{MAX_REVERIFY_DAYS} days"
+            )
+
+    async def update(
+        self,
+        name: str,
+        max_concurrent_backups: int,
+        *,
+        verify_new: bool | None = None,
+        reverify_days: int | None = None,
+    ) -> VaultRecord:
+        """Change a vault's settings: 0 or None leaves one unchanged. Every value is checked
+        before any is written."""
+        self.check_update(max_concurrent_backups, reverify_days=reverify_days)
+        await self._catalog.vault(name)
+        if max_concurrent_backups:
+            await self._catalog.set_max_concurrent_backups(name, max_concurrent_backups)
+        if verify_new is not None or reverify_days is not None:
+            await self._catalog.set_verify_settings(
+                name, verify_new=verify_new, reverify_days=reverify_days
             )
         return await self._catalog.vault(name)
 
@@ -125,6 +196,53 @@ class Vaults:
         await self._catalog.delete_vault(name)
         await self._datastores.destroy(name)
         return vault
+
+    # --- the datastore and its keys ---------------------------------------------------------
+
+    async def storage(self, name: str) -> VaultStorage:
+        datastore = await self._datastores.get(name)
+        return VaultStorage(
+            location=self._datastores.location(name),
+            format=datastore.config.format,
+            encryption=datastore.config.encryption,
+            current_data_key=datastore.current_data_key if datastore.encrypted else 0,
+        )
+
+    async def rotate_key(self, name: str, new_data_key: bool) -> VaultKeys:
+        """Re-wrap the vault's keys under the controller's master key (one `datastore.json`
+        written, no data); with `new_data_key`, also start a data key for objects written from
+        now on. Conflict for a vault that is not encrypted (format 1)."""
+        datastore = await self._datastores.get(name)
+        master = self._datastores.master
+        if master is None:
+            raise KeyUnavailable(what=f"vault {name!r}", detail="the controller has no master key")
+
+        def rotate() -> int:
+            if new_data_key:
+                datastore.new_data_key()  # stores every key wrapped anew, the new one with them
+                return len(datastore.data_keys) + 1
+            return datastore.rotate_master_key(master)
+
+        rewrapped = await asyncio.to_thread(rotate)
+        log.info(
+            "vault %s: %d keys re-wrapped under the master key (%s)%s",
+            name,
+            rewrapped,
+            master.describe(),
+            f"; new data key {datastore.current_data_key}" if new_data_key else "",
+        )
+        return VaultKeys(
+            vault=name,
+            keys_rewrapped=rewrapped,
+            current_data_key=datastore.current_data_key,
+            data_keys=datastore.data_keys,
+            master_key=master.describe(),
+        )
+
+    async def export_keys(self, name: str) -> str:
+        """The vault's key export: its wrapped keys and the recovery instructions (no secret)."""
+        datastore = await self._datastores.get(name)
+        return await asyncio.to_thread(datastore.export_keys)
 
     # --- policies ---------------------------------------------------------------------------
 
@@ -170,6 +288,15 @@ class Vaults:
             by_state[item.state] = by_state.get(item.state, 0) + 1
         counts = await self._catalog.job_counts(name, self._clock.now() - DAY)
         points, protected_bytes = await self._catalog.recovery_point_totals(name)
+        states = await self._catalog.verification_counts(name)
+        integrity = IntegritySummary(
+            verified=states.get(Verification.VERIFIED, 0),
+            damaged=states.get(Verification.DAMAGED, 0),
+            healed=states.get(Verification.HEALED, 0),
+            never_verified=states.get(None, 0),
+            bad_chunks=len(await self._datastores.health(name)),
+            last_verified_at=await self._catalog.last_verified_at(name),
+        )
         return Dashboard(
             vault=name,
             protected_items=sum(n for s, n in by_state.items() if ItemState(s).protected),
@@ -183,4 +310,5 @@ class Vaults:
             stored_bytes=vault.stored_bytes,
             protected_bytes=protected_bytes,
             recovery_points=points,
+            integrity=integrity,
         )

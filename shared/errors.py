@@ -253,11 +253,51 @@ class CorruptData(CofferError):
     grpc_status = "DATA_LOSS"
 
 
+class DataCorrupted(CofferError):
+    """Recovery point {recovery_point} disk {disk!r}: chunk {chunk} ({digest}) is damaged in the datastore: {detail}. Run a verify of its vault to find every recovery point that needs it; the next backup that holds the same data stores it again."""
+
+    code = "DataCorrupted"
+    exit_code = 7
+    grpc_status = "DATA_LOSS"
+
+
+class RecoveryPointsDamaged(CofferError):
+    """Verify job {job_id} found {damaged} of {checked} recovery points damaged ({points}): {chunks} missing or corrupt. `coffer rp list` shows which; the next backup of each VM that still holds the data stores those chunks again, and they heal."""
+
+    code = "RecoveryPointsDamaged"
+    exit_code = 7
+    grpc_status = "DATA_LOSS"
+
+
 class UnsupportedFormat(CofferError):
     """{what} has format version {version}; this Coffer reads up to version {supported}. Upgrade Coffer to read it."""
 
     code = "UnsupportedFormat"
     exit_code = 7
+    grpc_status = "FAILED_PRECONDITION"
+
+
+# --- keys of encrypted datastores ------------------------------------------------------------
+#
+# Exit code 6 ("not allowed"), as for a missing or wrong credential: the data is intact and the
+# caller lacks the secret that opens it. 7 ("data integrity") would send an operator to restore
+# from a copy for what a configuration fix cures. They travel as FAILED_PRECONDITION: the
+# controller's configuration, not the operator's certificate, has to change.
+
+
+class WrongKey(CofferError):
+    """{what} is not encrypted under the master key given ({detail}). Configure the key file or passphrase it was created or last rotated with; its key export (`coffer vault key export`) names the master key it needs."""
+
+    code = "WrongKey"
+    exit_code = 6
+    grpc_status = "FAILED_PRECONDITION"
+
+
+class KeyUnavailable(CofferError):
+    """The key for {what} is not available: {detail}"""
+
+    code = "KeyUnavailable"
+    exit_code = 6
     grpc_status = "FAILED_PRECONDITION"
 
 
@@ -314,6 +354,20 @@ class RestoreTargetFailed(CofferError):
     grpc_status = "FAILED_PRECONDITION"
 
 
+class RestoreTargetExists(Conflict):
+    """Restore target {path} already exists; nothing was written. {fix}"""
+
+    code = "UserErrorRestoreTargetExists"
+
+
+class FileRecoveryFailed(CofferError):
+    """Could not open {what} of recovery point {recovery_point} disk {disk!r} for file recovery: {detail}"""
+
+    code = "UserErrorFileRecoveryFailed"
+    exit_code = 3
+    grpc_status = "FAILED_PRECONDITION"
+
+
 class JobCancelled(CofferError):
     """Job {job_id} was cancelled; no recovery point was created."""
 
@@ -361,6 +415,61 @@ class DatastoreError(CofferError):
     code = "DatastoreError"
     retryable = True
     grpc_status = "UNAVAILABLE"
+
+
+class DatastoreMissing(NotFound):
+    """The datastore of vault {vault!r} is not at {location}, though the catalog knows of data in it. Was `[datastore] url` in the controller config changed? Point it back, or move the datastore there (every vault's datastore is the vault's name under the url)."""
+
+    code = "DatastoreMissing"
+
+
+class DatastoreUnavailable(DatastoreError):
+    """Datastore {location} did not answer {operation}: {detail}"""
+
+    code = "DatastoreUnavailable"
+    retryable = True
+    exit_code = 8
+
+
+class DatastoreAccessDenied(PermissionDenied):
+    """Datastore {location} refused {operation}: {detail}. Check the access key id and secret key (controller config or AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY), and that they may read, write, list and delete under the prefix."""
+
+    code = "DatastoreAccessDenied"
+
+
+class DatastoreBucketMissing(CofferError):
+    """Bucket {bucket!r} does not exist at {endpoint}. Create it, or correct the datastore url (s3://bucket/prefix) or endpoint in the controller config."""
+
+    code = "DatastoreBucketMissing"
+    exit_code = 4
+    grpc_status = "FAILED_PRECONDITION"
+
+
+class DatastoreFull(CofferError):
+    """Datastore {location} is full: {detail}. Free space (prune recovery points, then collect garbage) or grow the storage; backups fail until then."""
+
+    code = "DatastoreFull"
+    grpc_status = "RESOURCE_EXHAUSTED"
+
+
+class DatastoreReadOnly(CofferError):
+    """Datastore {location} is read-only: {detail}. Backups and deletions fail until it is writable again; restores still work."""
+
+    code = "DatastoreReadOnly"
+    grpc_status = "FAILED_PRECONDITION"
+
+
+class WriterLeaseHeld(Conflict):
+    """Datastore {location} is in use by another controller: {holder} on host {host} (PID {pid}, {address}) holds its writer lease until {expires}. One controller writes a datastore at a time: stop the other one, or wait until its lease expires if it is gone."""
+
+    code = "DatastoreLeaseHeld"
+
+
+class WriterLeaseLost(CofferError):
+    """This controller lost its writer lease on datastore {location}: {detail}. It must stop writing there; restart it once the other writer is stopped."""
+
+    code = "DatastoreLeaseLost"
+    grpc_status = "FAILED_PRECONDITION"
 
 
 # --- backup policies -----------------------------------------------------------------------
@@ -429,12 +538,6 @@ class UserErrorSnapshotProviderUnsupported(CofferError):
 # Refused restores change nothing. A disk or target that is in use is conflicting state (5):
 # unmount or detach it, then ask again; a configured disk as a new image's target is never
 # allowed (6); a drill that found damaged file systems is a job that failed (3).
-
-
-class RestoreTargetExists(Conflict):
-    """Restore target {path} already exists; give --overwrite to replace it, or choose a path that does not exist."""
-
-    code = "UserErrorRestoreTargetExists"
 
 
 class DiskInUse(Conflict):

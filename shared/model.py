@@ -21,6 +21,8 @@ class Operation(enum.StrEnum):
     DELETE_BACKUP_DATA = "DeleteBackupData"
     PRUNE = "Prune"
     GARBAGE_COLLECTION = "GarbageCollection"
+    VERIFY = "Verify"
+    FILE_RECOVERY = "FileRecovery"  # files of a recovery point listed, copied out or mounted
     RESTORE_DRILL = "RestoreDrill"
 
 
@@ -66,6 +68,14 @@ class ItemState(enum.StrEnum):
             ItemState.PROTECTED,
             ItemState.PROTECTION_ERROR,
         )
+
+
+class Verification(enum.StrEnum):
+    """What the last look at a recovery point's chunks found (no value: never verified)."""
+
+    VERIFIED = "verified"  # a verify read every chunk it references, each whole
+    DAMAGED = "damaged"  # chunks it references are missing or corrupt (or its index is)
+    HEALED = "healed"  # its damaged chunks were stored again since; a verify is pending
 
 
 class Consistency(enum.StrEnum):

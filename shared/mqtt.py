@@ -14,9 +14,11 @@ subclass says goodbye, then the client disconnects. `leave` disconnects without 
 Callers never block and never see an MQTT error: they fill the outbox and `_signal` the task,
 from any thread. Closing (leaving the `async with`) gives the session CLOSE_TIMEOUT to finish,
 then cancels it; the task never outlives the context. What differs between the two sides is
-small and lives in the subclasses: the client id and will, the first words on each connection
-(`_on_connect`: announce presence, or subscribe), incoming messages (`_on_message`) and the
-last words (`_goodbye`).
+small and lives in the subclasses: the protocol version and CONNECT properties, the client id
+and will, the first words on each connection (`_on_connect`: announce presence, or subscribe),
+incoming messages (`_on_message`, which must not raise: a message is untrusted input, and a
+failure there would end the session), housekeeping messages that are sent once and not kept
+over a reconnect (`_chore`), and the last words (`_goodbye`).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from types import TracebackType
 from typing import ClassVar, Final, Self
 
 import aiomqtt
+from paho.mqtt.properties import Properties
 
 from shared.errors import CofferError
 from shared.status import RECONNECT, Outbox, OutgoingMessage
@@ -54,6 +57,10 @@ class MqttConnection(abc.ABC):
 
     # What the connection is to its owner: names its supervisor in the log.
     WHAT: ClassVar[str] = "status connection"
+    # MQTT 3.1.1 unless a side needs 5 (the controller's monitor does: subscription options).
+    PROTOCOL: ClassVar[aiomqtt.ProtocolVersion] = aiomqtt.ProtocolVersion.V311
+    # Housekeeping messages waiting at most (see `_chore`).
+    MAX_CHORES: ClassVar[int] = 4096
 
     def __init__(
         self,
@@ -71,6 +78,7 @@ class MqttConnection(abc.ABC):
         # Log as the subclass's module (agent.status, controller.status): whose connection it is.
         self._log = logging.getLogger(type(self).__module__)
         self._outbox = Outbox(max_pending)
+        self._chores = Outbox(self.MAX_CHORES)
         self._broker: tuple[str, int] | None = None
         self._closing = False
         self._quiet = False  # leaving without last words (`leave`)
@@ -128,10 +136,25 @@ class MqttConnection(abc.ABC):
         self._outbox.put(message)
         self._signal()
 
+    def _chore(self, message: OutgoingMessage) -> None:
+        """Send `message` on this connection if it can, before what the outbox holds.
+
+        For housekeeping that answers what the broker sent on this connection (clearing a
+        retained message): not kept for the next connection, where the same cause arrives
+        again and asks again; bounded apart from the outbox, so it never pushes a caller's
+        message out.
+        """
+        self._chores.put(message)
+        self._signal()
+
     # --- what the subclasses say -------------------------------------------------------------
 
     def _will(self) -> aiomqtt.Will | None:
         """The last will of the next connection (asked at each connect), or None."""
+        return None
+
+    def _connect_properties(self) -> Properties | None:
+        """MQTT 5 CONNECT properties of the next connection (only with PROTOCOL V5), or None."""
         return None
 
     @abc.abstractmethod
@@ -139,8 +162,12 @@ class MqttConnection(abc.ABC):
         """First words on each new connection, before anything queued is sent."""
 
     # Optional hooks: empty by default, not abstract (B027).
-    def _on_message(self, topic: str, payload: object) -> None:  # noqa: B027
-        """One incoming message; must not raise (none arrive without a subscription)."""
+    def _on_message(self, topic: str, payload: object, retain: bool) -> None:  # noqa: B027
+        """One incoming message; must not raise (none arrive without a subscription).
+
+        `retain` is the message's retain flag: set for retained messages replayed on
+        subscribing, and with MQTT 5's retain-as-published option also for live ones.
+        """
 
     async def _goodbye(self, client: aiomqtt.Client) -> None:  # noqa: B027
         """Last words before a clean disconnect (closing, or moving to another broker)."""
@@ -246,7 +273,10 @@ class MqttConnection(abc.ABC):
             will=self._will(),
             keepalive=self._keepalive,
             timeout=OPERATION_TIMEOUT,
+            protocol=self.PROTOCOL,
+            properties=self._connect_properties(),
         )
+        self._chores.take_all()  # asked for by an earlier connection; this one asks anew
         async with client:
             self._connected = True
             self._connections += 1
@@ -266,7 +296,7 @@ class MqttConnection(abc.ABC):
     async def _receive(self, client: aiomqtt.Client) -> None:
         """Hand over incoming messages; raise MqttError when the connection drops."""
         async for message in client.messages:
-            self._on_message(message.topic.value, message.payload)
+            self._on_message(message.topic.value, message.payload, bool(message.retain))
         raise aiomqtt.MqttError("the broker closed the connection")
 
     async def _drain(
@@ -277,6 +307,9 @@ class MqttConnection(abc.ABC):
             self._wake.clear()
             # Decided before taking the batch, so what was queued before closing goes out.
             stopping = self._closing or self._broker != broker
+            chores = self._chores.take_all()
+            for chore in chores:
+                await client.publish(chore.topic, chore.payload, qos=chore.qos, retain=chore.retain)
             batch = self._outbox.take_all()
             await _send(client, batch, self._outbox)
             if stopping:
@@ -284,7 +317,7 @@ class MqttConnection(abc.ABC):
                     await self._goodbye(client)
                 receiver.cancel()
                 return
-            if not batch:
+            if not batch and not chores:
                 await self._wake.wait()
 
 

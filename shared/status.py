@@ -15,6 +15,15 @@ Payloads are UTF-8 JSON objects with `"v": 1` first. Readers ignore fields they 
 field, or ids that do not match its topic is refused with `InvalidArgument`. Timestamps are
 ISO-8601 in UTC with a `Z` suffix.
 
+Every payload a reader gets is untrusted (any agent can publish on its own topics), so the
+decoders here raise nothing but `InvalidArgument`, whatever the bytes: the size is checked
+first (`MAX_PAYLOAD_BYTES`), then how deep arrays and objects nest, by a cheap scan of the
+bytes (`MAX_NESTING`), and only then does `json` parse, since it recurses once per level and
+a few kilobytes of brackets would exhaust Python's stack. Text fields must be printable (no
+control or escape characters, no lone surrogates) and counts must fit in 63 bits: what a
+reader accepts can always be shown, stored and encoded again. `tests/test_status_fuzz.py`
+holds the decoders to this with property-based tests.
+
 The module also holds the delivery rules both publishers share, as pure code: `Outbox`
 (latest message per topic, bounded) and `RECONNECT` (its backoff).
 """
@@ -46,11 +55,21 @@ PRESENCE_FILTER: Final = f"{TOPIC_ROOT}/agents/+/presence"
 PROGRESS_FILTER: Final = f"{TOPIC_ROOT}/agents/+/jobs/+/progress"
 JOB_STATE_FILTER: Final = f"{TOPIC_ROOT}/jobs/+/state"
 
-# Far above any real payload (a few hundred bytes); bounds what a reader will parse.
-MAX_PAYLOAD_BYTES: Final = 16 * 1024
+# What a reader parses at most. The largest valid payload is about 2.4 KiB (a job state with a
+# 256-character operation and error code of 4-byte UTF-8 characters); real ones are a few
+# hundred bytes. The broker refuses bigger packets (controller/broker.py), so this is also
+# what one retained presence can cost it.
+MAX_PAYLOAD_BYTES: Final = 4096
+# How deep arrays and objects may nest in a payload. Coffer's payloads are flat objects (depth
+# 1); the slack is for fields a later version may add, which readers ignore.
+MAX_NESTING: Final = 8
+# Counts (bytes) must fit a signed 64-bit integer: the catalog's and protobuf's.
+MAX_COUNT: Final = (1 << 63) - 1
 
 _JOB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
 _MAX_TEXT = 256
+# The bytes a nesting scan looks at: string delimiters, escapes, and brackets.
+_STRUCTURE = re.compile(rb'[\\"\[\]{}]')
 
 
 # --- topics --------------------------------------------------------------------------------
@@ -143,13 +162,20 @@ def parse_ts(text: str) -> datetime:
         raise InvalidArgument(detail=f"timestamp {text!r} is not ISO-8601") from e
     if ts.tzinfo is None:
         raise InvalidArgument(detail=f"timestamp {text!r} has no UTC offset")
-    return ts.astimezone(UTC)
+    return _in_utc(ts, text)
 
 
 def _utc(ts: object, name: str) -> datetime:
     if not isinstance(ts, datetime) or ts.tzinfo is None:
         raise InvalidArgument(detail=f"{name} must be a timezone-aware datetime, not {ts!r}")
-    return ts.astimezone(UTC)
+    return _in_utc(ts, name)
+
+
+def _in_utc(ts: datetime, what: str) -> datetime:
+    try:
+        return ts.astimezone(UTC)
+    except OverflowError as e:  # e.g. 0001-01-01T00:00+01:00 is before year 1 in UTC
+        raise InvalidArgument(detail=f"timestamp {what!r} is out of range in UTC") from e
 
 
 # --- payload checks ------------------------------------------------------------------------
@@ -158,6 +184,10 @@ def _utc(ts: object, name: str) -> datetime:
 def _text(value: object, name: str) -> str:
     if not isinstance(value, str) or not value or len(value) > _MAX_TEXT:
         raise InvalidArgument(detail=f"{name} must be a string of 1-{_MAX_TEXT} characters")
+    # Control and escape characters would reach an operator's terminal; lone surrogates could
+    # not be encoded again (UTF-8, protobuf). Neither belongs in a status field.
+    if not value.isprintable():
+        raise InvalidArgument(detail=f"{name} holds control or unprintable characters")
     return value
 
 
@@ -167,30 +197,88 @@ def _optional_text(value: object, name: str) -> str | None:
 
 def _count(value: object, name: str) -> int:
     # bool is an int to Python but never a byte count.
-    if type(value) is not int or value < 0:
-        raise InvalidArgument(detail=f"{name} must be a non-negative integer, not {value!r}")
+    if type(value) is not int or not 0 <= value <= MAX_COUNT:
+        raise InvalidArgument(
+            detail=f"{name} must be an integer from 0 to 2^63-1, not {_short(value)}"
+        )
     return value
 
 
 def _rate(value: object, name: str) -> float:
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, int | float)
-        or not math.isfinite(value)
-        or value < 0
-    ):
-        raise InvalidArgument(detail=f"{name} must be a finite non-negative number, not {value!r}")
-    return float(value)
+    problem = f"{name} must be a finite non-negative number, not {_short(value)}"
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise InvalidArgument(detail=problem)
+    try:
+        rate = float(value)
+    except OverflowError as e:  # an integer beyond any float
+        raise InvalidArgument(detail=problem) from e
+    if not math.isfinite(rate) or rate < 0:
+        raise InvalidArgument(detail=problem)
+    return rate
+
+
+def _short(value: object) -> str:
+    """`value` for an error message, cut short: a refused value may be kilobytes long."""
+    text = repr(value) if not isinstance(value, int) or value.bit_length() < 256 else "a huge int"
+    return text if len(text) <= 64 else f"{text[:61]}..."
+
+
+def nesting_depth(payload: bytes) -> int:
+    """How deep JSON arrays and objects nest in `payload` (brackets in strings do not count).
+
+    One pass over the bytes, without parsing: what a reader checks before handing untrusted
+    bytes to `json`, which recurses once per level. Made for well-formed JSON; on anything
+    else the answer is only an upper bound of what a parser would get to, which is all a
+    reader needs.
+    """
+    # Every `[` or `{` opens a level, so few of them bound the depth: the common case.
+    if payload.count(b"[") + payload.count(b"{") <= MAX_NESTING:
+        return payload.count(b"[") + payload.count(b"{")
+    depth = deepest = 0
+    in_string = False
+    escaped = -1  # the position of the character a backslash escapes
+    for match in _STRUCTURE.finditer(payload):
+        at = match.start()
+        if at == escaped:
+            continue
+        char = payload[at : at + 1]
+        if in_string:
+            if char == b"\\":
+                escaped = at + 1
+            elif char == b'"':
+                in_string = False
+        elif char == b'"':
+            in_string = True
+        elif char in (b"[", b"{"):
+            depth += 1
+            deepest = max(deepest, depth)
+        elif char in (b"]", b"}"):
+            depth -= 1
+    return deepest
 
 
 def _decode(payload: bytes, what: str) -> dict[str, Any]:
-    """The JSON object in `payload`, with its schema version checked."""
+    """The JSON object in `payload`, with its schema version checked.
+
+    Size and depth are bounded before `json` sees the bytes (see the module docstring).
+    """
+    if not isinstance(payload, bytes | bytearray):
+        raise InvalidArgument(detail=f"{what} payload is {type(payload).__name__}, not bytes")
     if len(payload) > MAX_PAYLOAD_BYTES:
-        raise InvalidArgument(detail=f"{what} payload of {len(payload)} bytes is too large")
+        raise InvalidArgument(
+            detail=f"{what} payload of {len(payload)} bytes is over {MAX_PAYLOAD_BYTES}"
+        )
+    if (depth := nesting_depth(payload)) > MAX_NESTING:
+        raise InvalidArgument(
+            detail=f"{what} payload nests {depth} levels deep, over {MAX_NESTING}"
+        )
     try:
         document = json.loads(payload)
-    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
-        raise InvalidArgument(detail=f"{what} payload is not JSON: {e}") from e
+    # JSONDecodeError and UnicodeDecodeError are ValueErrors, as is an integer literal of
+    # more than 4300 digits. RecursionError cannot happen below MAX_NESTING; caught all the
+    # same, since this is the one place untrusted bytes are parsed.
+    except (ValueError, RecursionError) as e:
+        raise InvalidArgument(detail=f"{what} payload is not JSON: {_short(str(e))}") from e
     if not isinstance(document, dict):
         raise InvalidArgument(detail=f"{what} payload is not a JSON object")
     version = document.get("v")
@@ -210,7 +298,10 @@ def _field(document: dict[str, Any], name: str, what: str) -> Any:
 
 
 def _encode(document: dict[str, Any]) -> bytes:
-    return json.dumps({"v": SCHEMA_VERSION, **document}, separators=(",", ":")).encode()
+    # UTF-8 rather than \u escapes: 256 characters of any text fit MAX_PAYLOAD_BYTES.
+    return json.dumps(
+        {"v": SCHEMA_VERSION, **document}, separators=(",", ":"), ensure_ascii=False
+    ).encode()
 
 
 # --- payloads ------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ from types import TracebackType
 from typing import Any, Self
 
 from controller.config import DEFAULT_CHUNK_SIZE
+from controller.datastore import Datastore, LocalDirectoryStore, MasterKey
 
 BIN = Path(sys.executable).parent
 
@@ -109,13 +110,20 @@ class Cluster:
     """A controller, its private broker, and agents, all real processes under `root`."""
 
     def __init__(
-        self, root: Path, *, chunk_size: int = DEFAULT_CHUNK_SIZE, mqtt: str | None = None
+        self,
+        root: Path,
+        *,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
+        mqtt: str | None = None,
+        config: str = "",
     ) -> None:
+        """`config`: more of controller.toml (e.g. a [datastore] table), written at its end."""
         self.root = root
         self.pki = root / "pki"
         self.port = free_port()
         self.chunk_size = chunk_size
         self.mqtt = mqtt
+        self.config = config
         self.agents: dict[str, Agent] = {}
         self.controller = Process(
             "controller",
@@ -135,7 +143,7 @@ class Cluster:
         if self.mqtt:
             host, port = self.mqtt.rsplit(":", 1)
             lines += ["[mqtt]", f"host = {_toml(host)}", f"port = {port}"]
-        (self.root / "controller.toml").write_text("\n".join(lines) + "\n")
+        (self.root / "controller.toml").write_text("\n".join(lines) + "\n" + self.config)
         self.start_controller()
         return self
 
@@ -150,7 +158,20 @@ class Cluster:
         self.controller.stop()
 
     def datastore(self, vault: str) -> Path:
+        """A vault's datastore directory (the default, local, datastores)."""
         return self.root / "state" / "datastores" / vault
+
+    @property
+    def master_key_file(self) -> Path:
+        """The master key the controller made on its first start (none configured)."""
+        return self.root / "state" / "master.key"
+
+    def open_datastore(self, vault: str) -> Datastore:
+        """A vault's (default, local) datastore, opened with the controller's master key."""
+        return Datastore.open(
+            LocalDirectoryStore(self.datastore(vault)),
+            master=MasterKey.from_file(self.master_key_file),
+        )
 
     def start_controller(self) -> None:
         self.controller.log.write_text("")

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import os
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import grpc
 import pytest
+from blake3 import blake3
 
-from controller.datastore import Datastore, LocalDirectoryStore
 from shared.blob import Compression
 from shared.digest import chunk_digest
 from shared.errors import ERROR_CODE_METADATA_KEY
@@ -123,9 +124,13 @@ async def test_agent_certificate_cannot_use_the_operator_api(cluster: Cluster) -
     assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
 
 
-async def _backup_command(cluster: Cluster, agent: FakeAgent) -> agent_pb2.ControllerMessage:
+async def _backup_command(
+    cluster: Cluster, agent: FakeAgent, vault: str = ""
+) -> agent_pb2.ControllerMessage:
+    """The backup command the controller sends `agent`, protected in `vault` (by default one
+    named for its region) and asked to back up now."""
     await agent.accepted()
-    await asyncio.to_thread(cluster.protect, agent.vm_id)
+    await asyncio.to_thread(cluster.protect, agent.vm_id, vault)
     started = await asyncio.to_thread(cluster.coffer, "backup-now", agent.vm_id, "--no-wait")
     job = started[0]
     command = await asyncio.wait_for(agent.session.read(), 10)
@@ -164,8 +169,9 @@ async def test_chunk_not_matching_its_digest_is_refused_and_nothing_stored(
             )
         assert refused.value.code() == grpc.StatusCode.DATA_LOSS
         assert error_code(refused.value) == "ChunkDigestMismatch"
-        store = Datastore.open(LocalDirectoryStore(cluster.datastore("lab")))
+        store = cluster.open_datastore("lab")
         assert not store.has_chunk(claimed)
+        assert not store.has_chunk(store.chunk_hash.digest(data))
         assert not store.has_chunk(chunk_digest(data))
 
         # An index naming a chunk that was never stored is refused as well.
@@ -217,3 +223,59 @@ async def test_agent_cannot_touch_another_vms_job(cluster: Cluster) -> None:
         # The owner itself may ask.
         reply = await owner.stub.MissingChunks(request)
         assert list(reply.missing) == [bytes(range(32))]
+
+
+async def _give_up(agent: FakeAgent, command: agent_pb2.ControllerMessage) -> None:
+    """The agent reports its backup failed, so the job ends."""
+    await agent.session.write(
+        agent_pb2.AgentMessage(
+            result=agent_pb2.CommandResult(
+                command_id=command.command_id,
+                job_id=command.backup.job_id,
+                ok=False,
+                error=common_pb2.Error(code="InternalError", message="the test stops here"),
+            )
+        )
+    )
+
+
+async def test_missing_chunks_confirms_only_content_of_the_callers_own_vault(
+    cluster: Cluster,
+) -> None:
+    """Chunk names are keyed per vault, and each vault answers for itself: a VM of another
+    vault cannot learn whether this vault holds a content, under any name it can compute."""
+    data = os.urandom(64 << 10)
+    async with FakeAgent(cluster, "keeper-1") as keeper, FakeAgent(cluster, "prober-1") as prober:
+        kept = await _backup_command(cluster, keeper, vault="lab")
+        probe = await _backup_command(cluster, prober, vault="lab-other")
+        own_key, other_key = kept.backup.chunk_id_key, probe.backup.chunk_id_key
+        assert len(own_key) == len(other_key) == 32
+        assert own_key != other_key
+        name = blake3(data, key=own_key).digest()
+        await keeper.stub.UploadChunks(
+            _uploads(
+                agent_pb2.ChunkUpload(
+                    job_id=kept.backup.job_id,
+                    chunks=[
+                        agent_pb2.Chunk(
+                            digest=name,
+                            compression=Compression.NONE,
+                            raw_size=len(data),
+                            data=data,
+                        )
+                    ],
+                )
+            )
+        )
+        assert cluster.open_datastore("lab").has_chunk(name)
+        names = [name, blake3(data, key=other_key).digest(), chunk_digest(data)]
+        asked = await prober.stub.MissingChunks(
+            agent_pb2.MissingChunksRequest(job_id=probe.backup.job_id, digests=names)
+        )
+        assert list(asked.missing) == names  # none of them: the prober's vault holds none
+        own = await keeper.stub.MissingChunks(
+            agent_pb2.MissingChunksRequest(job_id=kept.backup.job_id, digests=names)
+        )
+        assert list(own.missing) == names[1:]
+        await _give_up(keeper, kept)
+        await _give_up(prober, probe)

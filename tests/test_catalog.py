@@ -188,11 +188,12 @@ async def test_jobs_of_an_older_catalog_get_typed_columns_from_their_details(
 async def test_restores_recorded_before_get_their_target_and_bytes_in_columns(
     tmp_path: Path,
 ) -> None:
-    """A restore of schema 3 kept its source VM and target path in its display details and
-    its bytes written in bytes_read; the migration gives them their columns."""
+    """A restore of schema 5 (the last before the ways back) kept its source VM and target
+    path in its display details and its bytes written in bytes_read; migration 6 gives them
+    their columns."""
     path = tmp_path / "catalog.sqlite"
     db = sqlite3.connect(path)
-    for number, script in enumerate(MIGRATIONS[:3], start=1):
+    for number, script in enumerate(MIGRATIONS[:5], start=1):
         db.executescript(f"BEGIN; {script}; PRAGMA user_version = {number}; COMMIT;")
     details = {"source_vm": "vm-1", "disk": "root", "target_path": "/r/x.img", "warnings": ["w"]}
     db.execute(

@@ -256,7 +256,8 @@ def test_a_failed_job_exits_with_its_errors_exit_code(cluster: Cluster) -> None:
         corrupt = run(cluster, "restore", "app-1", "--rp", rp, "--disk", "root",
                       "--target", str(target))  # fmt: skip
         assert corrupt.returncode == 7, (corrupt.stdout, corrupt.stderr)
-        assert "ChunkDigestMismatch" in corrupt.stdout or "CorruptData" in corrupt.stdout
+        # The agent's check names the damaged chunk (DataCorrupted, with the fix).
+        assert "DataCorrupted" in corrupt.stdout, corrupt.stdout
         assert not target.exists()
     finally:
         victim.write_bytes(kept)

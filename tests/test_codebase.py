@@ -32,6 +32,16 @@ def _readme_block(name: str) -> str:
     return readme.split(f"`{name}`:\n\n```toml\n", 1)[1].split("```", 1)[0]
 
 
+def _readme_blocks(name: str) -> list[str]:
+    """Every example of `name` in the README: the main one, and those introduced by
+    "`name` with ...:" (the controller's with an S3 datastore)."""
+    readme = (ROOT / "README.md").read_text()
+    found = re.findall(rf"`{re.escape(name)}`[^`]*?:\n\n```toml\n(.*?)```", readme, re.DOTALL)
+    assert found
+    assert found[0] == _readme_block(name)
+    return found
+
+
 def _uncommented(block: str) -> str:
     """The block with its commented-out settings (`# key = ...`, `# [table]`) switched on."""
     return re.sub(r"^# (?=[\w\[])", "", block, flags=re.MULTILINE)
@@ -63,12 +73,26 @@ def test_the_readme_config_examples_load(name: str, tmp_path: Path) -> None:
         assert controller.advertise_host == "controller.example.net"
 
 
+def test_the_readme_s3_controller_config_loads(tmp_path: Path) -> None:
+    """The README's controller config for an S3 datastore with a passphrase, as shown and with
+    every setting it shows commented out switched on."""
+    [_, s3] = _readme_blocks("controller.toml")
+    path = tmp_path / "controller.toml"
+    for text in (s3, _uncommented(s3)):
+        path.write_text(text)
+        controller = ControllerConfig.load(path)
+        assert controller.datastores.url == "s3://coffer-backups/eu"
+        assert controller.datastores.s3 is not None
+        assert controller.datastores.s3.region == "eu-central-1"
+        assert controller.encryption.passphrase_file == Path("/etc/coffer/passphrase")
+
+
 @pytest.mark.parametrize(
     ("name", "schema"), [("controller.toml", ControllerFile), ("agent.toml", AgentFile)]
 )
 def test_the_readme_config_examples_show_every_key(name: str, schema: type[Section]) -> None:
-    """Every key the program knows is shown in the README's example (at least in a comment)."""
-    block = _readme_block(name)
+    """Every key the program knows is shown in the README's examples (at least in a comment)."""
+    block = "\n".join(_readme_blocks(name))
     shown = set(re.findall(r"^(?:# )?\[{1,2}([\w.]+)\]{1,2}|^(?:# )?(\w+) =", block, re.M))
     names = {part for table, key in shown for part in (table.split(".") if table else [key])}
     names.add("post_script")  # named in a comment: "and [consistency.post_script]"

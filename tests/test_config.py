@@ -16,7 +16,13 @@ from agent.config import AgentConfig, DiskConfig
 from agent.consistency import ConsistencyPolicy
 from agent.scripts import Script
 from agent.snapshot import DEFAULT_ORDER
-from controller.config import DEFAULT_CHUNK_SIZE, ControllerConfig, MqttBroker
+from controller.config import (
+    DEFAULT_CHUNK_SIZE,
+    ControllerConfig,
+    DatastoreSettings,
+    EncryptionSettings,
+    MqttBroker,
+)
 from shared.address import Address, parse_address, parse_host
 from shared.errors import ConfigInvalid, InvalidArgument
 from tests.cluster import BIN, Cluster
@@ -487,3 +493,118 @@ def test_a_misspelt_region_does_not_reach_the_controller(cluster: Cluster, tmp_p
     assert "Traceback" not in log
     (listed,) = cluster.coffer("agents")
     assert (listed["vm_id"], listed["region"], listed["online"]) == ("web-1", "eu-west", False)
+
+
+# --- the controller's datastores and master key ----------------------------------------------
+
+
+def storage_toml(datastore: str = "", encryption: str | None = None) -> str:
+    text = controller_toml() + f"[datastore]\n{datastore}\n"
+    return text if encryption is None else text + f"[encryption]\n{encryption}\n"
+
+
+S3 = 'url = "s3://coffer-backups/eu"\n'
+
+BAD_STORAGE_CONFIGS = [
+    (
+        storage_toml('url = "http://store.example.net/coffer"'),
+        (
+            "'url' in [datastore]: 'http://store.example.net/coffer' is neither a directory "
+            "nor s3://bucket/prefix",
+        ),
+    ),
+    (
+        storage_toml('url = "s3://Coffer_Backups/eu"'),
+        (
+            "'url' in [datastore]: bucket name 'Coffer_Backups' in 's3://Coffer_Backups/eu' "
+            "must be 3-63 lower-case letters, digits, '.' or '-', starting and ending with a "
+            "letter or digit",
+        ),
+    ),
+    (
+        storage_toml('url = "/srv/coffer"\nendpoint = "https://s3.example.net"\nregion = "x"'),
+        ("[datastore]: endpoint, region: only for an s3:// url",),
+    ),
+    (
+        storage_toml(S3 + 'endpoint = "http://10.0.0.5:8333"'),
+        (
+            "[datastore]: endpoint http://10.0.0.5:8333 is plain HTTP: use https, or set "
+            "allow_http = true for a store on this machine or a trusted network",
+        ),
+    ),
+    (
+        storage_toml(S3 + 'endpoint = "s3.example.net"'),
+        ("'endpoint' in [datastore]: 's3.example.net' is not an http:// or https:// URL",),
+    ),
+    (
+        storage_toml(S3 + 'access_key_id = "AKIA123"'),
+        ("[datastore]: access_key_id and secret_access_key go together",),
+    ),
+    (
+        storage_toml(S3 + "max_concurrent_requests = 0"),
+        ("'max_concurrent_requests' in [datastore] must be at least 1, not 0",),
+    ),
+    (
+        storage_toml(S3 + "lease_seconds = 1"),
+        ("'lease_seconds' in [datastore] must be at least 3, not 1",),
+    ),
+    (
+        storage_toml(S3 + 'secret_key = "x"'),
+        ("unknown key 'secret_key' in [datastore]: did you mean 'secret_access_key'?",),
+    ),
+    (
+        storage_toml(S3, 'master_key_file = "k"\npassphrase_file = "p"'),
+        ("[encryption]: a master key file or a passphrase file, not both",),
+    ),
+    (
+        storage_toml(S3, 'master_key = "k"'),
+        ("unknown key 'master_key' in [encryption]: did you mean 'master_key_file'?",),
+    ),
+]
+
+
+@pytest.mark.parametrize(("text", "problems"), BAD_STORAGE_CONFIGS)
+def test_a_bad_datastore_or_encryption_config_names_its_key(
+    text: str, problems: tuple[str, ...], tmp_path: Path
+) -> None:
+    path = tmp_path / "controller.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigInvalid) as raised:
+        ControllerConfig.load(path)
+    assert raised.value.problems == problems
+
+
+def test_datastore_and_encryption_settings(tmp_path: Path) -> None:
+    path = tmp_path / "controller.toml"
+    path.write_text(controller_toml())
+    config = ControllerConfig.load(path)
+    # The defaults: datastores and the master key in the state directory.
+    assert config.datastores == DatastoreSettings(str(tmp_path.absolute() / "state/datastores"))
+    assert config.encryption == EncryptionSettings()
+    assert config.default_master_key_file == tmp_path.absolute() / "state/master.key"
+    # A relative directory is taken from the config file's directory, as every path.
+    path.write_text(storage_toml('url = "backups"', 'master_key_file = "keys/master.key"'))
+    config = ControllerConfig.load(path)
+    assert config.datastores.url == str(tmp_path.absolute() / "backups")
+    assert config.datastores.s3 is None
+    assert config.encryption.master_key_file == tmp_path.absolute() / "keys/master.key"
+    path.write_text(
+        storage_toml(
+            S3 + 'endpoint = "http://127.0.0.1:8333"\nallow_http = true\nregion = "eu-1"\n'
+            'access_key_id = "AKIA123"\nsecret_access_key = "s3cr3t"\nlease_seconds = 30\n',
+            'passphrase_file = "/etc/coffer/passphrase"',
+        )
+    )
+    config = ControllerConfig.load(path)
+    settings = config.datastores
+    assert settings.url == "s3://coffer-backups/eu"
+    assert settings.lease_seconds == 30
+    assert settings.s3 is not None
+    assert (settings.s3.endpoint, settings.s3.region, settings.s3.allow_http) == (
+        "http://127.0.0.1:8333",
+        "eu-1",
+        True,
+    )
+    assert (settings.s3.access_key_id, settings.s3.secret_access_key) == ("AKIA123", "s3cr3t")
+    assert "s3cr3t" not in repr(config)  # a config may be logged; its secrets are not shown
+    assert config.encryption.passphrase_file == Path("/etc/coffer/passphrase")

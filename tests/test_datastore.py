@@ -1,4 +1,9 @@
-"""The datastore and its backends: one suite run over every ObjectStore, plus fault injection."""
+"""The datastore and its backends: one suite run over every ObjectStore, plus fault injection.
+
+Every test runs on every storage backend; those of the ObjectStore contract also run through
+the encrypting wrapper, and those of the datastore on a plain (format 1) and an encrypted
+(format 2) datastore: the whole API behaves the same whatever is under it.
+"""
 
 from __future__ import annotations
 
@@ -6,11 +11,13 @@ import os
 import resource
 import signal
 import stat
+import subprocess
+import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -19,52 +26,102 @@ import pytest
 from controller.datastore import (
     CONFIG_KEY,
     Datastore,
+    EncryptingStore,
     Fault,
     FaultyStore,
+    Keyring,
+    LeaseHolder,
     LocalDirectoryStore,
+    MasterKey,
     ObjectInfo,
     ObjectStore,
+    WriterLease,
     chunk_key,
     index_key,
     manifest_key,
+    open_object_store,
 )
 from shared.blob import Compression, compress, encode_blob
-from shared.digest import ZERO_DIGEST, chunk_digest
+from shared.digest import ZERO_DIGEST
 from shared.errors import (
     ChunkDigestMismatch,
     ChunkMissing,
     Conflict,
     CorruptData,
     DatastoreError,
+    DatastoreFull,
+    DatastoreReadOnly,
     DiskNotFound,
     InvalidArgument,
     NotFound,
     UnsupportedFormat,
+    WriterLeaseHeld,
 )
 from shared.index import DiskIndex
 from shared.manifest import ManifestDisk, RecoveryPointManifest
+from tests.conftest import TEST_BUCKET
+from tests.seaweed import SeaweedFS
 
 CHUNK = 4096
 
+
 # Every backend the datastore supports. Each entry makes a client on the test's storage; called
 # twice in one test, it must give two clients of the same storage (a restarted controller).
-# Adding a backend is one line here, e.g.
-#   "s3": lambda request, tmp_path: S3Store(request.getfixturevalue("seaweedfs"), tmp_path.name),
+def _s3(request: pytest.FixtureRequest, tmp_path: Path) -> ObjectStore:
+    """What the controller opens for an s3:// URL: S3 on a real SeaweedFS, with retries."""
+    server: SeaweedFS = request.getfixturevalue("seaweedfs")
+    return open_object_store(server.url(TEST_BUCKET, tmp_path.name), server.settings())
+
+
 BACKENDS: dict[str, Callable[[pytest.FixtureRequest, Path], ObjectStore]] = {
     "local": lambda request, tmp_path: LocalDirectoryStore(tmp_path / "store", fsync=True),
     # The fault-injection wrapper, unarmed, must be indistinguishable from what it wraps.
     "faulty-local": lambda request, tmp_path: FaultyStore(
         LocalDirectoryStore(tmp_path / "store", fsync=True)
     ),
+    "s3": _s3,
 }
 
 MakeBackend = Callable[[], ObjectStore]
 
 
+@dataclass
+class Sealing:
+    """Plain or encrypted: how a test's objects and datastores are stored."""
+
+    master: MasterKey | None
+    keyring: Keyring
+    """The keys of a bare EncryptingStore (one without a datastore around it)."""
+
+    def wrap(self, storage: ObjectStore) -> ObjectStore:
+        if self.master is None:
+            return storage
+        return EncryptingStore(storage, self.keyring)
+
+    def create(self, storage: ObjectStore, chunk_size: int = CHUNK) -> Datastore:
+        return Datastore.create(storage, chunk_size, master=self.master, vault="default")
+
+    def open(self, storage: ObjectStore) -> Datastore:
+        return Datastore.open(storage, master=self.master)
+
+
 @pytest.fixture(params=sorted(BACKENDS))
-def make_backend(request: pytest.FixtureRequest, tmp_path: Path) -> MakeBackend:
+def make_storage(request: pytest.FixtureRequest, tmp_path: Path) -> MakeBackend:
+    """Clients of the test's storage, one per call (a restarted controller)."""
     factory = BACKENDS[request.param]
     return lambda: factory(request, tmp_path)
+
+
+@pytest.fixture(params=["plain", "encrypted"])
+def sealing(request: pytest.FixtureRequest) -> Sealing:
+    master = MasterKey.generate() if request.param == "encrypted" else None
+    return Sealing(master, Keyring.generate("default", datetime.now(UTC)))
+
+
+@pytest.fixture
+def make_backend(make_storage: MakeBackend, sealing: Sealing) -> MakeBackend:
+    """The ObjectStore under test: the storage, or the encrypting wrapper over it."""
+    return lambda: sealing.wrap(make_storage())
 
 
 @pytest.fixture
@@ -73,13 +130,19 @@ def backend(make_backend: MakeBackend) -> ObjectStore:
 
 
 @pytest.fixture
-def faulty(backend: ObjectStore) -> FaultyStore:
-    return FaultyStore(backend)
+def storage(make_storage: MakeBackend) -> ObjectStore:
+    """The storage itself, as someone holding it sees it."""
+    return make_storage()
 
 
 @pytest.fixture
-def store(backend: ObjectStore) -> Datastore:
-    return Datastore.create(backend, CHUNK)
+def faulty(storage: ObjectStore) -> FaultyStore:
+    return FaultyStore(storage)
+
+
+@pytest.fixture
+def store(sealing: Sealing, storage: ObjectStore) -> Datastore:
+    return sealing.create(storage)
 
 
 # --- helpers: what a backup does ------------------------------------------------------------
@@ -91,7 +154,7 @@ def chunk_of(seed: int, size: int = CHUNK) -> bytes:
 
 
 def upload(store: Datastore, raw: bytes) -> bytes:
-    digest = chunk_digest(raw)
+    digest = store.chunk_hash.digest(raw)
     compression, payload = compress(raw)
     store.put_chunk(digest, payload, compression, len(raw))
     return digest
@@ -111,7 +174,7 @@ def back_up(
             elif upload_chunks:
                 digests += upload(store, raw)
             else:
-                digests += chunk_digest(raw)
+                digests += store.chunk_hash.digest(raw)
         index = DiskIndex(name, len(image), store.chunk_size, bytes(digests))
         entries.append(ManifestDisk.of(index, store.put_index(rp_id, index)))
     return RecoveryPointManifest(
@@ -258,6 +321,88 @@ def test_concurrent_puts_of_many_keys_all_land(backend: ObjectStore) -> None:
     assert all(backend.get(key) == key.encode() for key in keys)
 
 
+def test_a_listing_continues_after_any_key_it_gave(backend: ObjectStore) -> None:
+    # '-' < '/' < '.' < '0': byte order and a directory walk order these differently; a store
+    # may use either, but `after` must continue its own order.
+    keys = ["a-c", "a.json", "a/b", "a/c/d", "a0", "b/x"]
+    for key in reversed(keys):
+        backend.put(key, b"x")
+    full = list(backend.list(""))
+    assert sorted(full) == keys
+    assert list(backend.list("")) == full  # stable
+    for prefix in ("", "a", "a/"):
+        listed = list(backend.list(prefix))
+        assert listed == [key for key in full if key.startswith(prefix)]
+        for i, key in enumerate(listed):
+            assert list(backend.list(prefix, after=key)) == listed[i + 1 :]
+
+
+def test_the_local_store_lists_in_byte_order(tmp_path: Path) -> None:
+    backend = LocalDirectoryStore(tmp_path / "s")
+    keys = ["a-c", "a.json", "a/b", "a/c/d", "a0", "b/x"]
+    for key in reversed(keys):
+        backend.put(key, b"x")
+    assert list(backend.list("")) == keys
+    assert list(backend.list("a/", after="a-c")) == ["a/b", "a/c/d"]
+
+
+def test_a_listing_of_many_keys_pages_through_all_of_them(backend: ObjectStore) -> None:
+    keys = [f"chunks/{i % 3:02x}/{i:05d}" for i in range(2100)]  # S3 pages hold 1000
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(lambda key: backend.put(key, b""), keys))
+    listed = list(backend.list("chunks/"))
+    assert sorted(listed) == sorted(keys)
+    after = listed[1500]
+    assert list(backend.list("chunks/", after=after)) == listed[1501:]
+
+
+# --- one writer per datastore: the writer lease, for every backend ---------------------------
+
+HOLDER_A = LeaseHolder("a" * 32, "host-a", 1111, "10.0.0.1:7443")
+HOLDER_B = LeaseHolder("b" * 32, "host-b", 2222, "10.0.0.2:7443")
+
+
+def test_a_second_writer_is_refused_naming_the_holder(make_backend: MakeBackend) -> None:
+    first = make_backend().acquire_writer_lease(HOLDER_A)
+    with pytest.raises(
+        WriterLeaseHeld,
+        match=r"in use by another controller: controller aaaaaaaaaaaa on host host-a "
+        r"\(PID 1111, 10\.0\.0\.1:7443\) holds its writer lease until",
+    ) as refused:
+        make_backend().acquire_writer_lease(HOLDER_B)
+    assert refused.value.code == "DatastoreLeaseHeld"
+    first.renew()
+    with pytest.raises(WriterLeaseHeld):
+        make_backend().acquire_writer_lease(HOLDER_B)  # renewing kept it
+    first.release()
+    first.release()  # twice is harmless
+    second = make_backend().acquire_writer_lease(HOLDER_B)  # released: taken at once
+    with pytest.raises(WriterLeaseHeld, match="host-b"):
+        make_backend().acquire_writer_lease(HOLDER_A)
+    second.release()
+    assert list(make_backend().list("")) == []  # the lease is no object of the datastore
+
+
+def test_the_lease_is_taken_by_exactly_one_of_many_racing_writers(
+    make_backend: MakeBackend,
+) -> None:
+    holders = [LeaseHolder(f"{i:032x}", f"host-{i}", i, f"127.0.0.1:{i}") for i in range(8)]
+    start = threading.Barrier(len(holders))
+
+    def take(holder: LeaseHolder) -> WriterLease | None:
+        store = make_backend()
+        start.wait()
+        try:
+            return store.acquire_writer_lease(holder)
+        except WriterLeaseHeld:
+            return None
+
+    with ThreadPoolExecutor(len(holders)) as pool:
+        leases = [lease for lease in pool.map(take, holders) if lease is not None]
+    assert len(leases) == 1
+    leases[0].release()
+
+
 # --- the local directory store in particular -----------------------------------------------
 
 
@@ -304,47 +449,130 @@ def test_local_store_write_error_is_typed_and_leaves_nothing(tmp_path: Path) -> 
     assert sorted(p.name for p in (tmp_path / "s" / "a").iterdir()) == ["b"]
 
 
+@pytest.fixture
+def small_file_system(tmp_path: Path) -> Iterator[Path]:
+    """A real 1 MiB tmpfs, mounted for the test (root) and unmounted by it."""
+    mountpoint = tmp_path / "small"
+    mountpoint.mkdir()
+    subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m,mode=0700", "coffer-test", str(mountpoint)],
+        check=True,
+    )
+    try:
+        yield mountpoint
+    finally:
+        subprocess.run(["umount", "-l", str(mountpoint)], check=True)
+
+
+def test_a_full_local_store_says_so_and_keeps_no_partial_object(small_file_system: Path) -> None:
+    backend = LocalDirectoryStore(small_file_system / "store")
+    backend.put("a/b", b"x")
+    with pytest.raises(DatastoreFull, match="is full: cannot write object 'a/c'") as full:
+        backend.put("a/c", os.urandom(2 << 20))
+    assert full.value.code == "DatastoreFull"
+    assert not full.value.retryable
+    assert list(backend.list("")) == ["a/b"]
+    assert sorted(p.name for p in (small_file_system / "store" / "a").iterdir()) == ["b"]
+    backend.put("a/c", b"small enough")  # space is back: writes work again
+
+
+def test_a_read_only_local_store_refuses_writes_and_serves_reads(
+    small_file_system: Path,
+) -> None:
+    backend = LocalDirectoryStore(small_file_system / "store")
+    backend.put("a/b", b"kept")
+    subprocess.run(["mount", "-o", "remount,ro", str(small_file_system)], check=True)
+    with pytest.raises(DatastoreReadOnly, match="is read-only: cannot write object 'a/c'"):
+        LocalDirectoryStore(small_file_system / "store").put("a/c", b"x")
+    with pytest.raises(DatastoreReadOnly, match="cannot delete object 'a/b'"):
+        backend.delete("a/b")
+    assert backend.get("a/b") == b"kept"
+
+
+_HOLD_LEASE = """
+import sys, time
+from pathlib import Path
+from controller.datastore import LeaseHolder, LocalDirectoryStore
+store = LocalDirectoryStore(Path(sys.argv[1]))
+store.acquire_writer_lease(LeaseHolder("c" * 32, "host-c", 3333, "127.0.0.1:7443"))
+print("held", flush=True)
+time.sleep(60)
+"""
+
+
+@pytest.mark.timeout(60)
+def test_a_local_lease_ends_with_its_process(tmp_path: Path) -> None:
+    """The local lease is a flock: a controller that dies (even by SIGKILL) lets go of it."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _HOLD_LEASE, str(tmp_path / "store")],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(WriterLeaseHeld, match=r"host-c \(PID 3333.*until its process exits"):
+            LocalDirectoryStore(tmp_path / "store").acquire_writer_lease(HOLDER_A)
+    finally:
+        holder.kill()
+        holder.wait(10)
+    lease = LocalDirectoryStore(tmp_path / "store").acquire_writer_lease(HOLDER_A)
+    lease.renew()
+    lease.release()
+
+
 # --- the datastore: creating and opening -----------------------------------------------------
 
 
-def test_create_then_open_gives_the_same_settings(make_backend: MakeBackend) -> None:
-    created = Datastore.create(make_backend(), 1 << 20)
-    opened = Datastore.open(make_backend())
+def test_create_then_open_gives_the_same_settings(
+    make_storage: MakeBackend, sealing: Sealing
+) -> None:
+    created = sealing.create(make_storage(), 1 << 20)
+    opened = sealing.open(make_storage())
     assert opened.chunk_size == created.chunk_size == 1 << 20
-    assert opened.config.hash == "blake3"
+    assert opened.config.hash == ("blake3-keyed" if sealing.master else "blake3")
     assert opened.config.compression == "zstd"
-    assert Datastore.create(make_backend(), 1 << 20).config == created.config
+    assert opened.encrypted == (sealing.master is not None)
+    assert sealing.create(make_storage(), 1 << 20).config == created.config
+    assert opened.chunk_hash == created.chunk_hash
 
 
-def test_create_refuses_to_change_the_chunk_size(backend: ObjectStore) -> None:
-    Datastore.create(backend, 1 << 20)
+def test_create_refuses_to_change_the_chunk_size(storage: ObjectStore, sealing: Sealing) -> None:
+    sealing.create(storage, 1 << 20)
     with pytest.raises(Conflict, match="already exists with chunk size 1048576"):
-        Datastore.open_or_create(backend, 4 << 20)
-    assert Datastore.open(backend).chunk_size == 1 << 20
+        Datastore.open_or_create(storage, 4 << 20, master=sealing.master, vault="default")
+    assert sealing.open(storage).chunk_size == 1 << 20
 
 
-def test_open_of_an_empty_store_is_not_found(backend: ObjectStore) -> None:
+def test_open_of_an_empty_store_is_not_found(storage: ObjectStore) -> None:
     with pytest.raises(NotFound, match="datastore"):
-        Datastore.open(backend)
+        Datastore.open(storage)
 
 
 @pytest.mark.parametrize("size", [0, 1000, 3 << 20, 32 << 20])
-def test_create_refuses_unusable_chunk_sizes(backend: ObjectStore, size: int) -> None:
+def test_create_refuses_unusable_chunk_sizes(
+    storage: ObjectStore, sealing: Sealing, size: int
+) -> None:
     with pytest.raises(InvalidArgument, match="power of two"):
-        Datastore.create(backend, size)
-    assert not backend.has(CONFIG_KEY)
+        sealing.create(storage, size)
+    assert not storage.has(CONFIG_KEY)
 
 
-def test_open_refuses_a_newer_or_foreign_datastore(backend: ObjectStore) -> None:
-    backend.put(CONFIG_KEY, b'{"format": 2, "chunk_size": 4096}')
-    with pytest.raises(UnsupportedFormat, match="version 2"):
-        Datastore.open(backend)
-    backend.put(CONFIG_KEY, b'{"format": 1, "chunk_size": 4096, "hash": "blake3"}')
+def test_open_refuses_a_newer_or_foreign_datastore(storage: ObjectStore) -> None:
+    storage.put(CONFIG_KEY, b'{"format": 3, "chunk_size": 4096}')
+    with pytest.raises(UnsupportedFormat, match="version 3"):
+        Datastore.open(storage)
+    storage.put(CONFIG_KEY, b'{"format": 1, "chunk_size": 4096, "hash": "blake3"}')
     with pytest.raises(UnsupportedFormat, match="blake3"):
-        Datastore.open(backend)
-    backend.put(CONFIG_KEY, b"\x00garbage")
+        Datastore.open(storage)
+    storage.put(
+        CONFIG_KEY, b'{"format": 1, "chunk_size": 4096, "hash": "sha256", "compression": "zstd"}'
+    )
+    with pytest.raises(UnsupportedFormat, match="hash 'sha256'"):
+        Datastore.open(storage)
+    storage.put(CONFIG_KEY, b"\x00garbage")
     with pytest.raises(CorruptData, match="datastore configuration"):
-        Datastore.open(backend)
+        Datastore.open(storage)
 
 
 # --- chunks --------------------------------------------------------------------------------
@@ -352,7 +580,7 @@ def test_open_refuses_a_newer_or_foreign_datastore(backend: ObjectStore) -> None
 
 def test_put_chunk_stores_once_and_reads_back(store: Datastore) -> None:
     raw = chunk_of(7)
-    digest = chunk_digest(raw)
+    digest = store.chunk_hash.digest(raw)
     compression, payload = compress(raw)
     assert compression is Compression.ZSTD
     assert not store.has_chunk(digest)
@@ -367,20 +595,20 @@ def test_put_chunk_stores_once_and_reads_back(store: Datastore) -> None:
 
 def test_uncompressed_and_short_chunks_are_stored(store: Datastore) -> None:
     raw = os.urandom(1000)  # the short last chunk of a disk, incompressible
-    digest = chunk_digest(raw)
+    digest = store.chunk_hash.digest(raw)
     assert store.put_chunk(digest, raw, 1, len(raw)) > 0  # the proto's COMPRESSION_NONE
     assert store.get_chunk_blob(digest) == (Compression.NONE, 1000, raw)
     assert store.read_chunk(digest) == raw
 
 
-def test_digest_mismatch_stores_nothing(store: Datastore, backend: ObjectStore) -> None:
+def test_digest_mismatch_stores_nothing(store: Datastore, storage: ObjectStore) -> None:
     raw = chunk_of(1)
     compression, payload = compress(raw)
-    claimed = chunk_digest(b"something else")
+    claimed = store.chunk_hash.digest(b"something else")
     with pytest.raises(ChunkDigestMismatch, match=f"not to the digest {claimed.hex()}"):
         store.put_chunk(claimed, payload, compression, len(raw))
     assert not store.has_chunk(claimed)
-    assert list(backend.list("chunks/")) == []
+    assert list(storage.list("chunks/")) == []
 
 
 def test_bad_chunk_is_refused_even_when_its_digest_is_stored(store: Datastore) -> None:
@@ -399,22 +627,24 @@ def test_bad_chunk_is_refused_even_when_its_digest_is_stored(store: Datastore) -
     ],
 )
 def test_wrong_raw_size_stores_nothing(
-    store: Datastore, backend: ObjectStore, raw_size: int, error: type[Exception], message: str
+    store: Datastore, storage: ObjectStore, raw_size: int, error: type[Exception], message: str
 ) -> None:
     raw = chunk_of(1)
     compression, payload = compress(raw)
     with pytest.raises(error, match=message):
-        store.put_chunk(chunk_digest(raw), payload, compression, raw_size)
-    assert list(backend.list("chunks/")) == []
+        store.put_chunk(store.chunk_hash.digest(raw), payload, compression, raw_size)
+    assert list(storage.list("chunks/")) == []
 
 
-def test_undecompressable_payload_stores_nothing(store: Datastore, backend: ObjectStore) -> None:
+def test_undecompressable_payload_stores_nothing(store: Datastore, storage: ObjectStore) -> None:
     raw = chunk_of(1)
     with pytest.raises(CorruptData, match="zstd"):
-        store.put_chunk(chunk_digest(raw), b"not zstd at all", Compression.ZSTD, len(raw))
+        store.put_chunk(
+            store.chunk_hash.digest(raw), b"not zstd at all", Compression.ZSTD, len(raw)
+        )
     with pytest.raises(InvalidArgument, match="compression"):
-        store.put_chunk(chunk_digest(raw), raw, 0, len(raw))
-    assert list(backend.list("chunks/")) == []
+        store.put_chunk(store.chunk_hash.digest(raw), raw, 0, len(raw))
+    assert list(storage.list("chunks/")) == []
 
 
 def test_zero_digest_is_present_and_never_stored(store: Datastore) -> None:
@@ -434,31 +664,31 @@ def test_malformed_digest_is_refused(store: Datastore) -> None:
 
 def test_missing_chunks_lists_each_absent_digest_once_in_order(store: Datastore) -> None:
     present = upload(store, chunk_of(1))
-    absent_a, absent_b = chunk_digest(b"a"), chunk_digest(b"b")
+    absent_a, absent_b = store.chunk_hash.digest(b"a"), store.chunk_hash.digest(b"b")
     asked = [absent_b, present, ZERO_DIGEST, absent_a, absent_b]
     assert store.missing_chunks(asked) == [absent_b, absent_a]
 
 
 def test_missing_chunk_is_reported_typed(store: Datastore) -> None:
-    digest = chunk_digest(b"never stored")
+    digest = store.chunk_hash.digest(b"never stored")
     with pytest.raises(ChunkMissing, match=digest.hex()):
         store.get_chunk_blob(digest)
     with pytest.raises(ChunkMissing):
         store.read_chunk(digest)
 
 
-def test_chunks_are_sharded_two_levels_deep(store: Datastore, backend: ObjectStore) -> None:
+def test_chunks_are_sharded_two_levels_deep(store: Datastore, storage: ObjectStore) -> None:
     digest = upload(store, chunk_of(5))
     hex_digest = digest.hex()
-    assert list(backend.list("chunks/")) == [
+    assert list(storage.list("chunks/")) == [
         f"chunks/{hex_digest[:2]}/{hex_digest[2:4]}/{hex_digest}"
     ]
     assert chunk_key(digest) == f"chunks/{hex_digest[:2]}/{hex_digest[2:4]}/{hex_digest}"
 
 
-def test_concurrent_puts_of_the_same_chunk_are_safe(store: Datastore, backend: ObjectStore) -> None:
+def test_concurrent_puts_of_the_same_chunk_are_safe(store: Datastore, storage: ObjectStore) -> None:
     raw = chunk_of(9)
-    digest = chunk_digest(raw)
+    digest = store.chunk_hash.digest(raw)
     compression, payload = compress(raw)
     start = threading.Barrier(8)
 
@@ -470,7 +700,7 @@ def test_concurrent_puts_of_the_same_chunk_are_safe(store: Datastore, backend: O
         written = list(pool.map(put, range(8)))
     assert any(written)
     assert store.read_chunk(digest) == raw
-    assert list(backend.list("chunks/")) == [chunk_key(digest)]
+    assert list(storage.list("chunks/")) == [chunk_key(digest)]
 
 
 def test_concurrent_puts_of_different_chunks_all_land(store: Datastore) -> None:
@@ -484,35 +714,39 @@ def test_concurrent_puts_of_different_chunks_all_land(store: Datastore) -> None:
 # --- recovery points -----------------------------------------------------------------------
 
 
-def test_backup_commit_restore_round_trip(store: Datastore, make_backend: MakeBackend) -> None:
+def test_backup_commit_restore_round_trip(
+    store: Datastore, make_storage: MakeBackend, sealing: Sealing
+) -> None:
     manifest = back_up(store, "rp1", {"root": ROOT_IMAGE, "data": DATA_IMAGE})
     store.put_manifest(manifest)
     assert store.get_manifest("rp1") == manifest
     assert list(store.list_manifests()) == [manifest]
     # A restarted controller finds everything from the store alone.
-    reopened = Datastore.open(make_backend())
+    reopened = sealing.open(make_storage())
     assert list(reopened.list_manifests()) == [manifest]
     assert restore(reopened, "rp1", "root") == ROOT_IMAGE
     assert restore(reopened, "rp1", "data") == DATA_IMAGE
 
 
-def test_zero_chunks_and_repeats_are_not_stored(store: Datastore, backend: ObjectStore) -> None:
+def test_zero_chunks_and_repeats_are_not_stored(store: Datastore, storage: ObjectStore) -> None:
     store.put_manifest(back_up(store, "rp1", {"root": ROOT_IMAGE}))
     # ROOT_IMAGE: chunk 1, zeros, chunk 2, chunk 1 again, a short chunk 3.
-    assert len(list(backend.list("chunks/"))) == 3
+    assert len(list(storage.list("chunks/"))) == 3
     assert store.get_index("rp1", "root").digest_at(1) == ZERO_DIGEST
 
 
-def test_second_backup_shares_unchanged_chunks(store: Datastore, backend: ObjectStore) -> None:
+def test_second_backup_shares_unchanged_chunks(store: Datastore, storage: ObjectStore) -> None:
     store.put_manifest(back_up(store, "rp1", {"root": ROOT_IMAGE}))
-    before = set(backend.list("chunks/"))
+    before = set(storage.list("chunks/"))
     changed = ROOT_IMAGE[:CHUNK] + chunk_of(42) + ROOT_IMAGE[2 * CHUNK :]
     needed = store.missing_chunks(
-        chunk_digest(changed[i : i + CHUNK]) for i in range(0, len(changed), CHUNK)
+        store.chunk_hash.digest(changed[i : i + CHUNK]) for i in range(0, len(changed), CHUNK)
     )
-    assert needed == [chunk_digest(chunk_of(42))]
+    assert needed == [store.chunk_hash.digest(chunk_of(42))]
     store.put_manifest(back_up(store, "rp2", {"root": changed}))
-    assert set(backend.list("chunks/")) - before == {chunk_key(chunk_digest(chunk_of(42)))}
+    assert set(storage.list("chunks/")) - before == {
+        chunk_key(store.chunk_hash.digest(chunk_of(42)))
+    }
     assert restore(store, "rp2", "root") == changed
     assert restore(store, "rp1", "root") == ROOT_IMAGE
 
@@ -571,7 +805,7 @@ def test_commit_is_idempotent_but_not_rewritable(store: Datastore) -> None:
 
 
 def test_index_must_use_the_datastore_chunk_size(store: Datastore) -> None:
-    index = DiskIndex("root", 8192, 8192, chunk_digest(b"x"))
+    index = DiskIndex("root", 8192, 8192, store.chunk_hash.digest(b"x"))
     with pytest.raises(InvalidArgument, match="chunk size 8192"):
         store.put_index("rp1", index)
 
@@ -590,32 +824,34 @@ def test_get_index_of_an_unknown_disk_names_the_known_ones(store: Datastore) -> 
         store.get_index("rp1", "swap")
 
 
-def test_index_replaced_after_commit_is_detected(store: Datastore, backend: ObjectStore) -> None:
+def test_index_replaced_after_commit_is_detected(store: Datastore) -> None:
     store.put_manifest(back_up(store, "rp1", {"root": ROOT_IMAGE}))
-    forged = DiskIndex("root", CHUNK, CHUNK, chunk_digest(chunk_of(1)))
-    backend.put(index_key("rp1", "root"), forged.encode())
+    forged = DiskIndex("root", CHUNK, CHUNK, store.chunk_hash.digest(chunk_of(1)))
+    store.backend.put(index_key("rp1", "root"), forged.encode())
     with pytest.raises(CorruptData, match="not the index its manifest records"):
         store.get_index("rp1", "root")
 
 
 def test_delete_recovery_point_removes_it_and_keeps_chunks(
-    store: Datastore, backend: ObjectStore
+    store: Datastore, storage: ObjectStore
 ) -> None:
     store.put_manifest(back_up(store, "rp1", {"root": ROOT_IMAGE, "data": DATA_IMAGE}))
     store.put_manifest(back_up(store, "rp2", {"root": ROOT_IMAGE}))
-    chunks = set(backend.list("chunks/"))
+    chunks = set(storage.list("chunks/"))
     store.delete_recovery_point("rp1")
     assert [m.id for m in store.list_manifests()] == ["rp2"]
     with pytest.raises(NotFound):
         store.get_manifest("rp1")
-    assert list(backend.list("indexes/rp1/")) == []
-    assert set(backend.list("chunks/")) == chunks  # garbage collection's job
+    assert list(storage.list("indexes/rp1/")) == []
+    assert set(storage.list("chunks/")) == chunks  # garbage collection's job
     assert restore(store, "rp2", "root") == ROOT_IMAGE
     store.delete_recovery_point("rp1")  # again: nothing left to do, no error
 
 
-def test_delete_recovery_point_removes_the_manifest_first(faulty: FaultyStore) -> None:
-    store = Datastore.create(faulty, CHUNK)
+def test_delete_recovery_point_removes_the_manifest_first(
+    faulty: FaultyStore, sealing: Sealing
+) -> None:
+    store = sealing.create(faulty)
     store.put_manifest(back_up(store, "rp1", {"root": ROOT_IMAGE, "data": DATA_IMAGE}))
     chunks = set(faulty.list("chunks/"))
     fault = faulty.fail_deletes("indexes/", skip=1, times=1)
@@ -632,22 +868,20 @@ def test_delete_recovery_point_removes_the_manifest_first(faulty: FaultyStore) -
     assert set(faulty.list("chunks/")) == chunks
 
 
-def test_get_indexes_reads_each_disk_as_the_manifest_records_it(
-    store: Datastore, backend: ObjectStore
-) -> None:
+def test_get_indexes_reads_each_disk_as_the_manifest_records_it(store: Datastore) -> None:
     manifest = back_up(store, "rp1", {"root": ROOT_IMAGE, "data": DATA_IMAGE})
     store.put_manifest(manifest)
     indexes = list(store.get_indexes(manifest))
     assert [i.disk for i in indexes] == ["root", "data"]
     assert indexes == [store.get_index("rp1", "root"), store.get_index("rp1", "data")]
-    forged = DiskIndex("data", CHUNK, CHUNK, chunk_digest(chunk_of(1)))
-    backend.put(index_key("rp1", "data"), forged.encode())
+    forged = DiskIndex("data", CHUNK, CHUNK, store.chunk_hash.digest(chunk_of(1)))
+    store.backend.put(index_key("rp1", "data"), forged.encode())
     with pytest.raises(CorruptData, match="index of disk 'data' of recovery point rp1"):
         list(store.get_indexes(manifest))
 
 
 def test_chunks_are_listed_by_digest_and_foreign_keys_are_skipped(
-    store: Datastore, backend: ObjectStore
+    store: Datastore, storage: ObjectStore
 ) -> None:
     digests = {upload(store, chunk_of(i)) for i in range(5)}
     hex_digest = next(iter(digests)).hex()
@@ -660,7 +894,7 @@ def test_chunks_are_listed_by_digest_and_foreign_keys_are_skipped(
         f"chunks/{hex_digest[:2]}/{hex_digest[2:4]}/x/{hex_digest}",
     ]
     for key in foreign:
-        backend.put(key, b"not a chunk")
+        storage.put(key, b"not a chunk")
     assert sorted(store.list_chunk_digests()) == sorted(digests)
 
 
@@ -680,13 +914,13 @@ def test_chunk_info_and_delete_chunk(store: Datastore) -> None:
 
 
 def test_indexes_are_listed_by_recovery_point_committed_or_not(
-    store: Datastore, backend: ObjectStore
+    store: Datastore, storage: ObjectStore
 ) -> None:
     store.put_manifest(back_up(store, "rp1", {"root": ROOT_IMAGE, "data": DATA_IMAGE}))
     back_up(store, "rp2", {"root": ROOT_IMAGE})  # never committed
-    backend.put("indexes/rp3/notes.txt", b"foreign")
-    backend.put("indexes/stray.didx", b"foreign")
-    backend.put("indexes/-bad/root.didx", b"foreign")
+    storage.put("indexes/rp3/notes.txt", b"foreign")
+    storage.put("indexes/stray.didx", b"foreign")
+    storage.put("indexes/-bad/root.didx", b"foreign")
     listed = {rp: sorted(disks) for rp, disks in store.list_indexes().items()}
     assert listed == {"rp1": ["data", "root"], "rp2": ["root"]}
     info = store.index_info("rp2", "root")
@@ -705,19 +939,19 @@ def test_only_uncommitted_indexes_can_be_deleted_alone(store: Datastore) -> None
     assert set(store.list_indexes()) == {"rp1"}
 
 
-def test_catalog_rebuild_reports_a_damaged_manifest(store: Datastore, backend: ObjectStore) -> None:
+def test_catalog_rebuild_reports_a_damaged_manifest(store: Datastore, storage: ObjectStore) -> None:
     store.put_manifest(back_up(store, "rp1", {"root": ROOT_IMAGE}))
     store.put_manifest(back_up(store, "rp2", {"root": ROOT_IMAGE}))
-    backend.put(manifest_key("rp2"), b'{"format": 1')
+    storage.put(manifest_key("rp2"), b'{"format": 1')
     assert sorted(store.list_recovery_point_ids()) == ["rp1", "rp2"]
     with pytest.raises(CorruptData, match="manifest of recovery point rp2"):
         list(store.list_manifests())
     assert store.get_manifest("rp1").id == "rp1"
 
 
-def test_manifest_under_the_wrong_name_is_corrupt(store: Datastore, backend: ObjectStore) -> None:
+def test_manifest_under_the_wrong_name_is_corrupt(store: Datastore) -> None:
     manifest = back_up(store, "rp1", {"root": ROOT_IMAGE})
-    backend.put(manifest_key("rp9"), manifest.encode())
+    store.backend.put(manifest_key("rp9"), manifest.encode())
     with pytest.raises(CorruptData, match="describes recovery point 'rp1'"):
         store.get_manifest("rp9")
 
@@ -725,24 +959,28 @@ def test_manifest_under_the_wrong_name_is_corrupt(store: Datastore, backend: Obj
 # --- fault injection -----------------------------------------------------------------------
 
 
-def test_failed_chunk_put_leaves_nothing_and_a_retry_stores_it(faulty: FaultyStore) -> None:
-    store = Datastore.create(faulty, CHUNK)
+def test_failed_chunk_put_leaves_nothing_and_a_retry_stores_it(
+    faulty: FaultyStore, sealing: Sealing
+) -> None:
+    store = sealing.create(faulty)
     fault = faulty.fail_put(prefix="chunks/")
     raw = chunk_of(1)
     with pytest.raises(DatastoreError, match="injected fault"):
         upload(store, raw)
     assert fault.fired == 1
-    assert not store.has_chunk(chunk_digest(raw))
+    assert not store.has_chunk(store.chunk_hash.digest(raw))
     assert list(faulty.list("chunks/")) == []
     upload(store, raw)
-    assert store.read_chunk(chunk_digest(raw)) == raw
+    assert store.read_chunk(store.chunk_hash.digest(raw)) == raw
 
 
-def test_chunk_written_but_reported_failed_is_stored_once_on_retry(faulty: FaultyStore) -> None:
-    store = Datastore.create(faulty, CHUNK)
+def test_chunk_written_but_reported_failed_is_stored_once_on_retry(
+    faulty: FaultyStore, sealing: Sealing
+) -> None:
+    store = sealing.create(faulty)
     faulty.fail_put(prefix="chunks/", after_write=True)  # the reply was lost
     raw = chunk_of(1)
-    digest = chunk_digest(raw)
+    digest = store.chunk_hash.digest(raw)
     compression, payload = compress(raw)
     with pytest.raises(DatastoreError):
         store.put_chunk(digest, payload, compression, len(raw))
@@ -750,8 +988,8 @@ def test_chunk_written_but_reported_failed_is_stored_once_on_retry(faulty: Fault
     assert store.read_chunk(digest) == raw
 
 
-def test_backup_with_a_failed_chunk_cannot_commit(faulty: FaultyStore) -> None:
-    store = Datastore.create(faulty, CHUNK)
+def test_backup_with_a_failed_chunk_cannot_commit(faulty: FaultyStore, sealing: Sealing) -> None:
+    store = sealing.create(faulty)
     faulty.fail_put(2, prefix="chunks/")
     with pytest.raises(DatastoreError):
         back_up(store, "rp1", {"root": ROOT_IMAGE})
@@ -763,8 +1001,10 @@ def test_backup_with_a_failed_chunk_cannot_commit(faulty: FaultyStore) -> None:
     assert list(store.list_manifests()) == []
 
 
-def test_failed_manifest_put_leaves_no_recovery_point(faulty: FaultyStore) -> None:
-    store = Datastore.create(faulty, CHUNK)
+def test_failed_manifest_put_leaves_no_recovery_point(
+    faulty: FaultyStore, sealing: Sealing
+) -> None:
+    store = sealing.create(faulty)
     manifest = back_up(store, "rp1", {"root": ROOT_IMAGE})
     faulty.fail_put(prefix="manifests/")
     with pytest.raises(DatastoreError):
@@ -775,8 +1015,8 @@ def test_failed_manifest_put_leaves_no_recovery_point(faulty: FaultyStore) -> No
     assert restore(store, "rp1", "root") == ROOT_IMAGE
 
 
-def test_torn_index_write_prevents_the_commit(faulty: FaultyStore) -> None:
-    store = Datastore.create(faulty, CHUNK)
+def test_torn_index_write_prevents_the_commit(faulty: FaultyStore, sealing: Sealing) -> None:
+    store = sealing.create(faulty)
     faulty.truncate_puts("indexes/", keep=50)
     manifest = back_up(store, "rp1", {"root": ROOT_IMAGE})
     with pytest.raises(Conflict, match="not the one manifest rp1 records"):
@@ -786,8 +1026,8 @@ def test_torn_index_write_prevents_the_commit(faulty: FaultyStore) -> None:
         store.get_index("rp1", "root", verify=False)
 
 
-def test_rotten_chunk_is_detected_on_read(faulty: FaultyStore) -> None:
-    store = Datastore.create(faulty, CHUNK)
+def test_rotten_chunk_is_detected_on_read(faulty: FaultyStore, sealing: Sealing) -> None:
+    store = sealing.create(faulty)
     faulty.corrupt_puts("chunks/")
     raw = os.urandom(CHUNK)  # stored uncompressed: only the digest check can notice
     digest = upload(store, raw)
@@ -795,16 +1035,18 @@ def test_rotten_chunk_is_detected_on_read(faulty: FaultyStore) -> None:
         store.read_chunk(digest)
 
 
-def test_truncated_chunk_is_detected_on_read(faulty: FaultyStore) -> None:
-    store = Datastore.create(faulty, CHUNK)
+def test_truncated_chunk_is_detected_on_read(faulty: FaultyStore, sealing: Sealing) -> None:
+    store = sealing.create(faulty)
     faulty.truncate_puts("chunks/", keep=30)
     digest = upload(store, chunk_of(3))
     with pytest.raises(CorruptData, match=f"chunk {digest.hex()}"):
         store.read_chunk(digest)
 
 
-def test_failed_delete_keeps_the_recovery_point_whole(faulty: FaultyStore) -> None:
-    store = Datastore.create(faulty, CHUNK)
+def test_failed_delete_keeps_the_recovery_point_whole(
+    faulty: FaultyStore, sealing: Sealing
+) -> None:
+    store = sealing.create(faulty)
     store.put_manifest(back_up(store, "rp1", {"root": ROOT_IMAGE}))
     faulty.inject(Fault("delete", "manifests/"))
     with pytest.raises(DatastoreError):

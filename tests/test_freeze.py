@@ -19,6 +19,7 @@ from agent.freeze import (
     MountFreeze,
     disk_devices,
     freeze_fd,
+    loop_devices_of,
     mounts,
     mounts_on_disk,
     open_mount,
@@ -101,6 +102,35 @@ def test_an_image_that_is_not_attached_has_no_mounts(tmp_path: Path) -> None:
     image.write_bytes(bytes(4096))
     assert disk_devices(image) == set()
     assert mounts_on_disk(image) == []
+
+
+def test_a_loop_device_whose_path_leads_nowhere_is_found_by_identity(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    image = tmp_path / "disk.img"
+    image.write_bytes(bytes(1 << 20))
+    device = subprocess.run(
+        ["losetup", "--find", "--show", str(image)], check=True, capture_output=True, text=True
+    ).stdout.strip()
+    try:
+        # The file stays, under another name; the name the device was bound by leads nowhere
+        # (sysfs says "disk.img (deleted)"), as from another mount namespace.
+        moved = tmp_path / "alias.img"
+        os.link(image, moved)
+        image.unlink()
+        found = loop_devices_of(moved)
+        assert (os.major(os.stat(device).st_rdev), os.minor(os.stat(device).st_rdev)) in found
+        # A loop device the kernel does not answer for (wedged on a dead file system) is given
+        # up after the timeout, not waited for: the agent goes on.
+        wedged = threading.Event()
+        monkeypatch.setattr(agent.freeze, "_loop_backing", lambda _: wedged.wait() and None)
+        monkeypatch.setattr(agent.freeze, "LOOP_STATUS_TIMEOUT", 0.2)
+        started = time.monotonic()
+        assert loop_devices_of(moved) == []
+        assert time.monotonic() - started < 5
+        wedged.set()
+    finally:
+        subprocess.run(["losetup", "--detach", device], check=False)
 
 
 def test_freeze_blocks_a_writer_until_thaw(fs: LoopFs, writers: Writers) -> None:

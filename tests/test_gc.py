@@ -1,7 +1,7 @@
 """Garbage collection of a datastore: what it deletes, what it keeps, that it is safe beside
 running backups, that it syncs once per batch, and that it (and pruning) stops when cancelled
-or when the controller stops. Real datastores in a temporary directory; faults and slow disks
-by wrappers around the real local store."""
+or when the controller stops. Real datastores (a temporary directory, and S3 on a real
+SeaweedFS); faults and slow disks by wrappers around the real stores."""
 
 from __future__ import annotations
 
@@ -22,16 +22,20 @@ from controller.datastore import (
     FaultyStore,
     GcReport,
     LocalDirectoryStore,
+    MasterKey,
     ObjectInfo,
     ObjectStore,
     collect_garbage,
     index_key,
     manifest_key,
+    open_object_store,
 )
 from shared.clock import ManualClock
 from shared.digest import ZERO_DIGEST, chunk_digest
 from shared.errors import CorruptData, DatastoreError, Unavailable, UnsupportedFormat
 from shared.index import DiskIndex
+from tests.conftest import TEST_BUCKET
+from tests.seaweed import SeaweedFS
 from tests.test_datastore import CHUNK, back_up, chunk_of, restore, upload
 from tests.test_protection import (
     DAY,
@@ -49,14 +53,36 @@ NO_GRACE = 3600.0
 """Added to now: a cutoff in the future, so every unreferenced chunk is old enough."""
 
 
+# Each backend, and how finely it stamps write times: GC reads an object's age from them.
+BACKENDS = ["local", "s3"]
+TICK = {"local": 0.02, "s3": 1.0}  # S3's Last-Modified has whole seconds
+
+
+@pytest.fixture(params=BACKENDS)
+def backend_name(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
 @pytest.fixture
-def backend(tmp_path: Path) -> LocalDirectoryStore:
+def backend(backend_name: str, request: pytest.FixtureRequest, tmp_path: Path) -> ObjectStore:
+    if backend_name == "s3":
+        server: SeaweedFS = request.getfixturevalue("seaweedfs")
+        return open_object_store(server.url(TEST_BUCKET, tmp_path.name), server.settings())
     return LocalDirectoryStore(tmp_path / "store")
 
 
 @pytest.fixture
-def store(backend: ObjectStore) -> Datastore:
-    return Datastore.create(backend, CHUNK)
+def tick(backend_name: str) -> float:
+    return TICK[backend_name]
+
+
+@pytest.fixture(params=["plain", "encrypted"])
+def store(request: pytest.FixtureRequest, backend: ObjectStore) -> Datastore:
+    """A format-1 datastore, and an encrypted one: sizes, names and ages come through the
+    encrypting wrapper there."""
+    if request.param == "plain":
+        return Datastore.create(backend, CHUNK)
+    return Datastore.create(backend, CHUNK, master=MasterKey.generate(), vault="default")
 
 
 @pytest.fixture
@@ -69,8 +95,8 @@ def image(*seeds: int) -> bytes:
     return b"".join(chunk_of(seed) if seed else bytes(CHUNK) for seed in seeds)
 
 
-def digests(*seeds: int) -> set[bytes]:
-    return {chunk_digest(chunk_of(seed)) for seed in seeds}
+def digests(store: Datastore, *seeds: int) -> set[bytes]:
+    return {store.chunk_hash.digest(chunk_of(seed)) for seed in seeds}
 
 
 def stored(store: Datastore) -> set[bytes]:
@@ -83,9 +109,9 @@ def gc(store: Datastore, guard: ChunkGuard, *, cutoff: float | None = None) -> G
     )
 
 
-def later_than(store: Datastore, digest: bytes) -> None:
-    """Wait until a write now is stamped later than `digest`'s chunk (file times are coarse)."""
-    while time.time() <= store.chunk_info(digest).modified + 0.02:
+def later_than(store: Datastore, digest: bytes, tick: float) -> None:
+    """Wait until a write now is stamped later than `digest`'s chunk (stamps are coarse)."""
+    while time.time() <= store.chunk_info(digest).modified + tick:
         time.sleep(0.01)
 
 
@@ -99,8 +125,8 @@ def test_deleting_a_recovery_point_frees_exactly_the_chunks_only_it_used(
     rp2 = {"root": image(1, 2, 5, 6), "data": image(7, 8)}
     store.put_manifest(back_up(store, "rp1", rp1))
     store.put_manifest(back_up(store, "rp2", rp2))
-    assert stored(store) == digests(1, 2, 3, 4, 5, 6, 7, 8)
-    only_rp1 = digests(3, 4)
+    assert stored(store) == digests(store, 1, 2, 3, 4, 5, 6, 7, 8)
+    only_rp1 = digests(store, 3, 4)
     freed = sum(store.chunk_info(d).size for d in only_rp1)
 
     store.delete_recovery_point("rp1")
@@ -112,7 +138,7 @@ def test_deleting_a_recovery_point_frees_exactly_the_chunks_only_it_used(
         progress=lambda phase, done, total: calls.append((phase, done, total)),
     )
 
-    assert stored(store) == digests(1, 2, 5, 6, 7, 8)
+    assert stored(store) == digests(store, 1, 2, 5, 6, 7, 8)
     assert report == GcReport(
         recovery_points=1,
         referenced_chunks=6,
@@ -139,11 +165,11 @@ def test_an_empty_datastore_collects_nothing(store: Datastore, guard: ChunkGuard
 
 
 def test_chunks_younger_than_the_cutoff_wait_for_a_later_collection(
-    store: Datastore, guard: ChunkGuard
+    store: Datastore, guard: ChunkGuard, tick: float
 ) -> None:
     store.put_manifest(back_up(store, "rp1", {"root": image(1)}))
     first = upload(store, chunk_of(2))  # uploaded by a backup that failed, say
-    later_than(store, first)
+    later_than(store, first, tick)
     second = upload(store, chunk_of(3))
     first_at, second_at = store.chunk_info(first).modified, store.chunk_info(second).modified
     assert first_at < second_at
@@ -151,15 +177,15 @@ def test_chunks_younger_than_the_cutoff_wait_for_a_later_collection(
     # An hour of grace: both are too young.
     report = gc(store, guard, cutoff=time.time() - 3600)
     assert (report.kept_in_grace, report.chunks_deleted) == (2, 0)
-    assert stored(store) == digests(1, 2, 3)
+    assert stored(store) == digests(store, 1, 2, 3)
     # The cutoff between the two: the older goes.
     report = gc(store, guard, cutoff=(first_at + second_at) / 2)
     assert (report.kept_in_grace, report.chunks_deleted) == (1, 1)
-    assert stored(store) == digests(1, 3)
+    assert stored(store) == digests(store, 1, 3)
     # Later still: the younger goes too; the referenced chunk never does.
     report = gc(store, guard)
     assert (report.kept_in_grace, report.chunks_deleted) == (0, 1)
-    assert stored(store) == digests(1)
+    assert stored(store) == digests(store, 1)
     assert restore(store, "rp1", "root") == image(1)
 
 
@@ -258,11 +284,11 @@ def test_a_sweep_handle_cannot_delete_after_its_collection(guard: ChunkGuard) ->
 
 @pytest.mark.timeout(60)
 def test_backups_following_the_guard_protocol_never_lose_a_chunk_to_gc(
-    store: Datastore, guard: ChunkGuard
+    store: Datastore, guard: ChunkGuard, tick: float
 ) -> None:
     """Backups dedup against old, unreferenced chunks while collections run back to back: every
     recovery point that committed must restore whole."""
-    grace = 2.0  # longer than any backup here; it protects their indexes, not their chunks
+    grace = 2.0 + tick  # longer than any backup here; it protects their indexes, not chunks
     pool_seeds = list(range(1, 41))
     for seed in pool_seeds:
         upload(store, chunk_of(seed))  # left by failed backups: garbage, unless reused
@@ -279,7 +305,7 @@ def test_backups_following_the_guard_protocol_never_lose_a_chunk_to_gc(
         disk = image(*rng.sample(pool_seeds, 6), 1000 + n)
         rp_id, owner = f"rp{n}", f"job-{n}"
         raws = [disk[i : i + CHUNK] for i in range(0, len(disk), CHUNK)]
-        wanted = [chunk_digest(raw) for raw in raws]
+        wanted = [store.chunk_hash.digest(raw) for raw in raws]
         try:
             guard.hold(owner, wanted)  # before asking what is stored
             missing = set(store.missing_chunks(wanted))
@@ -313,14 +339,14 @@ def test_backups_following_the_guard_protocol_never_lose_a_chunk_to_gc(
 
 
 def test_old_orphan_indexes_are_deleted_and_young_ones_keep_their_chunks(
-    store: Datastore, guard: ChunkGuard
+    store: Datastore, guard: ChunkGuard, tick: float
 ) -> None:
     store.put_manifest(back_up(store, "rp1", {"root": image(1, 2)}))
     back_up(store, "failed", {"root": image(1, 10), "data": image(11)})  # crashed long ago
     young_chunks = [upload(store, chunk_of(20)), upload(store, chunk_of(21))]
-    later_than(store, young_chunks[-1])
+    later_than(store, young_chunks[-1], tick)
     cutoff = time.time()
-    time.sleep(0.05)
+    time.sleep(tick + 0.05)  # what is written now is stamped after the cutoff
     # A backup still running: its chunks are old (deduplicated), its index just written.
     young = DiskIndex("root", 2 * CHUNK, CHUNK, b"".join(young_chunks))
     store.put_index("running", young)
@@ -331,7 +357,7 @@ def test_old_orphan_indexes_are_deleted_and_young_ones_keep_their_chunks(
 
     assert report.orphan_indexes_deleted == 2
     assert set(store.list_indexes()) == {"rp1", "running"}
-    assert stored(store) == digests(1, 2, 20, 21)
+    assert stored(store) == digests(store, 1, 2, 20, 21)
     assert (report.referenced_chunks, report.chunks_deleted, report.kept_in_grace) == (4, 2, 0)
     # The running backup commits after all, and its recovery point is whole.
     store.put_manifest(back_up(store, "running", {"root": image(20, 21)}, upload_chunks=False))
@@ -367,7 +393,7 @@ def damage_index(store: Datastore) -> None:
 
 
 def replace_index(store: Datastore) -> None:
-    forged = DiskIndex("root", CHUNK, CHUNK, chunk_digest(chunk_of(1)))
+    forged = DiskIndex("root", CHUNK, CHUNK, store.chunk_hash.digest(chunk_of(1)))
     store.backend.put(index_key("rp2", "root"), forged.encode())
 
 
@@ -419,14 +445,14 @@ def test_an_unreadable_recovery_point_stops_gc_before_it_deletes_anything(
     store.delete_recovery_point("rp2")
     report = gc(store, guard)
     assert report.orphan_indexes_deleted == 1
-    assert stored(store) == digests(1, 2)
+    assert stored(store) == digests(store, 1, 2)
 
 
 # --- store failures -------------------------------------------------------------------------
 
 
-def test_failed_deletes_surface_typed_and_a_rerun_finishes(tmp_path: Path) -> None:
-    faulty = FaultyStore(LocalDirectoryStore(tmp_path / "store"))
+def test_failed_deletes_surface_typed_and_a_rerun_finishes(backend: ObjectStore) -> None:
+    faulty = FaultyStore(backend)
     store = Datastore.create(faulty, CHUNK)
     guard = ChunkGuard()
     store.put_manifest(back_up(store, "rp1", {"root": image(1, 2)}))
@@ -438,7 +464,8 @@ def test_failed_deletes_surface_typed_and_a_rerun_finishes(tmp_path: Path) -> No
         gc(store, guard)
 
     assert fault.fired == 1
-    assert len(stored(store) - digests(1, 2)) == 3  # one deleted, the failed one and two left
+    # One deleted, the failed one and two left.
+    assert len(stored(store) - digests(store, 1, 2)) == 3
     assert restore(store, "rp1", "root") == image(1, 2)
     # The failed collection ended: releases take effect again at once.
     guard.hold("job-1", [ZERO_DIGEST])
@@ -446,7 +473,7 @@ def test_failed_deletes_surface_typed_and_a_rerun_finishes(tmp_path: Path) -> No
     assert not guard.is_held(ZERO_DIGEST)
     report = gc(store, guard)
     assert report.chunks_deleted == 3
-    assert stored(store) == digests(1, 2)
+    assert stored(store) == digests(store, 1, 2)
     assert restore(store, "rp1", "root") == image(1, 2)
 
 
@@ -459,14 +486,13 @@ class VanishingStore(FaultyStore):
         return super().stat(key)
 
 
-def test_chunks_deleted_by_someone_else_meanwhile_are_not_errors(tmp_path: Path) -> None:
-    backend = VanishingStore(LocalDirectoryStore(tmp_path / "store"))
-    store = Datastore.create(backend, CHUNK)
+def test_chunks_deleted_by_someone_else_meanwhile_are_not_errors(backend: ObjectStore) -> None:
+    store = Datastore.create(VanishingStore(backend), CHUNK)
     store.put_manifest(back_up(store, "rp1", {"root": image(1)}))
     upload(store, chunk_of(2))
     report = gc(store, ChunkGuard())
     assert (report.chunks_seen, report.chunks_deleted, report.bytes_freed) == (2, 0, 0)
-    assert stored(store) == digests(1)
+    assert stored(store) == digests(store, 1)
     assert restore(store, "rp1", "root") == image(1)
 
 
@@ -507,7 +533,7 @@ def test_a_collection_syncs_once_per_batch_of_deletes_never_under_the_guard(
     report = gc(store, guard)
 
     assert report.chunks_deleted == 300
-    assert stored(store) == digests(1)
+    assert stored(store) == digests(store, 1)
     assert backend.syncs == 3  # after 128, after 256, and the last 44 at the end
     assert backend.syncs_under_the_guard == 0
     assert restore(store, "rp1", "root") == image(1)

@@ -14,7 +14,10 @@ agents and CLI (`tests.lab_cluster`):
   succeeds;
 - a VM cut off the network during its upload: the job fails with `AgentDisconnected` once the
   keepalive gives up (about 8 s), no partial recovery point is left, and the agent comes back
-  by itself when the link returns.
+  by itself when the link returns;
+- a recovery point mounted with `coffer files mount` is seen inside its VM's mount namespace
+  and not on the host; an agent killed with it open fails the job, and what it left is swept
+  when it starts again; `coffer files unmount` ends a mount.
 
 The freeze times are printed per backup (`pytest -s`), with a summary at the end.
 """
@@ -22,6 +25,7 @@ The freeze times are printed per backup (`pytest -s`), with a summary at the end
 from __future__ import annotations
 
 import contextlib
+import json
 import subprocess
 import sys
 import time
@@ -429,3 +433,55 @@ def test_link_cut_during_upload_fails_the_job_and_the_agent_comes_back(
     assert job["status"] == "Completed", job
     assert [p["id"] for p in cluster.recovery_points(vm)] == [*points, job["recovery_point_id"]]
     record(figures, "after the cut", job)
+
+
+# -- 5. a recovery point mounted inside its VM -------------------------------------------------
+
+
+def mounted_in(cluster: LabCluster, vm: str | None) -> list[str]:
+    """Mount points in `vm`'s mount namespace (None: the host's)."""
+    if vm is None:
+        text = Path("/proc/self/mountinfo").read_text()
+    else:
+        text = cluster.run(vm, ["cat", "/proc/self/mountinfo"])
+    return [line.split()[4] for line in text.splitlines()]
+
+
+@pytest.mark.timeout(180)
+def test_a_recovery_point_is_mounted_inside_its_vm_and_a_restarted_agent_sweeps_it(
+    cluster: LabCluster,
+) -> None:
+    vm = "vm1"
+    cluster.protect(vm)
+    cluster.run(vm, ["sh", "-c", f"echo recovered > {cluster.agents[vm].mountpoint}/note.txt"])
+    (job,) = cluster.backup(vm)
+    assert job["status"] == "Completed", job
+    rp = job["recovery_point_id"]
+    mount = cluster.coffer("files", "mount", vm, "--rp", rp, "--disk", "root", "--ttl", "1h")
+    assert mount["status"] == "InProgress", mount
+    where = details(mount)["mounts"]["disk"].removesuffix(" (ext4)")
+    # Inside the VM's own mount namespace, where the operator browses it; not on the host.
+    assert where in mounted_in(cluster, vm)
+    assert where not in mounted_in(cluster, None)
+    assert cluster.run(vm, ["cat", f"{where}/note.txt"]) == "recovered\n"
+    work = str(cluster.agents[vm].state / "files")
+
+    # The agent dies with the mount open: the job ends, and what it left in the VM (mounts,
+    # the FUSE mount, loop devices) is swept when the agent starts again.
+    cluster.kill_agent(vm)
+    ended = cluster.wait_job(mount["id"], timeout=30)
+    assert (ended["status"], ended["error_code"]) == ("Failed", "AgentDisconnected"), ended
+    assert where in mounted_in(cluster, vm)
+    cluster.start_agent(vm)
+    assert [m for m in mounted_in(cluster, vm) if m.startswith(work)] == []
+    loops = json.loads(subprocess.run(["losetup", "--list", "--json"], capture_output=True,
+                                      text=True, check=True).stdout or "{}")  # fmt: skip
+    assert [d for d in loops.get("loopdevices", []) if work in (d.get("back-file") or "")] == []
+
+    # And once more, ended by the operator.
+    mount = cluster.coffer("files", "mount", vm, "--rp", rp, "--disk", "root", "--ttl", "1h")
+    assert mount["status"] == "InProgress", mount
+    ended = cluster.coffer("files", "unmount", mount["id"])
+    assert ended["status"] == "Completed", ended
+    # (The agent's FUSE mount of disk files, `files/disks`, stays while it runs.)
+    assert [m for m in mounted_in(cluster, vm) if m.startswith(f"{work}/mounts")] == []

@@ -83,8 +83,16 @@ async def broker(pki: Pki, tmp_path: Path) -> AsyncIterator[PrivateBroker]:
 
 
 @pytest.fixture
-async def monitor(pki: Pki, broker: PrivateBroker) -> AsyncIterator[StatusMonitor]:
-    async with StatusMonitor(pki.controller) as m:
+def jobs() -> dict[str, str]:
+    """The running jobs the monitor is told of, job id → VM id (the job layer's answer)."""
+    return {}
+
+
+@pytest.fixture
+async def monitor(
+    pki: Pki, broker: PrivateBroker, jobs: dict[str, str]
+) -> AsyncIterator[StatusMonitor]:
+    async with StatusMonitor(pki.controller, job_owner=jobs.get) as m:
         m.set_broker(broker.host, broker.port)
         yield m
 
@@ -126,8 +134,9 @@ def raw_client(pki_files: TlsFiles, broker: PrivateBroker) -> aiomqtt.Client:
 
 
 async def test_presence_and_progress_reach_the_monitor(
-    pki: Pki, broker: PrivateBroker, monitor: StatusMonitor
+    pki: Pki, broker: PrivateBroker, monitor: StatusMonitor, jobs: dict[str, str]
 ) -> None:
+    jobs["job-1"] = "vm-a"
     async with publisher(pki, "vm-a") as pub:
         pub.set_broker(broker.host, broker.port)
         online = await eventually(presence_is(monitor, "vm-a", PresenceState.ONLINE))
@@ -228,8 +237,9 @@ async def test_last_will_marks_a_killed_agent_offline(
 
 
 async def test_acl_keeps_an_agent_to_its_own_prefix(
-    pki: Pki, broker: PrivateBroker, monitor: StatusMonitor
+    pki: Pki, broker: PrivateBroker, monitor: StatusMonitor, jobs: dict[str, str]
 ) -> None:
+    jobs.update({"job-v": "vm-victim", "job-m": "vm-rogue", "job-marker": "vm-rogue"})
     await eventually(lambda: monitor.connected)
     victim_presence = Presence("vm-victim", PresenceState.ONLINE, "fake", "0", TS)
     victim_progress = Progress("vm-victim", "job-v", "transfer", 1, 2, 3.0, TS)
@@ -261,7 +271,7 @@ async def test_acl_keeps_an_agent_to_its_own_prefix(
 
 async def test_broker_outage_never_blocks_and_status_resumes(pki: Pki, tmp_path: Path) -> None:
     broker_dir = tmp_path / "outage-broker"
-    monitor = StatusMonitor(pki.controller)
+    monitor = StatusMonitor(pki.controller, job_owner={"job-o": "vm-o"}.get)
     pub = StatusPublisher("vm-o", pki.agent("vm-o"), hostname="o", agent_version="1", max_pending=8)
     async with monitor, pub:
         async with PrivateBroker(broker_dir, pki.controller) as first:
@@ -306,8 +316,9 @@ async def test_broker_outage_never_blocks_and_status_resumes(pki: Pki, tmp_path:
 
 
 async def test_private_broker_restarts_a_killed_mosquitto(
-    pki: Pki, broker: PrivateBroker, monitor: StatusMonitor
+    pki: Pki, broker: PrivateBroker, monitor: StatusMonitor, jobs: dict[str, str]
 ) -> None:
+    jobs["job-r"] = "vm-r"
     async with publisher(pki, "vm-r") as pub:
         pub.set_broker(broker.host, broker.port)
         before = await eventually(presence_is(monitor, "vm-r", PresenceState.ONLINE))
@@ -433,6 +444,12 @@ def _progress_doc(**changes: object) -> bytes:
         _progress_doc(ts="2025-03-01T12:30:15"),  # no offset: not UTC
         _progress_doc(ts=_DELETE),
         b'{"v": 1, "pad": "' + b"x" * 20000 + b'"}',
+        b'{"v": 1, "pad": ' + b"[" * 2000 + b"]" * 2000 + b"}",  # within the size bound
+        _progress_doc(bytes_done=1 << 63),
+        _progress_doc(rate_bytes_per_second=10**400),
+        _progress_doc(phase="\x1b]0;owned\x07"),  # a terminal escape sequence
+        _progress_doc(phase="\ud800"),  # a lone surrogate: cannot be encoded again
+        _progress_doc(ts="0001-01-01T00:00:00+01:00"),  # before year 1 in UTC
     ],
 )
 def test_malformed_progress_is_refused(payload: bytes) -> None:

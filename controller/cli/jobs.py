@@ -75,7 +75,7 @@ def _stored_cell(job: operator_pb2.Job) -> str:
 
 
 def _read_cell(job: operator_pb2.Job) -> str:
-    reads = (Operation.BACKUP, Operation.RESTORE, Operation.RESTORE_DRILL)
+    reads = (Operation.BACKUP, Operation.RESTORE, Operation.RESTORE_DRILL, Operation.FILE_RECOVERY)
     return size(job.bytes_read) if job.operation in reads else "-"
 
 
@@ -136,6 +136,8 @@ def _bytes(job: operator_pb2.Job) -> list[Field]:
             ("Bytes written", size(restored.bytes_written)),
         ]
         return lines
+    if job.operation == Operation.FILE_RECOVERY:
+        return [("Fetched", f"{size(job.bytes_read)} from the datastore")]
     return []  # a garbage collection's space freed is in its report
 
 
@@ -179,6 +181,8 @@ def _recovery_point(job: operator_pb2.Job) -> list[Field]:
         return [("Restored from", f"recovery point {job.recovery_point_id}")]
     if job.operation == Operation.RESTORE_DRILL:
         return [("Drilled", f"recovery point {job.recovery_point_id}")]
+    if job.operation == Operation.FILE_RECOVERY:
+        return [("Files of", f"recovery point {job.recovery_point_id}")]
     if job.operation == Operation.BACKUP and not JobStatus(job.status).succeeded:
         return []  # only a completed backup made one
     return [("Recovery point", job.recovery_point_id)]
@@ -214,6 +218,22 @@ _GC_REPORT: dict[str, tuple[str, Callable[[Any], str]]] = {
     "seconds": ("Took", _seconds),
 }
 
+# A verify's findings (controller.verification), field by field.
+_VERIFY_REPORT: dict[str, tuple[str, Callable[[Any], str]]] = {
+    "recovery_points_verified": ("Recovery points whole", str),
+    "recovery_points_damaged": ("Recovery points damaged", str),
+    "recovery_points_deleted_meanwhile": ("Deleted while it ran (skipped)", str),
+    "chunks_checked": ("Chunks read", str),
+    "chunks_missing_or_corrupt": ("Chunks missing or corrupt", str),
+    "seconds": ("Took", _seconds),
+}
+
+# Reports jobs record as one object each: a title and their fields.
+_REPORTS = {
+    "report": ("Garbage collection", _GC_REPORT),
+    "verification": ("Verification", _VERIFY_REPORT),
+}
+
 # The details jobs record, by key: a label and how the value reads. `None` hides a key: a
 # backup's pending recovery point id is not a recovery point until the backup completes.
 _DETAILS: dict[str, tuple[str, Callable[[Any], str]] | None] = {
@@ -233,6 +253,25 @@ _DETAILS: dict[str, tuple[str, Callable[[Any], str]] | None] = {
     "disk": ("Disk", str),
     "target_path": ("Target path", str),
     "checks": ("File system checks", lambda v: "; ".join(map(str, v)) if v else "none"),
+    "recovery_points": ("Recovery points to verify", str),
+    "damaged": ("Damaged", str),
+    # A FileRecovery job's (controller.jobs.file_recovery).
+    "action": ("Action", str),
+    "path": ("Path", str),
+    "after": ("After", str),
+    "paths": ("Paths", _listed),
+    "destination": ("Destination", str),
+    "ttl_seconds": ("TTL", _hours),
+    "expires_at": ("Expires", _moment),
+    "mounts": ("Mounted at", str),
+    "skipped_partitions": ("Not mounted", str),
+    "entries": ("Entries listed", str),
+    "copied": ("Copied", str),
+    "skipped_files": ("Skipped files", _listed),
+    "chunks_fetched": ("Chunks fetched", str),
+    "bytes_fetched": ("Fetched, stored bytes", size),
+    "raw_bytes_fetched": ("Fetched, uncompressed", size),
+    "ended_by": ("Ended by", str),
     "recovery_point_id": None,
 }
 
@@ -258,11 +297,12 @@ def _ordered(data: dict[str, Any], known: Iterable[str]) -> list[tuple[str, Any]
 def detail_fields(details: dict[str, Any]) -> list[Field]:
     """A job's details as labelled fields; nested objects as indented fields of their own."""
     fields: list[Field] = []
-    for key, value in _ordered(details, [*_DETAILS, "report"]):
-        if key == "report" and isinstance(value, dict):
-            fields.append(("Garbage collection", ""))
-            for name, item in _ordered(value, _GC_REPORT):
-                label, show = _GC_REPORT.get(name, (_label(name), _value))
+    for key, value in _ordered(details, [*_DETAILS, *_REPORTS]):
+        if key in _REPORTS and isinstance(value, dict):
+            title, labels = _REPORTS[key]
+            fields.append((title, ""))
+            for name, item in _ordered(value, labels):
+                label, show = labels.get(name, (_label(name), _value))
                 fields.append((f"  {label}", show(item)))
             continue
         if key in _DETAILS and _DETAILS[key] is None:

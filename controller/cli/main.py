@@ -16,6 +16,8 @@ from rich.markup import escape
 
 from controller.cli import exits
 from controller.cli.client import DEFAULT_TIMEOUT, Connection, call
+from controller.cli.files import files
+from controller.cli.integrity import verification_cell, verify
 from controller.cli.jobs import backup_now, drill, gc, job, prune, restore
 from controller.cli.output import as_dict, errors, print_json, size, table, use_utc, when
 from controller.cli.pki import pki
@@ -104,9 +106,11 @@ for command in (
     backup_now,
     restore,
     drill,
+    files,
     job,
     prune,
     gc,
+    verify,
 ):
     cli.add_command(command)
 
@@ -144,6 +148,12 @@ def agents(connection: Connection, as_json: bool) -> None:
             click.echo(f"WARNING {a.vm_id}: {warning.code}: {warning.message}")
 
 
+RP_COLUMNS = (
+    "Recovery point", "VM", "Created", "Consistency", "Disks", "Stored", "Kept by", "Integrity",
+    "Last drill", "Job",
+)  # fmt: skip
+
+
 @cli.group()
 def rp() -> None:
     """Recovery points."""
@@ -155,7 +165,12 @@ def rp() -> None:
 @json_option
 @click.pass_obj
 def rp_list(connection: Connection, vm_id: str, vault_name: str, as_json: bool) -> None:
-    """Recovery points of VM_ID (or of every VM), oldest first."""
+    """Recovery points of VM_ID (or of every VM), oldest first.
+
+    With what the last verify found of each (`coffer verify`): verified when, damaged (how
+    many chunks are missing or corrupt), healed (stored again, a verify pending), or never
+    verified.
+    """
     request = operator_pb2.ListRecoveryPointsRequest(vm_id=vm_id, vault=vault_name)
     reply = call(connection, lambda s: s.ListRecoveryPoints(request))
     if as_json:
@@ -163,17 +178,7 @@ def rp_list(connection: Connection, vm_id: str, vault_name: str, as_json: bool) 
         return
     table(
         "Recovery points",
-        (
-            "Recovery point",
-            "VM",
-            "Created",
-            "Consistency",
-            "Disks",
-            "Stored",
-            "Kept by",
-            "Last drill",
-            "Job",
-        ),
+        RP_COLUMNS,
         [
             [
                 p.id,
@@ -187,6 +192,7 @@ def rp_list(connection: Connection, vm_id: str, vault_name: str, as_json: bool) 
                 ),
                 size(p.bytes_stored),
                 ", ".join(p.kept_by) or "-",
+                verification_cell(p),
                 drill_cell(p.last_drill) if p.HasField("last_drill") else "-",
                 p.job_id,
             ]

@@ -8,12 +8,15 @@ import click
 from rich.markup import escape
 
 from controller.cli.client import Connection, call
+from controller.cli.keys import key
 from controller.cli.output import as_dict, console, print_json, size, span, table, when
 from shared.rpc import operator_pb2
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
 # What the controller accepts (controller.vaults): at least one backup at a time, at most 64.
 CONCURRENT_BACKUPS = click.IntRange(1, 64)
+# What the controller accepts (controller.vaults): 0 (off) to ten years.
+REVERIFY_DAYS = click.IntRange(0, 3650)
 
 
 @click.group()
@@ -48,9 +51,17 @@ def _vault_row(v: operator_pb2.Vault) -> list[str]:
         str(v.recovery_points),
         size(v.stored_bytes),
         str(v.max_concurrent_backups),
+        _verify_schedule(v),
         _drills_cell(v),
         when(v.created_at),
     ]
+
+
+def _verify_schedule(v: operator_pb2.Vault) -> str:
+    parts = ["new points"] if v.verify_new else []
+    if v.reverify_days:
+        parts.append(f"every {v.reverify_days} days")
+    return ", ".join(parts) or "off"
 
 
 VAULT_COLUMNS = (
@@ -61,6 +72,7 @@ VAULT_COLUMNS = (
     "Recovery points",
     "Stored",
     "Concurrent backups",
+    "Verify",
     "Restore drills",
     "Created",
 )
@@ -130,6 +142,11 @@ def vault_show(connection: Connection, name: str, as_json: bool) -> None:
         print_json(as_dict(found))
         return
     table(f"Vault {name}", VAULT_COLUMNS, [_vault_row(found)])
+    if found.datastore_format == 2:
+        kept = f"encrypted ({found.encryption}, data key {found.current_data_key})"
+    else:
+        kept = "not encrypted (format 1)"
+    console.print(f"Datastore: {escape(found.datastore)}, {kept}", highlight=False, soft_wrap=True)
 
 
 @vault.command(name="update")
@@ -139,6 +156,18 @@ def vault_show(connection: Connection, name: str, as_json: bool) -> None:
     type=CONCURRENT_BACKUPS,
     default=None,
     help="Backups at once (1 to 64).",
+)
+@click.option(
+    "--verify-new",
+    type=click.Choice(["on", "off"]),
+    default=None,
+    help="Verify every new recovery point after its backup.",
+)
+@click.option(
+    "--reverify-days",
+    type=REVERIFY_DAYS,
+    default=None,
+    help="Daily, verify the points not verified for N days (0: off).",
 )
 @click.option(
     "--drill-schedule",
@@ -163,6 +192,8 @@ def vault_update(
     connection: Connection,
     name: str,
     max_concurrent_backups: int | None,
+    verify_new: str | None,
+    reverify_days: int | None,
     drill_schedule: str,
     drill_agent: str,
     drill_dir: str,
@@ -171,20 +202,23 @@ def vault_update(
 ) -> None:
     """Change a vault's settings.
 
-    Queued backups start at once if the limit rose. Restore drills: each scheduled drill
-    restores the latest recovery point of every protected VM to the drill directory on the
-    drill agent, checks its file systems read-only (e2fsck -fn, xfs_repair -n), deletes it,
-    and records the outcome on the recovery point.
+    Queued backups start at once if the limit rose. Verify settings schedule Verify jobs:
+    of each new recovery point after its backup, and daily (with the vault's maintenance, at
+    03:30 UTC) of the points never verified or not verified for N days. Restore drills: each
+    scheduled drill restores the latest recovery point of every protected VM to the drill
+    directory on the drill agent, checks its file systems read-only (e2fsck -fn,
+    xfs_repair -n), deletes it, and records the outcome on the recovery point.
     """
     drill = None
     if drill_schedule or drill_agent or drill_dir:
         drill = operator_pb2.DrillSettings(
             schedule=drill_schedule, agent=drill_agent, directory=drill_dir
         )
-    if drill is None and not no_drills and max_concurrent_backups is None:
+    verify = verify_new is not None or reverify_days is not None
+    if max_concurrent_backups is None and not verify and drill is None and not no_drills:
         raise click.UsageError(
-            "nothing to change: give --max-concurrent-backups or drill settings "
-            "(--drill-schedule, --drill-agent, --drill-dir, --no-drills)"
+            "nothing to change: give --max-concurrent-backups, --verify-new, --reverify-days "
+            "or drill settings (--drill-schedule, --drill-agent, --drill-dir, --no-drills)"
         )
     request = operator_pb2.UpdateVaultRequest(
         name=name,
@@ -192,6 +226,10 @@ def vault_update(
         drill=drill,
         clear_drill=no_drills,
     )
+    if verify_new is not None:
+        request.verify_new = verify_new == "on"
+    if reverify_days is not None:
+        request.reverify_days = reverify_days
     updated = call(connection, lambda s: s.UpdateVault(request))
     if as_json:
         print_json(as_dict(updated))
@@ -215,6 +253,9 @@ def vault_delete(connection: Connection, name: str, as_json: bool) -> None:
         console.print(
             f"Deleted vault [bold]{escape(deleted.name)}[/bold]", highlight=False, soft_wrap=True
         )
+
+
+vault.add_command(key)
 
 
 def _show_dashboard(board: operator_pb2.DashboardReply) -> None:
@@ -244,6 +285,21 @@ def _show_dashboard(board: operator_pb2.DashboardReply) -> None:
             ]
         ],
     )
+    table(
+        "Integrity (recovery points)",
+        ("Verified", "Damaged", "Healed, verify pending", "Never verified", "Bad chunks",
+         "Last verified"),
+        [
+            [
+                str(board.recovery_points_verified),
+                str(board.recovery_points_damaged),
+                str(board.recovery_points_healed),
+                str(board.recovery_points_never_verified),
+                str(board.bad_chunks),
+                when(board.last_verified_at, board.HasField("last_verified_at")),
+            ]
+        ],
+    )  # fmt: skip
     table(
         "Items by state",
         ("State", "Items"),
@@ -282,7 +338,8 @@ def dashboard(
 ) -> None:
     """A vault at a glance.
 
-    Protected items, the last 24 h of jobs, storage and deduplication.
+    Protected items, the last 24 h of jobs, storage and deduplication, and integrity: how
+    many recovery points a verify found whole, damaged, healed since, or never verified.
     """
     request = operator_pb2.VaultRef(name=vault_name)
     while True:

@@ -5,7 +5,9 @@ enough that a local directory and an S3-compatible bucket implement it the same 
 `Backend`, PBS's chunk store). No
 rename, no directories, no appends, no partial reads: whatever the datastore needs beyond that
 is built above, so every backend passes the same test suite. Retry, metrics and fault
-injection wrap an `ObjectStore`; they are not branches inside one.
+injection wrap an `ObjectStore`; they are not branches inside one. A seventh method takes the
+datastore's writer lease (lease.py), which each backend holds with what it guarantees; wrappers
+pass it through.
 
 Keys are '/'-separated ASCII components of letters, digits, '.', '_' and '-'. A component may
 not start with '.', which keeps '..' out, and leaves names beginning with '.' to a backend's
@@ -19,9 +21,13 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from shared.errors import InvalidArgument
+
+if TYPE_CHECKING:
+    from controller.datastore.lease import LeaseHolder, WriterLease
+    from shared.clock import Clock
 
 MAX_KEY_LENGTH = 1024
 _COMPONENT = r"[A-Za-z0-9_-][A-Za-z0-9._-]*"
@@ -106,10 +112,23 @@ class ObjectStore(Protocol):
         """Make every delete made so far durable (a store whose deletes always are: nothing)."""
         ...
 
-    def list(self, prefix: str) -> Iterator[str]:
-        """Keys starting with `prefix`, in no particular order.
+    def list(self, prefix: str, after: str = "") -> Iterator[str]:
+        """Keys starting with `prefix`, in the store's listing order; with `after` (a key this
+        listing gave), only those that follow it in that order (S3's start-after).
 
-        Slow on big stores: only catalog rebuild, garbage collection and cleanup of a deleted
-        recovery point call it, never the backup or restore data path.
+        The order is the store's own and stable (byte order for a local directory and AWS;
+        SeaweedFS lists a directory's keys where the directory's name sorts): callers must not
+        assume one, but `after` lets a listing that failed part way resume after the last key
+        it gave, which the retrying wrapper does. Slow on big stores: only catalog rebuild,
+        garbage collection and cleanup of a deleted recovery point call it, never the backup
+        or restore data path.
         """
+        ...
+
+    def acquire_writer_lease(
+        self, holder: LeaseHolder, *, duration: float = ..., clock: Clock | None = None
+    ) -> WriterLease:
+        """Take the datastore's writer lease for `holder` (lease.py); WriterLeaseHeld, naming
+        the holder and its expiry, if another has it. `duration` and `clock` apply to leases
+        that expire (S3); a local directory's lock lasts while the process lives."""
         ...

@@ -2,7 +2,8 @@
 
 Tests wrap any real backend in a `FaultyStore` and arm faults on it (kopia's faulty storage):
 fail the Nth put, fail every put under a prefix, report a put as failed after it was written
-(a lost reply), or store damaged bytes (a torn write on a store without atomic puts, bit rot).
+(a lost reply), store damaged bytes (a torn write on a store without atomic puts, bit rot), or
+raise a chosen error (throttling, a reset connection, a refusal) to test what retries it.
 The wrapped store stays real, so a test checks what a user would see afterwards.
 """
 
@@ -14,9 +15,11 @@ from dataclasses import dataclass
 from typing import Literal
 
 from controller.datastore.backend import ObjectInfo, ObjectStore
+from controller.datastore.lease import DEFAULT_LEASE_SECONDS, LeaseHolder, WriterLease
+from shared.clock import Clock
 from shared.errors import DatastoreError
 
-Operation = Literal["put", "get", "has", "stat", "delete", "list", "sync"]
+Operation = Literal["put", "get", "has", "stat", "delete", "list", "sync", "lease"]
 
 
 @dataclass
@@ -33,6 +36,10 @@ class Fault:
     """put only: write the object, then fail anyway (the outcome is unknown to the caller)."""
     damage: Callable[[bytes], bytes] | None = None
     """put only: store `damage(data)` instead of `data` and report success."""
+    error: Callable[[str], Exception] | None = None
+    """What to raise, made from the key; None: DatastoreError("injected fault: ...")."""
+    after_keys: int = 0
+    """list only: give this many keys before failing (a listing broken part way)."""
     seen: int = 0
     fired: int = 0
 
@@ -96,6 +103,18 @@ class FaultyStore:
         """Fail deletes of keys under `prefix`: `times` of them (None: all) after `skip`."""
         return self.inject(Fault("delete", prefix, skip=skip, times=times))
 
+    def raise_on(
+        self,
+        op: Operation,
+        error: Callable[[str], Exception],
+        *,
+        prefix: str = "",
+        times: int | None = 1,
+        after_keys: int = 0,
+    ) -> Fault:
+        """Raise `error(key)` from the next `times` calls of `op` under `prefix` (None: all)."""
+        return self.inject(Fault(op, prefix, times=times, error=error, after_keys=after_keys))
+
     def clear(self) -> None:
         """Disarm every fault."""
         with self._lock:
@@ -113,37 +132,57 @@ class FaultyStore:
             return
         if fault.after_write:
             self.inner.put(key, data)
-        raise DatastoreError(detail=f"injected fault: put {key!r}")
+        raise _error(fault, "put", key)
 
     def get(self, key: str) -> bytes:
-        if self._take("get", key) is not None:
-            raise DatastoreError(detail=f"injected fault: get {key!r}")
+        if (fault := self._take("get", key)) is not None:
+            raise _error(fault, "get", key)
         return self.inner.get(key)
 
     def has(self, key: str) -> bool:
-        if self._take("has", key) is not None:
-            raise DatastoreError(detail=f"injected fault: has {key!r}")
+        if (fault := self._take("has", key)) is not None:
+            raise _error(fault, "has", key)
         return self.inner.has(key)
 
     def stat(self, key: str) -> ObjectInfo:
-        if self._take("stat", key) is not None:
-            raise DatastoreError(detail=f"injected fault: stat {key!r}")
+        if (fault := self._take("stat", key)) is not None:
+            raise _error(fault, "stat", key)
         return self.inner.stat(key)
 
     def delete(self, key: str, *, durable: bool = True) -> None:
-        if self._take("delete", key) is not None:
-            raise DatastoreError(detail=f"injected fault: delete {key!r}")
+        if (fault := self._take("delete", key)) is not None:
+            raise _error(fault, "delete", key)
         self.inner.delete(key, durable=durable)
 
     def sync(self) -> None:
-        if self._take("sync", "") is not None:
-            raise DatastoreError(detail="injected fault: sync")
+        if (fault := self._take("sync", "")) is not None:
+            raise _error(fault, "sync", "")
         self.inner.sync()
 
-    def list(self, prefix: str) -> Iterator[str]:
-        if self._take("list", prefix) is not None:
-            raise DatastoreError(detail=f"injected fault: list {prefix!r}")
-        return self.inner.list(prefix)
+    def list(self, prefix: str, after: str = "") -> Iterator[str]:
+        fault = self._take("list", prefix)
+        if fault is None:
+            return self.inner.list(prefix, after)
+        if fault.after_keys == 0:
+            raise _error(fault, "list", prefix)
+        return self._broken_list(fault, prefix, after)
+
+    def _broken_list(self, fault: Fault, prefix: str, after: str) -> Iterator[str]:
+        for given, key in enumerate(self.inner.list(prefix, after)):
+            if given == fault.after_keys:
+                raise _error(fault, "list", prefix)
+            yield key
+
+    def acquire_writer_lease(
+        self,
+        holder: LeaseHolder,
+        *,
+        duration: float = DEFAULT_LEASE_SECONDS,
+        clock: Clock | None = None,
+    ) -> WriterLease:
+        if (fault := self._take("lease", "")) is not None:
+            raise _error(fault, "lease", "")
+        return self.inner.acquire_writer_lease(holder, duration=duration, clock=clock)
 
     def _take(self, op: Operation, key: str) -> Fault | None:
         with self._lock:
@@ -151,3 +190,9 @@ class FaultyStore:
                 if fault._triggers(op, key):
                     return fault
         return None
+
+
+def _error(fault: Fault, op: Operation, key: str) -> Exception:
+    if fault.error is not None:
+        return fault.error(key)
+    return DatastoreError(detail=f"injected fault: {op} {key!r}")

@@ -17,15 +17,18 @@ thousands of chunks, and a sync per chunk made it as slow as the disk's flushes,
 held the chunk guard's lock.
 
 Temporary files are named `.tmp-*`; keys never start with '.', so listing skips them and
-garbage collection can remove any left by a crash. Files are created 0600 and directories 0700:
-they hold the contents of the VMs' disks. The datastore shards chunk keys two levels deep, so
-no directory grows past a few thousand files even for hundreds of millions of chunks.
+garbage collection can remove any left by a crash. `.writer-lease` is the writer lease: an
+exclusive `flock` held for the life of the controller process (lease.py). Files are created
+0600 and directories 0700: they hold the contents of the VMs' disks. The datastore shards
+chunk keys two levels deep, so no directory grows past a few thousand files even for hundreds
+of millions of chunks.
 """
 
 from __future__ import annotations
 
 import ctypes
 import errno
+import fcntl
 import os
 import secrets
 import stat
@@ -34,9 +37,25 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from controller.datastore.backend import KEY_COMPONENT, ObjectInfo, check_key, check_prefix
-from shared.errors import Conflict, DatastoreError, NotFound
+from controller.datastore.lease import (
+    DEFAULT_LEASE_SECONDS,
+    LeaseHolder,
+    LeaseRecord,
+    held_error,
+)
+from shared.clock import Clock
+from shared.errors import (
+    Conflict,
+    CorruptData,
+    DatastoreError,
+    DatastoreFull,
+    DatastoreReadOnly,
+    NotFound,
+    WriterLeaseLost,
+)
 
 _TEMP_PREFIX = ".tmp-"
+LEASE_FILE = ".writer-lease"
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
@@ -191,34 +210,41 @@ class LocalDirectoryStore:
                 detail=f"cannot sync {self._root}: {error.strerror or error}"
             ) from error
 
-    def list(self, prefix: str) -> Iterator[str]:
+    def list(self, prefix: str, after: str = "") -> Iterator[str]:
         check_prefix(prefix)
         # Start from the deepest directory every match lives under.
         head, _, _ = prefix.rpartition("/")
         start = self._root.joinpath(*head.split("/")) if head else self._root
-        return self._walk(start, head, prefix)
+        return self._walk(start, head, prefix, after)
 
-    def _walk(self, directory: Path, relative: str, prefix: str) -> Iterator[str]:
+    def _walk(self, directory: Path, relative: str, prefix: str, after: str) -> Iterator[str]:
         try:
             with os.scandir(directory) as scan:
-                entries = sorted(scan, key=lambda entry: entry.name)
+                entries = []
+                for entry in scan:
+                    if KEY_COMPONENT.fullmatch(entry.name) is None:
+                        continue  # temporary files and anything else that cannot be a key
+                    try:
+                        is_dir = entry.is_dir(follow_symlinks=False)
+                    except OSError:
+                        continue
+                    entries.append((entry.name + "/" if is_dir else entry.name, entry))
         except (FileNotFoundError, NotADirectoryError):
             return  # nothing under this prefix, or it vanished while we listed
         except OSError as error:
             raise self._error("list", relative or "/", error) from error
-        for entry in entries:
-            if KEY_COMPONENT.fullmatch(entry.name) is None:
-                continue  # temporary files and anything else that cannot be a key
-            key = f"{relative}/{entry.name}" if relative else entry.name
-            try:
-                is_dir = entry.is_dir(follow_symlinks=False)
-            except OSError:
-                continue
-            if is_dir:
-                below = key + "/"
-                if below.startswith(prefix) or prefix.startswith(below):
-                    yield from self._walk(Path(entry.path), key, prefix)
-            elif key.startswith(prefix):
+        # A directory sorts as its name plus '/', the way the keys under it begin: siblings in
+        # this order give every key in ascending order, as S3 lists them.
+        entries.sort(key=lambda pair: pair[0])
+        for name, entry in entries:
+            key = f"{relative}/{name}" if relative else name
+            if name.endswith("/"):
+                below, key = key, key[:-1]
+                if (below.startswith(prefix) or prefix.startswith(below)) and (
+                    after < below or after.startswith(below)
+                ):
+                    yield from self._walk(Path(entry.path), key, prefix, after)
+            elif key.startswith(prefix) and key > after:
                 yield key
 
     def _path(self, key: str) -> Path:
@@ -242,6 +268,95 @@ class LocalDirectoryStore:
                 detail=f"cannot {action} object {key!r} in {self._root}: a key cannot be both "
                 "an object and the prefix of other keys in a local directory store"
             )
+        detail = f"cannot {action} object {key!r}: {error.strerror or error}"
+        if error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return DatastoreFull(location=str(self._root), detail=detail)
+        if error.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+            return DatastoreReadOnly(location=str(self._root), detail=detail)
         return DatastoreError(
             detail=f"cannot {action} object {key!r} in {self._root}: {error.strerror or error}"
         )
+
+    # --- the writer lease --------------------------------------------------------------------
+
+    def acquire_writer_lease(
+        self,
+        holder: LeaseHolder,
+        *,
+        duration: float = DEFAULT_LEASE_SECONDS,
+        clock: Clock | None = None,
+    ) -> LocalWriterLease:
+        """An exclusive flock on `.writer-lease`, held until released or the process ends."""
+        path = self._root / LEASE_FILE
+        try:
+            self._root.mkdir(mode=0o700, parents=True, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as error:
+            raise self._error("lock", LEASE_FILE, error) from error
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            try:
+                record = _read_lease(fd, str(path))
+            finally:
+                os.close(fd)
+            raise held_error(str(self._root), record) from None
+        except OSError as error:
+            os.close(fd)
+            raise self._error("lock", LEASE_FILE, error) from error
+        lease = LocalWriterLease(str(self._root), holder, fd)
+        try:
+            lease._write(LeaseRecord(holder, expires_at=None))
+        except BaseException:
+            lease.release()
+            raise
+        return lease
+
+
+def _read_lease(fd: int, what: str) -> LeaseRecord:
+    """The record in a lock file someone else holds; a placeholder if it has none yet (they
+    locked it and have not written it, or crashed in between)."""
+    data = os.pread(fd, 64 << 10, 0)
+    try:
+        return LeaseRecord.decode(data, what)
+    except CorruptData:
+        return LeaseRecord(LeaseHolder("unknown", "unknown host", 0, "unknown address"), None)
+
+
+class LocalWriterLease:
+    """A held flock on a local datastore's `.writer-lease`; nothing to renew while we live."""
+
+    duration: float | None = None
+    expires_at: float | None = None
+
+    def __init__(self, location: str, holder: LeaseHolder, fd: int) -> None:
+        self.location = location
+        self.holder = holder
+        self._fd: int | None = fd
+        self._lock = threading.Lock()
+
+    def _write(self, record: LeaseRecord) -> None:
+        assert self._fd is not None
+        data = record.encode()
+        os.ftruncate(self._fd, 0)
+        os.pwrite(self._fd, data, 0)
+
+    def renew(self) -> None:
+        with self._lock:
+            if self._fd is None:
+                raise WriterLeaseLost(location=self.location, detail="it was released")
+
+    def release(self) -> None:
+        with self._lock:
+            if self._fd is None:
+                return
+            fd, self._fd = self._fd, None
+            try:
+                # Whoever looks next sees who held it last and that it was let go.
+                data = LeaseRecord(self.holder, expires_at=None, released=True).encode()
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, data, 0)
+            except OSError:
+                pass  # the lock goes with the descriptor either way; the record is a courtesy
+            finally:
+                os.close(fd)

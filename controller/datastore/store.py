@@ -2,27 +2,47 @@
 
 The layout, formats and commit rules are described in the package docstring
 (`controller.datastore`). This class names the keys, checks every input, and keeps the order
-of writes that makes a recovery point appear only once it is complete. It holds no mutable
-state beyond its backend, so one instance serves every executor thread of the controller.
+of writes that makes a recovery point appear only once it is complete. One instance serves
+every executor thread of the controller; its only mutable state is the keyring of an encrypted
+datastore, which a key rotation replaces in one step.
+
+An encrypted datastore (format 2) reads and writes every object through an `EncryptingStore`
+(encrypted.py) over the storage, names chunks with its vault's keyed BLAKE3, and keeps its
+wrapped keys in `datastore.json` (keys.py). A format-1 datastore reads and writes as it always
+has: plain objects, plain BLAKE3 names.
 """
 
 from __future__ import annotations
 
 import json
 import re
+import threading
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
 from typing import Any
 
 from controller.datastore.backend import ObjectInfo, ObjectStore
+from controller.datastore.encrypted import CIPHER_NAME, EncryptingStore
+from controller.datastore.keys import Keyring, MasterKey, WrappedKeyring, export_text
 from shared.blob import Compression, decode_blob, decompress, encode_blob
-from shared.digest import CHUNK_HASH, ZERO_DIGEST, check_digest, chunk_digest, sha256
+from shared.clock import Clock, SystemClock
+from shared.digest import (
+    CHUNK_HASH,
+    KEYED_CHUNK_HASH,
+    PLAIN_CHUNK_HASH,
+    ZERO_DIGEST,
+    ChunkHash,
+    check_digest,
+    sha256,
+)
 from shared.errors import (
     ChunkDigestMismatch,
     ChunkMissing,
     Conflict,
     CorruptData,
     InvalidArgument,
+    KeyUnavailable,
     NotFound,
     UnsupportedFormat,
 )
@@ -30,7 +50,13 @@ from shared.index import DiskIndex, check_disk_name
 from shared.manifest import RecoveryPointManifest
 
 CONFIG_KEY = "datastore.json"
-CONFIG_FORMAT = 1
+PLAIN_FORMAT = 1
+"""Plain objects, chunks named by plain BLAKE3: what Coffer wrote before encryption at rest."""
+ENCRYPTED_FORMAT = 2
+"""Every object but datastore.json encrypted, chunks named by keyed BLAKE3, wrapped keys."""
+CONFIG_FORMAT = ENCRYPTED_FORMAT
+"""The newest datastore format this code reads and writes."""
+NO_ENCRYPTION = "none"
 CHUNKS = "chunks/"
 INDEXES = "indexes/"
 MANIFESTS = "manifests/"
@@ -69,13 +95,32 @@ def manifest_key(rp_id: str) -> str:
     return f"{MANIFESTS}{check_recovery_point_id(rp_id)}{MANIFEST_SUFFIX}"
 
 
+_FORMATS = {
+    # format: (hash, encryption); compression is zstd in both.
+    PLAIN_FORMAT: (CHUNK_HASH, NO_ENCRYPTION),
+    ENCRYPTED_FORMAT: (KEYED_CHUNK_HASH, CIPHER_NAME),
+}
+_VAULT = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
+
+
 @dataclass(frozen=True)
 class DatastoreConfig:
-    """The settings every writer of a datastore must agree on (`datastore.json`)."""
+    """The settings every writer of a datastore must agree on (`datastore.json`).
+
+    Format 1: {"format", "chunk_size", "hash": "blake3", "compression": "zstd"}.
+    Format 2 adds "encryption": "aes-256-gcm", the "vault" it belongs to, and its "keys"
+    (keys.py: the datastore id, the wrapped chunk-id key, the wrapped data keys and which one is
+    current), with "hash": "blake3-keyed". Two configs are equal when their settings are; the
+    keys are not settings (they change on rotation).
+    """
 
     chunk_size: int
     hash: str = CHUNK_HASH
     compression: str = "zstd"
+    encryption: str = NO_ENCRYPTION
+    vault: str = ""
+    """The vault of an encrypted datastore (bound into its wrapped keys); "" in format 1."""
+    keys: WrappedKeyring | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         size = self.chunk_size
@@ -87,14 +132,45 @@ class DatastoreConfig:
             raise InvalidArgument(
                 detail=f"chunk size {size} must be a power of two from 4 KiB to 16 MiB"
             )
+        if (self.hash, self.encryption) not in _FORMATS.values() or self.compression != "zstd":
+            raise InvalidArgument(
+                detail=f"no datastore format has hash {self.hash!r}, compression "
+                f"{self.compression!r} and encryption {self.encryption!r}"
+            )
+        if self.encrypted and _VAULT.fullmatch(self.vault) is None:
+            raise InvalidArgument(
+                detail=f"an encrypted datastore needs a vault name, not {self.vault!r}"
+            )
+
+    @classmethod
+    def plain(cls, chunk_size: int) -> DatastoreConfig:
+        """Format 1: what Coffer wrote before encryption at rest."""
+        return cls(chunk_size)
+
+    @classmethod
+    def encrypted_for(cls, chunk_size: int, vault: str) -> DatastoreConfig:
+        """Format 2 settings for `vault` (its keys are added when they are made)."""
+        return cls(chunk_size, KEYED_CHUNK_HASH, "zstd", CIPHER_NAME, vault)
+
+    @property
+    def encrypted(self) -> bool:
+        return self.encryption != NO_ENCRYPTION
+
+    @property
+    def format(self) -> int:
+        return ENCRYPTED_FORMAT if self.encrypted else PLAIN_FORMAT
 
     def encode(self) -> bytes:
-        document = {
-            "format": CONFIG_FORMAT,
+        document: dict[str, Any] = {
+            "format": self.format,
             "chunk_size": self.chunk_size,
             "hash": self.hash,
             "compression": self.compression,
         }
+        if self.encrypted:
+            if self.keys is None:
+                raise InvalidArgument(detail="an encrypted datastore's settings need its keys")
+            document.update(encryption=self.encryption, vault=self.vault, keys=self.keys.to_json())
         return (json.dumps(document, sort_keys=True, indent=2) + "\n").encode("utf-8")
 
     @classmethod
@@ -111,18 +187,30 @@ class DatastoreConfig:
             raise CorruptData(what=what, detail=f"bad format {version!r}")
         if version > CONFIG_FORMAT:
             raise UnsupportedFormat(what="datastore", version=version, supported=CONFIG_FORMAT)
-        hash_name, compression = document.get("hash"), document.get("compression")
-        if hash_name != CHUNK_HASH or compression != "zstd":
+        hash_name: Any = document.get("hash")
+        compression: Any = document.get("compression")
+        encryption: Any = document.get("encryption", NO_ENCRYPTION)
+        if (hash_name, encryption) != _FORMATS[version] or compression != "zstd":
+            known_hash, known_encryption = _FORMATS[version]
             raise UnsupportedFormat(
-                f"Datastore uses hash {hash_name!r} and compression {compression!r}; this "
-                f"Coffer knows only {CHUNK_HASH} and zstd. Upgrade Coffer to read it.",
+                f"Datastore of format {version} uses hash {hash_name!r}, compression "
+                f"{compression!r} and encryption {encryption!r}; this Coffer knows only "
+                f"{known_hash}, zstd and {known_encryption} in format {version}. Upgrade "
+                "Coffer to read it.",
                 what="datastore",
             )
         chunk_size = document.get("chunk_size")
         if not isinstance(chunk_size, int) or isinstance(chunk_size, bool):
             raise CorruptData(what=what, detail=f"bad chunk size {chunk_size!r}")
+        keys = None
+        vault: Any = ""
+        if version == ENCRYPTED_FORMAT:
+            vault = document.get("vault")
+            if not isinstance(vault, str):
+                raise CorruptData(what=what, detail=f"bad vault {vault!r}")
+            keys = WrappedKeyring.from_json(document.get("keys"), what)
         try:
-            return cls(chunk_size)
+            return cls(chunk_size, hash_name, compression, encryption, vault, keys)
         except InvalidArgument as error:
             raise CorruptData(what=what, detail=error.fields.get("detail")) from None
 
@@ -140,62 +228,268 @@ def _naming(error: UnsupportedFormat, what: str) -> UnsupportedFormat:
 class Datastore:
     """One vault's recovery points: content-addressed chunks, per-disk indexes, manifests."""
 
-    def __init__(self, backend: ObjectStore, config: DatastoreConfig) -> None:
-        """Use `create`, `open` or `open_or_create`; this trusts `config` as given."""
-        self.backend = backend
+    def __init__(
+        self,
+        storage: ObjectStore,
+        config: DatastoreConfig,
+        keyring: Keyring | None = None,
+        master: MasterKey | None = None,
+        clock: Clock | None = None,
+    ) -> None:
+        """Use `create`, `open` or `open_or_create`; this trusts `config` and `keyring` as given."""
+        if config.encrypted != (keyring is not None):
+            raise InvalidArgument(detail="an encrypted datastore is opened with its keyring")
+        self.storage = storage
+        """The storage itself: objects as stored (encrypted, in format 2)."""
         self.config = config
+        self._master = master
+        self._clock = clock or SystemClock()
+        self._rotation = threading.Lock()
+        self._keyring = keyring
+        self._sealed: EncryptingStore | None = None
+        self.backend: ObjectStore = storage
+        """Where the datastore reads and writes its objects, in the clear."""
+        self.chunk_hash: ChunkHash = PLAIN_CHUNK_HASH
+        """How chunks are named: the agent hashes with the same (it gets the key, if keyed)."""
+        if keyring is not None:
+            self._sealed = EncryptingStore(storage, keyring, plain_keys=(CONFIG_KEY,))
+            self.backend = self._sealed
+            self.chunk_hash = ChunkHash(keyring.chunk_id_key)
 
     def __repr__(self) -> str:
-        return f"Datastore({self.backend.location!r}, chunk_size={self.chunk_size})"
+        return (
+            f"Datastore({self.storage.location!r}, format {self.config.format}, "
+            f"chunk_size={self.chunk_size})"
+        )
 
     @property
     def chunk_size(self) -> int:
         return self.config.chunk_size
 
+    @property
+    def encrypted(self) -> bool:
+        return self.config.encrypted
+
     # --- opening -----------------------------------------------------------------------------
 
     @classmethod
-    def create(cls, backend: ObjectStore, chunk_size: int) -> Datastore:
-        """A new datastore in `backend`, or the one already there if its settings are these.
+    def create(
+        cls,
+        storage: ObjectStore,
+        chunk_size: int,
+        *,
+        master: MasterKey | None = None,
+        vault: str = "",
+        clock: Clock | None = None,
+    ) -> Datastore:
+        """A new datastore in `storage`, or the one already there if its settings are these.
 
-        A datastore with other settings is never overwritten: Conflict.
+        With a master key the datastore is encrypted (format 2) and belongs to `vault`: its
+        keys are made here, wrapped by `master` and stored in `datastore.json` before any other
+        object. Without one it is a format-1 datastore. A datastore with other settings is
+        never overwritten: Conflict.
         """
-        wanted = DatastoreConfig(chunk_size)
-        if backend.has(CONFIG_KEY):
-            return cls._matching(backend, wanted)
-        backend.put(CONFIG_KEY, wanted.encode())
+        if master is None:
+            wanted = DatastoreConfig.plain(chunk_size)
+        else:
+            wanted = DatastoreConfig.encrypted_for(chunk_size, vault)
+        if storage.has(CONFIG_KEY):
+            return cls._matching(storage, wanted, master, clock)
+        if master is not None:
+            now = datetime.fromtimestamp((clock or SystemClock()).now(), UTC)
+            keyring = Keyring.generate(vault, now)
+            wanted = replace(wanted, keys=WrappedKeyring.wrap(keyring, master))
+        storage.put(CONFIG_KEY, wanted.encode())
         # Two creators may race; the object store keeps one of the two configs. Reading it back
-        # tells the loser, which must not then write chunks of the wrong size.
-        return cls._matching(backend, wanted)
+        # tells the loser, which must not then write chunks of the wrong size (or keys).
+        return cls._matching(storage, wanted, master, clock)
 
     @classmethod
-    def open_or_create(cls, backend: ObjectStore, chunk_size: int) -> Datastore:
+    def open_or_create(
+        cls,
+        storage: ObjectStore,
+        chunk_size: int,
+        *,
+        master: MasterKey | None = None,
+        vault: str = "",
+        clock: Clock | None = None,
+    ) -> Datastore:
         """Same as `create`, named for callers that usually find the datastore there."""
-        return cls.create(backend, chunk_size)
+        return cls.create(storage, chunk_size, master=master, vault=vault, clock=clock)
 
     @classmethod
-    def open(cls, backend: ObjectStore) -> Datastore:
-        """The datastore in `backend`; NotFound if none was created there."""
-        return cls(backend, cls._read_config(backend))
+    def open(
+        cls,
+        storage: ObjectStore,
+        *,
+        master: MasterKey | None = None,
+        require_encryption: bool = False,
+        clock: Clock | None = None,
+    ) -> Datastore:
+        """The datastore in `storage`; NotFound if none was created there.
+
+        An encrypted datastore needs the master key that wraps its keys: KeyUnavailable
+        without one, WrongKey with another. A caller that knows the datastore was encrypted
+        (its catalog says so) passes `require_encryption`: a format-1 `datastore.json` is then
+        refused, so that whoever can write the storage cannot make the controller write plain
+        objects by replacing it.
+        """
+        config = cls._read_config(storage)
+        if require_encryption and not config.encrypted:
+            raise CorruptData(
+                what=f"datastore at {storage.location}",
+                detail="its datastore.json says it is not encrypted (format 1), but it was "
+                "created encrypted: datastore.json was replaced; restore it from the key export",
+            )
+        return cls(storage, config, cls._unwrap(storage, config, master), master, clock)
 
     @classmethod
-    def _read_config(cls, backend: ObjectStore) -> DatastoreConfig:
+    def _unwrap(
+        cls, storage: ObjectStore, config: DatastoreConfig, master: MasterKey | None
+    ) -> Keyring | None:
+        if config.keys is None:
+            return None
+        if master is None:
+            raise KeyUnavailable(
+                what=f"datastore of vault {config.vault!r} at {storage.location}",
+                detail="it is encrypted and no master key is configured; give the controller "
+                f"the one that wraps its keys ({config.keys.describe_master()})",
+            )
+        return config.keys.unwrap(master, config.vault, storage.location)
+
+    @classmethod
+    def _read_config(cls, storage: ObjectStore) -> DatastoreConfig:
         try:
-            data = backend.get(CONFIG_KEY)
+            data = storage.get(CONFIG_KEY)
         except NotFound:
-            raise NotFound(kind="datastore", name=backend.location) from None
+            raise NotFound(kind="datastore", name=storage.location) from None
         return DatastoreConfig.decode(data)
 
     @classmethod
-    def _matching(cls, backend: ObjectStore, wanted: DatastoreConfig) -> Datastore:
-        found = cls._read_config(backend)
+    def _matching(
+        cls,
+        storage: ObjectStore,
+        wanted: DatastoreConfig,
+        master: MasterKey | None,
+        clock: Clock | None,
+    ) -> Datastore:
+        found = cls._read_config(storage)
         if found != wanted:
-            raise Conflict(
-                detail=f"the datastore at {backend.location} already exists with chunk size "
-                f"{found.chunk_size}, hash {found.hash} and compression {found.compression}; "
-                f"it cannot be used with chunk size {wanted.chunk_size}"
+            encryption = f"encryption {found.encryption}" + (
+                f" for vault {found.vault!r}" if found.encrypted else ""
             )
-        return cls(backend, found)
+            raise Conflict(
+                detail=f"the datastore at {storage.location} already exists with chunk size "
+                f"{found.chunk_size}, hash {found.hash}, compression {found.compression} and "
+                f"{encryption}; it cannot be used with chunk size {wanted.chunk_size}, "
+                f"encryption {wanted.encryption}"
+                + (f" for vault {wanted.vault!r}" if wanted.encrypted else "")
+            )
+        return cls(storage, found, cls._unwrap(storage, found, master), master, clock)
+
+    # --- keys of an encrypted datastore -------------------------------------------------------
+
+    @property
+    def current_data_key(self) -> int:
+        """The data key that encrypts objects written now; Conflict if not encrypted."""
+        return self._encrypted_keyring().current
+
+    @property
+    def data_keys(self) -> tuple[int, ...]:
+        """The ids of every data key the datastore holds; Conflict if not encrypted."""
+        return tuple(sorted(self._encrypted_keyring().data_keys))
+
+    def rotate_master_key(self, new_master: MasterKey) -> int:
+        """Re-wrap every key of this datastore under `new_master`; how many keys were re-wrapped.
+
+        One object is written (`datastore.json`, atomically): no chunk, index or manifest is
+        read or rewritten, so it takes as long as one KDF run at most. The keys stay the same,
+        so every object stays readable. The new `datastore.json` is read back and unwrapped
+        with `new_master` before this returns; if that fails the previous one is put back.
+        """
+        with self._rotation:
+            keyring = self._encrypted_keyring()
+            self._store_keys(keyring, new_master)
+            self._master = new_master
+            return 1 + len(keyring.data_keys)
+
+    def new_data_key(self) -> int:
+        """Start a new data key; its id. Objects written from now on are encrypted with it;
+        older ones stay readable with the key their header names. Chunks are named as before
+        (the chunk-id key does not change), so deduplication goes on across the rotation."""
+        with self._rotation:
+            keyring = self._encrypted_keyring()
+            if self._master is None:
+                raise KeyUnavailable(
+                    what=f"datastore at {self.storage.location}",
+                    detail="it was opened without its master key",
+                )
+            now = datetime.fromtimestamp(self._clock.now(), UTC)
+            rotated = keyring.with_new_data_key(now)
+            # Stored before any object is sealed with it: an object must never name a key
+            # that the datastore does not hold.
+            self._store_keys(rotated, self._master)
+            assert self._sealed is not None
+            self._sealed.use(rotated)
+            self._keyring = rotated
+            return rotated.current
+
+    def export_keys(self) -> str:
+        """The key export: `datastore.json` (wrapped keys only) and how to recover with it."""
+        self._encrypted_keyring()
+        document = self.storage.get(CONFIG_KEY)
+        config = DatastoreConfig.decode(document)
+        assert config.keys is not None
+        return export_text(
+            document,
+            config.keys,
+            config.vault,
+            self.storage.location,
+            datetime.fromtimestamp(self._clock.now(), UTC),
+        )
+
+    def _encrypted_keyring(self) -> Keyring:
+        if self._keyring is None:
+            raise Conflict(
+                detail=f"the datastore at {self.storage.location} is not encrypted (format "
+                f"{self.config.format}); it has no keys to rotate or export until it is upgraded"
+            )
+        return self._keyring
+
+    def _store_keys(self, keyring: Keyring, master: MasterKey) -> None:
+        """Write `keyring` wrapped by `master` as `datastore.json`, and check it reads back."""
+        previous = self.storage.get(CONFIG_KEY)
+        stored = DatastoreConfig.decode(previous)
+        opened = self.config.keys
+        # One writer per datastore: what is stored is what this instance opened. Anything
+        # else (a restored export, another process) is not overwritten blindly.
+        if (
+            stored != self.config
+            or stored.keys is None
+            or opened is None
+            or stored.keys.to_json() != opened.to_json()
+        ):
+            raise Conflict(
+                detail=f"datastore.json at {self.storage.location} changed since the datastore "
+                "was opened; reopen it before rotating keys"
+            )
+        config = replace(self.config, keys=WrappedKeyring.wrap(keyring, master))
+        self.storage.put(CONFIG_KEY, config.encode())
+        try:
+            check = DatastoreConfig.decode(self.storage.get(CONFIG_KEY))
+            if check.keys is None:
+                raise CorruptData(what=CONFIG_KEY, detail="the keys did not read back")
+            reread = check.keys.unwrap(master, check.vault, self.storage.location)
+            if (reread.chunk_id_key, dict(reread.data_keys), reread.current) != (
+                keyring.chunk_id_key,
+                dict(keyring.data_keys),
+                keyring.current,
+            ):
+                raise CorruptData(what=CONFIG_KEY, detail="the keys read back differ")
+        except BaseException:
+            self.storage.put(CONFIG_KEY, previous)
+            raise
+        self.config = config
 
     # --- chunks ------------------------------------------------------------------------------
 
@@ -218,7 +512,13 @@ class Datastore:
         return missing
 
     def put_chunk(
-        self, digest: bytes, payload: bytes, compression: Compression | int, raw_size: int
+        self,
+        digest: bytes,
+        payload: bytes,
+        compression: Compression | int,
+        raw_size: int,
+        *,
+        replace: bool = False,
     ) -> int:
         """Verify and store a chunk as received; the bytes written (0 if it was already here).
 
@@ -226,6 +526,11 @@ class Datastore:
         `digest` raises ChunkDigestMismatch, one that does not decompress to `raw_size` bytes
         raises CorruptData, and nothing is stored in either case. This holds also when the
         digest is already stored, so a sender's error is reported the same way every time.
+
+        With `replace`, the chunk is written even if an object exists under its name: that
+        object is known to be damaged (a verify or a failed read found it so), and a chunk's
+        name proves nothing about its bytes. The put is atomic, so a reader sees the damaged
+        object or the good one, never a mix.
         """
         check_digest(digest)
         if digest == ZERO_DIGEST:
@@ -241,11 +546,11 @@ class Datastore:
         except ValueError:
             raise InvalidArgument(detail=f"unknown chunk compression {compression!r}") from None
         raw = decompress(kind, payload, raw_size)
-        actual = chunk_digest(raw)
+        actual = self.chunk_hash.digest(raw)
         if actual != digest:
             raise ChunkDigestMismatch(actual=actual.hex(), claimed=digest.hex())
         key = chunk_key(digest)
-        if self.backend.has(key):
+        if not replace and self.backend.has(key):
             return 0
         blob = encode_blob(kind, raw_size, payload)
         self.backend.put(key, blob)
@@ -265,6 +570,10 @@ class Datastore:
             data = self.backend.get(key)
         except NotFound:
             raise ChunkMissing(digest=digest.hex()) from None
+        except CorruptData as error:  # it does not decrypt
+            raise CorruptData(
+                what=f"chunk {digest.hex()}", detail=error.fields.get("detail")
+            ) from None
         try:
             compression, raw_size, payload = decode_blob(data)
         except CorruptData as error:
@@ -287,7 +596,7 @@ class Datastore:
             raise CorruptData(
                 what=f"chunk {digest.hex()}", detail=error.fields.get("detail")
             ) from None
-        actual = chunk_digest(raw)
+        actual = self.chunk_hash.digest(raw)
         if actual != digest:
             raise CorruptData(
                 what=f"chunk {digest.hex()}", detail=f"its bytes hash to {actual.hex()}"
@@ -436,6 +745,11 @@ class Datastore:
             return self.backend.get(index_key(rp_id, disk))
         except NotFound:
             raise NotFound(kind="disk index", name=f"{rp_id}/{disk}") from None
+        except CorruptData as error:  # it does not decrypt
+            raise CorruptData(
+                what=f"index of disk {disk!r} of recovery point {rp_id}",
+                detail=error.fields.get("detail"),
+            ) from None
 
     def _decode_index(self, rp_id: str, disk: str, data: bytes) -> DiskIndex:
         what = f"index of disk {disk!r} of recovery point {rp_id}"
@@ -464,7 +778,14 @@ class Datastore:
         encoded = manifest.encode()
         referenced: set[bytes] = set()
         for entry in manifest.disks:
-            data = self._get_index_bytes(manifest.id, entry.name)
+            try:
+                data = self._get_index_bytes(manifest.id, entry.name)
+            except CorruptData as error:  # damaged beyond decrypting: not the recorded one
+                raise Conflict(
+                    detail=f"the stored index of disk {entry.name!r} is not the one manifest "
+                    f"{manifest.id} records ({error.fields.get('detail')}); the recovery "
+                    "point was not committed"
+                ) from None
             if sha256(data).hex() != entry.index_sha256:
                 raise Conflict(
                     detail=f"the stored index of disk {entry.name!r} is not the one manifest "
@@ -499,11 +820,13 @@ class Datastore:
 
     def get_manifest(self, rp_id: str) -> RecoveryPointManifest:
         """The manifest of a committed recovery point; NotFound if there is none."""
+        what = f"manifest of recovery point {rp_id}"
         try:
             data = self.backend.get(manifest_key(rp_id))
         except NotFound:
             raise NotFound(kind="recovery point", name=rp_id) from None
-        what = f"manifest of recovery point {rp_id}"
+        except CorruptData as error:  # it does not decrypt
+            raise CorruptData(what=what, detail=error.fields.get("detail")) from None
         try:
             manifest = RecoveryPointManifest.decode(data)
         except CorruptData as error:

@@ -34,6 +34,9 @@ class AgentJob(RunningJob):
 
     reply: asyncio.Future[agent_pb2.CommandResult] | None = None
     """The agent's answer to the job's command, while one is awaited."""
+    result: agent_pb2.CommandResult | None = None
+    """The agent's answer once it came, failed or not (a failed restore names the chunks
+    that failed the agent's check)."""
 
 
 async def run_command(
@@ -46,6 +49,7 @@ async def run_command(
     running.reply = session.send(command, job.id)
     try:
         result = await running.reply
+        running.result = result
     finally:
         running.reply = None
     if not result.ok:

@@ -35,6 +35,7 @@ from functools import partial
 
 from controller.catalog import Catalog, JobRecord, RecoveryPointRecord
 from controller.datastores import Datastores
+from controller.integrity import Integrity
 from controller.jobs.agent_command import AgentJob, run_command
 from controller.jobs.agent_command import cancel as cancel_agent_job
 from controller.jobs.dispatcher import Dispatcher
@@ -93,6 +94,7 @@ class Backups:
         runner: JobRunner,
         clock: Clock,
         pool: Executor,
+        integrity: Integrity | None = None,
     ) -> None:
         self._catalog = catalog
         self._registry = registry
@@ -100,6 +102,7 @@ class Backups:
         self._runner = runner
         self._clock = clock
         self._pool = pool
+        self._integrity = integrity
         self.dispatcher: Dispatcher[RunningBackup] = Dispatcher(
             clock, registry.online, self._start, self._expire
         )
@@ -148,6 +151,7 @@ class Backups:
         running.after_end += [
             partial(self._release, running),
             partial(self._count_stored, running),
+            partial(self._spread_damage, running),
             partial(self._tell, running),
         ]
         await self._runner.admit(running)
@@ -202,6 +206,9 @@ class Backups:
             pool=self._pool,
             previous=previous,
             on_stored=partial(self._stored, running),
+            vault=job.vault,
+            health=await self._datastores.health(job.vault),
+            integrity=self._integrity,
         )
         running.vm = {
             "name": session.hello.name,
@@ -220,6 +227,8 @@ class Backups:
                     chunk_size=datastore.chunk_size,
                     disks=list(running.requested_disks),
                     previous_recovery_point_id=previous.id if previous else "",
+                    # The agent names chunks as the datastore does (never logged).
+                    chunk_id_key=datastore.chunk_hash.key or b"",
                 )
             ),
         )
@@ -293,6 +302,22 @@ class Backups:
         # the stop cut short is counted by the next start, with its failure.
         if not self._runner.left_for_next_start(job):
             await self._catalog.add_stored_bytes(job.vault, job.bytes_stored)
+
+    async def _spread_damage(self, running: RunningBackup) -> None:
+        """Chunks of its base found missing damage the vault's other recovery points that
+        reference them too: found now, when the backup no longer waits for it."""
+        transaction = running.transaction
+        if transaction is None or self._integrity is None or not transaction.found_missing:
+            return
+        lost = {
+            digest: reason
+            for digest, reason in transaction.found_missing.items()
+            if digest not in transaction.repaired
+        }
+        base = transaction.previous.id if transaction.previous is not None else ""
+        await self._integrity.spread(
+            running.record.vault, lost, by=running.record.id, exclude={base}
+        )
 
     async def _tell(self, running: RunningBackup) -> None:
         job = running.record

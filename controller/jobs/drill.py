@@ -15,6 +15,10 @@ the recovery point: when, how long the restores took, what the checks found. The
   on it as a failed drill; any other (the drill agent offline, its directory missing, a
   cancel) says nothing about the recovery point and is recorded on the job only.
 
+A chunk that cannot be read back fails the drill as it fails a restore (`DataCorrupted`,
+exit 7): the chunk is marked bad and the recovery points that need it damaged
+(`controller.integrity`), and the drill is recorded failed on the recovery point.
+
 The drill agent reads chunks as a restore's target agent does: only those of the disk being
 drilled, only while the job runs (`RestoreSession`; a drill's `agent_vm` is the drill agent,
 not the VM drilled). Drills on one drill agent run one at a time (each holds a scratch image
@@ -40,12 +44,13 @@ from controller.catalog import (
     RestoreTarget,
 )
 from controller.datastores import Datastores
+from controller.integrity import Integrity
 from controller.jobs.agent_command import run_command
-from controller.jobs.restore import RestoreSession, RunningRestore, record_result
+from controller.jobs.restore import RestoreSession, RunningRestore, record_damage, record_result
 from controller.jobs.runner import JobRunner
 from controller.registry import AgentRegistry
 from shared.clock import Clock
-from shared.errors import CofferError, DrillFailed, JobCancelled
+from shared.errors import CofferError, DataCorrupted, DrillFailed, JobCancelled
 from shared.model import DrillOutcome, Operation, RestoreMode, Trigger
 from shared.rpc import agent_pb2
 
@@ -118,6 +123,7 @@ class DrillJobs:
         runner: JobRunner,
         clock: Clock,
         pool: Executor,
+        integrity: Integrity | None = None,
     ) -> None:
         self._catalog = catalog
         self._registry = registry
@@ -125,6 +131,7 @@ class DrillJobs:
         self._runner = runner
         self._clock = clock
         self._pool = pool
+        self._integrity = integrity
         self._agents: dict[str, asyncio.Lock] = {}
 
     async def start(
@@ -211,22 +218,28 @@ class DrillJobs:
             self._pool,
         )
         running.session = session
-        try:
-            return await run_command(
-                running,
-                agent,
-                agent_pb2.ControllerMessage(
-                    restore=agent_pb2.RestoreCommand(
-                        job_id=job.id,
-                        recovery_point_id=rp.id,
-                        disk=disk,
-                        target_path=scratch_path(directory, job.id, disk),
-                        size_bytes=rp_disk.size_bytes,
-                        chunk_size=rp_disk.chunk_size,
-                        mode=agent_pb2.RESTORE_MODE_DRILL,
-                    )
-                ),
+        running.since = (await self._datastores.health(rp.vault)).generation
+        running.found_bad = {}
+        command = agent_pb2.ControllerMessage(
+            restore=agent_pb2.RestoreCommand(
+                job_id=job.id,
+                recovery_point_id=rp.id,
+                disk=disk,
+                target_path=scratch_path(directory, job.id, disk),
+                size_bytes=rp_disk.size_bytes,
+                chunk_size=rp_disk.chunk_size,
+                mode=agent_pb2.RESTORE_MODE_DRILL,
+                # The agent verifies chunks as the datastore names them (never logged).
+                chunk_id_key=session.datastore.chunk_hash.key or b"",
             )
+        )
+        try:
+            return await run_command(running, agent, command)
+        except DataCorrupted:
+            # As a restore's: the chunks found bad are marked, the points that need them
+            # damaged, while the session still knows the disk's index.
+            await record_damage(running, self._integrity, self._pool)
+            raise
         finally:
             running.session = None
             session.release()

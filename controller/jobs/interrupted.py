@@ -7,7 +7,9 @@ running, and queued backups. At the next start:
   committed and only lacked its catalog row: the recovery point is complete, so its row is
   written and the job is `Completed`;
 - every other job is `Failed` with `ControllerRestarted`, and a backup's uploads are counted in
-  its vault's stored bytes (they are in the datastore until collected).
+  its vault's stored bytes (they are in the datastore until collected); a file recovery's
+  message says its agent closed what it had open (the session ended with the stop, and a
+  mount ends with its session).
 
 The job manager keeps the failed ones (`JobManager.interrupted`): the protection manager shows
 an interrupted backup's failure on its item and runs an interrupted scheduled backup again for
@@ -34,6 +36,11 @@ INTERRUPTED_MESSAGE = (
     "The controller stopped while this job ran; it did not complete and left no recovery "
     "point. Run it again."
 )
+# A file recovery's agent lost its session with the stop and took down what it had opened.
+FILE_RECOVERY_INTERRUPTED = (
+    "The controller stopped while this file recovery ran; its agent closed what it had "
+    "opened (a mount is unmounted). Run it again."
+)
 
 
 async def record_interrupted(
@@ -49,6 +56,9 @@ async def record_interrupted(
     for job in interrupted:
         if job.operation is Operation.BACKUP:  # its uploads are in the datastore
             await catalog.add_stored_bytes(job.vault, job.bytes_stored)
+        elif job.operation is Operation.FILE_RECOVERY:
+            job.error_message = FILE_RECOVERY_INTERRUPTED
+            await catalog.update_job(job)
     return interrupted
 
 

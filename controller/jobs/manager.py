@@ -16,20 +16,24 @@ from typing import Any, Self, TypeVar
 from controller.catalog import Catalog, JobRecord, RecoveryPointRecord
 from controller.datastore import Datastore
 from controller.datastores import Datastores
+from controller.integrity import Integrity
 from controller.jobs.agent_command import AgentJob
 from controller.jobs.agent_command import cancel as cancel_agent_job
 from controller.jobs.backup import BackupEnded, Backups, RunningBackup
 from controller.jobs.cancel import ShouldStop, abortable
 from controller.jobs.drill import DrillJobs
+from controller.jobs.file_recovery import FileRecoveries, FileSource, RunningFileRecovery
 from controller.jobs.interrupted import record_interrupted
 from controller.jobs.restore import Restores, RunningRestore
 from controller.jobs.runner import JobRunner, RunningJob
 from controller.registry import AgentRegistry
 from controller.status import StatusMonitor
+from shared.blob import Compression
 from shared.clock import Clock
-from shared.errors import Conflict, PermissionDenied
+from shared.errors import ChunkMissing, Conflict, CorruptData, DataCorrupted, PermissionDenied
 from shared.index import DiskIndex
 from shared.model import JobStatus, Operation, Trigger
+from shared.rpc import agent_pb2
 from shared.supervision import Policy, Supervisor
 
 T = TypeVar("T")
@@ -54,6 +58,7 @@ class JobManager:
         pool: ThreadPoolExecutor,
         *,
         supervisor: Supervisor | None = None,
+        integrity: Integrity | None = None,
     ) -> None:
         self._catalog = catalog
         self._registry = registry
@@ -61,14 +66,24 @@ class JobManager:
         self._clock = clock
         self._pool = pool
         self._runner = JobRunner(catalog, status, clock)
-        self._backups = Backups(catalog, registry, datastores, self._runner, clock, pool)
-        self._restores = Restores(catalog, registry, datastores, self._runner, pool)
-        self._drills = DrillJobs(catalog, registry, datastores, self._runner, clock, pool)
+        # Where bad chunks found by jobs, and chunks they store again, are recorded.
+        self.integrity = integrity or Integrity(catalog, datastores, clock, pool)
+        self._backups = Backups(
+            catalog, registry, datastores, self._runner, clock, pool, self.integrity
+        )
+        self._restores = Restores(catalog, registry, datastores, self._runner, pool, self.integrity)
+        self._drills = DrillJobs(
+            catalog, registry, datastores, self._runner, clock, pool, self.integrity
+        )
+        self._files = FileRecoveries(catalog, registry, datastores, self._runner, pool, clock)
         self._supervisor = supervisor
         self._own_supervisor = supervisor is None
         # Jobs the last shutdown interrupted, failed when the manager started.
         self.interrupted: list[JobRecord] = []
         registry.on_connect.append(lambda vm_id: self.kick())
+        if status is not None:
+            # The monitor shows an agent's progress only for that agent's own running jobs.
+            status.set_job_owner(self._vm_of_running)
 
     async def __aenter__(self) -> Self:
         self.interrupted = await record_interrupted(
@@ -179,6 +194,44 @@ class JobManager:
         """A RestoreDrill job of recovery point `rp` on drill agent `agent` (jobs/drill.py)."""
         return await self._drills.start(rp, agent, directory, trigger)
 
+    async def list_files(
+        self, source: FileSource, path: bytes, limit: int, after: bytes
+    ) -> RunningFileRecovery:
+        """A FileRecovery job listing one page of a directory; returned once it has ended
+        (its `listing` is the page when it succeeded)."""
+        running = await self._files.list_files(source, path, limit, after)
+        await asyncio.shield(running.ended.wait())
+        return running
+
+    async def get_files(
+        self, source: FileSource, paths: list[bytes], destination: str
+    ) -> JobRecord:
+        """A FileRecovery job copying files out on the target VM; returned as it starts."""
+        return (await self._files.get_files(source, paths, destination)).record
+
+    async def mount_files(self, source: FileSource, ttl_seconds: float) -> JobRecord:
+        """A FileRecovery job mounting a recovery point's disk in the target VM; returned
+        once it is mounted (its details say where) or has ended."""
+        running = await self._files.mount(source, ttl_seconds)
+        waits = [
+            asyncio.ensure_future(running.mounted.wait()),
+            asyncio.ensure_future(running.ended.wait()),
+        ]
+        try:
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for wait in waits:
+                wait.cancel()
+        return running.record
+
+    async def unmount_files(self, job_id: str) -> JobRecord:
+        """End a FileRecovery mount now; its record once it has ended."""
+        return await self._files.unmount(job_id)
+
+    def file_recovery_status(self, vm_id: str, status: agent_pb2.FileRecoveryStatus) -> None:
+        """What a FileRecovery job of VM `vm_id` has open and has fetched, as its agent says."""
+        self._files.status(vm_id, status)
+
     def set_limit(self, vault: str, limit: int) -> None:
         """A vault's concurrent backups changed: queued backups may start now."""
         self._backups.dispatcher.set_limit(vault, limit)
@@ -263,6 +316,25 @@ class JobManager:
         assert running.transaction is not None
         running.transaction.chunk_stored(digest, stored)
 
+    async def store_chunk(
+        self,
+        running: RunningBackup,
+        digest: bytes,
+        data: bytes,
+        compression: Compression,
+        raw_size: int,
+    ) -> int:
+        """Verify and store a chunk a backup uploaded (a bad one replaces what the datastore
+        holds under its name); the bytes it added."""
+        assert running.transaction is not None
+        return await running.transaction.store_chunk(digest, data, compression, raw_size)
+
+    async def chunk_unreadable(
+        self, running: RunningRestore, digest: bytes, error: ChunkMissing | CorruptData
+    ) -> DataCorrupted:
+        """A chunk a restore downloads cannot be read: marked bad; the error to fail with."""
+        return await self._restores.chunk_unreadable(running, digest, error)
+
     async def accept_index(self, running: RunningBackup, index: DiskIndex) -> None:
         """Take a disk's index once every chunk it references is known to be durable."""
         assert running.transaction is not None
@@ -272,6 +344,11 @@ class JobManager:
 
     def running(self, job_id: str) -> RunningJob | None:
         return self._runner.get(job_id)
+
+    def _vm_of_running(self, job_id: str) -> str | None:
+        # The VM whose agent does the work and reports its progress (a drill's drill agent).
+        running = self._runner.get(job_id)
+        return running.agent_vm if running is not None else None
 
     def running_job_of(self, vm_id: str) -> str:
         """The job that has the VM to itself now (a backup, queued or running, or a restore)."""

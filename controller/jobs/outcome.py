@@ -68,4 +68,6 @@ _CANCELLED = {
     "deleted, the others are left for the next prune.",
     Operation.GARBAGE_COLLECTION: "Job {job_id} was cancelled; the chunks it had deleted stay "
     "deleted, the others are left for the next collection.",
+    Operation.VERIFY: "Job {job_id} was cancelled; what it found of the recovery points it had "
+    "checked is recorded, the others are left for the next verify.",
 }

@@ -15,6 +15,13 @@ differ are fetched). The target VM must be in the region of the recovery point's
 source VM's agent takes no part in a restore to another VM, and the target agent may read only
 the restored disk's chunks, only while the job runs. The job records what was restored where
 (`RestoreTarget`) and the bytes the agent compared, fetched and wrote.
+
+A restore that meets a bad chunk fails with `DataCorrupted` (exit 7), naming the recovery
+point, disk, chunk and digest: the controller's read of it failed (missing, or its blob
+unreadable; `chunk_unreadable`), or the agent's check of what it downloaded did (the agent
+names the chunk in its result, and the controller reads it again itself before believing it).
+Either way the chunk is marked bad and the recovery points that reference it damaged
+(controller.integrity) before the job ends.
 """
 
 from __future__ import annotations
@@ -32,12 +39,17 @@ from controller.catalog import (
     RestoreTarget,
 )
 from controller.datastore import ChunkGuard, Datastore
+from controller.datastore.verify import MISSING, DamagedChunk, damage_in
 from controller.datastores import Datastores
+from controller.integrity import Integrity
 from controller.jobs.agent_command import AgentJob, run_command
 from controller.jobs.runner import JobRunner
 from controller.registry import AgentRegistry
 from shared.blob import Compression
 from shared.errors import (
+    ChunkMissing,
+    CorruptData,
+    DataCorrupted,
     DiskNotFound,
     InvalidArgument,
     NotFound,
@@ -114,10 +126,28 @@ class RestoreSession:
     def release(self) -> None:
         self.guard.release(self.job_id)
 
+    def position_of(self, digest: bytes) -> int:
+        """Where on the disk `digest` first sits (-1: nowhere)."""
+        return next((n for n in range(len(self.index)) if self.index.digest_at(n) == digest), -1)
+
+    def corrupted(self, digest: bytes, detail: str) -> DataCorrupted:
+        """The error of a restore that met the bad chunk `digest`."""
+        return DataCorrupted(
+            recovery_point=self.recovery_point.id,
+            disk=self.disk,
+            chunk=self.position_of(digest),
+            digest=digest.hex(),
+            detail=f"{detail} (`coffer verify --vault {self.recovery_point.vault}`)",
+        )
+
 
 @dataclass(eq=False)
 class RunningRestore(AgentJob):
     session: RestoreSession | None = None
+    found_bad: dict[bytes, str] = field(default_factory=dict)
+    """Chunks the controller could not read for it (missing, or their blob unreadable)."""
+    since: int = 0
+    """The vault's chunk health generation when it started (controller.datastore.health)."""
 
     @property
     def recovery_point(self) -> RecoveryPointRecord | None:
@@ -138,12 +168,14 @@ class Restores:
         datastores: Datastores,
         runner: JobRunner,
         pool: Executor,
+        integrity: Integrity | None = None,
     ) -> None:
         self._catalog = catalog
         self._registry = registry
         self._datastores = datastores
         self._runner = runner
         self._pool = pool
+        self._integrity = integrity
 
     async def start(
         self,
@@ -208,7 +240,12 @@ class Restores:
             self._datastores.guard(rp.vault),
             self._pool,
         )
-        running = RunningRestore(job, exclusive=True, session=session)
+        running = RunningRestore(
+            job,
+            exclusive=True,
+            session=session,
+            since=(await self._datastores.health(rp.vault)).generation,
+        )
         running.after_end.append(partial(self._release, session))
         try:
             await self._runner.admit(running)
@@ -227,11 +264,17 @@ class Restores:
                 if in_place
                 else agent_pb2.RESTORE_MODE_NEW_IMAGE,
                 overwrite=overwrite,
+                # The agent verifies chunks as the datastore names them (never logged).
+                chunk_id_key=session.datastore.chunk_hash.key or b"",
             )
         )
 
         async def work() -> None:
-            result = await run_command(running, agent, command)
+            try:
+                result = await run_command(running, agent, command)
+            except DataCorrupted:
+                await self._damaged(running)
+                raise
             record_result(job, result)
 
         self._runner.start(running, work)
@@ -254,6 +297,35 @@ class Restores:
     async def _release(session: RestoreSession) -> None:
         session.release()
 
+    async def chunk_unreadable(
+        self, running: RunningRestore, digest: bytes, error: ChunkMissing | CorruptData
+    ) -> DataCorrupted:
+        """The controller could not read a chunk the restore downloads: it is bad, and the
+        restored recovery point damaged. The error the restore fails with."""
+        session = running.session
+        assert session is not None
+        reason = (
+            MISSING
+            if isinstance(error, ChunkMissing)
+            else str(error.fields.get("detail") or error.message)
+        )
+        running.found_bad[digest] = reason
+        if self._integrity is not None:
+            rp = session.recovery_point
+            await self._integrity.found_bad(
+                rp.vault,
+                {digest: reason},
+                since=running.since,
+                by=running.id,
+                damage={rp.id: [DamagedChunk(session.disk, session.position_of(digest), digest,
+                                             reason)]},
+            )  # fmt: skip
+        detail = "it is missing" if reason == MISSING else f"it cannot be read ({reason})"
+        return session.corrupted(digest, detail)
+
+    async def _damaged(self, running: RunningRestore) -> None:
+        await record_damage(running, self._integrity, self._pool)
+
     def in_use(self) -> set[str]:
         """Recovery points running restores read."""
         return {
@@ -261,6 +333,32 @@ class Restores:
             for running in self._runner
             if isinstance(running, RunningRestore) and running.recovery_point is not None
         }
+
+
+async def record_damage(
+    running: RunningRestore, integrity: Integrity | None, pool: Executor
+) -> None:
+    """A restore (or a drill) failed on bad chunks: those the agent named, once the
+    controller's own read confirms them, and those the controller could not read, are bad;
+    every recovery point that references them is damaged. Called while the job's session is
+    still open."""
+    session = running.session
+    if session is None or integrity is None:
+        return
+    rp = session.recovery_point
+    reported = list(running.result.damaged_chunks) if running.result else []
+    confirmed, since = await integrity.confirm(
+        rp.vault, [d for d in reported if d in session.allowed]
+    )
+    if confirmed:
+        damage = await asyncio.get_running_loop().run_in_executor(
+            pool, damage_in, session.index, confirmed
+        )
+        await integrity.found_bad(
+            rp.vault, confirmed, since=since, by=running.id, damage={rp.id: damage}
+        )
+    bad = running.found_bad | confirmed
+    await integrity.spread(rp.vault, bad, by=running.id, exclude={rp.id})
 
 
 def record_result(job: JobRecord, result: agent_pb2.CommandResult) -> None:

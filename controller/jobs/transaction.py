@@ -3,17 +3,25 @@
 A running backup (backup.py) opens one transaction when it starts; the agent's data-path calls
 (agent_service.py: MissingChunks, UploadChunks, PutIndex, FetchIndex of the base) go to it.
 
-- Known digests: chunks this backup has seen durable in the datastore (found there, uploaded
-  by it, or in the previous recovery point it builds on). An index may reference only these,
-  or what a datastore check finds when the index arrives.
+- Known digests: chunks this backup has seen durable in the datastore (found there, or
+  uploaded by it). An index may reference only these, or what a datastore check finds when the
+  index arrives. Nothing is known on trust: the previous recovery point's chunks are checked
+  for presence (in batches, in the pool) before the agent gets its base index.
+- Bad chunks (the vault's `ChunkHealth`, controller.integrity): a chunk known missing or
+  corrupt is never answered "already stored". `MissingChunks` reports it missing, an upload
+  of it replaces what the datastore holds under its name (`put_chunk(replace=True)`) and
+  repairs it, and the base index the agent compares its chunks with has it masked
+  (`MASKED_DIGEST`), so the agent reads, hashes and sends it again even if the disk block did
+  not change. A base chunk found missing is marked bad, and the base recovery point damaged.
 - Chunk holds: every digest the backup relies on is held in the vault's `ChunkGuard` before
   the backup asks the datastore whether it is there (the guard protocol of
   `controller.datastore.gc`), so garbage collection can run beside it: either the hold came
   first and the chunk stays, or the deletion came first and the check finds it missing. The
   holds are released when the job ends (`release`), whatever its outcome.
 - Accepted indexes: a disk's index is taken only once every chunk it references is known to
-  be durable; it is then written to the datastore (before the manifest, which pins its
-  SHA-256).
+  be durable and none is bad (one marked bad while the backup ran, and not stored again by
+  it, fails the backup: its recovery point would be damaged from the start); it is then
+  written to the datastore (before the manifest, which pins its SHA-256).
 - Commit: `manifest` checks the agent's report against the accepted indexes and the disks the
   backup is for, and builds the recovery point's manifest; `commit` writes it (the datastore's
   commit point: the recovery point exists from here) and then the catalog row. The controller
@@ -33,8 +41,11 @@ from typing import TypeVar
 
 from controller.catalog import Catalog, RecoveryPointDiskRecord, RecoveryPointRecord
 from controller.datastore import ChunkGuard, Datastore
+from controller.datastore.health import ChunkHealth
+from controller.datastore.verify import MISSING, damage_in
+from controller.integrity import Integrity
 from shared.blob import Compression
-from shared.digest import ZERO_DIGEST
+from shared.digest import DIGEST_SIZE, MASKED_DIGEST, ZERO_DIGEST
 from shared.errors import ChunkMissing, Conflict, InvalidArgument, NotFound, PermissionDenied
 from shared.index import DiskIndex
 from shared.manifest import ManifestDisk, RecoveryPointManifest
@@ -42,10 +53,26 @@ from shared.model import Consistency, weakest
 
 T = TypeVar("T")
 
+PRESENCE_BATCH = 4096
+"""Digests checked for presence in one trip to the pool."""
+PRESENCE_TRIPS = 4
+"""Batches checked at once: a large base must not take every thread of the pool."""
+
 
 def data_bytes(index: DiskIndex) -> int:
     """Bytes of the disk that hold data: every chunk but the all-zero ones."""
     return sum(index.extent(i)[1] for i in range(len(index)) if index.digest_at(i) != ZERO_DIGEST)
+
+
+def masked(index: DiskIndex, digests: set[bytes]) -> DiskIndex:
+    """`index` with every chunk in `digests` replaced by `MASKED_DIGEST`."""
+    if not digests:
+        return index
+    entries = bytearray(index.digests)
+    for position in range(len(index)):
+        if index.digest_at(position) in digests:
+            entries[position * DIGEST_SIZE : (position + 1) * DIGEST_SIZE] = MASKED_DIGEST
+    return DiskIndex(index.disk, index.size_bytes, index.chunk_size, bytes(entries))
 
 
 def recovery_point_record(
@@ -108,6 +135,16 @@ class BackupTransaction:
     known: set[bytes] = field(default_factory=set)
     indexes: dict[str, AcceptedIndex] = field(default_factory=dict)
     bytes_stored: int = 0
+    vault: str = ""
+    health: ChunkHealth = field(default_factory=ChunkHealth)
+    """The vault's bad chunks (controller.datastore.health)."""
+    integrity: Integrity | None = None
+    """Where found and repaired bad chunks are recorded (None: only in `health`)."""
+    found_missing: dict[bytes, str] = field(default_factory=dict)
+    """Chunks of the base found missing (the backup's end looks for the other recovery points
+    that need them)."""
+    repaired: set[bytes] = field(default_factory=set)
+    """Bad chunks this backup stored again."""
 
     @property
     def chunk_size(self) -> int:
@@ -130,28 +167,85 @@ class BackupTransaction:
         index = await self._in_pool(self.datastore.get_index, rp_id, disk)
         # The base recovery point is not pruned while this backup runs (the job manager's
         # `in_use`), so its manifest keeps its chunks; held as well, for a prune that came
-        # first.
+        # first. Held before they are looked for (the guard protocol): a chunk deleted before
+        # the hold is found missing here.
         referenced = index.referenced()
         self._hold(referenced)
-        self.known.update(referenced)
-        return index
+        since = self.health.generation
+        absent = await self._absent(referenced)
+        if absent:
+            # Gone with its recovery point (pruned and collected before the hold)? Then the
+            # base is gone too, and the agent backs the disk up in full.
+            await self._in_pool(self.datastore.get_manifest, rp_id)
+            await self._base_damaged(rp_id, index, absent, since)
+        mask = absent | self.health.bad_among(referenced)
+        self.known.update(referenced - mask)
+        return await self._in_pool(masked, index, mask)
+
+    async def _base_damaged(
+        self, rp_id: str, index: DiskIndex, absent: set[bytes], since: int
+    ) -> None:
+        """Chunks the base recovery point needs are missing: they are bad, and it damaged."""
+        found = dict.fromkeys(absent, MISSING)
+        self.found_missing.update(found)
+        if self.integrity is None:
+            self.health.mark(absent, since)
+            return
+        damage = await self._in_pool(damage_in, index, found)
+        await self.integrity.found_bad(
+            self.vault, found, since=since, by=self.job_id, damage={rp_id: damage}
+        )
+
+    async def _absent(self, digests: set[bytes]) -> set[bytes]:
+        """Those of `digests` the datastore lacks, asked in batches in the pool."""
+        ordered = list(digests)
+        batches = [
+            ordered[start : start + PRESENCE_BATCH]
+            for start in range(0, len(ordered), PRESENCE_BATCH)
+        ]
+        trips = asyncio.Semaphore(PRESENCE_TRIPS)
+
+        async def check(batch: list[bytes]) -> list[bytes]:
+            async with trips:
+                return await self._in_pool(self.datastore.missing_chunks, batch)
+
+        found = await asyncio.gather(*(check(batch) for batch in batches))
+        return {digest for missing in found for digest in missing}
 
     async def missing_chunks(self, digests: Sequence[bytes]) -> list[bytes]:
-        """Which of `digests` the agent must upload."""
-        unknown = [d for d in digests if d not in self.known]
+        """Which of `digests` the agent must upload: those the datastore lacks, and those it
+        holds damaged (a bad chunk is never answered "already stored")."""
+        unknown = [d for d in digests if d not in self.known or self.health.is_bad(d)]
         # Held before asking: garbage collection either deleted a chunk already (it is then
         # reported missing and uploaded again) or will leave it alone.
         self._hold(unknown)
-        missing = await self._in_pool(self.datastore.missing_chunks, unknown)
-        self.known.update(set(unknown) - set(missing))
-        return missing
+        absent = set(await self._in_pool(self.datastore.missing_chunks, unknown))
+        absent |= self.health.bad_among(unknown)
+        self.known.update(set(unknown) - absent)
+        return [d for d in dict.fromkeys(unknown) if d in absent]
 
     async def store_chunk(
         self, digest: bytes, data: bytes, compression: Compression, raw_size: int
     ) -> int:
-        """Verify and store one uploaded chunk; the bytes it added to the datastore."""
-        stored = await self._in_pool(self.datastore.put_chunk, digest, data, compression, raw_size)
+        """Verify and store one uploaded chunk; the bytes it added to the datastore.
+
+        A chunk known bad replaces what the datastore holds under its name, and is good
+        again from then on (its damaged recovery points heal)."""
+        replace = self.health.is_bad(digest)
+        stored = await self._in_pool(
+            partial(self.datastore.put_chunk, replace=replace),
+            digest,
+            data,
+            compression,
+            raw_size,
+        )
         self.chunk_stored(digest, stored)
+        if replace:
+            self.repaired.add(digest)
+            if self.integrity is not None:
+                await self.integrity.repaired(self.vault, (digest,), by=self.job_id)
+            else:
+                self.health.repaired((digest,))
         return stored
 
     def chunk_stored(self, digest: bytes, stored: int) -> None:
@@ -167,11 +261,21 @@ class BackupTransaction:
             raise InvalidArgument(
                 detail=f"index chunk size {index.chunk_size} is not the job's {self.chunk_size}"
             )
-        unknown = index.referenced() - self.known
+        referenced = index.referenced()
+        unknown = referenced - self.known
         self._hold(unknown)
-        absent = await self._in_pool(self.datastore.missing_chunks, unknown)
+        absent = await self._absent(unknown)
         if absent:
-            raise ChunkMissing(digest=absent[0].hex())
+            raise ChunkMissing(digest=min(absent).hex())
+        # Marked bad while this backup ran (a verify beside it), and not stored again by it.
+        bad = self.health.bad_among(referenced)
+        if bad:
+            raise ChunkMissing(
+                f"{len(bad)} chunk(s) the index of disk {index.disk!r} names (e.g. "
+                f"{min(bad).hex()}) were found damaged in the datastore while this backup ran; "
+                "the recovery point was not committed. The next backup stores them again.",
+                digest=min(bad).hex(),
+            )
         self.known.update(unknown)
         sha = await self._in_pool(self.datastore.put_index, self.rp_id, index)
         size = await self._in_pool(data_bytes, index)

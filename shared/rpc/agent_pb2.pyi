@@ -92,14 +92,16 @@ class Heartbeat(_message.Message):
     def __init__(self, sequence: _Optional[int] = ...) -> None: ...
 
 class AgentMessage(_message.Message):
-    __slots__ = ("hello", "heartbeat", "result")
+    __slots__ = ("hello", "heartbeat", "result", "file_recovery_status")
     HELLO_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_FIELD_NUMBER: _ClassVar[int]
     RESULT_FIELD_NUMBER: _ClassVar[int]
+    FILE_RECOVERY_STATUS_FIELD_NUMBER: _ClassVar[int]
     hello: Hello
     heartbeat: Heartbeat
     result: CommandResult
-    def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., result: _Optional[_Union[CommandResult, _Mapping]] = ...) -> None: ...
+    file_recovery_status: FileRecoveryStatus
+    def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., result: _Optional[_Union[CommandResult, _Mapping]] = ..., file_recovery_status: _Optional[_Union[FileRecoveryStatus, _Mapping]] = ...) -> None: ...
 
 class SessionAccepted(_message.Message):
     __slots__ = ("controller_version", "heartbeat_interval_ms", "mqtt_host", "mqtt_port")
@@ -114,19 +116,21 @@ class SessionAccepted(_message.Message):
     def __init__(self, controller_version: _Optional[str] = ..., heartbeat_interval_ms: _Optional[int] = ..., mqtt_host: _Optional[str] = ..., mqtt_port: _Optional[int] = ...) -> None: ...
 
 class BackupCommand(_message.Message):
-    __slots__ = ("job_id", "chunk_size", "disks", "previous_recovery_point_id")
+    __slots__ = ("job_id", "chunk_size", "disks", "previous_recovery_point_id", "chunk_id_key")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     CHUNK_SIZE_FIELD_NUMBER: _ClassVar[int]
     DISKS_FIELD_NUMBER: _ClassVar[int]
     PREVIOUS_RECOVERY_POINT_ID_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_ID_KEY_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     chunk_size: int
     disks: _containers.RepeatedScalarFieldContainer[str]
     previous_recovery_point_id: str
-    def __init__(self, job_id: _Optional[str] = ..., chunk_size: _Optional[int] = ..., disks: _Optional[_Iterable[str]] = ..., previous_recovery_point_id: _Optional[str] = ...) -> None: ...
+    chunk_id_key: bytes
+    def __init__(self, job_id: _Optional[str] = ..., chunk_size: _Optional[int] = ..., disks: _Optional[_Iterable[str]] = ..., previous_recovery_point_id: _Optional[str] = ..., chunk_id_key: _Optional[bytes] = ...) -> None: ...
 
 class RestoreCommand(_message.Message):
-    __slots__ = ("job_id", "recovery_point_id", "disk", "target_path", "size_bytes", "chunk_size", "mode", "overwrite")
+    __slots__ = ("job_id", "recovery_point_id", "disk", "target_path", "size_bytes", "chunk_size", "mode", "overwrite", "chunk_id_key")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     RECOVERY_POINT_ID_FIELD_NUMBER: _ClassVar[int]
     DISK_FIELD_NUMBER: _ClassVar[int]
@@ -135,6 +139,7 @@ class RestoreCommand(_message.Message):
     CHUNK_SIZE_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
     OVERWRITE_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_ID_KEY_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     recovery_point_id: str
     disk: str
@@ -143,7 +148,8 @@ class RestoreCommand(_message.Message):
     chunk_size: int
     mode: RestoreMode
     overwrite: bool
-    def __init__(self, job_id: _Optional[str] = ..., recovery_point_id: _Optional[str] = ..., disk: _Optional[str] = ..., target_path: _Optional[str] = ..., size_bytes: _Optional[int] = ..., chunk_size: _Optional[int] = ..., mode: _Optional[_Union[RestoreMode, str]] = ..., overwrite: _Optional[bool] = ...) -> None: ...
+    chunk_id_key: bytes
+    def __init__(self, job_id: _Optional[str] = ..., recovery_point_id: _Optional[str] = ..., disk: _Optional[str] = ..., target_path: _Optional[str] = ..., size_bytes: _Optional[int] = ..., chunk_size: _Optional[int] = ..., mode: _Optional[_Union[RestoreMode, str]] = ..., overwrite: _Optional[bool] = ..., chunk_id_key: _Optional[bytes] = ...) -> None: ...
 
 class CancelCommand(_message.Message):
     __slots__ = ("job_id",)
@@ -164,20 +170,24 @@ class SessionDisplaced(_message.Message):
     def __init__(self, peer: _Optional[str] = ..., hostname: _Optional[str] = ..., agent_version: _Optional[str] = ..., at: _Optional[float] = ...) -> None: ...
 
 class ControllerMessage(_message.Message):
-    __slots__ = ("command_id", "accepted", "backup", "restore", "cancel", "displaced")
+    __slots__ = ("command_id", "accepted", "backup", "restore", "cancel", "displaced", "file_recovery", "unmount")
     COMMAND_ID_FIELD_NUMBER: _ClassVar[int]
     ACCEPTED_FIELD_NUMBER: _ClassVar[int]
     BACKUP_FIELD_NUMBER: _ClassVar[int]
     RESTORE_FIELD_NUMBER: _ClassVar[int]
     CANCEL_FIELD_NUMBER: _ClassVar[int]
     DISPLACED_FIELD_NUMBER: _ClassVar[int]
+    FILE_RECOVERY_FIELD_NUMBER: _ClassVar[int]
+    UNMOUNT_FIELD_NUMBER: _ClassVar[int]
     command_id: str
     accepted: SessionAccepted
     backup: BackupCommand
     restore: RestoreCommand
     cancel: CancelCommand
     displaced: SessionDisplaced
-    def __init__(self, command_id: _Optional[str] = ..., accepted: _Optional[_Union[SessionAccepted, _Mapping]] = ..., backup: _Optional[_Union[BackupCommand, _Mapping]] = ..., restore: _Optional[_Union[RestoreCommand, _Mapping]] = ..., cancel: _Optional[_Union[CancelCommand, _Mapping]] = ..., displaced: _Optional[_Union[SessionDisplaced, _Mapping]] = ...) -> None: ...
+    file_recovery: FileRecoveryCommand
+    unmount: UnmountCommand
+    def __init__(self, command_id: _Optional[str] = ..., accepted: _Optional[_Union[SessionAccepted, _Mapping]] = ..., backup: _Optional[_Union[BackupCommand, _Mapping]] = ..., restore: _Optional[_Union[RestoreCommand, _Mapping]] = ..., cancel: _Optional[_Union[CancelCommand, _Mapping]] = ..., displaced: _Optional[_Union[SessionDisplaced, _Mapping]] = ..., file_recovery: _Optional[_Union[FileRecoveryCommand, _Mapping]] = ..., unmount: _Optional[_Union[UnmountCommand, _Mapping]] = ...) -> None: ...
 
 class DiskBackupResult(_message.Message):
     __slots__ = ("disk", "size_bytes", "bytes_read", "bytes_sent", "chunk_count", "zero_chunks", "consistency", "snapshot_provider")
@@ -200,7 +210,7 @@ class DiskBackupResult(_message.Message):
     def __init__(self, disk: _Optional[str] = ..., size_bytes: _Optional[int] = ..., bytes_read: _Optional[int] = ..., bytes_sent: _Optional[int] = ..., chunk_count: _Optional[int] = ..., zero_chunks: _Optional[int] = ..., consistency: _Optional[str] = ..., snapshot_provider: _Optional[str] = ...) -> None: ...
 
 class CommandResult(_message.Message):
-    __slots__ = ("command_id", "job_id", "ok", "error", "disks", "bytes_written", "consistency", "warnings", "frozen_ms", "restore")
+    __slots__ = ("command_id", "job_id", "ok", "error", "disks", "bytes_written", "consistency", "warnings", "frozen_ms", "damaged_chunks", "restore", "file_recovery")
     COMMAND_ID_FIELD_NUMBER: _ClassVar[int]
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     OK_FIELD_NUMBER: _ClassVar[int]
@@ -210,7 +220,9 @@ class CommandResult(_message.Message):
     CONSISTENCY_FIELD_NUMBER: _ClassVar[int]
     WARNINGS_FIELD_NUMBER: _ClassVar[int]
     FROZEN_MS_FIELD_NUMBER: _ClassVar[int]
+    DAMAGED_CHUNKS_FIELD_NUMBER: _ClassVar[int]
     RESTORE_FIELD_NUMBER: _ClassVar[int]
+    FILE_RECOVERY_FIELD_NUMBER: _ClassVar[int]
     command_id: str
     job_id: str
     ok: bool
@@ -220,8 +232,10 @@ class CommandResult(_message.Message):
     consistency: str
     warnings: _containers.RepeatedScalarFieldContainer[str]
     frozen_ms: float
+    damaged_chunks: _containers.RepeatedScalarFieldContainer[bytes]
     restore: RestoreResult
-    def __init__(self, command_id: _Optional[str] = ..., job_id: _Optional[str] = ..., ok: _Optional[bool] = ..., error: _Optional[_Union[_common_pb2.Error, _Mapping]] = ..., disks: _Optional[_Iterable[_Union[DiskBackupResult, _Mapping]]] = ..., bytes_written: _Optional[int] = ..., consistency: _Optional[str] = ..., warnings: _Optional[_Iterable[str]] = ..., frozen_ms: _Optional[float] = ..., restore: _Optional[_Union[RestoreResult, _Mapping]] = ...) -> None: ...
+    file_recovery: FileRecoveryResult
+    def __init__(self, command_id: _Optional[str] = ..., job_id: _Optional[str] = ..., ok: _Optional[bool] = ..., error: _Optional[_Union[_common_pb2.Error, _Mapping]] = ..., disks: _Optional[_Iterable[_Union[DiskBackupResult, _Mapping]]] = ..., bytes_written: _Optional[int] = ..., consistency: _Optional[str] = ..., warnings: _Optional[_Iterable[str]] = ..., frozen_ms: _Optional[float] = ..., damaged_chunks: _Optional[_Iterable[bytes]] = ..., restore: _Optional[_Union[RestoreResult, _Mapping]] = ..., file_recovery: _Optional[_Union[FileRecoveryResult, _Mapping]] = ...) -> None: ...
 
 class RestoreResult(_message.Message):
     __slots__ = ("bytes_compared", "bytes_fetched", "bytes_written", "seconds", "target_path", "checks")
@@ -266,18 +280,20 @@ class FetchIndexRequest(_message.Message):
     def __init__(self, job_id: _Optional[str] = ..., recovery_point_id: _Optional[str] = ..., disk: _Optional[str] = ...) -> None: ...
 
 class IndexPart(_message.Message):
-    __slots__ = ("job_id", "disk", "size_bytes", "chunk_size", "digests")
+    __slots__ = ("job_id", "disk", "size_bytes", "chunk_size", "digests", "chunk_hash")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     DISK_FIELD_NUMBER: _ClassVar[int]
     SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
     CHUNK_SIZE_FIELD_NUMBER: _ClassVar[int]
     DIGESTS_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_HASH_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     disk: str
     size_bytes: int
     chunk_size: int
     digests: bytes
-    def __init__(self, job_id: _Optional[str] = ..., disk: _Optional[str] = ..., size_bytes: _Optional[int] = ..., chunk_size: _Optional[int] = ..., digests: _Optional[bytes] = ...) -> None: ...
+    chunk_hash: str
+    def __init__(self, job_id: _Optional[str] = ..., disk: _Optional[str] = ..., size_bytes: _Optional[int] = ..., chunk_size: _Optional[int] = ..., digests: _Optional[bytes] = ..., chunk_hash: _Optional[str] = ...) -> None: ...
 
 class MissingChunksRequest(_message.Message):
     __slots__ = ("job_id", "digests")
@@ -342,3 +358,129 @@ class ChunkBatch(_message.Message):
     CHUNKS_FIELD_NUMBER: _ClassVar[int]
     chunks: _containers.RepeatedCompositeFieldContainer[Chunk]
     def __init__(self, chunks: _Optional[_Iterable[_Union[Chunk, _Mapping]]] = ...) -> None: ...
+
+class FileRecoveryCommand(_message.Message):
+    __slots__ = ("job_id", "recovery_point_id", "disk", "size_bytes", "chunk_size", "list", "get", "mount", "chunk_id_key")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    RECOVERY_POINT_ID_FIELD_NUMBER: _ClassVar[int]
+    DISK_FIELD_NUMBER: _ClassVar[int]
+    SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_SIZE_FIELD_NUMBER: _ClassVar[int]
+    LIST_FIELD_NUMBER: _ClassVar[int]
+    GET_FIELD_NUMBER: _ClassVar[int]
+    MOUNT_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_ID_KEY_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    recovery_point_id: str
+    disk: str
+    size_bytes: int
+    chunk_size: int
+    list: ListFilesAction
+    get: GetFilesAction
+    mount: MountFilesAction
+    chunk_id_key: bytes
+    def __init__(self, job_id: _Optional[str] = ..., recovery_point_id: _Optional[str] = ..., disk: _Optional[str] = ..., size_bytes: _Optional[int] = ..., chunk_size: _Optional[int] = ..., list: _Optional[_Union[ListFilesAction, _Mapping]] = ..., get: _Optional[_Union[GetFilesAction, _Mapping]] = ..., mount: _Optional[_Union[MountFilesAction, _Mapping]] = ..., chunk_id_key: _Optional[bytes] = ...) -> None: ...
+
+class ListFilesAction(_message.Message):
+    __slots__ = ("path", "limit", "after")
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    AFTER_FIELD_NUMBER: _ClassVar[int]
+    path: bytes
+    limit: int
+    after: bytes
+    def __init__(self, path: _Optional[bytes] = ..., limit: _Optional[int] = ..., after: _Optional[bytes] = ...) -> None: ...
+
+class GetFilesAction(_message.Message):
+    __slots__ = ("paths", "destination")
+    PATHS_FIELD_NUMBER: _ClassVar[int]
+    DESTINATION_FIELD_NUMBER: _ClassVar[int]
+    paths: _containers.RepeatedScalarFieldContainer[bytes]
+    destination: str
+    def __init__(self, paths: _Optional[_Iterable[bytes]] = ..., destination: _Optional[str] = ...) -> None: ...
+
+class MountFilesAction(_message.Message):
+    __slots__ = ("ttl_seconds",)
+    TTL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    ttl_seconds: float
+    def __init__(self, ttl_seconds: _Optional[float] = ...) -> None: ...
+
+class UnmountCommand(_message.Message):
+    __slots__ = ("job_id",)
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    def __init__(self, job_id: _Optional[str] = ...) -> None: ...
+
+class RecoveredFileSystem(_message.Message):
+    __slots__ = ("name", "fs_type", "path", "partition", "offset_bytes", "size_bytes", "skipped")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    FS_TYPE_FIELD_NUMBER: _ClassVar[int]
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    PARTITION_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_BYTES_FIELD_NUMBER: _ClassVar[int]
+    SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    SKIPPED_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    fs_type: str
+    path: str
+    partition: int
+    offset_bytes: int
+    size_bytes: int
+    skipped: str
+    def __init__(self, name: _Optional[str] = ..., fs_type: _Optional[str] = ..., path: _Optional[str] = ..., partition: _Optional[int] = ..., offset_bytes: _Optional[int] = ..., size_bytes: _Optional[int] = ..., skipped: _Optional[str] = ...) -> None: ...
+
+class FileRecoveryStatus(_message.Message):
+    __slots__ = ("job_id", "file_systems", "mounted", "chunks_fetched", "bytes_fetched", "raw_bytes_fetched")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    FILE_SYSTEMS_FIELD_NUMBER: _ClassVar[int]
+    MOUNTED_FIELD_NUMBER: _ClassVar[int]
+    CHUNKS_FETCHED_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FETCHED_FIELD_NUMBER: _ClassVar[int]
+    RAW_BYTES_FETCHED_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    file_systems: _containers.RepeatedCompositeFieldContainer[RecoveredFileSystem]
+    mounted: bool
+    chunks_fetched: int
+    bytes_fetched: int
+    raw_bytes_fetched: int
+    def __init__(self, job_id: _Optional[str] = ..., file_systems: _Optional[_Iterable[_Union[RecoveredFileSystem, _Mapping]]] = ..., mounted: _Optional[bool] = ..., chunks_fetched: _Optional[int] = ..., bytes_fetched: _Optional[int] = ..., raw_bytes_fetched: _Optional[int] = ...) -> None: ...
+
+class FileListing(_message.Message):
+    __slots__ = ("path", "entries", "next_after")
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    NEXT_AFTER_FIELD_NUMBER: _ClassVar[int]
+    path: bytes
+    entries: _containers.RepeatedCompositeFieldContainer[_common_pb2.FileEntry]
+    next_after: bytes
+    def __init__(self, path: _Optional[bytes] = ..., entries: _Optional[_Iterable[_Union[_common_pb2.FileEntry, _Mapping]]] = ..., next_after: _Optional[bytes] = ...) -> None: ...
+
+class FileCopyReport(_message.Message):
+    __slots__ = ("files", "directories", "symlinks", "hard_links", "bytes_written", "skipped_count", "skipped")
+    FILES_FIELD_NUMBER: _ClassVar[int]
+    DIRECTORIES_FIELD_NUMBER: _ClassVar[int]
+    SYMLINKS_FIELD_NUMBER: _ClassVar[int]
+    HARD_LINKS_FIELD_NUMBER: _ClassVar[int]
+    BYTES_WRITTEN_FIELD_NUMBER: _ClassVar[int]
+    SKIPPED_COUNT_FIELD_NUMBER: _ClassVar[int]
+    SKIPPED_FIELD_NUMBER: _ClassVar[int]
+    files: int
+    directories: int
+    symlinks: int
+    hard_links: int
+    bytes_written: int
+    skipped_count: int
+    skipped: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, files: _Optional[int] = ..., directories: _Optional[int] = ..., symlinks: _Optional[int] = ..., hard_links: _Optional[int] = ..., bytes_written: _Optional[int] = ..., skipped_count: _Optional[int] = ..., skipped: _Optional[_Iterable[bytes]] = ...) -> None: ...
+
+class FileRecoveryResult(_message.Message):
+    __slots__ = ("status", "listing", "copied", "ended_by")
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    LISTING_FIELD_NUMBER: _ClassVar[int]
+    COPIED_FIELD_NUMBER: _ClassVar[int]
+    ENDED_BY_FIELD_NUMBER: _ClassVar[int]
+    status: FileRecoveryStatus
+    listing: FileListing
+    copied: FileCopyReport
+    ended_by: str
+    def __init__(self, status: _Optional[_Union[FileRecoveryStatus, _Mapping]] = ..., listing: _Optional[_Union[FileListing, _Mapping]] = ..., copied: _Optional[_Union[FileCopyReport, _Mapping]] = ..., ended_by: _Optional[str] = ...) -> None: ...

@@ -122,7 +122,10 @@ class AgentServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Check(self, request, context):
-        """What `coffer-agent doctor` asks: is the controller reachable with this identity, where is
+        """(DownloadChunks and FetchIndex also serve a running FileRecovery job: the chunks and the
+        index of the one disk of the one recovery point it reads.)
+
+        What `coffer-agent doctor` asks: is the controller reachable with this identity, where is
         the broker, what time is it there, and where does this VM stand. Opens no session.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)

@@ -14,3 +14,29 @@ class Error(_message.Message):
     message: str
     retryable: bool
     def __init__(self, code: _Optional[str] = ..., message: _Optional[str] = ..., retryable: _Optional[bool] = ...) -> None: ...
+
+class FileEntry(_message.Message):
+    __slots__ = ("name", "type", "size_bytes", "mtime_ns", "mode", "uid", "gid", "nlink", "link_target", "fs_type", "note")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    TYPE_FIELD_NUMBER: _ClassVar[int]
+    SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MTIME_NS_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    UID_FIELD_NUMBER: _ClassVar[int]
+    GID_FIELD_NUMBER: _ClassVar[int]
+    NLINK_FIELD_NUMBER: _ClassVar[int]
+    LINK_TARGET_FIELD_NUMBER: _ClassVar[int]
+    FS_TYPE_FIELD_NUMBER: _ClassVar[int]
+    NOTE_FIELD_NUMBER: _ClassVar[int]
+    name: bytes
+    type: str
+    size_bytes: int
+    mtime_ns: int
+    mode: int
+    uid: int
+    gid: int
+    nlink: int
+    link_target: bytes
+    fs_type: str
+    note: str
+    def __init__(self, name: _Optional[bytes] = ..., type: _Optional[str] = ..., size_bytes: _Optional[int] = ..., mtime_ns: _Optional[int] = ..., mode: _Optional[int] = ..., uid: _Optional[int] = ..., gid: _Optional[int] = ..., nlink: _Optional[int] = ..., link_target: _Optional[bytes] = ..., fs_type: _Optional[str] = ..., note: _Optional[str] = ...) -> None: ...

@@ -145,6 +145,11 @@ class OperatorServiceStub:
                 request_serializer=coffer_dot_v1_dot_operator__pb2.VaultRef.SerializeToString,
                 response_deserializer=coffer_dot_v1_dot_operator__pb2.Job.FromString,
                 _registered_method=True)
+        self.Verify = channel.unary_unary(
+                '/coffer.v1.OperatorService/Verify',
+                request_serializer=coffer_dot_v1_dot_operator__pb2.VerifyRequest.SerializeToString,
+                response_deserializer=coffer_dot_v1_dot_operator__pb2.Job.FromString,
+                _registered_method=True)
         self.Drill = channel.unary_unary(
                 '/coffer.v1.OperatorService/Drill',
                 request_serializer=coffer_dot_v1_dot_operator__pb2.DrillRequest.SerializeToString,
@@ -170,6 +175,16 @@ class OperatorServiceStub:
                 request_serializer=coffer_dot_v1_dot_operator__pb2.GetJobRequest.SerializeToString,
                 response_deserializer=coffer_dot_v1_dot_operator__pb2.Job.FromString,
                 _registered_method=True)
+        self.RotateVaultKey = channel.unary_unary(
+                '/coffer.v1.OperatorService/RotateVaultKey',
+                request_serializer=coffer_dot_v1_dot_operator__pb2.RotateVaultKeyRequest.SerializeToString,
+                response_deserializer=coffer_dot_v1_dot_operator__pb2.VaultKeys.FromString,
+                _registered_method=True)
+        self.ExportVaultKeys = channel.unary_unary(
+                '/coffer.v1.OperatorService/ExportVaultKeys',
+                request_serializer=coffer_dot_v1_dot_operator__pb2.VaultRef.SerializeToString,
+                response_deserializer=coffer_dot_v1_dot_operator__pb2.VaultKeyExport.FromString,
+                _registered_method=True)
         self.ListRecoveryPoints = channel.unary_unary(
                 '/coffer.v1.OperatorService/ListRecoveryPoints',
                 request_serializer=coffer_dot_v1_dot_operator__pb2.ListRecoveryPointsRequest.SerializeToString,
@@ -179,6 +194,26 @@ class OperatorServiceStub:
                 '/coffer.v1.OperatorService/Dashboard',
                 request_serializer=coffer_dot_v1_dot_operator__pb2.VaultRef.SerializeToString,
                 response_deserializer=coffer_dot_v1_dot_operator__pb2.DashboardReply.FromString,
+                _registered_method=True)
+        self.ListFiles = channel.unary_unary(
+                '/coffer.v1.OperatorService/ListFiles',
+                request_serializer=coffer_dot_v1_dot_operator__pb2.ListFilesRequest.SerializeToString,
+                response_deserializer=coffer_dot_v1_dot_operator__pb2.ListFilesReply.FromString,
+                _registered_method=True)
+        self.GetFiles = channel.unary_unary(
+                '/coffer.v1.OperatorService/GetFiles',
+                request_serializer=coffer_dot_v1_dot_operator__pb2.GetFilesRequest.SerializeToString,
+                response_deserializer=coffer_dot_v1_dot_operator__pb2.Job.FromString,
+                _registered_method=True)
+        self.MountFiles = channel.unary_unary(
+                '/coffer.v1.OperatorService/MountFiles',
+                request_serializer=coffer_dot_v1_dot_operator__pb2.MountFilesRequest.SerializeToString,
+                response_deserializer=coffer_dot_v1_dot_operator__pb2.Job.FromString,
+                _registered_method=True)
+        self.UnmountFiles = channel.unary_unary(
+                '/coffer.v1.OperatorService/UnmountFiles',
+                request_serializer=coffer_dot_v1_dot_operator__pb2.GetJobRequest.SerializeToString,
+                response_deserializer=coffer_dot_v1_dot_operator__pb2.Job.FromString,
                 _registered_method=True)
 
 
@@ -330,6 +365,14 @@ class OperatorServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Verify(self, request, context):
+        """A Verify job: re-read every chunk the chosen recovery points reference (each once) and
+        record per recovery point whether it is whole (`verification` on RecoveryPoint).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Drill(self, request, context):
         """RestoreDrill jobs now, one per VM: the latest recovery point of each protected VM of the
         vault (or of those named) restored to the vault's drill agent, checked read-only, deleted.
@@ -365,6 +408,22 @@ class OperatorServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RotateVaultKey(self, request, context):
+        """Encryption at rest: re-wrap a vault's keys under the controller's master key (seconds, no
+        data rewritten), and optionally start a new data key for what is written from now on.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ExportVaultKeys(self, request, context):
+        """The vault's wrapped keys (no key in the clear) and the recovery instructions, to keep
+        offline with the master key.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ListRecoveryPoints(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -373,6 +432,38 @@ class OperatorServiceServicer:
 
     def Dashboard(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListFiles(self, request, context):
+        """File-level recovery: each call is a FileRecovery job, run by the agent of the target VM
+        (the source VM unless target_vm_id names another VM of the vault's region), which opens
+        the recovery point's disk read-only inside that VM; nothing is mounted on the controller.
+        A directory listed (one page; ends with the job).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetFiles(self, request, context):
+        """Files and trees copied out under the target VM's restore_dirs; returns the job started.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def MountFiles(self, request, context):
+        """Mounted for the operator inside the target VM: returns the job once mounted (its details
+        say where) or failed. It stays InProgress until its TTL or UnmountFiles.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UnmountFiles(self, request, context):
+        """End a mount job now; returns the job once it has ended.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -490,6 +581,11 @@ def add_OperatorServiceServicer_to_server(servicer, server):
                     request_deserializer=coffer_dot_v1_dot_operator__pb2.VaultRef.FromString,
                     response_serializer=coffer_dot_v1_dot_operator__pb2.Job.SerializeToString,
             ),
+            'Verify': grpc.unary_unary_rpc_method_handler(
+                    servicer.Verify,
+                    request_deserializer=coffer_dot_v1_dot_operator__pb2.VerifyRequest.FromString,
+                    response_serializer=coffer_dot_v1_dot_operator__pb2.Job.SerializeToString,
+            ),
             'Drill': grpc.unary_unary_rpc_method_handler(
                     servicer.Drill,
                     request_deserializer=coffer_dot_v1_dot_operator__pb2.DrillRequest.FromString,
@@ -515,6 +611,16 @@ def add_OperatorServiceServicer_to_server(servicer, server):
                     request_deserializer=coffer_dot_v1_dot_operator__pb2.GetJobRequest.FromString,
                     response_serializer=coffer_dot_v1_dot_operator__pb2.Job.SerializeToString,
             ),
+            'RotateVaultKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.RotateVaultKey,
+                    request_deserializer=coffer_dot_v1_dot_operator__pb2.RotateVaultKeyRequest.FromString,
+                    response_serializer=coffer_dot_v1_dot_operator__pb2.VaultKeys.SerializeToString,
+            ),
+            'ExportVaultKeys': grpc.unary_unary_rpc_method_handler(
+                    servicer.ExportVaultKeys,
+                    request_deserializer=coffer_dot_v1_dot_operator__pb2.VaultRef.FromString,
+                    response_serializer=coffer_dot_v1_dot_operator__pb2.VaultKeyExport.SerializeToString,
+            ),
             'ListRecoveryPoints': grpc.unary_unary_rpc_method_handler(
                     servicer.ListRecoveryPoints,
                     request_deserializer=coffer_dot_v1_dot_operator__pb2.ListRecoveryPointsRequest.FromString,
@@ -524,6 +630,26 @@ def add_OperatorServiceServicer_to_server(servicer, server):
                     servicer.Dashboard,
                     request_deserializer=coffer_dot_v1_dot_operator__pb2.VaultRef.FromString,
                     response_serializer=coffer_dot_v1_dot_operator__pb2.DashboardReply.SerializeToString,
+            ),
+            'ListFiles': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListFiles,
+                    request_deserializer=coffer_dot_v1_dot_operator__pb2.ListFilesRequest.FromString,
+                    response_serializer=coffer_dot_v1_dot_operator__pb2.ListFilesReply.SerializeToString,
+            ),
+            'GetFiles': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetFiles,
+                    request_deserializer=coffer_dot_v1_dot_operator__pb2.GetFilesRequest.FromString,
+                    response_serializer=coffer_dot_v1_dot_operator__pb2.Job.SerializeToString,
+            ),
+            'MountFiles': grpc.unary_unary_rpc_method_handler(
+                    servicer.MountFiles,
+                    request_deserializer=coffer_dot_v1_dot_operator__pb2.MountFilesRequest.FromString,
+                    response_serializer=coffer_dot_v1_dot_operator__pb2.Job.SerializeToString,
+            ),
+            'UnmountFiles': grpc.unary_unary_rpc_method_handler(
+                    servicer.UnmountFiles,
+                    request_deserializer=coffer_dot_v1_dot_operator__pb2.GetJobRequest.FromString,
+                    response_serializer=coffer_dot_v1_dot_operator__pb2.Job.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1131,6 +1257,33 @@ class OperatorService:
             _registered_method=True)
 
     @staticmethod
+    def Verify(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/coffer.v1.OperatorService/Verify',
+            coffer_dot_v1_dot_operator__pb2.VerifyRequest.SerializeToString,
+            coffer_dot_v1_dot_operator__pb2.Job.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
     def Drill(request,
             target,
             options=(),
@@ -1266,6 +1419,60 @@ class OperatorService:
             _registered_method=True)
 
     @staticmethod
+    def RotateVaultKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/coffer.v1.OperatorService/RotateVaultKey',
+            coffer_dot_v1_dot_operator__pb2.RotateVaultKeyRequest.SerializeToString,
+            coffer_dot_v1_dot_operator__pb2.VaultKeys.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExportVaultKeys(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/coffer.v1.OperatorService/ExportVaultKeys',
+            coffer_dot_v1_dot_operator__pb2.VaultRef.SerializeToString,
+            coffer_dot_v1_dot_operator__pb2.VaultKeyExport.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
     def ListRecoveryPoints(request,
             target,
             options=(),
@@ -1309,6 +1516,114 @@ class OperatorService:
             '/coffer.v1.OperatorService/Dashboard',
             coffer_dot_v1_dot_operator__pb2.VaultRef.SerializeToString,
             coffer_dot_v1_dot_operator__pb2.DashboardReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListFiles(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/coffer.v1.OperatorService/ListFiles',
+            coffer_dot_v1_dot_operator__pb2.ListFilesRequest.SerializeToString,
+            coffer_dot_v1_dot_operator__pb2.ListFilesReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetFiles(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/coffer.v1.OperatorService/GetFiles',
+            coffer_dot_v1_dot_operator__pb2.GetFilesRequest.SerializeToString,
+            coffer_dot_v1_dot_operator__pb2.Job.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def MountFiles(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/coffer.v1.OperatorService/MountFiles',
+            coffer_dot_v1_dot_operator__pb2.MountFilesRequest.SerializeToString,
+            coffer_dot_v1_dot_operator__pb2.Job.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UnmountFiles(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/coffer.v1.OperatorService/UnmountFiles',
+            coffer_dot_v1_dot_operator__pb2.GetJobRequest.SerializeToString,
+            coffer_dot_v1_dot_operator__pb2.Job.FromString,
             options,
             channel_credentials,
             insecure,

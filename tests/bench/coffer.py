@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -37,6 +38,7 @@ from tests.bench.measure import (
     proc_rss_bytes,
     run_child,
 )
+from tests.bench.single_file import SmallFile, read_bytes, result, wait_for_file
 
 VM_ID = "bench-vm"
 VAULT = "bench"
@@ -191,6 +193,49 @@ class Coffer:
         _, result = self._measured(step, argv)
         result.detail["recovery_point_id"] = rp
         return result
+
+    def get_file(self, step: str, file: SmallFile) -> StepResult:
+        """`coffer files get` of one file of the latest recovery point (tests.bench.single_file)."""
+        self._alive()
+        assert self.controller is not None
+        rp = self._latest_rp()
+        destination = self.restore_dir / step
+        shutil.rmtree(destination, ignore_errors=True)
+        target = destination / Path(file.path).name
+        argv = ["files", "get", VM_ID, "--rp", rp, "--disk", DISK, file.path,
+                "--to", str(destination), "--json"]  # fmt: skip
+        out = self.logs / f"{step}.json"
+        self.before_step()
+        io_before = read_bytes(self.controller.pid)
+        with out.open("wb") as stdout, (self.logs / "cli.txt").open("ab") as stderr:
+            start = time.perf_counter()
+            proc = subprocess.Popen(self._cli(argv), stdout=stdout, stderr=stderr)
+            try:
+                first = wait_for_file(target, lambda: proc.poll() is not None, self.timeout_s)
+            finally:
+                proc.wait(self.timeout_s)
+            total = time.perf_counter() - start
+        fetched = read_bytes(self.controller.pid) - io_before
+        job: dict[str, Any] = json.loads(out.read_text() or "{}")
+        if proc.returncode != 0 or job.get("status") not in _OK:
+            raise StepFailed(
+                f"coffer files get: exit {proc.returncode}: {job.get('error_code', '')} "
+                f"{job.get('error_message', '')}"
+            )
+        details = job.get("details", {})
+        return result(
+            self.name,
+            self.source.stat().st_size,
+            first - start,
+            total,
+            fetched,
+            file,
+            target,
+            coffer_bytes_fetched=int(job.get("bytes_read", 0)),
+            coffer_raw_bytes_fetched=int(details.get("raw_bytes_fetched", 0)),
+            coffer_chunks_fetched=int(details.get("chunks_fetched", 0)),
+            recovery_point_id=rp,
+        )
 
     def close(self) -> None:
         # The agent first, so the controller does not see a session die under a job.

@@ -282,6 +282,11 @@ class Tool(Protocol):
         """Restore the latest snapshot to a new file; return the result and that file."""
         ...
 
+    def get_file(self, step: str, file: Any) -> StepResult:
+        """One small file of the latest snapshot to a new directory (a `single_file.SmallFile`;
+        see `tests.bench.single_file`)."""
+        ...
+
     def close(self) -> None:
         """Stop what `setup` started; the repository stays on disk."""
         ...

@@ -34,6 +34,7 @@ from tests.bench.measure import (
     allocated_bytes,
     run_child,
 )
+from tests.bench.single_file import SmallFile, through_mount
 
 PASSWORD = "coffer-bench"  # restic cannot run unencrypted; the key is not what is measured
 
@@ -104,6 +105,26 @@ class _Peer:
             added_bytes=after - before,
         )
 
+    def _file_through_mount(
+        self, step: str, file: SmallFile, argv: list[str], image_in: Callable[[Path], Path]
+    ) -> StepResult:
+        """One file of the latest snapshot through the tool's FUSE mount of the repository
+        (tests.bench.single_file)."""
+        destination = self.restore_dir / step
+        shutil.rmtree(destination, ignore_errors=True)
+        self.before_step()
+        return through_mount(
+            self.name,
+            argv,
+            self.env,
+            image_in,
+            file,
+            self.source.stat().st_size,
+            destination,
+            self.log,
+            self.timeout_s,
+        )
+
     def _restored(self) -> Path:
         """Where the tool put the restored image (it recreates the source's absolute path)."""
         return self.restore_dir / self.source.resolve().relative_to("/")
@@ -156,6 +177,12 @@ class Restic(_Peer):
         self.restore_dir.mkdir(parents=True)
         argv = ["restic", "restore", "latest", "--host", "bench", "--target", str(self.restore_dir)]
         return self._measured(step, argv), self._restored()
+
+    def get_file(self, step: str, file: SmallFile) -> StepResult:
+        inside = self.source.resolve().relative_to("/")
+        return self._file_through_mount(
+            step, file, ["restic", "mount"], lambda mnt: mnt / "snapshots" / "latest" / inside
+        )
 
 
 class Borg(_Peer):
@@ -210,3 +237,9 @@ class Borg(_Peer):
             check=True,
         )
         return done.stdout.strip()
+
+    def get_file(self, step: str, file: SmallFile) -> StepResult:
+        inside = self.source.resolve().relative_to("/")
+        # -f: in the foreground, so that its reads are its own process's.
+        argv = ["borg", "mount", "-f", f"::{self._last_archive()}"]
+        return self._file_through_mount(step, file, argv, lambda mnt: mnt / inside)

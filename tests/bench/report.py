@@ -124,6 +124,45 @@ def rollback_table(results: Sequence[StepResult]) -> Table | None:
     return table
 
 
+def single_file_table(results: Sequence[StepResult]) -> Table:
+    """One small file back: seconds to it and bytes read from the repository, per tool."""
+    table = Table(
+        title="one small file of the latest snapshot back (tests.bench.single_file)",
+        title_justify="left",
+    )
+    for name in (
+        "tool",
+        "file written s",
+        "all done s",
+        "read from repository MiB",
+        "% of image",
+        "Coffer: fetched (stored / raw MiB, chunks)",
+    ):
+        table.add_column(name, justify="left" if name == "tool" else "right")
+    for r in results:
+        if not r.ok and r.wall_s == 0:
+            first = (r.error.splitlines() or ["failed"])[0][:120]
+            table.add_row(r.tool, f"[red]FAILED: {first}[/red]")
+            continue
+        d = r.detail
+        read = int(d.get("read_from_repository", 0))
+        own = "—"
+        if is_coffer(r):
+            own = (
+                f"{d['coffer_bytes_fetched'] / MiB:.2f} / {d['coffer_raw_bytes_fetched'] / MiB:.1f}"
+                f", {d['coffer_chunks_fetched']}"
+            )
+        table.add_row(
+            r.tool if r.ok else f"[red]{r.tool} (FAILED: {r.error[:80]})[/red]",
+            f"{r.wall_s:.2f}",
+            f"{float(d.get('total_s', 0.0)):.2f}",
+            f"{read / MiB:.2f}",
+            f"{100 * read / r.image_bytes:.2f}%" if r.image_bytes else "—",
+            own,
+        )
+    return table
+
+
 def notes(lines: Iterable[str]) -> str:
     """Indented lines (a multi-line note's continuation lines indented further)."""
     return "\n".join("  " + "\n    ".join(line.splitlines() or [""]) for line in lines)

@@ -16,11 +16,14 @@ Run as root (loop mounts, dropping the page cache). Steps, for every tool in tur
    every repository;
 3. ``restore``: the latest snapshot (the file-edits state) to a new file, checked
    byte-identical to the source by SHA-256, for every tool;
-4. Coffer only, the ways back of a disk: ``restore-base-image`` restores the full backup's
+4. ``file-get``: one small file of the latest snapshot back, through `coffer files get`,
+   `restic mount` and `borg mount` (`tests.bench.single_file`): seconds to the file written,
+   bytes read from the repository, checked against the source file. A table of its own;
+5. Coffer only, the ways back of a disk: ``restore-base-image`` restores the full backup's
    recovery point to a new image, and ``rollback-file-edits`` rolls the disk itself (in the
    file-edits state) back to that recovery point in place, fetching only the chunks that
-   differ; the disk must then be byte-identical to the base. A second table puts the two side
-   by side: time, bytes compared, fetched and written (`--no-rollback` skips both).
+   differ; the disk must then be byte-identical to the base. A table puts the two side by
+   side: time, bytes compared, fetched and written (`--no-rollback` skips both).
 
 Before every step of every tool the page cache is dropped (`sync; echo 3 >
 /proc/sys/vm/drop_caches`), so every tool reads the image, and its repository, from disk
@@ -58,7 +61,9 @@ from tests.bench.image import (
 )
 from tests.bench.measure import StepFailed, StepResult, Tool, drop_caches, sha256_file
 from tests.bench.peers import Borg, Restic
-from tests.bench.report import console, notes, rollback_table, steps_table
+from tests.bench.report import console, notes, rollback_table, single_file_table, steps_table
+from tests.bench.single_file import STEP as SINGLE_FILE
+from tests.bench.single_file import pick_small_file
 
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
@@ -285,6 +290,8 @@ class Bench:
             if not a.keep:
                 restored.unlink(missing_ok=True)
         self.notes.append(f"source sha256 (file-edits state): {want}")
+        self.single_file(tools, disk)
+        # Last: the rollback changes the disk itself (back to the base).
         if not a.no_rollback:
             self.rollback([t for t in tools if isinstance(t, Coffer)], base)
         self.close()
@@ -321,6 +328,20 @@ class Bench:
             except StepFailed as exc:
                 self.fail(tool, ["restore-base-image", "rollback-file-edits"], str(exc))
         self._progress("rollback-file-edits")
+
+    def single_file(self, tools: list[Tool], disk: Path) -> None:
+        """One small file of the latest snapshot back (tests.bench.single_file)."""
+        small = pick_small_file(disk)
+        self.notes.append(
+            f"{SINGLE_FILE}: {small.path} ({small.size} bytes) of the latest snapshot "
+            "(file-edits state)"
+        )
+        for tool in tools:
+            try:
+                self.results.append(tool.get_file(SINGLE_FILE, small))
+            except (StepFailed, OSError, RuntimeError) as exc:
+                self.fail(tool, [SINGLE_FILE], str(exc))
+        self._progress(SINGLE_FILE)
 
     # -- the memory benchmark ----------------------------------------------------------------
 
@@ -374,7 +395,10 @@ class Bench:
         for tool, setting in self.settings.items():
             out.print(f"settings {tool}: {setting}")
         out.print(notes(self.notes))
-        out.print(steps_table(self.results, title))
+        out.print(steps_table([r for r in self.results if r.step != SINGLE_FILE], title))
+        single = [r for r in self.results if r.step == SINGLE_FILE]
+        if single:
+            out.print(single_file_table(single))
         ways_back = rollback_table(self.results)
         if ways_back is not None:
             out.print(ways_back)
