@@ -23,6 +23,7 @@ from typing import Any
 
 import pytest
 
+from controller.datastore import CONFIG_KEY, DatastoreConfig, LocalDirectoryStore
 from tests.bench.image import build_image, edit_files, loop_devices_for, mounted
 from tests.cluster import Cluster, sha256_file
 from tests.loopfs import XFS_MIN, mkfs, run
@@ -484,3 +485,80 @@ def test_a_drill_of_a_damaged_file_system_fails_with_the_checkers_words(
     assert point["last_drill"]["job_id"] == job["id"]
     board = {d["vm_id"]: d for d in cluster.coffer("dashboard", "--vault", "eu")["drills"]}
     assert board["bad-1"]["drill"]["outcome"] == "damaged"
+
+
+# --- damaged chunks ----------------------------------------------------------------------------
+
+
+def chunk_file(cluster: Cluster, vault: str, data: bytes) -> Path:
+    """The datastore file of the chunk holding `data`, named by the vault's chunk hash."""
+    hexed = cluster.open_datastore(vault).chunk_hash.digest(data).hex()
+    return cluster.datastore(vault) / "chunks" / hexed[:2] / hexed[2:4] / hexed
+
+
+def test_a_drill_or_rollback_that_meets_a_damaged_chunk_fails_with_exit_7_and_marks_it(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    """As a restore to an image does (tests/test_integrity_e2e.py): the job fails with
+    DataCorrupted naming the recovery point, disk, chunk and digest, the chunk is marked bad
+    and the recovery point damaged. The vault is a format-1 one (plain, as made before
+    encryption), where a flipped byte of a stored chunk reaches the agent: the drill agent's
+    check finds it and the controller reads it again before marking it. The rollback meets a
+    chunk file that was deleted (the controller cannot read it)."""
+    chunk_size = cluster.chunk_size
+    image = tmp_path / "dmg-1.img"
+    image.write_bytes(os.urandom(16 * chunk_size))  # random: each chunk is stored raw
+    blocks = [image.read_bytes()[n * chunk_size : (n + 1) * chunk_size] for n in range(16)]
+    cluster.add_agent("dmg-1", {"root": image}, region="dmg")
+    try:
+        LocalDirectoryStore(cluster.datastore("dmg-vault")).put(
+            CONFIG_KEY, DatastoreConfig.plain(chunk_size).encode()
+        )
+        cluster.coffer("vault", "create", "dmg-vault", "--region", "dmg")
+        assert cluster.coffer("vault", "show", "dmg-vault")["datastore_format"] == 1
+        cluster.protect("dmg-1", "dmg-vault")
+        rp = backed_up(cluster, "dmg-1")["recovery_point_id"]
+        drills = cluster.agents["dmg-1"].restore_dir / "drills"
+        drills.mkdir()
+        cluster.coffer(
+            "vault", "update", "dmg-vault", "--drill-agent", "dmg-1", "--drill-dir", str(drills)
+        )
+
+        flipped = chunk_file(cluster, "dmg-vault", blocks[5])
+        blob = bytearray(flipped.read_bytes())
+        blob[1000] ^= 0xFF  # in the payload of a chunk stored raw
+        flipped.write_bytes(bytes(blob))
+        done = cluster.coffer("drill", "--vault", "dmg-vault", "--json", json_out=False,
+                              check=False)  # fmt: skip
+        assert done.returncode == 7, (done.stdout, done.stderr)
+        job = json.loads(done.stdout)
+        assert (job["status"], job["error_code"]) == ("Failed", "DataCorrupted"), job
+        for words in (rp, "'root'", "chunk 5 ", flipped.name):
+            assert words in job["error_message"], job["error_message"]
+        assert list(drills.iterdir()) == []  # no scratch image left
+        point = next(p for p in cluster.coffer("rp", "list", "dmg-1") if p["id"] == rp)
+        assert point["last_drill"]["outcome"] == "failed"
+        assert point["verification"] == "damaged"
+        assert [(int(d["chunk"]), d["digest"]) for d in point["damage"]] == [(5, flipped.name)]
+
+        # The disk changed in block 2 only: the rollback fetches that chunk, which is gone.
+        with image.open("r+b") as disk:
+            disk.seek(2 * chunk_size)
+            disk.write(os.urandom(chunk_size))
+        deleted = chunk_file(cluster, "dmg-vault", blocks[2])
+        deleted.unlink()
+        done = cluster.coffer(
+            "restore", "dmg-1", "--rp", rp, "--disk", "root", "--in-place", "--yes", "--json",
+            json_out=False, check=False,
+        )  # fmt: skip
+        assert done.returncode == 7, (done.stdout, done.stderr)
+        job = json.loads(done.stdout)
+        assert job["error_code"] == "DataCorrupted", job
+        for words in (rp, "'root'", "chunk 2 ", deleted.name, "missing", "coffer verify"):
+            assert words in job["error_message"], job["error_message"]
+        point = next(p for p in cluster.coffer("rp", "list", "dmg-1") if p["id"] == rp)
+        assert point["damaged_chunks"] == 2
+        board = cluster.coffer("dashboard", "--vault", "dmg-vault")
+        assert (board["recovery_points_damaged"], board["bad_chunks"]) == (1, 2)
+    finally:
+        cluster.agents["dmg-1"].process.stop()
