@@ -8,12 +8,13 @@ restored. A file system is clean only when its checker exits 0; one the checker 
 read (a damaged superblock: e2fsck exits 8) is damaged too. A file system no checker here
 knows, or a disk holding none, is `unchecked`, which a drill reports as a warning.
 
-Partitions: a disk with a partition table is reported `unchecked` as a whole for now.
-TODO(partitions): with `agent/partitions.py` (GPT and MBR read in Python, on the file-recovery
-branch), `regions` returns one region per partition, and `_check_region` runs the checker on
-a read-only loop device made with `losetup --read-only --offset --sizelimit` over the
-descriptor, detached afterwards; the kernel finds no partitions on loop devices here, so each
-is mapped by its offset and size.
+Partitions: the image's partition table is read by `agent.partitions` (GPT and MBR, in
+Python: the table is untrusted input, and the kernel here finds no partitions on a loop
+device), and each partition is checked through a read-only loop device over that descriptor,
+mapped by the partition's offset and size (`losetup --read-only --offset --sizelimit`),
+detached when its check ends, also when the drill is cancelled. A table that cannot be read
+is damage; what the reader noted about one it could read (a damaged primary GPT, the backup
+used) is a warning. A disk without a table is checked whole.
 
 Checks run as child processes that a cancelled drill kills; each has `CHECK_SECONDS`.
 """
@@ -22,17 +23,26 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
+import os
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
+from agent.partitions import PartitionTable, read_partition_table
+from shared.errors import CorruptData
 from shared.rpc import agent_pb2
 
+log = logging.getLogger(__name__)
+
 CHECK_SECONDS = 3 * 3600.0  # one file system's check, at most
+COMMAND_SECONDS = 300.0  # one blkid or losetup
 TAIL_LINES = 20
 TAIL_CHARS = 2000
 
 CLEAN, DAMAGED, UNCHECKED = "clean", "damaged", "unchecked"
 
-# fstype (as blkid names it) → the read-only check; "{dev}" is the image's /dev/fd path.
+# fstype (as blkid names it) → the read-only check; "{dev}" is the image's /dev/fd path, or
+# a loop device of one of its partitions.
 CHECKERS: dict[str, tuple[str, ...]] = {
     "ext2": ("e2fsck", "-fn", "{dev}"),
     "ext3": ("e2fsck", "-fn", "{dev}"),
@@ -78,9 +88,9 @@ def tail(output: str) -> str:
     return "\n".join(lines[-TAIL_LINES:])[-TAIL_CHARS:]
 
 
-async def _run(argv: list[str], fd: int) -> tuple[int, str]:
-    """Run a checker with the image's descriptor; its exit code and its output (out and err
-    together, in order). Killed if cancelled or past `CHECK_SECONDS`."""
+async def _run(argv: list[str], fd: int, seconds: float = CHECK_SECONDS) -> tuple[int, str]:
+    """Run a command with the image's descriptor; its exit code and its output (out and err
+    together, in order). Killed if cancelled or past `seconds`."""
     process = await asyncio.create_subprocess_exec(
         *argv,
         stdin=asyncio.subprocess.DEVNULL,
@@ -89,11 +99,11 @@ async def _run(argv: list[str], fd: int) -> tuple[int, str]:
         pass_fds=(fd,),
     )
     try:
-        output, _ = await asyncio.wait_for(process.communicate(), CHECK_SECONDS)
+        output, _ = await asyncio.wait_for(process.communicate(), seconds)
     except TimeoutError:
         process.kill()
         await process.wait()
-        return -1, f"{argv[0]} did not finish within {CHECK_SECONDS:g} s"
+        return -1, f"{argv[0]} did not finish within {seconds:g} s"
     except BaseException:
         with contextlib.suppress(ProcessLookupError):
             process.kill()
@@ -103,9 +113,9 @@ async def _run(argv: list[str], fd: int) -> tuple[int, str]:
     return process.returncode, output.decode(errors="replace")
 
 
-async def probe(fd: int) -> dict[str, str]:
-    """What blkid finds on the image: TYPE (a file system) or PTTYPE (a partition table)."""
-    code, output = await _run(["blkid", "-p", "-o", "export", f"/dev/fd/{fd}"], fd)
+async def probe(device: str, fd: int) -> dict[str, str]:
+    """What blkid finds on `device`: TYPE (a file system) or PTTYPE (a partition table)."""
+    code, output = await _run(["blkid", "-p", "-o", "export", device], fd, COMMAND_SECONDS)
     if code != 0:  # 2: nothing recognised
         return {}
     found = {}
@@ -116,32 +126,85 @@ async def probe(fd: int) -> dict[str, str]:
     return found
 
 
-def regions(size: int) -> list[Region]:
-    """Where file systems may lie: the whole disk (see the module note on partitions)."""
-    return [Region("whole disk", 0, size)]
+def regions(table: PartitionTable, size: int) -> list[Region]:
+    """Where file systems may lie: each partition, or the whole disk when it has no table."""
+    if table.scheme == "none":
+        return [Region("whole disk", 0, size)]
+    return [Region(f"partition {p.number}", p.offset, p.size) for p in table.partitions]
 
 
-async def _check_region(fd: int, region: Region) -> FsCheck:
-    found = await probe(fd)
+@contextlib.asynccontextmanager
+async def _attached(fd: int, region: Region) -> AsyncIterator[str]:
+    """A read-only loop device over `region` of the image open at `fd`; detached on the way
+    out, whatever happened (a cancel waits for the detach: a leaked device would keep the
+    deleted image alive)."""
+    code, output = await _run(
+        ["losetup", "--read-only", "--find", "--show", "--offset", str(region.offset),
+         "--sizelimit", str(region.size), f"/dev/fd/{fd}"],
+        fd, COMMAND_SECONDS,
+    )  # fmt: skip
+    if code != 0:
+        raise OSError(f"losetup: {output.strip()}")
+    device = output.strip()
+    try:
+        yield device
+    finally:
+        detach = asyncio.ensure_future(_run(["losetup", "--detach", device], fd, COMMAND_SECONDS))
+        try:
+            await asyncio.shield(detach)
+        except asyncio.CancelledError:
+            await detach
+            raise
+        if detach.result()[0] != 0:
+            log.error("could not detach %s: %s", device, detach.result()[1].strip())
+
+
+async def _check_device(where: str, device: str, fd: int) -> FsCheck:
+    """Check the file system on `device` (the image's /dev/fd path, or a loop device of one
+    of its partitions)."""
+    found = await probe(device, fd)
     fstype = found.get("TYPE", "")
     if not fstype:
         table = found.get("PTTYPE")
         why = (
-            f"a partitioned disk ({table}): its partitions are not checked yet"
+            f"a partition table ({table}) that Coffer cannot read"
             if table
             else "no file system found on it"
         )
-        return FsCheck(region.where, "", "", 0, UNCHECKED, why)
+        return FsCheck(where, "", "", 0, UNCHECKED, why)
     checker = CHECKERS.get(fstype)
     if checker is None:
-        return FsCheck(region.where, fstype, "", 0, UNCHECKED, f"no read-only checker for {fstype}")
-    argv = [part.format(dev=f"/dev/fd/{fd}") for part in checker]
+        return FsCheck(where, fstype, "", 0, UNCHECKED, f"no read-only checker for {fstype}")
+    argv = [part.format(dev=device) for part in checker]
     code, output = await _run(argv, fd)
     command = " ".join(part for part in checker if part != "{dev}")
     verdict = CLEAN if code == 0 else DAMAGED
-    return FsCheck(region.where, fstype, command, code, verdict, tail(output))
+    return FsCheck(where, fstype, command, code, verdict, tail(output))
+
+
+async def _check_region(fd: int, region: Region) -> FsCheck:
+    if region.where == "whole disk":
+        return await _check_device(region.where, f"/dev/fd/{fd}", fd)
+    try:
+        async with _attached(fd, region) as device:
+            return await _check_device(region.where, device, fd)
+    except OSError as exc:
+        return FsCheck(region.where, "", "", 0, UNCHECKED, f"could not attach it: {exc}")
 
 
 async def check_image(fd: int, size: int) -> list[FsCheck]:
     """Check every file system of the image open at `fd` (`size` bytes), read-only."""
-    return [await _check_region(fd, region) for region in regions(size)]
+    try:
+        table = await asyncio.to_thread(
+            read_partition_table, lambda offset, length: os.pread(fd, length, offset), size
+        )
+    except CorruptData as exc:
+        return [FsCheck("partition table", "", "", 0, DAMAGED, exc.message)]
+    checks = []
+    if table.notes:
+        checks.append(
+            FsCheck("partition table", table.scheme, "", 0, UNCHECKED, "; ".join(table.notes))
+        )
+    for region in regions(table, size):
+        checks.append(await _check_region(fd, region))
+    return checks

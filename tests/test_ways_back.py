@@ -27,6 +27,7 @@ from controller.datastore import CONFIG_KEY, DatastoreConfig, LocalDirectoryStor
 from tests.bench.image import build_image, edit_files, loop_devices_for, mounted
 from tests.cluster import Cluster, sha256_file
 from tests.loopfs import XFS_MIN, mkfs, run
+from tests.recovery_images import build_gpt
 
 MiB = 1 << 20
 EXT4_SIZE = 96 * MiB
@@ -485,6 +486,33 @@ def test_a_drill_of_a_damaged_file_system_fails_with_the_checkers_words(
     assert point["last_drill"]["job_id"] == job["id"]
     board = {d["vm_id"]: d for d in cluster.coffer("dashboard", "--vault", "eu")["drills"]}
     assert board["bad-1"]["drill"]["outcome"] == "damaged"
+
+
+def test_a_drill_checks_each_partition_of_a_gpt_disk(
+    cluster: Cluster, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """A GPT disk with an ext4 and an XFS partition: each is checked on a read-only loop
+    device of its own, mapped by offset and size; none is left attached."""
+    gpt = build_gpt(tmp_path_factory.mktemp("gpt")).path
+    cluster.add_agent("gpt-1", {"root": gpt}, region="eu")
+    try:
+        drills = drilling(cluster)
+        rp = backed_up(cluster, "gpt-1")["recovery_point_id"]
+        job = cluster.coffer("drill", "--vault", "eu", "--vm", "gpt-1")  # one job: shown as one
+        assert job["status"] == "Completed", job
+        assert job["details"]["checks"] == [
+            "root: ext4 (partition 1) clean",
+            "root: xfs (partition 2) clean",
+        ]
+        point = next(p for p in cluster.coffer("rp", "list", "gpt-1") if p["id"] == rp)
+        assert point["last_drill"]["outcome"] == "clean", point["last_drill"]
+        assert list(drills.iterdir()) == []
+        attached = json.loads(run("losetup", "--list", "--json", "--output", "NAME,BACK-FILE"))
+        assert not [
+            d for d in attached.get("loopdevices", []) if str(drills) in (d["back-file"] or "")
+        ]
+    finally:
+        cluster.agents["gpt-1"].process.stop()
 
 
 # --- damaged chunks ----------------------------------------------------------------------------

@@ -7,7 +7,7 @@ the recovery point: when, how long the restores took, what the checks found. The
 
 - `Completed`: every file system checked clean;
 - `CompletedWithWarnings`: none damaged, but some could not be checked (a file system no
-  checker knows, a partitioned disk for now, a disk with no file system);
+  checker knows, a disk or partition with no file system);
 - `Failed` with `RestoreDrillFailed`: a file system is damaged; the message carries each
   damaged one's checker output tail (the details have every check);
 - `Failed` with the restore's own error when it could not be restored. An error of the
@@ -85,8 +85,10 @@ def describe(disk: str, check: agent_pb2.FileSystemCheck) -> str:
     what = f"{check.fstype} ({check.where})" if check.fstype else check.where
     if check.verdict == CLEAN:
         return f"{disk}: {what} clean"
-    if check.verdict == DAMAGED:
+    if check.verdict == DAMAGED and check.command:
         return f"{disk}: {what} damaged ({check.command} exit {check.exit_code})"
+    if check.verdict == DAMAGED:  # found unreadable without a checker (a partition table)
+        return f"{disk}: {what} damaged: {check.output_tail}"
     return f"{disk}: {what} unchecked: {check.output_tail}"
 
 
