@@ -1,33 +1,46 @@
-"""Whether anything uses a disk: mounts, loop devices, exclusive claims, open descriptors.
+"""A disk's devices, and whether anything uses it: loop devices, mounts, claims, descriptors.
 
-A restore writes over a disk (rolled back in place) or over an existing image (`--overwrite`)
-only when nothing uses it. The kernel's own records are asked, never names alone:
+A disk is an image file or a block device. The one place that says which block devices are
+(part of) a disk, which mounted file systems live on it, and whether anything holds it: the
+freeze before a backup (`agent.consistency`, `agent.doctor`) and the refusals before a restore
+writes over a disk (rolled back in place) or an existing image (`--overwrite`) ask here. The
+kernel's own records are asked, never names alone:
 
-- loop devices: every bound `/sys/block/loopN` names its backing file in `loop/backing_file`,
-  read from sysfs and never with LOOP_GET_STATUS (an ioctl on a wedged loop device can block
-  for good). One whose file is the image (the same device and inode) attaches it, mounted or
-  not, in whatever mount namespace set it up: an image with a loop device is in use;
-- the mount table (`/proc/self/mountinfo`): a mount whose device is the disk, one of its
-  partitions or what is stacked on them, or one of the image's loop devices (and theirs);
+- loop devices of an image: every bound `/sys/block/loopN` names its backing file
+  (`loop/backing_file`). A path there that leads to this very image (the same device and
+  inode) settles the device from sysfs. Any other device is asked of the kernel by identity
+  (LOOP_GET_STATUS64: right where the path does not resolve, from another mount namespace, or
+  names a hard link), in a thread of its own given up after `LOOP_STATUS_TIMEOUT`: the ioctl
+  waits for the device's lock, which a loop device wedged on a dead file system never gives
+  back, and such a device is taken as not this disk's. A backing path is stat()ed only when
+  its base name is the image's, so that a stat of an unrelated file on a stuck file system
+  cannot hang the check either;
+- a block device is its own device number; for both, the partitions of the device and what
+  is stacked on them (`holders/`, e.g. a device-mapper volume) are part of the disk too;
+- the mount table (`/proc/self/mountinfo`): a mount lives on the disk when its device number
+  is one of those, or, for file systems with anonymous device numbers such as btrfs, when its
+  source is one of the disk's device nodes;
 - exclusive claims: a block device opened with O_EXCL is refused (EBUSY) while the kernel has
-  it mounted or claimed in any mount namespace; the writer keeps such a descriptor for as long
-  as it writes, so nothing can mount the device meanwhile;
+  it mounted or claimed in any mount namespace; a restore keeps such a descriptor for as long
+  as it writes, so nothing can mount the device meanwhile (`claim`), and a backup learns that
+  a disk with nothing mounted here is mounted elsewhere (`in_use_unseen`);
 - open descriptors of other processes (`/proc/PID/fd`), within bounds (`MAX_DESCRIPTORS`,
   `SCAN_SECONDS`): a descriptor whose link names the image (its base name) is confirmed by
   `/proc/PID/fdinfo` (inode and mount), one that names a device node by the device number.
   A scan that cannot finish within its bounds refuses: a disk not known to be unused is used.
 
-Matching an image's loop devices by base name first, then by device and inode, keeps the check
-from calling stat() on every backing file of the machine (one on a stuck FUSE file system would
-hang it); a hard link of the image under another name attached to a loop device is missed,
-and said so here.
+An image with a loop device is in use for a restore, mounted or not, in whatever mount
+namespace set it up.
 """
 
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import stat
+import struct
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -45,44 +58,96 @@ FIX = (
     "Unmount its file systems and detach its loop devices (`umount`, `losetup -d`), or stop "
     "what holds it open, then try again"
 )
+# How long the kernel may take to say what backs a loop device (see the module note).
+LOOP_STATUS_TIMEOUT = 2.0
+LOOP_GET_STATUS64 = 0x4C05
+_LOOP_INFO64 = struct.Struct("=QQQQQIIII64s64s32s2Q")  # struct loop_info64
+
+Identity = tuple[int, int, int]
+"""(major, minor, inode) of a file."""
 
 
-def _device_of(path: Path) -> Device:
-    major, minor = path.read_text().strip().split(":")
+# -- the devices of a disk ------------------------------------------------------------------
+
+
+def _read_device(dev_file: Path) -> Device:
+    major, minor = dev_file.read_text().strip().split(":")
     return int(major), int(minor)
 
 
-def _devname(device: Device) -> str:
+def device_node(device: Device) -> Path | None:
+    """The /dev node of a block device (by its sysfs DEVNAME: no udev needed)."""
     try:
         uevent = Path(f"/sys/dev/block/{device[0]}:{device[1]}/uevent").read_text()
     except OSError:
-        return f"{device[0]}:{device[1]}"
+        return None
     for line in uevent.splitlines():
         if line.startswith("DEVNAME="):
-            return "/dev/" + line.removeprefix("DEVNAME=")
-    return f"{device[0]}:{device[1]}"
+            return Path("/dev") / line.removeprefix("DEVNAME=")
+    return None
 
 
-def loop_devices_of(image: Path, info: os.stat_result) -> list[Device]:
-    """The bound loop devices whose backing file is the image (`info` is its stat)."""
+def _identity(info: os.stat_result) -> Identity:
+    return os.major(info.st_dev), os.minor(info.st_dev), info.st_ino
+
+
+def _loop_backing(device: Device) -> Identity | None:
+    """(major, minor, inode) of the file behind a bound loop device, from the kernel itself
+    (LOOP_GET_STATUS64): right even where the file's path does not resolve (another mount
+    namespace, a file renamed since)."""
+    node = device_node(device)
+    if node is None:
+        return None
+    try:
+        fd = os.open(node, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        raw = fcntl.ioctl(fd, LOOP_GET_STATUS64, bytes(_LOOP_INFO64.size))
+    except OSError:
+        return None  # unbound
+    finally:
+        os.close(fd)
+    dev, inode = _LOOP_INFO64.unpack(raw)[:2]
+    # The kernel's 32-bit "new" encoding of dev_t (huge_encode_dev).
+    return (dev & 0xFFF00) >> 8, (dev & 0xFF) | ((dev >> 12) & 0xFFF00), inode
+
+
+def _loop_backing_within(device: Device) -> Identity | None:
+    """`_loop_backing` in a daemon thread, given up after `LOOP_STATUS_TIMEOUT` (the thread is
+    left to the kernel: an ioctl in D state cannot be interrupted)."""
+    answer: list[Identity | None] = []
+    worker = threading.Thread(
+        target=lambda: answer.append(_loop_backing(device)),
+        name=f"loop-status-{device[0]}:{device[1]}",
+        daemon=True,
+    )
+    worker.start()
+    worker.join(LOOP_STATUS_TIMEOUT)
+    return answer[0] if answer else None
+
+
+def loop_devices_of(image: Path, info: os.stat_result | None = None) -> list[Device]:
+    """The bound loop devices whose backing file is the image file `image` (`info`: its
+    stat, if taken already); the rule is the module note's."""
+    wanted = _identity(info if info is not None else os.stat(image))
     found = []
     for sysdir in sorted(SYS_BLOCK.glob("loop*")):
         try:
             backing = (sysdir / "loop" / "backing_file").read_text().rstrip("\n")
+            device = _read_device(sysdir / "dev")
         except OSError:
-            continue  # not bound
+            continue  # an unbound loop device
         backing = backing.removesuffix(_DELETED)
-        # The base name first: the path may read differently from another mount namespace,
-        # but a name that differs cannot be this image (short of a hard link), and a stat of
-        # every backing file could hang on one that lives on a stuck file system.
-        if Path(backing).name != image.name:
-            continue
-        try:
-            backing_info = os.stat(backing)
-        except OSError:
-            continue  # deleted, or not reachable from this namespace
-        if (backing_info.st_dev, backing_info.st_ino) == (info.st_dev, info.st_ino):
-            found.append(_device_of(sysdir / "dev"))
+        if Path(backing).name == image.name:
+            try:
+                if _identity(os.stat(backing)) == wanted:
+                    found.append(device)
+                    continue
+            except OSError:
+                pass  # deleted, or not reachable from this mount namespace
+        if _loop_backing_within(device) == wanted:
+            found.append(device)
     return found
 
 
@@ -99,12 +164,33 @@ def stacked(device: Device) -> set[Device]:
         try:
             for child in sysdir.iterdir():
                 if (child / "partition").exists() and (child / "dev").exists():
-                    todo.append(_device_of(child / "dev"))
+                    todo.append(_read_device(child / "dev"))
             holders = sysdir / "holders"
             if holders.is_dir():
-                todo += [_device_of(holder / "dev") for holder in holders.iterdir()]
+                todo += [_read_device(holder / "dev") for holder in holders.iterdir()]
         except OSError:
             continue  # gone meanwhile
+    return found
+
+
+def _roots(disk: Path, info: os.stat_result) -> tuple[list[Device], list[Device]]:
+    """The devices that are the disk itself (the device, or the image's loop devices), and
+    of those the loop devices."""
+    if stat.S_ISBLK(info.st_mode):
+        return [(os.major(info.st_rdev), os.minor(info.st_rdev))], []
+    if stat.S_ISREG(info.st_mode):
+        loops = loop_devices_of(disk, info)
+        return loops, loops
+    return [], []  # nothing can mount or attach anything else
+
+
+def disk_devices(disk: Path, info: os.stat_result | None = None) -> set[Device]:
+    """Every block device whose contents are (part of) the disk: the image's loop devices or
+    the device itself, their partitions, and what is stacked on them."""
+    roots, _ = _roots(disk, info if info is not None else os.stat(disk))
+    found: set[Device] = set()
+    for root in roots:
+        found |= stacked(root)
     return found
 
 
@@ -120,14 +206,62 @@ def _source_device(source: str) -> Device | None:
     return os.major(info.st_rdev), os.minor(info.st_rdev)
 
 
+def _on(devices: set[Device], mount: Mount) -> Device | None:
+    """The device of `devices` a mount's file system lives on, if any."""
+    if mount.device in devices:
+        return mount.device
+    # btrfs and a few others report an anonymous device number: go by the source then.
+    source = _source_device(mount.source)
+    return source if source in devices else None
+
+
 def mounted_from(devices: set[Device], table: list[Mount]) -> list[Mount]:
     """The mounts of `table` whose file system lives on one of `devices`."""
-    found = []
-    for mount in table:
-        # btrfs and a few others report an anonymous device number: go by the source then.
-        if mount.device in devices or _source_device(mount.source) in devices:
-            found.append(mount)
-    return found
+    return [mount for mount in table if _on(devices, mount) is not None]
+
+
+def mounts_on_disk(disk: Path, within: list[Mount] | None = None) -> list[Mount]:
+    """The mounted file systems that live on `disk`, one mount per file system (the one closest
+    to the root of the namespace), parents before the file systems mounted below them."""
+    devices = disk_devices(disk)
+    if not devices:
+        return []
+    chosen: dict[Device, Mount] = {}
+    for mount in within if within is not None else mounts():
+        device = _on(devices, mount)
+        if device is None:
+            continue
+        best = chosen.get(device)
+        if best is None or len(mount.mountpoint.parts) < len(best.mountpoint.parts):
+            chosen[device] = mount
+    return sorted(chosen.values(), key=lambda m: (len(m.mountpoint.parts), str(m.mountpoint)))
+
+
+# -- who uses it ----------------------------------------------------------------------------
+
+
+def _claimed(node: Path) -> bool:
+    """Whether the kernel refuses an exclusive open of the device `node` (EBUSY): mounted or
+    claimed, in any mount namespace."""
+    try:
+        fd = os.open(node, os.O_RDONLY | os.O_EXCL | os.O_CLOEXEC)
+    except OSError as exc:
+        return exc.errno == errno.EBUSY
+    os.close(fd)
+    return False
+
+
+def in_use_unseen(disk: Path, within: list[Mount] | None = None) -> bool:
+    """Whether some device of `disk` is held (mounted or claimed) although no file system of
+    it is mounted in this mount namespace: mounted in another one, then, where this agent
+    cannot freeze it."""
+    if mounts_on_disk(disk, within):
+        return False
+    for device in disk_devices(disk):
+        node = device_node(device)
+        if node is not None and _claimed(node):
+            return True
+    return False
 
 
 def claim(path: Path, flags: int, what: str) -> int:
@@ -254,14 +388,9 @@ def check_unused(path: Path, what: str, info: os.stat_result | None = None) -> N
     caller's (`claim`)."""
     if info is None:
         info = os.stat(path)
-    if stat.S_ISBLK(info.st_mode):
-        roots = [(os.major(info.st_rdev), os.minor(info.st_rdev))]
-        loops: list[Device] = []
-    elif stat.S_ISREG(info.st_mode):
-        loops = loop_devices_of(path, info)
-        roots = loops
-    else:
+    if not (stat.S_ISREG(info.st_mode) or stat.S_ISBLK(info.st_mode)):
         return  # nothing can mount or attach anything else
+    roots, loops = _roots(path, info)
     devices: set[Device] = set()
     for root in roots:
         devices |= stacked(root)
@@ -270,7 +399,9 @@ def check_unused(path: Path, what: str, info: os.stat_result | None = None) -> N
         places = ", ".join(f"{m.mountpoint} ({m.fstype})" for m in on_it[:5])
         raise DiskInUse(what=what, path=str(path), why=f"it is mounted at {places}", fix=FIX)
     if loops:
-        names = ", ".join(_devname(device) for device in loops)
+        names = ", ".join(
+            str(device_node(device) or f"{device[0]}:{device[1]}") for device in loops
+        )
         raise DiskInUse(
             what=what, path=str(path), why=f"it is attached to loop device {names}", fix=FIX
         )
