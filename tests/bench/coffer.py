@@ -129,7 +129,7 @@ class Coffer:
     def settings(self) -> str:
         return (
             f"chunk_size {size_label(self.chunk_size)} (fixed, disk-aligned), zstd at rest, "
-            "no encryption at rest, mTLS on the wire"
+            "encrypted at rest (the default: AES-256-GCM, keyed chunk names), mTLS on the wire"
         )
 
     def setup(self) -> None:
