@@ -59,6 +59,7 @@ OPERATOR_METHODS: Final[dict[str, Access]] = {
     "Discover": _OPERATE,
     "BackupNow": _OPERATE,
     "Restore": _OPERATE,
+    "Drill": _OPERATE,
     "CancelJob": _OPERATE,
     # files of a recovery point (each call a FileRecovery job), and verifying recovery points
     "ListFiles": _OPERATE,

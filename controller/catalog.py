@@ -33,7 +33,16 @@ from typing import Any, Self
 import aiosqlite
 
 from shared.errors import Conflict, NotFound, UnsupportedFormat
-from shared.model import Consistency, ItemState, JobStatus, Operation, Trigger, Verification
+from shared.model import (
+    Consistency,
+    DrillOutcome,
+    ItemState,
+    JobStatus,
+    Operation,
+    RestoreMode,
+    Trigger,
+    Verification,
+)
 from shared.policy import default_policy
 
 _DEFAULT_POLICY = default_policy("UTC")
@@ -248,6 +257,40 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX audit_by_time ON audit (at);
     """,
+    # 7: every way back. A restore records what it restored where (source VM, target VM and
+    # path, mode, overwrite) and what it moved (compared, fetched, written), in columns; the
+    # restores recorded before move theirs out of `details` (their bytes_read was the bytes
+    # written). Agents report their restore_dirs (drill directories are checked against
+    # them); a vault may have restore drills (where and when), and a recovery point records
+    # its last drill.
+    """
+    ALTER TABLE agents ADD COLUMN restore_dirs TEXT NOT NULL DEFAULT '[]';
+    ALTER TABLE vaults ADD COLUMN drill_schedule TEXT NOT NULL DEFAULT '';
+    ALTER TABLE vaults ADD COLUMN drill_agent TEXT NOT NULL DEFAULT '';
+    ALTER TABLE vaults ADD COLUMN drill_dir TEXT NOT NULL DEFAULT '';
+    ALTER TABLE vaults ADD COLUMN drill_last_slot REAL;
+    ALTER TABLE jobs ADD COLUMN source_vm_id TEXT NOT NULL DEFAULT '';
+    ALTER TABLE jobs ADD COLUMN target_vm_id TEXT NOT NULL DEFAULT '';
+    ALTER TABLE jobs ADD COLUMN target_path TEXT NOT NULL DEFAULT '';
+    ALTER TABLE jobs ADD COLUMN restore_mode TEXT NOT NULL DEFAULT '';
+    ALTER TABLE jobs ADD COLUMN overwrite INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE jobs ADD COLUMN bytes_compared INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE jobs ADD COLUMN bytes_fetched INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE jobs ADD COLUMN bytes_written INTEGER NOT NULL DEFAULT 0;
+    UPDATE jobs SET
+        source_vm_id = coalesce(json_extract(details, '$.source_vm'), vm_id),
+        target_vm_id = vm_id,
+        target_path = coalesce(json_extract(details, '$.target_path'), ''),
+        restore_mode = 'new-image',
+        bytes_written = bytes_read,
+        details = json_remove(details, '$.source_vm', '$.disk', '$.target_path')
+    WHERE operation = 'Restore' AND json_valid(details);
+    ALTER TABLE recovery_points ADD COLUMN drilled_at REAL;
+    ALTER TABLE recovery_points ADD COLUMN drill_job_id TEXT NOT NULL DEFAULT '';
+    ALTER TABLE recovery_points ADD COLUMN drill_seconds REAL NOT NULL DEFAULT 0;
+    ALTER TABLE recovery_points ADD COLUMN drill_outcome TEXT NOT NULL DEFAULT '';
+    ALTER TABLE recovery_points ADD COLUMN drill_summary TEXT NOT NULL DEFAULT '';
+    """,
 ]
 
 
@@ -269,6 +312,20 @@ class AgentRecord:
     first_seen: float
     last_seen: float
     disks: tuple[DiskRecord, ...]
+    restore_dirs: tuple[str, ...] = ()
+    """Where its agent may restore to, as its last hello said."""
+
+
+@dataclass(frozen=True)
+class DrillSettings:
+    """Where a vault's restore drills run (an agent, a directory there) and when."""
+
+    agent: str
+    directory: str
+    schedule: dict[str, Any] | None = None
+    """The schedule's JSON form (`shared.policy.Schedule.to_dict`); None: on demand only."""
+    last_slot: float | None = None
+    """The scheduled drill slot last started: a restart plans from here."""
 
 
 @dataclass(frozen=True)
@@ -285,6 +342,7 @@ class VaultRecord:
     """Verify, on the daily maintenance, points not verified for this many days (0: never)."""
     encrypted: bool = False
     """Its datastore is encrypted (format 2): never to be opened as a plain one."""
+    drill: DrillSettings | None = None
 
 
 @dataclass(frozen=True)
@@ -320,6 +378,23 @@ class ItemRecord:
             self.last_backup_status = JobStatus(self.last_backup_status)
 
 
+@dataclass(frozen=True)
+class RestoreTarget:
+    """What a restore (or a drill) restores where."""
+
+    source_vm_id: str
+    target_vm_id: str
+    """The VM whose agent writes it."""
+    target_path: str
+    """The image written; in place: the disk's path (once the agent said it); a drill: the
+    scratch directory."""
+    mode: RestoreMode
+    overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "mode", RestoreMode(self.mode))
+
+
 @dataclass
 class JobRecord:
     id: str
@@ -349,6 +424,14 @@ class JobRecord:
     decides on it."""
     requested_by: str = ""
     """Who asked for it: an operator's name, or "schedule" (`controller.audit`)."""
+    restore: RestoreTarget | None = None
+    """A restore's or drill's source and target."""
+    bytes_compared: int = 0
+    """Bytes of a disk read to find which chunks differ (an in-place restore)."""
+    bytes_fetched: int = 0
+    """Chunk bytes a restore read from the datastore, as stored."""
+    bytes_written: int = 0
+    """Bytes a restore wrote to its target."""
 
     def __post_init__(self) -> None:
         self.operation = Operation(self.operation)
@@ -385,6 +468,8 @@ class RecoveryPointRecord:
     data_bytes: int = 0
     # The retention rules keeping it, as of the last prune: daily, weekly, monthly, yearly.
     kept_by: tuple[str, ...] = ()
+    drill: DrillRecord | None = None
+    """Its last restore drill; None if it was never drilled."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "consistency", Consistency(self.consistency))
@@ -420,6 +505,21 @@ class VerificationRecord:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "state", Verification(self.state))
+
+
+@dataclass(frozen=True)
+class DrillRecord:
+    """A restore drill of a recovery point: when, by which job, how long the restore took,
+    and what the read-only file system checks found."""
+
+    at: float
+    job_id: str
+    seconds: float
+    outcome: DrillOutcome
+    summary: str
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "outcome", DrillOutcome(self.outcome))
 
 
 @dataclass(frozen=True)
@@ -518,10 +618,19 @@ _VAULT_COLUMNS = (
     "name", "region", "chunk_size", "created_at", "max_concurrent_backups", "stored_bytes",
     "verify_new", "reverify_days",
     "encrypted",
+    "drill_schedule", "drill_agent", "drill_dir", "drill_last_slot",
 )  # fmt: skip
 
 
 def _vault(row: sqlite3.Row) -> VaultRecord:
+    drill = None
+    if row["drill_agent"]:
+        drill = DrillSettings(
+            agent=row["drill_agent"],
+            directory=row["drill_dir"],
+            schedule=json.loads(row["drill_schedule"]) if row["drill_schedule"] else None,
+            last_slot=row["drill_last_slot"],
+        )
     return VaultRecord(
         name=row["name"],
         region=row["region"],
@@ -532,6 +641,7 @@ def _vault(row: sqlite3.Row) -> VaultRecord:
         verify_new=bool(row["verify_new"]),
         reverify_days=row["reverify_days"],
         encrypted=bool(row["encrypted"]),
+        drill=drill,
     )
 
 
@@ -589,7 +699,8 @@ def _item_row(item: ItemRecord) -> dict[str, Any]:
 
 
 _AGENT_COLUMNS = (
-    "vm_id", "name", "service", "region", "hostname", "agent_version", "first_seen", "last_seen"
+    "vm_id", "name", "service", "region", "hostname", "agent_version", "first_seen", "last_seen",
+    "restore_dirs",
 )  # fmt: skip
 _DISK_COLUMNS = ("vm_id", "name", "path", "size_bytes")
 
@@ -601,7 +712,9 @@ def _disk(row: sqlite3.Row) -> DiskRecord:
 _JOB_COLUMNS = (
     "id", "operation", "status", "vault", "vm_id", "started_at", "ended_at", "bytes_read",
     "bytes_sent", "bytes_stored", "error_code", "error_message", "recovery_point_id", "trigger",
-    "slot", "disks", "pending_recovery_point_id", "details", "requested_by",
+    "slot", "disks", "pending_recovery_point_id", "details", "requested_by", "source_vm_id",
+    "target_vm_id", "target_path", "restore_mode", "overwrite", "bytes_compared", "bytes_fetched",
+    "bytes_written",
 )  # fmt: skip
 
 
@@ -626,6 +739,18 @@ def _job(row: sqlite3.Row) -> JobRecord:
         pending_recovery_point_id=row["pending_recovery_point_id"],
         details=json.loads(row["details"]),
         requested_by=row["requested_by"],
+        restore=RestoreTarget(
+            source_vm_id=row["source_vm_id"],
+            target_vm_id=row["target_vm_id"],
+            target_path=row["target_path"],
+            mode=RestoreMode(row["restore_mode"]),
+            overwrite=bool(row["overwrite"]),
+        )
+        if row["restore_mode"]
+        else None,
+        bytes_compared=row["bytes_compared"],
+        bytes_fetched=row["bytes_fetched"],
+        bytes_written=row["bytes_written"],
     )
 
 
@@ -650,12 +775,24 @@ def _job_row(job: JobRecord) -> dict[str, Any]:
         "pending_recovery_point_id": job.pending_recovery_point_id,
         "details": json.dumps(job.details),
         "requested_by": job.requested_by,
+        "source_vm_id": job.restore.source_vm_id if job.restore else "",
+        "target_vm_id": job.restore.target_vm_id if job.restore else "",
+        "target_path": job.restore.target_path if job.restore else "",
+        "restore_mode": job.restore.mode.value if job.restore else "",
+        "overwrite": int(job.restore.overwrite) if job.restore else 0,
+        "bytes_compared": job.bytes_compared,
+        "bytes_fetched": job.bytes_fetched,
+        "bytes_written": job.bytes_written,
     }
 
 
 _RP_COLUMNS = (
     "id", "vault", "vm_id", "job_id", "created_at", "consistency", "bytes_stored", "data_bytes",
     "kept_by",
+)  # fmt: skip
+# Read with a recovery point, written only by `record_drill`.
+_RP_DRILL_COLUMNS = (
+    "drilled_at", "drill_job_id", "drill_seconds", "drill_outcome", "drill_summary"
 )  # fmt: skip
 _RP_DISK_COLUMNS = (
     "recovery_point_id", "name", "size_bytes", "chunk_size", "chunk_count", "consistency"
@@ -691,6 +828,19 @@ def _recovery_point(
         disks=tuple(disks),
         data_bytes=row["data_bytes"],
         kept_by=tuple(row["kept_by"].split(",")) if row["kept_by"] else (),
+        drill=_drill(row),
+    )
+
+
+def _drill(row: sqlite3.Row) -> DrillRecord | None:
+    if row["drilled_at"] is None:
+        return None
+    return DrillRecord(
+        at=row["drilled_at"],
+        job_id=row["drill_job_id"],
+        seconds=row["drill_seconds"],
+        outcome=DrillOutcome(row["drill_outcome"]),
+        summary=row["drill_summary"],
     )
 
 
@@ -780,6 +930,10 @@ class Catalog:
                         "verify_new": int(vault.verify_new),
                         "reverify_days": vault.reverify_days,
                         "encrypted": int(vault.encrypted),
+                        "drill_schedule": "",
+                        "drill_agent": "",
+                        "drill_dir": "",
+                        "drill_last_slot": None,
                     },
                 )
             except sqlite3.IntegrityError:
@@ -823,6 +977,28 @@ class Catalog:
             )
             if cursor.rowcount == 0:
                 raise NotFound(kind="vault", name=vault)
+
+    async def set_drill(self, vault: str, drill: DrillSettings | None) -> None:
+        """A vault's restore drill settings (None: it has none)."""
+        async with self._transaction() as db:
+            cursor = await db.execute(
+                "UPDATE vaults SET drill_schedule = ?, drill_agent = ?, drill_dir = ?,"
+                " drill_last_slot = ? WHERE name = ?",
+                (
+                    json.dumps(drill.schedule) if drill and drill.schedule else "",
+                    drill.agent if drill else "",
+                    drill.directory if drill else "",
+                    drill.last_slot if drill else None,
+                    vault,
+                ),
+            )
+            if cursor.rowcount == 0:
+                raise NotFound(kind="vault", name=vault)
+
+    async def set_drill_slot(self, vault: str, slot: float) -> None:
+        """The scheduled drill slot a vault last started."""
+        async with self._transaction() as db:
+            await db.execute("UPDATE vaults SET drill_last_slot = ? WHERE name = ?", (slot, vault))
 
     async def add_stored_bytes(self, vault: str, delta: int) -> None:
         """Account chunk bytes written to (positive) or freed from (negative) a vault's store."""
@@ -958,6 +1134,7 @@ class Catalog:
         agent_version: str,
         disks: Sequence[DiskRecord],
         now: float,
+        restore_dirs: Sequence[str] = (),
     ) -> None:
         """Record an agent's hello: who it is and the disks it has now."""
         async with self._transaction() as db:
@@ -966,7 +1143,8 @@ class Catalog:
                    VALUES ({_placeholders(_AGENT_COLUMNS)})
                    ON CONFLICT (vm_id) DO UPDATE SET name=excluded.name, service=excluded.service,
                      region=excluded.region, hostname=excluded.hostname,
-                     agent_version=excluded.agent_version, last_seen=excluded.last_seen""",
+                     agent_version=excluded.agent_version, last_seen=excluded.last_seen,
+                     restore_dirs=excluded.restore_dirs""",
                 {
                     "vm_id": vm_id,
                     "name": name,
@@ -976,6 +1154,7 @@ class Catalog:
                     "agent_version": agent_version,
                     "first_seen": now,
                     "last_seen": now,
+                    "restore_dirs": json.dumps(list(restore_dirs)),
                 },
             )
             await db.execute("DELETE FROM disks WHERE vm_id = ?", (vm_id,))
@@ -1024,6 +1203,7 @@ class Catalog:
                 first_seen=row["first_seen"],
                 last_seen=max(row["last_seen"], self._heartbeats.get(row["vm_id"], 0.0)),
                 disks=tuple(disks.get(row["vm_id"], ())),
+                restore_dirs=tuple(json.loads(row["restore_dirs"])),
             )
             for row in rows
         ]
@@ -1166,6 +1346,23 @@ class Catalog:
                 [(",".join(rules), rp_id) for rp_id, rules in kept.items()],
             )
 
+    async def record_drill(self, rp_id: str, drill: DrillRecord) -> None:
+        """Record a restore drill of a recovery point (one deleted meanwhile is left alone)."""
+        async with self._transaction() as db:
+            await db.execute(
+                "UPDATE recovery_points SET drilled_at = ?, drill_job_id = ?, drill_seconds = ?,"
+                " drill_outcome = ?, drill_summary = ? WHERE id = ?",
+                (drill.at, drill.job_id, drill.seconds, drill.outcome.value, drill.summary, rp_id),
+            )
+
+    async def last_drills(self, vault: str) -> dict[str, RecoveryPointRecord]:
+        """Per VM of a vault: its most recently drilled recovery point (VMs never drilled are
+        left out)."""
+        drilled = await self._recovery_points(
+            "vault = ? AND drilled_at IS NOT NULL ORDER BY drilled_at", (vault,)
+        )
+        return {rp.vm_id: rp for rp in drilled}  # the latest drill of each VM wins
+
     async def delete_recovery_point(self, rp_id: str) -> None:
         async with self._transaction() as db:
             await db.execute("DELETE FROM recovery_points WHERE id = ?", (rp_id,))
@@ -1210,7 +1407,9 @@ class Catalog:
         if "ORDER BY" not in where:
             where += " ORDER BY created_at"
         async with self.db.execute(
-            f"SELECT {_columns(_RP_COLUMNS)} FROM recovery_points WHERE {where}", params
+            f"SELECT {_columns(_RP_COLUMNS + _RP_DRILL_COLUMNS)} FROM recovery_points"
+            f" WHERE {where}",
+            params,
         ) as cursor:
             rows = await cursor.fetchall()
         if not rows:

@@ -93,6 +93,7 @@ class ControllerConfig:
     @property
     def default_master_key_file(self) -> Path:
         return self.state_dir / MASTER_KEY_NAME
+
     # Where agents enrol (TLS without a client certificate); None: enrolment is off.
     enrol_listen: str | None = None
     certificate_days: float = DEFAULT_CERTIFICATE_DAYS

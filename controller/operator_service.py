@@ -24,6 +24,7 @@ from controller.catalog import (
     AuditFilter,
     Catalog,
     CertificateRecord,
+    DrillRecord,
     ItemRecord,
     JobFilter,
     JobRecord,
@@ -32,6 +33,7 @@ from controller.catalog import (
     VaultRecord,
     VerificationRecord,
 )
+from controller.drills import Drills, schedule_of
 from controller.enrolment import Enrolment
 from controller.interceptors import caller
 from controller.jobs import JobManager
@@ -96,11 +98,13 @@ class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
         revocations: Revocations | None = None,
         audit: AuditLog | None = None,
         enrol_address: str = "",
+        drills: Drills | None = None,
     ) -> None:
         self._enrolment = enrolment
         self._revocations = revocations
         self._audit = audit
         self._enrol_address = enrol_address
+        self._drills_ = drills
         self._catalog = catalog
         self._registry = registry
         self._jobs = jobs
@@ -109,6 +113,12 @@ class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
         self._protection = protection
         self._pruner = pruner
         self._verifier = verifier
+
+    @property
+    def _drills(self) -> Drills:
+        if self._drills_ is None:  # every controller has them; a test may serve without
+            raise Unavailable(detail="restore drills are not served here")
+        return self._drills_
 
     async def _vm_id(self, name: str) -> str:
         """The VM id a name (id, name or service/name) gives; the name itself for a VM that is
@@ -176,6 +186,19 @@ class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
             disks=job.disks,
             requested_by=job.requested_by,
         )
+        if job.restore is not None:
+            message.restore.CopyFrom(
+                operator_pb2.RestoreInfo(
+                    source_vm_id=job.restore.source_vm_id,
+                    target_vm_id=job.restore.target_vm_id,
+                    target_path=job.restore.target_path,
+                    mode=job.restore.mode,
+                    overwrite=job.restore.overwrite,
+                    bytes_compared=job.bytes_compared,
+                    bytes_fetched=job.bytes_fetched,
+                    bytes_written=job.bytes_written,
+                )
+            )
         progress = self._status.progress(job.id) if self._status else None
         if progress is not None and not JobStatus(job.status).ended:
             message.progress.CopyFrom(
@@ -187,6 +210,18 @@ class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
                 )
             )
         return message
+
+    @staticmethod
+    def _drill(drill: DrillRecord | None) -> operator_pb2.DrillRecord | None:
+        if drill is None:
+            return None
+        return operator_pb2.DrillRecord(
+            at=_timestamp(drill.at),
+            job_id=drill.job_id,
+            restore_seconds=drill.seconds,
+            outcome=drill.outcome,
+            summary=drill.summary,
+        )
 
     @staticmethod
     def _recovery_point(
@@ -230,6 +265,7 @@ class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
             bytes_stored=rp.bytes_stored,
             kept_by=rp.kept_by,
             data_bytes=rp.data_bytes,
+            last_drill=OperatorService._drill(rp.drill),
         )
 
     async def ListAgents(
@@ -282,8 +318,15 @@ class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
             request.disk,
             request.target_path,
             target,
+            in_place=request.in_place,
+            overwrite=request.overwrite,
         )
         return self._job(job, await self._names())
+
+    async def Drill(
+        self, request: operator_pb2.DrillRequest, context: Context
+    ) -> operator_pb2.JobsReply:
+        return await self._jobs_reply(await self._drills.run(request.vault, list(request.vms)))
 
     async def ListJobs(
         self, request: operator_pb2.ListJobsRequest, context: Context
@@ -426,7 +469,7 @@ class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
         items = await self._catalog.items(vault.name)
         points, _ = await self._catalog.recovery_point_totals(vault.name)
         storage = await self._vaults.storage(vault.name)
-        return operator_pb2.Vault(
+        message = operator_pb2.Vault(
             name=vault.name,
             region=vault.region,
             chunk_size=vault.chunk_size,
@@ -443,6 +486,20 @@ class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
             encryption=storage.encryption,
             current_data_key=storage.current_data_key,
         )
+        if vault.drill is not None:
+            schedule = schedule_of(vault.drill)
+            message.drill.CopyFrom(
+                operator_pb2.DrillSettings(
+                    schedule=schedule.to_text() if schedule else "",
+                    schedule_text=schedule.describe() if schedule else "on demand only",
+                    agent=vault.drill.agent,
+                    directory=vault.drill.directory,
+                    next_at=_timestamp(
+                        self._drills_.next_at(vault.name) if self._drills_ else None
+                    ),
+                )
+            )
+        return message
 
     async def CreateVault(
         self, request: operator_pb2.CreateVaultRequest, context: Context
@@ -468,22 +525,38 @@ class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
     async def UpdateVault(
         self, request: operator_pb2.UpdateVaultRequest, context: Context
     ) -> operator_pb2.Vault:
+        drill = request.drill if request.HasField("drill") else None
         verify_new = request.verify_new if request.HasField("verify_new") else None
         reverify_days = request.reverify_days if request.HasField("reverify_days") else None
-        if not request.max_concurrent_backups and verify_new is None and reverify_days is None:
+        verify = verify_new is not None or reverify_days is not None
+        drills = drill is not None or request.clear_drill
+        if not (request.max_concurrent_backups or verify or drills):
             # A request that would change nothing is refused: saying nothing about that is how
             # `--max-concurrent-backups 0` went unnoticed.
             raise InvalidArgument(
-                detail="nothing to change: give max_concurrent_backups (1 to 64), verify_new "
-                "or reverify_days"
+                detail="nothing to change: give max_concurrent_backups (1 to 64), verify_new, "
+                "reverify_days or drill settings"
             )
-        vault = await self._vaults.update(
-            request.name,
-            request.max_concurrent_backups,
-            verify_new=verify_new,
-            reverify_days=reverify_days,
-        )
-        self._jobs.set_limit(vault.name, vault.max_concurrent_backups)
+        vault = await self._catalog.vault(request.name)
+        # Every value checked before anything is changed: a refused request changes nothing.
+        self._vaults.check_update(request.max_concurrent_backups, reverify_days=reverify_days)
+        if drills:
+            # Checked (and written) first of the rest: a refused drill setting changes nothing.
+            vault = await self._drills.configure(
+                request.name,
+                schedule=drill.schedule if drill else "",
+                agent=drill.agent if drill else "",
+                directory=drill.directory if drill else "",
+                clear=request.clear_drill,
+            )
+        if request.max_concurrent_backups or verify:
+            vault = await self._vaults.update(
+                request.name,
+                request.max_concurrent_backups,
+                verify_new=verify_new,
+                reverify_days=reverify_days,
+            )
+            self._jobs.set_limit(vault.name, vault.max_concurrent_backups)
         return await self._vault(vault)
 
     async def DeleteVault(
@@ -491,6 +564,8 @@ class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
     ) -> operator_pb2.Vault:
         vault = await self._vaults.delete(request.name, self._jobs.running_count(request.name))
         self._protection.vault_deleted(vault.name)
+        if self._drills_ is not None:
+            self._drills_.vault_deleted(vault.name)
         return operator_pb2.Vault(name=vault.name, region=vault.region)
 
     async def RotateVaultKey(
@@ -535,7 +610,27 @@ class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
             recovery_points_never_verified=board.integrity.never_verified,
             bad_chunks=board.integrity.bad_chunks,
             last_verified_at=_timestamp(board.integrity.last_verified_at),
+            drills=await self._vm_drills(request.name),
         )
+
+    async def _vm_drills(self, vault: str) -> list[operator_pb2.VmDrill]:
+        """The last drill of each protected VM of the vault (unset: never drilled)."""
+        names = await self._names()
+        drilled = await self._catalog.last_drills(vault)
+        found = []
+        for item in await self._catalog.items(vault):
+            if not ItemState(item.state).protected:
+                continue
+            rp = drilled.get(item.vm_id)
+            found.append(
+                operator_pb2.VmDrill(
+                    vm_id=item.vm_id,
+                    item=names.get(item.vm_id, item.vm_id),
+                    recovery_point_id=rp.id if rp else "",
+                    drill=self._drill(rp.drill if rp else None),
+                )
+            )
+        return found
 
     # --- discovery and items ----------------------------------------------------------------
 

@@ -48,6 +48,7 @@ from controller.datastore import (
     open_object_store,
 )
 from controller.datastores import Datastores
+from controller.drills import Drills
 from controller.enrolment import (
     MAX_ENROL_CALLS,
     Enrolment,
@@ -194,6 +195,9 @@ class Controller:
             protection.after_backup.append(verifier.after_backup)
             self.protection = await stack.enter_async_context(protection)
             self.jobs = jobs
+            # Restore drills are planned in the protection's schedule (drill:VAULT entries).
+            self.drills = Drills(catalog, jobs, self.protection, self.clock)
+            await self.drills.plan_all()
 
             if config.enrol_listen is not None:
                 enrol_server = grpc.aio.server(
@@ -212,9 +216,7 @@ class Controller:
                 )
                 await enrol_server.start()
                 stack.push_async_callback(enrol_server.stop, SHUTDOWN_GRACE_SECONDS)
-                log.info(
-                    "enrolment listener on %s (port %d)", config.enrol_listen, self.enrol_port
-                )
+                log.info("enrolment listener on %s (port %d)", config.enrol_listen, self.enrol_port)
 
             server = grpc.aio.server(
                 options=server_options(),
@@ -247,6 +249,7 @@ class Controller:
                     revocations=revocations,
                     audit=audit,
                     enrol_address=self._enrol_address(),
+                    drills=self.drills,
                 ),
                 server,
             )

@@ -138,6 +138,18 @@ class Vaults:
             raise
         return vault
 
+    @staticmethod
+    def check_update(max_concurrent_backups: int, *, reverify_days: int | None = None) -> None:
+        """InvalidArgument unless `update` would take these values (0 or None: unchanged);
+        a caller changing other settings too checks first, so a refusal changes nothing."""
+        if max_concurrent_backups:
+            _check_limit(max_concurrent_backups)
+        if reverify_days is not None and not 0 <= reverify_days <= MAX_REVERIFY_DAYS:
+            raise InvalidArgument(
+                detail=f"re-verify after {reverify_days} days: give 0 (off) to "
+                f"{MAX_REVERIFY_DAYS} days"
+            )
+
     async def update(
         self,
         name: str,
@@ -148,13 +160,7 @@ class Vaults:
     ) -> VaultRecord:
         """Change a vault's settings: 0 or None leaves one unchanged. Every value is checked
         before any is written."""
-        if max_concurrent_backups:
-            _check_limit(max_concurrent_backups)
-        if reverify_days is not None and not 0 <= reverify_days <= MAX_REVERIFY_DAYS:
-            raise InvalidArgument(
-                detail=f"re-verify after {reverify_days} days: give 0 (off) to "
-                f"{MAX_REVERIFY_DAYS} days"
-            )
+        self.check_update(max_concurrent_backups, reverify_days=reverify_days)
         await self._catalog.vault(name)
         if max_concurrent_backups:
             await self._catalog.set_max_concurrent_backups(name, max_concurrent_backups)

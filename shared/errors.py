@@ -355,7 +355,7 @@ class RestoreTargetFailed(CofferError):
 
 
 class RestoreTargetExists(Conflict):
-    """Restore target {path} already exists; nothing was written. Choose another destination or move it away first."""
+    """Restore target {path} already exists; nothing was written. {fix}"""
 
     code = "UserErrorRestoreTargetExists"
 
@@ -586,3 +586,37 @@ class RenewalTooSoon(Conflict):
 
     code = "RenewalTooSoon"
     retryable = True
+
+
+# --- ways back: restoring in place, over a target, to another VM, drills ---------------------
+#
+# Refused restores change nothing. A disk or target that is in use is conflicting state (5):
+# unmount or detach it, then ask again; a configured disk as a new image's target is never
+# allowed (6); a drill that found damaged file systems is a job that failed (3).
+
+
+class DiskInUse(Conflict):
+    """{what} {path} is in use: {why}. {fix}"""
+
+    code = "UserErrorDiskInUse"
+    retryable = True
+
+
+class RestoreTargetIsDisk(PermissionDenied):
+    """Restore target {path} is disk {disk!r} of VM {vm_id!r}; a restore to an image never writes over a configured disk. Roll the disk back with `coffer restore {vm_id} --rp RP --disk {disk} --in-place`, or choose another path."""
+
+    code = "UserErrorRestoreTargetIsDisk"
+
+
+class RestoreRegionMismatch(Conflict):
+    """VM {vm!r} is in region {vm_region!r}, but vault {vault!r} is in region {vault_region!r}: its recovery points restore only to VMs of that region."""
+
+    code = "UserErrorRestoreRegionMismatch"
+
+
+class DrillFailed(CofferError):
+    """The restore drill of recovery point {recovery_point} of VM {vm!r} found {findings}"""
+
+    code = "RestoreDrillFailed"
+    exit_code = 3
+    grpc_status = "FAILED_PRECONDITION"

@@ -20,7 +20,7 @@ from controller.cli.client import DEFAULT_TIMEOUT, Connection, call
 from controller.cli.enrol import enrol
 from controller.cli.files import files
 from controller.cli.integrity import verification_cell, verify
-from controller.cli.jobs import backup_now, gc, job, prune, restore
+from controller.cli.jobs import backup_now, drill, gc, job, prune, restore
 from controller.cli.output import as_dict, errors, print_json, size, table, use_utc, when
 from controller.cli.pki import pki
 from controller.cli.protection import (
@@ -33,7 +33,7 @@ from controller.cli.protection import (
     stop_protection,
     unregister,
 )
-from controller.cli.vaults import dashboard, vault
+from controller.cli.vaults import dashboard, drill_cell, vault
 from shared.errors import CofferError
 from shared.rpc import operator_pb2
 
@@ -107,6 +107,7 @@ for command in (
     resume_protection,
     backup_now,
     restore,
+    drill,
     files,
     job,
     prune,
@@ -153,7 +154,7 @@ def agents(connection: Connection, as_json: bool) -> None:
 
 RP_COLUMNS = (
     "Recovery point", "VM", "Created", "Consistency", "Disks", "Stored", "Kept by", "Integrity",
-    "Job",
+    "Last drill", "Job",
 )  # fmt: skip
 
 
@@ -196,6 +197,7 @@ def rp_list(connection: Connection, vm_id: str, vault_name: str, as_json: bool) 
                 size(p.bytes_stored),
                 ", ".join(p.kept_by) or "-",
                 verification_cell(p),
+                drill_cell(p.last_drill) if p.HasField("last_drill") else "-",
                 p.job_id,
             ]
             for p in reply.recovery_points

@@ -150,6 +150,11 @@ class OperatorServiceStub:
                 request_serializer=coffer_dot_v1_dot_operator__pb2.VerifyRequest.SerializeToString,
                 response_deserializer=coffer_dot_v1_dot_operator__pb2.Job.FromString,
                 _registered_method=True)
+        self.Drill = channel.unary_unary(
+                '/coffer.v1.OperatorService/Drill',
+                request_serializer=coffer_dot_v1_dot_operator__pb2.DrillRequest.SerializeToString,
+                response_deserializer=coffer_dot_v1_dot_operator__pb2.JobsReply.FromString,
+                _registered_method=True)
         self.ListJobs = channel.unary_unary(
                 '/coffer.v1.OperatorService/ListJobs',
                 request_serializer=coffer_dot_v1_dot_operator__pb2.ListJobsRequest.SerializeToString,
@@ -383,6 +388,14 @@ class OperatorServiceServicer:
     def Verify(self, request, context):
         """A Verify job: re-read every chunk the chosen recovery points reference (each once) and
         record per recovery point whether it is whole (`verification` on RecoveryPoint).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Drill(self, request, context):
+        """RestoreDrill jobs now, one per VM: the latest recovery point of each protected VM of the
+        vault (or of those named) restored to the vault's drill agent, checked read-only, deleted.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -622,6 +635,11 @@ def add_OperatorServiceServicer_to_server(servicer, server):
                     servicer.Verify,
                     request_deserializer=coffer_dot_v1_dot_operator__pb2.VerifyRequest.FromString,
                     response_serializer=coffer_dot_v1_dot_operator__pb2.Job.SerializeToString,
+            ),
+            'Drill': grpc.unary_unary_rpc_method_handler(
+                    servicer.Drill,
+                    request_deserializer=coffer_dot_v1_dot_operator__pb2.DrillRequest.FromString,
+                    response_serializer=coffer_dot_v1_dot_operator__pb2.JobsReply.SerializeToString,
             ),
             'ListJobs': grpc.unary_unary_rpc_method_handler(
                     servicer.ListJobs,
@@ -1325,6 +1343,33 @@ class OperatorService:
             '/coffer.v1.OperatorService/Verify',
             coffer_dot_v1_dot_operator__pb2.VerifyRequest.SerializeToString,
             coffer_dot_v1_dot_operator__pb2.Job.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Drill(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/coffer.v1.OperatorService/Drill',
+            coffer_dot_v1_dot_operator__pb2.DrillRequest.SerializeToString,
+            coffer_dot_v1_dot_operator__pb2.JobsReply.FromString,
             options,
             channel_credentials,
             insecure,
