@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import sqlite3
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
@@ -40,7 +41,16 @@ from typing import Any, Self
 import aiosqlite
 
 from shared.errors import Conflict, NotFound, UnsupportedFormat
-from shared.model import Consistency, ItemState, JobStatus, Operation, Trigger, Verification
+from shared.model import (
+    Consistency,
+    DrillOutcome,
+    ItemState,
+    JobStatus,
+    Operation,
+    RestoreMode,
+    Trigger,
+    Verification,
+)
 from shared.policy import default_policy
 
 _DEFAULT_POLICY = default_policy("UTC")
@@ -210,7 +220,86 @@ MIGRATIONS: list[str] = [
     """
     ALTER TABLE vaults ADD COLUMN encrypted INTEGER NOT NULL DEFAULT 0;
     """,
-    # 6: soft delete. How many days a vault keeps deleted backup data recoverable (0: off),
+    # 6: identities: who asked for each job, the certificates the CA issued and their
+    # revocation, enrolment tokens (their secrets only hashed), and the audit log. Jobs from
+    # before say "schedule" when the scheduler started them and nothing otherwise.
+    """
+    ALTER TABLE jobs ADD COLUMN requested_by TEXT NOT NULL DEFAULT '';
+    UPDATE jobs SET requested_by = 'schedule' WHERE trigger = 'scheduled';
+    CREATE TABLE certificates (
+        serial TEXT PRIMARY KEY,
+        kind TEXT NOT NULL,
+        name TEXT NOT NULL,
+        role TEXT NOT NULL DEFAULT '',
+        fingerprint TEXT NOT NULL,
+        not_before REAL NOT NULL,
+        not_after REAL NOT NULL,
+        issued_by TEXT NOT NULL,
+        first_used_at REAL,
+        revoked_at REAL,
+        revoked_reason TEXT NOT NULL DEFAULT '',
+        revoked_by TEXT NOT NULL DEFAULT ''
+    );
+    CREATE INDEX certificates_by_name ON certificates (name, kind);
+    CREATE TABLE enrolment_tokens (
+        id TEXT PRIMARY KEY,
+        vm_id TEXT NOT NULL,
+        secret_sha256 TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        created_by TEXT NOT NULL,
+        expires_at REAL NOT NULL,
+        used_at REAL,
+        used_by TEXT NOT NULL DEFAULT ''
+    );
+    CREATE TABLE audit (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        at REAL NOT NULL,
+        who TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        role TEXT NOT NULL DEFAULT '',
+        method TEXT NOT NULL,
+        arguments TEXT NOT NULL DEFAULT '',
+        outcome TEXT NOT NULL DEFAULT '',
+        message TEXT NOT NULL DEFAULT '',
+        peer TEXT NOT NULL DEFAULT ''
+    );
+    CREATE INDEX audit_by_time ON audit (at);
+    """,
+    # 7: every way back. A restore records what it restored where (source VM, target VM and
+    # path, mode, overwrite) and what it moved (compared, fetched, written), in columns; the
+    # restores recorded before move theirs out of `details` (their bytes_read was the bytes
+    # written). Agents report their restore_dirs (drill directories are checked against
+    # them); a vault may have restore drills (where and when), and a recovery point records
+    # its last drill.
+    """
+    ALTER TABLE agents ADD COLUMN restore_dirs TEXT NOT NULL DEFAULT '[]';
+    ALTER TABLE vaults ADD COLUMN drill_schedule TEXT NOT NULL DEFAULT '';
+    ALTER TABLE vaults ADD COLUMN drill_agent TEXT NOT NULL DEFAULT '';
+    ALTER TABLE vaults ADD COLUMN drill_dir TEXT NOT NULL DEFAULT '';
+    ALTER TABLE vaults ADD COLUMN drill_last_slot REAL;
+    ALTER TABLE jobs ADD COLUMN source_vm_id TEXT NOT NULL DEFAULT '';
+    ALTER TABLE jobs ADD COLUMN target_vm_id TEXT NOT NULL DEFAULT '';
+    ALTER TABLE jobs ADD COLUMN target_path TEXT NOT NULL DEFAULT '';
+    ALTER TABLE jobs ADD COLUMN restore_mode TEXT NOT NULL DEFAULT '';
+    ALTER TABLE jobs ADD COLUMN overwrite INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE jobs ADD COLUMN bytes_compared INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE jobs ADD COLUMN bytes_fetched INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE jobs ADD COLUMN bytes_written INTEGER NOT NULL DEFAULT 0;
+    UPDATE jobs SET
+        source_vm_id = coalesce(json_extract(details, '$.source_vm'), vm_id),
+        target_vm_id = vm_id,
+        target_path = coalesce(json_extract(details, '$.target_path'), ''),
+        restore_mode = 'new-image',
+        bytes_written = bytes_read,
+        details = json_remove(details, '$.source_vm', '$.disk', '$.target_path')
+    WHERE operation = 'Restore' AND json_valid(details);
+    ALTER TABLE recovery_points ADD COLUMN drilled_at REAL;
+    ALTER TABLE recovery_points ADD COLUMN drill_job_id TEXT NOT NULL DEFAULT '';
+    ALTER TABLE recovery_points ADD COLUMN drill_seconds REAL NOT NULL DEFAULT 0;
+    ALTER TABLE recovery_points ADD COLUMN drill_outcome TEXT NOT NULL DEFAULT '';
+    ALTER TABLE recovery_points ADD COLUMN drill_summary TEXT NOT NULL DEFAULT '';
+    """,
+    # 8: soft delete. How many days a vault keeps deleted backup data recoverable (0: off),
     # and the recovery points deleted that way: out of `recovery_points` (nothing that reads
     # live points sees them), with what an undelete gives back and when they are purged.
     """
@@ -259,6 +348,20 @@ class AgentRecord:
     first_seen: float
     last_seen: float
     disks: tuple[DiskRecord, ...]
+    restore_dirs: tuple[str, ...] = ()
+    """Where its agent may restore to, as its last hello said."""
+
+
+@dataclass(frozen=True)
+class DrillSettings:
+    """Where a vault's restore drills run (an agent, a directory there) and when."""
+
+    agent: str
+    directory: str
+    schedule: dict[str, Any] | None = None
+    """The schedule's JSON form (`shared.policy.Schedule.to_dict`); None: on demand only."""
+    last_slot: float | None = None
+    """The scheduled drill slot last started: a restart plans from here."""
 
 
 @dataclass(frozen=True)
@@ -277,6 +380,7 @@ class VaultRecord:
     """Its datastore is encrypted (format 2): never to be opened as a plain one."""
     soft_delete_days: int = DEFAULT_SOFT_DELETE_DAYS
     """Deleted backup data stays recoverable this many days (0: deleted at once)."""
+    drill: DrillSettings | None = None
 
 
 @dataclass(frozen=True)
@@ -312,6 +416,23 @@ class ItemRecord:
             self.last_backup_status = JobStatus(self.last_backup_status)
 
 
+@dataclass(frozen=True)
+class RestoreTarget:
+    """What a restore (or a drill) restores where."""
+
+    source_vm_id: str
+    target_vm_id: str
+    """The VM whose agent writes it."""
+    target_path: str
+    """The image written; in place: the disk's path (once the agent said it); a drill: the
+    scratch directory."""
+    mode: RestoreMode
+    overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "mode", RestoreMode(self.mode))
+
+
 @dataclass
 class JobRecord:
     id: str
@@ -339,6 +460,16 @@ class JobRecord:
     details: dict[str, Any] = field(default_factory=dict)
     """For operators only (warnings, frozen time, consistency per disk, reports): nothing
     decides on it."""
+    requested_by: str = ""
+    """Who asked for it: an operator's name, or "schedule" (`controller.audit`)."""
+    restore: RestoreTarget | None = None
+    """A restore's or drill's source and target."""
+    bytes_compared: int = 0
+    """Bytes of a disk read to find which chunks differ (an in-place restore)."""
+    bytes_fetched: int = 0
+    """Chunk bytes a restore read from the datastore, as stored."""
+    bytes_written: int = 0
+    """Bytes a restore wrote to its target."""
 
     def __post_init__(self) -> None:
         self.operation = Operation(self.operation)
@@ -375,6 +506,8 @@ class RecoveryPointRecord:
     data_bytes: int = 0
     # The retention rules keeping it, as of the last prune: daily, weekly, monthly, yearly.
     kept_by: tuple[str, ...] = ()
+    drill: DrillRecord | None = None
+    """Its last restore drill; None if it was never drilled."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "consistency", Consistency(self.consistency))
@@ -431,6 +564,21 @@ class VerificationRecord:
 
 
 @dataclass(frozen=True)
+class DrillRecord:
+    """A restore drill of a recovery point: when, by which job, how long the restore took,
+    and what the read-only file system checks found."""
+
+    at: float
+    job_id: str
+    seconds: float
+    outcome: DrillOutcome
+    summary: str
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "outcome", DrillOutcome(self.outcome))
+
+
+@dataclass(frozen=True)
 class JobFilter:
     statuses: Sequence[str] = ()
     operations: Sequence[str] = ()
@@ -438,6 +586,65 @@ class JobFilter:
     vault: str = ""
     started_from: float | None = None
     started_to: float | None = None
+    limit: int = 100
+
+
+@dataclass(frozen=True)
+class CertificateRecord:
+    """A certificate of the CA's ledger, and where it stands."""
+
+    serial: str
+    kind: str
+    name: str
+    role: str
+    fingerprint: str
+    not_before: float
+    not_after: float
+    issued_by: str
+    """pki (on the CA host), enrolment, renewal, or seen (issued before the ledger)."""
+    first_used_at: float | None = None
+    revoked_at: float | None = None
+    revoked_reason: str = ""
+    """revoked (by an admin) or superseded (by a newer certificate of the same identity)."""
+    revoked_by: str = ""
+
+
+@dataclass(frozen=True)
+class EnrolmentTokenRecord:
+    """An enrolment token as the controller keeps it: its secret only hashed."""
+
+    id: str
+    vm_id: str
+    secret_sha256: str
+    created_at: float
+    created_by: str
+    expires_at: float
+    used_at: float | None = None
+    used_by: str = ""
+
+
+@dataclass(frozen=True)
+class AuditRecord:
+    """One call in the audit log."""
+
+    at: float
+    who: str
+    kind: str
+    method: str
+    role: str = ""
+    arguments: str = ""
+    outcome: str = ""
+    message: str = ""
+    peer: str = ""
+    id: int = 0
+
+
+@dataclass(frozen=True)
+class AuditFilter:
+    started_from: float | None = None
+    started_to: float | None = None
+    who: str = ""
+    method: str = ""
     limit: int = 100
 
 
@@ -468,10 +675,19 @@ _VAULT_COLUMNS = (
     "verify_new", "reverify_days",
     "encrypted",
     "soft_delete_days",
+    "drill_schedule", "drill_agent", "drill_dir", "drill_last_slot",
 )  # fmt: skip
 
 
 def _vault(row: sqlite3.Row) -> VaultRecord:
+    drill = None
+    if row["drill_agent"]:
+        drill = DrillSettings(
+            agent=row["drill_agent"],
+            directory=row["drill_dir"],
+            schedule=json.loads(row["drill_schedule"]) if row["drill_schedule"] else None,
+            last_slot=row["drill_last_slot"],
+        )
     return VaultRecord(
         name=row["name"],
         region=row["region"],
@@ -483,6 +699,7 @@ def _vault(row: sqlite3.Row) -> VaultRecord:
         reverify_days=row["reverify_days"],
         encrypted=bool(row["encrypted"]),
         soft_delete_days=row["soft_delete_days"],
+        drill=drill,
     )
 
 
@@ -540,7 +757,8 @@ def _item_row(item: ItemRecord) -> dict[str, Any]:
 
 
 _AGENT_COLUMNS = (
-    "vm_id", "name", "service", "region", "hostname", "agent_version", "first_seen", "last_seen"
+    "vm_id", "name", "service", "region", "hostname", "agent_version", "first_seen", "last_seen",
+    "restore_dirs",
 )  # fmt: skip
 _DISK_COLUMNS = ("vm_id", "name", "path", "size_bytes")
 
@@ -552,7 +770,9 @@ def _disk(row: sqlite3.Row) -> DiskRecord:
 _JOB_COLUMNS = (
     "id", "operation", "status", "vault", "vm_id", "started_at", "ended_at", "bytes_read",
     "bytes_sent", "bytes_stored", "error_code", "error_message", "recovery_point_id", "trigger",
-    "slot", "disks", "pending_recovery_point_id", "details",
+    "slot", "disks", "pending_recovery_point_id", "details", "requested_by", "source_vm_id",
+    "target_vm_id", "target_path", "restore_mode", "overwrite", "bytes_compared", "bytes_fetched",
+    "bytes_written",
 )  # fmt: skip
 
 
@@ -576,6 +796,19 @@ def _job(row: sqlite3.Row) -> JobRecord:
         disks=tuple(json.loads(row["disks"])),
         pending_recovery_point_id=row["pending_recovery_point_id"],
         details=json.loads(row["details"]),
+        requested_by=row["requested_by"],
+        restore=RestoreTarget(
+            source_vm_id=row["source_vm_id"],
+            target_vm_id=row["target_vm_id"],
+            target_path=row["target_path"],
+            mode=RestoreMode(row["restore_mode"]),
+            overwrite=bool(row["overwrite"]),
+        )
+        if row["restore_mode"]
+        else None,
+        bytes_compared=row["bytes_compared"],
+        bytes_fetched=row["bytes_fetched"],
+        bytes_written=row["bytes_written"],
     )
 
 
@@ -599,6 +832,15 @@ def _job_row(job: JobRecord) -> dict[str, Any]:
         "disks": json.dumps(list(job.disks)),
         "pending_recovery_point_id": job.pending_recovery_point_id,
         "details": json.dumps(job.details),
+        "requested_by": job.requested_by,
+        "source_vm_id": job.restore.source_vm_id if job.restore else "",
+        "target_vm_id": job.restore.target_vm_id if job.restore else "",
+        "target_path": job.restore.target_path if job.restore else "",
+        "restore_mode": job.restore.mode.value if job.restore else "",
+        "overwrite": int(job.restore.overwrite) if job.restore else 0,
+        "bytes_compared": job.bytes_compared,
+        "bytes_fetched": job.bytes_fetched,
+        "bytes_written": job.bytes_written,
     }
 
 
@@ -606,9 +848,18 @@ _RP_COLUMNS = (
     "id", "vault", "vm_id", "job_id", "created_at", "consistency", "bytes_stored", "data_bytes",
     "kept_by",
 )  # fmt: skip
+# Read with a recovery point, written only by `record_drill`.
+_RP_DRILL_COLUMNS = (
+    "drilled_at", "drill_job_id", "drill_seconds", "drill_outcome", "drill_summary"
+)  # fmt: skip
 _RP_DISK_COLUMNS = (
     "recovery_point_id", "name", "size_bytes", "chunk_size", "chunk_count", "consistency"
 )  # fmt: skip
+
+
+_CERTIFICATE_COLUMNS = tuple(f.name for f in dataclasses.fields(CertificateRecord))
+_TOKEN_COLUMNS = tuple(f.name for f in dataclasses.fields(EnrolmentTokenRecord))
+_AUDIT_COLUMNS = tuple(f.name for f in dataclasses.fields(AuditRecord))
 
 
 def _rp_disk(row: sqlite3.Row) -> RecoveryPointDiskRecord:
@@ -635,6 +886,20 @@ def _recovery_point(
         disks=tuple(disks),
         data_bytes=row["data_bytes"],
         kept_by=tuple(row["kept_by"].split(",")) if row["kept_by"] else (),
+        drill=_drill(row),
+    )
+
+
+def _drill(row: sqlite3.Row) -> DrillRecord | None:
+    # A soft-deleted point's row has no drill columns: its last drill is not kept.
+    if "drilled_at" not in row.keys() or row["drilled_at"] is None:
+        return None
+    return DrillRecord(
+        at=row["drilled_at"],
+        job_id=row["drill_job_id"],
+        seconds=row["drill_seconds"],
+        outcome=DrillOutcome(row["drill_outcome"]),
+        summary=row["drill_summary"],
     )
 
 
@@ -817,6 +1082,10 @@ class Catalog:
                         "reverify_days": vault.reverify_days,
                         "encrypted": int(vault.encrypted),
                         "soft_delete_days": vault.soft_delete_days,
+                        "drill_schedule": "",
+                        "drill_agent": "",
+                        "drill_dir": "",
+                        "drill_last_slot": None,
                     },
                 )
             except sqlite3.IntegrityError:
@@ -871,6 +1140,28 @@ class Catalog:
             if cursor.rowcount == 0:
                 raise NotFound(kind="vault", name=vault)
         self._changed([(vault, "")])
+
+    async def set_drill(self, vault: str, drill: DrillSettings | None) -> None:
+        """A vault's restore drill settings (None: it has none)."""
+        async with self._transaction() as db:
+            cursor = await db.execute(
+                "UPDATE vaults SET drill_schedule = ?, drill_agent = ?, drill_dir = ?,"
+                " drill_last_slot = ? WHERE name = ?",
+                (
+                    json.dumps(drill.schedule) if drill and drill.schedule else "",
+                    drill.agent if drill else "",
+                    drill.directory if drill else "",
+                    drill.last_slot if drill else None,
+                    vault,
+                ),
+            )
+            if cursor.rowcount == 0:
+                raise NotFound(kind="vault", name=vault)
+
+    async def set_drill_slot(self, vault: str, slot: float) -> None:
+        """The scheduled drill slot a vault last started."""
+        async with self._transaction() as db:
+            await db.execute("UPDATE vaults SET drill_last_slot = ? WHERE name = ?", (slot, vault))
 
     async def add_stored_bytes(self, vault: str, delta: int) -> None:
         """Account chunk bytes written to (positive) or freed from (negative) a vault's store."""
@@ -1014,6 +1305,7 @@ class Catalog:
         agent_version: str,
         disks: Sequence[DiskRecord],
         now: float,
+        restore_dirs: Sequence[str] = (),
     ) -> None:
         """Record an agent's hello: who it is and the disks it has now."""
         async with self._transaction() as db:
@@ -1022,7 +1314,8 @@ class Catalog:
                    VALUES ({_placeholders(_AGENT_COLUMNS)})
                    ON CONFLICT (vm_id) DO UPDATE SET name=excluded.name, service=excluded.service,
                      region=excluded.region, hostname=excluded.hostname,
-                     agent_version=excluded.agent_version, last_seen=excluded.last_seen""",
+                     agent_version=excluded.agent_version, last_seen=excluded.last_seen,
+                     restore_dirs=excluded.restore_dirs""",
                 {
                     "vm_id": vm_id,
                     "name": name,
@@ -1032,6 +1325,7 @@ class Catalog:
                     "agent_version": agent_version,
                     "first_seen": now,
                     "last_seen": now,
+                    "restore_dirs": json.dumps(list(restore_dirs)),
                 },
             )
             await db.execute("DELETE FROM disks WHERE vm_id = ?", (vm_id,))
@@ -1107,6 +1401,7 @@ class Catalog:
                 first_seen=row["first_seen"],
                 last_seen=max(row["last_seen"], self._heartbeats.get(row["vm_id"], 0.0)),
                 disks=tuple(disks.get(row["vm_id"], ())),
+                restore_dirs=tuple(json.loads(row["restore_dirs"])),
             )
             for row in rows
         ]
@@ -1246,6 +1541,23 @@ class Catalog:
             owners = await self._owners(db, list(kept))
         self._changed(owners)
 
+    async def record_drill(self, rp_id: str, drill: DrillRecord) -> None:
+        """Record a restore drill of a recovery point (one deleted meanwhile is left alone)."""
+        async with self._transaction() as db:
+            await db.execute(
+                "UPDATE recovery_points SET drilled_at = ?, drill_job_id = ?, drill_seconds = ?,"
+                " drill_outcome = ?, drill_summary = ? WHERE id = ?",
+                (drill.at, drill.job_id, drill.seconds, drill.outcome.value, drill.summary, rp_id),
+            )
+
+    async def last_drills(self, vault: str) -> dict[str, RecoveryPointRecord]:
+        """Per VM of a vault: its most recently drilled recovery point (VMs never drilled are
+        left out)."""
+        drilled = await self._recovery_points(
+            "vault = ? AND drilled_at IS NOT NULL ORDER BY drilled_at", (vault,)
+        )
+        return {rp.vm_id: rp for rp in drilled}  # the latest drill of each VM wins
+
     async def delete_recovery_point(self, rp_id: str) -> None:
         async with self._transaction() as db:
             owners = await self._owners(db, [rp_id])
@@ -1292,7 +1604,9 @@ class Catalog:
         if "ORDER BY" not in where:
             where += " ORDER BY created_at"
         async with self.db.execute(
-            f"SELECT {_columns(_RP_COLUMNS)} FROM recovery_points WHERE {where}", params
+            f"SELECT {_columns(_RP_COLUMNS + _RP_DRILL_COLUMNS)} FROM recovery_points"
+            f" WHERE {where}",
+            params,
         ) as cursor:
             rows = await cursor.fetchall()
         if not rows:
@@ -1638,6 +1952,7 @@ class Catalog:
                     "agent_version": agent.agent_version,
                     "first_seen": agent.first_seen,
                     "last_seen": agent.last_seen,
+                    "restore_dirs": json.dumps(list(agent.restore_dirs)),
                 },
             )
             await db.executemany(
@@ -1684,3 +1999,108 @@ class Catalog:
                     vault.name,
                 ),
             )
+
+    # --- identities: certificates, enrolment tokens, the audit log ------------------------
+
+    async def insert_certificates(self, records: Sequence[CertificateRecord]) -> None:
+        """Record certificates of the ledger; ones recorded already are left as they are."""
+        async with self._transaction() as db:
+            await db.executemany(
+                f"INSERT OR IGNORE INTO certificates ({_columns(_CERTIFICATE_COLUMNS)})"
+                f" VALUES ({_placeholders(_CERTIFICATE_COLUMNS)})",
+                [dataclasses.asdict(record) for record in records],
+            )
+
+    async def certificates(self, name: str = "") -> list[CertificateRecord]:
+        """Every recorded certificate (of `name`), oldest first."""
+        where, params = _equal(name=name)
+        async with self.db.execute(
+            f"SELECT {_columns(_CERTIFICATE_COLUMNS)} FROM certificates WHERE {where}"
+            " ORDER BY not_before, serial",
+            params,
+        ) as cursor:
+            return [CertificateRecord(**dict(row)) for row in await cursor.fetchall()]
+
+    async def certificate_used(self, serial: str, at: float) -> None:
+        async with self._transaction() as db:
+            await db.execute(
+                "UPDATE certificates SET first_used_at = ? WHERE serial = ?"
+                " AND first_used_at IS NULL",
+                (at, serial),
+            )
+
+    async def revoke_certificates(
+        self, serials: Sequence[str], at: float, reason: str, by: str
+    ) -> None:
+        """Mark certificates revoked (those not revoked already)."""
+        async with self._transaction() as db:
+            await db.executemany(
+                "UPDATE certificates SET revoked_at = ?, revoked_reason = ?, revoked_by = ?"
+                " WHERE serial = ? AND revoked_at IS NULL",
+                [(at, reason, by, serial) for serial in serials],
+            )
+
+    async def insert_enrolment_token(self, token: EnrolmentTokenRecord) -> None:
+        async with self._transaction() as db:
+            await db.execute(
+                f"INSERT INTO enrolment_tokens ({_columns(_TOKEN_COLUMNS)})"
+                f" VALUES ({_placeholders(_TOKEN_COLUMNS)})",
+                dataclasses.asdict(token),
+            )
+
+    async def enrolment_token(self, token_id: str) -> EnrolmentTokenRecord | None:
+        async with self.db.execute(
+            f"SELECT {_columns(_TOKEN_COLUMNS)} FROM enrolment_tokens WHERE id = ?", (token_id,)
+        ) as cursor:
+            row = await cursor.fetchone()
+        return None if row is None else EnrolmentTokenRecord(**dict(row))
+
+    async def use_enrolment_token(self, token_id: str, at: float, used_by: str) -> bool:
+        """Spend a token: True if it was unused and unexpired at `at` (and now is used)."""
+        async with self._transaction() as db:
+            cursor = await db.execute(
+                "UPDATE enrolment_tokens SET used_at = ?, used_by = ?"
+                " WHERE id = ? AND used_at IS NULL AND expires_at > ?",
+                (at, used_by, token_id, at),
+            )
+            return cursor.rowcount == 1
+
+    async def insert_audit(self, record: AuditRecord) -> int:
+        """Append an entry to the audit log; its id."""
+        columns = [c for c in _AUDIT_COLUMNS if c != "id"]
+        async with self._transaction() as db:
+            cursor = await db.execute(
+                f"INSERT INTO audit ({_columns(columns)}) VALUES ({_placeholders(columns)})",
+                {c: getattr(record, c) for c in columns},
+            )
+            return int(cursor.lastrowid or 0)
+
+    async def finish_audit(self, entry: int, outcome: str, message: str) -> None:
+        async with self._transaction() as db:
+            await db.execute(
+                "UPDATE audit SET outcome = ?, message = ? WHERE id = ?", (outcome, message, entry)
+            )
+
+    async def audit(self, where: AuditFilter) -> list[AuditRecord]:
+        """Entries of the audit log, newest first."""
+        clauses: list[str] = []
+        params: list[Any] = []
+        if where.started_from is not None:
+            clauses.append("at >= ?")
+            params.append(where.started_from)
+        if where.started_to is not None:
+            clauses.append("at < ?")
+            params.append(where.started_to)
+        if where.who:
+            clauses.append("who = ?")
+            params.append(where.who)
+        if where.method:
+            clauses.append("method = ?")
+            params.append(where.method)
+        sql = f"SELECT {_columns(_AUDIT_COLUMNS)} FROM audit"
+        if clauses:
+            sql += " WHERE " + " AND ".join(clauses)
+        sql += " ORDER BY id DESC LIMIT ?"
+        params.append(where.limit)
+        async with self.db.execute(sql, params) as cursor:
+            return [AuditRecord(**dict(row)) for row in await cursor.fetchall()]

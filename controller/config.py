@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Self
 
@@ -28,6 +29,10 @@ PASSPHRASE_VARIABLE = "COFFER_MASTER_PASSPHRASE"
 """The environment variable a master passphrase is read from when the config names no key."""
 # An S3 lease renews every third of its duration: shorter than this would renew every second.
 MIN_LEASE_SECONDS = 3.0
+# Certificates the controller issues (enrolment, renewal, its own) live this long; agents and
+# the controller renew theirs after 2/3 of it.
+DEFAULT_CERTIFICATE_DAYS = 90.0
+MAX_CERTIFICATE_DAYS = 3650.0
 
 
 @dataclass(frozen=True)
@@ -88,6 +93,14 @@ class ControllerConfig:
     @property
     def default_master_key_file(self) -> Path:
         return self.state_dir / MASTER_KEY_NAME
+
+    # Where agents enrol (TLS without a client certificate); None: enrolment is off.
+    enrol_listen: str | None = None
+    certificate_days: float = DEFAULT_CERTIFICATE_DAYS
+
+    @property
+    def certificate_lifetime(self) -> timedelta:
+        return timedelta(days=self.certificate_days)
 
     @property
     def tls(self) -> TlsFiles:
@@ -244,6 +257,10 @@ class ControllerFile(Section):
     gc_grace_seconds: Annotated[float, Field(ge=0)] = DEFAULT_GC_GRACE_SECONDS
     datastore: DatastoreSection | None = None
     encryption: EncryptionSection | None = None
+    enrol_listen: ListenAddress | None = None
+    certificate_days: Annotated[float, Field(gt=0, le=MAX_CERTIFICATE_DAYS)] = (
+        DEFAULT_CERTIFICATE_DAYS
+    )
 
     def config(self, base: Path) -> ControllerConfig:
         """The controller's config, paths relative to `base` (the file's directory)."""
@@ -258,4 +275,6 @@ class ControllerFile(Section):
             gc_grace_seconds=self.gc_grace_seconds,
             datastore=self.datastore.settings(base, state_dir) if self.datastore else None,
             encryption=self.encryption.settings(base) if self.encryption else EncryptionSettings(),
+            enrol_listen=self.enrol_listen,
+            certificate_days=self.certificate_days,
         )

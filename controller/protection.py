@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -113,6 +113,9 @@ class Protection:
         self._clock = clock
         self.plan = Plan()
         self.scheduler = Scheduler(self.plan, clock, self._scheduled)
+        # Other entries of the plan, by key prefix, and what runs them when due (a vault's
+        # restore drills: controller.drills).
+        self.handlers: dict[str, Callable[[Due], Awaitable[None]]] = {}
         self._supervisor = supervisor
         # Changes to one item are made one at a time (read, decide, write): a backup ending
         # and a stop-protection must not write over each other's state.
@@ -733,6 +736,10 @@ class Protection:
         if self._pruner.is_maintenance(due.key):
             await self._pruner.maintain(due.key)
             return
+        for prefix, handler in self.handlers.items():
+            if due.key.startswith(prefix):
+                await handler(due)
+                return
         skipped: tuple[ItemRecord, str] | None = None
         async with self._lock(due.key):
             item = await self._catalog.item(due.key)

@@ -142,17 +142,15 @@ class Vaults:
             raise
         return vault
 
-    async def update(
-        self,
-        name: str,
+    @staticmethod
+    def check_update(
         max_concurrent_backups: int,
         *,
-        verify_new: bool | None = None,
         reverify_days: int | None = None,
         soft_delete_days: int | None = None,
-    ) -> VaultRecord:
-        """Change a vault's settings: 0 or None leaves one unchanged (for the days settings,
-        None only). Every value is checked before any is written."""
+    ) -> None:
+        """InvalidArgument unless `update` would take these values (0 or None: unchanged);
+        a caller changing other settings too checks first, so a refusal changes nothing."""
         if max_concurrent_backups:
             _check_limit(max_concurrent_backups)
         if reverify_days is not None and not 0 <= reverify_days <= MAX_REVERIFY_DAYS:
@@ -165,6 +163,21 @@ class Vaults:
                 detail=f"keep deleted data {soft_delete_days} days: give 0 (off) to "
                 f"{MAX_SOFT_DELETE_DAYS} days"
             )
+
+    async def update(
+        self,
+        name: str,
+        max_concurrent_backups: int,
+        *,
+        verify_new: bool | None = None,
+        reverify_days: int | None = None,
+        soft_delete_days: int | None = None,
+    ) -> VaultRecord:
+        """Change a vault's settings: 0 or None leaves one unchanged (for the days settings,
+        None only). Every value is checked before any is written."""
+        self.check_update(
+            max_concurrent_backups, reverify_days=reverify_days, soft_delete_days=soft_delete_days
+        )
         await self._catalog.vault(name)
         if soft_delete_days is not None:
             # Points deleted before keep the purge time they were given.

@@ -15,11 +15,13 @@ import click
 from rich.markup import escape
 
 from controller.cli import exits
+from controller.cli.audit import audit
 from controller.cli.client import DEFAULT_TIMEOUT, Connection, call
 from controller.cli.deleted import show_deleted, undelete
+from controller.cli.enrol import enrol
 from controller.cli.files import files
 from controller.cli.integrity import verification_cell, verify
-from controller.cli.jobs import backup_now, gc, job, prune, restore
+from controller.cli.jobs import backup_now, drill, gc, job, prune, restore
 from controller.cli.output import as_dict, errors, print_json, size, table, use_utc, when
 from controller.cli.pki import pki
 from controller.cli.protection import (
@@ -32,7 +34,7 @@ from controller.cli.protection import (
     stop_protection,
     unregister,
 )
-from controller.cli.vaults import dashboard, vault
+from controller.cli.vaults import dashboard, drill_cell, vault
 from shared.errors import CofferError
 from shared.rpc import operator_pb2
 
@@ -106,12 +108,15 @@ for command in (
     resume_protection,
     backup_now,
     restore,
+    drill,
     files,
     job,
     prune,
     gc,
     verify,
     undelete,
+    enrol,
+    audit,
 ):
     cli.add_command(command)
 
@@ -151,7 +156,7 @@ def agents(connection: Connection, as_json: bool) -> None:
 
 RP_COLUMNS = (
     "Recovery point", "VM", "Created", "Consistency", "Disks", "Stored", "Kept by", "Integrity",
-    "Job",
+    "Last drill", "Job",
 )  # fmt: skip
 
 
@@ -205,6 +210,7 @@ def rp_list(
                 size(p.bytes_stored),
                 ", ".join(p.kept_by) or "-",
                 verification_cell(p),
+                drill_cell(p.last_drill) if p.HasField("last_drill") else "-",
                 p.job_id,
             ]
             for p in reply.recovery_points

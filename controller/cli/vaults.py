@@ -9,7 +9,7 @@ from rich.markup import escape
 
 from controller.cli.client import Connection, call
 from controller.cli.keys import key
-from controller.cli.output import as_dict, console, print_json, size, table, when
+from controller.cli.output import as_dict, console, print_json, size, span, table, when
 from shared.rpc import operator_pb2
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
@@ -29,6 +29,21 @@ def vault() -> None:
     """
 
 
+def drill_cell(drill: operator_pb2.DrillRecord) -> str:
+    """A recovery point's last drill in a cell: "clean at T (restore 12.3s)"."""
+    return f"{drill.outcome} at {when(drill.at)} (restore {span(drill.restore_seconds)})"
+
+
+def _drills_cell(v: operator_pb2.Vault) -> str:
+    if not v.HasField("drill"):
+        return "-"
+    drill = v.drill
+    where = f"on {drill.agent} in {drill.directory}"
+    if not drill.schedule:
+        return f"on demand, {where}"
+    return f"{drill.schedule_text}, {where}; next {when(drill.next_at, drill.HasField('next_at'))}"
+
+
 def _vault_row(v: operator_pb2.Vault) -> list[str]:
     return [
         v.name,
@@ -40,6 +55,7 @@ def _vault_row(v: operator_pb2.Vault) -> list[str]:
         str(v.max_concurrent_backups),
         _verify_schedule(v),
         f"{v.soft_delete_days} days" if v.soft_delete_days else "off",
+        _drills_cell(v),
         when(v.created_at),
     ]
 
@@ -61,6 +77,7 @@ VAULT_COLUMNS = (
     "Concurrent backups",
     "Verify",
     "Soft delete",
+    "Restore drills",
     "Created",
 )
 
@@ -170,6 +187,23 @@ def vault_show(connection: Connection, name: str, as_json: bool) -> None:
     default=None,
     help="Keep deleted backup data recoverable N days (0: delete at once; at most 180).",
 )
+@click.option(
+    "--drill-schedule",
+    default="",
+    help='When restore drills run, e.g. "weekly sun 04:00 tz=UTC" (a backup schedule\'s '
+    'syntax); "off": only on demand (`coffer drill`).',
+)
+@click.option(
+    "--drill-agent",
+    default="",
+    help="VM whose agent restores and checks drills (an enrolled VM of the vault's region).",
+)
+@click.option(
+    "--drill-dir",
+    default="",
+    help="Scratch directory on the drill agent, under its restore_dirs (it must exist).",
+)
+@click.option("--no-drills", is_flag=True, help="Forget the vault's drill settings.")
 @json_option
 @click.pass_obj
 def vault_update(
@@ -179,6 +213,10 @@ def vault_update(
     verify_new: str | None,
     reverify_days: int | None,
     soft_delete_days: int | None,
+    drill_schedule: str,
+    drill_agent: str,
+    drill_dir: str,
+    no_drills: bool,
     as_json: bool,
 ) -> None:
     """Change a vault's settings.
@@ -188,20 +226,34 @@ def vault_update(
     03:30 UTC) of the points never verified or not verified for N days. Soft delete keeps the
     backup data `coffer stop-protection --delete-data` deletes for N days (14 by default):
     `coffer rp list --deleted` shows it, `coffer undelete` brings it back; points deleted
-    before keep the purge time they were given.
+    before keep the purge time they were given. Restore drills: each
+    scheduled drill restores the latest recovery point of every protected VM to the drill
+    directory on the drill agent, checks its file systems read-only (e2fsck -fn,
+    xfs_repair -n), deletes it, and records the outcome on the recovery point.
     """
+    drill = None
+    if drill_schedule or drill_agent or drill_dir:
+        drill = operator_pb2.DrillSettings(
+            schedule=drill_schedule, agent=drill_agent, directory=drill_dir
+        )
+    verify = verify_new is not None or reverify_days is not None
     if (
         max_concurrent_backups is None
-        and verify_new is None
-        and reverify_days is None
+        and not verify
         and soft_delete_days is None
+        and drill is None
+        and not no_drills
     ):
         raise click.UsageError(
-            "nothing to change: give --max-concurrent-backups, --verify-new, --reverify-days "
-            "or --soft-delete-days"
+            "nothing to change: give --max-concurrent-backups, --verify-new, --reverify-days, "
+            "--soft-delete-days or drill settings (--drill-schedule, --drill-agent, --drill-dir, "
+            "--no-drills)"
         )
     request = operator_pb2.UpdateVaultRequest(
-        name=name, max_concurrent_backups=max_concurrent_backups or 0
+        name=name,
+        max_concurrent_backups=max_concurrent_backups or 0,
+        drill=drill,
+        clear_drill=no_drills,
     )
     if verify_new is not None:
         request.verify_new = verify_new == "on"
@@ -283,6 +335,21 @@ def _show_dashboard(board: operator_pb2.DashboardReply) -> None:
         "Items by state",
         ("State", "Items"),
         [[state, str(n)] for state, n in sorted(board.items_by_state.items())],
+    )
+    table(
+        "Restore drills (the last of each protected VM)",
+        ("VM", "Recovery point", "Drilled", "Outcome", "Restore took", "Summary"),
+        [
+            [
+                d.item or d.vm_id,
+                d.recovery_point_id or "-",
+                when(d.drill.at) if d.HasField("drill") else "never",
+                d.drill.outcome if d.HasField("drill") else "-",
+                span(d.drill.restore_seconds) if d.HasField("drill") else "-",
+                d.drill.summary if d.HasField("drill") else "-",
+            ]
+            for d in board.drills
+        ],
     )
 
 

@@ -155,6 +155,11 @@ class OperatorServiceStub:
                 request_serializer=coffer_dot_v1_dot_operator__pb2.VerifyRequest.SerializeToString,
                 response_deserializer=coffer_dot_v1_dot_operator__pb2.Job.FromString,
                 _registered_method=True)
+        self.Drill = channel.unary_unary(
+                '/coffer.v1.OperatorService/Drill',
+                request_serializer=coffer_dot_v1_dot_operator__pb2.DrillRequest.SerializeToString,
+                response_deserializer=coffer_dot_v1_dot_operator__pb2.JobsReply.FromString,
+                _registered_method=True)
         self.ListJobs = channel.unary_unary(
                 '/coffer.v1.OperatorService/ListJobs',
                 request_serializer=coffer_dot_v1_dot_operator__pb2.ListJobsRequest.SerializeToString,
@@ -214,6 +219,26 @@ class OperatorServiceStub:
                 '/coffer.v1.OperatorService/UnmountFiles',
                 request_serializer=coffer_dot_v1_dot_operator__pb2.GetJobRequest.SerializeToString,
                 response_deserializer=coffer_dot_v1_dot_operator__pb2.Job.FromString,
+                _registered_method=True)
+        self.CreateEnrolmentToken = channel.unary_unary(
+                '/coffer.v1.OperatorService/CreateEnrolmentToken',
+                request_serializer=coffer_dot_v1_dot_operator__pb2.CreateEnrolmentTokenRequest.SerializeToString,
+                response_deserializer=coffer_dot_v1_dot_operator__pb2.EnrolmentToken.FromString,
+                _registered_method=True)
+        self.ListCertificates = channel.unary_unary(
+                '/coffer.v1.OperatorService/ListCertificates',
+                request_serializer=coffer_dot_v1_dot_operator__pb2.ListCertificatesRequest.SerializeToString,
+                response_deserializer=coffer_dot_v1_dot_operator__pb2.ListCertificatesReply.FromString,
+                _registered_method=True)
+        self.RevokeCertificates = channel.unary_unary(
+                '/coffer.v1.OperatorService/RevokeCertificates',
+                request_serializer=coffer_dot_v1_dot_operator__pb2.RevokeCertificatesRequest.SerializeToString,
+                response_deserializer=coffer_dot_v1_dot_operator__pb2.ListCertificatesReply.FromString,
+                _registered_method=True)
+        self.ListAudit = channel.unary_unary(
+                '/coffer.v1.OperatorService/ListAudit',
+                request_serializer=coffer_dot_v1_dot_operator__pb2.ListAuditRequest.SerializeToString,
+                response_deserializer=coffer_dot_v1_dot_operator__pb2.ListAuditReply.FromString,
                 _registered_method=True)
 
 
@@ -383,6 +408,14 @@ class OperatorServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Drill(self, request, context):
+        """RestoreDrill jobs now, one per VM: the latest recovery point of each protected VM of the
+        vault (or of those named) restored to the vault's drill agent, checked read-only, deleted.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ListJobs(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -465,6 +498,36 @@ class OperatorServiceServicer:
 
     def UnmountFiles(self, request, context):
         """End a mount job now; returns the job once it has ended.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CreateEnrolmentToken(self, request, context):
+        """Identities (admin). A one-time token with which the agent of one VM enrols: it makes its
+        key, sends a certificate request to the enrolment listener and gets its certificate.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListCertificates(self, request, context):
+        """Every certificate the CA issued (its ledger), with its state.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RevokeCertificates(self, request, context):
+        """Revoke every certificate of an agent or operator at once: calls in flight end, new ones
+        are refused, and the broker's CRL names them.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListAudit(self, request, context):
+        """The audit log: every state-changing call and every refused one.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -593,6 +656,11 @@ def add_OperatorServiceServicer_to_server(servicer, server):
                     request_deserializer=coffer_dot_v1_dot_operator__pb2.VerifyRequest.FromString,
                     response_serializer=coffer_dot_v1_dot_operator__pb2.Job.SerializeToString,
             ),
+            'Drill': grpc.unary_unary_rpc_method_handler(
+                    servicer.Drill,
+                    request_deserializer=coffer_dot_v1_dot_operator__pb2.DrillRequest.FromString,
+                    response_serializer=coffer_dot_v1_dot_operator__pb2.JobsReply.SerializeToString,
+            ),
             'ListJobs': grpc.unary_unary_rpc_method_handler(
                     servicer.ListJobs,
                     request_deserializer=coffer_dot_v1_dot_operator__pb2.ListJobsRequest.FromString,
@@ -652,6 +720,26 @@ def add_OperatorServiceServicer_to_server(servicer, server):
                     servicer.UnmountFiles,
                     request_deserializer=coffer_dot_v1_dot_operator__pb2.GetJobRequest.FromString,
                     response_serializer=coffer_dot_v1_dot_operator__pb2.Job.SerializeToString,
+            ),
+            'CreateEnrolmentToken': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateEnrolmentToken,
+                    request_deserializer=coffer_dot_v1_dot_operator__pb2.CreateEnrolmentTokenRequest.FromString,
+                    response_serializer=coffer_dot_v1_dot_operator__pb2.EnrolmentToken.SerializeToString,
+            ),
+            'ListCertificates': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListCertificates,
+                    request_deserializer=coffer_dot_v1_dot_operator__pb2.ListCertificatesRequest.FromString,
+                    response_serializer=coffer_dot_v1_dot_operator__pb2.ListCertificatesReply.SerializeToString,
+            ),
+            'RevokeCertificates': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeCertificates,
+                    request_deserializer=coffer_dot_v1_dot_operator__pb2.RevokeCertificatesRequest.FromString,
+                    response_serializer=coffer_dot_v1_dot_operator__pb2.ListCertificatesReply.SerializeToString,
+            ),
+            'ListAudit': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListAudit,
+                    request_deserializer=coffer_dot_v1_dot_operator__pb2.ListAuditRequest.FromString,
+                    response_serializer=coffer_dot_v1_dot_operator__pb2.ListAuditReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1313,6 +1401,33 @@ class OperatorService:
             _registered_method=True)
 
     @staticmethod
+    def Drill(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/coffer.v1.OperatorService/Drill',
+            coffer_dot_v1_dot_operator__pb2.DrillRequest.SerializeToString,
+            coffer_dot_v1_dot_operator__pb2.JobsReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
     def ListJobs(request,
             target,
             options=(),
@@ -1626,6 +1741,114 @@ class OperatorService:
             '/coffer.v1.OperatorService/UnmountFiles',
             coffer_dot_v1_dot_operator__pb2.GetJobRequest.SerializeToString,
             coffer_dot_v1_dot_operator__pb2.Job.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateEnrolmentToken(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/coffer.v1.OperatorService/CreateEnrolmentToken',
+            coffer_dot_v1_dot_operator__pb2.CreateEnrolmentTokenRequest.SerializeToString,
+            coffer_dot_v1_dot_operator__pb2.EnrolmentToken.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListCertificates(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/coffer.v1.OperatorService/ListCertificates',
+            coffer_dot_v1_dot_operator__pb2.ListCertificatesRequest.SerializeToString,
+            coffer_dot_v1_dot_operator__pb2.ListCertificatesReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeCertificates(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/coffer.v1.OperatorService/RevokeCertificates',
+            coffer_dot_v1_dot_operator__pb2.RevokeCertificatesRequest.SerializeToString,
+            coffer_dot_v1_dot_operator__pb2.ListCertificatesReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListAudit(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/coffer.v1.OperatorService/ListAudit',
+            coffer_dot_v1_dot_operator__pb2.ListAuditRequest.SerializeToString,
+            coffer_dot_v1_dot_operator__pb2.ListAuditReply.FromString,
             options,
             channel_credentials,
             insecure,
