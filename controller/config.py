@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Self
 
@@ -29,6 +30,10 @@ PASSPHRASE_VARIABLE = "COFFER_MASTER_PASSPHRASE"
 """The environment variable a master passphrase is read from when the config names no key."""
 # An S3 lease renews every third of its duration: shorter than this would renew every second.
 MIN_LEASE_SECONDS = 3.0
+# Certificates the controller issues (enrolment, renewal, its own) live this long; agents and
+# the controller renew theirs after 2/3 of it.
+DEFAULT_CERTIFICATE_DAYS = 90.0
+MAX_CERTIFICATE_DAYS = 3650.0
 
 
 @dataclass(frozen=True)
@@ -108,6 +113,14 @@ class ControllerConfig:
     @property
     def default_master_key_file(self) -> Path:
         return self.state_dir / MASTER_KEY_NAME
+
+    # Where agents enrol (TLS without a client certificate); None: enrolment is off.
+    enrol_listen: str | None = None
+    certificate_days: float = DEFAULT_CERTIFICATE_DAYS
+
+    @property
+    def certificate_lifetime(self) -> timedelta:
+        return timedelta(days=self.certificate_days)
 
     @property
     def tls(self) -> TlsFiles:
@@ -300,6 +313,10 @@ class ControllerFile(Section):
     gc_grace_seconds: Annotated[float, Field(ge=0)] = DEFAULT_GC_GRACE_SECONDS
     datastore: DatastoreSection | None = None
     encryption: EncryptionSection | None = None
+    enrol_listen: ListenAddress | None = None
+    certificate_days: Annotated[float, Field(gt=0, le=MAX_CERTIFICATE_DAYS)] = (
+        DEFAULT_CERTIFICATE_DAYS
+    )
     copy_targets: list[CopyTargetSection] = []
 
     @model_validator(mode="after")
@@ -336,4 +353,6 @@ class ControllerFile(Section):
             datastore=self.datastore.settings(base, state_dir) if self.datastore else None,
             encryption=self.encryption.settings(base) if self.encryption else EncryptionSettings(),
             copy_targets=tuple(target.target(base, state_dir) for target in self.copy_targets),
+            enrol_listen=self.enrol_listen,
+            certificate_days=self.certificate_days,
         )

@@ -424,6 +424,12 @@ class Copier:
             rp.id: (rp.vm_id, rp.created_at)
             for rp in await self._catalog.recovery_points(vault=job.vault)
         }
+        # Soft-deleted points stay in the copy until they are purged (an undelete brings them
+        # back there too); they are not copied while deleted.
+        deleted = frozenset(
+            point.point.id for point in await self._catalog.deleted_recovery_points(vault=job.vault)
+        )
+        keep = set(known) | deleted
         # Found damaged in the copy by a verify of it: sent again first.
         resend = await self._catalog.copy_bad_chunks(job.vault, target.name)
         loop = asyncio.get_running_loop()
@@ -432,17 +438,17 @@ class Copier:
             loop.call_soon_threadsafe(self._progressed, job, totals, now)
 
         work = partial(
-            self._run, source, target, job.vault, lease, known, collect, resend, job.id,
+            self._run, source, target, job.vault, lease, keep, known, collect, resend, job.id,
             progress,
         )  # fmt: skip
         try:
             report = await self._jobs.abortable(work)
         except Stopped as stopped:  # cancelled: what it did is recorded all the same
-            await self._record(job, target, stopped.result, totals)
+            await self._record(job, target, stopped.result, totals, deleted)
             raise
         finally:
             self._datastores.guard(job.vault).release(job.id)
-        await self._record(job, target, report, totals)
+        await self._record(job, target, report, totals, deleted)
         if report.stopped and not target.holds(lease):
             raise target.problem  # the lease was lost while it ran
 
@@ -452,6 +458,7 @@ class Copier:
         target: CopyTarget,
         vault: str,
         lease: WriterLease,
+        keep: set[str],
         known: dict[str, tuple[str, float]],
         collect: bool,
         resend: list[bytes],
@@ -463,7 +470,7 @@ class Copier:
             source,
             target.storage(vault),
             self._datastores.master,
-            keep=known,
+            keep=keep,
             known=known,
             source_guard=self._datastores.guard(vault),
             owner=owner,
@@ -484,10 +491,17 @@ class Copier:
             running.touch()
 
     async def _record(
-        self, job: JobRecord, target: CopyTarget, report: CopyReport, totals: _Totals
+        self,
+        job: JobRecord,
+        target: CopyTarget,
+        report: CopyReport,
+        totals: _Totals,
+        deleted: frozenset[str],
     ) -> None:
-        """What a pass found in the copy and did, into the catalog and the job's record."""
-        in_copy = sorted({*report.copied, *report.present, *report.only_in_copy})
+        """What a pass found in the copy and did, into the catalog and the job's record.
+        `deleted`: the vault's soft-deleted points, kept in the copy without a word."""
+        only_in_copy = tuple(rp_id for rp_id in report.only_in_copy if rp_id not in deleted)
+        in_copy = sorted({*report.copied, *report.present, *only_in_copy})
         await self._catalog.record_copies(target.name, in_copy, self._clock.now(), job.id)
         await self._catalog.remove_copy_bad_chunks(job.vault, target.name, report.resent)
         if report.planned:
@@ -500,10 +514,10 @@ class Copier:
             totals.warnings.append(
                 f"{len(report.not_copied) - NAMED} more recovery points were not copied"
             )
-        if report.only_in_copy:
+        if only_in_copy:
             totals.warnings.append(
-                f"{len(report.only_in_copy)} recovery points are in the copy but missing from "
-                f"the vault's datastore ({_named(report.only_in_copy)}): kept in the copy; "
+                f"{len(only_in_copy)} recovery points are in the copy but missing from "
+                f"the vault's datastore ({_named(only_in_copy)}): kept in the copy; "
                 f"`coffer verify --vault {job.vault}` checks the datastore"
             )
         if totals.warnings:

@@ -223,6 +223,17 @@ def test_copies_follow_backups_send_only_new_chunks_mirror_prunes_and_restore_wi
         assert again["details"]["copy"]["chunks_sent"] == 0
         assert int(again["bytes_sent"]) == 0
 
+        # Deleted data (soft delete) stays in the copy until it is purged: a copy run after
+        # the delete neither deletes the point there nor collects its chunks.
+        kept = incremental["recovery_point_id"]
+        cluster.coffer("stop-protection", "--vault", VAULT, "web-1", "--delete-data", "--yes")
+        assert [p["id"] for p in cluster.coffer("rp", "list", "--deleted", "web-1")] == [kept]
+        after_delete = cluster.coffer("copy", "--vault", VAULT)
+        assert after_delete["status"] == "Completed", after_delete
+        assert "deleted_from_copy" not in after_delete["details"], after_delete
+        assert any(key.startswith(f"manifests/{kept}") for key in in_copy.list("manifests/"))
+        assert s3_chunks(seaweedfs, copy_prefix) == chunk_files(primary)
+
 
 def wait_for_progress(cluster: Cluster, job_id: str, chunks: int) -> None:
     """Until a running Copy job has sent `chunks` chunks."""

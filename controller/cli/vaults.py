@@ -17,6 +17,8 @@ json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON f
 CONCURRENT_BACKUPS = click.IntRange(1, 64)
 # What the controller accepts (controller.vaults): 0 (off) to ten years.
 REVERIFY_DAYS = click.IntRange(0, 3650)
+# What the controller accepts (controller.soft_delete): 0 (off) to 180 days.
+SOFT_DELETE_DAYS = click.IntRange(0, 180)
 
 
 @click.group()
@@ -25,6 +27,21 @@ def vault() -> None:
 
     One per region and purpose, each with its own datastore.
     """
+
+
+def drill_cell(drill: operator_pb2.DrillRecord) -> str:
+    """A recovery point's last drill in a cell: "clean at T (restore 12.3s)"."""
+    return f"{drill.outcome} at {when(drill.at)} (restore {span(drill.restore_seconds)})"
+
+
+def _drills_cell(v: operator_pb2.Vault) -> str:
+    if not v.HasField("drill"):
+        return "-"
+    drill = v.drill
+    where = f"on {drill.agent} in {drill.directory}"
+    if not drill.schedule:
+        return f"on demand, {where}"
+    return f"{drill.schedule_text}, {where}; next {when(drill.next_at, drill.HasField('next_at'))}"
 
 
 def _vault_row(v: operator_pb2.Vault) -> list[str]:
@@ -37,6 +54,8 @@ def _vault_row(v: operator_pb2.Vault) -> list[str]:
         size(v.stored_bytes),
         str(v.max_concurrent_backups),
         _verify_schedule(v),
+        f"{v.soft_delete_days} days" if v.soft_delete_days else "off",
+        _drills_cell(v),
         when(v.created_at),
     ]
 
@@ -57,6 +76,8 @@ VAULT_COLUMNS = (
     "Stored",
     "Concurrent backups",
     "Verify",
+    "Soft delete",
+    "Restore drills",
     "Created",
 )
 
@@ -137,6 +158,14 @@ def vault_show(connection: Connection, name: str, as_json: bool) -> None:
         )
     else:
         console.print("Copy: none", highlight=False)
+    if found.deleted_recovery_points:
+        console.print(
+            f"Deleted recovery points: {found.deleted_recovery_points}, recoverable until "
+            "purged (`coffer rp list --deleted --vault "
+            f"{escape(name)}`)",
+            highlight=False,
+            soft_wrap=True,
+        )
 
 
 @vault.command(name="update")
@@ -166,6 +195,29 @@ def vault_show(connection: Connection, name: str, as_json: bool) -> None:
     help="Copy its recovery points to this copy target of the controller config.",
 )
 @click.option("--no-copy", is_flag=True, help="Stop copying (the copy is left as it is).")
+@click.option(
+    "--soft-delete-days",
+    type=SOFT_DELETE_DAYS,
+    default=None,
+    help="Keep deleted backup data recoverable N days (0: delete at once; at most 180).",
+)
+@click.option(
+    "--drill-schedule",
+    default="",
+    help='When restore drills run, e.g. "weekly sun 04:00 tz=UTC" (a backup schedule\'s '
+    'syntax); "off": only on demand (`coffer drill`).',
+)
+@click.option(
+    "--drill-agent",
+    default="",
+    help="VM whose agent restores and checks drills (an enrolled VM of the vault's region).",
+)
+@click.option(
+    "--drill-dir",
+    default="",
+    help="Scratch directory on the drill agent, under its restore_dirs (it must exist).",
+)
+@click.option("--no-drills", is_flag=True, help="Forget the vault's drill settings.")
 @json_option
 @click.pass_obj
 def vault_update(
@@ -176,6 +228,11 @@ def vault_update(
     reverify_days: int | None,
     copy_to: str | None,
     no_copy: bool,
+    soft_delete_days: int | None,
+    drill_schedule: str,
+    drill_agent: str,
+    drill_dir: str,
+    no_drills: bool,
     as_json: bool,
 ) -> None:
     """Change a vault's settings.
@@ -184,25 +241,43 @@ def vault_update(
     of each new recovery point after its backup, and daily (with the vault's maintenance, at
     03:30 UTC) of the points never verified or not verified for N days. --copy-to starts
     copying the vault's recovery points to an off-site copy target (`[[copy_targets]]` in the
-    controller config): at once, then after every backup and daily.
+    controller config): at once, then after every backup and daily. Soft delete keeps the
+    backup data `coffer stop-protection --delete-data` deletes for N days (14 by default):
+    `coffer rp list --deleted` shows it, `coffer undelete` brings it back; points deleted
+    before keep the purge time they were given. Restore drills: each
+    scheduled drill restores the latest recovery point of every protected VM to the drill
+    directory on the drill agent, checks its file systems read-only (e2fsck -fn,
+    xfs_repair -n), deletes it, and records the outcome on the recovery point.
     """
     if copy_to is not None and no_copy:
         raise click.UsageError("--copy-to or --no-copy, not both")
     if copy_to == "":
         raise click.UsageError("--copy-to needs a target's name (--no-copy stops copying)")
+    drill = None
+    if drill_schedule or drill_agent or drill_dir:
+        drill = operator_pb2.DrillSettings(
+            schedule=drill_schedule, agent=drill_agent, directory=drill_dir
+        )
+    verify = verify_new is not None or reverify_days is not None
     if (
         max_concurrent_backups is None
-        and verify_new is None
-        and reverify_days is None
+        and not verify
+        and soft_delete_days is None
+        and drill is None
+        and not no_drills
         and copy_to is None
         and not no_copy
     ):
         raise click.UsageError(
             "nothing to change: give --max-concurrent-backups, --verify-new, --reverify-days, "
-            "--copy-to or --no-copy"
+            "--soft-delete-days, --copy-to, --no-copy or drill settings (--drill-schedule, "
+            "--drill-agent, --drill-dir, --no-drills)"
         )
     request = operator_pb2.UpdateVaultRequest(
-        name=name, max_concurrent_backups=max_concurrent_backups or 0
+        name=name,
+        max_concurrent_backups=max_concurrent_backups or 0,
+        drill=drill,
+        clear_drill=no_drills,
     )
     if verify_new is not None:
         request.verify_new = verify_new == "on"
@@ -210,6 +285,8 @@ def vault_update(
         request.reverify_days = reverify_days
     if copy_to is not None or no_copy:
         request.copy_to = copy_to or ""
+    if soft_delete_days is not None:
+        request.soft_delete_days = soft_delete_days
     updated = call(connection, lambda s: s.UpdateVault(request))
     if as_json:
         print_json(as_dict(updated))
@@ -286,6 +363,21 @@ def _show_dashboard(board: operator_pb2.DashboardReply) -> None:
         "Items by state",
         ("State", "Items"),
         [[state, str(n)] for state, n in sorted(board.items_by_state.items())],
+    )
+    table(
+        "Restore drills (the last of each protected VM)",
+        ("VM", "Recovery point", "Drilled", "Outcome", "Restore took", "Summary"),
+        [
+            [
+                d.item or d.vm_id,
+                d.recovery_point_id or "-",
+                when(d.drill.at) if d.HasField("drill") else "never",
+                d.drill.outcome if d.HasField("drill") else "-",
+                span(d.drill.restore_seconds) if d.HasField("drill") else "-",
+                d.drill.summary if d.HasField("drill") else "-",
+            ]
+            for d in board.drills
+        ],
     )
 
 
