@@ -434,8 +434,8 @@ def test_drill_settings_are_checked(cluster: Cluster) -> None:
     assert vault["drill"]["schedule"] == "weekly sun 04:00 tz=UTC"
     assert vault["drill"]["agent"] == "spare-1"
     assert vault["drill"]["next_at"] is not None
-    listed = cluster.coffer("vault", "list", json_out=False).stdout
-    assert "weekly on Sun at 04:00 UTC" in listed
+    shown = cluster.coffer("vault", "show", "eu", json_out=False).stdout
+    assert "Restore drills: weekly on Sun at 04:00 UTC, on spare-1" in shown
 
 
 def test_a_drill_passes_on_ext4_and_xfs_and_leaves_nothing_behind(cluster: Cluster) -> None:

@@ -36,7 +36,7 @@ def drill_cell(drill: operator_pb2.DrillRecord) -> str:
 
 def _drills_cell(v: operator_pb2.Vault) -> str:
     if not v.HasField("drill"):
-        return "-"
+        return "off"
     drill = v.drill
     where = f"on {drill.agent} in {drill.directory}"
     if not drill.schedule:
@@ -52,10 +52,6 @@ def _vault_row(v: operator_pb2.Vault) -> list[str]:
         str(v.protected_items),
         str(v.recovery_points),
         size(v.stored_bytes),
-        str(v.max_concurrent_backups),
-        _verify_schedule(v),
-        f"{v.soft_delete_days} days" if v.soft_delete_days else "off",
-        _drills_cell(v),
         when(v.created_at),
     ]
 
@@ -74,10 +70,6 @@ VAULT_COLUMNS = (
     "Protected",
     "Recovery points",
     "Stored",
-    "Concurrent backups",
-    "Verify",
-    "Soft delete",
-    "Restore drills",
     "Created",
 )
 
@@ -145,27 +137,40 @@ def vault_show(connection: Connection, name: str, as_json: bool) -> None:
     if as_json:
         print_json(as_dict(found))
         return
-    table(f"Vault {name}", VAULT_COLUMNS, [_vault_row(found)])
+    _show_vault(found)
+
+
+def _show_vault(found: operator_pb2.Vault) -> None:
+    """A vault's counts as a table, then its settings one per line (a table of them all is
+    too wide for a terminal)."""
+    table(f"Vault {found.name}", VAULT_COLUMNS, [_vault_row(found)])
     if found.datastore_format == 2:
         kept = f"encrypted ({found.encryption}, data key {found.current_data_key})"
     else:
         kept = "not encrypted (format 1)"
-    console.print(f"Datastore: {escape(found.datastore)}, {kept}", highlight=False, soft_wrap=True)
     if found.copy_target:
         where = f" at {found.copy_location}" if found.copy_location else " (not configured)"
-        console.print(
-            f"Copy: to {escape(found.copy_target)}{escape(where)}", highlight=False, soft_wrap=True
-        )
+        copy = f"to {found.copy_target}{where}"
     else:
-        console.print("Copy: none", highlight=False)
+        copy = "none"
+    settings = [
+        ("Concurrent backups", str(found.max_concurrent_backups)),
+        ("Verify", _verify_schedule(found)),
+        ("Soft delete", f"{found.soft_delete_days} days" if found.soft_delete_days else "off"),
+        ("Restore drills", _drills_cell(found)),
+        ("Datastore", f"{found.datastore}, {kept}"),
+        ("Copy", copy),
+    ]
     if found.deleted_recovery_points:
-        console.print(
-            f"Deleted recovery points: {found.deleted_recovery_points}, recoverable until "
-            "purged (`coffer rp list --deleted --vault "
-            f"{escape(name)}`)",
-            highlight=False,
-            soft_wrap=True,
+        settings.append(
+            (
+                "Deleted recovery points",
+                f"{found.deleted_recovery_points}, recoverable until purged "
+                f"(`coffer rp list --deleted --vault {found.name}`)",
+            )
         )
+    for label, value in settings:
+        console.print(f"{label}: {escape(value)}", highlight=False, soft_wrap=True)
 
 
 @vault.command(name="update")
@@ -291,7 +296,7 @@ def vault_update(
     if as_json:
         print_json(as_dict(updated))
     else:
-        table(f"Vault {name}", VAULT_COLUMNS, [_vault_row(updated)])
+        _show_vault(updated)
 
 
 @vault.command(name="delete")
