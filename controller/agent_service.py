@@ -51,6 +51,9 @@ BATCH_BYTES = 4 << 20  # chunk bytes per download message
 MAX_DIGESTS_PER_CALL = 1 << 16
 # Bounds a disk index held in memory: 32 bytes per chunk, 1 GiB at 512 KiB chunks.
 MAX_DISK_BYTES = 16 << 40
+# Bounds of the restore directories a hello may list (kept in the catalog).
+MAX_RESTORE_DIRS = 64
+MAX_PATH_CHARS = 4096
 # A displaced session's last message must not hold it open if its peer reads nothing.
 DISPLACED_WRITE_SECONDS = 5.0
 
@@ -104,6 +107,7 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
                 agent_version=hello.agent_version,
                 disks=[DiskRecord(d.name, d.path, d.size_bytes) for d in hello.disks],
                 now=session.connected_at,
+                restore_dirs=list(hello.restore_dirs),
             )
             await context.write(
                 agent_pb2.ControllerMessage(
@@ -161,6 +165,12 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
         names = [check_disk_name(disk.name) for disk in hello.disks]
         if len(set(names)) != len(names):
             raise InvalidArgument(detail=f"disk names repeat: {names}")
+        if len(hello.restore_dirs) > MAX_RESTORE_DIRS or any(
+            len(d) > MAX_PATH_CHARS for d in hello.restore_dirs
+        ):
+            raise InvalidArgument(
+                detail=f"at most {MAX_RESTORE_DIRS} restore_dirs of {MAX_PATH_CHARS} characters"
+            )
         return hello
 
     async def _receive(self, session: AgentSession, context: grpc.aio.ServicerContext) -> None:

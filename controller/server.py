@@ -7,10 +7,13 @@ the same `listen` fails to bind (port reuse is off) and refuses too. Then it rea
 key (controller/master_key.py; made on the first start when none is configured) and takes the
 writer lease of the datastores' root (controller/datastores.py), which a second controller on
 the same datastores is refused with, naming this one; then it opens every vault's datastore,
-so a wrong master key (WrongKey) or unreachable storage stops the start. On the way out the gRPC
-server stops taking calls (with a grace period for calls in flight), agent sessions close
-(their jobs fail with AgentDisconnected and are recorded), the job manager drains, the status
-monitor and the private broker stop, the catalog flushes.
+so a wrong master key (WrongKey) or unreachable storage stops the start, and starts keeping
+the datastores' descriptions of what only the catalog knows (controller/descriptions.py); each
+copy target's lease it takes in the background, so a copy target never stops the start
+(controller/copies.py). On the way out the gRPC server stops taking calls (with a grace period
+for calls in flight), agent sessions close (their jobs fail with AgentDisconnected and are
+recorded), the job manager drains, the status monitor and the private broker stop, the
+descriptions still pending are written, the catalog flushes.
 
 The controller's long-lived tasks run under one `Supervisor`, each with its policy stated where
 it is started: RESTART (logged with its traceback, started again after a backoff) or FATAL
@@ -42,6 +45,7 @@ from controller.audit import AuditLog
 from controller.broker import PrivateBroker
 from controller.catalog import Catalog
 from controller.config import ControllerConfig
+from controller.copies import Copier, CopyTargets
 from controller.datastore import (
     LeaseHolder,
     WriterLease,
@@ -49,6 +53,8 @@ from controller.datastore import (
     open_object_store,
 )
 from controller.datastores import Datastores
+from controller.descriptions import Describer
+from controller.drills import Drills
 from controller.enrolment import (
     MAX_ENROL_CALLS,
     Enrolment,
@@ -147,6 +153,16 @@ class Controller:
                 lease.holder,
                 master.describe(),
             )
+            # Each copy target's lease, held in the background: a target unreachable or held
+            # by another controller fails its copy jobs, never the start (controller.copies).
+            # Left after the job manager has drained: no copy job writes by then.
+            copy_targets = await stack.enter_async_context(
+                CopyTargets(config.copy_targets, lease.holder, supervisor)
+            )
+            # What only the catalog knows, written to the datastores as it changes (so they
+            # are enough to recover it); entered before the jobs, so it writes their last
+            # changes after they have drained.
+            await stack.enter_async_context(Describer(catalog, datastores, self.clock, supervisor))
 
             authority = await asyncio.to_thread(Authority.load, config.pki_dir)
             revocations = Revocations(catalog, authority, self.clock)
@@ -198,8 +214,17 @@ class Controller:
             pruner.after_maintenance.append(verifier.reverify)
             protection = Protection(catalog, registry, jobs, vaults, pruner, self.clock, supervisor)
             protection.after_backup.append(verifier.after_backup)
+            # Copies after each backup (and its prune), and daily after the maintenance.
+            copier = Copier(
+                catalog, datastores, copy_targets, jobs, self.clock, config.gc_grace_seconds
+            )
+            protection.after_backup.append(copier.after_backup)
+            pruner.after_maintenance.append(copier.after_maintenance)
             self.protection = await stack.enter_async_context(protection)
             self.jobs = jobs
+            # Restore drills are planned in the protection's schedule (drill:VAULT entries).
+            self.drills = Drills(catalog, jobs, self.protection, self.clock)
+            await self.drills.plan_all()
 
             if config.enrol_listen is not None:
                 enrol_server = grpc.aio.server(
@@ -249,10 +274,12 @@ class Controller:
                 self.protection,
                 pruner,
                 verifier=verifier,
+                copier=copier,
                 enrolment=enrolment,
                 revocations=revocations,
                 audit=audit,
                 enrol_address=self._enrol_address(),
+                drills=self.drills,
             )
             operator_pb2_grpc.add_OperatorServiceServicer_to_server(operators, server)
 

@@ -181,6 +181,8 @@ def test_an_operator_signs_in_backs_up_restores_and_filters_jobs(
     # Restore from the recovery points page: the same Restore call, the same job.
     page.goto(f"{console(cluster)}/vms/app-1/recovery-points")
     assert rp in page.inner_text("#recovery-points")
+    # Each point's last drill is a column (and whether it is in the vault's copy).
+    assert "Last drill" in page.inner_text("#recovery-points thead")
     page.screenshot(path=shots / "06-recovery-points.png", full_page=True)
     target = cluster.agents["app-1"].restore_dir / "from-the-browser.img"
     page.fill("#restore input[name=target]", str(target))
@@ -188,9 +190,14 @@ def test_an_operator_signs_in_backs_up_restores_and_filters_jobs(
     page.wait_for_url("**/jobs/*")
     expect(page.locator("#status")).to_have_text("Completed", timeout=90_000)
     assert sha256_file(target) == sha256_file(cluster.agents["app-1"].disks["root"])
+    # What it restored where, as `coffer job show` says it.
+    assert "new-image" in page.inner_text("#job")
+    assert str(target) in page.inner_text("#job")
 
     # Jobs, filtered as `coffer job list` filters them.
     page.goto(f"{console(cluster)}/jobs")
+    choices = page.locator("#job-filters select[name=operation] option").all_inner_texts()
+    assert {"Backup", "Restore", "RestoreDrill", "Copy", "Undelete"} <= set(choices)
     page.select_option("#job-filters select[name=operation]", "Backup")
     page.click("#job-filters button")
     page.wait_for_url("**/jobs?*operation=Backup*")
@@ -212,6 +219,8 @@ def test_an_operator_signs_in_backs_up_restores_and_filters_jobs(
     page.screenshot(path=shots / "09-alerts.png", full_page=True)
     page.goto(f"{console(cluster)}/vaults/{VAULT}")
     assert page.inner_text("#jobs-completed") != "0"
+    assert "never drilled" in page.inner_text("#drills")
+    assert "This vault copies nowhere." in page.inner_text("#dashboard")
     page.screenshot(path=shots / "10-dashboard-after.png", full_page=True)
 
 

@@ -52,7 +52,10 @@ RESOLVED: Final = "resolved"
 # How far back the latest restore of each VM is looked for.
 RESTORE_LOOKBACK_SECONDS: Final = 7 * 86400.0
 # Jobs whose end makes a check worth doing at once.
-_WAKING = frozenset({Operation.BACKUP, Operation.RESTORE, Operation.VERIFY})
+# (A drill that meets damage marks its recovery point damaged, as a verify does.)
+_WAKING = frozenset(
+    {Operation.BACKUP, Operation.RESTORE, Operation.VERIFY, Operation.RESTORE_DRILL}
+)
 
 
 def state_of(alert: AlertRecord) -> str:

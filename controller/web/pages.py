@@ -114,6 +114,26 @@ def flatten(details: dict[str, Any], prefix: str = "") -> list[tuple[str, str]]:
     return rows
 
 
+def restore_rows(job: operator_pb2.Job) -> list[tuple[str, str]]:
+    """What a restore or a drill restored where, and what it moved (as `coffer job show`)."""
+    if not job.HasField("restore"):
+        return []
+    restored = job.restore
+    rows = [
+        ("Restored from", restored.source_vm_id or "-"),
+        ("Restored on", restored.target_vm_id or "-"),
+        ("Target", restored.target_path or "-"),
+        ("Mode", restored.mode + (", overwriting" if restored.overwrite else "")),
+    ]
+    if restored.bytes_compared:
+        rows.append(("Bytes compared", f"{size(restored.bytes_compared)} (read from the disk)"))
+    rows += [
+        ("Bytes fetched", f"{size(restored.bytes_fetched)} (from the datastore, as stored)"),
+        ("Bytes written", size(restored.bytes_written)),
+    ]
+    return rows
+
+
 def job_state(job: operator_pb2.Job, now: float) -> dict[str, Any]:
     """What the job page's script updates while the job runs."""
     progress = job.progress
@@ -158,7 +178,9 @@ class Pages:
         self._links = links
         self.templates = templates
         self._clock = clock
-        templates.globals.update(when=when, size=size, Operation=Operation, JobStatus=JobStatus)
+        templates.globals.update(
+            when=when, size=size, span=span, Operation=Operation, JobStatus=JobStatus
+        )
 
     def add_routes(self, app: web.Application) -> None:
         g = self._guarded
@@ -395,7 +417,7 @@ class Pages:
             "job.html",
             job=job,
             state=job_state(job, self._now),
-            details=flatten(details),
+            details=restore_rows(job) + flatten(details),
             ended=JobStatus(job.status).ended,
         )
 
