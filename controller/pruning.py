@@ -101,18 +101,16 @@ class Pruner:
     ) -> None:
         """Delete `points`, adding each to `deleted` once it is gone; a cancel takes effect
         between two points, never inside one."""
-        datastore = await self._datastores.get(vault)
         for rp in points:
-            await finishing(self._delete_one(datastore, rp, deleted))
+            await finishing(self._delete_one(rp, deleted))
 
-    async def _delete_one(
-        self, datastore: Datastore, rp: RecoveryPointRecord, deleted: list[str]
-    ) -> None:
+    async def _delete_one(self, rp: RecoveryPointRecord, deleted: list[str]) -> None:
         # The datastore first (its manifest, the commit point, goes first), then the row: a
         # failure between the two leaves a row whose point is gone, which the next prune
         # deletes again (both deletes are idempotent). The other order would leave a manifest
-        # no row names, which nothing would ever delete.
-        await self._jobs.in_pool(datastore.delete_recovery_point, rp.id)
+        # no row names, which nothing would ever delete. A vault being upgraded deletes it from
+        # both formats (controller.datastores).
+        await self._datastores.delete_recovery_point(rp.vault, rp.id)
         await self._catalog.delete_recovery_point(rp.id)
         deleted.append(rp.id)
 
@@ -195,6 +193,8 @@ class Pruner:
 
         async def body(job: JobRecord) -> None:
             datastore = await self._datastores.get(vault)
+            # A vault being upgraded is collected with its format-1 part (gc.py).
+            legacy = self._datastores.legacy(vault)
             try:
                 report = await self._jobs.abortable(
                     partial(
@@ -202,6 +202,8 @@ class Pruner:
                         datastore,
                         cutoff=self._clock.now() - self._grace,
                         guard=self._datastores.guard(vault),
+                        legacy=legacy.datastore if legacy is not None else None,
+                        skip=frozenset(legacy.pending) if legacy is not None else frozenset(),
                     )
                 )
             except Stopped as stopped:  # cancelled: what it freed is freed all the same
@@ -230,9 +232,22 @@ class Pruner:
 
     @staticmethod
     def _collect_garbage(
-        datastore: Datastore, should_stop: ShouldStop, *, cutoff: float, guard: ChunkGuard
+        datastore: Datastore,
+        should_stop: ShouldStop,
+        *,
+        cutoff: float,
+        guard: ChunkGuard,
+        legacy: Datastore | None = None,
+        skip: frozenset[str] = frozenset(),
     ) -> GcReport:
-        return collect_garbage(datastore, cutoff=cutoff, guard=guard, should_stop=should_stop)
+        return collect_garbage(
+            datastore,
+            cutoff=cutoff,
+            guard=guard,
+            should_stop=should_stop,
+            legacy=legacy,
+            skip=skip,
+        )
 
     # --- the daily maintenance --------------------------------------------------------------
 

@@ -50,10 +50,12 @@ from controller.pruning import Pruner
 from controller.registry import AgentRegistry
 from controller.state_lock import StateLock
 from controller.status import StatusMonitor
+from controller.upgrades import VaultUpgrades
 from controller.vaults import Vaults
 from controller.verification import Verifier
 from shared.clock import Clock, SystemClock
 from shared.errors import CofferError, Unavailable
+from shared.model import Trigger
 from shared.rpc import agent_pb2_grpc, operator_pb2_grpc
 from shared.rpc_channel import server_options
 from shared.supervision import Policy, Supervisor, TaskFailed
@@ -156,6 +158,11 @@ class Controller:
             protection.after_backup.append(verifier.after_backup)
             self.protection = await stack.enter_async_context(protection)
             self.jobs = jobs
+            # Vault upgrades: a garbage collection follows each (the old format's chunks), and
+            # those the last stop interrupted run again now (controller.upgrades).
+            upgrades = VaultUpgrades(catalog, datastores, jobs, jobs.integrity, self.clock)
+            upgrades.after_upgrade.append(partial(_collect_after_upgrade, pruner))
+            await upgrades.resume()
 
             server = grpc.aio.server(
                 options=server_options(),
@@ -176,6 +183,7 @@ class Controller:
                     self.protection,
                     pruner,
                     verifier=verifier,
+                    upgrades=upgrades,
                 ),
                 server,
             )
@@ -228,6 +236,14 @@ class Controller:
         while True:
             await asyncio.sleep(HEARTBEAT_FLUSH_SECONDS)
             await catalog.flush()
+
+
+async def _collect_after_upgrade(pruner: Pruner, vault: str) -> None:
+    """After an upgrade: reclaim the old format's chunks nothing references any more."""
+    try:
+        await pruner.collect(vault, trigger=Trigger.SCHEDULED)
+    except CofferError as error:  # one runs already, or the controller is stopping
+        log.info("vault %s: no garbage collection after its upgrade: %s", vault, error)
 
 
 def _bind(server: grpc.aio.Server, config: ControllerConfig) -> int:

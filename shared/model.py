@@ -23,6 +23,7 @@ class Operation(enum.StrEnum):
     GARBAGE_COLLECTION = "GarbageCollection"
     VERIFY = "Verify"
     FILE_RECOVERY = "FileRecovery"  # files of a recovery point listed, copied out or mounted
+    VAULT_UPGRADE = "VaultUpgrade"  # a vault's datastore converted to the current format
 
 
 class Trigger(enum.StrEnum):

@@ -225,12 +225,10 @@ def test_the_whole_flow_from_discovery_to_stopped_protection(cluster: Cluster) -
     assert len(completed) == 2
     # A Prune job follows each backup, as the README says, though it had nothing to delete.
     prunes = cluster.coffer("job", "list", "--operation", "Prune", "--vault", "eu-vault")
-    assert sorted(p["details"]["after_job"] for p in prunes) == sorted(
-        j["id"] for j in backups
-    )
-    assert [
-        (p["status"], p["details"]["deleted_recovery_points"]) for p in prunes
-    ] == [("Completed", [])] * 2
+    assert sorted(p["details"]["after_job"] for p in prunes) == sorted(j["id"] for j in backups)
+    assert [(p["status"], p["details"]["deleted_recovery_points"]) for p in prunes] == [
+        ("Completed", [])
+    ] * 2
 
     # --- dashboard ------------------------------------------------------------------------------
     board = cluster.coffer("dashboard", "--vault", "eu-vault")

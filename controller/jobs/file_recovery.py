@@ -218,7 +218,7 @@ class FileRecoveries:
             job.id,
             rp,
             source.disk,
-            await self._datastores.get(rp.vault),
+            await self._datastores.reader(rp.vault, rp.id),
             self._datastores.guard(rp.vault),
             self._pool,
         )

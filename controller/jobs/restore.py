@@ -191,7 +191,8 @@ class Restores:
             job.id,
             rp,
             disk,
-            await self._datastores.get(rp.vault),
+            # Of a vault being upgraded, the format its point is in now (controller.datastores).
+            await self._datastores.reader(rp.vault, rp.id),
             self._datastores.guard(rp.vault),
             self._pool,
         )
@@ -271,7 +272,7 @@ class Restores:
         rp = session.recovery_point
         reported = list(running.result.damaged_chunks) if running.result else []
         confirmed, since = await self._integrity.confirm(
-            rp.vault, [d for d in reported if d in session.allowed]
+            rp.vault, [d for d in reported if d in session.allowed], session.datastore
         )
         if confirmed:
             damage = await asyncio.get_running_loop().run_in_executor(
