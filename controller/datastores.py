@@ -265,6 +265,14 @@ class Datastores:
         self._open[vault] = new
         return area
 
+    def committed(self, vault: str, rp_id: str, datastore: Datastore) -> None:
+        """A backup committed recovery point `rp_id` into `datastore`: if that is the format-1
+        part of the vault (the backup began before the vault was switched), the point is read
+        from there until it is converted."""
+        area = self._legacy.get(vault)
+        if area is not None and datastore is area.datastore:
+            area.pending.add(rp_id)
+
     def end_upgrade(self, vault: str) -> None:
         """The vault's upgrade is done: no format-1 part any more."""
         self._legacy.pop(vault, None)

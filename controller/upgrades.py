@@ -33,8 +33,8 @@ vault upgrade` to be run again. In between, the vault works half converted.
 stored bytes: one read per index and one stat per chunk) and times the conversion on a sample
 to say roughly how long it would take. It changes nothing.
 
-A test can stop an upgrade at a known point (`COFFER_TEST_UPGRADE_PAUSE`, `TestPause`) and kill
-the controller there.
+A test can stop an upgrade at a known point (`COFFER_TEST_UPGRADE_PAUSE`, `UpgradePause`) and
+kill the controller there.
 """
 
 from __future__ import annotations
@@ -67,8 +67,8 @@ from controller.datastore.upgrade import (
 from controller.datastore.verify import DamagedChunk
 from controller.datastores import Datastores, LegacyArea
 from controller.integrity import Integrity
-from controller.jobs import JobManager
-from controller.jobs.cancel import Stopped
+from controller.jobs import JobManager, RunningBackup
+from controller.jobs.cancel import Stopped, finishing
 from shared.clock import Clock
 from shared.errors import CofferError, Conflict, KeyUnavailable
 from shared.model import Operation, Trigger
@@ -83,7 +83,7 @@ PAUSE_ENV = "COFFER_TEST_UPGRADE_PAUSE"
 _DELETERS = {Operation.PRUNE, Operation.STOP_PROTECTION, Operation.DELETE_BACKUP_DATA}
 
 
-class TestPause:
+class UpgradePause:
     """A stop at a known point of an upgrade, for tests that kill the controller there.
 
     From `COFFER_TEST_UPGRADE_PAUSE`: `switch` (before the switch), `switched` (the format-1
@@ -102,7 +102,7 @@ class TestPause:
             self.point, self._after = "objects", int(spec.removeprefix("objects:"))
 
     @classmethod
-    def from_env(cls) -> TestPause:
+    def from_env(cls) -> UpgradePause:
         return cls(os.environ.get(PAUSE_ENV, ""))
 
     async def at(self, point: str, vault: str) -> None:
@@ -150,14 +150,14 @@ class VaultUpgrades:
         integrity: Integrity,
         clock: Clock,
         *,
-        pause: TestPause | None = None,
+        pause: UpgradePause | None = None,
     ) -> None:
         self._catalog = catalog
         self._datastores = datastores
         self._jobs = jobs
         self._integrity = integrity
         self._clock = clock
-        self._pause = pause or TestPause.from_env()
+        self._pause = pause or UpgradePause.from_env()
         # Jobs running when a vault was switched, which hold its format-1 datastore.
         self._before_switch: dict[str, list[JobRecord]] = {}
         # Called with the vault's name once an upgrade has finished (a garbage collection).
@@ -326,28 +326,45 @@ class VaultUpgrades:
         await self._pause.at("switch", vault)
         layout = old.storage
         assert isinstance(layout, LegacyLayout), "a format-1 datastore has a LegacyLayout"
-        before = [
-            running
-            for running in self._jobs.running_jobs()
-            if running.vault == vault and running.id != job.id
-        ]
+        before = [other for other in self._jobs.running_jobs() if self._holds_old(other, vault)]
         self._progress(job, "switching", _Counts())
 
         def begin(storage: ObjectStore) -> Datastore:
             return Datastore.begin_upgrade(storage, old.config, master, vault, clock=self._clock)
 
-        # Not abortable: a short step that must happen whole (it holds the format-1 datastore's
-        # index and manifest writes while it copies them).
-        new = await self._jobs.in_pool(switch, layout, begin)
-        pending = await self._jobs.in_pool(pending_points, old, new)
+        def switched() -> tuple[Datastore, list[str]]:
+            new = switch(layout, begin)
+            return new, pending_points(old, new)
+
+        # A short step that happens whole, even when cancelled meanwhile (it holds the format-1
+        # datastore's index and manifest writes while it copies them): once it has, the vault
+        # is read and written as the storage now is, whatever ends the job.
+        try:
+            new, pending = await finishing(self._jobs.in_pool(switched))
+        except Stopped as stopped:
+            await self._switched(vault, *stopped.result)
+            raise
+        await self._switched(vault, new, pending)
+        self._before_switch[vault] = before
+        await self._pause.at("switched", vault)
+
+    async def _switched(self, vault: str, new: Datastore, pending: list[str]) -> None:
         self._datastores.begin_upgrade(vault, new, pending)
         await self._catalog.set_vault_encrypted(vault)
-        self._before_switch[vault] = before
         log.info(
             "vault %s: switched to datastore format %d; %d recovery points to convert",
             vault, ENCRYPTED_FORMAT, len(pending),
         )  # fmt: skip
-        await self._pause.at("switched", vault)
+
+    def _holds_old(self, other: JobRecord, vault: str) -> bool:
+        """A job of `vault` running now that writes through its format-1 datastore: a backup
+        that has started (a queued one starts with the format-2 one), or one that deletes."""
+        if other.vault != vault:
+            return False
+        if other.operation is Operation.BACKUP:
+            running = self._jobs.running(other.id)
+            return isinstance(running, RunningBackup) and running.started
+        return other.operation in _DELETERS
 
     async def _wait_for(self, job: JobRecord, vault: str, operations: set[Operation]) -> None:
         """Wait for the jobs of `operations` that were running when the vault was switched."""
@@ -619,4 +636,4 @@ def _plan_details(
     }
 
 
-__all__ = ["PAUSE_ENV", "TestPause", "VaultUpgrades"]
+__all__ = ["PAUSE_ENV", "UpgradePause", "VaultUpgrades"]

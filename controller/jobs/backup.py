@@ -276,6 +276,8 @@ class Backups:
             for d in result.disks
         }
         rp = await transaction.commit(manifest)
+        # Begun before its vault was switched to a new format, it committed into the old one.
+        self._datastores.committed(job.vault, rp.id, transaction.datastore)
         job.recovery_point_id = rp.id
 
     # --- cancelled -----------------------------------------------------------------------------

@@ -288,10 +288,13 @@ class JobManager:
         raise PermissionDenied(detail=f"job {job_id} reads no disk index")
 
     async def datastore(self, running: RunningJob) -> Datastore:
-        """The datastore a running job reads: a restore's that of its recovery point (which,
-        in a vault being upgraded, may be the format-1 part), else its vault's."""
+        """The datastore a running job reads: a restore's that of its recovery point, a
+        backup's the one it started with (in a vault being upgraded, either may be the
+        format-1 part), else its vault's."""
         if isinstance(running, RunningRestore) and running.session is not None:
             return running.session.datastore
+        if isinstance(running, RunningBackup) and running.transaction is not None:
+            return running.transaction.datastore
         return await self._datastores.get(running.record.vault)
 
     async def missing_chunks(self, running: RunningBackup, digests: list[bytes]) -> list[bytes]:
