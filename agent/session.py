@@ -9,6 +9,11 @@ a fleet of agents does not reconnect in lock step after a controller restart.
 When another agent process with this VM's certificate takes the session over, the controller
 says so (`SessionDisplaced`): this agent logs it as an error, leaves the status broker, and
 dials again as a standby that waits for the other's session to end (`agent.displacement`).
+
+While the session is open the agent renews its certificate when it falls due, between
+commands (`agent.renewal`); the session then ends and the agent dials again at once with the
+new certificate. A controller that says the certificate was revoked is logged as an error: the
+VM must be enrolled again.
 """
 
 from __future__ import annotations
@@ -27,11 +32,13 @@ from agent.config import AgentConfig
 from agent.disk import disk_size
 from agent.displacement import Displacement
 from agent.file_recovery_jobs import FileRecoveryHost, FileRecoveryRun
-from agent.restore import RestoreRun
+from agent.renewal import Renewed, renew_when_due
+from agent.restores import restore
 from agent.runtime import Runtime
 from agent.status import StatusPublisher
 from shared.backoff import Backoff
 from shared.errors import (
+    CertificateRevoked,
     CofferError,
     DataCorrupted,
     DuplicateAgent,
@@ -65,8 +72,12 @@ def damaged_chunks(exc: BaseException) -> list[bytes]:
     return []
 
 
-def _forget(running: dict[str, asyncio.Task[None]], job_id: str, _: object) -> None:
+def _forget(
+    running: dict[str, asyncio.Task[None]], idle: asyncio.Event, job_id: str, _: object
+) -> None:
     running.pop(job_id, None)
+    if not running:
+        idle.set()
 
 
 class Agent:
@@ -100,6 +111,7 @@ class Agent:
             agent_version=coffer_version(),
             disks=disks,
             standby=self._standby is not None,
+            restore_dirs=[str(directory) for directory in self.config.restore_dirs],
         )
 
     async def run(self) -> None:
@@ -116,9 +128,12 @@ class Agent:
             ):
                 delays = RECONNECT.delays()
                 while True:
+                    renewed = False
                     try:
                         await self._session(pool, status)
                     # The session's task group raises its tasks' failures as a group.
+                    except* Renewed:
+                        renewed = True
                     except* DuplicateAgent as group:
                         self._displaced(group.exceptions[0], status)
                     except* grpc.RpcError as group:
@@ -127,10 +142,15 @@ class Agent:
                             if isinstance(error, DuplicateAgent):
                                 self._displaced(error, status)
                             else:
-                                log.warning("session with the controller ended: %s", error)
+                                self._ended(error)
                     except* CofferError as group:
                         for exc in group.exceptions:
-                            log.warning("session with the controller ended: %s", exc)
+                            self._ended(exc)
+                    if renewed:
+                        log.info("dialling the controller again with the renewed certificate")
+                        self._connected_at = None
+                        self.connected.clear()
+                        continue
                     if self._connected_at is not None and (
                         time.monotonic() - self._connected_at >= HEALTHY_SESSION
                     ):
@@ -144,6 +164,12 @@ class Agent:
                     delay = next(delays)
                     log.info("reconnecting in %.1f s", delay)
                     await asyncio.sleep(delay)
+
+    def _ended(self, error: BaseException) -> None:
+        if isinstance(error, CertificateRevoked):
+            log.error("the controller refuses this agent's certificate: %s (%s)", error, error.code)
+        else:
+            log.warning("session with the controller ended: %s", error)
 
     def _displaced(self, error: BaseException, status: StatusPublisher) -> None:
         """Another agent process of this VM has the session: say so, step aside, wait."""
@@ -193,10 +219,13 @@ class Agent:
             self._connected_at = time.monotonic()
             outbox: asyncio.Queue[agent_pb2.AgentMessage] = asyncio.Queue()
             interval = max(accepted.heartbeat_interval_ms, 500) / 1000
+            running: dict[str, asyncio.Task[None]] = {}
+            idle = asyncio.Event()
+            idle.set()
             async with asyncio.TaskGroup() as tasks:
                 tasks.create_task(self._send(call, outbox), name="session-writer")
                 tasks.create_task(self._heartbeat(outbox, interval), name="heartbeat")
-                running: dict[str, asyncio.Task[None]] = {}
+                tasks.create_task(renew_when_due(self.config, stub, idle.wait), name="renewal")
                 while True:
                     message = await call.read()
                     if message is grpc.aio.EOF:
@@ -220,7 +249,8 @@ class Agent:
                         self._command(message, runtime, outbox),
                         name=f"{kind}-{job_id}",
                     )
-                    running[job_id].add_done_callback(partial(_forget, running, job_id))
+                    idle.clear()
+                    running[job_id].add_done_callback(partial(_forget, running, idle, job_id))
 
     @staticmethod
     async def _send(
@@ -268,7 +298,8 @@ class Agent:
             elif kind == "restore":
                 result.job_id = message.restore.job_id
                 log.info("restore %s started", result.job_id)
-                result.bytes_written = await RestoreRun(runtime, message.restore).run()
+                result.restore.CopyFrom(await restore(runtime, message.restore))
+                result.bytes_written = result.restore.bytes_written
             elif kind == "file_recovery":
                 result.job_id = message.file_recovery.job_id
                 log.info("file recovery %s started", result.job_id)

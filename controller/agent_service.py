@@ -21,13 +21,21 @@ from typing import cast
 import grpc
 
 from controller.catalog import Catalog, DiskRecord
+from controller.enrolment import Enrolment
 from controller.interceptors import caller_vm
 from controller.jobs import JobManager, RunningBackup
 from controller.registry import AgentRegistry, AgentSession
 from shared.blob import Compression
 from shared.clock import Clock
 from shared.digest import DIGEST_SIZE, check_digest
-from shared.errors import ChunkMissing, CofferError, CorruptData, InvalidArgument, PermissionDenied
+from shared.errors import (
+    ChunkMissing,
+    CofferError,
+    CorruptData,
+    InvalidArgument,
+    PermissionDenied,
+    Unavailable,
+)
 from shared.index import DiskIndex, check_disk_name
 from shared.rpc import agent_pb2, agent_pb2_grpc
 
@@ -43,6 +51,9 @@ BATCH_BYTES = 4 << 20  # chunk bytes per download message
 MAX_DIGESTS_PER_CALL = 1 << 16
 # Bounds a disk index held in memory: 32 bytes per chunk, 1 GiB at 512 KiB chunks.
 MAX_DISK_BYTES = 16 << 40
+# Bounds of the restore directories a hello may list (kept in the catalog).
+MAX_RESTORE_DIRS = 64
+MAX_PATH_CHARS = 4096
 # A displaced session's last message must not hold it open if its peer reads nothing.
 DISPLACED_WRITE_SECONDS = 5.0
 
@@ -64,7 +75,10 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
         clock: Clock,
         mqtt_address: tuple[str, int] | None,
         controller_version: str,
+        *,
+        enrolment: Enrolment | None = None,
     ) -> None:
+        self._enrolment = enrolment
         self._catalog = catalog
         self._registry = registry
         self._jobs = jobs
@@ -93,6 +107,7 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
                 agent_version=hello.agent_version,
                 disks=[DiskRecord(d.name, d.path, d.size_bytes) for d in hello.disks],
                 now=session.connected_at,
+                restore_dirs=list(hello.restore_dirs),
             )
             await context.write(
                 agent_pb2.ControllerMessage(
@@ -150,6 +165,12 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
         names = [check_disk_name(disk.name) for disk in hello.disks]
         if len(set(names)) != len(names):
             raise InvalidArgument(detail=f"disk names repeat: {names}")
+        if len(hello.restore_dirs) > MAX_RESTORE_DIRS or any(
+            len(d) > MAX_PATH_CHARS for d in hello.restore_dirs
+        ):
+            raise InvalidArgument(
+                detail=f"at most {MAX_RESTORE_DIRS} restore_dirs of {MAX_PATH_CHARS} characters"
+            )
         return hello
 
     async def _receive(self, session: AgentSession, context: grpc.aio.ServicerContext) -> None:
@@ -414,3 +435,14 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
         finally:
             for _, future in ahead:
                 future.cancel()
+
+    async def Renew(
+        self, request: agent_pb2.RenewRequest, context: grpc.aio.ServicerContext
+    ) -> agent_pb2.RenewReply:
+        vm_id = caller_vm()
+        if self._enrolment is None:
+            raise Unavailable("this controller does not issue certificates")
+        issued = await self._enrolment.renew(vm_id, request.csr_pem.encode(errors="replace"))
+        return agent_pb2.RenewReply(
+            certificate_pem=issued.certificate_pem.decode(), ca_pem=issued.ca_pem.decode()
+        )

@@ -139,10 +139,14 @@ class PrivateBroker:
         limits: Limits = LIMITS,
         ready_timeout: float = 10.0,
         stop_timeout: float = 5.0,
+        crl: Path | None = None,
     ) -> None:
         self._work_dir = work_dir.absolute()
         self._tls = TlsFiles(ca=tls.ca.absolute(), cert=tls.cert.absolute(), key=tls.key.absolute())
-        for path in (self._work_dir, self._tls.ca, self._tls.cert, self._tls.key):
+        # The CA's revocation list (Mosquitto's `crlfile`); `reload` makes it read it again.
+        self._crl = crl.absolute() if crl is not None else None
+        paths = (self._work_dir, self._tls.ca, self._tls.cert, self._tls.key, self._crl)
+        for path in filter(None, paths):
             # mosquitto.conf values end at the first blank; such a path cannot be written there.
             if any(c.isspace() for c in str(path)):
                 raise InvalidArgument(detail=f"the private broker cannot use the path {path!r}")
@@ -181,6 +185,14 @@ class PrivateBroker:
     def restarts(self) -> int:
         """How many times Mosquitto was restarted after exiting on its own."""
         return self._restarts
+
+    def reload(self) -> None:
+        """Have Mosquitto read its certificate and CRL again (SIGHUP): the CRL applies to
+        every connection from then on; connections already open stay."""
+        process = self._process
+        if process is not None and process.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                process.send_signal(signal.SIGHUP)
 
     @property
     def config_path(self) -> Path:
@@ -239,6 +251,7 @@ class PrivateBroker:
                 # the key in our private work directory; stay whoever we are.
                 user=pwd.getpwuid(os.geteuid()).pw_name,
                 limits=self._limits,
+                crl=self._crl,
             ),
         )
 
@@ -412,7 +425,14 @@ pattern write {agent_progress}
 
 
 def config_text(
-    *, host: str, port: int, tls: TlsFiles, acl_path: Path, user: str, limits: Limits = LIMITS
+    *,
+    host: str,
+    port: int,
+    tls: TlsFiles,
+    acl_path: Path,
+    user: str,
+    limits: Limits = LIMITS,
+    crl: Path | None = None,
 ) -> str:
     """The mosquitto.conf of a private broker (see deploy/mosquitto/mosquitto.conf)."""
     return f"""\
@@ -448,7 +468,7 @@ tls_version tlsv1.2
 require_certificate true
 use_identity_as_username true
 use_username_as_clientid true
-"""
+""" + (f"crlfile {crl}\n" if crl is not None else "")
 
 
 def _write_text(path: Path, text: str) -> None:

@@ -277,6 +277,18 @@ class Datastores:
         """The vault's upgrade is done: no format-1 part any more."""
         self._legacy.pop(vault, None)
 
+    async def write_description(self, vault: str, write: Callable[[Datastore], None]) -> bool:
+        """Run `write(datastore)` in a thread on the vault's open datastore; False, having done
+        nothing, if it is not open (not yet created, or destroyed). Never at once with a
+        `destroy`: a description written after the datastore's removal would be left behind
+        (controller/descriptions.py)."""
+        async with self._lock:
+            datastore = self._open.get(vault)
+            if datastore is None:
+                return False
+            await asyncio.to_thread(write, datastore)
+            return True
+
     def guard(self, vault: str) -> ChunkGuard:
         """The digests running jobs of the vault rely on; garbage collection spares them."""
         return self._guards.setdefault(vault, ChunkGuard())

@@ -10,9 +10,15 @@ repeats them:
   `InternalError`, never as gRPC's bare UNKNOWN.
 - `CallerIdentity`: reads the caller's identity from its verified client certificate and checks
   it may use the service at all: the agent service only with an agent certificate, the
-  operator service only with an operator certificate. Handlers read it with `caller()`, and an
-  agent's VM id with `caller_vm()`. What one agent may touch (its own VM's jobs and data) is
-  for the handlers to check: that depends on the request.
+  operator service only with an operator certificate. Then, in this order: that the
+  certificate is not revoked (`controller.revocation`; its first use supersedes older ones of
+  the identity), that an operator's role may call the method (`controller.access`: a table,
+  and a method not in it is refused to all), and it runs the call so that revoking the
+  certificate ends it at once. Calls that change state, and every call it refuses, go into the
+  audit log (`controller.audit`), and an operator's name becomes the requester of the jobs
+  the call starts. Handlers read the caller with `caller()`, and an agent's VM id with
+  `caller_vm()`. What one agent may touch (its own VM's jobs and data) is for the handlers to
+  check: that depends on the request.
 
 A handler keeps its shape: a coroutine stays a coroutine and an async generator (a streaming
 reply) stays one, since gRPC tells the two apart to know how replies are sent.
@@ -28,10 +34,22 @@ from contextvars import ContextVar
 from typing import Any, Final, TypeAlias
 
 import grpc
+from google.protobuf.message import Message
 
+from controller.access import LEGACY_ROLE, check_role
+from controller.audit import AuditLog, set_requester
+from controller.revocation import Revocations
 from shared.errors import CofferError, PermissionDenied
 from shared.rpc_errors import abort
-from shared.tls import ROLE_AGENT, ROLE_OPERATOR, Identity, peer_identity
+from shared.tls import (
+    ROLE_AGENT,
+    ROLE_OPERATOR,
+    CertificateFacts,
+    Identity,
+    OperatorRole,
+    certificate_facts,
+    peer_certificate_pem,
+)
 
 log = logging.getLogger(__name__)
 
@@ -41,10 +59,14 @@ SERVICE_ROLES: Final = {
     "coffer.v1.OperatorService": ROLE_OPERATOR,
 }
 
+# Agent methods that change state (audited); every operator method's is in controller.access.
+AGENT_CHANGES: Final = frozenset({"Renew"})
+
 Context: TypeAlias = grpc.aio.ServicerContext
 Behaviour: TypeAlias = Callable[[Any, Context], Any]
-# Around one call: a context manager entered before the handler runs and left after it ends.
-Guard: TypeAlias = Callable[[Context], contextlib.AbstractAsyncContextManager[None]]
+# Around one call: a context manager entered before the handler runs and left after it ends;
+# it is given the request when there is one (not for a streamed request).
+Guard: TypeAlias = Callable[[Context, Any], contextlib.AbstractAsyncContextManager[None]]
 
 _caller: ContextVar[Identity] = ContextVar("coffer_caller")
 
@@ -76,7 +98,7 @@ class ErrorMapping(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc is
         method = handler_call_details.method
 
         @contextlib.asynccontextmanager
-        async def mapped(context: Context) -> AsyncIterator[None]:
+        async def mapped(context: Context, request: Any) -> AsyncIterator[None]:
             try:
                 yield
             except grpc.aio.AbortError:
@@ -101,7 +123,19 @@ class ErrorMapping(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc is
 
 
 class CallerIdentity(grpc.aio.ServerInterceptor):  # type: ignore[misc]
-    """Only agents call the agent service, only operators the operator service."""
+    """Only agents call the agent service, only operators the operator service, and only with
+    a certificate still accepted and a role that may call the method; audited.
+
+    Without `revocations` (tests of the edge alone) no certificate is revoked; without
+    `audit` nothing is recorded.
+    """
+
+    def __init__(
+        self, revocations: Revocations | None = None, audit: AuditLog | None = None
+    ) -> None:
+        self._revocations = revocations
+        self._audit = audit
+        self._legacy_warned: set[str] = set()
 
     async def intercept_service(
         self,
@@ -109,21 +143,80 @@ class CallerIdentity(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
         handler = await continuation(handler_call_details)
-        service = handler_call_details.method.lstrip("/").partition("/")[0]
-        role = SERVICE_ROLES.get(service)
-        if handler is None or role is None:
+        service, _, method = handler_call_details.method.lstrip("/").partition("/")
+        kind = SERVICE_ROLES.get(service)
+        if handler is None or kind is None:
             return handler
 
         @contextlib.asynccontextmanager
-        async def identified(context: Context) -> AsyncIterator[None]:
-            identity = peer_identity(context)
-            if identity.role != role:
-                raise _refusal(identity, role)
+        async def identified(context: Context, request: Any) -> AsyncIterator[None]:
+            pem = peer_certificate_pem(context)
+            facts = certificate_facts(pem)
+            identity = facts.identity
+            role = self._role(facts)
+            message = request if isinstance(request, Message) else None
+            try:
+                if identity.role != kind:
+                    raise _refusal(identity, kind)
+                if self._revocations is not None:
+                    await self._revocations.admit(pem)
+                changes = (
+                    check_role(identity.name, role or LEGACY_ROLE, method).changes
+                    if kind == ROLE_OPERATOR
+                    else method in AGENT_CHANGES
+                )
+            except CofferError as error:
+                if self._audit is not None:
+                    await self._audit.refused(
+                        who=identity.name,
+                        kind=identity.role,
+                        role=str(role or ""),
+                        method=method,
+                        error=error,
+                        peer=context.peer(),
+                        request=message,
+                    )
+                raise
             # Each call runs in a context of its own (grpc.aio), which ends with it.
             _caller.set(identity)
-            yield
+            if kind == ROLE_OPERATOR:
+                set_requester(identity.name)
+            async with contextlib.AsyncExitStack() as stack:
+                if self._revocations is not None:
+                    await stack.enter_async_context(self._revocations.live(facts))
+                if changes and self._audit is not None:
+                    await stack.enter_async_context(
+                        self._audit.call(
+                            who=identity.name,
+                            kind=identity.role,
+                            role=str(role or ""),
+                            method=method,
+                            request=message,
+                            peer=context.peer(),
+                        )
+                    )
+                yield
 
         return _guarded(handler, identified)
+
+    def _role(self, facts: CertificateFacts) -> OperatorRole | None:
+        """An operator certificate's role (one from before roles: the legacy role)."""
+        if facts.identity.role != ROLE_OPERATOR:
+            return None
+        if facts.operator_role is not None:
+            return facts.operator_role
+        if facts.serial_hex not in self._legacy_warned:
+            self._legacy_warned.add(facts.serial_hex)
+            log.warning(
+                "operator %r uses a certificate without a role (serial %s, issued before roles "
+                "existed): taken as %s. Issue a new one with a role (`coffer pki "
+                "issue-operator %s --role ROLE`), then revoke this one.",
+                facts.identity.name,
+                facts.serial_hex,
+                LEGACY_ROLE,
+                facts.identity.name,
+            )
+        return LEGACY_ROLE
 
 
 def _refusal(identity: Identity, role: str) -> PermissionDenied:
@@ -178,14 +271,14 @@ def _wrap(behaviour: Behaviour, guard: Guard) -> Behaviour:
     if inspect.isasyncgenfunction(behaviour):
 
         async def replies(request: Any, context: Context) -> AsyncIterator[Any]:
-            async with guard(context):
+            async with guard(context, request):
                 async for reply in behaviour(request, context):
                     yield reply
 
         return replies
 
     async def call(request: Any, context: Context) -> Any:
-        async with guard(context):
+        async with guard(context, request):
             return await behaviour(request, context)
 
     return call

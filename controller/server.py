@@ -7,16 +7,25 @@ the same `listen` fails to bind (port reuse is off) and refuses too. Then it rea
 key (controller/master_key.py; made on the first start when none is configured) and takes the
 writer lease of the datastores' root (controller/datastores.py), which a second controller on
 the same datastores is refused with, naming this one; then it opens every vault's datastore,
-so a wrong master key (WrongKey) or unreachable storage stops the start. On the way out the gRPC
-server stops taking calls (with a grace period for calls in flight), agent sessions close
-(their jobs fail with AgentDisconnected and are recorded), the job manager drains, the status
-monitor and the private broker stop, the catalog flushes.
+so a wrong master key (WrongKey) or unreachable storage stops the start, and starts keeping
+the datastores' descriptions of what only the catalog knows (controller/descriptions.py); each
+copy target's lease it takes in the background, so a copy target never stops the start
+(controller/copies.py). On the way out the gRPC server stops taking calls (with a grace period
+for calls in flight), agent sessions close (their jobs fail with AgentDisconnected and are
+recorded), the job manager drains, the status monitor and the private broker stop, the
+descriptions still pending are written, the catalog flushes.
 
 The controller's long-lived tasks run under one `Supervisor`, each with its policy stated where
 it is started: RESTART (logged with its traceback, started again after a backoff) or FATAL
 (logged, and the controller stops with a non-zero exit: `Controller.wait` raises the error).
 Components that own tasks take the supervisor (the protection's scheduler here; the job
 manager's dispatcher is the next to move onto it).
+
+Identities come first: the CA (`controller.pki.Authority`, which needs `ca.key` in `pki_dir`),
+the revocation record and a fresh CRL, and the controller's own certificate (renewed before
+anything listens, if due) are ready before the private broker starts, since it loads both.
+With `enrol_listen` set, a second gRPC server serves enrolment only, on TLS that asks for no
+client certificate; both servers take the controller's certificate anew after a renewal.
 """
 
 from __future__ import annotations
@@ -31,9 +40,11 @@ from functools import partial
 import grpc
 
 from controller.agent_service import AgentService
+from controller.audit import AuditLog
 from controller.broker import PrivateBroker
 from controller.catalog import Catalog
 from controller.config import ControllerConfig
+from controller.copies import Copier, CopyTargets
 from controller.datastore import (
     LeaseHolder,
     WriterLease,
@@ -41,25 +52,36 @@ from controller.datastore import (
     open_object_store,
 )
 from controller.datastores import Datastores
+from controller.descriptions import Describer
+from controller.drills import Drills
+from controller.enrolment import (
+    MAX_ENROL_CALLS,
+    Enrolment,
+    EnrolmentService,
+    enrol_server_options,
+)
 from controller.interceptors import CallerIdentity, ErrorMapping
 from controller.jobs import JobManager
 from controller.master_key import load_master_key
 from controller.operator_service import OperatorService
+from controller.pki import Authority
 from controller.protection import Protection
 from controller.pruning import Pruner
 from controller.registry import AgentRegistry
+from controller.renewal import CertificateMaintenance, ServerIdentity
+from controller.revocation import Revocations
 from controller.state_lock import StateLock
 from controller.status import StatusMonitor
 from controller.upgrades import VaultUpgrades
 from controller.vaults import Vaults
 from controller.verification import Verifier
+from shared.address import Address, parse_address
 from shared.clock import Clock, SystemClock
 from shared.errors import CofferError, Unavailable
 from shared.model import Trigger
-from shared.rpc import agent_pb2_grpc, operator_pb2_grpc
+from shared.rpc import agent_pb2_grpc, enrolment_pb2_grpc, operator_pb2_grpc
 from shared.rpc_channel import server_options
 from shared.supervision import Policy, Supervisor, TaskFailed
-from shared.tls import server_credentials
 from shared.version import coffer_version
 
 log = logging.getLogger(__name__)
@@ -74,6 +96,8 @@ class Controller:
         self.config = config
         self.clock = clock or SystemClock()
         self.port = 0
+        # The enrolment listener's port (0: enrolment is off).
+        self.enrol_port = 0
         self._supervisor: Supervisor | None = None
 
     @property
@@ -125,14 +149,45 @@ class Controller:
                 lease.holder,
                 master.describe(),
             )
+            # Each copy target's lease, held in the background: a target unreachable or held
+            # by another controller fails its copy jobs, never the start (controller.copies).
+            # Left after the job manager has drained: no copy job writes by then.
+            copy_targets = await stack.enter_async_context(
+                CopyTargets(config.copy_targets, lease.holder, supervisor)
+            )
+            # What only the catalog knows, written to the datastores as it changes (so they
+            # are enough to recover it); entered before the jobs, so it writes their last
+            # changes after they have drained.
+            describer = Describer(catalog, datastores, self.clock, supervisor)
+            await stack.enter_async_context(describer)
+
+            authority = await asyncio.to_thread(Authority.load, config.pki_dir)
+            revocations = Revocations(catalog, authority, self.clock)
+            await revocations.start()
+            identity = ServerIdentity(config.tls)
+            certificates = CertificateMaintenance(
+                authority, revocations, identity, self.clock, config.certificate_lifetime
+            )
+            await certificates.renew_if_due()
+            audit = AuditLog(catalog, self.clock)
+            enrolment = Enrolment(
+                catalog, authority, revocations, self.clock, config.certificate_lifetime
+            )
 
             if config.mqtt is not None:
                 mqtt = (config.mqtt.host, config.mqtt.port)
             else:
                 broker = await stack.enter_async_context(
-                    PrivateBroker(config.state_dir / "broker", config.tls, host=config.listen_host)
+                    PrivateBroker(
+                        config.state_dir / "broker",
+                        config.tls,
+                        host=config.listen_host,
+                        crl=authority.crl_path,
+                    )
                 )
                 mqtt = (broker.host, broker.port)
+                # A new CRL (a revocation, a renewal) reaches the broker at once.
+                revocations.on_crl_changed.append(broker.reload)
             status = await stack.enter_async_context(StatusMonitor(config.tls))
             status.set_broker(*mqtt)
             advertised = (config.advertise_host or mqtt[0], mqtt[1])
@@ -156,21 +211,60 @@ class Controller:
             pruner.after_maintenance.append(verifier.reverify)
             protection = Protection(catalog, registry, jobs, vaults, pruner, self.clock, supervisor)
             protection.after_backup.append(verifier.after_backup)
+            # Copies after each backup (and its prune), and daily after the maintenance.
+            copier = Copier(
+                catalog, datastores, copy_targets, jobs, self.clock, config.gc_grace_seconds
+            )
+            protection.after_backup.append(copier.after_backup)
+            pruner.after_maintenance.append(copier.after_maintenance)
             self.protection = await stack.enter_async_context(protection)
             self.jobs = jobs
             # Vault upgrades: a garbage collection follows each (the old format's chunks), and
             # those the last stop interrupted run again now (controller.upgrades).
             upgrades = VaultUpgrades(catalog, datastores, jobs, jobs.integrity, self.clock)
+            # The descriptions first, sealed and named as format 2 has them (descriptions.py).
+            upgrades.after_upgrade.append(describer.rewrite)
             upgrades.after_upgrade.append(partial(_collect_after_upgrade, pruner))
             await upgrades.resume()
+
+            # Restore drills are planned in the protection's schedule (drill:VAULT entries).
+            self.drills = Drills(catalog, jobs, self.protection, self.clock)
+            await self.drills.plan_all()
+
+            if config.enrol_listen is not None:
+                enrol_server = grpc.aio.server(
+                    options=enrol_server_options(),
+                    interceptors=(ErrorMapping(),),
+                    maximum_concurrent_rpcs=MAX_ENROL_CALLS,
+                )
+                enrolment_pb2_grpc.add_EnrolmentServiceServicer_to_server(
+                    EnrolmentService(enrolment, audit), enrol_server
+                )
+                self.enrol_port = _bind(
+                    enrol_server,
+                    config.enrol_listen,
+                    identity.credentials(client_certificates=False),
+                    "enrol_listen",
+                )
+                await enrol_server.start()
+                stack.push_async_callback(enrol_server.stop, SHUTDOWN_GRACE_SECONDS)
+                log.info("enrolment listener on %s (port %d)", config.enrol_listen, self.enrol_port)
 
             server = grpc.aio.server(
                 options=server_options(),
                 # The error mapping first: it also maps the identity check's refusals.
-                interceptors=(ErrorMapping(), CallerIdentity()),
+                interceptors=(ErrorMapping(), CallerIdentity(revocations, audit)),
             )
             agent_pb2_grpc.add_AgentServiceServicer_to_server(
-                AgentService(catalog, registry, jobs, self.clock, advertised, coffer_version()),
+                AgentService(
+                    catalog,
+                    registry,
+                    jobs,
+                    self.clock,
+                    advertised,
+                    coffer_version(),
+                    enrolment=enrolment,
+                ),
                 server,
             )
             operator_pb2_grpc.add_OperatorServiceServicer_to_server(
@@ -184,13 +278,25 @@ class Controller:
                     pruner,
                     verifier=verifier,
                     upgrades=upgrades,
+                    copier=copier,
+                    enrolment=enrolment,
+                    revocations=revocations,
+                    audit=audit,
+                    enrol_address=self._enrol_address(),
+                    drills=self.drills,
                 ),
                 server,
             )
-            self.port = _bind(server, config)
+            self.port = _bind(
+                server, config.listen, identity.credentials(client_certificates=True), "listen"
+            )
             await server.start()
             stack.push_async_callback(server.stop, SHUTDOWN_GRACE_SECONDS)
             log.info("controller listening on %s (port %d)", config.listen, self.port)
+
+            # RESTART: a renewal that failed (a full disk) is tried again; the certificate in
+            # use stays valid for a third of its life after it fell due.
+            supervisor.start("certificates", certificates.run, policy=Policy.RESTART)
 
             # RESTART: heartbeats wait in the catalog's memory until a flush writes them, so a
             # flush that failed (a busy or full disk) loses none; the next one writes them all.
@@ -231,6 +337,15 @@ class Controller:
         supervisor.start(LEASE_TASK, partial(keep_writer_lease, lease), policy=Policy.FATAL)
         return lease
 
+    def _enrol_address(self) -> str:
+        """Where agents reach the enrolment listener ('' when it is off): the advertised host,
+        and the port it got."""
+        listen = self.config.enrol_listen
+        if listen is None:
+            return ""
+        host = self.config.advertise_host or parse_address(listen, allow_port_zero=True).host
+        return str(Address(host, self.enrol_port))
+
     @staticmethod
     async def _flush_heartbeats(catalog: Catalog) -> None:
         while True:
@@ -246,15 +361,17 @@ async def _collect_after_upgrade(pruner: Pruner, vault: str) -> None:
         log.info("vault %s: no garbage collection after its upgrade: %s", vault, error)
 
 
-def _bind(server: grpc.aio.Server, config: ControllerConfig) -> int:
-    """Bind `config.listen`; Unavailable when another process has the port."""
+def _bind(
+    server: grpc.aio.Server, address: str, credentials: grpc.ServerCredentials, key: str
+) -> int:
+    """Bind `address` (the config's `key`); Unavailable when another process has the port."""
     try:
-        port: int = server.add_secure_port(config.listen, server_credentials(config.tls))
+        port: int = server.add_secure_port(address, credentials)
     except RuntimeError as exc:  # grpc's only word for "could not bind"
         raise Unavailable(
-            f"cannot listen on {config.listen}: {str(exc).split(';')[0]}. Is another "
+            f"cannot listen on {address}: {str(exc).split(';')[0]}. Is another "
             "controller running, "
-            "or is the address wrong (`listen` in the controller config)?"
+            f"or is the address wrong (`{key}` in the controller config)?"
         ) from exc
     return port
 

@@ -186,6 +186,15 @@ class VaultUpgrades:
                 detail=f"vault {vault!r} is in datastore format {datastore.config.format}, the "
                 "current one: there is nothing to upgrade"
             )
+        deleted, _ = await self._catalog.deleted_totals(vault)
+        if deleted and not upgrading:
+            # A tombstone keeps a format-1 manifest whose chunks the upgrade would rename and
+            # the garbage collection after it reclaim: the deleted data would not come back.
+            raise Conflict(
+                detail=f"vault {vault!r} holds {deleted} soft-deleted recovery points, which an "
+                "upgrade cannot keep recoverable: undelete them (`coffer undelete`) or let them "
+                f"be purged (`coffer rp list --deleted --vault {vault}` says when) first"
+            )
         if not dry_run and self._datastores.master is None:
             raise KeyUnavailable(
                 what=f"vault {vault!r}",

@@ -2,7 +2,9 @@
 
 A vault lives in one region and owns a datastore, its policies, the VMs registered to it and
 their recovery points. It is created with a default policy (daily at 02:00, 30 days), and
-deleted only when nothing is registered to it and it holds no recovery point. Policies are
+deleted only when nothing is registered to it and it holds no recovery point, live or
+soft-deleted (controller/soft_delete.py: deleted data is kept `soft_delete_days`, and a vault
+deleted meanwhile would take it along). Policies are
 stored as their JSON form (`shared.policy.Policy.to_dict`) and validated on every write.
 """
 
@@ -13,9 +15,11 @@ import logging
 import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 
 from controller.catalog import Catalog, PolicyRecord, VaultRecord
 from controller.datastores import Datastores
+from controller.soft_delete import MAX_SOFT_DELETE_DAYS
 from shared.clock import Clock
 from shared.errors import InvalidArgument, KeyUnavailable, PolicyInUse, VaultNotEmpty
 from shared.model import ItemState, JobStatus, Verification
@@ -142,16 +146,15 @@ class Vaults:
             raise
         return vault
 
-    async def update(
-        self,
-        name: str,
+    @staticmethod
+    def check_update(
         max_concurrent_backups: int,
         *,
-        verify_new: bool | None = None,
         reverify_days: int | None = None,
-    ) -> VaultRecord:
-        """Change a vault's settings: 0 or None leaves one unchanged. Every value is checked
-        before any is written."""
+        soft_delete_days: int | None = None,
+    ) -> None:
+        """InvalidArgument unless `update` would take these values (0 or None: unchanged);
+        a caller changing other settings too checks first, so a refusal changes nothing."""
         if max_concurrent_backups:
             _check_limit(max_concurrent_backups)
         if reverify_days is not None and not 0 <= reverify_days <= MAX_REVERIFY_DAYS:
@@ -159,7 +162,30 @@ class Vaults:
                 detail=f"re-verify after {reverify_days} days: give 0 (off) to "
                 f"{MAX_REVERIFY_DAYS} days"
             )
+        if soft_delete_days is not None and not 0 <= soft_delete_days <= MAX_SOFT_DELETE_DAYS:
+            raise InvalidArgument(
+                detail=f"keep deleted data {soft_delete_days} days: give 0 (off) to "
+                f"{MAX_SOFT_DELETE_DAYS} days"
+            )
+
+    async def update(
+        self,
+        name: str,
+        max_concurrent_backups: int,
+        *,
+        verify_new: bool | None = None,
+        reverify_days: int | None = None,
+        soft_delete_days: int | None = None,
+    ) -> VaultRecord:
+        """Change a vault's settings: 0 or None leaves one unchanged (for the days settings,
+        None only). Every value is checked before any is written."""
+        self.check_update(
+            max_concurrent_backups, reverify_days=reverify_days, soft_delete_days=soft_delete_days
+        )
         await self._catalog.vault(name)
+        if soft_delete_days is not None:
+            # Points deleted before keep the purge time they were given.
+            await self._catalog.set_soft_delete_days(name, soft_delete_days)
         if max_concurrent_backups:
             await self._catalog.set_max_concurrent_backups(name, max_concurrent_backups)
         if verify_new is not None or reverify_days is not None:
@@ -190,6 +216,15 @@ class Vaults:
                 vault=name,
                 what=f"{points} recovery points",
                 fix="delete them first (`coffer stop-protection --delete-data`)",
+            )
+        deleted, last_purge = await self._catalog.deleted_totals(name)
+        if deleted:
+            until = datetime.fromtimestamp(last_purge or 0.0, UTC).strftime("%Y-%m-%d %H:%M UTC")
+            raise VaultNotEmpty(
+                vault=name,
+                what=f"{deleted} soft-deleted recovery points",
+                fix=f"they stay recoverable until they are purged, the last at {until} "
+                "(`coffer rp list --deleted`); the vault can be deleted after that",
             )
         await self._catalog.delete_vault(name)
         await self._datastores.destroy(name)

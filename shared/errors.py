@@ -217,6 +217,12 @@ class PolicyInUse(Conflict):
     code = "PolicyInUse"
 
 
+class RecoveryPointDeleted(NotFound):
+    """Recovery point {recovery_point} of VM {vm!r} is deleted (soft delete keeps it in vault {vault!r} until {purge_at}): it cannot be read until it is undeleted, `coffer undelete {vm} --rp {recovery_point}`."""
+
+    code = "RecoveryPointDeleted"
+
+
 class BackupWindowMissed(CofferError):
     """The backup of VM {vm!r} due at {slot} could not start before its window closed at {deadline}: {reason}. {fix}"""
 
@@ -355,7 +361,7 @@ class RestoreTargetFailed(CofferError):
 
 
 class RestoreTargetExists(Conflict):
-    """Restore target {path} already exists; nothing was written. Choose another destination or move it away first."""
+    """Restore target {path} already exists; nothing was written. {fix}"""
 
     code = "UserErrorRestoreTargetExists"
 
@@ -472,7 +478,34 @@ class WriterLeaseLost(CofferError):
     grpc_status = "FAILED_PRECONDITION"
 
 
+# --- off-site copies ------------------------------------------------------------------------
+
+
+class CopyTargetConflict(Conflict):
+    """Copy target {location} holds {found}, not the copy of vault {vault!r}'s datastore ({wanted}); a copy is never written over another datastore. Give the vault another copy target (`coffer vault update {vault} --copy-to NAME`), or move away what is there."""
+
+    code = "CopyTargetConflict"
+
+
+class RecoveryPointNotCopied(NotFound):
+    """Recovery point {rp_id} of vault {vault!r} is not in its copy at {location}: {detail}"""
+
+    code = "RecoveryPointNotCopied"
+
+
 # --- backup policies -----------------------------------------------------------------------
+
+
+class CatalogExists(Conflict):
+    """The state directory {path} already has a catalog ({catalog}); a recovery would replace it. If the controller's catalog is fine, start the controller instead; to rebuild it from the datastores anyway, run again with --force (the old catalog is kept beside it)."""
+
+    code = "CatalogExists"
+
+
+class NoDatastores(NotFound):
+    """No vault datastore was found under {location}: nothing there has a datastore.json. Check `[datastore] url`, the endpoint and the credentials in the controller config: each vault's datastore is its name under the url."""
+
+    code = "NoDatastoresFound"
 
 
 class InvalidPolicy(InvalidArgument):
@@ -529,5 +562,94 @@ class UserErrorSnapshotProviderUnsupported(CofferError):
     """Disk {disk!r} cannot use the {provider} snapshot provider: {why}. Pick another provider for the disk (or none: the agent then picks the most capable one that works), or give the host what it lacks."""
 
     code = "UserErrorSnapshotProviderUnsupported"
+    exit_code = 3
+    grpc_status = "FAILED_PRECONDITION"
+
+
+# --- identities: enrolment, renewal, revocation, operator roles ----------------------------
+#
+# Refusals of who the caller is travel as UNAUTHENTICATED, refusals of what it may do as
+# PERMISSION_DENIED: the CLI exits 6 for both ("not allowed").
+
+
+class CertificateRevoked(Unauthenticated):
+    """The certificate of {identity} (serial {serial}) was {reason}; the controller refuses it. {fix}"""
+
+    code = "CertificateRevoked"
+
+
+class InsufficientRole(PermissionDenied):
+    """Operator {name!r} has the role {role}; {method} needs the role {needed} (roles, least first: reader, operator, admin). An admin can issue a certificate with another role (`coffer pki issue-operator NAME --role ROLE`)."""
+
+    code = "InsufficientRole"
+
+
+class EnrolmentTokenInvalid(Unauthenticated):
+    """The enrolment token is not valid: {detail}. Ask an admin for a new one (`coffer enrol create --vm VM`)."""
+
+    code = "EnrolmentTokenInvalid"
+
+
+class EnrolmentTokenExpired(Unauthenticated):
+    """The enrolment token for VM {vm_id!r} expired at {expired}. Ask an admin for a new one (`coffer enrol create --vm {vm_id}`)."""
+
+    code = "EnrolmentTokenExpired"
+
+
+class EnrolmentTokenUsed(Unauthenticated):
+    """The enrolment token for VM {vm_id!r} was already used at {used}; a token enrols once. Ask an admin for a new one (`coffer enrol create --vm {vm_id}`)."""
+
+    code = "EnrolmentTokenUsed"
+
+
+class EnrolmentVmMismatch(PermissionDenied):
+    """{what} names VM {given!r}, but the enrolment token is for VM {vm_id!r}; a token enrols only the VM it was made for."""
+
+    code = "EnrolmentVmMismatch"
+
+
+class NameReserved(Conflict):
+    """The name {name!r} cannot be given to {wanted}: {why}."""
+
+    code = "NameReserved"
+
+
+class RenewalTooSoon(Conflict):
+    """VM {vm_id!r} renewed its certificate less than {seconds} seconds ago; it may renew again after that."""
+
+    code = "RenewalTooSoon"
+    retryable = True
+
+
+# --- ways back: restoring in place, over a target, to another VM, drills ---------------------
+#
+# Refused restores change nothing. A disk or target that is in use is conflicting state (5):
+# unmount or detach it, then ask again; a configured disk as a new image's target is never
+# allowed (6); a drill that found damaged file systems is a job that failed (3).
+
+
+class DiskInUse(Conflict):
+    """{what} {path} is in use: {why}. {fix}"""
+
+    code = "UserErrorDiskInUse"
+    retryable = True
+
+
+class RestoreTargetIsDisk(PermissionDenied):
+    """Restore target {path} is disk {disk!r} of VM {vm_id!r}; a restore to an image never writes over a configured disk. Roll the disk back with `coffer restore {vm_id} --rp RP --disk {disk} --in-place`, or choose another path."""
+
+    code = "UserErrorRestoreTargetIsDisk"
+
+
+class RestoreRegionMismatch(Conflict):
+    """VM {vm!r} is in region {vm_region!r}, but vault {vault!r} is in region {vault_region!r}: its recovery points restore only to VMs of that region."""
+
+    code = "UserErrorRestoreRegionMismatch"
+
+
+class DrillFailed(CofferError):
+    """The restore drill of recovery point {recovery_point} of VM {vm!r} found {findings}"""
+
+    code = "RestoreDrillFailed"
     exit_code = 3
     grpc_status = "FAILED_PRECONDITION"

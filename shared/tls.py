@@ -6,7 +6,14 @@ The identity model every Coffer certificate follows (the controller CA issues th
 - Subject `O=Coffer, OU=<role>, CN=<name>`, role one of `controller`, `agent`, `operator`;
 - an agent's name is its VM id (`validate_vm_id`), the controller's is `coffer-controller`,
   an operator's is a short lower-case name (`validate_operator_name`);
+- an operator's certificate also carries its operator role (`OperatorRole`: reader, operator,
+  admin) in the subject's `title` attribute; one issued before roles existed has none;
 - a SAN URI `coffer://<role>/<name>` on every leaf certificate.
+
+A CN names one identity only: the controller's `coffer-controller` no VM or operator may take,
+no VM id starts with `coffer-`, and the CA never issues an operator and an agent one name
+(`controller/pki.py` checks its ledger of issued certificates). Mosquitto sees nothing but the
+CN (its MQTT user name), so this is what lets the broker's ACLs tell identities apart.
 
 The TLS layer (gRPC's, or OpenSSL's for MQTT) verifies the chain to the one controller CA; this
 module then reads the identity out of the already-verified peer certificate. It never decides
@@ -15,11 +22,14 @@ what an identity may do: the services do that with the `Identity` they get here.
 
 from __future__ import annotations
 
+import enum
 import functools
+import hashlib
 import re
 import ssl
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, Final, NamedTuple
 
@@ -28,7 +38,13 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import NameOID
 
-from shared.errors import InvalidArgument, NotFound, PermissionDenied, Unauthenticated
+from shared.errors import (
+    InvalidArgument,
+    NameReserved,
+    NotFound,
+    PermissionDenied,
+    Unauthenticated,
+)
 
 ORGANIZATION: Final = "Coffer"
 ROLE_CONTROLLER: Final = "controller"
@@ -36,8 +52,15 @@ ROLE_AGENT: Final = "agent"
 ROLE_OPERATOR: Final = "operator"
 ROLES: Final = frozenset({ROLE_CONTROLLER, ROLE_AGENT, ROLE_OPERATOR})
 CONTROLLER_NAME: Final = "coffer-controller"
-# Names starting with this are Coffer's own (the controller); no VM may take one.
+# Names starting with this are Coffer's own (the controller); no VM or operator may take one.
 RESERVED_PREFIX: Final = "coffer-"
+# The subject attribute an operator certificate carries its operator role in.
+ROLE_ATTRIBUTE: Final = NameOID.TITLE
+# Certificates start this much before they are issued, so a peer whose clock is slightly
+# behind accepts them; a certificate's issue time is its start plus this.
+BACKDATE: Final = timedelta(minutes=5)
+# A certificate is renewed once this fraction of its life (from its issue) has passed.
+RENEW_AFTER: Final = 2 / 3
 
 _NAME_PATTERN = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")
 
@@ -69,6 +92,45 @@ def validate_operator_name(name: str) -> str:
             "starting with a letter or digit"
         )
     return name
+
+
+def validate_new_operator_name(name: str) -> str:
+    """`name` if a new operator may be given it: valid, and not Coffer's own (`coffer-...`).
+
+    Whether an agent holds it is for the issuer to check (its ledger, `controller/pki.py`).
+    """
+    validate_operator_name(name)
+    if name == CONTROLLER_NAME or name.startswith(RESERVED_PREFIX):
+        raise NameReserved(
+            name=name,
+            wanted="an operator",
+            why=f"names starting with {RESERVED_PREFIX!r} are Coffer's own "
+            f"({CONTROLLER_NAME!r} is the controller's, on MQTT too)",
+        )
+    return name
+
+
+# --- operator roles ------------------------------------------------------------------------
+
+
+class OperatorRole(enum.StrEnum):
+    """What an operator may do, each role all that the one before it may and more.
+
+    reader: lists, dashboard, job views; operator: also backups, restores, files, verify,
+    cancel; admin: also vaults, policies, protection, deletes, PKI, enrolment, keys, audit.
+    """
+
+    READER = "reader"
+    OPERATOR = "operator"
+    ADMIN = "admin"
+
+    @property
+    def rank(self) -> int:
+        return list(OperatorRole).index(self)
+
+    def allows(self, needed: OperatorRole) -> bool:
+        """This role may do what `needed` may."""
+        return self.rank >= needed.rank
 
 
 # --- identity ------------------------------------------------------------------------------
@@ -131,6 +193,87 @@ def identity_of_certificate(pem: bytes) -> Identity:
     return Identity(role=role, name=name)
 
 
+@dataclass(frozen=True)
+class CertificateFacts:
+    """What the controller needs of a verified certificate: who, which one, and when valid."""
+
+    identity: Identity
+    serial: int
+    fingerprint: str
+    """SHA-256 of the certificate's DER bytes, lower-case hex."""
+    not_before: datetime
+    not_after: datetime
+    operator_role: OperatorRole | None = None
+    """An operator certificate's role; None for others and for one issued before roles."""
+
+    @property
+    def serial_hex(self) -> str:
+        return serial_hex(self.serial)
+
+    @property
+    def renewal_due(self) -> datetime:
+        return renewal_due(self.not_before, self.not_after)
+
+
+def serial_hex(serial: int) -> str:
+    """A certificate serial number as Coffer writes it (lower-case hex, as in the ledger)."""
+    return f"{serial:x}"
+
+
+def certificate_fingerprint(der: bytes) -> str:
+    """The SHA-256 fingerprint of a certificate's DER bytes, lower-case hex."""
+    return hashlib.sha256(der).hexdigest()
+
+
+def renewal_due(not_before: datetime, not_after: datetime) -> datetime:
+    """When a certificate valid from `not_before` to `not_after` is to be renewed.
+
+    Its life is counted from its issue (`not_before` + `BACKDATE`), so the backdating does not
+    make a short-lived certificate due the moment it is issued.
+    """
+    issued = min(not_before + BACKDATE, not_after)
+    return issued + (not_after - issued) * RENEW_AFTER
+
+
+def facts_of(certificate: x509.Certificate) -> CertificateFacts:
+    """The facts of a parsed certificate; Unauthenticated if it names no Coffer identity."""
+    pem = certificate.public_bytes(serialization.Encoding.PEM)
+    return certificate_facts(pem)
+
+
+@functools.lru_cache(maxsize=1024)
+def certificate_facts(pem: bytes) -> CertificateFacts:
+    """The identity, serial, fingerprint, validity and operator role of a PEM certificate.
+
+    Does not verify it (the TLS handshake did); cached by the PEM bytes like
+    `identity_of_certificate`.
+    """
+    identity = identity_of_certificate(pem)
+    certificate = x509.load_pem_x509_certificate(pem)
+    role: OperatorRole | None = None
+    if identity.role == ROLE_OPERATOR:
+        titles = certificate.subject.get_attributes_for_oid(ROLE_ATTRIBUTE)
+        if len(titles) > 1:
+            raise Unauthenticated(detail=f"operator certificate {identity.name!r} has two roles")
+        if titles:
+            value = titles[0].value
+            text = value if isinstance(value, str) else value.decode()
+            try:
+                role = OperatorRole(text)
+            except ValueError:
+                raise Unauthenticated(
+                    detail=f"operator certificate {identity.name!r} has the unknown role {text!r}"
+                ) from None
+    return CertificateFacts(
+        identity=identity,
+        serial=certificate.serial_number,
+        fingerprint=certificate_fingerprint(certificate.public_bytes(serialization.Encoding.DER)),
+        not_before=certificate.not_valid_before_utc,
+        not_after=certificate.not_valid_after_utc,
+        operator_role=role,
+    )
+
+
 def _peer_certificate(auth_context: Mapping[str, Iterable[bytes]]) -> bytes:
     for pem in auth_context.get(_PEER_CERT_PROPERTY, ()):
         return pem
@@ -140,6 +283,11 @@ def _peer_certificate(auth_context: Mapping[str, Iterable[bytes]]) -> bytes:
 def peer_identity(context: grpc.aio.ServicerContext) -> Identity:
     """The identity of the caller of the RPC `context` belongs to (mutual TLS)."""
     return identity_of_certificate(_peer_certificate(context.auth_context()))
+
+
+def peer_certificate_pem(context: grpc.aio.ServicerContext) -> bytes:
+    """The PEM certificate the caller of the RPC `context` belongs to presented."""
+    return _peer_certificate(context.auth_context())
 
 
 # --- files and credentials -----------------------------------------------------------------

@@ -117,14 +117,18 @@ class Cluster:
         chunk_size: int = DEFAULT_CHUNK_SIZE,
         mqtt: str | None = None,
         config: str = "",
+        certificate_days: float | None = None,
     ) -> None:
         """`config`: more of controller.toml (e.g. a [datastore] table), written at its end."""
         self.root = root
         self.pki = root / "pki"
         self.port = free_port()
+        # The enrolment listener (TLS without client certificates).
+        self.enrol_port = free_port()
         self.chunk_size = chunk_size
         self.mqtt = mqtt
         self.config = config
+        self.certificate_days = certificate_days
         self.agents: dict[str, Agent] = {}
         self.controller = Process(
             "controller",
@@ -140,7 +144,10 @@ class Cluster:
             f"state_dir = {_toml(str(self.root / 'state'))}",
             f"pki_dir = {_toml(str(self.pki))}",
             f"chunk_size = {self.chunk_size}",
+            f"enrol_listen = {_toml(f'127.0.0.1:{self.enrol_port}')}",
         ]
+        if self.certificate_days is not None:
+            lines.append(f"certificate_days = {self.certificate_days}")
         if self.mqtt:
             host, port = self.mqtt.rsplit(":", 1)
             lines += ["[mqtt]", f"host = {_toml(host)}", f"port = {port}"]
@@ -193,13 +200,16 @@ class Cluster:
         name: str | None = None,
         cert_vm: str | None = None,
         start: bool = True,
+        issue: bool = True,
     ) -> Agent:
-        """An agent for `vm_id`; `cert_vm` issues its certificate for another VM instead."""
+        """An agent for `vm_id`; `cert_vm` issues its certificate for another VM instead, and
+        without `issue` it has none (it is to enrol)."""
         tls = self.root / f"tls-{vm_id}"
-        self.coffer(
-            "pki", "issue-agent", cert_vm or vm_id, "--dir", str(self.pki), "--out", str(tls),
-            json_out=False,
-        )  # fmt: skip
+        if issue:
+            self.coffer(
+                "pki", "issue-agent", cert_vm or vm_id, "--dir", str(self.pki), "--out",
+                str(tls), json_out=False,
+            )  # fmt: skip
         restore_dir = self.root / f"restore-{vm_id}"
         restore_dir.mkdir(exist_ok=True)
         config = self.root / f"agent-{vm_id}.toml"
@@ -244,7 +254,7 @@ class Cluster:
     def coffer(self, *args: str, json_out: bool = True, check: bool = True) -> Any:
         """Run the real CLI; its JSON output parsed (or the CompletedProcess)."""
         argv = [str(BIN / "coffer")]
-        if args[0] != "pki":
+        if args[:2] not in (("pki", "init"), ("pki", "issue-agent"), ("pki", "issue-operator")):
             argv += ["--controller", f"127.0.0.1:{self.port}", "--tls-dir", str(self.pki)]
         argv += list(args) + (["--json"] if json_out else [])
         result = subprocess.run(argv, capture_output=True, text=True, timeout=300)

@@ -360,7 +360,9 @@ def test_pki_does_not_replace_a_bundle_without_force(cluster: Cluster, tmp_path:
     foreign = tmp_path / "foreign"  # a bundle of another CA
     foreign.mkdir()
     (foreign / "ca.crt").write_text("another CA\n")
-    before = {p: p.read_bytes() for d in (running, admin, foreign) for p in d.iterdir()}
+    before = {
+        p: p.read_bytes() for d in (running, admin, foreign) for p in d.iterdir() if p.is_file()
+    }
     for args in (
         ("issue-agent", "app-1", "--out", str(running)),
         ("issue-operator", "bob", "--out", str(admin)),

@@ -186,6 +186,17 @@ def test_an_upgrade_killed_at_every_step_goes_on_and_keeps_every_recovery_point(
         assert gc["status"] == "Completed", gc
         assert gc["details"]["report"]["chunks_deleted"] == 0
         assert cluster.coffer("prune", "--vault", VAULT)["status"] == "Completed"
+        # Deleted data cannot be kept recoverable in format 1: refused (nothing changes) while
+        # the VM's points are not converted, deleted at once without soft delete.
+        jobs = cluster.coffer("stop-protection", "--vault", VAULT, "--delete-data", "--yes",
+                              "old-2", check=False)  # fmt: skip
+        [kept] = [job for job in jobs if job["operation"] == "DeleteBackupData"]
+        assert (kept["status"], kept["error_code"]) == ("Failed", "Conflict"), jobs
+        assert "still in format 1" in kept["error_message"], kept
+        assert other["recovery_point_id"] in {
+            p["id"] for p in cluster.coffer("rp", "list", "old-2")
+        }
+        cluster.coffer("vault", "update", VAULT, "--soft-delete-days", "0")
         deleted = cluster.coffer("stop-protection", "--vault", VAULT, "--delete-data", "--yes",
                                  "old-2")  # fmt: skip
         assert all(j["status"] == "Completed" for j in deleted), deleted

@@ -64,7 +64,13 @@ def parse_ttl(text: str) -> float:
 
 
 def source_options(f: Callable[..., Any]) -> Callable[..., Any]:
-    """VM_ID, --rp, --disk, --target-vm: which disk of which recovery point, opened where."""
+    """VM_ID, --rp, --disk, --target-vm, --from-copy: which disk of which recovery point, read
+    from where, opened where."""
+    f = click.option(
+        "--from-copy",
+        is_flag=True,
+        help="Read the vault's off-site copy instead of its datastore.",
+    )(f)
     f = click.option(
         "--target-vm",
         default="",
@@ -77,9 +83,15 @@ def source_options(f: Callable[..., Any]) -> Callable[..., Any]:
     return click.argument("vm_id", metavar="VM")(f)
 
 
-def _source(vm_id: str, rp_id: str, disk: str, target_vm: str) -> operator_pb2.FileRecoverySource:
+def _source(
+    vm_id: str, rp_id: str, disk: str, target_vm: str, from_copy: bool
+) -> operator_pb2.FileRecoverySource:
     return operator_pb2.FileRecoverySource(
-        vm_id=vm_id, recovery_point_id=rp_id, disk=disk, target_vm_id=target_vm
+        vm_id=vm_id,
+        recovery_point_id=rp_id,
+        disk=disk,
+        target_vm_id=target_vm,
+        from_copy=from_copy,
     )
 
 
@@ -165,6 +177,7 @@ def files_ls(
     rp_id: str,
     disk: str,
     target_vm: str,
+    from_copy: bool,
     path: str,
     limit: int,
     after: str | None,
@@ -175,7 +188,7 @@ def files_ls(
     Name, type, size, modification time, mode and owner of each entry, sorted by name.
     """
     request = operator_pb2.ListFilesRequest(
-        source=_source(vm_id, rp_id, disk, target_vm),
+        source=_source(vm_id, rp_id, disk, target_vm, from_copy),
         path=os.fsencode(path),
         limit=limit,
         after=os.fsencode(after) if after else b"",
@@ -305,6 +318,7 @@ def files_get(
     rp_id: str,
     disk: str,
     target_vm: str,
+    from_copy: bool,
     paths: tuple[str, ...],
     destination: str,
     no_wait: bool,
@@ -317,7 +331,7 @@ def files_get(
     existing name there is refused, and a copy that fails leaves nothing.
     """
     request = operator_pb2.GetFilesRequest(
-        source=_source(vm_id, rp_id, disk, target_vm),
+        source=_source(vm_id, rp_id, disk, target_vm, from_copy),
         paths=[os.fsencode(p) for p in paths],
         destination=destination,
     )
@@ -376,6 +390,7 @@ def files_mount(
     rp_id: str,
     disk: str,
     target_vm: str,
+    from_copy: bool,
     ttl: str,
     as_json: bool,
 ) -> None:
@@ -386,7 +401,7 @@ def files_mount(
     unmount JOB`.
     """
     request = operator_pb2.MountFilesRequest(
-        source=_source(vm_id, rp_id, disk, target_vm), ttl_seconds=parse_ttl(ttl)
+        source=_source(vm_id, rp_id, disk, target_vm, from_copy), ttl_seconds=parse_ttl(ttl)
     )
     job = call(connection, lambda s: s.MountFiles(request))
     if as_json or _failed(job):

@@ -374,6 +374,8 @@ def stop_protection(
     """Stop protecting VMs.
 
     No more backups; keep (--retain-data) or delete (--delete-data) their recovery points.
+    Deleted data stays recoverable for the vault's soft-delete days (`coffer rp list
+    --deleted`, `coffer undelete`), unless the vault's soft delete is off.
     """
     if retain_data == delete_data:
         raise click.UsageError("choose one of --retain-data and --delete-data")
@@ -382,7 +384,8 @@ def stop_protection(
             raise click.UsageError("deleting recovery points asks first: add --yes to confirm")
         click.confirm(
             f"Delete every recovery point of {', '.join(vms)} in vault {vault_name}? "
-            "They cannot be restored afterwards",
+            "They cannot be restored afterwards unless the vault keeps deleted data "
+            "(soft delete) and they are undeleted before they are purged",
             abort=True,
         )
     mode = "delete" if delete_data else "retain"

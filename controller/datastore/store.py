@@ -28,6 +28,13 @@ from datetime import UTC, datetime
 from typing import Any
 
 from controller.datastore.backend import ObjectInfo, ObjectStore
+from controller.datastore.deleted import Deletion, Tombstone
+from controller.datastore.description import (
+    VAULT_DESCRIPTION_KEY,
+    VM_DESCRIPTIONS,
+    VaultDescription,
+    VmDescription,
+)
 from controller.datastore.encrypted import CIPHER_NAME, EncryptingStore
 from controller.datastore.keys import Keyring, MasterKey, WrappedKeyring, export_text
 from controller.datastore.legacy import LEGACY_PREFIX
@@ -70,6 +77,8 @@ NO_ENCRYPTION = "none"
 CHUNKS = "chunks/"
 INDEXES = "indexes/"
 MANIFESTS = "manifests/"
+DELETED = "deleted/"
+"""Tombstones of soft-deleted recovery points (deleted.py)."""
 INDEX_SUFFIX = ".didx"
 MANIFEST_SUFFIX = ".json"
 
@@ -79,6 +88,9 @@ MAX_CHUNK_SIZE = 16 << 20
 _RP_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,127}")
 _CHUNK_KEY = re.compile(r"chunks/([0-9a-f]{2})/([0-9a-f]{2})/(\1\2[0-9a-f]{60})")
 _INDEX_KEY = re.compile(r"indexes/([^/]+)/([^/]+)\.didx")
+_VM_DESCRIPTION_KEY = re.compile(r"vms/[0-9a-f]{32}\.json")
+# Domain separation: a VM description's name is never the name of a chunk.
+_VM_DESCRIPTION_CONTEXT = b"coffer vm description\0"
 
 
 def check_recovery_point_id(rp_id: str) -> str:
@@ -103,6 +115,11 @@ def index_key(rp_id: str, disk: str) -> str:
 
 def manifest_key(rp_id: str) -> str:
     return f"{MANIFESTS}{check_recovery_point_id(rp_id)}{MANIFEST_SUFFIX}"
+
+
+def deleted_key(rp_id: str) -> str:
+    """`deleted/<rp id>.json`: the tombstone of a soft-deleted recovery point."""
+    return f"{DELETED}{check_recovery_point_id(rp_id)}{MANIFEST_SUFFIX}"
 
 
 _FORMATS = {
@@ -853,13 +870,20 @@ class Datastore:
         """Remove indexes a backup stored for a recovery point it never committed; how many.
 
         Conflict, with nothing deleted, if the recovery point is committed: its indexes go
-        only with `delete_recovery_point`. The check and the deletes are not one atomic step,
-        so the caller makes sure no backup can still commit it (garbage collection deletes
-        only indexes older than its grace period, which outlasts any backup).
+        only with `delete_recovery_point`, or with its purge if it is soft-deleted. The check
+        and the deletes are not one atomic step, so the caller makes sure no backup can still
+        commit it (garbage collection deletes only indexes older than its grace period, which
+        outlasts any backup).
         """
         if self.backend.has(manifest_key(rp_id)):
             raise Conflict(
                 detail=f"recovery point {rp_id} is committed; its indexes are not leftovers"
+            )
+        # Checked after the manifest: a soft delete writes its tombstone before it removes
+        # the manifest, so a point being deleted meanwhile is caught by one check or the other.
+        if self.backend.has(deleted_key(rp_id)):
+            raise Conflict(
+                detail=f"recovery point {rp_id} is soft-deleted; its indexes wait for its purge"
             )
         keys = [index_key(rp_id, disk) for disk in disks]
         for key in keys:
@@ -900,8 +924,13 @@ class Datastore:
         skip that check, which costs one `has` per distinct chunk. Committing the same
         manifest twice is harmless; committing a different one under a used id is a Conflict.
         """
+        self._put_manifest_bytes(manifest, manifest.encode(), verify_chunks=verify_chunks)
+
+    def _put_manifest_bytes(
+        self, manifest: RecoveryPointManifest, encoded: bytes, *, verify_chunks: bool
+    ) -> None:
+        """`put_manifest` of `manifest`, stored as `encoded` (its bytes as first written)."""
         key = manifest_key(manifest.id)
-        encoded = manifest.encode()
         referenced: set[bytes] = set()
         for entry in manifest.disks:
             try:
@@ -946,13 +975,18 @@ class Datastore:
 
     def get_manifest(self, rp_id: str) -> RecoveryPointManifest:
         """The manifest of a committed recovery point; NotFound if there is none."""
-        what = f"manifest of recovery point {rp_id}"
         try:
             data = self.backend.get(manifest_key(rp_id))
         except NotFound:
             raise NotFound(kind="recovery point", name=rp_id) from None
         except CorruptData as error:  # it does not decrypt
-            raise CorruptData(what=what, detail=error.fields.get("detail")) from None
+            raise CorruptData(
+                what=f"manifest of recovery point {rp_id}", detail=error.fields.get("detail")
+            ) from None
+        return self._decode_manifest(rp_id, data)
+
+    def _decode_manifest(self, rp_id: str, data: bytes) -> RecoveryPointManifest:
+        what = f"manifest of recovery point {rp_id}"
         try:
             manifest = RecoveryPointManifest.decode(data)
         except CorruptData as error:
@@ -995,17 +1029,157 @@ class Datastore:
         Deleting a recovery point that does not exist (or half does) is not an error.
         """
         self.backend.delete(manifest_key(rp_id))
+        self._delete_indexes(rp_id)
+
+    def _delete_indexes(self, rp_id: str) -> None:
         # Listed in full before deleting: a paged listing (S3) need not survive deletes.
         for key in list(self.backend.list(f"{INDEXES}{check_recovery_point_id(rp_id)}/")):
             self.backend.delete(key)
 
+    # --- soft-deleted recovery points (deleted.py) ---------------------------------------------
+
+    def soft_delete_recovery_point(self, rp_id: str, deletion: Deletion) -> Tombstone:
+        """Delete a recovery point recoverably: its manifest moves into a tombstone.
+
+        The tombstone is written first, then the manifest deleted: the point stops being live
+        in one step, and its indexes and chunks stay (garbage collection marks them through
+        the tombstone). Idempotent: a point already soft-deleted gives its tombstone (as first
+        written); NotFound if the point is neither live nor soft-deleted.
+        """
+        try:
+            data = self.backend.get(manifest_key(rp_id))
+        except NotFound:
+            return self.get_deleted(rp_id)
+        except CorruptData as error:  # it does not decrypt
+            raise CorruptData(
+                what=f"manifest of recovery point {rp_id}", detail=error.fields.get("detail")
+            ) from None
+        tombstone = Tombstone(data, self._decode_manifest(rp_id, data), deletion)
+        self.backend.put(deleted_key(rp_id), tombstone.encode())
+        self.backend.delete(manifest_key(rp_id))
+        return tombstone
+
+    def undelete_recovery_point(self, rp_id: str) -> RecoveryPointManifest:
+        """Make a soft-deleted recovery point live again; its manifest.
+
+        The manifest goes back exactly as it was stored, checked as a commit is (its indexes
+        with the SHA-256 it records, every chunk they reference present: ChunkMissing or
+        Conflict otherwise, and the point stays deleted); then the tombstone is deleted.
+        Idempotent: a live point (undeleted before, or never deleted) is left as it is, a stale
+        tombstone beside it removed. NotFound if the point is neither.
+        """
+        try:
+            tombstone = self.get_deleted(rp_id)
+        except NotFound:
+            return self.get_manifest(rp_id)
+        self._put_manifest_bytes(tombstone.manifest, tombstone.manifest_bytes, verify_chunks=True)
+        self.backend.delete(deleted_key(rp_id))
+        return tombstone.manifest
+
+    def purge_deleted_recovery_point(self, rp_id: str) -> bool:
+        """Remove a soft-deleted recovery point for good: its tombstone, then its indexes (its
+        chunks are garbage collection's). True if it was purged; False if it is live (only a
+        stale tombstone is removed) or already gone. The caller makes sure no undelete of the
+        same point runs meanwhile."""
+        if self.backend.has(manifest_key(rp_id)):
+            self.backend.delete(deleted_key(rp_id))
+            return False
+        if not self.backend.has(deleted_key(rp_id)):
+            self._delete_indexes(rp_id)  # a purge cut short after its tombstone went
+            return False
+        self.backend.delete(deleted_key(rp_id))
+        self._delete_indexes(rp_id)
+        return True
+
+    def get_deleted(self, rp_id: str) -> Tombstone:
+        """The tombstone of a soft-deleted recovery point; NotFound if it has none."""
+        what = f"tombstone of deleted recovery point {rp_id}"
+        try:
+            data = self.backend.get(deleted_key(rp_id))
+        except NotFound:
+            raise NotFound(kind="deleted recovery point", name=rp_id) from None
+        except CorruptData as error:  # it does not decrypt
+            raise CorruptData(what=what, detail=error.fields.get("detail")) from None
+        try:
+            tombstone = Tombstone.decode(data)
+        except CorruptData as error:
+            raise CorruptData(what=what, detail=error.fields.get("detail")) from None
+        except UnsupportedFormat as error:
+            raise _naming(error, what) from None
+        if tombstone.id != rp_id:
+            raise CorruptData(what=what, detail=f"it holds recovery point {tombstone.id!r}")
+        return tombstone
+
+    def list_deleted_ids(self) -> Iterator[str]:
+        """Ids of every recovery point with a tombstone, in no particular order (lists the
+        store). A tombstone beside a live manifest (a move cut short) is listed too."""
+        for key in self.backend.list(DELETED):
+            name = key.removeprefix(DELETED)
+            if "/" in name or not name.endswith(MANIFEST_SUFFIX):
+                continue
+            rp_id = name.removesuffix(MANIFEST_SUFFIX)
+            if _RP_ID.fullmatch(rp_id):
+                yield rp_id
+
+    def is_live(self, rp_id: str) -> bool:
+        """Whether the recovery point's live manifest exists (the commit-point rule)."""
+        return self.backend.has(manifest_key(rp_id))
+
+    # --- what only the catalog knew (description.py) -------------------------------------------
+
+    def put_vault_description(self, description: VaultDescription) -> None:
+        """Write `vault.json` whole (one atomic put)."""
+        self.backend.put(VAULT_DESCRIPTION_KEY, description.encode())
+
+    def get_vault_description(self) -> VaultDescription:
+        """`vault.json`; NotFound if the datastore has none (written before descriptions)."""
+        what = f"vault description ({VAULT_DESCRIPTION_KEY})"
+        try:
+            data = self.backend.get(VAULT_DESCRIPTION_KEY)
+        except NotFound:
+            raise NotFound(kind="vault description", name=self.storage.location) from None
+        except CorruptData as error:
+            raise CorruptData(what=what, detail=error.fields.get("detail")) from None
+        return VaultDescription.decode(data)
+
+    def vm_description_key(self, vm_id: str) -> str:
+        """Where a VM's description lives: a name that does not say which VM (module note)."""
+        digest = self.chunk_hash.digest(_VM_DESCRIPTION_CONTEXT + vm_id.encode("utf-8"))
+        return f"{VM_DESCRIPTIONS}{digest.hex()[:32]}{MANIFEST_SUFFIX}"
+
+    def put_vm_description(self, description: VmDescription) -> None:
+        self.backend.put(self.vm_description_key(description.vm_id), description.encode())
+
+    def delete_vm_description(self, vm_id: str) -> None:
+        self.backend.delete(self.vm_description_key(vm_id))
+
+    def list_vm_description_keys(self) -> Iterator[str]:
+        """The keys of every VM description (lists the store)."""
+        for key in self.backend.list(VM_DESCRIPTIONS):
+            if _VM_DESCRIPTION_KEY.fullmatch(key):
+                yield key
+
+    def get_vm_description(self, key: str) -> VmDescription:
+        """The VM description stored under `key` (from `list_vm_description_keys`)."""
+        what = f"VM description {key}"
+        try:
+            data = self.backend.get(key)
+        except CorruptData as error:
+            raise CorruptData(what=what, detail=error.fields.get("detail")) from None
+        description = VmDescription.decode(data, what)
+        if self.vm_description_key(description.vm_id) != key:
+            raise CorruptData(what=what, detail=f"it describes VM {description.vm_id!r}")
+        return description
+
 
 __all__ = [
     "CONFIG_KEY",
+    "DELETED",
     "Datastore",
     "DatastoreConfig",
     "check_recovery_point_id",
     "chunk_key",
+    "deleted_key",
     "index_key",
     "manifest_key",
 ]

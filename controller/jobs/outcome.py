@@ -73,4 +73,6 @@ _CANCELLED = {
     Operation.VAULT_UPGRADE: "Job {job_id} was cancelled; the recovery points it converted stay "
     "converted, the others stay readable in the old format until `coffer vault upgrade` runs "
     "again.",
+    Operation.COPY: "Job {job_id} was cancelled; the recovery points it had copied are in the "
+    "copy, and the next copy sends only what had not arrived.",
 }

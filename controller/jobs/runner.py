@@ -26,6 +26,7 @@ for every job's task; no new maintenance job is admitted once the stop has begun
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import dataclasses
 import logging
 import secrets
@@ -35,6 +36,7 @@ from datetime import UTC, datetime
 from types import TracebackType
 from typing import Any, Self
 
+from controller.audit import requested_by, set_requester
 from controller.catalog import Catalog, JobRecord
 from controller.jobs.outcome import Outcome, outcome_of
 from controller.status import StatusMonitor
@@ -76,6 +78,12 @@ class RunningJob:
 
     @property
     def vm_id(self) -> str:
+        return self.record.vm_id
+
+    @property
+    def agent_vm(self) -> str:
+        """The VM whose agent does the job's work and may call its data path: its own VM,
+        but a drill's is the vault's drill agent."""
         return self.record.vm_id
 
     def touch(self) -> None:
@@ -126,7 +134,9 @@ class JobRunner:
     # --- a job's life ------------------------------------------------------------------------
 
     def new_record(self, operation: Operation, vault: str, vm_id: str, **typed: Any) -> JobRecord:
-        """A new job's record, `InProgress` from now; `typed` sets its other fields."""
+        """A new job's record, `InProgress` from now; `typed` sets its other fields. It is
+        requested by whoever asks now (`controller.audit.requested_by`) unless `typed` says."""
+        typed.setdefault("requested_by", requested_by())
         return JobRecord(
             id=new_job_id(),
             operation=operation,
@@ -159,7 +169,11 @@ class JobRunner:
 
     def start(self, running: RunningJob, work: Callable[[], Awaitable[None]]) -> None:
         """Run `work` as the job's task; its outcome is recorded when it ends."""
-        running.task = self.spawn(self._run(running, work), f"job-{running.id}")
+        # The job's work asks in the name of whoever asked for the job: jobs it starts (a
+        # prune after a backup) are theirs too, whichever task started this one.
+        running.task = self.spawn(
+            self._run(running, work), f"job-{running.id}", requester=running.record.requested_by
+        )
         running.task.add_done_callback(lambda task: self._never_ran(running, task))
 
     def _never_ran(self, running: RunningJob, task: asyncio.Task[None]) -> None:
@@ -202,7 +216,9 @@ class JobRunner:
     def end_soon(self, running: RunningJob, outcome: Outcome) -> None:
         """`end` from code that must not wait: the outcome is set now, recorded in a task."""
         self._settle(running, outcome)
-        self.spawn(self._record_end(running), f"end-{running.id}")
+        self.spawn(
+            self._record_end(running), f"end-{running.id}", requester=running.record.requested_by
+        )
 
     def _settle(self, running: RunningJob, outcome: Outcome) -> None:
         job = running.record
@@ -248,10 +264,16 @@ class JobRunner:
 
     # --- tasks -------------------------------------------------------------------------------
 
-    def spawn(self, work: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
+    def spawn(
+        self, work: Coroutine[Any, Any, None], name: str, *, requester: str | None = None
+    ) -> asyncio.Task[None]:
         """Run `work` in the runner's task group; whatever it raises is logged, never let
-        through: an exception reaching the group would cancel every job and the controller."""
+        through: an exception reaching the group would cancel every job and the controller.
+        With `requester`, the work asks in that name."""
         assert self._tasks is not None, "the job runner is not running"
+        context = contextvars.copy_context()
+        if requester is not None:
+            context.run(set_requester, requester)
 
         async def supervised() -> None:
             try:
@@ -259,7 +281,7 @@ class JobRunner:
             except Exception:
                 log.exception("task %s failed", name)
 
-        task = self._tasks.create_task(supervised(), name=name)
+        task = self._tasks.create_task(supervised(), name=name, context=context)
         # A task cancelled before its first step never awaits `work`: close it quietly.
         task.add_done_callback(lambda _: work.close())
         return task

@@ -70,6 +70,11 @@ class AgentServiceStub:
                 request_serializer=coffer_dot_v1_dot_agent__pb2.CheckRequest.SerializeToString,
                 response_deserializer=coffer_dot_v1_dot_agent__pb2.CheckReply.FromString,
                 _registered_method=True)
+        self.Renew = channel.unary_unary(
+                '/coffer.v1.AgentService/Renew',
+                request_serializer=coffer_dot_v1_dot_agent__pb2.RenewRequest.SerializeToString,
+                response_deserializer=coffer_dot_v1_dot_agent__pb2.RenewReply.FromString,
+                _registered_method=True)
 
 
 class AgentServiceServicer:
@@ -132,6 +137,15 @@ class AgentServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Renew(self, request, context):
+        """A new certificate for the calling agent, for the new key its request is signed with (the
+        key never leaves the VM). The old certificate stays valid until the new one is first
+        used, then it is revoked: a reply that is lost leaves the agent its old certificate.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AgentServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -169,6 +183,11 @@ def add_AgentServiceServicer_to_server(servicer, server):
                     servicer.Check,
                     request_deserializer=coffer_dot_v1_dot_agent__pb2.CheckRequest.FromString,
                     response_serializer=coffer_dot_v1_dot_agent__pb2.CheckReply.SerializeToString,
+            ),
+            'Renew': grpc.unary_unary_rpc_method_handler(
+                    servicer.Renew,
+                    request_deserializer=coffer_dot_v1_dot_agent__pb2.RenewRequest.FromString,
+                    response_serializer=coffer_dot_v1_dot_agent__pb2.RenewReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -360,6 +379,33 @@ class AgentService:
             '/coffer.v1.AgentService/Check',
             coffer_dot_v1_dot_agent__pb2.CheckRequest.SerializeToString,
             coffer_dot_v1_dot_agent__pb2.CheckReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Renew(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/coffer.v1.AgentService/Renew',
+            coffer_dot_v1_dot_agent__pb2.RenewRequest.SerializeToString,
+            coffer_dot_v1_dot_agent__pb2.RenewReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -120,6 +120,11 @@ class OperatorServiceStub:
                 request_serializer=coffer_dot_v1_dot_operator__pb2.StopProtectionRequest.SerializeToString,
                 response_deserializer=coffer_dot_v1_dot_operator__pb2.JobsReply.FromString,
                 _registered_method=True)
+        self.Undelete = channel.unary_unary(
+                '/coffer.v1.OperatorService/Undelete',
+                request_serializer=coffer_dot_v1_dot_operator__pb2.UndeleteRequest.SerializeToString,
+                response_deserializer=coffer_dot_v1_dot_operator__pb2.Job.FromString,
+                _registered_method=True)
         self.ResumeProtection = channel.unary_unary(
                 '/coffer.v1.OperatorService/ResumeProtection',
                 request_serializer=coffer_dot_v1_dot_operator__pb2.ProtectRequest.SerializeToString,
@@ -149,6 +154,16 @@ class OperatorServiceStub:
                 '/coffer.v1.OperatorService/Verify',
                 request_serializer=coffer_dot_v1_dot_operator__pb2.VerifyRequest.SerializeToString,
                 response_deserializer=coffer_dot_v1_dot_operator__pb2.Job.FromString,
+                _registered_method=True)
+        self.Copy = channel.unary_unary(
+                '/coffer.v1.OperatorService/Copy',
+                request_serializer=coffer_dot_v1_dot_operator__pb2.VaultRef.SerializeToString,
+                response_deserializer=coffer_dot_v1_dot_operator__pb2.Job.FromString,
+                _registered_method=True)
+        self.Drill = channel.unary_unary(
+                '/coffer.v1.OperatorService/Drill',
+                request_serializer=coffer_dot_v1_dot_operator__pb2.DrillRequest.SerializeToString,
+                response_deserializer=coffer_dot_v1_dot_operator__pb2.JobsReply.FromString,
                 _registered_method=True)
         self.ListJobs = channel.unary_unary(
                 '/coffer.v1.OperatorService/ListJobs',
@@ -214,6 +229,26 @@ class OperatorServiceStub:
                 '/coffer.v1.OperatorService/UnmountFiles',
                 request_serializer=coffer_dot_v1_dot_operator__pb2.GetJobRequest.SerializeToString,
                 response_deserializer=coffer_dot_v1_dot_operator__pb2.Job.FromString,
+                _registered_method=True)
+        self.CreateEnrolmentToken = channel.unary_unary(
+                '/coffer.v1.OperatorService/CreateEnrolmentToken',
+                request_serializer=coffer_dot_v1_dot_operator__pb2.CreateEnrolmentTokenRequest.SerializeToString,
+                response_deserializer=coffer_dot_v1_dot_operator__pb2.EnrolmentToken.FromString,
+                _registered_method=True)
+        self.ListCertificates = channel.unary_unary(
+                '/coffer.v1.OperatorService/ListCertificates',
+                request_serializer=coffer_dot_v1_dot_operator__pb2.ListCertificatesRequest.SerializeToString,
+                response_deserializer=coffer_dot_v1_dot_operator__pb2.ListCertificatesReply.FromString,
+                _registered_method=True)
+        self.RevokeCertificates = channel.unary_unary(
+                '/coffer.v1.OperatorService/RevokeCertificates',
+                request_serializer=coffer_dot_v1_dot_operator__pb2.RevokeCertificatesRequest.SerializeToString,
+                response_deserializer=coffer_dot_v1_dot_operator__pb2.ListCertificatesReply.FromString,
+                _registered_method=True)
+        self.ListAudit = channel.unary_unary(
+                '/coffer.v1.OperatorService/ListAudit',
+                request_serializer=coffer_dot_v1_dot_operator__pb2.ListAuditRequest.SerializeToString,
+                response_deserializer=coffer_dot_v1_dot_operator__pb2.ListAuditReply.FromString,
                 _registered_method=True)
 
 
@@ -326,7 +361,17 @@ class OperatorServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def StopProtection(self, request, context):
-        """StopProtection jobs, plus DeleteBackupData jobs when delete_data is set.
+        """StopProtection jobs, plus DeleteBackupData jobs when delete_data is set. In a vault with
+        soft_delete_days above 0 the data is soft-deleted: listed with ListRecoveryPoints
+        `deleted`, brought back with Undelete until it is purged.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Undelete(self, request, context):
+        """An Undelete job: a VM's soft-deleted recovery points (or one) live again; its item
+        ProtectionStopped, with the policy it had if the vault still has it.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -368,6 +413,23 @@ class OperatorServiceServicer:
     def Verify(self, request, context):
         """A Verify job: re-read every chunk the chosen recovery points reference (each once) and
         record per recovery point whether it is whole (`verification` on RecoveryPoint).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Copy(self, request, context):
+        """A Copy job: the vault's recovery points its off-site copy lacks are sent there, only the
+        chunks it lacks, and points deleted from the vault are deleted there (controller/copies.py).
+        While one runs, the running job is returned, and makes one more pass.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Drill(self, request, context):
+        """RestoreDrill jobs now, one per VM: the latest recovery point of each protected VM of the
+        vault (or of those named) restored to the vault's drill agent, checked read-only, deleted.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -470,6 +532,36 @@ class OperatorServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateEnrolmentToken(self, request, context):
+        """Identities (admin). A one-time token with which the agent of one VM enrols: it makes its
+        key, sends a certificate request to the enrolment listener and gets its certificate.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListCertificates(self, request, context):
+        """Every certificate the CA issued (its ledger), with its state.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RevokeCertificates(self, request, context):
+        """Revoke every certificate of an agent or operator at once: calls in flight end, new ones
+        are refused, and the broker's CRL names them.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListAudit(self, request, context):
+        """The audit log: every state-changing call and every refused one.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_OperatorServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -558,6 +650,11 @@ def add_OperatorServiceServicer_to_server(servicer, server):
                     request_deserializer=coffer_dot_v1_dot_operator__pb2.StopProtectionRequest.FromString,
                     response_serializer=coffer_dot_v1_dot_operator__pb2.JobsReply.SerializeToString,
             ),
+            'Undelete': grpc.unary_unary_rpc_method_handler(
+                    servicer.Undelete,
+                    request_deserializer=coffer_dot_v1_dot_operator__pb2.UndeleteRequest.FromString,
+                    response_serializer=coffer_dot_v1_dot_operator__pb2.Job.SerializeToString,
+            ),
             'ResumeProtection': grpc.unary_unary_rpc_method_handler(
                     servicer.ResumeProtection,
                     request_deserializer=coffer_dot_v1_dot_operator__pb2.ProtectRequest.FromString,
@@ -587,6 +684,16 @@ def add_OperatorServiceServicer_to_server(servicer, server):
                     servicer.Verify,
                     request_deserializer=coffer_dot_v1_dot_operator__pb2.VerifyRequest.FromString,
                     response_serializer=coffer_dot_v1_dot_operator__pb2.Job.SerializeToString,
+            ),
+            'Copy': grpc.unary_unary_rpc_method_handler(
+                    servicer.Copy,
+                    request_deserializer=coffer_dot_v1_dot_operator__pb2.VaultRef.FromString,
+                    response_serializer=coffer_dot_v1_dot_operator__pb2.Job.SerializeToString,
+            ),
+            'Drill': grpc.unary_unary_rpc_method_handler(
+                    servicer.Drill,
+                    request_deserializer=coffer_dot_v1_dot_operator__pb2.DrillRequest.FromString,
+                    response_serializer=coffer_dot_v1_dot_operator__pb2.JobsReply.SerializeToString,
             ),
             'ListJobs': grpc.unary_unary_rpc_method_handler(
                     servicer.ListJobs,
@@ -652,6 +759,26 @@ def add_OperatorServiceServicer_to_server(servicer, server):
                     servicer.UnmountFiles,
                     request_deserializer=coffer_dot_v1_dot_operator__pb2.GetJobRequest.FromString,
                     response_serializer=coffer_dot_v1_dot_operator__pb2.Job.SerializeToString,
+            ),
+            'CreateEnrolmentToken': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateEnrolmentToken,
+                    request_deserializer=coffer_dot_v1_dot_operator__pb2.CreateEnrolmentTokenRequest.FromString,
+                    response_serializer=coffer_dot_v1_dot_operator__pb2.EnrolmentToken.SerializeToString,
+            ),
+            'ListCertificates': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListCertificates,
+                    request_deserializer=coffer_dot_v1_dot_operator__pb2.ListCertificatesRequest.FromString,
+                    response_serializer=coffer_dot_v1_dot_operator__pb2.ListCertificatesReply.SerializeToString,
+            ),
+            'RevokeCertificates': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeCertificates,
+                    request_deserializer=coffer_dot_v1_dot_operator__pb2.RevokeCertificatesRequest.FromString,
+                    response_serializer=coffer_dot_v1_dot_operator__pb2.ListCertificatesReply.SerializeToString,
+            ),
+            'ListAudit': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListAudit,
+                    request_deserializer=coffer_dot_v1_dot_operator__pb2.ListAuditRequest.FromString,
+                    response_serializer=coffer_dot_v1_dot_operator__pb2.ListAuditReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1124,6 +1251,33 @@ class OperatorService:
             _registered_method=True)
 
     @staticmethod
+    def Undelete(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/coffer.v1.OperatorService/Undelete',
+            coffer_dot_v1_dot_operator__pb2.UndeleteRequest.SerializeToString,
+            coffer_dot_v1_dot_operator__pb2.Job.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
     def ResumeProtection(request,
             target,
             options=(),
@@ -1275,6 +1429,60 @@ class OperatorService:
             '/coffer.v1.OperatorService/Verify',
             coffer_dot_v1_dot_operator__pb2.VerifyRequest.SerializeToString,
             coffer_dot_v1_dot_operator__pb2.Job.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Copy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/coffer.v1.OperatorService/Copy',
+            coffer_dot_v1_dot_operator__pb2.VaultRef.SerializeToString,
+            coffer_dot_v1_dot_operator__pb2.Job.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Drill(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/coffer.v1.OperatorService/Drill',
+            coffer_dot_v1_dot_operator__pb2.DrillRequest.SerializeToString,
+            coffer_dot_v1_dot_operator__pb2.JobsReply.FromString,
             options,
             channel_credentials,
             insecure,
@@ -1626,6 +1834,114 @@ class OperatorService:
             '/coffer.v1.OperatorService/UnmountFiles',
             coffer_dot_v1_dot_operator__pb2.GetJobRequest.SerializeToString,
             coffer_dot_v1_dot_operator__pb2.Job.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateEnrolmentToken(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/coffer.v1.OperatorService/CreateEnrolmentToken',
+            coffer_dot_v1_dot_operator__pb2.CreateEnrolmentTokenRequest.SerializeToString,
+            coffer_dot_v1_dot_operator__pb2.EnrolmentToken.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListCertificates(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/coffer.v1.OperatorService/ListCertificates',
+            coffer_dot_v1_dot_operator__pb2.ListCertificatesRequest.SerializeToString,
+            coffer_dot_v1_dot_operator__pb2.ListCertificatesReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeCertificates(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/coffer.v1.OperatorService/RevokeCertificates',
+            coffer_dot_v1_dot_operator__pb2.RevokeCertificatesRequest.SerializeToString,
+            coffer_dot_v1_dot_operator__pb2.ListCertificatesReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListAudit(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/coffer.v1.OperatorService/ListAudit',
+            coffer_dot_v1_dot_operator__pb2.ListAuditRequest.SerializeToString,
+            coffer_dot_v1_dot_operator__pb2.ListAuditReply.FromString,
             options,
             channel_credentials,
             insecure,
