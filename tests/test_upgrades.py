@@ -23,6 +23,7 @@ from controller.verification import Verifier
 from shared.blob import Compression
 from shared.clock import ManualClock
 from shared.digest import chunk_digest
+from shared.errors import Conflict
 from shared.index import DiskIndex
 from shared.model import JobStatus, Verification
 from shared.rpc import agent_pb2
@@ -175,3 +176,21 @@ async def test_a_point_deleted_during_the_upgrade_stays_deleted(env: Controller)
     assert done.details["upgrade"]["recovery_points_converted"] == 1
     assert set((await env.datastores.get(EU)).list_recovery_point_ids()) == {kept.recovery_point_id}
     assert await env.catalog.upgrade(EU) is None
+
+
+async def test_soft_deleted_points_hold_the_upgrade_back_until_undeleted(env: Controller) -> None:
+    point = await back_up(env, "vm-1")
+    # Deleted data kept recoverable (the vault's 14 days): a tombstone of a format-1 manifest.
+    deleted = await env.pruner.delete_all(EU, "vm-1", job_id="job-delete")
+    assert deleted.recovery_points == [point.recovery_point_id]
+    assert deleted.purge_at is not None
+    runs = upgrades(env)
+    with pytest.raises(Conflict) as refused:
+        await runs.start(EU)
+    assert "1 soft-deleted recovery points" in refused.value.message
+    assert "coffer undelete" in refused.value.message
+    assert (await env.datastores.get(EU)).config.format == 1  # nothing was switched
+    await env.pruner.soft_delete.undelete(EU, point.recovery_point_id)
+    done = await env.ended((await runs.start(EU)).id)
+    assert done.status == JobStatus.COMPLETED, done.error_message
+    assert await read_point(env, point.recovery_point_id)
