@@ -66,6 +66,7 @@ OPERATOR_METHODS: Final[dict[str, Access]] = {
     "Drill": _OPERATE,
     "Undelete": _ADMINISTER,
     "Copy": _OPERATE,
+    "UpgradeVault": _ADMINISTER,
     "CancelJob": _OPERATE,
     # files of a recovery point (each call a FileRecovery job), and verifying recovery points
     "ListFiles": _OPERATE,

@@ -346,7 +346,31 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (vault, target, digest)
     );
     """,
-    # 10: alerts (controller/alerts): one row per time a condition held, firing until resolved;
+    # 10: vault upgrades (issue 16): a vault whose datastore is being converted to the current
+    # format. Where it stands (`phase`: 'switch' until the old format's objects are moved aside
+    # and their old keys cleaned, then 'convert'), whether the controller runs it again when it
+    # starts (`resume`: it was running when the controller stopped; not after a cancel or a
+    # failure), and the old-to-new chunk names found so far (`lost`: why a chunk could not be
+    # read), so that a conversion cut short reads no chunk twice. Both go when it ends.
+    """
+    CREATE TABLE vault_upgrades (
+        vault TEXT PRIMARY KEY REFERENCES vaults(name) ON DELETE CASCADE,
+        from_format INTEGER NOT NULL,
+        to_format INTEGER NOT NULL,
+        phase TEXT NOT NULL,
+        resume INTEGER NOT NULL DEFAULT 1,
+        job_id TEXT NOT NULL,
+        started_at REAL NOT NULL
+    );
+    CREATE TABLE upgrade_chunks (
+        vault TEXT NOT NULL REFERENCES vaults(name) ON DELETE CASCADE,
+        old_digest BLOB NOT NULL,
+        new_digest BLOB NOT NULL,
+        lost TEXT NOT NULL DEFAULT '',
+        PRIMARY KEY (vault, old_digest)
+    );
+    """,
+    # 11: alerts (controller/alerts): one row per time a condition held, firing until resolved;
     # at most one firing row per condition (its key).
     """
     CREATE TABLE alerts (
@@ -603,6 +627,22 @@ class VerificationRecord:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "state", Verification(self.state))
+
+
+@dataclass(frozen=True)
+class UpgradeRecord:
+    """A vault whose datastore is being converted to the current format (controller.upgrades)."""
+
+    vault: str
+    from_format: int
+    to_format: int
+    phase: str
+    """'switch' until the old format's objects are moved aside, then 'convert'."""
+    resume: bool
+    """Run it again when the controller starts (it was running when the controller stopped)."""
+    job_id: str
+    """The last VaultUpgrade job that worked on it."""
+    started_at: float
 
 
 @dataclass(frozen=True)
@@ -1932,6 +1972,110 @@ class Catalog:
             (vault, Verification.HEALED.value),
         ) as cursor:
             return [row["id"] for row in await cursor.fetchall()]
+
+    # --- vault upgrades --------------------------------------------------------------------
+
+    async def upgrade(self, vault: str) -> UpgradeRecord | None:
+        """The vault's upgrade in progress, if there is one."""
+        found = await self._upgrades("vault = ?", (vault,))
+        return found[0] if found else None
+
+    async def upgrades(self) -> list[UpgradeRecord]:
+        """Every upgrade in progress."""
+        return await self._upgrades("1", ())
+
+    async def _upgrades(self, where: str, params: tuple[str, ...]) -> list[UpgradeRecord]:
+        async with self.db.execute(
+            "SELECT vault, from_format, to_format, phase, resume, job_id, started_at"
+            f" FROM vault_upgrades WHERE {where} ORDER BY vault",
+            params,
+        ) as cursor:
+            return [
+                UpgradeRecord(
+                    vault=row["vault"],
+                    from_format=row["from_format"],
+                    to_format=row["to_format"],
+                    phase=row["phase"],
+                    resume=bool(row["resume"]),
+                    job_id=row["job_id"],
+                    started_at=row["started_at"],
+                )
+                for row in await cursor.fetchall()
+            ]
+
+    async def save_upgrade(self, upgrade: UpgradeRecord) -> None:
+        """Record the vault's upgrade as it stands (a new one, or one a job takes up again)."""
+        async with self._transaction() as db:
+            await db.execute(
+                "INSERT INTO vault_upgrades"
+                " (vault, from_format, to_format, phase, resume, job_id, started_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (vault) DO UPDATE SET"
+                " phase = excluded.phase, resume = excluded.resume, job_id = excluded.job_id",
+                (
+                    upgrade.vault,
+                    upgrade.from_format,
+                    upgrade.to_format,
+                    upgrade.phase,
+                    int(upgrade.resume),
+                    upgrade.job_id,
+                    upgrade.started_at,
+                ),
+            )
+
+    async def upgrade_chunk_names(self, vault: str) -> dict[bytes, tuple[bytes, str]]:
+        """Old chunk name -> (new name, why it could not be read, or '') found so far."""
+        async with self.db.execute(
+            "SELECT old_digest, new_digest, lost FROM upgrade_chunks WHERE vault = ?", (vault,)
+        ) as cursor:
+            return {
+                bytes(row["old_digest"]): (bytes(row["new_digest"]), row["lost"])
+                for row in await cursor.fetchall()
+            }
+
+    async def add_upgrade_chunk_names(
+        self, vault: str, names: dict[bytes, tuple[bytes, str]]
+    ) -> None:
+        if names:
+            async with self._transaction() as db:
+                await db.executemany(
+                    "INSERT OR REPLACE INTO upgrade_chunks (vault, old_digest, new_digest, lost)"
+                    " VALUES (?, ?, ?, ?)",
+                    [(vault, old, new, lost) for old, (new, lost) in names.items()],
+                )
+
+    async def rename_damaged_chunks(self, vault: str, rp_ids: Sequence[str] = ()) -> None:
+        """The damaged chunks recorded of the vault's recovery points (of `rp_ids`, when given)
+        under their old names now carry their new ones (the upgrade's chunk names)."""
+        ids = list(rp_ids)
+        points = "SELECT id FROM recovery_points WHERE vault = ?"
+        if ids:
+            points += f" AND id IN ({','.join('?' * len(ids))})"
+        async with self._transaction() as db:
+            await db.execute(
+                "UPDATE OR REPLACE damaged_chunks SET digest = (SELECT u.new_digest FROM"
+                " upgrade_chunks u WHERE u.vault = ? AND u.old_digest = damaged_chunks.digest)"
+                f" WHERE recovery_point_id IN ({points}) AND digest IN"
+                " (SELECT old_digest FROM upgrade_chunks WHERE vault = ?)",
+                [vault, vault, *ids, vault],
+            )
+
+    async def end_upgrade(self, vault: str) -> list[bytes]:
+        """The vault's upgrade is done: its record and chunk names go, with the bad chunks
+        recorded under old names (nothing references those names any more). Those names."""
+        async with self._transaction() as db:
+            async with db.execute(
+                "SELECT digest FROM bad_chunks WHERE vault = ? AND digest IN"
+                " (SELECT old_digest FROM upgrade_chunks WHERE vault = ?)",
+                (vault, vault),
+            ) as cursor:
+                old = [bytes(row["digest"]) for row in await cursor.fetchall()]
+            await db.executemany(
+                "DELETE FROM bad_chunks WHERE vault = ? AND digest = ?",
+                [(vault, digest) for digest in old],
+            )
+            await db.execute("DELETE FROM upgrade_chunks WHERE vault = ?", (vault,))
+            await db.execute("DELETE FROM vault_upgrades WHERE vault = ?", (vault,))
+        return old
 
     # --- off-site copies -------------------------------------------------------------------
 

@@ -107,6 +107,25 @@ class Describer:
         self._dirty.setdefault(vault, set()).add(vm_id)
         self._wake.set()
 
+    async def rewrite(self, vault: str) -> None:
+        """Write every description of `vault` again, now: after an upgrade changed its
+        datastore's format (controller/upgrades.py), whose VM descriptions are named and sealed
+        otherwise. The old ones are deleted first (a recovery meanwhile finds fewer, never one
+        it cannot read)."""
+
+        def clear(datastore: Datastore) -> None:
+            for key in list(datastore.list_vm_description_keys()):
+                datastore.backend.delete(key)
+
+        await self._datastores.write_description(vault, clear)
+        self._written = {k: v for k, v in self._written.items() if k[0] != vault}
+        vms = {item.vm_id for item in await self._catalog.items(vault)}
+        vms |= set(await self._catalog.recovery_point_summary(vault))
+        self.changed(vault, _VAULT)
+        for vm_id in vms:
+            self.changed(vault, vm_id)
+        await self.flush()
+
     @property
     def pending(self) -> int:
         """Descriptions marked and not yet written."""

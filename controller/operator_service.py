@@ -49,6 +49,7 @@ from controller.pruning import Pruner
 from controller.registry import AgentRegistry
 from controller.revocation import Revocations
 from controller.status import StatusMonitor
+from controller.upgrades import VaultUpgrades
 from controller.vaults import Vaults
 from controller.verification import Verifier
 from shared.errors import (
@@ -108,6 +109,17 @@ def _seconds(stamp: Timestamp, present: bool) -> float | None:
     return stamp.ToNanoseconds() / 1e9 if present else None
 
 
+def _controller_progress(message: operator_pb2.Job, progress: object) -> None:
+    """The progress of a job the controller runs itself (a vault upgrade's), from its details:
+    its phase, and the stored bytes it has read of those it is to read."""
+    if not isinstance(progress, dict) or not isinstance(progress.get("phase"), str):
+        return
+    message.progress.phase = progress["phase"]
+    done, total = progress.get("bytes_read"), progress.get("bytes")
+    if isinstance(done, int) and isinstance(total, int):
+        message.progress.bytes_done, message.progress.bytes_total = done, total
+
+
 class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
     def __init__(
         self,
@@ -120,6 +132,7 @@ class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
         pruner: Pruner,
         *,
         verifier: Verifier | None = None,
+        upgrades: VaultUpgrades | None = None,
         copier: Copier | None = None,
         enrolment: Enrolment | None = None,
         revocations: Revocations | None = None,
@@ -142,6 +155,7 @@ class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
         self._protection = protection
         self._pruner = pruner
         self._verifier = verifier
+        self._upgrades = upgrades
         self._copier = copier
 
     @property
@@ -243,6 +257,8 @@ class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
                 )
             )
         progress = self._status.progress(job.id) if self._status else None
+        if progress is None and not JobStatus(job.status).ended:
+            _controller_progress(message, job.details.get("progress"))
         if progress is not None and not JobStatus(job.status).ended:
             message.progress.CopyFrom(
                 operator_pb2.Progress(
@@ -593,6 +609,8 @@ class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
             datastore_format=storage.format,
             encryption=storage.encryption,
             current_data_key=storage.current_data_key,
+            upgrading_from_format=storage.upgrading_from,
+            points_in_old_format=storage.points_in_old_format,
             copy_target=vault.copy_target,
             copy_location=(
                 self._copier.location(vault.name, vault.copy_target)
@@ -722,6 +740,14 @@ class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
         return operator_pb2.VaultKeyExport(
             vault=request.name, text=await self._vaults.export_keys(request.name)
         )
+
+    async def UpgradeVault(
+        self, request: operator_pb2.UpgradeVaultRequest, context: Context
+    ) -> operator_pb2.Job:
+        if self._upgrades is None:
+            raise Unavailable(detail="this controller runs no vault upgrades")
+        job = await self._upgrades.start(request.vault, dry_run=request.dry_run)
+        return self._job(job, await self._names())
 
     async def Dashboard(
         self, request: operator_pb2.VaultRef, context: Context

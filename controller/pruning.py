@@ -106,18 +106,16 @@ class Pruner:
     ) -> None:
         """Delete `points`, adding each to `deleted` once it is gone; a cancel takes effect
         between two points, never inside one."""
-        datastore = await self._datastores.get(vault)
         for rp in points:
-            await finishing(self._delete_one(datastore, rp, deleted))
+            await finishing(self._delete_one(rp, deleted))
 
-    async def _delete_one(
-        self, datastore: Datastore, rp: RecoveryPointRecord, deleted: list[str]
-    ) -> None:
+    async def _delete_one(self, rp: RecoveryPointRecord, deleted: list[str]) -> None:
         # The datastore first (its manifest, the commit point, goes first), then the row: a
         # failure between the two leaves a row whose point is gone, which the next prune
         # deletes again (both deletes are idempotent). The other order would leave a manifest
-        # no row names, which nothing would ever delete.
-        await self._jobs.in_pool(datastore.delete_recovery_point, rp.id)
+        # no row names, which nothing would ever delete. A vault being upgraded deletes it from
+        # both formats (controller.datastores).
+        await self._datastores.delete_recovery_point(rp.vault, rp.id)
         await self._catalog.delete_recovery_point(rp.id)
         deleted.append(rp.id)
 
@@ -190,6 +188,16 @@ class Pruner:
             await self._delete(vault, points, deleted)
             return Deleted(deleted, None)
         datastore = await self._datastores.get(vault)
+        old = [rp.id for rp in points if self._datastores.in_old_format(vault, rp.id)]
+        if old:
+            # A tombstone is written where the point's manifest is; the format-1 part of a vault
+            # being upgraded gets none, or the upgrade would convert a deleted point.
+            raise Conflict(
+                detail=f"vault {vault!r} is being upgraded and {len(old)} of these recovery "
+                "points are still in format 1, where deleted data cannot be kept recoverable: "
+                "delete the data after the upgrade (`coffer job list --operation VaultUpgrade`), "
+                f"or at once with `coffer vault update {vault} --soft-delete-days 0`"
+            )
         purge_at: float | None = None
         for rp in points:
             purge_at = await finishing(
@@ -214,6 +222,8 @@ class Pruner:
 
         async def body(job: JobRecord) -> None:
             datastore = await self._datastores.get(vault)
+            # A vault being upgraded is collected with its format-1 part (gc.py).
+            legacy = self._datastores.legacy(vault)
             try:
                 report = await self._jobs.abortable(
                     partial(
@@ -221,6 +231,8 @@ class Pruner:
                         datastore,
                         cutoff=self._clock.now() - self._grace,
                         guard=self._datastores.guard(vault),
+                        legacy=legacy.datastore if legacy is not None else None,
+                        skip=frozenset(legacy.pending) if legacy is not None else frozenset(),
                     )
                 )
             except Stopped as stopped:  # cancelled: what it freed is freed all the same
@@ -249,9 +261,22 @@ class Pruner:
 
     @staticmethod
     def _collect_garbage(
-        datastore: Datastore, should_stop: ShouldStop, *, cutoff: float, guard: ChunkGuard
+        datastore: Datastore,
+        should_stop: ShouldStop,
+        *,
+        cutoff: float,
+        guard: ChunkGuard,
+        legacy: Datastore | None = None,
+        skip: frozenset[str] = frozenset(),
     ) -> GcReport:
-        return collect_garbage(datastore, cutoff=cutoff, guard=guard, should_stop=should_stop)
+        return collect_garbage(
+            datastore,
+            cutoff=cutoff,
+            guard=guard,
+            should_stop=should_stop,
+            legacy=legacy,
+            skip=skip,
+        )
 
     # --- the daily maintenance --------------------------------------------------------------
 

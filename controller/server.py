@@ -74,12 +74,14 @@ from controller.renewal import CertificateMaintenance, ServerIdentity
 from controller.revocation import Revocations
 from controller.state_lock import StateLock
 from controller.status import StatusMonitor
+from controller.upgrades import VaultUpgrades
 from controller.vaults import Vaults
 from controller.verification import Verifier
 from controller.web import OperatorCalls, WebConsole
 from shared.address import Address, parse_address
 from shared.clock import Clock, SystemClock
 from shared.errors import CofferError, Unavailable
+from shared.model import Trigger
 from shared.rpc import agent_pb2_grpc, enrolment_pb2_grpc, operator_pb2_grpc
 from shared.rpc_channel import server_options
 from shared.supervision import Policy, Supervisor, TaskFailed
@@ -162,7 +164,8 @@ class Controller:
             # What only the catalog knows, written to the datastores as it changes (so they
             # are enough to recover it); entered before the jobs, so it writes their last
             # changes after they have drained.
-            await stack.enter_async_context(Describer(catalog, datastores, self.clock, supervisor))
+            describer = Describer(catalog, datastores, self.clock, supervisor)
+            await stack.enter_async_context(describer)
 
             authority = await asyncio.to_thread(Authority.load, config.pki_dir)
             revocations = Revocations(catalog, authority, self.clock)
@@ -222,6 +225,14 @@ class Controller:
             pruner.after_maintenance.append(copier.after_maintenance)
             self.protection = await stack.enter_async_context(protection)
             self.jobs = jobs
+            # Vault upgrades: a garbage collection follows each (the old format's chunks), and
+            # those the last stop interrupted run again now (controller.upgrades).
+            upgrades = VaultUpgrades(catalog, datastores, jobs, jobs.integrity, self.clock)
+            # The descriptions first, sealed and named as format 2 has them (descriptions.py).
+            upgrades.after_upgrade.append(describer.rewrite)
+            upgrades.after_upgrade.append(partial(_collect_after_upgrade, pruner))
+            await upgrades.resume()
+
             # Restore drills are planned in the protection's schedule (drill:VAULT entries).
             self.drills = Drills(catalog, jobs, self.protection, self.clock)
             await self.drills.plan_all()
@@ -274,6 +285,7 @@ class Controller:
                 self.protection,
                 pruner,
                 verifier=verifier,
+                upgrades=upgrades,
                 copier=copier,
                 enrolment=enrolment,
                 revocations=revocations,
@@ -374,6 +386,14 @@ class Controller:
         while True:
             await asyncio.sleep(HEARTBEAT_FLUSH_SECONDS)
             await catalog.flush()
+
+
+async def _collect_after_upgrade(pruner: Pruner, vault: str) -> None:
+    """After an upgrade: reclaim the old format's chunks nothing references any more."""
+    try:
+        await pruner.collect(vault, trigger=Trigger.SCHEDULED)
+    except CofferError as error:  # one runs already, or the controller is stopping
+        log.info("vault %s: no garbage collection after its upgrade: %s", vault, error)
 
 
 def _bind(

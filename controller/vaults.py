@@ -78,6 +78,10 @@ class VaultStorage:
     encryption: str
     current_data_key: int
     """The data key new objects are encrypted with; 0 when not encrypted."""
+    upgrading_from: int = 0
+    """While an upgrade is under way: the format it converts from (0: none)."""
+    points_in_old_format: int = 0
+    """While an upgrade is under way: the recovery points still read from that format."""
 
 
 @dataclass(frozen=True)
@@ -230,11 +234,18 @@ class Vaults:
 
     async def storage(self, name: str) -> VaultStorage:
         datastore = await self._datastores.get(name)
+        legacy = self._datastores.legacy(name)
+        old = datastore.config.upgrading_from
+        upgrade = await self._catalog.upgrade(name)
         return VaultStorage(
             location=self._datastores.location(name),
             format=datastore.config.format,
             encryption=datastore.config.encryption,
             current_data_key=datastore.current_data_key if datastore.encrypted else 0,
+            upgrading_from=old.format
+            if old is not None
+            else (upgrade.from_format if upgrade is not None else 0),
+            points_in_old_format=len(legacy.pending) if legacy is not None else 0,
         )
 
     async def rotate_key(self, name: str, new_data_key: bool) -> VaultKeys:

@@ -127,9 +127,12 @@ class Verifier:
     async def _run(self, job: JobRecord, points: list[str], copy: VaultCopy | None) -> None:
         if copy is not None:  # the copy's own chunks: nothing known of them beforehand
             datastore, health = copy.datastore, ChunkHealth()
+            route: Callable[[str], Datastore] = lambda rp_id: datastore  # noqa: E731
         else:
             datastore = await self._datastores.get(job.vault)
             health = await self._datastores.health(job.vault)
+            # In a vault being upgraded, each point is read from the format it is in.
+            route = self._datastores.router(job.vault)
         loop = asyncio.get_running_loop()
 
         def progress(now: VerifyProgress) -> None:  # from the verify's thread
@@ -137,7 +140,7 @@ class Verifier:
 
         try:
             report = await self._jobs.abortable(
-                partial(self._verify, datastore, points, health, progress)
+                partial(self._verify, datastore, points, health, progress, route)
             )
         except Stopped as stopped:  # cancelled: what it finished is recorded all the same
             await self._record(job, stopped.result, copy)
@@ -159,10 +162,16 @@ class Verifier:
         points: list[str],
         health: ChunkHealth,
         progress: Callable[[VerifyProgress], None],
+        route: Callable[[str], Datastore],
         should_stop: ShouldStop,
     ) -> VerifyReport:
         return verify_recovery_points(
-            datastore, points, health=health, should_stop=should_stop, progress=progress
+            datastore,
+            points,
+            health=health,
+            should_stop=should_stop,
+            progress=progress,
+            datastore_of=route,
         )
 
     def _progressed(self, job: JobRecord, now: VerifyProgress) -> None:

@@ -23,6 +23,7 @@ class Operation(enum.StrEnum):
     GARBAGE_COLLECTION = "GarbageCollection"
     VERIFY = "Verify"
     FILE_RECOVERY = "FileRecovery"  # files of a recovery point listed, copied out or mounted
+    VAULT_UPGRADE = "VaultUpgrade"  # a vault's datastore converted to the current format
     COPY = "Copy"  # a vault's recovery points copied to its off-site copy
     UNDELETE = "Undelete"  # soft-deleted recovery points made live again
     PURGE_DELETED = "PurgeDeleted"  # soft-deleted recovery points past their days removed

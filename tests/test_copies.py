@@ -235,12 +235,21 @@ def test_copies_follow_backups_send_only_new_chunks_mirror_prunes_and_restore_wi
         assert s3_chunks(seaweedfs, copy_prefix) == chunk_files(primary)
 
 
+def until_copies_writable(cluster: Cluster) -> None:
+    """Until the controller holds the copy target's lease (the dashboard says nothing of it)."""
+    deadline = time.monotonic() + 60
+    while cluster.coffer("dashboard", "--vault", VAULT).get("copy_unavailable"):
+        assert time.monotonic() < deadline, "the copy target's lease was not taken"
+        time.sleep(0.5)
+
+
 def wait_for_progress(cluster: Cluster, job_id: str, chunks: int) -> None:
     """Until a running Copy job has sent `chunks` chunks."""
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
-        progress = cluster.coffer("job", "show", job_id)["details"].get("progress", {})
-        if progress.get("chunks_sent", 0) >= chunks:
+        job = cluster.coffer("job", "show", job_id)
+        assert job["status"] == "InProgress", job  # it ended before it could be cut
+        if job["details"].get("progress", {}).get("chunks_sent", 0) >= chunks:
             return
         time.sleep(0.1)
     raise TimeoutError(f"copy job {job_id} did not send {chunks} chunks")
@@ -250,8 +259,11 @@ def test_a_copy_cut_short_resumes_without_sending_again_what_arrived(
     tmp_path: Path, seaweedfs: SeaweedFS
 ) -> None:
     image = tmp_path / "big.img"
-    with image.open("wb") as out:  # incompressible, so the copy takes a while
-        for _ in range(192):
+    # Incompressible, and large enough that the copy is still running when the CLI, polling
+    # its progress, has seen 64 chunks arrive and cancels it (a copy to the loopback SeaweedFS
+    # runs at 100 MB/s or more on a quiet machine).
+    with image.open("wb") as out:
+        for _ in range(768):
             out.write(os.urandom(MiB))
     prefix = f"cancel-{os.getpid()}-{tmp_path.name}"
     # One request at a time to the copy, so there is time to cut it; a short lease, so a
@@ -266,11 +278,13 @@ def test_a_copy_cut_short_resumes_without_sending_again_what_arrived(
         backup = cluster.backup("big")
         assert backup["status"] == "Completed", backup
         total = chunk_files(cluster.datastore(VAULT))
-        assert len(total) == 384
+        assert len(total) == 1536
 
         # Cut by a cancel: given a copy target, the vault is copied at once; that job is
         # cancelled once some chunks have arrived, and says how many.
         cluster.coffer("vault", "update", VAULT, "--copy-to", "offsite")
+        # The target's lease is taken in the background: a copy before it fails at once.
+        until_copies_writable(cluster)
         started = cluster.coffer("copy", "--vault", VAULT, "--no-wait")  # the one running
         wait_for_progress(cluster, started["id"], 64)
         cancelled = cluster.coffer("job", "cancel", started["id"], check=False)
@@ -290,10 +304,7 @@ def test_a_copy_cut_short_resumes_without_sending_again_what_arrived(
         assert cluster.coffer("job", "show", started["id"])["error_code"] == "ControllerRestarted"
 
         # Resumed: each chunk that arrived is not sent again.
-        deadline = time.monotonic() + 60
-        while cluster.coffer("dashboard", "--vault", VAULT).get("copy_unavailable"):
-            assert time.monotonic() < deadline, "the crashed controller's lease did not expire"
-            time.sleep(0.5)
+        until_copies_writable(cluster)  # the crashed controller's lease expires first
         resumed = cluster.coffer("copy", "--vault", VAULT)
         assert resumed["status"] == "Completed", resumed
         report = resumed["details"]["copy"]

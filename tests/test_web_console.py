@@ -197,7 +197,7 @@ def test_an_operator_signs_in_backs_up_restores_and_filters_jobs(
     # Jobs, filtered as `coffer job list` filters them.
     page.goto(f"{console(cluster)}/jobs")
     choices = page.locator("#job-filters select[name=operation] option").all_inner_texts()
-    assert {"Backup", "Restore", "RestoreDrill", "Copy", "Undelete"} <= set(choices)
+    assert {"Backup", "Restore", "RestoreDrill", "Copy", "Undelete", "VaultUpgrade"} <= set(choices)
     page.select_option("#job-filters select[name=operation]", "Backup")
     page.click("#job-filters button")
     page.wait_for_url("**/jobs?*operation=Backup*")

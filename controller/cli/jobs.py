@@ -241,6 +241,30 @@ _VERIFY_REPORT: dict[str, tuple[str, Callable[[Any], str]]] = {
     "seconds": ("Took", _seconds),
 }
 
+# A vault upgrade's (controller.upgrades): what it did, what it would do, where it is.
+_UPGRADE_REPORT: dict[str, tuple[str, Callable[[Any], str]]] = {
+    "recovery_points_converted": ("Recovery points converted", str),
+    "chunks_converted": ("Chunks converted", str),
+    "chunks_already_converted": ("Chunks converted before", str),
+    "chunks_unreadable": ("Chunks unreadable (their points stay damaged)", str),
+    "objects_written": ("Objects written", str),
+    "bytes_read": ("Read", size),
+    "bytes_written": ("Written", size),
+    "seconds": ("Took", _seconds),
+    "rate_mb_per_second": ("Rate, MB/s", str),
+    "objects_per_second": ("Rate, objects/s", str),
+}
+_UPGRADE_PLAN: dict[str, tuple[str, Callable[[Any], str]]] = {
+    "recovery_points": ("Recovery points", str),
+    "disk_indexes": ("Disk indexes", str),
+    "chunks": ("Chunks", str),
+    "stored_bytes": ("Stored bytes", size),
+    "objects": ("Objects to write", str),
+    "sampled_chunks": ("Rate measured on (chunks)", str),
+    "rate_mb_per_second": ("Measured rate, MB/s", str),
+    "objects_per_second": ("Measured rate, objects/s", str),
+    "estimated_seconds": ("Estimated time", _seconds),
+}
 # A copy's totals (controller.copies), field by field.
 _COPY_REPORT: dict[str, tuple[str, Callable[[Any], str]]] = {
     "recovery_points_copied": ("Recovery points copied", str),
@@ -260,6 +284,8 @@ _COPY_REPORT: dict[str, tuple[str, Callable[[Any], str]]] = {
 _REPORTS = {
     "report": ("Garbage collection", _GC_REPORT),
     "verification": ("Verification", _VERIFY_REPORT),
+    "upgrade": ("Upgrade", _UPGRADE_REPORT),
+    "plan": ("Would rewrite", _UPGRADE_PLAN),
     "copy": ("Copy", _COPY_REPORT),
     "copy_gc": ("Garbage collection of the copy", _GC_REPORT),
 }
@@ -311,6 +337,12 @@ _DETAILS: dict[str, tuple[str, Callable[[Any], str]] | None] = {
     "deleted_from_copy": ("Deleted from the copy", str),
     "damaged_chunks_sent_again": ("Damaged chunks sent again", str),
     "recovery_point_id": None,
+    # A VaultUpgrade job's (controller.upgrades).
+    "from_format": ("From datastore format", str),
+    "to_format": ("To datastore format", str),
+    "dry_run": ("Dry run", lambda v: "yes: nothing was changed" if v else "no"),
+    "resumed_from": ("Takes up job", str),
+    "waiting_for": ("Waiting for", str),
 }
 
 

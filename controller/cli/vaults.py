@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import time
+from typing import Any
 
 import click
 from rich.markup import escape
 
 from controller.cli.client import Connection, call
+from controller.cli.jobs import finish, follow
 from controller.cli.keys import key
 from controller.cli.output import as_dict, console, json_option, print_json, size, span, table, when
 from shared.rpc import operator_pb2
@@ -170,6 +173,73 @@ def _show_vault(found: operator_pb2.Vault) -> None:
         )
     for label, value in settings:
         console.print(f"{label}: {escape(value)}", highlight=False, soft_wrap=True)
+    if found.upgrading_from_format:
+        console.print(
+            f"Upgrade from format {found.upgrading_from_format} under way: "
+            f"{_points(found.points_in_old_format)} still in format "
+            f"{found.upgrading_from_format} (`coffer vault upgrade {escape(found.name)}` takes it "
+            "up if it was stopped)",
+            highlight=False,
+            soft_wrap=True,
+        )
+
+
+def _points(count: int) -> str:
+    return "1 recovery point" if count == 1 else f"{count} recovery points"
+
+
+@vault.command(name="upgrade")
+@click.argument("name")
+@click.option(
+    "--dry-run",
+    is_flag=True,
+    help="Say what would be rewritten and roughly how long it takes; change nothing.",
+)
+@click.option("--no-wait", is_flag=True, help="Start the job and return at once.")
+@json_option
+@click.pass_obj
+def vault_upgrade(
+    connection: Connection, name: str, dry_run: bool, no_wait: bool, as_json: bool
+) -> None:
+    """Convert vault NAME's datastore to the current format.
+
+    Format 1 (plain, before encryption at rest) becomes format 2: every chunk, index and
+    manifest encrypted, chunk names keyed. Every recovery point is kept, with its consistency,
+    retention labels and verification state, and stays readable throughout; backups, restores,
+    prunes and garbage collection go on meanwhile. A VaultUpgrade job: it can be cancelled, and
+    it goes on by itself after a controller restart; run it again to take up one cancelled or
+    failed.
+    """
+    request = operator_pb2.UpgradeVaultRequest(vault=name, dry_run=dry_run)
+    started = call(connection, lambda s: s.UpgradeVault(request))
+    if not as_json:
+        what = "dry run of the upgrade" if dry_run else "upgrade"
+        console.print(
+            f"Started {what} of vault {escape(name)}: job [bold]{started.id}[/bold]",
+            highlight=False,
+            soft_wrap=True,
+        )
+    job = started if no_wait else follow(connection, started.id, as_json)
+    if dry_run and not as_json and job.status == "Completed":
+        _say_plan(name, json.loads(job.details_json or "{}").get("plan", {}))
+    finish(job, as_json)
+
+
+def _say_plan(name: str, plan: dict[str, Any]) -> None:
+    """A dry run's plan, in words."""
+    if not plan.get("recovery_points"):
+        console.print(f"Vault {escape(name)}: nothing to convert.", highlight=False)
+        return
+    console.print(
+        f"Vault {escape(name)}: the upgrade would rewrite {_points(plan['recovery_points'])} "
+        f"({plan['disk_indexes']} disk indexes) and {plan['chunks']} chunks "
+        f"({size(plan['stored_bytes'])} stored), {plan['objects']} objects in all. At the rate "
+        f"measured on {plan['sampled_chunks']} of its chunks ({plan['rate_mb_per_second']} MB/s, "
+        f"{plan['objects_per_second']} objects/s: read, checked, renamed, encrypted and "
+        f"written), that takes about {span(float(plan['estimated_seconds']))}.",
+        highlight=False,
+        soft_wrap=True,
+    )
 
 
 @vault.command(name="update")

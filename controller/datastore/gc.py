@@ -65,6 +65,12 @@ sync (`delete_chunk(durable=False)`) and syncs once per batch of deletes, outsid
 delete a crash undoes only brings garbage back, which the next collection deletes again; and a
 job that checks for a chunk after the unlink already finds it missing, synced or not.
 
+A datastore being upgraded from format 1 (upgrade.py) is collected as one: the recovery points
+of its format-1 part (given as `legacy`) are marked too, with their uncommitted indexes, and the
+sweep goes over `chunks/` once, where both formats' chunks live. Recovery points named in `skip`
+are not marked from the format-2 keys: while the upgrade switches, those keys still hold the
+format-1 copies it has moved aside (the `legacy` part marks them).
+
 A collection checks for abort before every item it works on (a manifest, an uncommitted
 recovery point, a listed chunk), as Proxmox Backup Server's does, so a cancelled job or a
 stopping controller does not wait for a sweep of millions of chunks. Stopped during the mark,
@@ -77,7 +83,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -214,6 +220,8 @@ def collect_garbage(
     guard: ChunkGuard,
     progress: Progress | None = None,
     should_stop: ShouldStop | None = None,
+    legacy: Datastore | None = None,
+    skip: Collection[str] = (),
 ) -> GcReport:
     """Delete the chunks (and leftover indexes) nothing needs, written before `cutoff`.
 
@@ -224,6 +232,9 @@ def collect_garbage(
     the first chunk is listed, every 1024 chunks, and at the end with `total` = chunks seen.
     `should_stop()` is asked before every manifest, uncommitted recovery point and chunk; once
     it says True the collection returns what it did so far (`stopped`), its deletes synced.
+
+    `legacy`, `skip`: a datastore being upgraded (module note): its format-1 part, and the
+    recovery points not to mark from the format-2 keys.
 
     Raises CorruptData or UnsupportedFormat, having deleted no chunk, when a manifest or index
     cannot be read; the store's errors (DatastoreError) as they come, after which running it
@@ -241,8 +252,14 @@ def collect_garbage(
     with guard.sweeping() as sweep:
         try:
             try:
-                _mark(datastore, cutoff, report, check, mark)
+                _mark(datastore, cutoff, report, check, mark, skip)
                 orphans_deleted = _delete_leftover_indexes(datastore, mark)
+                if legacy is not None:
+                    old = _Mark()
+                    _mark(legacy, cutoff, report, check, old)
+                    orphans_deleted += _delete_leftover_indexes(legacy, old)
+                    mark.referenced |= old.referenced
+                    mark.recovery_points += old.recovery_points
             except (CorruptData, UnsupportedFormat) as error:
                 raise type(error)(
                     f"{error.message.rstrip('.')}. Garbage collection of "
@@ -291,8 +308,9 @@ def _mark(
     progress: Progress,
     check: Callable[[], None],
     mark: _Mark,
+    skip: Collection[str] = (),
 ) -> None:
-    committed = list(datastore.list_recovery_point_ids())
+    committed = [rp_id for rp_id in datastore.list_recovery_point_ids() if rp_id not in skip]
     marked: set[str] = set()
     for done, rp_id in enumerate(committed, 1):
         check()
@@ -306,7 +324,7 @@ def _mark(
             marked.add(rp_id)
     # Listed after the manifests: a backup committing in between shows up as uncommitted here,
     # and is caught by the manifest check below (and protected by its holds in any case).
-    listed = set(committed) | marked
+    listed = set(committed) | set(skip) | marked
     uncommitted = sorted(
         (rp_id, disks) for rp_id, disks in datastore.list_indexes().items() if rp_id not in listed
     )

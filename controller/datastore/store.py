@@ -10,6 +10,11 @@ An encrypted datastore (format 2) reads and writes every object through an `Encr
 (encrypted.py) over the storage, names chunks with its vault's keyed BLAKE3, and keeps its
 wrapped keys in `datastore.json` (keys.py). A format-1 datastore reads and writes as it always
 has: plain objects, plain BLAKE3 names.
+
+A format-1 datastore being upgraded to format 2 (upgrade.py) has a format-2 `datastore.json`
+that also describes what is left of format 1 (`DatastoreConfig.upgrading_from`): this class
+opens its format-2 part; the format-1 part is a second `Datastore` over a `LegacyLayout`
+(legacy.py), which the controller builds beside it (controller/datastores.py).
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from controller.datastore.description import (
 )
 from controller.datastore.encrypted import CIPHER_NAME, EncryptingStore
 from controller.datastore.keys import Keyring, MasterKey, WrappedKeyring, export_text
+from controller.datastore.legacy import LEGACY_PREFIX
 from shared.blob import Compression, decode_blob, decompress, encode_blob
 from shared.clock import Clock, SystemClock
 from shared.digest import (
@@ -63,6 +69,10 @@ ENCRYPTED_FORMAT = 2
 """Every object but datastore.json encrypted, chunks named by keyed BLAKE3, wrapped keys."""
 CONFIG_FORMAT = ENCRYPTED_FORMAT
 """The newest datastore format this code reads and writes."""
+UPGRADING_HASH = f"{KEYED_CHUNK_HASH}+{CHUNK_HASH}"
+"""The `hash` a datastore being upgraded from format 1 records: its chunks have either name.
+No code older than the upgrade knows it, so such code refuses the datastore (UnsupportedFormat)
+instead of taking the format-1 chunks for garbage."""
 NO_ENCRYPTION = "none"
 CHUNKS = "chunks/"
 INDEXES = "indexes/"
@@ -127,8 +137,10 @@ class DatastoreConfig:
     Format 1: {"format", "chunk_size", "hash": "blake3", "compression": "zstd"}.
     Format 2 adds "encryption": "aes-256-gcm", the "vault" it belongs to, and its "keys"
     (keys.py: the datastore id, the wrapped chunk-id key, the wrapped data keys and which one is
-    current), with "hash": "blake3-keyed". Two configs are equal when their settings are; the
-    keys are not settings (they change on rotation).
+    current), with "hash": "blake3-keyed". While a format-1 datastore is upgraded it is format
+    2 with "hash": "blake3-keyed+blake3" and "upgrade": {"from": its format-1 settings,
+    "prefix": "format1/"} (`upgrading_from`). Two configs are equal when their settings are;
+    the keys are not settings (they change on rotation).
     """
 
     chunk_size: int
@@ -138,6 +150,9 @@ class DatastoreConfig:
     vault: str = ""
     """The vault of an encrypted datastore (bound into its wrapped keys); "" in format 1."""
     keys: WrappedKeyring | None = field(default=None, compare=False, repr=False)
+    upgrading_from: DatastoreConfig | None = None
+    """While an upgrade runs: the settings of the format it converts from, whose indexes and
+    manifests are under `LEGACY_PREFIX` and whose chunks share `chunks/` (upgrade.py)."""
 
     def __post_init__(self) -> None:
         size = self.chunk_size
@@ -158,6 +173,16 @@ class DatastoreConfig:
             raise InvalidArgument(
                 detail=f"an encrypted datastore needs a vault name, not {self.vault!r}"
             )
+        old = self.upgrading_from
+        if old is not None and (
+            not self.encrypted
+            or old.encrypted
+            or old.upgrading_from is not None
+            or old.chunk_size != self.chunk_size
+        ):
+            raise InvalidArgument(
+                detail="only a format-1 datastore of the same chunk size is upgraded to format 2"
+            )
 
     @classmethod
     def plain(cls, chunk_size: int) -> DatastoreConfig:
@@ -177,7 +202,13 @@ class DatastoreConfig:
     def format(self) -> int:
         return ENCRYPTED_FORMAT if self.encrypted else PLAIN_FORMAT
 
-    def encode(self) -> bytes:
+    def upgraded(self, keys: WrappedKeyring, vault: str) -> DatastoreConfig:
+        """The settings of this format-1 datastore while it is upgraded to format 2."""
+        return DatastoreConfig(
+            self.chunk_size, KEYED_CHUNK_HASH, "zstd", CIPHER_NAME, vault, keys, self
+        )
+
+    def _document(self) -> dict[str, Any]:
         document: dict[str, Any] = {
             "format": self.format,
             "chunk_size": self.chunk_size,
@@ -188,7 +219,16 @@ class DatastoreConfig:
             if self.keys is None:
                 raise InvalidArgument(detail="an encrypted datastore's settings need its keys")
             document.update(encryption=self.encryption, vault=self.vault, keys=self.keys.to_json())
-        return (json.dumps(document, sort_keys=True, indent=2) + "\n").encode("utf-8")
+        if self.upgrading_from is not None:
+            document["hash"] = UPGRADING_HASH
+            document["upgrade"] = {
+                "from": self.upgrading_from._document(),
+                "prefix": LEGACY_PREFIX,
+            }
+        return document
+
+    def encode(self) -> bytes:
+        return (json.dumps(self._document(), sort_keys=True, indent=2) + "\n").encode("utf-8")
 
     @classmethod
     def decode(cls, data: bytes) -> DatastoreConfig:
@@ -207,6 +247,10 @@ class DatastoreConfig:
         hash_name: Any = document.get("hash")
         compression: Any = document.get("compression")
         encryption: Any = document.get("encryption", NO_ENCRYPTION)
+        upgrading_from = None
+        if version == ENCRYPTED_FORMAT and hash_name == UPGRADING_HASH:
+            upgrading_from = cls._upgrade_of(document.get("upgrade"), what)
+            hash_name = KEYED_CHUNK_HASH
         if (hash_name, encryption) != _FORMATS[version] or compression != "zstd":
             known_hash, known_encryption = _FORMATS[version]
             raise UnsupportedFormat(
@@ -227,9 +271,21 @@ class DatastoreConfig:
                 raise CorruptData(what=what, detail=f"bad vault {vault!r}")
             keys = WrappedKeyring.from_json(document.get("keys"), what)
         try:
-            return cls(chunk_size, hash_name, compression, encryption, vault, keys)
+            return cls(chunk_size, hash_name, compression, encryption, vault, keys, upgrading_from)
         except InvalidArgument as error:
             raise CorruptData(what=what, detail=error.fields.get("detail")) from None
+
+    @classmethod
+    def _upgrade_of(cls, upgrade: Any, what: str) -> DatastoreConfig:
+        """The format an upgrade converts from, as `datastore.json` records it."""
+        if not isinstance(upgrade, dict) or upgrade.get("prefix") != LEGACY_PREFIX:
+            raise CorruptData(
+                what=what, detail=f"an upgrade in progress is described as {upgrade!r}"
+            )
+        previous = upgrade.get("from")
+        if not isinstance(previous, dict) or previous.get("format") != PLAIN_FORMAT:
+            raise CorruptData(what=what, detail=f"an upgrade from {previous!r}")
+        return cls.decode(json.dumps(previous).encode("utf-8"))
 
 
 def _naming(error: UnsupportedFormat, what: str) -> UnsupportedFormat:
@@ -404,6 +460,47 @@ class Datastore:
             )
         return cls(storage, found, cls._unwrap(storage, found, master), master, clock)
 
+    # --- an upgrade from format 1 (upgrade.py) ------------------------------------------------
+
+    @classmethod
+    def begin_upgrade(
+        cls,
+        storage: ObjectStore,
+        old: DatastoreConfig,
+        master: MasterKey,
+        vault: str,
+        clock: Clock | None = None,
+    ) -> Datastore:
+        """Make the keys of the format-2 datastore that format-1 datastore `old` in `storage`
+        becomes, store them in its `datastore.json` (which then says an upgrade runs), and
+        return that format-2 datastore. Conflict, with nothing written, unless `datastore.json`
+        is `old` now: it is rewritten once, by the one upgrade that found it so."""
+        if cls._read_config(storage) != old or old.encrypted:
+            raise Conflict(
+                detail=f"the datastore at {storage.location} is not the format-1 datastore the "
+                "upgrade was to convert (its datastore.json changed)"
+            )
+        now = datetime.fromtimestamp((clock or SystemClock()).now(), UTC)
+        keyring = Keyring.generate(vault, now)
+        config = old.upgraded(WrappedKeyring.wrap(keyring, master), vault)
+        storage.put(CONFIG_KEY, config.encode())
+        return cls.open(storage, master=master, require_encryption=True, clock=clock)
+
+    def finish_upgrade(self) -> None:
+        """The upgrade is done: `datastore.json` says format 2 and nothing more (the same keys).
+        Conflict, with nothing written, if it changed since this datastore was opened."""
+        stored = DatastoreConfig.decode(self.storage.get(CONFIG_KEY))
+        if stored != self.config:
+            raise Conflict(
+                detail=f"datastore.json at {self.storage.location} changed since the datastore "
+                "was opened; reopen it before finishing the upgrade"
+            )
+        if self.config.upgrading_from is None:
+            return
+        config = replace(stored, upgrading_from=None)
+        self.storage.put(CONFIG_KEY, config.encode())
+        self.config = config
+
     # --- keys of an encrypted datastore -------------------------------------------------------
 
     @property
@@ -570,6 +667,35 @@ class Datastore:
         if not replace and self.backend.has(key):
             return 0
         blob = encode_blob(kind, raw_size, payload)
+        self.backend.put(key, blob)
+        return len(blob)
+
+    def put_chunk_blob(
+        self,
+        digest: bytes,
+        compression: Compression,
+        raw_size: int,
+        payload: bytes,
+        *,
+        replace: bool = False,
+    ) -> int:
+        """Store a chunk the controller itself has just read, decompressed and named with this
+        datastore's `chunk_hash` (an upgrade converting it from another format): `payload` as
+        it is, under `digest`, without decompressing or hashing it again. The bytes written (0
+        if it was already here; with `replace`, a chunk known bad, it is written anyway). Never
+        for what an agent sends: that is `put_chunk`'s."""
+        if check_digest(digest) == ZERO_DIGEST:
+            raise InvalidArgument(
+                detail="the zero digest stands for an all-zero chunk, which is never stored"
+            )
+        if not 0 < raw_size <= self.chunk_size:
+            raise InvalidArgument(
+                detail=f"chunk raw size {raw_size} is not within 1..{self.chunk_size} bytes"
+            )
+        key = chunk_key(digest)
+        if not replace and self.backend.has(key):
+            return 0
+        blob = encode_blob(compression, raw_size, payload)
         self.backend.put(key, blob)
         return len(blob)
 

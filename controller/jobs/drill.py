@@ -215,7 +215,8 @@ class DrillJobs:
             job.id,
             rp,
             disk,
-            await self._datastores.get(rp.vault),
+            # Of a vault being upgraded, the format its point is in now (controller.datastores).
+            await self._datastores.reader(rp.vault, rp.id),
             self._datastores.guard(rp.vault),
             self._pool,
         )

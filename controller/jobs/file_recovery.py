@@ -224,7 +224,8 @@ class FileRecoveries:
             job.id,
             rp,
             source.disk,
-            copy.datastore if copy else await self._datastores.get(rp.vault),
+            # Of a vault being upgraded, the format its point is in now (controller.datastores).
+            copy.datastore if copy else await self._datastores.reader(rp.vault, rp.id),
             copy.guard if copy else self._datastores.guard(rp.vault),
             self._pool,
             copy=copy.target if copy else "",

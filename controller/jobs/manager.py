@@ -81,6 +81,8 @@ class JobManager:
         self._own_supervisor = supervisor is None
         # Jobs the last shutdown interrupted, failed when the manager started.
         self.interrupted: list[JobRecord] = []
+        # Recovery points other jobs read (a vault upgrade's), by job id: not pruned meanwhile.
+        self._reading: dict[str, set[str]] = {}
         registry.on_connect.append(lambda vm_id: self.kick())
         if status is not None:
             # The monitor shows an agent's progress only for that agent's own running jobs.
@@ -316,9 +318,13 @@ class JobManager:
         raise PermissionDenied(detail=f"job {job_id} reads no disk index")
 
     async def datastore(self, running: RunningJob) -> Datastore:
-        """Where the job reads: a restore's session's datastore (the vault's, or its copy)."""
+        """Where the job reads: a restore's session's datastore (the vault's, of a vault being
+        upgraded either part, or its copy), a backup's the one it started with (in a vault
+        being upgraded, maybe the format-1 part), else its vault's."""
         if isinstance(running, RunningRestore) and running.session is not None:
             return running.session.datastore
+        if isinstance(running, RunningBackup) and running.transaction is not None:
+            return running.transaction.datastore
         return await self._datastores.get(running.record.vault)
 
     async def missing_chunks(self, running: RunningBackup, digests: list[bytes]) -> list[bytes]:
@@ -379,8 +385,18 @@ class JobManager:
         return sum(1 for running in self._runner if running.record.vault == vault)
 
     def in_use(self) -> set[str]:
-        """Recovery points running jobs read: an incremental's base, a restore's source."""
-        return self._backups.in_use() | self._restores.in_use()
+        """Recovery points running jobs read: an incremental's base, a restore's source, what
+        a vault upgrade converts."""
+        return (
+            self._backups.in_use() | self._restores.in_use() | set().union(*self._reading.values())
+        )
+
+    def reading(self, job_id: str, rp_ids: Sequence[str]) -> None:
+        """Job `job_id` reads recovery points `rp_ids` until `done_reading`: none is pruned."""
+        self._reading[job_id] = set(rp_ids)
+
+    def done_reading(self, job_id: str) -> None:
+        self._reading.pop(job_id, None)
 
     async def job(self, job_id: str) -> JobRecord:
         running = self._runner.get(job_id)

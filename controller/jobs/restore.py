@@ -255,7 +255,8 @@ class Restores:
             job.id,
             rp,
             disk,
-            copy.datastore if copy else await self._datastores.get(rp.vault),
+            # Of a vault being upgraded, the format its point is in now (controller.datastores).
+            copy.datastore if copy else await self._datastores.reader(rp.vault, rp.id),
             copy.guard if copy else self._datastores.guard(rp.vault),
             self._pool,
             copy=copy.target if copy else "",
@@ -368,7 +369,7 @@ async def record_damage(
     rp = session.recovery_point
     reported = list(running.result.damaged_chunks) if running.result else []
     confirmed, since = await integrity.confirm(
-        rp.vault, [d for d in reported if d in session.allowed]
+        rp.vault, [d for d in reported if d in session.allowed], session.datastore
     )
     if confirmed:
         damage = await asyncio.get_running_loop().run_in_executor(

@@ -12,7 +12,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class Vault(_message.Message):
-    __slots__ = ("name", "region", "chunk_size", "created_at", "max_concurrent_backups", "registered_items", "protected_items", "recovery_points", "stored_bytes", "verify_new", "reverify_days", "drill", "datastore", "datastore_format", "encryption", "current_data_key", "copy_target", "copy_location", "soft_delete_days", "deleted_recovery_points")
+    __slots__ = ("name", "region", "chunk_size", "created_at", "max_concurrent_backups", "registered_items", "protected_items", "recovery_points", "stored_bytes", "verify_new", "reverify_days", "drill", "datastore", "datastore_format", "encryption", "current_data_key", "upgrading_from_format", "points_in_old_format", "copy_target", "copy_location", "soft_delete_days", "deleted_recovery_points")
     NAME_FIELD_NUMBER: _ClassVar[int]
     REGION_FIELD_NUMBER: _ClassVar[int]
     CHUNK_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -29,6 +29,8 @@ class Vault(_message.Message):
     DATASTORE_FORMAT_FIELD_NUMBER: _ClassVar[int]
     ENCRYPTION_FIELD_NUMBER: _ClassVar[int]
     CURRENT_DATA_KEY_FIELD_NUMBER: _ClassVar[int]
+    UPGRADING_FROM_FORMAT_FIELD_NUMBER: _ClassVar[int]
+    POINTS_IN_OLD_FORMAT_FIELD_NUMBER: _ClassVar[int]
     COPY_TARGET_FIELD_NUMBER: _ClassVar[int]
     COPY_LOCATION_FIELD_NUMBER: _ClassVar[int]
     SOFT_DELETE_DAYS_FIELD_NUMBER: _ClassVar[int]
@@ -49,11 +51,21 @@ class Vault(_message.Message):
     datastore_format: int
     encryption: str
     current_data_key: int
+    upgrading_from_format: int
+    points_in_old_format: int
     copy_target: str
     copy_location: str
     soft_delete_days: int
     deleted_recovery_points: int
-    def __init__(self, name: _Optional[str] = ..., region: _Optional[str] = ..., chunk_size: _Optional[int] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., max_concurrent_backups: _Optional[int] = ..., registered_items: _Optional[int] = ..., protected_items: _Optional[int] = ..., recovery_points: _Optional[int] = ..., stored_bytes: _Optional[int] = ..., verify_new: _Optional[bool] = ..., reverify_days: _Optional[int] = ..., drill: _Optional[_Union[DrillSettings, _Mapping]] = ..., datastore: _Optional[str] = ..., datastore_format: _Optional[int] = ..., encryption: _Optional[str] = ..., current_data_key: _Optional[int] = ..., copy_target: _Optional[str] = ..., copy_location: _Optional[str] = ..., soft_delete_days: _Optional[int] = ..., deleted_recovery_points: _Optional[int] = ...) -> None: ...
+    def __init__(self, name: _Optional[str] = ..., region: _Optional[str] = ..., chunk_size: _Optional[int] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., max_concurrent_backups: _Optional[int] = ..., registered_items: _Optional[int] = ..., protected_items: _Optional[int] = ..., recovery_points: _Optional[int] = ..., stored_bytes: _Optional[int] = ..., verify_new: _Optional[bool] = ..., reverify_days: _Optional[int] = ..., drill: _Optional[_Union[DrillSettings, _Mapping]] = ..., datastore: _Optional[str] = ..., datastore_format: _Optional[int] = ..., encryption: _Optional[str] = ..., current_data_key: _Optional[int] = ..., upgrading_from_format: _Optional[int] = ..., points_in_old_format: _Optional[int] = ..., copy_target: _Optional[str] = ..., copy_location: _Optional[str] = ..., soft_delete_days: _Optional[int] = ..., deleted_recovery_points: _Optional[int] = ...) -> None: ...
+
+class UpgradeVaultRequest(_message.Message):
+    __slots__ = ("vault", "dry_run")
+    VAULT_FIELD_NUMBER: _ClassVar[int]
+    DRY_RUN_FIELD_NUMBER: _ClassVar[int]
+    vault: str
+    dry_run: bool
+    def __init__(self, vault: _Optional[str] = ..., dry_run: _Optional[bool] = ...) -> None: ...
 
 class RotateVaultKeyRequest(_message.Message):
     __slots__ = ("vault", "new_data_key")

@@ -195,6 +195,11 @@ class OperatorServiceStub:
                 request_serializer=coffer_dot_v1_dot_operator__pb2.VaultRef.SerializeToString,
                 response_deserializer=coffer_dot_v1_dot_operator__pb2.VaultKeyExport.FromString,
                 _registered_method=True)
+        self.UpgradeVault = channel.unary_unary(
+                '/coffer.v1.OperatorService/UpgradeVault',
+                request_serializer=coffer_dot_v1_dot_operator__pb2.UpgradeVaultRequest.SerializeToString,
+                response_deserializer=coffer_dot_v1_dot_operator__pb2.Job.FromString,
+                _registered_method=True)
         self.ListRecoveryPoints = channel.unary_unary(
                 '/coffer.v1.OperatorService/ListRecoveryPoints',
                 request_serializer=coffer_dot_v1_dot_operator__pb2.ListRecoveryPointsRequest.SerializeToString,
@@ -483,6 +488,16 @@ class OperatorServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def UpgradeVault(self, request, context):
+        """Convert the vault's datastore to the current format, keeping every recovery point: a
+        VaultUpgrade job, returned as it starts (it resumes when the controller restarts). With
+        dry_run, a job that only says what it would rewrite and roughly how long it would take
+        (its details' "plan"). Refused (Conflict) for a vault in the current format already.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ListRecoveryPoints(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -736,6 +751,11 @@ def add_OperatorServiceServicer_to_server(servicer, server):
                     servicer.ExportVaultKeys,
                     request_deserializer=coffer_dot_v1_dot_operator__pb2.VaultRef.FromString,
                     response_serializer=coffer_dot_v1_dot_operator__pb2.VaultKeyExport.SerializeToString,
+            ),
+            'UpgradeVault': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpgradeVault,
+                    request_deserializer=coffer_dot_v1_dot_operator__pb2.UpgradeVaultRequest.FromString,
+                    response_serializer=coffer_dot_v1_dot_operator__pb2.Job.SerializeToString,
             ),
             'ListRecoveryPoints': grpc.unary_unary_rpc_method_handler(
                     servicer.ListRecoveryPoints,
@@ -1662,6 +1682,33 @@ class OperatorService:
             '/coffer.v1.OperatorService/ExportVaultKeys',
             coffer_dot_v1_dot_operator__pb2.VaultRef.SerializeToString,
             coffer_dot_v1_dot_operator__pb2.VaultKeyExport.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpgradeVault(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/coffer.v1.OperatorService/UpgradeVault',
+            coffer_dot_v1_dot_operator__pb2.UpgradeVaultRequest.SerializeToString,
+            coffer_dot_v1_dot_operator__pb2.Job.FromString,
             options,
             channel_credentials,
             insecure,

@@ -30,6 +30,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from controller.datastore import CONFIG_KEY, DatastoreConfig
 from tests.bench.measure import (
     ProcessWatch,
     StepFailed,
@@ -91,8 +92,12 @@ class Coffer:
         before_step: Callable[[], None] = _nothing,
         timeout_s: float = 3600.0,
         start_timeout_s: float = 60.0,
+        plain_vault: bool = False,
     ) -> None:
         self.name = f"coffer-{size_label(chunk_size)}"
+        # The vault made format 1 (plain, as before encryption at rest), for the upgrade's
+        # benchmark (tests.bench.upgrade).
+        self.plain_vault = plain_vault
         self.dir = workdir
         self.source = source
         self.chunk_size = chunk_size
@@ -166,6 +171,12 @@ class Coffer:
         self.agent = self._start("coffer-agent", agent_toml)
         self._wait_agent()
         # The vault workflow: a vault in the agent's region, the VM registered and protected.
+        if self.plain_vault:
+            # A datastore.json found where the vault's datastore goes is used as it is.
+            self.vault_datastore.mkdir(parents=True, exist_ok=True)
+            (self.vault_datastore / CONFIG_KEY).write_bytes(
+                DatastoreConfig.plain(self.chunk_size).encode()
+            )
         self._cli_plain(["vault", "create", VAULT, "--region", "local"])
         self._cli_plain(["register", "--vault", VAULT, VM_ID])
         self._cli_plain(["protect", "--vault", VAULT, "--policy", "DefaultPolicy", VM_ID])
@@ -250,6 +261,11 @@ class Coffer:
     @property
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
+
+    @property
+    def vault_datastore(self) -> Path:
+        """The bench vault's datastore directory."""
+        return self.state / "datastores" / VAULT
 
     @property
     def datastore(self) -> Path:
