@@ -36,6 +36,7 @@ from functools import partial
 
 import grpc
 
+from controller.agent_limits import AgentAdmission, IndexBudget
 from controller.agent_service import AgentService
 from controller.audit import AuditLog
 from controller.broker import PrivateBroker
@@ -212,14 +213,17 @@ class Controller:
                 )
                 await enrol_server.start()
                 stack.push_async_callback(enrol_server.stop, SHUTDOWN_GRACE_SECONDS)
-                log.info(
-                    "enrolment listener on %s (port %d)", config.enrol_listen, self.enrol_port
-                )
+                log.info("enrolment listener on %s (port %d)", config.enrol_listen, self.enrol_port)
 
             server = grpc.aio.server(
                 options=server_options(),
-                # The error mapping first: it also maps the identity check's refusals.
-                interceptors=(ErrorMapping(), CallerIdentity(revocations, audit)),
+                # The error mapping first: it also maps the identity check's refusals; an
+                # agent's calls are counted once it is known who calls.
+                interceptors=(
+                    ErrorMapping(),
+                    CallerIdentity(revocations, audit),
+                    AgentAdmission(),
+                ),
             )
             agent_pb2_grpc.add_AgentServiceServicer_to_server(
                 AgentService(
@@ -230,6 +234,7 @@ class Controller:
                     advertised,
                     coffer_version(),
                     enrolment=enrolment,
+                    index_budget=IndexBudget(),
                 ),
                 server,
             )
