@@ -132,6 +132,12 @@ class Integrity:
             )
         return found
 
+    async def unreadable(self, vault: str, rp_id: str, detail: str, *, by: str) -> None:
+        """Recovery point `rp_id` cannot be read for a reason that is not a chunk's (an index
+        that does not decode, a manifest gone): damaged from now, with `detail`."""
+        log.warning("vault %s: recovery point %s is damaged (job %s): %s", vault, rp_id, by, detail)
+        await self._catalog.record_point_damaged(rp_id, detail, self._clock.now(), by)
+
     # --- found good ----------------------------------------------------------------------------
 
     async def repaired(self, vault: str, digests: Iterable[bytes], *, by: str) -> list[str]:

@@ -442,6 +442,7 @@ class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
             datastore_format=storage.format,
             encryption=storage.encryption,
             current_data_key=storage.current_data_key,
+            shared_dedup=vault.shared_dedup,
         )
 
     async def CreateVault(
@@ -470,18 +471,25 @@ class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
     ) -> operator_pb2.Vault:
         verify_new = request.verify_new if request.HasField("verify_new") else None
         reverify_days = request.reverify_days if request.HasField("reverify_days") else None
-        if not request.max_concurrent_backups and verify_new is None and reverify_days is None:
+        shared_dedup = request.shared_dedup if request.HasField("shared_dedup") else None
+        if (
+            not request.max_concurrent_backups
+            and verify_new is None
+            and reverify_days is None
+            and shared_dedup is None
+        ):
             # A request that would change nothing is refused: saying nothing about that is how
             # `--max-concurrent-backups 0` went unnoticed.
             raise InvalidArgument(
-                detail="nothing to change: give max_concurrent_backups (1 to 64), verify_new "
-                "or reverify_days"
+                detail="nothing to change: give max_concurrent_backups (1 to 64), verify_new, "
+                "reverify_days or shared_dedup"
             )
         vault = await self._vaults.update(
             request.name,
             request.max_concurrent_backups,
             verify_new=verify_new,
             reverify_days=reverify_days,
+            shared_dedup=shared_dedup,
         )
         self._jobs.set_limit(vault.name, vault.max_concurrent_backups)
         return await self._vault(vault)

@@ -145,9 +145,10 @@ class Vaults:
         *,
         verify_new: bool | None = None,
         reverify_days: int | None = None,
+        shared_dedup: bool | None = None,
     ) -> VaultRecord:
         """Change a vault's settings: 0 or None leaves one unchanged. Every value is checked
-        before any is written."""
+        before any is written, and all are written in one transaction."""
         if max_concurrent_backups:
             _check_limit(max_concurrent_backups)
         if reverify_days is not None and not 0 <= reverify_days <= MAX_REVERIFY_DAYS:
@@ -155,13 +156,13 @@ class Vaults:
                 detail=f"re-verify after {reverify_days} days: give 0 (off) to "
                 f"{MAX_REVERIFY_DAYS} days"
             )
-        await self._catalog.vault(name)
-        if max_concurrent_backups:
-            await self._catalog.set_max_concurrent_backups(name, max_concurrent_backups)
-        if verify_new is not None or reverify_days is not None:
-            await self._catalog.set_verify_settings(
-                name, verify_new=verify_new, reverify_days=reverify_days
-            )
+        await self._catalog.update_vault(
+            name,
+            max_concurrent_backups=max_concurrent_backups or None,
+            verify_new=verify_new,
+            reverify_days=reverify_days,
+            shared_dedup=shared_dedup,
+        )
         return await self._catalog.vault(name)
 
     async def delete(self, name: str, running_jobs: int) -> VaultRecord:

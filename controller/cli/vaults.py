@@ -130,6 +130,12 @@ def vault_show(connection: Connection, name: str, as_json: bool) -> None:
     else:
         kept = "not encrypted (format 1)"
     console.print(f"Datastore: {escape(found.datastore)}, {kept}", highlight=False, soft_wrap=True)
+    dedup = (
+        "across all its VMs (one trust domain)"
+        if found.shared_dedup
+        else "per VM (each against what it stored itself)"
+    )
+    console.print(f"Deduplication: {dedup}", highlight=False, soft_wrap=True)
 
 
 @vault.command(name="update")
@@ -152,6 +158,13 @@ def vault_show(connection: Connection, name: str, as_json: bool) -> None:
     default=None,
     help="Daily, verify the points not verified for N days (0: off).",
 )
+@click.option(
+    "--shared-dedup",
+    type=click.Choice(["on", "off"]),
+    default=None,
+    help="on: the vault's VMs are one trust domain, each backup deduplicates against "
+    "everything the vault holds; off (the default): only against what its own VM stored.",
+)
 @json_option
 @click.pass_obj
 def vault_update(
@@ -160,6 +173,7 @@ def vault_update(
     max_concurrent_backups: int | None,
     verify_new: str | None,
     reverify_days: int | None,
+    shared_dedup: str | None,
     as_json: bool,
 ) -> None:
     """Change a vault's settings.
@@ -167,10 +181,19 @@ def vault_update(
     Queued backups start at once if the limit rose. Verify settings schedule Verify jobs:
     of each new recovery point after its backup, and daily (with the vault's maintenance, at
     03:30 UTC) of the points never verified or not verified for N days.
+
+    With --shared-dedup on, a VM's backup learns whether the vault holds a content any VM
+    stored (and sends less): turn it on only for VMs that trust each other.
     """
-    if max_concurrent_backups is None and verify_new is None and reverify_days is None:
+    if (
+        max_concurrent_backups is None
+        and verify_new is None
+        and reverify_days is None
+        and shared_dedup is None
+    ):
         raise click.UsageError(
-            "nothing to change: give --max-concurrent-backups, --verify-new or --reverify-days"
+            "nothing to change: give --max-concurrent-backups, --verify-new, --reverify-days "
+            "or --shared-dedup"
         )
     request = operator_pb2.UpdateVaultRequest(
         name=name, max_concurrent_backups=max_concurrent_backups or 0
@@ -179,6 +202,8 @@ def vault_update(
         request.verify_new = verify_new == "on"
     if reverify_days is not None:
         request.reverify_days = reverify_days
+    if shared_dedup is not None:
+        request.shared_dedup = shared_dedup == "on"
     updated = call(connection, lambda s: s.UpdateVault(request))
     if as_json:
         print_json(as_dict(updated))

@@ -12,7 +12,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class Vault(_message.Message):
-    __slots__ = ("name", "region", "chunk_size", "created_at", "max_concurrent_backups", "registered_items", "protected_items", "recovery_points", "stored_bytes", "verify_new", "reverify_days", "datastore", "datastore_format", "encryption", "current_data_key")
+    __slots__ = ("name", "region", "chunk_size", "created_at", "max_concurrent_backups", "registered_items", "protected_items", "recovery_points", "stored_bytes", "verify_new", "reverify_days", "datastore", "datastore_format", "encryption", "current_data_key", "shared_dedup")
     NAME_FIELD_NUMBER: _ClassVar[int]
     REGION_FIELD_NUMBER: _ClassVar[int]
     CHUNK_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -28,6 +28,7 @@ class Vault(_message.Message):
     DATASTORE_FORMAT_FIELD_NUMBER: _ClassVar[int]
     ENCRYPTION_FIELD_NUMBER: _ClassVar[int]
     CURRENT_DATA_KEY_FIELD_NUMBER: _ClassVar[int]
+    SHARED_DEDUP_FIELD_NUMBER: _ClassVar[int]
     name: str
     region: str
     chunk_size: int
@@ -43,7 +44,8 @@ class Vault(_message.Message):
     datastore_format: int
     encryption: str
     current_data_key: int
-    def __init__(self, name: _Optional[str] = ..., region: _Optional[str] = ..., chunk_size: _Optional[int] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., max_concurrent_backups: _Optional[int] = ..., registered_items: _Optional[int] = ..., protected_items: _Optional[int] = ..., recovery_points: _Optional[int] = ..., stored_bytes: _Optional[int] = ..., verify_new: _Optional[bool] = ..., reverify_days: _Optional[int] = ..., datastore: _Optional[str] = ..., datastore_format: _Optional[int] = ..., encryption: _Optional[str] = ..., current_data_key: _Optional[int] = ...) -> None: ...
+    shared_dedup: bool
+    def __init__(self, name: _Optional[str] = ..., region: _Optional[str] = ..., chunk_size: _Optional[int] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., max_concurrent_backups: _Optional[int] = ..., registered_items: _Optional[int] = ..., protected_items: _Optional[int] = ..., recovery_points: _Optional[int] = ..., stored_bytes: _Optional[int] = ..., verify_new: _Optional[bool] = ..., reverify_days: _Optional[int] = ..., datastore: _Optional[str] = ..., datastore_format: _Optional[int] = ..., encryption: _Optional[str] = ..., current_data_key: _Optional[int] = ..., shared_dedup: _Optional[bool] = ...) -> None: ...
 
 class RotateVaultKeyRequest(_message.Message):
     __slots__ = ("vault", "new_data_key")
@@ -88,16 +90,18 @@ class CreateVaultRequest(_message.Message):
     def __init__(self, name: _Optional[str] = ..., region: _Optional[str] = ..., max_concurrent_backups: _Optional[int] = ..., timezone: _Optional[str] = ...) -> None: ...
 
 class UpdateVaultRequest(_message.Message):
-    __slots__ = ("name", "max_concurrent_backups", "verify_new", "reverify_days")
+    __slots__ = ("name", "max_concurrent_backups", "verify_new", "reverify_days", "shared_dedup")
     NAME_FIELD_NUMBER: _ClassVar[int]
     MAX_CONCURRENT_BACKUPS_FIELD_NUMBER: _ClassVar[int]
     VERIFY_NEW_FIELD_NUMBER: _ClassVar[int]
     REVERIFY_DAYS_FIELD_NUMBER: _ClassVar[int]
+    SHARED_DEDUP_FIELD_NUMBER: _ClassVar[int]
     name: str
     max_concurrent_backups: int
     verify_new: bool
     reverify_days: int
-    def __init__(self, name: _Optional[str] = ..., max_concurrent_backups: _Optional[int] = ..., verify_new: _Optional[bool] = ..., reverify_days: _Optional[int] = ...) -> None: ...
+    shared_dedup: bool
+    def __init__(self, name: _Optional[str] = ..., max_concurrent_backups: _Optional[int] = ..., verify_new: _Optional[bool] = ..., reverify_days: _Optional[int] = ..., shared_dedup: _Optional[bool] = ...) -> None: ...
 
 class ListVaultsRequest(_message.Message):
     __slots__ = ()
