@@ -31,7 +31,17 @@ from rich.markup import escape
 from controller.cli import exits
 from controller.cli.client import Connection, call
 from controller.cli.jobs import finish, follow, show_job
-from controller.cli.output import as_dict, console, errors, iso, print_json, size, span, table
+from controller.cli.output import (
+    as_dict,
+    console,
+    errors,
+    iso,
+    print_json,
+    safe,
+    size,
+    span,
+    table,
+)
 from shared.model import JobStatus
 from shared.printable import shown
 from shared.rpc import common_pb2, operator_pb2
@@ -90,7 +100,7 @@ def _failed(job: operator_pb2.Job) -> bool:
 def _exit_failed(job: operator_pb2.Job) -> None:
     """Say why the job failed, as a refused call reads, and exit with its code."""
     errors.print(
-        f"[bold red]error[/bold red] ({escape(job.error_code)}): {escape(job.error_message)} "
+        f"[bold red]error[/bold red] ({safe(job.error_code)}): {safe(job.error_message)} "
         f"(job {escape(job.id)})",
         highlight=False,
         soft_wrap=True,

@@ -20,10 +20,12 @@ from google.protobuf.json_format import MessageToDict
 from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
 from shared.errors import InvalidArgument
+from shared.printable import shown
 
 # Piped output keeps whole rows on one line (wrapped columns are unreadable in a log);
 # scripts should use --json anyway.
@@ -112,6 +114,21 @@ def _convert(message: Message, data: dict[str, Any]) -> dict[str, Any]:
     return data
 
 
+def plain(text: str) -> str:
+    """Text the CLI did not write (names a VM's agent gave, messages of agents and of the
+    controller) as it may reach a terminal: every character that is not printable, an escape
+    sequence's ESC first, shown as `\\xNN` (shared.printable), line by line so a message of
+    several lines keeps them. Issue 14: a name holding escape sequences reached the
+    operator's terminal raw (window title, clear screen)."""
+    return "\n".join(shown(line) for line in text.split("\n"))
+
+
+def safe(text: str) -> str:
+    """`plain(text)` inside rich markup: its brackets print as themselves (a VM named `[/]`
+    stopped `coffer items` with a markup error)."""
+    return escape(plain(text))
+
+
 def print_json(data: Any) -> None:
     print(json.dumps(data, indent=2, sort_keys=True))
 
@@ -154,11 +171,11 @@ def span(seconds: float) -> str:
 
 def table(title: str, columns: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
     if not rows:
-        console.print(Text(f"{title}: none", style="dim"))
+        console.print(Text(f"{plain(title)}: none", style="dim"))
         return
-    grid = Table(title=Text(title), title_justify="left", header_style="bold")
+    grid = Table(title=Text(plain(title)), title_justify="left", header_style="bold")
     for column in columns:
         grid.add_column(column, overflow="fold")
     for row in rows:
-        grid.add_row(*(Text(cell) for cell in row))  # cells are data, never markup
+        grid.add_row(*(Text(plain(cell)) for cell in row))  # cells are data, never markup
     console.print(grid)

@@ -10,7 +10,7 @@ from rich.markup import escape
 
 from controller.cli.client import Connection, call
 from controller.cli.jobs import show_jobs
-from controller.cli.output import as_dict, console, print_json, size, table, when
+from controller.cli.output import as_dict, console, print_json, safe, size, table, when
 from shared.model import ItemState
 from shared.policy import Policy, parse_retention, parse_schedule
 from shared.rpc import operator_pb2
@@ -48,7 +48,7 @@ def discover(connection: Connection, vault_name: str, as_json: bool) -> None:
         ],
     )
     for note in reply.notes:
-        console.print(f"Nothing found: {escape(note)}", highlight=False, soft_wrap=True)
+        console.print(f"Nothing found: {safe(note)}", highlight=False, soft_wrap=True)
 
 
 @click.command()
@@ -296,7 +296,7 @@ def policy_delete(connection: Connection, vault_name: str, name: str, as_json: b
     console.print(f"Deleted policy [bold]{escape(name)}[/bold]", highlight=False, soft_wrap=True)
     if deleted.vms:
         console.print(
-            f"VMs whose protection was stopped with it: {escape(', '.join(deleted.vms))}; "
+            f"VMs whose protection was stopped with it: {safe(', '.join(deleted.vms))}; "
             "resuming them needs --policy",
             highlight=False,
             soft_wrap=True,
