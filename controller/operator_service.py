@@ -55,6 +55,7 @@ from shared.errors import (
 from shared.model import ItemState, JobStatus, Operation
 from shared.policy import Policy
 from shared.rpc import operator_pb2, operator_pb2_grpc
+from shared.status import nesting_depth
 
 Context: TypeAlias = grpc.aio.ServicerContext
 # WatchJob sends the job at least this often, changed or not: a client can tell a live stream
@@ -66,6 +67,9 @@ MIN_JOB_ID_PREFIX = 4
 AMBIGUOUS_CANDIDATES = 5
 DEFAULT_JOB_LIMIT = 100
 MAX_JOB_LIMIT = 10000
+# A policy is a few hundred bytes of JSON nested four levels: these bound what is parsed.
+MAX_POLICY_JSON = 64 * 1024
+MAX_POLICY_NESTING = 16
 
 
 def _timestamp(seconds: float | None) -> Timestamp | None:
@@ -634,10 +638,21 @@ class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
 
     @staticmethod
     def _parse_policy(spec_json: str) -> Policy:
+        # Bounded before it is parsed: 5,000 nested brackets raised RecursionError (issue 14).
+        if len(spec_json) > MAX_POLICY_JSON:
+            raise InvalidPolicy(
+                detail=f"the policy is {len(spec_json)} characters of JSON; at most "
+                f"{MAX_POLICY_JSON}"
+            )
+        if (depth := nesting_depth(spec_json.encode())) > MAX_POLICY_NESTING:
+            raise InvalidPolicy(
+                detail=f"the policy's JSON nests {depth} levels deep; at most {MAX_POLICY_NESTING}"
+            )
         try:
-            return Policy.from_dict(json.loads(spec_json))
-        except json.JSONDecodeError as exc:
+            document = json.loads(spec_json)
+        except ValueError as exc:  # JSONDecodeError, and an integer of over 4,300 digits
             raise InvalidPolicy(detail=f"the policy is not valid JSON: {exc}") from None
+        return Policy.from_dict(document)
 
     async def _policy(self, record: PolicyRecord) -> operator_pb2.Policy:
         policy = Policy.from_dict(record.spec)

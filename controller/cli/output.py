@@ -69,8 +69,16 @@ def parse_time(value: str) -> datetime:
         parsed = datetime.fromisoformat(value)
     except ValueError as exc:
         raise InvalidArgument(detail=f"{value!r} is not an ISO 8601 date or time") from exc
-    if parsed.tzinfo is None:
-        parsed = parsed.replace(tzinfo=_Zone.zone) if _Zone.zone else parsed.astimezone()
+    try:
+        if parsed.tzinfo is None:
+            parsed = parsed.replace(tzinfo=_Zone.zone) if _Zone.zone else parsed.astimezone()
+        # Every time goes on the wire in UTC: one that is not a time there (0001-01-01 in a
+        # zone east of UTC is before year 1) is refused here, not as a traceback later.
+        parsed.astimezone(UTC)
+    except (OverflowError, ValueError) as exc:
+        raise InvalidArgument(
+            detail=f"{value!r} is out of the range of times Coffer records ({exc})"
+        ) from exc
     return parsed
 
 

@@ -153,7 +153,7 @@ def build_policy(
 ) -> Policy:
     return Policy(
         name=name,
-        schedule=parse_schedule(schedule or "daily 02:00"),
+        schedule=parse_schedule("daily 02:00" if schedule is None else schedule),
         retention=parse_retention(daily=daily, weekly=weekly, monthly=monthly, yearly=yearly),
     )
 
@@ -240,7 +240,7 @@ def policy_edit(
         options.pop(rule, None)
     edited = build_policy(
         name,
-        schedule or current.schedule.to_text(),
+        current.schedule.to_text() if schedule is None else schedule,
         options.get("daily"),
         options.get("weekly"),
         options.get("monthly"),

@@ -48,6 +48,8 @@ from shared.index import DiskIndex
 from shared.model import Operation
 from shared.rpc import agent_pb2
 
+MAX_TARGET_PATH = 4096  # bytes: Linux's PATH_MAX
+
 
 @dataclass
 class RestoreSession:
@@ -177,6 +179,13 @@ class Restores:
             raise DiskNotFound(vm_id=vm_id, disk=disk, known=", ".join(d.name for d in rp.disks))
         if not target_path:
             raise InvalidArgument(detail="a restore needs a target path on the target VM")
+        if "\0" in target_path or len(target_path.encode()) > MAX_TARGET_PATH:
+            # Recorded and sent to the agent as it is: a path no file system can hold is
+            # refused here, with nothing started.
+            raise InvalidArgument(
+                detail=f"the target path {target_path[:80]!r} holds a NUL byte or is longer "
+                f"than {MAX_TARGET_PATH} bytes"
+            )
         target_vm = target_vm or vm_id
         agent = self._registry.get(target_vm)
         job = self._runner.new_record(

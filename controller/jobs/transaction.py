@@ -120,7 +120,12 @@ def recovery_point_record(
 
 @dataclass(frozen=True)
 class AcceptedIndex:
-    index: DiskIndex
+    """What the manifest needs of an index written to the datastore: not its digests, which
+    would stay in memory until the job ends (issue 14: a memory budget for indexes)."""
+
+    size_bytes: int
+    chunk_size: int
+    chunk_count: int
     sha256: str
     data_bytes: int
 
@@ -335,7 +340,9 @@ class BackupTransaction:
         self.known.update(unknown)
         sha = await self._in_pool(self.datastore.put_index, self.rp_id, index)
         size = await self._in_pool(data_bytes, index)
-        self.indexes[index.disk] = AcceptedIndex(index, sha, size)
+        self.indexes[index.disk] = AcceptedIndex(
+            index.size_bytes, index.chunk_size, len(index), sha, size
+        )
 
     def manifest(
         self,
@@ -358,9 +365,9 @@ class BackupTransaction:
             entries.append(
                 ManifestDisk(
                     name=disk.name,
-                    size_bytes=accepted.index.size_bytes,
-                    chunk_size=accepted.index.chunk_size,
-                    chunk_count=len(accepted.index),
+                    size_bytes=accepted.size_bytes,
+                    chunk_size=accepted.chunk_size,
+                    chunk_count=accepted.chunk_count,
                     index_sha256=accepted.sha256,
                     consistency=disk.consistency,
                     snapshot=disk.snapshot,
