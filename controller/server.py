@@ -193,6 +193,9 @@ class Controller:
             # Verify jobs: by hand, after backups and on the daily maintenance, as each
             # vault's settings say (controller.verification).
             verifier = Verifier(catalog, datastores, jobs, jobs.integrity, self.clock)
+            # A point whose manifest was deleted is not offered as sound (issue 14).
+            if gone := await jobs.integrity.check_manifests():
+                log.warning("recovery points without a manifest, marked damaged: %s", gone)
             pruner.after_maintenance.append(verifier.reverify)
             protection = Protection(catalog, registry, jobs, vaults, pruner, self.clock, supervisor)
             protection.after_backup.append(verifier.after_backup)

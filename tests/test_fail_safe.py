@@ -7,7 +7,8 @@ Real controller processes and a real agent. Each case is what an operator would 
 - temporary chunk files a crash left in the datastore are deleted when the controller starts;
 - a full file system under the catalog gives the typed `CatalogFull` (exit 1), not an internal
   error, and the controller works again once there is room;
-- the state directory is 0700, the catalog and the broker's log 0600.
+- the state directory is 0700, the catalog and the broker's log 0600;
+- a recovery point whose manifest was deleted is marked damaged when the controller starts.
 """
 
 from __future__ import annotations
@@ -124,3 +125,19 @@ def test_a_full_disk_under_the_catalog_is_a_typed_error(small_state: Path) -> No
         names = {v["name"] for v in full.coffer("vault", "list")}
         assert names >= {"before", "after"}
         assert "during" not in names
+
+
+def test_a_point_whose_manifest_was_deleted_is_marked_damaged(cluster: Cluster) -> None:
+    """A deleted manifest left its recovery point listed as sound."""
+    job = cluster.backup("safe-1")
+    assert job["status"] == "Completed", job
+    rp = job["recovery_point_id"]
+    manifests = [p for p in (cluster.datastore("lab") / "manifests").rglob("*") if rp in p.name]
+    assert len(manifests) == 1, manifests
+    cluster.stop_controller()
+    manifests[0].unlink()
+    cluster.start_controller()
+    points = {p["id"]: p for p in cluster.coffer("rp", "list", "safe-1")}
+    assert points[rp]["verification"] == "damaged", points[rp]
+    assert "manifest is gone" in points[rp]["verification_detail"]
+    cluster.wait_online("safe-1", timeout=60)
