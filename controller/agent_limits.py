@@ -4,8 +4,8 @@ An agent proves who it is with its certificate and from then on may be hostile (
 VM keeps its agent's key). Everything it sends is checked for what it names (its own VM, job,
 chunks); this module bounds how much it can make the controller hold while it does, so that
 one VM cannot take the controller's memory from the others (issue 14: six concurrent index
-streams took its peak resident set from 94 MB to 437 MB, 24 concurrent 30 MiB upload messages
-to 1,058 MB). docs/hostile-agent.md states the worst case these bounds leave, measured.
+streams took its peak resident set from 65 MB to 2.47 GB, 24 concurrent 30 MiB upload messages
+to 875 MB). docs/hostile-agent.md states the worst case these bounds leave, measured.
 
 - Messages: at most `shared.rpc_channel.MAX_REQUEST_BYTES` each (one chunk and a little), at
   most `MAX_STREAMS_PER_CONNECTION` calls per connection.

@@ -52,6 +52,8 @@ UPLOAD_CONCURRENCY = 16
 DOWNLOAD_PREFETCH = 8
 BATCH_BYTES = 4 << 20  # chunk bytes per download message
 MAX_DIGESTS_PER_CALL = 1 << 16
+# An agent declares itself again mid-session at most this often (once per backup is usual).
+REHELLO_SECONDS = 1.0
 # A displaced session's last message must not hold it open if its peer reads nothing.
 DISPLACED_WRITE_SECONDS = 5.0
 
@@ -78,6 +80,7 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
         index_budget: IndexBudget | None = None,
     ) -> None:
         self._enrolment = enrolment
+        self._hello_at: dict[str, float] = {}  # when each VM last declared itself mid-session
         self._index_budget = index_budget or IndexBudget()
         self._catalog = catalog
         self._registry = registry
@@ -161,7 +164,12 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
             raise PermissionDenied(
                 detail=f"the certificate is for VM {vm_id!r}, not {hello.vm_id!r}"
             )
-        # Every field within its limits before anything of it is stored or shown.
+        AgentService._check_hello(vm_id, hello)
+        return hello
+
+    @staticmethod
+    def _check_hello(vm_id: str, hello: agent_pb2.Hello) -> None:
+        """Every field within its limits before anything of it is stored or shown."""
         check_hello(
             name=hello.name or vm_id,
             service=hello.service,
@@ -170,7 +178,6 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
             agent_version=hello.agent_version,
             disks=[DeclaredDisk(d.name, d.path, d.size_bytes) for d in hello.disks],
         )
-        return hello
 
     async def _receive(self, session: AgentSession, context: grpc.aio.ServicerContext) -> None:
         """What the agent sends, until it closes its side (which closes the session)."""
@@ -186,8 +193,41 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
                 session.resolve(message.result)
             elif kind == "file_recovery_status":
                 self._jobs.file_recovery_status(session.vm_id, message.file_recovery_status)
+            elif kind == "hello":
+                await self._hello_again(session, message.hello)
             else:
                 log.warning("%s sent an unexpected %s; ignored", session.vm_id, kind)
+
+    async def _hello_again(self, session: AgentSession, hello: agent_pb2.Hello) -> None:
+        """A hello during a session: the agent declares its VM again before a backup (a disk
+        attached or grown since it connected). Checked as the first one was (a bad one ends
+        the session); the session, the catalog and a running backup of the VM then go by it:
+        an index is checked against the size the agent declared last. At most one per
+        `REHELLO_SECONDS` is taken: each is a catalog write."""
+        now = self._clock.now()
+        if now - self._hello_at.get(session.vm_id, 0.0) < REHELLO_SECONDS:
+            log.warning(
+                "%s declared itself again within %g s; ignored", session.vm_id, REHELLO_SECONDS
+            )
+            return
+        self._hello_at[session.vm_id] = now
+        if hello.vm_id != session.vm_id or hello.standby:
+            raise PermissionDenied(
+                detail=f"a hello of VM {hello.vm_id!r} in {session.vm_id!r}'s session"
+            )
+        self._check_hello(session.vm_id, hello)
+        session.hello = hello
+        await self._catalog.upsert_agent(
+            vm_id=session.vm_id,
+            name=hello.name or session.vm_id,
+            service=hello.service,
+            region=hello.region,
+            hostname=hello.hostname,
+            agent_version=hello.agent_version,
+            disks=[DiskRecord(d.name, d.path, d.size_bytes) for d in hello.disks],
+            now=now,
+        )
+        self._jobs.disks_declared(session.vm_id, {d.name: d.size_bytes for d in hello.disks})
 
     @staticmethod
     async def _send(session: AgentSession, context: grpc.aio.ServicerContext) -> None:

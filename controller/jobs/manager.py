@@ -291,6 +291,13 @@ class JobManager:
             running.reply.set_exception(error)
         return error
 
+    def disks_declared(self, vm_id: str, disks: dict[str, int]) -> None:
+        """The agent of `vm_id` declared its disks (name: size) again: a backup of it running
+        now checks its indexes against these."""
+        running = self._runner.get(self._runner.of_vm(vm_id))
+        if isinstance(running, RunningBackup):
+            running.declared = dict(disks)
+
     async def index_for(self, vm_id: str, job_id: str, rp_id: str, disk: str) -> DiskIndex:
         """A disk index a running job of `vm_id` may read: its restore's, or its backup's base."""
         running = self._owned(vm_id, job_id)
