@@ -435,3 +435,25 @@ async def test_names_and_messages_of_agents_reach_the_terminal_escaped(cluster: 
         cluster.coffer, "job", "show", command.backup.job_id, json_out=False
     )
     assert "\\x1b]0;owned\\x07\\x1b[2Jgone [bold]" in shown.stdout
+
+
+async def test_a_hello_again_mid_session_is_checked_like_the_first(cluster: Cluster) -> None:
+    """An agent declares its disks again before a backup (one attached or grown since it
+    connected): the new sizes bound its indexes, and a hello for another VM ends the session."""
+    async with HostileAgent(cluster, "regrow-1", hello_for("regrow-1", [("root", 0)])) as agent:
+        command = await agent.backup_command()
+        backup = command.backup
+        await agent.session.write(
+            agent_pb2.AgentMessage(hello=hello_for("regrow-1", [("root", MiB)]))
+        )
+        await asyncio.sleep(0.5)
+        reply = await agent.put_index(
+            backup.job_id, "root", MiB, backup.chunk_size, zero_index(MiB, backup.chunk_size)
+        )
+        assert reply.chunk_count == -(-MiB // backup.chunk_size)
+        await agent.give_up(command)
+        await _watch(cluster, backup.job_id)
+        await asyncio.sleep(1.1)  # one hello again per second is taken
+        await agent.session.write(agent_pb2.AgentMessage(hello=hello_for("other-vm-1")))
+        code = await asyncio.wait_for(agent.session.code(), 10)
+        assert code == grpc.StatusCode.PERMISSION_DENIED

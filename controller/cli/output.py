@@ -125,10 +125,18 @@ def _convert(message: Message, data: dict[str, Any]) -> dict[str, Any]:
 def plain(text: str) -> str:
     """Text the CLI did not write (names a VM's agent gave, messages of agents and of the
     controller) as it may reach a terminal: every character that is not printable, an escape
-    sequence's ESC first, shown as `\\xNN` (shared.printable), line by line so a message of
-    several lines keeps them. Issue 14: a name holding escape sequences reached the
+    sequence's ESC first, shown as `\\xNN`, line by line so a message of several lines keeps
+    them. Printable text is left as it is, so text already made safe (shared.printable's
+    `shown`) is not escaped twice. Issue 14: a name holding escape sequences reached the
     operator's terminal raw (window title, clear screen)."""
-    return "\n".join(shown(line) for line in text.split("\n"))
+    return "\n".join(
+        line if line.isprintable() else "".join(map(_printable_char, line))
+        for line in text.split("\n")
+    )
+
+
+def _printable_char(char: str) -> str:
+    return char if char.isprintable() else shown(char)
 
 
 def safe(text: str) -> str:
