@@ -34,7 +34,9 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     # A disk of incompressible data, slow enough to back up that a cancel lands mid-upload.
     bulk = root / "bulk.img"
     with bulk.open("wb") as f:
-        for _ in range(640):
+        # 1280 MiB: at 640 MiB a backup (about 3.5 s here) could end before the three CLI
+        # calls that need it running did.
+        for _ in range(1280):
             f.write(os.urandom(MiB))
     with Cluster(root / "cluster") as running:
         running.add_agent("shop-web-1", {"root": shop}, name="web-1", service="shop",
@@ -350,7 +352,7 @@ def test_cancel_a_queued_and_a_running_backup(cluster: Cluster) -> None:
     cluster.coffer("protect", "--vault", "lab-vault", "shop/web-1", "blog/web-1")
     before = {p["id"] for p in cluster.coffer("rp", "list")}
 
-    # blog/web-1 has 640 MiB of random data to send: it holds the slot for seconds.
+    # blog/web-1 has 1280 MiB of random data to send: it holds the slot for seconds.
     slow = cluster.coffer("backup-now", "blog/web-1", "--no-wait")[0]
     _wait(lambda: _phase(cluster, slow["id"]) != "Queued")
     queued = cluster.coffer("backup-now", "shop/web-1", "--no-wait")[0]
