@@ -45,14 +45,8 @@ from typing import Annotated, Any, Self
 
 from pydantic import model_validator
 
-from agent.freeze import (
-    FreezeState,
-    Mount,
-    MountFreeze,
-    in_use_unseen,
-    mounts,
-    mounts_on_disk,
-)
+from agent.disk_use import in_use_unseen, mounts_on_disk
+from agent.freeze import FreezeState, Mount, MountFreeze, mounts
 from agent.scripts import Phase, Script, ScriptSection, error_for, run_script
 from agent.snapshot import DEFAULT_ORDER, PROVIDERS, SnapshotProvider, choose
 from agent.thaw_watchdog import ThawWatchdog

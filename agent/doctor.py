@@ -28,8 +28,9 @@ import grpc
 from cryptography import x509
 
 from agent.config import AgentConfig
+from agent.disk_use import in_use_unseen, mounts_on_disk
 from agent.displacement import Displacement
-from agent.freeze import Mount, in_use_unseen, mounts, mounts_on_disk
+from agent.freeze import Mount, mounts
 from agent.scripts import check_script
 from agent.snapshot import choose
 from agent.thaw_watchdog import ThawWatchdog

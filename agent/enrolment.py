@@ -223,9 +223,12 @@ async def enrol(
             raise from_rpc_error(exc) from None
     certificate_pem = reply.certificate_pem.encode()
     issued_ca = reply.ca_pem.encode()
-    if certificate_fingerprint(
-        x509.load_pem_x509_certificate(issued_ca).public_bytes(serialization.Encoding.DER)
-    ) != token.ca_fingerprint:
+    if (
+        certificate_fingerprint(
+            x509.load_pem_x509_certificate(issued_ca).public_bytes(serialization.Encoding.DER)
+        )
+        != token.ca_fingerprint
+    ):
         raise CorruptData(what="the controller's reply", detail="its CA is not the pinned one")
     check_issued(certificate_pem, issued_ca, key, token.vm_id)
     await asyncio.to_thread(_install, files, issued_ca, certificate_pem, key_pem(key))

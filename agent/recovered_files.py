@@ -47,6 +47,7 @@ MAX_LIST_LIMIT = 10_000
 MAX_DEPTH = 256  # directories nested in a copied tree
 MAX_LINK_HOPS = 40  # symbolic links followed resolving one path (Linux's own limit)
 BLOCK = 1 << 20  # bytes per read and write of file data
+_MOVE_AWAY = "Choose another destination or move it away first."
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -278,7 +279,7 @@ def _copy_into(
                 raise InvalidArgument(detail=f"two sources would be copied as {as_name!r}")
             with contextlib.suppress(FileNotFoundError):
                 os.stat(as_name, dir_fd=target, follow_symlinks=False)
-                raise RestoreTargetExists(path=os.path.join(destination, as_name))
+                raise RestoreTargetExists(path=os.path.join(destination, as_name), fix=_MOVE_AWAY)
         staging = f".coffer-files-{secrets.token_hex(6)}"
         os.mkdir(staging, 0o700, dir_fd=target)
         try:
@@ -292,7 +293,9 @@ def _copy_into(
                         continue
                     with contextlib.suppress(FileNotFoundError):
                         os.stat(as_name, dir_fd=target, follow_symlinks=False)
-                        raise RestoreTargetExists(path=os.path.join(destination, as_name))
+                        raise RestoreTargetExists(
+                            path=os.path.join(destination, as_name), fix=_MOVE_AWAY
+                        )
                     os.rename(as_name, as_name, src_dir_fd=stage, dst_dir_fd=target)
             finally:
                 os.close(stage)

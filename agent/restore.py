@@ -6,12 +6,20 @@ else. An image file is written to a temporary file beside the target, made spars
 disk is zero, fsynced, and renamed over the target only when every chunk has been verified: a
 failed restore leaves the old target untouched. A block device target is written in place
 (zeros included, as a device keeps its old contents).
+
+A target that exists is replaced only when the command says `overwrite`, and never when it is
+one of the agent's configured disks (that is a rollback, `agent.rollback`) or when anything
+uses it: mounted, attached to a loop device, held open by another process (`agent.disk_use`).
+`RestoreRun` is also the base of the other ways back: a rollback in place chooses which chunks
+to fetch and how zeros are written (`_plan`, `_zeros`), a drill restores to scratch space and
+then checks and deletes what it wrote (`open_restored`, `remove_restored`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import os
 import secrets
@@ -19,11 +27,13 @@ import stat
 import threading
 from collections import defaultdict
 from collections.abc import Callable
+from pathlib import Path
 
 import grpc
 
 from agent.chunk_source import open_chunk
 from agent.disk import disk_size
+from agent.disk_use import FIX, check_unused, same_file
 from agent.progress import Progress
 from agent.restore_dirs import allowed_target, open_parent
 from agent.runtime import Runtime
@@ -32,7 +42,10 @@ from shared.digest import CHUNK_HASH, DIGEST_SIZE, ZERO_DIGEST, ChunkHash
 from shared.errors import (
     CorruptData,
     DataCorrupted,
+    DiskInUse,
+    RestoreTargetExists,
     RestoreTargetFailed,
+    RestoreTargetIsDisk,
 )
 from shared.rpc import agent_pb2
 from shared.rpc_errors import from_rpc_error
@@ -55,6 +68,11 @@ class RestoreRun:
         # Chunks are verified with the vault's chunk hash: keyed by the key the command carries
         # (a secret, never logged), plain BLAKE3 for a format-1 datastore.
         self._hash = ChunkHash(command.chunk_id_key or None)
+        # What the run did, for its result.
+        self.bytes_compared = 0  # of the disk, read to compare (a rollback's)
+        self.bytes_fetched = 0  # chunks downloaded, as stored (compressed)
+        self.bytes_written = 0
+        self.created = False  # the target is the image this run wrote
 
     async def run(self) -> int:
         """Restore the disk; the number of bytes written."""
@@ -80,10 +98,22 @@ class RestoreRun:
             existing = os.stat(name, dir_fd=parent, follow_symlinks=False)
         except FileNotFoundError:
             existing = None
+        if existing is not None:
+            await self._in_pool(self._may_replace, existing)
         if existing is not None and stat.S_ISBLK(existing.st_mode):
             # A device is written in place. O_EXCL: Linux refuses (EBUSY) a device that is
             # mounted or otherwise in use, rather than overwrite a live file system.
-            fd = os.open(name, os.O_WRONLY | os.O_EXCL | os.O_CLOEXEC, dir_fd=parent)
+            try:
+                fd = os.open(name, os.O_WRONLY | os.O_EXCL | os.O_CLOEXEC, dir_fd=parent)
+            except OSError as exc:
+                if exc.errno != errno.EBUSY:
+                    raise
+                raise DiskInUse(
+                    what="Restore target",
+                    path=self._command.target_path,
+                    why="the kernel reports it busy (mounted or claimed)",
+                    fix=FIX,
+                ) from exc
             try:
                 if disk_size(fd) < size:
                     raise RestoreTargetFailed(
@@ -112,12 +142,59 @@ class RestoreRun:
             finally:
                 os.close(fd)
             os.replace(partial, name, src_dir_fd=parent, dst_dir_fd=parent)
+            self.created = True
         except BaseException:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(partial, dir_fd=parent)
             raise
         os.fsync(parent)
         return written
+
+    def _may_replace(self, existing: os.stat_result) -> None:
+        """Refuse to write over an existing target unless the command says `overwrite`, and
+        always when it is a configured disk of this VM or something uses it; blocking."""
+        target = self._command.target_path
+        if not self._command.overwrite:
+            raise RestoreTargetExists(
+                path=target,
+                fix="Give --overwrite to replace it, or choose a path that does not exist.",
+            )
+        for disk in self._config.disks:
+            try:
+                is_disk = same_file(existing, os.stat(disk.path))
+            except OSError:
+                continue  # not attached now: it cannot be this target
+            if is_disk:
+                raise RestoreTargetIsDisk(path=target, disk=disk.name, vm_id=self._config.vm_id)
+        if stat.S_ISREG(existing.st_mode) or stat.S_ISBLK(existing.st_mode):
+            check_unused(Path(target), "Restore target", existing)
+
+    def _target(self) -> tuple[int, str]:
+        """A descriptor of the target's directory (reached as the restore reached it) and
+        the target's name in it."""
+        root, parts = allowed_target(self._config.restore_dirs, self._command.target_path)
+        return open_parent(root, parts), parts[-1]
+
+    def open_restored(self) -> int:
+        """A read-only descriptor of the image this run wrote (not following a link)."""
+        parent, name = self._target()
+        try:
+            return os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent)
+        finally:
+            os.close(parent)
+
+    def remove_restored(self) -> None:
+        """Delete the image this run wrote (if it wrote one); blocking."""
+        if not self.created:
+            return
+        parent, name = self._target()
+        try:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(name, dir_fd=parent)
+            os.fsync(parent)
+        finally:
+            os.close(parent)
+        self.created = False
 
     async def _index(self) -> bytes:
         request = agent_pb2.FetchIndexRequest(
@@ -136,9 +213,11 @@ class RestoreRun:
             )
         return b"".join(part.digests for part in parts)
 
-    async def _write(self, fd: int, digests: bytes, size: int, is_device: bool) -> int:
-        chunk_size = self._command.chunk_size
-        # Where each chunk goes: a chunk repeated on the disk is downloaded once.
+    async def _plan(
+        self, fd: int, digests: bytes, size: int
+    ) -> tuple[dict[bytes, list[int]], list[int]]:
+        """Where each chunk to fetch goes (a chunk repeated on the disk is downloaded once),
+        and the chunks that are to read as zeros: here, every chunk of the index."""
         places: dict[bytes, list[int]] = defaultdict(list)
         zero_chunks: list[int] = []
         for number in range(len(digests) // DIGEST_SIZE):
@@ -147,6 +226,24 @@ class RestoreRun:
                 zero_chunks.append(number)
             else:
                 places[digest].append(number)
+        return places, zero_chunks
+
+    async def _zeros(self, fd: int, zero_chunks: list[int], size: int, is_device: bool) -> int:
+        """Make the zero chunks read as zeros; the bytes written. A new image is sparse
+        already; a device keeps what it held, so zeros must be written."""
+        if not is_device:
+            return 0
+        chunk_size = self._command.chunk_size
+        written = 0
+        for number in zero_chunks:
+            offset = number * chunk_size
+            length = min(chunk_size, size - offset)
+            written += await self._in_pool(os.pwrite, fd, bytes(length), offset)
+        return written
+
+    async def _write(self, fd: int, digests: bytes, size: int, is_device: bool) -> int:
+        chunk_size = self._command.chunk_size
+        places, zero_chunks = await self._plan(fd, digests, size)
         progress = Progress(self._status, self._command.job_id, size)
         unflushed = 0
         flush_lock = threading.Lock()
@@ -199,13 +296,9 @@ class RestoreRun:
                     for n in range(DOWNLOAD_STREAMS)
                 ]
             written += sum(part.result() for part in parts)
-        if is_device:
-            # A device keeps what it held: zero chunks must be written, not skipped.
-            for number in zero_chunks:
-                offset = number * chunk_size
-                length = min(chunk_size, size - offset)
-                written += await self._in_pool(os.pwrite, fd, bytes(length), offset)
+        written += await self._zeros(fd, zero_chunks, size, is_device)
         progress.advance("restore", size - progress.done)
+        self.bytes_written = written
         return written
 
     async def _download(
@@ -230,6 +323,8 @@ class RestoreRun:
 
         try:
             async for message in self._stub.DownloadChunks(request):
+                # What the datastore sent: chunks as stored (compressed), and their digests.
+                self.bytes_fetched += message.ByteSize()
                 for chunk in message.chunks:
                     if received >= len(batch) or chunk.digest != batch[received]:
                         raise CorruptData(what="the download stream", detail="a chunk out of order")

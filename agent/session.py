@@ -33,7 +33,7 @@ from agent.disk import disk_size
 from agent.displacement import Displacement
 from agent.file_recovery_jobs import FileRecoveryHost, FileRecoveryRun
 from agent.renewal import Renewed, renew_when_due
-from agent.restore import RestoreRun
+from agent.restores import restore
 from agent.runtime import Runtime
 from agent.status import StatusPublisher
 from shared.backoff import Backoff
@@ -112,6 +112,7 @@ class Agent:
             agent_version=coffer_version(),
             disks=disks,
             standby=self._standby is not None,
+            restore_dirs=[str(directory) for directory in self.config.restore_dirs],
         )
 
     async def run(self) -> None:
@@ -311,7 +312,8 @@ class Agent:
             elif kind == "restore":
                 result.job_id = message.restore.job_id
                 log.info("restore %s started", result.job_id)
-                result.bytes_written = await RestoreRun(runtime, message.restore).run()
+                result.restore.CopyFrom(await restore(runtime, message.restore))
+                result.bytes_written = result.restore.bytes_written
             elif kind == "file_recovery":
                 result.job_id = message.file_recovery.job_id
                 log.info("file recovery %s started", result.job_id)

@@ -59,6 +59,10 @@ OPERATOR_METHODS: Final[dict[str, Access]] = {
     "Discover": _OPERATE,
     "BackupNow": _OPERATE,
     "Restore": _OPERATE,
+    "Drill": _OPERATE,
+    "Undelete": _ADMINISTER,
+    "Copy": _OPERATE,
+    "UpgradeVault": _ADMINISTER,
     "CancelJob": _OPERATE,
     # files of a recovery point (each call a FileRecovery job), and verifying recovery points
     "ListFiles": _OPERATE,

@@ -54,6 +54,9 @@ BATCH_BYTES = 4 << 20  # chunk bytes per download message
 MAX_DIGESTS_PER_CALL = 1 << 16
 # An agent declares itself again mid-session at most this often (once per backup is usual).
 REHELLO_SECONDS = 1.0
+# Bounds of the restore directories a hello may list (kept in the catalog).
+MAX_RESTORE_DIRS = 64
+MAX_PATH_CHARS = 4096
 # A displaced session's last message must not hold it open if its peer reads nothing.
 DISPLACED_WRITE_SECONDS = 5.0
 
@@ -110,6 +113,7 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
                 agent_version=hello.agent_version,
                 disks=[DiskRecord(d.name, d.path, d.size_bytes) for d in hello.disks],
                 now=session.connected_at,
+                restore_dirs=list(hello.restore_dirs),
             )
             await context.write(
                 agent_pb2.ControllerMessage(
@@ -165,6 +169,12 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
                 detail=f"the certificate is for VM {vm_id!r}, not {hello.vm_id!r}"
             )
         AgentService._check_hello(vm_id, hello)
+        if len(hello.restore_dirs) > MAX_RESTORE_DIRS or any(
+            len(d) > MAX_PATH_CHARS for d in hello.restore_dirs
+        ):
+            raise InvalidArgument(
+                detail=f"at most {MAX_RESTORE_DIRS} restore_dirs of {MAX_PATH_CHARS} characters"
+            )
         return hello
 
     @staticmethod

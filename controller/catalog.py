@@ -7,7 +7,15 @@ refused. Heartbeats are not written one by one: `touch_agent` records them in me
 
 The catalog is a cache of what the datastores hold: recovery point manifests are the source
 of truth, so `synchronous=NORMAL` (durable on application crash, may lose the last
-transactions on power loss) is enough.
+transactions on power loss) is enough. What only the catalog decides (a vault's settings and
+policies, which policy protects a VM, retention labels, verify verdicts) is written to the
+datastores too (controller/descriptions.py): every change to it is announced to the
+`on_change` listeners as (vault, VM id), the VM id empty for the vault's own facts, after its
+transaction commits. `coffer-controller recover` rebuilds a catalog from the datastores
+(controller/recovery.py).
+
+Soft-deleted recovery points (controller/soft_delete.py) move out of `recovery_points` into
+`deleted_recovery_points`, so nothing that reads live points ever sees them.
 
 Rows become records by column name (`sqlite3.Row`), never by position, so adding a column
 cannot shift a field; values with a domain type (operations, statuses, item states,
@@ -24,7 +32,7 @@ import contextlib
 import dataclasses
 import json
 import sqlite3
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -40,7 +48,16 @@ from shared.errors import (
     NotFound,
     UnsupportedFormat,
 )
-from shared.model import Consistency, ItemState, JobStatus, Operation, Trigger, Verification
+from shared.model import (
+    Consistency,
+    DrillOutcome,
+    ItemState,
+    JobStatus,
+    Operation,
+    RestoreMode,
+    Trigger,
+    Verification,
+)
 from shared.policy import default_policy
 
 _DEFAULT_POLICY = default_policy("UTC")
@@ -257,13 +274,121 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX audit_by_time ON audit (at);
     """,
-    # 7: a hostile agent's reach (issue 14): whether a vault's VMs are one trust domain, whose
+    # 7: every way back. A restore records what it restored where (source VM, target VM and
+    # path, mode, overwrite) and what it moved (compared, fetched, written), in columns; the
+    # restores recorded before move theirs out of `details` (their bytes_read was the bytes
+    # written). Agents report their restore_dirs (drill directories are checked against
+    # them); a vault may have restore drills (where and when), and a recovery point records
+    # its last drill.
+    """
+    ALTER TABLE agents ADD COLUMN restore_dirs TEXT NOT NULL DEFAULT '[]';
+    ALTER TABLE vaults ADD COLUMN drill_schedule TEXT NOT NULL DEFAULT '';
+    ALTER TABLE vaults ADD COLUMN drill_agent TEXT NOT NULL DEFAULT '';
+    ALTER TABLE vaults ADD COLUMN drill_dir TEXT NOT NULL DEFAULT '';
+    ALTER TABLE vaults ADD COLUMN drill_last_slot REAL;
+    ALTER TABLE jobs ADD COLUMN source_vm_id TEXT NOT NULL DEFAULT '';
+    ALTER TABLE jobs ADD COLUMN target_vm_id TEXT NOT NULL DEFAULT '';
+    ALTER TABLE jobs ADD COLUMN target_path TEXT NOT NULL DEFAULT '';
+    ALTER TABLE jobs ADD COLUMN restore_mode TEXT NOT NULL DEFAULT '';
+    ALTER TABLE jobs ADD COLUMN overwrite INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE jobs ADD COLUMN bytes_compared INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE jobs ADD COLUMN bytes_fetched INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE jobs ADD COLUMN bytes_written INTEGER NOT NULL DEFAULT 0;
+    UPDATE jobs SET
+        source_vm_id = coalesce(json_extract(details, '$.source_vm'), vm_id),
+        target_vm_id = vm_id,
+        target_path = coalesce(json_extract(details, '$.target_path'), ''),
+        restore_mode = 'new-image',
+        bytes_written = bytes_read,
+        details = json_remove(details, '$.source_vm', '$.disk', '$.target_path')
+    WHERE operation = 'Restore' AND json_valid(details);
+    ALTER TABLE recovery_points ADD COLUMN drilled_at REAL;
+    ALTER TABLE recovery_points ADD COLUMN drill_job_id TEXT NOT NULL DEFAULT '';
+    ALTER TABLE recovery_points ADD COLUMN drill_seconds REAL NOT NULL DEFAULT 0;
+    ALTER TABLE recovery_points ADD COLUMN drill_outcome TEXT NOT NULL DEFAULT '';
+    ALTER TABLE recovery_points ADD COLUMN drill_summary TEXT NOT NULL DEFAULT '';
+    """,
+    # 8: soft delete. How many days a vault keeps deleted backup data recoverable (0: off),
+    # and the recovery points deleted that way: out of `recovery_points` (nothing that reads
+    # live points sees them), with what an undelete gives back and when they are purged.
+    """
+    ALTER TABLE vaults ADD COLUMN soft_delete_days INTEGER NOT NULL DEFAULT 14;
+    CREATE TABLE deleted_recovery_points (
+        id TEXT PRIMARY KEY,
+        vault TEXT NOT NULL REFERENCES vaults(name),
+        vm_id TEXT NOT NULL,
+        job_id TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        consistency TEXT NOT NULL,
+        bytes_stored INTEGER NOT NULL,
+        data_bytes INTEGER NOT NULL,
+        kept_by TEXT NOT NULL DEFAULT '',
+        disks TEXT NOT NULL DEFAULT '[]',
+        policy TEXT,
+        deleted_at REAL NOT NULL,
+        purge_at REAL NOT NULL,
+        deleted_by TEXT NOT NULL DEFAULT ''
+    );
+    CREATE INDEX deleted_recovery_points_by_vault
+        ON deleted_recovery_points (vault, vm_id, created_at);
+    CREATE INDEX deleted_recovery_points_by_purge ON deleted_recovery_points (vault, purge_at);
+    """,
+    # 9: off-site copies. The copy target a vault copies its recovery points to ('' for none;
+    # a name from the controller config's [[copy_targets]]), which points are complete in
+    # which target's copy, since when and by which Copy job, and the chunks a verify of a copy
+    # found missing or corrupt there, which the next Copy job sends again (controller.copies).
+    """
+    ALTER TABLE vaults ADD COLUMN copy_target TEXT NOT NULL DEFAULT '';
+    CREATE TABLE copies (
+        recovery_point_id TEXT NOT NULL REFERENCES recovery_points(id) ON DELETE CASCADE,
+        target TEXT NOT NULL,
+        copied_at REAL NOT NULL,
+        job_id TEXT NOT NULL,
+        PRIMARY KEY (recovery_point_id, target)
+    );
+    CREATE INDEX copies_by_target ON copies (target);
+    CREATE TABLE copy_bad_chunks (
+        vault TEXT NOT NULL REFERENCES vaults(name) ON DELETE CASCADE,
+        target TEXT NOT NULL,
+        digest BLOB NOT NULL,
+        found_at REAL NOT NULL,
+        PRIMARY KEY (vault, target, digest)
+    );
+    """,
+    # 10: vault upgrades (issue 16): a vault whose datastore is being converted to the current
+    # format. Where it stands (`phase`: 'switch' until the old format's objects are moved aside
+    # and their old keys cleaned, then 'convert'), whether the controller runs it again when it
+    # starts (`resume`: it was running when the controller stopped; not after a cancel or a
+    # failure), and the old-to-new chunk names found so far (`lost`: why a chunk could not be
+    # read), so that a conversion cut short reads no chunk twice. Both go when it ends.
+    """
+    CREATE TABLE vault_upgrades (
+        vault TEXT PRIMARY KEY REFERENCES vaults(name) ON DELETE CASCADE,
+        from_format INTEGER NOT NULL,
+        to_format INTEGER NOT NULL,
+        phase TEXT NOT NULL,
+        resume INTEGER NOT NULL DEFAULT 1,
+        job_id TEXT NOT NULL,
+        started_at REAL NOT NULL
+    );
+    CREATE TABLE upgrade_chunks (
+        vault TEXT NOT NULL REFERENCES vaults(name) ON DELETE CASCADE,
+        old_digest BLOB NOT NULL,
+        new_digest BLOB NOT NULL,
+        lost TEXT NOT NULL DEFAULT '',
+        PRIMARY KEY (vault, old_digest)
+    );
+    """,
+    # 11: a hostile agent's reach (issue 14): whether a vault's VMs are one trust domain, whose
     # backups deduplicate against everything its datastore holds. Off: each VM's against what
     # it stored itself (controller.jobs.transaction).
     """
     ALTER TABLE vaults ADD COLUMN shared_dedup INTEGER NOT NULL DEFAULT 0;
     """,
 ]
+
+DEFAULT_SOFT_DELETE_DAYS = 14
+"""Days deleted backup data stays recoverable in a new vault (Azure Backup's default)."""
 
 
 @dataclass(frozen=True)
@@ -284,6 +409,20 @@ class AgentRecord:
     first_seen: float
     last_seen: float
     disks: tuple[DiskRecord, ...]
+    restore_dirs: tuple[str, ...] = ()
+    """Where its agent may restore to, as its last hello said."""
+
+
+@dataclass(frozen=True)
+class DrillSettings:
+    """Where a vault's restore drills run (an agent, a directory there) and when."""
+
+    agent: str
+    directory: str
+    schedule: dict[str, Any] | None = None
+    """The schedule's JSON form (`shared.policy.Schedule.to_dict`); None: on demand only."""
+    last_slot: float | None = None
+    """The scheduled drill slot last started: a restart plans from here."""
 
 
 @dataclass(frozen=True)
@@ -303,6 +442,11 @@ class VaultRecord:
     shared_dedup: bool = False
     """Its VMs are one trust domain: a backup deduplicates against the whole datastore, not
     only against what its own VM stored."""
+    copy_target: str = ""
+    """The copy target (controller config) its recovery points are copied to; '' for none."""
+    soft_delete_days: int = DEFAULT_SOFT_DELETE_DAYS
+    """Deleted backup data stays recoverable this many days (0: deleted at once)."""
+    drill: DrillSettings | None = None
 
 
 @dataclass(frozen=True)
@@ -338,6 +482,23 @@ class ItemRecord:
             self.last_backup_status = JobStatus(self.last_backup_status)
 
 
+@dataclass(frozen=True)
+class RestoreTarget:
+    """What a restore (or a drill) restores where."""
+
+    source_vm_id: str
+    target_vm_id: str
+    """The VM whose agent writes it."""
+    target_path: str
+    """The image written; in place: the disk's path (once the agent said it); a drill: the
+    scratch directory."""
+    mode: RestoreMode
+    overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "mode", RestoreMode(self.mode))
+
+
 @dataclass
 class JobRecord:
     id: str
@@ -367,6 +528,14 @@ class JobRecord:
     decides on it."""
     requested_by: str = ""
     """Who asked for it: an operator's name, or "schedule" (`controller.audit`)."""
+    restore: RestoreTarget | None = None
+    """A restore's or drill's source and target."""
+    bytes_compared: int = 0
+    """Bytes of a disk read to find which chunks differ (an in-place restore)."""
+    bytes_fetched: int = 0
+    """Chunk bytes a restore read from the datastore, as stored."""
+    bytes_written: int = 0
+    """Bytes a restore wrote to its target."""
 
     def __post_init__(self) -> None:
         self.operation = Operation(self.operation)
@@ -403,9 +572,29 @@ class RecoveryPointRecord:
     data_bytes: int = 0
     # The retention rules keeping it, as of the last prune: daily, weekly, monthly, yearly.
     kept_by: tuple[str, ...] = ()
+    drill: DrillRecord | None = None
+    """Its last restore drill; None if it was never drilled."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "consistency", Consistency(self.consistency))
+
+
+@dataclass(frozen=True)
+class DeletedRecoveryPointRecord:
+    """A soft-deleted recovery point: what it was, and until when it can be undeleted."""
+
+    point: RecoveryPointRecord
+    deleted_at: float
+    purge_at: float
+    """When the daily maintenance purges it for good."""
+    deleted_by: str = ""
+    """The job that deleted it."""
+    policy: str | None = None
+    """The policy its VM had when the data was deleted (an undelete gives it back)."""
+
+    @property
+    def id(self) -> str:
+        return self.point.id
 
 
 @dataclass(frozen=True)
@@ -438,6 +627,60 @@ class VerificationRecord:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "state", Verification(self.state))
+
+
+@dataclass(frozen=True)
+class UpgradeRecord:
+    """A vault whose datastore is being converted to the current format (controller.upgrades)."""
+
+    vault: str
+    from_format: int
+    to_format: int
+    phase: str
+    """'switch' until the old format's objects are moved aside, then 'convert'."""
+    resume: bool
+    """Run it again when the controller starts (it was running when the controller stopped)."""
+    job_id: str
+    """The last VaultUpgrade job that worked on it."""
+    started_at: float
+
+
+@dataclass(frozen=True)
+class CopyRecord:
+    """A recovery point complete in a copy target's copy of its vault."""
+
+    recovery_point_id: str
+    target: str
+    copied_at: float
+    job_id: str
+
+
+@dataclass(frozen=True)
+class CopyLag:
+    """How far a vault's copy is behind it."""
+
+    copied: int
+    """Recovery points complete in the copy."""
+    not_copied: int
+    oldest_not_copied_at: float | None
+    """When the oldest point not in the copy yet was taken: its data has one home since."""
+    newest_not_copied_at: float | None
+    newest_copied_at: float | None
+
+
+@dataclass(frozen=True)
+class DrillRecord:
+    """A restore drill of a recovery point: when, by which job, how long the restore took,
+    and what the read-only file system checks found."""
+
+    at: float
+    job_id: str
+    seconds: float
+    outcome: DrillOutcome
+    summary: str
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "outcome", DrillOutcome(self.outcome))
 
 
 @dataclass(frozen=True)
@@ -537,10 +780,21 @@ _VAULT_COLUMNS = (
     "verify_new", "reverify_days",
     "encrypted",
     "shared_dedup",
+    "copy_target",
+    "soft_delete_days",
+    "drill_schedule", "drill_agent", "drill_dir", "drill_last_slot",
 )  # fmt: skip
 
 
 def _vault(row: sqlite3.Row) -> VaultRecord:
+    drill = None
+    if row["drill_agent"]:
+        drill = DrillSettings(
+            agent=row["drill_agent"],
+            directory=row["drill_dir"],
+            schedule=json.loads(row["drill_schedule"]) if row["drill_schedule"] else None,
+            last_slot=row["drill_last_slot"],
+        )
     return VaultRecord(
         name=row["name"],
         region=row["region"],
@@ -552,6 +806,9 @@ def _vault(row: sqlite3.Row) -> VaultRecord:
         reverify_days=row["reverify_days"],
         encrypted=bool(row["encrypted"]),
         shared_dedup=bool(row["shared_dedup"]),
+        copy_target=row["copy_target"],
+        soft_delete_days=row["soft_delete_days"],
+        drill=drill,
     )
 
 
@@ -609,7 +866,8 @@ def _item_row(item: ItemRecord) -> dict[str, Any]:
 
 
 _AGENT_COLUMNS = (
-    "vm_id", "name", "service", "region", "hostname", "agent_version", "first_seen", "last_seen"
+    "vm_id", "name", "service", "region", "hostname", "agent_version", "first_seen", "last_seen",
+    "restore_dirs",
 )  # fmt: skip
 _DISK_COLUMNS = ("vm_id", "name", "path", "size_bytes")
 
@@ -621,7 +879,9 @@ def _disk(row: sqlite3.Row) -> DiskRecord:
 _JOB_COLUMNS = (
     "id", "operation", "status", "vault", "vm_id", "started_at", "ended_at", "bytes_read",
     "bytes_sent", "bytes_stored", "error_code", "error_message", "recovery_point_id", "trigger",
-    "slot", "disks", "pending_recovery_point_id", "details", "requested_by",
+    "slot", "disks", "pending_recovery_point_id", "details", "requested_by", "source_vm_id",
+    "target_vm_id", "target_path", "restore_mode", "overwrite", "bytes_compared", "bytes_fetched",
+    "bytes_written",
 )  # fmt: skip
 
 
@@ -646,6 +906,18 @@ def _job(row: sqlite3.Row) -> JobRecord:
         pending_recovery_point_id=row["pending_recovery_point_id"],
         details=json.loads(row["details"]),
         requested_by=row["requested_by"],
+        restore=RestoreTarget(
+            source_vm_id=row["source_vm_id"],
+            target_vm_id=row["target_vm_id"],
+            target_path=row["target_path"],
+            mode=RestoreMode(row["restore_mode"]),
+            overwrite=bool(row["overwrite"]),
+        )
+        if row["restore_mode"]
+        else None,
+        bytes_compared=row["bytes_compared"],
+        bytes_fetched=row["bytes_fetched"],
+        bytes_written=row["bytes_written"],
     )
 
 
@@ -670,12 +942,24 @@ def _job_row(job: JobRecord) -> dict[str, Any]:
         "pending_recovery_point_id": job.pending_recovery_point_id,
         "details": json.dumps(job.details),
         "requested_by": job.requested_by,
+        "source_vm_id": job.restore.source_vm_id if job.restore else "",
+        "target_vm_id": job.restore.target_vm_id if job.restore else "",
+        "target_path": job.restore.target_path if job.restore else "",
+        "restore_mode": job.restore.mode.value if job.restore else "",
+        "overwrite": int(job.restore.overwrite) if job.restore else 0,
+        "bytes_compared": job.bytes_compared,
+        "bytes_fetched": job.bytes_fetched,
+        "bytes_written": job.bytes_written,
     }
 
 
 _RP_COLUMNS = (
     "id", "vault", "vm_id", "job_id", "created_at", "consistency", "bytes_stored", "data_bytes",
     "kept_by",
+)  # fmt: skip
+# Read with a recovery point, written only by `record_drill`.
+_RP_DRILL_COLUMNS = (
+    "drilled_at", "drill_job_id", "drill_seconds", "drill_outcome", "drill_summary"
 )  # fmt: skip
 _RP_DISK_COLUMNS = (
     "recovery_point_id", "name", "size_bytes", "chunk_size", "chunk_count", "consistency"
@@ -711,7 +995,89 @@ def _recovery_point(
         disks=tuple(disks),
         data_bytes=row["data_bytes"],
         kept_by=tuple(row["kept_by"].split(",")) if row["kept_by"] else (),
+        drill=_drill(row),
     )
+
+
+def _drill(row: sqlite3.Row) -> DrillRecord | None:
+    # A soft-deleted point's row has no drill columns: its last drill is not kept. (`in` on a
+    # Row looks at its values, hence keys().)
+    if "drilled_at" not in row.keys() or row["drilled_at"] is None:  # noqa: SIM118
+        return None
+    return DrillRecord(
+        at=row["drilled_at"],
+        job_id=row["drill_job_id"],
+        seconds=row["drill_seconds"],
+        outcome=DrillOutcome(row["drill_outcome"]),
+        summary=row["drill_summary"],
+    )
+
+
+_DELETED_COLUMNS = (
+    *_RP_COLUMNS, "disks", "policy", "deleted_at", "purge_at", "deleted_by",
+)  # fmt: skip
+
+
+def _deleted(row: sqlite3.Row) -> DeletedRecoveryPointRecord:
+    disks = [
+        RecoveryPointDiskRecord(
+            name=d["name"],
+            size_bytes=d["size_bytes"],
+            chunk_size=d["chunk_size"],
+            chunk_count=d["chunk_count"],
+            consistency=Consistency(d["consistency"]) if d.get("consistency") else None,
+        )
+        for d in json.loads(row["disks"])
+    ]
+    return DeletedRecoveryPointRecord(
+        point=_recovery_point(row, disks),
+        deleted_at=row["deleted_at"],
+        purge_at=row["purge_at"],
+        deleted_by=row["deleted_by"],
+        policy=row["policy"],
+    )
+
+
+def _deleted_row(record: DeletedRecoveryPointRecord) -> dict[str, Any]:
+    rp = record.point
+    return {
+        **_rp_row(rp),
+        "disks": json.dumps(
+            [
+                {
+                    "name": d.name,
+                    "size_bytes": d.size_bytes,
+                    "chunk_size": d.chunk_size,
+                    "chunk_count": d.chunk_count,
+                    "consistency": d.consistency.value if d.consistency else "",
+                }
+                for d in rp.disks
+            ]
+        ),
+        "policy": record.policy,
+        "deleted_at": record.deleted_at,
+        "purge_at": record.purge_at,
+        "deleted_by": record.deleted_by,
+    }
+
+
+def _rp_row(rp: RecoveryPointRecord) -> dict[str, Any]:
+    return {
+        "id": rp.id,
+        "vault": rp.vault,
+        "vm_id": rp.vm_id,
+        "job_id": rp.job_id,
+        "created_at": rp.created_at,
+        "consistency": rp.consistency.value,
+        "bytes_stored": rp.bytes_stored,
+        "data_bytes": rp.data_bytes,
+        "kept_by": ",".join(rp.kept_by),
+    }
+
+
+Change = Callable[[str, str], None]
+"""`listener(vault, vm_id)`: what the datastore descriptions hold of it changed (vm_id "" for
+the vault's own facts)."""
 
 
 class Catalog:
@@ -724,6 +1090,31 @@ class Catalog:
         # One connection serves every coroutine: writers take turns, so one's commit never
         # lands another's half-done statements, and a failed write is rolled back whole.
         self._write_lock = asyncio.Lock()
+        self.on_change: list[Change] = []
+        """Told of every change to what the datastore descriptions hold, once committed."""
+
+    def _changed(self, owners: Iterable[tuple[str, str]]) -> None:
+        for vault, vm_id in owners:
+            for listener in self.on_change:
+                listener(vault, vm_id)
+
+    async def _owners(
+        self, db: aiosqlite.Connection, rp_ids: Sequence[str]
+    ) -> set[tuple[str, str]]:
+        """The (vault, VM) of each of `rp_ids` still in the catalog (only with listeners)."""
+        found: set[tuple[str, str]] = set()
+        if not self.on_change:
+            return found
+        ids = list(rp_ids)
+        for start in range(0, len(ids), _ID_BATCH):
+            batch = ids[start : start + _ID_BATCH]
+            async with db.execute(
+                "SELECT DISTINCT vault, vm_id FROM recovery_points"
+                f" WHERE id IN ({','.join('?' * len(batch))})",
+                batch,
+            ) as cursor:
+                found.update((row["vault"], row["vm_id"]) for row in await cursor.fetchall())
+        return found
 
     async def __aenter__(self) -> Self:
         self._path.parent.mkdir(parents=True, exist_ok=True)
@@ -816,11 +1207,18 @@ class Catalog:
                         "reverify_days": vault.reverify_days,
                         "encrypted": int(vault.encrypted),
                         "shared_dedup": int(vault.shared_dedup),
+                        "copy_target": vault.copy_target,
+                        "soft_delete_days": vault.soft_delete_days,
+                        "drill_schedule": "",
+                        "drill_agent": "",
+                        "drill_dir": "",
+                        "drill_last_slot": None,
                     },
                 )
             except sqlite3.IntegrityError:
                 raise Conflict(detail=f"vault {vault.name!r} already exists") from None
             await self._insert_policy(db, default_policy)
+        self._changed([(vault.name, "")])
         return await self.vault(vault.name)
 
     async def delete_vault(self, name: str) -> None:
@@ -859,6 +1257,38 @@ class Catalog:
             )
             if cursor.rowcount == 0:
                 raise NotFound(kind="vault", name=vault)
+        self._changed([(vault, "")])
+
+    async def set_soft_delete_days(self, vault: str, days: int) -> None:
+        async with self._transaction() as db:
+            cursor = await db.execute(
+                "UPDATE vaults SET soft_delete_days = ? WHERE name = ?", (days, vault)
+            )
+            if cursor.rowcount == 0:
+                raise NotFound(kind="vault", name=vault)
+        self._changed([(vault, "")])
+
+    async def set_drill(self, vault: str, drill: DrillSettings | None) -> None:
+        """A vault's restore drill settings (None: it has none)."""
+        async with self._transaction() as db:
+            cursor = await db.execute(
+                "UPDATE vaults SET drill_schedule = ?, drill_agent = ?, drill_dir = ?,"
+                " drill_last_slot = ? WHERE name = ?",
+                (
+                    json.dumps(drill.schedule) if drill and drill.schedule else "",
+                    drill.agent if drill else "",
+                    drill.directory if drill else "",
+                    drill.last_slot if drill else None,
+                    vault,
+                ),
+            )
+            if cursor.rowcount == 0:
+                raise NotFound(kind="vault", name=vault)
+
+    async def set_drill_slot(self, vault: str, slot: float) -> None:
+        """The scheduled drill slot a vault last started."""
+        async with self._transaction() as db:
+            await db.execute("UPDATE vaults SET drill_last_slot = ? WHERE name = ?", (slot, vault))
 
     async def add_stored_bytes(self, vault: str, delta: int) -> None:
         """Account chunk bytes written to (positive) or freed from (negative) a vault's store."""
@@ -893,6 +1323,7 @@ class Catalog:
     async def create_policy(self, policy: PolicyRecord) -> None:
         async with self._transaction() as db:
             await self._insert_policy(db, policy)
+        self._changed([(policy.vault, "")])
 
     async def update_policy(self, vault: str, name: str, spec: dict[str, Any], now: float) -> None:
         async with self._transaction() as db:
@@ -902,6 +1333,7 @@ class Catalog:
             )
             if cursor.rowcount == 0:
                 raise NotFound(kind=f"policy of vault {vault!r}", name=name)
+        self._changed([(vault, "")])
 
     async def delete_policy(self, vault: str, name: str) -> list[str]:
         """Delete a policy. Items whose protection is stopped forget it in the same
@@ -922,6 +1354,7 @@ class Catalog:
             )
             if cursor.rowcount == 0:
                 raise NotFound(kind=f"policy of vault {vault!r}", name=name)
+        self._changed([(vault, ""), *((vault, vm_id) for vm_id in forgotten)])
         return forgotten
 
     async def policy(self, vault: str, name: str) -> PolicyRecord:
@@ -955,6 +1388,7 @@ class Catalog:
                 )
             except sqlite3.IntegrityError:
                 raise Conflict(detail=f"VM {item.vm_id!r} is already registered") from None
+        self._changed([(item.vault, item.vm_id)])
 
     async def update_item(self, item: ItemRecord) -> None:
         async with self._transaction() as db:
@@ -962,10 +1396,14 @@ class Catalog:
                 f"UPDATE items SET {_assignments(_ITEM_COLUMNS[1:])} WHERE vm_id = :vm_id",
                 _item_row(item),
             )
+        self._changed([(item.vault, item.vm_id)])
 
     async def delete_item(self, vm_id: str) -> None:
         async with self._transaction() as db:
+            async with db.execute("SELECT vault FROM items WHERE vm_id = ?", (vm_id,)) as cursor:
+                vaults = [row["vault"] for row in await cursor.fetchall()]
             await db.execute("DELETE FROM items WHERE vm_id = ?", (vm_id,))
+        self._changed((vault, vm_id) for vault in vaults)
 
     async def item(self, vm_id: str) -> ItemRecord | None:
         found = await self._items("vm_id = ?", (vm_id,))
@@ -994,6 +1432,7 @@ class Catalog:
         agent_version: str,
         disks: Sequence[DiskRecord],
         now: float,
+        restore_dirs: Sequence[str] = (),
     ) -> None:
         """Record an agent's hello: who it is and the disks it has now."""
         async with self._transaction() as db:
@@ -1002,7 +1441,8 @@ class Catalog:
                    VALUES ({_placeholders(_AGENT_COLUMNS)})
                    ON CONFLICT (vm_id) DO UPDATE SET name=excluded.name, service=excluded.service,
                      region=excluded.region, hostname=excluded.hostname,
-                     agent_version=excluded.agent_version, last_seen=excluded.last_seen""",
+                     agent_version=excluded.agent_version, last_seen=excluded.last_seen,
+                     restore_dirs=excluded.restore_dirs""",
                 {
                     "vm_id": vm_id,
                     "name": name,
@@ -1012,6 +1452,7 @@ class Catalog:
                     "agent_version": agent_version,
                     "first_seen": now,
                     "last_seen": now,
+                    "restore_dirs": json.dumps(list(restore_dirs)),
                 },
             )
             await db.execute("DELETE FROM disks WHERE vm_id = ?", (vm_id,))
@@ -1023,6 +1464,9 @@ class Catalog:
                     for d in disks
                 ],
             )
+            async with db.execute("SELECT vault FROM items WHERE vm_id = ?", (vm_id,)) as cursor:
+                vaults = [row["vault"] for row in await cursor.fetchall()]
+        self._changed((vault, vm_id) for vault in vaults)
 
     def touch_agent(self, vm_id: str, now: float) -> None:
         """Note a heartbeat; written by the next `flush`."""
@@ -1037,6 +1481,30 @@ class Catalog:
                 "UPDATE agents SET last_seen = ? WHERE vm_id = ?",
                 [(now, vm_id) for vm_id, now in beats.items()],
             )
+
+    async def agent(self, vm_id: str) -> AgentRecord | None:
+        """One enrolled VM (and its disks), or None."""
+        async with self.db.execute(
+            f"SELECT {_columns(_DISK_COLUMNS)} FROM disks WHERE vm_id = ? ORDER BY name", (vm_id,)
+        ) as cursor:
+            disks = [_disk(row) for row in await cursor.fetchall()]
+        async with self.db.execute(
+            f"SELECT {_columns(_AGENT_COLUMNS)} FROM agents WHERE vm_id = ?", (vm_id,)
+        ) as cursor:
+            row = await cursor.fetchone()
+        if row is None:
+            return None
+        return AgentRecord(
+            vm_id=row["vm_id"],
+            name=row["name"],
+            service=row["service"],
+            region=row["region"],
+            hostname=row["hostname"],
+            agent_version=row["agent_version"],
+            first_seen=row["first_seen"],
+            last_seen=max(row["last_seen"], self._heartbeats.get(row["vm_id"], 0.0)),
+            disks=tuple(disks),
+        )
 
     async def agents(self) -> list[AgentRecord]:
         disks: dict[str, list[DiskRecord]] = {}
@@ -1060,6 +1528,7 @@ class Catalog:
                 first_seen=row["first_seen"],
                 last_seen=max(row["last_seen"], self._heartbeats.get(row["vm_id"], 0.0)),
                 disks=tuple(disks.get(row["vm_id"], ())),
+                restore_dirs=tuple(json.loads(row["restore_dirs"])),
             )
             for row in rows
         ]
@@ -1163,36 +1632,31 @@ class Catalog:
 
     async def insert_recovery_point(self, rp: RecoveryPointRecord) -> None:
         async with self._transaction() as db:
-            await db.execute(
-                f"INSERT OR IGNORE INTO recovery_points ({_columns(_RP_COLUMNS)})"
-                f" VALUES ({_placeholders(_RP_COLUMNS)})",
+            await self._insert_recovery_point(db, rp)
+        self._changed([(rp.vault, rp.vm_id)])
+
+    @staticmethod
+    async def _insert_recovery_point(db: aiosqlite.Connection, rp: RecoveryPointRecord) -> None:
+        await db.execute(
+            f"INSERT OR IGNORE INTO recovery_points ({_columns(_RP_COLUMNS)})"
+            f" VALUES ({_placeholders(_RP_COLUMNS)})",
+            _rp_row(rp),
+        )
+        await db.executemany(
+            f"INSERT OR IGNORE INTO recovery_point_disks ({_columns(_RP_DISK_COLUMNS)})"
+            f" VALUES ({_placeholders(_RP_DISK_COLUMNS)})",
+            [
                 {
-                    "id": rp.id,
-                    "vault": rp.vault,
-                    "vm_id": rp.vm_id,
-                    "job_id": rp.job_id,
-                    "created_at": rp.created_at,
-                    "consistency": rp.consistency.value,
-                    "bytes_stored": rp.bytes_stored,
-                    "data_bytes": rp.data_bytes,
-                    "kept_by": ",".join(rp.kept_by),
-                },
-            )
-            await db.executemany(
-                f"INSERT OR IGNORE INTO recovery_point_disks ({_columns(_RP_DISK_COLUMNS)})"
-                f" VALUES ({_placeholders(_RP_DISK_COLUMNS)})",
-                [
-                    {
-                        "recovery_point_id": rp.id,
-                        "name": d.name,
-                        "size_bytes": d.size_bytes,
-                        "chunk_size": d.chunk_size,
-                        "chunk_count": d.chunk_count,
-                        "consistency": d.consistency.value if d.consistency else "",
-                    }
-                    for d in rp.disks
-                ],
-            )
+                    "recovery_point_id": rp.id,
+                    "name": d.name,
+                    "size_bytes": d.size_bytes,
+                    "chunk_size": d.chunk_size,
+                    "chunk_count": d.chunk_count,
+                    "consistency": d.consistency.value if d.consistency else "",
+                }
+                for d in rp.disks
+            ],
+        )
 
     async def set_kept_by(self, kept: dict[str, tuple[str, ...]]) -> None:
         """Record which retention rules keep each recovery point (after a prune)."""
@@ -1201,10 +1665,31 @@ class Catalog:
                 "UPDATE recovery_points SET kept_by = ? WHERE id = ?",
                 [(",".join(rules), rp_id) for rp_id, rules in kept.items()],
             )
+            owners = await self._owners(db, list(kept))
+        self._changed(owners)
+
+    async def record_drill(self, rp_id: str, drill: DrillRecord) -> None:
+        """Record a restore drill of a recovery point (one deleted meanwhile is left alone)."""
+        async with self._transaction() as db:
+            await db.execute(
+                "UPDATE recovery_points SET drilled_at = ?, drill_job_id = ?, drill_seconds = ?,"
+                " drill_outcome = ?, drill_summary = ? WHERE id = ?",
+                (drill.at, drill.job_id, drill.seconds, drill.outcome.value, drill.summary, rp_id),
+            )
+
+    async def last_drills(self, vault: str) -> dict[str, RecoveryPointRecord]:
+        """Per VM of a vault: its most recently drilled recovery point (VMs never drilled are
+        left out)."""
+        drilled = await self._recovery_points(
+            "vault = ? AND drilled_at IS NOT NULL ORDER BY drilled_at", (vault,)
+        )
+        return {rp.vm_id: rp for rp in drilled}  # the latest drill of each VM wins
 
     async def delete_recovery_point(self, rp_id: str) -> None:
         async with self._transaction() as db:
+            owners = await self._owners(db, [rp_id])
             await db.execute("DELETE FROM recovery_points WHERE id = ?", (rp_id,))
+        self._changed(owners)
 
     async def recovery_points(self, vm_id: str = "", vault: str = "") -> list[RecoveryPointRecord]:
         """Recovery points, oldest first; of one VM and/or one vault when given."""
@@ -1246,7 +1731,9 @@ class Catalog:
         if "ORDER BY" not in where:
             where += " ORDER BY created_at"
         async with self.db.execute(
-            f"SELECT {_columns(_RP_COLUMNS)} FROM recovery_points WHERE {where}", params
+            f"SELECT {_columns(_RP_COLUMNS + _RP_DRILL_COLUMNS)} FROM recovery_points"
+            f" WHERE {where}",
+            params,
         ) as cursor:
             rows = await cursor.fetchall()
         if not rows:
@@ -1274,6 +1761,7 @@ class Catalog:
         max_concurrent_backups: int | None = None,
         verify_new: bool | None = None,
         reverify_days: int | None = None,
+        soft_delete_days: int | None = None,
         shared_dedup: bool | None = None,
     ) -> None:
         """Change a vault's settings in one transaction (None: unchanged)."""
@@ -1287,17 +1775,20 @@ class Catalog:
                 " max_concurrent_backups = coalesce(?, max_concurrent_backups),"
                 " verify_new = coalesce(?, verify_new),"
                 " reverify_days = coalesce(?, reverify_days),"
+                " soft_delete_days = coalesce(?, soft_delete_days),"
                 " shared_dedup = coalesce(?, shared_dedup) WHERE name = ?",
                 (
                     max_concurrent_backups,
                     flag(verify_new),
                     reverify_days,
+                    soft_delete_days,
                     flag(shared_dedup),
                     vault,
                 ),
             )
             if cursor.rowcount == 0:
                 raise NotFound(kind="vault", name=vault)
+        self._changed([(vault, "")])
 
     async def set_verify_settings(
         self, vault: str, *, verify_new: bool | None, reverify_days: int | None
@@ -1311,6 +1802,7 @@ class Catalog:
             )
             if cursor.rowcount == 0:
                 raise NotFound(kind="vault", name=vault)
+        self._changed([(vault, "")])
 
     async def bad_chunks(self, vault: str) -> list[bytes]:
         """Digests of the vault's chunks known missing or corrupt."""
@@ -1356,6 +1848,8 @@ class Catalog:
                 )
                 await db.execute("DELETE FROM damaged_chunks WHERE recovery_point_id = ?", (rp_id,))
                 await self._insert_damage(db, rp_id, damage)
+            owners = await self._owners(db, [rp_id for rp_id, _, _ in outcomes])
+        self._changed(owners)
 
     async def record_damage(
         self, damage: dict[str, Sequence[DamageRecord]], now: float, job_id: str
@@ -1373,6 +1867,8 @@ class Catalog:
                     (Verification.DAMAGED.value, now, job_id, rp_id),
                 )
                 await self._insert_damage(db, rp_id, chunks)
+            owners = await self._owners(db, list(damage))
+        self._changed(owners)
 
     async def record_point_damaged(self, rp_id: str, detail: str, now: float, job_id: str) -> None:
         """A recovery point damaged for a reason that is not a chunk's (`detail`: an index
@@ -1423,6 +1919,8 @@ class Catalog:
                 " WHERE recovery_point_id = ?",
                 [(Verification.HEALED.value, now, job_id, rp_id) for rp_id in healed],
             )
+            owners = await self._owners(db, healed)
+        self._changed(owners)
         return healed
 
     async def verifications(
@@ -1510,6 +2008,386 @@ class Catalog:
             (vault, Verification.HEALED.value),
         ) as cursor:
             return [row["id"] for row in await cursor.fetchall()]
+
+    # --- vault upgrades --------------------------------------------------------------------
+
+    async def upgrade(self, vault: str) -> UpgradeRecord | None:
+        """The vault's upgrade in progress, if there is one."""
+        found = await self._upgrades("vault = ?", (vault,))
+        return found[0] if found else None
+
+    async def upgrades(self) -> list[UpgradeRecord]:
+        """Every upgrade in progress."""
+        return await self._upgrades("1", ())
+
+    async def _upgrades(self, where: str, params: tuple[str, ...]) -> list[UpgradeRecord]:
+        async with self.db.execute(
+            "SELECT vault, from_format, to_format, phase, resume, job_id, started_at"
+            f" FROM vault_upgrades WHERE {where} ORDER BY vault",
+            params,
+        ) as cursor:
+            return [
+                UpgradeRecord(
+                    vault=row["vault"],
+                    from_format=row["from_format"],
+                    to_format=row["to_format"],
+                    phase=row["phase"],
+                    resume=bool(row["resume"]),
+                    job_id=row["job_id"],
+                    started_at=row["started_at"],
+                )
+                for row in await cursor.fetchall()
+            ]
+
+    async def save_upgrade(self, upgrade: UpgradeRecord) -> None:
+        """Record the vault's upgrade as it stands (a new one, or one a job takes up again)."""
+        async with self._transaction() as db:
+            await db.execute(
+                "INSERT INTO vault_upgrades"
+                " (vault, from_format, to_format, phase, resume, job_id, started_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (vault) DO UPDATE SET"
+                " phase = excluded.phase, resume = excluded.resume, job_id = excluded.job_id",
+                (
+                    upgrade.vault,
+                    upgrade.from_format,
+                    upgrade.to_format,
+                    upgrade.phase,
+                    int(upgrade.resume),
+                    upgrade.job_id,
+                    upgrade.started_at,
+                ),
+            )
+
+    async def upgrade_chunk_names(self, vault: str) -> dict[bytes, tuple[bytes, str]]:
+        """Old chunk name -> (new name, why it could not be read, or '') found so far."""
+        async with self.db.execute(
+            "SELECT old_digest, new_digest, lost FROM upgrade_chunks WHERE vault = ?", (vault,)
+        ) as cursor:
+            return {
+                bytes(row["old_digest"]): (bytes(row["new_digest"]), row["lost"])
+                for row in await cursor.fetchall()
+            }
+
+    async def add_upgrade_chunk_names(
+        self, vault: str, names: dict[bytes, tuple[bytes, str]]
+    ) -> None:
+        if names:
+            async with self._transaction() as db:
+                await db.executemany(
+                    "INSERT OR REPLACE INTO upgrade_chunks (vault, old_digest, new_digest, lost)"
+                    " VALUES (?, ?, ?, ?)",
+                    [(vault, old, new, lost) for old, (new, lost) in names.items()],
+                )
+
+    async def rename_damaged_chunks(self, vault: str, rp_ids: Sequence[str] = ()) -> None:
+        """The damaged chunks recorded of the vault's recovery points (of `rp_ids`, when given)
+        under their old names now carry their new ones (the upgrade's chunk names)."""
+        ids = list(rp_ids)
+        points = "SELECT id FROM recovery_points WHERE vault = ?"
+        if ids:
+            points += f" AND id IN ({','.join('?' * len(ids))})"
+        async with self._transaction() as db:
+            await db.execute(
+                "UPDATE OR REPLACE damaged_chunks SET digest = (SELECT u.new_digest FROM"
+                " upgrade_chunks u WHERE u.vault = ? AND u.old_digest = damaged_chunks.digest)"
+                f" WHERE recovery_point_id IN ({points}) AND digest IN"
+                " (SELECT old_digest FROM upgrade_chunks WHERE vault = ?)",
+                [vault, vault, *ids, vault],
+            )
+
+    async def end_upgrade(self, vault: str) -> list[bytes]:
+        """The vault's upgrade is done: its record and chunk names go, with the bad chunks
+        recorded under old names (nothing references those names any more). Those names."""
+        async with self._transaction() as db:
+            async with db.execute(
+                "SELECT digest FROM bad_chunks WHERE vault = ? AND digest IN"
+                " (SELECT old_digest FROM upgrade_chunks WHERE vault = ?)",
+                (vault, vault),
+            ) as cursor:
+                old = [bytes(row["digest"]) for row in await cursor.fetchall()]
+            await db.executemany(
+                "DELETE FROM bad_chunks WHERE vault = ? AND digest = ?",
+                [(vault, digest) for digest in old],
+            )
+            await db.execute("DELETE FROM upgrade_chunks WHERE vault = ?", (vault,))
+            await db.execute("DELETE FROM vault_upgrades WHERE vault = ?", (vault,))
+        return old
+
+    # --- off-site copies -------------------------------------------------------------------
+
+    async def set_copy_target(self, vault: str, target: str) -> None:
+        """Copy the vault's recovery points to `target` from now on ('' stops copying)."""
+        async with self._transaction() as db:
+            cursor = await db.execute(
+                "UPDATE vaults SET copy_target = ? WHERE name = ?", (target, vault)
+            )
+            if cursor.rowcount == 0:
+                raise NotFound(kind="vault", name=vault)
+
+    async def record_copies(
+        self, target: str, rp_ids: Sequence[str], now: float, job_id: str
+    ) -> None:
+        """Recovery points found complete in `target`'s copy (a point recorded already keeps
+        its record; one deleted from the catalog meanwhile is left out)."""
+        async with self._transaction() as db:
+            await db.executemany(
+                "INSERT OR IGNORE INTO copies (recovery_point_id, target, copied_at, job_id)"
+                " SELECT id, ?, ?, ? FROM recovery_points WHERE id = ?",
+                [(target, now, job_id, rp_id) for rp_id in rp_ids],
+            )
+
+    async def forget_copies(self, target: str, rp_ids: Sequence[str]) -> None:
+        """Recovery points no longer (or never) complete in `target`'s copy."""
+        async with self._transaction() as db:
+            await db.executemany(
+                "DELETE FROM copies WHERE recovery_point_id = ? AND target = ?",
+                [(rp_id, target) for rp_id in rp_ids],
+            )
+
+    async def copies(self, rp_ids: Sequence[str]) -> dict[str, list[CopyRecord]]:
+        """The copies each of `rp_ids` is complete in."""
+        found: dict[str, list[CopyRecord]] = {}
+        for start in range(0, len(rp_ids), _ID_BATCH):
+            batch = list(rp_ids[start : start + _ID_BATCH])
+            async with self.db.execute(
+                "SELECT recovery_point_id, target, copied_at, job_id FROM copies"
+                f" WHERE recovery_point_id IN ({','.join('?' * len(batch))}) ORDER BY target",
+                batch,
+            ) as cursor:
+                async for row in cursor:
+                    found.setdefault(row["recovery_point_id"], []).append(
+                        CopyRecord(
+                            row["recovery_point_id"], row["target"], row["copied_at"],
+                            row["job_id"],
+                        )
+                    )  # fmt: skip
+        return found
+
+    async def copied_points(self, vault: str, target: str) -> set[str]:
+        """The vault's recovery points recorded complete in `target`'s copy."""
+        async with self.db.execute(
+            "SELECT c.recovery_point_id AS id FROM copies c"
+            " JOIN recovery_points r ON r.id = c.recovery_point_id"
+            " WHERE r.vault = ? AND c.target = ?",
+            (vault, target),
+        ) as cursor:
+            return {row["id"] for row in await cursor.fetchall()}
+
+    async def copy_lag(self, vault: str, target: str) -> CopyLag:
+        """How far `target`'s copy of the vault is behind its recovery points."""
+        async with self.db.execute(
+            "SELECT count(c.target) AS copied, count(*) - count(c.target) AS not_copied,"
+            " min(CASE WHEN c.target IS NULL THEN r.created_at END) AS oldest_missing,"
+            " max(CASE WHEN c.target IS NULL THEN r.created_at END) AS newest_missing,"
+            " max(CASE WHEN c.target IS NOT NULL THEN r.created_at END) AS newest_copied"
+            " FROM recovery_points r LEFT JOIN copies c"
+            " ON c.recovery_point_id = r.id AND c.target = ? WHERE r.vault = ?",
+            (target, vault),
+        ) as cursor:
+            row = await cursor.fetchone()
+        assert row is not None
+        return CopyLag(
+            copied=int(row["copied"]),
+            not_copied=int(row["not_copied"]),
+            oldest_not_copied_at=row["oldest_missing"],
+            newest_not_copied_at=row["newest_missing"],
+            newest_copied_at=row["newest_copied"],
+        )
+
+    async def add_copy_bad_chunks(
+        self, vault: str, target: str, digests: Sequence[bytes], now: float
+    ) -> None:
+        """Chunks found missing or corrupt in `target`'s copy of the vault."""
+        async with self._transaction() as db:
+            await db.executemany(
+                "INSERT OR IGNORE INTO copy_bad_chunks (vault, target, digest, found_at)"
+                " VALUES (?, ?, ?, ?)",
+                [(vault, target, digest, now) for digest in digests],
+            )
+
+    async def copy_bad_chunks(self, vault: str, target: str) -> list[bytes]:
+        async with self.db.execute(
+            "SELECT digest FROM copy_bad_chunks WHERE vault = ? AND target = ? ORDER BY digest",
+            (vault, target),
+        ) as cursor:
+            return [bytes(row["digest"]) for row in await cursor.fetchall()]
+
+    async def remove_copy_bad_chunks(
+        self, vault: str, target: str, digests: Sequence[bytes]
+    ) -> None:
+        async with self._transaction() as db:
+            await db.executemany(
+                "DELETE FROM copy_bad_chunks WHERE vault = ? AND target = ? AND digest = ?",
+                [(vault, target, digest) for digest in digests],
+            )
+
+    # --- soft-deleted recovery points ------------------------------------------------------
+
+    async def soft_delete_recovery_point(
+        self,
+        rp_id: str,
+        *,
+        deleted_at: float,
+        purge_at: float,
+        deleted_by: str,
+        policy: str | None,
+    ) -> DeletedRecoveryPointRecord:
+        """Move a live recovery point to the deleted ones, in one transaction; NotFound if it
+        is not live. Its verification goes with its row: an undeleted point is unverified."""
+        async with self._transaction() as db:
+            found = await self._recovery_points("id = ?", (rp_id,))
+            if not found:
+                raise NotFound(kind="recovery point", name=rp_id)
+            record = DeletedRecoveryPointRecord(
+                point=found[0],
+                deleted_at=deleted_at,
+                purge_at=purge_at,
+                deleted_by=deleted_by,
+                policy=policy,
+            )
+            await self._insert_deleted(db, record)
+            await db.execute("DELETE FROM recovery_points WHERE id = ?", (rp_id,))
+        self._changed([(record.point.vault, record.point.vm_id)])
+        return record
+
+    async def undelete_recovery_point(self, rp_id: str) -> DeletedRecoveryPointRecord:
+        """Move a soft-deleted recovery point back to the live ones; what it was. NotFound if
+        it is not soft-deleted."""
+        async with self._transaction() as db:
+            async with db.execute(
+                f"SELECT {_columns(_DELETED_COLUMNS)} FROM deleted_recovery_points WHERE id = ?",
+                (rp_id,),
+            ) as cursor:
+                row = await cursor.fetchone()
+            if row is None:
+                raise NotFound(kind="deleted recovery point", name=rp_id)
+            record = _deleted(row)
+            await self._insert_recovery_point(db, record.point)
+            await db.execute("DELETE FROM deleted_recovery_points WHERE id = ?", (rp_id,))
+        self._changed([(record.point.vault, record.point.vm_id)])
+        return record
+
+    async def purge_deleted_recovery_point(self, rp_id: str) -> None:
+        """Forget a soft-deleted recovery point (purged from its datastore)."""
+        async with self._transaction() as db:
+            await db.execute("DELETE FROM deleted_recovery_points WHERE id = ?", (rp_id,))
+
+    async def insert_deleted_recovery_point(self, record: DeletedRecoveryPointRecord) -> None:
+        """Record a soft-deleted recovery point as it is (a catalog rebuilt from datastores)."""
+        async with self._transaction() as db:
+            await self._insert_deleted(db, record)
+
+    @staticmethod
+    async def _insert_deleted(db: aiosqlite.Connection, record: DeletedRecoveryPointRecord) -> None:
+        await db.execute(
+            f"INSERT OR REPLACE INTO deleted_recovery_points ({_columns(_DELETED_COLUMNS)})"
+            f" VALUES ({_placeholders(_DELETED_COLUMNS)})",
+            _deleted_row(record),
+        )
+
+    async def deleted_recovery_points(
+        self, vm_id: str = "", vault: str = ""
+    ) -> list[DeletedRecoveryPointRecord]:
+        """Soft-deleted recovery points, oldest first; of one VM and/or one vault when given."""
+        where, params = _equal(vm_id=vm_id, vault=vault)
+        return await self._deleted_points(f"{where} ORDER BY created_at", params)
+
+    async def deleted_recovery_point(self, rp_id: str) -> DeletedRecoveryPointRecord:
+        found = await self._deleted_points("id = ?", (rp_id,))
+        if not found:
+            raise NotFound(kind="deleted recovery point", name=rp_id)
+        return found[0]
+
+    async def deleted_due(self, vault: str, now: float) -> list[DeletedRecoveryPointRecord]:
+        """The vault's soft-deleted recovery points whose purge time has come."""
+        return await self._deleted_points(
+            "vault = ? AND purge_at <= ? ORDER BY purge_at", (vault, now)
+        )
+
+    async def deleted_totals(self, vault: str) -> tuple[int, float | None]:
+        """How many soft-deleted recovery points a vault holds, and when the last is purged."""
+        async with self.db.execute(
+            "SELECT count(*) AS points, max(purge_at) AS last FROM deleted_recovery_points"
+            " WHERE vault = ?",
+            (vault,),
+        ) as cursor:
+            row = await cursor.fetchone()
+        assert row is not None
+        return int(row["points"]), row["last"]
+
+    async def _deleted_points(
+        self, where: str, params: tuple[Any, ...]
+    ) -> list[DeletedRecoveryPointRecord]:
+        async with self.db.execute(
+            f"SELECT {_columns(_DELETED_COLUMNS)} FROM deleted_recovery_points WHERE {where}",
+            params,
+        ) as cursor:
+            return [_deleted(row) for row in await cursor.fetchall()]
+
+    # --- a catalog rebuilt from datastores (controller/recovery.py) -------------------------
+
+    async def insert_recovered_agent(self, agent: AgentRecord) -> None:
+        """Record a VM known only from its datastore, with the times given."""
+        async with self._transaction() as db:
+            await db.execute(
+                f"INSERT OR IGNORE INTO agents ({_columns(_AGENT_COLUMNS)})"
+                f" VALUES ({_placeholders(_AGENT_COLUMNS)})",
+                {
+                    "vm_id": agent.vm_id,
+                    "name": agent.name,
+                    "service": agent.service,
+                    "region": agent.region,
+                    "hostname": agent.hostname,
+                    "agent_version": agent.agent_version,
+                    "first_seen": agent.first_seen,
+                    "last_seen": agent.last_seen,
+                    "restore_dirs": json.dumps(list(agent.restore_dirs)),
+                },
+            )
+            await db.executemany(
+                f"INSERT OR IGNORE INTO disks ({_columns(_DISK_COLUMNS)})"
+                f" VALUES ({_placeholders(_DISK_COLUMNS)})",
+                [
+                    {"vm_id": agent.vm_id, "name": d.name, "path": d.path,
+                     "size_bytes": d.size_bytes}
+                    for d in agent.disks
+                ],
+            )  # fmt: skip
+
+    async def insert_recovered_verification(self, record: VerificationRecord) -> None:
+        """Record what the last verify found of a recovery point, as its datastore kept it."""
+        async with self._transaction() as db:
+            await db.execute(
+                "INSERT OR REPLACE INTO verifications"
+                " (recovery_point_id, state, verified_at, changed_at, job_id, detail)"
+                " SELECT id, ?, ?, ?, ?, ? FROM recovery_points WHERE id = ?",
+                (
+                    record.state.value,
+                    record.verified_at,
+                    record.changed_at,
+                    record.job_id,
+                    record.detail,
+                    record.recovery_point_id,
+                ),
+            )
+
+    async def set_vault_settings(self, vault: VaultRecord) -> None:
+        """Give an existing vault the settings and counts of `vault` (a rebuilt catalog)."""
+        async with self._transaction() as db:
+            await db.execute(
+                "UPDATE vaults SET max_concurrent_backups = ?, stored_bytes = ?,"
+                " verify_new = ?, reverify_days = ?, encrypted = ?, soft_delete_days = ?"
+                " WHERE name = ?",
+                (
+                    vault.max_concurrent_backups,
+                    vault.stored_bytes,
+                    int(vault.verify_new),
+                    vault.reverify_days,
+                    int(vault.encrypted),
+                    vault.soft_delete_days,
+                    vault.name,
+                ),
+            )
 
     # --- identities: certificates, enrolment tokens, the audit log ------------------------
 

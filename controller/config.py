@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -58,6 +59,23 @@ class DatastoreSettings:
 
 
 @dataclass(frozen=True)
+class CopyTargetSettings:
+    """`[[copy_targets]]`: a second place vaults copy their recovery points to (controller.copies).
+
+    Like `[datastore]`, a root: a vault's copy is the vault's name under `url`."""
+
+    name: str
+    url: str
+    """An absolute directory, or s3://bucket/prefix."""
+    s3: S3Settings | None = None
+    lease_seconds: float = DEFAULT_LEASE_SECONDS
+
+    @property
+    def is_s3(self) -> bool:
+        return self.url.startswith("s3://")
+
+
+@dataclass(frozen=True)
 class EncryptionSettings:
     """`[encryption]`: the master key that wraps every encrypted vault's keys. With neither file
     named: the passphrase in COFFER_MASTER_PASSPHRASE if set, else `state_dir/master.key`,
@@ -82,6 +100,8 @@ class ControllerConfig:
     # None: a directory `datastores` in the state directory.
     datastore: DatastoreSettings | None = None
     encryption: EncryptionSettings = field(default_factory=EncryptionSettings)
+    # Where vaults may copy their recovery points (`coffer vault update V --copy-to NAME`).
+    copy_targets: tuple[CopyTargetSettings, ...] = ()
 
     @property
     def datastores(self) -> DatastoreSettings:
@@ -93,6 +113,7 @@ class ControllerConfig:
     @property
     def default_master_key_file(self) -> Path:
         return self.state_dir / MASTER_KEY_NAME
+
     # Where agents enrol (TLS without a client certificate); None: enrolment is off.
     enrol_listen: str | None = None
     certificate_days: float = DEFAULT_CERTIFICATE_DAYS
@@ -216,6 +237,42 @@ class DatastoreSection(Section):
         )
 
 
+_COPY_TARGET_NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
+
+
+def _copy_target_name(name: str) -> str:
+    if _COPY_TARGET_NAME.fullmatch(name) is None:
+        raise ValueError(f"{name!r} is not 1-63 lowercase letters, digits or '-'")
+    return name
+
+
+class CopyTargetSection(DatastoreSection):
+    """`[[copy_targets]]`: a named second store for off-site copies; the keys of `[datastore]`."""
+
+    name: Annotated[str, AfterValidator(_copy_target_name)]
+    url: Annotated[str, Field(min_length=1), checked(_datastore_url)]
+
+    def target(self, base: Path, state_dir: Path) -> CopyTargetSettings:
+        where = self.settings(base, state_dir)
+        return CopyTargetSettings(self.name, where.url, where.s3, where.lease_seconds)
+
+
+def _place(url: str) -> tuple[str, ...]:
+    """Where a root is, as path parts: ('s3', bucket, *prefix) or ('dir', *path)."""
+    if url.startswith("s3://"):
+        bucket, prefix = parse_s3_url(url)
+        return ("s3", bucket, *[part for part in prefix.split("/") if part])
+    return ("dir", *Path(url.removeprefix("file://")).parts)
+
+
+def _overlapping(one: str, other: str) -> bool:
+    """Whether one root is the other or lies inside it (two S3 endpoints are taken as one: a
+    bucket name may well be the same store under two names)."""
+    a, b = _place(one), _place(other)
+    shorter = min(len(a), len(b))
+    return a[:shorter] == b[:shorter]
+
+
 class EncryptionSection(Section):
     """`[encryption]`: the master key (docs/encryption.md)."""
 
@@ -260,6 +317,27 @@ class ControllerFile(Section):
     certificate_days: Annotated[float, Field(gt=0, le=MAX_CERTIFICATE_DAYS)] = (
         DEFAULT_CERTIFICATE_DAYS
     )
+    copy_targets: list[CopyTargetSection] = []
+
+    @model_validator(mode="after")
+    def _copy_targets_apart(self) -> Self:
+        # Checked on the urls as written; relative directories are compared as written too.
+        names = [target.name for target in self.copy_targets]
+        twice = sorted({name for name in names if names.count(name) > 1})
+        if twice:
+            raise ValueError(f"[[copy_targets]]: more than one is named {', '.join(twice)}")
+        datastore = self.datastore.url if self.datastore and self.datastore.url else None
+        roots = [("[datastore] url", datastore or str(Path(self.state_dir) / "datastores"))]
+        for target in self.copy_targets:
+            for what, url in roots:
+                if _overlapping(target.url, url):
+                    raise ValueError(
+                        f"[[copy_targets]] {target.name!r}: url {target.url} overlaps {what} "
+                        f"{url}: a copy must live apart from the data it copies and from other "
+                        "copies"
+                    )
+            roots.append((f"copy target {target.name!r}", target.url))
+        return self
 
     def config(self, base: Path) -> ControllerConfig:
         """The controller's config, paths relative to `base` (the file's directory)."""
@@ -274,6 +352,7 @@ class ControllerFile(Section):
             gc_grace_seconds=self.gc_grace_seconds,
             datastore=self.datastore.settings(base, state_dir) if self.datastore else None,
             encryption=self.encryption.settings(base) if self.encryption else EncryptionSettings(),
+            copy_targets=tuple(target.target(base, state_dir) for target in self.copy_targets),
             enrol_listen=self.enrol_listen,
             certificate_days=self.certificate_days,
         )

@@ -104,10 +104,15 @@ class Integrity:
             )
         return marked
 
-    async def confirm(self, vault: str, digests: Iterable[bytes]) -> tuple[dict[bytes, str], int]:
+    async def confirm(
+        self, vault: str, digests: Iterable[bytes], datastore: Datastore | None = None
+    ) -> tuple[dict[bytes, str], int]:
         """The controller's own read of chunks someone else reported bad (an agent): those it
-        finds missing or corrupt, and the generation they were read at (for `found_bad`)."""
-        datastore = await self._datastores.get(vault)
+        finds missing or corrupt, and the generation they were read at (for `found_bad`).
+        Read from `datastore` (a restore's: in a vault being upgraded, its point's format), by
+        default the vault's."""
+        if datastore is None:
+            datastore = await self._datastores.get(vault)
         since = (await self.health(vault)).generation
         return await self._in_pool(_unreadable, datastore, list(dict.fromkeys(digests))), since
 
@@ -120,10 +125,13 @@ class Integrity:
             return {}
         skip = set(exclude)
         points = [rp.id for rp in await self._catalog.recovery_points(vault=vault)]
-        datastore = await self._datastores.get(vault)
-        found = await self._in_pool(
-            find_damage, datastore, [rp_id for rp_id in points if rp_id not in skip], dict(bad)
-        )
+        await self._datastores.get(vault)
+        found: dict[str, list[DamagedChunk]] = {}
+        # In a vault being upgraded, each point from the format it is in.
+        for datastore, ids in self._datastores.partition(
+            vault, [rp_id for rp_id in points if rp_id not in skip]
+        ):
+            found |= await self._in_pool(find_damage, datastore, ids, dict(bad))
         if found:
             await self._catalog.record_damage(
                 {rp_id: damage_records(chunks) for rp_id, chunks in found.items()},
@@ -148,6 +156,9 @@ class Integrity:
             present = set(
                 await self._in_pool(lambda d=datastore: list(d.list_recovery_point_ids()))
             )
+            legacy = self._datastores.legacy(vault.name)
+            if legacy is not None:  # an upgrade under way: the rest is still in format 1
+                present |= legacy.pending
             for rp in await self._catalog.recovery_points(vault=vault.name):
                 if rp.id not in present:
                     await self.unreadable(

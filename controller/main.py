@@ -7,6 +7,11 @@ with its code (non-zero).
 `coffer-controller rotate-master-key --config F --new-key-file K` (or `--new-passphrase-file
 P`), with the controller stopped, re-wraps every encrypted vault's keys under a new master key
 (controller/master_key.py); then name the new key in the config.
+
+`coffer-controller recover --config F [--force]`, with the controller stopped, rebuilds its
+catalog from the datastores under the config's `[datastore] url` and the master key
+(controller/recovery.py): exit 0 when every object was read, 7 when some could not be (each is
+named; the catalog holds the rest), or the exit code of the error that stopped it.
 """
 
 from __future__ import annotations
@@ -21,11 +26,13 @@ from pathlib import Path
 from controller.config import ControllerConfig, EncryptionSettings
 from controller.datastore import MasterKey
 from controller.master_key import passphrase_key, read_passphrase, rotate_master_key
+from controller.recovery import Recovered, recover
 from controller.server import Controller
 from shared.daemon import run_daemon
-from shared.errors import CofferError, InvalidArgument, find_coffer_error
+from shared.errors import CofferError, CorruptData, InvalidArgument, find_coffer_error
 
 ROTATE = "rotate-master-key"
+RECOVER = "recover"
 
 
 async def serve(config: ControllerConfig) -> None:
@@ -115,10 +122,78 @@ def rotate(argv: list[str]) -> int:
     return 0
 
 
+def recover_command(argv: list[str]) -> int:
+    """`coffer-controller recover`: the exit code."""
+    parser = argparse.ArgumentParser(
+        prog=f"coffer-controller {RECOVER}",
+        description="Rebuild the controller's catalog from its datastores and the master key, "
+        "with the controller stopped: vaults, policies, VMs, recovery points (and the deleted "
+        "ones), items as ProtectionStopped until you resume them. Nothing in the datastores is "
+        "changed. See docs/recovery.md.",
+    )
+    parser.add_argument("--config", type=Path, required=True, help="the controller's config")
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="replace a catalog the state directory already has (it is moved aside, not deleted)",
+    )
+    parser.add_argument("--log-level", default="WARNING")
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        config = ControllerConfig.load(args.config)
+        done = asyncio.run(recover(config, force=args.force))
+    except (CofferError, BaseExceptionGroup) as exc:
+        error = find_coffer_error(exc)
+        if error is None:
+            raise
+        print(f"coffer-controller {RECOVER}: {error}", file=sys.stderr)
+        return error.exit_code
+    _report(done)
+    return CorruptData.exit_code if done.problems else 0
+
+
+def _report(done: Recovered) -> None:
+    if done.replaced is not None:
+        print(f"the catalog it replaced was moved to {done.replaced}")
+    for vault in done.vaults:
+        kept = "encrypted" if vault.encrypted else "not encrypted (format 1)"
+        states: dict[str, int] = {}
+        for state in vault.items.values():
+            states[state] = states.get(state, 0) + 1
+        items = ", ".join(f"{n} {state}" for state, n in sorted(states.items())) or "none"
+        print(
+            f"vault {vault.name} (region {vault.region}, {kept}) at {vault.location}:\n"
+            f"  policies: {', '.join(vault.policies)}\n"
+            f"  items: {items}\n"
+            f"  recovery points: {vault.recovery_points}, deleted (recoverable): "
+            f"{vault.deleted_recovery_points}, stored bytes: {vault.stored_bytes}"
+        )
+    for note in done.notes:
+        print(f"note: {note}")
+    for problem in done.problems:
+        print(f"NOT RECOVERED: vault {problem.vault}: {problem.what}: {problem.error}")
+    print(f"catalog written to {done.catalog}.")
+    if done.problems:
+        print(
+            f"{len(done.problems)} objects could not be read and were left out (above); they "
+            "are still in the datastores, untouched."
+        )
+    print(
+        "Start the controller, check `coffer vault list` and `coffer rp list`, then resume "
+        "protection (`coffer resume-protection --vault VAULT VM...`): items stay "
+        "ProtectionStopped until then."
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if args and args[0] == ROTATE:
         return rotate(args[1:])
+    if args and args[0] == RECOVER:
+        return recover_command(args[1:])
     return run_daemon("coffer-controller", __doc__, ControllerConfig.load, serve, args)
 
 

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import json
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from typing import TypeAlias
 
 import grpc
@@ -24,6 +25,9 @@ from controller.catalog import (
     AuditFilter,
     Catalog,
     CertificateRecord,
+    CopyRecord,
+    DeletedRecoveryPointRecord,
+    DrillRecord,
     ItemRecord,
     JobFilter,
     JobRecord,
@@ -32,6 +36,9 @@ from controller.catalog import (
     VaultRecord,
     VerificationRecord,
 )
+from controller.copies import Copier
+from controller.datastore.copy import VaultCopy
+from controller.drills import Drills, schedule_of
 from controller.enrolment import Enrolment
 from controller.interceptors import caller
 from controller.jobs import JobManager
@@ -41,6 +48,7 @@ from controller.pruning import Pruner
 from controller.registry import AgentRegistry
 from controller.revocation import Revocations
 from controller.status import StatusMonitor
+from controller.upgrades import VaultUpgrades
 from controller.vaults import Vaults
 from controller.verification import Verifier
 from shared.errors import (
@@ -49,6 +57,7 @@ from shared.errors import (
     InvalidArgument,
     InvalidPolicy,
     NotFound,
+    RecoveryPointDeleted,
     Unavailable,
     VmNotFound,
 )
@@ -80,8 +89,23 @@ def _timestamp(seconds: float | None) -> Timestamp | None:
     return stamp
 
 
+def _iso(seconds: float) -> str:
+    return datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%d %H:%M UTC")
+
+
 def _seconds(stamp: Timestamp, present: bool) -> float | None:
     return stamp.ToNanoseconds() / 1e9 if present else None
+
+
+def _controller_progress(message: operator_pb2.Job, progress: object) -> None:
+    """The progress of a job the controller runs itself (a vault upgrade's), from its details:
+    its phase, and the stored bytes it has read of those it is to read."""
+    if not isinstance(progress, dict) or not isinstance(progress.get("phase"), str):
+        return
+    message.progress.phase = progress["phase"]
+    done, total = progress.get("bytes_read"), progress.get("bytes")
+    if isinstance(done, int) and isinstance(total, int):
+        message.progress.bytes_done, message.progress.bytes_total = done, total
 
 
 class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
@@ -96,15 +120,19 @@ class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
         pruner: Pruner,
         *,
         verifier: Verifier | None = None,
+        upgrades: VaultUpgrades | None = None,
+        copier: Copier | None = None,
         enrolment: Enrolment | None = None,
         revocations: Revocations | None = None,
         audit: AuditLog | None = None,
         enrol_address: str = "",
+        drills: Drills | None = None,
     ) -> None:
         self._enrolment = enrolment
         self._revocations = revocations
         self._audit = audit
         self._enrol_address = enrol_address
+        self._drills_ = drills
         self._catalog = catalog
         self._registry = registry
         self._jobs = jobs
@@ -113,6 +141,27 @@ class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
         self._protection = protection
         self._pruner = pruner
         self._verifier = verifier
+        self._upgrades = upgrades
+        self._copier = copier
+
+    @property
+    def copier(self) -> Copier:
+        if self._copier is None:
+            raise Unavailable(detail="this controller makes no off-site copies")
+        return self._copier
+
+    async def _copy_of(self, rp_id: str, from_copy: bool) -> VaultCopy | None:
+        """The vault's copy, opened, for a request that reads recovery point `rp_id` from it."""
+        if not from_copy:
+            return None
+        rp = await self._catalog.recovery_point(rp_id)
+        return await self.copier.open_copy(rp.vault, rp.id)
+
+    @property
+    def _drills(self) -> Drills:
+        if self._drills_ is None:  # every controller has them; a test may serve without
+            raise Unavailable(detail="restore drills are not served here")
+        return self._drills_
 
     async def _vm_id(self, name: str) -> str:
         """The VM id a name (id, name or service/name) gives; the name itself for a VM that is
@@ -180,7 +229,22 @@ class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
             disks=job.disks,
             requested_by=job.requested_by,
         )
+        if job.restore is not None:
+            message.restore.CopyFrom(
+                operator_pb2.RestoreInfo(
+                    source_vm_id=job.restore.source_vm_id,
+                    target_vm_id=job.restore.target_vm_id,
+                    target_path=job.restore.target_path,
+                    mode=job.restore.mode,
+                    overwrite=job.restore.overwrite,
+                    bytes_compared=job.bytes_compared,
+                    bytes_fetched=job.bytes_fetched,
+                    bytes_written=job.bytes_written,
+                )
+            )
         progress = self._status.progress(job.id) if self._status else None
+        if progress is None and not JobStatus(job.status).ended:
+            _controller_progress(message, job.details.get("progress"))
         if progress is not None and not JobStatus(job.status).ended:
             message.progress.CopyFrom(
                 operator_pb2.Progress(
@@ -193,10 +257,29 @@ class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
         return message
 
     @staticmethod
+    def _drill(drill: DrillRecord | None) -> operator_pb2.DrillRecord | None:
+        if drill is None:
+            return None
+        return operator_pb2.DrillRecord(
+            at=_timestamp(drill.at),
+            job_id=drill.job_id,
+            restore_seconds=drill.seconds,
+            outcome=drill.outcome,
+            summary=drill.summary,
+        )
+
+    @staticmethod
     def _recovery_point(
-        rp: RecoveryPointRecord, verification: VerificationRecord | None = None
+        rp: RecoveryPointRecord,
+        verification: VerificationRecord | None = None,
+        copy_target: str = "",
+        copied: CopyRecord | None = None,
     ) -> operator_pb2.RecoveryPoint:
         message = OperatorService._recovery_point_only(rp)
+        message.copy_target = copy_target
+        if copied is not None:
+            message.copied_at.FromNanoseconds(int(copied.copied_at * 1e9))
+            message.copy_job_id = copied.job_id
         if verification is not None:
             message.verification = verification.state
             verified_at = _timestamp(verification.verified_at)
@@ -234,6 +317,7 @@ class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
             bytes_stored=rp.bytes_stored,
             kept_by=rp.kept_by,
             data_bytes=rp.data_bytes,
+            last_drill=OperatorService._drill(rp.drill),
         )
 
     async def ListAgents(
@@ -273,9 +357,25 @@ class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
         )
         return await self._jobs_reply(jobs)
 
+    async def _not_deleted(self, rp_id: str) -> None:
+        """RecoveryPointDeleted if `rp_id` names a soft-deleted point: it cannot be read until
+        it is undeleted (the reads themselves would only find no such point)."""
+        try:
+            record = await self._catalog.deleted_recovery_point(rp_id)
+        except NotFound:
+            return
+        vm = (await self._names()).get(record.point.vm_id, record.point.vm_id)
+        raise RecoveryPointDeleted(
+            recovery_point=rp_id,
+            vm=vm,
+            purge_at=_iso(record.purge_at),
+            vault=record.point.vault,
+        )
+
     async def Restore(
         self, request: operator_pb2.RestoreRequest, context: Context
     ) -> operator_pb2.Job:
+        await self._not_deleted(request.recovery_point_id)
         source = (await self._protection.resolve([request.vm_id]))[0].vm_id
         target = request.target_vm_id
         if target:
@@ -286,8 +386,16 @@ class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
             request.disk,
             request.target_path,
             target,
+            copy=await self._copy_of(request.recovery_point_id, request.from_copy),
+            in_place=request.in_place,
+            overwrite=request.overwrite,
         )
         return self._job(job, await self._names())
+
+    async def Drill(
+        self, request: operator_pb2.DrillRequest, context: Context
+    ) -> operator_pb2.JobsReply:
+        return await self._jobs_reply(await self._drills.run(request.vault, list(request.vms)))
 
     async def ListJobs(
         self, request: operator_pb2.ListJobsRequest, context: Context
@@ -365,18 +473,57 @@ class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
     ) -> operator_pb2.ListRecoveryPointsReply:
         vm_id = request.vm_id
         if vm_id:
-            vm_id = (await self._protection.resolve([vm_id]))[0].vm_id
+            try:
+                vm_id = (await self._protection.resolve([vm_id]))[0].vm_id
+            except VmNotFound:
+                # A VM no longer enrolled may still have deleted points, named by its id.
+                if not request.deleted:
+                    raise
         if request.vault:
             await self._catalog.vault(request.vault)
+        if request.deleted:
+            deleted = await self._catalog.deleted_recovery_points(vm_id=vm_id, vault=request.vault)
+            return operator_pb2.ListRecoveryPointsReply(
+                recovery_points=[self._deleted_point(record) for record in deleted]
+            )
         points = await self._catalog.recovery_points(vm_id=vm_id, vault=request.vault)
         verifications = await self._catalog.verifications([rp.id for rp in points])
+        targets = {v.name: v.copy_target for v in await self._catalog.vaults()}
+        copies = await self._catalog.copies([rp.id for rp in points])
+
+        def copied(rp: RecoveryPointRecord) -> CopyRecord | None:
+            target = targets.get(rp.vault, "")
+            return next((c for c in copies.get(rp.id, ()) if c.target == target), None)
+
         return operator_pb2.ListRecoveryPointsReply(
-            recovery_points=[self._recovery_point(rp, verifications.get(rp.id)) for rp in points]
+            recovery_points=[
+                self._recovery_point(
+                    rp, verifications.get(rp.id), targets.get(rp.vault, ""), copied(rp)
+                )
+                for rp in points
+            ]
         )
+
+    @staticmethod
+    def _deleted_point(record: DeletedRecoveryPointRecord) -> operator_pb2.RecoveryPoint:
+        message = OperatorService._recovery_point_only(record.point)
+        message.deleted_at.FromNanoseconds(int(record.deleted_at * 1e9))
+        message.purge_at.FromNanoseconds(int(record.purge_at * 1e9))
+        message.deleted_by_job_id = record.deleted_by
+        return message
+
+    async def Undelete(
+        self, request: operator_pb2.UndeleteRequest, context: Context
+    ) -> operator_pb2.Job:
+        if not request.vm:
+            raise InvalidArgument(detail="name the VM whose deleted recovery points come back")
+        job = await self._protection.undelete(request.vault, request.vm, request.recovery_point_id)
+        return self._job(job, await self._names())
 
     # --- file-level recovery ----------------------------------------------------------------
 
     async def _file_source(self, source: operator_pb2.FileRecoverySource) -> FileSource:
+        await self._not_deleted(source.recovery_point_id)
         vm = (await self._protection.resolve([source.vm_id]))[0]
         target = vm
         if source.target_vm_id:
@@ -387,6 +534,7 @@ class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
             disk=source.disk,
             target_vm=target.vm_id,
             target_region=target.region,
+            copy=await self._copy_of(source.recovery_point_id, source.from_copy),
         )
 
     async def ListFiles(
@@ -429,8 +577,9 @@ class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
     async def _vault(self, vault: VaultRecord) -> operator_pb2.Vault:
         items = await self._catalog.items(vault.name)
         points, _ = await self._catalog.recovery_point_totals(vault.name)
+        deleted, _ = await self._catalog.deleted_totals(vault.name)
         storage = await self._vaults.storage(vault.name)
-        return operator_pb2.Vault(
+        message = operator_pb2.Vault(
             name=vault.name,
             region=vault.region,
             chunk_size=vault.chunk_size,
@@ -447,7 +596,31 @@ class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
             encryption=storage.encryption,
             current_data_key=storage.current_data_key,
             shared_dedup=vault.shared_dedup,
+            upgrading_from_format=storage.upgrading_from,
+            points_in_old_format=storage.points_in_old_format,
+            copy_target=vault.copy_target,
+            copy_location=(
+                self._copier.location(vault.name, vault.copy_target)
+                if self._copier is not None and vault.copy_target
+                else ""
+            ),
+            soft_delete_days=vault.soft_delete_days,
+            deleted_recovery_points=deleted,
         )
+        if vault.drill is not None:
+            schedule = schedule_of(vault.drill)
+            message.drill.CopyFrom(
+                operator_pb2.DrillSettings(
+                    schedule=schedule.to_text() if schedule else "",
+                    schedule_text=schedule.describe() if schedule else "on demand only",
+                    agent=vault.drill.agent,
+                    directory=vault.drill.directory,
+                    next_at=_timestamp(
+                        self._drills_.next_at(vault.name) if self._drills_ else None
+                    ),
+                )
+            )
+        return message
 
     async def CreateVault(
         self, request: operator_pb2.CreateVaultRequest, context: Context
@@ -473,29 +646,66 @@ class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
     async def UpdateVault(
         self, request: operator_pb2.UpdateVaultRequest, context: Context
     ) -> operator_pb2.Vault:
+        drill = request.drill if request.HasField("drill") else None
         verify_new = request.verify_new if request.HasField("verify_new") else None
         reverify_days = request.reverify_days if request.HasField("reverify_days") else None
         shared_dedup = request.shared_dedup if request.HasField("shared_dedup") else None
-        if (
-            not request.max_concurrent_backups
-            and verify_new is None
-            and reverify_days is None
-            and shared_dedup is None
+        copy_to = request.copy_to if request.HasField("copy_to") else None
+        soft_delete_days = (
+            request.soft_delete_days if request.HasField("soft_delete_days") else None
+        )
+        verify = verify_new is not None or reverify_days is not None
+        drills = drill is not None or request.clear_drill
+        if not (
+            request.max_concurrent_backups
+            or verify
+            or drills
+            or soft_delete_days is not None
+            or copy_to is not None
+            or shared_dedup is not None
         ):
             # A request that would change nothing is refused: saying nothing about that is how
             # `--max-concurrent-backups 0` went unnoticed.
             raise InvalidArgument(
                 detail="nothing to change: give max_concurrent_backups (1 to 64), verify_new, "
-                "reverify_days or shared_dedup"
+                "reverify_days, soft_delete_days, shared_dedup, copy_to or drill settings"
             )
-        vault = await self._vaults.update(
-            request.name,
+        vault = await self._catalog.vault(request.name)
+        # Every value checked before anything is changed: a refused request changes nothing.
+        self._vaults.check_update(
             request.max_concurrent_backups,
-            verify_new=verify_new,
             reverify_days=reverify_days,
-            shared_dedup=shared_dedup,
+            soft_delete_days=soft_delete_days,
         )
-        self._jobs.set_limit(vault.name, vault.max_concurrent_backups)
+        if copy_to:
+            await self.copier.check_target(request.name, copy_to)
+        if drills:
+            # Checked (and written) first of the rest: a refused drill setting changes nothing.
+            vault = await self._drills.configure(
+                request.name,
+                schedule=drill.schedule if drill else "",
+                agent=drill.agent if drill else "",
+                directory=drill.directory if drill else "",
+                clear=request.clear_drill,
+            )
+        if (
+            request.max_concurrent_backups
+            or verify
+            or soft_delete_days is not None
+            or shared_dedup is not None
+        ):
+            vault = await self._vaults.update(
+                request.name,
+                request.max_concurrent_backups,
+                verify_new=verify_new,
+                reverify_days=reverify_days,
+                soft_delete_days=soft_delete_days,
+                shared_dedup=shared_dedup,
+            )
+            self._jobs.set_limit(vault.name, vault.max_concurrent_backups)
+        if copy_to is not None:
+            await self.copier.set_target(vault.name, copy_to)
+            vault = await self._catalog.vault(vault.name)
         return await self._vault(vault)
 
     async def DeleteVault(
@@ -503,6 +713,8 @@ class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
     ) -> operator_pb2.Vault:
         vault = await self._vaults.delete(request.name, self._jobs.running_count(request.name))
         self._protection.vault_deleted(vault.name)
+        if self._drills_ is not None:
+            self._drills_.vault_deleted(vault.name)
         return operator_pb2.Vault(name=vault.name, region=vault.region)
 
     async def RotateVaultKey(
@@ -524,11 +736,19 @@ class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
             vault=request.name, text=await self._vaults.export_keys(request.name)
         )
 
+    async def UpgradeVault(
+        self, request: operator_pb2.UpgradeVaultRequest, context: Context
+    ) -> operator_pb2.Job:
+        if self._upgrades is None:
+            raise Unavailable(detail="this controller runs no vault upgrades")
+        job = await self._upgrades.start(request.vault, dry_run=request.dry_run)
+        return self._job(job, await self._names())
+
     async def Dashboard(
         self, request: operator_pb2.VaultRef, context: Context
     ) -> operator_pb2.DashboardReply:
         board = await self._vaults.dashboard(request.name, self._jobs.running_count(request.name))
-        return operator_pb2.DashboardReply(
+        reply = operator_pb2.DashboardReply(
             vault=board.vault,
             protected_items=board.protected_items,
             items_by_state=board.items_by_state,
@@ -547,7 +767,45 @@ class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
             recovery_points_never_verified=board.integrity.never_verified,
             bad_chunks=board.integrity.bad_chunks,
             last_verified_at=_timestamp(board.integrity.last_verified_at),
+            drills=await self._vm_drills(request.name),
         )
+        copy = await self._copier.status(request.name) if self._copier is not None else None
+        if copy is not None:
+            lag = copy.lag
+            reply.copy_target, reply.copy_location = copy.target, copy.location
+            reply.recovery_points_copied = lag.copied
+            reply.recovery_points_not_copied = lag.not_copied
+            reply.copy_unavailable = copy.writable
+            reply.copy_lag_seconds = copy.lag_seconds
+            for stamp, at in (
+                (reply.oldest_not_copied_at, lag.oldest_not_copied_at),
+                (reply.newest_not_copied_at, lag.newest_not_copied_at),
+                (reply.newest_copied_at, lag.newest_copied_at),
+            ):
+                if at is not None:
+                    stamp.FromNanoseconds(int(at * 1e9))
+            if copy.last_job is not None:
+                reply.last_copy_job.CopyFrom(self._job(copy.last_job))
+        return reply
+
+    async def _vm_drills(self, vault: str) -> list[operator_pb2.VmDrill]:
+        """The last drill of each protected VM of the vault (unset: never drilled)."""
+        names = await self._names()
+        drilled = await self._catalog.last_drills(vault)
+        found = []
+        for item in await self._catalog.items(vault):
+            if not ItemState(item.state).protected:
+                continue
+            rp = drilled.get(item.vm_id)
+            found.append(
+                operator_pb2.VmDrill(
+                    vm_id=item.vm_id,
+                    item=names.get(item.vm_id, item.vm_id),
+                    recovery_point_id=rp.id if rp else "",
+                    drill=self._drill(rp.drill if rp else None),
+                )
+            )
+        return found
 
     # --- discovery and items ----------------------------------------------------------------
 
@@ -751,11 +1009,19 @@ class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
             raise Unavailable(detail="this controller runs no verify jobs")
         if not request.vault:
             raise InvalidArgument(detail="name the vault to verify (`--vault`)")
+        if request.recovery_point_id:
+            await self._not_deleted(request.recovery_point_id)
         vm_id = (await self._protection.resolve([request.vm]))[0].vm_id if request.vm else ""
+        copy = await self.copier.open_copy(request.vault) if request.from_copy else None
         job = await self._verifier.verify(
-            request.vault, vm_id=vm_id, rp_id=request.recovery_point_id
+            request.vault, vm_id=vm_id, rp_id=request.recovery_point_id, copy=copy
         )
         return self._job(job, await self._names())
+
+    # --- off-site copies --------------------------------------------------------------------
+
+    async def Copy(self, request: operator_pb2.VaultRef, context: Context) -> operator_pb2.Job:
+        return self._job(await self.copier.copy(request.name), await self._names())
 
     # --- identities -------------------------------------------------------------------------
 

@@ -8,6 +8,12 @@ Every step is a job (`Discovery`, `Register`, `Unregister`, `ConfigureProtection
                                      │                    ProtectionError ─────────┘
                                      └── delete data ── ProtectionStopped (retain data) ──→ resume
 
+Soft-deleted backup data (controller/soft_delete.py) comes back with `undelete` (an `Undelete`
+job): the VM's points are live again and its item ProtectionStopped, with the policy it had
+when the data was deleted if the vault still has it. A VM whose protection runs again meanwhile
+is refused (its policy's rules would prune what comes back): stop it with retained data first.
+A VM no longer registered is registered again; one registered to another vault is refused.
+
 The rules operators rely on are checked here, each with its own error: a VM is registered to
 one vault at a time, only to a vault of its own region; only registered, unprotected VMs are
 protected; a protected VM is not unregistered; a VM has exactly one policy. A VM whose
@@ -25,11 +31,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from controller.catalog import AgentRecord, Catalog, ItemRecord, JobRecord
+from controller.catalog import (
+    AgentRecord,
+    Catalog,
+    DeletedRecoveryPointRecord,
+    ItemRecord,
+    JobRecord,
+)
 from controller.jobs import BackupEnded, JobManager
 from controller.pruning import Pruner
 from controller.registry import AgentRegistry
@@ -43,6 +55,7 @@ from shared.errors import (
     InvalidArgument,
     ItemNotRegistered,
     ItemStateConflict,
+    NotFound,
     OperationInProgress,
     RegionMismatch,
     VmNotFound,
@@ -100,6 +113,9 @@ class Protection:
         self._clock = clock
         self.plan = Plan()
         self.scheduler = Scheduler(self.plan, clock, self._scheduled)
+        # Other entries of the plan, by key prefix, and what runs them when due (a vault's
+        # restore drills: controller.drills).
+        self.handlers: dict[str, Callable[[Due], Awaitable[None]]] = {}
         self._supervisor = supervisor
         # Changes to one item are made one at a time (read, decide, write): a backup ending
         # and a stop-protection must not write over each other's state.
@@ -570,14 +586,124 @@ class Protection:
                         vm=item.vm_id, state=item.state, fix="stop its protection first"
                     )
                 self._idle(item.vm_id)
-                deleted = await self._pruner.delete_all(item.vault, item.vm_id)
-                job.details["deleted_recovery_points"] = deleted
+                deleted = await self._pruner.delete_all(
+                    item.vault, item.vm_id, job_id=job.id, policy=item.policy
+                )
+                job.details["deleted_recovery_points"] = deleted.recovery_points
+                if deleted.purge_at is not None:
+                    # Soft-deleted: recoverable until then (controller.soft_delete).
+                    job.details["purge_at"] = datetime.fromtimestamp(
+                        deleted.purge_at, UTC
+                    ).isoformat()
                 item.state, item.policy = ItemState.REGISTERED, None
                 item.last_slot = item.last_backup_at = None
                 item.last_backup_status = None
                 await self._catalog.update_item(item)
 
         return await self._jobs.run(Operation.DELETE_BACKUP_DATA, stale.vault, stale.vm_id, body)
+
+    # --- soft-deleted data ------------------------------------------------------------------
+
+    async def undelete(self, vault: str, name: str, rp_id: str = "") -> JobRecord:
+        """An Undelete job: the VM's soft-deleted recovery points in `vault` (the one it has
+        deleted points in, when empty), or only `rp_id`, live again; its item ProtectionStopped.
+        Every check is made before the job starts, and again under the item's lock."""
+        vm_id = await self._deleted_vm_id(name)
+        chosen = await self._deleted_points(vault, vm_id, rp_id)
+        vault = chosen[0].point.vault
+        await self._undeletable(vault, vm_id)
+
+        async def body(job: JobRecord) -> None:
+            async with self._lock(vm_id):
+                item = await self._undeletable(vault, vm_id)
+                restored: list[str] = []
+                job.details["undeleted_recovery_points"] = restored
+                for record in chosen:
+                    await self._pruner.soft_delete.undelete(vault, record.id)
+                    restored.append(record.id)
+                policy = item.policy if item is not None else None
+                if policy is None:
+                    policy = await self._existing_policy(vault, chosen[-1].policy)
+                if item is None:
+                    item = ItemRecord(
+                        vm_id=vm_id,
+                        vault=vault,
+                        state=ItemState.PROTECTION_STOPPED,
+                        policy=policy,
+                        registered_at=self._clock.now(),
+                    )
+                    await self._catalog.insert_item(item)
+                else:
+                    item.state, item.policy = ItemState.PROTECTION_STOPPED, policy
+                    item.error_code = item.error_message = ""
+                    await self._catalog.update_item(item)
+                job.details["policy"] = policy
+
+        return await self._jobs.run(Operation.UNDELETE, vault, vm_id, body)
+
+    async def _deleted_vm_id(self, name: str) -> str:
+        """The VM `name` gives; a VM no longer enrolled is named by its id."""
+        try:
+            return (await self.resolve([name]))[0].vm_id
+        except VmNotFound:
+            if await self._catalog.deleted_recovery_points(vm_id=name):
+                return name
+            raise
+
+    async def _deleted_points(
+        self, vault: str, vm_id: str, rp_id: str
+    ) -> list[DeletedRecoveryPointRecord]:
+        if vault:
+            await self._catalog.vault(vault)
+        if rp_id:
+            record = await self._catalog.deleted_recovery_point(rp_id)
+            if record.point.vm_id != vm_id or (vault and record.point.vault != vault):
+                raise NotFound(kind=f"deleted recovery point of VM {vm_id!r}", name=rp_id)
+            return [record]
+        found = await self._catalog.deleted_recovery_points(vm_id=vm_id, vault=vault)
+        if not found:
+            where = f" in vault {vault!r}" if vault else ""
+            raise NotFound(
+                f"VM {vm_id!r} has no deleted recovery points{where}: `coffer rp list --deleted` "
+                "lists those that can be undeleted (purged ones are gone)."
+            )
+        vaults = sorted({record.point.vault for record in found})
+        if len(vaults) > 1:
+            raise InvalidArgument(
+                detail=f"VM {vm_id!r} has deleted recovery points in vaults {', '.join(vaults)}: "
+                "name the vault with --vault"
+            )
+        return found
+
+    async def _undeletable(self, vault: str, vm_id: str) -> ItemRecord | None:
+        """The VM's item if its deleted points may come back into `vault` (None: it is not
+        registered, and will be); refused otherwise."""
+        item = await self._catalog.item(vm_id)
+        if item is not None and item.vault != vault:
+            raise AlreadyRegistered(vm=vm_id, vault=item.vault)
+        if item is not None and item.state not in (
+            ItemState.REGISTERED,
+            ItemState.PROTECTION_STOPPED,
+        ):
+            raise ItemStateConflict(
+                vm=vm_id,
+                state=item.state,
+                fix="its policy would prune the points that come back: stop its protection "
+                f"first (`coffer stop-protection --vault {vault} {vm_id} --retain-data`), then "
+                "undelete, then resume",
+            )
+        self._idle(vm_id)
+        return item
+
+    async def _existing_policy(self, vault: str, name: str | None) -> str | None:
+        """`name` if the vault still has that policy (it may have been deleted since)."""
+        if name is None:
+            return None
+        try:
+            await self._catalog.policy(vault, name)
+        except NotFound:
+            return None
+        return name
 
     # --- backups ----------------------------------------------------------------------------
 
@@ -621,6 +747,10 @@ class Protection:
         if self._pruner.is_maintenance(due.key):
             await self._pruner.maintain(due.key)
             return
+        for prefix, handler in self.handlers.items():
+            if due.key.startswith(prefix):
+                await handler(due)
+                return
         skipped: tuple[ItemRecord, str] | None = None
         async with self._lock(due.key):
             item = await self._catalog.item(due.key)

@@ -11,12 +11,15 @@ it runs beside backups).
 
 A VM is pruned after each of its successful backups, by a Prune job that is recorded even when
 it deletes nothing (so the operator sees that retention ran, and which rules keep what); once a
-day (`MAINTENANCE_AT`, UTC) every vault is pruned and garbage-collected. A maintenance missed
+day (`MAINTENANCE_AT`, UTC) every vault is pruned, its soft-deleted points past their days are
+purged (controller/soft_delete.py), and it is garbage-collected. A maintenance missed
 while the controller was down is not caught up at start (unlike backups): the next backups
 prune their VMs anyway, and the next day's run collects what they freed. Recovery points a
 running job reads (an incremental's base, a restore's source) are left for the next prune.
 Points of VMs whose protection was stopped with retained data are never pruned: retaining is
-what the operator asked for.
+what the operator asked for. Deleting a VM's backup data (`delete_all`) is not pruning: in a
+vault that keeps deleted data (`soft_delete_days`, 14 by default) the points are soft-deleted,
+recoverable until they are purged.
 
 Both jobs can be cancelled (`coffer job cancel`) and stop when the controller does: a prune
 between two recovery points (each deleted whole: manifest, indexes, catalog row), a collection
@@ -38,6 +41,7 @@ from controller.datastores import Datastores
 from controller.jobs import JobManager
 from controller.jobs.cancel import ShouldStop, Stopped, finishing
 from controller.scheduler import Plan
+from controller.soft_delete import Deleted, SoftDelete
 from shared.clock import Clock
 from shared.errors import CofferError, Conflict
 from shared.model import Operation, Trigger
@@ -64,6 +68,7 @@ class Pruner:
         self._jobs = jobs
         self._clock = clock
         self._grace = gc_grace_seconds
+        self.soft_delete = SoftDelete(catalog, datastores, jobs, clock)
         # Run with the vault's name once its daily prune is done and its collection started
         # (the verifier starts a re-verify of what its `reverify_days` says is due; it runs
         # beside the collection, which deletes only chunks no recovery point references).
@@ -101,18 +106,16 @@ class Pruner:
     ) -> None:
         """Delete `points`, adding each to `deleted` once it is gone; a cancel takes effect
         between two points, never inside one."""
-        datastore = await self._datastores.get(vault)
         for rp in points:
-            await finishing(self._delete_one(datastore, rp, deleted))
+            await finishing(self._delete_one(rp, deleted))
 
-    async def _delete_one(
-        self, datastore: Datastore, rp: RecoveryPointRecord, deleted: list[str]
-    ) -> None:
+    async def _delete_one(self, rp: RecoveryPointRecord, deleted: list[str]) -> None:
         # The datastore first (its manifest, the commit point, goes first), then the row: a
         # failure between the two leaves a row whose point is gone, which the next prune
         # deletes again (both deletes are idempotent). The other order would leave a manifest
-        # no row names, which nothing would ever delete.
-        await self._jobs.in_pool(datastore.delete_recovery_point, rp.id)
+        # no row names, which nothing would ever delete. A vault being upgraded deletes it from
+        # both formats (controller.datastores).
+        await self._datastores.delete_recovery_point(rp.vault, rp.id)
         await self._catalog.delete_recovery_point(rp.id)
         deleted.append(rp.id)
 
@@ -166,8 +169,12 @@ class Pruner:
             Operation.PRUNE, vault, "", body, wait=wait, trigger=trigger, cancellable=True
         )
 
-    async def delete_all(self, vault: str, vm_id: str) -> list[str]:
-        """Delete every recovery point of a VM in the vault (DeleteBackupData)."""
+    async def delete_all(
+        self, vault: str, vm_id: str, *, job_id: str = "", policy: str | None = None
+    ) -> Deleted:
+        """Delete every recovery point of a VM in the vault (DeleteBackupData): soft-deleted
+        when the vault keeps deleted data (`policy`, the VM's, is kept for an undelete),
+        deleted at once otherwise."""
         points = await self._catalog.recovery_points(vm_id=vm_id, vault=vault)
         in_use = self._jobs.in_use() & {rp.id for rp in points}
         if in_use:
@@ -176,8 +183,28 @@ class Pruner:
                 "job (a restore); wait for it to finish and delete the data again"
             )
         deleted: list[str] = []
-        await self._delete(vault, points, deleted)
-        return deleted
+        days = (await self._catalog.vault(vault)).soft_delete_days
+        if not days:
+            await self._delete(vault, points, deleted)
+            return Deleted(deleted, None)
+        datastore = await self._datastores.get(vault)
+        old = [rp.id for rp in points if self._datastores.in_old_format(vault, rp.id)]
+        if old:
+            # A tombstone is written where the point's manifest is; the format-1 part of a vault
+            # being upgraded gets none, or the upgrade would convert a deleted point.
+            raise Conflict(
+                detail=f"vault {vault!r} is being upgraded and {len(old)} of these recovery "
+                "points are still in format 1, where deleted data cannot be kept recoverable: "
+                "delete the data after the upgrade (`coffer job list --operation VaultUpgrade`), "
+                f"or at once with `coffer vault update {vault} --soft-delete-days 0`"
+            )
+        purge_at: float | None = None
+        for rp in points:
+            purge_at = await finishing(
+                self.soft_delete.delete(datastore, rp, days=days, job_id=job_id, policy=policy)
+            )
+            deleted.append(rp.id)
+        return Deleted(deleted, purge_at)
 
     # --- garbage collection -----------------------------------------------------------------
 
@@ -195,6 +222,8 @@ class Pruner:
 
         async def body(job: JobRecord) -> None:
             datastore = await self._datastores.get(vault)
+            # A vault being upgraded is collected with its format-1 part (gc.py).
+            legacy = self._datastores.legacy(vault)
             try:
                 report = await self._jobs.abortable(
                     partial(
@@ -202,6 +231,8 @@ class Pruner:
                         datastore,
                         cutoff=self._clock.now() - self._grace,
                         guard=self._datastores.guard(vault),
+                        legacy=legacy.datastore if legacy is not None else None,
+                        skip=frozenset(legacy.pending) if legacy is not None else frozenset(),
                     )
                 )
             except Stopped as stopped:  # cancelled: what it freed is freed all the same
@@ -230,9 +261,22 @@ class Pruner:
 
     @staticmethod
     def _collect_garbage(
-        datastore: Datastore, should_stop: ShouldStop, *, cutoff: float, guard: ChunkGuard
+        datastore: Datastore,
+        should_stop: ShouldStop,
+        *,
+        cutoff: float,
+        guard: ChunkGuard,
+        legacy: Datastore | None = None,
+        skip: frozenset[str] = frozenset(),
     ) -> GcReport:
-        return collect_garbage(datastore, cutoff=cutoff, guard=guard, should_stop=should_stop)
+        return collect_garbage(
+            datastore,
+            cutoff=cutoff,
+            guard=guard,
+            should_stop=should_stop,
+            legacy=legacy,
+            skip=skip,
+        )
 
     # --- the daily maintenance --------------------------------------------------------------
 
@@ -252,6 +296,8 @@ class Pruner:
         vault = key.removeprefix(MAINTENANCE_PREFIX)
         try:
             await self.prune_vault(vault, trigger=Trigger.SCHEDULED)
+            # Before the collection, which then frees what only the purged points used.
+            await self.soft_delete.purge_due(vault, trigger=Trigger.SCHEDULED)
             await self.collect(vault, trigger=Trigger.SCHEDULED)
             for step in self.after_maintenance:
                 await step(vault)

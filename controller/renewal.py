@@ -134,9 +134,7 @@ class CertificateMaintenance:
         while True:
             await self.renew_if_due()
             written = self._revocations.crl_written_at
-            crl_in = (
-                0.0 if written is None else written + CRL_REFRESH_SECONDS - self._clock.now()
-            )
+            crl_in = 0.0 if written is None else written + CRL_REFRESH_SECONDS - self._clock.now()
             if crl_in <= 0:
                 await self._revocations.write_crl()
                 crl_in = CRL_REFRESH_SECONDS

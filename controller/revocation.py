@@ -346,5 +346,3 @@ class Revocations:
                 else "Ask an admin for a new certificate."
             )
         return CertificateRevoked(identity=identity, serial=record.serial, reason=how, fix=fix)
-
-

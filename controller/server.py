@@ -7,10 +7,13 @@ the same `listen` fails to bind (port reuse is off) and refuses too. Then it rea
 key (controller/master_key.py; made on the first start when none is configured) and takes the
 writer lease of the datastores' root (controller/datastores.py), which a second controller on
 the same datastores is refused with, naming this one; then it opens every vault's datastore,
-so a wrong master key (WrongKey) or unreachable storage stops the start. On the way out the gRPC
-server stops taking calls (with a grace period for calls in flight), agent sessions close
-(their jobs fail with AgentDisconnected and are recorded), the job manager drains, the status
-monitor and the private broker stop, the catalog flushes.
+so a wrong master key (WrongKey) or unreachable storage stops the start, and starts keeping
+the datastores' descriptions of what only the catalog knows (controller/descriptions.py); each
+copy target's lease it takes in the background, so a copy target never stops the start
+(controller/copies.py). On the way out the gRPC server stops taking calls (with a grace period
+for calls in flight), agent sessions close (their jobs fail with AgentDisconnected and are
+recorded), the job manager drains, the status monitor and the private broker stop, the
+descriptions still pending are written, the catalog flushes.
 
 The controller's long-lived tasks run under one `Supervisor`, each with its policy stated where
 it is started: RESTART (logged with its traceback, started again after a backoff) or FATAL
@@ -44,6 +47,7 @@ from controller.audit import AuditLog
 from controller.broker import PrivateBroker
 from controller.catalog import Catalog
 from controller.config import ControllerConfig
+from controller.copies import Copier, CopyTargets
 from controller.datastore import (
     LeaseHolder,
     LocalDirectoryStore,
@@ -52,6 +56,8 @@ from controller.datastore import (
     open_object_store,
 )
 from controller.datastores import Datastores
+from controller.descriptions import Describer
+from controller.drills import Drills
 from controller.enrolment import (
     MAX_ENROL_CALLS,
     Enrolment,
@@ -70,11 +76,13 @@ from controller.renewal import CertificateMaintenance, ServerIdentity
 from controller.revocation import Revocations
 from controller.state_lock import StateLock
 from controller.status import StatusMonitor
+from controller.upgrades import VaultUpgrades
 from controller.vaults import Vaults
 from controller.verification import Verifier
 from shared.address import Address, parse_address
 from shared.clock import Clock, SystemClock
 from shared.errors import CofferError, Unavailable
+from shared.model import Trigger
 from shared.rpc import agent_pb2_grpc, enrolment_pb2_grpc, operator_pb2_grpc
 from shared.rpc_channel import server_options
 from shared.supervision import Policy, Supervisor, TaskFailed
@@ -145,6 +153,17 @@ class Controller:
                 lease.holder,
                 master.describe(),
             )
+            # Each copy target's lease, held in the background: a target unreachable or held
+            # by another controller fails its copy jobs, never the start (controller.copies).
+            # Left after the job manager has drained: no copy job writes by then.
+            copy_targets = await stack.enter_async_context(
+                CopyTargets(config.copy_targets, lease.holder, supervisor)
+            )
+            # What only the catalog knows, written to the datastores as it changes (so they
+            # are enough to recover it); entered before the jobs, so it writes their last
+            # changes after they have drained.
+            describer = Describer(catalog, datastores, self.clock, supervisor)
+            await stack.enter_async_context(describer)
 
             authority = await asyncio.to_thread(Authority.load, config.pki_dir)
             revocations = Revocations(catalog, authority, self.clock)
@@ -199,8 +218,25 @@ class Controller:
             pruner.after_maintenance.append(verifier.reverify)
             protection = Protection(catalog, registry, jobs, vaults, pruner, self.clock, supervisor)
             protection.after_backup.append(verifier.after_backup)
+            # Copies after each backup (and its prune), and daily after the maintenance.
+            copier = Copier(
+                catalog, datastores, copy_targets, jobs, self.clock, config.gc_grace_seconds
+            )
+            protection.after_backup.append(copier.after_backup)
+            pruner.after_maintenance.append(copier.after_maintenance)
             self.protection = await stack.enter_async_context(protection)
             self.jobs = jobs
+            # Vault upgrades: a garbage collection follows each (the old format's chunks), and
+            # those the last stop interrupted run again now (controller.upgrades).
+            upgrades = VaultUpgrades(catalog, datastores, jobs, jobs.integrity, self.clock)
+            # The descriptions first, sealed and named as format 2 has them (descriptions.py).
+            upgrades.after_upgrade.append(describer.rewrite)
+            upgrades.after_upgrade.append(partial(_collect_after_upgrade, pruner))
+            await upgrades.resume()
+
+            # Restore drills are planned in the protection's schedule (drill:VAULT entries).
+            self.drills = Drills(catalog, jobs, self.protection, self.clock)
+            await self.drills.plan_all()
 
             if config.enrol_listen is not None:
                 enrol_server = grpc.aio.server(
@@ -254,10 +290,13 @@ class Controller:
                     self.protection,
                     pruner,
                     verifier=verifier,
+                    upgrades=upgrades,
+                    copier=copier,
                     enrolment=enrolment,
                     revocations=revocations,
                     audit=audit,
                     enrol_address=self._enrol_address(),
+                    drills=self.drills,
                 ),
                 server,
             )
@@ -330,6 +369,14 @@ class Controller:
         while True:
             await asyncio.sleep(HEARTBEAT_FLUSH_SECONDS)
             await catalog.flush()
+
+
+async def _collect_after_upgrade(pruner: Pruner, vault: str) -> None:
+    """After an upgrade: reclaim the old format's chunks nothing references any more."""
+    try:
+        await pruner.collect(vault, trigger=Trigger.SCHEDULED)
+    except CofferError as error:  # one runs already, or the controller is stopping
+        log.info("vault %s: no garbage collection after its upgrade: %s", vault, error)
 
 
 def _bind(

@@ -2,7 +2,9 @@
 
 A vault lives in one region and owns a datastore, its policies, the VMs registered to it and
 their recovery points. It is created with a default policy (daily at 02:00, 30 days), and
-deleted only when nothing is registered to it and it holds no recovery point. Policies are
+deleted only when nothing is registered to it and it holds no recovery point, live or
+soft-deleted (controller/soft_delete.py: deleted data is kept `soft_delete_days`, and a vault
+deleted meanwhile would take it along). Policies are
 stored as their JSON form (`shared.policy.Policy.to_dict`) and validated on every write.
 """
 
@@ -13,9 +15,11 @@ import logging
 import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 
 from controller.catalog import Catalog, PolicyRecord, VaultRecord
 from controller.datastores import Datastores
+from controller.soft_delete import MAX_SOFT_DELETE_DAYS
 from shared.clock import Clock
 from shared.errors import InvalidArgument, KeyUnavailable, PolicyInUse, VaultNotEmpty
 from shared.model import ItemState, JobStatus, Verification
@@ -74,6 +78,10 @@ class VaultStorage:
     encryption: str
     current_data_key: int
     """The data key new objects are encrypted with; 0 when not encrypted."""
+    upgrading_from: int = 0
+    """While an upgrade is under way: the format it converts from (0: none)."""
+    points_in_old_format: int = 0
+    """While an upgrade is under way: the recovery points still read from that format."""
 
 
 @dataclass(frozen=True)
@@ -138,17 +146,15 @@ class Vaults:
             raise
         return vault
 
-    async def update(
-        self,
-        name: str,
+    @staticmethod
+    def check_update(
         max_concurrent_backups: int,
         *,
-        verify_new: bool | None = None,
         reverify_days: int | None = None,
-        shared_dedup: bool | None = None,
-    ) -> VaultRecord:
-        """Change a vault's settings: 0 or None leaves one unchanged. Every value is checked
-        before any is written, and all are written in one transaction."""
+        soft_delete_days: int | None = None,
+    ) -> None:
+        """InvalidArgument unless `update` would take these values (0 or None: unchanged);
+        a caller changing other settings too checks first, so a refusal changes nothing."""
         if max_concurrent_backups:
             _check_limit(max_concurrent_backups)
         if reverify_days is not None and not 0 <= reverify_days <= MAX_REVERIFY_DAYS:
@@ -156,11 +162,34 @@ class Vaults:
                 detail=f"re-verify after {reverify_days} days: give 0 (off) to "
                 f"{MAX_REVERIFY_DAYS} days"
             )
+        if soft_delete_days is not None and not 0 <= soft_delete_days <= MAX_SOFT_DELETE_DAYS:
+            raise InvalidArgument(
+                detail=f"keep deleted data {soft_delete_days} days: give 0 (off) to "
+                f"{MAX_SOFT_DELETE_DAYS} days"
+            )
+
+    async def update(
+        self,
+        name: str,
+        max_concurrent_backups: int,
+        *,
+        verify_new: bool | None = None,
+        reverify_days: int | None = None,
+        soft_delete_days: int | None = None,
+        shared_dedup: bool | None = None,
+    ) -> VaultRecord:
+        """Change a vault's settings: 0 or None leaves one unchanged (for the days settings,
+        None only). Every value is checked before any is written, and all are written in one
+        transaction. Points soft-deleted before keep the purge time they were given."""
+        self.check_update(
+            max_concurrent_backups, reverify_days=reverify_days, soft_delete_days=soft_delete_days
+        )
         await self._catalog.update_vault(
             name,
             max_concurrent_backups=max_concurrent_backups or None,
             verify_new=verify_new,
             reverify_days=reverify_days,
+            soft_delete_days=soft_delete_days,
             shared_dedup=shared_dedup,
         )
         return await self._catalog.vault(name)
@@ -188,6 +217,15 @@ class Vaults:
                 what=f"{points} recovery points",
                 fix="delete them first (`coffer stop-protection --delete-data`)",
             )
+        deleted, last_purge = await self._catalog.deleted_totals(name)
+        if deleted:
+            until = datetime.fromtimestamp(last_purge or 0.0, UTC).strftime("%Y-%m-%d %H:%M UTC")
+            raise VaultNotEmpty(
+                vault=name,
+                what=f"{deleted} soft-deleted recovery points",
+                fix=f"they stay recoverable until they are purged, the last at {until} "
+                "(`coffer rp list --deleted`); the vault can be deleted after that",
+            )
         await self._catalog.delete_vault(name)
         await self._datastores.destroy(name)
         return vault
@@ -196,11 +234,18 @@ class Vaults:
 
     async def storage(self, name: str) -> VaultStorage:
         datastore = await self._datastores.get(name)
+        legacy = self._datastores.legacy(name)
+        old = datastore.config.upgrading_from
+        upgrade = await self._catalog.upgrade(name)
         return VaultStorage(
             location=self._datastores.location(name),
             format=datastore.config.format,
             encryption=datastore.config.encryption,
             current_data_key=datastore.current_data_key if datastore.encrypted else 0,
+            upgrading_from=old.format
+            if old is not None
+            else (upgrade.from_format if upgrade is not None else 0),
+            points_in_old_format=len(legacy.pending) if legacy is not None else 0,
         )
 
     async def rotate_key(self, name: str, new_data_key: bool) -> VaultKeys:

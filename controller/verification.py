@@ -24,6 +24,12 @@ Proxmox Backup Server's verify jobs are:
 
 Both settings are off for a new vault: a verify reads back every chunk of what it checks, which
 costs as much I/O as a restore, and when to pay it is the operator's choice.
+
+`coffer verify --vault V --from-copy` reads the vault's off-site copy instead (controller.copies):
+the points complete in the copy, each chunk checked the same way. What it finds is in the job
+(its details, and `RecoveryPointsDamaged` if anything is damaged), not in the points' recorded
+integrity, which is that of the vault's own datastore. The chunks it finds missing or corrupt
+in the copy are recorded for the copy: the next Copy job sends them again from the datastore.
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ from functools import partial
 
 from controller.catalog import Catalog, JobRecord
 from controller.datastore import Datastore
+from controller.datastore.copy import VaultCopy
 from controller.datastore.health import ChunkHealth
 from controller.datastore.verify import VerifyProgress, VerifyReport, verify_recovery_points
 from controller.datastores import Datastores
@@ -80,21 +87,28 @@ class Verifier:
         trigger: Trigger = Trigger.MANUAL,
         after_job: str = "",
         wait: bool = False,
+        copy: VaultCopy | None = None,
     ) -> JobRecord:
         """A Verify job of the vault's recovery points: `points` if given, else those of
-        `vm_id` (every VM when empty), or the one `rp_id`."""
+        `vm_id` (every VM when empty), or the one `rp_id`; in the vault's `copy` (opened), of
+        those complete there, if given."""
         await self._catalog.vault(vault)
         if points is None:
             points = await self._choose(vault, vm_id, rp_id)
+        if copy is not None:
+            copied = await self._catalog.copied_points(vault, copy.target)
+            points = [rp_id for rp_id in points if rp_id in copied]
         chosen = list(points)
         details: dict[str, object] = {"recovery_points": len(chosen)}
         if after_job:
             details["after_job"] = after_job
+        if copy is not None:
+            details["from_copy"] = copy.target
 
         async def body(job: JobRecord) -> None:
             if rp_id:
                 job.recovery_point_id = rp_id
-            await self._run(job, chosen)
+            await self._run(job, chosen, copy)
 
         return await self._jobs.run(
             Operation.VERIFY, vault, vm_id, body, wait=wait, details=details, trigger=trigger,
@@ -110,9 +124,15 @@ class Verifier:
             return [rp.id]
         return [rp.id for rp in await self._catalog.recovery_points(vm_id=vm_id, vault=vault)]
 
-    async def _run(self, job: JobRecord, points: list[str]) -> None:
-        datastore = await self._datastores.get(job.vault)
-        health = await self._datastores.health(job.vault)
+    async def _run(self, job: JobRecord, points: list[str], copy: VaultCopy | None) -> None:
+        if copy is not None:  # the copy's own chunks: nothing known of them beforehand
+            datastore, health = copy.datastore, ChunkHealth()
+            route: Callable[[str], Datastore] = lambda rp_id: datastore  # noqa: E731
+        else:
+            datastore = await self._datastores.get(job.vault)
+            health = await self._datastores.health(job.vault)
+            # In a vault being upgraded, each point is read from the format it is in.
+            route = self._datastores.router(job.vault)
         loop = asyncio.get_running_loop()
 
         def progress(now: VerifyProgress) -> None:  # from the verify's thread
@@ -120,12 +140,12 @@ class Verifier:
 
         try:
             report = await self._jobs.abortable(
-                partial(self._verify, datastore, points, health, progress)
+                partial(self._verify, datastore, points, health, progress, route)
             )
         except Stopped as stopped:  # cancelled: what it finished is recorded all the same
-            await self._record(job, stopped.result)
+            await self._record(job, stopped.result, copy)
             raise
-        await self._record(job, report)
+        await self._record(job, report, copy)
         damaged = [o for o in report.outcomes if not o.whole]
         if damaged:
             raise RecoveryPointsDamaged(
@@ -142,10 +162,16 @@ class Verifier:
         points: list[str],
         health: ChunkHealth,
         progress: Callable[[VerifyProgress], None],
+        route: Callable[[str], Datastore],
         should_stop: ShouldStop,
     ) -> VerifyReport:
         return verify_recovery_points(
-            datastore, points, health=health, should_stop=should_stop, progress=progress
+            datastore,
+            points,
+            health=health,
+            should_stop=should_stop,
+            progress=progress,
+            datastore_of=route,
         )
 
     def _progressed(self, job: JobRecord, now: VerifyProgress) -> None:
@@ -154,8 +180,13 @@ class Verifier:
         if running is not None:
             running.touch()
 
-    async def _record(self, job: JobRecord, report: VerifyReport) -> None:
-        await self._integrity.record_verify(job.vault, report, job.id)
+    async def _record(self, job: JobRecord, report: VerifyReport, copy: VaultCopy | None) -> None:
+        if copy is None:
+            await self._integrity.record_verify(job.vault, report, job.id)
+        elif report.bad:  # the copy's: for the next copy to send again (module note)
+            await self._catalog.add_copy_bad_chunks(
+                job.vault, copy.target, list(report.bad), self._clock.now()
+            )
         damaged = {o.rp_id: o for o in report.outcomes if not o.whole}
         job.bytes_read = report.bytes_read
         job.details.pop("progress", None)

@@ -217,6 +217,12 @@ class PolicyInUse(Conflict):
     code = "PolicyInUse"
 
 
+class RecoveryPointDeleted(NotFound):
+    """Recovery point {recovery_point} of VM {vm!r} is deleted (soft delete keeps it in vault {vault!r} until {purge_at}): it cannot be read until it is undeleted, `coffer undelete {vm} --rp {recovery_point}`."""
+
+    code = "RecoveryPointDeleted"
+
+
 class BackupWindowMissed(CofferError):
     """The backup of VM {vm!r} due at {slot} could not start before its window closed at {deadline}: {reason}. {fix}"""
 
@@ -364,7 +370,7 @@ class RestoreTargetFailed(CofferError):
 
 
 class RestoreTargetExists(Conflict):
-    """Restore target {path} already exists; nothing was written. Choose another destination or move it away first."""
+    """Restore target {path} already exists; nothing was written. {fix}"""
 
     code = "UserErrorRestoreTargetExists"
 
@@ -489,7 +495,34 @@ class WriterLeaseLost(CofferError):
     grpc_status = "FAILED_PRECONDITION"
 
 
+# --- off-site copies ------------------------------------------------------------------------
+
+
+class CopyTargetConflict(Conflict):
+    """Copy target {location} holds {found}, not the copy of vault {vault!r}'s datastore ({wanted}); a copy is never written over another datastore. Give the vault another copy target (`coffer vault update {vault} --copy-to NAME`), or move away what is there."""
+
+    code = "CopyTargetConflict"
+
+
+class RecoveryPointNotCopied(NotFound):
+    """Recovery point {rp_id} of vault {vault!r} is not in its copy at {location}: {detail}"""
+
+    code = "RecoveryPointNotCopied"
+
+
 # --- backup policies -----------------------------------------------------------------------
+
+
+class CatalogExists(Conflict):
+    """The state directory {path} already has a catalog ({catalog}); a recovery would replace it. If the controller's catalog is fine, start the controller instead; to rebuild it from the datastores anyway, run again with --force (the old catalog is kept beside it)."""
+
+    code = "CatalogExists"
+
+
+class NoDatastores(NotFound):
+    """No vault datastore was found under {location}: nothing there has a datastore.json. Check `[datastore] url`, the endpoint and the credentials in the controller config: each vault's datastore is its name under the url."""
+
+    code = "NoDatastoresFound"
 
 
 class InvalidPolicy(InvalidArgument):
@@ -603,3 +636,37 @@ class RenewalTooSoon(Conflict):
 
     code = "RenewalTooSoon"
     retryable = True
+
+
+# --- ways back: restoring in place, over a target, to another VM, drills ---------------------
+#
+# Refused restores change nothing. A disk or target that is in use is conflicting state (5):
+# unmount or detach it, then ask again; a configured disk as a new image's target is never
+# allowed (6); a drill that found damaged file systems is a job that failed (3).
+
+
+class DiskInUse(Conflict):
+    """{what} {path} is in use: {why}. {fix}"""
+
+    code = "UserErrorDiskInUse"
+    retryable = True
+
+
+class RestoreTargetIsDisk(PermissionDenied):
+    """Restore target {path} is disk {disk!r} of VM {vm_id!r}; a restore to an image never writes over a configured disk. Roll the disk back with `coffer restore {vm_id} --rp RP --disk {disk} --in-place`, or choose another path."""
+
+    code = "UserErrorRestoreTargetIsDisk"
+
+
+class RestoreRegionMismatch(Conflict):
+    """VM {vm!r} is in region {vm_region!r}, but vault {vault!r} is in region {vault_region!r}: its recovery points restore only to VMs of that region."""
+
+    code = "UserErrorRestoreRegionMismatch"
+
+
+class DrillFailed(CofferError):
+    """The restore drill of recovery point {recovery_point} of VM {vm!r} found {findings}"""
+
+    code = "RestoreDrillFailed"
+    exit_code = 3
+    grpc_status = "FAILED_PRECONDITION"

@@ -23,6 +23,11 @@ class Operation(enum.StrEnum):
     GARBAGE_COLLECTION = "GarbageCollection"
     VERIFY = "Verify"
     FILE_RECOVERY = "FileRecovery"  # files of a recovery point listed, copied out or mounted
+    VAULT_UPGRADE = "VaultUpgrade"  # a vault's datastore converted to the current format
+    COPY = "Copy"  # a vault's recovery points copied to its off-site copy
+    UNDELETE = "Undelete"  # soft-deleted recovery points made live again
+    PURGE_DELETED = "PurgeDeleted"  # soft-deleted recovery points past their days removed
+    RESTORE_DRILL = "RestoreDrill"
 
 
 class Trigger(enum.StrEnum):
@@ -98,3 +103,20 @@ def weakest(levels: Iterable[Consistency | str]) -> Consistency:
         except ValueError:
             raise InvalidArgument(detail=f"{level!r} is not a consistency level") from None
     return min(found, key=_STRENGTH.__getitem__, default=Consistency.CRASH)
+
+
+class RestoreMode(enum.StrEnum):
+    """Where a restore writes a recovery point's disk."""
+
+    NEW_IMAGE = "new-image"  # an image file (or a spare device) under the agent's restore_dirs
+    IN_PLACE = "in-place"  # the VM's own configured disk, rolled back chunk by chunk
+    DRILL = "drill"  # scratch space on a drill agent, checked read-only, then deleted
+
+
+class DrillOutcome(enum.StrEnum):
+    """What a restore drill found, as recorded on the recovery point."""
+
+    CLEAN = "clean"  # restored, and every file system checked clean
+    DAMAGED = "damaged"  # restored, but a file system check found damage (or could not read it)
+    UNCHECKED = "unchecked"  # restored, but no file system on it that Coffer can check
+    FAILED = "failed"  # the restore itself failed: the recovery point could not be read back

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -180,9 +181,10 @@ class Cluster:
             master=MasterKey.from_file(self.master_key_file),
         )
 
-    def start_controller(self) -> None:
+    def start_controller(self, env: dict[str, str] | None = None) -> None:
+        """Start the controller (with `env` added to this process's environment)."""
         self.controller.log.write_text("")
-        self.controller.start()
+        self.controller.start(env={**os.environ, **env} if env else None)
         self.controller.wait_for_line("coffer-controller ready")
 
     def stop_controller(self) -> None:

@@ -62,6 +62,12 @@ def build_images(base: Path) -> dict[str, BuiltImage]:
         path = base / f"{fstype}.img"
         _empty(path, size)
         built[fstype] = BuiltImage(path, {"disk": fill([str(path)], fstype, base / "mnt", fstype)})
+    built["gpt"] = build_gpt(base)
+    return built
+
+
+def build_gpt(base: Path) -> BuiltImage:
+    """`base`/gpt.img: a GPT disk with two partitions, p1 ext4 and p2 XFS."""
     path = base / "gpt.img"
     _empty(path, 64 * MiB + GPT_P1_SIZE + XFS_MIN + 8 * MiB)
     script = f"label: gpt\nstart=2048, size={GPT_P1_SIZE // 512}, type=linux\ntype=linux\n"
@@ -71,5 +77,4 @@ def build_images(base: Path) -> dict[str, BuiltImage]:
     for number, (part, fstype) in enumerate(zip(table, ("ext4", "xfs"), strict=True), 1):
         span = ["--offset", str(part["start"] * 512), "--sizelimit", str(part["size"] * 512)]
         found[f"p{number}"] = fill([*span, str(path)], fstype, base / "mnt", f"p{number}")
-    built["gpt"] = BuiltImage(path, found)
-    return built
+    return BuiltImage(path, found)

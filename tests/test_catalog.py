@@ -18,10 +18,11 @@ from controller.catalog import (
     PolicyRecord,
     RecoveryPointDiskRecord,
     RecoveryPointRecord,
+    RestoreTarget,
     VaultRecord,
 )
 from shared.errors import NotFound, UnsupportedFormat
-from shared.model import Consistency, ItemState, JobStatus, Operation, Trigger
+from shared.model import Consistency, ItemState, JobStatus, Operation, RestoreMode, Trigger
 from shared.policy import default_policy
 
 DEFAULT_POLICY = PolicyRecord("default", "DefaultPolicy", default_policy().to_dict(), 0.0, 0.0)
@@ -184,14 +185,41 @@ async def test_jobs_of_an_older_catalog_get_typed_columns_from_their_details(
     assert (register.disks, register.details) == ((), {"disks": ["root"]})
 
 
+async def test_restores_recorded_before_get_their_target_and_bytes_in_columns(
+    tmp_path: Path,
+) -> None:
+    """A restore of schema 5 (the last before the ways back) kept its source VM and target
+    path in its display details and its bytes written in bytes_read; migration 6 gives them
+    their columns."""
+    path = tmp_path / "catalog.sqlite"
+    db = sqlite3.connect(path)
+    for number, script in enumerate(MIGRATIONS[:5], start=1):
+        db.executescript(f"BEGIN; {script}; PRAGMA user_version = {number}; COMMIT;")
+    details = {"source_vm": "vm-1", "disk": "root", "target_path": "/r/x.img", "warnings": ["w"]}
+    db.execute(
+        "INSERT INTO jobs (id, operation, status, vault, vm_id, started_at, bytes_read, disks,"
+        " details) VALUES ('r1', 'Restore', 'Completed', 'default', 'vm-2', 1.0, 4096,"
+        " '[\"root\"]', ?)",
+        (json.dumps(details),),
+    )
+    db.commit()
+    db.close()
+    async with Catalog(path) as catalog:
+        job = await catalog.job("r1")
+        assert (await catalog.vaults()) == []
+    assert job.restore == RestoreTarget("vm-1", "vm-2", "/r/x.img", RestoreMode.NEW_IMAGE)
+    assert (job.bytes_written, job.disks, job.details) == (4096, ("root",), {"warnings": ["w"]})
+
+
 async def test_records_carry_enums_read_by_column_name(tmp_path: Path) -> None:
     async with Catalog(tmp_path / "c.sqlite") as catalog:
         await catalog.create_vault(VaultRecord("default", "local", 1 << 20, 0.0), DEFAULT_POLICY)
         # Columns in a new order (as a later migration could leave them) change nothing.
         await catalog.db.executescript(
             "BEGIN; ALTER TABLE jobs RENAME TO old_jobs;"
-            " CREATE TABLE jobs AS SELECT requested_by, details, pending_recovery_point_id, disks,"
-            " slot,"
+            " CREATE TABLE jobs AS SELECT bytes_written, bytes_fetched, bytes_compared,"
+            " overwrite, restore_mode, target_path, target_vm_id, source_vm_id, requested_by,"
+            " details, pending_recovery_point_id, disks, slot,"
             " trigger, recovery_point_id, error_message, error_code, bytes_stored, bytes_sent,"
             " bytes_read, ended_at, started_at, vm_id, vault, status, operation, id"
             " FROM old_jobs; DROP TABLE old_jobs; COMMIT;"

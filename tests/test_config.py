@@ -608,3 +608,98 @@ def test_datastore_and_encryption_settings(tmp_path: Path) -> None:
     assert (settings.s3.access_key_id, settings.s3.secret_access_key) == ("AKIA123", "s3cr3t")
     assert "s3cr3t" not in repr(config)  # a config may be logged; its secrets are not shown
     assert config.encryption.passphrase_file == Path("/etc/coffer/passphrase")
+
+
+# --- off-site copy targets ---------------------------------------------------------------------
+
+
+def targets_toml(*targets: str, datastore: str = "") -> str:
+    text = controller_toml() + (f"[datastore]\n{datastore}\n" if datastore else "")
+    return text + "".join(f"[[copy_targets]]\n{target}\n" for target in targets)
+
+
+BAD_COPY_TARGET_CONFIGS = [
+    (
+        targets_toml('url = "s3://coffer-copies/eu"'),
+        ("missing required key 'name' in [[copy_targets]] #1",),
+    ),
+    (
+        targets_toml('name = "US copy"\nurl = "/srv/copies"'),
+        ("'name' in [[copy_targets]] #1: 'US copy' is not 1-63 lowercase letters, digits or '-'",),
+    ),
+    (
+        targets_toml('name = "us"\nurl = "/srv/a"', 'name = "us"\nurl = "/srv/b"'),
+        ("[[copy_targets]]: more than one is named us",),
+    ),
+    (
+        targets_toml('name = "us"\nurl = "/srv/coffer/copies"', datastore='url = "/srv/coffer"'),
+        (
+            "[[copy_targets]] 'us': url /srv/coffer/copies overlaps [datastore] url /srv/coffer: "
+            "a copy must live apart from the data it copies and from other copies",
+        ),
+    ),
+    (
+        targets_toml('name = "us"\nurl = "state/datastores"'),
+        (
+            "[[copy_targets]] 'us': url state/datastores overlaps [datastore] url "
+            "state/datastores: a copy must live apart from the data it copies and from other "
+            "copies",
+        ),
+    ),
+    (
+        targets_toml('name = "a"\nurl = "s3://copies/eu"', 'name = "b"\nurl = "s3://copies"'),
+        (
+            "[[copy_targets]] 'b': url s3://copies overlaps copy target 'a' s3://copies/eu: a "
+            "copy must live apart from the data it copies and from other copies",
+        ),
+    ),
+    (
+        targets_toml('name = "us"\nurl = "/srv/copies"\nregion = "us-east-1"'),
+        ("[[copy_targets]] #1: region: only for an s3:// url",),
+    ),
+    (
+        targets_toml('name = "us"\nurl = "s3://copies/eu"\nendpont = "https://s3.example.net"'),
+        ("unknown key 'endpont' in [[copy_targets]] #1: did you mean 'endpoint'?",),
+    ),
+]
+
+
+@pytest.mark.parametrize(("text", "problems"), BAD_COPY_TARGET_CONFIGS)
+def test_a_bad_copy_target_names_its_problem(
+    text: str, problems: tuple[str, ...], tmp_path: Path
+) -> None:
+    path = tmp_path / "controller.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigInvalid) as raised:
+        ControllerConfig.load(path)
+    assert raised.value.problems == problems
+
+
+def test_copy_targets_settings(tmp_path: Path) -> None:
+    path = tmp_path / "controller.toml"
+    path.write_text(controller_toml())
+    assert ControllerConfig.load(path).copy_targets == ()
+    path.write_text(
+        targets_toml(
+            'name = "nas"\nurl = "copies"',
+            'name = "us-copy"\nurl = "s3://coffer-copies/eu"\nendpoint = "https://s3.example.net"'
+            '\naccess_key_id = "AKIA123"\nsecret_access_key = "s3cr3t"\nlease_seconds = 30',
+            datastore='url = "s3://coffer-backups/eu"',
+        )
+    )
+    nas, us = ControllerConfig.load(path).copy_targets
+    assert (nas.name, nas.url, nas.s3, nas.is_s3) == (
+        "nas",
+        str(tmp_path.absolute() / "copies"),
+        None,
+        False,
+    )
+    assert (us.name, us.url, us.lease_seconds, us.is_s3) == (
+        "us-copy",
+        "s3://coffer-copies/eu",
+        30,
+        True,
+    )
+    assert us.s3 is not None
+    assert (us.s3.endpoint, us.s3.access_key_id) == ("https://s3.example.net", "AKIA123")
+    assert "s3cr3t" not in repr(us)

@@ -13,15 +13,14 @@ from pathlib import Path
 
 import pytest
 
+import agent.disk_use
 import agent.freeze
+from agent.disk_use import disk_devices, loop_devices_of, mounts_on_disk
 from agent.freeze import (
     FreezeState,
     MountFreeze,
-    disk_devices,
     freeze_fd,
-    loop_devices_of,
     mounts,
-    mounts_on_disk,
     open_mount,
     thaw_fd,
 )
@@ -123,8 +122,8 @@ def test_a_loop_device_whose_path_leads_nowhere_is_found_by_identity(
         # A loop device the kernel does not answer for (wedged on a dead file system) is given
         # up after the timeout, not waited for: the agent goes on.
         wedged = threading.Event()
-        monkeypatch.setattr(agent.freeze, "_loop_backing", lambda _: wedged.wait() and None)
-        monkeypatch.setattr(agent.freeze, "LOOP_STATUS_TIMEOUT", 0.2)
+        monkeypatch.setattr(agent.disk_use, "_loop_backing", lambda _: wedged.wait() and None)
+        monkeypatch.setattr(agent.disk_use, "LOOP_STATUS_TIMEOUT", 0.2)
         started = time.monotonic()
         assert loop_devices_of(moved) == []
         assert time.monotonic() - started < 5

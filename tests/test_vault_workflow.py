@@ -11,8 +11,11 @@ running backup, and restoring from the vault.
 from __future__ import annotations
 
 import os
+import signal
+import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -25,24 +28,43 @@ MiB = 1 << 20
 pytestmark = [pytest.mark.integration, pytest.mark.root, pytest.mark.timeout(300)]
 
 
+HOLD_SCRIPT = """#!/bin/sh
+# A backup of blog/web-1 waits here while the gate is closed (the test says so with {held}).
+[ -e {gate} ] && exit 0
+touch {held}
+while [ ! -e {gate} ]; do sleep 0.05; done
+rm -f {held}
+"""
+
+
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     root = tmp_path_factory.mktemp("workflow")
     shop = build_image(root / "shop-web-1.img", 64 * MiB, fill=0.4, seed=21).path
     blog = build_image(root / "blog-web-1.img", 64 * MiB, fill=0.4, seed=22).path
     db = build_image(root / "db-1.img", 64 * MiB, fill=0.4, seed=23).path
-    # A disk of incompressible data, slow enough to back up that a cancel lands mid-upload.
+    # A disk of incompressible data: its upload lasts long enough to be stopped in the middle
+    # (test_cancel_a_queued_and_a_running_backup).
     bulk = root / "bulk.img"
     with bulk.open("wb") as f:
         # 1280 MiB: at 640 MiB a backup (about 3.5 s here) could end before the three CLI
         # calls that need it running did.
         for _ in range(1280):
             f.write(os.urandom(MiB))
+    # blog/web-1's backups pass a gate in their pre-script, open unless a test closes it.
+    gate = root / "gate"
+    gate.touch()
+    script = root / "hold.sh"
+    script.write_text(HOLD_SCRIPT.format(gate=gate, held=root / "held"))
+    script.chmod(0o700)
     with Cluster(root / "cluster") as running:
         running.add_agent("shop-web-1", {"root": shop}, name="web-1", service="shop",
                           region="eu-west")  # fmt: skip
-        running.add_agent("blog-web-1", {"root": blog, "bulk": bulk}, name="web-1",
-                          service="blog", region="eu-west")  # fmt: skip
+        blog_agent = running.add_agent("blog-web-1", {"root": blog, "bulk": bulk}, name="web-1",
+                                       service="blog", region="eu-west", start=False)  # fmt: skip
+        with blog_agent.config.open("a") as config:
+            config.write(f'[consistency.pre_script]\npath = "{script}"\ntimeout = 120\n')
+        running.start_agent("blog-web-1")
         running.add_agent("db-1", {"root": db}, service="shop", region="us-east")
         yield running
 
@@ -227,12 +249,10 @@ def test_the_whole_flow_from_discovery_to_stopped_protection(cluster: Cluster) -
     assert len(completed) == 2
     # A Prune job follows each backup, as the README says, though it had nothing to delete.
     prunes = cluster.coffer("job", "list", "--operation", "Prune", "--vault", "eu-vault")
-    assert sorted(p["details"]["after_job"] for p in prunes) == sorted(
-        j["id"] for j in backups
-    )
-    assert [
-        (p["status"], p["details"]["deleted_recovery_points"]) for p in prunes
-    ] == [("Completed", [])] * 2
+    assert sorted(p["details"]["after_job"] for p in prunes) == sorted(j["id"] for j in backups)
+    assert [(p["status"], p["details"]["deleted_recovery_points"]) for p in prunes] == [
+        ("Completed", [])
+    ] * 2
 
     # --- dashboard ------------------------------------------------------------------------------
     board = cluster.coffer("dashboard", "--vault", "eu-vault")
@@ -342,7 +362,12 @@ def test_restore_from_the_vault_and_space_comes_back(cluster: Cluster) -> None:
 
 def test_cancel_a_queued_and_a_running_backup(cluster: Cluster) -> None:
     """A vault running one backup at a time queues the next; a queued backup cancels at once,
-    a running one stops mid-upload. Neither leaves a recovery point; later backups complete."""
+    a running one stops mid-upload. Neither leaves a recovery point; later backups complete.
+
+    Deterministic on a loaded machine: the running backup is held in its pre-script (a gate
+    the test closes) while the queued one is dealt with, and its agent is stopped (SIGSTOP) a
+    little way into the upload while the cancel is sent, so the cancel lands mid-upload
+    however fast or slow the machine is."""
     # Both eu-west VMs move to a vault with a single backup slot.
     cluster.coffer("stop-protection", "--vault", "eu-vault", "shop/web-1", "--delete-data", "--yes")
     cluster.coffer("unregister", "--vault", "eu-vault", "shop/web-1")
@@ -351,27 +376,52 @@ def test_cancel_a_queued_and_a_running_backup(cluster: Cluster) -> None:
     cluster.coffer("register", "--vault", "lab-vault", "shop/web-1", "blog/web-1")
     cluster.coffer("protect", "--vault", "lab-vault", "shop/web-1", "blog/web-1")
     before = {p["id"] for p in cluster.coffer("rp", "list")}
+    gate = cluster.root.parent / "gate"
+    held = cluster.root.parent / "held"
+    agent = cluster.agents["blog-web-1"].process
 
-    # blog/web-1 has 1280 MiB of random data to send: it holds the slot for seconds.
-    slow = cluster.coffer("backup-now", "blog/web-1", "--no-wait")[0]
-    _wait(lambda: _phase(cluster, slow["id"]) != "Queued")
-    queued = cluster.coffer("backup-now", "shop/web-1", "--no-wait")[0]
-    assert _phase(cluster, queued["id"]) == "Queued"
-    refused(cluster, "backup-now", "shop/web-1", code=5, says=("OperationInProgress",))
-    cancelled = cluster.coffer("job", "cancel", queued["id"])
-    assert (cancelled["status"], cancelled["error_code"]) == ("Cancelled", "JobCancelled")
-    assert int(cancelled["bytes_read"]) == 0  # it never started
+    gate.unlink()
+    try:
+        # blog/web-1 holds the slot, running (in its pre-script) until the gate opens.
+        slow = cluster.coffer("backup-now", "blog/web-1", "--no-wait")[0]
+        _wait(held.exists)
+        assert _phase(cluster, slow["id"]) != "Queued"
+        queued = cluster.coffer("backup-now", "shop/web-1", "--no-wait")[0]
+        assert _phase(cluster, queued["id"]) == "Queued"
+        refused(cluster, "backup-now", "shop/web-1", code=5, says=("OperationInProgress",))
+        cancelled = cluster.coffer("job", "cancel", queued["id"])
+        assert (cancelled["status"], cancelled["error_code"]) == ("Cancelled", "JobCancelled")
+        assert int(cancelled["bytes_read"]) == 0  # it never started
 
-    stopped = cluster.coffer("job", "cancel", slow["id"])
+        # Let it go, and stop its agent once it has read 96 MiB of its 704: mid-upload.
+        start = _chars_read(agent.pid)
+        gate.touch()
+        _wait(lambda: _chars_read(agent.pid) - start >= 96 * MiB, poll=0.002)
+        os.kill(agent.pid, signal.SIGSTOP)
+        try:
+            answers: list[Any] = []
+            cancel = threading.Thread(
+                target=lambda: answers.append(cluster.coffer("job", "cancel", slow["id"]))
+            )
+            cancel.start()
+            # The cancel is down the agent's session before the agent runs again.
+            _wait(lambda: cluster.coffer("job", "show", slow["id"])["status"] == "Cancelling")
+        finally:
+            os.kill(agent.pid, signal.SIGCONT)
+        cancel.join(120)
+    finally:
+        gate.touch()
+    [stopped] = answers
     assert (stopped["status"], stopped["error_code"]) == ("Cancelled", "JobCancelled")
     assert stopped["recovery_point_id"] == ""
+    # Stopped in the middle: some of its data uploaded, not all.
+    assert 0 < int(stopped["bytes_stored"]) < 640 * MiB, stopped
     # Shown as it is: no recovery point, and what it uploaded labelled as not kept.
     shown = cluster.coffer("job", "show", slow["id"], json_out=False).stdout
     assert "no recovery point was created" in shown
     assert "Recovery point" not in shown
     assert "Bytes stored" not in shown
-    if stopped["bytes_stored"]:
-        assert "Uploaded, not kept" in shown
+    assert "Uploaded, not kept" in shown
     refused(cluster, "job", "cancel", slow["id"], code=5, says=("already ended",))
 
     # The queue drains one backup at a time, and both complete.
@@ -386,6 +436,14 @@ def test_cancel_a_queued_and_a_running_backup(cluster: Cluster) -> None:
     assert (board["jobs_cancelled_24h"], board["jobs_completed_24h"]) == (2, 8)
 
 
+def _chars_read(pid: int) -> int:
+    """Bytes process `pid` has read so far, by any means (/proc/PID/io `rchar`)."""
+    for line in Path(f"/proc/{pid}/io").read_text().splitlines():
+        if line.startswith("rchar:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no rchar in /proc/{pid}/io")
+
+
 def _phase(cluster: Cluster, job_id: str) -> str:
     job = cluster.coffer("job", "show", job_id)
     return str(job["details"].get("phase", "")) + (
@@ -393,9 +451,9 @@ def _phase(cluster: Cluster, job_id: str) -> str:
     )
 
 
-def _wait(condition: Any, timeout: float = 30.0) -> None:
+def _wait(condition: Any, timeout: float = 30.0, poll: float = 0.1) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
         if time.monotonic() > deadline:
             raise TimeoutError("condition not met")
-        time.sleep(0.1)
+        time.sleep(poll)

@@ -26,7 +26,6 @@ from datetime import UTC, datetime
 from typing import Any
 
 import click
-from rich.markup import escape
 
 from controller.cli import exits
 from controller.cli.client import Connection, call
@@ -74,7 +73,13 @@ def parse_ttl(text: str) -> float:
 
 
 def source_options(f: Callable[..., Any]) -> Callable[..., Any]:
-    """VM_ID, --rp, --disk, --target-vm: which disk of which recovery point, opened where."""
+    """VM_ID, --rp, --disk, --target-vm, --from-copy: which disk of which recovery point, read
+    from where, opened where."""
+    f = click.option(
+        "--from-copy",
+        is_flag=True,
+        help="Read the vault's off-site copy instead of its datastore.",
+    )(f)
     f = click.option(
         "--target-vm",
         default="",
@@ -87,9 +92,15 @@ def source_options(f: Callable[..., Any]) -> Callable[..., Any]:
     return click.argument("vm_id", metavar="VM")(f)
 
 
-def _source(vm_id: str, rp_id: str, disk: str, target_vm: str) -> operator_pb2.FileRecoverySource:
+def _source(
+    vm_id: str, rp_id: str, disk: str, target_vm: str, from_copy: bool
+) -> operator_pb2.FileRecoverySource:
     return operator_pb2.FileRecoverySource(
-        vm_id=vm_id, recovery_point_id=rp_id, disk=disk, target_vm_id=target_vm
+        vm_id=vm_id,
+        recovery_point_id=rp_id,
+        disk=disk,
+        target_vm_id=target_vm,
+        from_copy=from_copy,
     )
 
 
@@ -101,7 +112,7 @@ def _exit_failed(job: operator_pb2.Job) -> None:
     """Say why the job failed, as a refused call reads, and exit with its code."""
     errors.print(
         f"[bold red]error[/bold red] ({safe(job.error_code)}): {safe(job.error_message)} "
-        f"(job {escape(job.id)})",
+        f"(job {safe(job.id)})",
         highlight=False,
         soft_wrap=True,
     )
@@ -175,6 +186,7 @@ def files_ls(
     rp_id: str,
     disk: str,
     target_vm: str,
+    from_copy: bool,
     path: str,
     limit: int,
     after: str | None,
@@ -185,7 +197,7 @@ def files_ls(
     Name, type, size, modification time, mode and owner of each entry, sorted by name.
     """
     request = operator_pb2.ListFilesRequest(
-        source=_source(vm_id, rp_id, disk, target_vm),
+        source=_source(vm_id, rp_id, disk, target_vm, from_copy),
         path=os.fsencode(path),
         limit=limit,
         after=os.fsencode(after) if after else b"",
@@ -238,7 +250,7 @@ def files_ls(
         name = shown(more)
         again = f"--after {shlex.quote(name)}" if name == os.fsdecode(more) else "--after NAME"
         console.print(
-            f"More entries follow: list them with {escape(again)} (job {job.id}).",
+            f"More entries follow: list them with {safe(again)} (job {job.id}).",
             highlight=False,
             soft_wrap=True,
         )
@@ -315,6 +327,7 @@ def files_get(
     rp_id: str,
     disk: str,
     target_vm: str,
+    from_copy: bool,
     paths: tuple[str, ...],
     destination: str,
     no_wait: bool,
@@ -327,7 +340,7 @@ def files_get(
     existing name there is refused, and a copy that fails leaves nothing.
     """
     request = operator_pb2.GetFilesRequest(
-        source=_source(vm_id, rp_id, disk, target_vm),
+        source=_source(vm_id, rp_id, disk, target_vm, from_copy),
         paths=[os.fsencode(p) for p in paths],
         destination=destination,
     )
@@ -344,7 +357,7 @@ def files_get(
         finish(job, as_json)
         return
     for line in copy_summary(job):
-        console.print(escape(line), highlight=False, soft_wrap=True)
+        console.print(safe(line), highlight=False, soft_wrap=True)
 
 
 # --- mount, unmount -------------------------------------------------------------------------
@@ -386,6 +399,7 @@ def files_mount(
     rp_id: str,
     disk: str,
     target_vm: str,
+    from_copy: bool,
     ttl: str,
     as_json: bool,
 ) -> None:
@@ -396,14 +410,14 @@ def files_mount(
     unmount JOB`.
     """
     request = operator_pb2.MountFilesRequest(
-        source=_source(vm_id, rp_id, disk, target_vm), ttl_seconds=parse_ttl(ttl)
+        source=_source(vm_id, rp_id, disk, target_vm, from_copy), ttl_seconds=parse_ttl(ttl)
     )
     job = call(connection, lambda s: s.MountFiles(request))
     if as_json or _failed(job):
         finish(job, as_json)
         return
     for line in mount_lines(job):
-        console.print(escape(line), highlight=False, soft_wrap=True)
+        console.print(safe(line), highlight=False, soft_wrap=True)
 
 
 @files.command(name="unmount")

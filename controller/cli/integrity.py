@@ -41,20 +41,34 @@ def verification_cell(point: operator_pb2.RecoveryPoint) -> str:
 @click.option("--vault", "vault_name", required=True, help="The vault whose points to verify.")
 @click.option("--vm", default="", help="Only this VM's recovery points (name or service/name).")
 @click.option("--rp", "rp_id", default="", help="Only this recovery point.")
+@click.option(
+    "--from-copy",
+    is_flag=True,
+    help="Verify the vault's off-site copy (the points complete there) instead.",
+)
 @click.option("--no-wait", is_flag=True, help="Start the job and return at once.")
 @json_option
 @click.pass_obj
 def verify(
-    connection: Connection, vault_name: str, vm: str, rp_id: str, no_wait: bool, as_json: bool
+    connection: Connection,
+    vault_name: str,
+    vm: str,
+    rp_id: str,
+    from_copy: bool,
+    no_wait: bool,
+    as_json: bool,
 ) -> None:
     """Check that recovery points can be restored.
 
     Re-reads every chunk the recovery points reference (each once) and checks it decompresses
     and hashes to its name; records each point verified or damaged (`coffer rp list`). Exits 7
     when it finds damage; the next backup of a VM that still has the data stores the damaged
-    chunks again.
+    chunks again. With --from-copy it reads the vault's off-site copy: what it finds is in the
+    job only, and the next copy sends the damaged chunks again.
     """
-    request = operator_pb2.VerifyRequest(vault=vault_name, vm=vm, recovery_point_id=rp_id)
+    request = operator_pb2.VerifyRequest(
+        vault=vault_name, vm=vm, recovery_point_id=rp_id, from_copy=from_copy
+    )
     job = call(connection, lambda s: s.Verify(request))
     if not as_json:
         console.print(f"Started verify job [bold]{job.id}[/bold]", highlight=False, soft_wrap=True)

@@ -48,7 +48,7 @@ from controller.cli.output import (
     table,
     when,
 )
-from shared.model import JobStatus, Operation
+from shared.model import JobStatus, Operation, RestoreMode
 from shared.rpc import operator_pb2
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
@@ -66,6 +66,8 @@ def _kept(job: operator_pb2.Job) -> bool:
 
 
 def _stored_cell(job: operator_pb2.Job) -> str:
+    if job.operation == Operation.COPY:
+        return f"{size(job.bytes_sent)} sent" if job.bytes_sent else "-"
     if job.operation == Operation.GARBAGE_COLLECTION:
         return f"{size(job.bytes_stored)} freed" if job.bytes_stored else "-"
     if job.operation != Operation.BACKUP:
@@ -76,7 +78,13 @@ def _stored_cell(job: operator_pb2.Job) -> str:
 
 
 def _read_cell(job: operator_pb2.Job) -> str:
-    reads = (Operation.BACKUP, Operation.RESTORE, Operation.FILE_RECOVERY)
+    reads = (
+        Operation.BACKUP,
+        Operation.RESTORE,
+        Operation.RESTORE_DRILL,
+        Operation.FILE_RECOVERY,
+        Operation.COPY,
+    )
     return size(job.bytes_read) if job.operation in reads else "-"
 
 
@@ -123,11 +131,61 @@ def _bytes(job: operator_pb2.Job) -> list[Field]:
                 )
             )
         return lines
-    if job.operation == Operation.RESTORE:
-        return [("Bytes written", size(job.bytes_read))]
+    if job.operation in (Operation.RESTORE, Operation.RESTORE_DRILL):
+        if not job.HasField("restore"):  # recorded before restores said more
+            return [("Bytes written", size(job.bytes_read))]
+        restored = job.restore
+        lines = []
+        if restored.mode == RestoreMode.IN_PLACE:
+            lines.append(
+                ("Bytes compared", f"{size(restored.bytes_compared)} (read from the disk)")
+            )
+        lines += [
+            ("Bytes fetched", f"{size(restored.bytes_fetched)} (from the datastore, as stored)"),
+            ("Bytes written", size(restored.bytes_written)),
+        ]
+        return lines
     if job.operation == Operation.FILE_RECOVERY:
         return [("Fetched", f"{size(job.bytes_read)} from the datastore")]
+    if job.operation == Operation.COPY:
+        return [
+            ("Read", f"{size(job.bytes_read)} from the datastore"),
+            ("Sent", f"{size(job.bytes_sent)} to the copy"),
+        ]
     return []  # a garbage collection's space freed is in its report
+
+
+_MODES = {
+    RestoreMode.NEW_IMAGE: "to an image",
+    RestoreMode.IN_PLACE: "in place (the VM's own disk, only differing chunks fetched)",
+    RestoreMode.DRILL: "drill (restored to scratch, checked read-only, deleted)",
+}
+
+
+def _restore_target(job: operator_pb2.Job) -> list[Field]:
+    """What a restore or drill restored where."""
+    if not job.HasField("restore"):
+        return []
+    restored = job.restore
+    fields: list[Field] = [
+        ("Mode", _MODES.get(RestoreMode(restored.mode), restored.mode)),
+        ("Source VM", restored.source_vm_id),
+        ("Disk", ", ".join(job.disks) or "-"),
+    ]
+    if restored.mode == RestoreMode.DRILL:
+        fields += [
+            ("Drill agent", restored.target_vm_id),
+            ("Scratch directory", restored.target_path),
+        ]
+    elif restored.mode == RestoreMode.IN_PLACE:
+        fields.append(("Disk path", restored.target_path or "-"))
+    else:
+        fields += [
+            ("Target VM", restored.target_vm_id),
+            ("Target path", restored.target_path),
+            ("Overwrite", "yes" if restored.overwrite else "no"),
+        ]
+    return fields
 
 
 def _recovery_point(job: operator_pb2.Job) -> list[Field]:
@@ -135,6 +193,8 @@ def _recovery_point(job: operator_pb2.Job) -> list[Field]:
         return []
     if job.operation == Operation.RESTORE:
         return [("Restored from", f"recovery point {job.recovery_point_id}")]
+    if job.operation == Operation.RESTORE_DRILL:
+        return [("Drilled", f"recovery point {job.recovery_point_id}")]
     if job.operation == Operation.FILE_RECOVERY:
         return [("Files of", f"recovery point {job.recovery_point_id}")]
     if job.operation == Operation.BACKUP and not JobStatus(job.status).succeeded:
@@ -182,10 +242,53 @@ _VERIFY_REPORT: dict[str, tuple[str, Callable[[Any], str]]] = {
     "seconds": ("Took", _seconds),
 }
 
+# A vault upgrade's (controller.upgrades): what it did, what it would do, where it is.
+_UPGRADE_REPORT: dict[str, tuple[str, Callable[[Any], str]]] = {
+    "recovery_points_converted": ("Recovery points converted", str),
+    "chunks_converted": ("Chunks converted", str),
+    "chunks_already_converted": ("Chunks converted before", str),
+    "chunks_unreadable": ("Chunks unreadable (their points stay damaged)", str),
+    "objects_written": ("Objects written", str),
+    "bytes_read": ("Read", size),
+    "bytes_written": ("Written", size),
+    "seconds": ("Took", _seconds),
+    "rate_mb_per_second": ("Rate, MB/s", str),
+    "objects_per_second": ("Rate, objects/s", str),
+}
+_UPGRADE_PLAN: dict[str, tuple[str, Callable[[Any], str]]] = {
+    "recovery_points": ("Recovery points", str),
+    "disk_indexes": ("Disk indexes", str),
+    "chunks": ("Chunks", str),
+    "stored_bytes": ("Stored bytes", size),
+    "objects": ("Objects to write", str),
+    "sampled_chunks": ("Rate measured on (chunks)", str),
+    "rate_mb_per_second": ("Measured rate, MB/s", str),
+    "objects_per_second": ("Measured rate, objects/s", str),
+    "estimated_seconds": ("Estimated time", _seconds),
+}
+# A copy's totals (controller.copies), field by field.
+_COPY_REPORT: dict[str, tuple[str, Callable[[Any], str]]] = {
+    "recovery_points_copied": ("Recovery points copied", str),
+    "recovery_points_in_copy": ("Recovery points in the copy", str),
+    "recovery_points_deleted": ("Deleted from the copy", str),
+    "chunks_sent": ("Chunks sent", str),
+    "chunk_bytes_sent": ("Chunk bytes sent", size),
+    "chunks_already_there": ("Chunks the copy had", str),
+    "chunks_asked": ("Chunks asked about", str),
+    "indexes_and_manifests_sent": ("Indexes and manifests sent", str),
+    "bytes_sent": ("Bytes sent", size),
+    "bytes_read": ("Bytes read", size),
+    "seconds": ("Took", _seconds),
+}
+
 # Reports jobs record as one object each: a title and their fields.
 _REPORTS = {
     "report": ("Garbage collection", _GC_REPORT),
     "verification": ("Verification", _VERIFY_REPORT),
+    "upgrade": ("Upgrade", _UPGRADE_REPORT),
+    "plan": ("Would rewrite", _UPGRADE_PLAN),
+    "copy": ("Copy", _COPY_REPORT),
+    "copy_gc": ("Garbage collection of the copy", _GC_REPORT),
 }
 
 # The details jobs record, by key: a label and how the value reads. `None` hides a key: a
@@ -206,6 +309,7 @@ _DETAILS: dict[str, tuple[str, Callable[[Any], str]] | None] = {
     "source_vm": ("Source VM", str),
     "disk": ("Disk", str),
     "target_path": ("Target path", str),
+    "checks": ("File system checks", lambda v: "; ".join(map(str, v)) if v else "none"),
     "recovery_points": ("Recovery points to verify", str),
     "damaged": ("Damaged", str),
     # A FileRecovery job's (controller.jobs.file_recovery).
@@ -225,7 +329,21 @@ _DETAILS: dict[str, tuple[str, Callable[[Any], str]] | None] = {
     "bytes_fetched": ("Fetched, stored bytes", size),
     "raw_bytes_fetched": ("Fetched, uncompressed", size),
     "ended_by": ("Ended by", str),
+    # Off-site copies (controller.copies), and jobs that read a copy.
+    "copy_target": ("Copy target", str),
+    "copy_location": ("Copy at", str),
+    "from_copy": ("Read from the copy", str),
+    "passes": ("Passes", str),
+    "copied_recovery_points": ("Recovery points copied", str),
+    "deleted_from_copy": ("Deleted from the copy", str),
+    "damaged_chunks_sent_again": ("Damaged chunks sent again", str),
     "recovery_point_id": None,
+    # A VaultUpgrade job's (controller.upgrades).
+    "from_format": ("From datastore format", str),
+    "to_format": ("To datastore format", str),
+    "dry_run": ("Dry run", lambda v: "yes: nothing was changed" if v else "no"),
+    "resumed_from": ("Takes up job", str),
+    "waiting_for": ("Waiting for", str),
 }
 
 
@@ -283,6 +401,7 @@ def show_job(job: operator_pb2.Job) -> None:
         ("Started", when(job.started_at)),
         ("Ended", when(job.ended_at, ended)),
         ("Duration", duration(job.started_at, job.ended_at if ended else None)),
+        *_restore_target(job),
         *_bytes(job),
         *_recovery_point(job),
     ]
@@ -409,12 +528,41 @@ def backup_now(
     show_jobs([follow(connection, job.id, as_json) for job in started], as_json)
 
 
+def _confirm_in_place(vm_id: str, disk: str, rp_id: str, yes: bool) -> None:
+    """An in-place restore overwrites a disk: asked on a terminal, `--yes` in scripts."""
+    if yes:
+        return
+    if not sys.stdin.isatty():
+        raise click.UsageError(
+            "an in-place restore writes over the VM's disk: confirm it with --yes "
+            "(there is no terminal to ask on)"
+        )
+    click.confirm(
+        f"Roll disk {disk!r} of VM {vm_id!r} back to recovery point {rp_id}? Everything "
+        "written to the disk since is lost",
+        abort=True,
+    )
+
+
 @click.command()
 @click.argument("vm_id")
 @click.option("--rp", "rp_id", required=True, help="Recovery point id (`coffer rp list VM`).")
 @click.option("--disk", required=True, help="Disk of the recovery point to restore.")
-@click.option("--target", required=True, help="Path to write, on the target VM.")
+@click.option("--target", default="", help="Path of a new image to write, on the target VM.")
 @click.option("--target-vm", default="", help="VM to restore to (default: VM_ID itself).")
+@click.option(
+    "--from-copy",
+    is_flag=True,
+    help="Read the vault's off-site copy instead of its datastore (which may be unreachable).",
+)
+@click.option(
+    "--in-place",
+    is_flag=True,
+    help="Roll VM_ID's own disk back (nothing on it may be mounted or open); "
+    "only the chunks that differ are fetched.",
+)
+@click.option("--overwrite", is_flag=True, help="Replace the target if it exists.")
+@click.option("--yes", "-y", is_flag=True, help="Do not ask before an in-place restore.")
 @click.option("--no-wait", is_flag=True, help="Start the job and return at once.")
 @json_option
 @click.pass_obj
@@ -425,24 +573,75 @@ def restore(
     disk: str,
     target: str,
     target_vm: str,
+    from_copy: bool,
+    in_place: bool,
+    overwrite: bool,
+    yes: bool,
     no_wait: bool,
     as_json: bool,
 ) -> None:
     """Restore a disk of a recovery point.
 
-    Restores a disk of one of VM_ID's recovery points to a path on a VM.
+    To a new image: `--target PATH` (under the target VM's restore_dirs; `--overwrite` to
+    replace one that exists; `--target-vm` for another VM of the vault's region). In place:
+    `--in-place` rolls VM_ID's own disk back, after asking (`--yes` in scripts). With
+    --from-copy, from the vault's off-site copy (the point must be complete there: `coffer rp
+    list`).
     """
+    if in_place and (target or target_vm or overwrite):
+        raise click.UsageError("--in-place writes VM_ID's own disk: give no --target, "
+                               "--target-vm or --overwrite with it")  # fmt: skip
+    if not in_place and not target:
+        raise click.UsageError("give --target PATH (a new image) or --in-place")
+    if in_place:
+        _confirm_in_place(vm_id, disk, rp_id, yes)
     request = operator_pb2.RestoreRequest(
         vm_id=vm_id,
         recovery_point_id=rp_id,
         disk=disk,
         target_path=target,
         target_vm_id=target_vm,
+        from_copy=from_copy,
+        in_place=in_place,
+        overwrite=overwrite,
     )
     job = call(connection, lambda s: s.Restore(request))
     if not as_json:
         console.print(f"Started restore job [bold]{job.id}[/bold]", highlight=False, soft_wrap=True)
     finish(job if no_wait else follow(connection, job.id, as_json), as_json)
+
+
+@click.command()
+@click.option("--vault", "vault_name", required=True)
+@click.option("--vm", "vms", multiple=True, help="Drill this VM only (repeatable).")
+@click.option("--no-wait", is_flag=True, help="Start the jobs and return at once.")
+@json_option
+@click.pass_obj
+def drill(
+    connection: Connection, vault_name: str, vms: tuple[str, ...], no_wait: bool, as_json: bool
+) -> None:
+    """Run a restore drill now.
+
+    One RestoreDrill job per VM: its latest recovery point restored on the vault's drill
+    agent, every file system checked read-only, the scratch image deleted, and the drill
+    recorded on the recovery point (`coffer rp list`).
+    """
+    request = operator_pb2.DrillRequest(vault=vault_name, vms=vms)
+    started = list(call(connection, lambda s: s.Drill(request)).jobs)
+    if not as_json:
+        for found in started:
+            console.print(
+                f"Started drill job [bold]{found.id}[/bold] of {found.item or found.vm_id}",
+                highlight=False,
+                soft_wrap=True,
+            )
+    if no_wait or not started:
+        show_jobs(started, as_json)
+        return
+    if len(started) == 1:
+        finish(follow(connection, started[0].id, as_json), as_json)
+        return
+    show_jobs([follow(connection, found.id, as_json) for found in started], as_json)
 
 
 @click.group()
@@ -557,9 +756,9 @@ def job_watch(connection: Connection, job_id: str, as_json: bool) -> None:
 @json_option
 @click.pass_obj
 def job_cancel(connection: Connection, job_id: str, no_wait: bool, as_json: bool) -> None:
-    """Cancel a queued or running backup or restore.
+    """Cancel a queued or running backup or restore, or a prune, collection, verify or copy.
 
-    A cancelled backup leaves no recovery point.
+    A cancelled backup leaves no recovery point; a cancelled copy resumes where it stopped.
     """
     found = call(connection, lambda s: s.CancelJob(operator_pb2.GetJobRequest(id=job_id)))
     if not no_wait:
@@ -595,4 +794,22 @@ def gc(connection: Connection, vault_name: str, no_wait: bool, as_json: bool) ->
     Deletes the chunks no recovery point references (safe beside running backups).
     """
     found = call(connection, lambda s: s.CollectGarbage(operator_pb2.VaultRef(name=vault_name)))
+    finish(found if no_wait else follow(connection, found.id, as_json), as_json)
+
+
+@click.command()
+@click.option("--vault", "vault_name", required=True)
+@click.option("--no-wait", is_flag=True, help="Start the job and return at once.")
+@json_option
+@click.pass_obj
+def copy(connection: Connection, vault_name: str, no_wait: bool, as_json: bool) -> None:
+    """Copy the vault's recovery points to its off-site copy now.
+
+    Sends the points the copy lacks (only the chunks it lacks) and deletes there the points
+    pruned here. Copies also run after every backup and daily; a copy already running makes
+    one more pass instead, and that job is followed.
+    """
+    found = call(connection, lambda s: s.Copy(operator_pb2.VaultRef(name=vault_name)))
+    if not as_json:
+        console.print(f"Copy job [bold]{found.id}[/bold]", highlight=False, soft_wrap=True)
     finish(found if no_wait else follow(connection, found.id, as_json), as_json)

@@ -16,10 +16,11 @@ import click
 from controller.cli import exits
 from controller.cli.audit import audit
 from controller.cli.client import DEFAULT_TIMEOUT, Connection, call
+from controller.cli.deleted import show_deleted, undelete
 from controller.cli.enrol import enrol
 from controller.cli.files import files
 from controller.cli.integrity import verification_cell, verify
-from controller.cli.jobs import backup_now, gc, job, prune, restore
+from controller.cli.jobs import backup_now, copy, drill, gc, job, prune, restore
 from controller.cli.output import (
     as_dict,
     errors,
@@ -42,7 +43,7 @@ from controller.cli.protection import (
     stop_protection,
     unregister,
 )
-from controller.cli.vaults import dashboard, vault
+from controller.cli.vaults import dashboard, drill_cell, vault
 from shared.errors import CofferError
 from shared.rpc import operator_pb2
 
@@ -116,11 +117,14 @@ for command in (
     resume_protection,
     backup_now,
     restore,
+    drill,
     files,
     job,
     prune,
     gc,
     verify,
+    copy,
+    undelete,
     enrol,
     audit,
 ):
@@ -162,8 +166,17 @@ def agents(connection: Connection, as_json: bool) -> None:
 
 RP_COLUMNS = (
     "Recovery point", "VM", "Created", "Consistency", "Disks", "Stored", "Kept by", "Integrity",
-    "Job",
+    "Copy", "Last drill", "Job",
 )  # fmt: skip
+
+
+def copy_cell(point: operator_pb2.RecoveryPoint) -> str:
+    """Whether a point is in its vault's off-site copy: copied when, pending, or no copy."""
+    if not point.copy_target:
+        return "-"
+    if point.HasField("copied_at"):
+        return f"copied {when(point.copied_at)}"
+    return "pending"
 
 
 @cli.group()
@@ -174,19 +187,31 @@ def rp() -> None:
 @rp.command(name="list")
 @click.argument("vm_id", required=False, default="")
 @click.option("--vault", "vault_name", default="", help="Of this vault only.")
+@click.option(
+    "--deleted",
+    is_flag=True,
+    help="The soft-deleted points instead, with when each is purged (`coffer undelete`).",
+)
 @json_option
 @click.pass_obj
-def rp_list(connection: Connection, vm_id: str, vault_name: str, as_json: bool) -> None:
+def rp_list(
+    connection: Connection, vm_id: str, vault_name: str, deleted: bool, as_json: bool
+) -> None:
     """Recovery points of VM_ID (or of every VM), oldest first.
 
     With what the last verify found of each (`coffer verify`): verified when, damaged (how
     many chunks are missing or corrupt), healed (stored again, a verify pending), or never
-    verified.
+    verified; and whether it is in its vault's off-site copy (copied when, or pending). With
+    --deleted, the soft-deleted points, which `coffer undelete` brings back until they are
+    purged.
     """
-    request = operator_pb2.ListRecoveryPointsRequest(vm_id=vm_id, vault=vault_name)
+    request = operator_pb2.ListRecoveryPointsRequest(vm_id=vm_id, vault=vault_name, deleted=deleted)
     reply = call(connection, lambda s: s.ListRecoveryPoints(request))
     if as_json:
         print_json([as_dict(p) for p in reply.recovery_points])
+        return
+    if deleted:
+        show_deleted(list(reply.recovery_points))
         return
     table(
         "Recovery points",
@@ -205,6 +230,8 @@ def rp_list(connection: Connection, vm_id: str, vault_name: str, as_json: bool) 
                 size(p.bytes_stored),
                 ", ".join(p.kept_by) or "-",
                 verification_cell(p),
+                copy_cell(p),
+                drill_cell(p.last_drill) if p.HasField("last_drill") else "-",
                 p.job_id,
             ]
             for p in reply.recovery_points

@@ -2,9 +2,9 @@
 
 Times are ISO 8601 with their UTC offset, in tables (to the second) and JSON (to the
 microsecond) alike: in the local time zone, or in UTC with `coffer --utc` (`use_utc`). In JSON
-every field a message has is present (an unset time is null), 64-bit numbers stay numbers,
-and a `*_json` field of the API (a job's details, a policy's spec) is given as the object it
-holds, under its name without the suffix.
+every field a message has is present (an unset time or message is null), 64-bit numbers stay
+numbers, and a `*_json` field of the API (a job's details, a policy's spec) is given as the
+object it holds, under its name without the suffix.
 """
 
 from __future__ import annotations
@@ -109,6 +109,13 @@ def _convert(message: Message, data: dict[str, Any]) -> dict[str, Any]:
         elif field.name.endswith(_JSON_SUFFIX) and field.type == FieldDescriptor.TYPE_STRING:
             data.pop(field.name, None)
             data[field.name.removesuffix(_JSON_SUFFIX)] = json.loads(value) if value else None
+        elif (
+            field.message_type is not None
+            and not field.message_type.GetOptions().map_entry
+            and not repeated
+            and field.name not in data
+        ):
+            data[field.name] = None  # an unset message (a job's restore, a vault's drill)
         elif (
             field.message_type is not None
             and not field.message_type.GetOptions().map_entry

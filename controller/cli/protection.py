@@ -6,7 +6,6 @@ import json
 import sys
 
 import click
-from rich.markup import escape
 
 from controller.cli.client import Connection, call
 from controller.cli.jobs import show_jobs
@@ -293,7 +292,7 @@ def policy_delete(connection: Connection, vault_name: str, name: str, as_json: b
     if as_json:
         print_json(as_dict(deleted))
         return
-    console.print(f"Deleted policy [bold]{escape(name)}[/bold]", highlight=False, soft_wrap=True)
+    console.print(f"Deleted policy [bold]{safe(name)}[/bold]", highlight=False, soft_wrap=True)
     if deleted.vms:
         console.print(
             f"VMs whose protection was stopped with it: {safe(', '.join(deleted.vms))}; "
@@ -374,6 +373,8 @@ def stop_protection(
     """Stop protecting VMs.
 
     No more backups; keep (--retain-data) or delete (--delete-data) their recovery points.
+    Deleted data stays recoverable for the vault's soft-delete days (`coffer rp list
+    --deleted`, `coffer undelete`), unless the vault's soft delete is off.
     """
     if retain_data == delete_data:
         raise click.UsageError("choose one of --retain-data and --delete-data")
@@ -382,7 +383,8 @@ def stop_protection(
             raise click.UsageError("deleting recovery points asks first: add --yes to confirm")
         click.confirm(
             f"Delete every recovery point of {', '.join(vms)} in vault {vault_name}? "
-            "They cannot be restored afterwards",
+            "They cannot be restored afterwards unless the vault keeps deleted data "
+            "(soft delete) and they are undeleted before they are purged",
             abort=True,
         )
     mode = "delete" if delete_data else "retain"

@@ -48,11 +48,22 @@ Key layout
                                        format 2 also: encryption, vault, wrapped keys
     chunks/ab/cd/abcd<60 more hex>     one chunk blob per distinct chunk, named by its digest
     indexes/<rp id>/<disk>.didx        one disk index per disk of a recovery point
-    manifests/<rp id>.json             one manifest per committed recovery point
+    manifests/<rp id>.json             one manifest per committed (live) recovery point
+    deleted/<rp id>.json               the tombstone of a soft-deleted recovery point
+    vault.json                         the vault's region, settings and policies
+    vms/<32 hex>.json                  one description per VM: item, policy, labels, verdicts
 
 Chunks are sharded by the first two bytes of their digest (65 536 directories on a file system),
 so even 10^8 chunks leave ~1 500 files per directory. The store is self-describing: from the
-manifests (and the indexes they pin) the controller rebuilds its catalog without SQLite.
+manifests (and the indexes they pin), the tombstones and the descriptions, the controller
+rebuilds its catalog without SQLite (controller/recovery.py, docs/recovery.md).
+
+Descriptions (description.py) hold what only the catalog decides: written whole, one atomic
+put each, by the controller shortly after its catalog changes (controller/descriptions.py),
+and read only by a recovery. A VM description is named by the datastore's chunk hash of the VM
+id (keyed in format 2), so a listing does not name VMs. They are never part of a recovery
+point: a recovery point exists, and garbage collection marks, by manifests and tombstones
+alone.
 
 Formats and versions
 --------------------
@@ -85,6 +96,9 @@ Two datastore formats, told apart by `datastore.json`, which is always stored in
   trailer.
 - manifest (shared/manifest.py, format 1): JSON; identity, origin, consistency, and each
   disk's geometry and the SHA-256 of its index, which pins the exact index.
+- tombstone (deleted.py, format 1): JSON; the manifest's bytes exactly as they were stored,
+  when the point was deleted and will be purged, and what the catalog knew of it.
+- vault and VM descriptions (description.py, format 1): JSON, times in POSIX seconds.
 A reader refuses a version it does not know with `UnsupportedFormat`, and anything that does
 not parse or authenticate with `CorruptData`; it never guesses. A wrong or missing master key
 is `WrongKey` or `KeyUnavailable`.
@@ -108,6 +122,14 @@ A recovery point exists exactly when its manifest does. A backup that fails or c
 step 3 leaves chunks and indexes nobody references: invisible, and reclaimed by garbage
 collection. Deletion runs the other way: manifest first (the recovery point is gone at once),
 then its indexes; its chunks wait for garbage collection.
+
+Soft delete (deleted.py) keeps the rule: the manifest moves into a tombstone, written before
+the manifest is removed (an undelete writes the manifest back, checked as a commit, before it
+removes the tombstone), so a point is live exactly when its live manifest exists, and a point
+that was committed always has its manifest, its tombstone or both until it is purged (the
+tombstone, then its indexes). A tombstone beside a live manifest is a move cut short: live
+wins. Indexes of a tombstoned point are not a failed backup's leftovers
+(`delete_uncommitted_indexes` refuses them).
 
 Durability rule: a chunk that `has_chunk` reports present has durable contents, so an agent may
 skip sending it and a manifest may reference it. The local store syncs a file's contents
@@ -147,8 +169,11 @@ Garbage collection (gc.py)
 Mark and sweep, beside running jobs (as in Proxmox Backup Server); gc.py's note has the
 reasoning.
 
-1. Mark: read every manifest and the indexes it pins; every non-zero digest is referenced.
-   Indexes without a manifest are a backup's that has not committed (yet): older than the
+1. Mark: read every manifest and the indexes it pins, then every tombstone's manifest and its
+   indexes (listed after the manifests: a point moved meanwhile is found in one or the
+   other); every non-zero digest is referenced, so a soft-deleted point keeps its chunks
+   until it is purged. Indexes with neither manifest nor tombstone are a backup's that has
+   not committed (yet): older than the
    cutoff (the collection's start minus a grace period longer than any backup) they are
    deleted, younger their chunks count as referenced. Anything unreadable stops the collection
    before it deletes a chunk.

@@ -11,8 +11,14 @@ keeping the referenced digests in memory: a set of 32-byte digests takes about 9
 million chunks (tracemalloc, CPython 3.11: 72 bytes per digest object plus its set slot), and
 a million chunks is 1 TiB of distinct data at 1 MiB chunks, 4 TiB at 4 MiB.
 
-Mark: every committed manifest and each index it pins (SHA-256 checked). Indexes under
-`indexes/<rp>/` without a manifest belong to a backup that is running, failed or crashed. If
+Mark: every committed manifest and each index it pins (SHA-256 checked), then every
+soft-deleted recovery point's the same way, through the manifest its tombstone holds
+(deleted.py): a deleted point keeps its chunks until it is purged. Manifests are listed before
+tombstones, and a soft delete writes its tombstone before it removes the manifest (an undelete
+the manifest before it removes the tombstone), so a point that moves while the mark runs is
+found in one listing or the other, and one looked for by name is found as the one or the
+other. Indexes under `indexes/<rp>/` with neither a manifest nor a tombstone belong to a
+backup that is running, failed or crashed. If
 all of them are older than the cutoff they are leftovers and are deleted; otherwise their
 chunks count as referenced, because that backup may be about to commit. Whatever cannot be
 read (CorruptData, UnsupportedFormat, an index its manifest names but the store lacks) stops
@@ -59,6 +65,12 @@ sync (`delete_chunk(durable=False)`) and syncs once per batch of deletes, outsid
 delete a crash undoes only brings garbage back, which the next collection deletes again; and a
 job that checks for a chunk after the unlink already finds it missing, synced or not.
 
+A datastore being upgraded from format 1 (upgrade.py) is collected as one: the recovery points
+of its format-1 part (given as `legacy`) are marked too, with their uncommitted indexes, and the
+sweep goes over `chunks/` once, where both formats' chunks live. Recovery points named in `skip`
+are not marked from the format-2 keys: while the upgrade switches, those keys still hold the
+format-1 copies it has moved aside (the `legacy` part marks them).
+
 A collection checks for abort before every item it works on (a manifest, an uncommitted
 recovery point, a listed chunk), as Proxmox Backup Server's does, so a cancelled job or a
 stopping controller does not wait for a sweep of millions of chunks. Stopped during the mark,
@@ -71,13 +83,14 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-from controller.datastore.store import Datastore, manifest_key
+from controller.datastore.store import Datastore
 from shared.digest import ZERO_DIGEST
 from shared.errors import Conflict, CorruptData, NotFound, UnsupportedFormat
+from shared.manifest import RecoveryPointManifest
 
 Progress = Callable[[str, int, int], None]
 """`progress(phase, done, total)`; see `collect_garbage`."""
@@ -175,7 +188,7 @@ class GcReport:
     """What a collection found and did."""
 
     recovery_points: int
-    """Committed recovery points marked."""
+    """Committed (live) recovery points marked."""
     referenced_chunks: int
     """Distinct chunks they (and the indexes of backups that may still commit) reference."""
     chunks_seen: int
@@ -192,6 +205,8 @@ class GcReport:
     seconds: float
     stopped: bool = False
     """Stopped before it finished (`should_stop`): the counts are what it did until then."""
+    deleted_recovery_points: int = 0
+    """Soft-deleted recovery points marked: their chunks are kept until they are purged."""
 
 
 class _Stopped(Exception):
@@ -205,6 +220,8 @@ def collect_garbage(
     guard: ChunkGuard,
     progress: Progress | None = None,
     should_stop: ShouldStop | None = None,
+    legacy: Datastore | None = None,
+    skip: Collection[str] = (),
 ) -> GcReport:
     """Delete the chunks (and leftover indexes) nothing needs, written before `cutoff`.
 
@@ -215,6 +232,9 @@ def collect_garbage(
     the first chunk is listed, every 1024 chunks, and at the end with `total` = chunks seen.
     `should_stop()` is asked before every manifest, uncommitted recovery point and chunk; once
     it says True the collection returns what it did so far (`stopped`), its deletes synced.
+
+    `legacy`, `skip`: a datastore being upgraded (module note): its format-1 part, and the
+    recovery points not to mark from the format-2 keys.
 
     Raises CorruptData or UnsupportedFormat, having deleted no chunk, when a manifest or index
     cannot be read; the store's errors (DatastoreError) as they come, after which running it
@@ -232,8 +252,14 @@ def collect_garbage(
     with guard.sweeping() as sweep:
         try:
             try:
-                _mark(datastore, cutoff, report, check, mark)
+                _mark(datastore, cutoff, report, check, mark, skip)
                 orphans_deleted = _delete_leftover_indexes(datastore, mark)
+                if legacy is not None:
+                    old = _Mark()
+                    _mark(legacy, cutoff, report, check, old)
+                    orphans_deleted += _delete_leftover_indexes(legacy, old)
+                    mark.referenced |= old.referenced
+                    mark.recovery_points += old.recovery_points
             except (CorruptData, UnsupportedFormat) as error:
                 raise type(error)(
                     f"{error.message.rstrip('.')}. Garbage collection of "
@@ -255,6 +281,7 @@ def collect_garbage(
         orphan_indexes_deleted=orphans_deleted,
         seconds=time.monotonic() - started,
         stopped=stopped,
+        deleted_recovery_points=mark.deleted_points,
     )
 
 
@@ -270,6 +297,7 @@ def _never() -> bool:
 class _Mark:
     referenced: set[bytes] = field(default_factory=set)
     recovery_points: int = 0
+    deleted_points: int = 0
     leftovers: dict[str, list[str]] = field(default_factory=dict)
     """Uncommitted recovery point id -> disks whose indexes are all older than the cutoff."""
 
@@ -280,15 +308,23 @@ def _mark(
     progress: Progress,
     check: Callable[[], None],
     mark: _Mark,
+    skip: Collection[str] = (),
 ) -> None:
-    committed = list(datastore.list_recovery_point_ids())
+    committed = [rp_id for rp_id in datastore.list_recovery_point_ids() if rp_id not in skip]
+    marked: set[str] = set()
     for done, rp_id in enumerate(committed, 1):
         check()
-        _mark_committed(datastore, rp_id, mark)
+        if _mark_committed(datastore, rp_id, mark):
+            marked.add(rp_id)
         progress("mark", done, len(committed))
+    # Listed after the manifests (module note): a point soft-deleted since is found here.
+    for rp_id in list(datastore.list_deleted_ids()):
+        check()
+        if rp_id not in marked and _mark_committed(datastore, rp_id, mark):
+            marked.add(rp_id)
     # Listed after the manifests: a backup committing in between shows up as uncommitted here,
     # and is caught by the manifest check below (and protected by its holds in any case).
-    listed = set(committed)
+    listed = set(committed) | set(skip) | marked
     uncommitted = sorted(
         (rp_id, disks) for rp_id, disks in datastore.list_indexes().items() if rp_id not in listed
     )
@@ -300,24 +336,50 @@ def _mark(
     mark.referenced.discard(ZERO_DIGEST)  # an all-zero chunk: never stored, never listed
 
 
+_LOOKS = 3
+
+
+def _find(datastore: Datastore, rp_id: str) -> tuple[RecoveryPointManifest, bool] | None:
+    """The manifest of recovery point `rp_id`, live or in its tombstone, and whether it is
+    soft-deleted; None if it has neither. A point moved meanwhile (soft delete, undelete)
+    always has one of the two, since each move writes the new object before it removes the
+    old one: looking at both in turn, a few times, finds it."""
+    for _ in range(_LOOKS):
+        try:
+            return datastore.get_manifest(rp_id), False
+        except NotFound:
+            pass
+        try:
+            return datastore.get_deleted(rp_id).manifest, True
+        except NotFound:
+            pass
+        if not datastore.is_live(rp_id):
+            return None  # neither: never committed, or gone for good
+    return None
+
+
 def _mark_committed(datastore: Datastore, rp_id: str, mark: _Mark) -> bool:
-    """Mark the chunks of committed recovery point `rp_id`; False if it has no manifest."""
-    try:
-        manifest = datastore.get_manifest(rp_id)
-    except NotFound:
+    """Mark the chunks of recovery point `rp_id`, live or soft-deleted; False if it has
+    neither a manifest nor a tombstone."""
+    found = _find(datastore, rp_id)
+    if found is None:
         return False  # deleted since it was listed, or never committed
+    manifest, deleted = found
     try:
         for index in datastore.get_indexes(manifest):
             # update() over the digests, not index.referenced(): no second set per index.
             mark.referenced.update(index.iter_digests())
     except NotFound as error:
-        if not datastore.backend.has(manifest_key(rp_id)):
-            return False  # deleted meanwhile: its chunks are the sweep's now
+        if _find(datastore, rp_id) is None:
+            return False  # deleted (or purged) meanwhile: its chunks are the sweep's now
         raise CorruptData(
-            what=f"recovery point {rp_id}",
+            what=f"{'deleted ' if deleted else ''}recovery point {rp_id}",
             detail=f"its manifest names an index the datastore does not have ({error})",
         ) from None
-    mark.recovery_points += 1
+    if deleted:
+        mark.deleted_points += 1
+    else:
+        mark.recovery_points += 1
     return True
 
 

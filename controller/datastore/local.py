@@ -265,6 +265,24 @@ class LocalDirectoryStore:
             elif key.startswith(prefix) and key > after:
                 yield key
 
+    def children_with(self, name: str) -> tuple[str, ...]:
+        """The directories directly under the root holding an object `name`, sorted (the
+        datastores under a root of datastores)."""
+        try:
+            with os.scandir(self._root) as scan:
+                found = [
+                    entry.name
+                    for entry in scan
+                    if KEY_COMPONENT.fullmatch(entry.name)
+                    and entry.is_dir(follow_symlinks=False)
+                    and (Path(entry.path) / name).is_file()
+                ]
+        except FileNotFoundError:
+            return ()
+        except OSError as error:
+            raise self._error("list", "/", error) from error
+        return tuple(sorted(found))
+
     def _path(self, key: str) -> Path:
         return self._root.joinpath(*check_key(key).split("/"))
 

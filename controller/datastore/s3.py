@@ -294,6 +294,16 @@ class S3Store:
         except (BaseError, FileNotFoundError) as error:
             self._raise("list", prefix or "/", error)
 
+    def children(self) -> tuple[str, ...]:
+        """The names one level below the prefix that have keys under them (the "directories"
+        a delimiter listing gives): where each vault's datastore lives below a root."""
+        try:
+            result = obstore.list_with_delimiter(self._store, None)
+        except (BaseError, FileNotFoundError) as error:
+            self._raise("list", "/", error)
+        names = [path.rstrip("/").rsplit("/", 1)[-1] for path in result["common_prefixes"]]
+        return tuple(sorted(name for name in names if _is_key(name)))
+
     # --- checks and errors ---------------------------------------------------------------------
 
     def check(self) -> None:

@@ -10,6 +10,11 @@ An encrypted datastore (format 2) reads and writes every object through an `Encr
 (encrypted.py) over the storage, names chunks with its vault's keyed BLAKE3, and keeps its
 wrapped keys in `datastore.json` (keys.py). A format-1 datastore reads and writes as it always
 has: plain objects, plain BLAKE3 names.
+
+A format-1 datastore being upgraded to format 2 (upgrade.py) has a format-2 `datastore.json`
+that also describes what is left of format 1 (`DatastoreConfig.upgrading_from`): this class
+opens its format-2 part; the format-1 part is a second `Datastore` over a `LegacyLayout`
+(legacy.py), which the controller builds beside it (controller/datastores.py).
 """
 
 from __future__ import annotations
@@ -23,8 +28,16 @@ from datetime import UTC, datetime
 from typing import Any
 
 from controller.datastore.backend import ObjectInfo, ObjectStore
+from controller.datastore.deleted import Deletion, Tombstone
+from controller.datastore.description import (
+    VAULT_DESCRIPTION_KEY,
+    VM_DESCRIPTIONS,
+    VaultDescription,
+    VmDescription,
+)
 from controller.datastore.encrypted import CIPHER_NAME, EncryptingStore
 from controller.datastore.keys import Keyring, MasterKey, WrappedKeyring, export_text
+from controller.datastore.legacy import LEGACY_PREFIX
 from shared.blob import Compression, decode_blob, decompress, encode_blob
 from shared.clock import Clock, SystemClock
 from shared.digest import (
@@ -56,10 +69,16 @@ ENCRYPTED_FORMAT = 2
 """Every object but datastore.json encrypted, chunks named by keyed BLAKE3, wrapped keys."""
 CONFIG_FORMAT = ENCRYPTED_FORMAT
 """The newest datastore format this code reads and writes."""
+UPGRADING_HASH = f"{KEYED_CHUNK_HASH}+{CHUNK_HASH}"
+"""The `hash` a datastore being upgraded from format 1 records: its chunks have either name.
+No code older than the upgrade knows it, so such code refuses the datastore (UnsupportedFormat)
+instead of taking the format-1 chunks for garbage."""
 NO_ENCRYPTION = "none"
 CHUNKS = "chunks/"
 INDEXES = "indexes/"
 MANIFESTS = "manifests/"
+DELETED = "deleted/"
+"""Tombstones of soft-deleted recovery points (deleted.py)."""
 INDEX_SUFFIX = ".didx"
 MANIFEST_SUFFIX = ".json"
 
@@ -69,6 +88,9 @@ MAX_CHUNK_SIZE = 16 << 20
 _RP_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,127}")
 _CHUNK_KEY = re.compile(r"chunks/([0-9a-f]{2})/([0-9a-f]{2})/(\1\2[0-9a-f]{60})")
 _INDEX_KEY = re.compile(r"indexes/([^/]+)/([^/]+)\.didx")
+_VM_DESCRIPTION_KEY = re.compile(r"vms/[0-9a-f]{32}\.json")
+# Domain separation: a VM description's name is never the name of a chunk.
+_VM_DESCRIPTION_CONTEXT = b"coffer vm description\0"
 
 
 def check_recovery_point_id(rp_id: str) -> str:
@@ -95,6 +117,11 @@ def manifest_key(rp_id: str) -> str:
     return f"{MANIFESTS}{check_recovery_point_id(rp_id)}{MANIFEST_SUFFIX}"
 
 
+def deleted_key(rp_id: str) -> str:
+    """`deleted/<rp id>.json`: the tombstone of a soft-deleted recovery point."""
+    return f"{DELETED}{check_recovery_point_id(rp_id)}{MANIFEST_SUFFIX}"
+
+
 _FORMATS = {
     # format: (hash, encryption); compression is zstd in both.
     PLAIN_FORMAT: (CHUNK_HASH, NO_ENCRYPTION),
@@ -110,8 +137,10 @@ class DatastoreConfig:
     Format 1: {"format", "chunk_size", "hash": "blake3", "compression": "zstd"}.
     Format 2 adds "encryption": "aes-256-gcm", the "vault" it belongs to, and its "keys"
     (keys.py: the datastore id, the wrapped chunk-id key, the wrapped data keys and which one is
-    current), with "hash": "blake3-keyed". Two configs are equal when their settings are; the
-    keys are not settings (they change on rotation).
+    current), with "hash": "blake3-keyed". While a format-1 datastore is upgraded it is format
+    2 with "hash": "blake3-keyed+blake3" and "upgrade": {"from": its format-1 settings,
+    "prefix": "format1/"} (`upgrading_from`). Two configs are equal when their settings are;
+    the keys are not settings (they change on rotation).
     """
 
     chunk_size: int
@@ -121,6 +150,9 @@ class DatastoreConfig:
     vault: str = ""
     """The vault of an encrypted datastore (bound into its wrapped keys); "" in format 1."""
     keys: WrappedKeyring | None = field(default=None, compare=False, repr=False)
+    upgrading_from: DatastoreConfig | None = None
+    """While an upgrade runs: the settings of the format it converts from, whose indexes and
+    manifests are under `LEGACY_PREFIX` and whose chunks share `chunks/` (upgrade.py)."""
 
     def __post_init__(self) -> None:
         size = self.chunk_size
@@ -141,6 +173,16 @@ class DatastoreConfig:
             raise InvalidArgument(
                 detail=f"an encrypted datastore needs a vault name, not {self.vault!r}"
             )
+        old = self.upgrading_from
+        if old is not None and (
+            not self.encrypted
+            or old.encrypted
+            or old.upgrading_from is not None
+            or old.chunk_size != self.chunk_size
+        ):
+            raise InvalidArgument(
+                detail="only a format-1 datastore of the same chunk size is upgraded to format 2"
+            )
 
     @classmethod
     def plain(cls, chunk_size: int) -> DatastoreConfig:
@@ -160,7 +202,13 @@ class DatastoreConfig:
     def format(self) -> int:
         return ENCRYPTED_FORMAT if self.encrypted else PLAIN_FORMAT
 
-    def encode(self) -> bytes:
+    def upgraded(self, keys: WrappedKeyring, vault: str) -> DatastoreConfig:
+        """The settings of this format-1 datastore while it is upgraded to format 2."""
+        return DatastoreConfig(
+            self.chunk_size, KEYED_CHUNK_HASH, "zstd", CIPHER_NAME, vault, keys, self
+        )
+
+    def _document(self) -> dict[str, Any]:
         document: dict[str, Any] = {
             "format": self.format,
             "chunk_size": self.chunk_size,
@@ -171,7 +219,16 @@ class DatastoreConfig:
             if self.keys is None:
                 raise InvalidArgument(detail="an encrypted datastore's settings need its keys")
             document.update(encryption=self.encryption, vault=self.vault, keys=self.keys.to_json())
-        return (json.dumps(document, sort_keys=True, indent=2) + "\n").encode("utf-8")
+        if self.upgrading_from is not None:
+            document["hash"] = UPGRADING_HASH
+            document["upgrade"] = {
+                "from": self.upgrading_from._document(),
+                "prefix": LEGACY_PREFIX,
+            }
+        return document
+
+    def encode(self) -> bytes:
+        return (json.dumps(self._document(), sort_keys=True, indent=2) + "\n").encode("utf-8")
 
     @classmethod
     def decode(cls, data: bytes) -> DatastoreConfig:
@@ -190,6 +247,10 @@ class DatastoreConfig:
         hash_name: Any = document.get("hash")
         compression: Any = document.get("compression")
         encryption: Any = document.get("encryption", NO_ENCRYPTION)
+        upgrading_from = None
+        if version == ENCRYPTED_FORMAT and hash_name == UPGRADING_HASH:
+            upgrading_from = cls._upgrade_of(document.get("upgrade"), what)
+            hash_name = KEYED_CHUNK_HASH
         if (hash_name, encryption) != _FORMATS[version] or compression != "zstd":
             known_hash, known_encryption = _FORMATS[version]
             raise UnsupportedFormat(
@@ -210,9 +271,21 @@ class DatastoreConfig:
                 raise CorruptData(what=what, detail=f"bad vault {vault!r}")
             keys = WrappedKeyring.from_json(document.get("keys"), what)
         try:
-            return cls(chunk_size, hash_name, compression, encryption, vault, keys)
+            return cls(chunk_size, hash_name, compression, encryption, vault, keys, upgrading_from)
         except InvalidArgument as error:
             raise CorruptData(what=what, detail=error.fields.get("detail")) from None
+
+    @classmethod
+    def _upgrade_of(cls, upgrade: Any, what: str) -> DatastoreConfig:
+        """The format an upgrade converts from, as `datastore.json` records it."""
+        if not isinstance(upgrade, dict) or upgrade.get("prefix") != LEGACY_PREFIX:
+            raise CorruptData(
+                what=what, detail=f"an upgrade in progress is described as {upgrade!r}"
+            )
+        previous = upgrade.get("from")
+        if not isinstance(previous, dict) or previous.get("format") != PLAIN_FORMAT:
+            raise CorruptData(what=what, detail=f"an upgrade from {previous!r}")
+        return cls.decode(json.dumps(previous).encode("utf-8"))
 
 
 def _naming(error: UnsupportedFormat, what: str) -> UnsupportedFormat:
@@ -387,6 +460,47 @@ class Datastore:
             )
         return cls(storage, found, cls._unwrap(storage, found, master), master, clock)
 
+    # --- an upgrade from format 1 (upgrade.py) ------------------------------------------------
+
+    @classmethod
+    def begin_upgrade(
+        cls,
+        storage: ObjectStore,
+        old: DatastoreConfig,
+        master: MasterKey,
+        vault: str,
+        clock: Clock | None = None,
+    ) -> Datastore:
+        """Make the keys of the format-2 datastore that format-1 datastore `old` in `storage`
+        becomes, store them in its `datastore.json` (which then says an upgrade runs), and
+        return that format-2 datastore. Conflict, with nothing written, unless `datastore.json`
+        is `old` now: it is rewritten once, by the one upgrade that found it so."""
+        if cls._read_config(storage) != old or old.encrypted:
+            raise Conflict(
+                detail=f"the datastore at {storage.location} is not the format-1 datastore the "
+                "upgrade was to convert (its datastore.json changed)"
+            )
+        now = datetime.fromtimestamp((clock or SystemClock()).now(), UTC)
+        keyring = Keyring.generate(vault, now)
+        config = old.upgraded(WrappedKeyring.wrap(keyring, master), vault)
+        storage.put(CONFIG_KEY, config.encode())
+        return cls.open(storage, master=master, require_encryption=True, clock=clock)
+
+    def finish_upgrade(self) -> None:
+        """The upgrade is done: `datastore.json` says format 2 and nothing more (the same keys).
+        Conflict, with nothing written, if it changed since this datastore was opened."""
+        stored = DatastoreConfig.decode(self.storage.get(CONFIG_KEY))
+        if stored != self.config:
+            raise Conflict(
+                detail=f"datastore.json at {self.storage.location} changed since the datastore "
+                "was opened; reopen it before finishing the upgrade"
+            )
+        if self.config.upgrading_from is None:
+            return
+        config = replace(stored, upgrading_from=None)
+        self.storage.put(CONFIG_KEY, config.encode())
+        self.config = config
+
     # --- keys of an encrypted datastore -------------------------------------------------------
 
     @property
@@ -553,6 +667,35 @@ class Datastore:
         if not replace and self.backend.has(key):
             return 0
         blob = encode_blob(kind, raw_size, payload)
+        self.backend.put(key, blob)
+        return len(blob)
+
+    def put_chunk_blob(
+        self,
+        digest: bytes,
+        compression: Compression,
+        raw_size: int,
+        payload: bytes,
+        *,
+        replace: bool = False,
+    ) -> int:
+        """Store a chunk the controller itself has just read, decompressed and named with this
+        datastore's `chunk_hash` (an upgrade converting it from another format): `payload` as
+        it is, under `digest`, without decompressing or hashing it again. The bytes written (0
+        if it was already here; with `replace`, a chunk known bad, it is written anyway). Never
+        for what an agent sends: that is `put_chunk`'s."""
+        if check_digest(digest) == ZERO_DIGEST:
+            raise InvalidArgument(
+                detail="the zero digest stands for an all-zero chunk, which is never stored"
+            )
+        if not 0 < raw_size <= self.chunk_size:
+            raise InvalidArgument(
+                detail=f"chunk raw size {raw_size} is not within 1..{self.chunk_size} bytes"
+            )
+        key = chunk_key(digest)
+        if not replace and self.backend.has(key):
+            return 0
+        blob = encode_blob(compression, raw_size, payload)
         self.backend.put(key, blob)
         return len(blob)
 
@@ -727,13 +870,20 @@ class Datastore:
         """Remove indexes a backup stored for a recovery point it never committed; how many.
 
         Conflict, with nothing deleted, if the recovery point is committed: its indexes go
-        only with `delete_recovery_point`. The check and the deletes are not one atomic step,
-        so the caller makes sure no backup can still commit it (garbage collection deletes
-        only indexes older than its grace period, which outlasts any backup).
+        only with `delete_recovery_point`, or with its purge if it is soft-deleted. The check
+        and the deletes are not one atomic step, so the caller makes sure no backup can still
+        commit it (garbage collection deletes only indexes older than its grace period, which
+        outlasts any backup).
         """
         if self.backend.has(manifest_key(rp_id)):
             raise Conflict(
                 detail=f"recovery point {rp_id} is committed; its indexes are not leftovers"
+            )
+        # Checked after the manifest: a soft delete writes its tombstone before it removes
+        # the manifest, so a point being deleted meanwhile is caught by one check or the other.
+        if self.backend.has(deleted_key(rp_id)):
+            raise Conflict(
+                detail=f"recovery point {rp_id} is soft-deleted; its indexes wait for its purge"
             )
         keys = [index_key(rp_id, disk) for disk in disks]
         for key in keys:
@@ -774,8 +924,13 @@ class Datastore:
         skip that check, which costs one `has` per distinct chunk. Committing the same
         manifest twice is harmless; committing a different one under a used id is a Conflict.
         """
+        self._put_manifest_bytes(manifest, manifest.encode(), verify_chunks=verify_chunks)
+
+    def _put_manifest_bytes(
+        self, manifest: RecoveryPointManifest, encoded: bytes, *, verify_chunks: bool
+    ) -> None:
+        """`put_manifest` of `manifest`, stored as `encoded` (its bytes as first written)."""
         key = manifest_key(manifest.id)
-        encoded = manifest.encode()
         referenced: set[bytes] = set()
         for entry in manifest.disks:
             try:
@@ -820,13 +975,18 @@ class Datastore:
 
     def get_manifest(self, rp_id: str) -> RecoveryPointManifest:
         """The manifest of a committed recovery point; NotFound if there is none."""
-        what = f"manifest of recovery point {rp_id}"
         try:
             data = self.backend.get(manifest_key(rp_id))
         except NotFound:
             raise NotFound(kind="recovery point", name=rp_id) from None
         except CorruptData as error:  # it does not decrypt
-            raise CorruptData(what=what, detail=error.fields.get("detail")) from None
+            raise CorruptData(
+                what=f"manifest of recovery point {rp_id}", detail=error.fields.get("detail")
+            ) from None
+        return self._decode_manifest(rp_id, data)
+
+    def _decode_manifest(self, rp_id: str, data: bytes) -> RecoveryPointManifest:
+        what = f"manifest of recovery point {rp_id}"
         try:
             manifest = RecoveryPointManifest.decode(data)
         except CorruptData as error:
@@ -869,17 +1029,157 @@ class Datastore:
         Deleting a recovery point that does not exist (or half does) is not an error.
         """
         self.backend.delete(manifest_key(rp_id))
+        self._delete_indexes(rp_id)
+
+    def _delete_indexes(self, rp_id: str) -> None:
         # Listed in full before deleting: a paged listing (S3) need not survive deletes.
         for key in list(self.backend.list(f"{INDEXES}{check_recovery_point_id(rp_id)}/")):
             self.backend.delete(key)
 
+    # --- soft-deleted recovery points (deleted.py) ---------------------------------------------
+
+    def soft_delete_recovery_point(self, rp_id: str, deletion: Deletion) -> Tombstone:
+        """Delete a recovery point recoverably: its manifest moves into a tombstone.
+
+        The tombstone is written first, then the manifest deleted: the point stops being live
+        in one step, and its indexes and chunks stay (garbage collection marks them through
+        the tombstone). Idempotent: a point already soft-deleted gives its tombstone (as first
+        written); NotFound if the point is neither live nor soft-deleted.
+        """
+        try:
+            data = self.backend.get(manifest_key(rp_id))
+        except NotFound:
+            return self.get_deleted(rp_id)
+        except CorruptData as error:  # it does not decrypt
+            raise CorruptData(
+                what=f"manifest of recovery point {rp_id}", detail=error.fields.get("detail")
+            ) from None
+        tombstone = Tombstone(data, self._decode_manifest(rp_id, data), deletion)
+        self.backend.put(deleted_key(rp_id), tombstone.encode())
+        self.backend.delete(manifest_key(rp_id))
+        return tombstone
+
+    def undelete_recovery_point(self, rp_id: str) -> RecoveryPointManifest:
+        """Make a soft-deleted recovery point live again; its manifest.
+
+        The manifest goes back exactly as it was stored, checked as a commit is (its indexes
+        with the SHA-256 it records, every chunk they reference present: ChunkMissing or
+        Conflict otherwise, and the point stays deleted); then the tombstone is deleted.
+        Idempotent: a live point (undeleted before, or never deleted) is left as it is, a stale
+        tombstone beside it removed. NotFound if the point is neither.
+        """
+        try:
+            tombstone = self.get_deleted(rp_id)
+        except NotFound:
+            return self.get_manifest(rp_id)
+        self._put_manifest_bytes(tombstone.manifest, tombstone.manifest_bytes, verify_chunks=True)
+        self.backend.delete(deleted_key(rp_id))
+        return tombstone.manifest
+
+    def purge_deleted_recovery_point(self, rp_id: str) -> bool:
+        """Remove a soft-deleted recovery point for good: its tombstone, then its indexes (its
+        chunks are garbage collection's). True if it was purged; False if it is live (only a
+        stale tombstone is removed) or already gone. The caller makes sure no undelete of the
+        same point runs meanwhile."""
+        if self.backend.has(manifest_key(rp_id)):
+            self.backend.delete(deleted_key(rp_id))
+            return False
+        if not self.backend.has(deleted_key(rp_id)):
+            self._delete_indexes(rp_id)  # a purge cut short after its tombstone went
+            return False
+        self.backend.delete(deleted_key(rp_id))
+        self._delete_indexes(rp_id)
+        return True
+
+    def get_deleted(self, rp_id: str) -> Tombstone:
+        """The tombstone of a soft-deleted recovery point; NotFound if it has none."""
+        what = f"tombstone of deleted recovery point {rp_id}"
+        try:
+            data = self.backend.get(deleted_key(rp_id))
+        except NotFound:
+            raise NotFound(kind="deleted recovery point", name=rp_id) from None
+        except CorruptData as error:  # it does not decrypt
+            raise CorruptData(what=what, detail=error.fields.get("detail")) from None
+        try:
+            tombstone = Tombstone.decode(data)
+        except CorruptData as error:
+            raise CorruptData(what=what, detail=error.fields.get("detail")) from None
+        except UnsupportedFormat as error:
+            raise _naming(error, what) from None
+        if tombstone.id != rp_id:
+            raise CorruptData(what=what, detail=f"it holds recovery point {tombstone.id!r}")
+        return tombstone
+
+    def list_deleted_ids(self) -> Iterator[str]:
+        """Ids of every recovery point with a tombstone, in no particular order (lists the
+        store). A tombstone beside a live manifest (a move cut short) is listed too."""
+        for key in self.backend.list(DELETED):
+            name = key.removeprefix(DELETED)
+            if "/" in name or not name.endswith(MANIFEST_SUFFIX):
+                continue
+            rp_id = name.removesuffix(MANIFEST_SUFFIX)
+            if _RP_ID.fullmatch(rp_id):
+                yield rp_id
+
+    def is_live(self, rp_id: str) -> bool:
+        """Whether the recovery point's live manifest exists (the commit-point rule)."""
+        return self.backend.has(manifest_key(rp_id))
+
+    # --- what only the catalog knew (description.py) -------------------------------------------
+
+    def put_vault_description(self, description: VaultDescription) -> None:
+        """Write `vault.json` whole (one atomic put)."""
+        self.backend.put(VAULT_DESCRIPTION_KEY, description.encode())
+
+    def get_vault_description(self) -> VaultDescription:
+        """`vault.json`; NotFound if the datastore has none (written before descriptions)."""
+        what = f"vault description ({VAULT_DESCRIPTION_KEY})"
+        try:
+            data = self.backend.get(VAULT_DESCRIPTION_KEY)
+        except NotFound:
+            raise NotFound(kind="vault description", name=self.storage.location) from None
+        except CorruptData as error:
+            raise CorruptData(what=what, detail=error.fields.get("detail")) from None
+        return VaultDescription.decode(data)
+
+    def vm_description_key(self, vm_id: str) -> str:
+        """Where a VM's description lives: a name that does not say which VM (module note)."""
+        digest = self.chunk_hash.digest(_VM_DESCRIPTION_CONTEXT + vm_id.encode("utf-8"))
+        return f"{VM_DESCRIPTIONS}{digest.hex()[:32]}{MANIFEST_SUFFIX}"
+
+    def put_vm_description(self, description: VmDescription) -> None:
+        self.backend.put(self.vm_description_key(description.vm_id), description.encode())
+
+    def delete_vm_description(self, vm_id: str) -> None:
+        self.backend.delete(self.vm_description_key(vm_id))
+
+    def list_vm_description_keys(self) -> Iterator[str]:
+        """The keys of every VM description (lists the store)."""
+        for key in self.backend.list(VM_DESCRIPTIONS):
+            if _VM_DESCRIPTION_KEY.fullmatch(key):
+                yield key
+
+    def get_vm_description(self, key: str) -> VmDescription:
+        """The VM description stored under `key` (from `list_vm_description_keys`)."""
+        what = f"VM description {key}"
+        try:
+            data = self.backend.get(key)
+        except CorruptData as error:
+            raise CorruptData(what=what, detail=error.fields.get("detail")) from None
+        description = VmDescription.decode(data, what)
+        if self.vm_description_key(description.vm_id) != key:
+            raise CorruptData(what=what, detail=f"it describes VM {description.vm_id!r}")
+        return description
+
 
 __all__ = [
     "CONFIG_KEY",
+    "DELETED",
     "Datastore",
     "DatastoreConfig",
     "check_recovery_point_id",
     "chunk_key",
+    "deleted_key",
     "index_key",
     "manifest_key",
 ]

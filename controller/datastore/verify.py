@@ -23,6 +23,10 @@ Backup Server's verify jobs do).
 - What it cannot tell from damage stops it: the store's own errors (`DatastoreError`: an
   outage, a permission) are raised, and nothing is reported.
 
+A vault being upgraded (upgrade.py) keeps some recovery points in its format-1 part until they
+are converted: `datastore_of` gives, per recovery point, the datastore to read it from. The two
+formats' chunk names never coincide, so one set of good and bad digests serves both.
+
 `find_damage` answers the other question, for a chunk found bad elsewhere (a restore): which
 recovery points reference it, and where. It reads indexes only.
 """
@@ -127,9 +131,11 @@ def verify_recovery_points(
     health: ChunkHealth | None = None,
     should_stop: ShouldStop | None = None,
     progress: Progress | None = None,
+    datastore_of: Callable[[str], Datastore] | None = None,
 ) -> VerifyReport:
     """Read back every distinct chunk the recovery points `rp_ids` reference; see the module
-    note. Blocking: run it in an executor."""
+    note (and for `datastore_of`, which defaults to `datastore` for every point). Blocking: run
+    it in an executor."""
     started = time.monotonic()
     points = list(rp_ids)
     asked = should_stop or (lambda: False)
@@ -152,7 +158,8 @@ def verify_recovery_points(
         try:
             for rp_id in points:
                 check()
-                outcome = _verify_point(datastore, rp_id, readers, state, check, tell)
+                source = datastore_of(rp_id) if datastore_of is not None else datastore
+                outcome = _verify_point(source, rp_id, readers, state, check, tell)
                 if outcome is None:
                     skipped.append(rp_id)
                 else:

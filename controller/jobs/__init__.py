@@ -15,16 +15,22 @@ catalog, and each part below can be read (and is tested) on its own.
     backup.py        backup jobs: queued, started, committed, and what follows them
     transaction.py   a backup's transaction: known digests, chunk holds, indexes, commit
     restore.py       restore jobs and their session: the recovery point, disk, index and
-                     the chunks the agent may read
+                     the chunks the agent may read; to an image, in place, to another VM
+    drill.py         restore drills: a recovery point restored on a drill agent, checked
+                     read-only, recorded on the recovery point; one at a time per agent
     file_recovery.py FileRecovery jobs (ls, get, mount): a restore's session in the target
                      VM's agent, what it has open, its TTL and unmount, bounded listings
     interrupted.py   what the last stop left running, recorded at the next start
 
 Guarantees
 ----------
-- One job per VM: a backup (queued or running) or a restore has its VM to itself; a second
-  is refused with `OperationInProgress`, not queued behind a stuck one. A file recovery does
-  not need its VM alone (a backup may run beside an open mount).
+- One job per VM: a backup (queued or running) or a restore has its VM (the target VM) to
+  itself; a second is refused with `OperationInProgress`, not queued behind a stuck one. A
+  drill does not hold its VM; drills wait their turn on their drill agent. A file recovery
+  does not need its VM alone (a backup may run beside an open mount).
+- Who reads: an agent's data-path calls name a running job whose `agent_vm` is the caller's VM
+  (the job's VM, but a drill's drill agent, a file recovery's target VM), and a restore's
+  agent reads only the chunks of the disk it restores.
 - Backups queue: recorded `InProgress` (phase `Queued`) at once, started when the agent is
   online and the vault has a free slot (`max_concurrent_backups`); a queued backup whose window
   closes first fails with `BackupWindowMissed`. The dispatcher is woken by the events that can
@@ -33,10 +39,11 @@ Guarantees
   datastore's commit point), the catalog row, then the job's status, which only then names
   the recovery point. Digests a backup relies on before a manifest references them are held in
   the vault's `ChunkGuard`, so garbage collection can run beside it.
-- Cancel: a queued backup ends `Cancelled` at once; a running backup or restore is cancelled in
-  its agent (and refused once a backup is committing), so a cancelled backup leaves no recovery
-  point; a prune, garbage collection or verify stops between items; other jobs are short and
-  run to their end.
+- Cancel: a queued backup ends `Cancelled` at once; a running backup, restore or drill is
+  cancelled in its agent (and refused once a backup is committing), so a cancelled backup
+  leaves no recovery point and a cancelled drill no scratch image; a drill waiting for its
+  agent ends at once; a prune, garbage collection or verify stops between items; other jobs
+  are short and run to their end.
 - Outcomes: every job ends through the runner, whatever raised; nothing a job raises stops
   another job, the dispatcher or the controller. A job the controller's stop cuts short is
   recorded by the next start (`ControllerRestarted`), and a scheduled backup it interrupted

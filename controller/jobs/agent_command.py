@@ -122,7 +122,7 @@ async def cancel(running: AgentJob, runner: JobRunner, registry: AgentRegistry) 
     running.cancel_requested = True
     running.record.status = JobStatus.CANCELLING
     await runner.save(running)
-    session = registry.session(running.vm_id)
+    session = registry.session(running.agent_vm)
     if session is not None:
         session.outbox.put_nowait(
             agent_pb2.ControllerMessage(cancel=agent_pb2.CancelCommand(job_id=running.id))

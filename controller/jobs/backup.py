@@ -254,6 +254,15 @@ class Backups:
         previous = await self._catalog.latest_recovery_point(job.vm_id)
         if previous is not None and previous.vault != job.vault:
             previous = None  # registered anew to another vault: a full backup
+        if previous is not None and self._datastores.in_old_format(job.vault, previous.id):
+            # The vault is being upgraded and its point is not converted yet: its digests are
+            # another hash's. The agent reads the disk in full; chunks the upgrade has already
+            # converted are found stored and not sent.
+            job.details["base"] = (
+                f"none: {previous.id} is not converted to the vault's new format yet, so the "
+                "disk was read in full"
+            )
+            previous = None
         running.transaction = BackupTransaction(
             job_id=job.id,
             rp_id=job.pending_recovery_point_id,
@@ -336,6 +345,8 @@ class Backups:
             for d in result.disks
         }
         rp = await transaction.commit(manifest)
+        # Begun before its vault was switched to a new format, it committed into the old one.
+        self._datastores.committed(job.vault, rp.id, transaction.datastore)
         job.recovery_point_id = rp.id
 
     # --- cancelled -----------------------------------------------------------------------------

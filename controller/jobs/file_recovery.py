@@ -45,6 +45,7 @@ from functools import partial
 from typing import Any
 
 from controller.catalog import Catalog, JobRecord
+from controller.datastore.copy import VaultCopy
 from controller.datastores import Datastores
 from controller.jobs.agent_command import CANCEL_GRACE_SECONDS, MAX_RECORDED, run_command
 from controller.jobs.restore import RestoreSession, RunningRestore
@@ -95,6 +96,8 @@ class FileSource:
     disk: str
     target_vm: str  # the VM whose agent runs the job (vm_id for the source VM itself)
     target_region: str
+    copy: VaultCopy | None = None
+    """The vault's off-site copy, opened, to read from instead of its datastore."""
 
 
 @dataclass(eq=False)
@@ -214,13 +217,18 @@ class FileRecoveries:
             disks=(source.disk,),
             details={"action": action, "source_vm": source.vm_id, "disk": source.disk, **details},
         )
+        copy = source.copy
+        if copy is not None:
+            job.details["from_copy"] = copy.target
         session = await RestoreSession.open(
             job.id,
             rp,
             source.disk,
-            await self._datastores.get(rp.vault),
-            self._datastores.guard(rp.vault),
+            # Of a vault being upgraded, the format its point is in now (controller.datastores).
+            copy.datastore if copy else await self._datastores.reader(rp.vault, rp.id),
+            copy.guard if copy else self._datastores.guard(rp.vault),
             self._pool,
+            copy=copy.target if copy else "",
         )
         running = RunningFileRecovery(
             job, session=session, action=action, ttl_seconds=ttl, limit=limit

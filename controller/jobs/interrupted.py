@@ -72,7 +72,7 @@ async def _recover_committed_backups(
         rp_id = job.pending_recovery_point_id
         if not rp_id:
             continue
-        datastore = await datastores.get(job.vault)
+        datastore = await datastores.reader(job.vault, rp_id)
         try:
             manifest = await loop.run_in_executor(pool, datastore.get_manifest, rp_id)
         except NotFound:

@@ -13,14 +13,16 @@ from concurrent.futures import ThreadPoolExecutor
 from types import TracebackType
 from typing import Any, Self, TypeVar
 
-from controller.catalog import Catalog, JobRecord
+from controller.catalog import Catalog, JobRecord, RecoveryPointRecord
 from controller.datastore import Datastore
+from controller.datastore.copy import VaultCopy
 from controller.datastores import Datastores
 from controller.integrity import Integrity
 from controller.jobs.agent_command import AgentJob
 from controller.jobs.agent_command import cancel as cancel_agent_job
 from controller.jobs.backup import BackupEnded, Backups, RunningBackup
 from controller.jobs.cancel import ShouldStop, abortable
+from controller.jobs.drill import DrillJobs
 from controller.jobs.file_recovery import FileRecoveries, FileSource, RunningFileRecovery
 from controller.jobs.interrupted import record_interrupted
 from controller.jobs.restore import Restores, RunningRestore
@@ -78,11 +80,16 @@ class JobManager:
             catalog, registry, datastores, self._runner, clock, pool, self.integrity
         )
         self._restores = Restores(catalog, registry, datastores, self._runner, pool, self.integrity)
+        self._drills = DrillJobs(
+            catalog, registry, datastores, self._runner, clock, pool, self.integrity
+        )
         self._files = FileRecoveries(catalog, registry, datastores, self._runner, pool, clock)
         self._supervisor = supervisor
         self._own_supervisor = supervisor is None
         # Jobs the last shutdown interrupted, failed when the manager started.
         self.interrupted: list[JobRecord] = []
+        # Recovery points other jobs read (a vault upgrade's), by job id: not pruned meanwhile.
+        self._reading: dict[str, set[str]] = {}
         registry.on_connect.append(lambda vm_id: self.kick())
         if status is not None:
             # The monitor shows an agent's progress only for that agent's own running jobs.
@@ -177,9 +184,34 @@ class JobManager:
         )
 
     async def restore(
-        self, vm_id: str, rp_id: str, disk: str, target_path: str, target_vm: str
+        self,
+        vm_id: str,
+        rp_id: str,
+        disk: str,
+        target_path: str,
+        target_vm: str,
+        *,
+        in_place: bool = False,
+        overwrite: bool = False,
+        copy: VaultCopy | None = None,
     ) -> JobRecord:
-        return await self._restores.start(vm_id, rp_id, disk, target_path, target_vm)
+        """A Restore job; from the vault's off-site `copy` (opened) if given."""
+        return await self._restores.start(
+            vm_id,
+            rp_id,
+            disk,
+            target_path,
+            target_vm,
+            in_place=in_place,
+            overwrite=overwrite,
+            copy=copy,
+        )
+
+    async def drill(
+        self, rp: RecoveryPointRecord, agent: str, directory: str, trigger: Trigger
+    ) -> JobRecord:
+        """A RestoreDrill job of recovery point `rp` on drill agent `agent` (jobs/drill.py)."""
+        return await self._drills.start(rp, agent, directory, trigger)
 
     async def list_files(
         self, source: FileSource, path: bytes, limit: int, after: bytes
@@ -279,7 +311,7 @@ class JobManager:
     def _owned(self, vm_id: str, job_id: str) -> RunningJob:
         running = self._runner.get(job_id)
         # The same answer for "no such job" and "not yours": an agent learns nothing of others.
-        if running is None or running.vm_id != vm_id:
+        if running is None or running.agent_vm != vm_id:
             raise PermissionDenied(detail=f"job {job_id} is not a running job of VM {vm_id!r}")
         return running
 
@@ -315,6 +347,13 @@ class JobManager:
         raise PermissionDenied(detail=f"job {job_id} reads no disk index")
 
     async def datastore(self, running: RunningJob) -> Datastore:
+        """Where the job reads: a restore's session's datastore (the vault's, of a vault being
+        upgraded either part, or its copy), a backup's the one it started with (in a vault
+        being upgraded, maybe the format-1 part), else its vault's."""
+        if isinstance(running, RunningRestore) and running.session is not None:
+            return running.session.datastore
+        if isinstance(running, RunningBackup) and running.transaction is not None:
+            return running.transaction.datastore
         return await self._datastores.get(running.record.vault)
 
     async def missing_chunks(self, running: RunningBackup, digests: list[bytes]) -> list[bytes]:
@@ -363,8 +402,9 @@ class JobManager:
         return self._runner.get(job_id)
 
     def _vm_of_running(self, job_id: str) -> str | None:
+        # The VM whose agent does the work and reports its progress (a drill's drill agent).
         running = self._runner.get(job_id)
-        return running.vm_id if running is not None else None
+        return running.agent_vm if running is not None else None
 
     def running_job_of(self, vm_id: str) -> str:
         """The job that has the VM to itself now (a backup, queued or running, or a restore)."""
@@ -378,8 +418,18 @@ class JobManager:
         return sum(1 for running in self._runner if running.record.vault == vault)
 
     def in_use(self) -> set[str]:
-        """Recovery points running jobs read: an incremental's base, a restore's source."""
-        return self._backups.in_use() | self._restores.in_use()
+        """Recovery points running jobs read: an incremental's base, a restore's source, what
+        a vault upgrade converts."""
+        return (
+            self._backups.in_use() | self._restores.in_use() | set().union(*self._reading.values())
+        )
+
+    def reading(self, job_id: str, rp_ids: Sequence[str]) -> None:
+        """Job `job_id` reads recovery points `rp_ids` until `done_reading`: none is pruned."""
+        self._reading[job_id] = set(rp_ids)
+
+    def done_reading(self, job_id: str) -> None:
+        self._reading.pop(job_id, None)
 
     async def job(self, job_id: str) -> JobRecord:
         running = self._runner.get(job_id)

@@ -70,4 +70,9 @@ _CANCELLED = {
     "deleted, the others are left for the next collection.",
     Operation.VERIFY: "Job {job_id} was cancelled; what it found of the recovery points it had "
     "checked is recorded, the others are left for the next verify.",
+    Operation.VAULT_UPGRADE: "Job {job_id} was cancelled; the recovery points it converted stay "
+    "converted, the others stay readable in the old format until `coffer vault upgrade` runs "
+    "again.",
+    Operation.COPY: "Job {job_id} was cancelled; the recovery points it had copied are in the "
+    "copy, and the next copy sends only what had not arrived.",
 }

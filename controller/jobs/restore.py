@@ -9,7 +9,12 @@ that come later leave the chunks alone; the recovery point itself is not pruned 
 restore reads it (the job manager's `in_use`). The holds are released when the job ends.
 
 The command goes to the target VM's agent (the source VM's by default), which writes the disk
-to a path under its `restore_dirs`.
+as a new image under its `restore_dirs` (replacing an existing one only with `overwrite`), or
+rolls the source VM's own configured disk back in place (`in_place`: only the chunks that
+differ are fetched). The target VM must be in the region of the recovery point's vault; the
+source VM's agent takes no part in a restore to another VM, and the target agent may read only
+the restored disk's chunks, only while the job runs. The job records what was restored where
+(`RestoreTarget`) and the bytes the agent compared, fetched and wrote.
 
 A restore that meets a bad chunk fails with `DataCorrupted` (exit 7), naming the recovery
 point, disk, chunk and digest: the controller's read of it failed (missing, or its blob
@@ -17,17 +22,29 @@ unreadable; `chunk_unreadable`), or the agent's check of what it downloaded did 
 names the chunk in its result, and the controller reads it again itself before believing it).
 Either way the chunk is marked bad and the recovery points that reference it damaged
 (controller.integrity) before the job ends.
+
+A restore may read the vault's off-site copy instead (`--from-copy`, controller.copies): the
+session then reads the copy's index and chunks and holds them in the copy's guard; a bad chunk
+there fails the restore the same way, but marks nothing (the catalog's integrity records are
+of the vault's own datastore).
 """
 
 from __future__ import annotations
 
 import asyncio
 from concurrent.futures import Executor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 
-from controller.catalog import Catalog, JobRecord, RecoveryPointRecord
+from controller.catalog import (
+    AgentRecord,
+    Catalog,
+    JobRecord,
+    RecoveryPointRecord,
+    RestoreTarget,
+)
 from controller.datastore import ChunkGuard, Datastore
+from controller.datastore.copy import VaultCopy
 from controller.datastore.verify import MISSING, DamagedChunk, damage_in
 from controller.datastores import Datastores
 from controller.integrity import Integrity
@@ -43,9 +60,11 @@ from shared.errors import (
     InvalidArgument,
     NotFound,
     PermissionDenied,
+    RestoreRegionMismatch,
+    VmNotFound,
 )
 from shared.index import DiskIndex
-from shared.model import Operation
+from shared.model import Operation, RestoreMode
 from shared.rpc import agent_pb2
 
 MAX_TARGET_PATH = 4096  # bytes: Linux's PATH_MAX
@@ -63,6 +82,8 @@ class RestoreSession:
     guard: ChunkGuard
     pool: Executor
     allowed: frozenset[bytes] = field(default_factory=frozenset)
+    copy: str = ""
+    """The copy target it reads from ('' for the vault's own datastore)."""
 
     @classmethod
     async def open(
@@ -73,8 +94,11 @@ class RestoreSession:
         datastore: Datastore,
         guard: ChunkGuard,
         pool: Executor,
+        *,
+        copy: str = "",
     ) -> RestoreSession:
-        """Read the disk's index and hold its chunks; NotFound if the recovery point is gone."""
+        """Read the disk's index and hold its chunks; NotFound if the recovery point is gone.
+        `copy`: the copy target `datastore` is the vault's copy in."""
         loop = asyncio.get_running_loop()
         index = await loop.run_in_executor(pool, datastore.get_index, recovery_point.id, disk)
         # Held, then the recovery point checked again: a prune and collection that came first
@@ -90,8 +114,9 @@ class RestoreSession:
             guard.release(job_id)
             raise
         return cls(
-            job_id, recovery_point, disk, index, datastore, guard, pool, frozenset(referenced)
-        )
+            job_id, recovery_point, disk, index, datastore, guard, pool, frozenset(referenced),
+            copy,
+        )  # fmt: skip
 
     def index_for(self, rp_id: str, disk: str) -> DiskIndex:
         """The index the agent asks for, if it is the one being restored."""
@@ -121,12 +146,15 @@ class RestoreSession:
 
     def corrupted(self, digest: bytes, detail: str) -> DataCorrupted:
         """The error of a restore that met the bad chunk `digest`."""
+        vault = self.recovery_point.vault
+        where = f"--vault {vault} --from-copy" if self.copy else f"--vault {vault}"
         return DataCorrupted(
             recovery_point=self.recovery_point.id,
             disk=self.disk,
             chunk=self.position_of(digest),
             digest=digest.hex(),
-            detail=f"{detail} (`coffer verify --vault {self.recovery_point.vault}`)",
+            detail=f"{detail}{f' in the copy {self.copy}' if self.copy else ''} "
+            f"(`coffer verify {where}`)",
         )
 
 
@@ -167,17 +195,39 @@ class Restores:
         self._integrity = integrity
 
     async def start(
-        self, vm_id: str, rp_id: str, disk: str, target_path: str, target_vm: str
+        self,
+        vm_id: str,
+        rp_id: str,
+        disk: str,
+        target_path: str,
+        target_vm: str,
+        *,
+        in_place: bool = False,
+        overwrite: bool = False,
+        copy: VaultCopy | None = None,
     ) -> JobRecord:
         """Restore `disk` of recovery point `rp_id` of `vm_id` to `target_path` on `target_vm`
-        (`vm_id` itself when empty)."""
+        (`vm_id` itself when empty), or with `in_place` onto `vm_id`'s own disk; from the
+        vault's `copy`, opened, if given."""
         rp = await self._catalog.recovery_point(rp_id)
         if rp.vm_id != vm_id:
             raise NotFound(kind=f"recovery point of VM {vm_id!r}", name=rp_id)
         rp_disk = next((d for d in rp.disks if d.name == disk), None)
         if rp_disk is None:
             raise DiskNotFound(vm_id=vm_id, disk=disk, known=", ".join(d.name for d in rp.disks))
-        if not target_path:
+        if in_place:
+            if target_path or (target_vm and target_vm != vm_id):
+                raise InvalidArgument(
+                    detail=f"an in-place restore writes disk {disk!r} of VM {vm_id!r} itself: "
+                    "give no target path or target VM (a restore to another VM writes a new "
+                    "image there: --target-vm with --target)"
+                )
+            if overwrite:
+                raise InvalidArgument(
+                    detail="--overwrite is for a restore to an image; an in-place restore "
+                    "writes over the disk by definition"
+                )
+        elif not target_path:
             raise InvalidArgument(detail="a restore needs a target path on the target VM")
         if "\0" in target_path or len(target_path.encode()) > MAX_TARGET_PATH:
             # Recorded and sent to the agent as it is: a path no file system can hold is
@@ -187,6 +237,12 @@ class Restores:
                 f"than {MAX_TARGET_PATH} bytes"
             )
         target_vm = target_vm or vm_id
+        target = await self._target_agent(rp, target_vm)
+        if in_place:
+            known = {d.name: d.path for d in target.disks}
+            if known and disk not in known:
+                raise DiskNotFound(vm_id=vm_id, disk=disk, known=", ".join(known))
+            target_path = known.get(disk, "")
         agent = self._registry.get(target_vm)
         job = self._runner.new_record(
             Operation.RESTORE,
@@ -194,15 +250,25 @@ class Restores:
             target_vm,
             recovery_point_id=rp.id,
             disks=(disk,),
-            details={"source_vm": vm_id, "disk": disk, "target_path": target_path},
+            restore=RestoreTarget(
+                source_vm_id=vm_id,
+                target_vm_id=target_vm,
+                target_path=target_path,
+                mode=RestoreMode.IN_PLACE if in_place else RestoreMode.NEW_IMAGE,
+                overwrite=overwrite,
+            ),
         )
+        if copy is not None:
+            job.details["from_copy"] = copy.target
         session = await RestoreSession.open(
             job.id,
             rp,
             disk,
-            await self._datastores.get(rp.vault),
-            self._datastores.guard(rp.vault),
+            # Of a vault being upgraded, the format its point is in now (controller.datastores).
+            copy.datastore if copy else await self._datastores.reader(rp.vault, rp.id),
+            copy.guard if copy else self._datastores.guard(rp.vault),
             self._pool,
+            copy=copy.target if copy else "",
         )
         running = RunningRestore(
             job,
@@ -221,9 +287,13 @@ class Restores:
                 job_id=job.id,
                 recovery_point_id=rp.id,
                 disk=disk,
-                target_path=target_path,
+                target_path="" if in_place else target_path,
                 size_bytes=rp_disk.size_bytes,
                 chunk_size=rp_disk.chunk_size,
+                mode=agent_pb2.RESTORE_MODE_IN_PLACE
+                if in_place
+                else agent_pb2.RESTORE_MODE_NEW_IMAGE,
+                overwrite=overwrite,
                 # The agent verifies chunks as the datastore names them (never logged).
                 chunk_id_key=session.datastore.chunk_hash.key or b"",
             )
@@ -235,10 +305,23 @@ class Restores:
             except DataCorrupted:
                 await self._damaged(running)
                 raise
-            job.bytes_read = result.bytes_written
+            record_result(job, result)
 
         self._runner.start(running, work)
         return job
+
+    async def _target_agent(self, rp: RecoveryPointRecord, target_vm: str) -> AgentRecord:
+        """The enrolled VM a restore writes on; it must be in the region of the recovery
+        point's vault (a recovery point leaves its region only by an operator's copy)."""
+        vault = await self._catalog.vault(rp.vault)
+        agent = next((a for a in await self._catalog.agents() if a.vm_id == target_vm), None)
+        if agent is None:
+            raise VmNotFound(name=target_vm)
+        if agent.region != vault.region:
+            raise RestoreRegionMismatch(
+                vm=target_vm, vm_region=agent.region, vault=vault.name, vault_region=vault.region
+            )
+        return agent
 
     @staticmethod
     async def _release(session: RestoreSession) -> None:
@@ -257,7 +340,7 @@ class Restores:
             else str(error.fields.get("detail") or error.message)
         )
         running.found_bad[digest] = reason
-        if self._integrity is not None:
+        if self._integrity is not None and not session.copy:
             rp = session.recovery_point
             await self._integrity.found_bad(
                 rp.vault,
@@ -271,26 +354,7 @@ class Restores:
         return session.corrupted(digest, detail)
 
     async def _damaged(self, running: RunningRestore) -> None:
-        """The restore failed on bad chunks: those the agent named, once the controller's own
-        read confirms them, and those the controller could not read, are bad; every recovery
-        point that references them is damaged."""
-        session = running.session
-        if session is None or self._integrity is None:
-            return
-        rp = session.recovery_point
-        reported = list(running.result.damaged_chunks) if running.result else []
-        confirmed, since = await self._integrity.confirm(
-            rp.vault, [d for d in reported if d in session.allowed]
-        )
-        if confirmed:
-            damage = await asyncio.get_running_loop().run_in_executor(
-                self._pool, damage_in, session.index, confirmed
-            )
-            await self._integrity.found_bad(
-                rp.vault, confirmed, since=since, by=running.id, damage={rp.id: damage}
-            )
-        bad = running.found_bad | confirmed
-        await self._integrity.spread(rp.vault, bad, by=running.id, exclude={rp.id})
+        await record_damage(running, self._integrity, self._pool)
 
     def in_use(self) -> set[str]:
         """Recovery points running restores read."""
@@ -299,3 +363,42 @@ class Restores:
             for running in self._runner
             if isinstance(running, RunningRestore) and running.recovery_point is not None
         }
+
+
+async def record_damage(
+    running: RunningRestore, integrity: Integrity | None, pool: Executor
+) -> None:
+    """A restore (or a drill) failed on bad chunks: those the agent named, once the
+    controller's own read confirms them, and those the controller could not read, are bad;
+    every recovery point that references them is damaged. Called while the job's session is
+    still open."""
+    session = running.session
+    if session is None or integrity is None or session.copy:
+        return  # a copy's damage is not the vault's datastore's
+    rp = session.recovery_point
+    reported = list(running.result.damaged_chunks) if running.result else []
+    confirmed, since = await integrity.confirm(
+        rp.vault, [d for d in reported if d in session.allowed], session.datastore
+    )
+    if confirmed:
+        damage = await asyncio.get_running_loop().run_in_executor(
+            pool, damage_in, session.index, confirmed
+        )
+        await integrity.found_bad(
+            rp.vault, confirmed, since=since, by=running.id, damage={rp.id: damage}
+        )
+    bad = running.found_bad | confirmed
+    await integrity.spread(rp.vault, bad, by=running.id, exclude={rp.id})
+
+
+def record_result(job: JobRecord, result: agent_pb2.CommandResult) -> None:
+    """What the agent reports of a restore, onto its job: the bytes compared, fetched and
+    written, and (in place) the disk's path as the agent knows it."""
+    restored = result.restore
+    job.bytes_compared += restored.bytes_compared
+    job.bytes_fetched += restored.bytes_fetched
+    job.bytes_written += restored.bytes_written or result.bytes_written
+    job.bytes_read = job.bytes_fetched  # what a restore reads: the datastore's chunks
+    in_place = job.restore is not None and job.restore.mode is RestoreMode.IN_PLACE
+    if in_place and job.restore is not None and restored.target_path:
+        job.restore = replace(job.restore, target_path=restored.target_path)

@@ -80,6 +80,12 @@ class RunningJob:
     def vm_id(self) -> str:
         return self.record.vm_id
 
+    @property
+    def agent_vm(self) -> str:
+        """The VM whose agent does the job's work and may call its data path: its own VM,
+        but a drill's is the vault's drill agent."""
+        return self.record.vm_id
+
     def touch(self) -> None:
         self.changed.set()
 

@@ -9,11 +9,22 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class RestoreMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    RESTORE_MODE_UNSPECIFIED: _ClassVar[RestoreMode]
+    RESTORE_MODE_NEW_IMAGE: _ClassVar[RestoreMode]
+    RESTORE_MODE_IN_PLACE: _ClassVar[RestoreMode]
+    RESTORE_MODE_DRILL: _ClassVar[RestoreMode]
+
 class Compression(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     COMPRESSION_UNSPECIFIED: _ClassVar[Compression]
     COMPRESSION_NONE: _ClassVar[Compression]
     COMPRESSION_ZSTD: _ClassVar[Compression]
+RESTORE_MODE_UNSPECIFIED: RestoreMode
+RESTORE_MODE_NEW_IMAGE: RestoreMode
+RESTORE_MODE_IN_PLACE: RestoreMode
+RESTORE_MODE_DRILL: RestoreMode
 COMPRESSION_UNSPECIFIED: Compression
 COMPRESSION_NONE: Compression
 COMPRESSION_ZSTD: Compression
@@ -67,7 +78,7 @@ class DiskInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., path: _Optional[str] = ..., size_bytes: _Optional[int] = ...) -> None: ...
 
 class Hello(_message.Message):
-    __slots__ = ("vm_id", "name", "service", "region", "hostname", "agent_version", "disks", "standby")
+    __slots__ = ("vm_id", "name", "service", "region", "hostname", "agent_version", "disks", "standby", "restore_dirs")
     VM_ID_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     SERVICE_FIELD_NUMBER: _ClassVar[int]
@@ -76,6 +87,7 @@ class Hello(_message.Message):
     AGENT_VERSION_FIELD_NUMBER: _ClassVar[int]
     DISKS_FIELD_NUMBER: _ClassVar[int]
     STANDBY_FIELD_NUMBER: _ClassVar[int]
+    RESTORE_DIRS_FIELD_NUMBER: _ClassVar[int]
     vm_id: str
     name: str
     service: str
@@ -84,7 +96,8 @@ class Hello(_message.Message):
     agent_version: str
     disks: _containers.RepeatedCompositeFieldContainer[DiskInfo]
     standby: bool
-    def __init__(self, vm_id: _Optional[str] = ..., name: _Optional[str] = ..., service: _Optional[str] = ..., region: _Optional[str] = ..., hostname: _Optional[str] = ..., agent_version: _Optional[str] = ..., disks: _Optional[_Iterable[_Union[DiskInfo, _Mapping]]] = ..., standby: _Optional[bool] = ...) -> None: ...
+    restore_dirs: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, vm_id: _Optional[str] = ..., name: _Optional[str] = ..., service: _Optional[str] = ..., region: _Optional[str] = ..., hostname: _Optional[str] = ..., agent_version: _Optional[str] = ..., disks: _Optional[_Iterable[_Union[DiskInfo, _Mapping]]] = ..., standby: _Optional[bool] = ..., restore_dirs: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Heartbeat(_message.Message):
     __slots__ = ("sequence",)
@@ -131,13 +144,15 @@ class BackupCommand(_message.Message):
     def __init__(self, job_id: _Optional[str] = ..., chunk_size: _Optional[int] = ..., disks: _Optional[_Iterable[str]] = ..., previous_recovery_point_id: _Optional[str] = ..., chunk_id_key: _Optional[bytes] = ...) -> None: ...
 
 class RestoreCommand(_message.Message):
-    __slots__ = ("job_id", "recovery_point_id", "disk", "target_path", "size_bytes", "chunk_size", "chunk_id_key")
+    __slots__ = ("job_id", "recovery_point_id", "disk", "target_path", "size_bytes", "chunk_size", "mode", "overwrite", "chunk_id_key")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     RECOVERY_POINT_ID_FIELD_NUMBER: _ClassVar[int]
     DISK_FIELD_NUMBER: _ClassVar[int]
     TARGET_PATH_FIELD_NUMBER: _ClassVar[int]
     SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
     CHUNK_SIZE_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    OVERWRITE_FIELD_NUMBER: _ClassVar[int]
     CHUNK_ID_KEY_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     recovery_point_id: str
@@ -145,8 +160,10 @@ class RestoreCommand(_message.Message):
     target_path: str
     size_bytes: int
     chunk_size: int
+    mode: RestoreMode
+    overwrite: bool
     chunk_id_key: bytes
-    def __init__(self, job_id: _Optional[str] = ..., recovery_point_id: _Optional[str] = ..., disk: _Optional[str] = ..., target_path: _Optional[str] = ..., size_bytes: _Optional[int] = ..., chunk_size: _Optional[int] = ..., chunk_id_key: _Optional[bytes] = ...) -> None: ...
+    def __init__(self, job_id: _Optional[str] = ..., recovery_point_id: _Optional[str] = ..., disk: _Optional[str] = ..., target_path: _Optional[str] = ..., size_bytes: _Optional[int] = ..., chunk_size: _Optional[int] = ..., mode: _Optional[_Union[RestoreMode, str]] = ..., overwrite: _Optional[bool] = ..., chunk_id_key: _Optional[bytes] = ...) -> None: ...
 
 class CancelCommand(_message.Message):
     __slots__ = ("job_id",)
@@ -207,7 +224,7 @@ class DiskBackupResult(_message.Message):
     def __init__(self, disk: _Optional[str] = ..., size_bytes: _Optional[int] = ..., bytes_read: _Optional[int] = ..., bytes_sent: _Optional[int] = ..., chunk_count: _Optional[int] = ..., zero_chunks: _Optional[int] = ..., consistency: _Optional[str] = ..., snapshot_provider: _Optional[str] = ...) -> None: ...
 
 class CommandResult(_message.Message):
-    __slots__ = ("command_id", "job_id", "ok", "error", "disks", "bytes_written", "consistency", "warnings", "frozen_ms", "damaged_chunks", "file_recovery")
+    __slots__ = ("command_id", "job_id", "ok", "error", "disks", "bytes_written", "consistency", "warnings", "frozen_ms", "damaged_chunks", "restore", "file_recovery")
     COMMAND_ID_FIELD_NUMBER: _ClassVar[int]
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     OK_FIELD_NUMBER: _ClassVar[int]
@@ -218,6 +235,7 @@ class CommandResult(_message.Message):
     WARNINGS_FIELD_NUMBER: _ClassVar[int]
     FROZEN_MS_FIELD_NUMBER: _ClassVar[int]
     DAMAGED_CHUNKS_FIELD_NUMBER: _ClassVar[int]
+    RESTORE_FIELD_NUMBER: _ClassVar[int]
     FILE_RECOVERY_FIELD_NUMBER: _ClassVar[int]
     command_id: str
     job_id: str
@@ -229,8 +247,41 @@ class CommandResult(_message.Message):
     warnings: _containers.RepeatedScalarFieldContainer[str]
     frozen_ms: float
     damaged_chunks: _containers.RepeatedScalarFieldContainer[bytes]
+    restore: RestoreResult
     file_recovery: FileRecoveryResult
-    def __init__(self, command_id: _Optional[str] = ..., job_id: _Optional[str] = ..., ok: _Optional[bool] = ..., error: _Optional[_Union[_common_pb2.Error, _Mapping]] = ..., disks: _Optional[_Iterable[_Union[DiskBackupResult, _Mapping]]] = ..., bytes_written: _Optional[int] = ..., consistency: _Optional[str] = ..., warnings: _Optional[_Iterable[str]] = ..., frozen_ms: _Optional[float] = ..., damaged_chunks: _Optional[_Iterable[bytes]] = ..., file_recovery: _Optional[_Union[FileRecoveryResult, _Mapping]] = ...) -> None: ...
+    def __init__(self, command_id: _Optional[str] = ..., job_id: _Optional[str] = ..., ok: _Optional[bool] = ..., error: _Optional[_Union[_common_pb2.Error, _Mapping]] = ..., disks: _Optional[_Iterable[_Union[DiskBackupResult, _Mapping]]] = ..., bytes_written: _Optional[int] = ..., consistency: _Optional[str] = ..., warnings: _Optional[_Iterable[str]] = ..., frozen_ms: _Optional[float] = ..., damaged_chunks: _Optional[_Iterable[bytes]] = ..., restore: _Optional[_Union[RestoreResult, _Mapping]] = ..., file_recovery: _Optional[_Union[FileRecoveryResult, _Mapping]] = ...) -> None: ...
+
+class RestoreResult(_message.Message):
+    __slots__ = ("bytes_compared", "bytes_fetched", "bytes_written", "seconds", "target_path", "checks")
+    BYTES_COMPARED_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FETCHED_FIELD_NUMBER: _ClassVar[int]
+    BYTES_WRITTEN_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    TARGET_PATH_FIELD_NUMBER: _ClassVar[int]
+    CHECKS_FIELD_NUMBER: _ClassVar[int]
+    bytes_compared: int
+    bytes_fetched: int
+    bytes_written: int
+    seconds: float
+    target_path: str
+    checks: _containers.RepeatedCompositeFieldContainer[FileSystemCheck]
+    def __init__(self, bytes_compared: _Optional[int] = ..., bytes_fetched: _Optional[int] = ..., bytes_written: _Optional[int] = ..., seconds: _Optional[float] = ..., target_path: _Optional[str] = ..., checks: _Optional[_Iterable[_Union[FileSystemCheck, _Mapping]]] = ...) -> None: ...
+
+class FileSystemCheck(_message.Message):
+    __slots__ = ("where", "fstype", "command", "exit_code", "verdict", "output_tail")
+    WHERE_FIELD_NUMBER: _ClassVar[int]
+    FSTYPE_FIELD_NUMBER: _ClassVar[int]
+    COMMAND_FIELD_NUMBER: _ClassVar[int]
+    EXIT_CODE_FIELD_NUMBER: _ClassVar[int]
+    VERDICT_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_TAIL_FIELD_NUMBER: _ClassVar[int]
+    where: str
+    fstype: str
+    command: str
+    exit_code: int
+    verdict: str
+    output_tail: str
+    def __init__(self, where: _Optional[str] = ..., fstype: _Optional[str] = ..., command: _Optional[str] = ..., exit_code: _Optional[int] = ..., verdict: _Optional[str] = ..., output_tail: _Optional[str] = ...) -> None: ...
 
 class FetchIndexRequest(_message.Message):
     __slots__ = ("job_id", "recovery_point_id", "disk")

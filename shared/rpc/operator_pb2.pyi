@@ -12,7 +12,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class Vault(_message.Message):
-    __slots__ = ("name", "region", "chunk_size", "created_at", "max_concurrent_backups", "registered_items", "protected_items", "recovery_points", "stored_bytes", "verify_new", "reverify_days", "datastore", "datastore_format", "encryption", "current_data_key", "shared_dedup")
+    __slots__ = ("name", "region", "chunk_size", "created_at", "max_concurrent_backups", "registered_items", "protected_items", "recovery_points", "stored_bytes", "verify_new", "reverify_days", "drill", "datastore", "datastore_format", "encryption", "current_data_key", "upgrading_from_format", "points_in_old_format", "copy_target", "copy_location", "soft_delete_days", "deleted_recovery_points", "shared_dedup")
     NAME_FIELD_NUMBER: _ClassVar[int]
     REGION_FIELD_NUMBER: _ClassVar[int]
     CHUNK_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -24,10 +24,17 @@ class Vault(_message.Message):
     STORED_BYTES_FIELD_NUMBER: _ClassVar[int]
     VERIFY_NEW_FIELD_NUMBER: _ClassVar[int]
     REVERIFY_DAYS_FIELD_NUMBER: _ClassVar[int]
+    DRILL_FIELD_NUMBER: _ClassVar[int]
     DATASTORE_FIELD_NUMBER: _ClassVar[int]
     DATASTORE_FORMAT_FIELD_NUMBER: _ClassVar[int]
     ENCRYPTION_FIELD_NUMBER: _ClassVar[int]
     CURRENT_DATA_KEY_FIELD_NUMBER: _ClassVar[int]
+    UPGRADING_FROM_FORMAT_FIELD_NUMBER: _ClassVar[int]
+    POINTS_IN_OLD_FORMAT_FIELD_NUMBER: _ClassVar[int]
+    COPY_TARGET_FIELD_NUMBER: _ClassVar[int]
+    COPY_LOCATION_FIELD_NUMBER: _ClassVar[int]
+    SOFT_DELETE_DAYS_FIELD_NUMBER: _ClassVar[int]
+    DELETED_RECOVERY_POINTS_FIELD_NUMBER: _ClassVar[int]
     SHARED_DEDUP_FIELD_NUMBER: _ClassVar[int]
     name: str
     region: str
@@ -40,12 +47,27 @@ class Vault(_message.Message):
     stored_bytes: int
     verify_new: bool
     reverify_days: int
+    drill: DrillSettings
     datastore: str
     datastore_format: int
     encryption: str
     current_data_key: int
+    upgrading_from_format: int
+    points_in_old_format: int
+    copy_target: str
+    copy_location: str
+    soft_delete_days: int
+    deleted_recovery_points: int
     shared_dedup: bool
-    def __init__(self, name: _Optional[str] = ..., region: _Optional[str] = ..., chunk_size: _Optional[int] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., max_concurrent_backups: _Optional[int] = ..., registered_items: _Optional[int] = ..., protected_items: _Optional[int] = ..., recovery_points: _Optional[int] = ..., stored_bytes: _Optional[int] = ..., verify_new: _Optional[bool] = ..., reverify_days: _Optional[int] = ..., datastore: _Optional[str] = ..., datastore_format: _Optional[int] = ..., encryption: _Optional[str] = ..., current_data_key: _Optional[int] = ..., shared_dedup: _Optional[bool] = ...) -> None: ...
+    def __init__(self, name: _Optional[str] = ..., region: _Optional[str] = ..., chunk_size: _Optional[int] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., max_concurrent_backups: _Optional[int] = ..., registered_items: _Optional[int] = ..., protected_items: _Optional[int] = ..., recovery_points: _Optional[int] = ..., stored_bytes: _Optional[int] = ..., verify_new: _Optional[bool] = ..., reverify_days: _Optional[int] = ..., drill: _Optional[_Union[DrillSettings, _Mapping]] = ..., datastore: _Optional[str] = ..., datastore_format: _Optional[int] = ..., encryption: _Optional[str] = ..., current_data_key: _Optional[int] = ..., upgrading_from_format: _Optional[int] = ..., points_in_old_format: _Optional[int] = ..., copy_target: _Optional[str] = ..., copy_location: _Optional[str] = ..., soft_delete_days: _Optional[int] = ..., deleted_recovery_points: _Optional[int] = ..., shared_dedup: _Optional[bool] = ...) -> None: ...
+
+class UpgradeVaultRequest(_message.Message):
+    __slots__ = ("vault", "dry_run")
+    VAULT_FIELD_NUMBER: _ClassVar[int]
+    DRY_RUN_FIELD_NUMBER: _ClassVar[int]
+    vault: str
+    dry_run: bool
+    def __init__(self, vault: _Optional[str] = ..., dry_run: _Optional[bool] = ...) -> None: ...
 
 class RotateVaultKeyRequest(_message.Message):
     __slots__ = ("vault", "new_data_key")
@@ -77,6 +99,28 @@ class VaultKeyExport(_message.Message):
     text: str
     def __init__(self, vault: _Optional[str] = ..., text: _Optional[str] = ...) -> None: ...
 
+class DrillSettings(_message.Message):
+    __slots__ = ("schedule", "schedule_text", "agent", "directory", "next_at")
+    SCHEDULE_FIELD_NUMBER: _ClassVar[int]
+    SCHEDULE_TEXT_FIELD_NUMBER: _ClassVar[int]
+    AGENT_FIELD_NUMBER: _ClassVar[int]
+    DIRECTORY_FIELD_NUMBER: _ClassVar[int]
+    NEXT_AT_FIELD_NUMBER: _ClassVar[int]
+    schedule: str
+    schedule_text: str
+    agent: str
+    directory: str
+    next_at: _timestamp_pb2.Timestamp
+    def __init__(self, schedule: _Optional[str] = ..., schedule_text: _Optional[str] = ..., agent: _Optional[str] = ..., directory: _Optional[str] = ..., next_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class DrillRequest(_message.Message):
+    __slots__ = ("vault", "vms")
+    VAULT_FIELD_NUMBER: _ClassVar[int]
+    VMS_FIELD_NUMBER: _ClassVar[int]
+    vault: str
+    vms: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, vault: _Optional[str] = ..., vms: _Optional[_Iterable[str]] = ...) -> None: ...
+
 class CreateVaultRequest(_message.Message):
     __slots__ = ("name", "region", "max_concurrent_backups", "timezone")
     NAME_FIELD_NUMBER: _ClassVar[int]
@@ -90,18 +134,26 @@ class CreateVaultRequest(_message.Message):
     def __init__(self, name: _Optional[str] = ..., region: _Optional[str] = ..., max_concurrent_backups: _Optional[int] = ..., timezone: _Optional[str] = ...) -> None: ...
 
 class UpdateVaultRequest(_message.Message):
-    __slots__ = ("name", "max_concurrent_backups", "verify_new", "reverify_days", "shared_dedup")
+    __slots__ = ("name", "max_concurrent_backups", "verify_new", "reverify_days", "shared_dedup", "copy_to", "soft_delete_days", "drill", "clear_drill")
     NAME_FIELD_NUMBER: _ClassVar[int]
     MAX_CONCURRENT_BACKUPS_FIELD_NUMBER: _ClassVar[int]
     VERIFY_NEW_FIELD_NUMBER: _ClassVar[int]
     REVERIFY_DAYS_FIELD_NUMBER: _ClassVar[int]
     SHARED_DEDUP_FIELD_NUMBER: _ClassVar[int]
+    COPY_TO_FIELD_NUMBER: _ClassVar[int]
+    SOFT_DELETE_DAYS_FIELD_NUMBER: _ClassVar[int]
+    DRILL_FIELD_NUMBER: _ClassVar[int]
+    CLEAR_DRILL_FIELD_NUMBER: _ClassVar[int]
     name: str
     max_concurrent_backups: int
     verify_new: bool
     reverify_days: int
     shared_dedup: bool
-    def __init__(self, name: _Optional[str] = ..., max_concurrent_backups: _Optional[int] = ..., verify_new: _Optional[bool] = ..., reverify_days: _Optional[int] = ..., shared_dedup: _Optional[bool] = ...) -> None: ...
+    copy_to: str
+    soft_delete_days: int
+    drill: DrillSettings
+    clear_drill: bool
+    def __init__(self, name: _Optional[str] = ..., max_concurrent_backups: _Optional[int] = ..., verify_new: _Optional[bool] = ..., reverify_days: _Optional[int] = ..., shared_dedup: _Optional[bool] = ..., copy_to: _Optional[str] = ..., soft_delete_days: _Optional[int] = ..., drill: _Optional[_Union[DrillSettings, _Mapping]] = ..., clear_drill: _Optional[bool] = ...) -> None: ...
 
 class ListVaultsRequest(_message.Message):
     __slots__ = ()
@@ -272,7 +324,7 @@ class StopProtectionRequest(_message.Message):
     def __init__(self, vault: _Optional[str] = ..., vms: _Optional[_Iterable[str]] = ..., delete_data: _Optional[bool] = ...) -> None: ...
 
 class DashboardReply(_message.Message):
-    __slots__ = ("vault", "protected_items", "items_by_state", "jobs_completed_24h", "jobs_failed_24h", "jobs_in_progress", "jobs_cancelled_24h", "jobs_with_warnings_24h", "stored_bytes", "protected_bytes", "dedup_ratio", "recovery_points", "recovery_points_verified", "recovery_points_damaged", "recovery_points_healed", "recovery_points_never_verified", "bad_chunks", "last_verified_at")
+    __slots__ = ("vault", "protected_items", "items_by_state", "jobs_completed_24h", "jobs_failed_24h", "jobs_in_progress", "jobs_cancelled_24h", "jobs_with_warnings_24h", "stored_bytes", "protected_bytes", "dedup_ratio", "recovery_points", "recovery_points_verified", "recovery_points_damaged", "recovery_points_healed", "recovery_points_never_verified", "bad_chunks", "last_verified_at", "copy_target", "copy_location", "recovery_points_copied", "recovery_points_not_copied", "copy_lag_seconds", "oldest_not_copied_at", "newest_not_copied_at", "newest_copied_at", "last_copy_job", "copy_unavailable", "drills")
     class ItemsByStateEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -298,6 +350,17 @@ class DashboardReply(_message.Message):
     RECOVERY_POINTS_NEVER_VERIFIED_FIELD_NUMBER: _ClassVar[int]
     BAD_CHUNKS_FIELD_NUMBER: _ClassVar[int]
     LAST_VERIFIED_AT_FIELD_NUMBER: _ClassVar[int]
+    COPY_TARGET_FIELD_NUMBER: _ClassVar[int]
+    COPY_LOCATION_FIELD_NUMBER: _ClassVar[int]
+    RECOVERY_POINTS_COPIED_FIELD_NUMBER: _ClassVar[int]
+    RECOVERY_POINTS_NOT_COPIED_FIELD_NUMBER: _ClassVar[int]
+    COPY_LAG_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    OLDEST_NOT_COPIED_AT_FIELD_NUMBER: _ClassVar[int]
+    NEWEST_NOT_COPIED_AT_FIELD_NUMBER: _ClassVar[int]
+    NEWEST_COPIED_AT_FIELD_NUMBER: _ClassVar[int]
+    LAST_COPY_JOB_FIELD_NUMBER: _ClassVar[int]
+    COPY_UNAVAILABLE_FIELD_NUMBER: _ClassVar[int]
+    DRILLS_FIELD_NUMBER: _ClassVar[int]
     vault: str
     protected_items: int
     items_by_state: _containers.ScalarMap[str, int]
@@ -316,7 +379,30 @@ class DashboardReply(_message.Message):
     recovery_points_never_verified: int
     bad_chunks: int
     last_verified_at: _timestamp_pb2.Timestamp
-    def __init__(self, vault: _Optional[str] = ..., protected_items: _Optional[int] = ..., items_by_state: _Optional[_Mapping[str, int]] = ..., jobs_completed_24h: _Optional[int] = ..., jobs_failed_24h: _Optional[int] = ..., jobs_in_progress: _Optional[int] = ..., jobs_cancelled_24h: _Optional[int] = ..., jobs_with_warnings_24h: _Optional[int] = ..., stored_bytes: _Optional[int] = ..., protected_bytes: _Optional[int] = ..., dedup_ratio: _Optional[float] = ..., recovery_points: _Optional[int] = ..., recovery_points_verified: _Optional[int] = ..., recovery_points_damaged: _Optional[int] = ..., recovery_points_healed: _Optional[int] = ..., recovery_points_never_verified: _Optional[int] = ..., bad_chunks: _Optional[int] = ..., last_verified_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    copy_target: str
+    copy_location: str
+    recovery_points_copied: int
+    recovery_points_not_copied: int
+    copy_lag_seconds: float
+    oldest_not_copied_at: _timestamp_pb2.Timestamp
+    newest_not_copied_at: _timestamp_pb2.Timestamp
+    newest_copied_at: _timestamp_pb2.Timestamp
+    last_copy_job: Job
+    copy_unavailable: str
+    drills: _containers.RepeatedCompositeFieldContainer[VmDrill]
+    def __init__(self, vault: _Optional[str] = ..., protected_items: _Optional[int] = ..., items_by_state: _Optional[_Mapping[str, int]] = ..., jobs_completed_24h: _Optional[int] = ..., jobs_failed_24h: _Optional[int] = ..., jobs_in_progress: _Optional[int] = ..., jobs_cancelled_24h: _Optional[int] = ..., jobs_with_warnings_24h: _Optional[int] = ..., stored_bytes: _Optional[int] = ..., protected_bytes: _Optional[int] = ..., dedup_ratio: _Optional[float] = ..., recovery_points: _Optional[int] = ..., recovery_points_verified: _Optional[int] = ..., recovery_points_damaged: _Optional[int] = ..., recovery_points_healed: _Optional[int] = ..., recovery_points_never_verified: _Optional[int] = ..., bad_chunks: _Optional[int] = ..., last_verified_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., copy_target: _Optional[str] = ..., copy_location: _Optional[str] = ..., recovery_points_copied: _Optional[int] = ..., recovery_points_not_copied: _Optional[int] = ..., copy_lag_seconds: _Optional[float] = ..., oldest_not_copied_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., newest_not_copied_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., newest_copied_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_copy_job: _Optional[_Union[Job, _Mapping]] = ..., copy_unavailable: _Optional[str] = ..., drills: _Optional[_Iterable[_Union[VmDrill, _Mapping]]] = ...) -> None: ...
+
+class VmDrill(_message.Message):
+    __slots__ = ("vm_id", "item", "recovery_point_id", "drill")
+    VM_ID_FIELD_NUMBER: _ClassVar[int]
+    ITEM_FIELD_NUMBER: _ClassVar[int]
+    RECOVERY_POINT_ID_FIELD_NUMBER: _ClassVar[int]
+    DRILL_FIELD_NUMBER: _ClassVar[int]
+    vm_id: str
+    item: str
+    recovery_point_id: str
+    drill: DrillRecord
+    def __init__(self, vm_id: _Optional[str] = ..., item: _Optional[str] = ..., recovery_point_id: _Optional[str] = ..., drill: _Optional[_Union[DrillRecord, _Mapping]] = ...) -> None: ...
 
 class Disk(_message.Message):
     __slots__ = ("name", "path", "size_bytes")
@@ -383,18 +469,44 @@ class BackupNowRequest(_message.Message):
     def __init__(self, vault: _Optional[str] = ..., vms: _Optional[_Iterable[str]] = ..., disks: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class RestoreRequest(_message.Message):
-    __slots__ = ("vm_id", "recovery_point_id", "disk", "target_path", "target_vm_id")
+    __slots__ = ("vm_id", "recovery_point_id", "disk", "target_path", "target_vm_id", "from_copy", "in_place", "overwrite")
     VM_ID_FIELD_NUMBER: _ClassVar[int]
     RECOVERY_POINT_ID_FIELD_NUMBER: _ClassVar[int]
     DISK_FIELD_NUMBER: _ClassVar[int]
     TARGET_PATH_FIELD_NUMBER: _ClassVar[int]
     TARGET_VM_ID_FIELD_NUMBER: _ClassVar[int]
+    FROM_COPY_FIELD_NUMBER: _ClassVar[int]
+    IN_PLACE_FIELD_NUMBER: _ClassVar[int]
+    OVERWRITE_FIELD_NUMBER: _ClassVar[int]
     vm_id: str
     recovery_point_id: str
     disk: str
     target_path: str
     target_vm_id: str
-    def __init__(self, vm_id: _Optional[str] = ..., recovery_point_id: _Optional[str] = ..., disk: _Optional[str] = ..., target_path: _Optional[str] = ..., target_vm_id: _Optional[str] = ...) -> None: ...
+    from_copy: bool
+    in_place: bool
+    overwrite: bool
+    def __init__(self, vm_id: _Optional[str] = ..., recovery_point_id: _Optional[str] = ..., disk: _Optional[str] = ..., target_path: _Optional[str] = ..., target_vm_id: _Optional[str] = ..., from_copy: _Optional[bool] = ..., in_place: _Optional[bool] = ..., overwrite: _Optional[bool] = ...) -> None: ...
+
+class RestoreInfo(_message.Message):
+    __slots__ = ("source_vm_id", "target_vm_id", "target_path", "mode", "overwrite", "bytes_compared", "bytes_fetched", "bytes_written")
+    SOURCE_VM_ID_FIELD_NUMBER: _ClassVar[int]
+    TARGET_VM_ID_FIELD_NUMBER: _ClassVar[int]
+    TARGET_PATH_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    OVERWRITE_FIELD_NUMBER: _ClassVar[int]
+    BYTES_COMPARED_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FETCHED_FIELD_NUMBER: _ClassVar[int]
+    BYTES_WRITTEN_FIELD_NUMBER: _ClassVar[int]
+    source_vm_id: str
+    target_vm_id: str
+    target_path: str
+    mode: str
+    overwrite: bool
+    bytes_compared: int
+    bytes_fetched: int
+    bytes_written: int
+    def __init__(self, source_vm_id: _Optional[str] = ..., target_vm_id: _Optional[str] = ..., target_path: _Optional[str] = ..., mode: _Optional[str] = ..., overwrite: _Optional[bool] = ..., bytes_compared: _Optional[int] = ..., bytes_fetched: _Optional[int] = ..., bytes_written: _Optional[int] = ...) -> None: ...
 
 class Progress(_message.Message):
     __slots__ = ("phase", "bytes_done", "bytes_total", "rate_bytes_per_second")
@@ -409,7 +521,7 @@ class Progress(_message.Message):
     def __init__(self, phase: _Optional[str] = ..., bytes_done: _Optional[int] = ..., bytes_total: _Optional[int] = ..., rate_bytes_per_second: _Optional[float] = ...) -> None: ...
 
 class Job(_message.Message):
-    __slots__ = ("id", "operation", "status", "vault", "vm_id", "started_at", "ended_at", "bytes_read", "bytes_sent", "bytes_stored", "error_code", "error_message", "recovery_point_id", "progress", "item", "details_json", "trigger", "slot", "disks", "requested_by")
+    __slots__ = ("id", "operation", "status", "vault", "vm_id", "started_at", "ended_at", "bytes_read", "bytes_sent", "bytes_stored", "error_code", "error_message", "recovery_point_id", "progress", "item", "details_json", "trigger", "slot", "disks", "requested_by", "restore")
     ID_FIELD_NUMBER: _ClassVar[int]
     OPERATION_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
@@ -430,6 +542,7 @@ class Job(_message.Message):
     SLOT_FIELD_NUMBER: _ClassVar[int]
     DISKS_FIELD_NUMBER: _ClassVar[int]
     REQUESTED_BY_FIELD_NUMBER: _ClassVar[int]
+    RESTORE_FIELD_NUMBER: _ClassVar[int]
     id: str
     operation: str
     status: str
@@ -450,7 +563,8 @@ class Job(_message.Message):
     slot: _timestamp_pb2.Timestamp
     disks: _containers.RepeatedScalarFieldContainer[str]
     requested_by: str
-    def __init__(self, id: _Optional[str] = ..., operation: _Optional[str] = ..., status: _Optional[str] = ..., vault: _Optional[str] = ..., vm_id: _Optional[str] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., ended_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., bytes_read: _Optional[int] = ..., bytes_sent: _Optional[int] = ..., bytes_stored: _Optional[int] = ..., error_code: _Optional[str] = ..., error_message: _Optional[str] = ..., recovery_point_id: _Optional[str] = ..., progress: _Optional[_Union[Progress, _Mapping]] = ..., item: _Optional[str] = ..., details_json: _Optional[str] = ..., trigger: _Optional[str] = ..., slot: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., disks: _Optional[_Iterable[str]] = ..., requested_by: _Optional[str] = ...) -> None: ...
+    restore: RestoreInfo
+    def __init__(self, id: _Optional[str] = ..., operation: _Optional[str] = ..., status: _Optional[str] = ..., vault: _Optional[str] = ..., vm_id: _Optional[str] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., ended_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., bytes_read: _Optional[int] = ..., bytes_sent: _Optional[int] = ..., bytes_stored: _Optional[int] = ..., error_code: _Optional[str] = ..., error_message: _Optional[str] = ..., recovery_point_id: _Optional[str] = ..., progress: _Optional[_Union[Progress, _Mapping]] = ..., item: _Optional[str] = ..., details_json: _Optional[str] = ..., trigger: _Optional[str] = ..., slot: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., disks: _Optional[_Iterable[str]] = ..., requested_by: _Optional[str] = ..., restore: _Optional[_Union[RestoreInfo, _Mapping]] = ...) -> None: ...
 
 class ListJobsRequest(_message.Message):
     __slots__ = ("status", "operation", "vm_id", "started_from", "started_to", "limit", "vault")
@@ -495,7 +609,7 @@ class RecoveryPointDisk(_message.Message):
     def __init__(self, name: _Optional[str] = ..., size_bytes: _Optional[int] = ..., chunk_count: _Optional[int] = ..., consistency: _Optional[str] = ...) -> None: ...
 
 class RecoveryPoint(_message.Message):
-    __slots__ = ("id", "vm_id", "vault", "created_at", "consistency", "disks", "job_id", "bytes_stored", "kept_by", "data_bytes", "verification", "verified_at", "verify_job_id", "damaged_chunks", "damage", "verification_detail")
+    __slots__ = ("id", "vm_id", "vault", "created_at", "consistency", "disks", "job_id", "bytes_stored", "kept_by", "data_bytes", "verification", "verified_at", "verify_job_id", "damaged_chunks", "damage", "verification_detail", "copy_target", "copied_at", "copy_job_id", "deleted_at", "purge_at", "deleted_by_job_id", "last_drill")
     ID_FIELD_NUMBER: _ClassVar[int]
     VM_ID_FIELD_NUMBER: _ClassVar[int]
     VAULT_FIELD_NUMBER: _ClassVar[int]
@@ -512,6 +626,13 @@ class RecoveryPoint(_message.Message):
     DAMAGED_CHUNKS_FIELD_NUMBER: _ClassVar[int]
     DAMAGE_FIELD_NUMBER: _ClassVar[int]
     VERIFICATION_DETAIL_FIELD_NUMBER: _ClassVar[int]
+    COPY_TARGET_FIELD_NUMBER: _ClassVar[int]
+    COPIED_AT_FIELD_NUMBER: _ClassVar[int]
+    COPY_JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    DELETED_AT_FIELD_NUMBER: _ClassVar[int]
+    PURGE_AT_FIELD_NUMBER: _ClassVar[int]
+    DELETED_BY_JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    LAST_DRILL_FIELD_NUMBER: _ClassVar[int]
     id: str
     vm_id: str
     vault: str
@@ -528,7 +649,14 @@ class RecoveryPoint(_message.Message):
     damaged_chunks: int
     damage: _containers.RepeatedCompositeFieldContainer[DamagedChunk]
     verification_detail: str
-    def __init__(self, id: _Optional[str] = ..., vm_id: _Optional[str] = ..., vault: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., consistency: _Optional[str] = ..., disks: _Optional[_Iterable[_Union[RecoveryPointDisk, _Mapping]]] = ..., job_id: _Optional[str] = ..., bytes_stored: _Optional[int] = ..., kept_by: _Optional[_Iterable[str]] = ..., data_bytes: _Optional[int] = ..., verification: _Optional[str] = ..., verified_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., verify_job_id: _Optional[str] = ..., damaged_chunks: _Optional[int] = ..., damage: _Optional[_Iterable[_Union[DamagedChunk, _Mapping]]] = ..., verification_detail: _Optional[str] = ...) -> None: ...
+    copy_target: str
+    copied_at: _timestamp_pb2.Timestamp
+    copy_job_id: str
+    deleted_at: _timestamp_pb2.Timestamp
+    purge_at: _timestamp_pb2.Timestamp
+    deleted_by_job_id: str
+    last_drill: DrillRecord
+    def __init__(self, id: _Optional[str] = ..., vm_id: _Optional[str] = ..., vault: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., consistency: _Optional[str] = ..., disks: _Optional[_Iterable[_Union[RecoveryPointDisk, _Mapping]]] = ..., job_id: _Optional[str] = ..., bytes_stored: _Optional[int] = ..., kept_by: _Optional[_Iterable[str]] = ..., data_bytes: _Optional[int] = ..., verification: _Optional[str] = ..., verified_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., verify_job_id: _Optional[str] = ..., damaged_chunks: _Optional[int] = ..., damage: _Optional[_Iterable[_Union[DamagedChunk, _Mapping]]] = ..., verification_detail: _Optional[str] = ..., copy_target: _Optional[str] = ..., copied_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., copy_job_id: _Optional[str] = ..., deleted_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., purge_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., deleted_by_job_id: _Optional[str] = ..., last_drill: _Optional[_Union[DrillRecord, _Mapping]] = ...) -> None: ...
 
 class DamagedChunk(_message.Message):
     __slots__ = ("disk", "chunk", "digest", "reason")
@@ -543,6 +671,42 @@ class DamagedChunk(_message.Message):
     def __init__(self, disk: _Optional[str] = ..., chunk: _Optional[int] = ..., digest: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class VerifyRequest(_message.Message):
+    __slots__ = ("vault", "vm", "recovery_point_id", "from_copy")
+    VAULT_FIELD_NUMBER: _ClassVar[int]
+    VM_FIELD_NUMBER: _ClassVar[int]
+    RECOVERY_POINT_ID_FIELD_NUMBER: _ClassVar[int]
+    FROM_COPY_FIELD_NUMBER: _ClassVar[int]
+    vault: str
+    vm: str
+    recovery_point_id: str
+    from_copy: bool
+    def __init__(self, vault: _Optional[str] = ..., vm: _Optional[str] = ..., recovery_point_id: _Optional[str] = ..., from_copy: _Optional[bool] = ...) -> None: ...
+
+class DrillRecord(_message.Message):
+    __slots__ = ("at", "job_id", "restore_seconds", "outcome", "summary")
+    AT_FIELD_NUMBER: _ClassVar[int]
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    RESTORE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    OUTCOME_FIELD_NUMBER: _ClassVar[int]
+    SUMMARY_FIELD_NUMBER: _ClassVar[int]
+    at: _timestamp_pb2.Timestamp
+    job_id: str
+    restore_seconds: float
+    outcome: str
+    summary: str
+    def __init__(self, at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., job_id: _Optional[str] = ..., restore_seconds: _Optional[float] = ..., outcome: _Optional[str] = ..., summary: _Optional[str] = ...) -> None: ...
+
+class ListRecoveryPointsRequest(_message.Message):
+    __slots__ = ("vm_id", "vault", "deleted")
+    VM_ID_FIELD_NUMBER: _ClassVar[int]
+    VAULT_FIELD_NUMBER: _ClassVar[int]
+    DELETED_FIELD_NUMBER: _ClassVar[int]
+    vm_id: str
+    vault: str
+    deleted: bool
+    def __init__(self, vm_id: _Optional[str] = ..., vault: _Optional[str] = ..., deleted: _Optional[bool] = ...) -> None: ...
+
+class UndeleteRequest(_message.Message):
     __slots__ = ("vault", "vm", "recovery_point_id")
     VAULT_FIELD_NUMBER: _ClassVar[int]
     VM_FIELD_NUMBER: _ClassVar[int]
@@ -552,14 +716,6 @@ class VerifyRequest(_message.Message):
     recovery_point_id: str
     def __init__(self, vault: _Optional[str] = ..., vm: _Optional[str] = ..., recovery_point_id: _Optional[str] = ...) -> None: ...
 
-class ListRecoveryPointsRequest(_message.Message):
-    __slots__ = ("vm_id", "vault")
-    VM_ID_FIELD_NUMBER: _ClassVar[int]
-    VAULT_FIELD_NUMBER: _ClassVar[int]
-    vm_id: str
-    vault: str
-    def __init__(self, vm_id: _Optional[str] = ..., vault: _Optional[str] = ...) -> None: ...
-
 class ListRecoveryPointsReply(_message.Message):
     __slots__ = ("recovery_points",)
     RECOVERY_POINTS_FIELD_NUMBER: _ClassVar[int]
@@ -567,16 +723,18 @@ class ListRecoveryPointsReply(_message.Message):
     def __init__(self, recovery_points: _Optional[_Iterable[_Union[RecoveryPoint, _Mapping]]] = ...) -> None: ...
 
 class FileRecoverySource(_message.Message):
-    __slots__ = ("vm_id", "recovery_point_id", "disk", "target_vm_id")
+    __slots__ = ("vm_id", "recovery_point_id", "disk", "target_vm_id", "from_copy")
     VM_ID_FIELD_NUMBER: _ClassVar[int]
     RECOVERY_POINT_ID_FIELD_NUMBER: _ClassVar[int]
     DISK_FIELD_NUMBER: _ClassVar[int]
     TARGET_VM_ID_FIELD_NUMBER: _ClassVar[int]
+    FROM_COPY_FIELD_NUMBER: _ClassVar[int]
     vm_id: str
     recovery_point_id: str
     disk: str
     target_vm_id: str
-    def __init__(self, vm_id: _Optional[str] = ..., recovery_point_id: _Optional[str] = ..., disk: _Optional[str] = ..., target_vm_id: _Optional[str] = ...) -> None: ...
+    from_copy: bool
+    def __init__(self, vm_id: _Optional[str] = ..., recovery_point_id: _Optional[str] = ..., disk: _Optional[str] = ..., target_vm_id: _Optional[str] = ..., from_copy: _Optional[bool] = ...) -> None: ...
 
 class ListFilesRequest(_message.Message):
     __slots__ = ("source", "path", "limit", "after")

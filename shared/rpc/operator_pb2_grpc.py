@@ -120,6 +120,11 @@ class OperatorServiceStub:
                 request_serializer=coffer_dot_v1_dot_operator__pb2.StopProtectionRequest.SerializeToString,
                 response_deserializer=coffer_dot_v1_dot_operator__pb2.JobsReply.FromString,
                 _registered_method=True)
+        self.Undelete = channel.unary_unary(
+                '/coffer.v1.OperatorService/Undelete',
+                request_serializer=coffer_dot_v1_dot_operator__pb2.UndeleteRequest.SerializeToString,
+                response_deserializer=coffer_dot_v1_dot_operator__pb2.Job.FromString,
+                _registered_method=True)
         self.ResumeProtection = channel.unary_unary(
                 '/coffer.v1.OperatorService/ResumeProtection',
                 request_serializer=coffer_dot_v1_dot_operator__pb2.ProtectRequest.SerializeToString,
@@ -150,6 +155,16 @@ class OperatorServiceStub:
                 request_serializer=coffer_dot_v1_dot_operator__pb2.VerifyRequest.SerializeToString,
                 response_deserializer=coffer_dot_v1_dot_operator__pb2.Job.FromString,
                 _registered_method=True)
+        self.Copy = channel.unary_unary(
+                '/coffer.v1.OperatorService/Copy',
+                request_serializer=coffer_dot_v1_dot_operator__pb2.VaultRef.SerializeToString,
+                response_deserializer=coffer_dot_v1_dot_operator__pb2.Job.FromString,
+                _registered_method=True)
+        self.Drill = channel.unary_unary(
+                '/coffer.v1.OperatorService/Drill',
+                request_serializer=coffer_dot_v1_dot_operator__pb2.DrillRequest.SerializeToString,
+                response_deserializer=coffer_dot_v1_dot_operator__pb2.JobsReply.FromString,
+                _registered_method=True)
         self.ListJobs = channel.unary_unary(
                 '/coffer.v1.OperatorService/ListJobs',
                 request_serializer=coffer_dot_v1_dot_operator__pb2.ListJobsRequest.SerializeToString,
@@ -179,6 +194,11 @@ class OperatorServiceStub:
                 '/coffer.v1.OperatorService/ExportVaultKeys',
                 request_serializer=coffer_dot_v1_dot_operator__pb2.VaultRef.SerializeToString,
                 response_deserializer=coffer_dot_v1_dot_operator__pb2.VaultKeyExport.FromString,
+                _registered_method=True)
+        self.UpgradeVault = channel.unary_unary(
+                '/coffer.v1.OperatorService/UpgradeVault',
+                request_serializer=coffer_dot_v1_dot_operator__pb2.UpgradeVaultRequest.SerializeToString,
+                response_deserializer=coffer_dot_v1_dot_operator__pb2.Job.FromString,
                 _registered_method=True)
         self.ListRecoveryPoints = channel.unary_unary(
                 '/coffer.v1.OperatorService/ListRecoveryPoints',
@@ -341,7 +361,17 @@ class OperatorServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def StopProtection(self, request, context):
-        """StopProtection jobs, plus DeleteBackupData jobs when delete_data is set.
+        """StopProtection jobs, plus DeleteBackupData jobs when delete_data is set. In a vault with
+        soft_delete_days above 0 the data is soft-deleted: listed with ListRecoveryPoints
+        `deleted`, brought back with Undelete until it is purged.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Undelete(self, request, context):
+        """An Undelete job: a VM's soft-deleted recovery points (or one) live again; its item
+        ProtectionStopped, with the policy it had if the vault still has it.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -388,6 +418,23 @@ class OperatorServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Copy(self, request, context):
+        """A Copy job: the vault's recovery points its off-site copy lacks are sent there, only the
+        chunks it lacks, and points deleted from the vault are deleted there (controller/copies.py).
+        While one runs, the running job is returned, and makes one more pass.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Drill(self, request, context):
+        """RestoreDrill jobs now, one per VM: the latest recovery point of each protected VM of the
+        vault (or of those named) restored to the vault's drill agent, checked read-only, deleted.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ListJobs(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -426,6 +473,16 @@ class OperatorServiceServicer:
     def ExportVaultKeys(self, request, context):
         """The vault's wrapped keys (no key in the clear) and the recovery instructions, to keep
         offline with the master key.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UpgradeVault(self, request, context):
+        """Convert the vault's datastore to the current format, keeping every recovery point: a
+        VaultUpgrade job, returned as it starts (it resumes when the controller restarts). With
+        dry_run, a job that only says what it would rewrite and roughly how long it would take
+        (its details' "plan"). Refused (Conflict) for a vault in the current format already.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -593,6 +650,11 @@ def add_OperatorServiceServicer_to_server(servicer, server):
                     request_deserializer=coffer_dot_v1_dot_operator__pb2.StopProtectionRequest.FromString,
                     response_serializer=coffer_dot_v1_dot_operator__pb2.JobsReply.SerializeToString,
             ),
+            'Undelete': grpc.unary_unary_rpc_method_handler(
+                    servicer.Undelete,
+                    request_deserializer=coffer_dot_v1_dot_operator__pb2.UndeleteRequest.FromString,
+                    response_serializer=coffer_dot_v1_dot_operator__pb2.Job.SerializeToString,
+            ),
             'ResumeProtection': grpc.unary_unary_rpc_method_handler(
                     servicer.ResumeProtection,
                     request_deserializer=coffer_dot_v1_dot_operator__pb2.ProtectRequest.FromString,
@@ -623,6 +685,16 @@ def add_OperatorServiceServicer_to_server(servicer, server):
                     request_deserializer=coffer_dot_v1_dot_operator__pb2.VerifyRequest.FromString,
                     response_serializer=coffer_dot_v1_dot_operator__pb2.Job.SerializeToString,
             ),
+            'Copy': grpc.unary_unary_rpc_method_handler(
+                    servicer.Copy,
+                    request_deserializer=coffer_dot_v1_dot_operator__pb2.VaultRef.FromString,
+                    response_serializer=coffer_dot_v1_dot_operator__pb2.Job.SerializeToString,
+            ),
+            'Drill': grpc.unary_unary_rpc_method_handler(
+                    servicer.Drill,
+                    request_deserializer=coffer_dot_v1_dot_operator__pb2.DrillRequest.FromString,
+                    response_serializer=coffer_dot_v1_dot_operator__pb2.JobsReply.SerializeToString,
+            ),
             'ListJobs': grpc.unary_unary_rpc_method_handler(
                     servicer.ListJobs,
                     request_deserializer=coffer_dot_v1_dot_operator__pb2.ListJobsRequest.FromString,
@@ -652,6 +724,11 @@ def add_OperatorServiceServicer_to_server(servicer, server):
                     servicer.ExportVaultKeys,
                     request_deserializer=coffer_dot_v1_dot_operator__pb2.VaultRef.FromString,
                     response_serializer=coffer_dot_v1_dot_operator__pb2.VaultKeyExport.SerializeToString,
+            ),
+            'UpgradeVault': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpgradeVault,
+                    request_deserializer=coffer_dot_v1_dot_operator__pb2.UpgradeVaultRequest.FromString,
+                    response_serializer=coffer_dot_v1_dot_operator__pb2.Job.SerializeToString,
             ),
             'ListRecoveryPoints': grpc.unary_unary_rpc_method_handler(
                     servicer.ListRecoveryPoints,
@@ -1174,6 +1251,33 @@ class OperatorService:
             _registered_method=True)
 
     @staticmethod
+    def Undelete(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/coffer.v1.OperatorService/Undelete',
+            coffer_dot_v1_dot_operator__pb2.UndeleteRequest.SerializeToString,
+            coffer_dot_v1_dot_operator__pb2.Job.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
     def ResumeProtection(request,
             target,
             options=(),
@@ -1336,6 +1440,60 @@ class OperatorService:
             _registered_method=True)
 
     @staticmethod
+    def Copy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/coffer.v1.OperatorService/Copy',
+            coffer_dot_v1_dot_operator__pb2.VaultRef.SerializeToString,
+            coffer_dot_v1_dot_operator__pb2.Job.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Drill(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/coffer.v1.OperatorService/Drill',
+            coffer_dot_v1_dot_operator__pb2.DrillRequest.SerializeToString,
+            coffer_dot_v1_dot_operator__pb2.JobsReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
     def ListJobs(request,
             target,
             options=(),
@@ -1487,6 +1645,33 @@ class OperatorService:
             '/coffer.v1.OperatorService/ExportVaultKeys',
             coffer_dot_v1_dot_operator__pb2.VaultRef.SerializeToString,
             coffer_dot_v1_dot_operator__pb2.VaultKeyExport.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpgradeVault(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/coffer.v1.OperatorService/UpgradeVault',
+            coffer_dot_v1_dot_operator__pb2.UpgradeVaultRequest.SerializeToString,
+            coffer_dot_v1_dot_operator__pb2.Job.FromString,
             options,
             channel_credentials,
             insecure,

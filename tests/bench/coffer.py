@@ -5,8 +5,9 @@
 its own Mosquitto) and `agent.toml` (vm_id ``bench-vm``, one disk ``root`` = the image path),
 starts `coffer-controller` and `coffer-agent`, and waits until `coffer agents --json` lists the
 VM. Each step is one operator CLI call that waits for its job:
-`coffer backup-now bench-vm --json` or `coffer restore bench-vm --rp RP --disk root --target
-... --json`.
+`coffer backup-now bench-vm --json`, `coffer restore bench-vm --rp RP --disk root --target
+... --json`, or (`rollback`) `coffer restore bench-vm --rp RP --disk root --in-place --yes
+--json`, which rolls the agent's disk itself back to an earlier recovery point.
 
 A step's figures: wall time of the CLI call; CPU seconds of controller + agent (from
 /proc/PID/stat deltas) + the CLI itself; peak RSS of controller and of agent separately
@@ -29,6 +30,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from controller.datastore import CONFIG_KEY, DatastoreConfig
 from tests.bench.measure import (
     ProcessWatch,
     StepFailed,
@@ -43,7 +45,9 @@ VM_ID = "bench-vm"
 VAULT = "bench"
 DISK = "root"
 _OK = ("Completed", "CompletedWithWarnings")
-_JOB_FIELDS = ("id", "status", "bytes_read", "bytes_sent", "bytes_stored", "recovery_point_id")
+_JOB_FIELDS = (
+    "id", "status", "bytes_read", "bytes_sent", "bytes_stored", "recovery_point_id", "restore"
+)  # fmt: skip
 
 
 def _nothing() -> None:
@@ -88,8 +92,12 @@ class Coffer:
         before_step: Callable[[], None] = _nothing,
         timeout_s: float = 3600.0,
         start_timeout_s: float = 60.0,
+        plain_vault: bool = False,
     ) -> None:
         self.name = f"coffer-{size_label(chunk_size)}"
+        # The vault made format 1 (plain, as before encryption at rest), for the upgrade's
+        # benchmark (tests.bench.upgrade).
+        self.plain_vault = plain_vault
         self.dir = workdir
         self.source = source
         self.chunk_size = chunk_size
@@ -106,6 +114,7 @@ class Coffer:
         self.controller: subprocess.Popen[bytes] | None = None
         self.agent: subprocess.Popen[bytes] | None = None
         self.last_job: dict[str, Any] = {}
+        self.recovery_points: dict[str, str] = {}  # by the backup step that made it
 
     # -- the Tool protocol -------------------------------------------------------------------
 
@@ -125,7 +134,7 @@ class Coffer:
     def settings(self) -> str:
         return (
             f"chunk_size {size_label(self.chunk_size)} (fixed, disk-aligned), zstd at rest, "
-            "no encryption at rest, mTLS on the wire"
+            "encrypted at rest (the default: AES-256-GCM, keyed chunk names), mTLS on the wire"
         )
 
     def setup(self) -> None:
@@ -162,6 +171,12 @@ class Coffer:
         self.agent = self._start("coffer-agent", agent_toml)
         self._wait_agent()
         # The vault workflow: a vault in the agent's region, the VM registered and protected.
+        if self.plain_vault:
+            # A datastore.json found where the vault's datastore goes is used as it is.
+            self.vault_datastore.mkdir(parents=True, exist_ok=True)
+            (self.vault_datastore / CONFIG_KEY).write_bytes(
+                DatastoreConfig.plain(self.chunk_size).encode()
+            )
         self._cli_plain(["vault", "create", VAULT, "--region", "local"])
         self._cli_plain(["register", "--vault", VAULT, VM_ID])
         self._cli_plain(["protect", "--vault", VAULT, "--policy", "DefaultPolicy", VM_ID])
@@ -169,16 +184,26 @@ class Coffer:
     def backup(self, step: str) -> StepResult:
         job, result = self._measured(step, ["backup-now", VM_ID, "--json"])
         self.last_job = job
+        if job.get("recovery_point_id"):
+            self.recovery_points[step] = str(job["recovery_point_id"])
         return result
 
-    def restore(self, step: str) -> tuple[StepResult, Path]:
-        rp = self._latest_rp()
+    def restore(self, step: str, rp: str = "") -> tuple[StepResult, Path]:
+        """A restore of `rp` (default: the latest) to a new image; the image."""
+        rp = rp or self._latest_rp()
         target = self.restore_dir / f"{step}.img"
         target.unlink(missing_ok=True)
         argv = ["restore", VM_ID, "--rp", rp, "--disk", DISK, "--target", str(target), "--json"]
         _, result = self._measured(step, argv)
         result.detail["recovery_point_id"] = rp
         return result, target
+
+    def rollback(self, step: str, rp: str) -> StepResult:
+        """Roll the agent's disk (the source image itself) back to `rp` in place."""
+        argv = ["restore", VM_ID, "--rp", rp, "--disk", DISK, "--in-place", "--yes", "--json"]
+        _, result = self._measured(step, argv)
+        result.detail["recovery_point_id"] = rp
+        return result
 
     def get_file(self, step: str, file: SmallFile) -> StepResult:
         """`coffer files get` of one file of the latest recovery point (tests.bench.single_file)."""
@@ -236,6 +261,11 @@ class Coffer:
     @property
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
+
+    @property
+    def vault_datastore(self) -> Path:
+        """The bench vault's datastore directory."""
+        return self.state / "datastores" / VAULT
 
     @property
     def datastore(self) -> Path:

@@ -65,7 +65,7 @@ def steps_table(results: Sequence[StepResult], title: str) -> Table:
         peers = [r for r in rows if r.ok and not is_coffer(r)]
         fastest = min((r.wall_s for r in peers), default=None)
         smallest = min((r.added_bytes for r in peers), default=None)
-        is_restore = step.startswith("restore")
+        is_restore = step.startswith(("restore", "rollback"))
         for r in rows:
             if not r.ok and r.wall_s == 0:
                 first = (r.error.splitlines() or ["failed"])[0][:120]
@@ -90,6 +90,37 @@ def steps_table(results: Sequence[StepResult], title: str) -> Table:
             )
         if i < len(steps) - 1:
             table.add_section()
+    return table
+
+
+ROLLBACK_STEPS = ("restore-base-image", "rollback-file-edits")
+
+
+def rollback_table(results: Sequence[StepResult]) -> Table | None:
+    """Coffer's full restore of the base and its in-place rollback of the file edits, side by
+    side: time and bytes compared, fetched and written (None when neither ran)."""
+    rows = [r for r in results if r.step in ROLLBACK_STEPS and r.ok and is_coffer(r)]
+    if not rows:
+        return None
+    table = Table(
+        title="Coffer: back to the full backup's recovery point, as a new image and in place",
+        title_justify="left",
+    )
+    for name in ("step", "tool", "wall s", "compared MiB", "fetched MiB", "written MiB"):
+        table.add_column(name, justify="left" if name in ("step", "tool") else "right")
+    table.add_column("wall ÷ full restore", justify="right")
+    full = {r.tool: r.wall_s for r in rows if r.step == ROLLBACK_STEPS[0]}
+    for r in rows:
+        restore = (r.detail.get("job") or {}).get("restore") or {}
+        table.add_row(
+            r.step,
+            r.tool,
+            f"{r.wall_s:.1f}",
+            _mib(int(restore.get("bytes_compared", 0))),
+            _mib(int(restore.get("bytes_fetched", 0))),
+            _mib(int(restore.get("bytes_written", 0))),
+            _ratio(r.wall_s, full.get(r.tool)),
+        )
     return table
 
 

@@ -18,7 +18,12 @@ Run as root (loop mounts, dropping the page cache). Steps, for every tool in tur
    byte-identical to the source by SHA-256, for every tool;
 4. ``file-get``: one small file of the latest snapshot back, through `coffer files get`,
    `restic mount` and `borg mount` (`tests.bench.single_file`): seconds to the file written,
-   bytes read from the repository, checked against the source file. A table of its own.
+   bytes read from the repository, checked against the source file. A table of its own;
+5. Coffer only, the ways back of a disk: ``restore-base-image`` restores the full backup's
+   recovery point to a new image, and ``rollback-file-edits`` rolls the disk itself (in the
+   file-edits state) back to that recovery point in place, fetching only the chunks that
+   differ; the disk must then be byte-identical to the base. A table puts the two side by
+   side: time, bytes compared, fetched and written (`--no-rollback` skips both).
 
 Before every step of every tool the page cache is dropped (`sync; echo 3 >
 /proc/sys/vm/drop_caches`), so every tool reads the image, and its repository, from disk
@@ -56,7 +61,7 @@ from tests.bench.image import (
 )
 from tests.bench.measure import StepFailed, StepResult, Tool, drop_caches, sha256_file
 from tests.bench.peers import Borg, Restic
-from tests.bench.report import console, notes, single_file_table, steps_table
+from tests.bench.report import console, notes, rollback_table, single_file_table, steps_table
 from tests.bench.single_file import STEP as SINGLE_FILE
 from tests.bench.single_file import pick_small_file
 
@@ -116,6 +121,11 @@ def arguments(argv: Sequence[str] | None) -> argparse.Namespace:
         help="keep the page cache warm for every step instead of dropping it before each",
     )
     p.add_argument("--timeout", type=float, default=3600.0, help="seconds per step (3600)")
+    p.add_argument(
+        "--no-rollback",
+        action="store_true",
+        help="skip Coffer's full restore of the base and in-place rollback of the file edits",
+    )
     p.add_argument("--json", type=Path, help="also write all figures to this JSON file")
     p.add_argument(
         "--sparse-memory",
@@ -281,10 +291,43 @@ class Bench:
                 restored.unlink(missing_ok=True)
         self.notes.append(f"source sha256 (file-edits state): {want}")
         self.single_file(tools, disk)
+        # Last: the rollback changes the disk itself (back to the base).
+        if not a.no_rollback:
+            self.rollback([t for t in tools if isinstance(t, Coffer)], base)
         self.close()
         if not a.keep:
             base.unlink()
             disk.unlink()
+
+    def rollback(self, tools: list[Coffer], base: Path) -> None:
+        """Coffer's two ways back to the base: a full restore to a new image, and the disk in
+        the file-edits state rolled back in place (only differing chunks fetched); each must
+        give the base byte for byte."""
+        want = sha256_file(base)
+        for tool in tools:
+            rp = tool.recovery_points.get("full")
+            if rp is None:
+                continue
+            try:
+                result, restored = tool.restore("restore-base-image", rp)
+                got = sha256_file(restored) if restored.exists() else "missing"
+                result.ok = got == want
+                if not result.ok:
+                    result.error = f"restored image differs from the base: {got}"
+                self.results.append(result)
+                if not self.args.keep:
+                    restored.unlink(missing_ok=True)
+                result = tool.rollback("rollback-file-edits", rp)
+                got = sha256_file(tool.source)
+                result.ok = got == want
+                if not result.ok:
+                    result.error = f"the rolled-back disk differs from the base: {got}"
+                self.results.append(result)
+                verdict = "identical" if result.ok else "DIFFERS"
+                self.notes.append(f"rollback {tool.name}: the disk is {verdict} to the base")
+            except StepFailed as exc:
+                self.fail(tool, ["restore-base-image", "rollback-file-edits"], str(exc))
+        self._progress("rollback-file-edits")
 
     def single_file(self, tools: list[Tool], disk: Path) -> None:
         """One small file of the latest snapshot back (tests.bench.single_file)."""
@@ -356,6 +399,9 @@ class Bench:
         single = [r for r in self.results if r.step == SINGLE_FILE]
         if single:
             out.print(single_file_table(single))
+        ways_back = rollback_table(self.results)
+        if ways_back is not None:
+            out.print(ways_back)
         out.print(
             "MB/s = image bytes (10^6) / wall s. CPU s: user+sys of the tool's process "
             "(Coffer: controller + agent + CLI). Peak RSS: max resident "
