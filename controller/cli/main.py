@@ -12,7 +12,6 @@ import sys
 from pathlib import Path
 
 import click
-from rich.markup import escape
 
 from controller.cli import exits
 from controller.cli.audit import audit
@@ -22,7 +21,17 @@ from controller.cli.enrol import enrol
 from controller.cli.files import files
 from controller.cli.integrity import verification_cell, verify
 from controller.cli.jobs import backup_now, copy, drill, gc, job, prune, restore
-from controller.cli.output import as_dict, errors, print_json, size, table, use_utc, when
+from controller.cli.output import (
+    as_dict,
+    errors,
+    plain,
+    print_json,
+    safe,
+    size,
+    table,
+    use_utc,
+    when,
+)
 from controller.cli.pki import pki
 from controller.cli.protection import (
     discover,
@@ -152,7 +161,7 @@ def agents(connection: Connection, as_json: bool) -> None:
     )
     for a in reply.agents:
         for warning in a.warnings:
-            click.echo(f"WARNING {a.vm_id}: {warning.code}: {warning.message}")
+            click.echo(f"WARNING {a.vm_id}: {plain(warning.code)}: {plain(warning.message)}")
 
 
 RP_COLUMNS = (
@@ -235,7 +244,7 @@ def main() -> None:
         cli(prog_name="coffer")
     except CofferError as exc:
         errors.print(
-            f"[bold red]error[/bold red] ({escape(exc.code)}): {escape(str(exc))}",
+            f"[bold red]error[/bold red] ({safe(exc.code)}): {safe(str(exc))}",
             highlight=False,
             soft_wrap=True,
         )
