@@ -212,6 +212,11 @@ class BackupRun:
                     if chunk is None or digest in seen:  # as in the previous recovery point
                         continue
                     seen.add(digest)
+                    if candidates and candidate_bytes + len(chunk[3]) > UPLOAD_BATCH_BYTES:
+                        # One message is at most the batch or one chunk: the size the
+                        # controller accepts (shared.rpc_channel.MAX_REQUEST_BYTES).
+                        await self._send_missing(candidates, uploads, result)
+                        candidates, candidate_bytes = [], 0
                     candidates.append(chunk)
                     candidate_bytes += len(chunk[3])
                     if len(candidates) >= MISSING_BATCH or candidate_bytes >= UPLOAD_BATCH_BYTES:

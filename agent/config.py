@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Annotated, Self
 
-from pydantic import model_validator
+from pydantic import Field, model_validator
 
 from agent.consistency import ConsistencyPolicy, ConsistencySection, ProviderName
 from shared.config import Host, HostPort, NonEmpty, Section, checked, load
+from shared.hello import MAX_DISK_PATH, MAX_DISKS, check_display_name, check_group_name
 from shared.index import check_disk_name
 from shared.tls import TlsFiles, validate_vm_id
 
@@ -58,7 +60,7 @@ class DiskSection(Section):
     """A `[[disks]]` table: a disk of the VM, and the snapshot providers it may use."""
 
     name: Annotated[str, checked(check_disk_name)]
-    path: NonEmpty
+    path: Annotated[str, Field(min_length=1, max_length=MAX_DISK_PATH)]
     # This disk's providers, e.g. ["read-while-frozen"]; default: [consistency] snapshot.
     snapshot: list[ProviderName] | None = None
 
@@ -67,9 +69,10 @@ class AgentFile(Section):
     """What `agent.toml` may hold (README "Running it for real")."""
 
     vm_id: Annotated[str, checked(validate_vm_id)]
-    name: NonEmpty | None = None  # default: vm_id
-    service: NonEmpty = "default"
-    region: str = ""
+    # What the hello says of the VM: within the limits the controller checks (shared.hello).
+    name: Annotated[str, checked(check_display_name)] | None = None  # default: vm_id
+    service: Annotated[str, checked(partial(check_group_name, what="service"))] = "default"
+    region: Annotated[str, checked(partial(check_group_name, what="region", empty=True))] = ""
     controller: HostPort
     tls_dir: NonEmpty
     state_dir: NonEmpty = "/var/lib/coffer-agent"
@@ -83,6 +86,8 @@ class AgentFile(Section):
         names = [d.name for d in self.disks]
         if repeated := sorted({n for n in names if names.count(n) > 1}):
             raise ValueError(f"disk names repeat in [[disks]]: {', '.join(repeated)}")
+        if len(names) > MAX_DISKS:
+            raise ValueError(f"{len(names)} [[disks]]; a VM has at most {MAX_DISKS}")
         return self
 
     def config(self, base: Path) -> AgentConfig:

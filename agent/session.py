@@ -91,6 +91,7 @@ class Agent:
         self._standby: Displacement | None = None
         # File recovery (FileRecovery jobs): what an agent that died left is swept at start.
         self._files = FileRecoveryHost(config.state_dir / "files")
+        self._declared: dict[str, int] = {}  # the disk sizes the controller was told last
 
     def hello(self) -> agent_pb2.Hello:
         disks = []
@@ -190,7 +191,9 @@ class Agent:
             stub = agent_pb2_grpc.AgentServiceStub(channel)
             runtime = Runtime(self.config, stub, pool, status)
             call = stub.Session()
-            await call.write(agent_pb2.AgentMessage(hello=self.hello()))
+            hello = self.hello()
+            self._declared = _disk_sizes(hello)
+            await call.write(agent_pb2.AgentMessage(hello=hello))
             if self._standby is not None:
                 log.info("waiting as a standby until the other agent's session ends")
             first = await call.read()
@@ -252,6 +255,16 @@ class Agent:
                     idle.clear()
                     running[job_id].add_done_callback(partial(_forget, running, idle, job_id))
 
+    def _declare_again(self, outbox: asyncio.Queue[agent_pb2.AgentMessage]) -> None:
+        """Before a backup: if a disk was attached, grew or shrank since the session's hello,
+        declare the VM again, since the controller takes an index no larger than the disk the
+        agent declared."""
+        hello = self.hello()
+        if _disk_sizes(hello) != self._declared:
+            self._declared = _disk_sizes(hello)
+            log.info("disks changed since the session began: declared again %s", self._declared)
+            outbox.put_nowait(agent_pb2.AgentMessage(hello=hello))
+
     @staticmethod
     async def _send(
         call: grpc.aio.StreamStreamCall,
@@ -282,6 +295,7 @@ class Agent:
             if kind == "backup":
                 result.job_id = message.backup.job_id
                 log.info("backup %s started", result.job_id)
+                self._declare_again(outbox)
                 backup = BackupRun(runtime, message.backup)
                 disks = await backup.run()
                 result.disks.extend(d.to_proto() for d in disks)
@@ -330,3 +344,7 @@ class Agent:
             result.error.CopyFrom(to_proto(error))
             result.damaged_chunks.extend(damaged_chunks(exc))
         outbox.put_nowait(agent_pb2.AgentMessage(result=result))
+
+
+def _disk_sizes(hello: agent_pb2.Hello) -> dict[str, int]:
+    return {disk.name: disk.size_bytes for disk in hello.disks}

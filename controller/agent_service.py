@@ -20,6 +20,7 @@ from typing import cast
 
 import grpc
 
+from controller.agent_limits import IndexBudget, index_deadline
 from controller.catalog import Catalog, DiskRecord
 from controller.enrolment import Enrolment
 from controller.interceptors import caller_vm
@@ -29,6 +30,7 @@ from shared.blob import Compression
 from shared.clock import Clock
 from shared.digest import DIGEST_SIZE, check_digest
 from shared.errors import (
+    AgentLimitExceeded,
     ChunkMissing,
     CofferError,
     CorruptData,
@@ -36,7 +38,8 @@ from shared.errors import (
     PermissionDenied,
     Unavailable,
 )
-from shared.index import DiskIndex, check_disk_name
+from shared.hello import DeclaredDisk, check_hello
+from shared.index import DiskIndex
 from shared.rpc import agent_pb2, agent_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -49,8 +52,8 @@ UPLOAD_CONCURRENCY = 16
 DOWNLOAD_PREFETCH = 8
 BATCH_BYTES = 4 << 20  # chunk bytes per download message
 MAX_DIGESTS_PER_CALL = 1 << 16
-# Bounds a disk index held in memory: 32 bytes per chunk, 1 GiB at 512 KiB chunks.
-MAX_DISK_BYTES = 16 << 40
+# An agent declares itself again mid-session at most this often (once per backup is usual).
+REHELLO_SECONDS = 1.0
 # Bounds of the restore directories a hello may list (kept in the catalog).
 MAX_RESTORE_DIRS = 64
 MAX_PATH_CHARS = 4096
@@ -77,8 +80,11 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
         controller_version: str,
         *,
         enrolment: Enrolment | None = None,
+        index_budget: IndexBudget | None = None,
     ) -> None:
         self._enrolment = enrolment
+        self._hello_at: dict[str, float] = {}  # when each VM last declared itself mid-session
+        self._index_budget = index_budget or IndexBudget()
         self._catalog = catalog
         self._registry = registry
         self._jobs = jobs
@@ -162,9 +168,7 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
             raise PermissionDenied(
                 detail=f"the certificate is for VM {vm_id!r}, not {hello.vm_id!r}"
             )
-        names = [check_disk_name(disk.name) for disk in hello.disks]
-        if len(set(names)) != len(names):
-            raise InvalidArgument(detail=f"disk names repeat: {names}")
+        AgentService._check_hello(vm_id, hello)
         if len(hello.restore_dirs) > MAX_RESTORE_DIRS or any(
             len(d) > MAX_PATH_CHARS for d in hello.restore_dirs
         ):
@@ -172,6 +176,18 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
                 detail=f"at most {MAX_RESTORE_DIRS} restore_dirs of {MAX_PATH_CHARS} characters"
             )
         return hello
+
+    @staticmethod
+    def _check_hello(vm_id: str, hello: agent_pb2.Hello) -> None:
+        """Every field within its limits before anything of it is stored or shown."""
+        check_hello(
+            name=hello.name or vm_id,
+            service=hello.service,
+            region=hello.region,
+            hostname=hello.hostname,
+            agent_version=hello.agent_version,
+            disks=[DeclaredDisk(d.name, d.path, d.size_bytes) for d in hello.disks],
+        )
 
     async def _receive(self, session: AgentSession, context: grpc.aio.ServicerContext) -> None:
         """What the agent sends, until it closes its side (which closes the session)."""
@@ -187,8 +203,41 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
                 session.resolve(message.result)
             elif kind == "file_recovery_status":
                 self._jobs.file_recovery_status(session.vm_id, message.file_recovery_status)
+            elif kind == "hello":
+                await self._hello_again(session, message.hello)
             else:
                 log.warning("%s sent an unexpected %s; ignored", session.vm_id, kind)
+
+    async def _hello_again(self, session: AgentSession, hello: agent_pb2.Hello) -> None:
+        """A hello during a session: the agent declares its VM again before a backup (a disk
+        attached or grown since it connected). Checked as the first one was (a bad one ends
+        the session); the session, the catalog and a running backup of the VM then go by it:
+        an index is checked against the size the agent declared last. At most one per
+        `REHELLO_SECONDS` is taken: each is a catalog write."""
+        now = self._clock.now()
+        if now - self._hello_at.get(session.vm_id, 0.0) < REHELLO_SECONDS:
+            log.warning(
+                "%s declared itself again within %g s; ignored", session.vm_id, REHELLO_SECONDS
+            )
+            return
+        self._hello_at[session.vm_id] = now
+        if hello.vm_id != session.vm_id or hello.standby:
+            raise PermissionDenied(
+                detail=f"a hello of VM {hello.vm_id!r} in {session.vm_id!r}'s session"
+            )
+        self._check_hello(session.vm_id, hello)
+        session.hello = hello
+        await self._catalog.upsert_agent(
+            vm_id=session.vm_id,
+            name=hello.name or session.vm_id,
+            service=hello.service,
+            region=hello.region,
+            hostname=hello.hostname,
+            agent_version=hello.agent_version,
+            disks=[DiskRecord(d.name, d.path, d.size_bytes) for d in hello.disks],
+            now=now,
+        )
+        self._jobs.disks_declared(session.vm_id, {d.name: d.size_bytes for d in hello.disks})
 
     @staticmethod
     async def _send(session: AgentSession, context: grpc.aio.ServicerContext) -> None:
@@ -268,7 +317,29 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
         context: grpc.aio.ServicerContext,
     ) -> agent_pb2.UploadSummary:
         summary = agent_pb2.UploadSummary()
-        running: RunningBackup | None = None
+        vm_id = caller_vm()
+        messages = aiter(request_iterator)
+        first = await anext(messages, None)
+        if first is None:
+            return summary
+        running = self._jobs.running_backup(vm_id, first.job_id)
+        try:
+            with running.stream("upload"):
+                await self._upload(running, first, messages, summary)
+        except AgentLimitExceeded as exc:
+            raise self._jobs.over_limit(running, exc) from None
+        except CofferError as exc:
+            log.warning("job %s: upload refused: %s", running.record.id, exc)
+            raise
+        return summary
+
+    async def _upload(
+        self,
+        running: RunningBackup,
+        message: agent_pb2.ChunkUpload | None,
+        messages: AsyncIterator[agent_pb2.ChunkUpload],
+        summary: agent_pb2.UploadSummary,
+    ) -> None:
         # Each chunk is verified and stored in the pool on its own, a bounded number at once.
         inflight: set[asyncio.Future[None]] = set()
 
@@ -279,12 +350,9 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
                 for future in done:
                     future.result()  # a refused chunk ends the stream now
 
-        vm_id = caller_vm()
         try:
-            async for message in request_iterator:
-                if running is None:
-                    running = self._jobs.running_backup(vm_id, message.job_id)
-                elif message.job_id != running.record.id:
+            while message is not None:
+                if message.job_id != running.record.id:
                     raise InvalidArgument(detail="one upload stream carries one job's chunks")
                 for chunk in message.chunks:
                     compression = self._check_chunk(chunk, running.chunk_size)
@@ -292,11 +360,8 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
                     inflight.add(
                         asyncio.ensure_future(self._store(running, chunk, compression, summary))
                     )
+                message = await anext(messages, None)
             await settle(0)
-        except CofferError as exc:
-            if running is not None:
-                log.warning("job %s: upload refused: %s", running.record.id, exc)
-            raise
         finally:
             # Refused, or the agent went away: chunks being stored finish (a put is atomic),
             # and nothing they raise is left unretrieved.
@@ -305,7 +370,6 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
                 for future in inflight:
                     if not future.cancelled():
                         future.exception()
-        return summary
 
     @staticmethod
     def _check_chunk(chunk: agent_pb2.Chunk, chunk_size: int) -> Compression:
@@ -343,45 +407,68 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
         context: grpc.aio.ServicerContext,
     ) -> agent_pb2.PutIndexReply:
         vm_id = caller_vm()
+        parts = aiter(request_iterator)
+        header = await anext(parts, None)
+        if header is None:
+            raise InvalidArgument(detail="empty index stream")
+        running = self._jobs.running_backup(vm_id, header.job_id)
+        # Checked against the job and the agent's hello before any digest is kept.
+        expected = running.index_bytes(header.disk, header.size_bytes, header.chunk_size)
         try:
-            header: agent_pb2.IndexPart | None = None
-            parts: list[bytes] = []
-            async for part in request_iterator:
-                if header is None:
-                    header = part
-                    running = self._jobs.running_backup(vm_id, part.job_id)
-                    self._check_index_header(part, running.chunk_size)
-                    expected = -(-part.size_bytes // part.chunk_size) * DIGEST_SIZE
-                elif part.job_id not in ("", header.job_id):
-                    raise InvalidArgument(detail="one index stream carries one job's index")
-                parts.append(part.digests)
-                if sum(map(len, parts)) > expected:
-                    raise InvalidArgument(detail="the index has more digests than the disk chunks")
-            if header is None:
-                raise InvalidArgument(detail="empty index stream")
-            index = DiskIndex(
-                disk=header.disk,
-                size_bytes=header.size_bytes,
-                chunk_size=header.chunk_size,
-                digests=b"".join(parts),
-            )
-            await self._jobs.accept_index(running, index)
-        except ValueError as exc:
-            raise InvalidArgument(detail=f"malformed index: {exc}") from exc
+            with running.stream("index"):
+                # Its share of the controller's index memory, first; then the parts, in time.
+                async with self._index_budget.reserve(expected):
+                    digests = await self._receive_index(running, header, parts, expected)
+                    try:
+                        index = DiskIndex(
+                            disk=header.disk,
+                            size_bytes=header.size_bytes,
+                            chunk_size=header.chunk_size,
+                            digests=digests,
+                        )
+                    except ValueError as exc:
+                        raise InvalidArgument(detail=f"malformed index: {exc}") from exc
+                    del digests
+                    await self._jobs.accept_index(running, index)
+        except AgentLimitExceeded as exc:
+            raise self._jobs.over_limit(running, exc) from None
         return agent_pb2.PutIndexReply(chunk_count=len(index))
 
     @staticmethod
-    def _check_index_header(part: agent_pb2.IndexPart, chunk_size: int) -> None:
-        """An index's geometry must be the job's and a disk's: it bounds what is buffered."""
-        if part.chunk_size != chunk_size:
-            raise InvalidArgument(
-                detail=f"index chunk size {part.chunk_size} is not the job's {chunk_size}"
-            )
-        if part.size_bytes > MAX_DISK_BYTES:
-            raise InvalidArgument(
-                detail=f"a disk of {part.size_bytes} bytes is larger than Coffer backs up "
-                f"({MAX_DISK_BYTES >> 40} TiB)"
-            )
+    async def _receive_index(
+        running: RunningBackup,
+        header: agent_pb2.IndexPart,
+        parts: AsyncIterator[agent_pb2.IndexPart],
+        expected: int,
+    ) -> bytes:
+        """The digests of an index stream: no more than its header's disk has, and all of
+        them within `index_deadline` (an agent that stalls gives its share of memory back)."""
+        received: list[bytes] = []
+        total = 0
+        part: agent_pb2.IndexPart | None = header
+        try:
+            async with asyncio.timeout(index_deadline(expected)):
+                while part is not None:
+                    if part.job_id not in ("", header.job_id) or part.disk not in (
+                        "",
+                        header.disk,
+                    ):
+                        raise InvalidArgument(detail="one index stream carries one disk's index")
+                    digests = part.digests
+                    total += len(digests)
+                    if total > expected:
+                        raise InvalidArgument(
+                            detail="the index has more digests than the disk has chunks"
+                        )
+                    received.append(digests)
+                    part = await anext(parts, None)
+        except TimeoutError:
+            raise AgentLimitExceeded(
+                vm_id=running.vm_id,
+                detail=f"the index of disk {header.disk!r} ({expected} bytes) was not sent "
+                f"within {index_deadline(expected):.0f} s",
+            ) from None
+        return b"".join(received)
 
     async def DownloadChunks(
         self,

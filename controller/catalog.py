@@ -40,7 +40,14 @@ from typing import Any, Self
 
 import aiosqlite
 
-from shared.errors import Conflict, NotFound, UnsupportedFormat
+from shared.errors import (
+    CatalogFull,
+    CofferError,
+    Conflict,
+    InvalidArgument,
+    NotFound,
+    UnsupportedFormat,
+)
 from shared.model import (
     Consistency,
     DrillOutcome,
@@ -54,6 +61,8 @@ from shared.model import (
 from shared.policy import default_policy
 
 _DEFAULT_POLICY = default_policy("UTC")
+# SQLite's answer for a write that found no room (ENOSPC, a quota): the file system is full.
+_FULL = frozenset({sqlite3.SQLITE_FULL})
 _ID_BATCH = 500
 
 MIGRATIONS: list[str] = [
@@ -370,7 +379,13 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (vault, old_digest)
     );
     """,
-    # 11: alerts (controller/alerts): one row per time a condition held, firing until resolved;
+    # 11: a hostile agent's reach (issue 14): whether a vault's VMs are one trust domain, whose
+    # backups deduplicate against everything its datastore holds. Off: each VM's against what
+    # it stored itself (controller.jobs.transaction).
+    """
+    ALTER TABLE vaults ADD COLUMN shared_dedup INTEGER NOT NULL DEFAULT 0;
+    """,
+    # 12: alerts (controller/alerts): one row per time a condition held, firing until resolved;
     # at most one firing row per condition (its key).
     """
     CREATE TABLE alerts (
@@ -442,6 +457,9 @@ class VaultRecord:
     """Verify, on the daily maintenance, points not verified for this many days (0: never)."""
     encrypted: bool = False
     """Its datastore is encrypted (format 2): never to be opened as a plain one."""
+    shared_dedup: bool = False
+    """Its VMs are one trust domain: a backup deduplicates against the whole datastore, not
+    only against what its own VM stored."""
     copy_target: str = ""
     """The copy target (controller config) its recovery points are copied to; '' for none."""
     soft_delete_days: int = DEFAULT_SOFT_DELETE_DAYS
@@ -811,6 +829,7 @@ _VAULT_COLUMNS = (
     "name", "region", "chunk_size", "created_at", "max_concurrent_backups", "stored_bytes",
     "verify_new", "reverify_days",
     "encrypted",
+    "shared_dedup",
     "copy_target",
     "soft_delete_days",
     "drill_schedule", "drill_agent", "drill_dir", "drill_last_slot",
@@ -836,6 +855,7 @@ def _vault(row: sqlite3.Row) -> VaultRecord:
         verify_new=bool(row["verify_new"]),
         reverify_days=row["reverify_days"],
         encrypted=bool(row["encrypted"]),
+        shared_dedup=bool(row["shared_dedup"]),
         copy_target=row["copy_target"],
         soft_delete_days=row["soft_delete_days"],
         drill=drill,
@@ -1174,13 +1194,28 @@ class Catalog:
 
     @contextlib.asynccontextmanager
     async def _transaction(self) -> AsyncIterator[aiosqlite.Connection]:
+        """One write, all or nothing. A full file system (CatalogFull) and a number SQLite
+        cannot hold (InvalidArgument) leave as typed errors, with nothing of it kept."""
         async with self._write_lock:
             try:
                 yield self.db
-            except BaseException:
+                await self.db.commit()
+            except BaseException as exc:
                 await self.db.rollback()
+                typed = self._write_error(exc)
+                if typed is not None:
+                    raise typed from exc
                 raise
-            await self.db.commit()
+
+    def _write_error(self, exc: BaseException) -> CofferError | None:
+        if isinstance(exc, sqlite3.Error) and exc.sqlite_errorcode in _FULL:
+            return CatalogFull(path=str(self._path))
+        if isinstance(exc, OverflowError):  # a Python int past SQLite's signed 64 bits
+            return InvalidArgument(
+                detail=f"a value is out of the range the catalog records ({exc}); nothing was "
+                "changed"
+            )
+        return None
 
     @property
     def db(self) -> aiosqlite.Connection:
@@ -1221,6 +1256,7 @@ class Catalog:
                         "verify_new": int(vault.verify_new),
                         "reverify_days": vault.reverify_days,
                         "encrypted": int(vault.encrypted),
+                        "shared_dedup": int(vault.shared_dedup),
                         "copy_target": vault.copy_target,
                         "soft_delete_days": vault.soft_delete_days,
                         "drill_schedule": "",
@@ -1768,6 +1804,42 @@ class Catalog:
 
     # --- integrity -------------------------------------------------------------------------
 
+    async def update_vault(
+        self,
+        vault: str,
+        *,
+        max_concurrent_backups: int | None = None,
+        verify_new: bool | None = None,
+        reverify_days: int | None = None,
+        soft_delete_days: int | None = None,
+        shared_dedup: bool | None = None,
+    ) -> None:
+        """Change a vault's settings in one transaction (None: unchanged)."""
+
+        def flag(value: bool | None) -> int | None:
+            return None if value is None else int(value)
+
+        async with self._transaction() as db:
+            cursor = await db.execute(
+                "UPDATE vaults SET"
+                " max_concurrent_backups = coalesce(?, max_concurrent_backups),"
+                " verify_new = coalesce(?, verify_new),"
+                " reverify_days = coalesce(?, reverify_days),"
+                " soft_delete_days = coalesce(?, soft_delete_days),"
+                " shared_dedup = coalesce(?, shared_dedup) WHERE name = ?",
+                (
+                    max_concurrent_backups,
+                    flag(verify_new),
+                    reverify_days,
+                    soft_delete_days,
+                    flag(shared_dedup),
+                    vault,
+                ),
+            )
+            if cursor.rowcount == 0:
+                raise NotFound(kind="vault", name=vault)
+        self._changed([(vault, "")])
+
     async def set_verify_settings(
         self, vault: str, *, verify_new: bool | None, reverify_days: int | None
     ) -> None:
@@ -1847,6 +1919,20 @@ class Catalog:
                 await self._insert_damage(db, rp_id, chunks)
             owners = await self._owners(db, list(damage))
         self._changed(owners)
+
+    async def record_point_damaged(self, rp_id: str, detail: str, now: float, job_id: str) -> None:
+        """A recovery point damaged for a reason that is not a chunk's (`detail`: an index
+        that cannot be read, a manifest gone), whatever a verify said of it before."""
+        async with self._transaction() as db:
+            await db.execute(
+                "INSERT INTO verifications"
+                " (recovery_point_id, state, verified_at, changed_at, job_id, detail)"
+                " SELECT id, ?, NULL, ?, ?, ? FROM recovery_points WHERE id = ?"
+                " ON CONFLICT (recovery_point_id) DO UPDATE SET state = excluded.state,"
+                " changed_at = excluded.changed_at, job_id = excluded.job_id,"
+                " detail = excluded.detail",
+                (Verification.DAMAGED.value, now, job_id, detail, rp_id),
+            )
 
     @staticmethod
     async def _insert_damage(

@@ -140,6 +140,33 @@ class Integrity:
             )
         return found
 
+    async def unreadable(self, vault: str, rp_id: str, detail: str, *, by: str) -> None:
+        """Recovery point `rp_id` cannot be read for a reason that is not a chunk's (an index
+        that does not decode, a manifest gone): damaged from now, with `detail`."""
+        log.warning("vault %s: recovery point %s is damaged (job %s): %s", vault, rp_id, by, detail)
+        await self._catalog.record_point_damaged(rp_id, detail, self._clock.now(), by)
+
+    async def check_manifests(self) -> list[str]:
+        """Mark damaged every recovery point the catalog lists whose manifest is gone from its
+        datastore (deleted or lost by hand): listed as it was, it would be offered for restore
+        and as a backup's base. One listing of each vault's manifests; the ids marked."""
+        marked: list[str] = []
+        for vault in await self._catalog.vaults():
+            datastore = await self._datastores.get(vault.name)
+            present = set(
+                await self._in_pool(lambda d=datastore: list(d.list_recovery_point_ids()))
+            )
+            legacy = self._datastores.legacy(vault.name)
+            if legacy is not None:  # an upgrade under way: the rest is still in format 1
+                present |= legacy.pending
+            for rp in await self._catalog.recovery_points(vault=vault.name):
+                if rp.id not in present:
+                    await self.unreadable(
+                        vault.name, rp.id, "its manifest is gone from the datastore", by=""
+                    )
+                    marked.append(rp.id)
+        return marked
+
     # --- found good ----------------------------------------------------------------------------
 
     async def repaired(self, vault: str, digests: Iterable[bytes], *, by: str) -> list[str]:

@@ -119,7 +119,7 @@ class ErrorMapping(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc is
                     log.warning("refused %s from %s: %s", method, context.peer(), error)
                 await abort(context, error)
 
-        return _guarded(handler, mapped)
+        return guarded(handler, mapped)
 
 
 class CallerIdentity(grpc.aio.ServerInterceptor):  # type: ignore[misc]
@@ -156,7 +156,7 @@ class CallerIdentity(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             ):
                 yield
 
-        return _guarded(handler, identified)
+        return guarded(handler, identified)
 
     @contextlib.asynccontextmanager
     async def admitted(
@@ -266,7 +266,7 @@ def _leaves(group: BaseExceptionGroup[BaseException]) -> Iterator[BaseException]
 # --- wrapping a handler --------------------------------------------------------------------
 
 
-def _guarded(handler: grpc.RpcMethodHandler, guard: Guard) -> grpc.RpcMethodHandler:
+def guarded(handler: grpc.RpcMethodHandler, guard: Guard) -> grpc.RpcMethodHandler:
     """`handler` with every call run inside `guard`; same arity, (de)serializers and shape."""
     kinds = {
         (False, False): ("unary_unary", grpc.unary_unary_rpc_method_handler),

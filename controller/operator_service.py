@@ -65,6 +65,7 @@ from shared.errors import (
 from shared.model import ItemState, JobStatus, Operation
 from shared.policy import Policy
 from shared.rpc import operator_pb2, operator_pb2_grpc
+from shared.status import nesting_depth
 from shared.tls import peer_certificate_pem
 
 Context: TypeAlias = grpc.aio.ServicerContext
@@ -77,6 +78,9 @@ MIN_JOB_ID_PREFIX = 4
 AMBIGUOUS_CANDIDATES = 5
 DEFAULT_JOB_LIMIT = 100
 MAX_JOB_LIMIT = 10000
+# A policy is a few hundred bytes of JSON nested four levels: these bound what is parsed.
+MAX_POLICY_JSON = 64 * 1024
+MAX_POLICY_NESTING = 16
 
 
 MAX_ALERT_LIMIT = 10000
@@ -609,6 +613,7 @@ class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
             datastore_format=storage.format,
             encryption=storage.encryption,
             current_data_key=storage.current_data_key,
+            shared_dedup=vault.shared_dedup,
             upgrading_from_format=storage.upgrading_from,
             points_in_old_format=storage.points_in_old_format,
             copy_target=vault.copy_target,
@@ -662,6 +667,7 @@ class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
         drill = request.drill if request.HasField("drill") else None
         verify_new = request.verify_new if request.HasField("verify_new") else None
         reverify_days = request.reverify_days if request.HasField("reverify_days") else None
+        shared_dedup = request.shared_dedup if request.HasField("shared_dedup") else None
         copy_to = request.copy_to if request.HasField("copy_to") else None
         soft_delete_days = (
             request.soft_delete_days if request.HasField("soft_delete_days") else None
@@ -674,12 +680,13 @@ class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
             or drills
             or soft_delete_days is not None
             or copy_to is not None
+            or shared_dedup is not None
         ):
             # A request that would change nothing is refused: saying nothing about that is how
             # `--max-concurrent-backups 0` went unnoticed.
             raise InvalidArgument(
                 detail="nothing to change: give max_concurrent_backups (1 to 64), verify_new, "
-                "reverify_days, soft_delete_days, copy_to or drill settings"
+                "reverify_days, soft_delete_days, shared_dedup, copy_to or drill settings"
             )
         vault = await self._catalog.vault(request.name)
         # Every value checked before anything is changed: a refused request changes nothing.
@@ -699,13 +706,19 @@ class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
                 directory=drill.directory if drill else "",
                 clear=request.clear_drill,
             )
-        if request.max_concurrent_backups or verify or soft_delete_days is not None:
+        if (
+            request.max_concurrent_backups
+            or verify
+            or soft_delete_days is not None
+            or shared_dedup is not None
+        ):
             vault = await self._vaults.update(
                 request.name,
                 request.max_concurrent_backups,
                 verify_new=verify_new,
                 reverify_days=reverify_days,
                 soft_delete_days=soft_delete_days,
+                shared_dedup=shared_dedup,
             )
             self._jobs.set_limit(vault.name, vault.max_concurrent_backups)
         if copy_to is not None:
@@ -901,10 +914,21 @@ class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
 
     @staticmethod
     def _parse_policy(spec_json: str) -> Policy:
+        # Bounded before it is parsed: 5,000 nested brackets raised RecursionError (issue 14).
+        if len(spec_json) > MAX_POLICY_JSON:
+            raise InvalidPolicy(
+                detail=f"the policy is {len(spec_json)} characters of JSON; at most "
+                f"{MAX_POLICY_JSON}"
+            )
+        if (depth := nesting_depth(spec_json.encode())) > MAX_POLICY_NESTING:
+            raise InvalidPolicy(
+                detail=f"the policy's JSON nests {depth} levels deep; at most {MAX_POLICY_NESTING}"
+            )
         try:
-            return Policy.from_dict(json.loads(spec_json))
-        except json.JSONDecodeError as exc:
+            document = json.loads(spec_json)
+        except ValueError as exc:  # JSONDecodeError, and an integer of over 4,300 digits
             raise InvalidPolicy(detail=f"the policy is not valid JSON: {exc}") from None
+        return Policy.from_dict(document)
 
     async def _policy(self, record: PolicyRecord) -> operator_pb2.Policy:
         policy = Policy.from_dict(record.spec)

@@ -520,6 +520,17 @@ class Protection:
                     state=f"running job {running}",
                     fix="wait for it or cancel it (`coffer job cancel`)",
                 )
+            if delete_data:
+                # All or nothing: what would refuse the delete half (a restore of another VM
+                # reading a point of this one) refuses before the stop half applies.
+                points = await self._catalog.recovery_points(vm_id=item.vm_id, vault=vault)
+                if read := self._jobs.in_use() & {rp.id for rp in points}:
+                    raise ItemStateConflict(
+                        vm=display_name(agent, item.vm_id),
+                        state=f"recovery points {', '.join(sorted(read))} being read by a "
+                        "running job (a restore)",
+                        fix="wait for it or cancel it (`coffer job cancel`); nothing was changed",
+                    )
         jobs: list[JobRecord] = []
         for item in items:
             jobs.append(await self._stop_one(item))

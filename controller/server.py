@@ -33,12 +33,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
+from pathlib import Path
 
 import grpc
 
+from controller.agent_limits import AgentAdmission, IndexBudget
 from controller.agent_service import AgentService
 from controller.alerts import AlertKeeper, Delivery
 from controller.audit import AuditLog
@@ -48,6 +51,7 @@ from controller.config import ControllerConfig
 from controller.copies import Copier, CopyTargets
 from controller.datastore import (
     LeaseHolder,
+    LocalDirectoryStore,
     WriterLease,
     keep_writer_lease,
     open_object_store,
@@ -128,7 +132,7 @@ class Controller:
     @contextlib.asynccontextmanager
     async def running(self) -> AsyncIterator[Controller]:
         config = self.config
-        config.state_dir.mkdir(parents=True, exist_ok=True)
+        _private_state_dir(config.state_dir)
         async with contextlib.AsyncExitStack() as stack:
             # Before anything in the state directory is touched, and held to the end.
             state_lock = stack.enter_context(StateLock(config.state_dir))
@@ -214,6 +218,9 @@ class Controller:
             # Verify jobs: by hand, after backups and on the daily maintenance, as each
             # vault's settings say (controller.verification).
             verifier = Verifier(catalog, datastores, jobs, jobs.integrity, self.clock)
+            # A point whose manifest was deleted is not offered as sound (issue 14).
+            if gone := await jobs.integrity.check_manifests():
+                log.warning("recovery points without a manifest, marked damaged: %s", gone)
             pruner.after_maintenance.append(verifier.reverify)
             protection = Protection(catalog, registry, jobs, vaults, pruner, self.clock, supervisor)
             protection.after_backup.append(verifier.after_backup)
@@ -261,8 +268,9 @@ class Controller:
             edge = CallerIdentity(revocations, audit)
             server = grpc.aio.server(
                 options=server_options(),
-                # The error mapping first: it also maps the identity check's refusals.
-                interceptors=(ErrorMapping(), edge),
+                # The error mapping first: it also maps the identity check's refusals; an
+                # agent's calls are counted once it is known who calls.
+                interceptors=(ErrorMapping(), edge, AgentAdmission()),
             )
             agent_pb2_grpc.add_AgentServiceServicer_to_server(
                 AgentService(
@@ -273,6 +281,7 @@ class Controller:
                     advertised,
                     coffer_version(),
                     enrolment=enrolment,
+                    index_budget=IndexBudget(),
                 ),
                 server,
             )
@@ -367,6 +376,11 @@ class Controller:
                 log.warning("could not release the datastores' writer lease: %s", error)
 
         stack.push_async_callback(release)
+        if isinstance(root, LocalDirectoryStore):
+            # The writer now, before it writes: what puts cut short by a crash left is junk.
+            reclaimed = await asyncio.to_thread(root.reclaim_temporary)
+            if reclaimed:
+                log.info("deleted %d temporary file(s) a crash left in %s", reclaimed, where.url)
         # FATAL: a controller that cannot prove it holds the lease may be writing beside
         # another one (garbage collection would delete the other's chunks): it must stop.
         supervisor.start(LEASE_TASK, partial(keep_writer_lease, lease), policy=Policy.FATAL)
@@ -421,3 +435,25 @@ def _fatal(failure: TaskFailed) -> CofferError:
     )
     error.__cause__ = failure.error
     return error
+
+
+def _private_state_dir(state_dir: Path) -> None:
+    """The state directory, made private: 0700, and every file the controller creates from
+    now on 0600 (umask 077: the catalog and its journal, the broker's configuration and log,
+    keys). The catalog, its journals and the broker's directory and log made by an older
+    controller are made private too. Issue 14: catalog.sqlite, the state directory and the
+    broker log were world-readable."""
+    os.umask(0o077)
+    state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    state_dir.chmod(0o700)
+    for entry in state_dir.iterdir():
+        if entry.is_symlink():
+            continue
+        if entry.is_dir():
+            entry.chmod(0o700)
+            if entry.name == "broker":
+                for inner in entry.iterdir():
+                    if inner.is_file() and not inner.is_symlink():
+                        inner.chmod(0o600)
+        elif entry.is_file():
+            entry.chmod(0o600)

@@ -176,22 +176,22 @@ class Vaults:
         verify_new: bool | None = None,
         reverify_days: int | None = None,
         soft_delete_days: int | None = None,
+        shared_dedup: bool | None = None,
     ) -> VaultRecord:
         """Change a vault's settings: 0 or None leaves one unchanged (for the days settings,
-        None only). Every value is checked before any is written."""
+        None only). Every value is checked before any is written, and all are written in one
+        transaction. Points soft-deleted before keep the purge time they were given."""
         self.check_update(
             max_concurrent_backups, reverify_days=reverify_days, soft_delete_days=soft_delete_days
         )
-        await self._catalog.vault(name)
-        if soft_delete_days is not None:
-            # Points deleted before keep the purge time they were given.
-            await self._catalog.set_soft_delete_days(name, soft_delete_days)
-        if max_concurrent_backups:
-            await self._catalog.set_max_concurrent_backups(name, max_concurrent_backups)
-        if verify_new is not None or reverify_days is not None:
-            await self._catalog.set_verify_settings(
-                name, verify_new=verify_new, reverify_days=reverify_days
-            )
+        await self._catalog.update_vault(
+            name,
+            max_concurrent_backups=max_concurrent_backups or None,
+            verify_new=verify_new,
+            reverify_days=reverify_days,
+            soft_delete_days=soft_delete_days,
+            shared_dedup=shared_dedup,
+        )
         return await self._catalog.vault(name)
 
     async def delete(self, name: str, running_jobs: int) -> VaultRecord:

@@ -336,6 +336,15 @@ class AgentDisconnected(CofferError):
     grpc_status = "UNAVAILABLE"
 
 
+class AgentLimitExceeded(CofferError):
+    """The agent of VM {vm_id!r} went past a limit of what one agent may make the controller hold: {detail}. An agent that does is faulty or hostile (docs/hostile-agent.md); the call was refused and nothing of it kept."""
+
+    code = "AgentLimitExceeded"
+    retryable = True
+    exit_code = 6
+    grpc_status = "RESOURCE_EXHAUSTED"
+
+
 class DiskNotFound(CofferError):
     """VM {vm_id!r} has no disk named {disk!r}; its disks are: {known}."""
 
@@ -413,6 +422,14 @@ class StateDirLost(CofferError):
     """The controller's lock on its state directory {path} is gone ({why}); it stops so that a second controller cannot write beside it. Find what removed or replaced the lock file, then start the controller again."""
 
     code = "StateDirLost"
+
+
+class CatalogFull(CofferError):
+    """The controller's catalog ({path}) cannot be written: its file system is full. Nothing of the change was kept. Free space under the controller's state directory; calls that change state fail until then."""
+
+    code = "CatalogFull"
+    retryable = True
+    grpc_status = "RESOURCE_EXHAUSTED"
 
 
 class DatastoreError(CofferError):

@@ -159,8 +159,10 @@ class RecoveryPointManifest:
         """The manifest in `data`; CorruptData or UnsupportedFormat when it is not one."""
         try:
             document = json.loads(data.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as error:
-            raise CorruptData(what=_WHAT, detail=f"not UTF-8 JSON: {error}") from None
+        # ValueError: JSONDecodeError, UnicodeDecodeError, an integer of over 4,300 digits;
+        # RecursionError: brackets nested past the interpreter's stack (found by fuzzing).
+        except (ValueError, RecursionError) as error:
+            raise CorruptData(what=_WHAT, detail=f"not UTF-8 JSON: {str(error)[:200]}") from None
         if not isinstance(document, dict):
             raise CorruptData(what=_WHAT, detail="not a JSON object")
         version = _field(document, "format", int)

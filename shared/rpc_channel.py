@@ -15,8 +15,18 @@ import grpc
 
 from shared.tls import TlsFiles, channel_credentials
 
-# The largest message either end accepts: a batch of chunks (a few MiB) with room to spare.
-MAX_MESSAGE_BYTES: Final = 32 * 1024 * 1024
+# The largest message the controller accepts (and a client sends): what the protocol needs,
+# no more, since every message is held whole before a handler can refuse it. The largest is
+# one upload message: at most 4 MiB of chunks or a single chunk, and a chunk is at most the
+# largest chunk size (16 MiB). Index parts and digest lists are 2 MiB, operators' requests
+# small. A hostile agent's 30 MiB messages were accepted before (docs/hostile-agent.md).
+MAX_CHUNK_BYTES: Final = 16 * 1024 * 1024
+MAX_REQUEST_BYTES: Final = MAX_CHUNK_BYTES + 64 * 1024
+# The largest message a client accepts (and the controller sends): a download batch (4 MiB
+# and one chunk) or a page of a listing, with room to spare.
+MAX_REPLY_BYTES: Final = 32 * 1024 * 1024
+
+MAX_STREAMS_PER_CONNECTION: Final = 32
 
 # --- keepalive ---------------------------------------------------------------------------
 # Both ends ping the other every KEEPALIVE_TIME_MS and drop the connection when an answer
@@ -59,10 +69,17 @@ def _keepalive_options() -> list[tuple[str, Any]]:
     ]
 
 
-def _message_size_options() -> list[tuple[str, Any]]:
+def _client_message_sizes() -> list[tuple[str, Any]]:
     return [
-        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.max_send_message_length", MAX_REQUEST_BYTES),
+        ("grpc.max_receive_message_length", MAX_REPLY_BYTES),
+    ]
+
+
+def _server_message_sizes() -> list[tuple[str, Any]]:
+    return [
+        ("grpc.max_send_message_length", MAX_REPLY_BYTES),
+        ("grpc.max_receive_message_length", MAX_REQUEST_BYTES),
     ]
 
 
@@ -72,7 +89,7 @@ def channel_options(server_name: str | None = None) -> list[tuple[str, Any]]:
     `server_name` is the name the controller's certificate must carry when it differs from
     the host in the target address (e.g. dialling an IP the certificate does not list).
     """
-    options = [*_keepalive_options(), *_message_size_options()]
+    options = [*_keepalive_options(), *_client_message_sizes()]
     if server_name is not None:
         options.append(("grpc.ssl_target_name_override", server_name))
     return options
@@ -90,7 +107,10 @@ def server_options() -> list[tuple[str, Any]]:
         *_keepalive_options(),
         ("grpc.http2.min_ping_interval_without_data_ms", MIN_CLIENT_PING_INTERVAL_MS),
         ("grpc.http2.max_ping_strikes", 2),
-        *_message_size_options(),
+        *_server_message_sizes(),
+        # Streams one connection may have open at once: an agent needs a handful (session,
+        # upload, index, digests, downloads), the CLI one; each may hold a message.
+        ("grpc.max_concurrent_streams", MAX_STREAMS_PER_CONNECTION),
         ("grpc.so_reuseport", 0),
     ]
 

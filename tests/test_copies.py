@@ -394,6 +394,7 @@ def test_with_the_primary_object_store_stopped_a_restore_reads_the_copy_on_anoth
             toml = cluster.root / "controller.toml"
             toml.write_text(toml.read_text().replace(config, promoted))
             cluster.start_controller()
+            cluster.wait_online("vm", timeout=60)  # the agent dials the new controller again
             target.unlink()
             again = cluster.restore("vm", backup["recovery_point_id"], "root", target)
             assert again["status"] == "Completed", again

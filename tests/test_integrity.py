@@ -119,7 +119,7 @@ class Setup:
         backup = BackupTransaction(
             job_id=f"job-{rp_id}", rp_id=rp_id, datastore=self.datastore, guard=ChunkGuard(),
             catalog=self.catalog, pool=self.pool, vault=VAULT, health=await self.health(),
-            integrity=self.integrity,
+            integrity=self.integrity, shared_dedup=True,
         )  # fmt: skip
         await backup.accept_index(index_of(*seeds))
         await backup.commit(
@@ -254,10 +254,12 @@ def test_put_chunk_replaces_a_damaged_chunk_only_when_asked(tmp_path: Path) -> N
 
 
 def transaction(setup: Setup, health: ChunkHealth, **more: object) -> BackupTransaction:
+    # The datastore checks of a vault whose VMs are one trust domain (shared_dedup): what these
+    # tests are about. Per-VM deduplication is tests/test_hostile_agent.py's.
     return BackupTransaction(
         job_id="job-b", rp_id="rp-b", datastore=setup.datastore, guard=ChunkGuard(),
         catalog=setup.catalog, pool=setup.pool, vault=VAULT, health=health,
-        integrity=setup.integrity, **more,  # type: ignore[arg-type]
+        integrity=setup.integrity, shared_dedup=True, **more,  # type: ignore[arg-type]
     )  # fmt: skip
 
 

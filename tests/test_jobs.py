@@ -303,6 +303,9 @@ def pool() -> AsyncIterator[ThreadPoolExecutor]:
 def transaction(
     store: Store, catalog: Catalog, pool: ThreadPoolExecutor, **more: object
 ) -> BackupTransaction:
+    # The datastore checks of a vault whose VMs are one trust domain, unless a test says
+    # otherwise (`shared_dedup=False`: per VM, the default of a vault).
+    more.setdefault("shared_dedup", True)
     return BackupTransaction(
         job_id="job-1",
         rp_id="rp-1",
@@ -387,6 +390,22 @@ async def test_a_backup_transaction_trusts_no_index_it_cannot_back(
     assert manifest(["root"], ["root"]).disks[0].name == "root"
 
 
+async def test_a_backup_transaction_of_one_vm_answers_only_for_what_it_stored(
+    store: Store, catalog: Catalog, pool: ThreadPoolExecutor
+) -> None:
+    """Per VM (a vault's default): another VM's chunk is "missing" and may not be named by
+    an index until this backup uploads it (issue 14)."""
+    others = chunk_digest(raw(7))
+    store.datastore.put_chunk(others, raw(7), Compression.NONE, CHUNK)
+    backup = transaction(store, catalog, pool, shared_dedup=False)
+    assert await backup.missing_chunks([others]) == [others]
+    with pytest.raises(ChunkMissing, match="did not upload in this backup"):
+        await backup.accept_index(DiskIndex("root", CHUNK, CHUNK, others))
+    await backup.store_chunk(others, raw(7), Compression.NONE, CHUNK)
+    assert await backup.missing_chunks([others]) == []
+    await backup.accept_index(DiskIndex("root", CHUNK, CHUNK, others))
+
+
 async def test_an_incremental_reads_only_its_base_and_relies_on_its_chunks(
     store: Store, catalog: Catalog, pool: ThreadPoolExecutor
 ) -> None:
@@ -405,7 +424,7 @@ async def test_an_incremental_reads_only_its_base_and_relies_on_its_chunks(
 
     second = BackupTransaction(
         job_id="job-2", rp_id="rp-2", datastore=store.datastore, guard=store.guard,
-        catalog=catalog, pool=pool, previous=base,
+        catalog=catalog, pool=pool, previous=base, shared_dedup=True,
     )  # fmt: skip
     with pytest.raises(PermissionDenied, match="not the base"):
         await second.base_index("rp-other", "root")

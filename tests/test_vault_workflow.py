@@ -47,7 +47,9 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     # (test_cancel_a_queued_and_a_running_backup).
     bulk = root / "bulk.img"
     with bulk.open("wb") as f:
-        for _ in range(640):
+        # 1280 MiB: at 640 MiB a backup (about 3.5 s here) could end before the three CLI
+        # calls that need it running did.
+        for _ in range(1280):
             f.write(os.urandom(MiB))
     # blog/web-1's backups pass a gate in their pre-script, open unless a test closes it.
     gate = root / "gate"

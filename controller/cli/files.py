@@ -26,7 +26,6 @@ from datetime import UTC, datetime
 from typing import Any
 
 import click
-from rich.markup import escape
 
 from controller.cli import exits
 from controller.cli.client import Connection, call
@@ -38,6 +37,7 @@ from controller.cli.output import (
     iso,
     json_option,
     print_json,
+    safe,
     size,
     span,
     table,
@@ -110,8 +110,8 @@ def _failed(job: operator_pb2.Job) -> bool:
 def _exit_failed(job: operator_pb2.Job) -> None:
     """Say why the job failed, as a refused call reads, and exit with its code."""
     errors.print(
-        f"[bold red]error[/bold red] ({escape(job.error_code)}): {escape(job.error_message)} "
-        f"(job {escape(job.id)})",
+        f"[bold red]error[/bold red] ({safe(job.error_code)}): {safe(job.error_message)} "
+        f"(job {safe(job.id)})",
         highlight=False,
         soft_wrap=True,
     )
@@ -249,7 +249,7 @@ def files_ls(
         name = shown(more)
         again = f"--after {shlex.quote(name)}" if name == os.fsdecode(more) else "--after NAME"
         console.print(
-            f"More entries follow: list them with {escape(again)} (job {job.id}).",
+            f"More entries follow: list them with {safe(again)} (job {job.id}).",
             highlight=False,
             soft_wrap=True,
         )
@@ -356,7 +356,7 @@ def files_get(
         finish(job, as_json)
         return
     for line in copy_summary(job):
-        console.print(escape(line), highlight=False, soft_wrap=True)
+        console.print(safe(line), highlight=False, soft_wrap=True)
 
 
 # --- mount, unmount -------------------------------------------------------------------------
@@ -416,7 +416,7 @@ def files_mount(
         finish(job, as_json)
         return
     for line in mount_lines(job):
-        console.print(escape(line), highlight=False, soft_wrap=True)
+        console.print(safe(line), highlight=False, soft_wrap=True)
 
 
 @files.command(name="unmount")

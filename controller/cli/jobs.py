@@ -43,6 +43,7 @@ from controller.cli.output import (
     json_option,
     parse_time,
     print_json,
+    safe,
     size,
     span,
     table,
@@ -409,7 +410,7 @@ def show_job(job: operator_pb2.Job) -> None:
     fields += detail_fields(json.loads(job.details_json or "{}"))
     width = max(len(label) for label, _ in fields)
     for label, value in fields:
-        line = f"[bold]{escape(label.ljust(width))}[/bold]  {escape(value)}"
+        line = f"[bold]{escape(label.ljust(width))}[/bold]  {safe(value)}"
         console.print(line.rstrip(), highlight=False, soft_wrap=True)
 
 
@@ -514,7 +515,7 @@ def backup_now(
     if not as_json:
         for job in started:
             console.print(
-                f"Started backup job [bold]{job.id}[/bold] of {job.item or job.vm_id}",
+                f"Started backup job [bold]{job.id}[/bold] of {safe(job.item or job.vm_id)}",
                 highlight=False,
                 soft_wrap=True,
             )

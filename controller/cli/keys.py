@@ -8,10 +8,9 @@ operator stores offline beside (never with) the master key (docs/encryption.md).
 from __future__ import annotations
 
 import click
-from rich.markup import escape
 
 from controller.cli.client import Connection, call
-from controller.cli.output import as_dict, console, json_option, print_json
+from controller.cli.output import as_dict, console, json_option, print_json, safe
 from shared.rpc import operator_pb2
 
 
@@ -44,11 +43,11 @@ def key_rotate(connection: Connection, vault: str, new_data_key: bool, as_json: 
         print_json(as_dict(keys))
         return
     console.print(
-        f"Re-wrapped {keys.keys_rewrapped} keys of vault [bold]{escape(keys.vault)}[/bold] "
-        f"under the master key ({escape(keys.master_key)}). Data keys: "
+        f"Re-wrapped {keys.keys_rewrapped} keys of vault [bold]{safe(keys.vault)}[/bold] "
+        f"under the master key ({safe(keys.master_key)}). Data keys: "
         f"{', '.join(map(str, keys.data_keys))}; new data is encrypted with key "
         f"{keys.current_data_key}.\nExport the keys again and keep the export offline: "
-        f"coffer vault key export {escape(keys.vault)}",
+        f"coffer vault key export {safe(keys.vault)}",
         highlight=False,
         soft_wrap=True,
     )

@@ -26,6 +26,7 @@ from controller.cli.output import (
     as_dict,
     json_option,
     json_requested,
+    plain,
     print_error,
     print_json,
     size,
@@ -165,7 +166,7 @@ def agents(connection: Connection, as_json: bool) -> None:
     )
     for a in reply.agents:
         for warning in a.warnings:
-            click.echo(f"WARNING {a.vm_id}: {warning.code}: {warning.message}")
+            click.echo(f"WARNING {a.vm_id}: {plain(warning.code)}: {plain(warning.message)}")
 
 
 RP_COLUMNS = (

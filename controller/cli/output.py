@@ -21,10 +21,12 @@ from google.protobuf.json_format import MessageToDict
 from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
 from shared.errors import InvalidArgument
+from shared.printable import shown
 
 # Piped output keeps whole rows on one line (wrapped columns are unreadable in a log);
 # scripts should use --json anyway.
@@ -68,8 +70,16 @@ def parse_time(value: str) -> datetime:
         parsed = datetime.fromisoformat(value)
     except ValueError as exc:
         raise InvalidArgument(detail=f"{value!r} is not an ISO 8601 date or time") from exc
-    if parsed.tzinfo is None:
-        parsed = parsed.replace(tzinfo=_Zone.zone) if _Zone.zone else parsed.astimezone()
+    try:
+        if parsed.tzinfo is None:
+            parsed = parsed.replace(tzinfo=_Zone.zone) if _Zone.zone else parsed.astimezone()
+        # Every time goes on the wire in UTC: one that is not a time there (0001-01-01 in a
+        # zone east of UTC is before year 1) is refused here, not as a traceback later.
+        parsed.astimezone(UTC)
+    except (OverflowError, ValueError) as exc:
+        raise InvalidArgument(
+            detail=f"{value!r} is out of the range of times Coffer records ({exc})"
+        ) from exc
     return parsed
 
 
@@ -120,6 +130,29 @@ def _convert(message: Message, data: dict[str, Any]) -> dict[str, Any]:
     return data
 
 
+def plain(text: str) -> str:
+    """Text the CLI did not write (names a VM's agent gave, messages of agents and of the
+    controller) as it may reach a terminal: every character that is not printable, an escape
+    sequence's ESC first, shown as `\\xNN`, line by line so a message of several lines keeps
+    them. Printable text is left as it is, so text already made safe (shared.printable's
+    `shown`) is not escaped twice. Issue 14: a name holding escape sequences reached the
+    operator's terminal raw (window title, clear screen)."""
+    return "\n".join(
+        line if line.isprintable() else "".join(map(_printable_char, line))
+        for line in text.split("\n")
+    )
+
+
+def _printable_char(char: str) -> str:
+    return char if char.isprintable() else shown(char)
+
+
+def safe(text: str) -> str:
+    """`plain(text)` inside rich markup: its brackets print as themselves (a VM named `[/]`
+    stopped `coffer items` with a markup error)."""
+    return escape(plain(text))
+
+
 def print_json(data: Any) -> None:
     print(json.dumps(data, indent=2, sort_keys=True))
 
@@ -156,10 +189,8 @@ def print_error(code: str, message: str, exit_status: int, *, as_json: bool) -> 
         document = {"error": {"code": code, "message": message, "exit_status": exit_status}}
         print(json.dumps(document, sort_keys=True), file=sys.stderr)
         return
-    from rich.markup import escape
-
     errors.print(
-        f"[bold red]error[/bold red] ({escape(code)}): {escape(message)}",
+        f"[bold red]error[/bold red] ({safe(code)}): {safe(message)}",
         highlight=False,
         soft_wrap=True,
     )
@@ -203,11 +234,11 @@ def span(seconds: float) -> str:
 
 def table(title: str, columns: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
     if not rows:
-        console.print(Text(f"{title}: none", style="dim"))
+        console.print(Text(f"{plain(title)}: none", style="dim"))
         return
-    grid = Table(title=Text(title), title_justify="left", header_style="bold")
+    grid = Table(title=Text(plain(title)), title_justify="left", header_style="bold")
     for column in columns:
         grid.add_column(column, overflow="fold")
     for row in rows:
-        grid.add_row(*(Text(cell) for cell in row))  # cells are data, never markup
+        grid.add_row(*(Text(plain(cell)) for cell in row))  # cells are data, never markup
     console.print(grid)

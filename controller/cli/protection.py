@@ -6,11 +6,10 @@ import json
 import sys
 
 import click
-from rich.markup import escape
 
 from controller.cli.client import Connection, call
 from controller.cli.jobs import show_jobs
-from controller.cli.output import as_dict, console, json_option, print_json, size, table, when
+from controller.cli.output import as_dict, console, json_option, print_json, safe, size, table, when
 from shared.model import ItemState
 from shared.policy import Policy, parse_retention, parse_schedule
 from shared.rpc import operator_pb2
@@ -47,7 +46,7 @@ def discover(connection: Connection, vault_name: str, as_json: bool) -> None:
         ],
     )
     for note in reply.notes:
-        console.print(f"Nothing found: {escape(note)}", highlight=False, soft_wrap=True)
+        console.print(f"Nothing found: {safe(note)}", highlight=False, soft_wrap=True)
 
 
 @click.command()
@@ -152,7 +151,7 @@ def build_policy(
 ) -> Policy:
     return Policy(
         name=name,
-        schedule=parse_schedule(schedule or "daily 02:00"),
+        schedule=parse_schedule("daily 02:00" if schedule is None else schedule),
         retention=parse_retention(daily=daily, weekly=weekly, monthly=monthly, yearly=yearly),
     )
 
@@ -239,7 +238,7 @@ def policy_edit(
         options.pop(rule, None)
     edited = build_policy(
         name,
-        schedule or current.schedule.to_text(),
+        current.schedule.to_text() if schedule is None else schedule,
         options.get("daily"),
         options.get("weekly"),
         options.get("monthly"),
@@ -292,10 +291,10 @@ def policy_delete(connection: Connection, vault_name: str, name: str, as_json: b
     if as_json:
         print_json(as_dict(deleted))
         return
-    console.print(f"Deleted policy [bold]{escape(name)}[/bold]", highlight=False, soft_wrap=True)
+    console.print(f"Deleted policy [bold]{safe(name)}[/bold]", highlight=False, soft_wrap=True)
     if deleted.vms:
         console.print(
-            f"VMs whose protection was stopped with it: {escape(', '.join(deleted.vms))}; "
+            f"VMs whose protection was stopped with it: {safe(', '.join(deleted.vms))}; "
             "resuming them needs --policy",
             highlight=False,
             soft_wrap=True,

@@ -7,12 +7,21 @@ import time
 from typing import Any
 
 import click
-from rich.markup import escape
 
 from controller.cli.client import Connection, call
 from controller.cli.jobs import finish, follow
 from controller.cli.keys import key
-from controller.cli.output import as_dict, console, json_option, print_json, size, span, table, when
+from controller.cli.output import (
+    as_dict,
+    console,
+    json_option,
+    print_json,
+    safe,
+    size,
+    span,
+    table,
+    when,
+)
 from shared.rpc import operator_pb2
 
 # What the controller accepts (controller.vaults): at least one backup at a time, at most 64.
@@ -109,9 +118,9 @@ def vault_create(
         print_json(as_dict(created))
         return
     console.print(
-        f"Created vault [bold]{escape(created.name)}[/bold] in region "
-        f"{escape(created.region)} with policy DefaultPolicy (daily at 02:00 "
-        f"{escape(timezone)}, kept 30 days)",
+        f"Created vault [bold]{safe(created.name)}[/bold] in region "
+        f"{safe(created.region)} with policy DefaultPolicy (daily at 02:00 "
+        f"{safe(timezone)}, kept 30 days)",
         highlight=False,
         soft_wrap=True,
     )
@@ -150,6 +159,11 @@ def _show_vault(found: operator_pb2.Vault) -> None:
         kept = f"encrypted ({found.encryption}, data key {found.current_data_key})"
     else:
         kept = "not encrypted (format 1)"
+    dedup = (
+        "across all its VMs (one trust domain)"
+        if found.shared_dedup
+        else "per VM (each against what it stored itself)"
+    )
     if found.copy_target:
         where = f" at {found.copy_location}" if found.copy_location else " (not configured)"
         copy = f"to {found.copy_target}{where}"
@@ -162,6 +176,7 @@ def _show_vault(found: operator_pb2.Vault) -> None:
         ("Restore drills", _drills_cell(found)),
         ("Datastore", f"{found.datastore}, {kept}"),
         ("Copy", copy),
+        ("Deduplication", dedup),
     ]
     if found.deleted_recovery_points:
         settings.append(
@@ -172,12 +187,12 @@ def _show_vault(found: operator_pb2.Vault) -> None:
             )
         )
     for label, value in settings:
-        console.print(f"{label}: {escape(value)}", highlight=False, soft_wrap=True)
+        console.print(f"{label}: {safe(value)}", highlight=False, soft_wrap=True)
     if found.upgrading_from_format:
         console.print(
             f"Upgrade from format {found.upgrading_from_format} under way: "
             f"{_points(found.points_in_old_format)} still in format "
-            f"{found.upgrading_from_format} (`coffer vault upgrade {escape(found.name)}` takes it "
+            f"{found.upgrading_from_format} (`coffer vault upgrade {safe(found.name)}` takes it "
             "up if it was stopped)",
             highlight=False,
             soft_wrap=True,
@@ -215,7 +230,7 @@ def vault_upgrade(
     if not as_json:
         what = "dry run of the upgrade" if dry_run else "upgrade"
         console.print(
-            f"Started {what} of vault {escape(name)}: job [bold]{started.id}[/bold]",
+            f"Started {what} of vault {safe(name)}: job [bold]{started.id}[/bold]",
             highlight=False,
             soft_wrap=True,
         )
@@ -228,10 +243,10 @@ def vault_upgrade(
 def _say_plan(name: str, plan: dict[str, Any]) -> None:
     """A dry run's plan, in words."""
     if not plan.get("recovery_points"):
-        console.print(f"Vault {escape(name)}: nothing to convert.", highlight=False)
+        console.print(f"Vault {safe(name)}: nothing to convert.", highlight=False)
         return
     console.print(
-        f"Vault {escape(name)}: the upgrade would rewrite {_points(plan['recovery_points'])} "
+        f"Vault {safe(name)}: the upgrade would rewrite {_points(plan['recovery_points'])} "
         f"({plan['disk_indexes']} disk indexes) and {plan['chunks']} chunks "
         f"({size(plan['stored_bytes'])} stored), {plan['objects']} objects in all. At the rate "
         f"measured on {plan['sampled_chunks']} of its chunks ({plan['rate_mb_per_second']} MB/s, "
@@ -261,6 +276,13 @@ def _say_plan(name: str, plan: dict[str, Any]) -> None:
     type=REVERIFY_DAYS,
     default=None,
     help="Daily, verify the points not verified for N days (0: off).",
+)
+@click.option(
+    "--shared-dedup",
+    type=click.Choice(["on", "off"]),
+    default=None,
+    help="on: the vault's VMs are one trust domain, each backup deduplicates against "
+    "everything the vault holds; off (the default): only against what its own VM stored.",
 )
 @click.option(
     "--copy-to",
@@ -300,6 +322,7 @@ def vault_update(
     max_concurrent_backups: int | None,
     verify_new: str | None,
     reverify_days: int | None,
+    shared_dedup: str | None,
     copy_to: str | None,
     no_copy: bool,
     soft_delete_days: int | None,
@@ -322,6 +345,9 @@ def vault_update(
     scheduled drill restores the latest recovery point of every protected VM to the drill
     directory on the drill agent, checks its file systems read-only (e2fsck -fn,
     xfs_repair -n), deletes it, and records the outcome on the recovery point.
+
+    With --shared-dedup on, a VM's backup learns whether the vault holds a content any VM
+    stored (and sends less): turn it on only for VMs that trust each other.
     """
     if copy_to is not None and no_copy:
         raise click.UsageError("--copy-to or --no-copy, not both")
@@ -341,11 +367,12 @@ def vault_update(
         and not no_drills
         and copy_to is None
         and not no_copy
+        and shared_dedup is None
     ):
         raise click.UsageError(
             "nothing to change: give --max-concurrent-backups, --verify-new, --reverify-days, "
-            "--soft-delete-days, --copy-to, --no-copy or drill settings (--drill-schedule, "
-            "--drill-agent, --drill-dir, --no-drills)"
+            "--soft-delete-days, --shared-dedup, --copy-to, --no-copy or drill settings "
+            "(--drill-schedule, --drill-agent, --drill-dir, --no-drills)"
         )
     request = operator_pb2.UpdateVaultRequest(
         name=name,
@@ -357,6 +384,8 @@ def vault_update(
         request.verify_new = verify_new == "on"
     if reverify_days is not None:
         request.reverify_days = reverify_days
+    if shared_dedup is not None:
+        request.shared_dedup = shared_dedup == "on"
     if copy_to is not None or no_copy:
         request.copy_to = copy_to or ""
     if soft_delete_days is not None:
@@ -382,7 +411,7 @@ def vault_delete(connection: Connection, name: str, as_json: bool) -> None:
         print_json(as_dict(deleted))
     else:
         console.print(
-            f"Deleted vault [bold]{escape(deleted.name)}[/bold]", highlight=False, soft_wrap=True
+            f"Deleted vault [bold]{safe(deleted.name)}[/bold]", highlight=False, soft_wrap=True
         )
 
 
@@ -475,7 +504,7 @@ def _show_copy(board: operator_pb2.DashboardReply) -> None:
     )
     if board.copy_unavailable:
         console.print(
-            f"Copies cannot be written now: {escape(board.copy_unavailable)}",
+            f"Copies cannot be written now: {safe(board.copy_unavailable)}",
             highlight=False,
             soft_wrap=True,
         )

@@ -16,8 +16,9 @@ for a batch (`durable=False`) and calls `sync` once at its end: garbage collecti
 thousands of chunks, and a sync per chunk made it as slow as the disk's flushes, while it
 held the chunk guard's lock.
 
-Temporary files are named `.tmp-*`; keys never start with '.', so listing skips them and
-garbage collection can remove any left by a crash. `.writer-lease` is the writer lease: an
+Temporary files are named `.tmp-*`; keys never start with '.', so listing skips them; the
+controller deletes any a crash left (`reclaim_temporary`) when it starts, once it holds the
+writer lease. `.writer-lease` is the writer lease: an
 exclusive `flock` held for the life of the controller process (lease.py). Files are created
 0600 and directories 0700: they hold the contents of the VMs' disks. The datastore shards
 chunk keys two levels deep, so no directory grows past a few thousand files even for hundreds
@@ -157,6 +158,23 @@ class LocalDirectoryStore:
             self._durable()  # the name
         except OSError as error:
             raise self._error("write", key, error) from error
+
+    def reclaim_temporary(self) -> int:
+        """Delete the temporary files puts that never finished left (a crash, a kill -9
+        between the write and the rename); how many. Called by the writer-lease holder
+        before it writes: no put of its own is in flight, and no other writer may be."""
+        reclaimed = 0
+        for directory, _, names in os.walk(self._root):
+            for name in names:
+                if name.startswith(_TEMP_PREFIX):
+                    try:
+                        os.unlink(os.path.join(directory, name))
+                    except FileNotFoundError:
+                        continue
+                    except OSError as error:
+                        raise self._error("delete", name, error) from error
+                    reclaimed += 1
+        return reclaimed
 
     def get(self, key: str) -> bytes:
         path = self._path(key)

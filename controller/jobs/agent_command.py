@@ -15,17 +15,72 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
+import re
 from dataclasses import dataclass
 
 from controller.jobs.runner import JobRunner, RunningJob
 from controller.registry import AgentRegistry, AgentSession
-from shared.errors import JobCancelled
+from shared.errors import InvalidArgument, JobCancelled
 from shared.model import JobStatus
 from shared.rpc import agent_pb2
 from shared.rpc_errors import from_proto
 
 # How long a cancelled job may take to stop on its agent before the controller stops waiting.
 CANCEL_GRACE_SECONDS = 30.0
+
+MAX_RECORDED = (1 << 63) - 1
+"""The largest count the catalog records (SQLite's INTEGER is signed 64-bit)."""
+MAX_FROZEN_MS = 86_400_000.0  # a day: far beyond any thaw deadline
+MAX_WARNINGS = 64
+MAX_RESULT_TEXT = 4096  # characters of an error message or a warning
+MAX_RESULT_DISKS = 64
+MAX_DAMAGED_REPORTED = 1 << 16
+_ERROR_CODE = re.compile(r"[A-Za-z][A-Za-z0-9]{0,63}")
+
+
+def check_result(result: agent_pb2.CommandResult) -> None:
+    """Every value of an agent's result within what can be recorded and shown; InvalidArgument
+    naming the first that is not. Checked before anything of it is used: a count past 2^63
+    once committed a recovery point and then failed to record its job, which stayed
+    InProgress (issue 14)."""
+
+    def bad(detail: str) -> InvalidArgument:
+        return InvalidArgument(detail=f"the agent's result: {detail}")
+
+    def count(value: int, what: str) -> None:
+        if not 0 <= value <= MAX_RECORDED:
+            raise bad(f"{what} {value} is out of range (0 to 2^63-1)")
+
+    def text(value: str, what: str) -> None:
+        if len(value) > MAX_RESULT_TEXT:
+            raise bad(f"{what} has {len(value)} characters; at most {MAX_RESULT_TEXT}")
+
+    if result.HasField("error"):
+        if result.error.code and _ERROR_CODE.fullmatch(result.error.code) is None:
+            raise bad(f"error code {result.error.code[:80]!r} is not a code")
+        text(result.error.message, "the error message")
+    if len(result.warnings) > MAX_WARNINGS:
+        raise bad(f"{len(result.warnings)} warnings; at most {MAX_WARNINGS}")
+    for warning in result.warnings:
+        text(warning, "a warning")
+    count(result.bytes_written, "bytes written")
+    if not (math.isfinite(result.frozen_ms) and 0 <= result.frozen_ms <= MAX_FROZEN_MS):
+        raise bad(f"frozen time {result.frozen_ms} ms is out of range")
+    if len(result.disks) > MAX_RESULT_DISKS:
+        raise bad(f"{len(result.disks)} disks; at most {MAX_RESULT_DISKS}")
+    for disk in result.disks:
+        count(disk.size_bytes, f"disk {disk.disk[:64]!r}: size")
+        count(disk.bytes_read, f"disk {disk.disk[:64]!r}: bytes read")
+        count(disk.bytes_sent, f"disk {disk.disk[:64]!r}: bytes sent")
+        for value, what in (
+            (disk.consistency, "consistency"),
+            (disk.snapshot_provider, "provider"),
+        ):
+            if len(value) > 64 or not value.isprintable():
+                raise bad(f"disk {disk.disk[:64]!r}: {what} {value[:64]!r} is not a name")
+    if len(result.damaged_chunks) > MAX_DAMAGED_REPORTED:
+        raise bad(f"{len(result.damaged_chunks)} damaged chunks; at most {MAX_DAMAGED_REPORTED}")
 
 
 @dataclass(eq=False)
@@ -49,6 +104,7 @@ async def run_command(
     running.reply = session.send(command, job.id)
     try:
         result = await running.reply
+        check_result(result)
         running.result = result
     finally:
         running.reply = None

@@ -25,9 +25,10 @@ a Prune job of the VM).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import secrets
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -44,7 +45,17 @@ from controller.jobs.runner import JobRunner
 from controller.jobs.transaction import BackedUpDisk, BackupTransaction
 from controller.registry import AgentRegistry
 from shared.clock import Clock
-from shared.errors import AgentUnreachable, BackupWindowMissed, Conflict, DiskNotFound, JobCancelled
+from shared.digest import DIGEST_SIZE
+from shared.errors import (
+    AgentLimitExceeded,
+    AgentUnreachable,
+    BackupWindowMissed,
+    Conflict,
+    DiskNotFound,
+    InvalidArgument,
+    JobCancelled,
+)
+from shared.index import chunk_count
 from shared.model import JobStatus, Operation, Trigger, weakest
 from shared.rpc import agent_pb2
 
@@ -68,6 +79,11 @@ class RunningBackup(AgentJob):
     transaction: BackupTransaction | None = None
     """Open from its start until its end."""
     vm: dict[str, str] = field(default_factory=dict)
+    declared: dict[str, int] = field(default_factory=dict)
+    """The disks the agent's hello declared when the backup started, and their sizes: an
+    index is taken only for one of them, and no larger."""
+    streams: set[str] = field(default_factory=set)
+    """The data streams (upload, index) the agent has open for the job: one of each at most."""
 
     @property
     def previous(self) -> RecoveryPointRecord | None:
@@ -77,6 +93,47 @@ class RunningBackup(AgentJob):
     def chunk_size(self) -> int:
         assert self.transaction is not None, "the backup has not started"
         return self.transaction.chunk_size
+
+    @contextlib.contextmanager
+    def stream(self, kind: str) -> Iterator[None]:
+        """Hold the job's one `kind` stream (upload, index) while the block runs."""
+        if kind in self.streams:
+            raise AgentLimitExceeded(
+                vm_id=self.vm_id, detail=f"one {kind} stream at a time per backup job"
+            )
+        self.streams.add(kind)
+        try:
+            yield
+        finally:
+            self.streams.discard(kind)
+
+    def index_bytes(self, disk: str, size_bytes: int, chunk_size: int) -> int:
+        """The digest bytes an index of `disk` (`size_bytes`, in chunks of `chunk_size`) has,
+        once it is checked to be one this backup may take: of a disk the backup is for and
+        the agent declared, no larger than declared, with the job's chunk size, not yet
+        taken."""
+        assert self.transaction is not None, "the backup has not started"
+        if chunk_size != self.transaction.chunk_size:
+            raise InvalidArgument(
+                detail=f"index chunk size {chunk_size} is not the job's {self.chunk_size}"
+            )
+        if disk not in self.record.disks:
+            raise InvalidArgument(
+                detail=f"backup {self.id} is not for a disk {disk!r}; it is for "
+                f"{', '.join(self.record.disks) or 'no disk'}"
+            )
+        declared = self.declared.get(disk)
+        if declared is None:
+            raise InvalidArgument(detail=f"the agent's hello declared no disk {disk!r}")
+        if not 0 <= size_bytes <= declared:
+            raise InvalidArgument(
+                detail=f"the index of disk {disk!r} is for {size_bytes} bytes, but the agent "
+                f"declared the disk {declared} bytes large in its hello (a disk that grew is "
+                "declared again when the agent reconnects)"
+            )
+        if disk in self.transaction.indexes:
+            raise Conflict(detail=f"the index of disk {disk!r} was taken already")
+        return chunk_count(size_bytes, chunk_size) * DIGEST_SIZE
 
 
 def _iso(seconds: float) -> str:
@@ -218,7 +275,9 @@ class Backups:
             vault=job.vault,
             health=await self._datastores.health(job.vault),
             integrity=self._integrity,
+            shared_dedup=(await self._catalog.vault(job.vault)).shared_dedup,
         )
+        running.declared = {d.name: d.size_bytes for d in session.hello.disks}
         running.vm = {
             "name": session.hello.name,
             "service": session.hello.service,
@@ -251,6 +310,16 @@ class Backups:
     async def _commit(self, running: RunningBackup, result: agent_pb2.CommandResult) -> None:
         job, transaction = running.record, running.transaction
         assert transaction is not None
+        for disk in result.disks:
+            # Checked against what the agent declared, before anything is recorded: a disk
+            # yields at most its size (its chunks are never sent larger than read).
+            declared = running.declared.get(disk.disk, 0)
+            if disk.bytes_read > declared or disk.bytes_sent > declared:
+                raise InvalidArgument(
+                    detail=f"the agent reports {disk.bytes_read} bytes read and "
+                    f"{disk.bytes_sent} sent of disk {disk.disk[:64]!r}, which it declared "
+                    f"{declared} bytes large"
+                )
         for disk in result.disks:
             job.bytes_read += disk.bytes_read
             job.bytes_sent += disk.bytes_sent

@@ -47,7 +47,7 @@ from typing import Any
 from controller.catalog import Catalog, JobRecord
 from controller.datastore.copy import VaultCopy
 from controller.datastores import Datastores
-from controller.jobs.agent_command import CANCEL_GRACE_SECONDS, run_command
+from controller.jobs.agent_command import CANCEL_GRACE_SECONDS, MAX_RECORDED, run_command
 from controller.jobs.restore import RestoreSession, RunningRestore
 from controller.jobs.runner import JobRunner
 from controller.registry import AgentRegistry
@@ -304,6 +304,9 @@ class FileRecoveries:
             }
             if skipped:
                 job.details["skipped_partitions"] = skipped
+        for value in (status.chunks_fetched, status.bytes_fetched, status.raw_bytes_fetched):
+            if value > MAX_RECORDED:  # the catalog's integers are signed 64-bit
+                raise CorruptData(what="the agent's report", detail=f"a count of {value}")
         job.details["chunks_fetched"] = status.chunks_fetched
         job.details["bytes_fetched"] = status.bytes_fetched
         job.details["raw_bytes_fetched"] = status.raw_bytes_fetched

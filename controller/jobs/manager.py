@@ -31,7 +31,14 @@ from controller.registry import AgentRegistry
 from controller.status import StatusMonitor
 from shared.blob import Compression
 from shared.clock import Clock
-from shared.errors import ChunkMissing, Conflict, CorruptData, DataCorrupted, PermissionDenied
+from shared.errors import (
+    AgentLimitExceeded,
+    ChunkMissing,
+    Conflict,
+    CorruptData,
+    DataCorrupted,
+    PermissionDenied,
+)
 from shared.index import DiskIndex
 from shared.model import JobStatus, Operation, Trigger
 from shared.rpc import agent_pb2
@@ -308,13 +315,35 @@ class JobManager:
             raise PermissionDenied(detail=f"job {job_id} is not a running job of VM {vm_id!r}")
         return running
 
+    def over_limit(self, running: RunningBackup, error: AgentLimitExceeded) -> AgentLimitExceeded:
+        """The agent of `running` went past a limit (controller.agent_limits): the job fails
+        with `error` whatever the agent does next, so a hostile agent cannot go on holding what
+        the job lets it hold. The error, for the refused call to raise."""
+        if running.reply is not None and not running.reply.done():
+            running.reply.set_exception(error)
+        return error
+
+    def disks_declared(self, vm_id: str, disks: dict[str, int]) -> None:
+        """The agent of `vm_id` declared its disks (name: size) again: a backup of it running
+        now checks its indexes against these."""
+        running = self._runner.get(self._runner.of_vm(vm_id))
+        if isinstance(running, RunningBackup):
+            running.declared = dict(disks)
+
     async def index_for(self, vm_id: str, job_id: str, rp_id: str, disk: str) -> DiskIndex:
         """A disk index a running job of `vm_id` may read: its restore's, or its backup's base."""
         running = self._owned(vm_id, job_id)
         if isinstance(running, RunningRestore) and running.session is not None:
             return running.session.index_for(rp_id, disk)
         if isinstance(running, RunningBackup) and running.transaction is not None:
-            return await running.transaction.base_index(rp_id, disk)
+            transaction = running.transaction
+            try:
+                return await transaction.base_index(rp_id, disk)
+            finally:
+                if transaction.base_unreadable:
+                    # Recorded on the job: these disks were read in full, and why.
+                    running.record.details["full_read"] = dict(transaction.base_unreadable)
+                    running.touch()
         raise PermissionDenied(detail=f"job {job_id} reads no disk index")
 
     async def datastore(self, running: RunningJob) -> Datastore:
@@ -346,6 +375,7 @@ class JobManager:
         """Verify and store a chunk a backup uploaded (a bad one replaces what the datastore
         holds under its name); the bytes it added."""
         assert running.transaction is not None
+        self._still_running(running)
         return await running.transaction.store_chunk(digest, data, compression, raw_size)
 
     async def chunk_unreadable(
@@ -357,7 +387,14 @@ class JobManager:
     async def accept_index(self, running: RunningBackup, index: DiskIndex) -> None:
         """Take a disk's index once every chunk it references is known to be durable."""
         assert running.transaction is not None
+        self._still_running(running)
         await running.transaction.accept_index(index)
+
+    @staticmethod
+    def _still_running(running: RunningBackup) -> None:
+        """A stream of a backup that ended meanwhile (failed by an agent's excess) stops."""
+        if running.record.status.ended:
+            raise PermissionDenied(detail=f"job {running.id} has ended")
 
     # --- watching ------------------------------------------------------------------------------
 

@@ -67,6 +67,8 @@ from shared.index import DiskIndex
 from shared.model import Operation, RestoreMode
 from shared.rpc import agent_pb2
 
+MAX_TARGET_PATH = 4096  # bytes: Linux's PATH_MAX
+
 
 @dataclass
 class RestoreSession:
@@ -227,6 +229,13 @@ class Restores:
                 )
         elif not target_path:
             raise InvalidArgument(detail="a restore needs a target path on the target VM")
+        if "\0" in target_path or len(target_path.encode()) > MAX_TARGET_PATH:
+            # Recorded and sent to the agent as it is: a path no file system can hold is
+            # refused here, with nothing started.
+            raise InvalidArgument(
+                detail=f"the target path {target_path[:80]!r} holds a NUL byte or is longer "
+                f"than {MAX_TARGET_PATH} bytes"
+            )
         target_vm = target_vm or vm_id
         target = await self._target_agent(rp, target_vm)
         if in_place:

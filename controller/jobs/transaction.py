@@ -4,9 +4,17 @@ A running backup (backup.py) opens one transaction when it starts; the agent's d
 (agent_service.py: MissingChunks, UploadChunks, PutIndex, FetchIndex of the base) go to it.
 
 - Known digests: chunks this backup has seen durable in the datastore (found there, or
-  uploaded by it). An index may reference only these, or what a datastore check finds when the
-  index arrives. Nothing is known on trust: the previous recovery point's chunks are checked
+  uploaded by it). Nothing is known on trust: the previous recovery point's chunks are checked
   for presence (in batches, in the pool) before the agent gets its base index.
+- Deduplication answers only for what the VM stored itself (issue 14): the chunks of its
+  previous recovery point's indexes the agent fetched (its base), and those it uploaded in
+  this backup. Anything else is "missing" to it, whatever the datastore holds, and an index
+  may name only known chunks; otherwise an agent could learn whether another VM holds a
+  content, and restore that content by naming it without ever having had it. The agent
+  uploads such a chunk; the datastore keeps one copy (`put_chunk` stores nothing when it is
+  there). That re-upload is the price of isolation (docs/hostile-agent.md measures it). A
+  vault whose VMs are one trust domain (`shared_dedup`, off by default) answers for the whole
+  datastore, as Coffer did before: an index may then name any chunk a datastore check finds.
 - Bad chunks (the vault's `ChunkHealth`, controller.integrity): a chunk known missing or
   corrupt is never answered "already stored". `MissingChunks` reports it missing, an upload
   of it replaces what the datastore holds under its name (`put_chunk(replace=True)`) and
@@ -46,7 +54,16 @@ from controller.datastore.verify import MISSING, damage_in
 from controller.integrity import Integrity
 from shared.blob import Compression
 from shared.digest import DIGEST_SIZE, MASKED_DIGEST, ZERO_DIGEST
-from shared.errors import ChunkMissing, Conflict, InvalidArgument, NotFound, PermissionDenied
+from shared.errors import (
+    ChunkMissing,
+    CofferError,
+    Conflict,
+    CorruptData,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    UnsupportedFormat,
+)
 from shared.index import DiskIndex
 from shared.manifest import ManifestDisk, RecoveryPointManifest
 from shared.model import Consistency, weakest
@@ -103,7 +120,12 @@ def recovery_point_record(
 
 @dataclass(frozen=True)
 class AcceptedIndex:
-    index: DiskIndex
+    """What the manifest needs of an index written to the datastore: not its digests, which
+    would stay in memory until the job ends (issue 14: a memory budget for indexes)."""
+
+    size_bytes: int
+    chunk_size: int
+    chunk_count: int
     sha256: str
     data_bytes: int
 
@@ -145,6 +167,11 @@ class BackupTransaction:
     that need them)."""
     repaired: set[bytes] = field(default_factory=set)
     """Bad chunks this backup stored again."""
+    shared_dedup: bool = False
+    """The vault's VMs are one trust domain: deduplication answers for the whole datastore."""
+    base_unreadable: dict[str, str] = field(default_factory=dict)
+    """Disks whose index in the base could not be read (damaged, gone), and why: the agent
+    reads them in full instead."""
 
     @property
     def chunk_size(self) -> int:
@@ -164,7 +191,17 @@ class BackupTransaction:
             )
         if disk not in {d.name for d in self.previous.disks}:
             raise NotFound(kind="disk in the previous recovery point", name=disk)
-        index = await self._in_pool(self.datastore.get_index, rp_id, disk)
+        if disk in self.base_unreadable:
+            raise NotFound(kind="readable index in the previous recovery point", name=disk)
+        try:
+            index = await self._in_pool(self.datastore.get_index, rp_id, disk)
+        except (CorruptData, UnsupportedFormat, NotFound) as error:
+            # A damaged base must not fail every later backup of the VM until it is repaired:
+            # this one reads the disk in full (the agent takes NotFound as "no base").
+            await self._base_unreadable(rp_id, disk, error)
+            raise NotFound(
+                kind="readable index in the previous recovery point", name=disk
+            ) from None
         # The base recovery point is not pruned while this backup runs (the job manager's
         # `in_use`), so its manifest keeps its chunks; held as well, for a prune that came
         # first. Held before they are looked for (the guard protocol): a chunk deleted before
@@ -181,6 +218,18 @@ class BackupTransaction:
         mask = absent | self.health.bad_among(referenced)
         self.known.update(referenced - mask)
         return await self._in_pool(masked, index, mask)
+
+    async def _base_unreadable(self, rp_id: str, disk: str, error: CofferError) -> None:
+        """The base's index of `disk` cannot be read: recorded, and the base damaged."""
+        why = error.message
+        self.base_unreadable[disk] = why
+        if self.integrity is not None:
+            await self.integrity.unreadable(
+                self.vault,
+                rp_id,
+                f"the index of disk {disk!r} cannot be read: {why}",
+                by=self.job_id,
+            )
 
     async def _base_damaged(
         self, rp_id: str, index: DiskIndex, absent: set[bytes], since: int
@@ -216,6 +265,10 @@ class BackupTransaction:
         """Which of `digests` the agent must upload: those the datastore lacks, and those it
         holds damaged (a bad chunk is never answered "already stored")."""
         unknown = [d for d in digests if d not in self.known or self.health.is_bad(d)]
+        if not self.shared_dedup:
+            # What this VM has not stored is missing to it (the module note): the datastore
+            # is not asked, and its answer is not given.
+            return list(dict.fromkeys(unknown))
         # Held before asking: garbage collection either deleted a chunk already (it is then
         # reported missing and uploaded again) or will leave it alone.
         self._hold(unknown)
@@ -263,6 +316,14 @@ class BackupTransaction:
             )
         referenced = index.referenced()
         unknown = referenced - self.known
+        if unknown and not self.shared_dedup:
+            raise ChunkMissing(
+                f"the index of disk {index.disk!r} names {len(unknown)} chunk(s) this VM did not "
+                f"upload in this backup nor has in its previous recovery point (e.g. "
+                f"{min(unknown).hex()}); a VM's index may name only those. The recovery point "
+                "was not committed.",
+                digest=min(unknown).hex(),
+            )
         self._hold(unknown)
         absent = await self._absent(unknown)
         if absent:
@@ -279,7 +340,9 @@ class BackupTransaction:
         self.known.update(unknown)
         sha = await self._in_pool(self.datastore.put_index, self.rp_id, index)
         size = await self._in_pool(data_bytes, index)
-        self.indexes[index.disk] = AcceptedIndex(index, sha, size)
+        self.indexes[index.disk] = AcceptedIndex(
+            index.size_bytes, index.chunk_size, len(index), sha, size
+        )
 
     def manifest(
         self,
@@ -302,9 +365,9 @@ class BackupTransaction:
             entries.append(
                 ManifestDisk(
                     name=disk.name,
-                    size_bytes=accepted.index.size_bytes,
-                    chunk_size=accepted.index.chunk_size,
-                    chunk_count=len(accepted.index),
+                    size_bytes=accepted.size_bytes,
+                    chunk_size=accepted.chunk_size,
+                    chunk_count=accepted.chunk_count,
                     index_sha256=accepted.sha256,
                     consistency=disk.consistency,
                     snapshot=disk.snapshot,

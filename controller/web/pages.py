@@ -456,4 +456,3 @@ def _timestamp(text: str) -> Timestamp:
     stamp = Timestamp()
     stamp.FromDatetime(moment.astimezone(UTC))
     return stamp
-
