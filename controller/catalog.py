@@ -2426,8 +2426,8 @@ class Catalog:
         async with self._transaction() as db:
             await db.execute(
                 "UPDATE vaults SET max_concurrent_backups = ?, stored_bytes = ?,"
-                " verify_new = ?, reverify_days = ?, encrypted = ?, soft_delete_days = ?"
-                " WHERE name = ?",
+                " verify_new = ?, reverify_days = ?, encrypted = ?, soft_delete_days = ?,"
+                " shared_dedup = ?, copy_target = ? WHERE name = ?",
                 (
                     vault.max_concurrent_backups,
                     vault.stored_bytes,
@@ -2435,6 +2435,8 @@ class Catalog:
                     vault.reverify_days,
                     int(vault.encrypted),
                     vault.soft_delete_days,
+                    int(vault.shared_dedup),
+                    vault.copy_target,
                     vault.name,
                 ),
             )

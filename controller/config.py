@@ -309,11 +309,11 @@ class DatastoreSection(Section):
         )
 
 
-_COPY_TARGET_NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
+COPY_TARGET_NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
 
 
 def _copy_target_name(name: str) -> str:
-    if _COPY_TARGET_NAME.fullmatch(name) is None:
+    if COPY_TARGET_NAME.fullmatch(name) is None:
         raise ValueError(f"{name!r} is not 1-63 lowercase letters, digits or '-'")
     return name
 

@@ -226,6 +226,8 @@ class Describer:
                     "verify_new": record.verify_new,
                     "reverify_days": record.reverify_days,
                     "soft_delete_days": record.soft_delete_days,
+                    "shared_dedup": record.shared_dedup,
+                    "copy_target": record.copy_target,
                 },
                 policies=tuple(
                     PolicyDescription(p.name, p.spec, p.created_at, p.updated_at) for p in policies

@@ -65,7 +65,12 @@ from controller.catalog import (
     VaultRecord,
     VerificationRecord,
 )
-from controller.config import PASSPHRASE_VARIABLE, ControllerConfig, EncryptionSettings
+from controller.config import (
+    COPY_TARGET_NAME,
+    PASSPHRASE_VARIABLE,
+    ControllerConfig,
+    EncryptionSettings,
+)
 from controller.datastore import (
     Datastore,
     DatastoreConfig,
@@ -271,6 +276,8 @@ def _plan_vault(
             reverify_days=settings["reverify_days"],
             encrypted=found.config.encrypted,
             soft_delete_days=settings["soft_delete_days"],
+            shared_dedup=settings["shared_dedup"],
+            copy_target=settings["copy_target"],
         )
     )
     policies = _policies(vault, description, created, result)
@@ -369,6 +376,8 @@ def _settings(stored: Mapping[str, Any]) -> dict[str, Any]:
         return default
 
     verify_new = stored.get("verify_new")
+    shared_dedup = stored.get("shared_dedup")
+    copy_target = stored.get("copy_target")
     return {
         "max_concurrent_backups": number(
             "max_concurrent_backups", 1, 64, DEFAULT_MAX_CONCURRENT_BACKUPS
@@ -378,6 +387,13 @@ def _settings(stored: Mapping[str, Any]) -> dict[str, Any]:
         "soft_delete_days": number(
             "soft_delete_days", 0, MAX_SOFT_DELETE_DAYS, DEFAULT_SOFT_DELETE_DAYS
         ),
+        # Off unless it was on: one trust domain is a choice, never a default.
+        "shared_dedup": shared_dedup is True,
+        # A name of the controller config's [[copy_targets]]; one the config lacks fails the
+        # vault's copy jobs with that reason (controller.copies), it is not dropped here.
+        "copy_target": copy_target
+        if isinstance(copy_target, str) and COPY_TARGET_NAME.fullmatch(copy_target)
+        else "",
     }
 
 

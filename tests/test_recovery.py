@@ -79,7 +79,7 @@ def seen(cluster: Cluster) -> dict[str, Any]:
                 "name", "region", "chunk_size", "max_concurrent_backups", "verify_new",
                 "reverify_days", "datastore", "datastore_format", "encryption",
                 "soft_delete_days", "deleted_recovery_points", "recovery_points",
-                "registered_items",
+                "registered_items", "shared_dedup",
             )
             if key in vault
         },
@@ -134,7 +134,7 @@ def test_a_controller_recovered_from_its_storage_alone_restores_every_vm(
         cluster.coffer("vault", "create", VAULT, "--region", VAULT)
         cluster.coffer(
             "vault", "update", VAULT, "--soft-delete-days", "7", "--verify-new", "on",
-            "--reverify-days", "30",
+            "--reverify-days", "30", "--shared-dedup", "on",
         )  # fmt: skip
         cluster.coffer("register", "--vault", VAULT, "web-1", "db-1", "old-1")
         cluster.coffer(

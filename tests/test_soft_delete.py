@@ -256,6 +256,8 @@ async def test_the_datastore_describes_what_only_the_catalog_knows(
             "verify_new": True,
             "reverify_days": 30,
             "soft_delete_days": 7,
+            "shared_dedup": False,
+            "copy_target": "",
         }
         assert sorted(p.name for p in vault.policies) == ["DefaultPolicy", "Gold"]
         assert next(p for p in vault.policies if p.name == "Gold").spec == GOLD.to_dict()
