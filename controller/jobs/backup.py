@@ -256,8 +256,10 @@ class Backups:
             previous = None  # registered anew to another vault: a full backup
         if previous is not None and self._datastores.in_old_format(job.vault, previous.id):
             # The vault is being upgraded and its point is not converted yet: its digests are
-            # another hash's. The agent reads the disk in full; chunks the upgrade has already
-            # converted are found stored and not sent.
+            # another hash's. The agent reads the disk in full; in a vault that is one trust
+            # domain (shared_dedup), chunks the upgrade has already converted are found stored
+            # and not sent, otherwise every chunk is sent again (a VM's own chunks are known by
+            # its converted points only).
             job.details["base"] = (
                 f"none: {previous.id} is not converted to the vault's new format yet, so the "
                 "disk was read in full"
