@@ -258,8 +258,8 @@ class Backups:
             # The vault is being upgraded and its point is not converted yet: its digests are
             # another hash's. The agent reads the disk in full; in a vault that is one trust
             # domain (shared_dedup), chunks the upgrade has already converted are found stored
-            # and not sent, otherwise every chunk is sent again (a VM's own chunks are known by
-            # its converted points only).
+            # and not sent; otherwise every chunk is sent again (a VM's own chunks are its base's,
+            # and it has none here: jobs/transaction.py).
             job.details["base"] = (
                 f"none: {previous.id} is not converted to the vault's new format yet, so the "
                 "disk was read in full"
