@@ -1300,24 +1300,6 @@ class Catalog:
             if cursor.rowcount == 0:
                 raise NotFound(kind="vault", name=vault)
 
-    async def set_max_concurrent_backups(self, vault: str, limit: int) -> None:
-        async with self._transaction() as db:
-            cursor = await db.execute(
-                "UPDATE vaults SET max_concurrent_backups = ? WHERE name = ?", (limit, vault)
-            )
-            if cursor.rowcount == 0:
-                raise NotFound(kind="vault", name=vault)
-        self._changed([(vault, "")])
-
-    async def set_soft_delete_days(self, vault: str, days: int) -> None:
-        async with self._transaction() as db:
-            cursor = await db.execute(
-                "UPDATE vaults SET soft_delete_days = ? WHERE name = ?", (days, vault)
-            )
-            if cursor.rowcount == 0:
-                raise NotFound(kind="vault", name=vault)
-        self._changed([(vault, "")])
-
     async def set_drill(self, vault: str, drill: DrillSettings | None) -> None:
         """A vault's restore drill settings (None: it has none)."""
         async with self._transaction() as db:
@@ -1835,20 +1817,6 @@ class Catalog:
                     flag(shared_dedup),
                     vault,
                 ),
-            )
-            if cursor.rowcount == 0:
-                raise NotFound(kind="vault", name=vault)
-        self._changed([(vault, "")])
-
-    async def set_verify_settings(
-        self, vault: str, *, verify_new: bool | None, reverify_days: int | None
-    ) -> None:
-        """Change a vault's verify schedule (None: unchanged)."""
-        async with self._transaction() as db:
-            cursor = await db.execute(
-                "UPDATE vaults SET verify_new = coalesce(?, verify_new),"
-                " reverify_days = coalesce(?, reverify_days) WHERE name = ?",
-                (None if verify_new is None else int(verify_new), reverify_days, vault),
             )
             if cursor.rowcount == 0:
                 raise NotFound(kind="vault", name=vault)
