@@ -4,7 +4,10 @@ The agent never listens. It opens one `Session` stream, sends its hello (VM iden
 disks), then heartbeats, and runs each command it receives as its own task, sending back one
 result per command. When the stream breaks, every running command is cancelled (the controller
 has already failed its job) and the agent dials again after a jittered exponential backoff, so
-a fleet of agents does not reconnect in lock step after a controller restart.
+a fleet of agents does not reconnect in lock step after a controller restart. A controller
+busy starting other sessions refuses with a retry-after (`ControllerBusy`): the agent waits at
+least that long, plus a random part of it (`shared.backoff.after_refusal`), so the refused
+come back spread out, once the controller has room.
 
 When another agent process with this VM's certificate takes the session over, the controller
 says so (`SessionDisplaced`): this agent logs it as an error, leaves the status broker, and
@@ -36,10 +39,11 @@ from agent.renewal import Renewed, renew_when_due
 from agent.restores import restore
 from agent.runtime import Runtime
 from agent.status import StatusPublisher
-from shared.backoff import Backoff
+from shared.backoff import Backoff, after_refusal
 from shared.errors import (
     CertificateRevoked,
     CofferError,
+    ControllerBusy,
     DataCorrupted,
     DuplicateAgent,
     JobCancelled,
@@ -130,6 +134,7 @@ class Agent:
                 delays = RECONNECT.delays()
                 while True:
                     renewed = False
+                    retry_after: float | None = None
                     try:
                         await self._session(pool, status)
                     # The session's task group raises its tasks' failures as a group.
@@ -140,6 +145,7 @@ class Agent:
                     except* grpc.RpcError as group:
                         for exc in group.exceptions:
                             error = from_rpc_error(exc)
+                            retry_after = error.retry_after
                             if isinstance(error, DuplicateAgent):
                                 self._displaced(error, status)
                             else:
@@ -162,13 +168,15 @@ class Agent:
                         delays = RECONNECT.delays()
                     self._connected_at = None
                     self.connected.clear()
-                    delay = next(delays)
+                    delay = after_refusal(next(delays), retry_after)
                     log.info("reconnecting in %.1f s", delay)
                     await asyncio.sleep(delay)
 
     def _ended(self, error: BaseException) -> None:
         if isinstance(error, CertificateRevoked):
             log.error("the controller refuses this agent's certificate: %s (%s)", error, error.code)
+        elif isinstance(error, ControllerBusy):
+            log.info("%s", error)
         else:
             log.warning("session with the controller ended: %s", error)
 

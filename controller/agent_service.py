@@ -8,6 +8,12 @@ handlers raise.
 A VM has one session (`controller.registry`): a new one takes over from the open one, which is
 told why (`SessionDisplaced`) and ends with `DuplicateAgent`; a standby session (an agent that
 was displaced and is still alive) waits until the VM has none.
+
+Sessions start through the session gate (`controller.session_gate`): a bounded number at once,
+the rest wait their turn or, when the wait would be long, are told to come back later
+(`ControllerBusy` with a retry-after) before any of their work is done. A stream that ends
+before its hello (an agent that gave up waiting, a port probe) is no error: it is logged at
+debug level and the call ends quietly.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from controller.enrolment import Enrolment
 from controller.interceptors import caller_vm
 from controller.jobs import JobManager, RunningBackup
 from controller.registry import AgentRegistry, AgentSession
+from controller.session_gate import SessionGate
 from shared.blob import Compression
 from shared.clock import Clock
 from shared.digest import DIGEST_SIZE, check_digest
@@ -44,7 +51,10 @@ from shared.rpc import agent_pb2, agent_pb2_grpc
 
 log = logging.getLogger(__name__)
 
-HEARTBEAT_INTERVAL_MS = 5000
+# How often an agent says it is alive (its last_seen). Not how a dead agent is noticed: the
+# connection's keepalive does that (shared/rpc_channel.py). Each heartbeat is a message the
+# controller's event loop handles: 10,000 agents at 5 s were 2,000 a second (issue 13).
+HEARTBEAT_INTERVAL_MS = 30_000
 # Chunks verified and written at once per upload stream: enough to keep the hashing busy and
 # to share each file-system sync among many chunks, few enough to bound memory (each holds
 # one chunk).
@@ -81,8 +91,10 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
         *,
         enrolment: Enrolment | None = None,
         index_budget: IndexBudget | None = None,
+        gate: SessionGate | None = None,
     ) -> None:
         self._enrolment = enrolment
+        self.gate = gate or SessionGate()
         self._hello_at: dict[str, float] = {}  # when each VM last declared itself mid-session
         self._index_budget = index_budget or IndexBudget()
         self._catalog = catalog
@@ -94,40 +106,30 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
 
     async def Session(self, request_iterator: object, context: grpc.aio.ServicerContext) -> None:
         vm_id = caller_vm()
-        hello = await self._hello(context, vm_id)
-        session = AgentSession(hello=hello, connected_at=self._clock.now(), peer=context.peer())
-        host, port = self._mqtt or ("", 0)
-        accepted = False
+        async with self.gate.starting():
+            hello = await self._hello(context, vm_id)
+            if hello is None:
+                log.debug("agent %s ended its session before its hello", vm_id)
+                return
+            session = AgentSession(hello=hello, connected_at=self._clock.now(), peer=context.peer())
+            if not hello.standby:
+                # A standby's is recorded once it has the session (below, outside the gate:
+                # it waits for the other agent's session to end).
+                try:
+                    await self._accept(session, context)
+                except BaseException:
+                    log.info("agent %s went away before its session began", vm_id)
+                    raise
+                self._registry.connect(session)
+        accepted = not hello.standby
         try:
             if hello.standby:
                 # Before its hello is recorded: a standby's must not overwrite the record of
                 # the agent that has the session.
                 await self._registry.connect_when_free(session)
                 session.connected_at = self._clock.now()
-            await self._catalog.upsert_agent(
-                vm_id=vm_id,
-                name=hello.name or vm_id,
-                service=hello.service,
-                region=hello.region,
-                hostname=hello.hostname,
-                agent_version=hello.agent_version,
-                disks=[DiskRecord(d.name, d.path, d.size_bytes) for d in hello.disks],
-                now=session.connected_at,
-                restore_dirs=list(hello.restore_dirs),
-            )
-            await context.write(
-                agent_pb2.ControllerMessage(
-                    accepted=agent_pb2.SessionAccepted(
-                        controller_version=self._version,
-                        heartbeat_interval_ms=HEARTBEAT_INTERVAL_MS,
-                        mqtt_host=host,
-                        mqtt_port=port,
-                    )
-                )
-            )
-            if not hello.standby:
-                self._registry.connect(session)
-            accepted = True
+                await self._accept(session, context)
+                accepted = True
             log.info(
                 "agent %s connected from %s (%d disks)",
                 vm_id,
@@ -158,10 +160,39 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
         if displaced is not None:
             raise displaced
 
+    async def _accept(self, session: AgentSession, context: grpc.aio.ServicerContext) -> None:
+        """The hello into the catalog, then `accepted` down the stream."""
+        hello = session.hello
+        host, port = self._mqtt or ("", 0)
+        await self._catalog.upsert_agent(
+            vm_id=hello.vm_id,
+            name=hello.name or hello.vm_id,
+            service=hello.service,
+            region=hello.region,
+            hostname=hello.hostname,
+            agent_version=hello.agent_version,
+            disks=[DiskRecord(d.name, d.path, d.size_bytes) for d in hello.disks],
+            now=session.connected_at,
+            restore_dirs=list(hello.restore_dirs),
+        )
+        await context.write(
+            agent_pb2.ControllerMessage(
+                accepted=agent_pb2.SessionAccepted(
+                    controller_version=self._version,
+                    heartbeat_interval_ms=HEARTBEAT_INTERVAL_MS,
+                    mqtt_host=host,
+                    mqtt_port=port,
+                )
+            )
+        )
+
     @staticmethod
-    async def _hello(context: grpc.aio.ServicerContext, vm_id: str) -> agent_pb2.Hello:
+    async def _hello(context: grpc.aio.ServicerContext, vm_id: str) -> agent_pb2.Hello | None:
+        """The session's hello, checked; None if the stream ended before it."""
         first = await context.read()
-        if first is grpc.aio.EOF or not first.HasField("hello"):
+        if first is grpc.aio.EOF:
+            return None
+        if not first.HasField("hello"):
             raise InvalidArgument(detail="a session starts with a hello")
         hello: agent_pb2.Hello = first.hello
         if hello.vm_id != vm_id:

@@ -183,6 +183,19 @@ class PrivateBroker:
         return process.pid
 
     @property
+    def open_files(self) -> int:
+        """The broker's open-file limit: the controller's (raised to the hard limit at its
+        start), raised in the child to what `Limits.open_files` asks if the hard limit allows."""
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        return max(soft, _wanted(self._limits.open_files, hard))
+
+    @property
+    def agent_capacity(self) -> int:
+        """Agents the broker can hold: its connection limit, or what its descriptors allow
+        (one each, beside its own few and the controller's and readers' connections)."""
+        return max(0, min(self._limits.max_connections, self.open_files - 64) - 16)
+
+    @property
     def restarts(self) -> int:
         """How many times Mosquitto was restarted after exiting on its own."""
         return self._restarts
@@ -220,7 +233,16 @@ class PrivateBroker:
         # RESTART: what the loop watches is the child (`self._process`); a loop that failed
         # starts watching it again (or starts a new one).
         tasks.start("watch", self._watch, policy=Policy.RESTART)
-        log.info("private MQTT broker on %s:%d (pid %s)", self._host, self._port, self.pid)
+        log.info(
+            "private MQTT broker on %s:%d (pid %s): open-file limit %d, room for %d agents "
+            "(max_connections %d)",
+            self._host,
+            self._port,
+            self.pid,
+            self.open_files,
+            self.agent_capacity,
+            self._limits.max_connections,
+        )
         return self
 
     async def __aexit__(
@@ -379,11 +401,15 @@ def _prepare_child(open_files: int) -> None:
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    wanted = open_files if hard == resource.RLIM_INFINITY else min(open_files, hard)
+    wanted = _wanted(open_files, hard)
     if soft != resource.RLIM_INFINITY and soft < wanted:
         # Up to the hard limit only (no error if that is lower: Mosquitto then refuses
         # connections past it, and logs so).
         resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+
+
+def _wanted(open_files: int, hard: int) -> int:
+    return open_files if hard == resource.RLIM_INFINITY else min(open_files, hard)
 
 
 def acl_text(readers: Sequence[str] = ()) -> str:

@@ -3,7 +3,8 @@
 SQLite in WAL mode through aiosqlite (one connection, its own thread). The schema is versioned
 with `PRAGMA user_version` and migrated forward at open; a catalog newer than this code is
 refused. Heartbeats are not written one by one: `touch_agent` records them in memory and
-`flush` writes them in one transaction (the server calls it every few seconds).
+`flush` writes them in one transaction (the server calls it every 30 s, and at shutdown);
+whatever reads `last_seen` gets the later of the row and the one in memory.
 
 The catalog is a cache of what the datastores hold: recovery point manifests are the source
 of truth, so `synchronous=NORMAL` (durable on application crash, may lose the last

@@ -185,6 +185,9 @@ class ControllerConfig:
 
     # Where agents enrol (TLS without a client certificate); None: enrolment is off.
     enrol_listen: str | None = None
+    # Operators' own listener (the operator service only), so that agents filling `listen`
+    # never lock operators out (docs/fleet.md); None: operators use `listen` alone.
+    operator_listen: str | None = None
     certificate_days: float = DEFAULT_CERTIFICATE_DAYS
     web: WebSettings | None = None
     metrics: MetricsSettings | None = None
@@ -502,6 +505,7 @@ class ControllerFile(Section):
     datastore: DatastoreSection | None = None
     encryption: EncryptionSection | None = None
     enrol_listen: ListenAddress | None = None
+    operator_listen: ListenAddress | None = None
     certificate_days: Annotated[float, Field(gt=0, le=MAX_CERTIFICATE_DAYS)] = (
         DEFAULT_CERTIFICATE_DAYS
     )
@@ -545,6 +549,7 @@ class ControllerFile(Section):
             encryption=self.encryption.settings(base) if self.encryption else EncryptionSettings(),
             copy_targets=tuple(target.target(base, state_dir) for target in self.copy_targets),
             enrol_listen=self.enrol_listen,
+            operator_listen=self.operator_listen,
             certificate_days=self.certificate_days,
             web=self.web.settings(base) if self.web else None,
             metrics=MetricsSettings(self.metrics.listen) if self.metrics else None,

@@ -26,6 +26,13 @@ the revocation record and a fresh CRL, and the controller's own certificate (ren
 anything listens, if due) are ready before the private broker starts, since it loads both.
 With `enrol_listen` set, a second gRPC server serves enrolment only, on TLS that asks for no
 client certificate; both servers take the controller's certificate anew after a renewal.
+
+Descriptors and capacity (controller/descriptors.py, docs/fleet.md): the open-file limit is
+raised to the hard limit first of all, and the start says how many agents it holds. The
+agent listener (`listen`) holds at most that many connections; with `operator_listen` set, a
+third gRPC server serves the operator service only, with a quota of its own from the reserved
+descriptors, so agents filling `listen` never lock operators out. Agent sessions start through
+the session gate (controller/session_gate.py).
 """
 
 from __future__ import annotations
@@ -58,6 +65,7 @@ from controller.datastore import (
 )
 from controller.datastores import Datastores
 from controller.descriptions import Describer
+from controller.descriptors import OPERATOR_CONNECTIONS, raise_limit
 from controller.drills import Drills
 from controller.enrolment import (
     MAX_ENROL_CALLS,
@@ -93,7 +101,9 @@ from shared.version import coffer_version
 
 log = logging.getLogger(__name__)
 
-HEARTBEAT_FLUSH_SECONDS = 5.0
+# last_seen is kept in memory (`Catalog.touch_agent`, which every reader of it consults) and
+# written for every agent heard from in one transaction this often, and at shutdown.
+HEARTBEAT_FLUSH_SECONDS = 30.0
 LEASE_TASK = "datastore-lease"
 SHUTDOWN_GRACE_SECONDS = 5.0
 
@@ -105,6 +115,8 @@ class Controller:
         self.port = 0
         # The enrolment listener's port (0: enrolment is off).
         self.enrol_port = 0
+        # The operator listener's port (0: operators use `listen`).
+        self.operator_port = 0
         # The web console and the metrics endpoint, when configured.
         self.web: WebConsole | None = None
         self.metrics_port = 0
@@ -132,6 +144,9 @@ class Controller:
     @contextlib.asynccontextmanager
     async def running(self) -> AsyncIterator[Controller]:
         config = self.config
+        # Before anything opens a descriptor in quantity; the private broker inherits it.
+        open_files = raise_limit()
+        log.info("%s", open_files.describe())
         _private_state_dir(config.state_dir)
         async with contextlib.AsyncExitStack() as stack:
             # Before anything in the state directory is touched, and held to the end.
@@ -267,7 +282,7 @@ class Controller:
             # and the web console's actions (controller.web.calls).
             edge = CallerIdentity(revocations, audit)
             server = grpc.aio.server(
-                options=server_options(),
+                options=server_options(max_connections=open_files.agent_connections),
                 # The error mapping first: it also maps the identity check's refusals; an
                 # agent's calls are counted once it is known who calls.
                 interceptors=(ErrorMapping(), edge, AgentAdmission()),
@@ -303,6 +318,23 @@ class Controller:
                 drills=self.drills,
             )
             operator_pb2_grpc.add_OperatorServiceServicer_to_server(operators, server)
+            if config.operator_listen is not None:
+                operator_server = grpc.aio.server(
+                    options=server_options(max_connections=OPERATOR_CONNECTIONS),
+                    interceptors=(ErrorMapping(), edge),
+                )
+                operator_pb2_grpc.add_OperatorServiceServicer_to_server(operators, operator_server)
+                self.operator_port = _bind(
+                    operator_server,
+                    config.operator_listen,
+                    identity.credentials(client_certificates=True),
+                    "operator_listen",
+                )
+                await operator_server.start()
+                stack.push_async_callback(operator_server.stop, SHUTDOWN_GRACE_SECONDS)
+                log.info(
+                    "operator listener on %s (port %d)", config.operator_listen, self.operator_port
+                )
 
             # Alerts: checked under the supervisor (RESTART), at once when a job ends.
             delivery = await stack.enter_async_context(Delivery(config.alerts, supervisor))

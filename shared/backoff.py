@@ -10,6 +10,10 @@ after a controller restart, a broker coming back) do not come back in the same i
 
 where ceiling = min(cap, first * 2**attempt). The exponent is bounded, so a loop that retries
 for days never overflows a float.
+
+A server that refuses because it is busy may say when to come back (a retry-after):
+`after_refusal` waits at least that long, and a uniform random part of it again, so that the
+clients it refused together do not return together.
 """
 
 from __future__ import annotations
@@ -45,3 +49,14 @@ class Backoff:
         while True:
             yield self.delay(attempt, rng)
             attempt = min(attempt + 1, _MAX_EXPONENT)
+
+
+def after_refusal(
+    delay: float, retry_after: float | None, rng: Callable[[], float] = random.random
+) -> float:
+    """The wait before the next attempt: the backoff's `delay`, or when the server said to
+    come back after `retry_after` seconds, at least that: uniform in [retry_after,
+    2 * retry_after] (never shorter than `delay`)."""
+    if retry_after is None:
+        return delay
+    return max(delay, retry_after * (1.0 + rng()))

@@ -19,6 +19,8 @@ from collections.abc import Sequence
 from typing import Any, ClassVar
 
 ERROR_CODE_METADATA_KEY = "coffer-error-code"
+# Trailing metadata of a refusal that says when to try again: seconds, as decimal text.
+RETRY_AFTER_METADATA_KEY = "coffer-retry-after"
 
 
 class CofferError(Exception):
@@ -28,6 +30,9 @@ class CofferError(Exception):
     retryable: ClassVar[bool] = False
     exit_code: ClassVar[int] = 1
     grpc_status: ClassVar[str] = "INTERNAL"
+    # Seconds the caller should wait before trying again, when the refusal says so (it
+    # travels in the trailing metadata, RETRY_AFTER_METADATA_KEY); None: its own backoff.
+    retry_after: float | None = None
     _registry: ClassVar[dict[str, type[CofferError]]] = {}
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
@@ -410,6 +415,19 @@ class Unavailable(CofferError):
     retryable = True
     exit_code = 8
     grpc_status = "UNAVAILABLE"
+
+
+class ControllerBusy(CofferError):
+    """The controller is busy starting other agents' sessions; try again in {retry_after:.1f} s."""
+
+    code = "ControllerBusy"
+    retryable = True
+    exit_code = 8
+    grpc_status = "RESOURCE_EXHAUSTED"
+
+    def __init__(self, message: str | None = None, *, retry_after: float = 1.0) -> None:
+        super().__init__(message, retry_after=retry_after)
+        self.retry_after = retry_after
 
 
 class StateDirInUse(Conflict):

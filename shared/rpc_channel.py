@@ -29,19 +29,27 @@ MAX_REPLY_BYTES: Final = 32 * 1024 * 1024
 MAX_STREAMS_PER_CONNECTION: Final = 32
 
 # --- keepalive ---------------------------------------------------------------------------
-# Both ends ping the other every KEEPALIVE_TIME_MS and drop the connection when an answer
-# takes longer than KEEPALIVE_TIMEOUT_MS, so a peer that died without closing its socket (VM
-# paused or powered off, process frozen, network cut) is noticed within
-# KEEPALIVE_TIME_MS + KEEPALIVE_TIMEOUT_MS (8 s). A process that is killed is noticed at once:
-# its kernel closes the socket. Why each knob is set (gRPC core's doc/keepalive.md and
-# chttp2_transport.cc):
+# Both ends ping the other every KEEPALIVE_TIME_MS of silence and drop the connection when an
+# answer takes longer than KEEPALIVE_TIMEOUT_MS, so a peer that died without closing its
+# socket (VM paused or powered off, process frozen, network cut) is noticed within
+# KEEPALIVE_TIME_MS + KEEPALIVE_TIMEOUT_MS (25 s). A process that is killed is noticed at
+# once: its kernel closes the socket.
+# Why these values (issue 13): with 10,000 agents every ping is work for the controller (both
+# ends ping: at 4 s that was 5,000 pings a second, most of an idle controller's CPU), and a
+# 4 s timeout turned a busy second (a reconnect storm on a 2-core machine, pings answered
+# late) into sessions cut by the thousand, each of which came back into the storm. 15 s
+# between pings costs a fleet of 10,000 about 1,300 pings a second; 10 s to answer one
+# outlasts any stall short of a dead peer. A backup job learns its agent is gone within 25 s
+# (it was 8 s), which a job that runs for minutes does not notice.
+# Why each knob is set (gRPC core's doc/keepalive.md and chttp2_transport.cc):
 # - grpc.keepalive_time_ms: pings are off by default on clients (INT_MAX) and every 2 hours
 #   on servers.
 # - grpc.keepalive_timeout_ms AND grpc.http2.ping_timeout_ms: current gRPC core arms the
 #   keepalive watchdog only when keepalive_timeout < ping_timeout, and every ping also gets
 #   a ping timeout that defaults to 1 minute once keepalive is on; setting both makes the
 #   wait for an answer really KEEPALIVE_TIMEOUT_MS. Measured with grpcio 1.85 (the frozen
-#   peer tests in tests/test_tls.py): 8 s with both, 64 s without ping_timeout_ms.
+#   peer tests in tests/test_tls.py): 8 s with both, 64 s without ping_timeout_ms (at the
+#   former 4 s + 4 s).
 # - grpc.http2.max_pings_without_data = 0: by default a side stops pinging after 2 pings
 #   without sending data or headers, so an idle session (or a server only receiving) would
 #   stop being watched.
@@ -54,9 +62,13 @@ MAX_STREAMS_PER_CONNECTION: Final = 32
 #   client's KEEPALIVE_TIME_MS, with margin for timer jitter.
 # Pings stop while data arrives (the timer restarts on every read), so a busy upload is not
 # slowed; only a connection quiet for KEEPALIVE_TIME_MS is probed.
-KEEPALIVE_TIME_MS: Final = 4_000
-KEEPALIVE_TIMEOUT_MS: Final = 4_000
+KEEPALIVE_TIME_MS: Final = 15_000
+KEEPALIVE_TIMEOUT_MS: Final = 10_000
 MIN_CLIENT_PING_INTERVAL_MS: Final = KEEPALIVE_TIME_MS // 2
+# A TLS handshake not finished within this long is dropped, so that connections stuck in a
+# handshake (a storm's backlog, a slow or hostile client) do not hold descriptors for gRPC's
+# default of 2 minutes.
+HANDSHAKE_TIMEOUT_MS: Final = 20_000
 
 
 def _keepalive_options() -> list[tuple[str, Any]]:
@@ -95,8 +107,12 @@ def channel_options(server_name: str | None = None) -> list[tuple[str, Any]]:
     return options
 
 
-def server_options() -> list[tuple[str, Any]]:
+def server_options(max_connections: int | None = None) -> list[tuple[str, Any]]:
     """Options for the controller's gRPC server, matching `channel_options`.
+
+    `max_connections`: connections the listener holds at most; past it gRPC closes a new one
+    as soon as it is accepted (before its TLS handshake): the cheapest refusal there is, and
+    what keeps one listener's clients from taking the descriptors another's need.
 
     `grpc.so_reuseport` is off: gRPC sets SO_REUSEPORT by default, so a second controller
     given the same `listen` would bind the port beside the first and the kernel would share
@@ -112,7 +128,8 @@ def server_options() -> list[tuple[str, Any]]:
         # upload, index, digests, downloads), the CLI one; each may hold a message.
         ("grpc.max_concurrent_streams", MAX_STREAMS_PER_CONNECTION),
         ("grpc.so_reuseport", 0),
-    ]
+        ("grpc.server_handshake_timeout_ms", HANDSHAKE_TIMEOUT_MS),
+    ] + ([("grpc.max_allowed_incoming_connections", max_connections)] if max_connections else [])
 
 
 def secure_channel(address: str, tls: TlsFiles, server_name: str | None = None) -> grpc.aio.Channel:

@@ -125,6 +125,9 @@ class Cluster:
         self.port = free_port()
         # The enrolment listener (TLS without client certificates).
         self.enrol_port = free_port()
+        # The operator listener: every `coffer` call of the tests goes there, as operators'
+        # should (docs/fleet.md).
+        self.operator_port = free_port()
         self.chunk_size = chunk_size
         self.mqtt = mqtt
         self.config = config
@@ -145,6 +148,7 @@ class Cluster:
             f"pki_dir = {_toml(str(self.pki))}",
             f"chunk_size = {self.chunk_size}",
             f"enrol_listen = {_toml(f'127.0.0.1:{self.enrol_port}')}",
+            f"operator_listen = {_toml(f'127.0.0.1:{self.operator_port}')}",
         ]
         if self.certificate_days is not None:
             lines.append(f"certificate_days = {self.certificate_days}")
@@ -255,7 +259,7 @@ class Cluster:
         """Run the real CLI; its JSON output parsed (or the CompletedProcess)."""
         argv = [str(BIN / "coffer")]
         if args[:2] not in (("pki", "init"), ("pki", "issue-agent"), ("pki", "issue-operator")):
-            argv += ["--controller", f"127.0.0.1:{self.port}", "--tls-dir", str(self.pki)]
+            argv += ["--controller", f"127.0.0.1:{self.operator_port}", "--tls-dir", str(self.pki)]
         argv += list(args) + (["--json"] if json_out else [])
         result = subprocess.run(argv, capture_output=True, text=True, timeout=300)
         if check and result.returncode != 0:

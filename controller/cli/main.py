@@ -59,9 +59,10 @@ from shared.version import coffer_version
 @click.option(
     "--controller",
     envvar="COFFER_CONTROLLER",
-    default="127.0.0.1:7443",
+    default="127.0.0.1:7445",
     show_default=True,
-    help="Controller address (host:port); env COFFER_CONTROLLER.",
+    help="Controller address (host:port): its operator listener (`operator_listen`, where "
+    "agents cannot crowd operators out), or its `listen`; env COFFER_CONTROLLER.",
 )
 @click.option(
     "--tls-dir",

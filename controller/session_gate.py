@@ -1,0 +1,98 @@
+"""The session gate: how many agent sessions start at once, and who must come back later.
+
+Starting a session costs the controller work of its own (the hello checked and written to the
+catalog, the session registered, its acceptance written), beyond the TLS handshake gRPC has
+done already. When a fleet connects at once (a controller restart, a network that comes back)
+every agent asks at the same moment; started all together they would compete for one event
+loop and one catalog writer, each would take seconds, keepalive pings would go unanswered and
+sessions already started would be cut: the storm feeds itself (issue 13).
+
+So at most `at_once` sessions are being started at a time; the others wait their turn in the
+gate (a waiting session is one HTTP/2 stream and one coroutine: cheap). Waiting is better than
+refusing, since a refused agent must dial again: a new TLS handshake, the most expensive part.
+But a wait has a limit: when the sessions ahead of a new one would take longer than `max_wait`
+to start at the rate the controller has been starting them, the new one is refused at once,
+before any of its work is done, with `ControllerBusy` and a retry-after: the time those ahead
+of it need. The agent waits that long (and a random part of it again, so the refused do not
+come back together; agent/session.py), by which time the gate has room.
+
+The rate is measured, not configured: sessions started over the last `window` seconds, so a
+busier machine refuses earlier and says to come back later. Before there is a measure, the
+gate assumes `assumed_rate`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Final
+
+from shared.errors import ControllerBusy
+
+AT_ONCE: Final = 64
+MAX_WAIT: Final = 10.0
+WINDOW: Final = 5.0
+ASSUMED_RATE: Final = 200.0
+"""Sessions per second a controller starts before it has measured itself (this machine class
+measured 500-1,000: tests/bench/fleet.py)."""
+MIN_RETRY_AFTER: Final = 1.0
+MAX_RETRY_AFTER: Final = 60.0
+
+
+@dataclass
+class SessionGate:
+    at_once: int = AT_ONCE
+    max_wait: float = MAX_WAIT
+    window: float = WINDOW
+    assumed_rate: float = ASSUMED_RATE
+    monotonic: Callable[[], float] = time.monotonic
+    _waiting: int = 0
+    _starting: int = 0
+    _started: deque[float] = field(default_factory=deque)
+    _turns: asyncio.Semaphore | None = None
+    refused: int = 0
+
+    @property
+    def waiting(self) -> int:
+        """Sessions in the gate: waiting for their turn or being started."""
+        return self._waiting + self._starting
+
+    def rate(self) -> float:
+        """Sessions started per second over the last `window` seconds (or the assumed rate)."""
+        now = self.monotonic()
+        while self._started and self._started[0] < now - self.window:
+            self._started.popleft()
+        if len(self._started) < self.at_once:
+            return self.assumed_rate
+        return len(self._started) / self.window
+
+    def expected_wait(self) -> float:
+        """How long a session arriving now would wait before its turn ends."""
+        return (self.waiting + 1) / self.rate()
+
+    @contextlib.asynccontextmanager
+    async def starting(self) -> AsyncIterator[None]:
+        """Hold one of the `at_once` turns while a session is started; ControllerBusy (with a
+        retry-after) at once when the wait would be longer than `max_wait`."""
+        wait = self.expected_wait()
+        if wait > self.max_wait:
+            self.refused += 1
+            raise ControllerBusy(retry_after=min(max(wait, MIN_RETRY_AFTER), MAX_RETRY_AFTER))
+        if self._turns is None:
+            self._turns = asyncio.Semaphore(self.at_once)
+        self._waiting += 1
+        try:
+            await self._turns.acquire()
+        finally:
+            self._waiting -= 1
+        self._starting += 1
+        try:
+            yield
+            self._started.append(self.monotonic())
+        finally:
+            self._starting -= 1
+            self._turns.release()
