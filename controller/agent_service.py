@@ -67,6 +67,10 @@ REHELLO_SECONDS = 1.0
 # Bounds of the restore directories a hello may list (kept in the catalog).
 MAX_RESTORE_DIRS = 64
 MAX_PATH_CHARS = 4096
+# When the controller stops, each agent is told to come back after this long (and a random
+# part of it again, agent/session.py): a restart takes a few seconds, and a fleet that dialled
+# at once into a controller still starting would only meet refused connections and back off.
+STOPPING_RETRY_AFTER = 5.0
 # A displaced session's last message must not hold it open if its peer reads nothing.
 DISPLACED_WRITE_SECONDS = 5.0
 
@@ -95,6 +99,7 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
     ) -> None:
         self._enrolment = enrolment
         self.gate = gate or SessionGate()
+        self._stopping = False
         self._hello_at: dict[str, float] = {}  # when each VM last declared itself mid-session
         self._index_budget = index_budget or IndexBudget()
         self._catalog = catalog
@@ -159,6 +164,16 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
         displaced = session.displacement()
         if displaced is not None:
             raise displaced
+        if self._stopping:
+            stopping = Unavailable("the controller is stopping")
+            stopping.retry_after = STOPPING_RETRY_AFTER
+            raise stopping
+
+    def stopping(self) -> None:
+        """The controller stops: end every session now, each telling its agent when to come
+        back (before the server's grace period, which would cancel them untold)."""
+        self._stopping = True
+        self._registry.close_all()
 
     async def _accept(self, session: AgentSession, context: grpc.aio.ServicerContext) -> None:
         """The hello into the catalog, then `accepted` down the stream."""

@@ -113,9 +113,10 @@ class ErrorMapping(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc is
                         f"internal error in the controller ({type(exc).__name__}); "
                         "the controller's log has the details"
                     )
-                elif method.startswith("/coffer.v1.AgentService/"):
+                elif method.startswith("/coffer.v1.AgentService/") and error.retry_after is None:
                     # An agent refused is a bug or an attack (or a second agent of one VM):
-                    # the operator reads about it in the controller's log.
+                    # the operator reads about it in the controller's log. One told to come
+                    # back later (a busy or stopping controller) is neither.
                     log.warning("refused %s from %s: %s", method, context.peer(), error)
                 await abort(context, error)
 

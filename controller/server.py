@@ -287,19 +287,17 @@ class Controller:
                 # agent's calls are counted once it is known who calls.
                 interceptors=(ErrorMapping(), edge, AgentAdmission()),
             )
-            agent_pb2_grpc.add_AgentServiceServicer_to_server(
-                AgentService(
-                    catalog,
-                    registry,
-                    jobs,
-                    self.clock,
-                    advertised,
-                    coffer_version(),
-                    enrolment=enrolment,
-                    index_budget=IndexBudget(),
-                ),
-                server,
+            agent_service = AgentService(
+                catalog,
+                registry,
+                jobs,
+                self.clock,
+                advertised,
+                coffer_version(),
+                enrolment=enrolment,
+                index_budget=IndexBudget(),
             )
+            agent_pb2_grpc.add_AgentServiceServicer_to_server(agent_service, server)
             operators = OperatorService(
                 catalog,
                 registry,
@@ -368,6 +366,9 @@ class Controller:
             )
             await server.start()
             stack.push_async_callback(server.stop, SHUTDOWN_GRACE_SECONDS)
+            # Runs before the server stops: sessions end at once, telling agents when to dial
+            # again, so a restart does not meet the whole fleet dialling into a closed port.
+            stack.callback(agent_service.stopping)
             log.info("controller listening on %s (port %d)", config.listen, self.port)
 
             # RESTART: a renewal that failed (a full disk) is tried again; the certificate in

@@ -1,0 +1,446 @@
+"""The fleet simulator: one real controller, thousands of simulated agents, and what it costs.
+
+    python -m tests.bench.fleet [--agents 10000] [--workers 4] [--workdir /var/tmp/coffer-fleet]
+                                [--idle 30] [--phase-timeout 120] [--max-seconds 900] [--json]
+
+All real but the agents' disks: the controller is `coffer-controller` from this venv with its
+private Mosquitto, started on loopback ports with a config in the work directory; each agent
+is a mutual-TLS gRPC client with its own certificate from the controller's CA (EC P-256,
+issued once and kept in the work directory with the controller's state, so later runs start
+from an enrolled fleet), run by `--workers` worker processes (tests/bench/fleet/agents.py),
+each holding its share of the fleet's channels on one asyncio loop.
+
+Phases, each bounded by `--phase-timeout`, the whole run by `--max-seconds`:
+
+1. *Storm*: every agent dials at once. Seconds until all are in session, dial attempts per
+   agent, refusals with a retry-after. (The first run of a work directory first connects the
+   fleet once to record each certificate's first use, which a real fleet has done long ago;
+   that warm-up is reported apart.)
+2. *Held*: the fleet idles for `--idle` seconds: the controller's and the broker's RSS, their
+   CPU as % of one core, and the latency of `coffer agents`' call (ListAgents, first page) and
+   of the whole `coffer agents` command.
+3. *Restart*: the controller is stopped (SIGTERM) and started again. Seconds from the stop
+   until every agent is back in session (and from the new controller's "ready"), attempts
+   per agent.
+
+Dispatch benchmarks use the same fleet: `commands.answer` is the hook that answers commands
+(`--commands fail|done|silent`, `--command-delay`).
+
+The machine is shared: the report states the load average, since the agents' own TLS work
+competes with the controller's on a small machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import grpc
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from controller.pki import Authority, init_pki
+from shared.rpc import operator_pb2, operator_pb2_grpc
+from shared.tls import ROLE_AGENT, Identity, TlsFiles, channel_credentials
+from tests.bench.fleet.agents import vm_name
+
+BIN = Path(sys.executable).parent
+MiB = 1 << 20
+TARGETS = {
+    "controller_rss_mib": 1.2 * 1024,
+    "idle_cpu_percent": 30.0,
+    "list_agents_s": 1.0,
+    "storm_s": 20.0,
+    "restart_s": 30.0,
+    "attempts_per_agent": 2.0,
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+# --- certificates --------------------------------------------------------------------------
+
+
+def prepare_certificates(workdir: Path, agents: int) -> tuple[Path, int]:
+    """The CA (made once) and a certificate for each of `agents` VMs (those missing issued
+    now); the directory holding them, and how many were issued now."""
+    pki = workdir / "pki"
+    if not (pki / "ca.key").exists():
+        init_pki(pki)
+    certs = workdir / "certs"
+    certs.mkdir(exist_ok=True)
+    (certs / "ca.crt").write_bytes((pki / "ca.crt").read_bytes())
+    authority: Authority | None = None
+    issued = 0
+    for n in range(agents):
+        vm = vm_name(n)
+        if (certs / f"{vm}.crt").exists():
+            continue
+        authority = authority or Authority.load(pki)
+        key = ec.generate_private_key(ec.SECP256R1())
+        cert = authority.issue(Identity(ROLE_AGENT, vm), key.public_key(), timedelta(days=365))
+        (certs / f"{vm}.key").write_bytes(
+            key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            )
+        )
+        (certs / f"{vm}.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        issued += 1
+    return certs, issued
+
+
+# --- the controller ------------------------------------------------------------------------
+
+
+@dataclass
+class Controller:
+    workdir: Path
+    port: int = field(default_factory=free_port)
+    operator_port: int = field(default_factory=free_port)
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def log(self) -> Path:
+        return self.workdir / "controller.log"
+
+    def write_config(self) -> Path:
+        path = self.workdir / "controller.toml"
+        path.write_text(
+            f'listen = "127.0.0.1:{self.port}"\n'
+            f'operator_listen = "127.0.0.1:{self.operator_port}"\n'
+            f'state_dir = "{self.workdir / "state"}"\n'
+            f'pki_dir = "{self.workdir / "pki"}"\n'
+        )
+        return path
+
+    def start(self, timeout: float = 120.0) -> float:
+        """Start it; seconds until it said it is ready."""
+        config = self.write_config()
+        started = time.monotonic()
+        with self.log.open("ab") as log:
+            self.process = subprocess.Popen(
+                [str(BIN / "coffer-controller"), "--config", str(config)],
+                stdout=subprocess.PIPE,
+                stderr=log,
+            )
+        assert self.process.stdout is not None
+        line = self.process.stdout.readline().decode()
+        if "ready" not in line:
+            raise RuntimeError(f"the controller did not start: {self.log} says why")
+        return time.monotonic() - started
+
+    def stop(self, timeout: float = 60.0) -> None:
+        process, self.process = self.process, None
+        if process is None:
+            return
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+    def broker_pid(self) -> int | None:
+        for task in Path(f"/proc/{self.pid}/task").iterdir():
+            for child in (task / "children").read_text().split():
+                if Path(f"/proc/{child}/comm").read_text().strip() == "mosquitto":
+                    return int(child)
+        return None
+
+
+def rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+# --- the workers ---------------------------------------------------------------------------
+
+
+@dataclass
+class Worker:
+    process: asyncio.subprocess.Process
+    latest: dict[str, Any] = field(default_factory=dict)
+
+    async def follow(self) -> None:
+        assert self.process.stdout is not None
+        async for line in self.process.stdout:
+            with contextlib.suppress(ValueError):
+                self.latest = json.loads(line)
+
+    async def send(self, word: str) -> None:
+        assert self.process.stdin is not None
+        self.process.stdin.write(f"{word}\n".encode())
+        await self.process.stdin.drain()
+
+
+class Fleet:
+    def __init__(self, workers: list[Worker], agents: int) -> None:
+        self.workers = workers
+        self.agents = agents
+
+    def total(self, key: str) -> int:
+        return sum(int(w.latest.get(key, 0)) for w in self.workers)
+
+    async def send(self, word: str) -> None:
+        for worker in self.workers:
+            await worker.send(word)
+
+    async def until(self, done: Any, within: float) -> float | None:
+        """Seconds until `done()` holds; None if it did not `within` seconds."""
+        started = time.monotonic()
+        while time.monotonic() - started < within:
+            if done():
+                return time.monotonic() - started
+            await asyncio.sleep(0.1)
+        return None
+
+    def all_in_session(self) -> bool:
+        return self.total("in_session") >= self.agents
+
+    def none_in_session(self) -> bool:
+        return self.total("in_session") == 0
+
+
+async def start_workers(args: argparse.Namespace, certs: Path, port: int) -> Fleet:
+    workers = []
+    share, extra = divmod(args.agents, args.workers)
+    first = 0
+    for n in range(args.workers):
+        count = share + (1 if n < extra else 0)
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "tests.bench.fleet.agents",
+            "--target",
+            f"127.0.0.1:{port}",
+            "--certs",
+            str(certs),
+            "--first",
+            str(first),
+            "--count",
+            str(count),
+            "--max-seconds",
+            str(args.max_seconds),
+            "--commands",
+            args.commands,
+            "--command-delay",
+            str(args.command_delay),
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+        )
+        workers.append(Worker(process))
+        first += count
+    return Fleet(workers, args.agents)
+
+
+# --- the phases ----------------------------------------------------------------------------
+
+
+async def storm(fleet: Fleet, within: float) -> dict[str, Any]:
+    """Every agent dials at once; until all are in session."""
+    attempts, refused = fleet.total("attempts"), fleet.total("refused")
+    await fleet.send("connect")
+    took = await fleet.until(fleet.all_in_session, within)
+    return {
+        "seconds": took,
+        "in_session": fleet.total("in_session"),
+        "attempts_per_agent": (fleet.total("attempts") - attempts) / fleet.agents,
+        "refused_busy": fleet.total("refused") - refused,
+    }
+
+
+def list_agents(controller: Controller, workdir: Path) -> dict[str, Any]:
+    pki = workdir / "pki"
+    tls = TlsFiles(ca=pki / "ca.crt", cert=pki / "operator.crt", key=pki / "operator.key")
+    target = f"127.0.0.1:{controller.operator_port}"
+    calls = []
+    with grpc.secure_channel(target, channel_credentials(tls)) as channel:
+        stub = operator_pb2_grpc.OperatorServiceStub(channel)
+        for _ in range(3):
+            started = time.monotonic()
+            reply = stub.ListAgents(operator_pb2.ListAgentsRequest(), timeout=60)
+            calls.append(time.monotonic() - started)
+    started = time.monotonic()
+    subprocess.run(
+        [str(BIN / "coffer"), "--controller", target, "--tls-dir", str(pki), "agents", "--json"],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+    return {
+        "rpc_first_s": calls[0],
+        "rpc_median_s": statistics.median(calls),
+        "agents_listed": len(reply.agents),
+        "online_listed": sum(1 for a in reply.agents if a.online),
+        "cli_s": time.monotonic() - started,
+    }
+
+
+async def held(controller: Controller, fleet: Fleet, workdir: Path, idle: float) -> dict[str, Any]:
+    broker = controller.broker_pid()
+    await asyncio.sleep(5)  # the storm's tail (logging, the first heartbeats) settles
+    before = cpu_seconds(controller.pid), cpu_seconds(broker) if broker else 0.0
+    started = time.monotonic()
+    await asyncio.sleep(idle)
+    took = time.monotonic() - started
+    after = cpu_seconds(controller.pid), cpu_seconds(broker) if broker else 0.0
+    figures: dict[str, Any] = {
+        "controller_rss_mib": rss_mib(controller.pid),
+        "broker_rss_mib": rss_mib(broker) if broker else None,
+        "idle_cpu_percent": 100 * (after[0] - before[0]) / took,
+        "broker_idle_cpu_percent": 100 * (after[1] - before[1]) / took if broker else None,
+        "in_session": fleet.total("in_session"),
+    }
+    figures["list_agents"] = await asyncio.to_thread(list_agents, controller, workdir)
+    return figures
+
+
+async def restart(controller: Controller, fleet: Fleet, within: float) -> dict[str, Any]:
+    attempts = fleet.total("attempts")
+    stopped_at = time.monotonic()
+    await asyncio.to_thread(controller.stop)
+    stop_s = time.monotonic() - stopped_at
+    ready_s = await asyncio.to_thread(controller.start)
+    ready_at = time.monotonic()
+    took = await fleet.until(fleet.all_in_session, within)
+    return {
+        "stop_s": stop_s,
+        "start_to_ready_s": ready_s,
+        "seconds_from_stop": None if took is None else ready_at + took - stopped_at,
+        "seconds_from_ready": took,
+        "in_session": fleet.total("in_session"),
+        "attempts_per_agent": (fleet.total("attempts") - attempts) / fleet.agents,
+        "refused_busy": fleet.total("refused"),
+    }
+
+
+async def run(args: argparse.Namespace) -> dict[str, Any]:
+    workdir = args.workdir
+    workdir.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    certs, issued = await asyncio.to_thread(prepare_certificates, workdir, args.agents)
+    report: dict[str, Any] = {
+        "agents": args.agents,
+        "workers": args.workers,
+        "certificates_issued_now": issued,
+        "certificates_s": time.monotonic() - started,
+        "load_before": os.getloadavg(),
+        "cpus": os.cpu_count(),
+    }
+    fresh = not (workdir / "state").exists()
+    controller = Controller(workdir)
+    report["controller_start_s"] = await asyncio.to_thread(controller.start)
+    fleet = await start_workers(args, certs, controller.port)
+    follows = [asyncio.create_task(w.follow()) for w in fleet.workers]
+    try:
+        async with asyncio.timeout(args.max_seconds):
+            if fresh:
+                # First use of each certificate is recorded once in the controller's life.
+                report["warm_up"] = await storm(fleet, args.phase_timeout * 3)
+                await fleet.send("disconnect")
+                await fleet.until(fleet.none_in_session, args.phase_timeout)
+            report["storm"] = await storm(fleet, args.phase_timeout)
+            report["held"] = await held(controller, fleet, workdir, args.idle)
+            report["restart"] = await restart(controller, fleet, args.phase_timeout)
+    finally:
+        report["load_after"] = os.getloadavg()
+        await fleet.send("stop")
+        for worker in fleet.workers:
+            try:
+                await asyncio.wait_for(worker.process.wait(), 30)
+            except TimeoutError:
+                worker.process.kill()
+                await worker.process.wait()
+        for task in follows:
+            task.cancel()
+        await asyncio.to_thread(controller.stop)
+    report["total_s"] = time.monotonic() - started
+    return report
+
+
+def verdicts(report: dict[str, Any]) -> list[tuple[str, Any, float, bool]]:
+    held, storm_, again = report.get("held", {}), report.get("storm", {}), report.get("restart", {})
+    rows: list[tuple[str, Any, float]] = [
+        ("controller RSS (MiB)", held.get("controller_rss_mib"), TARGETS["controller_rss_mib"]),
+        ("idle CPU (% of a core)", held.get("idle_cpu_percent"), TARGETS["idle_cpu_percent"]),
+        (
+            "ListAgents, first call (s)",
+            held.get("list_agents", {}).get("rpc_first_s"),
+            TARGETS["list_agents_s"],
+        ),
+        ("storm: all in session (s)", storm_.get("seconds"), TARGETS["storm_s"]),
+        (
+            "storm: attempts per agent",
+            storm_.get("attempts_per_agent"),
+            TARGETS["attempts_per_agent"],
+        ),
+        ("restart: all back, from stop (s)", again.get("seconds_from_stop"), TARGETS["restart_s"]),
+        (
+            "restart: attempts per agent",
+            again.get("attempts_per_agent"),
+            TARGETS["attempts_per_agent"],
+        ),
+    ]
+    return [
+        (name, value, target, value is not None and value <= target) for name, value, target in rows
+    ]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--agents", type=int, default=10_000)
+    parser.add_argument("--workers", type=int, default=4)
+    parser.add_argument("--workdir", type=Path, default=Path("/var/tmp/coffer-fleet"))
+    parser.add_argument("--idle", type=float, default=30.0)
+    parser.add_argument("--phase-timeout", type=float, default=120.0)
+    parser.add_argument("--max-seconds", type=float, default=900.0)
+    parser.add_argument("--commands", choices=("fail", "done", "silent"), default="fail")
+    parser.add_argument("--command-delay", type=float, default=0.0)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    report = asyncio.run(run(args))
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return
+    print(json.dumps(report, indent=2))
+    print()
+    print(f"{'figure':36} {'measured':>10} {'target':>8}  met")
+    for name, value, target, met in verdicts(report):
+        shown = "-" if value is None else f"{value:.2f}"
+        print(f"{name:36} {shown:>10} {target:>8g}  {'yes' if met else 'NO'}")
+
+
+if __name__ == "__main__":
+    main()

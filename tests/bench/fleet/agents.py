@@ -1,0 +1,242 @@
+"""One worker process of the fleet simulator: many simulated agents on one asyncio loop.
+
+    python -m tests.bench.fleet.agents --target 127.0.0.1:PORT --certs DIR --first 0 --count 2500
+
+Each simulated agent is what the controller sees of a real one: its own mutual-TLS gRPC
+channel with its own certificate, a valid hello, the agent's channel options (keepalive
+included, `shared.rpc_channel.channel_options`), heartbeats at the interval the controller
+asks for, and one result per command (`commands.answer`, the hook). It dials again as the
+real agent does (`agent.session.RECONNECT`, full jitter; a retry-after honoured through
+`shared.backoff.after_refusal`).
+
+Driven over stdin, one word a line: `connect` (every agent dials), `disconnect` (every agent
+hangs up), `stop`. End of stdin stops it too, so it never outlives the benchmark; and it
+stops by itself after `--max-seconds`. Every quarter second it prints one JSON line of
+counters to stdout: agents in session now, dial attempts, refusals with a retry-after,
+sessions begun, commands answered.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import resource
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import grpc
+
+from agent.session import HEALTHY_SESSION, RECONNECT
+from shared.backoff import after_refusal
+from shared.errors import ControllerBusy
+from shared.rpc import agent_pb2, agent_pb2_grpc
+from shared.rpc_channel import channel_options
+from shared.rpc_errors import from_rpc_error
+from shared.version import coffer_version
+from tests.bench.fleet.commands import CommandHook, answer
+
+REPORT_SECONDS = 0.25
+DISK_BYTES = 10 << 30
+
+
+def vm_name(n: int) -> str:
+    return f"fleet-{n:05d}"
+
+
+@dataclass
+class Counters:
+    in_session: int = 0
+    attempts: int = 0
+    refused: int = 0
+    sessions: int = 0
+    commands: int = 0
+    errors: int = 0
+
+
+class SessionEnded(Exception):
+    """The controller ended the session (or refused it without a gRPC status)."""
+
+
+class SimulatedAgent:
+    def __init__(
+        self,
+        vm_id: str,
+        credentials: grpc.ChannelCredentials,
+        target: str,
+        counters: Counters,
+        hook: CommandHook,
+    ) -> None:
+        self.vm_id = vm_id
+        self._credentials = credentials
+        self._target = target
+        self._counters = counters
+        self._hook = hook
+        self._hello = agent_pb2.Hello(
+            vm_id=vm_id,
+            name=vm_id,
+            service="fleet",
+            region="sim",
+            hostname=f"{vm_id}.sim",
+            agent_version=coffer_version(),
+            disks=[agent_pb2.DiskInfo(name="root", path="/dev/vda", size_bytes=DISK_BYTES)],
+        )
+        # Its own subchannel pool: channels of one process share nothing, as separate VMs.
+        self._options = [*channel_options(), ("grpc.use_local_subchannel_pool", 1)]
+
+    async def run(self) -> None:
+        delays = RECONNECT.delays()
+        while True:
+            retry_after: float | None = None
+            accepted_at: float | None = None
+            self._counters.attempts += 1
+            try:
+                async with grpc.aio.secure_channel(
+                    self._target, self._credentials, options=self._options
+                ) as channel:
+                    call = agent_pb2_grpc.AgentServiceStub(channel).Session()
+                    await call.write(agent_pb2.AgentMessage(hello=self._hello))
+                    first = await call.read()
+                    if first is grpc.aio.EOF or not first.HasField("accepted"):
+                        raise SessionEnded()
+                    accepted_at = time.monotonic()
+                    self._counters.sessions += 1
+                    self._counters.in_session += 1
+                    try:
+                        await self._session(call, first.accepted)
+                    finally:
+                        self._counters.in_session -= 1
+            # The session's task group raises what ended it as a group.
+            except* grpc.RpcError as group:
+                error = from_rpc_error(group.exceptions[0])
+                retry_after = error.retry_after
+                if isinstance(error, ControllerBusy):
+                    self._counters.refused += 1
+            except* SessionEnded:
+                pass
+            if accepted_at is not None and time.monotonic() - accepted_at >= HEALTHY_SESSION:
+                delays = RECONNECT.delays()
+            await asyncio.sleep(after_refusal(next(delays), retry_after))
+
+    async def _session(
+        self, call: grpc.aio.StreamStreamCall, accepted: agent_pb2.SessionAccepted
+    ) -> None:
+        outbox: asyncio.Queue[agent_pb2.AgentMessage] = asyncio.Queue()
+        interval = max(accepted.heartbeat_interval_ms, 500) / 1000
+        async with asyncio.TaskGroup() as tasks:
+            writer = tasks.create_task(self._write(call, outbox))
+            beats = tasks.create_task(self._heartbeat(outbox, interval))
+            try:
+                while True:
+                    message = await call.read()
+                    if message is grpc.aio.EOF:
+                        raise SessionEnded()
+                    kind = message.WhichOneof("kind")
+                    if kind in ("backup", "restore", "file_recovery"):
+                        tasks.create_task(self._command(message, outbox))
+                    elif kind == "displaced":
+                        raise SessionEnded()
+            finally:
+                writer.cancel()
+                beats.cancel()
+
+    async def _command(
+        self, message: agent_pb2.ControllerMessage, outbox: asyncio.Queue[agent_pb2.AgentMessage]
+    ) -> None:
+        result = await self._hook(message)
+        if result is not None:
+            self._counters.commands += 1
+            outbox.put_nowait(agent_pb2.AgentMessage(result=result))
+
+    @staticmethod
+    async def _write(
+        call: grpc.aio.StreamStreamCall, outbox: asyncio.Queue[agent_pb2.AgentMessage]
+    ) -> None:
+        while True:
+            await call.write(await outbox.get())
+
+    @staticmethod
+    async def _heartbeat(outbox: asyncio.Queue[agent_pb2.AgentMessage], interval: float) -> None:
+        sequence = 0
+        while True:
+            await asyncio.sleep(interval)
+            sequence += 1
+            outbox.put_nowait(
+                agent_pb2.AgentMessage(heartbeat=agent_pb2.Heartbeat(sequence=sequence))
+            )
+
+
+def credentials(certs: Path, ca: bytes, vm_id: str) -> grpc.ChannelCredentials:
+    return grpc.ssl_channel_credentials(
+        root_certificates=ca,
+        private_key=(certs / f"{vm_id}.key").read_bytes(),
+        certificate_chain=(certs / f"{vm_id}.crt").read_bytes(),
+    )
+
+
+async def report(counters: Counters) -> None:
+    while True:
+        print(json.dumps({"t": time.time(), **asdict(counters)}), flush=True)
+        await asyncio.sleep(REPORT_SECONDS)
+
+
+async def commands() -> asyncio.StreamReader:
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader()
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+    return reader
+
+
+async def serve(args: argparse.Namespace) -> None:
+    ca = (args.certs / "ca.crt").read_bytes()
+    counters = Counters()
+    hook = answer(args.commands, args.command_delay)
+    agents = [
+        SimulatedAgent(
+            vm_name(n), credentials(args.certs, ca, vm_name(n)), args.target, counters, hook
+        )
+        for n in range(args.first, args.first + args.count)
+    ]
+    running: list[asyncio.Task[None]] = []
+    reader = await commands()
+    async with asyncio.timeout(args.max_seconds), asyncio.TaskGroup() as group:
+        reporting = group.create_task(report(counters))
+        try:
+            while line := (await reader.readline()).decode().strip():
+                if line == "connect" and not running:
+                    running = [group.create_task(agent.run()) for agent in agents]
+                elif line == "disconnect":
+                    for task in running:
+                        task.cancel()
+                    await asyncio.gather(*running, return_exceptions=True)
+                    running = []
+                elif line == "stop":
+                    break
+        finally:
+            for task in running:
+                task.cancel()
+            await asyncio.gather(*running, return_exceptions=True)
+            reporting.cancel()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--target", required=True)
+    parser.add_argument("--certs", type=Path, required=True)
+    parser.add_argument("--first", type=int, required=True)
+    parser.add_argument("--count", type=int, required=True)
+    parser.add_argument("--max-seconds", type=float, default=900.0)
+    parser.add_argument("--commands", choices=("fail", "done", "silent"), default="fail")
+    parser.add_argument("--command-delay", type=float, default=0.0)
+    args = parser.parse_args()
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    with contextlib.suppress(TimeoutError, KeyboardInterrupt):
+        asyncio.run(serve(args))
+
+
+if __name__ == "__main__":
+    main()
