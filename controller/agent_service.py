@@ -9,7 +9,8 @@ A VM has one session (`controller.registry`): a new one takes over from the open
 told why (`SessionDisplaced`) and ends with `DuplicateAgent`; a standby session (an agent that
 was displaced and is still alive) waits until the VM has none.
 
-Sessions start through the session gate (`controller.session_gate`): a bounded number at once,
+Hellos are written to the catalog in batches (`controller.hello_writer`). Sessions start
+through the session gate (`controller.session_gate`): a bounded number at once,
 the rest wait their turn or, when the wait would be long, are told to come back later
 (`ControllerBusy` with a retry-after) before any of their work is done. A stream that ends
 before its hello (an agent that gave up waiting, a port probe) is no error: it is logged at
@@ -27,8 +28,9 @@ from typing import cast
 import grpc
 
 from controller.agent_limits import IndexBudget, index_deadline
-from controller.catalog import Catalog, DiskRecord
+from controller.catalog import AgentHello, Catalog, DiskRecord
 from controller.enrolment import Enrolment
+from controller.hello_writer import HelloWriter
 from controller.interceptors import caller_vm
 from controller.jobs import JobManager, RunningBackup
 from controller.registry import AgentRegistry, AgentSession
@@ -100,6 +102,7 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
         self._enrolment = enrolment
         self.gate = gate or SessionGate()
         self._stopping = False
+        self._hellos = HelloWriter(catalog)
         self._hello_at: dict[str, float] = {}  # when each VM last declared itself mid-session
         self._index_budget = index_budget or IndexBudget()
         self._catalog = catalog
@@ -179,16 +182,18 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
         """The hello into the catalog, then `accepted` down the stream."""
         hello = session.hello
         host, port = self._mqtt or ("", 0)
-        await self._catalog.upsert_agent(
-            vm_id=hello.vm_id,
-            name=hello.name or hello.vm_id,
-            service=hello.service,
-            region=hello.region,
-            hostname=hello.hostname,
-            agent_version=hello.agent_version,
-            disks=[DiskRecord(d.name, d.path, d.size_bytes) for d in hello.disks],
-            now=session.connected_at,
-            restore_dirs=list(hello.restore_dirs),
+        await self._hellos.write(
+            AgentHello(
+                vm_id=hello.vm_id,
+                name=hello.name or hello.vm_id,
+                service=hello.service,
+                region=hello.region,
+                hostname=hello.hostname,
+                agent_version=hello.agent_version,
+                disks=tuple(DiskRecord(d.name, d.path, d.size_bytes) for d in hello.disks),
+                now=session.connected_at,
+                restore_dirs=tuple(hello.restore_dirs),
+            )
         )
         await context.write(
             agent_pb2.ControllerMessage(

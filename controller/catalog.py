@@ -418,6 +418,21 @@ class DiskRecord:
 
 
 @dataclass(frozen=True)
+class AgentHello:
+    """What an agent's hello records: who it is, its disks, when it said so."""
+
+    vm_id: str
+    name: str
+    service: str
+    region: str
+    hostname: str
+    agent_version: str
+    disks: tuple[DiskRecord, ...]
+    now: float
+    restore_dirs: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class AgentRecord:
     vm_id: str
     name: str
@@ -1468,38 +1483,72 @@ class Catalog:
         restore_dirs: Sequence[str] = (),
     ) -> None:
         """Record an agent's hello: who it is and the disks it has now."""
+        await self.upsert_agents(
+            [
+                AgentHello(
+                    vm_id=vm_id,
+                    name=name,
+                    service=service,
+                    region=region,
+                    hostname=hostname,
+                    agent_version=agent_version,
+                    disks=tuple(disks),
+                    now=now,
+                    restore_dirs=tuple(restore_dirs),
+                )
+            ]
+        )
+
+    async def upsert_agents(self, hellos: Sequence[AgentHello]) -> None:
+        """Record agents' hellos, all in one transaction (a fleet reconnecting at once)."""
+        owners: list[tuple[str, str]] = []
         async with self._transaction() as db:
-            await db.execute(
+            await db.executemany(
                 f"""INSERT INTO agents ({_columns(_AGENT_COLUMNS)})
                    VALUES ({_placeholders(_AGENT_COLUMNS)})
                    ON CONFLICT (vm_id) DO UPDATE SET name=excluded.name, service=excluded.service,
                      region=excluded.region, hostname=excluded.hostname,
                      agent_version=excluded.agent_version, last_seen=excluded.last_seen,
                      restore_dirs=excluded.restore_dirs""",
-                {
-                    "vm_id": vm_id,
-                    "name": name,
-                    "service": service,
-                    "region": region,
-                    "hostname": hostname,
-                    "agent_version": agent_version,
-                    "first_seen": now,
-                    "last_seen": now,
-                    "restore_dirs": json.dumps(list(restore_dirs)),
-                },
+                [
+                    {
+                        "vm_id": hello.vm_id,
+                        "name": hello.name,
+                        "service": hello.service,
+                        "region": hello.region,
+                        "hostname": hello.hostname,
+                        "agent_version": hello.agent_version,
+                        "first_seen": hello.now,
+                        "last_seen": hello.now,
+                        "restore_dirs": json.dumps(list(hello.restore_dirs)),
+                    }
+                    for hello in hellos
+                ],
             )
-            await db.execute("DELETE FROM disks WHERE vm_id = ?", (vm_id,))
+            await db.executemany(
+                "DELETE FROM disks WHERE vm_id = ?", [(hello.vm_id,) for hello in hellos]
+            )
             await db.executemany(
                 f"INSERT INTO disks ({_columns(_DISK_COLUMNS)})"
                 f" VALUES ({_placeholders(_DISK_COLUMNS)})",
                 [
-                    {"vm_id": vm_id, "name": d.name, "path": d.path, "size_bytes": d.size_bytes}
-                    for d in disks
+                    {
+                        "vm_id": hello.vm_id,
+                        "name": d.name,
+                        "path": d.path,
+                        "size_bytes": d.size_bytes,
+                    }
+                    for hello in hellos
+                    for d in hello.disks
                 ],
             )
-            async with db.execute("SELECT vault FROM items WHERE vm_id = ?", (vm_id,)) as cursor:
-                vaults = [row["vault"] for row in await cursor.fetchall()]
-        self._changed((vault, vm_id) for vault in vaults)
+            if self.on_change:
+                for hello in hellos:
+                    async with db.execute(
+                        "SELECT vault FROM items WHERE vm_id = ?", (hello.vm_id,)
+                    ) as cursor:
+                        owners += [(row["vault"], hello.vm_id) for row in await cursor.fetchall()]
+        self._changed(owners)
 
     def touch_agent(self, vm_id: str, now: float) -> None:
         """Note a heartbeat; written by the next `flush`."""

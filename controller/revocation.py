@@ -129,6 +129,8 @@ class Revocations:
     async def start(self) -> None:
         """Read the ledger into the catalog and write a fresh CRL."""
         async with self._lock:
+            # What the catalog has is not parsed again from the ledger's files.
+            self._records = {r.serial: r for r in await self._catalog.certificates()}
             await self._sync()
         await self.write_crl()
 
@@ -236,7 +238,7 @@ class Revocations:
 
     async def _sync(self) -> None:
         """Read what the ledger gained into the catalog and memory."""
-        ledger = await asyncio.to_thread(self._authority.ledger)
+        ledger = await asyncio.to_thread(self._authority.ledger, frozenset(self._records))
         new = [
             record_of(facts, ISSUED_OFFLINE)
             for serial, facts in ledger.items()

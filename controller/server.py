@@ -163,6 +163,7 @@ class Controller:
             # file I/O that mostly waits on the disk, so more threads than cores.
             pool = stack.enter_context(ThreadPoolExecutor(16, thread_name_prefix="datastore"))
             catalog = await stack.enter_async_context(Catalog(config.catalog_path))
+            self.catalog = catalog
             where = config.datastores
             datastores = Datastores(
                 catalog, where.url, s3=where.s3, master=master, clock=self.clock
@@ -298,6 +299,7 @@ class Controller:
                 index_budget=IndexBudget(),
             )
             agent_pb2_grpc.add_AgentServiceServicer_to_server(agent_service, server)
+            self.agent_service = agent_service
             operators = OperatorService(
                 catalog,
                 registry,

@@ -162,7 +162,7 @@ def _single_attribute(subject: x509.Name, oid: x509.ObjectIdentifier, label: str
     return value if isinstance(value, str) else value.decode()
 
 
-@functools.lru_cache(maxsize=1024)
+@functools.lru_cache(maxsize=16384)  # as certificate_facts
 def identity_of_certificate(pem: bytes) -> Identity:
     """The Coffer identity in a PEM certificate's subject; Unauthenticated if it has none.
 
@@ -241,7 +241,10 @@ def facts_of(certificate: x509.Certificate) -> CertificateFacts:
     return certificate_facts(pem)
 
 
-@functools.lru_cache(maxsize=1024)
+# Sized for the design fleet (10,000 agents, each call of each agent asks): at 1,024 a fleet
+# of thousands missed it on nearly every call, a certificate parse each (issue 13). An entry
+# is a PEM and its facts, about 1.5 KiB.
+@functools.lru_cache(maxsize=16384)
 def certificate_facts(pem: bytes) -> CertificateFacts:
     """The identity, serial, fingerprint, validity and operator role of a PEM certificate.
 

@@ -268,13 +268,18 @@ async def start_workers(args: argparse.Namespace, certs: Path, port: int) -> Fle
 # --- the phases ----------------------------------------------------------------------------
 
 
-async def storm(fleet: Fleet, within: float) -> dict[str, Any]:
+async def storm(controller: Controller, fleet: Fleet, within: float) -> dict[str, Any]:
     """Every agent dials at once; until all are in session."""
     attempts, refused = fleet.total("attempts"), fleet.total("refused")
+    cpu = cpu_seconds(controller.pid)
     await fleet.send("connect")
     took = await fleet.until(fleet.all_in_session, within)
+    spent = cpu_seconds(controller.pid) - cpu
     return {
         "seconds": took,
+        # What the machine's load cannot change: the controller's own CPU for the storm.
+        "controller_cpu_s": spent,
+        "controller_cpu_ms_per_agent": 1000 * spent / fleet.agents,
         "in_session": fleet.total("in_session"),
         "attempts_per_agent": (fleet.total("attempts") - attempts) / fleet.agents,
         "refused_busy": fleet.total("refused") - refused,
@@ -322,27 +327,33 @@ async def held(controller: Controller, fleet: Fleet, workdir: Path, idle: float)
         "idle_cpu_percent": 100 * (after[0] - before[0]) / took,
         "broker_idle_cpu_percent": 100 * (after[1] - before[1]) / took if broker else None,
         "in_session": fleet.total("in_session"),
+        "worker_rss_mib": [round(rss_mib(w.process.pid)) for w in fleet.workers],
+        "load": os.getloadavg(),
     }
     figures["list_agents"] = await asyncio.to_thread(list_agents, controller, workdir)
     return figures
 
 
 async def restart(controller: Controller, fleet: Fleet, within: float) -> dict[str, Any]:
-    attempts = fleet.total("attempts")
+    attempts, refused = fleet.total("attempts"), fleet.total("refused")
     stopped_at = time.monotonic()
     await asyncio.to_thread(controller.stop)
     stop_s = time.monotonic() - stopped_at
     ready_s = await asyncio.to_thread(controller.start)
     ready_at = time.monotonic()
+    cpu = cpu_seconds(controller.pid)
     took = await fleet.until(fleet.all_in_session, within)
+    spent = cpu_seconds(controller.pid) - cpu
     return {
+        "controller_cpu_s": spent,
+        "controller_cpu_ms_per_agent": 1000 * spent / fleet.agents,
         "stop_s": stop_s,
         "start_to_ready_s": ready_s,
         "seconds_from_stop": None if took is None else ready_at + took - stopped_at,
         "seconds_from_ready": took,
         "in_session": fleet.total("in_session"),
         "attempts_per_agent": (fleet.total("attempts") - attempts) / fleet.agents,
-        "refused_busy": fleet.total("refused"),
+        "refused_busy": fleet.total("refused") - refused,
     }
 
 
@@ -359,7 +370,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "load_before": os.getloadavg(),
         "cpus": os.cpu_count(),
     }
-    fresh = not (workdir / "state").exists()
+    # Written once every agent has been in session: each certificate's first use recorded.
+    warm = workdir / f"warm-{args.agents}"
+    fresh = not warm.exists()
     controller = Controller(workdir)
     report["controller_start_s"] = await asyncio.to_thread(controller.start)
     fleet = await start_workers(args, certs, controller.port)
@@ -368,10 +381,12 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         async with asyncio.timeout(args.max_seconds):
             if fresh:
                 # First use of each certificate is recorded once in the controller's life.
-                report["warm_up"] = await storm(fleet, args.phase_timeout * 3)
+                report["warm_up"] = await storm(controller, fleet, args.phase_timeout * 3)
+                if report["warm_up"]["seconds"] is not None:
+                    warm.touch()
                 await fleet.send("disconnect")
                 await fleet.until(fleet.none_in_session, args.phase_timeout)
-            report["storm"] = await storm(fleet, args.phase_timeout)
+            report["storm"] = await storm(controller, fleet, args.phase_timeout)
             report["held"] = await held(controller, fleet, workdir, args.idle)
             report["restart"] = await restart(controller, fleet, args.phase_timeout)
     finally:

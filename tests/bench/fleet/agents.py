@@ -115,7 +115,8 @@ class SimulatedAgent:
                 retry_after = error.retry_after
                 if isinstance(error, ControllerBusy):
                     self._counters.refused += 1
-            except* SessionEnded:
+            # A write after the call ended (the controller or the transport ended it first).
+            except* (SessionEnded, asyncio.InvalidStateError):
                 pass
             if accepted_at is not None and time.monotonic() - accepted_at >= HEALTHY_SESSION:
                 delays = RECONNECT.delays()

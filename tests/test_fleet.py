@@ -1,0 +1,242 @@
+"""A fleet's connections (issue 13): descriptors, a busy controller, quiet ends, last_seen.
+
+A real controller each time: in this process where the test must reach inside it (its session
+gate, its catalog), as a process of its own where its descriptor limit is the point. Agents are
+the real `agent.session.Agent` or a gRPC client with a real agent certificate.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import sqlite3
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from agent.config import AgentConfig, DiskConfig
+from agent.session import Agent
+from controller.config import ControllerConfig
+from controller.pki import init_pki, issue_agent
+from controller.server import Controller
+from shared.errors import ControllerBusy
+from shared.rpc import agent_pb2, agent_pb2_grpc
+from shared.rpc_channel import channel_options
+from shared.rpc_errors import from_rpc_error
+from shared.tls import TlsFiles, channel_credentials
+from tests.cluster import Cluster
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
+
+VM = "fleet-vm"
+
+
+@pytest.fixture
+async def controller(tmp_path: Path) -> AsyncIterator[Controller]:
+    pki = tmp_path / "pki"
+    init_pki(pki)
+    config = ControllerConfig(listen="127.0.0.1:0", state_dir=tmp_path / "state", pki_dir=pki)
+    umask = os.umask(0o022)  # the controller makes it 077 for this whole process
+    os.umask(umask)
+    try:
+        async with Controller(config).running() as running:
+            yield running
+    finally:
+        os.umask(umask)
+
+
+def agent_tls(controller: Controller, vm_id: str = VM) -> TlsFiles:
+    out = controller.config.state_dir.parent / f"tls-{vm_id}"
+    if not out.exists():
+        issue_agent(controller.config.pki_dir, vm_id, out)
+    return TlsFiles.in_dir(out, "agent")
+
+
+def hello(vm_id: str = VM) -> agent_pb2.AgentMessage:
+    disk = agent_pb2.DiskInfo(name="root", path="/dev/vda", size_bytes=1 << 30)
+    return agent_pb2.AgentMessage(
+        hello=agent_pb2.Hello(
+            vm_id=vm_id,
+            name=vm_id,
+            service="default",
+            region="local",
+            hostname="h",
+            agent_version="1",
+            disks=[disk],
+        )
+    )
+
+
+def channel(controller: Controller) -> grpc.aio.Channel:
+    return grpc.aio.secure_channel(
+        f"127.0.0.1:{controller.port}",
+        channel_credentials(agent_tls(controller)),
+        options=channel_options(),
+    )
+
+
+async def test_a_busy_controller_says_when_to_come_back_and_the_agent_waits_that_long(
+    controller: Controller, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    gate = controller.agent_service.gate
+    # Busy: at the rate it starts sessions, one more would wait 2 s, longer than it lets any.
+    gate.max_wait, gate.assumed_rate = 0.0, 0.5
+    async with channel(controller) as ch:
+        call = agent_pb2_grpc.AgentServiceStub(ch).Session()
+        await call.write(hello())
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await call.read()
+    assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    error = from_rpc_error(refused.value)
+    assert isinstance(error, ControllerBusy)
+    assert error.retry_after == pytest.approx(2.0)
+
+    # The real agent: told 2 s, it dials again no sooner (its own backoff alone would have
+    # dialled three or four times by then).
+    disk = tmp_path / "root.img"
+    disk.write_bytes(b"\0" * 4096)
+    agent = Agent(
+        AgentConfig(
+            vm_id=VM,
+            name=VM,
+            service="default",
+            region="local",
+            controller=f"127.0.0.1:{controller.port}",
+            tls_dir=agent_tls(controller).cert.parent,
+            state_dir=tmp_path / "agent-state",
+            disks=(DiskConfig("root", disk),),
+        )
+    )
+    (tmp_path / "agent-state").mkdir()
+    refused_before = gate.refused
+    caplog.set_level(logging.INFO, logger="agent.session")
+    running = asyncio.create_task(agent.run())
+    try:
+        await asyncio.sleep(3.5)
+        assert gate.refused - refused_before in (1, 2)
+        waits = [
+            float(r.getMessage().split()[2])
+            for r in caplog.records
+            if r.name == "agent.session" and r.getMessage().startswith("reconnecting in")
+        ]
+        assert waits
+        assert all(wait >= 2.0 for wait in waits), waits
+        # No longer busy: the agent's next dial starts its session.
+        gate.max_wait, gate.assumed_rate = 10.0, 200.0
+        await asyncio.wait_for(agent.connected.wait(), timeout=15)
+    finally:
+        running.cancel()
+        await asyncio.gather(running, return_exceptions=True)
+
+
+async def test_a_session_that_ends_before_its_hello_is_no_error(
+    controller: Controller, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="controller")
+    async with channel(controller) as ch:
+        call = agent_pb2_grpc.AgentServiceStub(ch).Session()
+        await call.done_writing()
+        assert await call.code() == grpc.StatusCode.OK
+    await asyncio.sleep(0.2)
+    said = [(r.levelno, r.getMessage()) for r in caplog.records if r.name.startswith("controller")]
+    assert (logging.DEBUG, f"agent {VM} ended its session before its hello") in said
+    assert not [message for level, message in said if level >= logging.WARNING], said
+
+
+def stored_last_seen(controller: Controller) -> float:
+    with sqlite3.connect(f"file:{controller.config.catalog_path}?mode=ro", uri=True) as db:
+        row = db.execute("SELECT last_seen FROM agents WHERE vm_id = ?", (VM,)).fetchone()
+    return float(row[0])
+
+
+async def test_last_seen_is_kept_in_memory_and_written_in_batches(tmp_path: Path) -> None:
+    pki = tmp_path / "pki"
+    init_pki(pki)
+    config = ControllerConfig(listen="127.0.0.1:0", state_dir=tmp_path / "state", pki_dir=pki)
+    umask = os.umask(0o022)
+    os.umask(umask)
+    try:
+        async with Controller(config).running() as controller, channel(controller) as ch:
+            call = agent_pb2_grpc.AgentServiceStub(ch).Session()
+            await call.write(hello())
+            assert (await call.read()).HasField("accepted")
+            # Presence: at once, from memory.
+            record = await controller.catalog.agent(VM)
+            assert record is not None
+            connected = record.last_seen
+            assert stored_last_seen(controller) == connected
+            await asyncio.sleep(1.1)
+            await call.write(agent_pb2.AgentMessage(heartbeat=agent_pb2.Heartbeat(sequence=1)))
+            beat = await _until_changed(controller, connected)
+            # Seen by every reader at once; not written to the catalog yet.
+            assert beat > connected
+            assert stored_last_seen(controller) == connected
+            await call.done_writing()
+        # The controller's stop writes what was held in memory (the session's end, by then).
+        assert stored_last_seen(controller) >= beat
+    finally:
+        os.umask(umask)
+
+
+async def _until_changed(controller: Controller, before: float) -> float:
+    for _ in range(50):
+        record = await controller.catalog.agent(VM)
+        assert record is not None
+        if record.last_seen != before:
+            return record.last_seen
+        await asyncio.sleep(0.05)
+    raise AssertionError("the heartbeat never reached last_seen")
+
+
+# --- descriptors: a controller process with a low limit --------------------------------------
+
+SOFT, HARD = 512, 1124  # the controller keeps 1,024 back: room for 100 agents
+
+
+@pytest.fixture
+def small_cluster(tmp_path: Path) -> Iterator[Cluster]:
+    cluster = Cluster(tmp_path / "cluster")
+    cluster.controller.argv = ["prlimit", f"--nofile={SOFT}:{HARD}", *cluster.controller.argv]
+    with cluster:
+        yield cluster
+
+
+def test_descriptor_limit_is_raised_and_agents_filling_it_leave_operators_room(
+    small_cluster: Cluster,
+) -> None:
+    cluster = small_cluster
+    log = cluster.controller.log.read_text()
+    assert (
+        f"open-file limit {HARD} (raised from {SOFT}), hard limit {HARD}: room for about 100 agents"
+        in log
+    )
+    limits = Path(f"/proc/{cluster.controller.pid}/limits").read_text()
+    assert any(
+        line.startswith("Max open files") and f"{HARD}" in line.split()[3]
+        for line in limits.splitlines()
+    ), limits
+    # The broker inherits it and says what it holds.
+    assert "room for 1044 agents" in log, log
+
+    # A hundred connections (not even TLS yet) fill the agent listener...
+    sockets = [socket.create_connection(("127.0.0.1", cluster.port)) for _ in range(100)]
+    try:
+        time.sleep(0.5)
+        tls = TlsFiles.in_dir(cluster.pki, "operator")
+        with (
+            grpc.secure_channel(
+                f"127.0.0.1:{cluster.port}", channel_credentials(tls), options=channel_options()
+            ) as ch,
+            pytest.raises(grpc.FutureTimeoutError),
+        ):
+            grpc.channel_ready_future(ch).result(timeout=3)
+        # ...and the operator's own listener still answers.
+        assert cluster.coffer("agents") == []
+    finally:
+        for s in sockets:
+            s.close()
