@@ -41,6 +41,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import sys
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
@@ -105,6 +106,7 @@ log = logging.getLogger(__name__)
 # written for every agent heard from in one transaction this often, and at shutdown.
 HEARTBEAT_FLUSH_SECONDS = 30.0
 LEASE_TASK = "datastore-lease"
+GIL_SWITCH_SECONDS = 0.0005
 SHUTDOWN_GRACE_SECONDS = 5.0
 
 
@@ -144,6 +146,10 @@ class Controller:
     @contextlib.asynccontextmanager
     async def running(self) -> AsyncIterator[Controller]:
         config = self.config
+        # gRPC asks the server credentials' Python fetcher (renewal.py) before every TLS
+        # handshake, from its own threads, each taking the GIL: at the default switch interval
+        # (5 ms) a busy event loop kept thousands of handshakes waiting their turn in a storm.
+        sys.setswitchinterval(GIL_SWITCH_SECONDS)
         # Before anything opens a descriptor in quantity; the private broker inherits it.
         open_files = raise_limit()
         log.info("%s", open_files.describe())
