@@ -268,11 +268,13 @@ async def start_workers(args: argparse.Namespace, certs: Path, port: int) -> Fle
 # --- the phases ----------------------------------------------------------------------------
 
 
-async def storm(controller: Controller, fleet: Fleet, within: float) -> dict[str, Any]:
-    """Every agent dials at once; until all are in session."""
+async def storm(
+    controller: Controller, fleet: Fleet, within: float, ramp: float = 0.0
+) -> dict[str, Any]:
+    """Every agent dials at once (or within `ramp` seconds); until all are in session."""
     attempts, refused = fleet.total("attempts"), fleet.total("refused")
     cpu = cpu_seconds(controller.pid)
-    await fleet.send("connect")
+    await fleet.send(f"connect {ramp}")
     took = await fleet.until(fleet.all_in_session, within)
     spent = cpu_seconds(controller.pid) - cpu
     return {
@@ -298,11 +300,14 @@ def list_agents(controller: Controller, workdir: Path) -> dict[str, Any]:
             reply = stub.ListAgents(operator_pb2.ListAgentsRequest(), timeout=60)
             calls.append(time.monotonic() - started)
     started = time.monotonic()
-    subprocess.run(
-        [str(BIN / "coffer"), "--controller", target, "--tls-dir", str(pki), "agents", "--json"],
-        check=True,
+    cli = subprocess.run(
+        [
+            *(str(BIN / "coffer"), "--controller", target, "--tls-dir", str(pki)),
+            *("--timeout", "120", "agents", "--json"),
+        ],
         capture_output=True,
-        timeout=120,
+        text=True,
+        timeout=180,
     )
     return {
         "rpc_first_s": calls[0],
@@ -310,6 +315,8 @@ def list_agents(controller: Controller, workdir: Path) -> dict[str, Any]:
         "agents_listed": len(reply.agents),
         "online_listed": sum(1 for a in reply.agents if a.online),
         "cli_s": time.monotonic() - started,
+        "cli_exit": cli.returncode,
+        "cli_error": cli.stderr.strip()[-300:] if cli.returncode else "",
     }
 
 
@@ -364,6 +371,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     certs, issued = await asyncio.to_thread(prepare_certificates, workdir, args.agents)
     report: dict[str, Any] = {
         "agents": args.agents,
+        "ramp_s": args.ramp,
         "workers": args.workers,
         "certificates_issued_now": issued,
         "certificates_s": time.monotonic() - started,
@@ -381,13 +389,18 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         async with asyncio.timeout(args.max_seconds):
             if fresh:
                 # First use of each certificate is recorded once in the controller's life.
-                report["warm_up"] = await storm(controller, fleet, args.phase_timeout * 3)
+                report["warm_up"] = await storm(
+                    controller, fleet, args.phase_timeout * 3, max(args.ramp, 60.0)
+                )
                 if report["warm_up"]["seconds"] is not None:
                     warm.touch()
                 await fleet.send("disconnect")
                 await fleet.until(fleet.none_in_session, args.phase_timeout)
-            report["storm"] = await storm(controller, fleet, args.phase_timeout)
+                save(report, workdir)
+            report["storm"] = await storm(controller, fleet, args.phase_timeout, args.ramp)
+            save(report, workdir)
             report["held"] = await held(controller, fleet, workdir, args.idle)
+            save(report, workdir)
             report["restart"] = await restart(controller, fleet, args.phase_timeout)
     finally:
         report["load_after"] = os.getloadavg()
@@ -402,7 +415,13 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             task.cancel()
         await asyncio.to_thread(controller.stop)
     report["total_s"] = time.monotonic() - started
+    save(report, workdir)
     return report
+
+
+def save(report: dict[str, Any], workdir: Path) -> None:
+    """The report so far, so that a run cut short still leaves its figures."""
+    (workdir / "report.json").write_text(json.dumps(report, indent=2))
 
 
 def verdicts(report: dict[str, Any]) -> list[tuple[str, Any, float, bool]]:
@@ -443,6 +462,12 @@ def main() -> None:
     parser.add_argument("--max-seconds", type=float, default=900.0)
     parser.add_argument("--commands", choices=("fail", "done", "silent"), default="fail")
     parser.add_argument("--command-delay", type=float, default=0.0)
+    parser.add_argument(
+        "--ramp",
+        type=float,
+        default=0.0,
+        help="agents dial within this many seconds instead of at once (a warm-up takes 60 s)",
+    )
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     report = asyncio.run(run(args))

@@ -9,11 +9,11 @@ asks for, and one result per command (`commands.answer`, the hook). It dials aga
 real agent does (`agent.session.RECONNECT`, full jitter; a retry-after honoured through
 `shared.backoff.after_refusal`).
 
-Driven over stdin, one word a line: `connect` (every agent dials), `disconnect` (every agent
-hangs up), `stop`. End of stdin stops it too, so it never outlives the benchmark; and it
-stops by itself after `--max-seconds`. Every quarter second it prints one JSON line of
-counters to stdout: agents in session now, dial attempts, refusals with a retry-after,
-sessions begun, commands answered.
+Driven over stdin, one word a line: `connect [SECONDS]` (every agent dials, at once or each
+at a random moment within SECONDS), `disconnect` (every agent hangs up), `stop`. End of stdin
+stops it too, so it never outlives the benchmark; and it stops by itself after
+`--max-seconds`. Every quarter second it prints one JSON line of counters to stdout: agents in
+session now, dial attempts, refusals with a retry-after, sessions begun, commands answered.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import random
 import resource
 import sys
 import time
@@ -87,7 +88,10 @@ class SimulatedAgent:
         # Its own subchannel pool: channels of one process share nothing, as separate VMs.
         self._options = [*channel_options(), ("grpc.use_local_subchannel_pool", 1)]
 
-    async def run(self) -> None:
+    async def run(self, ramp: float = 0.0) -> None:
+        """Dial (first after a random part of `ramp` seconds), and again whenever it ends."""
+        if ramp:
+            await asyncio.sleep(random.random() * ramp)
         delays = RECONNECT.delays()
         while True:
             retry_after: float | None = None
@@ -207,8 +211,10 @@ async def serve(args: argparse.Namespace) -> None:
         reporting = group.create_task(report(counters))
         try:
             while line := (await reader.readline()).decode().strip():
-                if line == "connect" and not running:
-                    running = [group.create_task(agent.run()) for agent in agents]
+                word, _, argument = line.partition(" ")
+                if word == "connect" and not running:
+                    ramp = float(argument or 0)
+                    running = [group.create_task(agent.run(ramp)) for agent in agents]
                 elif line == "disconnect":
                     for task in running:
                         task.cancel()
