@@ -293,12 +293,15 @@ def list_agents(controller: Controller, workdir: Path) -> dict[str, Any]:
     tls = TlsFiles(ca=pki / "ca.crt", cert=pki / "operator.crt", key=pki / "operator.key")
     target = f"127.0.0.1:{controller.operator_port}"
     calls = []
-    with grpc.secure_channel(target, channel_credentials(tls)) as channel:
-        stub = operator_pb2_grpc.OperatorServiceStub(channel)
-        for _ in range(3):
-            started = time.monotonic()
-            reply = stub.ListAgents(operator_pb2.ListAgentsRequest(), timeout=60)
-            calls.append(time.monotonic() - started)
+    try:
+        with grpc.secure_channel(target, channel_credentials(tls)) as channel:
+            stub = operator_pb2_grpc.OperatorServiceStub(channel)
+            for _ in range(3):
+                started = time.monotonic()
+                reply = stub.ListAgents(operator_pb2.ListAgentsRequest(), timeout=60)
+                calls.append(time.monotonic() - started)
+    except grpc.RpcError as error:
+        return {"rpc_error": f"{error.code()}: {error.details()}"}
     started = time.monotonic()
     cli = subprocess.run(
         [
