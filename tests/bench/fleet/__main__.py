@@ -397,11 +397,15 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 )
                 if report["warm_up"]["seconds"] is not None:
                     warm.touch()
-                await fleet.send("disconnect")
-                await fleet.until(fleet.none_in_session, args.phase_timeout)
                 save(report, workdir)
-            report["storm"] = await storm(controller, fleet, args.phase_timeout, args.ramp)
-            save(report, workdir)
+            if not args.no_storm:
+                if fleet.total("in_session"):
+                    await fleet.send("disconnect")
+                    await fleet.until(fleet.none_in_session, args.phase_timeout)
+                report["storm"] = await storm(controller, fleet, args.phase_timeout, args.ramp)
+                save(report, workdir)
+            elif not fresh:
+                report["connect"] = await storm(controller, fleet, args.phase_timeout, 60.0)
             report["held"] = await held(controller, fleet, workdir, args.idle)
             save(report, workdir)
             report["restart"] = await restart(controller, fleet, args.phase_timeout)
@@ -470,6 +474,11 @@ def main() -> None:
         type=float,
         default=0.0,
         help="agents dial within this many seconds instead of at once (a warm-up takes 60 s)",
+    )
+    parser.add_argument(
+        "--no-storm",
+        action="store_true",
+        help="no storm phase: the fleet connects within 60 s (the warm-up's way), then is held",
     )
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
