@@ -1,0 +1,1 @@
+"""The fleet simulator: a real controller and thousands of simulated agents (docs/fleet.md)."""
