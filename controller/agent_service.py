@@ -57,6 +57,8 @@ REHELLO_SECONDS = 1.0
 # Bounds of the restore directories a hello may list (kept in the catalog).
 MAX_RESTORE_DIRS = 64
 MAX_PATH_CHARS = 4096
+# Jobs a heartbeat may name (an agent runs a backup, a restore and a few file recoveries).
+MAX_JOBS_PER_HEARTBEAT = 64
 # A displaced session's last message must not hold it open if its peer reads nothing.
 DISPLACED_WRITE_SECONDS = 5.0
 
@@ -196,9 +198,14 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
             if message is grpc.aio.EOF:
                 session.close()
                 return
+            self._registry.heard(session)
             kind = message.WhichOneof("kind")
             if kind == "heartbeat":
                 self._catalog.touch_agent(session.vm_id, self._clock.now())
+                # Bounded: an agent runs a few jobs at once, and names past these are not read.
+                self._jobs.heard_from(
+                    session.vm_id, message.heartbeat.job_ids[:MAX_JOBS_PER_HEARTBEAT]
+                )
             elif kind == "result":
                 session.resolve(message.result)
             elif kind == "file_recovery_status":

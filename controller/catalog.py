@@ -1430,6 +1430,42 @@ class Catalog:
             )
         self._changed([(item.vault, item.vm_id)])
 
+    async def insert_items(self, items: Sequence[ItemRecord]) -> set[str]:
+        """Register many VMs in one transaction; the VM ids of those registered already (to
+        any vault), which are left as they were while the others are written."""
+        taken: set[str] = set()
+        async with self._transaction() as db:
+            for item in items:
+                try:
+                    await db.execute(
+                        f"INSERT INTO items ({_columns(_ITEM_COLUMNS)})"
+                        f" VALUES ({_placeholders(_ITEM_COLUMNS)})",
+                        _item_row(item),
+                    )
+                except sqlite3.IntegrityError:
+                    taken.add(item.vm_id)
+        self._changed((item.vault, item.vm_id) for item in items if item.vm_id not in taken)
+        return taken
+
+    async def update_items(self, items: Sequence[ItemRecord]) -> None:
+        """`update_item` for many items, in one transaction."""
+        async with self._transaction() as db:
+            await db.executemany(
+                f"UPDATE items SET {_assignments(_ITEM_COLUMNS[1:])} WHERE vm_id = :vm_id",
+                [_item_row(item) for item in items],
+            )
+        self._changed((item.vault, item.vm_id) for item in items)
+
+    async def items_of(self, vm_ids: Sequence[str]) -> dict[str, ItemRecord]:
+        """The items of `vm_ids` that are registered, by VM id."""
+        found: dict[str, ItemRecord] = {}
+        ids = list(dict.fromkeys(vm_ids))
+        for start in range(0, len(ids), _ID_BATCH):
+            batch = ids[start : start + _ID_BATCH]
+            for item in await self._items(f"vm_id IN ({','.join('?' * len(batch))})", tuple(batch)):
+                found[item.vm_id] = item
+        return found
+
     async def delete_item(self, vm_id: str) -> None:
         async with self._transaction() as db:
             async with db.execute("SELECT vault FROM items WHERE vm_id = ?", (vm_id,)) as cursor:
@@ -1575,14 +1611,28 @@ class Catalog:
                 _job_row(job),
             )
 
+    async def insert_jobs(self, jobs: Sequence[JobRecord]) -> None:
+        """Many jobs' records in one transaction (an operator's call naming many VMs)."""
+        async with self._transaction() as db:
+            await db.executemany(
+                f"INSERT INTO jobs ({_columns(_JOB_COLUMNS)})"
+                f" VALUES ({_placeholders(_JOB_COLUMNS)})",
+                [_job_row(job) for job in jobs],
+            )
+
     async def update_job(self, job: JobRecord) -> None:
         """Write the job's record; what it is (operation, vault, VM, start) never changes."""
+        await self.update_jobs([job])
+
+    async def update_jobs(self, jobs: Sequence[JobRecord]) -> None:
+        """`update_job` for many jobs, in one transaction."""
         changing = [
             c for c in _JOB_COLUMNS if c not in ("id", "operation", "vault", "vm_id", "started_at")
         ]
         async with self._transaction() as db:
-            await db.execute(
-                f"UPDATE jobs SET {_assignments(changing)} WHERE id = :id", _job_row(job)
+            await db.executemany(
+                f"UPDATE jobs SET {_assignments(changing)} WHERE id = :id",
+                [_job_row(job) for job in jobs],
             )
 
     async def job_ids(self, prefix: str, limit: int) -> list[tuple[str, str, str]]:
@@ -1736,6 +1786,21 @@ class Catalog:
     async def latest_recovery_point(self, vm_id: str) -> RecoveryPointRecord | None:
         found = await self._recovery_points("vm_id = ? ORDER BY created_at DESC LIMIT 1", (vm_id,))
         return found[0] if found else None
+
+    async def latest_vaults(self, vm_ids: Sequence[str]) -> dict[str, str]:
+        """The vault of each VM's latest recovery point, for those of `vm_ids` that have one."""
+        found: dict[str, str] = {}
+        ids = list(dict.fromkeys(vm_ids))
+        for start in range(0, len(ids), _ID_BATCH):
+            batch = ids[start : start + _ID_BATCH]
+            # SQLite gives the bare column `vault` from the row whose created_at is the max.
+            async with self.db.execute(
+                "SELECT vm_id, vault, max(created_at) FROM recovery_points"
+                f" WHERE vm_id IN ({','.join('?' * len(batch))}) GROUP BY vm_id",
+                batch,
+            ) as cursor:
+                found.update({row["vm_id"]: row["vault"] for row in await cursor.fetchall()})
+        return found
 
     async def recovery_point_summary(self, vault: str) -> dict[str, tuple[int, float]]:
         """Per VM of a vault: how many recovery points, and when the newest was taken."""

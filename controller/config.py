@@ -141,6 +141,17 @@ class EmailSettings:
 
 
 @dataclass(frozen=True)
+class JobSettings:
+    """`[jobs]`: how long an agent may stay silent about a job it was sent before the job
+    fails with AgentSilent (controller/jobs/agent_command.py)."""
+
+    acknowledge_seconds: float = 120.0
+    """From a command sent to the agent's first word of its job."""
+    silence_seconds: float = 600.0
+    """Between two words of the agent about a job it took (heartbeats name it every 5 s)."""
+
+
+@dataclass(frozen=True)
 class AlertSettings:
     """`[alerts]`: when conditions are checked, and where alerts go besides MQTT and the
     catalog (controller/alerts.py)."""
@@ -189,6 +200,7 @@ class ControllerConfig:
     web: WebSettings | None = None
     metrics: MetricsSettings | None = None
     alerts: AlertSettings = field(default_factory=AlertSettings)
+    jobs: JobSettings = field(default_factory=JobSettings)
 
     @property
     def certificate_lifetime(self) -> timedelta:
@@ -446,6 +458,17 @@ class EmailSection(Section):
         return self
 
 
+class JobsSection(Section):
+    """`[jobs]`: README "Dispatch" (docs/fleet.md)."""
+
+    # At least one heartbeat interval (5 s) and then some: a live agent must never miss it.
+    acknowledge_seconds: Annotated[float, Field(ge=10, le=86_400)] = 120.0
+    silence_seconds: Annotated[float, Field(ge=10, le=7 * 86_400)] = 600.0
+
+    def settings(self) -> JobSettings:
+        return JobSettings(self.acknowledge_seconds, self.silence_seconds)
+
+
 class AlertsSection(Section):
     """`[alerts]`: README "Alerts"."""
 
@@ -508,6 +531,7 @@ class ControllerFile(Section):
     web: WebSection | None = None
     metrics: MetricsSection | None = None
     alerts: AlertsSection | None = None
+    jobs: JobsSection | None = None
     copy_targets: list[CopyTargetSection] = []
 
     @model_validator(mode="after")
@@ -549,4 +573,5 @@ class ControllerFile(Section):
             web=self.web.settings(base) if self.web else None,
             metrics=MetricsSettings(self.metrics.listen) if self.metrics else None,
             alerts=self.alerts.settings(base) if self.alerts else AlertSettings(),
+            jobs=self.jobs.settings() if self.jobs else JobSettings(),
         )

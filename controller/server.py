@@ -67,6 +67,7 @@ from controller.enrolment import (
 )
 from controller.interceptors import CallerIdentity, ErrorMapping
 from controller.jobs import JobManager
+from controller.jobs.deadlines import ReplyDeadlines
 from controller.master_key import load_master_key
 from controller.metrics import Metrics, MetricsEndpoint
 from controller.operator_service import OperatorService
@@ -208,7 +209,16 @@ class Controller:
             # whatever they raise as the job's outcome.
             jobs = await stack.enter_async_context(
                 JobManager(
-                    catalog, registry, datastores, status, self.clock, pool, supervisor=supervisor
+                    catalog,
+                    registry,
+                    datastores,
+                    status,
+                    self.clock,
+                    pool,
+                    supervisor=supervisor,
+                    deadlines=ReplyDeadlines(
+                        config.jobs.acknowledge_seconds, config.jobs.silence_seconds
+                    ),
                 )
             )
             # Exits run in reverse: sessions close before the job manager drains.

@@ -31,6 +31,7 @@ from controller.catalog import (
 from controller.datastore import LocalDirectoryStore, ObjectStore
 from controller.datastores import Datastores
 from controller.jobs import JobManager, RunningBackup
+from controller.jobs.backup import RECONNECT_GRACE_SECONDS
 from controller.protection import Protection
 from controller.pruning import Pruner
 from controller.registry import AgentRegistry, AgentSession
@@ -189,7 +190,7 @@ async def controller(
         pool = stack.enter_context(ThreadPoolExecutor(4))
         catalog = await stack.enter_async_context(Catalog(root / "catalog.sqlite"))
         datastores = Datastores(catalog, root / "datastores", backend=backend)
-        registry = AgentRegistry()
+        registry = AgentRegistry(clock)
         jobs = await stack.enter_async_context(
             JobManager(catalog, registry, datastores, None, clock, pool)
         )
@@ -716,13 +717,29 @@ async def test_a_new_schedule_starts_from_the_change_not_from_the_last_backup(
     assert (latest.id, latest.slot) == (sent.backup.job_id, ts(2025, 3, 5, 20))
 
 
-async def test_a_manual_backup_of_an_offline_vm_is_refused_at_once(env: Controller) -> None:
+async def test_a_manual_backup_of_a_vm_whose_agent_is_long_gone_is_refused_at_once(
+    env: Controller,
+) -> None:
     await env.enrol_all()
     await env.protected(EU, SHOP_WEB)
     env.disconnect(SHOP_WEB)
+    env.clock.advance(RECONNECT_GRACE_SECONDS + 1)
     with pytest.raises(AgentUnreachable):
         await env.protection.backup_now(EU, ["shop/web-1"], [])
     assert await env.backups() == []
+
+
+async def test_a_manual_backup_of_a_vm_whose_agent_just_left_waits_for_it(
+    env: Controller,
+) -> None:
+    await env.enrol_all()
+    await env.protected(EU, SHOP_WEB)
+    env.disconnect(SHOP_WEB)
+    [queued] = await env.protection.backup_now(EU, ["shop/web-1"], [])
+    assert queued.status == JobStatus.IN_PROGRESS and queued.details["phase"] == "Queued"
+    session = await env.connect(SHOP_WEB)
+    sent = await asyncio.wait_for(session.outbox.get(), 10)
+    assert sent.backup.job_id == queued.id
 
 
 # --- the queue: concurrency limit and cancel --------------------------------------------------
@@ -859,6 +876,7 @@ async def test_an_agent_lost_mid_backup_fails_the_job_and_shows_on_the_item(
     await env.protected(EU, SHOP_WEB)
     [job] = await env.protection.backup_now(EU, [SHOP_WEB], [])
     await command(env.sessions[SHOP_WEB])
+    env.jobs.heard_from(SHOP_WEB, [job.id])  # its heartbeat names the job: it took it
     env.disconnect(SHOP_WEB)
     ended = await env.ended(job.id)
     assert (ended.status, ended.error_code) == ("Failed", "AgentDisconnected")
