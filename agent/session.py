@@ -254,6 +254,13 @@ class Agent:
                     )
                     idle.clear()
                     running[job_id].add_done_callback(partial(_forget, running, idle, job_id))
+                    # Acknowledged at once: the controller knows the command was taken (a job
+                    # whose agent leaves before that goes back to its queue, not to failure).
+                    outbox.put_nowait(
+                        agent_pb2.AgentMessage(
+                            heartbeat=agent_pb2.Heartbeat(sequence=0, job_ids=list(running))
+                        )
+                    )
 
     def _declare_again(self, outbox: asyncio.Queue[agent_pb2.AgentMessage]) -> None:
         """Before a backup: if a disk was attached, grew or shrank since the session's hello,
