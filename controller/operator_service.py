@@ -62,7 +62,7 @@ from shared.errors import (
     Unavailable,
     VmNotFound,
 )
-from shared.model import ItemState, JobStatus, Operation
+from shared.model import MAX_CONCURRENT_BACKUPS, ItemState, JobStatus, Operation
 from shared.policy import Policy
 from shared.rpc import operator_pb2, operator_pb2_grpc
 from shared.status import nesting_depth
@@ -685,7 +685,8 @@ class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
             # A request that would change nothing is refused: saying nothing about that is how
             # `--max-concurrent-backups 0` went unnoticed.
             raise InvalidArgument(
-                detail="nothing to change: give max_concurrent_backups (1 to 64), verify_new, "
+                detail="nothing to change: give max_concurrent_backups (1 to "
+                f"{MAX_CONCURRENT_BACKUPS}), verify_new, "
                 "reverify_days, soft_delete_days, shared_dedup, copy_to or drill settings"
             )
         vault = await self._catalog.vault(request.name)

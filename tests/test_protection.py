@@ -736,7 +736,7 @@ async def test_a_manual_backup_of_a_vm_whose_agent_just_left_waits_for_it(
     await env.protected(EU, SHOP_WEB)
     env.disconnect(SHOP_WEB)
     [queued] = await env.protection.backup_now(EU, ["shop/web-1"], [])
-    assert queued.status == JobStatus.IN_PROGRESS and queued.details["phase"] == "Queued"
+    assert (queued.status, queued.details["phase"]) == (JobStatus.IN_PROGRESS, "Queued")
     session = await env.connect(SHOP_WEB)
     sent = await asyncio.wait_for(session.outbox.get(), 10)
     assert sent.backup.job_id == queued.id
