@@ -403,6 +403,12 @@ MIGRATIONS: list[str] = [
     CREATE UNIQUE INDEX alerts_firing ON alerts (key) WHERE resolved_at IS NULL;
     CREATE INDEX alerts_by_time ON alerts (raised_at);
     """,
+    # Listings page through the fleet in their order (controller/paging.py): agents by
+    # service, name and VM id; jobs newest first.
+    """
+    CREATE INDEX agents_in_order ON agents (service, name, vm_id);
+    CREATE INDEX jobs_in_order ON jobs (started_at, id);
+    """,
 ]
 
 DEFAULT_SOFT_DELETE_DAYS = 14
@@ -710,6 +716,9 @@ class JobFilter:
     started_from: float | None = None
     started_to: float | None = None
     limit: int = 100
+    before: tuple[float, str] | None = None
+    """Only jobs before this (started_at, id) in the listing's order (newest first): the
+    next page after the job that ended the last."""
 
 
 @dataclass(frozen=True)
@@ -1480,6 +1489,28 @@ class Catalog:
     async def items(self, vault: str = "", *, policy: str = "") -> list[ItemRecord]:
         return await self._items(*_equal(vault=vault, policy=policy))
 
+    async def items_page(
+        self, vault: str, states: Sequence[str], after: tuple[str, str] | None, limit: int
+    ) -> list[ItemRecord]:
+        """Up to `limit` items (of `vault`, in `states`; empty: any) after the (vault, VM id)
+        `after`, by vault and VM id."""
+        clauses, params = ["1"], []
+        if vault:
+            clauses.append("vault = ?")
+            params.append(vault)
+        if states:
+            clauses.append(f"state IN ({','.join('?' * len(states))})")
+            params += list(states)
+        if after is not None:
+            clauses.append("(vault, vm_id) > (?, ?)")
+            params += list(after)
+        async with self.db.execute(
+            f"SELECT {_columns(_ITEM_COLUMNS)} FROM items WHERE {' AND '.join(clauses)}"
+            " ORDER BY vault, vm_id LIMIT ?",
+            [*params, limit],
+        ) as cursor:
+            return [_item(row) for row in await cursor.fetchall()]
+
     async def _items(self, where: str, params: tuple[str, ...]) -> list[ItemRecord]:
         async with self.db.execute(
             f"SELECT {_columns(_ITEM_COLUMNS)} FROM items WHERE {where} ORDER BY vault, vm_id",
@@ -1550,6 +1581,11 @@ class Catalog:
                 [(now, vm_id) for vm_id, now in beats.items()],
             )
 
+    async def agent_count(self) -> int:
+        async with self.db.execute("SELECT count(*) AS n FROM agents") as cursor:
+            row = await cursor.fetchone()
+        return int(row["n"]) if row else 0
+
     async def agent(self, vm_id: str) -> AgentRecord | None:
         """One enrolled VM (and its disks), or None."""
         async with self.db.execute(
@@ -1574,17 +1610,38 @@ class Catalog:
             disks=tuple(disks),
         )
 
-    async def agents(self) -> list[AgentRecord]:
-        disks: dict[str, list[DiskRecord]] = {}
+    async def agents(
+        self, *, after: tuple[str, str, str] | None = None, limit: int = -1
+    ) -> list[AgentRecord]:
+        """Enrolled VMs by service, name and VM id; a page of `limit` (-1: every one) of
+        those after the (service, name, VM id) `after`."""
+        where, params = "", []
+        if after is not None:
+            where, params = "WHERE (service, name, vm_id) > (?, ?, ?)", list(after)
         async with self.db.execute(
-            f"SELECT {_columns(_DISK_COLUMNS)} FROM disks ORDER BY vm_id, name"
-        ) as cursor:
-            async for row in cursor:
-                disks.setdefault(row["vm_id"], []).append(_disk(row))
-        async with self.db.execute(
-            f"SELECT {_columns(_AGENT_COLUMNS)} FROM agents ORDER BY service, name"
+            f"SELECT {_columns(_AGENT_COLUMNS)} FROM agents {where}"
+            " ORDER BY service, name, vm_id LIMIT ?",
+            [*params, limit],
         ) as cursor:
             rows = await cursor.fetchall()
+        disks: dict[str, list[DiskRecord]] = {}
+        if after is None and limit < 0:
+            async with self.db.execute(
+                f"SELECT {_columns(_DISK_COLUMNS)} FROM disks ORDER BY vm_id, name"
+            ) as cursor:
+                async for row in cursor:
+                    disks.setdefault(row["vm_id"], []).append(_disk(row))
+        else:
+            ids = [row["vm_id"] for row in rows]
+            for start in range(0, len(ids), _ID_BATCH):
+                batch = ids[start : start + _ID_BATCH]
+                async with self.db.execute(
+                    f"SELECT {_columns(_DISK_COLUMNS)} FROM disks"
+                    f" WHERE vm_id IN ({','.join('?' * len(batch))}) ORDER BY vm_id, name",
+                    batch,
+                ) as cursor:
+                    async for row in cursor:
+                        disks.setdefault(row["vm_id"], []).append(_disk(row))
         return [
             AgentRecord(
                 vm_id=row["vm_id"],
@@ -1673,10 +1730,13 @@ class Catalog:
         if where.started_to is not None:
             clauses.append("started_at < ?")
             params.append(where.started_to)
+        if where.before is not None:
+            clauses.append("(started_at, id) < (?, ?)")
+            params += list(where.before)
         sql = f"SELECT {_columns(_JOB_COLUMNS)} FROM jobs"
         if clauses:
             sql += " WHERE " + " AND ".join(clauses)
-        sql += " ORDER BY started_at DESC LIMIT ?"
+        sql += " ORDER BY started_at DESC, id DESC LIMIT ?"
         params.append(where.limit)
         async with self.db.execute(sql, params) as cursor:
             return [_job(row) for row in await cursor.fetchall()]
