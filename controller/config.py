@@ -143,12 +143,15 @@ class EmailSettings:
 @dataclass(frozen=True)
 class JobSettings:
     """`[jobs]`: how long an agent may stay silent about a job it was sent before the job
-    fails with AgentSilent (controller/jobs/agent_command.py)."""
+    fails with AgentSilent (controller/jobs/agent_command.py), and how long a manual backup
+    waits for its agent."""
 
     acknowledge_seconds: float = 120.0
     """From a command sent to the agent's first word of its job."""
     silence_seconds: float = 600.0
     """Between two words of the agent about a job it took (heartbeats name it every 5 s)."""
+    manual_window_seconds: float = 7200.0
+    """How long a manual backup waits in its queue for its agent and a slot."""
 
 
 @dataclass(frozen=True)
@@ -461,12 +464,16 @@ class EmailSection(Section):
 class JobsSection(Section):
     """`[jobs]`: README "Dispatch" (docs/fleet.md)."""
 
-    # At least one heartbeat interval (5 s) and then some: a live agent must never miss it.
-    acknowledge_seconds: Annotated[float, Field(ge=10, le=86_400)] = 120.0
-    silence_seconds: Annotated[float, Field(ge=10, le=7 * 86_400)] = 600.0
+    # Agents acknowledge a command as they take it and name their jobs in every heartbeat
+    # (5 s): keep the silence several heartbeats long, or live jobs fail.
+    acknowledge_seconds: Annotated[float, Field(ge=1, le=86_400)] = 120.0
+    silence_seconds: Annotated[float, Field(ge=1, le=7 * 86_400)] = 600.0
+    manual_window_seconds: Annotated[float, Field(ge=1, le=7 * 86_400)] = 7200.0
 
     def settings(self) -> JobSettings:
-        return JobSettings(self.acknowledge_seconds, self.silence_seconds)
+        return JobSettings(
+            self.acknowledge_seconds, self.silence_seconds, self.manual_window_seconds
+        )
 
 
 class AlertsSection(Section):

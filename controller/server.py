@@ -219,6 +219,7 @@ class Controller:
                     deadlines=ReplyDeadlines(
                         config.jobs.acknowledge_seconds, config.jobs.silence_seconds
                     ),
+                    manual_window=config.jobs.manual_window_seconds,
                 )
             )
             # Exits run in reverse: sessions close before the job manager drains.

@@ -70,7 +70,8 @@ from shared.rpc import agent_pb2
 
 log = logging.getLogger(__name__)
 
-# A manual backup waits this long in the queue for its agent before it fails.
+# A manual backup waits this long in the queue for its agent before it fails (by default:
+# controller.toml `[jobs] manual_window_seconds`).
 MANUAL_BACKUP_WINDOW_SECONDS = 2 * 3600.0
 # A manual backup of a VM whose agent left less than this long ago is queued for its return.
 RECONNECT_GRACE_SECONDS = 300.0
@@ -163,8 +164,11 @@ class Backups:
         clock: Clock,
         pool: Executor,
         integrity: Integrity | None = None,
+        *,
+        manual_window: float = MANUAL_BACKUP_WINDOW_SECONDS,
     ) -> None:
         self._catalog = catalog
+        self._manual_window = manual_window
         self._registry = registry
         self._datastores = datastores
         self._runner = runner
@@ -251,9 +255,7 @@ class Backups:
             job,
             exclusive=True,
             requested_disks=tuple(disks),
-            deadline=(
-                job.started_at + MANUAL_BACKUP_WINDOW_SECONDS if deadline is None else deadline
-            ),
+            deadline=(job.started_at + self._manual_window if deadline is None else deadline),
         )
         running.after_end += [
             partial(self._release, running),

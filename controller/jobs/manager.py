@@ -20,7 +20,12 @@ from controller.datastores import Datastores
 from controller.integrity import Integrity
 from controller.jobs.agent_command import AgentJob
 from controller.jobs.agent_command import cancel as cancel_agent_job
-from controller.jobs.backup import BackupEnded, Backups, RunningBackup
+from controller.jobs.backup import (
+    MANUAL_BACKUP_WINDOW_SECONDS,
+    BackupEnded,
+    Backups,
+    RunningBackup,
+)
 from controller.jobs.cancel import ShouldStop, abortable
 from controller.jobs.deadlines import ReplyDeadlines
 from controller.jobs.drill import DrillJobs
@@ -70,6 +75,7 @@ class JobManager:
         supervisor: Supervisor | None = None,
         integrity: Integrity | None = None,
         deadlines: ReplyDeadlines | None = None,
+        manual_window: float = MANUAL_BACKUP_WINDOW_SECONDS,
     ) -> None:
         self._catalog = catalog
         self._registry = registry
@@ -80,7 +86,14 @@ class JobManager:
         # Where bad chunks found by jobs, and chunks they store again, are recorded.
         self.integrity = integrity or Integrity(catalog, datastores, clock, pool)
         self._backups = Backups(
-            catalog, registry, datastores, self._runner, clock, pool, self.integrity
+            catalog,
+            registry,
+            datastores,
+            self._runner,
+            clock,
+            pool,
+            self.integrity,
+            manual_window=manual_window,
         )
         self._restores = Restores(catalog, registry, datastores, self._runner, pool, self.integrity)
         self._drills = DrillJobs(
