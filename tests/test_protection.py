@@ -1284,3 +1284,36 @@ async def test_a_backup_the_stop_cuts_short_is_failed_at_the_next_start_with_its
         item = await env.catalog.item(SHOP_WEB)
         assert item is not None
         assert (item.state, item.error_code) == ("ProtectionError", "ControllerRestarted")
+
+
+async def test_many_vms_register_protect_and_back_up_together_one_job_each(
+    env: Controller,
+) -> None:
+    """One call for many VMs writes their jobs and items together; an offline VM fails its
+    own Register job while the others register, and backup-now queues every backup or none."""
+    fleet = {f"vm-{n}": (f"app-{n}", "fleet", "eu-west") for n in range(40)}
+    await env.enrol_all(fleet)
+    online = sorted(fleet)[:-1]
+    await env.connect_together(*online)
+    offline = sorted(fleet)[-1]
+
+    registered = await env.protection.register(EU, sorted(fleet))
+    outcome = {job.vm_id: (job.status, job.error_code) for job in registered}
+    assert outcome == {
+        **{vm: ("Completed", "") for vm in online},
+        offline: ("Failed", "UserErrorInvalidProtectionState"),
+    }
+    assert len({job.id for job in registered}) == len(fleet)
+    assert await env.catalog.item(offline) is None
+
+    protected = await env.protection.protect(EU, online, "")
+    assert {job.status for job in protected} == {JobStatus.COMPLETED}
+    states = {i.vm_id: i.state for i in await env.catalog.items(EU)}
+    assert states == dict.fromkeys(online, ItemState.PROTECTION_PENDING)
+    assert env.protection.next_backup((await env.catalog.items_of(online[:1]))[online[0]])
+
+    # One VM busy: the whole call is refused, and no backup is queued for the others.
+    [first] = await env.protection.backup_now(EU, online[:1], [])
+    with pytest.raises(OperationInProgress):
+        await env.protection.backup_now(EU, online, [])
+    assert [job.id for job in await env.backups()] == [first.id]
