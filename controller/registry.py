@@ -180,6 +180,7 @@ class AgentRegistry:
                 old.describe(),
             )
             old.close(displaced_by=session)
+        session.heard_at = time.monotonic()  # a standby may have waited long to get here
         self._sessions[session.vm_id] = session
         self._left_at.pop(session.vm_id, None)
         self._connected(session.vm_id)

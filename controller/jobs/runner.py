@@ -38,6 +38,7 @@ import secrets
 from collections.abc import Awaitable, Callable, Coroutine, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import partial
 from types import TracebackType
 from typing import Any, Self
 
@@ -350,6 +351,7 @@ class JobRunner:
         task = self.spawn(together(), f"jobs-{first.id}", requester=first.record.requested_by)
         for running in jobs:
             running.task = task
+            task.add_done_callback(partial(self._never_ran, running))
 
     def _ended(self, running: RunningJob) -> None:
         self._forget(running)
