@@ -198,9 +198,9 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
             if message is grpc.aio.EOF:
                 session.close()
                 return
-            self._registry.heard(session)
             kind = message.WhichOneof("kind")
             if kind == "heartbeat":
+                self._registry.heard(session)
                 self._catalog.touch_agent(session.vm_id, self._clock.now())
                 # Bounded: an agent runs a few jobs at once, and names past these are not read.
                 self._jobs.heard_from(

@@ -13,11 +13,12 @@ waits here until the VM has no session and never displaces the open one, so the 
 take turns knocking each other off. The operator sees a `DuplicateAgent` warning on the VM
 while a standby waits and for a day after (`warnings`).
 
-Online means heard from lately. A session whose agent has sent nothing (not even a heartbeat)
-for `SILENT_AFTER_SECONDS` is not online, even while its stream is open: a connection that
-died without a word stays open until keepalive notices, and a command sent down it would be
-lost. Its next message makes it online again and wakes the `on_connect` listeners, as a new
-session does; so does a new session. When a VM's session ends, when it did is kept
+Online means heard from lately. A session whose agent's heartbeats stopped `SILENT_AFTER_SECONDS`
+ago is not online, even while its stream is open: a connection that died without a word stays
+open until keepalive notices, and a command sent down it would be lost. Its next heartbeat
+makes it online again and wakes the `on_connect` listeners, as a new session does. (Silence is
+judged against the heartbeats an agent sends: a session that has sent none yet, a moment
+old, is not judged.) When a VM's session ends, when it did is kept
 (`left_at`): a VM that left moments ago is likely reconnecting (a blip), and its queued jobs
 wait for it.
 """
@@ -58,8 +59,8 @@ class AgentSession:
     closed: asyncio.Event = field(default_factory=asyncio.Event)
     # The session that took over from this one, when that is why it closed.
     displaced_by: AgentSession | None = None
-    heard_at: float = field(default_factory=time.monotonic)
-    """When the agent last sent anything on this session (monotonic seconds)."""
+    heard_at: float | None = None
+    """When the agent last sent a heartbeat on this session (monotonic seconds)."""
     _ids: itertools.count[int] = field(default_factory=itertools.count)
 
     @property
@@ -105,8 +106,8 @@ class AgentSession:
         return message.result()
 
     def silent(self, now: float) -> bool:
-        """Nothing heard from the agent for `SILENT_AFTER_SECONDS` at monotonic time `now`."""
-        return now - self.heard_at >= SILENT_AFTER_SECONDS
+        """The agent's heartbeats stopped `SILENT_AFTER_SECONDS` before monotonic time `now`."""
+        return self.heard_at is not None and now - self.heard_at >= SILENT_AFTER_SECONDS
 
     def forget(self, command_id: str) -> None:
         """Stop waiting for a command's result (its job ended without it); a late result is
@@ -180,7 +181,6 @@ class AgentRegistry:
                 old.describe(),
             )
             old.close(displaced_by=session)
-        session.heard_at = time.monotonic()  # a standby may have waited long to get here
         self._sessions[session.vm_id] = session
         self._left_at.pop(session.vm_id, None)
         self._connected(session.vm_id)
@@ -190,7 +190,7 @@ class AgentRegistry:
             listener(vm_id)
 
     def heard(self, session: AgentSession) -> None:
-        """The agent of `session` sent something: it is online (again, after a silence)."""
+        """The agent of `session` sent a heartbeat: it is online (again, after a silence)."""
         now = time.monotonic()
         was_silent = session.silent(now)
         session.heard_at = now

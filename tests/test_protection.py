@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from controller import registry as registry_module
 from controller.catalog import (
     Catalog,
     JobFilter,
@@ -1256,8 +1257,9 @@ async def test_raising_a_vaults_limit_starts_queued_backups_at_once(
         assert vault.max_concurrent_backups == 2
         env.jobs.set_limit(EU, vault.max_concurrent_backups)
         assert (await command(env.sessions["vm-b"])).backup.job_id == job_b.id
-        with pytest.raises(InvalidArgument, match="1 to 64"):
-            await env.vaults.update(EU, 65)
+        with pytest.raises(InvalidArgument, match="1 to 10000"):
+            await env.vaults.update(EU, 10_001)
+        assert (await env.vaults.update(EU, 10_000)).max_concurrent_backups == 10_000
 
 
 async def test_a_backup_the_stop_cuts_short_is_failed_at_the_next_start_with_its_bytes(
@@ -1317,3 +1319,22 @@ async def test_many_vms_register_protect_and_back_up_together_one_job_each(
     with pytest.raises(OperationInProgress):
         await env.protection.backup_now(EU, online, [])
     assert [job.id for job in await env.backups()] == [first.id]
+
+
+async def test_a_session_whose_heartbeats_stopped_gets_no_backup_until_it_is_heard_again(
+    env: Controller, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A connection that died without a word looks open until keepalive notices: the
+    dispatcher holds the backup back, and the agent's next heartbeat sends it at once."""
+    monkeypatch.setattr(registry_module, "SILENT_AFTER_SECONDS", 0.2)
+    await env.enrol_all()
+    await env.protected(EU, SHOP_WEB)
+    session = env.sessions[SHOP_WEB]
+    env.registry.heard(session)
+    await asyncio.sleep(0.3)
+    assert not env.registry.online(SHOP_WEB)
+    [job] = await env.protection.backup_now(EU, [SHOP_WEB], [])
+    await settle()
+    assert session.outbox.empty()
+    env.registry.heard(session)
+    assert (await command(session)).backup.job_id == job.id
