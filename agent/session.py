@@ -235,7 +235,7 @@ class Agent:
             idle.set()
             async with asyncio.TaskGroup() as tasks:
                 tasks.create_task(self._send(call, outbox), name="session-writer")
-                tasks.create_task(self._heartbeat(outbox, interval), name="heartbeat")
+                tasks.create_task(self._heartbeat(outbox, interval, running), name="heartbeat")
                 tasks.create_task(renew_when_due(self.config, stub, idle.wait), name="renewal")
                 while True:
                     message = await call.read()
@@ -262,6 +262,13 @@ class Agent:
                     )
                     idle.clear()
                     running[job_id].add_done_callback(partial(_forget, running, idle, job_id))
+                    # Acknowledged at once: the controller knows the command was taken (a job
+                    # whose agent leaves before that goes back to its queue, not to failure).
+                    outbox.put_nowait(
+                        agent_pb2.AgentMessage(
+                            heartbeat=agent_pb2.Heartbeat(sequence=0, job_ids=list(running))
+                        )
+                    )
 
     def _declare_again(self, outbox: asyncio.Queue[agent_pb2.AgentMessage]) -> None:
         """Before a backup: if a disk was attached, grew or shrank since the session's hello,
@@ -282,13 +289,21 @@ class Agent:
             await call.write(await outbox.get())
 
     @staticmethod
-    async def _heartbeat(outbox: asyncio.Queue[agent_pb2.AgentMessage], interval: float) -> None:
+    async def _heartbeat(
+        outbox: asyncio.Queue[agent_pb2.AgentMessage],
+        interval: float,
+        running: dict[str, asyncio.Task[None]],
+    ) -> None:
+        """A heartbeat every `interval`, naming the jobs this agent carries out: the controller
+        fails a job whose agent has said nothing of it for its reply deadline."""
         sequence = 0
         while True:
             await asyncio.sleep(interval)
             sequence += 1
             outbox.put_nowait(
-                agent_pb2.AgentMessage(heartbeat=agent_pb2.Heartbeat(sequence=sequence))
+                agent_pb2.AgentMessage(
+                    heartbeat=agent_pb2.Heartbeat(sequence=sequence, job_ids=list(running))
+                )
             )
 
     async def _command(

@@ -56,7 +56,16 @@ log = logging.getLogger(__name__)
 # How often an agent says it is alive (its last_seen). Not how a dead agent is noticed: the
 # connection's keepalive does that (shared/rpc_channel.py). Each heartbeat is a message the
 # controller's event loop handles: 10,000 agents at 5 s were 2,000 a second (issue 13).
+# Heartbeats also name the jobs an agent carries out, so a shorter `[jobs] silence_seconds`
+# shortens them: at least four fall within the silence a job is allowed (`heartbeat_ms`).
 HEARTBEAT_INTERVAL_MS = 30_000
+
+
+def heartbeat_ms(silence_seconds: float) -> int:
+    """The heartbeat interval agents are given, for a job silence deadline of `silence_seconds`."""
+    return max(500, min(HEARTBEAT_INTERVAL_MS, int(silence_seconds * 1000 / 4)))
+
+
 # Chunks verified and written at once per upload stream: enough to keep the hashing busy and
 # to share each file-system sync among many chunks, few enough to bound memory (each holds
 # one chunk).
@@ -73,6 +82,8 @@ MAX_PATH_CHARS = 4096
 # part of it again, agent/session.py): a restart takes a few seconds, and a fleet that dialled
 # at once into a controller still starting would only meet refused connections and back off.
 STOPPING_RETRY_AFTER = 5.0
+# Jobs a heartbeat may name (an agent runs a backup, a restore and a few file recoveries).
+MAX_JOBS_PER_HEARTBEAT = 64
 # A displaced session's last message must not hold it open if its peer reads nothing.
 DISPLACED_WRITE_SECONDS = 5.0
 
@@ -98,8 +109,10 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
         enrolment: Enrolment | None = None,
         index_budget: IndexBudget | None = None,
         gate: SessionGate | None = None,
+        heartbeat_interval_ms: int = HEARTBEAT_INTERVAL_MS,
     ) -> None:
         self._enrolment = enrolment
+        self._heartbeat_ms = heartbeat_interval_ms
         self.gate = gate or SessionGate()
         self._stopping = False
         self._hellos = HelloWriter(catalog)
@@ -199,7 +212,7 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
             agent_pb2.ControllerMessage(
                 accepted=agent_pb2.SessionAccepted(
                     controller_version=self._version,
-                    heartbeat_interval_ms=HEARTBEAT_INTERVAL_MS,
+                    heartbeat_interval_ms=self._heartbeat_ms,
                     mqtt_host=host,
                     mqtt_port=port,
                 )
@@ -249,7 +262,12 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
                 return
             kind = message.WhichOneof("kind")
             if kind == "heartbeat":
+                self._registry.heard(session)
                 self._catalog.touch_agent(session.vm_id, self._clock.now())
+                # Bounded: an agent runs a few jobs at once, and names past these are not read.
+                self._jobs.heard_from(
+                    session.vm_id, message.heartbeat.job_ids[:MAX_JOBS_PER_HEARTBEAT]
+                )
             elif kind == "result":
                 session.resolve(message.result)
             elif kind == "file_recovery_status":

@@ -404,6 +404,12 @@ MIGRATIONS: list[str] = [
     CREATE UNIQUE INDEX alerts_firing ON alerts (key) WHERE resolved_at IS NULL;
     CREATE INDEX alerts_by_time ON alerts (raised_at);
     """,
+    # Listings page through the fleet in their order (controller/paging.py): agents by
+    # service, name and VM id; jobs newest first.
+    """
+    CREATE INDEX agents_in_order ON agents (service, name, vm_id);
+    CREATE INDEX jobs_in_order ON jobs (started_at, id);
+    """,
 ]
 
 DEFAULT_SOFT_DELETE_DAYS = 14
@@ -726,6 +732,9 @@ class JobFilter:
     started_from: float | None = None
     started_to: float | None = None
     limit: int = 100
+    before: tuple[float, str] | None = None
+    """Only jobs before this (started_at, id) in the listing's order (newest first): the
+    next page after the job that ended the last."""
 
 
 @dataclass(frozen=True)
@@ -1446,6 +1455,42 @@ class Catalog:
             )
         self._changed([(item.vault, item.vm_id)])
 
+    async def insert_items(self, items: Sequence[ItemRecord]) -> set[str]:
+        """Register many VMs in one transaction; the VM ids of those registered already (to
+        any vault), which are left as they were while the others are written."""
+        taken: set[str] = set()
+        async with self._transaction() as db:
+            for item in items:
+                try:
+                    await db.execute(
+                        f"INSERT INTO items ({_columns(_ITEM_COLUMNS)})"
+                        f" VALUES ({_placeholders(_ITEM_COLUMNS)})",
+                        _item_row(item),
+                    )
+                except sqlite3.IntegrityError:
+                    taken.add(item.vm_id)
+        self._changed((item.vault, item.vm_id) for item in items if item.vm_id not in taken)
+        return taken
+
+    async def update_items(self, items: Sequence[ItemRecord]) -> None:
+        """`update_item` for many items, in one transaction."""
+        async with self._transaction() as db:
+            await db.executemany(
+                f"UPDATE items SET {_assignments(_ITEM_COLUMNS[1:])} WHERE vm_id = :vm_id",
+                [_item_row(item) for item in items],
+            )
+        self._changed((item.vault, item.vm_id) for item in items)
+
+    async def items_of(self, vm_ids: Sequence[str]) -> dict[str, ItemRecord]:
+        """The items of `vm_ids` that are registered, by VM id."""
+        found: dict[str, ItemRecord] = {}
+        ids = list(dict.fromkeys(vm_ids))
+        for start in range(0, len(ids), _ID_BATCH):
+            batch = ids[start : start + _ID_BATCH]
+            for item in await self._items(f"vm_id IN ({','.join('?' * len(batch))})", tuple(batch)):
+                found[item.vm_id] = item
+        return found
+
     async def delete_item(self, vm_id: str) -> None:
         async with self._transaction() as db:
             async with db.execute("SELECT vault FROM items WHERE vm_id = ?", (vm_id,)) as cursor:
@@ -1459,6 +1504,28 @@ class Catalog:
 
     async def items(self, vault: str = "", *, policy: str = "") -> list[ItemRecord]:
         return await self._items(*_equal(vault=vault, policy=policy))
+
+    async def items_page(
+        self, vault: str, states: Sequence[str], after: tuple[str, str] | None, limit: int
+    ) -> list[ItemRecord]:
+        """Up to `limit` items (of `vault`, in `states`; empty: any) after the (vault, VM id)
+        `after`, by vault and VM id."""
+        clauses, params = ["1"], []
+        if vault:
+            clauses.append("vault = ?")
+            params.append(vault)
+        if states:
+            clauses.append(f"state IN ({','.join('?' * len(states))})")
+            params += list(states)
+        if after is not None:
+            clauses.append("(vault, vm_id) > (?, ?)")
+            params += list(after)
+        async with self.db.execute(
+            f"SELECT {_columns(_ITEM_COLUMNS)} FROM items WHERE {' AND '.join(clauses)}"
+            " ORDER BY vault, vm_id LIMIT ?",
+            [*params, limit],
+        ) as cursor:
+            return [_item(row) for row in await cursor.fetchall()]
 
     async def _items(self, where: str, params: tuple[str, ...]) -> list[ItemRecord]:
         async with self.db.execute(
@@ -1564,6 +1631,11 @@ class Catalog:
                 [(now, vm_id) for vm_id, now in beats.items()],
             )
 
+    async def agent_count(self) -> int:
+        async with self.db.execute("SELECT count(*) AS n FROM agents") as cursor:
+            row = await cursor.fetchone()
+        return int(row["n"]) if row else 0
+
     async def agent(self, vm_id: str) -> AgentRecord | None:
         """One enrolled VM (and its disks), or None."""
         async with self.db.execute(
@@ -1588,17 +1660,38 @@ class Catalog:
             disks=tuple(disks),
         )
 
-    async def agents(self) -> list[AgentRecord]:
-        disks: dict[str, list[DiskRecord]] = {}
+    async def agents(
+        self, *, after: tuple[str, str, str] | None = None, limit: int = -1
+    ) -> list[AgentRecord]:
+        """Enrolled VMs by service, name and VM id; a page of `limit` (-1: every one) of
+        those after the (service, name, VM id) `after`."""
+        where, params = "", []
+        if after is not None:
+            where, params = "WHERE (service, name, vm_id) > (?, ?, ?)", list(after)
         async with self.db.execute(
-            f"SELECT {_columns(_DISK_COLUMNS)} FROM disks ORDER BY vm_id, name"
-        ) as cursor:
-            async for row in cursor:
-                disks.setdefault(row["vm_id"], []).append(_disk(row))
-        async with self.db.execute(
-            f"SELECT {_columns(_AGENT_COLUMNS)} FROM agents ORDER BY service, name"
+            f"SELECT {_columns(_AGENT_COLUMNS)} FROM agents {where}"
+            " ORDER BY service, name, vm_id LIMIT ?",
+            [*params, limit],
         ) as cursor:
             rows = await cursor.fetchall()
+        disks: dict[str, list[DiskRecord]] = {}
+        if after is None and limit < 0:
+            async with self.db.execute(
+                f"SELECT {_columns(_DISK_COLUMNS)} FROM disks ORDER BY vm_id, name"
+            ) as cursor:
+                async for row in cursor:
+                    disks.setdefault(row["vm_id"], []).append(_disk(row))
+        else:
+            ids = [row["vm_id"] for row in rows]
+            for start in range(0, len(ids), _ID_BATCH):
+                batch = ids[start : start + _ID_BATCH]
+                async with self.db.execute(
+                    f"SELECT {_columns(_DISK_COLUMNS)} FROM disks"
+                    f" WHERE vm_id IN ({','.join('?' * len(batch))}) ORDER BY vm_id, name",
+                    batch,
+                ) as cursor:
+                    async for row in cursor:
+                        disks.setdefault(row["vm_id"], []).append(_disk(row))
         return [
             AgentRecord(
                 vm_id=row["vm_id"],
@@ -1625,14 +1718,28 @@ class Catalog:
                 _job_row(job),
             )
 
+    async def insert_jobs(self, jobs: Sequence[JobRecord]) -> None:
+        """Many jobs' records in one transaction (an operator's call naming many VMs)."""
+        async with self._transaction() as db:
+            await db.executemany(
+                f"INSERT INTO jobs ({_columns(_JOB_COLUMNS)})"
+                f" VALUES ({_placeholders(_JOB_COLUMNS)})",
+                [_job_row(job) for job in jobs],
+            )
+
     async def update_job(self, job: JobRecord) -> None:
         """Write the job's record; what it is (operation, vault, VM, start) never changes."""
+        await self.update_jobs([job])
+
+    async def update_jobs(self, jobs: Sequence[JobRecord]) -> None:
+        """`update_job` for many jobs, in one transaction."""
         changing = [
             c for c in _JOB_COLUMNS if c not in ("id", "operation", "vault", "vm_id", "started_at")
         ]
         async with self._transaction() as db:
-            await db.execute(
-                f"UPDATE jobs SET {_assignments(changing)} WHERE id = :id", _job_row(job)
+            await db.executemany(
+                f"UPDATE jobs SET {_assignments(changing)} WHERE id = :id",
+                [_job_row(job) for job in jobs],
             )
 
     async def job_ids(self, prefix: str, limit: int) -> list[tuple[str, str, str]]:
@@ -1673,10 +1780,13 @@ class Catalog:
         if where.started_to is not None:
             clauses.append("started_at < ?")
             params.append(where.started_to)
+        if where.before is not None:
+            clauses.append("(started_at, id) < (?, ?)")
+            params += list(where.before)
         sql = f"SELECT {_columns(_JOB_COLUMNS)} FROM jobs"
         if clauses:
             sql += " WHERE " + " AND ".join(clauses)
-        sql += " ORDER BY started_at DESC LIMIT ?"
+        sql += " ORDER BY started_at DESC, id DESC LIMIT ?"
         params.append(where.limit)
         async with self.db.execute(sql, params) as cursor:
             return [_job(row) for row in await cursor.fetchall()]
@@ -1786,6 +1896,21 @@ class Catalog:
     async def latest_recovery_point(self, vm_id: str) -> RecoveryPointRecord | None:
         found = await self._recovery_points("vm_id = ? ORDER BY created_at DESC LIMIT 1", (vm_id,))
         return found[0] if found else None
+
+    async def latest_vaults(self, vm_ids: Sequence[str]) -> dict[str, str]:
+        """The vault of each VM's latest recovery point, for those of `vm_ids` that have one."""
+        found: dict[str, str] = {}
+        ids = list(dict.fromkeys(vm_ids))
+        for start in range(0, len(ids), _ID_BATCH):
+            batch = ids[start : start + _ID_BATCH]
+            # SQLite gives the bare column `vault` from the row whose created_at is the max.
+            async with self.db.execute(
+                "SELECT vm_id, vault, max(created_at) FROM recovery_points"
+                f" WHERE vm_id IN ({','.join('?' * len(batch))}) GROUP BY vm_id",
+                batch,
+            ) as cursor:
+                found.update({row["vm_id"]: row["vault"] for row in await cursor.fetchall()})
+        return found
 
     async def recovery_point_summary(self, vault: str) -> dict[str, tuple[int, float]]:
         """Per VM of a vault: how many recovery points, and when the newest was taken."""

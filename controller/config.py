@@ -141,6 +141,21 @@ class EmailSettings:
 
 
 @dataclass(frozen=True)
+class JobSettings:
+    """`[jobs]`: how long an agent may stay silent about a job it was sent before the job
+    fails with AgentSilent (controller/jobs/agent_command.py), and how long a manual backup
+    waits for its agent."""
+
+    acknowledge_seconds: float = 120.0
+    """From a command sent to the agent's first word of its job."""
+    silence_seconds: float = 600.0
+    """Between two words of the agent about a job it took (heartbeats name it every
+    min(30 s, a quarter of this))."""
+    manual_window_seconds: float = 7200.0
+    """How long a manual backup waits in its queue for its agent and a slot."""
+
+
+@dataclass(frozen=True)
 class AlertSettings:
     """`[alerts]`: when conditions are checked, and where alerts go besides MQTT and the
     catalog (controller/alerts.py)."""
@@ -192,6 +207,7 @@ class ControllerConfig:
     web: WebSettings | None = None
     metrics: MetricsSettings | None = None
     alerts: AlertSettings = field(default_factory=AlertSettings)
+    jobs: JobSettings = field(default_factory=JobSettings)
 
     @property
     def certificate_lifetime(self) -> timedelta:
@@ -449,6 +465,21 @@ class EmailSection(Section):
         return self
 
 
+class JobsSection(Section):
+    """`[jobs]`: README "Dispatch" (docs/fleet.md)."""
+
+    # Agents acknowledge a command as they take it and name their jobs in every heartbeat
+    # (5 s): keep the silence several heartbeats long, or live jobs fail.
+    acknowledge_seconds: Annotated[float, Field(ge=1, le=86_400)] = 120.0
+    silence_seconds: Annotated[float, Field(ge=1, le=7 * 86_400)] = 600.0
+    manual_window_seconds: Annotated[float, Field(ge=1, le=7 * 86_400)] = 7200.0
+
+    def settings(self) -> JobSettings:
+        return JobSettings(
+            self.acknowledge_seconds, self.silence_seconds, self.manual_window_seconds
+        )
+
+
 class AlertsSection(Section):
     """`[alerts]`: README "Alerts"."""
 
@@ -512,6 +543,7 @@ class ControllerFile(Section):
     web: WebSection | None = None
     metrics: MetricsSection | None = None
     alerts: AlertsSection | None = None
+    jobs: JobsSection | None = None
     copy_targets: list[CopyTargetSection] = []
 
     @model_validator(mode="after")
@@ -554,4 +586,5 @@ class ControllerFile(Section):
             web=self.web.settings(base) if self.web else None,
             metrics=MetricsSettings(self.metrics.listen) if self.metrics else None,
             alerts=self.alerts.settings(base) if self.alerts else AlertSettings(),
+            jobs=self.jobs.settings() if self.jobs else JobSettings(),
         )

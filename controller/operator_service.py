@@ -19,6 +19,7 @@ from typing import Protocol, TypeAlias
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from controller import paging
 from controller.audit import AuditLog
 from controller.catalog import (
     AgentRecord,
@@ -62,7 +63,7 @@ from shared.errors import (
     Unavailable,
     VmNotFound,
 )
-from shared.model import ItemState, JobStatus, Operation
+from shared.model import MAX_CONCURRENT_BACKUPS, ItemState, JobStatus, Operation
 from shared.policy import Policy
 from shared.rpc import operator_pb2, operator_pb2_grpc
 from shared.status import nesting_depth
@@ -341,8 +342,20 @@ class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
     async def ListAgents(
         self, request: operator_pb2.ListAgentsRequest, context: Context
     ) -> operator_pb2.ListAgentsReply:
-        agents = await self._catalog.agents()
+        start = paging.after("agents", request.page_token, (str, str, str))
+        size = paging.page_size(request.page_size)
+        # One more than the page: whether another page follows, without counting.
+        agents = await self._catalog.agents(
+            after=None if start is None else (str(start[0]), str(start[1]), str(start[2])),
+            limit=size + 1,
+        )
+        more, agents = len(agents) > size, agents[:size]
+        last = agents[-1] if agents else None
         return operator_pb2.ListAgentsReply(
+            next_page_token=paging.token("agents", (last.service, last.name, last.vm_id))
+            if more and last is not None
+            else "",
+            total=await self._catalog.agent_count(),
             agents=[
                 operator_pb2.Agent(
                     vm_id=a.vm_id,
@@ -364,7 +377,7 @@ class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
                     ],
                 )
                 for a in agents
-            ]
+            ],
         )
 
     async def BackupNow(
@@ -434,21 +447,28 @@ class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
             )
         if request.vault:
             await self._catalog.vault(request.vault)
+        start = paging.after("jobs", request.page_token, (float, str))
+        limit = request.limit or DEFAULT_JOB_LIMIT
         jobs = await self._catalog.jobs(
             JobFilter(
+                before=None if start is None else (float(start[0]), str(start[1])),
                 statuses=list(request.status),
                 operations=list(request.operation),
                 vm_id=await self._vm_id(request.vm_id),
                 vault=request.vault,
                 started_from=_seconds(request.started_from, request.HasField("started_from")),
                 started_to=_seconds(request.started_to, request.HasField("started_to")),
-                limit=request.limit or DEFAULT_JOB_LIMIT,
+                limit=limit + 1,
             )
         )
+        more, jobs = len(jobs) > limit, jobs[:limit]
         # Running jobs: the in-memory record has the live byte counts.
         names = await self._names()
         return operator_pb2.ListJobsReply(
-            jobs=[self._job(await self._jobs.job(job.id), names) for job in jobs]
+            jobs=[self._job(await self._jobs.job(job.id), names) for job in jobs],
+            next_page_token=paging.token("jobs", (jobs[-1].started_at, jobs[-1].id))
+            if more
+            else "",
         )
 
     async def GetJob(
@@ -685,7 +705,8 @@ class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
             # A request that would change nothing is refused: saying nothing about that is how
             # `--max-concurrent-backups 0` went unnoticed.
             raise InvalidArgument(
-                detail="nothing to change: give max_concurrent_backups (1 to 64), verify_new, "
+                detail="nothing to change: give max_concurrent_backups (1 to "
+                f"{MAX_CONCURRENT_BACKUPS}), verify_new, "
                 "reverify_days, soft_delete_days, shared_dedup, copy_to or drill settings"
             )
         vault = await self._catalog.vault(request.name)
@@ -897,17 +918,27 @@ class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
                 )
         if request.vault:
             await self._catalog.vault(request.vault)
+        start = paging.after("items", request.page_token, (str, str))
+        size = paging.page_size(request.page_size)
+        items = await self._catalog.items_page(
+            request.vault,
+            list(request.state),
+            None if start is None else (str(start[0]), str(start[1])),
+            size + 1,
+        )
+        more, items = len(items) > size, items[:size]
         agents = {a.vm_id: a for a in await self._catalog.agents()}
-        items = await self._catalog.items(request.vault)
         summaries: dict[str, tuple[int, float]] = {}
         for vault in {item.vault for item in items}:
             summaries.update(await self._catalog.recovery_point_summary(vault))
         return operator_pb2.ListItemsReply(
+            next_page_token=paging.token("items", (items[-1].vault, items[-1].vm_id))
+            if more
+            else "",
             items=[
                 self._item(item, agents.get(item.vm_id), summaries.get(item.vm_id, (0, None)))
                 for item in items
-                if not request.state or item.state in request.state
-            ]
+            ],
         )
 
     # --- policies ---------------------------------------------------------------------------

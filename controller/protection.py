@@ -30,6 +30,7 @@ that retention ran).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -186,23 +187,28 @@ class Protection:
         if not names:
             raise InvalidArgument(detail="name at least one VM (its name, or service/name)")
         agents = await self._catalog.agents()
-        found: list[AgentRecord] = []
+        # Indexed once: a call may name the whole fleet.
+        by_id = {a.vm_id: a for a in agents}
+        by_name: dict[str, list[AgentRecord]] = {}
+        by_service: dict[tuple[str, str], list[AgentRecord]] = {}
+        for agent in agents:
+            by_name.setdefault(agent.name, []).append(agent)
+            by_service.setdefault((agent.service, agent.name), []).append(agent)
+        found: dict[str, AgentRecord] = {}
         for name in names:
-            by_id = [a for a in agents if a.vm_id == name]
             if "/" in name:
                 service, _, short = name.partition("/")
-                matches = [a for a in agents if (a.service, a.name) == (service, short)]
+                matches = by_service.get((service, short), [])
             else:
-                matches = by_id or [a for a in agents if a.name == name]
+                matches = [by_id[name]] if name in by_id else by_name.get(name, [])
             if not matches:
                 raise VmNotFound(name=name)
             if len(matches) > 1:
                 raise AmbiguousVmName(
                     name=name, services=", ".join(sorted(a.service for a in matches))
                 )
-            if matches[0] not in found:
-                found.append(matches[0])
-        return found
+            found.setdefault(matches[0].vm_id, matches[0])
+        return list(found.values())
 
     async def _item_in(self, vault: str, agent: AgentRecord) -> ItemRecord:
         item = await self._catalog.item(agent.vm_id)
@@ -282,10 +288,12 @@ class Protection:
     # --- step 2: register -------------------------------------------------------------------
 
     async def register(self, vault_name: str, names: Sequence[str]) -> list[JobRecord]:
+        """A Register job per VM; many VMs are registered in one transaction."""
         vault = await self._catalog.vault(vault_name)
         agents = await self.resolve(names)
+        items = await self._catalog.items_of([agent.vm_id for agent in agents])
         for agent in agents:  # every VM is checked before any job starts
-            item = await self._catalog.item(agent.vm_id)
+            item = items.get(agent.vm_id)
             if item is not None:
                 raise AlreadyRegistered(vm=display_name(agent, agent.vm_id), vault=item.vault)
             if agent.region != vault.region:
@@ -295,33 +303,47 @@ class Protection:
                     vault=vault.name,
                     vault_region=vault.region,
                 )
-        return [await self._register_one(vault.name, agent) for agent in agents]
+        by_vm = {agent.vm_id: agent for agent in agents}
 
-    async def _register_one(self, vault: str, agent: AgentRecord) -> JobRecord:
-        async def body(job: JobRecord) -> None:
-            item = ItemRecord(
-                vm_id=agent.vm_id,
-                vault=vault,
-                state=ItemState.REGISTERING,
-                policy=None,
-                registered_at=self._clock.now(),
-            )
-            await self._catalog.insert_item(item)
-            # Registering checks the VM's agent answers: a VM whose agent is gone cannot be
-            # backed up, and registering it would only defer the surprise.
-            if not self._registry.online(agent.vm_id):
-                await self._catalog.delete_item(agent.vm_id)
-                raise ItemStateConflict(
-                    vm=display_name(agent, agent.vm_id),
-                    state="offline",
-                    fix="its agent is not connected, so it cannot be registered; start "
-                    "coffer-agent in the VM and register it again",
+        async def body(jobs: list[JobRecord]) -> dict[str, CofferError]:
+            errors: dict[str, CofferError] = {}
+            now = self._clock.now()
+            registering: list[tuple[JobRecord, ItemRecord]] = []
+            for job in jobs:
+                agent = by_vm[job.vm_id]
+                # Registering checks the VM's agent answers: a VM whose agent is gone cannot
+                # be backed up, and registering it would only defer the surprise.
+                if not self._registry.online(agent.vm_id):
+                    errors[job.id] = ItemStateConflict(
+                        vm=display_name(agent, agent.vm_id),
+                        state="offline",
+                        fix="its agent is not connected, so it cannot be registered; start "
+                        "coffer-agent in the VM and register it again",
+                    )
+                    continue
+                item = ItemRecord(
+                    vm_id=agent.vm_id,
+                    vault=vault.name,
+                    state=ItemState.REGISTERED,
+                    policy=None,
+                    registered_at=now,
                 )
-            item.state = ItemState.REGISTERED
-            job.details["disks"] = [d.name for d in agent.disks]
-            await self._catalog.update_item(item)
+                registering.append((job, item))
+            taken = await self._catalog.insert_items([item for _, item in registering])
+            holders = await self._catalog.items_of(sorted(taken)) if taken else {}
+            for job, item in registering:
+                agent = by_vm[job.vm_id]
+                if item.vm_id in taken:  # registered by another call meanwhile
+                    holder = holders.get(item.vm_id)
+                    errors[job.id] = AlreadyRegistered(
+                        vm=display_name(agent, agent.vm_id),
+                        vault=holder.vault if holder else vault.name,
+                    )
+                else:
+                    job.details["disks"] = [d.name for d in agent.disks]
+            return errors
 
-        return await self._jobs.run(Operation.REGISTER, vault, agent.vm_id, body)
+        return await self._jobs.run_each(Operation.REGISTER, vault.name, list(by_vm), body)
 
     async def unregister(self, vault: str, names: Sequence[str]) -> list[JobRecord]:
         await self._catalog.vault(vault)
@@ -381,7 +403,7 @@ class Protection:
         is named."""
         await self._catalog.vault(vault)
         agents = await self.resolve(names)
-        items = [await self._item_in(vault, agent) for agent in agents]
+        items = await self._items_in(vault, agents)
         for agent, item in zip(agents, items, strict=True):
             state = ItemState(item.state)
             name = display_name(agent, item.vm_id)
@@ -405,7 +427,30 @@ class Protection:
                 for agent, item in zip(agents, items, strict=True)
             }
         policies = {name: await self._vaults.policy(vault, name) for name in set(chosen.values())}
-        return [await self._protect_one(item, policies[chosen[item.vm_id]]) for item in items]
+        stale = {item.vm_id: item for item in items}
+
+        async def body(jobs: list[JobRecord]) -> dict[str, CofferError]:
+            async with contextlib.AsyncExitStack() as locks:
+                # In one order, so that two calls naming the same VMs never wait on each other.
+                for vm_id in sorted(stale):
+                    await locks.enter_async_context(self._lock(vm_id))
+                return await self._protect_locked(jobs, stale, policies, chosen)
+
+        return await self._jobs.run_each(
+            Operation.CONFIGURE_PROTECTION, vault, [item.vm_id for item in items], body
+        )
+
+    async def _items_in(self, vault: str, agents: Sequence[AgentRecord]) -> list[ItemRecord]:
+        """The items of `agents` in `vault` (read together); ItemNotRegistered for the first
+        that is not registered there."""
+        found = await self._catalog.items_of([agent.vm_id for agent in agents])
+        items: list[ItemRecord] = []
+        for agent in agents:
+            item = found.get(agent.vm_id)
+            if item is None or item.vault != vault:
+                raise await self._not_registered(agent, vault, item)
+            items.append(item)
+        return items
 
     @staticmethod
     def _unnamed_policy(vault: str, name: str, item: ItemRecord) -> str:
@@ -427,37 +472,46 @@ class Protection:
             )
         return DEFAULT_POLICY_NAME
 
-    async def _protect_one(self, stale: ItemRecord, policy: Policy) -> JobRecord:
-        async def body(job: JobRecord) -> None:
-            async with self._lock(stale.vm_id):
-                await locked(job)
-
-        async def locked(job: JobRecord) -> None:
-            item = await self._catalog.item(stale.vm_id)
+    async def _protect_locked(
+        self,
+        jobs: list[JobRecord],
+        stale: dict[str, ItemRecord],
+        policies: dict[str, Policy],
+        chosen: dict[str, str],
+    ) -> dict[str, CofferError]:
+        """Attach each job's VM to its chosen policy: one read, one write for them all."""
+        errors: dict[str, CofferError] = {}
+        current = await self._catalog.items_of(list(stale))
+        latest = await self._catalog.latest_vaults(
+            [vm_id for vm_id, item in current.items() if not ItemState(item.state).protected]
+        )
+        now = self._clock.now()
+        changed: list[tuple[JobRecord, ItemRecord, str | None]] = []
+        for job in jobs:
+            before, item = stale[job.vm_id], current.get(job.vm_id)
             # What the checks before the job looked at must still hold (a backup ending
             # meanwhile, pending → protected, changes nothing that matters here).
             if (
                 item is None
-                or item.vault != stale.vault
-                or ItemState(item.state).protected != ItemState(stale.state).protected
+                or item.vault != before.vault
+                or ItemState(item.state).protected != ItemState(before.state).protected
                 or (item.state == ItemState.PROTECTION_STOPPED)
-                != (stale.state == ItemState.PROTECTION_STOPPED)
+                != (before.state == ItemState.PROTECTION_STOPPED)
             ):
-                raise ItemStateConflict(
-                    vm=stale.vm_id,
+                errors[job.id] = ItemStateConflict(
+                    vm=job.vm_id,
                     state="changed meanwhile",
                     fix="look at `coffer items` and try again",
                 )
-            now = self._clock.now()
+                continue
             previous = item.policy
-            item.policy = policy.name
+            item.policy = chosen[job.vm_id]
             if not ItemState(item.state).protected:
                 # No recovery point yet: pending its initial backup (a resumed VM with points
                 # is protected at once).
-                latest = await self._catalog.latest_recovery_point(item.vm_id)
                 item.state = (
                     ItemState.PROTECTED
-                    if latest is not None and latest.vault == item.vault
+                    if latest.get(item.vm_id) == item.vault
                     else ItemState.PROTECTION_PENDING
                 )
                 item.protected_at = now
@@ -466,17 +520,21 @@ class Protection:
             else:
                 # A policy change: the last backup's outcome (and error) still stands.
                 self._schedule_changed(item)
-            await self._catalog.update_item(item)
-            await self._plan(item)
+            changed.append((job, item, previous))
+        await self._catalog.update_items([item for _, item, _ in changed])
+        for job, item, previous in changed:
+            policy = policies[chosen[job.vm_id]]
+            self._plan_with(item, policy)
             job.details["policy"] = policy.name
             if previous and previous != policy.name:
                 job.details["previous_policy"] = previous
-
-        return await self._jobs.run(Operation.CONFIGURE_PROTECTION, stale.vault, stale.vm_id, body)
+        return errors
 
     async def _plan(self, item: ItemRecord) -> None:
         assert item.policy is not None
-        policy = await self._vaults.policy(item.vault, item.policy)
+        self._plan_with(item, await self._vaults.policy(item.vault, item.policy))
+
+    def _plan_with(self, item: ItemRecord, policy: Policy) -> None:
         last = item.last_slot if item.last_slot is not None else self._clock.now()
         self.plan.set(item.vm_id, policy.schedule, last)
         self.scheduler.changed()
@@ -710,21 +768,26 @@ class Protection:
     async def backup_now(
         self, vault: str, names: Sequence[str], disks: Sequence[str]
     ) -> list[JobRecord]:
+        """Queue a manual backup of every VM named, together: all of them, or none."""
         if vault:
             await self._catalog.vault(vault)
         agents = await self.resolve(names)
-        for agent in agents:  # every VM is checked before any job starts
-            await self._protected_item(vault, agent)
-        jobs: list[JobRecord] = []
-        for agent in agents:
-            async with self._lock(agent.vm_id):
-                # Checked again under the lock: a stop-protection may have come in between.
-                item = await self._protected_item(vault, agent)
-                jobs.append(await self._jobs.backup(item.vault, item.vm_id, disks=list(disks)))
-        return jobs
+        async with contextlib.AsyncExitStack() as locks:
+            # Checked under the VMs' locks (in one order, so two calls never wait on each
+            # other): a stop-protection must not come in between the check and the queue.
+            for vm_id in sorted(agent.vm_id for agent in agents):
+                await locks.enter_async_context(self._lock(vm_id))
+            found = await self._catalog.items_of([agent.vm_id for agent in agents])
+            items = [
+                await self._protected_item(vault, agent, found.get(agent.vm_id)) for agent in agents
+            ]
+            return await self._jobs.backup_many(
+                [(item.vault, item.vm_id) for item in items], disks=list(disks)
+            )
 
-    async def _protected_item(self, vault: str, agent: AgentRecord) -> ItemRecord:
-        item = await self._catalog.item(agent.vm_id)
+    async def _protected_item(
+        self, vault: str, agent: AgentRecord, item: ItemRecord | None
+    ) -> ItemRecord:
         name = display_name(agent, agent.vm_id)
         if item is None or (vault and item.vault != vault):
             raise await self._not_registered(agent, vault, item)

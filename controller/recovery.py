@@ -97,7 +97,7 @@ from shared.errors import (
     UnsupportedFormat,
 )
 from shared.manifest import RecoveryPointManifest
-from shared.model import ItemState, JobStatus, Verification
+from shared.model import MAX_CONCURRENT_BACKUPS, ItemState, JobStatus, Verification
 from shared.policy import DEFAULT_POLICY_NAME, Policy, default_policy
 
 log = logging.getLogger(__name__)
@@ -380,7 +380,7 @@ def _settings(stored: Mapping[str, Any]) -> dict[str, Any]:
     copy_target = stored.get("copy_target")
     return {
         "max_concurrent_backups": number(
-            "max_concurrent_backups", 1, 64, DEFAULT_MAX_CONCURRENT_BACKUPS
+            "max_concurrent_backups", 1, MAX_CONCURRENT_BACKUPS, DEFAULT_MAX_CONCURRENT_BACKUPS
         ),
         "verify_new": verify_new if isinstance(verify_new, bool) else False,
         "reverify_days": number("reverify_days", 0, MAX_REVERIFY_DAYS, 0),

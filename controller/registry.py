@@ -12,6 +12,15 @@ agent processes hold one identity (a cloned VM): it comes back as a *standby* se
 waits here until the VM has no session and never displaces the open one, so the two do not
 take turns knocking each other off. The operator sees a `DuplicateAgent` warning on the VM
 while a standby waits and for a day after (`warnings`).
+
+Online means heard from lately. A session whose agent's heartbeats stopped `SILENT_AFTER_SECONDS`
+ago is not online, even while its stream is open: a connection that died without a word stays
+open until keepalive notices, and a command sent down it would be lost. Its next heartbeat
+makes it online again and wakes the `on_connect` listeners, as a new session does. (Silence is
+judged against the heartbeats an agent sends: a session that has sent none yet, a moment
+old, is not judged.) When a VM's session ends, when it did is kept
+(`left_at`): a VM that left moments ago is likely reconnecting (a blip), and its queued jobs
+wait for it.
 """
 
 from __future__ import annotations
@@ -19,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -31,6 +41,9 @@ log = logging.getLogger(__name__)
 
 # How long after two agents of one VM were last seen together `coffer agents` still says so.
 DUPLICATE_WARNING_SECONDS = 24 * 3600.0
+# A session whose agent has said nothing this long is not online: four heartbeats
+# (agent_service.HEARTBEAT_INTERVAL_MS) missed, which no live agent does.
+SILENT_AFTER_SECONDS = 20.0
 
 
 @dataclass
@@ -46,6 +59,8 @@ class AgentSession:
     closed: asyncio.Event = field(default_factory=asyncio.Event)
     # The session that took over from this one, when that is why it closed.
     displaced_by: AgentSession | None = None
+    heard_at: float | None = None
+    """When the agent last sent a heartbeat on this session (monotonic seconds)."""
     _ids: itertools.count[int] = field(default_factory=itertools.count)
 
     @property
@@ -89,6 +104,15 @@ class AgentSession:
         if self.closed.is_set() or message.cancelled():
             return None  # closing: a command taken meanwhile has already failed
         return message.result()
+
+    def silent(self, now: float) -> bool:
+        """The agent's heartbeats stopped `SILENT_AFTER_SECONDS` before monotonic time `now`."""
+        return self.heard_at is not None and now - self.heard_at >= SILENT_AFTER_SECONDS
+
+    def forget(self, command_id: str) -> None:
+        """Stop waiting for a command's result (its job ended without it); a late result is
+        ignored."""
+        self.pending.pop(command_id, None)
 
     def resolve(self, result: agent_pb2.CommandResult) -> None:
         entry = self.pending.pop(result.command_id, None)
@@ -140,7 +164,10 @@ class AgentRegistry:
         # Set (and dropped) when a VM's open session ends: wakes its standby sessions.
         self._vacated: dict[str, asyncio.Event] = {}
         self._duplicates: dict[str, _Duplicate] = {}
-        # Called with the VM id of every agent that connects (the job dispatcher listens).
+        # When each VM's last session ended (by the clock), while it has none.
+        self._left_at: dict[str, float] = {}
+        # Called with the VM id of every agent that connects, or is heard again after a
+        # silence (the job dispatcher listens).
         self.on_connect: list[Callable[[str], None]] = []
 
     def connect(self, session: AgentSession) -> None:
@@ -155,8 +182,21 @@ class AgentRegistry:
             )
             old.close(displaced_by=session)
         self._sessions[session.vm_id] = session
+        self._left_at.pop(session.vm_id, None)
+        self._connected(session.vm_id)
+
+    def _connected(self, vm_id: str) -> None:
         for listener in self.on_connect:
-            listener(session.vm_id)
+            listener(vm_id)
+
+    def heard(self, session: AgentSession) -> None:
+        """The agent of `session` sent a heartbeat: it is online (again, after a silence)."""
+        now = time.monotonic()
+        was_silent = session.silent(now)
+        session.heard_at = now
+        if was_silent and self._sessions.get(session.vm_id) is session:
+            log.info("%s is heard from again after a silence", session.vm_id)
+            self._connected(session.vm_id)
 
     async def connect_when_free(self, session: AgentSession) -> None:
         """Connect standby `session` once its VM has no open session; it displaces none.
@@ -192,6 +232,7 @@ class AgentRegistry:
         session.close()
         if self._sessions.get(session.vm_id) is session:
             del self._sessions[session.vm_id]
+            self._left_at[session.vm_id] = self._clock.now()
             vacated = self._vacated.pop(session.vm_id, None)
             if vacated is not None:
                 vacated.set()
@@ -206,7 +247,23 @@ class AgentRegistry:
         return self._sessions.get(vm_id)
 
     def online(self, vm_id: str) -> bool:
-        return vm_id in self._sessions
+        """The VM's agent has a session and was heard from lately (a command sent now reaches
+        it)."""
+        session = self._sessions.get(vm_id)
+        return (
+            session is not None
+            and not session.closed.is_set()
+            and not session.silent(time.monotonic())
+        )
+
+    def left_within(self, vm_id: str, seconds: float) -> bool:
+        """The VM has no session now, but had one until less than `seconds` ago (or has one
+        it has not been heard on lately): it is likely coming back."""
+        session = self._sessions.get(vm_id)
+        if session is not None:
+            return True
+        left = self._left_at.get(vm_id)
+        return left is not None and self._clock.now() - left < seconds
 
     def online_count(self) -> int:
         """How many VMs' agents have a session now."""

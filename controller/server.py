@@ -50,7 +50,7 @@ from pathlib import Path
 import grpc
 
 from controller.agent_limits import AgentAdmission, IndexBudget
-from controller.agent_service import AgentService
+from controller.agent_service import AgentService, heartbeat_ms
 from controller.alerts import AlertKeeper, Delivery
 from controller.audit import AuditLog
 from controller.broker import PrivateBroker
@@ -76,6 +76,7 @@ from controller.enrolment import (
 )
 from controller.interceptors import CallerIdentity, ErrorMapping
 from controller.jobs import JobManager
+from controller.jobs.deadlines import ReplyDeadlines
 from controller.master_key import load_master_key
 from controller.metrics import Metrics, MetricsEndpoint
 from controller.operator_service import OperatorService
@@ -230,7 +231,17 @@ class Controller:
             # whatever they raise as the job's outcome.
             jobs = await stack.enter_async_context(
                 JobManager(
-                    catalog, registry, datastores, status, self.clock, pool, supervisor=supervisor
+                    catalog,
+                    registry,
+                    datastores,
+                    status,
+                    self.clock,
+                    pool,
+                    supervisor=supervisor,
+                    deadlines=ReplyDeadlines(
+                        config.jobs.acknowledge_seconds, config.jobs.silence_seconds
+                    ),
+                    manual_window=config.jobs.manual_window_seconds,
                 )
             )
             # Exits run in reverse: sessions close before the job manager drains.
@@ -303,6 +314,7 @@ class Controller:
                 coffer_version(),
                 enrolment=enrolment,
                 index_budget=IndexBudget(),
+                heartbeat_interval_ms=heartbeat_ms(config.jobs.silence_seconds),
             )
             agent_pb2_grpc.add_AgentServiceServicer_to_server(agent_service, server)
             self.agent_service = agent_service

@@ -198,6 +198,8 @@ class StatusMonitor(MqttConnection):
         # Progress still in flight when the controller forgot the job must not bring it back.
         self._forgotten: dict[str, None] = {}
         self._job_owner: JobOwner = job_owner or _no_owner
+        # Told (VM id, [job id]) of every progress taken: the job layer's reply deadlines.
+        self.on_progress: list[Callable[[str, list[str]], None]] = []
         self.dropped: Counter[DropReason] = Counter()
         self._drop_log = _DropLog(DROP_LOG_INTERVAL, clock)
 
@@ -334,6 +336,8 @@ class StatusMonitor(MqttConnection):
                 f"job {job_id!r} is not a running job of VM {vm_id!r}",
             )
         self._progress.set(job_id, progress)
+        for listener in self.on_progress:
+            listener(vm_id, [job_id])
 
 
 class _Dropped(Exception):

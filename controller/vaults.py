@@ -22,7 +22,7 @@ from controller.datastores import Datastores
 from controller.soft_delete import MAX_SOFT_DELETE_DAYS
 from shared.clock import Clock
 from shared.errors import InvalidArgument, KeyUnavailable, PolicyInUse, VaultNotEmpty
-from shared.model import ItemState, JobStatus, Verification
+from shared.model import MAX_CONCURRENT_BACKUPS, ItemState, JobStatus, Verification
 from shared.policy import Policy, default_policy
 
 log = logging.getLogger(__name__)
@@ -97,8 +97,10 @@ class VaultKeys:
 
 
 def _check_limit(limit: int) -> int:
-    if not 1 <= limit <= 64:
-        raise InvalidArgument(detail=f"max concurrent backups {limit} must be 1 to 64")
+    if not 1 <= limit <= MAX_CONCURRENT_BACKUPS:
+        raise InvalidArgument(
+            detail=f"max concurrent backups {limit} must be 1 to {MAX_CONCURRENT_BACKUPS}"
+        )
     return limit
 
 

@@ -341,6 +341,15 @@ class AgentDisconnected(CofferError):
     grpc_status = "UNAVAILABLE"
 
 
+class AgentSilent(CofferError):
+    """The agent of VM {vm_id!r} {silence}; the job failed and its slot was freed. Check the agent (`coffer agents`, the agent's log in the VM) and run the job again."""
+
+    code = "AgentSilent"
+    retryable = True
+    exit_code = 8
+    grpc_status = "DEADLINE_EXCEEDED"
+
+
 class AgentLimitExceeded(CofferError):
     """The agent of VM {vm_id!r} went past a limit of what one agent may make the controller hold: {detail}. An agent that does is faulty or hostile (docs/hostile-agent.md); the call was refused and nothing of it kept."""
 

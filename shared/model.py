@@ -7,6 +7,10 @@ from collections.abc import Iterable
 
 from shared.errors import InvalidArgument
 
+MAX_CONCURRENT_BACKUPS = 10_000
+"""The most backups a vault may run at once (`max_concurrent_backups`, the operator's choice
+from 1): as many as one controller holds agents (docs/fleet.md)."""
+
 
 class Operation(enum.StrEnum):
     """What a job does; every operation an operator starts or the scheduler runs is a job."""

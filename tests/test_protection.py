@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from controller import registry as registry_module
 from controller.catalog import (
     Catalog,
     JobFilter,
@@ -31,6 +32,7 @@ from controller.catalog import (
 from controller.datastore import LocalDirectoryStore, ObjectStore
 from controller.datastores import Datastores
 from controller.jobs import JobManager, RunningBackup
+from controller.jobs.backup import RECONNECT_GRACE_SECONDS
 from controller.protection import Protection
 from controller.pruning import Pruner
 from controller.registry import AgentRegistry, AgentSession
@@ -189,7 +191,7 @@ async def controller(
         pool = stack.enter_context(ThreadPoolExecutor(4))
         catalog = await stack.enter_async_context(Catalog(root / "catalog.sqlite"))
         datastores = Datastores(catalog, root / "datastores", backend=backend)
-        registry = AgentRegistry()
+        registry = AgentRegistry(clock)
         jobs = await stack.enter_async_context(
             JobManager(catalog, registry, datastores, None, clock, pool)
         )
@@ -716,13 +718,29 @@ async def test_a_new_schedule_starts_from_the_change_not_from_the_last_backup(
     assert (latest.id, latest.slot) == (sent.backup.job_id, ts(2025, 3, 5, 20))
 
 
-async def test_a_manual_backup_of_an_offline_vm_is_refused_at_once(env: Controller) -> None:
+async def test_a_manual_backup_of_a_vm_whose_agent_is_long_gone_is_refused_at_once(
+    env: Controller,
+) -> None:
     await env.enrol_all()
     await env.protected(EU, SHOP_WEB)
     env.disconnect(SHOP_WEB)
+    env.clock.advance(RECONNECT_GRACE_SECONDS + 1)
     with pytest.raises(AgentUnreachable):
         await env.protection.backup_now(EU, ["shop/web-1"], [])
     assert await env.backups() == []
+
+
+async def test_a_manual_backup_of_a_vm_whose_agent_just_left_waits_for_it(
+    env: Controller,
+) -> None:
+    await env.enrol_all()
+    await env.protected(EU, SHOP_WEB)
+    env.disconnect(SHOP_WEB)
+    [queued] = await env.protection.backup_now(EU, ["shop/web-1"], [])
+    assert (queued.status, queued.details["phase"]) == (JobStatus.IN_PROGRESS, "Queued")
+    session = await env.connect(SHOP_WEB)
+    sent = await asyncio.wait_for(session.outbox.get(), 10)
+    assert sent.backup.job_id == queued.id
 
 
 # --- the queue: concurrency limit and cancel --------------------------------------------------
@@ -859,6 +877,7 @@ async def test_an_agent_lost_mid_backup_fails_the_job_and_shows_on_the_item(
     await env.protected(EU, SHOP_WEB)
     [job] = await env.protection.backup_now(EU, [SHOP_WEB], [])
     await command(env.sessions[SHOP_WEB])
+    env.jobs.heard_from(SHOP_WEB, [job.id])  # its heartbeat names the job: it took it
     env.disconnect(SHOP_WEB)
     ended = await env.ended(job.id)
     assert (ended.status, ended.error_code) == ("Failed", "AgentDisconnected")
@@ -1238,8 +1257,9 @@ async def test_raising_a_vaults_limit_starts_queued_backups_at_once(
         assert vault.max_concurrent_backups == 2
         env.jobs.set_limit(EU, vault.max_concurrent_backups)
         assert (await command(env.sessions["vm-b"])).backup.job_id == job_b.id
-        with pytest.raises(InvalidArgument, match="1 to 64"):
-            await env.vaults.update(EU, 65)
+        with pytest.raises(InvalidArgument, match="1 to 10000"):
+            await env.vaults.update(EU, 10_001)
+        assert (await env.vaults.update(EU, 10_000)).max_concurrent_backups == 10_000
 
 
 async def test_a_backup_the_stop_cuts_short_is_failed_at_the_next_start_with_its_bytes(
@@ -1266,3 +1286,55 @@ async def test_a_backup_the_stop_cuts_short_is_failed_at_the_next_start_with_its
         item = await env.catalog.item(SHOP_WEB)
         assert item is not None
         assert (item.state, item.error_code) == ("ProtectionError", "ControllerRestarted")
+
+
+async def test_many_vms_register_protect_and_back_up_together_one_job_each(
+    env: Controller,
+) -> None:
+    """One call for many VMs writes their jobs and items together; an offline VM fails its
+    own Register job while the others register, and backup-now queues every backup or none."""
+    fleet = {f"vm-{n}": (f"app-{n}", "fleet", "eu-west") for n in range(40)}
+    await env.enrol_all(fleet)
+    online = sorted(fleet)[:-1]
+    await env.connect_together(*online)
+    offline = sorted(fleet)[-1]
+
+    registered = await env.protection.register(EU, sorted(fleet))
+    outcome = {job.vm_id: (job.status, job.error_code) for job in registered}
+    assert outcome == {
+        **{vm: ("Completed", "") for vm in online},
+        offline: ("Failed", "UserErrorInvalidProtectionState"),
+    }
+    assert len({job.id for job in registered}) == len(fleet)
+    assert await env.catalog.item(offline) is None
+
+    protected = await env.protection.protect(EU, online, "")
+    assert {job.status for job in protected} == {JobStatus.COMPLETED}
+    states = {i.vm_id: i.state for i in await env.catalog.items(EU)}
+    assert states == dict.fromkeys(online, ItemState.PROTECTION_PENDING)
+    assert env.protection.next_backup((await env.catalog.items_of(online[:1]))[online[0]])
+
+    # One VM busy: the whole call is refused, and no backup is queued for the others.
+    [first] = await env.protection.backup_now(EU, online[:1], [])
+    with pytest.raises(OperationInProgress):
+        await env.protection.backup_now(EU, online, [])
+    assert [job.id for job in await env.backups()] == [first.id]
+
+
+async def test_a_session_whose_heartbeats_stopped_gets_no_backup_until_it_is_heard_again(
+    env: Controller, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A connection that died without a word looks open until keepalive notices: the
+    dispatcher holds the backup back, and the agent's next heartbeat sends it at once."""
+    monkeypatch.setattr(registry_module, "SILENT_AFTER_SECONDS", 0.2)
+    await env.enrol_all()
+    await env.protected(EU, SHOP_WEB)
+    session = env.sessions[SHOP_WEB]
+    env.registry.heard(session)
+    await asyncio.sleep(0.3)
+    assert not env.registry.online(SHOP_WEB)
+    [job] = await env.protection.backup_now(EU, [SHOP_WEB], [])
+    await settle()
+    assert session.outbox.empty()
+    env.registry.heard(session)
+    assert (await command(session)).backup.job_id == job.id

@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple, TypeVar
+from typing import Any, NamedTuple, Protocol, TypeVar
 
 import grpc
 
@@ -118,6 +118,30 @@ def call(connection: Connection, method: Callable[[operator_pb2_grpc.OperatorSer
             return method(operator_pb2_grpc.OperatorServiceStub(channel))
         except grpc.RpcError as exc:
             raise _typed(connection, exc) from exc
+
+
+class Paged(Protocol):
+    """A reply of a paged listing (controller/paging.py)."""
+
+    @property
+    def next_page_token(self) -> str: ...
+
+
+P = TypeVar("P", bound=Paged)
+
+
+def pages(
+    stub: operator_pb2_grpc.OperatorServiceStub,
+    fetch: Callable[[operator_pb2_grpc.OperatorServiceStub, str], P],
+    *,
+    every: bool = True,
+) -> list[P]:
+    """The replies of a paged listing, `fetch` given each page's token in turn: every page, or
+    (`every` False) the first. Inside `call`, so one channel serves them all."""
+    replies = [fetch(stub, "")]
+    while every and replies[-1].next_page_token:
+        replies.append(fetch(stub, replies[-1].next_page_token))
+    return replies
 
 
 class _Silence:

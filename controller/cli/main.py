@@ -16,7 +16,7 @@ import click
 from controller.cli import exits
 from controller.cli.alerts import alerts
 from controller.cli.audit import audit
-from controller.cli.client import DEFAULT_TIMEOUT, Connection, call
+from controller.cli.client import DEFAULT_TIMEOUT, Connection, call, pages
 from controller.cli.deleted import show_deleted, undelete
 from controller.cli.enrol import enrol
 from controller.cli.files import files
@@ -49,6 +49,7 @@ from controller.cli.vaults import dashboard, drill_cell, vault
 from controller.cli.web import web
 from shared.errors import CofferError
 from shared.rpc import operator_pb2
+from shared.rpc.operator_pb2_grpc import OperatorServiceStub
 from shared.version import coffer_version
 
 
@@ -138,16 +139,31 @@ for command in (
 
 
 @cli.command()
+@click.option(
+    "--all",
+    "every",
+    is_flag=True,
+    help="Every enrolled VM, page after page (without: the first page, and how many more).",
+)
 @json_option
 @click.pass_obj
-def agents(connection: Connection, as_json: bool) -> None:
+def agents(connection: Connection, every: bool, as_json: bool) -> None:
     """Enrolled VMs and their agents.
 
-    Every VM whose agent has enrolled: online or not, and its disks.
+    Every VM whose agent has enrolled: online or not, and its disks. A large fleet is shown a
+    page at a time: the first page, with `--all` every page; `--json` always gives every VM.
     """
-    reply = call(connection, lambda s: s.ListAgents(operator_pb2.ListAgentsRequest()))
+
+    def page(stub: OperatorServiceStub, token: str) -> operator_pb2.ListAgentsReply:
+        reply: operator_pb2.ListAgentsReply = stub.ListAgents(
+            operator_pb2.ListAgentsRequest(page_token=token)
+        )
+        return reply
+
+    replies = call(connection, lambda s: pages(s, page, every=every or as_json))
+    found = [a for reply in replies for a in reply.agents]
     if as_json:
-        print_json([as_dict(a) for a in reply.agents])
+        print_json([as_dict(a) for a in found])
         return
     table(
         "Agents",
@@ -162,12 +178,17 @@ def agents(connection: Connection, as_json: bool) -> None:
                 ", ".join(f"{d.name} ({size(d.size_bytes)})" for d in a.disks) or "-",
                 a.running_job_id or "-",
             ]
-            for a in reply.agents
+            for a in found
         ],
     )
-    for a in reply.agents:
+    for a in found:
         for warning in a.warnings:
             click.echo(f"WARNING {a.vm_id}: {plain(warning.code)}: {plain(warning.message)}")
+    if replies[-1].next_page_token:
+        click.echo(
+            f"{len(found)} of {replies[-1].total} enrolled VMs shown; "
+            "`coffer agents --all` shows every one (`--json` for scripts)."
+        )
 
 
 RP_COLUMNS = (

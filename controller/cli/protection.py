@@ -7,12 +7,13 @@ import sys
 
 import click
 
-from controller.cli.client import Connection, call
+from controller.cli.client import Connection, call, pages
 from controller.cli.jobs import show_jobs
 from controller.cli.output import as_dict, console, json_option, print_json, safe, size, table, when
 from shared.model import ItemState
 from shared.policy import Policy, parse_retention, parse_schedule
 from shared.rpc import operator_pb2
+from shared.rpc.operator_pb2_grpc import OperatorServiceStub
 
 vault_option = click.option("--vault", "vault_name", required=True, help="The vault.")
 
@@ -95,10 +96,15 @@ def items(connection: Connection, vault_name: str, states: tuple[str, ...], as_j
 
     The VMs registered to the vault and where their protection stands.
     """
-    request = operator_pb2.ListItemsRequest(vault=vault_name, state=states)
-    reply = call(connection, lambda s: s.ListItems(request))
+
+    def page(stub: OperatorServiceStub, token: str) -> operator_pb2.ListItemsReply:
+        request = operator_pb2.ListItemsRequest(vault=vault_name, state=states, page_token=token)
+        reply: operator_pb2.ListItemsReply = stub.ListItems(request)
+        return reply
+
+    found = [i for reply in call(connection, lambda s: pages(s, page)) for i in reply.items]
     if as_json:
-        print_json([as_dict(i) for i in reply.items])
+        print_json([as_dict(i) for i in found])
         return
     table(
         f"Items of vault {vault_name}",
@@ -115,7 +121,7 @@ def items(connection: Connection, vault_name: str, states: tuple[str, ...], as_j
                 "online" if i.online else "offline",
                 f"{i.error_code}: {i.error_message}" if i.error_code else "",
             ]
-            for i in reply.items
+            for i in found
         ],
     )
 

@@ -22,10 +22,11 @@ from controller.cli.output import (
     table,
     when,
 )
+from shared.model import MAX_CONCURRENT_BACKUPS
 from shared.rpc import operator_pb2
 
-# What the controller accepts (controller.vaults): at least one backup at a time, at most 64.
-CONCURRENT_BACKUPS = click.IntRange(1, 64)
+# What the controller accepts (controller.vaults): at least one backup at a time.
+CONCURRENT_BACKUPS = click.IntRange(1, MAX_CONCURRENT_BACKUPS)
 # What the controller accepts (controller.vaults): 0 (off) to ten years.
 REVERIFY_DAYS = click.IntRange(0, 3650)
 # What the controller accepts (controller.soft_delete): 0 (off) to 180 days.
@@ -93,7 +94,7 @@ VAULT_COLUMNS = (
     default=4,
     show_default=True,
     type=CONCURRENT_BACKUPS,
-    help="Backups at once (1 to 64).",
+    help=f"Backups at once (1 to {MAX_CONCURRENT_BACKUPS:,}).",
 )
 @click.option("--timezone", default="UTC", show_default=True, help="Of the default policy.")
 @json_option
@@ -263,7 +264,7 @@ def _say_plan(name: str, plan: dict[str, Any]) -> None:
     "--max-concurrent-backups",
     type=CONCURRENT_BACKUPS,
     default=None,
-    help="Backups at once (1 to 64).",
+    help=f"Backups at once (1 to {MAX_CONCURRENT_BACKUPS:,}).",
 )
 @click.option(
     "--verify-new",

@@ -6,6 +6,15 @@ session, waits for its `CommandResult`, and turns a failed result back into its 
 every command waiting on it with `AgentDisconnected` (registry.py), so no job waits for an
 agent that is gone.
 
+Reply deadlines. A command's job hears from its agent while the agent works on it: every
+heartbeat names the jobs the agent carries out, and each data-path call, progress message and
+file-recovery status of the job counts too (`AgentJob.heard`). A command the agent has not
+acknowledged within `acknowledge_seconds` (deadlines.py) of being sent, or a job it has said
+nothing of for `silence_seconds` since, fails with `AgentSilent`: its slot is
+freed, the agent is told to cancel it (should it still be there), and a late result is
+ignored. Progress keeps extending the deadline, so a long backup is never cut short while its
+agent works; only silence ends it.
+
 A cancel is sent down the session too: the job is recorded `Cancelling`, the agent stops it
 and answers `JobCancelled`. An agent that has not stopped it after `CANCEL_GRACE_SECONDS` is
 not waited for any more: the job ends `Cancelled` all the same.
@@ -17,11 +26,13 @@ import asyncio
 import contextlib
 import math
 import re
+import time
 from dataclasses import dataclass
 
+from controller.jobs.deadlines import ReplyDeadlines
 from controller.jobs.runner import JobRunner, RunningJob
 from controller.registry import AgentRegistry, AgentSession
-from shared.errors import InvalidArgument, JobCancelled
+from shared.errors import AgentSilent, InvalidArgument, JobCancelled
 from shared.model import JobStatus
 from shared.rpc import agent_pb2
 from shared.rpc_errors import from_proto
@@ -92,18 +103,45 @@ class AgentJob(RunningJob):
     result: agent_pb2.CommandResult | None = None
     """The agent's answer once it came, failed or not (a failed restore names the chunks
     that failed the agent's check)."""
+    sent_at: float = 0.0
+    """When its command was sent (monotonic seconds; 0: not yet)."""
+    heard_at: float = 0.0
+    """When its agent last said anything of it (monotonic seconds; 0: nothing yet)."""
+
+    @property
+    def acknowledged(self) -> bool:
+        """The agent has said something of the job since its command was sent."""
+        return self.heard_at >= self.sent_at > 0.0
+
+    def heard(self) -> None:
+        """The agent said something of this job: its reply deadline starts again."""
+        self.heard_at = time.monotonic()
 
 
 async def run_command(
-    running: AgentJob, session: AgentSession, command: agent_pb2.ControllerMessage
+    running: AgentJob,
+    session: AgentSession,
+    command: agent_pb2.ControllerMessage,
+    deadlines: ReplyDeadlines,
 ) -> agent_pb2.CommandResult:
-    """Send the job's command and return the agent's successful result (raise its error)."""
+    """Send the job's command and return the agent's successful result (raise its error);
+    `AgentSilent` once the agent is silent about it past `deadlines`."""
     job = running.record
     if running.cancel_requested:  # cancelled while its command was being prepared
         raise JobCancelled(job_id=job.id)
     running.reply = session.send(command, job.id)
+    running.sent_at = time.monotonic()
     try:
-        result = await running.reply
+        try:
+            result = await _reply(running, running.reply, deadlines)
+        except AgentSilent:
+            # Whatever the agent still does of it is not waited for: it is told to stop, and
+            # its result, should one come, is ignored.
+            session.forget(command.command_id)
+            session.outbox.put_nowait(
+                agent_pb2.ControllerMessage(cancel=agent_pb2.CancelCommand(job_id=job.id))
+            )
+            raise
         check_result(result)
         running.result = result
     finally:
@@ -113,6 +151,36 @@ async def run_command(
     if result.warnings:
         job.details["warnings"] = list(result.warnings)
     return result
+
+
+async def _reply(
+    running: AgentJob,
+    reply: asyncio.Future[agent_pb2.CommandResult],
+    deadlines: ReplyDeadlines,
+) -> agent_pb2.CommandResult:
+    """The agent's result, waited for while the agent keeps saying something of the job."""
+    while True:
+        if running.acknowledged:
+            since, limit = running.heard_at, deadlines.silence_seconds
+        else:
+            since, limit = running.sent_at, deadlines.acknowledge_seconds
+        left = since + limit - time.monotonic()
+        if left <= 0:
+            raise AgentSilent(vm_id=running.agent_vm, silence=_silence(running, limit))
+        # Woken only when the deadline may have passed: words of the agent just move it.
+        try:
+            done, _ = await asyncio.wait({reply}, timeout=left)
+        except asyncio.CancelledError:
+            reply.cancel()  # as awaiting it would have: nobody waits for it any more
+            raise
+        if done:
+            return reply.result()
+
+
+def _silence(running: AgentJob, limit: float) -> str:
+    if running.acknowledged:
+        return f"has said nothing of job {running.id} for {limit:g} s"
+    return f"did not acknowledge job {running.id} within {limit:g} s of being sent it"
 
 
 async def cancel(running: AgentJob, runner: JobRunner, registry: AgentRegistry) -> None:

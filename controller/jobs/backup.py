@@ -2,10 +2,18 @@
 
 Queued. A backup job is recorded `InProgress` (phase `Queued`) the moment it is asked for and
 waits in its vault's queue (queue.py, dispatcher.py) until its agent is online and the vault
-has a free slot; a VM never has two jobs at once (runner.py). A manual backup of an offline VM
-is refused at once; a scheduled one waits until its window closes (the scheduler's deadline,
-which already allows for a late start) and then fails with `BackupWindowMissed`. A cancel of a
-queued backup ends it at once; it never reaches the agent.
+has a free slot; a VM never has two jobs at once (runner.py). A manual backup of a VM whose
+agent has been gone longer than `RECONNECT_GRACE_SECONDS` is refused at once (one that left
+moments ago is likely reconnecting, and its backup waits for it); a scheduled one waits until
+its window closes (the scheduler's deadline, which already allows for a late start) and then
+fails with `BackupWindowMissed`, saying its agent did not come back. A cancel of a queued
+backup ends it at once; it never reaches the agent. Many manual backups (`backup-now` of a
+fleet) are queued together in one catalog transaction (`queue_many`).
+
+Back to the queue. A backup whose agent's session ends (or was found gone) before the agent
+acknowledged its command never began in the agent (an agent's commands end with its session):
+it goes back to the front of its queue, its slot freed and its transaction dropped, and waits
+for the agent's next session within its window, instead of failing because of a blip.
 
 Started. The job opens its transaction (transaction.py: known digests, chunk holds, indexes)
 against the recovery point it builds on, and sends the agent its command (agent_command.py).
@@ -41,12 +49,13 @@ from controller.jobs.agent_command import AgentJob, run_command
 from controller.jobs.agent_command import cancel as cancel_agent_job
 from controller.jobs.dispatcher import Dispatcher
 from controller.jobs.outcome import Outcome, cancelled
-from controller.jobs.runner import JobRunner
+from controller.jobs.runner import JobRunner, NotStarted
 from controller.jobs.transaction import BackedUpDisk, BackupTransaction
 from controller.registry import AgentRegistry
 from shared.clock import Clock
 from shared.digest import DIGEST_SIZE
 from shared.errors import (
+    AgentDisconnected,
     AgentLimitExceeded,
     AgentUnreachable,
     BackupWindowMissed,
@@ -61,8 +70,11 @@ from shared.rpc import agent_pb2
 
 log = logging.getLogger(__name__)
 
-# A manual backup waits this long in the queue for its agent before it fails.
+# A manual backup waits this long in the queue for its agent before it fails (by default:
+# controller.toml `[jobs] manual_window_seconds`).
 MANUAL_BACKUP_WINDOW_SECONDS = 2 * 3600.0
+# A manual backup of a VM whose agent left less than this long ago is queued for its return.
+RECONNECT_GRACE_SECONDS = 300.0
 QUEUED = "Queued"
 
 BackupEnded = Callable[[JobRecord], Awaitable[None]]
@@ -152,8 +164,11 @@ class Backups:
         clock: Clock,
         pool: Executor,
         integrity: Integrity | None = None,
+        *,
+        manual_window: float = MANUAL_BACKUP_WINDOW_SECONDS,
     ) -> None:
         self._catalog = catalog
+        self._manual_window = manual_window
         self._registry = registry
         self._datastores = datastores
         self._runner = runner
@@ -178,15 +193,54 @@ class Backups:
         deadline: float | None = None,
     ) -> JobRecord:
         """Queue a backup of `vm_id` into `vault`; it starts when its agent and a slot are free."""
+        self._check(vm_id, disks, trigger)
+        limit = (await self._catalog.vault(vault)).max_concurrent_backups
+        running = self._new(vault, vm_id, disks, trigger, slot, deadline)
+        await self._runner.admit(running)
+        self.dispatcher.enqueue(vault, running, limit)
+        return running.record
+
+    async def queue_many(
+        self, backups: Sequence[tuple[str, str]], *, disks: Sequence[str] = ()
+    ) -> list[JobRecord]:
+        """Queue manual backups of (vault, VM id) pairs together: each is checked first, and
+        all are recorded in one transaction (or none, when one is refused)."""
+        for _, vm_id in backups:
+            self._check(vm_id, disks, Trigger.MANUAL)
+        limits = {
+            vault: (await self._catalog.vault(vault)).max_concurrent_backups
+            for vault in {vault for vault, _ in backups}
+        }
+        queued = [
+            self._new(vault, vm_id, disks, Trigger.MANUAL, None, None) for vault, vm_id in backups
+        ]
+        await self._runner.admit_many(queued)
+        for running in queued:
+            self.dispatcher.enqueue(running.record.vault, running, limits[running.record.vault])
+        return [running.record for running in queued]
+
+    def _check(self, vm_id: str, disks: Sequence[str], trigger: Trigger) -> None:
+        """A manual backup of an agent gone for good is refused, as is a disk it lacks."""
         session = self._registry.session(vm_id)
-        if session is None and trigger is Trigger.MANUAL:
+        if trigger is Trigger.MANUAL and not self._registry.left_within(
+            vm_id, RECONNECT_GRACE_SECONDS
+        ):
             raise AgentUnreachable(vm_id=vm_id)
         if session is not None:
             known = [d.name for d in session.hello.disks]
             for disk in disks:
                 if disk not in known:
                     raise DiskNotFound(vm_id=vm_id, disk=disk, known=", ".join(known))
-        limit = (await self._catalog.vault(vault)).max_concurrent_backups
+
+    def _new(
+        self,
+        vault: str,
+        vm_id: str,
+        disks: Sequence[str],
+        trigger: Trigger,
+        slot: float | None,
+        deadline: float | None,
+    ) -> RunningBackup:
         job = self._runner.new_record(
             Operation.BACKUP,
             vault,
@@ -201,9 +255,7 @@ class Backups:
             job,
             exclusive=True,
             requested_disks=tuple(disks),
-            deadline=(
-                job.started_at + MANUAL_BACKUP_WINDOW_SECONDS if deadline is None else deadline
-            ),
+            deadline=(job.started_at + self._manual_window if deadline is None else deadline),
         )
         running.after_end += [
             partial(self._release, running),
@@ -211,9 +263,7 @@ class Backups:
             partial(self._spread_damage, running),
             partial(self._tell, running),
         ]
-        await self._runner.admit(running)
-        self.dispatcher.enqueue(vault, running, limit)
-        return job
+        return running
 
     def _expire(self, running: RunningBackup, agent_online: bool) -> None:
         job = running.record
@@ -229,7 +279,7 @@ class Backups:
                     deadline=_iso(running.deadline),
                     reason="the vault's other backups used every slot"
                     if agent_online
-                    else "its agent was not connected",
+                    else "its agent was not connected, and did not come back within the window",
                     fix="Raise the vault's concurrent backups or spread the policies' "
                     "schedules; the next scheduled backup will try again."
                     if agent_online
@@ -247,6 +297,35 @@ class Backups:
         self._runner.start(running, partial(self._run, running))
 
     async def _run(self, running: RunningBackup) -> None:
+        try:
+            await self._attempt(running)
+        except (AgentDisconnected, AgentUnreachable):
+            if (
+                running.acknowledged
+                or running.cancel_requested
+                or self._clock.now() >= running.deadline
+            ):
+                raise
+            await self._requeue(running)
+            raise NotStarted from None
+
+    async def _requeue(self, running: RunningBackup) -> None:
+        """The agent left before it took the backup: back to the front of the queue, to wait
+        for the agent's next session (the slot is another's meanwhile)."""
+        job = running.record
+        log.info("backup %s of %s waits for its agent to come back", job.id, job.vm_id)
+        if running.transaction is not None:
+            running.transaction.release()
+            running.transaction = None
+        running.started = False
+        running.sent_at = running.heard_at = 0.0
+        job.details.pop("base", None)
+        job.details["phase"] = QUEUED
+        self.dispatcher.ended(job.vault)
+        self.dispatcher.put_back(job.vault, running)
+        await self._runner.save(running)
+
+    async def _attempt(self, running: RunningBackup) -> None:
         job = running.record
         job.details.pop("phase", None)
         session = self._registry.get(job.vm_id)
@@ -301,6 +380,7 @@ class Backups:
                     chunk_id_key=datastore.chunk_hash.key or b"",
                 )
             ),
+            self._runner.deadlines,
         )
         await self._commit(running, result)
 

@@ -1,12 +1,12 @@
 """The backup dispatcher: the one long-lived loop that starts queued backups and expires late ones.
 
-It is woken by the events that can change its answer (`kick`: a backup queued or ended, an
-agent connected, a vault's limit changed) and by the nearest deadline; it never walks the
-items of a vault on a timer. At each wakeup it asks every vault's queue for a decision
-(queue.py) and hands the backups to start and to expire to its two callbacks, which start
-their tasks and return at once. The loop never awaits a job, so nothing (a slow catalog write,
-a cancel arriving meanwhile, a backup queued in another vault) can change a queue while it
-looks at it.
+It is woken by the events that can change its answer (`kick`: a backup queued, ended or put
+back, an agent connected or heard from again after a silence, a vault's limit changed) and by
+the nearest deadline; it never walks the items of a vault on a timer. At each wakeup it asks
+every vault's queue for a decision (queue.py) and hands the backups to start and to expire
+to its two callbacks, which start their tasks and return at once. The loop never awaits a
+job, so nothing (a slow catalog write, a cancel arriving meanwhile, a backup queued in
+another vault) can change a queue while it looks at it.
 
 `run` is meant for a `Supervisor` with the RESTART policy (the job manager starts it so): if it
 ever fails, the failure is logged with its traceback and the loop starts again; its state is
@@ -50,6 +50,12 @@ class Dispatcher(Generic[W]):
         queue = self.queue(vault)
         queue.limit = limit
         queue.add(backup)
+        self.kick()
+
+    def put_back(self, vault: str, backup: W) -> None:
+        """A backup taken from its queue did not begin (its agent left first): it waits again,
+        first in its queue."""
+        self.queue(vault).put_back(backup)
         self.kick()
 
     def withdraw(self, vault: str, backup: W) -> bool:

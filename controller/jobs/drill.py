@@ -237,7 +237,7 @@ class DrillJobs:
             )
         )
         try:
-            return await run_command(running, agent, command)
+            return await run_command(running, agent, command, self._runner.deadlines)
         except DataCorrupted:
             # As a restore's: the chunks found bad are marked, the points that need them
             # damaged, while the session still knows the disk's index.

@@ -257,7 +257,7 @@ class FileRecoveries:
             if action == MOUNT:
                 expiry = self._runner.spawn(self._expire(running), f"expire-{job.id}")
             try:
-                result = await run_command(running, agent, message)
+                result = await run_command(running, agent, message, self._runner.deadlines)
             finally:
                 if expiry is not None:
                     expiry.cancel()

@@ -20,8 +20,14 @@ from controller.datastores import Datastores
 from controller.integrity import Integrity
 from controller.jobs.agent_command import AgentJob
 from controller.jobs.agent_command import cancel as cancel_agent_job
-from controller.jobs.backup import BackupEnded, Backups, RunningBackup
+from controller.jobs.backup import (
+    MANUAL_BACKUP_WINDOW_SECONDS,
+    BackupEnded,
+    Backups,
+    RunningBackup,
+)
 from controller.jobs.cancel import ShouldStop, abortable
+from controller.jobs.deadlines import ReplyDeadlines
 from controller.jobs.drill import DrillJobs
 from controller.jobs.file_recovery import FileRecoveries, FileSource, RunningFileRecovery
 from controller.jobs.interrupted import record_interrupted
@@ -34,6 +40,7 @@ from shared.clock import Clock
 from shared.errors import (
     AgentLimitExceeded,
     ChunkMissing,
+    CofferError,
     Conflict,
     CorruptData,
     DataCorrupted,
@@ -67,17 +74,26 @@ class JobManager:
         *,
         supervisor: Supervisor | None = None,
         integrity: Integrity | None = None,
+        deadlines: ReplyDeadlines | None = None,
+        manual_window: float = MANUAL_BACKUP_WINDOW_SECONDS,
     ) -> None:
         self._catalog = catalog
         self._registry = registry
         self._datastores = datastores
         self._clock = clock
         self._pool = pool
-        self._runner = JobRunner(catalog, status, clock)
+        self._runner = JobRunner(catalog, status, clock, deadlines)
         # Where bad chunks found by jobs, and chunks they store again, are recorded.
         self.integrity = integrity or Integrity(catalog, datastores, clock, pool)
         self._backups = Backups(
-            catalog, registry, datastores, self._runner, clock, pool, self.integrity
+            catalog,
+            registry,
+            datastores,
+            self._runner,
+            clock,
+            pool,
+            self.integrity,
+            manual_window=manual_window,
         )
         self._restores = Restores(catalog, registry, datastores, self._runner, pool, self.integrity)
         self._drills = DrillJobs(
@@ -94,6 +110,7 @@ class JobManager:
         if status is not None:
             # The monitor shows an agent's progress only for that agent's own running jobs.
             status.set_job_owner(self._vm_of_running)
+            status.on_progress.append(self.heard_from)
 
     async def __aenter__(self) -> Self:
         self.interrupted = await record_interrupted(
@@ -165,6 +182,29 @@ class JobManager:
             await asyncio.shield(running.ended.wait())
         return job
 
+    async def run_each(
+        self,
+        operation: Operation,
+        vault: str,
+        vm_ids: Sequence[str],
+        body: Callable[[list[JobRecord]], Awaitable[dict[str, CofferError]]],
+    ) -> list[JobRecord]:
+        """One job per VM of `vm_ids`, recorded, run and ended together, and returned once
+        ended: `body` does the work of them all (in a few catalog transactions, not one per
+        VM) and returns the error of each job that failed, by job id; what it raises is every
+        job's outcome. The jobs are written in one transaction as they start and one as they
+        end."""
+        records = [
+            self._runner.new_record(operation, vault, vm_id, trigger=Trigger.MANUAL)
+            for vm_id in vm_ids
+        ]
+        jobs = [RunningJob(record) for record in records]
+        await self._runner.admit_many(jobs)
+        self._runner.start_together(jobs, lambda: body(records))
+        for running in jobs:
+            await asyncio.shield(running.ended.wait())
+        return records
+
     async def backup(
         self,
         vault: str,
@@ -182,6 +222,13 @@ class JobManager:
         return await self._backups.queue(
             vault, vm_id, disks=disks, trigger=trigger, slot=slot, deadline=deadline
         )
+
+    async def backup_many(
+        self, backups: Sequence[tuple[str, str]], *, disks: Sequence[str] = ()
+    ) -> list[JobRecord]:
+        """Queue manual backups of many (vault, VM id) at once, in one catalog transaction:
+        every one, or none when one is refused."""
+        return await self._backups.queue_many(backups, disks=disks)
 
     async def restore(
         self,
@@ -249,6 +296,7 @@ class JobManager:
 
     def file_recovery_status(self, vm_id: str, status: agent_pb2.FileRecoveryStatus) -> None:
         """What a FileRecovery job of VM `vm_id` has open and has fetched, as its agent says."""
+        self.heard_from(vm_id, [status.job_id])
         self._files.status(vm_id, status)
 
     def set_limit(self, vault: str, limit: int) -> None:
@@ -296,6 +344,15 @@ class JobManager:
 
     # --- the agents' data path -----------------------------------------------------------------
 
+    def heard_from(self, vm_id: str, job_ids: Sequence[str]) -> None:
+        """The agent of `vm_id` said something of `job_ids` (named them in a heartbeat,
+        reported their progress): their reply deadlines start again. Jobs that are not its
+        own are passed over: an agent keeps only its own jobs alive."""
+        for job_id in job_ids:
+            running = self._runner.get(job_id)
+            if isinstance(running, AgentJob) and running.agent_vm == vm_id:
+                running.heard()
+
     def running_backup(self, vm_id: str, job_id: str) -> RunningBackup:
         running = self._owned(vm_id, job_id)
         if not isinstance(running, RunningBackup) or running.transaction is None:
@@ -313,6 +370,8 @@ class JobManager:
         # The same answer for "no such job" and "not yours": an agent learns nothing of others.
         if running is None or running.agent_vm != vm_id:
             raise PermissionDenied(detail=f"job {job_id} is not a running job of VM {vm_id!r}")
+        if isinstance(running, AgentJob):
+            running.heard()  # a data-path call of the job is a word of its agent about it
         return running
 
     def over_limit(self, running: RunningBackup, error: AgentLimitExceeded) -> AgentLimitExceeded:

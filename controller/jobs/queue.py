@@ -69,6 +69,10 @@ class VaultQueue(Generic[W]):
     def add(self, backup: W) -> None:
         self._waiting.append(backup)
 
+    def put_back(self, backup: W) -> None:
+        """A backup `take` started did not begin: first in the queue again."""
+        self._waiting.insert(0, backup)
+
     def withdraw(self, backup: W) -> bool:
         """Take a queued backup out (a cancel); False if it is no longer queued."""
         for position, queued in enumerate(self._waiting):

@@ -301,7 +301,7 @@ class Restores:
 
         async def work() -> None:
             try:
-                result = await run_command(running, agent, command)
+                result = await run_command(running, agent, command, self._runner.deadlines)
             except DataCorrupted:
                 await self._damaged(running)
                 raise

@@ -5,12 +5,17 @@ Every job, whatever its kind, goes the same way:
 1. `admit`: its record is written `InProgress` and published over MQTT. A job that needs its
    VM to itself (a backup, a restore) is refused with `OperationInProgress` while another such
    job of the VM is running or queued: one job per VM, never queued behind a stuck one.
+   `admit_many` admits many jobs at once (an operator's call naming many VMs) in one catalog
+   transaction: all of them, or none when one VM is held.
 2. `start`: its work runs as a task of the runner, never in the caller's, so a caller that
    goes away (an operator's RPC cancelled) cannot leave it half done and recorded running.
    Whatever the work raises becomes its outcome (`outcome.py`); an unexpected exception is
-   logged with its traceback. Nothing a job raises reaches the runner's task group, so no job
-   takes other jobs or the controller down with it. A job that ends without running work (a
-   queued backup that is cancelled or whose window closed) is given its outcome by `end`.
+   logged with its traceback. Work that raises `NotStarted` gave way before anything began
+   (a backup whose agent left before it took the command, back in its queue): the job is
+   neither ended nor recorded anew, and is started again later. Nothing a job raises reaches
+   the runner's task group, so no job takes other jobs or the controller down with it. A job
+   that ends without running work (a queued backup that is cancelled or whose window closed)
+   is given its outcome by `end`.
 3. Its outcome is set on the record at once (from then on `cancel` finds it ended), then
    written, published, and the job's follow-ups run (`RunningJob.after_end`: releasing chunk
    holds, freeing a vault slot, counting stored bytes, updating the item, pruning), each
@@ -30,15 +35,17 @@ import contextvars
 import dataclasses
 import logging
 import secrets
-from collections.abc import Awaitable, Callable, Coroutine, Iterator
+from collections.abc import Awaitable, Callable, Coroutine, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import partial
 from types import TracebackType
 from typing import Any, Self
 
 from controller.audit import requested_by, set_requester
 from controller.catalog import Catalog, JobRecord
 from controller.jobs import journal
+from controller.jobs.deadlines import ReplyDeadlines
 from controller.jobs.outcome import Outcome, outcome_of
 from controller.status import StatusMonitor
 from shared.clock import Clock
@@ -52,6 +59,10 @@ FollowUp = Callable[[], Awaitable[None]]
 # Told of every job that ended, once its outcome is written (metrics, alerts): quick and
 # synchronous, and one that fails is logged without keeping the others from hearing.
 EndObserver = Callable[[JobRecord], None]
+
+
+class NotStarted(Exception):
+    """The job's work gave way before it began; the job waits to be started again."""
 
 
 def new_job_id() -> str:
@@ -97,8 +108,16 @@ class RunningJob:
 class JobRunner:
     """Records, runs and ends jobs; an async context manager owning their tasks."""
 
-    def __init__(self, catalog: Catalog, status: StatusMonitor | None, clock: Clock) -> None:
+    def __init__(
+        self,
+        catalog: Catalog,
+        status: StatusMonitor | None,
+        clock: Clock,
+        deadlines: ReplyDeadlines | None = None,
+    ) -> None:
         self._catalog = catalog
+        # How long the agents may stay silent about the commands of the jobs run here.
+        self.deadlines = deadlines or ReplyDeadlines()
         self._status = status
         self._clock = clock
         self._running: dict[str, RunningJob] = {}
@@ -173,6 +192,33 @@ class JobRunner:
         self.publish(job)
         journal.started(job)
 
+    async def admit_many(self, jobs: Sequence[RunningJob]) -> None:
+        """`admit` for many jobs in one catalog transaction: every one, or none (a VM that
+        is held refuses the lot before anything is written)."""
+        if self._stopping and any(running.cancellable for running in jobs):
+            raise Unavailable(detail="the controller is stopping; the jobs did not start")
+        held: dict[str, str] = {}
+        for running in jobs:
+            if not running.exclusive:
+                continue
+            vm_id = running.vm_id
+            holder = self._by_vm.get(vm_id) or held.get(vm_id)
+            if holder is not None:
+                raise OperationInProgress(vm_id=vm_id, job_id=holder)
+            held[vm_id] = running.id
+        self._by_vm.update(held)
+        for running in jobs:
+            self._running[running.id] = running
+        try:
+            await self._catalog.insert_jobs([running.record for running in jobs])
+        except BaseException:
+            for running in jobs:
+                self._forget(running)
+            raise
+        for running in jobs:
+            self.publish(running.record)
+            journal.started(running.record)
+
     def start(self, running: RunningJob, work: Callable[[], Awaitable[None]]) -> None:
         """Run `work` as the job's task; its outcome is recorded when it ends."""
         # The job's work asks in the name of whoever asked for the job: jobs it starts (a
@@ -199,6 +245,9 @@ class JobRunner:
         error: BaseException | None = None
         try:
             await work()
+        except NotStarted:
+            running.task = None
+            return
         except asyncio.CancelledError as exc:
             # By `cancel` (a maintenance job) or by the stop: recorded as any other end.
             task = asyncio.current_task()
@@ -235,26 +284,83 @@ class JobRunner:
         )
         job.ended_at = self._clock.now()
 
+    def _as_recorded(self, job: JobRecord) -> JobRecord:
+        """What the catalog keeps of an ended job: a job the stop cut short stays InProgress."""
+        if not self.left_for_next_start(job):
+            return job
+        log.info("job %s interrupted by the controller's stop", job.id)
+        return dataclasses.replace(
+            job, status=JobStatus.IN_PROGRESS, ended_at=None, error_code="", error_message=""
+        )
+
     async def _record_end(self, running: RunningJob) -> None:
         job = running.record
         try:
-            if self.left_for_next_start(job):
-                log.info("job %s interrupted by the controller's stop", job.id)
-                await self._catalog.update_job(
-                    dataclasses.replace(
-                        job, status=JobStatus.IN_PROGRESS, ended_at=None, error_code="",
-                        error_message="",
-                    )
-                )  # fmt: skip
-            else:
-                await self._catalog.update_job(job)
+            await self._catalog.update_job(self._as_recorded(job))
         except Exception:
             log.exception("job %s: its outcome could not be recorded", job.id)
         finally:
-            self._forget(running)
-            self.publish(job)
-            running.ended.set()
-            running.touch()
+            self._ended(running)
+        await self._after_end(running)
+
+    def start_together(
+        self,
+        jobs: Sequence[RunningJob],
+        work: Callable[[], Awaitable[dict[str, CofferError]]],
+    ) -> None:
+        """Run `work` for every one of `jobs` (admitted with `admit_many`) as one task: it
+        returns the error of each job that failed, by job id; what it raises is every job's
+        outcome. The outcomes are written in one transaction."""
+        if not jobs:
+            return
+        first = jobs[0]
+
+        async def together() -> None:
+            errors: dict[str, CofferError] = {}
+            failure: BaseException | None = None
+            try:
+                errors = await work()
+            except asyncio.CancelledError as exc:
+                task = asyncio.current_task()
+                if task is not None:
+                    task.uncancel()
+                failure = exc
+            except CofferError as exc:
+                failure = exc
+            except Exception as exc:
+                log.exception("jobs %s… failed unexpectedly", first.id)
+                failure = exc
+            for running in jobs:
+                error = failure if failure is not None else errors.get(running.id)
+                self._settle(
+                    running,
+                    outcome_of(running.record, error, cancel_requested=running.cancel_requested),
+                )
+            try:
+                await self._catalog.update_jobs(
+                    [self._as_recorded(running.record) for running in jobs]
+                )
+            except Exception:
+                log.exception("jobs %s…: their outcomes could not be recorded", first.id)
+            finally:
+                for running in jobs:
+                    self._ended(running)
+            for running in jobs:
+                await self._after_end(running)
+
+        task = self.spawn(together(), f"jobs-{first.id}", requester=first.record.requested_by)
+        for running in jobs:
+            running.task = task
+            task.add_done_callback(partial(self._never_ran, running))
+
+    def _ended(self, running: RunningJob) -> None:
+        self._forget(running)
+        self.publish(running.record)
+        running.ended.set()
+        running.touch()
+
+    async def _after_end(self, running: RunningJob) -> None:
+        job = running.record
         if not self.left_for_next_start(job):
             journal.ended(job)
             for observer in self.on_end:

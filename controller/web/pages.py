@@ -307,7 +307,15 @@ class Pages:
 
     async def items(self, request: web.Request) -> web.StreamResponse:
         name = request.match_info["vault"]
-        reply = await self._call(request, "ListItems", operator_pb2.ListItemsRequest(vault=name))
+        items: list[Any] = []
+        token = ""
+        while True:  # every page: the page shows the vault's items whole
+            reply = await self._call(
+                request, "ListItems", operator_pb2.ListItemsRequest(vault=name, page_token=token)
+            )
+            items += reply.items
+            if not (token := reply.next_page_token):
+                break
         policies = await self._call(request, "ListPolicies", operator_pb2.VaultRef(name=name))
         zones = {
             p.name: Policy.from_dict(json.loads(p.spec_json)).schedule.timezone
@@ -320,7 +328,7 @@ class Pages:
                 "next": when(item.next_backup_at, zones.get(item.policy, "")),
                 "protected": item.state.startswith("Protected") or item.state == "ProtectionError",
             }
-            for item in reply.items
+            for item in items
         ]
         return self._page(request, "items.html", vault=name, rows=rows)
 

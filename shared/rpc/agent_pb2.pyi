@@ -100,10 +100,12 @@ class Hello(_message.Message):
     def __init__(self, vm_id: _Optional[str] = ..., name: _Optional[str] = ..., service: _Optional[str] = ..., region: _Optional[str] = ..., hostname: _Optional[str] = ..., agent_version: _Optional[str] = ..., disks: _Optional[_Iterable[_Union[DiskInfo, _Mapping]]] = ..., standby: _Optional[bool] = ..., restore_dirs: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Heartbeat(_message.Message):
-    __slots__ = ("sequence",)
+    __slots__ = ("sequence", "job_ids")
     SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    JOB_IDS_FIELD_NUMBER: _ClassVar[int]
     sequence: int
-    def __init__(self, sequence: _Optional[int] = ...) -> None: ...
+    job_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, sequence: _Optional[int] = ..., job_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class AgentMessage(_message.Message):
     __slots__ = ("hello", "heartbeat", "result", "file_recovery_status")

@@ -246,18 +246,24 @@ class Item(_message.Message):
     def __init__(self, vm_id: _Optional[str] = ..., name: _Optional[str] = ..., service: _Optional[str] = ..., vault: _Optional[str] = ..., state: _Optional[str] = ..., policy: _Optional[str] = ..., registered_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_backup_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_backup_status: _Optional[str] = ..., error_code: _Optional[str] = ..., error_message: _Optional[str] = ..., next_backup_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., recovery_points: _Optional[int] = ..., online: _Optional[bool] = ..., latest_recovery_point_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class ListItemsRequest(_message.Message):
-    __slots__ = ("vault", "state")
+    __slots__ = ("vault", "state", "page_size", "page_token")
     VAULT_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     vault: str
     state: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, vault: _Optional[str] = ..., state: _Optional[_Iterable[str]] = ...) -> None: ...
+    page_size: int
+    page_token: str
+    def __init__(self, vault: _Optional[str] = ..., state: _Optional[_Iterable[str]] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
 
 class ListItemsReply(_message.Message):
-    __slots__ = ("items",)
+    __slots__ = ("items", "next_page_token")
     ITEMS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     items: _containers.RepeatedCompositeFieldContainer[Item]
-    def __init__(self, items: _Optional[_Iterable[_Union[Item, _Mapping]]] = ...) -> None: ...
+    next_page_token: str
+    def __init__(self, items: _Optional[_Iterable[_Union[Item, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
 
 class Policy(_message.Message):
     __slots__ = ("vault", "name", "spec_json", "schedule_text", "retention_text", "vms", "created_at", "updated_at")
@@ -449,14 +455,22 @@ class AgentWarning(_message.Message):
     def __init__(self, code: _Optional[str] = ..., message: _Optional[str] = ...) -> None: ...
 
 class ListAgentsRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("page_size", "page_token")
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    page_size: int
+    page_token: str
+    def __init__(self, page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
 
 class ListAgentsReply(_message.Message):
-    __slots__ = ("agents",)
+    __slots__ = ("agents", "next_page_token", "total")
     AGENTS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_FIELD_NUMBER: _ClassVar[int]
     agents: _containers.RepeatedCompositeFieldContainer[Agent]
-    def __init__(self, agents: _Optional[_Iterable[_Union[Agent, _Mapping]]] = ...) -> None: ...
+    next_page_token: str
+    total: int
+    def __init__(self, agents: _Optional[_Iterable[_Union[Agent, _Mapping]]] = ..., next_page_token: _Optional[str] = ..., total: _Optional[int] = ...) -> None: ...
 
 class BackupNowRequest(_message.Message):
     __slots__ = ("vault", "vms", "disks")
@@ -567,7 +581,7 @@ class Job(_message.Message):
     def __init__(self, id: _Optional[str] = ..., operation: _Optional[str] = ..., status: _Optional[str] = ..., vault: _Optional[str] = ..., vm_id: _Optional[str] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., ended_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., bytes_read: _Optional[int] = ..., bytes_sent: _Optional[int] = ..., bytes_stored: _Optional[int] = ..., error_code: _Optional[str] = ..., error_message: _Optional[str] = ..., recovery_point_id: _Optional[str] = ..., progress: _Optional[_Union[Progress, _Mapping]] = ..., item: _Optional[str] = ..., details_json: _Optional[str] = ..., trigger: _Optional[str] = ..., slot: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., disks: _Optional[_Iterable[str]] = ..., requested_by: _Optional[str] = ..., restore: _Optional[_Union[RestoreInfo, _Mapping]] = ...) -> None: ...
 
 class ListJobsRequest(_message.Message):
-    __slots__ = ("status", "operation", "vm_id", "started_from", "started_to", "limit", "vault")
+    __slots__ = ("status", "operation", "vm_id", "started_from", "started_to", "limit", "vault", "page_token")
     STATUS_FIELD_NUMBER: _ClassVar[int]
     OPERATION_FIELD_NUMBER: _ClassVar[int]
     VM_ID_FIELD_NUMBER: _ClassVar[int]
@@ -575,6 +589,7 @@ class ListJobsRequest(_message.Message):
     STARTED_TO_FIELD_NUMBER: _ClassVar[int]
     LIMIT_FIELD_NUMBER: _ClassVar[int]
     VAULT_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     status: _containers.RepeatedScalarFieldContainer[str]
     operation: _containers.RepeatedScalarFieldContainer[str]
     vm_id: str
@@ -582,13 +597,16 @@ class ListJobsRequest(_message.Message):
     started_to: _timestamp_pb2.Timestamp
     limit: int
     vault: str
-    def __init__(self, status: _Optional[_Iterable[str]] = ..., operation: _Optional[_Iterable[str]] = ..., vm_id: _Optional[str] = ..., started_from: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., started_to: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., limit: _Optional[int] = ..., vault: _Optional[str] = ...) -> None: ...
+    page_token: str
+    def __init__(self, status: _Optional[_Iterable[str]] = ..., operation: _Optional[_Iterable[str]] = ..., vm_id: _Optional[str] = ..., started_from: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., started_to: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., limit: _Optional[int] = ..., vault: _Optional[str] = ..., page_token: _Optional[str] = ...) -> None: ...
 
 class ListJobsReply(_message.Message):
-    __slots__ = ("jobs",)
+    __slots__ = ("jobs", "next_page_token")
     JOBS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     jobs: _containers.RepeatedCompositeFieldContainer[Job]
-    def __init__(self, jobs: _Optional[_Iterable[_Union[Job, _Mapping]]] = ...) -> None: ...
+    next_page_token: str
+    def __init__(self, jobs: _Optional[_Iterable[_Union[Job, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
 
 class GetJobRequest(_message.Message):
     __slots__ = ("id",)

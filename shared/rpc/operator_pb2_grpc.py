@@ -266,7 +266,9 @@ class OperatorServiceServicer:
     """Missing associated documentation comment in .proto file."""
 
     def ListAgents(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Listings that can hold the fleet (agents, items, jobs) come in pages: `page_size` (0: 500;
+        at most 1000) and the `next_page_token` of the reply before (controller/paging.py).
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
