@@ -174,7 +174,10 @@ class BackupRun:
             taken, plan = snapshots.disks[disk.name], self._plans.get(disk.name)
             try:
                 if self._tracking.full_read_days > 0 and taken.provider == tracking.REFLINK:
-                    kept_at = plan.kept.full_read_at if plan and plan.tracking and plan.kept else now
+                    # The chain's last full read: this one, unless it read only changes.
+                    kept_at = now
+                    if plan is not None and plan.tracking and plan.kept is not None:
+                        kept_at = plan.kept.full_read_at
                     tracking.keep(
                         disk.path,
                         taken.read_path,

@@ -120,7 +120,7 @@ def load(image: Path) -> KeptClone | None:
     except FileNotFoundError:
         return None
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        log.warning("changed-block tracking state of %s unreadable (%s): reading in full", image, exc)
+        log.warning("tracking state of %s unreadable (%s): reading in full", image, exc)
         return None
 
 

@@ -57,7 +57,10 @@ def test_an_overwrite_moved_by_copy_on_write_changes_the_chunks_it_touches() -> 
 
 def test_holes_punched_filled_or_kept() -> None:
     old = [Extent(0, 10 * MiB, 512 * KiB, S)]  # second half a hole
-    punched = [Extent(0, 10 * MiB, 128 * KiB, S), Extent(256 * KiB, 10 * MiB + 256 * KiB, 256 * KiB, S)]
+    punched = [
+        Extent(0, 10 * MiB, 128 * KiB, S),
+        Extent(256 * KiB, 10 * MiB + 256 * KiB, 256 * KiB, S),
+    ]
     assert chunks(changed_chunks(old, punched, SIZE, CHUNK)) == [2, 3]
     filled = [*old, Extent(900 * KiB, 70 * MiB, 8 * KiB, 0)]
     assert chunks(changed_chunks(old, filled, SIZE, CHUNK)) == [14]
@@ -146,7 +149,9 @@ def clone(source: Path, target: Path) -> None:
 
 def changed(old: Path, new: Path, size: int) -> list[int]:
     with old.open("rb") as a, new.open("rb") as b:
-        return chunks(changed_chunks(extents(a.fileno(), size), extents(b.fileno(), size), size, CHUNK))
+        return chunks(
+            changed_chunks(extents(a.fileno(), size), extents(b.fileno(), size), size, CHUNK)
+        )
 
 
 @pytest.mark.root
