@@ -23,6 +23,8 @@ from agent.changed_blocks import (
 )
 from agent.snapshot import FICLONE
 from agent.tracking import DAY, FileIdentity, KeptClone, Request, full_read_reason
+from controller.vaults import Vaults
+from shared.errors import InvalidArgument
 from tests.loopfs import XFS_MIN, LoopFs, loop_fs
 
 KiB, MiB = 1 << 10, 1 << 20
@@ -183,3 +185,10 @@ def test_fiemap_of_reflink_clones_finds_exactly_what_was_written(xfs: LoopFs) ->
     copy = xfs.mountpoint / "copy"
     copy.write_bytes(new.read_bytes())
     assert set(changed(new, copy, size)) >= set(range(64))
+
+
+def test_the_vault_setting_is_checked_before_anything_changes() -> None:
+    Vaults.check_update(0, full_read_days=0)
+    Vaults.check_update(0, full_read_days=3650)
+    with pytest.raises(InvalidArgument, match="0 \\(every backup\\) to 3650 days"):
+        Vaults.check_update(0, full_read_days=3651)
