@@ -196,7 +196,8 @@ class BackupRun:
                     disk.name,
                     exc,
                 )
-                tracking.drop(disk.path)
+                with contextlib.suppress(OSError):  # what is left is read in full next time
+                    tracking.drop(disk.path)
 
     async def _plan(self, disk: DiskConfig, size: int, previous: bytes) -> tracking.Plan:
         """Which chunks of the disk to read (agent.tracking)."""
