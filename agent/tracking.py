@@ -298,11 +298,3 @@ def drop(image: Path) -> None:
     state_path(image).unlink(missing_ok=True)
     for other in _tracked_files(image):
         other.unlink(missing_ok=True)
-
-
-def remove_unnamed(image: Path) -> None:
-    """Clones the state file does not name: left by a crash between the steps of `keep`."""
-    kept = load(image)
-    for other in _tracked_files(image):
-        if kept is None or other.name != kept.clone:
-            other.unlink(missing_ok=True)
