@@ -218,6 +218,14 @@ class BackupRun:
             )
         )
         self._plans[disk.name] = plan
+        if plan.to_read is not None:
+            log.info(
+                "backup %s: disk %s: %d of %d chunks changed since the kept clone",
+                self._command.job_id,
+                disk.name,
+                sum(plan.to_read),
+                len(plan.to_read),
+            )
         if plan.reason:
             log.info(
                 "backup %s: disk %s read in full: %s", self._command.job_id, disk.name, plan.reason

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from agent import tracking
 from agent.changed_blocks import (
     EXTENT_DELALLOC,
     EXTENT_ENCODED,
@@ -24,6 +25,7 @@ from agent.changed_blocks import (
 from agent.snapshot import FICLONE
 from agent.tracking import DAY, FileIdentity, KeptClone, Request, full_read_reason
 from controller.vaults import Vaults
+from shared.digest import MASKED_DIGEST
 from shared.errors import InvalidArgument
 from tests.loopfs import XFS_MIN, LoopFs, loop_fs
 
@@ -192,3 +194,41 @@ def test_the_vault_setting_is_checked_before_anything_changes() -> None:
     Vaults.check_update(0, full_read_days=3650)
     with pytest.raises(InvalidArgument, match="0 \\(every backup\\) to 3650 days"):
         Vaults.check_update(0, full_read_days=3651)
+
+
+@pytest.mark.root
+def test_a_kept_clone_plans_the_next_read_and_masked_chunks_are_read(xfs: LoopFs) -> None:
+    image = xfs.mountpoint / "vm.img"
+    size = 2 * MiB  # 32 chunks
+    image.write_bytes(os.urandom(size))
+    first = xfs.mountpoint / ".snapshot-1"
+    clone(image, first)
+    tracking.keep(image, first, rp_id="rp1", chunk_size=CHUNK, chunk_hash="blake3", full_read_at=0)
+    assert not first.exists()
+    assert (xfs.mountpoint / ".vm.img.coffer-tracked-rp1").exists()
+    with image.open("r+b") as f:
+        f.seek(10 * CHUNK)
+        f.write(b"z" * 100)
+    second = xfs.mountpoint / ".snapshot-2"
+    clone(image, second)
+    previous = bytearray(b"\1" * 32 * 32)
+    previous[3 * 32 : 4 * 32] = MASKED_DIGEST  # missing or damaged in the datastore
+
+    def plan(previous: bytes) -> tracking.Plan:
+        request = Request("rp2", "rp1", full_read_days=7)
+        return tracking.plan(
+            request, image, second, provider="reflink", size=size, chunk_size=CHUNK,
+            chunk_hash="blake3", previous=previous, now=DAY,
+        )  # fmt: skip
+
+    planned = plan(bytes(previous))
+    assert planned.reason == ""
+    assert [n for n in range(32) if planned.must_read(n)] == [3, 10]
+    assert "index" in plan(bytes(previous[:-32])).reason  # not one digest a chunk
+    tracking.keep(image, second, rp_id="rp2", chunk_size=CHUNK, chunk_hash="blake3", full_read_at=0)
+    assert sorted(p.name for p in xfs.mountpoint.glob(".vm.img.coffer-track*")) == [
+        ".vm.img.coffer-tracked-rp2",
+        ".vm.img.coffer-tracking.json",
+    ]
+    tracking.drop(image)
+    assert list(xfs.mountpoint.glob(".vm.img.coffer-track*")) == []
