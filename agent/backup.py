@@ -20,6 +20,11 @@ Chunks are named with the vault's keyed BLAKE3: the command carries the vault's 
 recovery point's index is compared against only when the controller says it was made with
 this same hash and key (its label): digests under another key never match, and a chunk
 skipped on a false match would be missing from the new recovery point.
+
+With changed-block tracking (`agent.tracking`), a disk snapshotted as a reflink clone is
+compared with the clone kept from the previous backup first: the chunks whose blocks did not
+change are not read at all, and take their digests from the previous index; each disk's
+result says whether it was tracked or why it was read in full.
 """
 
 from __future__ import annotations
@@ -27,13 +32,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections import deque
 from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
+from functools import partial
 from typing import cast
 
 import grpc
 
+from agent import tracking
 from agent.config import DiskConfig
 from agent.consistency import SnapshotSet, consistent_snapshot
 from agent.disk import DiskReader
@@ -69,6 +77,8 @@ class DiskResult:
     zero_chunks: int = 0
     consistency: str = Consistency.CRASH
     provider: str = ""
+    changed_blocks: bool = False  # only the chunks changed since the kept clone were read
+    full_read_reason: str = ""  # why every chunk was read
 
     def to_proto(self) -> agent_pb2.DiskBackupResult:
         return agent_pb2.DiskBackupResult(
@@ -80,6 +90,8 @@ class DiskResult:
             zero_chunks=self.zero_chunks,
             consistency=self.consistency,
             snapshot_provider=self.provider,
+            changed_blocks=self.changed_blocks,
+            full_read_reason=self.full_read_reason,
         )
 
 
@@ -94,6 +106,13 @@ class BackupRun:
         self._command = command
         # InvalidArgument for a key of the wrong size: the command fails, nothing is sent.
         self._hash = ChunkHash(command.chunk_id_key or None)
+        self._tracking = tracking.Request(
+            recovery_point_id=command.recovery_point_id,
+            previous_recovery_point_id=command.previous_recovery_point_id,
+            full_read_days=command.full_read_days if command.recovery_point_id else 0,
+            controller_reason=command.full_read_reason,
+        )
+        self._plans: dict[str, tracking.Plan] = {}
         self.snapshots: SnapshotSet | None = None
 
     def disks(self) -> list[DiskConfig]:
@@ -138,11 +157,80 @@ class BackupRun:
                     await self._disk(disk, reader, progress)
                     for disk, reader in zip(disks, readers, strict=True)
                 ]
+            # Every disk is backed up: their clones are the ones the next backup compares with.
+            await self._in_pool(self._keep_clones, disks, snapshots)
         # Leaving the snapshot thawed what a read-while-frozen disk held: the figures are final.
         for result in results:
             taken = snapshots.disks[result.disk]
             result.consistency, result.provider = taken.consistency, taken.provider
         return results
+
+    def _keep_clones(self, disks: list[DiskConfig], snapshots: SnapshotSet) -> None:
+        """After success: each reflink clone is kept for the next backup (tracking on), or the
+        kept ones are removed (tracking off, or the disk is no longer cloned); blocking. A
+        failure here costs the next backup a full read, never this one its recovery point."""
+        now = time.time()
+        for disk in disks:
+            taken, plan = snapshots.disks[disk.name], self._plans.get(disk.name)
+            try:
+                if self._tracking.full_read_days > 0 and taken.provider == tracking.REFLINK:
+                    # The chain's last full read: this one, unless it read only changes.
+                    kept_at = now
+                    if plan is not None and plan.tracking and plan.kept is not None:
+                        kept_at = plan.kept.full_read_at
+                    tracking.keep(
+                        disk.path,
+                        taken.read_path,
+                        rp_id=self._tracking.recovery_point_id,
+                        chunk_size=self._command.chunk_size,
+                        chunk_hash=self._hash.label,
+                        full_read_at=kept_at,
+                    )
+                else:
+                    tracking.drop(disk.path)
+            except OSError as exc:
+                log.warning(
+                    "backup %s: the clone of disk %s was not kept for changed-block tracking "
+                    "(%s); the next backup reads it in full",
+                    self._command.job_id,
+                    disk.name,
+                    exc,
+                )
+                with contextlib.suppress(OSError):  # what is left is read in full next time
+                    tracking.drop(disk.path)
+
+    async def _plan(self, disk: DiskConfig, size: int, previous: bytes) -> tracking.Plan:
+        """Which chunks of the disk to read (agent.tracking)."""
+        assert self.snapshots is not None
+        taken = self.snapshots.disks[disk.name]
+        plan = await self._in_pool(
+            partial(
+                tracking.plan,
+                self._tracking,
+                disk.path,
+                taken.read_path,
+                provider=taken.provider,
+                size=size,
+                chunk_size=self._command.chunk_size,
+                chunk_hash=self._hash.label,
+                previous=previous,
+                now=time.time(),
+            )
+        )
+        self._plans[disk.name] = plan
+        if plan.to_read is not None:
+            log.info(
+                "backup %s: disk %s: %d of %d chunks changed since the kept clone",
+                self._command.job_id,
+                disk.name,
+                sum(plan.to_read),
+                len(plan.to_read),
+            )
+        if plan.reason:
+            log.info(
+                "backup %s: disk %s read in full: %s", self._command.job_id, disk.name, plan.reason
+            )
+        return plan
 
     async def _previous(self, disk: str) -> bytes | None:
         previous = self._command.previous_recovery_point_id
@@ -175,9 +263,11 @@ class BackupRun:
     async def _disk(self, disk: DiskConfig, reader: DiskReader, progress: Progress) -> DiskResult:
         job_id, chunk_size, size = self._command.job_id, self._command.chunk_size, reader.size
         previous = await self._previous(disk.name) or b""
+        plan = await self._plan(disk, size, previous)
         count = -(-size // chunk_size)
         digests = bytearray(count * DIGEST_SIZE)  # zero-filled: holes are ZERO_DIGEST already
         result = DiskResult(disk.name, size, chunk_count=count)
+        result.changed_blocks, result.full_read_reason = plan.tracking, plan.reason
         uploads: asyncio.Queue[agent_pb2.ChunkUpload | None] = asyncio.Queue(UPLOAD_QUEUE)
 
         async def messages() -> AsyncIterator[agent_pb2.ChunkUpload]:
@@ -197,7 +287,7 @@ class BackupRun:
             candidate_bytes = 0
             position = 0  # bytes of the disk dealt with, for progress
             with_data = 0  # chunks that are not all zero
-            chunks = self._chunks(disk, reader, previous)
+            chunks = self._chunks(disk, reader, previous, plan)
             # aclosing: on failure the generator's cleanup (waiting for reads) runs now.
             async with contextlib.aclosing(chunks):
                 async for number, digest, chunk, nbytes in chunks:
@@ -260,10 +350,11 @@ class BackupRun:
             await uploads.put(message)
 
     async def _chunks(
-        self, disk: DiskConfig, reader: DiskReader, previous: bytes
+        self, disk: DiskConfig, reader: DiskReader, previous: bytes, plan: tracking.Plan
     ) -> AsyncGenerator[tuple[int, bytes, Compressed | None, int], None]:
         """(number, digest, compressed chunk or None, bytes read) of every chunk with data, in
-        disk order. The chunk is None when it is all zero or the same as in `previous`."""
+        disk order. The chunk is None when it is all zero or the same as in `previous`; a
+        chunk the plan does not read has its digest from `previous` and 0 bytes read."""
 
         def work(number: int) -> tuple[int, bytes, Compressed | None, int]:
             # One trip to the pool per chunk: read, hash, compare, compress. Compressing before
@@ -280,7 +371,15 @@ class BackupRun:
         window: deque[asyncio.Future[tuple[int, bytes, Compressed | None, int]]] = deque()
         try:
             for number in reader.data_chunks():
-                window.append(self._in_pool(work, number))
+                if plan.must_read(number):
+                    window.append(self._in_pool(work, number))
+                else:
+                    # Unchanged since the kept clone: the previous recovery point's digest, in
+                    # its place in disk order, without a read.
+                    unchanged = asyncio.get_running_loop().create_future()
+                    at = number * DIGEST_SIZE
+                    unchanged.set_result((number, previous[at : at + DIGEST_SIZE], None, 0))
+                    window.append(unchanged)
                 if len(window) >= READ_WINDOW:
                     yield await window.popleft()
             while window:

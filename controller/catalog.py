@@ -404,15 +404,22 @@ MIGRATIONS: list[str] = [
     CREATE UNIQUE INDEX alerts_firing ON alerts (key) WHERE resolved_at IS NULL;
     CREATE INDEX alerts_by_time ON alerts (raised_at);
     """,
-    # Listings page through the fleet in their order (controller/paging.py): agents by
+    # 13: listings page through the fleet in their order (controller/paging.py): agents by
     # service, name and VM id; jobs newest first.
     """
     CREATE INDEX agents_in_order ON agents (service, name, vm_id);
     CREATE INDEX jobs_in_order ON jobs (started_at, id);
     """,
+    # 14: changed-block tracking (agent/tracking.py): a backup reads every disk in full at
+    # least every this many days, whatever tracking says changed; 0 turns tracking off.
+    """
+    ALTER TABLE vaults ADD COLUMN full_read_days INTEGER NOT NULL DEFAULT 7;
+    """,
 ]
 
 DEFAULT_SOFT_DELETE_DAYS = 14
+DEFAULT_FULL_READ_DAYS = 7
+MAX_FULL_READ_DAYS = 3650
 """Days deleted backup data stays recoverable in a new vault (Azure Backup's default)."""
 
 
@@ -486,6 +493,9 @@ class VaultRecord:
     """The copy target (controller config) its recovery points are copied to; '' for none."""
     soft_delete_days: int = DEFAULT_SOFT_DELETE_DAYS
     """Deleted backup data stays recoverable this many days (0: deleted at once)."""
+    full_read_days: int = DEFAULT_FULL_READ_DAYS
+    """Backups read every disk in full at least every this many days; between those, a disk
+    snapshotted as a reflink clone is read only where it changed (0: always in full)."""
     drill: DrillSettings | None = None
 
 
@@ -857,6 +867,7 @@ _VAULT_COLUMNS = (
     "shared_dedup",
     "copy_target",
     "soft_delete_days",
+    "full_read_days",
     "drill_schedule", "drill_agent", "drill_dir", "drill_last_slot",
 )  # fmt: skip
 
@@ -883,6 +894,7 @@ def _vault(row: sqlite3.Row) -> VaultRecord:
         shared_dedup=bool(row["shared_dedup"]),
         copy_target=row["copy_target"],
         soft_delete_days=row["soft_delete_days"],
+        full_read_days=row["full_read_days"],
         drill=drill,
     )
 
@@ -1284,6 +1296,7 @@ class Catalog:
                         "shared_dedup": int(vault.shared_dedup),
                         "copy_target": vault.copy_target,
                         "soft_delete_days": vault.soft_delete_days,
+                        "full_read_days": vault.full_read_days,
                         "drill_schedule": "",
                         "drill_agent": "",
                         "drill_dir": "",
@@ -1970,6 +1983,7 @@ class Catalog:
         reverify_days: int | None = None,
         soft_delete_days: int | None = None,
         shared_dedup: bool | None = None,
+        full_read_days: int | None = None,
     ) -> None:
         """Change a vault's settings in one transaction (None: unchanged)."""
 
@@ -1983,12 +1997,14 @@ class Catalog:
                 " verify_new = coalesce(?, verify_new),"
                 " reverify_days = coalesce(?, reverify_days),"
                 " soft_delete_days = coalesce(?, soft_delete_days),"
+                " full_read_days = coalesce(?, full_read_days),"
                 " shared_dedup = coalesce(?, shared_dedup) WHERE name = ?",
                 (
                     max_concurrent_backups,
                     flag(verify_new),
                     reverify_days,
                     soft_delete_days,
+                    full_read_days,
                     flag(shared_dedup),
                     vault,
                 ),
@@ -2570,7 +2586,7 @@ class Catalog:
             await db.execute(
                 "UPDATE vaults SET max_concurrent_backups = ?, stored_bytes = ?,"
                 " verify_new = ?, reverify_days = ?, encrypted = ?, soft_delete_days = ?,"
-                " shared_dedup = ?, copy_target = ? WHERE name = ?",
+                " shared_dedup = ?, copy_target = ?, full_read_days = ? WHERE name = ?",
                 (
                     vault.max_concurrent_backups,
                     vault.stored_bytes,
@@ -2580,6 +2596,7 @@ class Catalog:
                     vault.soft_delete_days,
                     int(vault.shared_dedup),
                     vault.copy_target,
+                    vault.full_read_days,
                     vault.name,
                 ),
             )

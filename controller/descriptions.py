@@ -227,6 +227,7 @@ class Describer:
                     "reverify_days": record.reverify_days,
                     "soft_delete_days": record.soft_delete_days,
                     "shared_dedup": record.shared_dedup,
+                    "full_read_days": record.full_read_days,
                     "copy_target": record.copy_target,
                 },
                 policies=tuple(

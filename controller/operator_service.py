@@ -634,6 +634,7 @@ class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
             encryption=storage.encryption,
             current_data_key=storage.current_data_key,
             shared_dedup=vault.shared_dedup,
+            full_read_days=vault.full_read_days,
             upgrading_from_format=storage.upgrading_from,
             points_in_old_format=storage.points_in_old_format,
             copy_target=vault.copy_target,
@@ -692,6 +693,7 @@ class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
         soft_delete_days = (
             request.soft_delete_days if request.HasField("soft_delete_days") else None
         )
+        full_read_days = request.full_read_days if request.HasField("full_read_days") else None
         verify = verify_new is not None or reverify_days is not None
         drills = drill is not None or request.clear_drill
         if not (
@@ -701,13 +703,15 @@ class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
             or soft_delete_days is not None
             or copy_to is not None
             or shared_dedup is not None
+            or full_read_days is not None
         ):
             # A request that would change nothing is refused: saying nothing about that is how
             # `--max-concurrent-backups 0` went unnoticed.
             raise InvalidArgument(
                 detail="nothing to change: give max_concurrent_backups (1 to "
                 f"{MAX_CONCURRENT_BACKUPS}), verify_new, "
-                "reverify_days, soft_delete_days, shared_dedup, copy_to or drill settings"
+                "reverify_days, soft_delete_days, shared_dedup, full_read_days, copy_to or "
+                "drill settings"
             )
         vault = await self._catalog.vault(request.name)
         # Every value checked before anything is changed: a refused request changes nothing.
@@ -715,6 +719,7 @@ class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
             request.max_concurrent_backups,
             reverify_days=reverify_days,
             soft_delete_days=soft_delete_days,
+            full_read_days=full_read_days,
         )
         if copy_to:
             await self.copier.check_target(request.name, copy_to)
@@ -732,6 +737,7 @@ class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
             or verify
             or soft_delete_days is not None
             or shared_dedup is not None
+            or full_read_days is not None
         ):
             vault = await self._vaults.update(
                 request.name,
@@ -740,6 +746,7 @@ class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
                 reverify_days=reverify_days,
                 soft_delete_days=soft_delete_days,
                 shared_dedup=shared_dedup,
+                full_read_days=full_read_days,
             )
             self._jobs.set_limit(vault.name, vault.max_concurrent_backups)
         if copy_to is not None:

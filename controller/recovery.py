@@ -54,7 +54,9 @@ from pathlib import Path
 from typing import Any
 
 from controller.catalog import (
+    DEFAULT_FULL_READ_DAYS,
     DEFAULT_SOFT_DELETE_DAYS,
+    MAX_FULL_READ_DAYS,
     AgentRecord,
     Catalog,
     DeletedRecoveryPointRecord,
@@ -278,6 +280,7 @@ def _plan_vault(
             soft_delete_days=settings["soft_delete_days"],
             shared_dedup=settings["shared_dedup"],
             copy_target=settings["copy_target"],
+            full_read_days=settings["full_read_days"],
         )
     )
     policies = _policies(vault, description, created, result)
@@ -387,6 +390,7 @@ def _settings(stored: Mapping[str, Any]) -> dict[str, Any]:
         "soft_delete_days": number(
             "soft_delete_days", 0, MAX_SOFT_DELETE_DAYS, DEFAULT_SOFT_DELETE_DAYS
         ),
+        "full_read_days": number("full_read_days", 0, MAX_FULL_READ_DAYS, DEFAULT_FULL_READ_DAYS),
         # Off unless it was on: one trust domain is a choice, never a default.
         "shared_dedup": shared_dedup is True,
         # A name of the controller config's [[copy_targets]]; one the config lacks fails the

@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-from controller.catalog import Catalog, PolicyRecord, VaultRecord
+from controller.catalog import MAX_FULL_READ_DAYS, Catalog, PolicyRecord, VaultRecord
 from controller.datastores import Datastores
 from controller.soft_delete import MAX_SOFT_DELETE_DAYS
 from shared.clock import Clock
@@ -154,6 +154,7 @@ class Vaults:
         *,
         reverify_days: int | None = None,
         soft_delete_days: int | None = None,
+        full_read_days: int | None = None,
     ) -> None:
         """InvalidArgument unless `update` would take these values (0 or None: unchanged);
         a caller changing other settings too checks first, so a refusal changes nothing."""
@@ -169,6 +170,11 @@ class Vaults:
                 detail=f"keep deleted data {soft_delete_days} days: give 0 (off) to "
                 f"{MAX_SOFT_DELETE_DAYS} days"
             )
+        if full_read_days is not None and not 0 <= full_read_days <= MAX_FULL_READ_DAYS:
+            raise InvalidArgument(
+                detail=f"a full read every {full_read_days} days: give 0 (every backup) to "
+                f"{MAX_FULL_READ_DAYS} days"
+            )
 
     async def update(
         self,
@@ -179,12 +185,16 @@ class Vaults:
         reverify_days: int | None = None,
         soft_delete_days: int | None = None,
         shared_dedup: bool | None = None,
+        full_read_days: int | None = None,
     ) -> VaultRecord:
         """Change a vault's settings: 0 or None leaves one unchanged (for the days settings,
         None only). Every value is checked before any is written, and all are written in one
         transaction. Points soft-deleted before keep the purge time they were given."""
         self.check_update(
-            max_concurrent_backups, reverify_days=reverify_days, soft_delete_days=soft_delete_days
+            max_concurrent_backups,
+            reverify_days=reverify_days,
+            soft_delete_days=soft_delete_days,
+            full_read_days=full_read_days,
         )
         await self._catalog.update_vault(
             name,
@@ -193,6 +203,7 @@ class Vaults:
             reverify_days=reverify_days,
             soft_delete_days=soft_delete_days,
             shared_dedup=shared_dedup,
+            full_read_days=full_read_days,
         )
         return await self._catalog.vault(name)
 

@@ -79,7 +79,7 @@ def seen(cluster: Cluster) -> dict[str, Any]:
                 "name", "region", "chunk_size", "max_concurrent_backups", "verify_new",
                 "reverify_days", "datastore", "datastore_format", "encryption",
                 "soft_delete_days", "deleted_recovery_points", "recovery_points",
-                "registered_items", "shared_dedup",
+                "registered_items", "shared_dedup", "full_read_days",
             )
             if key in vault
         },

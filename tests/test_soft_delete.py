@@ -231,7 +231,9 @@ async def populate(env: Controller) -> None:
     """Two VMs' worth of what a recovery must bring back: settings, policies, labels, a
     verify's verdict, and a VM whose data was deleted (kept for 7 days)."""
     await env_with_gold(env)
-    await env.vaults.update(EU, 3, verify_new=True, reverify_days=30, soft_delete_days=7)
+    await env.vaults.update(
+        EU, 3, verify_new=True, reverify_days=30, soft_delete_days=7, full_read_days=3
+    )
     await env.catalog.record_verified(
         [("rp-1", (), ""), ("rp-2", (DamageRecord("root", 0, b"\1" * 32, "missing"),), "")],
         MONDAY_NOON,
@@ -258,6 +260,7 @@ async def test_the_datastore_describes_what_only_the_catalog_knows(
             "soft_delete_days": 7,
             "shared_dedup": False,
             "copy_target": "",
+            "full_read_days": 3,
         }
         assert sorted(p.name for p in vault.policies) == ["DefaultPolicy", "Gold"]
         assert next(p for p in vault.policies if p.name == "Gold").spec == GOLD.to_dict()
@@ -312,7 +315,7 @@ async def snapshot(catalog: Catalog) -> dict[str, Any]:
     return {
         "vaults": [
             (v.name, v.region, v.chunk_size, v.max_concurrent_backups, v.verify_new,
-             v.reverify_days, v.soft_delete_days, v.encrypted)
+             v.reverify_days, v.soft_delete_days, v.encrypted, v.full_read_days)
             for v in vaults
         ],
         "policies": [(p.vault, p.name, p.spec) for p in await catalog.policies()],

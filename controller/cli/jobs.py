@@ -291,6 +291,22 @@ _REPORTS = {
     "copy_gc": ("Garbage collection of the copy", _GC_REPORT),
 }
 
+
+def _reads(value: Any) -> str:
+    """How a backup read one disk (controller.jobs.backup: `reads`)."""
+    if not isinstance(value, dict):
+        return _value(value)
+    read = f"{size(value.get('bytes_read', 0))} of {size(value.get('size_bytes', 0))} read"
+    if value.get("changed_blocks"):
+        return f"changed blocks only, {read}"
+    return f"in full ({value.get('full_read_reason') or 'no reason recorded'}), {read}"
+
+
+# Per-disk details: an object of disk names, each shown on its own line.
+_PER_DISK: dict[str, tuple[str, Callable[[Any], str]]] = {
+    "reads": ("Disk reads", _reads),
+}
+
 # The details jobs record, by key: a label and how the value reads. `None` hides a key: a
 # backup's pending recovery point id is not a recovery point until the backup completes.
 _DETAILS: dict[str, tuple[str, Callable[[Any], str]] | None] = {
@@ -368,13 +384,18 @@ def _ordered(data: dict[str, Any], known: Iterable[str]) -> list[tuple[str, Any]
 def detail_fields(details: dict[str, Any]) -> list[Field]:
     """A job's details as labelled fields; nested objects as indented fields of their own."""
     fields: list[Field] = []
-    for key, value in _ordered(details, [*_DETAILS, *_REPORTS]):
+    for key, value in _ordered(details, [*_DETAILS, *_PER_DISK, *_REPORTS]):
         if key in _REPORTS and isinstance(value, dict):
             title, labels = _REPORTS[key]
             fields.append((title, ""))
             for name, item in _ordered(value, labels):
                 label, show = labels.get(name, (_label(name), _value))
                 fields.append((f"  {label}", show(item)))
+            continue
+        if key in _PER_DISK and isinstance(value, dict):
+            label, show = _PER_DISK[key]
+            fields.append((label, ""))
+            fields += [(f"  {disk}", show(item)) for disk, item in value.items()]
             continue
         if key in _DETAILS and _DETAILS[key] is None:
             continue

@@ -31,6 +31,8 @@ CONCURRENT_BACKUPS = click.IntRange(1, MAX_CONCURRENT_BACKUPS)
 REVERIFY_DAYS = click.IntRange(0, 3650)
 # What the controller accepts (controller.soft_delete): 0 (off) to 180 days.
 SOFT_DELETE_DAYS = click.IntRange(0, 180)
+# What the controller accepts (controller.catalog.MAX_FULL_READ_DAYS): 0 (every backup) to 3650.
+FULL_READ_DAYS = click.IntRange(0, 3650)
 
 
 @click.group()
@@ -152,6 +154,12 @@ def vault_show(connection: Connection, name: str, as_json: bool) -> None:
     _show_vault(found)
 
 
+def _full_read(days: int) -> str:
+    if not days:
+        return "every backup (changed-block tracking off)"
+    return f"at least every {days} days; between, reflink-cloned disks only where changed"
+
+
 def _show_vault(found: operator_pb2.Vault) -> None:
     """A vault's counts as a table, then its settings one per line (a table of them all is
     too wide for a terminal)."""
@@ -178,6 +186,7 @@ def _show_vault(found: operator_pb2.Vault) -> None:
         ("Datastore", f"{found.datastore}, {kept}"),
         ("Copy", copy),
         ("Deduplication", dedup),
+        ("Full read", _full_read(found.full_read_days)),
     ]
     if found.deleted_recovery_points:
         settings.append(
@@ -299,6 +308,14 @@ def _say_plan(name: str, plan: dict[str, Any]) -> None:
     help="Keep deleted backup data recoverable N days (0: delete at once; at most 180).",
 )
 @click.option(
+    "--full-read-days",
+    type=FULL_READ_DAYS,
+    default=None,
+    help="Read every disk in full at least every N days (7 by default); between, a disk "
+    "snapshotted as a reflink clone is read only where it changed. 0: every backup reads in "
+    "full and no clone is kept.",
+)
+@click.option(
     "--drill-schedule",
     default="",
     help='When restore drills run, e.g. "weekly sun 04:00 tz=UTC" (a backup schedule\'s '
@@ -327,6 +344,7 @@ def vault_update(
     copy_to: str | None,
     no_copy: bool,
     soft_delete_days: int | None,
+    full_read_days: int | None,
     drill_schedule: str,
     drill_agent: str,
     drill_dir: str,
@@ -369,10 +387,12 @@ def vault_update(
         and copy_to is None
         and not no_copy
         and shared_dedup is None
+        and full_read_days is None
     ):
         raise click.UsageError(
             "nothing to change: give --max-concurrent-backups, --verify-new, --reverify-days, "
-            "--soft-delete-days, --shared-dedup, --copy-to, --no-copy or drill settings "
+            "--soft-delete-days, --shared-dedup, --full-read-days, --copy-to, --no-copy or "
+            "drill settings "
             "(--drill-schedule, --drill-agent, --drill-dir, --no-drills)"
         )
     request = operator_pb2.UpdateVaultRequest(
@@ -391,6 +411,8 @@ def vault_update(
         request.copy_to = copy_to or ""
     if soft_delete_days is not None:
         request.soft_delete_days = soft_delete_days
+    if full_read_days is not None:
+        request.full_read_days = full_read_days
     updated = call(connection, lambda s: s.UpdateVault(request))
     if as_json:
         print_json(as_dict(updated))

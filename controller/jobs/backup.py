@@ -65,7 +65,7 @@ from shared.errors import (
     JobCancelled,
 )
 from shared.index import chunk_count
-from shared.model import JobStatus, Operation, Trigger, weakest
+from shared.model import JobStatus, Operation, Trigger, Verification, weakest
 from shared.rpc import agent_pb2
 
 log = logging.getLogger(__name__)
@@ -366,6 +366,7 @@ class Backups:
             "hostname": session.hello.hostname,
         }
         job.disks = running.requested_disks or tuple(d.name for d in session.hello.disks)
+        full_read_days = (await self._catalog.vault(job.vault)).full_read_days
         await self._runner.save(running)
         result = await run_command(
             running,
@@ -378,11 +379,33 @@ class Backups:
                     previous_recovery_point_id=previous.id if previous else "",
                     # The agent names chunks as the datastore does (never logged).
                     chunk_id_key=datastore.chunk_hash.key or b"",
+                    # Changed-block tracking (agent/tracking.py): the agent keeps its clones
+                    # under this point's id, and compares with them only when the next
+                    # backup builds on it.
+                    recovery_point_id=job.pending_recovery_point_id,
+                    full_read_days=full_read_days,
+                    full_read_reason=await self._distrusted(previous),
                 )
             ),
             self._runner.deadlines,
         )
         await self._commit(running, result)
+
+    async def _distrusted(self, previous: RecoveryPointRecord | None) -> str:
+        """Why the agent may not take unchanged chunks from `previous` ('' when it may).
+
+        A point a verify (or a failed read) found damaged is not built on without reading:
+        its damaged chunks are masked in the index the agent gets and so read again anyway,
+        but damage that is not a chunk's (an index) says the point itself is in doubt."""
+        if previous is None:
+            return ""
+        found = (await self._catalog.verifications([previous.id])).get(previous.id)
+        if found is not None and found.state is Verification.DAMAGED:
+            return (
+                f"the previous recovery point {previous.id} was found damaged, so no chunk is "
+                "taken from it unread"
+            )
+        return ""
 
     @staticmethod
     def _stored(running: RunningBackup, stored: int) -> None:
@@ -424,6 +447,16 @@ class Backups:
         job.details["frozen_ms"] = round(result.frozen_ms, 1)
         job.details["consistency"] = {
             d.disk: f"{d.consistency or 'crash'} ({d.snapshot_provider or 'live'})"
+            for d in result.disks
+        }
+        # How each disk was read: only its changed blocks, or in full and why (agent.tracking).
+        job.details["reads"] = {
+            d.disk: {
+                "changed_blocks": d.changed_blocks,
+                "full_read_reason": d.full_read_reason,
+                "bytes_read": d.bytes_read,
+                "size_bytes": d.size_bytes,
+            }
             for d in result.disks
         }
         rp = await transaction.commit(manifest)

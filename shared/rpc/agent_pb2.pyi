@@ -132,18 +132,24 @@ class SessionAccepted(_message.Message):
     def __init__(self, controller_version: _Optional[str] = ..., heartbeat_interval_ms: _Optional[int] = ..., mqtt_host: _Optional[str] = ..., mqtt_port: _Optional[int] = ...) -> None: ...
 
 class BackupCommand(_message.Message):
-    __slots__ = ("job_id", "chunk_size", "disks", "previous_recovery_point_id", "chunk_id_key")
+    __slots__ = ("job_id", "chunk_size", "disks", "previous_recovery_point_id", "recovery_point_id", "full_read_days", "full_read_reason", "chunk_id_key")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     CHUNK_SIZE_FIELD_NUMBER: _ClassVar[int]
     DISKS_FIELD_NUMBER: _ClassVar[int]
     PREVIOUS_RECOVERY_POINT_ID_FIELD_NUMBER: _ClassVar[int]
+    RECOVERY_POINT_ID_FIELD_NUMBER: _ClassVar[int]
+    FULL_READ_DAYS_FIELD_NUMBER: _ClassVar[int]
+    FULL_READ_REASON_FIELD_NUMBER: _ClassVar[int]
     CHUNK_ID_KEY_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     chunk_size: int
     disks: _containers.RepeatedScalarFieldContainer[str]
     previous_recovery_point_id: str
+    recovery_point_id: str
+    full_read_days: int
+    full_read_reason: str
     chunk_id_key: bytes
-    def __init__(self, job_id: _Optional[str] = ..., chunk_size: _Optional[int] = ..., disks: _Optional[_Iterable[str]] = ..., previous_recovery_point_id: _Optional[str] = ..., chunk_id_key: _Optional[bytes] = ...) -> None: ...
+    def __init__(self, job_id: _Optional[str] = ..., chunk_size: _Optional[int] = ..., disks: _Optional[_Iterable[str]] = ..., previous_recovery_point_id: _Optional[str] = ..., recovery_point_id: _Optional[str] = ..., full_read_days: _Optional[int] = ..., full_read_reason: _Optional[str] = ..., chunk_id_key: _Optional[bytes] = ...) -> None: ...
 
 class RestoreCommand(_message.Message):
     __slots__ = ("job_id", "recovery_point_id", "disk", "target_path", "size_bytes", "chunk_size", "mode", "overwrite", "chunk_id_key")
@@ -206,7 +212,7 @@ class ControllerMessage(_message.Message):
     def __init__(self, command_id: _Optional[str] = ..., accepted: _Optional[_Union[SessionAccepted, _Mapping]] = ..., backup: _Optional[_Union[BackupCommand, _Mapping]] = ..., restore: _Optional[_Union[RestoreCommand, _Mapping]] = ..., cancel: _Optional[_Union[CancelCommand, _Mapping]] = ..., displaced: _Optional[_Union[SessionDisplaced, _Mapping]] = ..., file_recovery: _Optional[_Union[FileRecoveryCommand, _Mapping]] = ..., unmount: _Optional[_Union[UnmountCommand, _Mapping]] = ...) -> None: ...
 
 class DiskBackupResult(_message.Message):
-    __slots__ = ("disk", "size_bytes", "bytes_read", "bytes_sent", "chunk_count", "zero_chunks", "consistency", "snapshot_provider")
+    __slots__ = ("disk", "size_bytes", "bytes_read", "bytes_sent", "chunk_count", "zero_chunks", "consistency", "snapshot_provider", "changed_blocks", "full_read_reason")
     DISK_FIELD_NUMBER: _ClassVar[int]
     SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
     BYTES_READ_FIELD_NUMBER: _ClassVar[int]
@@ -215,6 +221,8 @@ class DiskBackupResult(_message.Message):
     ZERO_CHUNKS_FIELD_NUMBER: _ClassVar[int]
     CONSISTENCY_FIELD_NUMBER: _ClassVar[int]
     SNAPSHOT_PROVIDER_FIELD_NUMBER: _ClassVar[int]
+    CHANGED_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    FULL_READ_REASON_FIELD_NUMBER: _ClassVar[int]
     disk: str
     size_bytes: int
     bytes_read: int
@@ -223,7 +231,9 @@ class DiskBackupResult(_message.Message):
     zero_chunks: int
     consistency: str
     snapshot_provider: str
-    def __init__(self, disk: _Optional[str] = ..., size_bytes: _Optional[int] = ..., bytes_read: _Optional[int] = ..., bytes_sent: _Optional[int] = ..., chunk_count: _Optional[int] = ..., zero_chunks: _Optional[int] = ..., consistency: _Optional[str] = ..., snapshot_provider: _Optional[str] = ...) -> None: ...
+    changed_blocks: bool
+    full_read_reason: str
+    def __init__(self, disk: _Optional[str] = ..., size_bytes: _Optional[int] = ..., bytes_read: _Optional[int] = ..., bytes_sent: _Optional[int] = ..., chunk_count: _Optional[int] = ..., zero_chunks: _Optional[int] = ..., consistency: _Optional[str] = ..., snapshot_provider: _Optional[str] = ..., changed_blocks: _Optional[bool] = ..., full_read_reason: _Optional[str] = ...) -> None: ...
 
 class CommandResult(_message.Message):
     __slots__ = ("command_id", "job_id", "ok", "error", "disks", "bytes_written", "consistency", "warnings", "frozen_ms", "damaged_chunks", "restore", "file_recovery")

@@ -12,7 +12,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class Vault(_message.Message):
-    __slots__ = ("name", "region", "chunk_size", "created_at", "max_concurrent_backups", "registered_items", "protected_items", "recovery_points", "stored_bytes", "verify_new", "reverify_days", "drill", "datastore", "datastore_format", "encryption", "current_data_key", "upgrading_from_format", "points_in_old_format", "copy_target", "copy_location", "soft_delete_days", "deleted_recovery_points", "shared_dedup")
+    __slots__ = ("name", "region", "chunk_size", "created_at", "max_concurrent_backups", "registered_items", "protected_items", "recovery_points", "stored_bytes", "verify_new", "reverify_days", "drill", "datastore", "datastore_format", "encryption", "current_data_key", "upgrading_from_format", "points_in_old_format", "copy_target", "copy_location", "soft_delete_days", "deleted_recovery_points", "shared_dedup", "full_read_days")
     NAME_FIELD_NUMBER: _ClassVar[int]
     REGION_FIELD_NUMBER: _ClassVar[int]
     CHUNK_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -36,6 +36,7 @@ class Vault(_message.Message):
     SOFT_DELETE_DAYS_FIELD_NUMBER: _ClassVar[int]
     DELETED_RECOVERY_POINTS_FIELD_NUMBER: _ClassVar[int]
     SHARED_DEDUP_FIELD_NUMBER: _ClassVar[int]
+    FULL_READ_DAYS_FIELD_NUMBER: _ClassVar[int]
     name: str
     region: str
     chunk_size: int
@@ -59,7 +60,8 @@ class Vault(_message.Message):
     soft_delete_days: int
     deleted_recovery_points: int
     shared_dedup: bool
-    def __init__(self, name: _Optional[str] = ..., region: _Optional[str] = ..., chunk_size: _Optional[int] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., max_concurrent_backups: _Optional[int] = ..., registered_items: _Optional[int] = ..., protected_items: _Optional[int] = ..., recovery_points: _Optional[int] = ..., stored_bytes: _Optional[int] = ..., verify_new: _Optional[bool] = ..., reverify_days: _Optional[int] = ..., drill: _Optional[_Union[DrillSettings, _Mapping]] = ..., datastore: _Optional[str] = ..., datastore_format: _Optional[int] = ..., encryption: _Optional[str] = ..., current_data_key: _Optional[int] = ..., upgrading_from_format: _Optional[int] = ..., points_in_old_format: _Optional[int] = ..., copy_target: _Optional[str] = ..., copy_location: _Optional[str] = ..., soft_delete_days: _Optional[int] = ..., deleted_recovery_points: _Optional[int] = ..., shared_dedup: _Optional[bool] = ...) -> None: ...
+    full_read_days: int
+    def __init__(self, name: _Optional[str] = ..., region: _Optional[str] = ..., chunk_size: _Optional[int] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., max_concurrent_backups: _Optional[int] = ..., registered_items: _Optional[int] = ..., protected_items: _Optional[int] = ..., recovery_points: _Optional[int] = ..., stored_bytes: _Optional[int] = ..., verify_new: _Optional[bool] = ..., reverify_days: _Optional[int] = ..., drill: _Optional[_Union[DrillSettings, _Mapping]] = ..., datastore: _Optional[str] = ..., datastore_format: _Optional[int] = ..., encryption: _Optional[str] = ..., current_data_key: _Optional[int] = ..., upgrading_from_format: _Optional[int] = ..., points_in_old_format: _Optional[int] = ..., copy_target: _Optional[str] = ..., copy_location: _Optional[str] = ..., soft_delete_days: _Optional[int] = ..., deleted_recovery_points: _Optional[int] = ..., shared_dedup: _Optional[bool] = ..., full_read_days: _Optional[int] = ...) -> None: ...
 
 class UpgradeVaultRequest(_message.Message):
     __slots__ = ("vault", "dry_run")
@@ -134,12 +136,13 @@ class CreateVaultRequest(_message.Message):
     def __init__(self, name: _Optional[str] = ..., region: _Optional[str] = ..., max_concurrent_backups: _Optional[int] = ..., timezone: _Optional[str] = ...) -> None: ...
 
 class UpdateVaultRequest(_message.Message):
-    __slots__ = ("name", "max_concurrent_backups", "verify_new", "reverify_days", "shared_dedup", "copy_to", "soft_delete_days", "drill", "clear_drill")
+    __slots__ = ("name", "max_concurrent_backups", "verify_new", "reverify_days", "shared_dedup", "full_read_days", "copy_to", "soft_delete_days", "drill", "clear_drill")
     NAME_FIELD_NUMBER: _ClassVar[int]
     MAX_CONCURRENT_BACKUPS_FIELD_NUMBER: _ClassVar[int]
     VERIFY_NEW_FIELD_NUMBER: _ClassVar[int]
     REVERIFY_DAYS_FIELD_NUMBER: _ClassVar[int]
     SHARED_DEDUP_FIELD_NUMBER: _ClassVar[int]
+    FULL_READ_DAYS_FIELD_NUMBER: _ClassVar[int]
     COPY_TO_FIELD_NUMBER: _ClassVar[int]
     SOFT_DELETE_DAYS_FIELD_NUMBER: _ClassVar[int]
     DRILL_FIELD_NUMBER: _ClassVar[int]
@@ -149,11 +152,12 @@ class UpdateVaultRequest(_message.Message):
     verify_new: bool
     reverify_days: int
     shared_dedup: bool
+    full_read_days: int
     copy_to: str
     soft_delete_days: int
     drill: DrillSettings
     clear_drill: bool
-    def __init__(self, name: _Optional[str] = ..., max_concurrent_backups: _Optional[int] = ..., verify_new: _Optional[bool] = ..., reverify_days: _Optional[int] = ..., shared_dedup: _Optional[bool] = ..., copy_to: _Optional[str] = ..., soft_delete_days: _Optional[int] = ..., drill: _Optional[_Union[DrillSettings, _Mapping]] = ..., clear_drill: _Optional[bool] = ...) -> None: ...
+    def __init__(self, name: _Optional[str] = ..., max_concurrent_backups: _Optional[int] = ..., verify_new: _Optional[bool] = ..., reverify_days: _Optional[int] = ..., shared_dedup: _Optional[bool] = ..., full_read_days: _Optional[int] = ..., copy_to: _Optional[str] = ..., soft_delete_days: _Optional[int] = ..., drill: _Optional[_Union[DrillSettings, _Mapping]] = ..., clear_drill: _Optional[bool] = ...) -> None: ...
 
 class ListVaultsRequest(_message.Message):
     __slots__ = ()
