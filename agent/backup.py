@@ -4,10 +4,13 @@ First the disks are snapshotted consistently (`agent.consistency`: pre-script, s
 snapshot, thaw, post-script); the chunks are read from the snapshots, which are released at
 the end. Per disk, in bounded stages (so memory does not grow with the disk):
 
-1. read, hash, compress: each chunk that holds data is read, hashed and, unless it is all zero
-   or the same as the previous recovery point's chunk at that position, compressed, in one
-   trip to the thread pool; a window of chunks is in flight, consumed in disk order; holes
-   and zero chunks become ZERO_DIGEST without being stored or sent;
+1. read and hash, then compress: each chunk to read (every chunk that holds data) is read
+   and hashed by reader threads of its own and, unless it is all zero or the same as the
+   previous recovery point's chunk at that position, compressed in the shared pool, one
+   chunk a core; a window of chunks is in flight, consumed in disk order; holes and zero
+   chunks become ZERO_DIGEST without being stored or sent. `_chunks` takes the chunk
+   numbers to read as an iterable: a caller that knows which chunks changed passes only
+   those, and the digests of the others come from wherever it knows them;
 2. dedup: a chunk already seen in this backup is not sent; the rest are asked of the
    controller in batches (`MissingChunks`);
 3. upload: the chunks the datastore lacks go to the controller a batch to a message through
@@ -27,8 +30,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import mmap
+import os
 from collections import deque
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import cast
 
@@ -48,7 +54,10 @@ from shared.rpc_errors import from_rpc_error
 
 log = logging.getLogger(__name__)
 
-READ_WINDOW = 16  # chunks being read, hashed and compressed in the pool at once
+READ_AHEAD_BYTES = 8 << 20  # chunk buffers being read, hashed or compressed at once ...
+MIN_READ_AHEAD, MAX_READ_AHEAD = 4, 32  # ... in chunks, whatever the chunk size
+READERS = 4  # direct reads in flight: the disk (or its virtual device) works on several
+COMPRESSORS = max(1, min(os.cpu_count() or 1, 8))  # chunks compressed at once: one a core
 MISSING_BATCH = 16  # compressed chunks held while the controller is asked which it lacks
 UPLOAD_BATCH_BYTES = 4 << 20  # ... or this many bytes of them; one upload message at most
 UPLOAD_QUEUE = 4  # upload messages waiting for the stream
@@ -197,7 +206,7 @@ class BackupRun:
             candidate_bytes = 0
             position = 0  # bytes of the disk dealt with, for progress
             with_data = 0  # chunks that are not all zero
-            chunks = self._chunks(disk, reader, previous)
+            chunks = self._chunks(disk, reader, previous, reader.data_chunks())
             # aclosing: on failure the generator's cleanup (waiting for reads) runs now.
             async with contextlib.aclosing(chunks):
                 async for number, digest, chunk, nbytes in chunks:
@@ -260,38 +269,60 @@ class BackupRun:
             await uploads.put(message)
 
     async def _chunks(
-        self, disk: DiskConfig, reader: DiskReader, previous: bytes
+        self, disk: DiskConfig, reader: DiskReader, previous: bytes, numbers: Iterable[int]
     ) -> AsyncGenerator[tuple[int, bytes, Compressed | None, int], None]:
-        """(number, digest, compressed chunk or None, bytes read) of every chunk with data, in
-        disk order. The chunk is None when it is all zero or the same as in `previous`."""
+        """(number, digest, compressed chunk or None, bytes read) of each chunk of `numbers`
+        (ascending) that the disk holds, in that order. The chunk is None when it is all zero
+        or the same as in `previous`.
 
-        def work(number: int) -> tuple[int, bytes, Compressed | None, int]:
-            # One trip to the pool per chunk: read, hash, compare, compress. Compressing before
-            # the controller says whether it lacks the chunk costs CPU only for a chunk that
-            # changed here yet exists elsewhere in the vault; it saves a second trip for all
-            # the others.
-            digest, data = reader.read(number)
-            at = number * DIGEST_SIZE
-            if digest == ZERO_DIGEST or previous[at : at + DIGEST_SIZE] == digest:
-                return number, digest, None, len(data)
-            compression, payload = compress(data)
-            return number, digest, (digest, compression, len(data), payload), len(data)
+        Two stages, so the disk and the cores are busy at once: READERS threads of their own
+        read and hash (O_DIRECT reads and BLAKE3 both run without the GIL), each into one of
+        a fixed set of chunk buffers; the shared pool compresses, at most as many chunks at
+        once as there are cores. A buffer is free again once its chunk is compressed (or
+        found unchanged), so memory is the buffers and the compressed chunks not yet taken,
+        whatever the disk's size.
+        """
+        loop = asyncio.get_running_loop()
+        depth = max(MIN_READ_AHEAD, min(MAX_READ_AHEAD, READ_AHEAD_BYTES // reader.chunk_size))
+        free: asyncio.Queue[mmap.mmap] = asyncio.Queue()
+        for _ in range(depth):
+            free.put_nowait(reader.buffer())
+        cores = asyncio.Semaphore(COMPRESSORS)
 
-        window: deque[asyncio.Future[tuple[int, bytes, Compressed | None, int]]] = deque()
+        async def one(number: int, buffer: mmap.mmap) -> tuple[int, bytes, Compressed | None, int]:
+            try:
+                digest, data = await loop.run_in_executor(readers, reader.read_into, number, buffer)
+                at = number * DIGEST_SIZE
+                if digest == ZERO_DIGEST or previous[at : at + DIGEST_SIZE] == digest:
+                    return number, digest, None, len(data)
+                # Compressing before the controller says whether it lacks the chunk costs CPU
+                # only for a chunk that changed here yet exists elsewhere in the vault.
+                async with cores:
+                    compression, payload = await self._in_pool(compress, data)
+                return number, digest, (digest, compression, len(data), payload), len(data)
+            finally:
+                free.put_nowait(buffer)
+
+        window: deque[asyncio.Task[tuple[int, bytes, Compressed | None, int]]] = deque()
+        readers = ThreadPoolExecutor(READERS, thread_name_prefix="agent-read")
         try:
-            for number in reader.data_chunks():
-                window.append(self._in_pool(work, number))
-                if len(window) >= READ_WINDOW:
+            for number in numbers:
+                if len(window) >= depth:
                     yield await window.popleft()
+                window.append(asyncio.ensure_future(one(number, await free.get())))
             while window:
                 yield await window.popleft()
         except OSError as exc:
             raise DiskReadFailed(disk=disk.name, path=disk.path, detail=exc.strerror) from exc
         finally:
-            # Reads still running in the pool use the descriptor: let them end before the
+            # Reads still running use the descriptor and the buffers: let them end before the
             # caller closes it (a closed number could be reused by another file meanwhile).
             if window:
                 await asyncio.wait(window)
+                for task in window:
+                    if not task.cancelled():
+                        task.exception()  # retrieved: the first failure is what propagates
+            readers.shutdown(wait=False)  # its threads are idle: every read has ended
 
     async def _put_index(self, disk: str, size: int, digests: bytes) -> None:
         job_id, chunk_size = self._command.job_id, self._command.chunk_size
