@@ -2,7 +2,8 @@
 
 Durability is a group commit around `syncfs(2)`. A put writes a temporary file beside its
 target (no fsync of its own), waits for a file-system sync that started after the write, then
-renames the file into place and waits for one more sync before it returns. So:
+renames the file into place and waits for one more sync before it returns (a put with
+`durable=False` leaves that last sync to the caller's `sync`, shared by many puts). So:
 
 - an object that can be seen has durable contents (its data was synced before the rename): a
   crash never leaves a visible object with missing or partial bytes;
@@ -139,7 +140,7 @@ class LocalDirectoryStore:
         if self._fsync:
             self._sync.wait()
 
-    def put(self, key: str, data: bytes) -> None:
+    def put(self, key: str, data: bytes, *, durable: bool = True) -> None:
         path = self._path(key)
         directory = path.parent
         try:
@@ -155,7 +156,8 @@ class LocalDirectoryStore:
                 # Whatever stopped the put, no temporary file stays behind to be cleaned later.
                 temp.unlink(missing_ok=True)
                 raise
-            self._durable()  # the name
+            if durable:
+                self._durable()  # the name; else the caller's `sync` makes it durable
         except OSError as error:
             raise self._error("write", key, error) from error
 

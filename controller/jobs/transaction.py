@@ -283,10 +283,15 @@ class BackupTransaction:
         """Verify and store one uploaded chunk; the bytes it added to the datastore.
 
         A chunk known bad replaces what the datastore holds under its name, and is good
-        again from then on (its damaged recovery points heal)."""
+        again from then on (its damaged recovery points heal).
+
+        The chunk is visible with durable contents when this returns, but its name is made
+        durable by the one sync `accept_index` runs for all of them (one sync for the whole
+        backup instead of one a chunk); a repair is durable at once, as the catalog records
+        it."""
         replace = self.health.is_bad(digest)
         stored = await self._in_pool(
-            partial(self.datastore.put_chunk, replace=replace),
+            partial(self.datastore.put_chunk, replace=replace, durable=replace),
             digest,
             data,
             compression,
@@ -302,7 +307,8 @@ class BackupTransaction:
         return stored
 
     def chunk_stored(self, digest: bytes, stored: int) -> None:
-        """An uploaded chunk is durable in the datastore (`stored` bytes were new)."""
+        """An uploaded chunk is in the datastore (`stored` bytes were new); durable once
+        `accept_index` has synced."""
         self._hold((digest,))
         self.known.add(digest)
         self.bytes_stored += stored
@@ -338,6 +344,11 @@ class BackupTransaction:
                 digest=min(bad).hex(),
             )
         self.known.update(unknown)
+        # Every chunk the index names is visible by now (stored by this backup, by another
+        # one beside it, or long ago), and a sync that begins now makes the names of all of
+        # them durable: chunks are stored without waiting for that (`store_chunk`), so this is
+        # the point where "every chunk the index names is durable" becomes true.
+        await self._in_pool(self.datastore.sync)
         sha = await self._in_pool(self.datastore.put_index, self.rp_id, index)
         size = await self._in_pool(data_bytes, index)
         self.indexes[index.disk] = AcceptedIndex(
