@@ -78,10 +78,11 @@ class ObjectStore(Protocol):
 
         Atomic: readers see the old object or the whole new one, never a part, and a failed
         put leaves no part visible. Durable when it returns, unless `durable` is False: then
-        the object, once visible, has durable contents, but a crash may still take it away
-        until the next `sync`. A backup stores its chunks that way and syncs once before it
-        accepts an index naming them (`controller.jobs.transaction`). Idempotent: putting the
-        same bytes again is harmless, also concurrently.
+        the object may become visible only later (never before its contents are durable) and
+        is visible and durable once the next `sync` returns; a crash before that may lose it.
+        A backup stores its chunks that way and syncs once before it accepts an index naming
+        them (`controller.jobs.transaction`). Idempotent: putting the same bytes again is
+        harmless, also concurrently.
         """
         ...
 

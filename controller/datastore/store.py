@@ -647,8 +647,9 @@ class Datastore:
         name proves nothing about its bytes. The put is atomic, so a reader sees the damaged
         object or the good one, never a mix.
 
-        Without `durable`, the chunk may still vanish in a crash until the next `sync`
-        (`ObjectStore.put`): a backup's chunks, synced together before its index is accepted.
+        Without `durable`, the chunk may become visible only at the next `sync`, and a crash
+        before it may lose it (`ObjectStore.put`): a backup's chunks, synced together before
+        its index is accepted.
         """
         check_digest(digest)
         if digest == ZERO_DIGEST:

@@ -285,10 +285,10 @@ class BackupTransaction:
         A chunk known bad replaces what the datastore holds under its name, and is good
         again from then on (its damaged recovery points heal).
 
-        The chunk is visible with durable contents when this returns, but its name is made
-        durable by the one sync `accept_index` runs for all of them (one sync for the whole
-        backup instead of one a chunk); a repair is durable at once, as the catalog records
-        it."""
+        The chunk may become visible in the datastore only later, in a batch (one sync per
+        batch instead of one per few chunks, `ObjectStore.put`); the sync `accept_index` runs
+        makes every one of them visible and durable before an index naming it is taken. A
+        repair is durable at once, as the catalog records it."""
         replace = self.health.is_bad(digest)
         stored = await self._in_pool(
             partial(self.datastore.put_chunk, replace=replace, durable=replace),
@@ -344,10 +344,11 @@ class BackupTransaction:
                 digest=min(bad).hex(),
             )
         self.known.update(unknown)
-        # Every chunk the index names is visible by now (stored by this backup, by another
-        # one beside it, or long ago), and a sync that begins now makes the names of all of
-        # them durable: chunks are stored without waiting for that (`store_chunk`), so this is
-        # the point where "every chunk the index names is durable" becomes true.
+        # Every chunk the index names is now either known stored by this backup (maybe still
+        # pending in a batch) or seen visible in the datastore (stored by a backup beside this
+        # one, or long ago). This sync commits whatever is pending and makes it all durable:
+        # chunks are stored without waiting for that (`store_chunk`), so this is the point
+        # where "every chunk the index names is durable" becomes true.
         await self._in_pool(self.datastore.sync)
         sha = await self._in_pool(self.datastore.put_index, self.rp_id, index)
         size = await self._in_pool(data_bytes, index)
