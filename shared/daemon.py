@@ -61,7 +61,9 @@ def add_version(parser: argparse.ArgumentParser, prog: str) -> None:
 
 
 M_ARENA_MAX = -8  # <malloc.h>
+M_MMAP_THRESHOLD = -3
 MALLOC_ARENAS = 2
+MMAP_THRESHOLD = 128 << 10
 
 
 def _limit_malloc_arenas() -> None:
@@ -71,6 +73,15 @@ def _limit_malloc_arenas() -> None:
     its own freed MiB-sized blocks. Measured on the benchmark's restore: peak RSS 136-183 MiB
     (agent) and 161 MiB (controller) instead of 254 and 213, at no cost in speed. Only glibc
     has mallopt; elsewhere this does nothing.
+
+    Blocks of 128 KiB and more (chunks, messages) are mapped on their own and unmapped when
+    freed: glibc otherwise raises that threshold to the largest block freed so far (32 MiB at
+    most), after which every chunk comes from the arenas and their free space stays resident.
+    Measured on the benchmark (256 MiB image): peak RSS in a backup 130 -> 112 MiB (agent) and
+    139 -> 127 MiB (controller), in a restore 157 -> 150 and 194 -> 175, CPU seconds unchanged
+    within noise.
     """
     with contextlib.suppress(AttributeError, OSError):
-        ctypes.CDLL(None).mallopt(M_ARENA_MAX, MALLOC_ARENAS)
+        libc = ctypes.CDLL(None)
+        libc.mallopt(M_ARENA_MAX, MALLOC_ARENAS)
+        libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
