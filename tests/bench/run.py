@@ -1,7 +1,8 @@
 """The benchmark run: Coffer, restic and borg on the same disk image, in the same run.
 
     python -m tests.bench.run [--size 2G] [--tools coffer,restic,borg] [--chunk-size 512K 1M]
-                              [--workdir /var/tmp] [--keep] [--sparse-memory] ...
+                              [--seeds 1,7] [--workdir /var/tmp] [--keep] [--no-memory]
+                              [--sparse-memory] ...
 
 Run as root (loop mounts, dropping the page cache). Steps, for every tool in turn:
 
@@ -30,9 +31,17 @@ Before every step of every tool the page cache is dropped (`sync; echo 3 >
 (`--no-drop-caches` keeps everything cached instead, for all tools alike).
 
 Coffer runs once per `--chunk-size` (each its own controller, datastore and agent).
-`--sparse-memory` instead backs up mostly-empty sparse images of several sizes (2 GiB and 8 GiB
-by default) with fresh installs and reports peak memory, to show the agent's does not grow with
-the disk.
+
+All of the above runs once per seed of `--seeds` (1,7), each with its own image, churn and
+fresh tools; every seed after the first also takes another mix of file kinds (`MIXES`). Before
+each seed's restores the machine's sequential write rate is measured (`dd` of the image's size,
+`oflag=direct conv=fdatasync`), the restore's second bound. Each seed gets issue 11's table
+(`tests.bench.report.issue_table`): Coffer against the faster peer, the issue's target for each
+step and whether this run meets it, with an empty row for the changed-block tracking
+incremental (step ``incr-tracking``). Last, the memory rows: Coffer alone backs up and restores
+mostly-empty sparse images (`--sparse-sizes`, 2 GiB and 32 GiB) with fresh installs, to show
+its memory does not grow with the disk (`--no-memory` skips them). `--sparse-memory` instead
+runs only sparse backups, of every tool.
 """
 
 from __future__ import annotations
