@@ -213,11 +213,13 @@ class BackupRun:
                     end = min((number + 1) * chunk_size, size)
                     progress.advance("backup", end - position)
                     position = end
+                    # Written also when zero: `digests` may start from what a caller knows
+                    # of the chunks it does not read (another chunk there before).
+                    digests[number * DIGEST_SIZE : (number + 1) * DIGEST_SIZE] = digest
                     if digest == ZERO_DIGEST:
                         continue
                     with_data += 1
                     result.bytes_read += nbytes
-                    digests[number * DIGEST_SIZE : (number + 1) * DIGEST_SIZE] = digest
                     if chunk is None or digest in seen:  # as in the previous recovery point
                         continue
                     seen.add(digest)
