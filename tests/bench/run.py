@@ -459,7 +459,8 @@ class Bench:
                 image.unlink()
 
     def _progress(self, step: str) -> None:
-        done = [r for r in self.results if r.step == step]
+        # Results of earlier seeds carry their seed (tagged once a seed is done): left out.
+        done = [r for r in self.results if r.step == step and "seed" not in r.detail]
         line = ", ".join(f"{r.tool} {r.wall_s:.1f}s" if r.ok else f"{r.tool} FAILED" for r in done)
         print(f"[bench] {step}: {line}", file=sys.stderr, flush=True)
 
