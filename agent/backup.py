@@ -4,10 +4,13 @@ First the disks are snapshotted consistently (`agent.consistency`: pre-script, s
 snapshot, thaw, post-script); the chunks are read from the snapshots, which are released at
 the end. Per disk, in bounded stages (so memory does not grow with the disk):
 
-1. read, hash, compress: each chunk that holds data is read, hashed and, unless it is all zero
-   or the same as the previous recovery point's chunk at that position, compressed, in one
-   trip to the thread pool; a window of chunks is in flight, consumed in disk order; holes
-   and zero chunks become ZERO_DIGEST without being stored or sent;
+1. read and hash, then compress: each chunk to read (every chunk that holds data) is read
+   and hashed by reader threads of its own and, unless it is all zero or the same as the
+   previous recovery point's chunk at that position, compressed in the shared pool, one
+   chunk a core; a window of chunks is in flight, consumed in disk order; holes and zero
+   chunks become ZERO_DIGEST without being stored or sent. `_chunks` takes the chunk
+   numbers to read as an iterable: a caller that knows which chunks changed passes only
+   those, and the digests of the others come from wherever it knows them;
 2. dedup: a chunk already seen in this backup is not sent; the rest are asked of the
    controller in batches (`MissingChunks`);
 3. upload: the chunks the datastore lacks go to the controller a batch to a message through
@@ -32,9 +35,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import mmap
+import os
 import time
 from collections import deque
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
 from typing import cast
@@ -56,10 +62,13 @@ from shared.rpc_errors import from_rpc_error
 
 log = logging.getLogger(__name__)
 
-READ_WINDOW = 16  # chunks being read, hashed and compressed in the pool at once
+READ_AHEAD_BYTES = 8 << 20  # chunk buffers being read, hashed or compressed at once ...
+MIN_READ_AHEAD, MAX_READ_AHEAD = 4, 32  # ... in chunks, whatever the chunk size
+READERS = 4  # direct reads in flight: the disk (or its virtual device) works on several
+COMPRESSORS = max(1, min(os.cpu_count() or 1, 8))  # chunks compressed at once: one a core
 MISSING_BATCH = 16  # compressed chunks held while the controller is asked which it lacks
 UPLOAD_BATCH_BYTES = 4 << 20  # ... or this many bytes of them; one upload message at most
-UPLOAD_QUEUE = 4  # upload messages waiting for the stream
+UPLOAD_QUEUE = 2  # upload messages waiting for the stream (each up to 4 MiB: agent memory)
 INDEX_PART = 1 << 16  # digests per PutIndex message
 
 
@@ -287,18 +296,20 @@ class BackupRun:
             candidate_bytes = 0
             position = 0  # bytes of the disk dealt with, for progress
             with_data = 0  # chunks that are not all zero
-            chunks = self._chunks(disk, reader, previous, plan)
+            chunks = self._chunks(disk, reader, previous, plan, reader.data_chunks())
             # aclosing: on failure the generator's cleanup (waiting for reads) runs now.
             async with contextlib.aclosing(chunks):
                 async for number, digest, chunk, nbytes in chunks:
                     end = min((number + 1) * chunk_size, size)
                     progress.advance("backup", end - position)
                     position = end
+                    # Written also when zero: `digests` may start from what a caller knows
+                    # of the chunks it does not read (another chunk there before).
+                    digests[number * DIGEST_SIZE : (number + 1) * DIGEST_SIZE] = digest
                     if digest == ZERO_DIGEST:
                         continue
                     with_data += 1
                     result.bytes_read += nbytes
-                    digests[number * DIGEST_SIZE : (number + 1) * DIGEST_SIZE] = digest
                     if chunk is None or digest in seen:  # as in the previous recovery point
                         continue
                     seen.add(digest)
@@ -350,47 +361,74 @@ class BackupRun:
             await uploads.put(message)
 
     async def _chunks(
-        self, disk: DiskConfig, reader: DiskReader, previous: bytes, plan: tracking.Plan
+        self,
+        disk: DiskConfig,
+        reader: DiskReader,
+        previous: bytes,
+        plan: tracking.Plan,
+        numbers: Iterable[int],
     ) -> AsyncGenerator[tuple[int, bytes, Compressed | None, int], None]:
-        """(number, digest, compressed chunk or None, bytes read) of every chunk with data, in
-        disk order. The chunk is None when it is all zero or the same as in `previous`; a
-        chunk the plan does not read has its digest from `previous` and 0 bytes read."""
+        """(number, digest, compressed chunk or None, bytes read) of each chunk of `numbers`
+        (ascending) that the disk holds, in that order. The chunk is None when it is all zero
+        or the same as in `previous`; a chunk the plan does not read has its digest from
+        `previous` and 0 bytes read.
 
-        def work(number: int) -> tuple[int, bytes, Compressed | None, int]:
-            # One trip to the pool per chunk: read, hash, compare, compress. Compressing before
-            # the controller says whether it lacks the chunk costs CPU only for a chunk that
-            # changed here yet exists elsewhere in the vault; it saves a second trip for all
-            # the others.
-            digest, data = reader.read(number)
-            at = number * DIGEST_SIZE
-            if digest == ZERO_DIGEST or previous[at : at + DIGEST_SIZE] == digest:
-                return number, digest, None, len(data)
-            compression, payload = compress(data)
-            return number, digest, (digest, compression, len(data), payload), len(data)
+        Two stages, so the disk and the cores are busy at once: READERS threads of their own
+        read and hash (O_DIRECT reads and BLAKE3 both run without the GIL), each into one of
+        a fixed set of chunk buffers; the shared pool compresses, at most as many chunks at
+        once as there are cores. A buffer is free again once its chunk is compressed (or
+        found unchanged), so memory is the buffers and the compressed chunks not yet taken,
+        whatever the disk's size.
+        """
+        loop = asyncio.get_running_loop()
+        depth = max(MIN_READ_AHEAD, min(MAX_READ_AHEAD, READ_AHEAD_BYTES // reader.chunk_size))
+        free: asyncio.Queue[mmap.mmap] = asyncio.Queue()
+        for _ in range(depth):
+            free.put_nowait(reader.buffer())
+        cores = asyncio.Semaphore(COMPRESSORS)
+
+        async def one(number: int, buffer: mmap.mmap) -> tuple[int, bytes, Compressed | None, int]:
+            try:
+                digest, data = await loop.run_in_executor(readers, reader.read_into, number, buffer)
+                at = number * DIGEST_SIZE
+                if digest == ZERO_DIGEST or previous[at : at + DIGEST_SIZE] == digest:
+                    return number, digest, None, len(data)
+                # Compressing before the controller says whether it lacks the chunk costs CPU
+                # only for a chunk that changed here yet exists elsewhere in the vault.
+                async with cores:
+                    compression, payload = await self._in_pool(compress, data)
+                return number, digest, (digest, compression, len(data), payload), len(data)
+            finally:
+                free.put_nowait(buffer)
 
         window: deque[asyncio.Future[tuple[int, bytes, Compressed | None, int]]] = deque()
+        readers = ThreadPoolExecutor(READERS, thread_name_prefix="agent-read")
         try:
-            for number in reader.data_chunks():
+            for number in numbers:
+                if len(window) >= depth:
+                    yield await window.popleft()
                 if plan.must_read(number):
-                    window.append(self._in_pool(work, number))
+                    window.append(asyncio.ensure_future(one(number, await free.get())))
                 else:
                     # Unchanged since the kept clone: the previous recovery point's digest, in
-                    # its place in disk order, without a read.
-                    unchanged = asyncio.get_running_loop().create_future()
+                    # its place in disk order, without a read or a buffer.
+                    unchanged = loop.create_future()
                     at = number * DIGEST_SIZE
                     unchanged.set_result((number, previous[at : at + DIGEST_SIZE], None, 0))
                     window.append(unchanged)
-                if len(window) >= READ_WINDOW:
-                    yield await window.popleft()
             while window:
                 yield await window.popleft()
         except OSError as exc:
             raise DiskReadFailed(disk=disk.name, path=disk.path, detail=exc.strerror) from exc
         finally:
-            # Reads still running in the pool use the descriptor: let them end before the
+            # Reads still running use the descriptor and the buffers: let them end before the
             # caller closes it (a closed number could be reused by another file meanwhile).
             if window:
                 await asyncio.wait(window)
+                for task in window:
+                    if not task.cancelled():
+                        task.exception()  # retrieved: the first failure is what propagates
+            readers.shutdown(wait=False)  # its threads are idle: every read has ended
 
     async def _put_index(self, disk: str, size: int, digests: bytes) -> None:
         job_id, chunk_size = self._command.job_id, self._command.chunk_size

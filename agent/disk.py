@@ -102,11 +102,23 @@ class DiskReader:
 
         The bytes may be a view of this thread's read buffer: valid until the thread's next
         read, so use them (hash, compress, copy) before reading again."""
+        buffer = getattr(self._buffers, "buffer", None)
+        if buffer is None:
+            buffer = self._buffers.buffer = self.buffer()
+        return self.read_into(number, buffer)
+
+    def buffer(self) -> mmap.mmap:
+        """A page-aligned buffer of one chunk, as `read_into` needs for a direct read."""
+        return mmap.mmap(-1, self.chunk_size)
+
+    def read_into(self, number: int, buffer: mmap.mmap) -> tuple[bytes, bytes | memoryview]:
+        """`read`, into `buffer` (from `buffer()`): the bytes are a view of it, valid until it
+        is read into again. Lets one thread read a chunk and another compress it."""
         offset = number * self.chunk_size
         length = min(self.chunk_size, self.size - offset)
         data: bytes | memoryview | None = None
         if self._direct is not None:
-            data = self._read_direct(offset, length)
+            data = self._read_direct(offset, length, buffer)
         if data is None:
             data = os.pread(self._fd, length, offset)
         if len(data) != length:
@@ -117,11 +129,8 @@ class DiskReader:
             return ZERO_DIGEST, b""
         return digest, data
 
-    def _read_direct(self, offset: int, length: int) -> memoryview | None:
+    def _read_direct(self, offset: int, length: int, buffer: mmap.mmap) -> memoryview | None:
         assert self._direct is not None
-        buffer = getattr(self._buffers, "buffer", None)
-        if buffer is None:
-            buffer = self._buffers.buffer = mmap.mmap(-1, self.chunk_size)
         try:
             got = os.preadv(self._direct, [buffer], offset)
         except OSError as exc:

@@ -53,7 +53,7 @@ from shared.rpc_errors import from_rpc_error
 log = logging.getLogger(__name__)
 
 DOWNLOAD_BATCH = 4096  # digests per DownloadChunks call
-DOWNLOAD_STREAMS = 4  # DownloadChunks calls at once
+DOWNLOAD_STREAMS = 2  # DownloadChunks calls at once (each holds messages of 4 MiB in flight)
 FLUSH_EVERY = 64 << 20  # bytes written between starts of writeback
 WRITE_WINDOW = 8  # chunks verified and written at once
 

@@ -431,6 +431,9 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
                     )
                 message = await anext(messages, None)
             await settle(0)
+            # What the stream stored is in the datastore when it returns: one sync for the
+            # stream's last batch (chunks are stored in batches, `ObjectStore.put`).
+            await self._jobs.commit_chunks(running)
         finally:
             # Refused, or the agent went away: chunks being stored finish (a put is atomic),
             # and nothing they raise is left unretrieved.

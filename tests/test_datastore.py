@@ -426,6 +426,50 @@ def test_local_store_failed_put_leaves_no_temp_file(tmp_path: Path) -> None:
     assert [p.name for p in (tmp_path / "s" / "a").iterdir()] == ["b"]
 
 
+def test_local_store_puts_without_durable_become_visible_in_batches(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A backup's chunk puts (issue 11): renamed into place a batch at a time after one sync,
+    and all of them by `sync`; never visible before their contents were synced."""
+    import controller.datastore.local as local
+
+    syncs: list[int] = []
+    backend = LocalDirectoryStore(tmp_path / "s")
+    real_sync = backend._syncfs
+
+    def counted() -> None:
+        syncs.append(1)
+        real_sync()
+
+    monkeypatch.setattr(backend._sync, "_sync", counted)
+    monkeypatch.setattr(local, "BATCH_BYTES", 3000)
+    for n in range(2):
+        backend.put(f"chunks/{n}", bytes([n]) * 1000, durable=False)
+    assert not backend.has("chunks/0")  # written, not yet committed: not an object
+    assert list(backend.list("")) == []
+    assert syncs == []
+    backend.put("chunks/2", b"\x02" * 1000, durable=False)  # fills the batch: one sync
+    assert syncs == [1]
+    assert [backend.get(f"chunks/{n}") for n in range(3)] == [bytes([n]) * 1000 for n in range(3)]
+    backend.put("chunks/3", b"\x03", durable=False)
+    assert not backend.has("chunks/3")
+    backend.sync()  # commits what is pending (one sync), then syncs the names (another)
+    assert backend.get("chunks/3") == b"\x03"
+    assert len(syncs) == 3
+    leftovers = [p.name for p in (tmp_path / "s" / "chunks").iterdir() if p.name.startswith(".")]
+    assert leftovers == []
+
+
+def test_local_store_pending_puts_lost_in_a_crash_are_reclaimed(tmp_path: Path) -> None:
+    backend = LocalDirectoryStore(tmp_path / "s")
+    backend.put("chunks/a", b"pending", durable=False)
+    # The controller dies here: a new one finds only a temporary file, and removes it.
+    again = LocalDirectoryStore(tmp_path / "s")
+    assert not again.has("chunks/a")
+    assert again.reclaim_temporary() == 1
+    assert list(again.list("")) == []
+
+
 def test_local_store_without_fsync_still_stores(tmp_path: Path) -> None:
     backend = LocalDirectoryStore(tmp_path / "s", fsync=False)
     backend.put("a/b", b"x")

@@ -499,8 +499,8 @@ class SlowChunks:
     def location(self) -> str:
         return self.inner.location
 
-    def put(self, key: str, data: bytes) -> None:
-        self.inner.put(key, data)
+    def put(self, key: str, data: bytes, *, durable: bool = True) -> None:
+        self.inner.put(key, data, durable=durable)
 
     def get(self, key: str) -> bytes:
         if key.startswith("chunks/"):

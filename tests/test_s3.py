@@ -285,14 +285,14 @@ def test_requests_in_flight_are_bounded(s3: S3Store) -> None:
     lock = threading.Lock()
 
     class Slow(FaultyStore):
-        def put(self, key: str, data: bytes) -> None:
+        def put(self, key: str, data: bytes, *, durable: bool = True) -> None:
             nonlocal in_flight, peak
             with lock:
                 in_flight += 1
                 peak = max(peak, in_flight)
             try:
                 time.sleep(0.02)
-                super().put(key, data)
+                super().put(key, data, durable=durable)
             finally:
                 with lock:
                     in_flight -= 1

@@ -73,12 +73,16 @@ class ObjectStore(Protocol):
         """Where the objects live, for messages (a directory, a bucket URL)."""
         ...
 
-    def put(self, key: str, data: bytes) -> None:
+    def put(self, key: str, data: bytes, *, durable: bool = True) -> None:
         """Store `data` under `key`, replacing what was there.
 
         Atomic: readers see the old object or the whole new one, never a part, and a failed
-        put leaves no part visible. Durable when it returns. Idempotent: putting the same
-        bytes again is harmless, also concurrently.
+        put leaves no part visible. Durable when it returns, unless `durable` is False: then
+        the object may become visible only later (never before its contents are durable) and
+        is visible and durable once the next `sync` returns; a crash before that may lose it.
+        A backup stores its chunks that way and syncs once before it accepts an index naming
+        them (`controller.jobs.transaction`). Idempotent: putting the same bytes again is
+        harmless, also concurrently.
         """
         ...
 
@@ -109,7 +113,8 @@ class ObjectStore(Protocol):
         ...
 
     def sync(self) -> None:
-        """Make every delete made so far durable (a store whose deletes always are: nothing)."""
+        """Make every put and delete made so far durable (a store whose writes always are:
+        nothing)."""
         ...
 
     def list(self, prefix: str, after: str = "") -> Iterator[str]:

@@ -134,13 +134,14 @@ class EncryptingStore:
 
     # --- ObjectStore -------------------------------------------------------------------------
 
-    def put(self, key: str, data: bytes) -> None:
+    def put(self, key: str, data: bytes, *, durable: bool = True) -> None:
         check_key(key)
         if key in self._plain:
-            self.inner.put(key, data)
+            self.inner.put(key, data, durable=durable)
             return
         keys = self._keys
-        self.inner.put(key, seal(key, data, keys.current, keys.ciphers[keys.current]))
+        sealed = seal(key, data, keys.current, keys.ciphers[keys.current])
+        self.inner.put(key, sealed, durable=durable)
 
     def get(self, key: str) -> bytes:
         stored = self.inner.get(key)

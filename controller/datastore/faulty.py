@@ -122,16 +122,16 @@ class FaultyStore:
 
     # --- ObjectStore -------------------------------------------------------------------------
 
-    def put(self, key: str, data: bytes) -> None:
+    def put(self, key: str, data: bytes, *, durable: bool = True) -> None:
         fault = self._take("put", key)
         if fault is None:
-            self.inner.put(key, data)
+            self.inner.put(key, data, durable=durable)
             return
         if fault.damage is not None:
-            self.inner.put(key, fault.damage(data))
+            self.inner.put(key, fault.damage(data), durable=durable)
             return
         if fault.after_write:
-            self.inner.put(key, data)
+            self.inner.put(key, data, durable=durable)
         raise _error(fault, "put", key)
 
     def get(self, key: str) -> bytes:

@@ -73,12 +73,12 @@ class LegacyLayout:
 
     # --- ObjectStore -------------------------------------------------------------------------
 
-    def put(self, key: str, data: bytes) -> None:
+    def put(self, key: str, data: bytes, *, durable: bool = True) -> None:
         if not is_metadata(key):
-            self.inner.put(key, data)
+            self.inner.put(key, data, durable=durable)
             return
         with self._writes:
-            self.inner.put(self._key(key), data)
+            self.inner.put(self._key(key), data, durable=durable)
 
     def get(self, key: str) -> bytes:
         return self.inner.get(self._key(key))

@@ -2,7 +2,10 @@
 
 Durability is a group commit around `syncfs(2)`. A put writes a temporary file beside its
 target (no fsync of its own), waits for a file-system sync that started after the write, then
-renames the file into place and waits for one more sync before it returns. So:
+renames the file into place and waits for one more sync before it returns. A put with
+`durable=False` (a backup's chunks) returns once its temporary file is written: such puts are
+renamed into place in batches of BATCH_BYTES, each after one sync, and `sync` commits what is
+pending and syncs once more (the names). So:
 
 - an object that can be seen has durable contents (its data was synced before the rename): a
   crash never leaves a visible object with missing or partial bytes;
@@ -56,6 +59,10 @@ from shared.errors import (
 )
 
 _TEMP_PREFIX = ".tmp-"
+BATCH_BYTES = 64 << 20
+"""Bytes of puts without `durable` renamed into place after one sync. A backup's chunks go
+that way: one sync per 64 MiB instead of one per few chunks, without holding their bytes in
+memory (they wait in the page cache, as temporary files)."""
 LEASE_FILE = ".writer-lease"
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -114,6 +121,11 @@ class LocalDirectoryStore:
         self._fsync = fsync
         self._made_dirs: set[Path] = set()  # directories known to exist: mkdir skipped
         self._sync = GroupSync(self._syncfs)
+        # Puts without `durable` written but not yet visible, and their bytes (`_later`).
+        self._pending: list[tuple[Path, Path]] = []
+        self._pending_bytes = 0
+        self._pending_lock = threading.Lock()
+        self._commit_lock = threading.Lock()
 
     def __repr__(self) -> str:
         return f"LocalDirectoryStore({str(self._root)!r}, fsync={self._fsync})"
@@ -139,7 +151,7 @@ class LocalDirectoryStore:
         if self._fsync:
             self._sync.wait()
 
-    def put(self, key: str, data: bytes) -> None:
+    def put(self, key: str, data: bytes, *, durable: bool = True) -> None:
         path = self._path(key)
         directory = path.parent
         try:
@@ -149,6 +161,9 @@ class LocalDirectoryStore:
                 fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
                 with os.fdopen(fd, "wb") as file:
                     file.write(data)
+                if not durable:
+                    self._later(temp, path, len(data))
+                    return
                 self._durable()  # the contents, before the name makes them visible
                 os.replace(temp, path)
             except BaseException:
@@ -158,6 +173,35 @@ class LocalDirectoryStore:
             self._durable()  # the name
         except OSError as error:
             raise self._error("write", key, error) from error
+
+    def _later(self, temp: Path, path: Path, size: int) -> None:
+        """A put without `durable`: its file is written; it is renamed into place with the
+        others of its batch once a sync has made their contents durable (`_commit`), by the
+        put that fills the batch or by the next `sync`."""
+        with self._pending_lock:
+            self._pending.append((temp, path))
+            self._pending_bytes += size
+            full = self._pending_bytes >= BATCH_BYTES
+        if full:
+            self._commit()
+
+    def _commit(self) -> None:
+        """Rename the pending puts into place after one sync of their contents (which also
+        makes the names of the previous batch durable). One commit at a time: a `sync` that
+        waits for this lock knows every put before it is visible once it has it."""
+        with self._commit_lock:
+            with self._pending_lock:
+                batch, self._pending, self._pending_bytes = self._pending, [], 0
+            if not batch:
+                return
+            try:
+                self._durable()  # the contents, before the names make them visible
+                for temp, path in batch:
+                    os.replace(temp, path)
+            except BaseException:
+                for temp, _ in batch:
+                    temp.unlink(missing_ok=True)
+                raise
 
     def reclaim_temporary(self) -> int:
         """Delete the temporary files puts that never finished left (a crash, a kill -9
@@ -222,6 +266,7 @@ class LocalDirectoryStore:
 
     def sync(self) -> None:
         try:
+            self._commit()
             self._durable()
         except OSError as error:
             raise DatastoreError(

@@ -104,8 +104,8 @@ class RetryingStore:
 
     # --- ObjectStore ---------------------------------------------------------------------------
 
-    def put(self, key: str, data: bytes) -> None:
-        self.call("put", lambda: self.inner.put(key, data))
+    def put(self, key: str, data: bytes, *, durable: bool = True) -> None:
+        self.call("put", lambda: self.inner.put(key, data, durable=durable))
 
     def get(self, key: str) -> bytes:
         return self.call("get", lambda: self.inner.get(key))

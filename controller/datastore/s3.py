@@ -227,7 +227,8 @@ class S3Store:
 
     # --- ObjectStore ---------------------------------------------------------------------------
 
-    def put(self, key: str, data: bytes) -> None:
+    def put(self, key: str, data: bytes, *, durable: bool = True) -> None:
+        # An acknowledged PutObject is durable: `durable` asks nothing more.
         check_key(key)
         try:
             obstore.put(self._store, key, data, use_multipart=False)

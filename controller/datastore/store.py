@@ -633,6 +633,7 @@ class Datastore:
         raw_size: int,
         *,
         replace: bool = False,
+        durable: bool = True,
     ) -> int:
         """Verify and store a chunk as received; the bytes written (0 if it was already here).
 
@@ -645,6 +646,10 @@ class Datastore:
         object is known to be damaged (a verify or a failed read found it so), and a chunk's
         name proves nothing about its bytes. The put is atomic, so a reader sees the damaged
         object or the good one, never a mix.
+
+        Without `durable`, the chunk may become visible only at the next `sync`, and a crash
+        before it may lose it (`ObjectStore.put`): a backup's chunks, synced together before
+        its index is accepted.
         """
         check_digest(digest)
         if digest == ZERO_DIGEST:
@@ -667,7 +672,7 @@ class Datastore:
         if not replace and self.backend.has(key):
             return 0
         blob = encode_blob(kind, raw_size, payload)
-        self.backend.put(key, blob)
+        self.backend.put(key, blob, durable=durable)
         return len(blob)
 
     def put_chunk_blob(
@@ -778,7 +783,7 @@ class Datastore:
         self.backend.delete(self._stored_chunk_key(digest), durable=durable)
 
     def sync(self) -> None:
-        """Make the deletes made so far durable (see `ObjectStore.sync`)."""
+        """Make the puts and deletes made so far durable (see `ObjectStore.sync`)."""
         self.backend.sync()
 
     def _stored_chunk_key(self, digest: bytes) -> str:

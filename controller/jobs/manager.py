@@ -443,6 +443,11 @@ class JobManager:
         """A chunk a restore downloads cannot be read: marked bad; the error to fail with."""
         return await self._restores.chunk_unreadable(running, digest, error)
 
+    async def commit_chunks(self, running: RunningBackup) -> None:
+        """Make the chunks a backup stored so far visible and durable in the datastore."""
+        assert running.transaction is not None
+        await running.transaction.commit_chunks()
+
     async def accept_index(self, running: RunningBackup, index: DiskIndex) -> None:
         """Take a disk's index once every chunk it references is known to be durable."""
         assert running.transaction is not None

@@ -283,10 +283,16 @@ class BackupTransaction:
         """Verify and store one uploaded chunk; the bytes it added to the datastore.
 
         A chunk known bad replaces what the datastore holds under its name, and is good
-        again from then on (its damaged recovery points heal)."""
+        again from then on (its damaged recovery points heal).
+
+        The chunk may become visible in the datastore only later, in a batch (one sync per
+        batch instead of one per few chunks, `ObjectStore.put`); `commit_chunks`, at the end
+        of the upload stream and again in `accept_index`, makes every one of them visible and
+        durable before an index naming it is taken. A repair is durable at once, as the
+        catalog records it."""
         replace = self.health.is_bad(digest)
         stored = await self._in_pool(
-            partial(self.datastore.put_chunk, replace=replace),
+            partial(self.datastore.put_chunk, replace=replace, durable=replace),
             digest,
             data,
             compression,
@@ -301,8 +307,14 @@ class BackupTransaction:
                 self.health.repaired((digest,))
         return stored
 
+    async def commit_chunks(self) -> None:
+        """Make every chunk stored so far visible and durable (`store_chunk` leaves them
+        pending in batches): at the end of each upload stream, and before an index is taken."""
+        await self._in_pool(self.datastore.sync)
+
     def chunk_stored(self, digest: bytes, stored: int) -> None:
-        """An uploaded chunk is durable in the datastore (`stored` bytes were new)."""
+        """An uploaded chunk is in the datastore (`stored` bytes were new); durable once
+        `accept_index` has synced."""
         self._hold((digest,))
         self.known.add(digest)
         self.bytes_stored += stored
@@ -338,6 +350,12 @@ class BackupTransaction:
                 digest=min(bad).hex(),
             )
         self.known.update(unknown)
+        # Every chunk the index names is now either known stored by this backup (maybe still
+        # pending in a batch) or seen visible in the datastore (stored by a backup beside this
+        # one, or long ago). This sync commits whatever is pending and makes it all durable:
+        # chunks are stored without waiting for that (`store_chunk`), so this is the point
+        # where "every chunk the index names is durable" becomes true.
+        await self.commit_chunks()
         sha = await self._in_pool(self.datastore.put_index, self.rp_id, index)
         size = await self._in_pool(data_bytes, index)
         self.indexes[index.disk] = AcceptedIndex(

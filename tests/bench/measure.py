@@ -189,6 +189,25 @@ def drop_caches() -> None:
     Path("/proc/sys/vm/drop_caches").write_text("3\n")
 
 
+def sequential_write_rate(path: Path, size: int, piece: int = 4 << 20) -> float:
+    """Bytes a second this machine writes sequentially to a new file at `path`: `size` bytes
+    of zeros (in `piece`s) with `dd oflag=direct conv=fdatasync`, as a restore writes a new
+    image and syncs it. The file is removed. The bound a restore is measured against."""
+    path.unlink(missing_ok=True)
+    drop_caches()
+    count = max(1, size // piece)
+    argv = [
+        "dd", "if=/dev/zero", f"of={path}", f"bs={piece}", f"count={count}",
+        "oflag=direct", "conv=fdatasync", "status=none",
+    ]  # fmt: skip
+    start = time.perf_counter()
+    try:
+        subprocess.run(argv, check=True)
+        return count * piece / (time.perf_counter() - start)
+    finally:
+        path.unlink(missing_ok=True)
+
+
 def sha256_file(path: Path, piece: int = 8 << 20) -> str:
     h = hashlib.sha256()
     with path.open("rb") as f:

@@ -1,7 +1,8 @@
 """The benchmark run: Coffer, restic and borg on the same disk image, in the same run.
 
     python -m tests.bench.run [--size 2G] [--tools coffer,restic,borg] [--chunk-size 512K 1M]
-                              [--workdir /var/tmp] [--keep] [--sparse-memory] ...
+                              [--seeds 1,7] [--workdir /var/tmp] [--keep] [--no-memory]
+                              [--sparse-memory] ...
 
 Run as root (loop mounts, dropping the page cache). Steps, for every tool in turn:
 
@@ -30,9 +31,17 @@ Before every step of every tool the page cache is dropped (`sync; echo 3 >
 (`--no-drop-caches` keeps everything cached instead, for all tools alike).
 
 Coffer runs once per `--chunk-size` (each its own controller, datastore and agent).
-`--sparse-memory` instead backs up mostly-empty sparse images of several sizes (2 GiB and 8 GiB
-by default) with fresh installs and reports peak memory, to show the agent's does not grow with
-the disk.
+
+All of the above runs once per seed of `--seeds` (1,7), each with its own image, churn and
+fresh tools; every seed after the first also takes another mix of file kinds (`MIXES`). Before
+each seed's restores the machine's sequential write rate is measured (`dd` of the image's size,
+`oflag=direct conv=fdatasync`), the restore's second bound. Each seed gets issue 11's table
+(`tests.bench.report.issue_table`): Coffer against the faster peer, the issue's target for each
+step and whether this run meets it, with an empty row for the changed-block tracking
+incremental (step ``incr-tracking``). Last, the memory rows: Coffer alone backs up and restores
+mostly-empty sparse images (`--sparse-sizes`, 2 GiB and 32 GiB) with fresh installs, to show
+its memory does not grow with the disk (`--no-memory` skips them). `--sparse-memory` instead
+runs only sparse backups, of every tool.
 """
 
 from __future__ import annotations
@@ -50,6 +59,7 @@ from pathlib import Path
 
 from tests.bench.coffer import Coffer, size_label
 from tests.bench.image import (
+    Mix,
     build_image,
     build_sparse_image,
     churn_clustered,
@@ -59,11 +69,33 @@ from tests.bench.image import (
     have_root_tools,
     loop_devices_for,
 )
-from tests.bench.measure import StepFailed, StepResult, Tool, drop_caches, sha256_file
+from tests.bench.measure import (
+    StepFailed,
+    StepResult,
+    Tool,
+    drop_caches,
+    sequential_write_rate,
+    sha256_file,
+)
 from tests.bench.peers import Borg, Restic
-from tests.bench.report import console, notes, rollback_table, single_file_table, steps_table
+from tests.bench.report import (
+    console,
+    issue_table,
+    memory_table,
+    notes,
+    rollback_table,
+    single_file_table,
+    steps_table,
+)
 from tests.bench.single_file import STEP as SINGLE_FILE
 from tests.bench.single_file import pick_small_file
+
+MIXES = (
+    Mix(),
+    # The second image: more incompressible data, less text, fewer zeros.
+    Mix(prose=0.06, code=0.08, log=0.16, binary=0.25, random=0.35, zeros=0.10),
+)
+"""The file mix of each seed's image in turn: the first is the project's benchmark image."""
 
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
@@ -108,7 +140,14 @@ def arguments(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--fill", type=float, default=0.6, help="file-system fill of the base (0.6)")
     p.add_argument("--fraction", type=float, default=0.02, help="churn fraction (0.02)")
     p.add_argument("--run-bytes", type=parse_size, default=256 << 10, help="clustered run (256K)")
-    p.add_argument("--seed", type=int, default=1, help="seed of the image and the churn (1)")
+    p.add_argument(
+        "--seeds",
+        default="1,7",
+        help="seeds of the images and their churn, one whole run each (1,7); every seed after "
+        "the first also takes another mix of file kinds (MIXES), so the figures hold for data "
+        "the code was not tuned on",
+    )
+    p.add_argument("--seed", type=int, help="one seed only (same as --seeds N)")
     p.add_argument(
         "--peer-compression",
         choices=("default", "zstd"),
@@ -133,7 +172,19 @@ def arguments(argv: Sequence[str] | None) -> argparse.Namespace:
         help="instead: full backups of mostly-empty sparse images, to compare peak memory",
     )
     p.add_argument(
-        "--sparse-sizes", default="2G,8G", help="sparse image sizes for --sparse-memory (2G,8G)"
+        "--sparse-sizes",
+        default="2G,32G",
+        help="sparse image sizes of the memory rows (2G,32G): a full backup and a restore each",
+    )
+    p.add_argument(
+        "--no-memory",
+        action="store_true",
+        help="skip the memory rows (Coffer's backup and restore of the sparse images)",
+    )
+    p.add_argument(
+        "--no-write-rate",
+        action="store_true",
+        help="skip measuring the machine's sequential write rate (the restore bound)",
     )
     p.add_argument(
         "--sparse-data",
@@ -148,6 +199,7 @@ def arguments(argv: Sequence[str] | None) -> argparse.Namespace:
         p.error(f"unknown tools: {', '.join(sorted(unknown))}")
     args.chunk_size = parse_sizes(args.chunk_size)
     args.sparse_sizes = parse_sizes([args.sparse_sizes])
+    args.seeds = [args.seed] if args.seed is not None else [int(s) for s in args.seeds.split(",")]
     if args.size % 4096:
         p.error("--size must be a multiple of 4 KiB")
     return args
@@ -164,6 +216,8 @@ class Bench:
         self.versions: dict[str, str] = {}
         self.settings: dict[str, str] = {}
         self.open_tools: list[Tool] = []
+        self.seed: int | None = None  # the seed of the churn run under way, for notes
+        self.write_rates: dict[int, float] = {}  # seed: bytes/s of a sequential write
         # Other work on the machine skews wall times: the report shows how busy it was.
         self.load_start = ", ".join(f"{x:.2f}" for x in os.getloadavg())
 
@@ -211,7 +265,10 @@ class Bench:
     def fail(self, tool: Tool, steps: Sequence[str], error: str) -> None:
         for step in steps:
             self.results.append(StepResult(tool.name, step, 0, 0.0, 0.0, 0, 0, 0, False, error))
-        self.notes.append(f"{tool.name}: {error.strip()}")
+        self.note(f"{tool.name}: {error.strip()}")
+
+    def note(self, text: str) -> None:
+        self.notes.append(f"seed {self.seed}: {text}" if self.seed is not None else text)
 
     def close(self) -> None:
         for tool in self.open_tools:
@@ -221,19 +278,30 @@ class Bench:
     # -- the churn benchmark ---------------------------------------------------------------
 
     def churn(self) -> None:
+        """The churn benchmark once per seed, each with fresh tools; every result and note is
+        tagged with its seed."""
+        for i, seed in enumerate(self.args.seeds):
+            first = len(self.results)
+            self.seed = seed
+            self.churn_seed(seed, MIXES[i % len(MIXES)])
+            for result in self.results[first:]:
+                result.detail["seed"] = seed
+
+    def churn_seed(self, seed: int, mix: Mix) -> None:
         a = self.args
-        images = self.work / "images"
-        images.mkdir()
+        work = self.work / f"seed-{seed}"
+        images = work / "images"
+        images.mkdir(parents=True)
         base = images / "base.img"
-        disk = self.work / "disk" / "disk.img"
+        disk = work / "disk" / "disk.img"
         disk.parent.mkdir()
 
         started = time.monotonic()
-        info = build_image(base, a.size, fill=a.fill, seed=a.seed)
+        info = build_image(base, a.size, fill=a.fill, seed=seed, mix=mix)
         kinds = ", ".join(f"{k} {n / (1 << 20):.0f}" for k, n in info.bytes_by_kind.items())
-        self.notes.append(
+        self.note(
             f"image: {size_label(a.size)} raw, ext4 {info.used_bytes / info.fs_bytes:.0%} used "
-            f"({info.used_bytes / (1 << 20):.0f} MiB), {info.files} files, seed {a.seed}; "
+            f"({info.used_bytes / (1 << 20):.0f} MiB), {info.files} files, seed {seed}; "
             f"MiB by kind: {kinds}; built in {time.monotonic() - started:.0f} s"
         )
         variants: list[tuple[str, Callable[[Path], str] | None]] = [
@@ -241,27 +309,27 @@ class Bench:
             (
                 "incr-scatter",
                 lambda p: (
-                    f"{churn_scatter(p, a.fraction, a.seed + 1) / (1 << 20):.1f} MiB "
+                    f"{churn_scatter(p, a.fraction, seed + 1) / (1 << 20):.1f} MiB "
                     "in scattered 4 KiB blocks"
                 ),
             ),
             (
                 "incr-clustered",
                 lambda p: (
-                    f"{churn_clustered(p, a.fraction, a.run_bytes, a.seed + 2) / (1 << 20):.1f}"
+                    f"{churn_clustered(p, a.fraction, a.run_bytes, seed + 2) / (1 << 20):.1f}"
                     f" MiB in {size_label(a.run_bytes)} runs"
                 ),
             ),
-            ("incr-file-edits", lambda p: _edits(p, a.fraction, a.seed + 3)),
+            ("incr-file-edits", lambda p: _edits(p, a.fraction, seed + 3)),
         ]
         steps = [name for name, _ in variants] + ["restore"]
-        tools = self.start(self.make_tools(self.work, disk), steps)
+        tools = self.start(self.make_tools(work, disk), steps)
 
         for step, churn in variants:
             staging = images / "next.img"
             copy_image(base, staging)
             if churn is not None:
-                self.notes.append(f"{step}: {churn(staging)} (from the base)")
+                self.note(f"{step}: {churn(staging)} (from the base)")
             os.replace(staging, disk)  # a new file at the same path: the disk's next state
             os.sync()
             for tool in list(tools):
@@ -273,6 +341,14 @@ class Bench:
             self._progress(step)
 
         want = sha256_file(disk)
+        if not a.no_write_rate:
+            # The restore's bound: this machine writing an image of the same size, now.
+            rate = sequential_write_rate(work / "write-rate.img", a.size)
+            self.write_rates[seed] = rate
+            self.note(
+                f"sequential write rate: {rate / 1e6:.0f} MB/s (dd of {size_label(a.size)} of "
+                "zeros, oflag=direct conv=fdatasync, into the workdir, just before the restores)"
+            )
         for tool in tools:
             try:
                 result, restored = tool.restore("restore")
@@ -283,13 +359,13 @@ class Bench:
             result.detail["sha256"] = got
             result.ok = got == want
             verdict = "identical" if result.ok else f"DIFFERS (sha256 {got[:16]}…)"
-            self.notes.append(f"restore {tool.name}: {verdict}")
+            self.note(f"restore {tool.name}: {verdict}")
             if not result.ok:
                 result.error = f"restored image differs from the source: {got}"
             self.results.append(result)
             if not a.keep:
                 restored.unlink(missing_ok=True)
-        self.notes.append(f"source sha256 (file-edits state): {want}")
+        self.note(f"source sha256 (file-edits state): {want}")
         self.single_file(tools, disk)
         # Last: the rollback changes the disk itself (back to the base).
         if not a.no_rollback:
@@ -324,7 +400,7 @@ class Bench:
                     result.error = f"the rolled-back disk differs from the base: {got}"
                 self.results.append(result)
                 verdict = "identical" if result.ok else "DIFFERS"
-                self.notes.append(f"rollback {tool.name}: the disk is {verdict} to the base")
+                self.note(f"rollback {tool.name}: the disk is {verdict} to the base")
             except StepFailed as exc:
                 self.fail(tool, ["restore-base-image", "rollback-file-edits"], str(exc))
         self._progress("rollback-file-edits")
@@ -332,7 +408,7 @@ class Bench:
     def single_file(self, tools: list[Tool], disk: Path) -> None:
         """One small file of the latest snapshot back (tests.bench.single_file)."""
         small = pick_small_file(disk)
-        self.notes.append(
+        self.note(
             f"{SINGLE_FILE}: {small.path} ({small.size} bytes) of the latest snapshot "
             "(file-edits state)"
         )
@@ -345,36 +421,46 @@ class Bench:
 
     # -- the memory benchmark ----------------------------------------------------------------
 
-    def sparse_memory(self) -> None:
+    def sparse_memory(self, tools_wanted: Sequence[str] | None = None) -> None:
+        """A full backup and a restore of mostly-empty sparse images of each size, with fresh
+        installs: peak memory must not grow with the disk (`tools_wanted` limits the tools)."""
         a = self.args
+        self.seed = None
         for size in a.sparse_sizes:
             label = size_label(size)
             where = self.work / f"sparse-{label}"
             where.mkdir()
             image = where / "disk.img"
-            data = build_sparse_image(image, size, a.sparse_data, seed=a.seed)
-            self.notes.append(f"sparse {label}: {data >> 20} MiB of data in 1 MiB extents")
-            step = f"full {label} sparse"
-            tools = self.start(self.make_tools(where, image), [step])
+            data = build_sparse_image(image, size, a.sparse_data, seed=a.seeds[0])
+            self.note(f"sparse {label}: {data >> 20} MiB of data in 1 MiB extents")
+            step, back = f"full {label} sparse", f"restore {label} sparse"
+            made = self.make_tools(where, image)
+            if tools_wanted is not None:
+                made = [t for t in made if t.name.split("-")[0] in tools_wanted]
+            tools = self.start(made, [step, back])
             for tool in tools:
                 try:
                     result = tool.backup(step)
                     self.results.append(result)
                     d = result.detail
                     if "rss_agent_before" in d:
-                        self.notes.append(
+                        self.note(
                             f"{step} {tool.name}: agent RSS {d['rss_agent_before'] >> 20} MiB "
                             f"idle before, {d['peak_rss_agent'] >> 20} MiB peak"
                         )
+                    restored_result, restored = tool.restore(back)
+                    self.results.append(restored_result)
+                    restored.unlink(missing_ok=True)
                 except StepFailed as exc:
-                    self.fail(tool, [step], str(exc))
+                    self.fail(tool, [step, back], str(exc))
             self.close()
             self._progress(step)
             if not a.keep:
                 image.unlink()
 
     def _progress(self, step: str) -> None:
-        done = [r for r in self.results if r.step == step]
+        # Results of earlier seeds carry their seed (tagged once a seed is done): left out.
+        done = [r for r in self.results if r.step == step and "seed" not in r.detail]
         line = ", ".join(f"{r.tool} {r.wall_s:.1f}s" if r.ok else f"{r.tool} FAILED" for r in done)
         print(f"[bench] {step}: {line}", file=sys.stderr, flush=True)
 
@@ -395,10 +481,24 @@ class Bench:
         for tool, setting in self.settings.items():
             out.print(f"settings {tool}: {setting}")
         out.print(notes(self.notes))
-        out.print(steps_table([r for r in self.results if r.step != SINGLE_FILE], title))
-        single = [r for r in self.results if r.step == SINGLE_FILE]
-        if single:
-            out.print(single_file_table(single))
+        sparse = [r for r in self.results if r.step.endswith(" sparse")]
+        churned = [r for r in self.results if r not in sparse]
+        for seed in dict.fromkeys(int(r.detail.get("seed", 0)) for r in churned):
+            rows = [r for r in churned if int(r.detail.get("seed", 0)) == seed]
+            suffix = f", seed {seed}" if seed else ""
+            out.print(steps_table([r for r in rows if r.step != SINGLE_FILE], title + suffix))
+            single = [r for r in rows if r.step == SINGLE_FILE]
+            if single:
+                out.print(single_file_table(single))
+            out.print(
+                issue_table(
+                    rows,
+                    f"issue 11: Coffer against the faster peer{suffix}",
+                    self.write_rates.get(seed),
+                )
+            )
+        if sparse:
+            out.print(memory_table(sparse))
         ways_back = rollback_table(self.results)
         if ways_back is not None:
             out.print(ways_back)
@@ -457,6 +557,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             bench.report("Peak memory on sparse images (full backup)")
         else:
             bench.churn()
+            if not args.no_memory:
+                bench.sparse_memory(tools_wanted=["coffer"])
             bench.report(
                 f"{' vs '.join(args.tools)}: {size_label(args.size)} image, "
                 f"churn {args.fraction:.0%} of it per incremental"
