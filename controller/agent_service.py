@@ -33,7 +33,7 @@ from controller.enrolment import Enrolment
 from controller.hello_writer import HelloWriter
 from controller.interceptors import caller_vm
 from controller.jobs import JobManager, RunningBackup
-from controller.registry import AgentRegistry, AgentSession
+from controller.registry import SILENT_AFTER_HEARTBEATS, AgentRegistry, AgentSession
 from controller.session_gate import SessionGate
 from shared.blob import Compression
 from shared.clock import Clock
@@ -132,7 +132,12 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
             if hello is None:
                 log.debug("agent %s ended its session before its hello", vm_id)
                 return
-            session = AgentSession(hello=hello, connected_at=self._clock.now(), peer=context.peer())
+            session = AgentSession(
+                hello=hello,
+                connected_at=self._clock.now(),
+                peer=context.peer(),
+                silent_after=SILENT_AFTER_HEARTBEATS * self._heartbeat_ms / 1000,
+            )
             if not hello.standby:
                 # A standby's is recorded once it has the session (below, outside the gate:
                 # it waits for the other agent's session to end).

@@ -13,7 +13,7 @@ waits here until the VM has no session and never displaces the open one, so the 
 take turns knocking each other off. The operator sees a `DuplicateAgent` warning on the VM
 while a standby waits and for a day after (`warnings`).
 
-Online means heard from lately. A session whose agent's heartbeats stopped `SILENT_AFTER_SECONDS`
+Online means heard from lately. A session whose agent's heartbeats stopped `silent_after` seconds
 ago is not online, even while its stream is open: a connection that died without a word stays
 open until keepalive notices, and a command sent down it would be lost. Its next heartbeat
 makes it online again and wakes the `on_connect` listeners, as a new session does. (Silence is
@@ -41,9 +41,10 @@ log = logging.getLogger(__name__)
 
 # How long after two agents of one VM were last seen together `coffer agents` still says so.
 DUPLICATE_WARNING_SECONDS = 24 * 3600.0
-# A session whose agent has said nothing this long is not online: four heartbeats
-# (agent_service.HEARTBEAT_INTERVAL_MS) missed, which no live agent does.
-SILENT_AFTER_SECONDS = 20.0
+# A session whose agent has said nothing for this many heartbeat intervals is not online:
+# four heartbeats missed, which no live agent does.
+SILENT_AFTER_HEARTBEATS = 4
+SILENT_AFTER_SECONDS = 20.0  # for sessions told of no interval (tests' own sessions)
 
 
 @dataclass
@@ -57,6 +58,9 @@ class AgentSession:
         default_factory=dict
     )
     closed: asyncio.Event = field(default_factory=asyncio.Event)
+    # How long the agent may say nothing before the session is not online: SILENT_AFTER_HEARTBEATS
+    # of the heartbeat interval it was given (agent_service.heartbeat_ms).
+    silent_after: float = SILENT_AFTER_SECONDS
     # The session that took over from this one, when that is why it closed.
     displaced_by: AgentSession | None = None
     heard_at: float | None = None
@@ -106,8 +110,8 @@ class AgentSession:
         return message.result()
 
     def silent(self, now: float) -> bool:
-        """The agent's heartbeats stopped `SILENT_AFTER_SECONDS` before monotonic time `now`."""
-        return self.heard_at is not None and now - self.heard_at >= SILENT_AFTER_SECONDS
+        """The agent's heartbeats stopped `silent_after` seconds before monotonic time `now`."""
+        return self.heard_at is not None and now - self.heard_at >= self.silent_after
 
     def forget(self, command_id: str) -> None:
         """Stop waiting for a command's result (its job ended without it); a late result is

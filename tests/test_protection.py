@@ -21,7 +21,6 @@ from pathlib import Path
 
 import pytest
 
-from controller import registry as registry_module
 from controller.catalog import (
     Catalog,
     JobFilter,
@@ -1322,14 +1321,14 @@ async def test_many_vms_register_protect_and_back_up_together_one_job_each(
 
 
 async def test_a_session_whose_heartbeats_stopped_gets_no_backup_until_it_is_heard_again(
-    env: Controller, monkeypatch: pytest.MonkeyPatch
+    env: Controller,
 ) -> None:
     """A connection that died without a word looks open until keepalive notices: the
     dispatcher holds the backup back, and the agent's next heartbeat sends it at once."""
-    monkeypatch.setattr(registry_module, "SILENT_AFTER_SECONDS", 0.2)
     await env.enrol_all()
     await env.protected(EU, SHOP_WEB)
     session = env.sessions[SHOP_WEB]
+    session.silent_after = 0.2
     env.registry.heard(session)
     await asyncio.sleep(0.3)
     assert not env.registry.online(SHOP_WEB)
