@@ -37,8 +37,9 @@ fresh tools; every seed after the first also takes another mix of file kinds (`M
 each seed's restores the machine's sequential write rate is measured (`dd` of the image's size,
 `oflag=direct conv=fdatasync`), the restore's second bound. Each seed gets issue 11's table
 (`tests.bench.report.issue_table`): Coffer against the faster peer, the issue's target for each
-step and whether this run meets it, with an empty row for the changed-block tracking
-incremental (step ``incr-tracking``). Last, the memory rows: Coffer alone backs up and restores
+step and whether this run meets it, and the changed-block tracking incremental (step
+``incr-tracking``: `tests.bench.tracking` on the seed's image and mix placed on a reflink XFS,
+the same file edits backed up by Coffer with tracking and by borg; `--no-tracking` skips it). Last, the memory rows: Coffer alone backs up and restores
 mostly-empty sparse images (`--sparse-sizes`, 2 GiB and 32 GiB) with fresh installs, to show
 its memory does not grow with the disk (`--no-memory` skips them). `--sparse-memory` instead
 runs only sparse backups, of every tool.
@@ -47,6 +48,7 @@ runs only sparse backups, of every tool.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -57,6 +59,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from tests.bench import tracking
 from tests.bench.coffer import Coffer, size_label
 from tests.bench.image import (
     Mix,
@@ -79,6 +82,7 @@ from tests.bench.measure import (
 )
 from tests.bench.peers import Borg, Restic
 from tests.bench.report import (
+    TRACKING_STEP,
     console,
     issue_table,
     memory_table,
@@ -180,6 +184,12 @@ def arguments(argv: Sequence[str] | None) -> argparse.Namespace:
         "--no-memory",
         action="store_true",
         help="skip the memory rows (Coffer's backup and restore of the sparse images)",
+    )
+    p.add_argument(
+        "--no-tracking",
+        action="store_true",
+        help="skip the tracking incremental (Coffer with changed-block tracking against borg, "
+        "on the image placed on a reflink XFS)",
     )
     p.add_argument(
         "--no-write-rate",
@@ -284,8 +294,36 @@ class Bench:
             first = len(self.results)
             self.seed = seed
             self.churn_seed(seed, MIXES[i % len(MIXES)])
+            if not self.args.no_tracking and {"coffer", "borg"} <= set(self.args.tools):
+                self.tracking_seed(seed, MIXES[i % len(MIXES)])
             for result in self.results[first:]:
                 result.detail["seed"] = seed
+
+    def tracking_seed(self, seed: int, mix: Mix) -> None:
+        """The tracking incremental (`tests.bench.tracking`) of this seed's image and mix: the
+        same file edits backed up by Coffer with changed-block tracking and by borg, on an
+        image on a reflink XFS. Its two incrementals are the table's TRACKING_STEP row."""
+        a = self.args
+        settings = argparse.Namespace(size=a.size, fill=a.fill, seed=seed, fraction=a.fraction)
+        work = self.work / f"seed-{seed}" / "tracking"
+        work.mkdir(parents=True)
+        try:
+            rows = tracking.run(settings, work, mix=mix)
+        except StepFailed as exc:
+            self.note(f"the tracking incremental failed: {exc}")
+            return
+        finally:
+            if not a.keep:
+                shutil.rmtree(work, ignore_errors=True)
+        keep = {"coffer-tracking": "coffer-tracking", "borg": "borg"}
+        names = {f.name for f in dataclasses.fields(StepResult)}
+        for row in rows:
+            if row["step"] == "incr-file-edits" and row["tool"] in keep:
+                result = StepResult(**{k: v for k, v in row.items() if k in names})
+                result.step = TRACKING_STEP
+                result.detail["reads"] = row.get("reads", {})
+                self.results.append(result)
+        self._progress(TRACKING_STEP)
 
     def churn_seed(self, seed: int, mix: Mix) -> None:
         a = self.args

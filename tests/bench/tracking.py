@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.bench.coffer import VAULT, Coffer
-from tests.bench.image import build_image, edit_files, have_root_tools
+from tests.bench.image import Mix, build_image, edit_files, have_root_tools
 from tests.bench.measure import StepFailed, StepResult, drop_caches, sha256_file
 from tests.bench.peers import Borg
 from tests.bench.run import parse_size
@@ -61,11 +61,13 @@ def reads(tool: Coffer) -> dict[str, Any]:
     return found
 
 
-def run(args: argparse.Namespace, work: Path) -> list[dict[str, Any]]:
+def run(args: argparse.Namespace, work: Path, mix: Mix | None = None) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     # Room for the image, its clone's divergence and the kept clones' (sparse: costs little).
     with loop_fs(work / "xfs.img", "xfs", 2 * args.size + 1024 * MiB) as xfs:
-        image = build_image(xfs.mountpoint / "vm.img", args.size, fill=args.fill, seed=args.seed)
+        image = build_image(
+            xfs.mountpoint / "vm.img", args.size, fill=args.fill, seed=args.seed, mix=mix
+        )
         twin = xfs.mountpoint / "vm-full.img"
         subprocess.run(["cp", "--reflink=always", str(image.path), str(twin)], check=True)
         tracking = Coffer(work / "coffer-tracking", image.path, before_step=drop_caches)
