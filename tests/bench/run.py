@@ -39,9 +39,10 @@ each seed's restores the machine's sequential write rate is measured (`dd` of th
 (`tests.bench.report.issue_table`): Coffer against the faster peer, the issue's target for each
 step and whether this run meets it, and the changed-block tracking incremental (step
 ``incr-tracking``: `tests.bench.tracking` on the seed's image and mix placed on a reflink XFS,
-the same file edits backed up by Coffer with tracking and by borg; `--no-tracking` skips it). Last, the memory rows: Coffer alone backs up and restores
-mostly-empty sparse images (`--sparse-sizes`, 2 GiB and 32 GiB) with fresh installs, to show
-its memory does not grow with the disk (`--no-memory` skips them). `--sparse-memory` instead
+the same file edits backed up by Coffer with tracking and by borg; `--no-tracking` skips it).
+Last, the memory rows: Coffer alone backs up and restores mostly-empty sparse images
+(`--sparse-sizes`, 2 GiB and 32 GiB) with fresh installs, to show its memory does not grow with
+the disk (`--no-memory` skips them). `--sparse-memory` instead
 runs only sparse backups, of every tool.
 """
 
