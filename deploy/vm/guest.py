@@ -100,12 +100,29 @@ class Guest:
         fields["accel"] = accelerator(fields["accel"])
         return Guest(GuestSpec(**fields))
 
-    root = property(lambda self: self.dir / "root.img")
-    data = property(lambda self: self.dir / "data.img")
-    console = property(lambda self: self.dir / "console.log")
-    qga = property(lambda self: self.dir / "qga.sock")
-    qmp = property(lambda self: self.dir / "qmp.sock")
-    state_file = property(lambda self: self.dir / "state.json")
+    @property
+    def root(self) -> Path:
+        return self.dir / "root.img"
+
+    @property
+    def data(self) -> Path:
+        return self.dir / "data.img"
+
+    @property
+    def console(self) -> Path:
+        return self.dir / "console.log"
+
+    @property
+    def qga(self) -> Path:
+        return self.dir / "qga.sock"
+
+    @property
+    def qmp(self) -> Path:
+        return self.dir / "qmp.sock"
+
+    @property
+    def state_file(self) -> Path:
+        return self.dir / "state.json"
 
     # -- disks ------------------------------------------------------------------------------
 
@@ -131,8 +148,10 @@ class Guest:
             with self.data.open("wb") as f:
                 f.truncate(self.spec.data_mib << 20)
             run("mkfs.ext4", "-q", "-F", "-L", "coffer-data", self.data)
-        files = {"/etc/hostname": f"{self.spec.name}\n".encode(), **(files or {})}
-        write_files(self.root, files)
+        if root is None:  # a restored disk is left as it was restored
+            files = {"/etc/hostname": f"{self.spec.name}\n".encode(), **(files or {})}
+        if files:
+            write_files(self.root, files)
 
     # -- the process ------------------------------------------------------------------------
 

@@ -111,9 +111,9 @@ def host_mirror(sources: Sequence[Path] = ()) -> str:
             for stanza in re.split(r"\n\s*\n", text):
                 uris = re.findall(r"^URIs:\s*(\S+)", stanza, re.M)
                 suites = re.findall(r"^Suites:\s*(.+)$", stanza, re.M)
-                if uris and suites and SUITE in suites[0].split():
-                    if uris[0].rstrip("/").endswith("/debian"):
-                        return uris[0].rstrip("/")
+                if (uris and suites and SUITE in suites[0].split()
+                        and uris[0].rstrip("/").endswith("/debian")):  # fmt: skip
+                    return str(uris[0]).rstrip("/")
             for uri, suite in re.findall(r"^deb\s+(?:\[[^]]*\]\s+)?(\S+)\s+(\S+)", text, re.M):
                 if suite == SUITE and uri.rstrip("/").endswith("/debian"):
                     return str(uri).rstrip("/")
@@ -179,8 +179,8 @@ def build(cache: Path = DEFAULT_CACHE, *, mirror: str | None = None, force: bool
     work = Path(tempfile.mkdtemp(prefix=f".build-{image.key}-", dir=cache))
     try:
         tree = work / "tree"
-        with steps.step(f"mmdebstrap {SUITE} minbase from {mirror} (downloads the packages: "
-                        f"{', '.join(PACKAGES)})"):  # fmt: skip
+        print(f"    downloads from {mirror}: {', '.join(PACKAGES)} and what they depend on")
+        with steps.step(f"mmdebstrap {SUITE} minbase"):
             _debootstrap(tree, mirror)
         with steps.step("install coffer[agent] from this checkout into /opt/coffer (host pip)"):
             _install_agent(tree, work)
@@ -243,6 +243,10 @@ def _configure(tree: Path) -> None:
     (tree / "etc/hostname").write_text("coffer-guest\n")
     (tree / "data").mkdir(exist_ok=True)
     (tree / "etc/coffer-agent").mkdir(exist_ok=True)
+    # The agent's state directory (systemd's StateDirectory would make it) and the directory
+    # its restores and recovered files may go to (its config's restore_dirs).
+    (tree / "var/lib/coffer-agent/restore").mkdir(parents=True, exist_ok=True)
+    (tree / "var/lib/coffer-agent").chmod(0o700)
     wants = tree / "etc/systemd/system/multi-user.target.wants"
     wants.mkdir(parents=True, exist_ok=True)
     for unit in ("coffer-agent.service", "coffer-journal.service", "coffer-net.service"):
