@@ -70,6 +70,9 @@ INPUTS = ("shared", "agent", "pyproject.toml", "deploy/systemd/coffer-agent.serv
           "deploy/vm/image.py", "deploy/vm/journal_app.py", "deploy/vm/guest_files")  # fmt: skip
 EXCLUDES = ("/usr/share/doc/*", "/usr/share/man/*", "/usr/share/info/*", "/usr/share/locale/*",
             "/usr/share/lintian/*")  # fmt: skip
+MASKED = ("getty.target", "systemd-logind.service", "e2scrub_reap.service", "e2scrub_all.timer",
+          "fstrim.timer", "dpkg-db-backup.timer", "apt-daily.timer", "apt-daily-upgrade.timer",
+          "systemd-timesyncd.service")  # fmt: skip
 SLACK_MIB = 384  # free space in the root file system beyond what the tree uses
 
 
@@ -179,9 +182,11 @@ def build(cache: Path = DEFAULT_CACHE, *, mirror: str | None = None, force: bool
     work = Path(tempfile.mkdtemp(prefix=f".build-{image.key}-", dir=cache))
     try:
         tree = work / "tree"
-        print(f"    downloads from {mirror}: {', '.join(PACKAGES)} and what they depend on")
+        debs = cache / "debs"
+        print(f"    downloads from {mirror}: {', '.join(PACKAGES)} and what they depend on, "
+              f"unless {debs} has them")  # fmt: skip
         with steps.step(f"mmdebstrap {SUITE} minbase"):
-            _debootstrap(tree, mirror)
+            _debootstrap(tree, mirror, debs)
         with steps.step("install coffer[agent] from this checkout into /opt/coffer (host pip)"):
             _install_agent(tree, work)
         with steps.step("guest files: units, fstab, journal application"):
@@ -206,9 +211,16 @@ def build(cache: Path = DEFAULT_CACHE, *, mirror: str | None = None, force: bool
     return image
 
 
-def _debootstrap(tree: Path, mirror: str) -> None:
-    argv: list[str | Path] = ["mmdebstrap", "--variant=minbase", "--mode=root",
-                              "--include=" + ",".join(PACKAGES)]  # fmt: skip
+def _debootstrap(tree: Path, mirror: str, debs: Path) -> None:
+    """The tree, with the packages kept in `debs` so the next build downloads only what is new
+    (mmdebstrap's own recipe for a local cache: sync-in before, sync-out after)."""
+    debs.mkdir(parents=True, exist_ok=True)
+    archives = "/var/cache/apt/archives"
+    argv: list[str | Path] = [
+        "mmdebstrap", "--variant=minbase", "--mode=root", "--include=" + ",".join(PACKAGES),
+        "--skip=essential/unlink", f'--setup-hook=mkdir -p "$1"{archives}/',
+        f"--setup-hook=sync-in {debs} {archives}/", f"--customize-hook=sync-out {archives} {debs}",
+    ]  # fmt: skip
     argv += [f"--dpkgopt=path-exclude={p}" for p in EXCLUDES]
     argv += ["--dpkgopt=path-include=/usr/share/doc/*/copyright", SUITE, tree,
              f"deb {mirror} {SUITE} main", f"deb {mirror} {SUITE}-updates main"]  # fmt: skip
@@ -253,11 +265,12 @@ def _configure(tree: Path) -> None:
         link = wants / unit
         if not link.is_symlink():
             link.symlink_to(f"/etc/systemd/system/{unit}")
-    # No login on the console is needed: the test runs commands through qemu-guest-agent.
-    (tree / "etc/systemd/system/getty.target.wants").mkdir(parents=True, exist_ok=True)
-    for unit in ("systemd-timesyncd.service", "apt-daily.timer", "apt-daily-upgrade.timer"):
+    # Under emulation every unit started costs seconds of boot: what a guest that is reached
+    # through qemu-guest-agent and has no users does not need is masked (no login prompts,
+    # no logind, no timers of maintenance jobs).
+    for unit in MASKED:
         mask = tree / "etc/systemd/system" / unit
-        if not mask.exists():
+        if not mask.is_symlink():
             mask.symlink_to("/dev/null")
     (tree / "etc/machine-id").write_text("")  # made at each first boot
 
