@@ -23,7 +23,9 @@ and printed:
 The cache key is a SHA-256 of everything that goes in: the package list, the mirror, the
 agent's code (shared/, agent/, pyproject.toml), the unit files and this package's guest files.
 A build goes to a temporary directory that is renamed into place only when complete, so an
-interrupted build leaves no half image that a later call would take as done.
+interrupted build leaves no half image that a later call would take as done; the two newest
+images stay in the cache, older ones are removed. Downloaded packages stay in `debs/` of the
+cache, so a build after a code change downloads nothing the mirror has not changed.
 """
 
 from __future__ import annotations
@@ -74,6 +76,7 @@ MASKED = ("getty.target", "systemd-logind.service", "e2scrub_reap.service", "e2s
           "fstrim.timer", "dpkg-db-backup.timer", "apt-daily.timer", "apt-daily-upgrade.timer",
           "systemd-timesyncd.service")  # fmt: skip
 SLACK_MIB = 384  # free space in the root file system beyond what the tree uses
+KEEP_IMAGES = 2  # images kept in the cache: this checkout's and the one before (another branch)
 
 
 @dataclass(frozen=True)
@@ -208,7 +211,17 @@ def build(cache: Path = DEFAULT_CACHE, *, mirror: str | None = None, force: bool
             shutil.rmtree(work, ignore_errors=True)
     print(f"==> image {image.key} built in {round(time.monotonic() - started, 1)} s: "
           f"{image.directory}", flush=True)  # fmt: skip
+    _prune(cache, image)
     return image
+
+
+def _prune(cache: Path, keep: Image, images: int = KEEP_IMAGES) -> None:
+    """Remove all but the newest `images` images (each about 450 MiB); `keep` stays."""
+    others = (d for d in cache.iterdir() if d != keep.directory and Image(d, d.name).complete())
+    built = sorted(others, key=lambda d: d.stat().st_mtime, reverse=True)
+    for old in built[images - 1 :]:
+        print(f"    removing the older image {old}", flush=True)
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def _debootstrap(tree: Path, mirror: str, debs: Path) -> None:
