@@ -21,7 +21,7 @@ pytestmark = [
     pytest.mark.vm,
     pytest.mark.root,
     pytest.mark.integration,
-    pytest.mark.timeout(1500),
+    pytest.mark.timeout(2400),  # a cold image build and a loaded machine
     pytest.mark.skipif(os.geteuid() != 0, reason="needs root (tap devices, the lab)"),
     pytest.mark.skipif(
         shutil.which("qemu-system-x86_64") is None, reason="QEMU is missing: run deploy/install.sh"
