@@ -7,7 +7,9 @@ and printed:
 1. `mmdebstrap --variant=minbase` of bookworm from the Debian mirror this machine's apt uses
    (`host_mirror`), with systemd, the distribution's cloud kernel (`linux-image-cloud-amd64`),
    python3, FUSE 3, e2fsprogs and qemu-guest-agent (the test's way to run a command inside
-   the guest); documentation and locales are left out.
+   the guest); documentation and locales are left out. The result is a tarball cached by its
+   own key (`base_key`: packages, mirror, recipe), unpacked for each image: a change to the
+   agent's code does not rebuild the Debian tree.
 2. The agent, installed from this checkout on the host side: the host's pip installs
    `coffer[agent]` with `--target` into `/opt/coffer` of the tree (the host interpreter must be
    the guest's minor version, 3.11, so the compiled wheels fit), byte-compiled there too. Guest
@@ -75,6 +77,7 @@ EXCLUDES = ("/usr/share/doc/*", "/usr/share/man/*", "/usr/share/info/*", "/usr/s
 MASKED = ("getty.target", "systemd-logind.service", "e2scrub_reap.service", "e2scrub_all.timer",
           "fstrim.timer", "dpkg-db-backup.timer", "apt-daily.timer", "apt-daily-upgrade.timer",
           "systemd-timesyncd.service")  # fmt: skip
+BASE_VERSION = 1  # of `_debootstrap`'s recipe: a change to it makes a new Debian tree
 SLACK_MIB = 384  # free space in the root file system beyond what the tree uses
 KEEP_IMAGES = 2  # images kept in the cache: this checkout's and the one before (another branch)
 
@@ -124,6 +127,14 @@ def host_mirror(sources: Sequence[Path] = ()) -> str:
                 if suite == SUITE and uri.rstrip("/").endswith("/debian"):
                     return str(uri).rstrip("/")
     raise VmError("no Debian bookworm mirror in this machine's apt sources; pass --mirror")
+
+
+def base_key(mirror: str) -> str:
+    """The Debian tree's key: what mmdebstrap is given, not the agent's code, so a change to
+    the agent rebuilds the image from the cached tree in a minute instead of from the mirror."""
+    recipe = {"packages": PACKAGES, "mirror": mirror, "suite": SUITE, "excludes": EXCLUDES,
+              "version": BASE_VERSION}  # fmt: skip
+    return hashlib.sha256(json.dumps(recipe).encode()).hexdigest()[:16]
 
 
 def input_key(mirror: str) -> str:
@@ -185,11 +196,17 @@ def build(cache: Path = DEFAULT_CACHE, *, mirror: str | None = None, force: bool
     work = Path(tempfile.mkdtemp(prefix=f".build-{image.key}-", dir=cache))
     try:
         tree = work / "tree"
-        debs = cache / "debs"
-        print(f"    downloads from {mirror}: {', '.join(PACKAGES)} and what they depend on, "
-              f"unless {debs} has them")  # fmt: skip
-        with steps.step(f"mmdebstrap {SUITE} minbase"):
-            _debootstrap(tree, mirror, debs)
+        base = cache / "base" / f"{base_key(mirror)}.tar"
+        if not base.exists():
+            debs = cache / "debs"
+            print(f"    downloads from {mirror}: {', '.join(PACKAGES)} and what they depend "
+                  f"on, unless {debs} has them")  # fmt: skip
+            with steps.step(f"mmdebstrap {SUITE} minbase into {base}"):
+                _debootstrap(base, mirror, debs)
+        with steps.step(f"unpack the Debian tree {base.name}"):
+            tree.mkdir()
+            run("tar", "--numeric-owner", "--xattrs", "--xattrs-include=*", "-xpf", base,
+                "-C", tree)  # fmt: skip
         with steps.step("install coffer[agent] from this checkout into /opt/coffer (host pip)"):
             _install_agent(tree, work)
         with steps.step("guest files: units, fstab, journal application"):
@@ -224,10 +241,13 @@ def _prune(cache: Path, keep: Image, images: int = KEEP_IMAGES) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _debootstrap(tree: Path, mirror: str, debs: Path) -> None:
-    """The tree, with the packages kept in `debs` so the next build downloads only what is new
-    (mmdebstrap's own recipe for a local cache: sync-in before, sync-out after)."""
+def _debootstrap(base: Path, mirror: str, debs: Path) -> None:
+    """The Debian tree as a tarball `base`, with the packages kept in `debs` so the next one
+    downloads only what is new (mmdebstrap's own recipe for a local cache: sync-in before,
+    sync-out after). Older tarballs are removed once it is in place."""
     debs.mkdir(parents=True, exist_ok=True)
+    base.parent.mkdir(parents=True, exist_ok=True)
+    partial = base.with_suffix(".partial.tar")
     archives = "/var/cache/apt/archives"
     argv: list[str | Path] = [
         "mmdebstrap", "--variant=minbase", "--mode=root", "--include=" + ",".join(PACKAGES),
@@ -235,9 +255,16 @@ def _debootstrap(tree: Path, mirror: str, debs: Path) -> None:
         f"--setup-hook=sync-in {debs} {archives}/", f"--customize-hook=sync-out {archives} {debs}",
     ]  # fmt: skip
     argv += [f"--dpkgopt=path-exclude={p}" for p in EXCLUDES]
-    argv += ["--dpkgopt=path-include=/usr/share/doc/*/copyright", SUITE, tree,
+    argv += ["--dpkgopt=path-include=/usr/share/doc/*/copyright", SUITE, partial,
              f"deb {mirror} {SUITE} main", f"deb {mirror} {SUITE}-updates main"]  # fmt: skip
-    run(*argv)
+    try:
+        run(*argv)
+        partial.rename(base)
+    finally:
+        partial.unlink(missing_ok=True)
+    for old in base.parent.glob("*.tar"):
+        if old != base:
+            old.unlink()
 
 
 def _install_agent(tree: Path, work: Path) -> None:
