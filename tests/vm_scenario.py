@@ -228,7 +228,9 @@ def run(workdir: Path, say: Callable[[str], None] = print) -> dict[str, Any]:
                                      str(target), "--target-vm", RESTORER, check=False)  # fmt: skip
                 expect(job.get("status") == "Completed", f"restore of {disk}: {job}")
         with phases("stop the original guest"):
-            guest.stop()
+            # Shut down through qemu-guest-agent; past 20 s (an emulated shutdown on a loaded
+            # machine takes a minute) QEMU is ended: the restore comes from the recovery point.
+            guest.stop(timeout=20)
             wait_online(cluster, guest, online=False, timeout=60)
         with phases("e2fsck -fn both restored disks, journal records"):
             for disk, target in restored.items():
