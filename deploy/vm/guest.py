@@ -377,10 +377,14 @@ def write_files(image: Path, files: Mapping[str, bytes | Path]) -> None:
             parts = Path(dest).parent.parts[1:]
             for depth in range(1, len(parts) + 1):
                 directory = "/" + "/".join(parts[:depth])
-                if directory not in made:
-                    made.add(directory)
-                    commands.append(f'mkdir "{directory}"')  # an existing one is an error, ignored
-            commands += [f'rm "{dest}"', f'write "{source}" "{dest}"']
+                # debugfs 1.47's mkdir of a directory that exists leaves an unconnected inode
+                # behind (e2fsck finds it): only missing ones are made.
+                if directory not in made and not _exists(image, directory):
+                    commands.append(f'mkdir "{directory}"')
+                made.add(directory)
+            if _exists(image, dest):
+                commands.append(f'rm "{dest}"')
+            commands.append(f'write "{source}" "{dest}"')
         script = Path(tmp) / "commands"
         script.write_text("\n".join(commands) + "\n")
         run("debugfs", "-w", "-f", script, image)
@@ -391,3 +395,9 @@ def write_files(image: Path, files: Mapping[str, bytes | Path]) -> None:
             if got != want:
                 raise VmError(f"{dest} could not be written into {image}")
 
+
+def _exists(image: Path, path: str) -> bool:
+    """Whether `path` exists in the ext4 file system `image` (debugfs `stat` shows its inode)."""
+    shown = subprocess.run(["debugfs", "-R", f'stat "{path}"', str(image)],
+                           capture_output=True, text=True, check=False).stdout  # fmt: skip
+    return shown.lstrip().startswith("Inode:")
