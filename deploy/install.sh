@@ -2,14 +2,16 @@
 # Install everything Coffer needs on a Debian 12 machine, as root: Debian packages (Mosquitto,
 # file system tools, FUSE 3 and what builds pyfuse3 against it, partitioning tools for the
 # tests, restic and borg for the benchmark, python3-pyfuse3 for `borg mount`: the system
-# borg's own FUSE binding, and Chromium, the browser the web console's test drives headless)
+# borg's own FUSE binding, Chromium, the browser the web console's test drives headless, and
+# for the real QEMU guest of deploy/vm: mmdebstrap to build its image, QEMU's x86 emulator)
 # and a virtualenv in .venv with Coffer and its
 # development tools. Safe to run again.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 packages=(mosquitto e2fsprogs xfsprogs util-linux iproute2 restic borgbackup
-          fuse3 libfuse3-dev pkg-config gcc fdisk gdisk python3-pyfuse3 chromium)
+          fuse3 libfuse3-dev pkg-config gcc fdisk gdisk python3-pyfuse3 chromium
+          mmdebstrap qemu-system-x86)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

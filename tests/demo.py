@@ -1,8 +1,10 @@
 """The Coffer demo: the vault workflow from discovery to a verified restore, on the lab.
 
-Run as root: `python -m tests.demo [--workdir DIR] [--keep]`. Everything runs on this machine:
-the lab (`deploy/lab`) makes three VMs, each in its own network, mount, UTS and PID namespaces
-on a private bridge, with an ext4 disk mounted inside the VM only (its image on a reflink XFS).
+Run as root: `python -m tests.demo [--workdir DIR] [--keep] [--guest]`; `--guest` runs the
+same workflow on a real QEMU guest instead (tests/vm_scenario.py, docs/vm-guest.md).
+Everything runs on this machine: the lab (`deploy/lab`) makes three VMs, each in its own network,
+mount, UTS and PID namespaces on a private bridge, with an ext4 disk mounted inside the VM only
+(its image on a reflink XFS).
 A real agent runs inside each VM and dials the controller, which listens (with its private
 Mosquitto) on the bridge. Two VMs are in region eu-west, one in us-east.
 
@@ -18,6 +20,7 @@ web console's address and a one-time sign-in link (`coffer web login`).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import ssl
@@ -29,6 +32,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from tests import vm_scenario
 from tests.bench.image import mounted
 from tests.bench.measure import sha256_file
 from tests.journal_writer import committed, content
@@ -84,6 +88,11 @@ def main() -> int:
     )
     parser.add_argument("--keep", action="store_true", help="leave the work directory behind")
     parser.add_argument("--disk-mib", type=int, default=256, help="size of each VM's disk")
+    parser.add_argument(
+        "--guest",
+        action="store_true",
+        help="the demo on a real QEMU guest instead: tests/vm_scenario.py (docs/vm-guest.md)",
+    )
     args = parser.parse_args()
     if os.geteuid() != 0:
         print("the demo builds namespaces and loop devices: run it as root", file=sys.stderr)
@@ -91,7 +100,11 @@ def main() -> int:
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="coffer-demo-"))
     workdir.mkdir(parents=True, exist_ok=True)
     try:
-        run(workdir, args.disk_mib)
+        if args.guest:
+            figures = vm_scenario.run(workdir)
+            print(f"\nDemo complete on a real guest:\n{json.dumps(figures, indent=2)}")
+        else:
+            run(workdir, args.disk_mib)
     finally:
         if not args.keep:
             shutil.rmtree(workdir, ignore_errors=True)
