@@ -88,9 +88,13 @@ class LabCluster:
 
     def __init__(self, root: Path, vms: Sequence[str], *, disk_mib: int = 256,
                  scratch_mib: int = 1536, regions: Mapping[str, str] | None = None,
-                 services: Mapping[str, str] | None = None, config: str = "") -> None:  # fmt: skip
-        """`config`: more of controller.toml (e.g. a [web] table), written at its end."""
+                 services: Mapping[str, str] | None = None, config: str = "",
+                 enrol: bool = False) -> None:  # fmt: skip
+        """`config`: more of controller.toml (e.g. a [web] table), written at its end.
+        `enrol`: an enrolment listener on the bridge too (`enrol_port`), for VMs that enrol."""
         self.root = root
+        self.enrol = enrol
+        self.enrol_port = 0
         self.config = config
         self.vms = list(vms)
         # Each VM's region and service as its agent reports them (default: the lab's, "lab").
@@ -137,15 +141,16 @@ class LabCluster:
     def _up(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
         self.lab.up(self.vms)
-        with socket.socket() as s:  # a port free on the bridge address
-            s.bind((self.host, 0))
-            self.port = int(s.getsockname()[1])
+        self.port = self._free_port()
         self.coffer("pki", "init", "--dir", str(self.pki), "--host", self.host, json_out=False)
         lines = [
             f"listen = {_toml(self.address)}",
             f"state_dir = {_toml(str(self.root / 'state'))}",
             f"pki_dir = {_toml(str(self.pki))}",
         ]
+        if self.enrol:
+            self.enrol_port = self._free_port()
+            lines.append(f"enrol_listen = {_toml(f'{self.host}:{self.enrol_port}')}")
         (self.root / "controller.toml").write_text("\n".join(lines) + "\n" + self.config)
         self.controller.start()
         self.controller.wait_for_line("coffer-controller ready")
@@ -153,6 +158,11 @@ class LabCluster:
             self._add_agent(vm)
         for vm in self.vms:
             self.wait_online(vm)
+
+    def _free_port(self) -> int:
+        with socket.socket() as s:  # a port free on the bridge address
+            s.bind((self.host, 0))
+            return int(s.getsockname()[1])
 
     def close(self) -> None:
         """Stop every agent and the controller, take the lab down; each step is tried."""

@@ -5,8 +5,10 @@
 with one namespace VM, `restorer`, whose agent is the operator's restore target and writes to the
 host's file system; the controller listens on the lab's bridge. Then:
 
-1. boot a guest on the bridge with its agent's config and certificate written into its root disk;
-   its agent dials the controller; `coffer-agent doctor` passes inside it;
+1. boot a guest on the bridge with its agent's config and a one-time enrolment token written
+   into its root disk (as provisioning would); at first boot the guest enrols
+   (coffer-enrol.service: its key is made inside it, the controller signs its certificate),
+   then its agent dials the controller; `coffer-agent doctor` passes inside it;
 2. discover, register and protect it; while its application writes and fsyncs numbered records
    to both disks (`deploy/vm/journal_app.py`), back up both disks (the agent freezes `/` and
    `/data`, reads them while frozen: no snapshot provider exists for a virtio disk, and thaws);
@@ -41,6 +43,7 @@ from tests.lab_cluster import REGION, VAULT, LabCluster
 GUEST = "guest-1"
 RESTORER = "restorer"
 CONFIG = "/etc/coffer-agent/agent.toml"
+ENROL_ENV = "/etc/coffer-agent/enrol.env"  # read by the image's coffer-enrol.service
 RESTORE_DIR = "/var/lib/coffer-agent/restore"
 # The application's journals: on the root disk and on the data disk (as debugfs sees each).
 JOURNALS = {"root": "/var/lib/coffer-journal/journal", "data": "/data/journal"}
@@ -148,17 +151,23 @@ def run(workdir: Path, say: Callable[[str], None] = print) -> dict[str, Any]:
         image = build()
     figures: dict[str, Any] = {"accel": accel}
     with phases("lab: controller on the bridge, the restorer's agent"):
-        cluster = LabCluster(workdir / "cluster", [RESTORER], disk_mib=64, scratch_mib=512)
+        cluster = LabCluster(workdir / "cluster", [RESTORER], disk_mib=64, scratch_mib=512,
+                             enrol=True)  # fmt: skip
         cluster.__enter__()
     guests: list[Guest] = []
     try:
         network = cluster.lab.network
         address = f"{network[200]}/{network.prefixlen}"
-        tls = workdir / "tls-guest"
-        cluster.coffer("pki", "issue-agent", GUEST, "--dir", str(cluster.pki), "--out", str(tls),
-                       json_out=False)  # fmt: skip
-        files: dict[str, bytes | Path] = {CONFIG: agent_config(cluster).encode()}
-        files |= {f"/etc/coffer-agent/tls/{f.name}": f for f in sorted(tls.iterdir())}
+        # Enrolment, as for any VM: a one-time token for this VM, which pins the controller's
+        # CA; the guest makes its key and gets its certificate at first boot.
+        made = cluster.coffer("enrol", "create", "--vm", GUEST, "--expires", "1h")
+        enrol_env = (
+            f"COFFER_ENROL_TOKEN={made['token']}\nCOFFER_ENROL_ADDRESS={made['enrol_address']}\n"
+        )
+        files: dict[str, bytes | Path] = {
+            CONFIG: agent_config(cluster).encode(),
+            ENROL_ENV: enrol_env.encode(),
+        }
         guest = Guest(GuestSpec(GUEST, workdir / "guest", cluster.lab.bridge, address, accel))
         guests.append(guest)
 

@@ -4,7 +4,8 @@
     python -m deploy.lab up --vms 1                 # a bridge (coffer-lab0, 10.77.0.1/24)
     python -m deploy.vm start web-1 --dir /var/lib/coffer-vm/web-1 \\
         --bridge coffer-lab0 --address 10.77.0.50/24 \\
-        --agent-config agent.toml --tls ./tls-web-1  # the agent's config and bundle
+        --agent-config agent.toml --enrol-token-file web-1.token \\
+        --enrol-address 10.77.0.1:7444  # the guest enrols at first boot
     python -m deploy.vm status --dir /var/lib/coffer-vm/web-1
     python -m deploy.vm exec --dir /var/lib/coffer-vm/web-1 -- coffer-agent doctor \\
         --config /etc/coffer-agent/agent.toml
@@ -12,8 +13,11 @@
     python -m deploy.vm stop --dir /var/lib/coffer-vm/web-1
 
 `start --root IMG --data IMG` boots from copies of those disks (e.g. restored ones) instead of
-the image's. `--accel kvm` (or $COFFER_VM_ACCEL) where /dev/kvm runs stock kernels; tcg otherwise.
-The image cache is /var/cache/coffer-vm (or $COFFER_VM_CACHE).
+the image's. The guest enrols at first boot with the token of `coffer enrol create --vm NAME`
+(`--enrol-token-file`, a file holding it, kept out of the process list, and `--enrol-address`,
+the controller's enrol_listen as the guest reaches it); `--tls DIR` writes a `coffer pki
+issue-agent` bundle in instead. `--accel kvm` (or $COFFER_VM_ACCEL) where /dev/kvm runs stock
+kernels; tcg otherwise. The image cache is /var/cache/coffer-vm (or $COFFER_VM_CACHE).
 """
 
 from __future__ import annotations
@@ -53,6 +57,10 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--memory-mib", type=int, default=1024)
     s.add_argument("--agent-config", type=Path, help="becomes /etc/coffer-agent/agent.toml")
     s.add_argument("--tls", type=Path, help="a `coffer pki issue-agent` bundle directory")
+    s.add_argument("--enrol-token-file", type=Path,
+                   help="a file holding a `coffer enrol create` token: the guest enrols at "
+                   "first boot (its key is made inside it)")  # fmt: skip
+    s.add_argument("--enrol-address", help="the controller's enrol_listen as the guest reaches it")
     s.add_argument("--root", type=Path, help="boot from a copy of this root disk image")
     s.add_argument("--data", type=Path, help="and of this data disk image")
     s.add_argument("--wait", type=float, default=180, help="seconds to wait for the boot")
@@ -93,6 +101,14 @@ def _run(args: argparse.Namespace) -> int:
         if args.tls:
             for f in sorted(args.tls.iterdir()):
                 files[f"/etc/coffer-agent/tls/{f.name}"] = f
+        if args.enrol_token_file:
+            if not args.enrol_address:
+                raise VmError("--enrol-token-file needs --enrol-address (the controller's "
+                              "enrol_listen as the guest reaches it)")  # fmt: skip
+            token = args.enrol_token_file.read_text().strip()
+            files["/etc/coffer-agent/enrol.env"] = (
+                f"COFFER_ENROL_TOKEN={token}\nCOFFER_ENROL_ADDRESS={args.enrol_address}\n"
+            ).encode()
         guest.prepare(image, root=args.root, data=args.data, files=files)
         guest.start(image)
         seconds = guest.wait_agent(args.wait)

@@ -7,8 +7,10 @@ A guest lives in one directory (`GuestSpec.directory`):
   Both are raw virtio disks, `/dev/vda` and `/dev/vdb` in the guest.
 - what makes it this VM is written into its root file system before boot, with `debugfs`
   (no mount, no loop device): `/etc/hostname` and, for the agent, `/etc/coffer-agent/agent.toml`
-  and its certificate bundle in `/etc/coffer-agent/tls` (the files `coffer pki issue-agent`
-  writes). A guest booted from restored disks needs none of it: its identity is on them.
+  and its one-time enrolment token in `/etc/coffer-agent/enrol.env` (the image's
+  coffer-enrol.service enrols at first boot; or a `coffer pki issue-agent` bundle in
+  `/etc/coffer-agent/tls`). A guest booted from restored disks needs none of it: its identity
+  is on them.
 - `console.log`: the serial console; `qga.sock`: qemu-guest-agent's channel, through which
   `exec` runs a command in the guest; `qmp.sock`: QEMU's monitor; `state.json`: the QEMU
   process (PID and start time, so a reused PID is never signalled) and the tap device.
@@ -373,7 +375,8 @@ def write_files(image: Path, files: Mapping[str, bytes | Path]) -> None:
                 source.chmod(content.stat().st_mode & 0o777)
             else:
                 source.write_bytes(content)
-                source.chmod(0o600 if "/tls/" in dest or dest.endswith(".toml") else 0o644)
+                secret = "/tls/" in dest or dest.endswith((".toml", ".env"))
+                source.chmod(0o600 if secret else 0o644)
             parts = Path(dest).parent.parts[1:]
             for depth in range(1, len(parts) + 1):
                 directory = "/" + "/".join(parts[:depth])

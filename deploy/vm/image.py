@@ -301,7 +301,8 @@ def _configure(tree: Path) -> None:
     (tree / "var/lib/coffer-agent").chmod(0o700)
     wants = tree / "etc/systemd/system/multi-user.target.wants"
     wants.mkdir(parents=True, exist_ok=True)
-    for unit in ("coffer-agent.service", "coffer-journal.service", "coffer-net.service"):
+    for unit in ("coffer-agent.service", "coffer-enrol.service", "coffer-journal.service",
+                 "coffer-net.service"):  # fmt: skip
         link = wants / unit
         if not link.is_symlink():
             link.symlink_to(f"/etc/systemd/system/{unit}")
