@@ -30,7 +30,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
 ACKNOWLEDGE = 3.0
 SILENCE = 6.0  # the real agent then heartbeats every 1.5 s: its jobs must not fail here
-WINDOW = 10.0
+WINDOW = 25.0  # generous: a loaded machine must not close the blip test's window
 
 
 @pytest.fixture(scope="module")
