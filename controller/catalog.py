@@ -1449,24 +1449,11 @@ class Catalog:
 
     async def insert_item(self, item: ItemRecord) -> None:
         """Register a VM to a vault; Conflict if it is registered already (to any vault)."""
-        async with self._transaction() as db:
-            try:
-                await db.execute(
-                    f"INSERT INTO items ({_columns(_ITEM_COLUMNS)})"
-                    f" VALUES ({_placeholders(_ITEM_COLUMNS)})",
-                    _item_row(item),
-                )
-            except sqlite3.IntegrityError:
-                raise Conflict(detail=f"VM {item.vm_id!r} is already registered") from None
-        self._changed([(item.vault, item.vm_id)])
+        if await self.insert_items([item]):
+            raise Conflict(detail=f"VM {item.vm_id!r} is already registered")
 
     async def update_item(self, item: ItemRecord) -> None:
-        async with self._transaction() as db:
-            await db.execute(
-                f"UPDATE items SET {_assignments(_ITEM_COLUMNS[1:])} WHERE vm_id = :vm_id",
-                _item_row(item),
-            )
-        self._changed([(item.vault, item.vm_id)])
+        await self.update_items([item])
 
     async def insert_items(self, items: Sequence[ItemRecord]) -> set[str]:
         """Register many VMs in one transaction; the VM ids of those registered already (to
