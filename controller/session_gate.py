@@ -16,9 +16,14 @@ before any of its work is done, with `ControllerBusy` and a retry-after: the tim
 of it need. The agent waits that long (and a random part of it again, so the refused do not
 come back together; agent/session.py), by which time the gate has room.
 
-The rate is measured, not configured: sessions started over the last `window` seconds, so a
-busier machine refuses earlier and says to come back later. Before there is a measure, the
-gate assumes `assumed_rate`.
+The rate is measured, not configured, and only while sessions queue: the gate's throughput is
+what it manages when it has work waiting, so the time between two sessions' starts counts only
+when others were waiting all along, over the last `samples` such intervals. A busier machine
+refuses earlier and says to come back later. An idle spell says nothing of the rate, and the
+first moments of a storm must not read as a slow controller: measured over a fixed window from
+the storm's first second (100 sessions in half a second taken as 100 in five), a restart's
+fleet was told it would wait 75 s, and 52 of 2,000 agents came back a minute later. Before
+there is a measure, the gate assumes `assumed_rate`.
 """
 
 from __future__ import annotations
@@ -38,7 +43,8 @@ MAX_WAIT: Final = 30.0
 """A session waiting in the gate costs the controller almost nothing (its connection is made,
 its TLS handshake done), a refused one costs the whole handshake again when it returns: so the
 gate lets a storm's sessions wait rather long."""
-WINDOW: Final = 5.0
+SAMPLES: Final = 256
+"""Intervals between starts the rate is taken from: a second or two of a storm."""
 ASSUMED_RATE: Final = 200.0
 """Sessions per second a controller starts before it has measured itself (this machine class
 measured 500-1,000: tests/bench/fleet.py)."""
@@ -50,14 +56,19 @@ MAX_RETRY_AFTER: Final = 30.0
 class SessionGate:
     at_once: int = AT_ONCE
     max_wait: float = MAX_WAIT
-    window: float = WINDOW
+    samples: int = SAMPLES
     assumed_rate: float = ASSUMED_RATE
     monotonic: Callable[[], float] = time.monotonic
     _waiting: int = 0
     _starting: int = 0
-    _started: deque[float] = field(default_factory=deque)
+    _intervals: deque[float] = field(init=False)
+    _last_start: float | None = None
+    """When the last session started, if others were waiting then (the next interval counts)."""
     _turns: asyncio.Semaphore | None = None
     refused: int = 0
+
+    def __post_init__(self) -> None:
+        self._intervals = deque(maxlen=self.samples)
 
     @property
     def waiting(self) -> int:
@@ -65,13 +76,20 @@ class SessionGate:
         return self._waiting + self._starting
 
     def rate(self) -> float:
-        """Sessions started per second over the last `window` seconds (or the assumed rate)."""
-        now = self.monotonic()
-        while self._started and self._started[0] < now - self.window:
-            self._started.popleft()
-        if len(self._started) < self.at_once:
+        """Sessions started per second while others queued (or the assumed rate)."""
+        busy_seconds = sum(self._intervals)
+        if len(self._intervals) < self.at_once or busy_seconds <= 0:
             return self.assumed_rate
-        return len(self._started) / self.window
+        return len(self._intervals) / busy_seconds
+
+    def _started(self) -> None:
+        """A session has started: measure the interval since the last, if the gate was busy
+        all along (others were waiting at the last start and are now)."""
+        now = self.monotonic()
+        busy = self._waiting > 0
+        if busy and self._last_start is not None:
+            self._intervals.append(now - self._last_start)
+        self._last_start = now if busy else None
 
     def expected_wait(self) -> float:
         """How long a session arriving now would wait before its turn ends."""
@@ -95,7 +113,7 @@ class SessionGate:
         self._starting += 1
         try:
             yield
-            self._started.append(self.monotonic())
+            self._started()
         finally:
             self._starting -= 1
             self._turns.release()
