@@ -1,12 +1,12 @@
 """The controller's own certificate: served without a restart, renewed before it expires.
 
-Both listeners (the mutual-TLS one for agents and operators, and the enrolment listener, which
-asks for no client certificate) use gRPC's dynamic server credentials: gRPC asks
-`ServerIdentity` for the certificate before every new TLS handshake, and is told of a new one
-once `reload` has read the renewed files. Connections already open keep the certificate they
-began with, which stays valid to its end. The enrolment listener also sends the CA
-certificate in its chain: an agent without a CA takes it from there, but only if its
-fingerprint is the one its token pins.
+Every listener (the mutual-TLS ones for agents and operators, and the enrolment listener, which
+asks for no client certificate) serves `ServerIdentity`'s certificate with static credentials,
+and is replaced by a new server with the new ones once `reload` has read the renewed files
+(controller/listener.py says why static and how the replacement keeps open connections).
+Connections already open keep the certificate they began with, which stays valid to its end.
+The enrolment listener also sends the CA certificate in its chain: an agent without a CA takes
+it from there, but only if its fingerprint is the one its token pins.
 
 `CertificateMaintenance` runs under the controller's supervisor: it renews the controller's
 certificate once 2/3 of its life (from its issue) has passed, with a new key and the same
@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from typing import Final
 
@@ -30,7 +30,7 @@ from controller.pki import Authority
 from controller.revocation import ISSUED_AT_RENEWAL, Revocations
 from shared.clock import Clock
 from shared.keyfiles import recover_pair
-from shared.tls import CertificateFacts, TlsFiles, TlsPem, certificate_facts
+from shared.tls import CertificateFacts, TlsFiles, certificate_facts
 
 log = logging.getLogger(__name__)
 
@@ -47,39 +47,29 @@ class ServerIdentity:
         self._files = files
         recover_pair(files.cert, files.key)
         self._pem = files.read()
-        self._version = 0
+        self.previous: CertificateFacts | None = None
+        """The certificate served before the last `reload` (its connections may still be open)."""
 
     @property
     def facts(self) -> CertificateFacts:
         return certificate_facts(self._pem.cert)
 
     def reload(self) -> None:
-        """Read the certificate files again; the next handshakes use what they hold."""
+        """Read the certificate files again; credentials made from now on serve what they hold."""
+        previous = self.facts
         self._pem = self._files.read()
-        self._version += 1
+        self.previous = previous
 
     def credentials(self, *, client_certificates: bool) -> grpc.ServerCredentials:
-        """Credentials that follow `reload`: requiring a client certificate from our CA, or
-        (`client_certificates=False`, the enrolment listener) none, sending the CA along."""
-        served = self._version
-
-        def configuration(pem: TlsPem) -> grpc.ServerCertificateConfiguration:
-            chain = pem.cert if client_certificates else pem.cert + b"\n" + pem.ca
-            return grpc.ssl_server_certificate_configuration(
-                [(pem.key, chain)], root_certificates=pem.ca if client_certificates else None
-            )
-
-        def fetch() -> grpc.ServerCertificateConfiguration | None:
-            # Called by gRPC before every handshake, from its own threads: reads only.
-            nonlocal served
-            version, pem = self._version, self._pem
-            if version == served:
-                return None
-            served = version
-            return configuration(pem)
-
-        return grpc.dynamic_ssl_server_credentials(
-            configuration(self._pem), fetch, require_client_authentication=client_certificates
+        """Credentials serving the current certificate: requiring a client certificate from our
+        CA, or (`client_certificates=False`, the enrolment listener) none, sending the CA
+        along."""
+        pem = self._pem
+        chain = pem.cert if client_certificates else pem.cert + b"\n" + pem.ca
+        return grpc.ssl_server_credentials(
+            [(pem.key, chain)],
+            root_certificates=pem.ca if client_certificates else None,
+            require_client_auth=client_certificates,
         )
 
 
@@ -99,6 +89,9 @@ class CertificateMaintenance:
         self._identity = identity
         self._clock = clock
         self._lifetime = lifetime
+        # Awaited after a renewal, first: each listener serves the new certificate
+        # (controller.listener).
+        self.listeners: list[Callable[[], Awaitable[None]]] = []
         # Called after a renewal (the private broker reloads).
         self.on_renewed: list[Callable[[], None]] = []
 
@@ -121,6 +114,8 @@ class CertificateMaintenance:
         self._identity.reload()
         # Written again even when nothing was superseded: the broker reloads with it.
         await self._revocations.write_crl()
+        for serve in self.listeners:
+            await serve()
         for listener in self.on_renewed:
             listener()
         log.info(

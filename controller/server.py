@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import sys
@@ -77,6 +78,7 @@ from controller.enrolment import (
 from controller.interceptors import CallerIdentity, ErrorMapping
 from controller.jobs import JobManager
 from controller.jobs.deadlines import ReplyDeadlines
+from controller.listener import Listener
 from controller.master_key import load_master_key
 from controller.metrics import Metrics, MetricsEndpoint
 from controller.operator_service import OperatorService
@@ -94,7 +96,7 @@ from controller.verification import Verifier
 from controller.web import OperatorCalls, WebConsole
 from shared.address import Address, parse_address
 from shared.clock import Clock, SystemClock
-from shared.errors import CofferError, Unavailable
+from shared.errors import CofferError
 from shared.model import Trigger
 from shared.rpc import agent_pb2_grpc, enrolment_pb2_grpc, operator_pb2_grpc
 from shared.rpc_channel import server_options
@@ -108,6 +110,10 @@ log = logging.getLogger(__name__)
 HEARTBEAT_FLUSH_SECONDS = 30.0
 LEASE_TASK = "datastore-lease"
 GIL_SWITCH_SECONDS = 0.0005
+# The cyclic garbage collector's thresholds once the controller runs (CPython's are 700, 10,
+# 10): a fleet's sessions are tens of thousands of long-lived objects, and at the default a
+# 2,000-agent storm spent a quarter of the controller's busy CPU in `gc_collect_main`.
+GC_THRESHOLDS = (50_000, 20, 20)
 SHUTDOWN_GRACE_SECONDS = 5.0
 
 
@@ -278,33 +284,32 @@ class Controller:
             await self.drills.plan_all()
 
             if config.enrol_listen is not None:
-                enrol_server = grpc.aio.server(
-                    options=enrol_server_options(),
-                    interceptors=(ErrorMapping(),),
-                    maximum_concurrent_rpcs=MAX_ENROL_CALLS,
-                )
-                enrolment_pb2_grpc.add_EnrolmentServiceServicer_to_server(
-                    EnrolmentService(enrolment, audit), enrol_server
-                )
-                self.enrol_port = _bind(
-                    enrol_server,
-                    config.enrol_listen,
-                    identity.credentials(client_certificates=False),
+                enrol_service = EnrolmentService(enrolment, audit)
+
+                def enrol_server() -> grpc.aio.Server:
+                    server = grpc.aio.server(
+                        options=enrol_server_options(),
+                        interceptors=(ErrorMapping(),),
+                        maximum_concurrent_rpcs=MAX_ENROL_CALLS,
+                    )
+                    enrolment_pb2_grpc.add_EnrolmentServiceServicer_to_server(enrol_service, server)
+                    return server
+
+                enrol_listener = Listener(
                     "enrol_listen",
+                    config.enrol_listen,
+                    enrol_server,
+                    identity,
+                    client_certificates=False,
                 )
-                await enrol_server.start()
-                stack.push_async_callback(enrol_server.stop, SHUTDOWN_GRACE_SECONDS)
+                self.enrol_port = await enrol_listener.start()
+                stack.push_async_callback(enrol_listener.stop, SHUTDOWN_GRACE_SECONDS)
+                certificates.listeners.append(enrol_listener.renew)
                 log.info("enrolment listener on %s (port %d)", config.enrol_listen, self.enrol_port)
 
             # The one identity, role and audit check of every operator call: gRPC's edge,
             # and the web console's actions (controller.web.calls).
             edge = CallerIdentity(revocations, audit)
-            server = grpc.aio.server(
-                options=server_options(max_connections=open_files.agent_connections),
-                # The error mapping first: it also maps the identity check's refusals; an
-                # agent's calls are counted once it is known who calls.
-                interceptors=(ErrorMapping(), edge, AgentAdmission()),
-            )
             agent_service = AgentService(
                 catalog,
                 registry,
@@ -316,7 +321,6 @@ class Controller:
                 index_budget=IndexBudget(),
                 heartbeat_interval_ms=heartbeat_ms(config.jobs.silence_seconds),
             )
-            agent_pb2_grpc.add_AgentServiceServicer_to_server(agent_service, server)
             self.agent_service = agent_service
             operators = OperatorService(
                 catalog,
@@ -335,21 +339,38 @@ class Controller:
                 enrol_address=self._enrol_address(),
                 drills=self.drills,
             )
-            operator_pb2_grpc.add_OperatorServiceServicer_to_server(operators, server)
+
+            def agent_server() -> grpc.aio.Server:
+                server = grpc.aio.server(
+                    options=server_options(max_connections=open_files.agent_connections),
+                    # The error mapping first: it also maps the identity check's refusals; an
+                    # agent's calls are counted once it is known who calls.
+                    interceptors=(ErrorMapping(), edge, AgentAdmission()),
+                )
+                agent_pb2_grpc.add_AgentServiceServicer_to_server(agent_service, server)
+                operator_pb2_grpc.add_OperatorServiceServicer_to_server(operators, server)
+                return server
+
             if config.operator_listen is not None:
-                operator_server = grpc.aio.server(
-                    options=server_options(max_connections=OPERATOR_CONNECTIONS),
-                    interceptors=(ErrorMapping(), edge),
-                )
-                operator_pb2_grpc.add_OperatorServiceServicer_to_server(operators, operator_server)
-                self.operator_port = _bind(
-                    operator_server,
-                    config.operator_listen,
-                    identity.credentials(client_certificates=True),
+
+                def operator_server() -> grpc.aio.Server:
+                    server = grpc.aio.server(
+                        options=server_options(max_connections=OPERATOR_CONNECTIONS),
+                        interceptors=(ErrorMapping(), edge),
+                    )
+                    operator_pb2_grpc.add_OperatorServiceServicer_to_server(operators, server)
+                    return server
+
+                operator_listener = Listener(
                     "operator_listen",
+                    config.operator_listen,
+                    operator_server,
+                    identity,
+                    client_certificates=True,
                 )
-                await operator_server.start()
-                stack.push_async_callback(operator_server.stop, SHUTDOWN_GRACE_SECONDS)
+                self.operator_port = await operator_listener.start()
+                stack.push_async_callback(operator_listener.stop, SHUTDOWN_GRACE_SECONDS)
+                certificates.listeners.append(operator_listener.renew)
                 log.info(
                     "operator listener on %s (port %d)", config.operator_listen, self.operator_port
                 )
@@ -381,11 +402,12 @@ class Controller:
                 self.web = await stack.enter_async_context(console)
                 operators.web = console
                 certificates.on_renewed.append(console.load_certificate)
-            self.port = _bind(
-                server, config.listen, identity.credentials(client_certificates=True), "listen"
+            listener = Listener(
+                "listen", config.listen, agent_server, identity, client_certificates=True
             )
-            await server.start()
-            stack.push_async_callback(server.stop, SHUTDOWN_GRACE_SECONDS)
+            self.port = await listener.start()
+            stack.push_async_callback(listener.stop, SHUTDOWN_GRACE_SECONDS)
+            certificates.listeners.append(listener.renew)
             # Runs before the server stops: sessions end at once, telling agents when to dial
             # again, so a restart does not meet the whole fleet dialling into a closed port.
             stack.callback(agent_service.stopping)
@@ -404,6 +426,7 @@ class Controller:
             stack.push_async_callback(supervisor.stop, "heartbeats")
             # Runs first on the way out: what the stop interrupts is recorded at the next start.
             stack.callback(jobs.stopping)
+            _settle_garbage_collector()
             yield self
 
     async def _take_writer_lease(
@@ -463,19 +486,16 @@ async def _collect_after_upgrade(pruner: Pruner, vault: str) -> None:
         log.info("vault %s: no garbage collection after its upgrade: %s", vault, error)
 
 
-def _bind(
-    server: grpc.aio.Server, address: str, credentials: grpc.ServerCredentials, key: str
-) -> int:
-    """Bind `address` (the config's `key`); Unavailable when another process has the port."""
-    try:
-        port: int = server.add_secure_port(address, credentials)
-    except RuntimeError as exc:  # grpc's only word for "could not bind"
-        raise Unavailable(
-            f"cannot listen on {address}: {str(exc).split(';')[0]}. Is another "
-            "controller running, "
-            f"or is the address wrong (`{key}` in the controller config)?"
-        ) from exc
-    return port
+def _settle_garbage_collector() -> None:
+    """Everything made while starting (modules, the config, the catalog's and the datastores'
+    state) lives as long as the process: frozen, the collector never traverses it again; and
+    collections come less often (`GC_THRESHOLDS`)."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
+    log.debug(
+        "garbage collector: %d objects frozen, thresholds %s", gc.get_freeze_count(), GC_THRESHOLDS
+    )
 
 
 def _fatal(failure: TaskFailed) -> CofferError:
