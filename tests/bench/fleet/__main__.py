@@ -205,9 +205,13 @@ class Worker:
                 self.latest = json.loads(line)
 
     async def send(self, word: str) -> None:
+        """Tell the worker `word`; nothing if it is gone (a dead worker shows in the counts)."""
         assert self.process.stdin is not None
-        self.process.stdin.write(f"{word}\n".encode())
-        await self.process.stdin.drain()
+        if self.process.returncode is not None:
+            return
+        with contextlib.suppress(ConnectionResetError, BrokenPipeError):
+            self.process.stdin.write(f"{word}\n".encode())
+            await self.process.stdin.drain()
 
 
 class Fleet:
@@ -428,16 +432,18 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             report["restart"] = await restart(controller, fleet, args.phase_timeout)
     finally:
         report["load_after"] = os.getloadavg()
-        await fleet.send("stop")
-        for worker in fleet.workers:
-            try:
-                await asyncio.wait_for(worker.process.wait(), 30)
-            except TimeoutError:
-                worker.process.kill()
-                await worker.process.wait()
-        for task in follows:
-            task.cancel()
-        await asyncio.to_thread(controller.stop)
+        try:
+            await fleet.send("stop")
+            for worker in fleet.workers:
+                try:
+                    await asyncio.wait_for(worker.process.wait(), 30)
+                except TimeoutError:
+                    worker.process.kill()
+                    await worker.process.wait()
+            for task in follows:
+                task.cancel()
+        finally:
+            await asyncio.to_thread(controller.stop)
     report["total_s"] = time.monotonic() - started
     save(report, workdir)
     return report
