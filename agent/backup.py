@@ -62,7 +62,7 @@ from shared.rpc_errors import from_rpc_error
 
 log = logging.getLogger(__name__)
 
-READ_AHEAD_BYTES = 8 << 20  # chunk buffers being read, hashed or compressed at once ...
+READ_AHEAD_BYTES = 4 << 20  # chunk buffers being read, hashed or compressed at once ...
 MIN_READ_AHEAD, MAX_READ_AHEAD = 4, 32  # ... in chunks, whatever the chunk size
 READERS = 4  # direct reads in flight: the disk (or its virtual device) works on several
 COMPRESSORS = max(1, min(os.cpu_count() or 1, 8))  # chunks compressed at once: one a core
