@@ -55,7 +55,7 @@ log = logging.getLogger(__name__)
 DOWNLOAD_BATCH = 4096  # digests per DownloadChunks call
 DOWNLOAD_STREAMS = 2  # DownloadChunks calls at once (each holds messages of 4 MiB in flight)
 FLUSH_EVERY = 64 << 20  # bytes written between starts of writeback
-WRITE_WINDOW = 8  # chunks verified and written at once
+WRITE_WINDOW = 4  # chunks verified and written at once
 
 
 class RestoreRun:
