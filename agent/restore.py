@@ -53,9 +53,9 @@ from shared.rpc_errors import from_rpc_error
 log = logging.getLogger(__name__)
 
 DOWNLOAD_BATCH = 4096  # digests per DownloadChunks call
-DOWNLOAD_STREAMS = 2  # DownloadChunks calls at once (each holds messages of 4 MiB in flight)
+DOWNLOAD_STREAMS = 2  # DownloadChunks calls at once (each holds messages of 1 MiB in flight)
 FLUSH_EVERY = 64 << 20  # bytes written between starts of writeback
-WRITE_WINDOW = 4  # chunks verified and written at once
+WRITE_WINDOW = 4  # chunks verified and written at once per stream (each holds a chunk)
 
 
 class RestoreRun:

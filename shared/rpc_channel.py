@@ -17,12 +17,12 @@ from shared.tls import TlsFiles, channel_credentials
 
 # The largest message the controller accepts (and a client sends): what the protocol needs,
 # no more, since every message is held whole before a handler can refuse it. The largest is
-# one upload message: at most 4 MiB of chunks or a single chunk, and a chunk is at most the
+# one upload message: at most 2 MiB of chunks or a single chunk, and a chunk is at most the
 # largest chunk size (16 MiB). Index parts and digest lists are 2 MiB, operators' requests
 # small. A hostile agent's 30 MiB messages were accepted before (docs/hostile-agent.md).
 MAX_CHUNK_BYTES: Final = 16 * 1024 * 1024
 MAX_REQUEST_BYTES: Final = MAX_CHUNK_BYTES + 64 * 1024
-# The largest message a client accepts (and the controller sends): a download batch (4 MiB
+# The largest message a client accepts (and the controller sends): a download batch (1 MiB
 # and one chunk) or a page of a listing, with room to spare.
 MAX_REPLY_BYTES: Final = 32 * 1024 * 1024
 
