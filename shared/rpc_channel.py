@@ -17,7 +17,7 @@ from shared.tls import TlsFiles, channel_credentials
 
 # The largest message the controller accepts (and a client sends): what the protocol needs,
 # no more, since every message is held whole before a handler can refuse it. The largest is
-# one upload message: at most 2 MiB of chunks or a single chunk, and a chunk is at most the
+# one upload message: at most 1 MiB of chunks or a single chunk, and a chunk is at most the
 # largest chunk size (16 MiB). Index parts and digest lists are 2 MiB, operators' requests
 # small. A hostile agent's 30 MiB messages were accepted before (docs/hostile-agent.md).
 MAX_CHUNK_BYTES: Final = 16 * 1024 * 1024
