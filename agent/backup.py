@@ -62,13 +62,13 @@ from shared.rpc_errors import from_rpc_error
 
 log = logging.getLogger(__name__)
 
-READ_AHEAD_BYTES = 8 << 20  # chunk buffers being read, hashed or compressed at once ...
+READ_AHEAD_BYTES = 4 << 20  # chunk buffers being read, hashed or compressed at once ...
 MIN_READ_AHEAD, MAX_READ_AHEAD = 4, 32  # ... in chunks, whatever the chunk size
 READERS = 4  # direct reads in flight: the disk (or its virtual device) works on several
 COMPRESSORS = max(1, min(os.cpu_count() or 1, 8))  # chunks compressed at once: one a core
 MISSING_BATCH = 16  # compressed chunks held while the controller is asked which it lacks
-UPLOAD_BATCH_BYTES = 4 << 20  # ... or this many bytes of them; one upload message at most
-UPLOAD_QUEUE = 2  # upload messages waiting for the stream (each up to 4 MiB: agent memory)
+UPLOAD_BATCH_BYTES = 1 << 20  # ... or this many bytes of them; one upload message at most
+UPLOAD_QUEUE = 1  # upload messages waiting for the stream (each up to 1 MiB: agent memory)
 INDEX_PART = 1 << 16  # digests per PutIndex message
 
 

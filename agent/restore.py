@@ -53,9 +53,9 @@ from shared.rpc_errors import from_rpc_error
 log = logging.getLogger(__name__)
 
 DOWNLOAD_BATCH = 4096  # digests per DownloadChunks call
-DOWNLOAD_STREAMS = 2  # DownloadChunks calls at once (each holds messages of 4 MiB in flight)
+DOWNLOAD_STREAMS = 2  # DownloadChunks calls at once (each holds messages of 1 MiB in flight)
 FLUSH_EVERY = 64 << 20  # bytes written between starts of writeback
-WRITE_WINDOW = 8  # chunks verified and written at once
+WRITE_WINDOW = 4  # chunks verified and written at once per stream (each holds a chunk)
 
 
 class RestoreRun:
@@ -248,13 +248,10 @@ class RestoreRun:
         unflushed = 0
         flush_lock = threading.Lock()
 
-        def store(chunk: agent_pb2.Chunk) -> int:
+        def store(digest: bytes, compression: Compression, raw_size: int, payload: bytes) -> int:
             """Verify one chunk and write it everywhere it goes; blocking."""
-            digest = chunk.digest  # each read of a bytes field copies it: read once
             try:
-                raw = open_chunk(
-                    digest, Compression(chunk.compression), chunk.raw_size, chunk.data, self._hash
-                )
+                raw = open_chunk(digest, compression, raw_size, payload, self._hash)
             except CorruptData as exc:
                 # Damage in the datastore, not a refused upload: named so the operator can
                 # find it, and reported to the controller (which checks it itself).
@@ -304,7 +301,7 @@ class RestoreRun:
     async def _download(
         self,
         batch: list[bytes],
-        store: Callable[[agent_pb2.Chunk], int],
+        store: Callable[[bytes, Compression, int, bytes], int],
         progress: Progress,
     ) -> int:
         """Download `batch`, each chunk verified and written in the pool; bytes written."""
@@ -326,10 +323,17 @@ class RestoreRun:
                 # What the datastore sent: chunks as stored (compressed), and their digests.
                 self.bytes_fetched += message.ByteSize()
                 for chunk in message.chunks:
-                    if received >= len(batch) or chunk.digest != batch[received]:
+                    # The fields are taken out here (each read of a bytes field copies it):
+                    # a chunk message handed to the pool would keep its whole download
+                    # message alive until written.
+                    digest = chunk.digest
+                    if received >= len(batch) or digest != batch[received]:
                         raise CorruptData(what="the download stream", detail="a chunk out of order")
                     received += 1
-                    pending.add(self._in_pool(store, chunk))
+                    compression = Compression(chunk.compression)
+                    pending.add(
+                        self._in_pool(store, digest, compression, chunk.raw_size, chunk.data)
+                    )
                     await settle(WRITE_WINDOW - 1)
             await settle(0)
         except grpc.RpcError as exc:

@@ -71,7 +71,7 @@ def heartbeat_ms(silence_seconds: float) -> int:
 # one chunk).
 UPLOAD_CONCURRENCY = 16
 DOWNLOAD_PREFETCH = 8
-BATCH_BYTES = 4 << 20  # chunk bytes per download message
+BATCH_BYTES = 1 << 20  # chunk bytes per download message
 MAX_DIGESTS_PER_CALL = 1 << 16
 # An agent declares itself again mid-session at most this often (once per backup is usual).
 REHELLO_SECONDS = 1.0

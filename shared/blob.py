@@ -25,9 +25,11 @@ thread keeps its own (these functions run in executor threads on both sides).
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import struct
 import threading
+from collections.abc import Iterator
 
 import zstandard
 
@@ -54,23 +56,42 @@ class Compression(enum.IntEnum):
 
 
 class _Codecs(threading.local):
-    """One thread's zstd objects (a compressor per level, one decompressor)."""
+    """One thread's zstd decompressor (96 KiB)."""
 
     def __init__(self) -> None:
-        self.compressors: dict[int, zstandard.ZstdCompressor] = {}
         self.decompressor = zstandard.ZstdDecompressor()
 
-    def compressor(self, level: int) -> zstandard.ZstdCompressor:
-        found = self.compressors.get(level)
+
+class _Compressors:
+    """zstd compressors shared by every thread, each used by one thread at a time.
+
+    Not one per thread like the decompressors: a compressor holds 1.3 MiB of tables at level
+    1, and an agent's pool has a dozen threads of which only one a core compresses at once;
+    there are as many compressors as were ever in use at once.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._free: dict[int, list[zstandard.ZstdCompressor]] = {}
+
+    @contextlib.contextmanager
+    def borrowed(self, level: int) -> Iterator[zstandard.ZstdCompressor]:
+        with self._lock:
+            free = self._free.setdefault(level, [])
+            found = free.pop() if free else None
         if found is None:
             # The frame records the content size so a reader can refuse a lying header
             # before it allocates anything.
             found = zstandard.ZstdCompressor(level=level, write_content_size=True)
-            self.compressors[level] = found
-        return found
+        try:
+            yield found
+        finally:
+            with self._lock:
+                free.append(found)
 
 
 _codecs = _Codecs()
+_compressors = _Compressors()
 
 
 def encode_blob(compression: Compression, raw_size: int, payload: bytes | memoryview) -> bytes:
@@ -134,7 +155,8 @@ def compress(raw: bytes | memoryview, level: int = DEFAULT_LEVEL) -> tuple[Compr
     """
     if not _MIN_LEVEL <= level <= zstandard.MAX_COMPRESSION_LEVEL:
         raise InvalidArgument(detail=f"zstd level {level} is out of range")
-    packed = _codecs.compressor(level).compress(raw)
+    with _compressors.borrowed(level) as compressor:
+        packed = compressor.compress(raw)
     if len(packed) < len(raw):
         return Compression.ZSTD, packed
     return Compression.NONE, bytes(raw)

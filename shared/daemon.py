@@ -61,16 +61,18 @@ def add_version(parser: argparse.ArgumentParser, prog: str) -> None:
 
 
 M_ARENA_MAX = -8  # <malloc.h>
-MALLOC_ARENAS = 2
+MALLOC_ARENAS = 1
 
 
 def _limit_malloc_arenas() -> None:
-    """Two malloc arenas instead of glibc's eight per core.
+    """One malloc arena instead of glibc's eight per core.
 
     Chunks are allocated and freed by a dozen threads; with an arena each, every arena keeps
     its own freed MiB-sized blocks. Measured on the benchmark's restore: peak RSS 136-183 MiB
-    (agent) and 161 MiB (controller) instead of 254 and 213, at no cost in speed. Only glibc
-    has mallopt; elsewhere this does nothing.
+    (agent) and 161 MiB (controller) with two arenas instead of 254 and 213 with glibc's
+    default; one arena (issue 11) took another 5-9 MiB off each side's backup and restore,
+    at no measurable cost in CPU (the threads that allocate chunks mostly hold the GIL
+    anyway). Only glibc has mallopt; elsewhere this does nothing.
 
     Not also a fixed M_MMAP_THRESHOLD below the chunk size (issue 11 tried 128 KiB): it cut
     peak RSS by 7-18 MiB, but every chunk-sized block was then a fresh mapping, its pages

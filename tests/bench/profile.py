@@ -24,8 +24,7 @@ from pathlib import Path
 
 from tests.bench.coffer import Coffer
 from tests.bench.image import build_image
-from tests.bench.measure import drop_caches
-from tests.bench.run import parse_size
+from tests.bench.measure import drop_caches, parse_size
 
 # Stages named by a frame anywhere in a sample's stack (function name, file), first match wins;
 # the file is matched as a substring, "" matches any.

@@ -37,8 +37,7 @@ from tests.bench.image import (
     have_root_tools,
     loop_devices_for,
 )
-from tests.bench.measure import StepFailed, drop_caches, sha256_file
-from tests.bench.run import parse_size
+from tests.bench.measure import StepFailed, drop_caches, parse_size, sha256_file
 
 MB = 1e6
 MiB = 1 << 20
