@@ -14,6 +14,7 @@ Bytes are allocated bytes (`st_blocks * 512`, as `du` counts them), not apparent
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import hashlib
 import os
@@ -309,3 +310,16 @@ class Tool(Protocol):
     def close(self) -> None:
         """Stop what `setup` started; the repository stays on disk."""
         ...
+
+
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def parse_size(text: str) -> int:
+    """'2G', '256M', '1M', '64K', '4096' (binary units; a trailing 'iB' or 'B' is allowed)."""
+    t = text.strip().upper().removesuffix("IB").removesuffix("B")
+    unit = t[-1:] if t[-1:] in _UNITS else ""
+    try:
+        return int(float(t[: len(t) - len(unit)]) * _UNITS[unit])
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r}") from None

@@ -78,6 +78,7 @@ from tests.bench.measure import (
     StepResult,
     Tool,
     drop_caches,
+    parse_size,
     sequential_write_rate,
     sha256_file,
 )
@@ -101,18 +102,6 @@ MIXES = (
     Mix(prose=0.06, code=0.08, log=0.16, binary=0.25, random=0.35, zeros=0.10),
 )
 """The file mix of each seed's image in turn: the first is the project's benchmark image."""
-
-_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-
-
-def parse_size(text: str) -> int:
-    """'2G', '256M', '1M', '64K', '4096' (binary units; a trailing 'iB' or 'B' is allowed)."""
-    t = text.strip().upper().removesuffix("IB").removesuffix("B")
-    unit = t[-1:] if t[-1:] in _UNITS else ""
-    try:
-        return int(float(t[: len(t) - len(unit)]) * _UNITS[unit])
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r}") from None
 
 
 def parse_sizes(values: Sequence[str]) -> list[int]:

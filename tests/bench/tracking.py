@@ -36,9 +36,8 @@ from typing import Any
 
 from tests.bench.coffer import VAULT, Coffer
 from tests.bench.image import Mix, build_image, edit_files, have_root_tools
-from tests.bench.measure import StepFailed, StepResult, drop_caches, sha256_file
+from tests.bench.measure import StepFailed, StepResult, drop_caches, parse_size, sha256_file
 from tests.bench.peers import Borg
-from tests.bench.run import parse_size
 from tests.loopfs import loop_fs
 
 MiB = 1 << 20
