@@ -122,6 +122,7 @@ class BackupRun:
             controller_reason=command.full_read_reason,
         )
         self._plans: dict[str, tracking.Plan] = {}
+        self._previous_indexes: dict[str, asyncio.Future[bytes | None]] = {}
         self.snapshots: SnapshotSet | None = None
 
     def disks(self) -> list[DiskConfig]:
@@ -142,9 +143,12 @@ class BackupRun:
             if not disk.path.exists():
                 raise DiskReadFailed(disk=disk.name, path=disk.path, detail="it does not exist")
         env = {"COFFER_JOB_ID": self._command.job_id, "COFFER_VM_ID": self._config.vm_id}
-        async with consistent_snapshot(
-            [(disk.name, disk.path) for disk in disks], self._config.consistency, env
-        ) as snapshots:
+        async with (
+            self._fetching_previous(disks),
+            consistent_snapshot(
+                [(disk.name, disk.path) for disk in disks], self._config.consistency, env
+            ) as snapshots,
+        ):
             self.snapshots = snapshots
             with contextlib.ExitStack() as opened:
                 readers = []
@@ -241,6 +245,22 @@ class BackupRun:
             )
         return plan
 
+    @contextlib.asynccontextmanager
+    async def _fetching_previous(self, disks: list[DiskConfig]) -> AsyncIterator[None]:
+        """The previous recovery point's index of each disk, fetched while the disks are
+        snapshotted (neither waits for the other: the fetch is the controller's presence check
+        of the base's chunks, the snapshot a clone or a freeze here). Leaving cancels and
+        waits for the fetches not awaited, so none outlives the backup."""
+        for disk in disks:
+            self._previous_indexes[disk.name] = asyncio.ensure_future(self._previous(disk.name))
+        try:
+            yield
+        finally:
+            pending = list(self._previous_indexes.values())
+            for fetch in pending:
+                fetch.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+
     async def _previous(self, disk: str) -> bytes | None:
         previous = self._command.previous_recovery_point_id
         if not previous:
@@ -271,7 +291,7 @@ class BackupRun:
 
     async def _disk(self, disk: DiskConfig, reader: DiskReader, progress: Progress) -> DiskResult:
         job_id, chunk_size, size = self._command.job_id, self._command.chunk_size, reader.size
-        previous = await self._previous(disk.name) or b""
+        previous = await self._previous_indexes[disk.name] or b""
         plan = await self._plan(disk, size, previous)
         count = -(-size // chunk_size)
         digests = bytearray(count * DIGEST_SIZE)  # zero-filled: holes are ZERO_DIGEST already

@@ -23,7 +23,7 @@ import errno
 import fcntl
 import struct
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from typing import NamedTuple
 
 FS_IOC_FIEMAP = 0xC020660B  # _IOWR('f', 11, struct fiemap)
 FIEMAP_FLAG_SYNC = 0x1
@@ -63,8 +63,9 @@ class FiemapUnsupported(Exception):
     """The file system cannot report a file's extent map (the backup then reads in full)."""
 
 
-@dataclass(frozen=True, slots=True)
-class Extent:
+class Extent(NamedTuple):
+    # A tuple, not a frozen dataclass: a map has thousands of extents, and building a frozen
+    # dataclass (a setattr per field) was most of the time a plan took.
     logical: int
     physical: int
     length: int
@@ -93,11 +94,10 @@ def extents(fd: int, size: int) -> Iterator[Extent]:
         if mapped == 0:
             return
         extent = Extent(0, 0, 0)
-        for i in range(mapped):
-            logical, physical, length, fe_flags = _EXTENT.unpack_from(
-                buffer, _HEADER.size + i * _EXTENT.size
-            )
-            extent = Extent(logical, physical, length, fe_flags)
+        for fields in _EXTENT.iter_unpack(
+            memoryview(buffer)[_HEADER.size : _HEADER.size + mapped * _EXTENT.size]
+        ):
+            extent = Extent._make(fields)
             yield extent
         if extent.flags & EXTENT_LAST or extent.end <= start:
             return

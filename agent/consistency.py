@@ -9,7 +9,10 @@ the file systems were frozen and the warnings for the job. Leaving it releases e
 every case.
 
 - `sync` runs before the freeze: FIFREEZE writes back everything cached, and most of that is
-  done while writers may still write, so the frozen window is shorter.
+  done while writers may still write, so the frozen window is shorter. With nothing to freeze
+  (no file system of the disks mounted here, or `freeze` off), only the disks themselves are
+  flushed (fsync of each image file or device): what a snapshot takes is written, and the
+  backup does not wait for every other file system of the machine to write back.
 - The thaw watchdog (`agent.thaw_watchdog`) is started before the pre-script and holds every
   file system before it is frozen: whatever happens to this process, nothing stays frozen past
   `thaw_deadline` seconds.
@@ -194,7 +197,10 @@ class _Run:
                 ThawWatchdog(self.policy.thaw_deadline)
             )
             self.stack.callback(self._watch_what_may_still_freeze)
-        await asyncio.to_thread(os.sync)
+        if any(on_disk.values()):
+            await asyncio.to_thread(os.sync)
+        else:
+            await asyncio.to_thread(_flush, [path for _, path in self.disks])
         await self._freeze(on_disk)
         for name, path in self.disks:
             provider = self.providers[name]
@@ -414,6 +420,19 @@ class _Run:
             if self.watchdog is not None and self.watchdog.expired_at is not None:
                 end = min(end, self.watchdog.expired_at)
             self.result.frozen_ms = (end - self.freeze_started) * 1000
+
+
+def _flush(paths: Sequence[Path]) -> None:
+    """Write back what is cached of each disk (an image file or a block device); blocking."""
+    for path in paths:
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError as exc:  # the snapshot that follows reports what is wrong with the disk
+            log.warning("could not flush disk %s before its snapshot: %s", path, exc.strerror)
 
 
 @contextlib.asynccontextmanager

@@ -1,7 +1,10 @@
 """The tracking incremental: file edits inside an ext4 image on a reflink XFS, backed up by
 Coffer with changed-block tracking, by Coffer reading in full, and by borg, in one run.
 
-    python -m tests.bench.tracking --size 2G --seed 1 [--workdir DIR] [--json FILE]
+    python -m tests.bench.tracking --size 2G --seed 1 [--mix 0] [--workdir DIR] [--json FILE]
+
+`--mix 1` takes the second image's mix of file kinds, as `tests.bench.run` does for its second
+seed (`--seed 7 --mix 1` is the run's second tracking row).
 
 The image is built on a loop-mounted XFS made with reflink=1, and cloned (sharing every
 extent) for the full-reading Coffer, so both Coffers back up the same bytes without sharing a
@@ -50,6 +53,9 @@ def arguments(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--fraction", type=float, default=0.02, help="of the file data edited")
     parser.add_argument("--workdir", type=Path, default=Path("/var/tmp"))
+    parser.add_argument(
+        "--mix", type=int, default=0, help="the mix of file kinds: tests.bench.run.MIXES[N]"
+    )
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
     return parser.parse_args(argv)
@@ -133,7 +139,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="coffer-tracking-bench-", dir=args.workdir))
     started = time.monotonic()
     try:
-        rows = run(args, work)
+        from tests.bench.run import MIXES  # here: tests.bench.run imports this module
+
+        rows = run(args, work, mix=MIXES[args.mix % len(MIXES)])
         report(rows)
         if args.json:
             args.json.write_text(json.dumps(rows, indent=2, default=str) + "\n")
