@@ -13,7 +13,7 @@ agents and CLI (`tests.lab_cluster`):
   file system is thawed at once, the job fails with `AgentDisconnected`, the next backup
   succeeds;
 - a VM cut off the network during its upload: the job fails with `AgentDisconnected` once the
-  keepalive gives up (about 8 s), no partial recovery point is left, and the agent comes back
+  keepalive gives up (within 25 s), no partial recovery point is left, and the agent comes back
   by itself when the link returns;
 - a recovery point mounted with `coffer files mount` is seen inside its VM's mount namespace
   and not on the host; an agent killed with it open fails the job, and what it left is swept
@@ -407,8 +407,11 @@ def test_link_cut_during_upload_fails_the_job_and_the_agent_comes_back(
         cut_at = time.monotonic()
         cluster.lab.cut(vm)
         try:
-            # The controller hears nothing more from the VM: its keepalive gives up within 8 s.
-            ended = wait_for_end(cluster, job_id, 15)
+            # The controller hears nothing more from the VM: its keepalive gives up within 25 s
+            # (15 s of silence, then 10 s for the ping's answer; shared/rpc_channel.py). gRPC's
+            # bandwidth probes used to ping during the upload and notice sooner; the streams'
+            # fixed window (issue 11) turned them off.
+            ended = wait_for_end(cluster, job_id, 35)
             failed_after = time.monotonic() - cut_at
             noticed = ended is not None and not online(cluster, vm)
         finally:
