@@ -15,7 +15,10 @@ which reach the new server, while the calls under way, the agents' sessions amon
 until they end or the old certificate would have expired. A connection that is already
 authenticated does not look at the certificate again, so nothing is cut short by the
 renewal; a client that dials in the few milliseconds between the two servers is refused and
-dials again, as after any blip.
+dials again, as after any blip. While the old server drains, its connections count against
+its own connection quota, not the new server's: for a while after a renewal the two together
+may hold up to twice a listener's quota of descriptors (controller/descriptors.py keeps the
+reserve for operators apart, not this).
 """
 
 from __future__ import annotations
