@@ -17,8 +17,8 @@ authenticated does not look at the certificate again, so nothing is cut short by
 renewal; a client that dials in the few milliseconds between the two servers is refused and
 dials again, as after any blip. While the old server drains, its connections count against
 its own connection quota, not the new server's: for a while after a renewal the two together
-may hold up to twice a listener's quota of descriptors (controller/descriptors.py keeps the
-reserve for operators apart, not this).
+may hold up to twice a listener's quota of descriptors (the budget in controller/descriptors.py
+does not count that).
 """
 
 from __future__ import annotations
