@@ -295,16 +295,17 @@ class Controller:
                     enrolment_pb2_grpc.add_EnrolmentServiceServicer_to_server(enrol_service, server)
                     return server
 
-                enrol_listener = Listener(
-                    "enrol_listen",
-                    config.enrol_listen,
-                    enrol_server,
-                    identity,
-                    client_certificates=False,
+                self.enrol_port = await _listen(
+                    stack,
+                    certificates,
+                    Listener(
+                        "enrol_listen",
+                        config.enrol_listen,
+                        enrol_server,
+                        identity,
+                        client_certificates=False,
+                    ),
                 )
-                self.enrol_port = await enrol_listener.start()
-                stack.push_async_callback(enrol_listener.stop, SHUTDOWN_GRACE_SECONDS)
-                certificates.listeners.append(enrol_listener.renew)
                 log.info("enrolment listener on %s (port %d)", config.enrol_listen, self.enrol_port)
 
             # The one identity, role and audit check of every operator call: gRPC's edge,
@@ -361,16 +362,17 @@ class Controller:
                     operator_pb2_grpc.add_OperatorServiceServicer_to_server(operators, server)
                     return server
 
-                operator_listener = Listener(
-                    "operator_listen",
-                    config.operator_listen,
-                    operator_server,
-                    identity,
-                    client_certificates=True,
+                self.operator_port = await _listen(
+                    stack,
+                    certificates,
+                    Listener(
+                        "operator_listen",
+                        config.operator_listen,
+                        operator_server,
+                        identity,
+                        client_certificates=True,
+                    ),
                 )
-                self.operator_port = await operator_listener.start()
-                stack.push_async_callback(operator_listener.stop, SHUTDOWN_GRACE_SECONDS)
-                certificates.listeners.append(operator_listener.renew)
                 log.info(
                     "operator listener on %s (port %d)", config.operator_listen, self.operator_port
                 )
@@ -402,12 +404,11 @@ class Controller:
                 self.web = await stack.enter_async_context(console)
                 operators.web = console
                 certificates.on_renewed.append(console.load_certificate)
-            listener = Listener(
-                "listen", config.listen, agent_server, identity, client_certificates=True
+            self.port = await _listen(
+                stack,
+                certificates,
+                Listener("listen", config.listen, agent_server, identity, client_certificates=True),
             )
-            self.port = await listener.start()
-            stack.push_async_callback(listener.stop, SHUTDOWN_GRACE_SECONDS)
-            certificates.listeners.append(listener.renew)
             # Runs before the server stops: sessions end at once, telling agents when to dial
             # again, so a restart does not meet the whole fleet dialling into a closed port.
             stack.callback(agent_service.stopping)
@@ -484,6 +485,16 @@ async def _collect_after_upgrade(pruner: Pruner, vault: str) -> None:
         await pruner.collect(vault, trigger=Trigger.SCHEDULED)
     except CofferError as error:  # one runs already, or the controller is stopping
         log.info("vault %s: no garbage collection after its upgrade: %s", vault, error)
+
+
+async def _listen(
+    stack: contextlib.AsyncExitStack, certificates: CertificateMaintenance, listener: Listener
+) -> int:
+    """Start `listener` until `stack` closes, serving each renewed certificate; its port."""
+    port = await listener.start()
+    stack.push_async_callback(listener.stop, SHUTDOWN_GRACE_SECONDS)
+    certificates.listeners.append(listener.renew)
+    return port
 
 
 def _settle_garbage_collector() -> None:
