@@ -33,7 +33,7 @@ import contextlib
 import dataclasses
 import json
 import sqlite3
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -849,6 +849,14 @@ def _columns(names: Sequence[str]) -> str:
     return ", ".join(names)
 
 
+def _in_batches(ids: Sequence[str]) -> Iterator[tuple[list[str], str]]:
+    """`ids` in slices of `_ID_BATCH`, each with its `?,?,...` for an `IN (...)`: SQLite bounds
+    the variables of one statement (32,766 by default)."""
+    for start in range(0, len(ids), _ID_BATCH):
+        batch = list(ids[start : start + _ID_BATCH])
+        yield batch, ",".join("?" * len(batch))
+
+
 def _placeholders(names: Sequence[str]) -> str:
     """Named parameters for `names`: rows are written from dicts, by name."""
     return ", ".join(f":{name}" for name in names)
@@ -1193,11 +1201,9 @@ class Catalog:
         if not self.on_change:
             return found
         ids = list(rp_ids)
-        for start in range(0, len(ids), _ID_BATCH):
-            batch = ids[start : start + _ID_BATCH]
+        for batch, marks in _in_batches(ids):
             async with db.execute(
-                "SELECT DISTINCT vault, vm_id FROM recovery_points"
-                f" WHERE id IN ({','.join('?' * len(batch))})",
+                f"SELECT DISTINCT vault, vm_id FROM recovery_points WHERE id IN ({marks})",
                 batch,
             ) as cursor:
                 found.update((row["vault"], row["vm_id"]) for row in await cursor.fetchall())
@@ -1485,9 +1491,8 @@ class Catalog:
         """The items of `vm_ids` that are registered, by VM id."""
         found: dict[str, ItemRecord] = {}
         ids = list(dict.fromkeys(vm_ids))
-        for start in range(0, len(ids), _ID_BATCH):
-            batch = ids[start : start + _ID_BATCH]
-            for item in await self._items(f"vm_id IN ({','.join('?' * len(batch))})", tuple(batch)):
+        for batch, marks in _in_batches(ids):
+            for item in await self._items(f"vm_id IN ({marks})", tuple(batch)):
                 found[item.vm_id] = item
         return found
 
@@ -1683,11 +1688,10 @@ class Catalog:
                     disks.setdefault(row["vm_id"], []).append(_disk(row))
         else:
             ids = [row["vm_id"] for row in rows]
-            for start in range(0, len(ids), _ID_BATCH):
-                batch = ids[start : start + _ID_BATCH]
+            for batch, marks in _in_batches(ids):
                 async with self.db.execute(
                     f"SELECT {_columns(_DISK_COLUMNS)} FROM disks"
-                    f" WHERE vm_id IN ({','.join('?' * len(batch))}) ORDER BY vm_id, name",
+                    f" WHERE vm_id IN ({marks}) ORDER BY vm_id, name",
                     batch,
                 ) as cursor:
                     async for row in cursor:
@@ -1901,12 +1905,11 @@ class Catalog:
         """The vault of each VM's latest recovery point, for those of `vm_ids` that have one."""
         found: dict[str, str] = {}
         ids = list(dict.fromkeys(vm_ids))
-        for start in range(0, len(ids), _ID_BATCH):
-            batch = ids[start : start + _ID_BATCH]
+        for batch, marks in _in_batches(ids):
             # SQLite gives the bare column `vault` from the row whose created_at is the max.
             async with self.db.execute(
                 "SELECT vm_id, vault, max(created_at) FROM recovery_points"
-                f" WHERE vm_id IN ({','.join('?' * len(batch))}) GROUP BY vm_id",
+                f" WHERE vm_id IN ({marks}) GROUP BY vm_id",
                 batch,
             ) as cursor:
                 found.update({row["vm_id"]: row["vault"] for row in await cursor.fetchall()})
@@ -1947,12 +1950,10 @@ class Catalog:
             return []
         ids = [row["id"] for row in rows]
         disks: dict[str, list[RecoveryPointDiskRecord]] = {}
-        # In batches: SQLite bounds the variables of one statement (32,766 by default).
-        for start in range(0, len(ids), _ID_BATCH):
-            batch = ids[start : start + _ID_BATCH]
+        for batch, marks in _in_batches(ids):
             async with self.db.execute(
                 f"SELECT {_columns(_RP_DISK_COLUMNS)} FROM recovery_point_disks"
-                f" WHERE recovery_point_id IN ({','.join('?' * len(batch))}) ORDER BY name",
+                f" WHERE recovery_point_id IN ({marks}) ORDER BY name",
                 batch,
             ) as cursor:
                 async for row in cursor:
@@ -2125,9 +2126,7 @@ class Catalog:
         """The integrity of each of `rp_ids` that was ever looked at, with its first few
         damaged chunks."""
         found: dict[str, VerificationRecord] = {}
-        for start in range(0, len(rp_ids), _ID_BATCH):
-            batch = list(rp_ids[start : start + _ID_BATCH])
-            marks = ",".join("?" * len(batch))
+        for batch, marks in _in_batches(rp_ids):
             async with self.db.execute(
                 "SELECT v.*, (SELECT count(*) FROM damaged_chunks d"
                 "  WHERE d.recovery_point_id = v.recovery_point_id) AS damaged"
@@ -2343,11 +2342,10 @@ class Catalog:
     async def copies(self, rp_ids: Sequence[str]) -> dict[str, list[CopyRecord]]:
         """The copies each of `rp_ids` is complete in."""
         found: dict[str, list[CopyRecord]] = {}
-        for start in range(0, len(rp_ids), _ID_BATCH):
-            batch = list(rp_ids[start : start + _ID_BATCH])
+        for batch, marks in _in_batches(rp_ids):
             async with self.db.execute(
                 "SELECT recovery_point_id, target, copied_at, job_id FROM copies"
-                f" WHERE recovery_point_id IN ({','.join('?' * len(batch))}) ORDER BY target",
+                f" WHERE recovery_point_id IN ({marks}) ORDER BY target",
                 batch,
             ) as cursor:
                 async for row in cursor:
