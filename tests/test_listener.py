@@ -21,7 +21,7 @@ from cryptography import x509
 from controller.listener import Listener
 from controller.pki import Authority, init_pki
 from controller.renewal import ServerIdentity
-from shared.rpc_channel import secure_channel
+from shared.rpc_channel import secure_channel, server_options
 from shared.tls import TlsFiles
 
 pytestmark = pytest.mark.timeout(60)
@@ -34,7 +34,10 @@ def echo_server() -> grpc.aio.Server:
         async for request in requests:
             yield b"echo:" + request
 
-    server = grpc.aio.server()
+    # The controller's own server options: SO_REUSEPORT off among them, so the new server binds
+    # only once the old one has let the port go (with gRPC's default, on, a connection could
+    # still reach the stopping server and be reset).
+    server = grpc.aio.server(options=server_options())
     server.add_generic_rpc_handlers(
         (
             grpc.method_handlers_generic_handler(
