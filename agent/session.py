@@ -5,9 +5,10 @@ disks), then heartbeats, and runs each command it receives as its own task, send
 result per command. When the stream breaks, every running command is cancelled (the controller
 has already failed its job) and the agent dials again after a jittered exponential backoff, so
 a fleet of agents does not reconnect in lock step after a controller restart. A controller
-busy starting other sessions refuses with a retry-after (`ControllerBusy`): the agent waits at
-least that long, plus a random part of it (`shared.backoff.after_refusal`), so the refused
-come back spread out, once the controller has room.
+busy starting other sessions refuses with a retry-after (`ControllerBusy`), and one that
+stops ends every session with one: the agent waits that long (plus up to a tenth,
+`shared.backoff.after_refusal`). The controller gives each agent its own moment, so the refused
+and a restarted controller's fleet come back spread over the time it needs to take them.
 
 When another agent process with this VM's certificate takes the session over, the controller
 says so (`SessionDisplaced`): this agent logs it as an error, leaves the status broker, and

@@ -50,6 +50,7 @@ from shared.errors import (
 from shared.hello import DeclaredDisk, check_hello
 from shared.index import DiskIndex
 from shared.rpc import agent_pb2, agent_pb2_grpc
+from shared.rpc_errors import end_with
 
 log = logging.getLogger(__name__)
 
@@ -78,9 +79,11 @@ REHELLO_SECONDS = 1.0
 # Bounds of the restore directories a hello may list (kept in the catalog).
 MAX_RESTORE_DIRS = 64
 MAX_PATH_CHARS = 4096
-# When the controller stops, each agent is told to come back after this long (and a random
-# part of it again, agent/session.py): a restart takes a few seconds, and a fleet that dialled
-# at once into a controller still starting would only meet refused connections and back off.
+# When the controller stops, each agent is told to come back once the controller can be up
+# again (`stopping`'s `back_in`, at least this) and at its own moment within the time the
+# session gate needs to start them all: a fleet that dialled at once into a controller still
+# starting would only meet refused connections and back off, and one that came back all at once
+# would meet a full gate and be refused (issue 13).
 STOPPING_RETRY_AFTER = 5.0
 # Jobs a heartbeat may name (an agent runs a backup, a restore and a few file recoveries).
 MAX_JOBS_PER_HEARTBEAT = 64
@@ -115,6 +118,7 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
         self._heartbeat_ms = heartbeat_interval_ms
         self.gate = gate or SessionGate()
         self._stopping = False
+        self._return = (STOPPING_RETRY_AFTER, 0.0)  # from when, over how long agents return
         self._hellos = HelloWriter(catalog)
         self._hello_at: dict[str, float] = {}  # when each VM last declared itself mid-session
         self._index_budget = index_budget or IndexBudget()
@@ -187,13 +191,23 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
             raise displaced
         if self._stopping:
             stopping = Unavailable("the controller is stopping")
-            stopping.retry_after = STOPPING_RETRY_AFTER
-            raise stopping
+            start, window = self._return
+            stopping.retry_after = start + window * self.gate.rng()
+            end_with(context, stopping)
 
-    def stopping(self) -> None:
+    def stopping(self, back_in: float = STOPPING_RETRY_AFTER) -> None:
         """The controller stops: end every session now, each telling its agent when to come
-        back (before the server's grace period, which would cancel them untold)."""
+        back (before the server's grace period, which would cancel them untold): after
+        `back_in` seconds (when a restarted controller would be listening), at a moment of its
+        own within the time the session gate needs to start the whole fleet."""
         self._stopping = True
+        sessions = self._registry.online_count()
+        self._return = (max(back_in, STOPPING_RETRY_AFTER), self.gate.return_window(sessions))
+        log.info(
+            "ending %d agent sessions: agents come back from %.1f s over %.1f s",
+            sessions,
+            *self._return,
+        )
         self._registry.close_all()
 
     async def _accept(self, session: AgentSession, context: grpc.aio.ServicerContext) -> None:

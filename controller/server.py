@@ -43,6 +43,7 @@ import gc
 import logging
 import os
 import sys
+import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
@@ -115,6 +116,9 @@ GIL_SWITCH_SECONDS = 0.0005
 # 2,000-agent storm spent a quarter of the controller's busy CPU in `gc_collect_main`.
 GC_THRESHOLDS = (50_000, 20, 20)
 SHUTDOWN_GRACE_SECONDS = 5.0
+# Seconds a restart takes beyond what this controller's own start took: its stop (every
+# session ended, the catalog flushed) and the new process's interpreter and imports.
+RESTART_ALLOWANCE = 3.0
 
 
 class Controller:
@@ -153,6 +157,7 @@ class Controller:
     @contextlib.asynccontextmanager
     async def running(self) -> AsyncIterator[Controller]:
         config = self.config
+        began = time.monotonic()
         # gRPC asks the server credentials' Python fetcher (renewal.py) before every TLS
         # handshake, from its own threads, each taking the GIL: at the default switch interval
         # (5 ms) a busy event loop kept thousands of handshakes waiting their turn in a storm.
@@ -410,8 +415,9 @@ class Controller:
                 Listener("listen", config.listen, agent_server, identity, client_certificates=True),
             )
             # Runs before the server stops: sessions end at once, telling agents when to dial
-            # again, so a restart does not meet the whole fleet dialling into a closed port.
-            stack.callback(agent_service.stopping)
+            # again, so a restart does not meet the whole fleet dialling into a closed port:
+            # once a controller started as this one did would listen again.
+            stack.callback(agent_service.stopping, time.monotonic() - began + RESTART_ALLOWANCE)
             log.info("controller listening on %s (port %d)", config.listen, self.port)
 
             # RESTART: a renewal that failed (a full disk) is tried again; the certificate in

@@ -11,9 +11,14 @@ after a controller restart, a broker coming back) do not come back in the same i
 where ceiling = min(cap, first * 2**attempt). The exponent is bounded, so a loop that retries
 for days never overflows a float.
 
-A server that refuses because it is busy may say when to come back (a retry-after):
-`after_refusal` waits at least that long, and a uniform random part of it again, so that the
-clients it refused together do not return together.
+A server that refuses because it is busy, or ends a session because it stops, may say when to
+come back (a retry-after). The server spreads the clients it sends away: it knows how many it
+refused or ended and how fast it can take them back, so each is told its own moment (the
+controller: controller/session_gate.py, controller/agent_service.py). `after_refusal` waits that
+long, and up to a tenth of it again (`RETRY_JITTER`), only so that clients told the same moment
+do not dial in the same millisecond. (Until issue 13's restart pacing the client spread alone,
+over [R, 2R]: a fleet told to come back after the controller's restart then returned over a
+window as long as the restart, however many agents it held.)
 """
 
 from __future__ import annotations
@@ -24,6 +29,8 @@ from dataclasses import dataclass
 from typing import Literal
 
 _MAX_EXPONENT = 32
+RETRY_JITTER = 0.1
+"""The part of a retry-after a client adds at random: the server has spread its clients."""
 
 
 @dataclass(frozen=True)
@@ -55,8 +62,8 @@ def after_refusal(
     delay: float, retry_after: float | None, rng: Callable[[], float] = random.random
 ) -> float:
     """The wait before the next attempt: the backoff's `delay`, or when the server said to
-    come back after `retry_after` seconds, at least that: uniform in [retry_after,
-    2 * retry_after] (never shorter than `delay`)."""
+    come back after `retry_after` seconds, that: uniform in [retry_after, retry_after *
+    (1 + RETRY_JITTER)] (never shorter than `delay`)."""
     if retry_after is None:
         return delay
-    return max(delay, retry_after * (1.0 + rng()))
+    return max(delay, retry_after * (1.0 + RETRY_JITTER * rng()))

@@ -6,10 +6,12 @@ import argparse
 import asyncio
 import contextlib
 import ctypes
+import logging
+import os
 import sys
 from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 from shared.errors import CofferError, find_coffer_error
 from shared.logs import FORMATS, configure
@@ -53,6 +55,25 @@ def run_daemon(
         print(f"{prog}: {error}", file=sys.stderr)
         return error.exit_code
     return 0
+
+
+def leave(code: int) -> NoReturn:
+    """Exit with `code` now, logs and output flushed, without the interpreter's teardown.
+
+    Call it only once everything the process owns is closed: what is left is memory, which the
+    kernel frees at once and the interpreter object by object. For the CLI that teardown
+    (freeing every module, stopping gRPC's threads) was 0.08-0.1 s after each command had
+    finished; for a controller that had held 10,000 agent sessions it was 12-15 s of the
+    cyclic collector and protobuf's arenas freeing each session's objects (issue 13), during
+    which the restarted controller could not yet start and the fleet dialled a closed port.
+    """
+    logging.shutdown()
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except OSError:  # the reader went away: as the interpreter exits when it cannot flush
+        code = code or 120
+    os._exit(code)
 
 
 def add_version(parser: argparse.ArgumentParser, prog: str) -> None:

@@ -24,12 +24,27 @@ from shared.rpc import common_pb2
 
 async def abort(context: grpc.aio.ServicerContext, error: CofferError) -> NoReturn:
     """End the RPC with `error`, typed for the client."""
+    context.set_trailing_metadata(_trailing(error))
+    await context.abort(grpc.StatusCode[error.grpc_status], error.message)
+    raise AssertionError("unreachable: context.abort raises")
+
+
+def end_with(context: grpc.aio.ServicerContext, error: CofferError) -> None:
+    """Have the RPC end with `error`, typed for the client, once its handler returns.
+
+    What `abort` sends, without its exception through every interceptor and a batch of its
+    own: for a controller ending 10,000 sessions at once, `abort` was 0.5 ms of the event
+    loop's time each (issue 13)."""
+    context.set_trailing_metadata(_trailing(error))
+    context.set_code(grpc.StatusCode[error.grpc_status])
+    context.set_details(error.message)
+
+
+def _trailing(error: CofferError) -> tuple[tuple[str, str], ...]:
     trailing: tuple[tuple[str, str], ...] = ((ERROR_CODE_METADATA_KEY, error.code),)
     if error.retry_after is not None:
         trailing += ((RETRY_AFTER_METADATA_KEY, f"{error.retry_after:.3f}"),)
-    context.set_trailing_metadata(trailing)
-    await context.abort(grpc.StatusCode[error.grpc_status], error.message)
-    raise AssertionError("unreachable: context.abort raises")
+    return trailing
 
 
 def from_rpc_error(error: grpc.RpcError) -> CofferError:

@@ -8,7 +8,6 @@ failed jobs alike (`controller.cli.exits`, the table in README.md).
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 from typing import NoReturn
@@ -49,6 +48,7 @@ from controller.cli.protection import (
 )
 from controller.cli.vaults import dashboard, drill_cell, vault
 from controller.cli.web import web
+from shared.daemon import leave
 from shared.errors import CofferError
 from shared.rpc import operator_pb2
 from shared.rpc.operator_pb2_grpc import OperatorServiceStub
@@ -283,36 +283,21 @@ def main() -> NoReturn:
         code = cli.main(prog_name="coffer", standalone_mode=False)
     except CofferError as exc:
         print_error(exc.code, str(exc), exc.exit_code, as_json=_json_errors())
-        _leave(exc.exit_code)
+        leave(exc.exit_code)
     except click.ClickException as exc:  # a usage error: exit 2
         if not _json_errors():
             exc.show()
         else:
             print_error(USAGE_ERROR, exc.format_message(), exc.exit_code, as_json=True)
-        _leave(exc.exit_code)
+        leave(exc.exit_code)
     except click.Abort:
         print_error("Aborted", "aborted", 1, as_json=_json_errors())
-        _leave(1)
+        leave(1)
     except SystemExit as exc:  # a command's own exit status (that of the jobs it ran)
         if exc.code is None or isinstance(exc.code, int):
-            _leave(exc.code or 0)
+            leave(exc.code or 0)
         raise
-    _leave(code if isinstance(code, int) else 0)
-
-
-def _leave(code: int) -> NoReturn:
-    """Exit with `code` now, its output flushed, without the interpreter's teardown.
-
-    Freeing every module and stopping gRPC's threads took 0.08-0.1 s (more on a loaded
-    machine) after the command had finished: a tenth of a `coffer backup-now` of an
-    incremental, waited for by every script that runs one. Nothing of the CLI runs at exit.
-    """
-    try:
-        sys.stdout.flush()
-        sys.stderr.flush()
-    except OSError:  # the reader went away: as the interpreter exits when it cannot flush
-        code = code or 120
-    os._exit(code)
+    leave(code if isinstance(code, int) else 0)
 
 
 # What a command line that click refused is called in a JSON error (not an API error code).

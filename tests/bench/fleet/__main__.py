@@ -222,6 +222,14 @@ class Fleet:
     def total(self, key: str) -> int:
         return sum(int(w.latest.get(key, 0)) for w in self.workers)
 
+    def failures(self) -> dict[str, int]:
+        """Attempts that ended without a session so far, by how, over every worker."""
+        kinds: dict[str, int] = {}
+        for worker in self.workers:
+            for how, count in worker.latest.get("failures", {}).items():
+                kinds[how] = kinds.get(how, 0) + int(count)
+        return kinds
+
     async def send(self, word: str) -> None:
         for worker in self.workers:
             await worker.send(word)
@@ -287,6 +295,7 @@ async def storm(
 ) -> dict[str, Any]:
     """Every agent dials at once (or within `ramp` seconds); until all are in session."""
     attempts, refused = fleet.total("attempts"), fleet.total("refused")
+    failures = fleet.failures()
     cpu, simulator = cpu_seconds(controller.pid), fleet.cpu_seconds()
     await fleet.send(f"connect {ramp}")
     took = await fleet.until(fleet.all_in_session, within)
@@ -301,7 +310,14 @@ async def storm(
         "in_session": fleet.total("in_session"),
         "attempts_per_agent": (fleet.total("attempts") - attempts) / fleet.agents,
         "refused_busy": fleet.total("refused") - refused,
+        "failed_attempts": failed_since(failures, fleet.failures()),
     }
+
+
+def failed_since(before: dict[str, int], now: dict[str, int]) -> dict[str, int]:
+    """The attempts that failed between two counts, by how, most first."""
+    since = {how: count - before.get(how, 0) for how, count in now.items()}
+    return dict(sorted(((h, c) for h, c in since.items() if c), key=lambda kv: -kv[1]))
 
 
 def list_agents(controller: Controller, workdir: Path) -> dict[str, Any]:
@@ -365,6 +381,7 @@ async def held(controller: Controller, fleet: Fleet, workdir: Path, idle: float)
 
 async def restart(controller: Controller, fleet: Fleet, within: float) -> dict[str, Any]:
     attempts, refused = fleet.total("attempts"), fleet.total("refused")
+    failures = fleet.failures()
     stopped_at = time.monotonic()
     await asyncio.to_thread(controller.stop)
     stop_s = time.monotonic() - stopped_at
@@ -385,6 +402,7 @@ async def restart(controller: Controller, fleet: Fleet, within: float) -> dict[s
         "in_session": fleet.total("in_session"),
         "attempts_per_agent": (fleet.total("attempts") - attempts) / fleet.agents,
         "refused_busy": fleet.total("refused") - refused,
+        "failed_attempts": failed_since(failures, fleet.failures()),
     }
 
 

@@ -26,7 +26,7 @@ import random
 import resource
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import grpc
@@ -56,6 +56,12 @@ class Counters:
     sessions: int = 0
     commands: int = 0
     errors: int = 0
+    failures: dict[str, int] = field(default_factory=dict)
+    """Attempts that ended without a session, by how: the gRPC status code and the start of its
+    details (a refused port, a handshake cut short, a refusal with a retry-after...)."""
+
+    def failed(self, how: str) -> None:
+        self.failures[how] = self.failures.get(how, 0) + 1
 
 
 class SessionEnded(Exception):
@@ -115,13 +121,17 @@ class SimulatedAgent:
                         self._counters.in_session -= 1
             # The session's task group raises what ended it as a group.
             except* grpc.RpcError as group:
-                error = from_rpc_error(group.exceptions[0])
+                first = group.exceptions[0]
+                error = from_rpc_error(first)
                 retry_after = error.retry_after
                 if isinstance(error, ControllerBusy):
                     self._counters.refused += 1
+                if accepted_at is None:
+                    self._counters.failed(_failure(first))
             # A write after the call ended (the controller or the transport ended it first).
             except* (SessionEnded, asyncio.InvalidStateError):
-                pass
+                if accepted_at is None:
+                    self._counters.failed("ended before its acceptance")
             if accepted_at is not None and time.monotonic() - accepted_at >= HEALTHY_SESSION:
                 delays = RECONNECT.delays()
             await asyncio.sleep(after_refusal(next(delays), retry_after))
@@ -172,6 +182,13 @@ class SimulatedAgent:
             outbox.put_nowait(
                 agent_pb2.AgentMessage(heartbeat=agent_pb2.Heartbeat(sequence=sequence))
             )
+
+
+def _failure(error: grpc.RpcError) -> str:
+    """A failed attempt's kind: its status code and the first words of its details."""
+    code = error.code() if isinstance(error, grpc.aio.AioRpcError) else None
+    details = error.details() if isinstance(error, grpc.aio.AioRpcError) else str(error)
+    return f"{code.name if code else 'unknown'}: {(details or '')[:48]}"
 
 
 def credentials(certs: Path, ca: bytes, vm_id: str) -> grpc.ChannelCredentials:
