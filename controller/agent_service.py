@@ -131,16 +131,11 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
 
     async def Session(self, request_iterator: object, context: grpc.aio.ServicerContext) -> None:
         vm_id = caller_vm()
-        # The hello is read before the gate may refuse: a call that ends before the agent's
-        # first write reaches gRPC's asyncio client as that write's failure ("RPC already
-        # finished", or INTERNAL "Failed execute_batch": grpc/grpc#36066), not as the refusal
-        # and its retry-after, and the agent would dial again at once (issue 13's storm: 43,000
-        # such failures against 2,093 refusals heard). Reading it costs one small message.
-        hello = await self._hello(context, vm_id)
-        if hello is None:
-            log.debug("agent %s ended its session before its hello", vm_id)
-            return
         async with self.gate.starting():
+            hello = await self._hello(context, vm_id)
+            if hello is None:
+                log.debug("agent %s ended its session before its hello", vm_id)
+                return
             session = AgentSession(
                 hello=hello,
                 connected_at=self._clock.now(),
