@@ -23,6 +23,7 @@ VM must be enrolled again.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
 import time
@@ -83,6 +84,15 @@ def _forget(
     running.pop(job_id, None)
     if not running:
         idle.set()
+
+
+async def say_hello(call: grpc.aio.StreamStreamCall, hello: agent_pb2.AgentMessage) -> None:
+    """Send the session's first message. A controller that refused the call before reading it
+    (a busy gate, a rate limit) may have ended it already: gRPC's asyncio client then fails the
+    write ("RPC already finished") rather than report the refusal, so the failure is let go and
+    the read that follows raises the refusal itself, its retry-after with it."""
+    with contextlib.suppress(asyncio.InvalidStateError):
+        await call.write(hello)
 
 
 class Agent:
@@ -202,7 +212,7 @@ class Agent:
             call = stub.Session()
             hello = self.hello()
             self._declared = _disk_sizes(hello)
-            await call.write(agent_pb2.AgentMessage(hello=hello))
+            await say_hello(call, agent_pb2.AgentMessage(hello=hello))
             if self._standby is not None:
                 log.info("waiting as a standby until the other agent's session ends")
             first = await call.read()

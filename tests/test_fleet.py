@@ -21,7 +21,8 @@ import grpc
 import pytest
 
 from agent.config import AgentConfig, DiskConfig
-from agent.session import Agent
+from agent.session import Agent, say_hello
+from controller.agent_limits import SESSION_BURST
 from controller.config import ControllerConfig
 from controller.pki import init_pki, issue_agent
 from controller.server import Controller
@@ -133,6 +134,34 @@ async def test_a_busy_controller_says_when_to_come_back_and_the_agent_waits_that
     finally:
         running.cancel()
         await asyncio.gather(running, return_exceptions=True)
+
+
+async def test_an_agent_refused_before_its_hello_went_out_hears_why(
+    controller: Controller,
+) -> None:
+    """A refusal the edge makes before the handler reads anything (here: sessions of one VM
+    opened faster than the limit) can end the call before a slow agent has written its hello;
+    the write then fails with "RPC already finished" (an agent's `call.write` raised that out
+    of its session loop). The agent's hello lets that go, and its read reports the refusal."""
+    calls = []
+    async with channel(controller) as ch:
+        stub = agent_pb2_grpc.AgentServiceStub(ch)
+        for _ in range(SESSION_BURST):  # the VM's whole burst, each taking over from the last
+            call = stub.Session()
+            calls.append(call)
+            await call.write(hello())
+            assert (await call.read()).HasField("accepted")
+        call = stub.Session()
+        calls.append(call)
+        await asyncio.sleep(0.3)  # a slow agent: the edge has refused the call by now
+        await say_hello(call, hello())
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await call.read()
+        refused = raised.value
+        assert refused.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "faster than one per" in (refused.details() or "")
+        for call in calls:
+            call.cancel()
 
 
 async def test_a_session_that_ends_before_its_hello_is_no_error(

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import grpc
 
-from agent.session import HEALTHY_SESSION, RECONNECT
+from agent.session import HEALTHY_SESSION, RECONNECT, say_hello
 from shared.backoff import after_refusal
 from shared.errors import ControllerBusy
 from shared.rpc import agent_pb2, agent_pb2_grpc
@@ -108,7 +108,7 @@ class SimulatedAgent:
                     self._target, self._credentials, options=self._options
                 ) as channel:
                     call = agent_pb2_grpc.AgentServiceStub(channel).Session()
-                    await call.write(agent_pb2.AgentMessage(hello=self._hello))
+                    await say_hello(call, agent_pb2.AgentMessage(hello=self._hello))
                     first = await call.read()
                     if first is grpc.aio.EOF or not first.HasField("accepted"):
                         raise SessionEnded()
