@@ -116,8 +116,9 @@ GIL_SWITCH_SECONDS = 0.0005
 # 2,000-agent storm spent a quarter of the controller's busy CPU in `gc_collect_main`.
 GC_THRESHOLDS = (50_000, 20, 20)
 SHUTDOWN_GRACE_SECONDS = 5.0
-# Seconds a restart takes beyond what this controller's own start took: its stop (every
-# session ended, the catalog flushed) and the new process's interpreter and imports.
+# Seconds a restart takes beyond what this controller's own start took and the time ending its
+# sessions takes (controller/agent_service.py): the rest of its stop (the catalog flushed, the
+# broker stopped) and the new process's interpreter and imports.
 RESTART_ALLOWANCE = 3.0
 
 

@@ -2,9 +2,12 @@
 backup (and a restore) of the benchmark image.
 
     python -m tests.bench.profile [--size 2G] [--seed 1] [--workdir /var/tmp] [--rate 200]
+                                  [--steps full,restore]
 
 Run as root with `py-spy` installed (`pip install py-spy`). Builds the image (`tests.bench.image`),
-starts a private Coffer (`tests.bench.coffer`), attaches `py-spy record --format raw` to both
+starts a private Coffer (`tests.bench.coffer`), and for each step (`full`, `restore`, and
+`incr-clustered` or `incr-scatter`: the image churned in place as `tests.bench.run` churns
+its copies, then backed up again) attaches `py-spy record --format raw` to both
 processes for the step, and prints per process the share of samples by leaf function (the
 frame on top of each stack) and by a few named stages that match anywhere in a stack. The
 page cache is dropped before each step, as in `tests.bench.run`.
@@ -23,7 +26,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from tests.bench.coffer import Coffer
-from tests.bench.image import build_image
+from tests.bench.image import build_image, churn_clustered, churn_scatter
 from tests.bench.measure import drop_caches, parse_size
 
 # Stages named by a frame anywhere in a sample's stack (function name, file), first match wins;
@@ -58,6 +61,11 @@ def arguments(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--rate", type=int, default=200, help="samples per second (200)")
     p.add_argument("--keep", action="store_true")
     p.add_argument("--out", type=Path, help="keep py-spy's raw samples here")
+    p.add_argument(
+        "--steps",
+        default="full,restore",
+        help="comma-separated, in order: full, incr-clustered, incr-scatter, restore",
+    )
     return p.parse_args(argv)
 
 
@@ -145,8 +153,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             coffer.setup()
             out = args.out or work
             out.mkdir(parents=True, exist_ok=True)
-            print(profiled(coffer, "full", "backup", args.rate, out), flush=True)
-            print(profiled(coffer, "restore", "restore", args.rate, out), flush=True)
+            for step in args.steps.split(","):
+                if step == "incr-clustered":
+                    churn_clustered(image)
+                elif step == "incr-scatter":
+                    churn_scatter(image)
+                elif step not in ("full", "restore"):
+                    raise SystemExit(f"unknown step {step!r}")
+                run = "restore" if step == "restore" else "backup"
+                print(profiled(coffer, step, run, args.rate, out), flush=True)
         finally:
             coffer.close()
     finally:
