@@ -297,7 +297,13 @@ class Agent:
         outbox: asyncio.Queue[agent_pb2.AgentMessage],
     ) -> None:
         while True:
-            await call.write(await outbox.get())
+            message = await outbox.get()
+            try:
+                await call.write(message)
+            except asyncio.InvalidStateError:
+                # The controller ended the call (a stop, a displacement): the session's read
+                # reports how, its retry-after with it; this writer only stops.
+                return
 
     @staticmethod
     async def _heartbeat(

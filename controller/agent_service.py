@@ -34,7 +34,7 @@ from controller.hello_writer import HelloWriter
 from controller.interceptors import caller_vm
 from controller.jobs import JobManager, RunningBackup
 from controller.registry import SILENT_AFTER_HEARTBEATS, AgentRegistry, AgentSession
-from controller.session_gate import SessionGate
+from controller.session_gate import MIN_RETURN, SessionGate
 from shared.blob import Compression
 from shared.clock import Clock
 from shared.digest import DIGEST_SIZE, check_digest
@@ -80,11 +80,10 @@ REHELLO_SECONDS = 1.0
 MAX_RESTORE_DIRS = 64
 MAX_PATH_CHARS = 4096
 # When the controller stops, each agent is told to come back once the controller can be up
-# again (`stopping`'s `back_in`, at least this) and at its own moment within the time the
-# session gate needs to start them all: a fleet that dialled at once into a controller still
-# starting would only meet refused connections and back off, and one that came back all at once
-# would meet a full gate and be refused (issue 13).
-STOPPING_RETRY_AFTER = 5.0
+# again (`stopping`'s `back_in`) and at its own moment within the time the controller needs to
+# start them all (`SessionGate.return_schedule`): a fleet that dialled at once into a
+# controller still starting would only meet refused connections and back off, and one that
+# came back all at once would meet a full gate and be refused (issue 13).
 # What ending one session adds to the stop, which a restart waits for: at 10,000 sessions the
 # stop took 10 s after a calm connect and 18 s after a storm (tests/bench/fleet), and agents
 # told to come back sooner met a closed port (6,024 dials of 10,000 agents).
@@ -122,7 +121,7 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
         self._heartbeat_ms = heartbeat_interval_ms
         self.gate = gate or SessionGate()
         self._stopping = False
-        self._return = (STOPPING_RETRY_AFTER, 0.0)  # from when, over how long agents return
+        self._return = (MIN_RETURN, 0.0)  # from when, over how long agents return
         self._hellos = HelloWriter(catalog)
         self._hello_at: dict[str, float] = {}  # when each VM last declared itself mid-session
         self._index_budget = index_budget or IndexBudget()
@@ -199,7 +198,7 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
             stopping.retry_after = start + window * self.gate.rng()
             end_with(context, stopping)
 
-    def stopping(self, back_in: float = STOPPING_RETRY_AFTER) -> None:
+    def stopping(self, back_in: float = MIN_RETURN) -> None:
         """The controller stops: end every session now, each telling its agent when to come
         back (before the server's grace period, which would cancel them untold): after
         `back_in` seconds and the time ending the sessions takes (when a restarted controller
@@ -208,7 +207,7 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
         self._stopping = True
         sessions = self._registry.online_count()
         back_in += sessions * STOP_SECONDS_PER_SESSION
-        self._return = (max(back_in, STOPPING_RETRY_AFTER), self.gate.return_window(sessions))
+        self._return = self.gate.return_schedule(back_in, sessions)
         log.info(
             "ending %d agent sessions: agents come back from %.1f s over %.1f s",
             sessions,

@@ -42,7 +42,9 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Final
 
+from shared.backoff import RETRY_JITTER
 from shared.errors import ControllerBusy
+from shared.rpc_errors import MAX_RETRY_AFTER as AGENT_MAX_RETRY_AFTER
 
 AT_ONCE: Final = 64
 MAX_WAIT: Final = 30.0
@@ -63,6 +65,8 @@ session's cost, TLS handshake included, which the gate (after the handshake) can
 The 2-core test machine took 10,000 agents connecting at an even pace at 150 a second with the
 fleet simulator beside it (tests/bench/fleet); a slower controller's gate refuses the excess
 with a retry-after, a faster one loses a few seconds."""
+MIN_RETURN: Final = 5.0
+"""The earliest a stopping controller tells an agent to come back: a restart takes seconds."""
 MAX_RETURN_WINDOW: Final = 240.0
 """The longest a stopping controller spreads its fleet's return over (agents take at most
 300 s: shared/rpc_errors.py)."""
@@ -112,6 +116,16 @@ class SessionGate:
     def expected_wait(self) -> float:
         """How long a session arriving now would wait before its turn ends."""
         return (self.waiting + 1) / self.rate()
+
+    def return_schedule(self, back_in: float, sessions: int) -> tuple[float, float]:
+        """From when and over how long `sessions` agents sent away together come back: from
+        `back_in` (at least `MIN_RETURN`), over `return_window`, all within what an agent
+        honours (shared/rpc_errors.py, less its own tenth: shared/backoff.py); a later start
+        (a controller slow to start) shortens the window rather than pushing agents past
+        that bound, where they would all be cut back to it and return together."""
+        limit = AGENT_MAX_RETRY_AFTER / (1.0 + RETRY_JITTER)
+        start = min(max(back_in, MIN_RETURN), limit)
+        return start, min(self.return_window(sessions), limit - start)
 
     def return_window(self, sessions: int) -> float:
         """Seconds a restarted controller needs to take `sessions` sessions back at

@@ -23,6 +23,7 @@ import pytest
 
 from agent.config import AgentConfig, DiskConfig
 from agent.session import Agent, say_hello
+from controller import agent_limits
 from controller.agent_limits import SESSION_BURST
 from controller.config import ControllerConfig
 from controller.pki import init_pki, issue_agent
@@ -138,12 +139,14 @@ async def test_a_busy_controller_says_when_to_come_back_and_the_agent_waits_that
 
 
 async def test_an_agent_refused_before_its_hello_went_out_hears_why(
-    controller: Controller,
+    controller: Controller, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A refusal the edge makes before the handler reads anything (here: sessions of one VM
     opened faster than the limit) can end the call before a slow agent has written its hello;
     the write then fails with "RPC already finished" (an agent's `call.write` raised that out
     of its session loop). The agent's hello lets that go, and its read reports the refusal."""
+    # The VM's bucket refills only once an hour: a slow machine cannot refill it mid-test.
+    monkeypatch.setattr(agent_limits, "SESSION_INTERVAL", 3600.0)
     calls = []
     async with channel(controller) as ch:
         stub = agent_pb2_grpc.AgentServiceStub(ch)
@@ -154,7 +157,13 @@ async def test_an_agent_refused_before_its_hello_went_out_hears_why(
             assert (await call.read()).HasField("accepted")
         call = stub.Session()
         calls.append(call)
-        await asyncio.sleep(0.3)  # a slow agent: the edge has refused the call by now
+        # A slow agent: the edge has refused and ended the call before its hello goes out.
+        await asyncio.wait_for(call.wait_for_connection(), timeout=10)
+        for _ in range(100):
+            if call.done():
+                break
+            await asyncio.sleep(0.05)
+        assert call.done()
         await say_hello(call, hello())
         with pytest.raises(grpc.aio.AioRpcError) as raised:
             await call.read()

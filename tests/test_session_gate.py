@@ -8,8 +8,10 @@ from collections import Counter
 
 import pytest
 
-from controller.session_gate import MAX_RETRY_AFTER, MAX_RETURN_WINDOW, SessionGate
+from controller.session_gate import MAX_RETRY_AFTER, MAX_RETURN_WINDOW, MIN_RETURN, SessionGate
+from shared.backoff import RETRY_JITTER
 from shared.errors import ControllerBusy
+from shared.rpc_errors import MAX_RETRY_AFTER as AGENT_MAX_RETRY_AFTER
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -114,6 +116,18 @@ def test_a_fleet_returns_over_the_time_the_gate_needs_to_start_it() -> None:
     assert gate.return_window(10_000) == pytest.approx(50.0)
     assert gate.return_window(0) == 0.0
     assert gate.return_window(10_000_000) == MAX_RETURN_WINDOW  # agents honour at most 300 s
+
+
+def test_agents_are_never_told_more_than_they_honour() -> None:
+    """An agent cuts a retry-after to 300 s: a fleet told more would come back together
+    at 300 s. A controller slow to start shortens the window instead."""
+    gate = SessionGate(return_rate=10.0)
+    limit = AGENT_MAX_RETRY_AFTER / (1 + RETRY_JITTER)
+    assert gate.return_schedule(2.0, 100) == (MIN_RETURN, 10.0)  # never sooner than 5 s
+    start, window = gate.return_schedule(200.0, 100_000)  # 240 s window, 200 s start
+    assert start == 200.0
+    assert start + window == pytest.approx(limit)
+    assert gate.return_schedule(1_000.0, 100) == (pytest.approx(limit), 0.0)
 
 
 async def test_idle_spells_are_not_counted_as_slowness() -> None:
