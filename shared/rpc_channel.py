@@ -27,6 +27,10 @@ MAX_REQUEST_BYTES: Final = MAX_CHUNK_BYTES + 64 * 1024
 MAX_REPLY_BYTES: Final = 32 * 1024 * 1024
 
 MAX_STREAMS_PER_CONNECTION: Final = 32
+# gRPC core's defaults for the calls a server has received and not taken up yet: past the
+# first it refuses new ones at random, past the second all (`server_options`).
+CORE_PENDING_CALLS: Final = 1000
+CORE_PENDING_CALLS_HARD: Final = 3000
 
 # --- keepalive ---------------------------------------------------------------------------
 # Both ends ping the other every KEEPALIVE_TIME_MS of silence and drop the connection when an
@@ -134,6 +138,17 @@ def server_options(max_connections: int | None = None) -> list[tuple[str, Any]]:
     as soon as it is accepted (before its TLS handshake): the cheapest refusal there is, and
     what keeps one listener's clients from taking the descriptors another's need.
 
+    Calls a listener has received but the asyncio server has not taken up yet wait in gRPC
+    core's queue. The asyncio server takes one at a time, so while its event loop is busy (a
+    storm's sessions, a backup's chunks) the queue grows; past gRPC's default of 1,000 waiting
+    calls core refuses new ones at random, and past 3,000 every one, before the controller
+    has seen them: the agent reads CANCELLED with no reason and no retry-after. A 10,000-agent
+    storm lost 31,000 to 34,000 dials this way (issue 13; 263 of 2,500 sessions dialled at
+    once by one simulator process). The controller's own admission (the session gate, the
+    per-agent limits) is what decides, with a reason and a retry-after; core's queue is
+    bounded by the listener's connections instead: a session from every agent may wait, and
+    at most twice that many calls.
+
     `grpc.so_reuseport` is off: gRPC sets SO_REUSEPORT by default, so a second controller
     given the same `listen` would bind the port beside the first and the kernel would share
     the connections between them (operators' calls answered by one or the other). Without it
@@ -150,7 +165,19 @@ def server_options(max_connections: int | None = None) -> list[tuple[str, Any]]:
         ("grpc.max_concurrent_streams", MAX_STREAMS_PER_CONNECTION),
         ("grpc.so_reuseport", 0),
         ("grpc.server_handshake_timeout_ms", HANDSHAKE_TIMEOUT_MS),
-    ] + ([("grpc.max_allowed_incoming_connections", max_connections)] if max_connections else [])
+    ] + (_connection_limits(max_connections) if max_connections else [])
+
+
+def _connection_limits(max_connections: int) -> list[tuple[str, Any]]:
+    return [
+        ("grpc.max_allowed_incoming_connections", max_connections),
+        # Never below gRPC's own (a listener for a few connections, the operators').
+        ("grpc.server.max_pending_requests", max(max_connections, CORE_PENDING_CALLS)),
+        (
+            "grpc.server.max_pending_requests_hard_limit",
+            max(2 * max_connections, CORE_PENDING_CALLS_HARD),
+        ),
+    ]
 
 
 def secure_channel(address: str, tls: TlsFiles, server_name: str | None = None) -> grpc.aio.Channel:

@@ -180,6 +180,21 @@ def rss_mib(pid: int) -> float:
     return 0.0
 
 
+def open_files(pid: int) -> int:
+    """How many descriptors process `pid` has open now (0 once it is gone)."""
+    try:
+        return len(os.listdir(f"/proc/{pid}/fd"))
+    except FileNotFoundError:
+        return 0
+
+
+async def peak_open_files(pid: int, peak: list[int], every: float = 0.5) -> None:
+    """Keep `peak[0]` the most descriptors process `pid` held, sampled every `every` s."""
+    while True:
+        peak[0] = max(peak[0], open_files(pid))
+        await asyncio.sleep(every)
+
+
 def cpu_seconds(pid: int) -> float:
     """User and system CPU seconds of process `pid` so far (0 once it is gone)."""
     try:
@@ -229,6 +244,14 @@ class Fleet:
             for how, count in worker.latest.get("failures", {}).items():
                 kinds[how] = kinds.get(how, 0) + int(count)
         return kinds
+
+    def failure_samples(self) -> dict[str, list[str]]:
+        """The first failures of each kind as gRPC core told them, over every worker."""
+        samples: dict[str, list[str]] = {}
+        for worker in self.workers:
+            for how, told in worker.latest.get("samples", {}).items():
+                samples.setdefault(how, []).extend(told)
+        return samples
 
     async def send(self, word: str) -> None:
         for worker in self.workers:
@@ -297,8 +320,13 @@ async def storm(
     attempts, refused = fleet.total("attempts"), fleet.total("refused")
     failures = fleet.failures()
     cpu, simulator = cpu_seconds(controller.pid), fleet.cpu_seconds()
+    peak = [0]
+    sampling = asyncio.create_task(peak_open_files(controller.pid, peak))
     await fleet.send(f"connect {ramp}")
-    took = await fleet.until(fleet.all_in_session, within)
+    try:
+        took = await fleet.until(fleet.all_in_session, within)
+    finally:
+        sampling.cancel()
     spent = cpu_seconds(controller.pid) - cpu
     simulated = fleet.cpu_seconds() - simulator
     return {
@@ -308,6 +336,8 @@ async def storm(
         "controller_cpu_ms_per_agent": 1000 * spent / fleet.agents,
         "simulator_cpu_ms_per_agent": 1000 * simulated / fleet.agents,
         "in_session": fleet.total("in_session"),
+        # Against the controller's open-file limit: a storm's connections outnumber its agents.
+        "controller_open_files_peak": peak[0],
         "attempts_per_agent": (fleet.total("attempts") - attempts) / fleet.agents,
         "refused_busy": fleet.total("refused") - refused,
         "failed_attempts": failed_since(failures, fleet.failures()),
@@ -450,6 +480,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             report["restart"] = await restart(controller, fleet, args.phase_timeout)
     finally:
         report["load_after"] = os.getloadavg()
+        report["failure_samples"] = fleet.failure_samples()
         try:
             await fleet.send("stop")
             for worker in fleet.workers:

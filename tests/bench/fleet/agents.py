@@ -42,6 +42,7 @@ from tests.bench.fleet.commands import CommandHook, answer
 
 REPORT_SECONDS = 0.25
 DISK_BYTES = 10 << 30
+SAMPLES_PER_KIND = 3
 
 
 def vm_name(n: int) -> str:
@@ -60,8 +61,15 @@ class Counters:
     """Attempts that ended without a session, by how: the gRPC status code and the start of its
     details (a refused port, a handshake cut short, a refusal with a retry-after...)."""
 
-    def failed(self, how: str) -> None:
+    samples: dict[str, list[str]] = field(default_factory=dict)
+    """The first few failures of each kind as gRPC core tells them (its debug string, which
+    names the peer and the layer that ended the call), with the seconds since the dial."""
+
+    def failed(self, how: str, told: str = "") -> None:
         self.failures[how] = self.failures.get(how, 0) + 1
+        said = self.samples.setdefault(how, [])
+        if told and len(said) < SAMPLES_PER_KIND:
+            said.append(told)
 
 
 class SessionEnded(Exception):
@@ -103,6 +111,7 @@ class SimulatedAgent:
             retry_after: float | None = None
             accepted_at: float | None = None
             self._counters.attempts += 1
+            dialled = time.monotonic()
             try:
                 async with grpc.aio.secure_channel(
                     self._target, self._credentials, options=self._options
@@ -127,7 +136,7 @@ class SimulatedAgent:
                 if isinstance(error, ControllerBusy):
                     self._counters.refused += 1
                 if accepted_at is None:
-                    self._counters.failed(_failure(first))
+                    self._counters.failed(_failure(first), _told(first, dialled))
             # A write after the call ended (the controller or the transport ended it first).
             except* (SessionEnded, asyncio.InvalidStateError):
                 if accepted_at is None:
@@ -189,6 +198,11 @@ def _failure(error: grpc.RpcError) -> str:
     code = error.code() if isinstance(error, grpc.aio.AioRpcError) else None
     details = error.details() if isinstance(error, grpc.aio.AioRpcError) else str(error)
     return f"{code.name if code else 'unknown'}: {(details or '')[:48]}"
+
+
+def _told(error: grpc.RpcError, dialled: float) -> str:
+    told = error.debug_error_string() if isinstance(error, grpc.aio.AioRpcError) else str(error)
+    return f"after {time.monotonic() - dialled:.1f} s: {told[:400]}"
 
 
 def credentials(certs: Path, ca: bytes, vm_id: str) -> grpc.ChannelCredentials:
