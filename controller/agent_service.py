@@ -20,9 +20,10 @@ debug level and the call ends quietly.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import cast
 
 import grpc
@@ -122,6 +123,9 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
         self.gate = gate or SessionGate()
         self._stopping = False
         self._return = (MIN_RETURN, 0.0)  # from when, over how long agents return
+        # Sessions not registered yet (waiting in the gate, being started, or a standby
+        # waiting for its VM): a stop sends them away as it does the registered ones.
+        self._unregistered: set[asyncio.Task[object]] = set()
         self._hellos = HelloWriter(catalog)
         self._hello_at: dict[str, float] = {}  # when each VM last declared itself mid-session
         self._index_budget = index_budget or IndexBudget()
@@ -134,32 +138,36 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
 
     async def Session(self, request_iterator: object, context: grpc.aio.ServicerContext) -> None:
         vm_id = caller_vm()
-        async with self.gate.starting():
-            hello = await self._hello(context, vm_id)
-            if hello is None:
-                log.debug("agent %s ended its session before its hello", vm_id)
-                return
-            session = AgentSession(
-                hello=hello,
-                connected_at=self._clock.now(),
-                peer=context.peer(),
-                silent_after=SILENT_AFTER_HEARTBEATS * self._heartbeat_ms / 1000,
-            )
-            if not hello.standby:
-                # A standby's is recorded once it has the session (below, outside the gate:
-                # it waits for the other agent's session to end).
-                try:
-                    await self._accept(session, context)
-                except BaseException:
-                    log.info("agent %s went away before its session began", vm_id)
-                    raise
-                self._registry.connect(session)
+        with self._sent_away_at_stop():
+            async with self.gate.starting():
+                hello = await self._hello(context, vm_id)
+                if hello is None:
+                    log.debug("agent %s ended its session before its hello", vm_id)
+                    return
+                session = AgentSession(
+                    hello=hello,
+                    connected_at=self._clock.now(),
+                    peer=context.peer(),
+                    silent_after=SILENT_AFTER_HEARTBEATS * self._heartbeat_ms / 1000,
+                )
+                if not hello.standby:
+                    # A standby's is recorded once it has the session (below, outside the
+                    # gate: it waits for the other agent's session to end).
+                    try:
+                        await self._accept(session, context)
+                    except BaseException:
+                        log.info("agent %s went away before its session began", vm_id)
+                        raise
+                    # No await from here to the end of the stop's reach: registered, the
+                    # session is ended by the registry's close_all.
+                    self._registry.connect(session)
         accepted = not hello.standby
         try:
             if hello.standby:
                 # Before its hello is recorded: a standby's must not overwrite the record of
                 # the agent that has the session.
-                await self._registry.connect_when_free(session)
+                with self._sent_away_at_stop():
+                    await self._registry.connect_when_free(session)
                 session.connected_at = self._clock.now()
                 await self._accept(session, context)
                 accepted = True
@@ -193,10 +201,39 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
         if displaced is not None:
             raise displaced
         if self._stopping:
-            stopping = Unavailable("the controller is stopping")
-            start, window = self._return
-            stopping.retry_after = start + window * self.gate.rng()
-            end_with(context, stopping)
+            end_with(context, self._come_back_later())
+
+    def _come_back_later(self) -> Unavailable:
+        """What a session the stop ends is told: when its agent is to dial again, a moment
+        of its own within the fleet's return (`stopping`)."""
+        stopping = Unavailable("the controller is stopping")
+        start, window = self._return
+        stopping.retry_after = start + window * self.gate.rng()
+        return stopping
+
+    @contextlib.contextmanager
+    def _sent_away_at_stop(self) -> Iterator[None]:
+        """Run a step of a session not registered yet (its wait in the gate, its start, a
+        standby's wait for its VM): a stop ends it, as `close_all` ends the registered ones,
+        with when to come back (`_come_back_later`), instead of leaving it to the server's
+        grace period, which would cancel it untold. A session that arrives during the stop
+        is sent away at once."""
+        if self._stopping:
+            raise self._come_back_later()
+        task = asyncio.current_task()
+        assert task is not None
+        self._unregistered.add(task)
+        try:
+            yield
+        except asyncio.CancelledError:
+            # The stop's cancellation (gRPC's, for a peer gone, would end the call untold
+            # anyway: the status then reaches no one).
+            if not self._stopping:
+                raise
+            task.uncancel()
+            raise self._come_back_later() from None
+        finally:
+            self._unregistered.discard(task)
 
     def stopping(self, back_in: float = MIN_RETURN) -> None:
         """The controller stops: end every session now, each telling its agent when to come
@@ -214,6 +251,8 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
             *self._return,
         )
         self._registry.close_all()
+        for task in self._unregistered:
+            task.cancel()
 
     async def _accept(self, session: AgentSession, context: grpc.aio.ServicerContext) -> None:
         """The hello into the catalog, then `accepted` down the stream."""

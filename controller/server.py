@@ -238,6 +238,7 @@ class Controller:
             advertised = (config.advertise_host or mqtt[0], mqtt[1])
 
             registry = AgentRegistry(self.clock)
+            self.registry = registry
             # The backup dispatcher runs under `supervisor` (RESTART, started by the job
             # manager); job bodies run in the job runner's own task group, which records
             # whatever they raise as the job's outcome.
