@@ -66,6 +66,8 @@ class AgentSession:
     heard_at: float | None = None
     """When the agent last sent a heartbeat on this session (monotonic seconds)."""
     _ids: itertools.count[int] = field(default_factory=itertools.count)
+    _wake: asyncio.Future[None] | None = field(default=None, repr=False)
+    """Set while the session's writer waits in `next_message`: a command or the close wakes it."""
 
     @property
     def vm_id(self) -> str:
@@ -89,25 +91,33 @@ class AgentSession:
         message.command_id = f"{self.vm_id}-{next(self._ids)}"
         future: asyncio.Future[agent_pb2.CommandResult] = asyncio.get_running_loop().create_future()
         self.pending[message.command_id] = (job_id, future)
-        self.outbox.put_nowait(message)
+        self.tell(message)
         return future
 
+    def tell(self, message: agent_pb2.ControllerMessage) -> None:
+        """Queue a message that expects no result (a cancel, an unmount)."""
+        self.outbox.put_nowait(message)
+        self._wake_writer()
+
     async def next_message(self) -> agent_pb2.ControllerMessage | None:
-        """The next message to write down the stream; None once the session is closed."""
-        if self.closed.is_set():
-            return None
-        if not self.outbox.empty():
-            return self.outbox.get_nowait()
-        message = asyncio.ensure_future(self.outbox.get())
-        closed = asyncio.ensure_future(self.closed.wait())
-        try:
-            await asyncio.wait({message, closed}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            closed.cancel()
-            message.cancel()
-        if self.closed.is_set() or message.cancelled():
-            return None  # closing: a command taken meanwhile has already failed
-        return message.result()
+        """The next message to write down the stream; None once the session is closed.
+
+        An idle session's writer waits on one future of its own, which `send` and `close`
+        resolve: waiting on the outbox and the close at once took two tasks for every idle
+        session, for the session's whole life (issue 13: about 2.5 KiB each, 25 MiB at 10,000)."""
+        while not self.closed.is_set():
+            if not self.outbox.empty():
+                return self.outbox.get_nowait()
+            self._wake = asyncio.get_running_loop().create_future()
+            try:
+                await self._wake
+            finally:
+                self._wake = None
+        return None  # closing: a command taken meanwhile has already failed
+
+    def _wake_writer(self) -> None:
+        if self._wake is not None and not self._wake.done():
+            self._wake.set_result(None)
 
     def silent(self, now: float) -> bool:
         """The agent's heartbeats stopped `silent_after` seconds before monotonic time `now`."""
@@ -130,6 +140,7 @@ class AgentSession:
         if not self.closed.is_set():
             self.displaced_by = displaced_by
         self.closed.set()
+        self._wake_writer()
         for job_id, future in self.pending.values():
             if not future.done():
                 future.set_exception(AgentDisconnected(vm_id=self.vm_id, job_id=job_id))

@@ -80,7 +80,10 @@ async def test_a_scheduler_that_raises_is_logged_with_its_traceback_and_schedule
 class BrokenOutbox(asyncio.Queue[agent_pb2.ControllerMessage]):
     """An outbox that fails when the session's writer takes from it: a writer bug."""
 
-    async def get(self) -> agent_pb2.ControllerMessage:
+    def empty(self) -> bool:
+        return False  # the writer takes from it at once
+
+    def get_nowait(self) -> agent_pb2.ControllerMessage:
         raise RuntimeError("injected: the session writer cannot take a command")
 
 

@@ -138,9 +138,7 @@ async def run_command(
             # Whatever the agent still does of it is not waited for: it is told to stop, and
             # its result, should one come, is ignored.
             session.forget(command.command_id)
-            session.outbox.put_nowait(
-                agent_pb2.ControllerMessage(cancel=agent_pb2.CancelCommand(job_id=job.id))
-            )
+            session.tell(agent_pb2.ControllerMessage(cancel=agent_pb2.CancelCommand(job_id=job.id)))
             raise
         check_result(result)
         running.result = result
@@ -192,9 +190,7 @@ async def cancel(running: AgentJob, runner: JobRunner, registry: AgentRegistry) 
     await runner.save(running)
     session = registry.session(running.agent_vm)
     if session is not None:
-        session.outbox.put_nowait(
-            agent_pb2.ControllerMessage(cancel=agent_pb2.CancelCommand(job_id=running.id))
-        )
+        session.tell(agent_pb2.ControllerMessage(cancel=agent_pb2.CancelCommand(job_id=running.id)))
     runner.spawn(_cancel_deadline(running), f"cancel-{running.id}")
 
 

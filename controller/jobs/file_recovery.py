@@ -368,7 +368,7 @@ class FileRecoveries:
         running.unmount_requested = True
         session = self._registry.session(running.vm_id)
         if session is not None:
-            session.outbox.put_nowait(
+            session.tell(
                 agent_pb2.ControllerMessage(unmount=agent_pb2.UnmountCommand(job_id=running.id))
             )
 
