@@ -1,7 +1,8 @@
 """The fleet simulator: one real controller, thousands of simulated agents, and what it costs.
 
     python -m tests.bench.fleet [--agents 10000] [--workers 4] [--workdir /var/tmp/coffer-fleet]
-                                [--idle 30] [--phase-timeout 120] [--max-seconds 900] [--json]
+                                [--idle 30] [--phase-timeout 120] [--max-seconds 900]
+                                [--dispatch N] [--json]
 
 All real but the agents' disks: the controller is `coffer-controller` from this venv with its
 private Mosquitto, started on loopback ports with a config in the work directory; each agent
@@ -19,7 +20,10 @@ Phases, each bounded by `--phase-timeout`, the whole run by `--max-seconds`:
 2. *Held*: the fleet idles for `--idle` seconds: the controller's and the broker's RSS, their
    CPU as % of one core, and the latency of `coffer agents`' call (ListAgents, first page) and
    of the whole `coffer agents` command.
-3. *Restart*: the controller is stopped (SIGTERM) and started again. Seconds from the stop
+3. *Dispatch* (with `--dispatch N`): backups of N VMs through the controller, over the
+   operator's calls and the agents' sessions, and again with half of those agents dropped
+   while their backups wait in the vault's queue (tests/bench/fleet/dispatch.py).
+4. *Restart*: the controller is stopped (SIGTERM) and started again. Seconds from the stop
    until every agent is back in session (and from the new controller's "ready"), attempts
    per agent.
 
@@ -56,6 +60,7 @@ from controller.pki import Authority, init_pki
 from shared.rpc import operator_pb2, operator_pb2_grpc
 from shared.tls import ROLE_AGENT, Identity, TlsFiles, channel_credentials
 from tests.bench.fleet.agents import vm_name
+from tests.bench.fleet.dispatch import dispatch
 
 BIN = Path(sys.executable).parent
 MiB = 1 << 20
@@ -211,6 +216,9 @@ def cpu_seconds(pid: int) -> float:
 @dataclass
 class Worker:
     process: asyncio.subprocess.Process
+    first: int
+    """The first of its agents (`vm_name(first)`), and how many it runs."""
+    count: int
     latest: dict[str, Any] = field(default_factory=dict)
 
     async def follow(self) -> None:
@@ -305,7 +313,7 @@ async def start_workers(args: argparse.Namespace, certs: Path, port: int) -> Fle
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
         )
-        workers.append(Worker(process))
+        workers.append(Worker(process, first, count))
         first += count
     return Fleet(workers, args.agents)
 
@@ -350,9 +358,15 @@ def failed_since(before: dict[str, int], now: dict[str, int]) -> dict[str, int]:
     return dict(sorted(((h, c) for h, c in since.items() if c), key=lambda kv: -kv[1]))
 
 
+def operator_tls(workdir: Path) -> TlsFiles:
+    """The CA's own operator (admin) identity, made with the CA."""
+    pki = workdir / "pki"
+    return TlsFiles(ca=pki / "ca.crt", cert=pki / "operator.crt", key=pki / "operator.key")
+
+
 def list_agents(controller: Controller, workdir: Path) -> dict[str, Any]:
     pki = workdir / "pki"
-    tls = TlsFiles(ca=pki / "ca.crt", cert=pki / "operator.crt", key=pki / "operator.key")
+    tls = operator_tls(workdir)
     target = f"127.0.0.1:{controller.operator_port}"
     calls = []
     try:
@@ -477,6 +491,14 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 report["connect"] = await storm(controller, fleet, args.phase_timeout, 60.0)
             report["held"] = await held(controller, fleet, workdir, args.idle)
             save(report, workdir)
+            if args.dispatch:
+                report["dispatch"] = await dispatch(
+                    fleet,
+                    f"127.0.0.1:{controller.operator_port}",
+                    operator_tls(workdir),
+                    args.dispatch,
+                )
+                save(report, workdir)
             report["restart"] = await restart(controller, fleet, args.phase_timeout)
     finally:
         report["load_after"] = os.getloadavg()
@@ -531,6 +553,17 @@ def verdicts(report: dict[str, Any]) -> list[tuple[str, Any, float, bool]]:
             TARGETS["attempts_per_agent"],
         ),
     ]
+    if (sent := report.get("dispatch")) is not None:
+        now, queued = sent["backup_now"], sent["dropped_while_queued"]
+        rows += [
+            (f"backup-now of {now['backups']} VMs returns (s)", now["returned_s"], 1.0),
+            ("every one of those agents commanded (s)", now["every_agent_commanded_s"], 5.0),
+            (
+                f"queued jobs failed, {queued['dropped_agents']} agents dropped",
+                sent["jobs_failed_for_absence"],
+                0.0,
+            ),
+        ]
     return [
         (name, value, target, value is not None and value <= target) for name, value, target in rows
     ]
@@ -556,6 +589,13 @@ def main() -> None:
         "--no-storm",
         action="store_true",
         help="no storm phase: the fleet connects within 60 s (the warm-up's way), then is held",
+    )
+    parser.add_argument(
+        "--dispatch",
+        type=int,
+        default=0,
+        metavar="N",
+        help="after the held phase, backups of N VMs through the controller (dispatch.py)",
     )
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()

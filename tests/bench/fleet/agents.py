@@ -10,7 +10,8 @@ real agent does (`agent.session.RECONNECT`, full jitter; a retry-after honoured 
 `shared.backoff.after_refusal`).
 
 Driven over stdin, one word a line: `connect [SECONDS]` (every agent dials, at once or each
-at a random moment within SECONDS), `disconnect` (every agent hangs up), `stop`. End of stdin
+at a random moment within SECONDS), `drop N [SECONDS]` (the worker's first N agents hang up and
+dial again, each within SECONDS), `disconnect` (every agent hangs up), `stop`. End of stdin
 stops it too, so it never outlives the benchmark; and it stops by itself after
 `--max-seconds`. Every quarter second it prints one JSON line of counters to stdout: agents in
 session now, dial attempts, refusals with a retry-after, sessions begun, commands answered.
@@ -246,6 +247,17 @@ async def serve(args: argparse.Namespace) -> None:
                 if word == "connect" and not running:
                     ramp = float(argument or 0)
                     running = [group.create_task(agent.run(ramp)) for agent in agents]
+                elif word == "drop" and running:
+                    # `drop N SECONDS`: this worker's first N agents hang up and dial again,
+                    # each within SECONDS (agents that blip while jobs wait for them).
+                    count, _, within = argument.partition(" ")
+                    dropped = running[: int(count)]
+                    for task in dropped:
+                        task.cancel()
+                    await asyncio.gather(*dropped, return_exceptions=True)
+                    ramp = float(within or 0)
+                    for n in range(len(dropped)):
+                        running[n] = group.create_task(agents[n].run(ramp))
                 elif line == "disconnect":
                     for task in running:
                         task.cancel()

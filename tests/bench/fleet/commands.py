@@ -20,8 +20,10 @@ CommandHook: TypeAlias = Callable[
 ]
 
 # The failure a simulated agent reports: a code no Coffer error has (the controller records
-# it as it is), so a simulated job can never be mistaken for a real failure.
+# such a code as `InternalError` with the agent's message), and a message that names the
+# simulator (`SAID`), so a simulated job can never be mistaken for a real failure.
 NO_DATA = "FleetSimulatorNoData"
+SAID = "the fleet simulator's agent ran no"
 
 
 def answer(outcome: str = "fail", delay: float = 0.0) -> CommandHook:
@@ -43,7 +45,7 @@ def answer(outcome: str = "fail", delay: float = 0.0) -> CommandHook:
             result.error.CopyFrom(
                 common_pb2.Error(
                     code=NO_DATA,
-                    message=f"the fleet simulator's agent ran no {kind}: it answers without data",
+                    message=f"{SAID} {kind}: it answers without data",
                 )
             )
         return result
