@@ -34,6 +34,7 @@ from shared.errors import (
     NotFound,
     PathNotAllowed,
     RestoreRegionMismatch,
+    VmNotFound,
 )
 from shared.model import ItemState, Trigger
 from shared.policy import Schedule, parse_schedule
@@ -159,7 +160,9 @@ class Drills:
         return vault
 
     async def _check_agent(self, vault: VaultRecord, agent_id: str, directory: str) -> None:
-        [agent] = [a for a in await self._catalog.agents() if a.vm_id == agent_id]
+        agent = await self._catalog.agent(agent_id)
+        if agent is None:  # a drill agent set before and since removed
+            raise VmNotFound(name=agent_id)
         if agent.region != vault.region:
             raise RestoreRegionMismatch(
                 vm=agent_id, vm_region=agent.region, vault=vault.name, vault_region=vault.region

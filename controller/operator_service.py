@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from datetime import UTC, datetime
 from typing import Protocol, TypeAlias
 
@@ -45,7 +45,7 @@ from controller.enrolment import Enrolment
 from controller.interceptors import caller
 from controller.jobs import JobManager
 from controller.jobs.file_recovery import FileSource
-from controller.protection import Protection, display_name
+from controller.protection import Protection, service_name
 from controller.pruning import Pruner
 from controller.registry import AgentRegistry
 from controller.revocation import Revocations
@@ -223,11 +223,19 @@ class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
             )
         return found[0][0]
 
-    async def _names(self) -> dict[str, str]:
-        return {a.vm_id: display_name(a, a.vm_id) for a in await self._catalog.agents()}
+    async def _names(self, vm_ids: Iterable[str]) -> dict[str, str]:
+        """How operators name the VMs `vm_ids` (service/name), those enrolled."""
+        return {
+            vm_id: service_name(service, name)
+            for vm_id, (service, name) in (await self._catalog.agent_names(vm_ids)).items()
+        }
+
+    async def _named(self, job: JobRecord) -> operator_pb2.Job:
+        """`job` as the wire has it, its VM named as operators name it."""
+        return self._job(job, await self._names([job.vm_id]))
 
     async def _jobs_reply(self, jobs: list[JobRecord]) -> operator_pb2.JobsReply:
-        names = await self._names()
+        names = await self._names(job.vm_id for job in jobs)
         return operator_pb2.JobsReply(jobs=[self._job(job, names) for job in jobs])
 
     def _job(self, job: JobRecord, names: dict[str, str] | None = None) -> operator_pb2.Job:
@@ -399,7 +407,7 @@ class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
             record = await self._catalog.deleted_recovery_point(rp_id)
         except NotFound:
             return
-        vm = (await self._names()).get(record.point.vm_id, record.point.vm_id)
+        vm = (await self._names([record.point.vm_id])).get(record.point.vm_id, record.point.vm_id)
         raise RecoveryPointDeleted(
             recovery_point=rp_id,
             vm=vm,
@@ -425,7 +433,7 @@ class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
             in_place=request.in_place,
             overwrite=request.overwrite,
         )
-        return self._job(job, await self._names())
+        return await self._named(job)
 
     async def Drill(
         self, request: operator_pb2.DrillRequest, context: Context
@@ -467,9 +475,10 @@ class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
         )
         more, jobs = len(jobs) > limit, jobs[:limit]
         # Running jobs: the in-memory record has the live byte counts.
-        names = await self._names()
+        records = [await self._jobs.job(job.id) for job in jobs]
+        names = await self._names(record.vm_id for record in records)
         return operator_pb2.ListJobsReply(
-            jobs=[self._job(await self._jobs.job(job.id), names) for job in jobs],
+            jobs=[self._job(record, names) for record in records],
             next_page_token=paging.token("jobs", (jobs[-1].started_at, jobs[-1].id))
             if more
             else "",
@@ -479,20 +488,20 @@ class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
         self, request: operator_pb2.GetJobRequest, context: Context
     ) -> operator_pb2.Job:
         job_id = await self._job_id(request.id)
-        return self._job(await self._jobs.job(job_id), await self._names())
+        return await self._named(await self._jobs.job(job_id))
 
     async def CancelJob(
         self, request: operator_pb2.GetJobRequest, context: Context
     ) -> operator_pb2.Job:
         job_id = await self._job_id(request.id)
-        return self._job(await self._jobs.cancel(job_id), await self._names())
+        return await self._named(await self._jobs.cancel(job_id))
 
     async def WatchJob(
         self, request: operator_pb2.GetJobRequest, context: Context
     ) -> AsyncIterator[operator_pb2.Job]:
         job_id = await self._job_id(request.id)
         job = await self._jobs.job(job_id)
-        names = await self._names()
+        names = await self._names([job.vm_id])
         while True:
             sent = self._job(job, names)
             yield sent
@@ -562,7 +571,7 @@ class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
         if not request.vm:
             raise InvalidArgument(detail="name the VM whose deleted recovery points come back")
         job = await self._protection.undelete(request.vault, request.vm, request.recovery_point_id)
-        return self._job(job, await self._names())
+        return await self._named(job)
 
     # --- file-level recovery ----------------------------------------------------------------
 
@@ -587,7 +596,7 @@ class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
         running = await self._jobs.list_files(
             await self._file_source(request.source), request.path, request.limit, request.after
         )
-        reply = operator_pb2.ListFilesReply(job=self._job(running.record, await self._names()))
+        reply = operator_pb2.ListFilesReply(job=await self._named(running.record))
         if running.listing is not None:
             reply.path = running.listing.path
             reply.entries.extend(running.listing.entries)
@@ -600,7 +609,7 @@ class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
         job = await self._jobs.get_files(
             await self._file_source(request.source), list(request.paths), request.destination
         )
-        return self._job(job, await self._names())
+        return await self._named(job)
 
     async def MountFiles(
         self, request: operator_pb2.MountFilesRequest, context: Context
@@ -608,13 +617,13 @@ class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
         job = await self._jobs.mount_files(
             await self._file_source(request.source), request.ttl_seconds
         )
-        return self._job(job, await self._names())
+        return await self._named(job)
 
     async def UnmountFiles(
         self, request: operator_pb2.GetJobRequest, context: Context
     ) -> operator_pb2.Job:
         job = await self._jobs.unmount_files(await self._job_id(request.id))
-        return self._job(job, await self._names())
+        return await self._named(job)
 
     # --- vaults -----------------------------------------------------------------------------
 
@@ -794,7 +803,7 @@ class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
         if self._upgrades is None:
             raise Unavailable(detail="this controller runs no vault upgrades")
         job = await self._upgrades.start(request.vault, dry_run=request.dry_run)
-        return self._job(job, await self._names())
+        return await self._named(job)
 
     async def Dashboard(
         self, request: operator_pb2.VaultRef, context: Context
@@ -842,10 +851,11 @@ class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
 
     async def _vm_drills(self, vault: str) -> list[operator_pb2.VmDrill]:
         """The last drill of each protected VM of the vault (unset: never drilled)."""
-        names = await self._names()
+        items = await self._catalog.items(vault)
+        names = await self._names(item.vm_id for item in items)
         drilled = await self._catalog.last_drills(vault)
         found = []
-        for item in await self._catalog.items(vault):
+        for item in items:
             if not ItemState(item.state).protected:
                 continue
             rp = drilled.get(item.vm_id)
@@ -1078,12 +1088,12 @@ class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
         job = await self._verifier.verify(
             request.vault, vm_id=vm_id, rp_id=request.recovery_point_id, copy=copy
         )
-        return self._job(job, await self._names())
+        return await self._named(job)
 
     # --- off-site copies --------------------------------------------------------------------
 
     async def Copy(self, request: operator_pb2.VaultRef, context: Context) -> operator_pb2.Job:
-        return self._job(await self.copier.copy(request.name), await self._names())
+        return await self._named(await self.copier.copy(request.name))
 
     # --- identities -------------------------------------------------------------------------
 
@@ -1218,7 +1228,7 @@ class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
         alerts = await self._catalog.alerts(
             include_resolved=request.include_resolved, limit=request.limit or DEFAULT_JOB_LIMIT
         )
-        names = await self._names()
+        names = await self._names(a.vm_id for a in alerts)
         return operator_pb2.ListAlertsReply(
             alerts=[
                 operator_pb2.Alert(

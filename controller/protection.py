@@ -87,7 +87,12 @@ class Discovery:
 def display_name(agent: AgentRecord | None, vm_id: str) -> str:
     if agent is None:
         return vm_id
-    return f"{agent.service}/{agent.name}" if agent.service else agent.name
+    return service_name(agent.service, agent.name)
+
+
+def service_name(service: str, name: str) -> str:
+    """How operators name a VM: service/name, or its name alone."""
+    return f"{service}/{name}" if service else name
 
 
 class Protection:
@@ -186,8 +191,11 @@ class Protection:
         """The enrolled VMs `names` give: each a VM id, a name, or service/name."""
         if not names:
             raise InvalidArgument(detail="name at least one VM (its name, or service/name)")
-        agents = await self._catalog.agents()
-        # Indexed once: a call may name the whole fleet.
+        # Only the VMs these names can be (a VM id, or a name with or without its service),
+        # indexed once: a call may name the whole fleet.
+        agents = await self._catalog.agents_named(
+            name.partition("/")[2] if "/" in name else name for name in names
+        )
         by_id = {a.vm_id: a for a in agents}
         by_name: dict[str, list[AgentRecord]] = {}
         by_service: dict[tuple[str, str], list[AgentRecord]] = {}

@@ -63,6 +63,35 @@ async def test_a_new_catalog_is_at_the_latest_schema_and_survives_reopen(tmp_pat
         )
 
 
+async def test_agents_are_looked_up_by_id_or_name_as_the_whole_listing_has_them(
+    tmp_path: Path,
+) -> None:
+    """The lookups that replaced reading the whole fleet for a few VMs (issue 13) give the
+    same records as the listing: one by id, those a name or id can be, names only."""
+    async with Catalog(tmp_path / "catalog.sqlite") as catalog:
+        for vm_id, name, service in (
+            ("vm-1", "web", "shop"),
+            ("vm-2", "web", "blog"),
+            ("vm-3", "db", ""),
+        ):
+            await catalog.upsert_agent(
+                vm_id=vm_id, name=name, service=service, region="eu", hostname=f"{vm_id}.h",
+                agent_version="1", disks=[DiskRecord("root", "/dev/vda", 10)], now=100.0,
+                restore_dirs=[f"/srv/{vm_id}"],
+            )  # fmt: skip
+        listed = {agent.vm_id: agent for agent in await catalog.agents()}
+        assert await catalog.agent("vm-2") == listed["vm-2"]
+        assert (await catalog.agent("vm-2")).restore_dirs == ("/srv/vm-2",)  # type: ignore[union-attr]
+        assert await catalog.agent("vm-9") is None
+        # Every VM a name can mean (both "web"s), and a VM id.
+        named = await catalog.agents_named(["web", "vm-3", "nobody"])
+        assert sorted(named, key=lambda a: a.vm_id) == [listed[v] for v in ("vm-1", "vm-2", "vm-3")]
+        assert await catalog.agent_names(["vm-1", "vm-3", "vm-9"]) == {
+            "vm-1": ("shop", "web"),
+            "vm-3": ("", "db"),
+        }
+
+
 async def test_a_catalog_from_a_newer_coffer_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "catalog.sqlite"
     with sqlite3.connect(path) as db:

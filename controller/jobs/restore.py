@@ -314,7 +314,7 @@ class Restores:
         """The enrolled VM a restore writes on; it must be in the region of the recovery
         point's vault (a recovery point leaves its region only by an operator's copy)."""
         vault = await self._catalog.vault(rp.vault)
-        agent = next((a for a in await self._catalog.agents() if a.vm_id == target_vm), None)
+        agent = await self._catalog.agent(target_vm)
         if agent is None:
             raise VmNotFound(name=target_vm)
         if agent.region != vault.region:
