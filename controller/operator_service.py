@@ -395,10 +395,17 @@ class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
     async def BackupNow(
         self, request: operator_pb2.BackupNowRequest, context: Context
     ) -> operator_pb2.JobsReply:
+        # Named before they are queued: the dispatcher starts them at once, and the catalog
+        # (one connection, one queue) would serve this reply's names after every write of
+        # theirs (2.2 s for 1,000 VMs at a limit of 1,000, tests/bench/fleet).
+        names = {
+            agent.vm_id: service_name(agent.service, agent.name)
+            for agent in await self._protection.resolve(list(request.vms))
+        }
         jobs = await self._protection.backup_now(
             request.vault, list(request.vms), list(request.disks)
         )
-        return await self._jobs_reply(jobs)
+        return operator_pb2.JobsReply(jobs=[self._job(job, names) for job in jobs])
 
     async def _not_deleted(self, rp_id: str) -> None:
         """RecoveryPointDeleted if `rp_id` names a soft-deleted point: it cannot be read until
