@@ -244,7 +244,9 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
         would be listening), at a moment of its own within the time the session gate needs to
         start the whole fleet."""
         self._stopping = True
-        sessions = self._registry.online_count()
+        # Every session it sends away: those registered and those not yet (in the gate, or
+        # standing by), which a storm's gate may hold by the thousand.
+        sessions = self._registry.online_count() + len(self._unregistered)
         back_in += sessions * STOP_SECONDS_PER_SESSION
         self._return = self.gate.return_schedule(back_in, sessions)
         log.info(

@@ -849,11 +849,11 @@ def _columns(names: Sequence[str]) -> str:
     return ", ".join(names)
 
 
-def _in_batches(ids: Sequence[str]) -> Iterator[tuple[list[str], str]]:
-    """`ids` in slices of `_ID_BATCH`, each with its `?,?,...` for an `IN (...)`: SQLite bounds
-    the variables of one statement (32,766 by default)."""
-    for start in range(0, len(ids), _ID_BATCH):
-        batch = list(ids[start : start + _ID_BATCH])
+def _in_batches(ids: Sequence[str], size: int = _ID_BATCH) -> Iterator[tuple[list[str], str]]:
+    """`ids` in slices of `size`, each with its `?,?,...` for an `IN (...)`: SQLite bounds
+    the variables of one statement (999 before 3.32, 32,766 since)."""
+    for start in range(0, len(ids), size):
+        batch = list(ids[start : start + size])
         yield batch, ",".join("?" * len(batch))
 
 
@@ -1686,7 +1686,8 @@ class Catalog:
         """The enrolled VMs whose VM id or name is one of `keys` (every VM of a name, so that
         a caller can tell an ambiguous name), without reading the rest of the fleet."""
         rows: dict[str, Any] = {}
-        for batch, marks in _in_batches(list(dict.fromkeys(keys))):
+        # Each batch is bound twice: half a batch keeps the statement within SQLite's bound.
+        for batch, marks in _in_batches(list(dict.fromkeys(keys)), _ID_BATCH // 2):
             async with self.db.execute(
                 f"SELECT {_columns(_AGENT_COLUMNS)} FROM agents"
                 f" WHERE vm_id IN ({marks}) OR name IN ({marks})",

@@ -397,7 +397,10 @@ class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
     ) -> operator_pb2.JobsReply:
         # Named before they are queued: the dispatcher starts them at once, and the catalog
         # (one connection, one queue) would serve this reply's names after every write of
-        # theirs (2.2 s for 1,000 VMs at a limit of 1,000, tests/bench/fleet).
+        # theirs (2.2 s for 1,000 VMs at a limit of 1,000, tests/bench/fleet). The vault is
+        # checked first, as backup_now does.
+        if request.vault:
+            await self._catalog.vault(request.vault)
         names = {
             agent.vm_id: service_name(agent.service, agent.name)
             for agent in await self._protection.resolve(list(request.vms))

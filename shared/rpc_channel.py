@@ -31,6 +31,9 @@ MAX_STREAMS_PER_CONNECTION: Final = 32
 # first it refuses new ones at random, past the second all (`server_options`).
 CORE_PENDING_CALLS: Final = 1000
 CORE_PENDING_CALLS_HARD: Final = 3000
+# And at most this many, whatever the descriptor limit (a host may allow millions of
+# descriptors, and every waiting call is memory any certificate holder can make it hold).
+MAX_PENDING_CALLS: Final = 50_000
 
 # --- keepalive ---------------------------------------------------------------------------
 # Both ends ping the other every KEEPALIVE_TIME_MS of silence and drop the connection when an
@@ -147,7 +150,7 @@ def server_options(max_connections: int | None = None) -> list[tuple[str, Any]]:
     once by one simulator process). The controller's own admission (the session gate, the
     per-agent limits) is what decides, with a reason and a retry-after; core's queue is
     bounded by the listener's connections instead: a session from every agent may wait, and
-    at most twice that many calls.
+    at most twice that many calls (within `MAX_PENDING_CALLS`).
 
     `grpc.so_reuseport` is off: gRPC sets SO_REUSEPORT by default, so a second controller
     given the same `listen` would bind the port beside the first and the kernel would share
@@ -171,11 +174,15 @@ def server_options(max_connections: int | None = None) -> list[tuple[str, Any]]:
 def _connection_limits(max_connections: int) -> list[tuple[str, Any]]:
     return [
         ("grpc.max_allowed_incoming_connections", max_connections),
-        # Never below gRPC's own (a listener for a few connections, the operators').
-        ("grpc.server.max_pending_requests", max(max_connections, CORE_PENDING_CALLS)),
+        # Never below gRPC's own (a listener for a few connections, the operators'), never
+        # above MAX_PENDING_CALLS.
+        (
+            "grpc.server.max_pending_requests",
+            min(max(max_connections, CORE_PENDING_CALLS), MAX_PENDING_CALLS),
+        ),
         (
             "grpc.server.max_pending_requests_hard_limit",
-            max(2 * max_connections, CORE_PENDING_CALLS_HARD),
+            min(max(2 * max_connections, CORE_PENDING_CALLS_HARD), 2 * MAX_PENDING_CALLS),
         ),
     ]
 

@@ -31,7 +31,14 @@ from controller.pki import init_pki, issue_agent, issue_operator
 from controller.server import Controller
 from shared.errors import ControllerBusy
 from shared.rpc import agent_pb2, agent_pb2_grpc, operator_pb2, operator_pb2_grpc
-from shared.rpc_channel import MAX_STREAMS_PER_CONNECTION, channel_options
+from shared.rpc_channel import (
+    CORE_PENDING_CALLS,
+    CORE_PENDING_CALLS_HARD,
+    MAX_PENDING_CALLS,
+    MAX_STREAMS_PER_CONNECTION,
+    channel_options,
+    server_options,
+)
 from shared.rpc_errors import from_rpc_error
 from shared.tls import TlsFiles, channel_credentials
 from tests.cluster import Cluster
@@ -363,6 +370,23 @@ async def test_calls_a_busy_controller_has_not_taken_up_yet_wait_for_it(tmp_path
         os.umask(umask)
     ended = Counter(None if e is None else e.code() for e in errors)
     assert ended == {None: connections * calls_each}, ended
+
+
+@pytest.mark.parametrize(
+    ("connections", "pending", "hard"),
+    [
+        (256, CORE_PENDING_CALLS, CORE_PENDING_CALLS_HARD),  # the operators': gRPC's own
+        (18_976, 18_976, 37_952),  # a 20,000-descriptor host's agents
+        (1 << 30, MAX_PENDING_CALLS, 2 * MAX_PENDING_CALLS),  # a host allowing billions
+    ],
+)
+def test_the_calls_gRPC_core_holds_follow_the_listeners_connections_within_bounds(
+    connections: int, pending: int, hard: int
+) -> None:
+    options = dict(server_options(max_connections=connections))
+    assert options["grpc.server.max_pending_requests"] == pending
+    assert options["grpc.server.max_pending_requests_hard_limit"] == hard
+    assert "grpc.server.max_pending_requests" not in dict(server_options())
 
 
 def stored_last_seen(controller: Controller) -> float:
