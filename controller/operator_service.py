@@ -401,13 +401,9 @@ class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
         # checked first, as backup_now does.
         if request.vault:
             await self._catalog.vault(request.vault)
-        names = {
-            agent.vm_id: service_name(agent.service, agent.name)
-            for agent in await self._protection.resolve(list(request.vms))
-        }
-        jobs = await self._protection.backup_now(
-            request.vault, list(request.vms), list(request.disks)
-        )
+        agents = await self._protection.resolve(list(request.vms))
+        names = {agent.vm_id: service_name(agent.service, agent.name) for agent in agents}
+        jobs = await self._protection.backup_agents(request.vault, agents, list(request.disks))
         return operator_pb2.JobsReply(jobs=[self._job(job, names) for job in jobs])
 
     async def _not_deleted(self, rp_id: str) -> None:

@@ -779,7 +779,12 @@ class Protection:
         """Queue a manual backup of every VM named, together: all of them, or none."""
         if vault:
             await self._catalog.vault(vault)
-        agents = await self.resolve(names)
+        return await self.backup_agents(vault, await self.resolve(names), disks)
+
+    async def backup_agents(
+        self, vault: str, agents: Sequence[AgentRecord], disks: Sequence[str]
+    ) -> list[JobRecord]:
+        """`backup_now` of VMs already resolved (`resolve`), in `vault` if named (checked)."""
         async with contextlib.AsyncExitStack() as locks:
             # Checked under the VMs' locks (in one order, so two calls never wait on each
             # other): a stop-protection must not come in between the check and the queue.

@@ -193,6 +193,16 @@ async def test_a_session_that_ends_before_its_hello_is_no_error(
     assert not [message for level, message in said if level >= logging.WARNING], said
 
 
+async def ended(call: grpc.aio.StreamStreamCall) -> BaseException | None:
+    """How a session call ended: its error, or None if the stream just ended."""
+    try:
+        while True:
+            if await call.read() is grpc.aio.EOF:
+                return None
+    except grpc.aio.AioRpcError as exc:
+        return exc
+
+
 async def test_a_stopping_controller_spreads_its_fleets_return_over_what_it_can_take(
     tmp_path: Path,
 ) -> None:
@@ -226,14 +236,6 @@ async def test_a_stopping_controller_spreads_its_fleets_return_over_what_it_can_
                     assert (await call.read()).HasField("accepted")
                     calls.append(call)
 
-                async def ended(call: grpc.aio.StreamStreamCall) -> BaseException | None:
-                    try:
-                        while True:
-                            if await call.read() is grpc.aio.EOF:
-                                return None
-                    except grpc.aio.AioRpcError as exc:
-                        return exc
-
                 endings = [asyncio.create_task(ended(call)) for call in calls]
             errors = await asyncio.wait_for(asyncio.gather(*endings), timeout=20)
     finally:
@@ -264,14 +266,6 @@ async def test_a_stop_tells_sessions_not_started_yet_when_to_come_back(tmp_path:
     config = ControllerConfig(listen="127.0.0.1:0", state_dir=tmp_path / "state", pki_dir=pki)
     umask = os.umask(0o022)
     os.umask(umask)
-
-    async def ended(call: grpc.aio.StreamStreamCall) -> BaseException | None:
-        try:
-            while True:
-                if await call.read() is grpc.aio.EOF:
-                    return None
-        except grpc.aio.AioRpcError as exc:
-            return exc
 
     try:
         async with contextlib.AsyncExitStack() as channels:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter
+from collections.abc import Awaitable
 from typing import Any
 
 import grpc
@@ -92,22 +93,16 @@ class Dispatching:
         figures: dict[str, Any] = {}
         states = await self.items()
         if unregistered := [vm for vm in vms if vm not in states]:
-            began = time.monotonic()
-            reply = await self.stub.Register(
+            register = self.stub.Register(
                 operator_pb2.ItemsRequest(vault=VAULT, vms=unregistered), timeout=TIMEOUT
             )
-            figures["register_s"] = time.monotonic() - began
-            figures["registered"] = len(unregistered)
-            _all_completed("register", reply)
+            await _step(figures, "register", len(unregistered), register)
             states = await self.items()
         if registered := [vm for vm in vms if states.get(vm) == "Registered"]:
-            began = time.monotonic()
-            reply = await self.stub.Protect(
+            protect = self.stub.Protect(
                 operator_pb2.ProtectRequest(vault=VAULT, vms=registered), timeout=TIMEOUT
             )
-            figures["protect_s"] = time.monotonic() - began
-            figures["protected"] = len(registered)
-            _all_completed("protect", reply)
+            await _step(figures, "protect", len(registered), protect)
         return figures
 
     async def backups(self, vms: list[str], within: float, drop: int = 0) -> dict[str, Any]:
@@ -185,6 +180,17 @@ def _outcome(job: operator_pb2.Job) -> str:
     if SAID in job.error_message:
         return NO_DATA
     return job.error_code or job.status
+
+
+async def _step(
+    figures: dict[str, Any], step: str, vms: int, call: Awaitable[operator_pb2.JobsReply]
+) -> None:
+    """Time one many-VM call (`{step}_s`, `{step}_vms`); every one of its jobs must complete."""
+    began = time.monotonic()
+    reply = await call
+    figures[f"{step}_s"] = time.monotonic() - began
+    figures[f"{step}_vms"] = vms
+    _all_completed(step, reply)
 
 
 def _all_completed(step: str, reply: operator_pb2.JobsReply) -> None:
